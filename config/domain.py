@@ -1,0 +1,203 @@
+"""The values every part of fnq talks about: functions, calls, statuses, outcomes.
+
+This module is the one place that ``mq``, ``datastore`` and ``worker`` all
+import. It holds plain immutable values and no I/O.
+
+A call's life::
+
+    queued --> running --> success | error | timeout
+       \\          \\
+        +----------+--> cancelled
+
+``queued`` and ``running`` are live; the other four are final. A final state
+is never overwritten (a duplicate delivery of a finished call is acked and
+dropped).
+"""
+
+from __future__ import annotations
+
+import os
+import secrets
+import threading
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from enum import StrEnum
+from types import MappingProxyType
+
+# --------------------------------------------------------------------------- ids
+
+_CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_id_lock = threading.Lock()
+_id_last_ms = 0
+_id_last_rand = 0
+
+
+def new_call_id() -> str:
+    """A 26-character id that sorts by creation time (48-bit ms + 80-bit random).
+
+    Ids made in the same millisecond by one process stay ordered: the random
+    part is incremented instead of drawn again.
+    """
+    global _id_last_ms, _id_last_rand
+    with _id_lock:
+        now_ms = time.time_ns() // 1_000_000
+        if now_ms <= _id_last_ms:
+            now_ms = _id_last_ms
+            rand = (_id_last_rand + 1) & ((1 << 80) - 1)
+        else:
+            rand = int.from_bytes(secrets.token_bytes(10), "big")
+        _id_last_ms, _id_last_rand = now_ms, rand
+    value = (now_ms << 80) | rand
+    chars = []
+    for _ in range(26):
+        chars.append(_CROCKFORD[value & 31])
+        value >>= 5
+    return "".join(reversed(chars))
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def frozen_map(values: Mapping[str, str] | None = None) -> Mapping[str, str]:
+    return MappingProxyType(dict(values or {}))
+
+
+# ----------------------------------------------------------------------- status
+
+
+class CallStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCESS = "success"
+    ERROR = "error"
+    TIMEOUT = "timeout"
+    CANCELLED = "cancelled"
+
+    @property
+    def is_final(self) -> bool:
+        return self in FINAL_STATUSES
+
+
+LIVE_STATUSES = frozenset({CallStatus.QUEUED, CallStatus.RUNNING})
+FINAL_STATUSES = frozenset(
+    {CallStatus.SUCCESS, CallStatus.ERROR, CallStatus.TIMEOUT, CallStatus.CANCELLED}
+)
+
+
+class FailureKind(StrEnum):
+    """Why a call did not succeed, as far as retrying is concerned.
+
+    ``BUSY``: never started because this worker had no room in time; hand the
+    message back, no attempt is charged. ``TERMINAL``: never started and no
+    retry can help (unknown function, missing image, too big for the machine,
+    malformed message). ``FUNCTION``: the function ran and failed, crashed or
+    timed out; the function's retry policy decides. ``CANCELLED``: stopped on
+    request or expired before it could start.
+    """
+
+    BUSY = "busy"
+    TERMINAL = "terminal"
+    FUNCTION = "function"
+    CANCELLED = "cancelled"
+
+
+# -------------------------------------------------------------------- functions
+
+# Bounds as Fn had them for functions (memory in MB, times in seconds).
+MEMORY_MB_DEFAULT = 128
+MEMORY_MB_MAX = 8 * 1024
+TIMEOUT_S_DEFAULT = 30
+TIMEOUT_S_MAX = 3600
+IDLE_TIMEOUT_S_DEFAULT = 30
+IDLE_TIMEOUT_S_MAX = 3600
+MAX_ATTEMPTS_DEFAULT = 3
+RETRY_BACKOFF_S_DEFAULT = 2.0
+MAX_AGE_S_DEFAULT = 6 * 3600
+
+
+@dataclass(frozen=True, slots=True)
+class Function:
+    """A registered function: which image to run and within what limits."""
+
+    app: str
+    name: str
+    image: str
+    memory_mb: int = MEMORY_MB_DEFAULT
+    cpus_mcpu: int = 0  # 0 = no CPU quota
+    timeout_s: int = TIMEOUT_S_DEFAULT
+    idle_timeout_s: int = IDLE_TIMEOUT_S_DEFAULT
+    tmpfs_mb: int = 0
+    config: Mapping[str, str] = field(default_factory=frozen_map)
+    max_attempts: int = MAX_ATTEMPTS_DEFAULT
+    retry_backoff_s: float = RETRY_BACKOFF_S_DEFAULT
+    max_age_s: int = MAX_AGE_S_DEFAULT
+    created_at: datetime | None = None
+    updated_at: datetime | None = None
+
+    @property
+    def ref(self) -> str:
+        return f"{self.app}/{self.name}"
+
+
+# ------------------------------------------------------------------------ calls
+
+
+@dataclass(frozen=True, slots=True)
+class Call:
+    """One asynchronous invocation as a producer asked for it.
+
+    This is what travels on the queue. ``body`` is the request body handed to
+    the function; ``headers`` are passed through to it (hop-by-hop headers are
+    dropped at dispatch).
+    """
+
+    id: str
+    app: str
+    fn: str
+    body: bytes = b""
+    headers: Mapping[str, str] = field(default_factory=frozen_map)
+    created_at: datetime = field(default_factory=utcnow)
+    priority: int = 0  # 0..2, higher first
+    delay_s: float = 0.0
+
+    @property
+    def fn_ref(self) -> str:
+        return f"{self.app}/{self.fn}"
+
+
+@dataclass(frozen=True, slots=True)
+class Response:
+    """What the function answered: its HTTP status, headers and body."""
+
+    status: int
+    headers: Mapping[str, str] = field(default_factory=frozen_map)
+    body: bytes = b""
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class Outcome:
+    """What running a call came to. The agent returns one for every call."""
+
+    status: CallStatus
+    error: str | None = None
+    failure: FailureKind | None = None
+    response: Response | None = None
+    log: bytes = b""
+    log_truncated: bool = False
+    container_id: str | None = None
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    stats: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))
+
+    @property
+    def started(self) -> bool:
+        return self.started_at is not None
+
+
+def hostname_id() -> str:
+    """A short identifier of this process, for records of which worker ran what."""
+    return f"{os.uname().nodename}:{os.getpid()}"

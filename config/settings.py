@@ -1,0 +1,282 @@
+"""Typed settings, read once from the environment (prefix ``FN_``) and ``.env``.
+
+Build a :class:`Settings` at the entry point and pass it down; nothing in fnq
+reads the environment anywhere else. Names, meanings and defaults follow the
+Fn agent; where fnq departs from Fn's default the field says why, and
+``docs/configuration.md`` (made by ``fnq config --markdown``) repeats it.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from config.errors import ConfigError
+
+ENV_PREFIX = "FN_"
+_MAX_MSECS = 10 * 365 * 24 * 3600 * 1000  # what "disabled" (a negative value) turns into
+
+
+def default_data_dir() -> Path:
+    base = os.environ.get("XDG_DATA_HOME") or str(Path.home() / ".local" / "share")
+    return Path(base) / "fnq"
+
+
+def _msecs(description: str, default: int, **kw: Any) -> Any:
+    return Field(default, description=description, **kw)
+
+
+class Settings(BaseSettings):
+    """Every knob of fnq. Attribute ``x_y`` is environment variable ``FN_X_Y``."""
+
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX,
+        env_file=".env",
+        env_file_encoding="utf-8",
+        extra="ignore",
+        validate_default=True,
+        frozen=True,
+    )
+
+    # ------------------------------------------------------------- storage
+    data_dir: Path = Field(
+        default_factory=default_data_dir,
+        description="Directory of the embedded SQLite queue and datastore. "
+        "fnq: $XDG_DATA_HOME/fnq (Fn used <cwd>/data), so that the CLI and the worker "
+        "find the same files from any directory.",
+    )
+    mq_url: str = Field(
+        "",
+        description="Message queue: sqlite:///PATH, redis://HOST:PORT/DB or rediss://...; "
+        "empty means sqlite:///<data dir>/mq.db.",
+    )
+    db_url: str = Field(
+        "",
+        description="Datastore: sqlite:///PATH or postgresql://USER@HOST:PORT/DB; "
+        "empty means sqlite:///<data dir>/fnq.db.",
+    )
+    log_url: str = Field(
+        "",
+        description="Log store: empty for the datastore itself, or file:///DIR for one file "
+        "per call.",
+    )
+
+    # ----------------------------------------------------------- operations
+    sentry_dsn: SecretStr | None = Field(
+        None, description="Report the worker's own errors to Sentry (never function errors)."
+    )
+    metrics_port: int = Field(
+        0,
+        ge=0,
+        le=65535,
+        description="Serve Prometheus metrics on this port; 0 turns it off "
+        "(several workers on one host would otherwise collide).",
+    )
+    log_level: str = Field("INFO", description="Worker log level (DEBUG, INFO, WARNING, ERROR).")
+    shutdown_grace_msecs: int = _msecs(
+        "On SIGTERM/SIGINT, how long running calls may finish before they are stopped.",
+        30_000,
+        ge=0,
+    )
+
+    # ---------------------------------------------------------------- queue
+    async_chew_poll_msecs: int = _msecs(
+        "Longest single wait for a message when the queue is empty.", 60_000, ge=1
+    )
+    mq_reservation_msecs: int = _msecs(
+        "How long a reserved message stays invisible without a heartbeat. fnq extends it "
+        "while the call runs (Fn used a fixed 60 s and ran long calls twice).",
+        60_000,
+        ge=1_000,
+    )
+    mq_max_deliveries: int = Field(
+        10,
+        ge=1,
+        description="Deliveries after which a message that keeps coming back (e.g. its worker "
+        "dies each time) moves to the dead letters.",
+    )
+    max_request_size: int = Field(
+        1_048_576,
+        ge=1,
+        description="Largest call body accepted on the queue, in bytes. fnq: 1 MiB "
+        "(Fn had no limit; every byte is stored in the queue and the datastore).",
+    )
+
+    # ------------------------------------------------------------ resources
+    max_total_cpu_mcpus: int = Field(
+        0, ge=0, description="Clamp on the CPU this worker hands out, in milli-CPUs; 0 = none."
+    )
+    max_total_memory_bytes: int = Field(
+        0, ge=0, description="Clamp on the memory this worker hands out, in bytes; 0 = none."
+    )
+    enable_nb_resource_tracker: bool = Field(
+        False,
+        description="Fail a launch at once (server busy) instead of waiting for memory/CPU.",
+    )
+
+    # ---------------------------------------------------------- hot slots
+    freeze_idle_msecs: int = _msecs(
+        "Idle time before a hot container is paused; 0 = at once, negative = never.", 50
+    )
+    hot_poll_msecs: int = _msecs(
+        "How often a waiting call nudges its launcher; also the blocking wait for "
+        "resources before evicting.",
+        200,
+        ge=1,
+    )
+    hot_launcher_timeout_msecs: int = _msecs(
+        "Idle lifetime of a function's launcher (at least 2 x its idle timeout).",
+        3_600_000,
+    )
+    hot_pull_timeout_msecs: int = _msecs("Longest image pull.", 600_000)
+    hot_start_timeout_msecs: int = _msecs(
+        "Container start until its socket is ready.", 5_000, ge=1
+    )
+
+    # ---------------------------------------------------------- responses
+    max_response_size: int = Field(
+        1_048_576,
+        ge=0,
+        description="Largest response body kept, in bytes; 0 = unlimited. fnq: 1 MiB "
+        "(Fn: unlimited), since responses are stored in the datastore.",
+    )
+    max_hdr_response_size: int = Field(
+        0, ge=0, description="Largest response header block, in bytes; 0 = 10 MiB."
+    )
+    max_log_size_bytes: int = Field(
+        1_048_576, ge=0, description="Stored log per call, in bytes, then one truncation marker."
+    )
+    disable_debug_user_logs: bool = Field(
+        False, description="Do not copy function output into the worker's DEBUG log."
+    )
+
+    # ----------------------------------------------------------- containers
+    max_fs_size_mb: int = Field(0, ge=0, description="Container root filesystem size; 0 = none.")
+    max_pids: int = Field(50, ge=0, description="Process limit per container; 0 = none.")
+    max_open_files: int = Field(350, ge=0, description="nofile ulimit; 0 = docker's default.")
+    max_locked_memory: int = Field(65_536, ge=0, description="memlock ulimit; 0 = default.")
+    max_pending_signals: int = Field(5_000, ge=0, description="sigpending ulimit; 0 = default.")
+    max_message_queue: int = Field(819_200, ge=0, description="msgqueue ulimit; 0 = default.")
+    max_tmpfs_inodes: int = Field(0, ge=0, description="nr_inodes of /tmp; 0 = default.")
+    disable_readonly_rootfs: bool = Field(False, description="Let functions write to /.")
+    disable_unprivileged_containers: bool = Field(
+        False, description="Run as the image's user with default capabilities."
+    )
+    docker_networks: str = Field(
+        "",
+        description="Whitespace-separated networks; each container joins the least used. "
+        "Empty = no network at all (fnq: Fn used docker's default network).",
+    )
+    docker_load_file: str = Field("", description="Image tarball loaded when the worker starts.")
+    container_label_tag: str = Field(
+        "fnq",
+        description="Label value marking fnq's containers; leftovers of dead workers are "
+        "removed at start. fnq: on by default (Fn: off).",
+    )
+    image_enable_volume: bool = Field(False, description="Allow images that declare VOLUME.")
+    image_clean_max_size: int = Field(
+        0, ge=0, description="Image cache high-water mark in bytes; 0 = no cleaner."
+    )
+    image_clean_exempt_tags: str = Field(
+        "", description="Whitespace-separated images the cleaner never removes."
+    )
+
+    # ---------------------------------------------------------------- iofs
+    iofs_path: str = Field(
+        "", description="Host directory for per-container socket directories; empty = temp dir."
+    )
+    iofs_docker_path: str = Field(
+        "", description="The same directory as the docker daemon sees it (docker-in-docker)."
+    )
+    iofs_tmpfs: bool = Field(False, description="Mount a tmpfs on each socket directory.")
+    iofs_opts: str = Field("", description="Mount options of that tmpfs.")
+
+    # ---------------------------------------------------------- validation
+    @field_validator("log_level")
+    @classmethod
+    def _level(cls, value: str) -> str:
+        level = value.upper()
+        if level not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
+            raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
+        return level
+
+    @field_validator("mq_url", "db_url", "log_url")
+    @classmethod
+    def _url(cls, value: str) -> str:
+        if value and "://" not in value:
+            raise ValueError("must be a URL such as sqlite:///path or redis://host:6379/0")
+        return value
+
+    @model_validator(mode="after")
+    def _defaults(self) -> Settings:
+        if not self.mq_url:
+            object.__setattr__(self, "mq_url", f"sqlite:///{self.data_dir / 'mq.db'}")
+        if not self.db_url:
+            object.__setattr__(self, "db_url", f"sqlite:///{self.data_dir / 'fnq.db'}")
+        return self
+
+    # ---------------------------------------------------------- durations
+    def secs(self, field_name: str) -> float:
+        """A ``*_msecs`` setting in seconds; a negative value means disabled (very long)."""
+        value = int(getattr(self, field_name))
+        return (_MAX_MSECS if value < 0 else value) / 1000.0
+
+    @property
+    def freeze_idle_s(self) -> float | None:
+        """Seconds before pausing an idle container; ``None`` means never."""
+        return None if self.freeze_idle_msecs < 0 else self.freeze_idle_msecs / 1000.0
+
+    @property
+    def networks(self) -> list[str]:
+        return self.docker_networks.split()
+
+
+def env_name(field_name: str) -> str:
+    return ENV_PREFIX + field_name.upper()
+
+
+def load_settings(**overrides: Any) -> Settings:
+    """Read the settings, turning validation errors into one readable ConfigError."""
+    try:
+        return Settings(**overrides)
+    except ValidationError as exc:
+        problems = []
+        for err in exc.errors():
+            loc = str(err["loc"][0]) if err["loc"] else "?"
+            name = env_name(loc) if loc in Settings.model_fields else loc
+            value = err.get("input")
+            problems.append(f"{name}={value!r}: {err['msg']}")
+        raise ConfigError("invalid settings: " + "; ".join(problems)) from None
+
+
+SECRET_FIELDS = frozenset({"sentry_dsn"})
+URL_FIELDS = frozenset({"mq_url", "db_url", "log_url"})
+
+
+def mask_url(url: str) -> str:
+    """Hide a password in ``scheme://user:password@host``."""
+    scheme, sep, rest = url.partition("://")
+    if not sep or "@" not in rest:
+        return url
+    creds, _, host = rest.rpartition("@")
+    user = creds.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+
+
+def public_view(settings: Settings) -> dict[str, str]:
+    """Effective settings by environment name, secrets masked."""
+    out: dict[str, str] = {}
+    for name in Settings.model_fields:
+        value = getattr(settings, name)
+        if name in SECRET_FIELDS:
+            text = "" if value is None else "***"
+        elif name in URL_FIELDS:
+            text = mask_url(str(value))
+        else:
+            text = str(value).lower() if isinstance(value, bool) else str(value)
+        out[env_name(name)] = text
+    return out

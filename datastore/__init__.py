@@ -1,0 +1,1 @@
+"""Function registry, call records and call logs."""

@@ -1,0 +1,1 @@
+"""Message queues that carry calls from producers to workers."""

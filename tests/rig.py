@@ -1,0 +1,148 @@
+"""Real engines for tests: redis-server, PostgreSQL and the docker engine.
+
+Each server is started on a free loopback port inside a temporary directory
+and stopped at the end. When an engine is missing, integration tests skip on
+a developer machine and fail under CI=true (a run that tests nothing is a
+defect).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pytest
+
+PG_BIN = Path("/usr/lib/postgresql/15/bin")
+
+
+def in_ci() -> bool:
+    return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+def missing(what: str) -> None:
+    """Skip locally, fail under CI."""
+    if in_ci():
+        pytest.fail(f"{what} (CI=true: integration tests may not skip)", pytrace=False)
+    pytest.skip(what)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_port(port: int, timeout_s: float = 10.0) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.2):
+            return
+        time.sleep(0.02)
+    raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
+
+
+@dataclass
+class RedisServer:
+    """A redis-server on a loopback port; ``restart()`` keeps its data directory."""
+
+    directory: Path
+    port: int = field(default_factory=free_port)
+    appendonly: bool = False
+    proc: subprocess.Popen[bytes] | None = None
+
+    @property
+    def url(self) -> str:
+        return f"redis://127.0.0.1:{self.port}/0"
+
+    def start(self) -> RedisServer:
+        exe = shutil.which("redis-server")
+        if exe is None:
+            missing("redis-server is not installed")
+        args = [
+            str(exe), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
+            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
+            "--appendfsync", "always", "--daemonize", "no", "--logfile", "redis.log",
+        ]
+        self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        wait_port(self.port)
+        return self
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(sig)
+            self.proc.wait(10)
+        self.proc = None
+
+    def restart(self) -> None:
+        self.stop()
+        self.start()
+
+
+@dataclass
+class PostgresServer:
+    directory: Path
+    port: int = field(default_factory=free_port)
+    user: str = "fnq"
+
+    @property
+    def url(self) -> str:
+        return f"postgresql://{self.user}@127.0.0.1:{self.port}/postgres"
+
+    def _run(self, *args: str) -> None:
+        cmd = list(args)
+        if os.geteuid() == 0:  # initdb and postgres refuse to run as root
+            cmd = ["runuser", "-u", "postgres", "--", *cmd]
+        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+
+    def start(self) -> PostgresServer:
+        initdb = PG_BIN / "initdb"
+        if not initdb.exists():
+            missing("PostgreSQL is not installed (/usr/lib/postgresql/15/bin/initdb)")
+        self.directory.mkdir(parents=True, exist_ok=True)
+        if os.geteuid() == 0:
+            shutil.chown(self.directory, "postgres", "postgres")
+        data = self.directory / "data"
+        self._run(str(initdb), "-D", str(data), "-A", "trust", "-U", self.user, "--no-sync")
+        opts = (
+            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+            "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
+        )
+        self._run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l",
+                  str(self.directory / "pg.log"), "start")
+        wait_port(self.port)
+        return self
+
+    def stop(self) -> None:
+        with contextlib.suppress(subprocess.CalledProcessError):
+            self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast",
+                      "-w", "stop")
+
+
+def docker_client() -> Iterator[object]:
+    """A docker client that answers ping, or a skip/fail saying why not."""
+    try:
+        import docker  # noqa: PLC0415
+        client = docker.from_env(timeout=30)
+        client.ping()
+    except Exception as exc:  # noqa: BLE001 - any failure means "no engine"
+        missing(f"no docker engine answers: {exc}")
+    yield client
+    client.close()
+
+
+def pg_tempdir(tmp: Path) -> Path:
+    """PostgreSQL's directory must be reachable by the postgres user."""
+    path = tmp / "pg"
+    for parent in [tmp, *tmp.parents]:
+        with contextlib.suppress(PermissionError):
+            parent.chmod(parent.stat().st_mode | 0o711)
+    return path

@@ -1,0 +1,1 @@
+"""The fnq worker: dequeue loop, agent core and command line."""

@@ -1,0 +1,124 @@
+"""The seam between the agent core and a container engine.
+
+The agent core decides *when* a container starts, serves a call, pauses and
+goes away; a :class:`Driver` knows *how*. A driver makes :class:`Container`
+objects, each of which, once started, speaks the FDK hot-function contract:
+one HTTP request at a time over the unix socket it created.
+
+Lifecycle of one container, as the agent core drives it::
+
+    c = await driver.create(spec)      # image checked/pulled, container created
+    await c.start()                    # attached, started, socket ready
+    c.set_output(sink)                 # route stdout/stderr to the running call
+    result = await c.dispatch(req)     # POST /call
+    c.set_output(None)                 # back to the worker's debug log
+    await c.pause(); await c.unpause() # while idle
+    await c.remove()                   # always, exactly once in effect
+
+``wait()`` resolves whenever the container exits, for whatever reason, and may
+be awaited by several tasks.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Protocol
+
+from config.domain import frozen_map
+
+# Output callback: gets raw chunks of the container's stdout and stderr.
+OutputSink = Callable[[bytes], None]
+
+# The socket contract, fixed by the FDKs.
+IOFS_MOUNT = "/tmp/iofs"  # noqa: S108 - path inside the container, fixed by the FDK contract
+SOCKET_NAME = "lsnr.sock"
+FN_LISTENER = f"unix:{IOFS_MOUNT}/{SOCKET_NAME}"
+
+
+@dataclass(frozen=True, slots=True)
+class ContainerSpec:
+    """Everything needed to create one hot container of a function."""
+
+    id: str  # also the container's name
+    image: str
+    app: str
+    fn: str
+    env: Mapping[str, str] = field(default_factory=frozen_map)
+    memory_mb: int = 128
+    cpus_mcpu: int = 0
+    tmpfs_mb: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchRequest:
+    call_id: str
+    body: bytes
+    headers: Mapping[str, str]
+    deadline: datetime
+    timeout_s: float
+
+
+@dataclass(frozen=True, slots=True)
+class DispatchResult:
+    """The FDK's raw answer; the agent core maps the status to an outcome."""
+
+    status: int
+    headers: Mapping[str, str]
+    body: bytes
+    truncated: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ExitInfo:
+    exit_code: int | None
+    oom_killed: bool = False
+    error: str | None = None
+
+    def describe(self, memory_mb: int | None = None) -> str:
+        if self.oom_killed or self.exit_code == 137:
+            limit = f" (limit {memory_mb} MB)" if memory_mb else ""
+            return f"container was killed: out of memory{limit}"
+        if self.error:
+            return f"container stopped: {self.error}"
+        return f"container exited with code {self.exit_code}"
+
+
+class Container(Protocol):
+    @property
+    def id(self) -> str: ...
+
+    async def start(self) -> None:
+        """Attach output, start, and return once the socket is ready.
+
+        Raises ContainerInitFailed (exited, bad socket or symlink) or
+        ContainerInitTimeout (no socket within the start timeout).
+        """
+
+    def set_output(self, sink: OutputSink | None) -> None:
+        """Send output to ``sink`` from now on; ``None`` means the debug log."""
+
+    async def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        """One POST /call. Raises DispatchError (or a subclass) or TimeoutError."""
+
+    async def pause(self) -> None: ...
+
+    async def unpause(self) -> None: ...
+
+    async def wait(self) -> ExitInfo:
+        """Resolve when the container has exited."""
+
+    async def remove(self) -> None:
+        """Kill and remove the container and its socket directory; idempotent."""
+
+
+class Driver(Protocol):
+    async def start(self) -> None:
+        """Connect; remove leftovers of dead workers; load FN_DOCKER_LOAD_FILE."""
+
+    async def create(self, spec: ContainerSpec) -> Container:
+        """Ensure the image (ImageNotFound, ImageHasVolume, ImagePullTimeout), create."""
+
+    async def close(self) -> None:
+        """Remove every container this driver made that still exists."""

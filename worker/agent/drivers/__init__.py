@@ -1,0 +1,1 @@
+"""Container drivers: docker for real work, fake for tests of scheduling logic."""

@@ -1,0 +1,71 @@
+"""What every subcommand shares: settings, --json output, one-line errors."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable, Coroutine, Sequence
+from typing import Any, ParamSpec, TypeVar
+
+import click
+
+from config.errors import FnqError
+from config.settings import Settings, load_settings
+
+P = ParamSpec("P")
+T = TypeVar("T")
+
+json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+
+def settings_from(ctx: click.Context) -> Settings:
+    """The settings built once by the top-level group."""
+    obj = ctx.find_root().obj
+    if not isinstance(obj, Settings):
+        obj = load_settings()
+        ctx.find_root().obj = obj
+    return obj
+
+
+def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    try:
+        import uvloop  # noqa: PLC0415 - optional speed-up
+
+        return uvloop.run(coro)  # type: ignore[no-any-return]
+    except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        return asyncio.run(coro)
+
+
+def fail(message: str, code: int = 1) -> None:
+    click.echo(f"fnq: {message}", err=True)
+    sys.exit(code)
+
+
+def friendly_errors(func: Callable[P, T]) -> Callable[P, T]:
+    """Turn expected failures into one line on stderr and exit status 1."""
+
+    @functools.wraps(func)
+    def wrapper(*args: P.args, **kwargs: P.kwargs) -> T:
+        try:
+            return func(*args, **kwargs)
+        except FnqError as exc:
+            fail(str(exc))
+        except (OSError, ConnectionError) as exc:
+            fail(f"{type(exc).__name__}: {exc}")
+        raise AssertionError("unreachable")  # pragma: no cover
+
+    return wrapper
+
+
+def print_json(data: Any) -> None:
+    click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
+
+
+def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
+    """A plain aligned table for humans."""
+    cells = [[str(h) for h in headers]] + [["" if v is None else str(v) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    for row in cells:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
