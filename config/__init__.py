@@ -1,6 +1,4 @@
-"""Typed settings and the domain values shared by mq, datastore and worker."""
-
-from config.errors import ConfigError, FnqError
-from config.settings import Settings, load_settings
-
-__all__ = ["ConfigError", "FnqError", "Settings", "load_settings"]
+"""Typed settings (config.settings) and the domain values shared by mq, datastore and
+worker (config.domain). Import the submodules directly: config.domain needs nothing
+beyond the standard library, so producers can use it without the worker's dependencies.
+"""
