@@ -1,0 +1,37 @@
+"""Shared domain values."""
+
+from __future__ import annotations
+
+import threading
+
+from config.domain import FINAL_STATUSES, CallStatus, new_call_id
+
+
+def test_call_ids_sort_by_creation_and_are_unique() -> None:
+    ids = [new_call_id() for _ in range(5000)]
+    assert ids == sorted(ids)
+    assert len(set(ids)) == len(ids)
+    assert all(len(i) == 26 for i in ids)
+
+
+def test_call_ids_unique_across_threads() -> None:
+    out: list[str] = []
+    lock = threading.Lock()
+
+    def make() -> None:
+        batch = [new_call_id() for _ in range(2000)]
+        with lock:
+            out.extend(batch)
+
+    threads = [threading.Thread(target=make) for _ in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert len(set(out)) == 8000
+
+
+def test_status_sets() -> None:
+    assert CallStatus.SUCCESS.is_final
+    assert not CallStatus.RUNNING.is_final
+    assert FINAL_STATUSES == {"success", "error", "timeout", "cancelled"}

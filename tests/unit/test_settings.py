@@ -1,0 +1,111 @@
+"""Settings: Fn's names and defaults, validation errors that name the variable."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from config.errors import ConfigError
+from config.settings import Settings, load_settings, mask_url, public_view
+from worker.cli import cli
+from worker.cli.config_cmd import markdown_table
+
+DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
+
+
+def test_fn_defaults(settings_env: Path) -> None:
+    s = load_settings()
+    assert s.freeze_idle_msecs == 50
+    assert s.hot_poll_msecs == 200
+    assert s.hot_launcher_timeout_msecs == 3_600_000
+    assert s.hot_pull_timeout_msecs == 600_000
+    assert s.hot_start_timeout_msecs == 5_000
+    assert s.async_chew_poll_msecs == 60_000
+    assert s.max_log_size_bytes == 1_048_576
+    assert s.max_pids == 50
+    assert s.max_open_files == 350
+    assert s.enable_nb_resource_tracker is False
+    assert s.mq_url == f"sqlite:///{settings_env / 'data' / 'mq.db'}"
+    assert s.db_url == f"sqlite:///{settings_env / 'data' / 'fnq.db'}"
+    assert s.log_url == ""
+
+
+def test_environment_overrides(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FN_HOT_POLL_MSECS", "75")
+    monkeypatch.setenv("FN_ENABLE_NB_RESOURCE_TRACKER", "true")
+    monkeypatch.setenv("FN_MQ_URL", "redis://127.0.0.1:6379/2")
+    s = load_settings()
+    assert s.hot_poll_msecs == 75
+    assert s.secs("hot_poll_msecs") == pytest.approx(0.075)
+    assert s.enable_nb_resource_tracker is True
+    assert s.mq_url == "redis://127.0.0.1:6379/2"
+
+
+def test_dotenv_file_is_read(settings_env: Path) -> None:
+    (settings_env / ".env").write_text("FN_MAX_PIDS=77\n")
+    assert load_settings().max_pids == 77
+
+
+@pytest.mark.parametrize(
+    ("var", "value"),
+    [
+        ("FN_HOT_POLL_MSECS", "soon"),
+        ("FN_METRICS_PORT", "70000"),
+        ("FN_MQ_URL", "localhost:6379"),
+        ("FN_ENABLE_NB_RESOURCE_TRACKER", "perhaps"),
+        ("FN_LOG_LEVEL", "loud"),
+    ],
+)
+def test_bad_value_names_variable_and_value(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert var in str(err.value)
+    assert repr(value) in str(err.value)
+
+
+def test_negative_msecs_mean_disabled(settings_env: Path) -> None:
+    s = load_settings(freeze_idle_msecs=-1, hot_launcher_timeout_msecs=-1)
+    assert s.freeze_idle_s is None
+    assert s.secs("hot_launcher_timeout_msecs") > 365 * 24 * 3600
+    assert load_settings(freeze_idle_msecs=0).freeze_idle_s == 0.0
+
+
+def test_secrets_are_masked(settings_env: Path) -> None:
+    s = load_settings(
+        sentry_dsn="https://key@sentry.example/1",
+        db_url="postgresql://fnq:hunter2@db:5432/fnq",
+    )
+    view = public_view(s)
+    assert view["FN_SENTRY_DSN"] == "***"
+    assert "hunter2" not in view["FN_DB_URL"]
+    assert view["FN_DB_URL"] == "postgresql://fnq:***@db:5432/fnq"
+    assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+
+
+def test_cli_config_json_and_error(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    runner = CliRunner()
+    ok = runner.invoke(cli, ["config", "--json"])
+    assert ok.exit_code == 0, ok.output
+    assert '"FN_HOT_POLL_MSECS": "200"' in ok.output
+    monkeypatch.setenv("FN_MAX_PIDS", "many")
+    bad = runner.invoke(cli, ["config"])
+    assert bad.exit_code == 1
+    assert "FN_MAX_PIDS='many'" in bad.output
+    assert "Traceback" not in bad.output
+
+
+def test_docs_table_is_current() -> None:
+    text = DOCS.read_text()
+    start = text.index("<!-- table:start -->\n") + len("<!-- table:start -->\n")
+    end = text.index("<!-- table:end -->")
+    assert text[start:end] == markdown_table(), "run `make docs` to refresh docs/configuration.md"
+
+
+def test_every_field_is_documented() -> None:
+    for name, info in Settings.model_fields.items():
+        assert info.description, f"FN_{name.upper()} has no description"
