@@ -1,0 +1,235 @@
+"""What the rest of fnq sees of the datastore: records, filters, two Protocols.
+
+A call is written four ways, each a single conditional statement so that the
+status rules hold whatever order duplicate deliveries arrive in:
+
+* ``record_queued``   insert if absent (producers; idempotent).
+* ``record_running``  upsert to ``running`` unless already final.
+* ``record_retry``    back to ``queued`` (or ``cancelled`` when a cancel was
+  requested meanwhile) unless already final; the error stays for display.
+* ``record_outcome``  upsert to the final state unless already final, with the
+  response and (in the same transaction when logs live in the database) the log.
+
+A final state is never overwritten. ``record_running`` and ``record_outcome``
+are batched by a background writer (group commit): each caller's await ends
+once its write is durable; during an outage writes wait and retry.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta
+from typing import Any, Protocol
+from urllib.parse import urlsplit
+
+from config.domain import Call, CallStatus, FailureKind, Function, Outcome
+from config.settings import Settings
+from datastore.errors import InvalidCursor, UnsupportedURL
+
+LIST_LIMIT_DEFAULT = 30
+LIST_LIMIT_MAX = 1000
+MARKER_ALLOWANCE_BYTES = 128  # room for one truncation line added by whoever truncated first
+
+
+@dataclass(frozen=True, slots=True)
+class CallRecord:
+    """A call as the datastore holds it."""
+
+    id: str
+    app: str
+    fn: str
+    status: CallStatus
+    created_at: datetime
+    updated_at: datetime
+    image: str | None = None
+    error: str | None = None
+    failure: FailureKind | None = None
+    attempts: int = 0
+    started_at: datetime | None = None
+    completed_at: datetime | None = None
+    next_try_at: datetime | None = None
+    worker_id: str | None = None
+    container_id: str | None = None
+    response_status: int | None = None
+    response_headers: Mapping[str, str] = field(default_factory=dict)
+    response_body: bytes = b""
+    response_truncated: bool = False
+    log_truncated: bool = False
+    stats: Mapping[str, float] = field(default_factory=dict)
+    cancel_requested: bool = False
+
+    @property
+    def is_final(self) -> bool:
+        return self.status.is_final
+
+    def to_json(self) -> dict[str, Any]:
+        """Plain JSON-able fields, as ``fnq calls show --json`` prints them."""
+
+        def ts(value: datetime | None) -> str | None:
+            return None if value is None else value.isoformat(timespec="milliseconds")
+
+        response: dict[str, Any] | None = None
+        if self.response_status is not None:
+            try:
+                body, encoding = self.response_body.decode("utf-8"), "utf-8"
+            except UnicodeDecodeError:
+                body, encoding = base64.b64encode(self.response_body).decode(), "base64"
+            response = {
+                "status": self.response_status,
+                "headers": dict(self.response_headers),
+                "body": body,
+                "body_encoding": encoding,
+                "truncated": self.response_truncated,
+            }
+        return {
+            "id": self.id,
+            "app": self.app,
+            "fn": self.fn,
+            "image": self.image,
+            "status": self.status.value,
+            "error": self.error,
+            "failure": None if self.failure is None else self.failure.value,
+            "attempts": self.attempts,
+            "created_at": ts(self.created_at),
+            "started_at": ts(self.started_at),
+            "completed_at": ts(self.completed_at),
+            "updated_at": ts(self.updated_at),
+            "next_try_at": ts(self.next_try_at),
+            "worker_id": self.worker_id,
+            "container_id": self.container_id,
+            "cancel_requested": self.cancel_requested,
+            "log_truncated": self.log_truncated,
+            "stats": dict(self.stats),
+            "response": response,
+        }
+
+
+@dataclass(frozen=True, slots=True)
+class CallFilter:
+    app: str | None = None
+    fn: str | None = None
+    status: CallStatus | None = None
+    since: datetime | None = None  # created at or after
+    limit: int = LIST_LIMIT_DEFAULT
+    cursor: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class CallPage:
+    items: list[CallRecord]
+    next_cursor: str | None = None  # set when more items may follow
+
+
+class LogStore(Protocol):
+    async def put_log(self, call_id: str, data: bytes) -> None: ...
+    async def get_log(self, call_id: str) -> bytes | None: ...
+    async def delete_logs(self, call_ids: Sequence[str]) -> None: ...
+    async def close(self) -> None: ...
+
+
+class Datastore(Protocol):
+    # registry
+    async def create_fn(self, fn: Function) -> Function: ...
+    async def update_fn(self, app: str, name: str, **changes: Any) -> Function: ...
+    async def get_fn(self, app: str, name: str) -> Function | None: ...
+    async def list_fns(self, app: str | None = None) -> list[Function]: ...
+    async def delete_fn(self, app: str, name: str) -> bool: ...
+
+    # call lifecycle
+    async def record_queued(self, call: Call, image: str | None = None) -> None: ...
+    async def record_running(self, call: Call, attempt: int, worker_id: str) -> CallRecord:
+        """Mark the call running as ``attempt`` (0: the stored count plus one) and return
+        the stored record; a final record is returned untouched."""
+        ...
+
+    async def record_outcome(
+        self, call: Call, outcome: Outcome, attempt: int, worker_id: str
+    ) -> bool: ...
+    async def record_retry(
+        self, call: Call, outcome: Outcome, attempt: int, next_try_at: datetime
+    ) -> None: ...
+    async def get_call(self, call_id: str) -> CallRecord | None: ...
+    async def list_calls(self, f: CallFilter) -> CallPage: ...
+    async def count_by_status(
+        self, app: str | None = None, fn: str | None = None
+    ) -> dict[CallStatus, int]: ...
+    async def purge_calls(self, older_than: timedelta) -> int: ...
+    async def request_cancel(self, call_id: str) -> CallRecord | None: ...
+    async def get_log(self, call_id: str) -> bytes | None: ...
+    async def close(self) -> None: ...
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def truncation_marker(limit_bytes: int) -> bytes:
+    return f"\n[fnq: log truncated at {limit_bytes} bytes]\n".encode()
+
+
+def bound_log(data: bytes, limit_bytes: int) -> bytes:
+    """At most ``limit_bytes`` plus one marker line; a log already cut upstream is kept."""
+    if len(data) <= limit_bytes + MARKER_ALLOWANCE_BYTES:
+        return data
+    return data[:limit_bytes] + truncation_marker(limit_bytes)
+
+
+def bound_body(body: bytes, limit_bytes: int) -> tuple[bytes, bool]:
+    """``(body, truncated)`` with the body cut to ``limit_bytes`` (0 = no limit)."""
+    if limit_bytes and len(body) > limit_bytes:
+        return body[:limit_bytes], True
+    return body, False
+
+
+def encode_cursor(call_id: str) -> str:
+    return base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> str:
+    try:
+        raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
+    except (binascii.Error, UnicodeDecodeError, ValueError):
+        raise InvalidCursor(cursor) from None
+    if not raw or not raw.isalnum():
+        raise InvalidCursor(cursor)
+    return raw
+
+
+def clamp_limit(limit: int) -> int:
+    return max(1, min(LIST_LIMIT_MAX, limit))
+
+
+async def open_log_store(settings: Settings) -> LogStore | None:
+    """The external log store named by FN_LOG_URL, or None for the datastore's own table."""
+    if not settings.log_url:
+        return None
+    parts = urlsplit(settings.log_url)
+    if parts.scheme == "file":
+        from datastore.filelogs import FileLogStore  # noqa: PLC0415 - chosen by URL
+
+        return FileLogStore(parts.path)
+    raise UnsupportedURL(
+        f"FN_LOG_URL={settings.log_url!r}: unsupported scheme {parts.scheme!r} "
+        "(use file:///DIR, or leave it empty to keep logs in the datastore)"
+    )
+
+
+async def open_datastore(settings: Settings) -> Datastore:
+    """Open the datastore named by FN_DB_URL, applying pending schema migrations."""
+    scheme = urlsplit(settings.db_url).scheme
+    logs = await open_log_store(settings)
+    if scheme == "sqlite":
+        from datastore.sqlite import SqliteDatastore  # noqa: PLC0415 - chosen by URL
+
+        return await SqliteDatastore.open(settings, logs)
+    if scheme in {"postgresql", "postgres"}:
+        from datastore.postgres import PostgresDatastore  # noqa: PLC0415 - chosen by URL
+
+        return await PostgresDatastore.open(settings, logs)
+    if logs is not None:
+        await logs.close()
+    raise UnsupportedURL(
+        f"FN_DB_URL: unsupported scheme {scheme!r} (use sqlite:///PATH or postgresql://...)"
+    )

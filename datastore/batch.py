@@ -1,0 +1,171 @@
+"""Group commit: many concurrent writers, one transaction per round.
+
+Callers ``submit`` an operation and await its result. One background task
+takes everything that has piled up (up to ``max_batch``), hands the list to
+the backend's ``run_batch`` (which runs it in a single transaction) and
+resolves each caller's future once that transaction has committed. While one
+round runs, the next one fills up, so the batch size follows the load with no
+timer.
+
+When ``run_batch`` fails with an error the backend calls an outage (database
+down, connection lost, file locked past its timeout), the same batch is tried
+again with exponential backoff; callers simply wait. The outage is logged
+once when it starts and once when it ends.
+
+A caller cancelled while waiting does not withdraw its operation: it may
+still be written. ``close`` stops new submissions and waits, up to a bound,
+for what is pending; whatever is left then fails with StoreUnavailable.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Any, Generic, TypeVar
+
+from datastore.errors import StoreClosed, StoreUnavailable
+
+log = logging.getLogger(__name__)
+
+OpT = TypeVar("OpT")
+
+MAX_BATCH = 512
+BACKOFF_INITIAL_S = 0.05
+BACKOFF_MAX_S = 5.0
+
+
+@dataclass(frozen=True, slots=True)
+class Failed:
+    """The result of one operation that raised (the others in its batch still count)."""
+
+    error: BaseException
+
+
+class GroupCommit(Generic[OpT]):
+    def __init__(
+        self,
+        name: str,
+        run_batch: Callable[[list[OpT]], Awaitable[list[Any]]],
+        is_outage: Callable[[BaseException], bool],
+        *,
+        max_batch: int = MAX_BATCH,
+        backoff_initial_s: float = BACKOFF_INITIAL_S,
+        backoff_max_s: float = BACKOFF_MAX_S,
+    ) -> None:
+        self.name = name
+        self._run_batch = run_batch
+        self._is_outage = is_outage
+        self._max_batch = max_batch
+        self._backoff_initial_s = backoff_initial_s
+        self._backoff_max_s = backoff_max_s
+        self._pending: deque[tuple[OpT, asyncio.Future[Any]]] = deque()
+        self._inflight: list[asyncio.Future[Any]] = []
+        self._wake = asyncio.Event()
+        self._closing = False
+        self._task: asyncio.Task[None] | None = None
+        self._outage_since: float | None = None
+        self.batches = 0  # rounds committed, for tests and benchmarks
+        self.ops = 0  # operations committed
+
+    @property
+    def in_outage(self) -> bool:
+        return self._outage_since is not None
+
+    def start(self) -> None:
+        self._task = asyncio.create_task(self._run(), name=f"{self.name}-group-commit")
+
+    async def submit(self, op: OpT) -> Any:
+        """Queue ``op`` for the next round; return its result once committed."""
+        if self._closing or self._task is None:
+            raise StoreClosed()
+        future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
+        self._pending.append((op, future))
+        self._wake.set()
+        result = await future
+        if isinstance(result, Failed):
+            raise result.error
+        return result
+
+    async def close(self, timeout_s: float) -> None:
+        """Flush what is pending within ``timeout_s``, then stop the writer."""
+        self._closing = True
+        self._wake.set()
+        task = self._task
+        if task is None or task.done():
+            return
+        try:
+            await asyncio.wait_for(asyncio.shield(task), timeout_s)
+        except TimeoutError:
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            log.error(  # noqa: TRY400 - a timeout, not an exception worth a traceback
+                "%s: closed with writes still pending after %.1f s", self.name, timeout_s
+            )
+        finally:
+            self._fail_all(StoreUnavailable("the datastore closed before this write was stored"))
+
+    # ------------------------------------------------------------ the writer
+
+    async def _run(self) -> None:
+        try:
+            while True:
+                if not self._pending:
+                    if self._closing:
+                        return
+                    self._wake.clear()
+                    await self._wake.wait()
+                    continue
+                count = min(len(self._pending), self._max_batch)
+                batch = [self._pending.popleft() for _ in range(count)]
+                self._inflight = [future for _, future in batch]
+                results = await self._commit([op for op, _ in batch])
+                for (_, future), result in zip(batch, results, strict=True):
+                    if not future.done():
+                        future.set_result(result)
+                self._inflight = []
+                self.batches += 1
+                self.ops += count
+        finally:
+            self._fail_all(StoreUnavailable("the datastore writer stopped"))
+
+    async def _commit(self, ops: list[OpT]) -> list[Any]:
+        delay_s = self._backoff_initial_s
+        while True:
+            try:
+                results = await self._run_batch(ops)
+            except Exception as exc:  # noqa: BLE001 - classified below; a batch never kills the writer
+                if not self._is_outage(exc):
+                    return [Failed(exc)] * len(ops)
+                if self._outage_since is None:
+                    self._outage_since = time.monotonic()
+                    log.warning(
+                        "%s: the database is unavailable (%s: %s); writes wait and retry",
+                        self.name,
+                        type(exc).__name__,
+                        exc,
+                    )
+                await asyncio.sleep(delay_s)
+                delay_s = min(delay_s * 2, self._backoff_max_s)
+                continue
+            if self._outage_since is not None:
+                log.warning(
+                    "%s: the database is back after %.1f s",
+                    self.name,
+                    time.monotonic() - self._outage_since,
+                )
+                self._outage_since = None
+            return results
+
+    def _fail_all(self, error: StoreUnavailable) -> None:
+        futures = self._inflight + [future for _, future in self._pending]
+        self._pending.clear()
+        self._inflight = []
+        for future in futures:
+            if not future.done():
+                future.set_exception(error)

@@ -1,0 +1,339 @@
+"""The datastore's rules, written once above the SQL backends.
+
+A backend supplies three things: ``_write`` (one named write, batched into a
+group-commit transaction), ``_fetch`` (a read, times decoded to aware
+datetimes) and ``_close_backend``. Everything else — validation, what a row
+holds, log and response bounds, paging, where logs go — lives here.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+import json
+from collections.abc import Mapping, Sequence
+from datetime import datetime, timedelta
+from enum import StrEnum
+from typing import Any
+
+from config.domain import (
+    Call,
+    CallStatus,
+    FailureKind,
+    Function,
+    Outcome,
+    frozen_map,
+    utcnow,
+)
+from config.settings import Settings
+from datastore import sql
+from datastore.base import (
+    CallFilter,
+    CallPage,
+    CallRecord,
+    LogStore,
+    bound_body,
+    bound_log,
+    clamp_limit,
+    decode_cursor,
+    encode_cursor,
+)
+from datastore.errors import FunctionExists, FunctionNotFound
+from datastore.validate import apply_changes, validate_function
+
+CLOSE_TIMEOUT_S = 10.0
+PURGE_CHUNK = 500
+
+_DEFAULT_ERRORS = {
+    CallStatus.ERROR: "The call failed.",
+    CallStatus.TIMEOUT: "The call ran past its function's timeout.",
+    CallStatus.CANCELLED: "The call was cancelled.",
+}
+CANCELLED_BY_REQUEST = "The call was cancelled on request before it started."
+
+
+class Write(StrEnum):
+    """The writes a backend must know how to run inside a batch transaction."""
+
+    FN_INSERT = "fn_insert"  # -> bool (False: already exists)
+    FN_UPDATE = "fn_update"  # -> bool (False: no such function)
+    FN_DELETE = "fn_delete"  # -> bool
+    QUEUED = "queued"  # -> None
+    RUNNING = "running"  # -> stored row (dict)
+    FINISH = "finish"  # -> bool (False: already final); log stored alongside if given
+    RETRY = "retry"  # -> bool; log stored alongside if given
+    CANCEL = "cancel"  # -> stored row or None
+    PURGE = "purge"  # -> list of deleted ids (their logs go by cascade)
+    LOG_PUT = "log_put"  # -> None
+    LOG_DELETE = "log_delete"  # -> None (params: call_ids)
+
+
+# ------------------------------------------------------------------- rows
+
+
+def fn_row(fn: Function) -> dict[str, Any]:
+    row = {name: getattr(fn, name) for name in sql.FN_COLUMNS}
+    row["config"] = json.dumps(dict(fn.config), sort_keys=True)
+    return row
+
+
+def fn_from_row(row: Mapping[str, Any]) -> Function:
+    values = {name: row[name] for name in sql.FN_COLUMNS}
+    values["config"] = frozen_map(json.loads(row["config"]))
+    values["retry_backoff_s"] = float(row["retry_backoff_s"])
+    return Function(**values)
+
+
+def record_from_row(row: Mapping[str, Any]) -> CallRecord:
+    failure = row["failure"]
+    body = row["response_body"]
+    return CallRecord(
+        id=row["id"],
+        app=row["app"],
+        fn=row["fn"],
+        image=row["image"],
+        status=CallStatus(row["status"]),
+        error=row["error"],
+        failure=None if failure is None else FailureKind(failure),
+        attempts=int(row["attempts"]),
+        created_at=row["created_at"],
+        started_at=row["started_at"],
+        completed_at=row["completed_at"],
+        updated_at=row["updated_at"],
+        next_try_at=row["next_try_at"],
+        worker_id=row["worker_id"],
+        container_id=row["container_id"],
+        response_status=row["response_status"],
+        response_headers=json.loads(row["response_headers"] or "{}"),
+        response_body=b"" if body is None else bytes(body),
+        response_truncated=bool(row["response_truncated"]),
+        log_truncated=bool(row["log_truncated"]),
+        stats=json.loads(row["stats"] or "{}"),
+        cancel_requested=bool(row["cancel_requested"]),
+    )
+
+
+class SqlDatastore(abc.ABC):
+    """The Datastore protocol for SQL backends; subclasses only store."""
+
+    def __init__(self, settings: Settings, logs: LogStore | None) -> None:
+        self.settings = settings
+        self._external_logs = logs
+        self.close_timeout_s = CLOSE_TIMEOUT_S
+        self._closed = False
+
+    # ------------------------------------------------------ backend hooks
+    @abc.abstractmethod
+    async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
+        """Run one write in the next batch transaction; return once it is durable."""
+
+    @abc.abstractmethod
+    async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """Run one read; time columns come back as aware datetimes."""
+
+    @abc.abstractmethod
+    async def _close_backend(self) -> None: ...
+
+    @property
+    def logs(self) -> LogStore:
+        """Where call logs live: the external store, or this database's own table."""
+        return self._external_logs or TableLogStore(self)
+
+    # ------------------------------------------------------------ registry
+    async def create_fn(self, fn: Function) -> Function:
+        now = utcnow()
+        fn = dataclasses.replace(validate_function(fn), created_at=now, updated_at=now)
+        if not await self._write(Write.FN_INSERT, fn_row(fn)):
+            raise FunctionExists(fn.app, fn.name)
+        return fn
+
+    async def update_fn(self, app: str, name: str, **changes: Any) -> Function:
+        current = await self.get_fn(app, name)
+        if current is None:
+            raise FunctionNotFound(app, name)
+        fn = dataclasses.replace(apply_changes(current, changes), updated_at=utcnow())
+        if not await self._write(Write.FN_UPDATE, fn_row(fn)):
+            raise FunctionNotFound(app, name)
+        return fn
+
+    async def get_fn(self, app: str, name: str) -> Function | None:
+        rows = await self._fetch(sql.FN_GET, {"app": app, "name": name})
+        return fn_from_row(rows[0]) if rows else None
+
+    async def list_fns(self, app: str | None = None) -> list[Function]:
+        if app is None:
+            rows = await self._fetch(sql.FN_LIST, {})
+        else:
+            rows = await self._fetch(sql.FN_LIST_APP, {"app": app})
+        return [fn_from_row(row) for row in rows]
+
+    async def delete_fn(self, app: str, name: str) -> bool:
+        return bool(await self._write(Write.FN_DELETE, {"app": app, "name": name}))
+
+    # -------------------------------------------------------- call lifecycle
+    async def record_queued(self, call: Call, image: str | None = None) -> None:
+        now = utcnow()
+        params = {"id": call.id, "app": call.app, "fn": call.fn, "image": image,
+                  "status": CallStatus.QUEUED.value, "attempts": 0,
+                  "created_at": call.created_at, "updated_at": now}  # fmt: skip
+        await self._write(Write.QUEUED, params)
+
+    async def record_running(self, call: Call, attempt: int, worker_id: str) -> CallRecord:
+        params = self._running_params(call, attempt, worker_id)
+        return record_from_row(await self._write(Write.RUNNING, params))
+
+    def _running_params(self, call: Call, attempt: int, worker_id: str) -> dict[str, Any]:
+        now = utcnow()
+        return {"id": call.id, "app": call.app, "fn": call.fn,
+                "status": CallStatus.RUNNING.value, "attempts": max(attempt, 1),
+                "attempt_arg": attempt,
+                "created_at": call.created_at, "started_at": now, "updated_at": now,
+                "worker_id": worker_id}  # fmt: skip
+
+    async def record_outcome(
+        self, call: Call, outcome: Outcome, attempt: int, worker_id: str
+    ) -> bool:
+        if not outcome.status.is_final:
+            raise ValueError(f"record_outcome needs a final status, not {outcome.status}")
+        row, log = self._outcome_row(call, outcome, attempt, worker_id, outcome.status)
+        return await self._store_with_log(Write.FINISH, row, log)
+
+    async def record_retry(
+        self, call: Call, outcome: Outcome, attempt: int, next_try_at: datetime
+    ) -> None:
+        row, log = self._outcome_row(call, outcome, attempt, None, CallStatus.QUEUED)
+        row["next_try_at"] = next_try_at
+        row["completed_at"] = None
+        await self._store_with_log(Write.RETRY, row, log)
+
+    async def request_cancel(self, call_id: str) -> CallRecord | None:
+        params = {"id": call_id, "now": utcnow(), "error": CANCELLED_BY_REQUEST}
+        row = await self._write(Write.CANCEL, params)
+        return None if row is None else record_from_row(row)
+
+    def _outcome_row(
+        self,
+        call: Call,
+        outcome: Outcome,
+        attempt: int,
+        worker_id: str | None,
+        status: CallStatus,
+    ) -> tuple[dict[str, Any], bytes]:
+        now = utcnow()
+        log = bound_log(outcome.log, self.settings.max_log_size_bytes)
+        resp = outcome.response
+        body, cut = bound_body(resp.body, self.settings.max_response_size) if resp else (b"", False)
+        row: dict[str, Any] = {
+            "id": call.id, "app": call.app, "fn": call.fn, "image": None,
+            "status": status.value,
+            "error": outcome.error or _DEFAULT_ERRORS.get(outcome.status),
+            "failure": None if outcome.failure is None else outcome.failure.value,
+            "attempts": attempt, "created_at": call.created_at,
+            "started_at": outcome.started_at, "completed_at": outcome.completed_at or now,
+            "updated_at": now, "next_try_at": None, "worker_id": worker_id,
+            "container_id": outcome.container_id,
+            "response_status": resp.status if resp else None,
+            "response_headers": json.dumps(dict(resp.headers)) if resp else None,
+            "response_body": body if resp else None,
+            "response_truncated": bool(resp and (resp.truncated or cut)),
+            "log_truncated": outcome.log_truncated or len(log) < len(outcome.log),
+            "stats": json.dumps(dict(outcome.stats)),
+            "cancel_requested": False,
+        }  # fmt: skip
+        return row, log
+
+    async def _store_with_log(self, kind: Write, row: dict[str, Any], log: bytes) -> bool:
+        if self._external_logs is None:
+            return bool(await self._write(kind, row, log))
+        # The log goes first so that a record never points at a log that is missing;
+        # a call already final is left alone, log included.
+        existing = await self.get_call(row["id"])
+        if existing is not None and existing.is_final:
+            return False
+        await self._external_logs.put_log(row["id"], log)
+        return bool(await self._write(kind, row))
+
+    # ------------------------------------------------------------- reading
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        rows = await self._fetch(sql.CALL_GET, {"id": call_id})
+        return record_from_row(rows[0]) if rows else None
+
+    async def list_calls(self, f: CallFilter) -> CallPage:
+        before = decode_cursor(f.cursor) if f.cursor else None
+        limit = clamp_limit(f.limit)
+        status = None if f.status is None else CallStatus(f.status).value
+        where, params = sql.call_filters(f.app, f.fn, status, f.since, before)
+        params["limit"] = limit + 1
+        query = f"SELECT * FROM calls{where} ORDER BY id DESC LIMIT :limit"
+        rows = await self._fetch(query, params)
+        items = [record_from_row(row) for row in rows[:limit]]
+        more = len(rows) > limit
+        return CallPage(items, encode_cursor(items[-1].id) if more else None)
+
+    async def count_by_status(
+        self, app: str | None = None, fn: str | None = None
+    ) -> dict[CallStatus, int]:
+        where, params = sql.call_filters(app, fn, None, None, None)
+        rows = await self._fetch(
+            f"SELECT status, COUNT(*) AS n FROM calls{where} GROUP BY status", params
+        )
+        counts = dict.fromkeys(CallStatus, 0)
+        for row in rows:
+            counts[CallStatus(row["status"])] = int(row["n"])
+        return counts
+
+    async def get_log(self, call_id: str) -> bytes | None:
+        if self._external_logs is not None:
+            return await self._external_logs.get_log(call_id)
+        rows = await self._fetch(sql.LOG_GET, {"call_id": call_id})
+        return bytes(rows[0]["data"]) if rows else None
+
+    # ----------------------------------------------------------- retention
+    async def purge_calls(self, older_than: timedelta) -> int:
+        cutoff = utcnow() - older_than
+        total = 0
+        while True:
+            ids: list[str] = await self._write(
+                Write.PURGE, {"cutoff": cutoff, "limit": PURGE_CHUNK}
+            )
+            total += len(ids)
+            if self._external_logs is not None and ids:
+                await self._external_logs.delete_logs(ids)
+            if len(ids) < PURGE_CHUNK:
+                return total
+
+    async def close(self) -> None:
+        """Flush pending writes (within ``close_timeout_s``) and let go; idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        try:
+            await self._close_backend()
+        finally:
+            if self._external_logs is not None:
+                await self._external_logs.close()
+
+
+class TableLogStore:
+    """The LogStore view of a SQL datastore's own ``logs`` table.
+
+    A log row belongs to a call row (deleting the call deletes its log), so
+    ``put_log`` needs the call to be recorded first.
+    """
+
+    def __init__(self, store: SqlDatastore) -> None:
+        self._store = store
+
+    async def put_log(self, call_id: str, data: bytes) -> None:
+        limit = self._store.settings.max_log_size_bytes
+        params = {"call_id": call_id, "data": bound_log(data, limit)}
+        await self._store._write(Write.LOG_PUT, params)
+
+    async def get_log(self, call_id: str) -> bytes | None:
+        return await self._store.get_log(call_id)
+
+    async def delete_logs(self, call_ids: Sequence[str]) -> None:
+        await self._store._write(Write.LOG_DELETE, {"call_ids": list(call_ids)})
+
+    async def close(self) -> None:
+        return None

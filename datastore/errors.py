@@ -1,0 +1,60 @@
+"""Errors of the datastore and the log stores.
+
+::
+
+    StoreError (config.errors)
+     +-- InvalidFunction        a function definition fails validation
+     +-- FunctionExists         create_fn on an app/name already registered
+     +-- FunctionNotFound       update/show of an unknown app/name
+     +-- InvalidCursor          a list cursor that this store did not hand out
+     +-- StoreClosed            the store was used after close()
+     +-- StoreUnavailable       the database cannot be reached (Retryable)
+     +-- UnsupportedURL         FN_DB_URL / FN_LOG_URL names no known backend
+"""
+
+from __future__ import annotations
+
+from config.errors import Retryable, StoreError
+
+__all__ = [
+    "FunctionExists",
+    "FunctionNotFound",
+    "InvalidCursor",
+    "InvalidFunction",
+    "StoreClosed",
+    "StoreError",
+    "StoreUnavailable",
+    "UnsupportedURL",
+]
+
+
+class InvalidFunction(StoreError):
+    """A function definition that fnq refuses to store."""
+
+
+class FunctionExists(StoreError):
+    def __init__(self, app: str, name: str) -> None:
+        super().__init__(f"function {app}/{name} already exists (use 'fnq fn update')")
+
+
+class FunctionNotFound(StoreError):
+    def __init__(self, app: str, name: str) -> None:
+        super().__init__(f"no function {app}/{name} (see 'fnq fn list')")
+
+
+class InvalidCursor(StoreError):
+    def __init__(self, cursor: str) -> None:
+        super().__init__(f"invalid cursor {cursor!r}: pass a next_cursor from a previous page")
+
+
+class StoreClosed(StoreError):
+    def __init__(self) -> None:
+        super().__init__("the datastore is closed")
+
+
+class StoreUnavailable(StoreError, Retryable):
+    """The database did not answer (down, unreachable, or gave up waiting)."""
+
+
+class UnsupportedURL(StoreError):
+    """A store URL with a scheme fnq has no backend for."""

@@ -1,0 +1,118 @@
+"""Versioned schema migrations, the same numbering on every backend.
+
+``migrations/<dialect>/NNNN_name.sql`` holds version NNNN for that backend.
+Each backend applies the missing versions at startup inside one transaction
+that first takes a lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory
+transaction lock), so workers that start together apply each version once.
+The table ``schema_version`` records what has been applied.
+"""
+
+from __future__ import annotations
+
+import re
+import sqlite3
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from config.errors import StoreError
+
+DIALECTS = ("sqlite", "postgres")
+PG_LOCK_KEY = 0x666E71  # "fnq": the advisory lock every fnq migrator takes
+
+_FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
+
+_VERSION_TABLE = (
+    "CREATE TABLE IF NOT EXISTS schema_version ("
+    " version integer PRIMARY KEY, name text NOT NULL, applied_at text NOT NULL)"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Migration:
+    version: int
+    name: str
+    sql: str
+
+    def statements(self) -> list[str]:
+        """The file split at semicolons that end a line; comment lines dropped."""
+        text = "\n".join(
+            line for line in self.sql.splitlines() if not line.lstrip().startswith("--")
+        )
+        return [s.strip() for s in re.split(r";\s*\n", text + "\n") if s.strip()]
+
+
+def load(dialect: str) -> list[Migration]:
+    """The migrations of ``dialect`` in order; their numbers must run 1, 2, 3, ..."""
+    folder = Path(__file__).with_name("migrations") / dialect
+    found: list[Migration] = []
+    for entry in folder.iterdir():
+        match = _FILE.fullmatch(entry.name)
+        if match:
+            found.append(Migration(int(match.group(1)), match.group(2), entry.read_text("utf-8")))
+    found.sort(key=lambda m: m.version)
+    if [m.version for m in found] != list(range(1, len(found) + 1)):
+        numbers = [m.version for m in found]
+        raise StoreError(f"{dialect} migrations are not numbered 1..N: {numbers}")
+    return found
+
+
+def _too_new(current: int, known: int) -> StoreError:
+    return StoreError(
+        f"the database schema is at version {current}, newer than this fnq knows ({known}); "
+        "upgrade fnq"
+    )
+
+
+def _stamp() -> str:
+    return datetime.now(UTC).isoformat(timespec="seconds")
+
+
+def apply_sqlite(conn: sqlite3.Connection) -> int:
+    """Bring a SQLite database (autocommit connection) up to date; return its version."""
+    migrations = load("sqlite")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        conn.execute(_VERSION_TABLE)
+        current = int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
+                      .fetchone()[0])  # fmt: skip
+        if current > len(migrations):
+            raise _too_new(current, len(migrations))  # noqa: TRY301 - rolled back below
+        for migration in migrations[current:]:
+            for statement in migration.statements():
+                conn.execute(statement)
+            conn.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
+                (migration.version, migration.name, _stamp()),
+            )
+        conn.execute("COMMIT")
+    except BaseException:
+        conn.execute("ROLLBACK")
+        raise
+    return max(current, len(migrations))
+
+
+async def apply_postgres(conn: Any, timeout_s: float) -> int:
+    """Bring a PostgreSQL database up to date through an asyncpg connection."""
+    migrations = load("postgres")
+    async with conn.transaction():
+        await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_KEY, timeout=timeout_s)
+        await conn.execute(_VERSION_TABLE, timeout=timeout_s)
+        current = int(
+            await conn.fetchval(
+                "SELECT COALESCE(MAX(version), 0) FROM schema_version", timeout=timeout_s
+            )
+        )
+        if current > len(migrations):
+            raise _too_new(current, len(migrations))
+        for migration in migrations[current:]:
+            await conn.execute(migration.sql, timeout=timeout_s)
+            await conn.execute(
+                "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)",
+                migration.version,
+                migration.name,
+                _stamp(),
+                timeout=timeout_s,
+            )
+    return max(current, len(migrations))

@@ -1,0 +1,219 @@
+"""The shared datastore: PostgreSQL through an asyncpg pool, for many hosts.
+
+Writes go through group commit like every backend: one pooled connection runs
+each batch in a single transaction. If one write in a batch is refused by the
+database (a constraint, a bad value), the batch is rolled back and its writes
+are run again one transaction each, so only that write fails. A lost
+connection or a server that refuses connections is an outage: the batch is
+retried with backoff until the server is back.
+
+Every statement carries ``STATEMENT_TIMEOUT_S``; taking a connection from the
+pool waits at most ``ACQUIRE_TIMEOUT_S``.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import UTC
+from typing import Any
+
+import asyncpg
+
+from config.settings import Settings
+from datastore import migrate, sql
+from datastore.base import LogStore
+from datastore.batch import Failed, GroupCommit
+from datastore.common import SqlDatastore, Write
+from datastore.errors import StoreError, StoreUnavailable
+
+CONNECT_TIMEOUT_S = 10.0
+ACQUIRE_TIMEOUT_S = 10.0
+STATEMENT_TIMEOUT_S = 30.0
+POOL_MAX_SIZE = 4
+
+_Op = tuple[Write, dict[str, Any], bytes | None]
+
+_OUTAGE_TYPES: tuple[type[BaseException], ...] = (
+    OSError,
+    TimeoutError,
+    asyncpg.PostgresConnectionError,
+    asyncpg.exceptions.OperatorInterventionError,
+    asyncpg.exceptions.InsufficientResourcesError,
+    asyncpg.exceptions.ConnectionDoesNotExistError,
+)
+
+
+def is_outage(exc: BaseException) -> bool:
+    if isinstance(exc, _OUTAGE_TYPES):
+        return True
+    # "connection is closed" and the like; a DataError is a bad value, not an outage
+    return isinstance(exc, asyncpg.InterfaceError) and not isinstance(
+        exc, asyncpg.exceptions.DataError
+    )
+
+
+# One round trip each, where SQLite runs two statements (rows written by a
+# data-modifying CTE are not visible to the outer SELECT, hence the UNION).
+RUNNING_RETURNING = (
+    f"WITH up AS ({sql.CALL_RUNNING} RETURNING *) SELECT * FROM up UNION ALL"
+    " SELECT * FROM calls WHERE id = :id AND NOT EXISTS (SELECT 1 FROM up)"
+)
+
+
+def with_log(stmt: str) -> str:
+    """``stmt`` (an upsert returning id) plus the log of the row it wrote."""
+    return (
+        f"WITH done AS ({stmt}), stored AS (INSERT INTO logs (call_id, data)"
+        " SELECT id, :data FROM done ON CONFLICT (call_id) DO UPDATE SET data = excluded.data)"
+        " SELECT id FROM done"
+    )
+
+
+_compiled: dict[str, tuple[str, tuple[str, ...]]] = {}
+
+
+def compiled(query: str) -> tuple[str, tuple[str, ...]]:
+    found = _compiled.get(query)
+    if found is None:
+        found = _compiled[query] = sql.numbered(query)
+    return found
+
+
+def args(query: str, params: dict[str, Any]) -> tuple[str, list[Any]]:
+    text, names = compiled(query)
+    return text, [params[name] for name in names]
+
+
+async def _execute(conn: Any, query: str, params: dict[str, Any]) -> str:
+    text, values = args(query, params)
+    status: str = await conn.execute(text, *values, timeout=STATEMENT_TIMEOUT_S)
+    return status
+
+
+async def _fetch(conn: Any, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+    text, values = args(query, params)
+    rows = await conn.fetch(text, *values, timeout=STATEMENT_TIMEOUT_S)
+    return [dict(row) for row in rows]
+
+
+def _count(status: str) -> int:
+    return int(status.rsplit(" ", 1)[-1])
+
+
+async def apply(conn: Any, kind: Write, p: dict[str, Any], log: bytes | None) -> Any:
+    """One write inside the open transaction; the result ``Write`` documents."""
+    if kind in (Write.FN_INSERT, Write.FN_UPDATE, Write.FN_DELETE):
+        query = {Write.FN_INSERT: sql.FN_INSERT, Write.FN_UPDATE: sql.FN_UPDATE}.get(
+            kind, sql.FN_DELETE
+        )
+        return _count(await _execute(conn, query, p)) == 1
+    if kind is Write.QUEUED:
+        await _execute(conn, sql.CALL_QUEUED, p)
+        return None
+    if kind is Write.RUNNING:
+        return (await _fetch(conn, RUNNING_RETURNING, p))[0]
+    if kind in (Write.FINISH, Write.RETRY):
+        stmt = sql.CALL_FINISH if kind is Write.FINISH else sql.CALL_RETRY
+        if log is None:
+            return bool(await _fetch(conn, stmt, p))
+        return bool(await _fetch(conn, with_log(stmt), {**p, "data": log}))
+    if kind is Write.CANCEL:
+        await _execute(conn, sql.CALL_CANCEL_QUEUED, p)
+        await _execute(conn, sql.CALL_CANCEL_RUNNING, p)
+        rows = await _fetch(conn, sql.CALL_GET, {"id": p["id"]})
+        return rows[0] if rows else None
+    if kind is Write.PURGE:
+        return [row["id"] for row in await _fetch(conn, sql.CALL_PURGE, p)]
+    if kind is Write.LOG_PUT:
+        await _execute(conn, sql.LOG_PUT, p)
+        return None
+    if kind is Write.LOG_DELETE:
+        await conn.execute(
+            "DELETE FROM logs WHERE call_id = ANY($1)", p["call_ids"], timeout=STATEMENT_TIMEOUT_S
+        )
+        return None
+    raise AssertionError(f"unknown write {kind}")
+
+
+async def _init_connection(conn: Any) -> None:
+    await conn.execute("SET TIME ZONE 'UTC'", timeout=STATEMENT_TIMEOUT_S)
+
+
+class PostgresDatastore(SqlDatastore):
+    def __init__(self, settings: Settings, logs: LogStore | None, pool: Any) -> None:
+        super().__init__(settings, logs)
+        self._pool = pool
+        self.writer: GroupCommit[_Op] = GroupCommit("postgres", self._run_batch, is_outage)
+
+    @classmethod
+    async def open(cls, settings: Settings, logs: LogStore | None) -> PostgresDatastore:
+        try:
+            async with asyncio.timeout(CONNECT_TIMEOUT_S):
+                pool = await asyncpg.create_pool(
+                    settings.db_url.replace("postgresql+asyncpg://", "postgresql://"),
+                    min_size=1,
+                    max_size=POOL_MAX_SIZE,
+                    timeout=CONNECT_TIMEOUT_S,
+                    command_timeout=STATEMENT_TIMEOUT_S,
+                    init=_init_connection,
+                )
+        except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
+            raise StoreUnavailable(f"cannot reach the PostgreSQL datastore: {exc}") from exc
+        store = cls(settings, logs, pool)
+        try:
+            async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                await migrate.apply_postgres(conn, STATEMENT_TIMEOUT_S)
+        except BaseException:
+            await store._terminate_pool()
+            raise
+        store.writer.start()
+        return store
+
+    async def _run_batch(self, ops: list[_Op]) -> list[Any]:
+        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            try:
+                async with conn.transaction():
+                    return [await apply(conn, kind, p, log) for kind, p, log in ops]
+            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                if is_outage(exc):
+                    raise
+            # One write spoiled the batch: run each alone so only that one fails.
+            results: list[Any] = []
+            for kind, p, log in ops:
+                try:
+                    async with conn.transaction():
+                        results.append(await apply(conn, kind, p, log))
+                except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                    if is_outage(exc):
+                        raise
+                    results.append(Failed(StoreError(f"{kind.value} failed: {exc}")))
+            return results
+
+    async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
+        return await self.writer.submit((kind, params, log))
+
+    async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                rows = await _fetch(conn, query, params)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            if is_outage(exc):
+                raise StoreUnavailable(f"the PostgreSQL datastore is unavailable: {exc}") from exc
+            raise StoreError(f"reading the datastore failed: {exc}") from exc
+        for row in rows:
+            for key in sql.TIME_COLUMNS.intersection(row):
+                if row[key] is not None:
+                    row[key] = row[key].astimezone(UTC)
+        return rows
+
+    async def _terminate_pool(self) -> None:
+        try:
+            await asyncio.wait_for(self._pool.close(), self.close_timeout_s)
+        except TimeoutError:
+            self._pool.terminate()
+
+    async def _close_backend(self) -> None:
+        try:
+            await self.writer.close(self.close_timeout_s)
+        finally:
+            await self._terminate_pool()

@@ -1,0 +1,157 @@
+"""Statements shared by the SQL backends, with ``:name`` parameters.
+
+SQLite takes them as they are; the PostgreSQL backend rewrites ``:name`` to
+``$n``. Every write that touches a call's status carries the same guard,
+``calls.status IN ('queued', 'running')``, so that a final state is never
+overwritten, whichever order writes arrive in.
+"""
+
+from __future__ import annotations
+
+import re
+
+LIVE = "('queued', 'running')"
+FINAL = "('success', 'error', 'timeout', 'cancelled')"
+
+FN_COLUMNS = (
+    "app", "name", "image", "memory_mb", "cpus_mcpu", "timeout_s", "idle_timeout_s",
+    "tmpfs_mb", "config", "max_attempts", "retry_backoff_s", "max_age_s",
+    "created_at", "updated_at",
+)  # fmt: skip
+
+CALL_COLUMNS = (
+    "id", "app", "fn", "image", "status", "error", "failure", "attempts",
+    "created_at", "started_at", "completed_at", "updated_at", "next_try_at",
+    "worker_id", "container_id", "response_status", "response_headers", "response_body",
+    "response_truncated", "log_truncated", "stats", "cancel_requested",
+)  # fmt: skip
+
+TIME_COLUMNS = frozenset(
+    {"created_at", "started_at", "completed_at", "updated_at", "next_try_at", "cutoff", "since"}
+)
+
+
+def _insert(table: str, columns: tuple[str, ...]) -> str:
+    return (
+        f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({', '.join(':' + c for c in columns)})"
+    )
+
+
+# ------------------------------------------------------------------ registry
+
+FN_INSERT = _insert("fns", FN_COLUMNS) + " ON CONFLICT (app, name) DO NOTHING"
+FN_UPDATE = (
+    "UPDATE fns SET "
+    + ", ".join(f"{c} = :{c}" for c in FN_COLUMNS if c not in {"app", "name", "created_at"})
+    + " WHERE app = :app AND name = :name"
+)
+FN_GET = "SELECT * FROM fns WHERE app = :app AND name = :name"
+FN_LIST = "SELECT * FROM fns ORDER BY app, name"
+FN_LIST_APP = "SELECT * FROM fns WHERE app = :app ORDER BY name"
+FN_DELETE = "DELETE FROM fns WHERE app = :app AND name = :name"
+
+# --------------------------------------------------------------------- calls
+
+CALL_GET = "SELECT * FROM calls WHERE id = :id"
+
+CALL_QUEUED = (
+    _insert("calls", ("id", "app", "fn", "image", "status", "attempts", "created_at", "updated_at"))
+    + " ON CONFLICT (id) DO NOTHING"
+)
+
+_RUNNING_COLUMNS = (
+    "id", "app", "fn", "status", "attempts", "created_at", "started_at", "updated_at", "worker_id",
+)  # fmt: skip
+CALL_RUNNING = (
+    _insert("calls", _RUNNING_COLUMNS) + " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    " attempts = CASE WHEN :attempt_arg > 0 THEN :attempt_arg ELSE calls.attempts + 1 END,"
+    " started_at = excluded.started_at,"
+    " updated_at = excluded.updated_at, worker_id = excluded.worker_id, next_try_at = NULL"
+    f" WHERE calls.status IN {LIVE}"
+)
+
+_OUTCOME_SET = (
+    " error = excluded.error, failure = excluded.failure, attempts = excluded.attempts,"
+    " started_at = COALESCE(excluded.started_at, calls.started_at),"
+    " updated_at = excluded.updated_at, worker_id = COALESCE(excluded.worker_id, calls.worker_id),"
+    " container_id = excluded.container_id, response_status = excluded.response_status,"
+    " response_headers = excluded.response_headers, response_body = excluded.response_body,"
+    " response_truncated = excluded.response_truncated, log_truncated = excluded.log_truncated,"
+    " stats = excluded.stats,"
+)
+
+CALL_FINISH = (
+    _insert("calls", CALL_COLUMNS)
+    + " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    + _OUTCOME_SET
+    + " completed_at = excluded.completed_at, next_try_at = NULL"
+    f" WHERE calls.status IN {LIVE} RETURNING id"
+)
+
+# Back to queued, unless a cancel was asked for while the attempt ran.
+CALL_RETRY = (
+    _insert("calls", CALL_COLUMNS) + " ON CONFLICT (id) DO UPDATE SET"
+    " status = CASE WHEN calls.cancel_requested THEN 'cancelled' ELSE 'queued' END,"
+    + _OUTCOME_SET
+    + " completed_at = CASE WHEN calls.cancel_requested THEN excluded.updated_at END,"
+    " next_try_at = CASE WHEN calls.cancel_requested THEN NULL ELSE excluded.next_try_at END"
+    f" WHERE calls.status IN {LIVE} RETURNING id"
+)
+
+CALL_CANCEL_QUEUED = (
+    "UPDATE calls SET status = 'cancelled', failure = 'cancelled', error = :error,"
+    " completed_at = :now, updated_at = :now, next_try_at = NULL, cancel_requested = TRUE"
+    " WHERE id = :id AND status = 'queued'"
+)
+CALL_CANCEL_RUNNING = (
+    "UPDATE calls SET cancel_requested = TRUE, updated_at = :now"
+    " WHERE id = :id AND status = 'running'"
+)
+
+CALL_PURGE = (
+    "DELETE FROM calls WHERE id IN (SELECT id FROM calls"
+    f" WHERE status IN {FINAL} AND completed_at < :cutoff ORDER BY id LIMIT :limit)"
+    " RETURNING id"
+)
+
+LOG_PUT = (
+    "INSERT INTO logs (call_id, data) VALUES (:call_id, :data)"
+    " ON CONFLICT (call_id) DO UPDATE SET data = excluded.data"
+)
+LOG_GET = "SELECT data FROM logs WHERE call_id = :call_id"
+LOG_DELETE = "DELETE FROM logs WHERE call_id = :call_id"
+
+
+def call_filters(
+    app: str | None, fn: str | None, status: str | None, since: object, before_id: str | None
+) -> tuple[str, dict[str, object]]:
+    """A WHERE clause (possibly empty) and its parameters for listing and counting."""
+    clauses: list[str] = []
+    params: dict[str, object] = {}
+    for column, value in (("app", app), ("fn", fn), ("status", status)):
+        if value is not None:
+            clauses.append(f"{column} = :{column}")
+            params[column] = value
+    if since is not None:
+        clauses.append("created_at >= :since")
+        params["since"] = since
+    if before_id is not None:
+        clauses.append("id < :before_id")
+        params["before_id"] = before_id
+    return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+_NAMED = re.compile(r"(?<![:\w]):([a-z_]+)")
+
+
+def numbered(sql: str) -> tuple[str, tuple[str, ...]]:
+    """``:name`` parameters to ``$1, $2, ...`` and the names in that order."""
+    order: list[str] = []
+
+    def repl(match: re.Match[str]) -> str:
+        name = match.group(1)
+        if name not in order:
+            order.append(name)
+        return f"${order.index(name) + 1}"
+
+    return _NAMED.sub(repl, sql), tuple(order)

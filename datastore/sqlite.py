@@ -1,0 +1,223 @@
+"""The embedded datastore: one SQLite file in WAL mode, safe across processes.
+
+sqlite3 blocks, so it never runs on the event loop. Writes go to one writer
+thread with its own connection: the group-commit task hands it a batch, the
+thread runs the whole batch in one ``BEGIN IMMEDIATE`` transaction (each write
+inside its own savepoint, so one bad write fails alone) and commits once.
+Reads go to a second thread with a read-only connection; WAL lets it read
+while the writer writes. Other processes (the CLI, more workers) wait for the
+file lock up to ``BUSY_TIMEOUT_S``; past that the batch counts as an outage
+and is retried with backoff.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import sqlite3
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+from urllib.parse import unquote, urlsplit
+
+from config.settings import Settings
+from datastore import migrate, sql
+from datastore.base import LogStore
+from datastore.batch import Failed, GroupCommit
+from datastore.common import SqlDatastore, Write
+from datastore.errors import StoreError, StoreUnavailable
+
+BUSY_TIMEOUT_S = 5.0
+# Primary result codes that mean "try again later" rather than "this write is wrong".
+# BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL
+_TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+
+_Op = tuple[Write, dict[str, Any], bytes | None]
+
+
+def path_from_url(url: str) -> Path:
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if parts.netloc or not path:
+        raise StoreError(f"{url!r}: a SQLite URL looks like sqlite:///absolute/path.db")
+    return Path(path)
+
+
+def to_us(value: datetime) -> int:
+    return round((value - _EPOCH).total_seconds() * 1_000_000)
+
+
+def from_us(value: int | None) -> datetime | None:
+    if value is None:
+        return None
+    seconds, micros = divmod(int(value), 1_000_000)
+    return datetime.fromtimestamp(seconds, UTC).replace(microsecond=micros)
+
+
+def encode(params: dict[str, Any]) -> dict[str, Any]:
+    return {k: to_us(v) if isinstance(v, datetime) else v for k, v in params.items()}
+
+
+def is_transient(exc: BaseException) -> bool:
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is None or (code & 0xFF) in _TRANSIENT_CODES
+    return False
+
+
+def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
+    conn = sqlite3.connect(
+        path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
+    )
+    conn.row_factory = sqlite3.Row
+    conn.execute(f"PRAGMA busy_timeout = {int(BUSY_TIMEOUT_S * 1000)}")
+    if readonly:
+        conn.execute("PRAGMA query_only = ON")
+    else:
+        conn.execute("PRAGMA journal_mode = WAL")
+        conn.execute("PRAGMA synchronous = FULL")
+        conn.execute("PRAGMA foreign_keys = ON")
+    return conn
+
+
+def _row(row: sqlite3.Row) -> dict[str, Any]:
+    out = dict(zip(row.keys(), tuple(row), strict=True))
+    for key in sql.TIME_COLUMNS.intersection(out):
+        out[key] = from_us(out[key])
+    return out
+
+
+def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: bytes | None) -> Any:
+    """One write against the open transaction; the result ``Write`` documents."""
+    p = encode(params)
+    if kind is Write.FN_INSERT:
+        return conn.execute(sql.FN_INSERT, p).rowcount == 1
+    if kind is Write.FN_UPDATE:
+        return conn.execute(sql.FN_UPDATE, p).rowcount == 1
+    if kind is Write.FN_DELETE:
+        return conn.execute(sql.FN_DELETE, p).rowcount == 1
+    if kind is Write.QUEUED:
+        conn.execute(sql.CALL_QUEUED, p)
+        return None
+    if kind is Write.RUNNING:
+        conn.execute(sql.CALL_RUNNING, p)
+        return _row(conn.execute(sql.CALL_GET, {"id": p["id"]}).fetchone())
+    if kind in (Write.FINISH, Write.RETRY):
+        stmt = sql.CALL_FINISH if kind is Write.FINISH else sql.CALL_RETRY
+        written = conn.execute(stmt, p).fetchone() is not None
+        if written and log is not None:
+            conn.execute(sql.LOG_PUT, {"call_id": p["id"], "data": log})
+        return written
+    if kind is Write.CANCEL:
+        conn.execute(sql.CALL_CANCEL_QUEUED, p)
+        conn.execute(sql.CALL_CANCEL_RUNNING, p)
+        found = conn.execute(sql.CALL_GET, {"id": p["id"]}).fetchone()
+        return None if found is None else _row(found)
+    if kind is Write.PURGE:
+        return [r[0] for r in conn.execute(sql.CALL_PURGE, p).fetchall()]
+    if kind is Write.LOG_PUT:
+        conn.execute(sql.LOG_PUT, p)
+        return None
+    if kind is Write.LOG_DELETE:
+        conn.executemany(sql.LOG_DELETE, [{"call_id": i} for i in p["call_ids"]])
+        return None
+    raise AssertionError(f"unknown write {kind}")
+
+
+def run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
+    """All of ``ops`` in one transaction; raises (after rollback) on a transient error."""
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        results: list[Any] = []
+        for kind, params, log in ops:
+            conn.execute("SAVEPOINT op")
+            try:
+                results.append(apply(conn, kind, params, log))
+            except sqlite3.Error as exc:
+                if is_transient(exc):
+                    raise
+                conn.execute("ROLLBACK TO op")
+                results.append(Failed(StoreError(f"{kind.value} failed: {exc}")))
+            conn.execute("RELEASE op")
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return results
+
+
+class SqliteDatastore(SqlDatastore):
+    def __init__(self, settings: Settings, logs: LogStore | None, path: Path) -> None:
+        super().__init__(settings, logs)
+        self.path = path
+        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="fnq-sqlite-writer")
+        self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="fnq-sqlite-reader")
+        self._wconn: sqlite3.Connection | None = None
+        self._rconn: sqlite3.Connection | None = None
+        self.writer: GroupCommit[_Op] = GroupCommit(
+            f"sqlite:{path.name}", self._run_batch, is_transient
+        )
+
+    @classmethod
+    async def open(cls, settings: Settings, logs: LogStore | None) -> SqliteDatastore:
+        store = cls(settings, logs, path_from_url(settings.db_url))
+        try:
+            await store._start()
+        except BaseException:
+            await store.close()
+            raise
+        return store
+
+    async def _start(self) -> None:
+        loop = asyncio.get_running_loop()
+        await loop.run_in_executor(self._writer_thread, self._open_writer)
+        self._rconn = await loop.run_in_executor(
+            self._reader_thread, lambda: connect(self.path, readonly=True)
+        )
+        self.writer.start()
+
+    def _open_writer(self) -> None:
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = connect(self.path)
+            migrate.apply_sqlite(conn)
+        except sqlite3.Error as exc:
+            raise StoreUnavailable(f"cannot open the datastore {self.path}: {exc}") from exc
+        self._wconn = conn
+
+    async def _run_batch(self, ops: list[_Op]) -> list[Any]:
+        conn = self._wconn
+        if conn is None:
+            raise StoreUnavailable("the datastore is not open")
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._writer_thread, run_batch, conn, ops)
+
+    async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
+        return await self.writer.submit((kind, params, log))
+
+    async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        conn = self._rconn
+        if conn is None:
+            raise StoreUnavailable("the datastore is not open")
+
+        def read() -> list[dict[str, Any]]:
+            return [_row(r) for r in conn.execute(query, encode(params)).fetchall()]
+
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
+        except sqlite3.Error as exc:
+            if is_transient(exc):
+                raise StoreUnavailable(f"the datastore {self.path} is busy: {exc}") from exc
+            raise StoreError(f"reading the datastore failed: {exc}") from exc
+
+    async def _close_backend(self) -> None:
+        await self.writer.close(self.close_timeout_s)
+        loop = asyncio.get_running_loop()
+        pairs = ((self._writer_thread, self._wconn), (self._reader_thread, self._rconn))
+        for executor, conn in pairs:
+            if conn is not None:
+                await loop.run_in_executor(executor, conn.close)
+            executor.shutdown(wait=False)
+        self._wconn = self._rconn = None

@@ -1,0 +1,163 @@
+"""Checks on function definitions and on user input that names times.
+
+The worker and the CLI both call these, so a function is judged by the same
+rules whichever way it reaches the registry.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+from collections.abc import Iterable, Mapping
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from config.domain import (
+    IDLE_TIMEOUT_S_MAX,
+    MEMORY_MB_MAX,
+    TIMEOUT_S_MAX,
+    Function,
+    frozen_map,
+)
+from datastore.errors import InvalidFunction
+
+CPUS_MCPU_MAX = 256_000
+MAX_ATTEMPTS_MAX = 100
+RETRY_BACKOFF_S_MAX = 3600.0
+MAX_AGE_S_MAX = 30 * 24 * 3600
+CONFIG_ENTRIES_MAX = 256
+CONFIG_VALUE_BYTES_MAX = 32_768
+
+_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
+_ENV_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,127}")
+
+# Docker's reference grammar, spelled out: [host[:port]/]path[:tag][@digest].
+_COMPONENT = r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*"
+_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9-]*[A-Za-z0-9])?"
+_HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*)"
+_IMAGE = re.compile(
+    rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
+    r"(?::[\w][\w.-]{0,127})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+)
+
+# Fields a caller may change with update_fn; identity and timestamps are the store's.
+MUTABLE_FIELDS = frozenset(f.name for f in dataclasses.fields(Function)) - {
+    "app",
+    "name",
+    "created_at",
+    "updated_at",
+}
+
+
+def name_problem(kind: str, value: str) -> str | None:
+    if _NAME.fullmatch(value):
+        return None
+    return (
+        f"{kind} name {value!r} is not valid: use 1 to 64 letters, digits, '_', '.' or '-', "
+        "starting with a letter or digit"
+    )
+
+
+def image_problem(image: str) -> str | None:
+    if len(image) > 255 or not _IMAGE.fullmatch(image):
+        return (
+            f"image {image!r} is not a valid image reference "
+            "(expected e.g. 'myfunc:1.0' or 'registry.example.com:5000/team/myfunc:latest')"
+        )
+    return None
+
+
+def _range(label: str, value: float, low: float, high: float, unit: str) -> str | None:
+    if low <= value <= high:
+        return None
+    return f"{label} must be between {low:g} and {high:g} {unit}, not {value:g}"
+
+
+def _config_problems(config: Mapping[str, str]) -> Iterable[str]:
+    if len(config) > CONFIG_ENTRIES_MAX:
+        yield f"config may hold at most {CONFIG_ENTRIES_MAX} entries"
+    for key, value in config.items():
+        if not _ENV_KEY.fullmatch(key):
+            yield f"config key {key!r} is not a valid environment variable name"
+        if "\x00" in value or len(value.encode()) > CONFIG_VALUE_BYTES_MAX:
+            yield f"config value of {key!r} must be text under {CONFIG_VALUE_BYTES_MAX} bytes"
+
+
+def function_problems(fn: Function) -> list[str]:
+    """Every reason ``fn`` cannot be stored; empty when it is fine."""
+    checks = [
+        name_problem("app", fn.app),
+        name_problem("function", fn.name),
+        image_problem(fn.image),
+        _range("memory", fn.memory_mb, 1, MEMORY_MB_MAX, "MB"),
+        _range("cpus", fn.cpus_mcpu, 0, CPUS_MCPU_MAX, "milli-CPUs"),
+        _range("timeout", fn.timeout_s, 1, TIMEOUT_S_MAX, "seconds"),
+        _range("idle timeout", fn.idle_timeout_s, 1, IDLE_TIMEOUT_S_MAX, "seconds"),
+        _range("tmpfs", fn.tmpfs_mb, 0, fn.memory_mb, "MB (at most the memory)"),
+        _range("max attempts", fn.max_attempts, 1, MAX_ATTEMPTS_MAX, "attempts"),
+        _range("retry backoff", fn.retry_backoff_s, 0, RETRY_BACKOFF_S_MAX, "seconds"),
+        _range("max age", fn.max_age_s, 1, MAX_AGE_S_MAX, "seconds"),
+    ]
+    problems = [p for p in checks if p is not None]
+    problems.extend(_config_problems(fn.config))
+    return problems
+
+
+def validate_function(fn: Function) -> Function:
+    """Return ``fn`` (config frozen) or raise InvalidFunction naming every problem."""
+    problems = function_problems(fn)
+    if problems:
+        raise InvalidFunction(f"function {fn.app}/{fn.name}: " + "; ".join(problems))
+    return dataclasses.replace(fn, config=frozen_map(fn.config))
+
+
+def apply_changes(fn: Function, changes: Mapping[str, Any]) -> Function:
+    """``fn`` with ``changes`` applied and validated; unknown fields are refused."""
+    unknown = sorted(set(changes) - MUTABLE_FIELDS)
+    if unknown:
+        raise InvalidFunction(
+            f"cannot change {', '.join(unknown)} of a function "
+            f"(changeable: {', '.join(sorted(MUTABLE_FIELDS))})"
+        )
+    return validate_function(dataclasses.replace(fn, **changes))
+
+
+# ------------------------------------------------------------------ user times
+
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
+_UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
+
+
+def parse_duration(text: str) -> timedelta:
+    """``90s``, ``10m``, ``2h``, ``1d``, ``1w`` (a bare number means seconds)."""
+    match = _DURATION.fullmatch(text)
+    if not match:
+        raise ValueError(f"{text!r} is not a duration (use e.g. 30s, 10m, 2h or 1d)")
+    return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2) or "s"])
+
+
+def parse_since(text: str, now: datetime | None = None) -> datetime:
+    """A point in time: a duration back from now (``10m``) or an ISO 8601 time."""
+    try:
+        return (now or datetime.now(UTC)) - parse_duration(text)
+    except ValueError:
+        pass
+    try:
+        when = datetime.fromisoformat(text.strip())
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a duration (10m, 2h, 1d) nor an ISO time (2024-05-01T12:00:00Z)"
+        ) from None
+    return when if when.tzinfo else when.replace(tzinfo=UTC)
+
+
+def parse_config(pairs: Iterable[str]) -> dict[str, str]:
+    """``["K=V", ...]`` to a dict; ``K=`` sets an empty value."""
+    out: dict[str, str] = {}
+    for pair in pairs:
+        key, sep, value = pair.partition("=")
+        if not sep or not key:
+            raise InvalidFunction(f"config entry {pair!r} must look like KEY=VALUE")
+        out[key] = value
+    return out

@@ -1,0 +1,128 @@
+"""``fnq fn``, ``fnq calls`` and ``fnq logs`` against an embedded datastore in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner, Result
+
+from config.domain import Call, CallStatus, Outcome, Response, new_call_id
+from config.settings import load_settings
+from datastore.base import open_datastore
+from worker.cli import cli
+
+
+def fnq(*args: str) -> Result:
+    return CliRunner().invoke(cli, list(args), catch_exceptions=False)
+
+
+def record(calls: list[tuple[Call, Outcome | None]]) -> None:
+    async def run() -> None:
+        store = await open_datastore(load_settings())
+        try:
+            for c, outcome in calls:
+                await store.record_queued(c, "img:1")
+                if outcome is not None:
+                    await store.record_outcome(c, outcome, 1, "w")
+        finally:
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_fn_commands(settings_env: Path) -> None:
+    out = fnq("fn", "create", "shop", "resize", "--image", "shop/resize:1", "--memory", "256",
+              "--timeout", "60", "--config", "MODE=fast", "--config", "LEVEL=3")  # fmt: skip
+    assert out.exit_code == 0, out.output
+    assert "created shop/resize" in out.output
+
+    shown = json.loads(fnq("fn", "show", "shop", "resize", "--json").output)
+    assert (shown["image"], shown["memory_mb"], shown["timeout_s"]) == ("shop/resize:1", 256, 60)
+    assert shown["config"] == {"MODE": "fast", "LEVEL": "3"}
+
+    out = fnq("fn", "update", "shop", "resize", "--idle-timeout", "90", "--config", "MODE=slow",
+              "--unset", "LEVEL", "--json")  # fmt: skip
+    updated = json.loads(out.output)
+    assert updated["idle_timeout_s"] == 90 and updated["config"] == {"MODE": "slow"}
+    assert updated["memory_mb"] == 256
+
+    fnq("fn", "create", "blog", "render", "--image", "render:2")
+    table = fnq("fn", "list").output.splitlines()
+    assert table[0].split()[:3] == ["APP", "NAME", "IMAGE"]
+    assert [line.split()[:2] for line in table[1:]] == [["blog", "render"], ["shop", "resize"]]
+    assert [f["name"] for f in json.loads(fnq("fn", "list", "blog", "--json").output)] == ["render"]
+
+    assert fnq("fn", "delete", "blog", "render").output.strip() == "deleted blog/render"
+
+
+NEW = ["fn", "create", "a", "f", "--image", "i:1"]
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["fn", "create", "a", "f", "--image", "Not An Image"], "not a valid image reference"),
+        ([*NEW, "--memory", "9000"], "memory must be between 1 and 8192 MB"),
+        ([*NEW, "--timeout", "0"], "timeout must be between 1 and 3600"),
+        ([*NEW, "--idle-timeout", "4000"], "idle timeout must be between"),
+        ([*NEW, "--config", "oops"], "must look like KEY=VALUE"),
+        (["fn", "update", "a", "nope", "--memory", "64"], "no function a/nope"),
+        (["fn", "show", "a", "nope"], "no function a/nope"),
+        (["fn", "delete", "a", "nope"], "no function a/nope"),
+        (["calls", "show", "01ABCDEFGHJKMNPQRSTVWXYZ00"], "no call 01ABCDEFGHJKMNPQRSTVWXYZ00"),
+        (["calls", "list", "--since", "lately"], "--since: 'lately' is neither a duration"),
+        (["calls", "list", "--cursor", "%%%"], "invalid cursor"),
+        (["calls", "purge", "--older-than", "old"], "--older-than: 'old' is not a duration"),
+        (["logs", "01ABCDEFGHJKMNPQRSTVWXYZ00"], "no call 01ABCDEFGHJKMNPQRSTVWXYZ00"),
+    ],
+)  # fmt: skip
+def test_errors_are_one_line(settings_env: Path, args: list[str], message: str) -> None:
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 1
+    lines = out.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("fnq: ") and message in lines[0], out.stderr
+
+
+def test_calls_commands(settings_env: Path) -> None:
+    ok = Call(new_call_id(), "shop", "resize")
+    bad = Call(new_call_id(), "shop", "crop")
+    waiting = Call(new_call_id(), "shop", "resize")
+    record([
+        (ok, Outcome(CallStatus.SUCCESS, response=Response(200, {"X-A": "1"}, b"resized"),
+                     log=b"took 3 ms\n")),
+        (bad, Outcome(CallStatus.ERROR, error="The function exited with code 2.", log=b"\xff")),
+        (waiting, None),
+    ])  # fmt: skip
+
+    listed = json.loads(fnq("calls", "list", "--json").output)
+    assert [c["id"] for c in listed["items"]] == [waiting.id, bad.id, ok.id]
+    assert listed["next_cursor"] is None
+    page = json.loads(fnq("calls", "list", "--limit", "2", "--json").output)
+    rest = json.loads(fnq("calls", "list", "--cursor", page["next_cursor"], "--json").output)
+    assert [c["id"] for c in page["items"] + rest["items"]] == [waiting.id, bad.id, ok.id]
+    only = json.loads(fnq("calls", "list", "--status", "error", "--since", "1h", "--json").output)
+    assert [c["id"] for c in only["items"]] == [bad.id]
+    table = fnq("calls", "list", "--fn", "resize").output
+    assert ok.id in table and waiting.id in table and bad.id not in table
+
+    shown = json.loads(fnq("calls", "show", ok.id, "--json").output)
+    for key in ("id", "app", "fn", "status", "error", "attempts", "created_at", "started_at",
+                "completed_at"):  # fmt: skip
+        assert key in shown
+    assert shown["status"] == "success"
+    assert shown["response"]["body"] == "resized" and shown["response"]["headers"] == {"X-A": "1"}
+    human = fnq("calls", "show", bad.id).output
+    assert "The function exited with code 2." in human
+
+    assert fnq("logs", ok.id).output == "took 3 ms\n"
+    assert json.loads(fnq("logs", bad.id, "--json").output)["encoding"] == "base64"
+    no_log = CliRunner().invoke(cli, ["logs", waiting.id])
+    assert no_log.exit_code == 1 and "has no log yet" in no_log.stderr
+
+    assert "cancelled" in fnq("calls", "cancel", waiting.id).output
+    assert fnq("calls", "purge", "--older-than", "1h").output.startswith("purged 0 calls")
+    assert fnq("calls", "purge", "--older-than", "0s").output.startswith("purged 3 calls")
+    assert json.loads(fnq("calls", "list", "--json").output)["items"] == []

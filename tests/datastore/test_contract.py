@@ -1,0 +1,387 @@
+"""The Datastore contract, run against every backend with a real database."""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+from datetime import timedelta
+
+import pytest
+
+from config.domain import (
+    Call,
+    CallStatus,
+    FailureKind,
+    Function,
+    Outcome,
+    Response,
+    new_call_id,
+    utcnow,
+)
+from datastore.base import CallFilter
+from datastore.common import SqlDatastore
+from datastore.errors import FunctionExists, FunctionNotFound, InvalidCursor, InvalidFunction
+from tests.datastore.conftest import MakeStore
+
+pytestmark = pytest.mark.integration
+
+
+def call(app: str = "shop", fn: str = "resize") -> Call:
+    return Call(id=new_call_id(), app=app, fn=fn, body=b"{}")
+
+
+def success(body: bytes = b"ok", log: bytes = b"hello\n") -> Outcome:
+    now = utcnow()
+    return Outcome(
+        CallStatus.SUCCESS,
+        response=Response(200, {"Content-Type": "text/plain"}, body),
+        log=log,
+        container_id="c-1",
+        started_at=now,
+        completed_at=now,
+        stats={"cpu_ms": 3.5},
+    )
+
+
+def failed(error: str = "The function exited with code 1.") -> Outcome:
+    return Outcome(CallStatus.ERROR, error=error, failure=FailureKind.FUNCTION, log=b"boom\n")
+
+
+# ------------------------------------------------------------------ registry
+
+
+async def test_registry_crud(store: SqlDatastore) -> None:
+    fn = Function("shop", "resize", "shop/resize:1.2", memory_mb=256, config={"MODE": "fast"})
+    created = await store.create_fn(fn)
+    assert created.created_at is not None
+    assert created.updated_at == created.created_at
+    got = await store.get_fn("shop", "resize")
+    assert got == created
+    assert dict(got.config) == {"MODE": "fast"}
+
+    with pytest.raises(FunctionExists):
+        await store.create_fn(fn)
+
+    updated = await store.update_fn("shop", "resize", timeout_s=120, config={"MODE": "slow"})
+    assert (updated.timeout_s, dict(updated.config)) == (120, {"MODE": "slow"})
+    assert updated.created_at == created.created_at
+    assert updated.updated_at is not None and updated.updated_at >= created.created_at
+    assert await store.get_fn("shop", "resize") == updated
+
+    await store.create_fn(Function("shop", "crop", "crop:1"))
+    await store.create_fn(Function("blog", "render", "render:1"))
+    assert [f.ref for f in await store.list_fns()] == ["blog/render", "shop/crop", "shop/resize"]
+    assert [f.name for f in await store.list_fns("shop")] == ["crop", "resize"]
+
+    assert await store.delete_fn("shop", "crop") is True
+    assert await store.delete_fn("shop", "crop") is False
+    assert await store.get_fn("shop", "crop") is None
+
+
+async def test_registry_validation(store: SqlDatastore) -> None:
+    with pytest.raises(InvalidFunction, match="memory must be between 1 and 8192 MB"):
+        await store.create_fn(Function("a", "f", "img:1", memory_mb=9000))
+    with pytest.raises(InvalidFunction, match="not a valid image reference"):
+        await store.create_fn(Function("a", "f", "Bad Image!"))
+    with pytest.raises(FunctionNotFound, match="no function a/missing"):
+        await store.update_fn("a", "missing", memory_mb=64)
+    await store.create_fn(Function("a", "f", "img:1"))
+    with pytest.raises(InvalidFunction, match="timeout must be between 1 and 3600"):
+        await store.update_fn("a", "f", timeout_s=0)
+    with pytest.raises(InvalidFunction, match="cannot change colour, created_at"):
+        await store.update_fn("a", "f", colour="blue", created_at=utcnow())
+    assert (await store.get_fn("a", "f")) is not None
+    assert await store.list_fns("nobody") == []
+
+
+# ----------------------------------------------------------------- lifecycle
+
+
+async def test_lifecycle_from_queued_to_success(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_queued(c, image="shop/resize:1")
+    await store.record_queued(c, image="other:2")  # idempotent: the first insert stays
+    rec = await store.get_call(c.id)
+    assert rec is not None
+    assert (rec.status, rec.image, rec.attempts) == (CallStatus.QUEUED, "shop/resize:1", 0)
+    assert rec.created_at == c.created_at.replace(microsecond=rec.created_at.microsecond)
+
+    running = await store.record_running(c, attempt=1, worker_id="host:1")
+    assert (running.status, running.attempts, running.worker_id) == (
+        CallStatus.RUNNING,
+        1,
+        "host:1",
+    )
+    assert running.started_at is not None
+
+    assert await store.record_outcome(c, success(b"done", b"line 1\n"), 1, "host:1") is True
+    rec = await store.get_call(c.id)
+    assert rec is not None
+    assert rec.status is CallStatus.SUCCESS
+    assert rec.completed_at is not None and rec.error is None
+    assert (rec.response_status, rec.response_body) == (200, b"done")
+    assert dict(rec.response_headers) == {"Content-Type": "text/plain"}
+    assert dict(rec.stats) == {"cpu_ms": 3.5}
+    assert rec.container_id == "c-1" and rec.image == "shop/resize:1"
+    assert await store.get_log(c.id) == b"line 1\n"  # the response is not in the log
+
+    doc = rec.to_json()
+    assert doc["response"]["body"] == "done" and doc["status"] == "success"
+
+
+async def test_running_creates_record_first_seen_by_worker(store: SqlDatastore) -> None:
+    c = call()
+    rec = await store.record_running(c, attempt=1, worker_id="w")
+    assert rec.status is CallStatus.RUNNING and rec.app == "shop"
+    await store.record_queued(c)  # a late producer write does not move it back
+    got = await store.get_call(c.id)
+    assert got is not None and got.status is CallStatus.RUNNING
+
+
+async def test_running_with_attempt_zero_counts_attempts(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_queued(c)
+    first = await store.record_running(c, attempt=0, worker_id="w1")
+    assert first.attempts == 1
+    # A redelivery (the first worker died) is the next attempt.
+    second = await store.record_running(c, attempt=0, worker_id="w2")
+    assert (second.attempts, second.worker_id) == (2, "w2")
+    explicit = await store.record_running(c, attempt=7, worker_id="w3")
+    assert explicit.attempts == 7
+
+
+async def test_outcome_without_earlier_records(store: SqlDatastore) -> None:
+    c = call()
+    assert await store.record_outcome(c, failed(), 1, "w") is True
+    rec = await store.get_call(c.id)
+    assert rec is not None and rec.status is CallStatus.ERROR
+    assert rec.error == "The function exited with code 1."
+    assert rec.failure is FailureKind.FUNCTION
+
+
+async def test_final_state_is_idempotent_and_never_overwritten(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_running(c, 1, "w1")
+    first = success(b"first", b"first log")
+    assert await store.record_outcome(c, first, 1, "w1") is True
+    assert await store.record_outcome(c, first, 1, "w1") is False  # same outcome again
+    # a duplicate delivery that ran again elsewhere
+    assert await store.record_outcome(c, failed("The function crashed."), 2, "w2") is False
+    again = await store.record_running(c, 2, "w2")
+    assert again.status is CallStatus.SUCCESS and again.worker_id == "w1"
+    await store.record_retry(c, failed(), 2, utcnow())
+    rec = await store.get_call(c.id)
+    assert rec is not None
+    assert (rec.status, rec.response_body, rec.attempts) == (CallStatus.SUCCESS, b"first", 1)
+    assert await store.get_log(c.id) == b"first log"
+    page = await store.list_calls(CallFilter())
+    assert [r.id for r in page.items] == [c.id]
+
+
+async def test_concurrent_duplicate_outcomes_leave_one_winner(store: SqlDatastore) -> None:
+    c = call()
+    outcomes = [success(f"body {i}".encode()) for i in range(20)]
+    won = await asyncio.gather(
+        *(store.record_outcome(c, o, 1, f"w{i}") for i, o in enumerate(outcomes))
+    )
+    assert sum(won) == 1
+    rec = await store.get_call(c.id)
+    assert rec is not None
+    assert rec.response_body == f"body {won.index(True)}".encode()
+
+
+async def test_retry_goes_back_to_queued_and_keeps_error(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_queued(c)
+    await store.record_running(c, 1, "w")
+    next_try = utcnow() + timedelta(seconds=4)
+    await store.record_retry(c, failed("The function timed out after 30 s."), 1, next_try)
+    rec = await store.get_call(c.id)
+    assert rec is not None
+    assert (rec.status, rec.attempts) == (CallStatus.QUEUED, 1)
+    assert rec.error == "The function timed out after 30 s."
+    assert rec.next_try_at is not None and abs(rec.next_try_at - next_try) < timedelta(seconds=1)
+    assert rec.completed_at is None
+    rec2 = await store.record_running(c, 2, "w")
+    assert (rec2.status, rec2.attempts, rec2.next_try_at) == (CallStatus.RUNNING, 2, None)
+    assert await store.record_outcome(c, success(), 2, "w")
+    done = await store.get_call(c.id)
+    assert done is not None and done.status is CallStatus.SUCCESS and done.error is None
+
+
+async def test_default_error_sentences(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_outcome(c, Outcome(CallStatus.TIMEOUT), 1, "w")
+    rec = await store.get_call(c.id)
+    assert rec is not None and rec.error == "The call ran past its function's timeout."
+
+
+async def test_bounds_on_log_and_response(make_store: MakeStore) -> None:
+    store = await make_store(max_log_size_bytes=1000, max_response_size=10)
+    c = call()
+    outcome = dataclasses.replace(success(b"x" * 50, b"y" * 5000))
+    await store.record_outcome(c, outcome, 1, "w")
+    rec = await store.get_call(c.id)
+    assert rec is not None
+    assert rec.response_body == b"x" * 10 and rec.response_truncated
+    assert rec.log_truncated
+    log = await store.get_log(c.id)
+    assert log is not None
+    assert log.startswith(b"y" * 1000) and log.count(b"truncated") == 1
+    assert len(log) < 1000 + 128
+    # a log the agent already cut (limit plus its marker) is kept as it came
+    c2 = call()
+    agent_cut = b"z" * 1000 + b"\n-- log cut at 1000 bytes --\n"
+    await store.record_outcome(c2, success(log=agent_cut), 1, "w")
+    assert await store.get_log(c2.id) == agent_cut
+
+
+async def test_binary_response_is_base64_in_json(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_outcome(c, success(b"\xff\xfe\x00"), 1, "w")
+    rec = await store.get_call(c.id)
+    assert rec is not None
+    assert rec.to_json()["response"] == {
+        "status": 200,
+        "headers": {"Content-Type": "text/plain"},
+        "body": "//4A",
+        "body_encoding": "base64",
+        "truncated": False,
+    }
+
+
+# ---------------------------------------------------------------- cancelling
+
+
+async def test_cancel_queued_is_final(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_queued(c)
+    rec = await store.request_cancel(c.id)
+    assert rec is not None and rec.status is CallStatus.CANCELLED and rec.completed_at
+    assert rec.error and "cancelled" in rec.error
+    after = await store.record_running(c, 1, "w")  # the worker then acks without running
+    assert after.status is CallStatus.CANCELLED
+    assert await store.request_cancel(new_call_id()) is None
+
+
+async def test_cancel_running_sets_flag_and_stops_retries(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_running(c, 1, "w")
+    rec = await store.request_cancel(c.id)
+    assert rec is not None and rec.status is CallStatus.RUNNING and rec.cancel_requested
+    await store.record_retry(c, failed(), 1, utcnow())
+    rec = await store.get_call(c.id)
+    assert rec is not None and rec.status is CallStatus.CANCELLED and rec.completed_at
+
+
+# ------------------------------------------------------------ listing/counts
+
+
+async def test_list_filters_and_counts(store: SqlDatastore) -> None:
+    a = [call("shop", "resize") for _ in range(3)]
+    b = [call("shop", "crop") for _ in range(2)]
+    for c in a + b:
+        await store.record_queued(c)
+    await store.record_outcome(a[0], success(), 1, "w")
+    await store.record_outcome(b[0], failed(), 1, "w")
+
+    page = await store.list_calls(CallFilter(app="shop", fn="resize"))
+    assert [r.id for r in page.items] == [c.id for c in reversed(a)]
+    assert page.next_cursor is None
+    errors = await store.list_calls(CallFilter(status=CallStatus.ERROR))
+    assert [r.id for r in errors.items] == [b[0].id]
+    late = await store.list_calls(CallFilter(since=utcnow() + timedelta(minutes=1)))
+    assert late.items == []
+
+    counts = await store.count_by_status()
+    assert counts[CallStatus.QUEUED] == 3 and counts[CallStatus.SUCCESS] == 1
+    assert counts[CallStatus.ERROR] == 1 and counts[CallStatus.RUNNING] == 0
+    assert (await store.count_by_status("shop", "crop"))[CallStatus.QUEUED] == 1
+
+    with pytest.raises(InvalidCursor):
+        await store.list_calls(CallFilter(cursor="!!not-a-cursor"))
+
+
+async def test_cursor_paging_while_rows_are_added(store: SqlDatastore) -> None:
+    existing = [call() for _ in range(25)]
+    for c in existing:
+        await store.record_queued(c)
+    seen: list[str] = []
+    cursor = None
+    while True:
+        page = await store.list_calls(CallFilter(limit=7, cursor=cursor))
+        seen.extend(r.id for r in page.items)
+        for _ in range(3):  # newer calls arrive between pages
+            await store.record_queued(call())
+        cursor = page.next_cursor
+        if cursor is None:
+            break
+    assert seen == sorted((c.id for c in existing), reverse=True)
+
+
+# ------------------------------------------------------------------- purge
+
+
+async def test_purge_removes_only_old_final_calls_with_logs(store: SqlDatastore) -> None:
+    old_done, live = call(), call()
+    await store.record_outcome(old_done, success(log=b"old"), 1, "w")
+    await store.record_running(live, 1, "w")
+    assert await store.purge_calls(timedelta(hours=1)) == 0
+    assert await store.purge_calls(timedelta(0)) == 1
+    assert await store.get_call(old_done.id) is None
+    assert await store.get_log(old_done.id) is None
+    assert await store.get_call(live.id) is not None
+
+
+# ---------------------------------------------------------------- batching
+
+
+async def test_many_concurrent_outcomes_are_batched_and_durable(make_store: MakeStore) -> None:
+    store = await make_store()
+    calls = [call() for _ in range(400)]
+
+    async def complete(c: Call) -> bool:
+        await store.record_running(c, 1, "w")
+        return await store.record_outcome(c, success(log=c.id.encode()), 1, "w")
+
+    batches_before = store.writer.batches  # type: ignore[attr-defined]
+    assert all(await asyncio.gather(*(complete(c) for c in calls)))
+    batches = store.writer.batches - batches_before  # type: ignore[attr-defined]
+    assert batches < len(calls)  # many writes shared a transaction
+    await store.close()
+
+    reopened = await make_store()  # what was acknowledged is on disk
+    assert (await reopened.count_by_status())[CallStatus.SUCCESS] == len(calls)
+    assert await reopened.get_log(calls[-1].id) == calls[-1].id.encode()
+
+
+async def test_close_flushes_pending_writes(make_store: MakeStore) -> None:
+    store = await make_store()
+    calls = [call() for _ in range(50)]
+    pending = [asyncio.ensure_future(store.record_outcome(c, success(), 1, "w")) for c in calls]
+    await asyncio.sleep(0)  # let them enqueue
+    await store.close()
+    assert all(await asyncio.gather(*pending))
+    reopened = await make_store()
+    assert (await reopened.count_by_status())[CallStatus.SUCCESS] == 50
+
+
+# -------------------------------------------------------------- file logs
+
+
+async def test_file_log_store(
+    make_store: MakeStore, tmp_path_factory: pytest.TempPathFactory
+) -> None:
+    log_dir = tmp_path_factory.mktemp("logs")
+    store = await make_store(log_url=f"file://{log_dir}")
+    c = call()
+    await store.record_running(c, 1, "w")
+    assert await store.record_outcome(c, success(log=b"to a file\n"), 1, "w")
+    assert await store.get_log(c.id) == b"to a file\n"
+    assert list(log_dir.rglob(f"{c.id}.log"))
+    # a duplicate delivery leaves the stored log alone
+    assert not await store.record_outcome(c, success(log=b"second run\n"), 2, "w")
+    assert await store.get_log(c.id) == b"to a file\n"
+    assert await store.purge_calls(timedelta(0)) == 1
+    assert await store.get_log(c.id) is None
+    assert not list(log_dir.rglob("*.log"))

@@ -1,0 +1,98 @@
+"""Validation and the small pure helpers of the datastore."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime, timedelta
+
+import pytest
+
+from config.domain import Function
+from datastore.base import bound_body, bound_log, decode_cursor, encode_cursor, truncation_marker
+from datastore.errors import InvalidCursor, InvalidFunction
+from datastore.validate import (
+    function_problems,
+    image_problem,
+    parse_config,
+    parse_duration,
+    parse_since,
+    validate_function,
+)
+
+
+@pytest.mark.parametrize(
+    "image",
+    ["hello", "hello:1.0", "team/hello:latest", "registry.example.com:5000/team/hello:v2",
+     "localhost/a_b/c-d:x", "hello@sha256:" + "a" * 64],
+)  # fmt: skip
+def test_good_images(image: str) -> None:
+    assert image_problem(image) is None
+
+
+@pytest.mark.parametrize("image", ["", "Hello", "hello:", "a b", "hello:tag:two", "-x", "x/"])
+def test_bad_images(image: str) -> None:
+    problem = image_problem(image)
+    assert problem is not None and "not a valid image reference" in problem
+
+
+def test_every_problem_is_named_at_once() -> None:
+    fn = Function("my app", "f", "img", memory_mb=0, timeout_s=4000, idle_timeout_s=0,
+                  config={"1BAD": "x"})  # fmt: skip
+    problems = function_problems(fn)
+    assert len(problems) == 5
+    with pytest.raises(InvalidFunction) as info:
+        validate_function(fn)
+    text = str(info.value)
+    for part in ("app name 'my app'", "memory must be between 1 and 8192 MB, not 0",
+                 "timeout must be between 1 and 3600 seconds, not 4000",
+                 "idle timeout must be between 1 and 3600", "config key '1BAD'"):  # fmt: skip
+        assert part in text
+
+
+def test_limits_are_inclusive() -> None:
+    fn = Function("a", "f", "img", memory_mb=8192, timeout_s=3600, idle_timeout_s=3600)
+    assert function_problems(fn) == []
+    assert function_problems(Function("a", "f", "img", memory_mb=1, timeout_s=1)) == []
+
+
+def test_durations_and_times() -> None:
+    assert parse_duration("10m") == timedelta(minutes=10)
+    assert parse_duration("2h") == timedelta(hours=2)
+    assert parse_duration("1d") == timedelta(days=1)
+    assert parse_duration("45") == timedelta(seconds=45)
+    with pytest.raises(ValueError, match="not a duration"):
+        parse_duration("soon")
+    now = datetime(2024, 5, 1, 12, 0, tzinfo=UTC)
+    assert parse_since("30m", now) == datetime(2024, 5, 1, 11, 30, tzinfo=UTC)
+    assert parse_since("2024-05-01T10:00:00Z") == datetime(2024, 5, 1, 10, 0, tzinfo=UTC)
+    assert parse_since("2024-05-01T10:00:00").tzinfo is UTC
+    with pytest.raises(ValueError, match="neither a duration"):
+        parse_since("yesterday")
+
+
+def test_config_pairs() -> None:
+    assert parse_config(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+    with pytest.raises(InvalidFunction, match="KEY=VALUE"):
+        parse_config(["nope"])
+
+
+def test_log_bound_keeps_one_marker() -> None:
+    assert bound_log(b"short", 100) == b"short"
+    cut = bound_log(b"x" * 1000, 100)
+    assert cut == b"x" * 100 + truncation_marker(100)
+    assert bound_log(cut, 100) == cut  # already within limit plus a marker
+    assert bound_log(b"abc", 0) == b"abc"  # a few bytes fit in the marker allowance
+    assert bound_log(b"x" * 500, 0) == truncation_marker(0)
+
+
+def test_body_bound() -> None:
+    assert bound_body(b"abcdef", 4) == (b"abcd", True)
+    assert bound_body(b"abcdef", 0) == (b"abcdef", False)  # 0 = no limit
+
+
+def test_cursor_round_trip() -> None:
+    assert (
+        decode_cursor(encode_cursor("01HX0000000000000000000000")) == "01HX0000000000000000000000"
+    )
+    for bad in ("***", "", "Zm9vLWJhcg"):  # the last is "foo-bar": not an id
+        with pytest.raises(InvalidCursor):
+            decode_cursor(bad)
