@@ -1,0 +1,151 @@
+"""A call's way through the agent on the fake driver: slots, launches, reuse."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+from config.domain import CallStatus
+from tests.agent.conftest import AgentFactory, make_call, make_fn
+from worker.agent.driver import FN_LISTENER
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
+
+
+async def test_success_returns_response_log_and_times(agents: AgentFactory) -> None:
+    driver = FakeDriver(
+        FakeBehaviour(handler=reply(200, b"hi", {"X-A": "1"}, (b"out\n", b"err\n")))
+    )
+    agent = agents(driver)
+    fn = make_fn(config={"GREETING": "hello", "FN_TYPE": "user-cannot-override"})
+    call = make_call(fn, body=b"payload", headers={"X-Req": "v"})
+    started: list[bool] = []
+    outcome = await agent.submit(call, fn, on_start=lambda: started.append(True))
+    assert outcome.status is CallStatus.SUCCESS
+    assert outcome.error is None and outcome.failure is None
+    assert outcome.response is not None
+    assert (outcome.response.status, outcome.response.body) == (200, b"hi")
+    assert outcome.response.headers["X-A"] == "1"
+    assert outcome.log == b"out\nerr\n" and not outcome.log_truncated
+    [container] = driver.containers
+    assert outcome.container_id == container.id
+    assert outcome.started_at is not None and outcome.completed_at is not None
+    assert outcome.started_at <= outcome.completed_at
+    assert started == [True]
+    [request] = container.requests
+    assert (request.call_id, request.body, dict(request.headers)) == (
+        call.id,
+        b"payload",
+        {"X-Req": "v"},
+    )
+    assert request.timeout_s == fn.timeout_s
+    assert request.deadline - outcome.started_at == timedelta(seconds=fn.timeout_s)
+    env = container.spec.env
+    assert env["FN_FORMAT"] == "http-stream" and env["FN_LISTENER"] == FN_LISTENER
+    assert (env["FN_APP_ID"], env["FN_FN_ID"], env["FN_MEMORY"]) == ("app", "hello", "128")
+    assert env["FN_TYPE"] == "async" and env["GREETING"] == "hello"
+    assert (container.spec.memory_mb, container.spec.image) == (128, fn.image)
+
+
+async def test_hundred_sequential_calls_use_one_container(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    for _ in range(100):
+        outcome = await agent.submit(make_call(fn), fn)
+        assert outcome.status is CallStatus.SUCCESS
+    assert (driver.creates, driver.starts, driver.dispatches, driver.removes) == (1, 1, 100, 0)
+    assert len({o for c in driver.containers for o in [c.id]}) == 1
+
+
+async def test_parallel_calls_start_between_two_and_n_containers(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver)
+    fn = make_fn()
+    n = 8
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(n)]
+    await driver.wait_until(lambda: driver.dispatches >= 2)
+    gate.set()
+    outcomes = await asyncio.gather(*calls)
+    assert all(o.status is CallStatus.SUCCESS for o in outcomes)
+    assert 2 <= driver.creates <= n
+    assert len({o.container_id for o in outcomes}) == driver.creates
+
+
+async def test_parallel_calls_all_blocked_get_one_container_each(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver)
+    fn = make_fn()
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(4)]
+    await driver.wait_until(lambda: driver.dispatches == 4)
+    stats = agent.statistics().queue(fn.ref)
+    assert stats is not None
+    assert (stats.calls_running, stats.calls_waiting, stats.containers["busy"]) == (4, 0, 4)
+    gate.set()
+    await asyncio.gather(*calls)
+    assert driver.creates == 4
+
+
+async def test_idle_containers_are_reused_last_idle_first(agents: AgentFactory) -> None:
+    gate_a, gate_b = asyncio.Event(), asyncio.Event()
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    driver.default.handler = gated(gate_a)
+    first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    driver.default.handler = gated(gate_b)
+    second = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 2)
+    gate_b.set()
+    out_b = await second  # container B idles first
+    gate_a.set()
+    out_a = await first  # then A: A is the most recently idle
+    driver.default.handler = reply()
+    third = await agent.submit(make_call(fn), fn)
+    assert third.container_id == out_a.container_id != out_b.container_id
+    gate_a.clear()
+    gate_b.set()
+
+
+async def test_statistics_snapshot_counts_states_and_resources(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver)
+    fn = make_fn(memory_mb=100, cpus_mcpu=250, tmpfs_mb=28)
+    task = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    stats = agent.statistics()
+    assert stats.resources.memory_used_bytes == 128 * 1024 * 1024
+    assert stats.resources.cpu_used_mcpus == 250
+    assert (stats.containers, stats.calls_running, stats.calls_waiting) == (1, 1, 0)
+    gate.set()
+    await task
+    await driver.wait_until(lambda: agent.statistics().queues[0].containers["idle"] == 1)
+    after = agent.statistics()
+    assert after.queues[0].containers_started == 1 and after.calls_running == 0
+    assert after.resources.memory_used_bytes == 128 * 1024 * 1024  # idle containers hold tokens
+    assert not after.closing
+
+
+async def test_different_configurations_get_their_own_containers(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    plain, configured = make_fn(), make_fn(config={"MODE": "x"})
+    await agent.submit(make_call(plain), plain)
+    await agent.submit(make_call(configured), configured)
+    await agent.submit(make_call(plain), plain)
+    assert driver.creates == 2
+    assert len(agent.statistics().queues) == 2
+
+
+async def test_wait_async_resource_counts_idle_containers(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, memory_mb=1000)
+    assert await agent.wait_async_resource(0.01)
+    fn = make_fn(memory_mb=850, idle_timeout_s=1)
+    assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    assert not await agent.wait_async_resource(0.05)  # the idle container still holds 85 %
+    assert await agent.wait_async_resource(5)  # until its idle timeout
+    assert driver.removes == 1

@@ -1,0 +1,301 @@
+"""Idle containers over time: freezing, idle timeout, eviction, cancel and close."""
+
+from __future__ import annotations
+
+import asyncio
+
+from config.domain import CallStatus, FailureKind
+from tests.agent.conftest import AgentFactory, make_call, make_fn
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
+from worker.agent.errors import FreezeFailed
+
+# ------------------------------------------------------------- idle, freeze
+
+
+async def test_idle_timeout_removes_the_container_and_frees_tokens(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn(idle_timeout_s=1)
+    loop = asyncio.get_running_loop()
+    await agent.submit(make_call(fn), fn)
+    idle_since = loop.time()
+    assert agent.statistics().resources.tokens == 1
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert loop.time() - idle_since >= 0.95
+    stats = agent.statistics()
+    assert (stats.resources.tokens, stats.resources.memory_used_bytes, stats.containers) == (
+        0,
+        0,
+        0,
+    )
+
+
+async def test_idle_timeout_zero_leaves_right_after_the_call(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn(idle_timeout_s=0)
+    await agent.submit(make_call(fn), fn)
+    await driver.wait_until(lambda: driver.removes == 1, timeout_s=1)
+    assert agent.statistics().resources.tokens == 0
+
+
+async def test_freeze_at_once_and_unfreeze_before_dispatch(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, freeze_idle_msecs=0)
+    fn = make_fn()
+    await agent.submit(make_call(fn), fn)
+    await driver.wait_until(lambda: driver.pauses == 1)
+    stats = agent.statistics().queue(fn.ref)
+    assert stats is not None and stats.containers["paused"] == 1
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.SUCCESS
+    assert driver.unpauses == 1 and driver.creates == 1
+    await driver.wait_until(lambda: driver.pauses == 2)
+
+
+async def test_freeze_after_the_configured_idle_time(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, freeze_idle_msecs=150)
+    fn = make_fn()
+    loop = asyncio.get_running_loop()
+    await agent.submit(make_call(fn), fn)
+    idle_since = loop.time()
+    await driver.wait_until(lambda: driver.pauses == 1)
+    assert loop.time() - idle_since >= 0.14
+
+
+async def test_quick_calls_never_freeze(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, freeze_idle_msecs=5000)
+    fn = make_fn()
+    for _ in range(20):
+        await agent.submit(make_call(fn), fn)
+    assert (driver.pauses, driver.unpauses) == (0, 0)
+
+
+async def test_freezing_disabled(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, freeze_idle_msecs=-1)
+    fn = make_fn(idle_timeout_s=0)
+    await agent.submit(make_call(fn), fn)
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert driver.pauses == 0
+
+
+async def test_failed_pause_retires_the_container(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(pause_error=FreezeFailed("pause refused")))
+    agent = agents(driver, freeze_idle_msecs=0)
+    fn = make_fn()
+    await agent.submit(make_call(fn), fn)
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert agent.statistics().resources.tokens == 0
+
+
+async def test_failed_unpause_sends_the_call_to_a_fresh_container(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(unpause_error=FreezeFailed("unpause refused")))
+    agent = agents(driver, freeze_idle_msecs=0)
+    fn = make_fn()
+    first = await agent.submit(make_call(fn), fn)
+    await driver.wait_until(lambda: driver.pauses == 1)
+    second = await agent.submit(make_call(fn), fn)
+    assert second.status is CallStatus.SUCCESS
+    assert second.container_id != first.container_id
+    assert driver.creates == 2
+    await driver.wait_until(lambda: driver.removes >= 1)
+
+
+# ----------------------------------------------------------------- eviction
+
+
+async def test_eviction_takes_idle_containers_of_other_functions_oldest_first(
+    agents: AgentFactory,
+) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, memory_mb=384)
+    a, b, c, d = (make_fn(name, memory_mb=128) for name in "abcd")
+    outcomes = {}
+    for fn in (a, b, c):
+        outcomes[fn.name] = await agent.submit(make_call(fn), fn)
+    assert agent.statistics().resources.memory_used_bytes == 384 * 1024 * 1024
+    out_d = await agent.submit(make_call(d), d)
+    assert out_d.status is CallStatus.SUCCESS
+    removed = {x.id for x in driver.containers if x.state == "removed"}
+    assert removed == {outcomes["a"].container_id}
+    assert agent.statistics().evictions == 1
+
+
+async def test_eviction_is_all_or_nothing(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(), per_image={"img/busy": FakeBehaviour(handler=gated(gate))})
+    agent = agents(driver, memory_mb=256, hot_poll_msecs=10)
+    idle, busy, big = make_fn("idle"), make_fn("busy"), make_fn("big", memory_mb=256, timeout_s=1)
+    await agent.submit(make_call(idle), idle)
+    running = asyncio.create_task(agent.submit(make_call(busy), busy))
+    await driver.wait_until(lambda: driver.dispatches == 2)
+    outcome = await agent.submit(make_call(big), big)  # only half could be evicted
+    assert outcome.failure is FailureKind.BUSY
+    assert driver.removes == 0 and agent.statistics().evictions == 0
+    gate.set()
+    await running
+
+
+async def test_blocking_launch_waits_for_resources_then_runs(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver, memory_mb=128)
+    first_fn = make_fn("first", idle_timeout_s=0)
+    second_fn = make_fn("second")
+    first = asyncio.create_task(agent.submit(make_call(first_fn), first_fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    second = asyncio.create_task(agent.submit(make_call(second_fn), second_fn))
+    await driver.wait_until(lambda: agent.statistics().calls_waiting == 1)
+    assert driver.creates == 1
+    gate.set()
+    assert (await first).status is CallStatus.SUCCESS
+    assert (await second).status is CallStatus.SUCCESS
+    assert driver.creates == 2
+
+
+async def test_nb_mode_answers_busy_at_once(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver, memory_mb=128, enable_nb_resource_tracker=True)
+    holder, other = make_fn("holder"), make_fn("other", timeout_s=30)
+    running = asyncio.create_task(agent.submit(make_call(holder), holder))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    outcome = await agent.submit(make_call(other), other)
+    assert outcome.failure is FailureKind.BUSY
+    assert outcome.error is not None and "no memory or CPU" in outcome.error
+    assert loop.time() - began < 1.0
+    gate.set()
+    await running
+
+
+async def test_nb_mode_evicts_when_it_can(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, memory_mb=128, enable_nb_resource_tracker=True)
+    a, b = make_fn("a"), make_fn("b")
+    await agent.submit(make_call(a), a)
+    assert (await agent.submit(make_call(b), b)).status is CallStatus.SUCCESS
+    assert agent.statistics().evictions == 1 and driver.removes == 1
+
+
+# ------------------------------------------------------------ cancel, close
+
+
+async def test_cancel_a_running_call(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=hang(output=(b"partial\n",))))
+    agent = agents(driver)
+    fn = make_fn()
+    call = make_call(fn)
+    task = asyncio.create_task(agent.submit(call, fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    assert await agent.cancel(call.id)
+    outcome = await asyncio.wait_for(task, 2)
+    assert outcome.status is CallStatus.CANCELLED and outcome.failure is FailureKind.CANCELLED
+    assert outcome.log == b"partial\n" and outcome.started
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert not await agent.cancel(call.id)
+
+
+async def test_cancel_a_waiting_call(agents: AgentFactory) -> None:
+    never = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(start_gate=never))
+    agent = agents(driver)
+    fn = make_fn()
+    call = make_call(fn)
+    task = asyncio.create_task(agent.submit(call, fn))
+    await driver.wait_until(lambda: driver.starts == 1)
+    assert await agent.cancel(call.id)
+    outcome = await asyncio.wait_for(task, 2)
+    assert outcome.status is CallStatus.CANCELLED and not outcome.started
+
+
+async def test_cancel_of_an_unknown_call(agents: AgentFactory) -> None:
+    assert not await agents().cancel("nope")
+
+
+async def test_submit_task_cancellation_retires_the_container(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=hang()))
+    agent = agents(driver)
+    fn = make_fn()
+    task = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    task.cancel()
+    await asyncio.gather(task, return_exceptions=True)
+    assert task.cancelled()
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert agent.statistics().calls_running == 0
+
+
+async def test_graceful_close_lets_running_calls_finish(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn, other = make_fn(), make_fn("other")
+    idle = await agent.submit(make_call(other), other)  # an idle container of another function
+    assert idle.status is CallStatus.SUCCESS
+    driver.default.handler = gated(gate)
+    running = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 2)
+    closing = asyncio.create_task(agent.close(grace_s=5))
+    await driver.wait_until(lambda: agent.statistics().closing)
+    refused = await agent.submit(make_call(fn), fn)
+    assert refused.failure is FailureKind.BUSY
+    assert not closing.done()
+    gate.set()
+    assert (await running).status is CallStatus.SUCCESS
+    await asyncio.wait_for(closing, 5)
+    assert driver.closed and not driver.live
+    assert agent.statistics().resources.tokens == 0
+    assert agent.tasks_alive == 0
+
+
+async def test_close_stops_calls_after_the_grace(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=hang()))
+    agent = agents(driver)
+    fn = make_fn()
+    running = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    await asyncio.wait_for(agent.close(grace_s=0.05), 5)
+    outcome = await running
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.BUSY
+    assert outcome.started
+    assert not driver.live and agent.tasks_alive == 0
+
+
+async def test_close_sends_waiting_calls_back(agents: AgentFactory) -> None:
+    never = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(start_gate=never))
+    agent = agents(driver)
+    fn = make_fn()
+    waiting = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.starts == 1)
+    await asyncio.wait_for(agent.close(grace_s=5), 2)
+    outcome = await waiting
+    assert outcome.failure is FailureKind.BUSY and not outcome.started
+    assert driver.removes == 1
+
+
+async def test_no_task_is_left_after_close(agents: AgentFactory) -> None:
+    before = asyncio.all_tasks()
+    driver = FakeDriver(FakeBehaviour(handler=reply()))
+    async with agents(driver, freeze_idle_msecs=0) as agent:
+        assert driver.started
+        fns = [make_fn(f"f{i}") for i in range(3)]
+        await asyncio.gather(*(agent.submit(make_call(fn), fn) for fn in fns for _ in range(3)))
+        assert agent.tasks_alive >= 4
+    assert asyncio.all_tasks() == before
+    assert agent.tasks_alive == 0 and driver.closed and not driver.live
+
+
+async def test_launcher_retires_its_idle_queue(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, hot_launcher_timeout_msecs=50)
+    fn = make_fn(idle_timeout_s=0)
+    await agent.submit(make_call(fn), fn)
+    await driver.wait_until(lambda: not agent.statistics().queues and agent.tasks_alive == 0)
+    assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    assert driver.creates == 2

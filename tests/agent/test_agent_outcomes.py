@@ -1,0 +1,238 @@
+"""Every way a call can end, as an Outcome, and what happens to its container."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from config.domain import CallStatus, FailureKind
+from config.errors import AgentError
+from tests.agent.conftest import AgentFactory, make_call, make_fn
+from worker.agent.driver import ExitInfo
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, die, fail, hang, reply
+from worker.agent.errors import (
+    AgentClosed,
+    ContainerInitFailed,
+    ContainerInitTimeout,
+    DispatchError,
+    ImageHasVolume,
+    ImageNotFound,
+    ImagePullTimeout,
+    InvalidResponse,
+    ResponseTooBig,
+)
+from worker.agent.logbuf import truncation_marker
+
+
+async def test_502_is_function_failed_and_keeps_the_container(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=reply(502, b"boom")))
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.ERROR
+    assert outcome.error == "function failed" and outcome.failure is FailureKind.FUNCTION
+    assert outcome.response is not None and outcome.response.body == b"boom"
+    again = await agent.submit(make_call(fn), fn)
+    assert again.container_id == outcome.container_id
+    assert (driver.creates, driver.removes) == (1, 0)
+
+
+async def test_504_is_timeout_and_keeps_the_container(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=reply(504)))
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.TIMEOUT and outcome.failure is FailureKind.FUNCTION
+    await agent.submit(make_call(fn), fn)
+    assert (driver.creates, driver.removes) == (1, 0)
+
+
+@pytest.mark.parametrize(
+    ("handler", "message"),
+    [
+        (reply(500), "invalid function response: status 500"),
+        (reply(201), "invalid function response: status 201"),
+        (fail(InvalidResponse("the function sent a malformed response")), "malformed"),
+        (fail(ResponseTooBig("the response is larger than 1 MiB")), "larger than"),
+        (fail(DispatchError("connection reset")), "error receiving the function's response"),
+    ],
+)
+async def test_bad_answers_are_errors_and_retire_the_container(
+    agents: AgentFactory, handler: object, message: str
+) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=handler))  # type: ignore[arg-type]
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.FUNCTION
+    assert outcome.error is not None and message in outcome.error
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert agent.statistics().resources.memory_used_bytes == 0
+    driver.default.handler = reply()
+    assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    assert driver.creates == 2
+
+
+async def test_call_past_its_timeout_is_timeout_and_kills_the_container(
+    agents: AgentFactory,
+) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=hang(output=(b"working\n",))))
+    agent = agents(driver)
+    fn = make_fn(timeout_s=1)
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.TIMEOUT and outcome.failure is FailureKind.FUNCTION
+    assert outcome.error == "the function ran longer than 1 s"
+    assert outcome.log == b"working\n"
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
+async def test_driver_timeout_is_a_timeout_too(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=fail(TimeoutError())))  # type: ignore[arg-type]
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.TIMEOUT
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
+@pytest.mark.parametrize(
+    ("exit_code", "oom", "message"),
+    [
+        (3, False, "container exited with code 3"),
+        (137, True, "container was killed: out of memory (limit 128 MB)"),
+    ],
+)
+async def test_container_dying_mid_call_is_an_error_and_replaced(
+    agents: AgentFactory, exit_code: int, oom: bool, message: str
+) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=die(exit_code, oom, output=(b"last words\n",))))
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.FUNCTION
+    assert outcome.error == message
+    assert outcome.log == b"last words\n"
+    driver.default.handler = reply()
+    assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    assert driver.creates == 2
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
+@pytest.mark.parametrize(
+    ("behaviour", "failure"),
+    [
+        (FakeBehaviour(create_error=ImageNotFound("image img/hello not found")), "terminal"),
+        (FakeBehaviour(create_error=ImageHasVolume("image declares a VOLUME")), "terminal"),
+        (FakeBehaviour(create_error=ImagePullTimeout("pull took too long")), "busy"),
+        (FakeBehaviour(start_error=ContainerInitFailed("no socket: exited")), "function"),
+        (FakeBehaviour(start_error=ContainerInitTimeout("no socket in 5 s")), "function"),
+    ],
+)
+async def test_launch_failures_reach_the_call_once(
+    agents: AgentFactory, behaviour: FakeBehaviour, failure: str
+) -> None:
+    driver = FakeDriver(behaviour)
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.ERROR
+    assert outcome.failure is FailureKind(failure)
+    error = behaviour.create_error or behaviour.start_error
+    assert outcome.error == str(error)
+    assert not outcome.started and outcome.container_id is None
+    assert driver.creates == 1  # no silent retry loop
+    await driver.wait_until(lambda: agent.statistics().resources.tokens == 0)
+
+
+async def test_unexpected_driver_fault_reaches_the_call(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(start_error=RuntimeError("socket vanished")))  # type: ignore[arg-type]
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.failure is FailureKind.FUNCTION
+    assert outcome.error == "the container could not start: socket vanished"
+
+
+async def test_too_big_is_rejected_at_once(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, memory_mb=512)
+    fn = make_fn(memory_mb=500, tmpfs_mb=100)
+    outcome = await asyncio.wait_for(agent.submit(make_call(fn), fn), 0.5)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.TERMINAL
+    assert outcome.error is not None and "600 MB" in outcome.error
+    assert driver.creates == 0
+
+
+async def test_waiting_past_the_timeout_is_busy(agents: AgentFactory) -> None:
+    never = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(start_gate=never))
+    agent = agents(driver)
+    fn = make_fn(timeout_s=1)
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.BUSY
+    assert outcome.error is not None and "server too busy" in outcome.error
+
+
+async def test_closed_agent_answers_busy(agents: AgentFactory) -> None:
+    agent = agents()
+    await agent.close(grace_s=0)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.failure is FailureKind.BUSY
+    assert outcome.error == str(AgentClosed())
+
+
+async def test_log_is_truncated_with_exactly_one_marker(agents: AgentFactory) -> None:
+    chunks = (b"0123456789", b"abcdefghij", b"klmnop", b"qrstuv")
+    driver = FakeDriver(FakeBehaviour(handler=reply(output=chunks)))
+    agent = agents(driver, max_log_size_bytes=15)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    marker = truncation_marker(15)
+    assert outcome.log == b"0123456789abcde" + marker
+    assert outcome.log.count(marker) == 1
+    assert outcome.log_truncated
+
+
+async def test_output_between_calls_stays_out_of_call_logs(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=reply(output=(b"during\n",))))
+    agent = agents(driver)
+    fn = make_fn()
+    await agent.submit(make_call(fn), fn)
+    [container] = driver.containers
+    container.emit(b"between\n")
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.log == b"during\n"
+    assert container.debug_output == [b"between\n"]
+
+
+async def test_a_container_exiting_while_idle_leaves_quietly(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    first = await agent.submit(make_call(fn), fn)
+    driver.containers[0].exit(ExitInfo(exit_code=1))
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert agent.statistics().resources.tokens == 0
+    second = await agent.submit(make_call(fn), fn)
+    assert second.status is CallStatus.SUCCESS and second.container_id != first.container_id
+
+
+def test_every_not_started_error_has_a_failure_kind() -> None:
+    for cls in (AgentClosed, ImageNotFound, ImagePullTimeout, ContainerInitFailed):
+        assert isinstance(cls.failure, FailureKind)
+        assert issubclass(cls, AgentError)
+
+
+async def test_parallel_calls_to_a_broken_function_all_fail_fast(agents: AgentFactory) -> None:
+    driver = FakeDriver(FakeBehaviour(start_error=ContainerInitFailed("the FDK exited")))
+    agent = agents(driver)
+    fn = make_fn(timeout_s=30)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    outcomes = await asyncio.gather(*(agent.submit(make_call(fn), fn) for _ in range(3)))
+    assert all(o.failure is FailureKind.FUNCTION for o in outcomes)
+    assert all(o.error == "the FDK exited" for o in outcomes)
+    assert 1 <= driver.creates <= 3
+    assert loop.time() - began < 2.0

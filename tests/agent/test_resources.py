@@ -1,0 +1,230 @@
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+
+from config.errors import ConfigError
+from config.settings import Settings
+from tests.agent.conftest import make_settings, tracker
+from worker.agent.errors import ResourceTooBig
+from worker.agent.resources import (
+    HEAD_ROOM_MAX_BYTES,
+    HEAD_ROOM_MIN_BYTES,
+    MIB,
+    HostPaths,
+    ResourceTracker,
+    Shortfall,
+    measure_totals,
+)
+
+GIB = 1024 * MIB
+
+
+def host(root: Path, files: dict[str, str]) -> HostPaths:
+    paths = HostPaths.under(root)
+    for name, text in files.items():
+        path: Path = getattr(paths, name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(text)
+    return paths
+
+
+def meminfo(kb: int) -> str:
+    return f"MemTotal:       99999999 kB\nMemFree: 1 kB\nMemAvailable:   {kb} kB\n"
+
+
+CPUINFO_8 = "".join(f"processor\t: {i}\nmodel name\t: x\n\n" for i in range(8))
+
+
+@pytest.fixture
+def settings(settings_env: Path) -> Settings:
+    return make_settings(settings_env / "data")
+
+
+def test_plain_host_uses_mem_available_minus_head_room(tmp_path: Path, settings: Settings) -> None:
+    paths = host(tmp_path, {"meminfo": meminfo(8 * 1024 * 1024), "cpuinfo": CPUINFO_8})
+    totals = measure_totals(settings, paths)
+    assert totals.memory_bytes == 8 * GIB - (8 * GIB) // 10
+    assert totals.cpu_mcpus == 8000
+
+
+def test_cgroup_v1_limits_clamp(tmp_path: Path, settings: Settings) -> None:
+    paths = host(
+        tmp_path,
+        {
+            "meminfo": meminfo(8 * 1024 * 1024),
+            "cpuinfo": CPUINFO_8,
+            "cgroup_v1_memory_limit": str(4 * GIB),
+            "cgroup_v1_cfs_quota": "250000\n",
+            "cgroup_v1_cfs_period": "100000\n",
+        },
+    )
+    totals = measure_totals(settings, paths)
+    assert totals.memory_bytes == 4 * GIB - (4 * GIB) // 10
+    assert totals.cpu_mcpus == 2500
+
+
+def test_cgroup_v1_unlimited_and_no_quota_are_ignored(tmp_path: Path, settings: Settings) -> None:
+    paths = host(
+        tmp_path,
+        {
+            "meminfo": meminfo(8 * 1024 * 1024),
+            "cpuinfo": CPUINFO_8,
+            "cgroup_v1_memory_limit": "9223372036854771712",
+            "cgroup_v1_cfs_quota": "-1",
+            "cgroup_v1_cfs_period": "100000",
+        },
+    )
+    totals = measure_totals(settings, paths)
+    assert totals.memory_bytes == 8 * GIB - (8 * GIB) // 10
+    assert totals.cpu_mcpus == 8000
+
+
+def test_cgroup_v2_limits_clamp(tmp_path: Path, settings: Settings) -> None:
+    paths = host(
+        tmp_path,
+        {
+            "meminfo": meminfo(8 * 1024 * 1024),
+            "cpuinfo": CPUINFO_8,
+            "cgroup_v2_memory_max": f"{3 * GIB}\n",
+            "cgroup_v2_cpu_max": "150000 100000\n",
+        },
+    )
+    totals = measure_totals(settings, paths)
+    assert totals.memory_bytes == 3 * GIB - (3 * GIB) // 10
+    assert totals.cpu_mcpus == 1500
+
+
+def test_cgroup_v2_max_means_no_limit(tmp_path: Path, settings: Settings) -> None:
+    paths = host(
+        tmp_path,
+        {
+            "meminfo": meminfo(2 * 1024 * 1024),
+            "cpuinfo": CPUINFO_8,
+            "cgroup_v2_memory_max": "max\n",
+            "cgroup_v2_cpu_max": "max 100000\n",
+        },
+    )
+    totals = measure_totals(settings, paths)
+    assert totals.memory_bytes == 2 * GIB - HEAD_ROOM_MIN_BYTES  # 10 % < 256 MiB floor
+    assert totals.cpu_mcpus == 8000
+
+
+def test_head_room_is_capped_at_5_gib(tmp_path: Path, settings: Settings) -> None:
+    paths = host(tmp_path, {"meminfo": meminfo(100 * 1024 * 1024), "cpuinfo": CPUINFO_8})
+    assert measure_totals(settings, paths).memory_bytes == 100 * GIB - HEAD_ROOM_MAX_BYTES
+
+
+def test_settings_clamp_both_totals(tmp_path: Path, settings_env: Path) -> None:
+    paths = host(tmp_path, {"meminfo": meminfo(8 * 1024 * 1024), "cpuinfo": CPUINFO_8})
+    settings = make_settings(
+        settings_env / "data", max_total_memory_bytes=GIB, max_total_cpu_mcpus=1500
+    )
+    totals = measure_totals(settings, paths)
+    assert (totals.memory_bytes, totals.cpu_mcpus) == (GIB, 1500)
+
+
+def test_meminfo_in_mb_and_missing_line(tmp_path: Path, settings: Settings) -> None:
+    paths = host(tmp_path, {"meminfo": "MemAvailable: 4096 MB\n", "cpuinfo": CPUINFO_8})
+    assert measure_totals(settings, paths).memory_bytes == 4 * GIB - (4 * GIB) // 10
+    paths.meminfo.write_text("MemTotal: 1 kB\n")
+    with pytest.raises(ConfigError, match="MemAvailable"):
+        measure_totals(settings, paths)
+
+
+def test_missing_cpuinfo_falls_back_to_cpu_count(tmp_path: Path, settings: Settings) -> None:
+    paths = host(tmp_path, {"meminfo": meminfo(8 * 1024 * 1024)})
+    assert measure_totals(settings, paths).cpu_mcpus >= 1000
+
+
+def test_from_host_reads_real_files(settings: Settings) -> None:
+    totals = ResourceTracker.from_host(settings).totals
+    assert totals.memory_bytes > 0
+    assert totals.cpu_mcpus > 0
+
+
+# ----------------------------------------------------------------- tokens
+
+
+def test_tokens_account_and_close_is_idempotent() -> None:
+    t = tracker(1024, 2000)
+    token = t.try_acquire(512, 1000)
+    assert token is not None
+    stats = t.statistics()
+    assert (stats.memory_used_bytes, stats.cpu_used_mcpus, stats.tokens) == (512 * MIB, 1000, 1)
+    token.close()
+    token.close()
+    stats = t.statistics()
+    assert (stats.memory_used_bytes, stats.cpu_used_mcpus, stats.tokens) == (0, 0, 0)
+    assert token.closed
+
+
+def test_try_acquire_when_full_and_shortfall() -> None:
+    t = tracker(1024, 2000)
+    held = t.try_acquire(900, 1500)
+    assert held is not None
+    assert t.try_acquire(200, 100) is None
+    assert t.shortfall(200, 1000) == Shortfall(memory_mb=76, cpu_mcpus=500)
+    assert t.shortfall(10, 10) == Shortfall(0, 0)
+
+
+def test_impossible_request_is_rejected_at_once() -> None:
+    t = tracker(1024, 2000)
+    with pytest.raises(ResourceTooBig):
+        t.try_acquire(2048, 0)
+    with pytest.raises(ResourceTooBig):
+        t.try_acquire(0, 2001)
+    assert t.is_possible(1024, 2000)
+
+
+async def test_impossible_blocking_request_is_rejected_at_once() -> None:
+    with pytest.raises(ResourceTooBig):
+        await tracker(1024, 2000).acquire(4096, 0)
+
+
+async def test_blocking_acquire_wakes_on_release() -> None:
+    t = tracker(1024, 2000)
+    held = t.try_acquire(1024, 0)
+    assert held is not None
+    waiter = asyncio.create_task(t.acquire(512, 0))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    held.close()
+    token = await asyncio.wait_for(waiter, 1)
+    assert token.memory_mb == 512
+
+
+async def test_blocking_acquire_times_out_without_leaking() -> None:
+    t = tracker(1024, 2000)
+    held = t.try_acquire(1024, 0)
+    assert held is not None
+    with pytest.raises(TimeoutError):
+        await t.acquire(512, 0, timeout_s=0.02)
+    assert t.statistics().tokens == 1
+
+
+async def test_reserve_releases_on_exit() -> None:
+    t = tracker(1024, 2000)
+    async with t.reserve(256, 500) as token:
+        assert t.statistics().memory_used_bytes == 256 * MIB
+        assert not token.closed
+    assert token.closed
+    assert t.statistics().memory_used_bytes == 0
+
+
+async def test_wait_async_resource_uses_80_percent_marks() -> None:
+    t = tracker(1000, 1000)
+    assert await t.wait_async_resource(0.01)
+    memory = t.try_acquire(800, 0)  # exactly 80 % of memory: not below the mark
+    assert memory is not None
+    assert not await t.wait_async_resource(0.02)
+    waiter = asyncio.create_task(t.wait_async_resource(5))
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    memory.close()
+    assert await asyncio.wait_for(waiter, 1)
+    cpu = t.try_acquire(0, 800)
+    assert cpu is not None
+    assert not await t.wait_async_resource(0.01)

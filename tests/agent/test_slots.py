@@ -1,0 +1,266 @@
+from __future__ import annotations
+
+import asyncio
+from typing import Any
+
+import pytest
+
+from tests.agent.conftest import make_fn
+from worker.agent.evictor import Evictor
+from worker.agent.logbuf import LogBuffer, truncation_marker
+from worker.agent.resources import Shortfall
+from worker.agent.slots import Caller, ContainerState, RequestState, SlotQueue, slot_key
+
+
+class StubHot:
+    """Stands in for a HotContainer where only wake() matters."""
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self.woken = 0
+
+    def wake(self) -> None:
+        self.woken += 1
+
+
+def queue() -> SlotQueue:
+    fn = make_fn()
+    return SlotQueue(slot_key(fn), fn)
+
+
+# ----------------------------------------------------------------- key
+
+
+def test_slot_key_is_stable_and_ignores_config_order() -> None:
+    a = make_fn(config={"A": "1", "B": "2"})
+    b = make_fn(config={"B": "2", "A": "1"})
+    assert slot_key(a) == slot_key(b)
+    assert len(slot_key(a)) == 64
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"image": "other"},
+        {"memory_mb": 256},
+        {"cpus_mcpu": 500},
+        {"timeout_s": 6},
+        {"idle_timeout_s": 31},
+        {"tmpfs_mb": 8},
+        {"config": {"A": "1", "B": "3"}},
+        {"name": "other", "image": "img/hello"},
+        {"app": "other"},
+    ],
+)
+def test_slot_key_changes_with_configuration(change: dict[str, Any]) -> None:
+    base = make_fn(config={"A": "1", "B": "2"})
+    assert slot_key(make_fn(**{"config": {"A": "1", "B": "2"}, **change})) != slot_key(base)
+
+
+def test_slot_key_ignores_retry_policy() -> None:
+    assert slot_key(make_fn(max_attempts=9)) == slot_key(make_fn())
+
+
+# ---------------------------------------------------- isNewContainerNeeded
+
+
+@pytest.mark.parametrize(
+    ("waiting", "idle", "paused", "starting", "res_wait", "needed"),
+    [
+        (0, 0, 0, 0, 0, False),  # nobody waits
+        (1, 0, 0, 0, 0, True),
+        (1, 1, 0, 0, 0, False),  # an idle container absorbs the waiter
+        (1, 0, 1, 0, 0, False),  # a paused one too
+        (2, 1, 0, 0, 0, True),
+        (2, 0, 0, 1, 0, True),  # one starting covers only one of two
+        (2, 0, 0, 2, 0, False),
+        (2, 0, 0, 1, 1, False),  # waiting for resources counts as starting
+        (3, 1, 0, 1, 0, True),
+        (3, 1, 0, 2, 0, False),
+        (5, 2, 1, 1, 0, True),
+    ],
+)
+def test_new_container_needed(
+    waiting: int, idle: int, paused: int, starting: int, res_wait: int, needed: bool
+) -> None:
+    q = queue()
+    q.requests[RequestState.WAIT] = waiting
+    q.containers[ContainerState.IDLE] = idle
+    q.containers[ContainerState.PAUSED] = paused
+    q.containers[ContainerState.START] = starting
+    q.containers[ContainerState.WAIT] = res_wait
+    assert q.new_container_needed() is needed
+
+
+def test_busy_containers_do_not_count() -> None:
+    q = queue()
+    q.requests[RequestState.WAIT] = 1
+    q.containers[ContainerState.BUSY] = 3
+    assert q.new_container_needed()
+
+
+# ------------------------------------------------------------- slots
+
+
+def test_idle_slots_are_taken_last_in_first_out() -> None:
+    q = queue()
+    first, second, third = StubHot("1"), StubHot("2"), StubHot("3")
+    for hot in (first, second, third):
+        q.offer(hot)  # type: ignore[arg-type]
+    taken = [q.take_idle(), q.take_idle(), q.take_idle(), q.take_idle()]
+    assert [s.hot.name if s else None for s in taken] == ["3", "2", "1", None]  # type: ignore[attr-defined]
+    assert q.idle_slots == 0
+
+
+def test_slot_race_has_exactly_one_winner() -> None:
+    q = queue()
+    hot = StubHot("1")
+    slot = q.offer(hot)  # type: ignore[arg-type]
+    results = [slot.try_take(), slot.try_take(), q.take_idle() is not None]
+    assert results == [True, False, False]
+    assert hot.woken == 1  # the container hears it lost its slot
+
+
+def test_container_winning_its_own_slot_hides_it_from_callers() -> None:
+    q = queue()
+    q.offer(StubHot("old"))  # type: ignore[arg-type]
+    own = q.offer(StubHot("new"))  # type: ignore[arg-type]
+    assert own.try_take()  # the container leaves (idle timeout)
+    slot = q.take_idle()
+    assert slot is not None and slot.hot.name == "old"  # type: ignore[attr-defined]
+
+
+def test_offer_wakes_waiting_callers() -> None:
+    q = queue()
+    a, b = Caller("a"), Caller("b")
+    q.join(a)
+    q.join(b)
+    q.offer(StubHot("1"))  # type: ignore[arg-type]
+    assert a.wake.is_set() and b.wake.is_set()
+    q.leave(a)
+    q.leave(a)  # idempotent
+    assert q.requests[RequestState.WAIT] == 1
+
+
+def test_launch_owner_prefers_the_nudger_then_the_oldest_without_error() -> None:
+    q = queue()
+    a, b, c = Caller("a"), Caller("b"), Caller("c")
+    for caller in (a, b, c):
+        q.join(caller)
+    assert q.launch_owner(c) is c
+    assert c.fail(RuntimeError("x"))  # type: ignore[arg-type]
+    assert not c.fail(RuntimeError("again"))  # type: ignore[arg-type]
+    assert q.launch_owner(c) is a
+    q.leave(a)
+    assert q.launch_owner(None) is b
+    assert not a.fail(RuntimeError("gone"))  # type: ignore[arg-type]
+
+
+async def test_nudge_hands_the_caller_to_the_launcher() -> None:
+    q = queue()
+    a = Caller("a")
+    q.join(a)
+    waiting = asyncio.create_task(q.next_nudge())
+    await asyncio.sleep(0)
+    assert not waiting.done()
+    q.nudge(a)
+    assert await asyncio.wait_for(waiting, 1) is a
+
+
+def test_queue_is_idle_only_without_calls_and_containers() -> None:
+    q = queue()
+    assert q.is_idle()
+    q.move(None, ContainerState.WAIT)
+    assert not q.is_idle()
+    q.move(ContainerState.WAIT, ContainerState.DONE)
+    assert q.is_idle()
+    q.requests[RequestState.EXEC] += 1
+    assert not q.is_idle()
+
+
+# ------------------------------------------------------------ evictor
+
+
+def idle_token(ev: Evictor, key: str, mb: int, cpu: int = 0) -> Any:
+    token = ev.register(key, mb, cpu, lambda: None)
+    ev.enable(token)
+    return token
+
+
+def test_eviction_is_oldest_first_and_only_as_much_as_needed() -> None:
+    ev = Evictor()
+    a, b, c = idle_token(ev, "A", 128), idle_token(ev, "B", 128), idle_token(ev, "C", 128)
+    done = ev.evict_for("X", Shortfall(memory_mb=200, cpu_mcpus=0))
+    assert done == [a.done, b.done]
+    assert a.requested and b.requested and not c.requested
+    assert ev.evictions == 2
+
+
+def test_eviction_is_all_or_nothing() -> None:
+    ev = Evictor()
+    a = idle_token(ev, "A", 128)
+    busy = ev.register("B", 512, 0, lambda: None)  # never enabled: busy
+    assert ev.evict_for("X", Shortfall(memory_mb=256, cpu_mcpus=0)) == []
+    assert not a.requested and not busy.requested
+    assert ev.evict_for("X", Shortfall(memory_mb=64, cpu_mcpus=1000)) == []  # CPU not covered
+    assert not a.requested
+
+
+def test_eviction_never_takes_the_same_function() -> None:
+    ev = Evictor()
+    own = idle_token(ev, "A", 512)
+    other = idle_token(ev, "B", 128)
+    assert ev.evict_for("A", Shortfall(memory_mb=256, cpu_mcpus=0)) == []
+    assert ev.evict_for("A", Shortfall(memory_mb=100, cpu_mcpus=0)) == [other.done]
+    assert not own.requested
+
+
+def test_eviction_calls_back_and_skips_empty_needs() -> None:
+    ev = Evictor()
+    calls: list[str] = []
+    token = ev.register("A", 128, 100, lambda: calls.append("evict"))
+    ev.enable(token)
+    assert ev.evict_for("X", Shortfall(0, 0)) == []
+    assert ev.evict_for("X", Shortfall(1, 1)) == [token.done]
+    assert calls == ["evict"]
+
+
+def test_tokens_without_resources_are_not_tracked() -> None:
+    ev = Evictor()
+    token = ev.register("A", 0, 0, lambda: None)
+    ev.enable(token)
+    assert len(ev) == 0 and not token.evictable
+
+
+def test_lost_eviction_race_releases_the_launcher_and_requeues_the_token() -> None:
+    ev = Evictor()
+    a, b = idle_token(ev, "A", 128), idle_token(ev, "B", 128)
+    [done] = ev.evict_for("X", Shortfall(100, 0))
+    ev.disable(a)  # a call took the container first
+    assert done.is_set() and a.done is not done and not a.requested
+    ev.enable(a)
+    assert ev.evict_for("X", Shortfall(100, 0)) == [b.done]  # a is now the youngest
+    ev.unregister(b)
+    assert b.done.is_set()
+
+
+# ------------------------------------------------------------- log buffer
+
+
+def test_log_under_the_limit_is_kept_whole() -> None:
+    buf = LogBuffer(10)
+    buf.write(b"12345")
+    buf.write(b"")
+    buf.write(b"67890")
+    assert buf.getvalue() == b"1234567890"
+    assert not buf.truncated
+
+
+def test_log_is_cut_at_the_limit_with_one_marker() -> None:
+    buf = LogBuffer(10)
+    for chunk in (b"1234", b"56789abc", b"more", b"and more"):
+        buf.write(chunk)
+    marker = truncation_marker(10)
+    assert buf.getvalue() == b"123456789a" + marker
+    assert buf.getvalue().count(marker) == 1
+    assert buf.truncated and buf.dropped_bytes == 2 + 4 + 8

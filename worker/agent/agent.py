@@ -1,0 +1,325 @@
+"""The agent: run a call in a warm container of its function, return an Outcome.
+
+The story of one call, from the top
+===================================
+
+**Submit.** The worker hands :meth:`Agent.submit` a call and the function it
+belongs to. The agent first refuses what cannot run: when it is closing the
+call comes back at once as *busy* (try another worker); when the function
+asks for more memory or CPU than this machine could ever give, it comes back
+*terminal*, because no retry can help. ``submit`` never raises for anything
+that concerns the call itself; every ending is an :class:`Outcome`.
+
+**Wait for a slot.** Containers of one function configuration (image,
+limits, timeouts, config; see :func:`slots.slot_key`) are interchangeable, so
+they share one slot queue. An idle container sits in that queue as a slot.
+The call joins the queue as a waiting caller and tries to take a slot, the
+most recently idled one first. If none is free it nudges the queue's
+launcher, then sleeps until a slot is offered, the launcher reports a
+failure meant for it, the call is cancelled, or the agent closes; it nudges
+again every ``FN_HOT_POLL_MSECS``. After the function's own timeout of
+waiting it gives up: *busy*, no attempt charged.
+
+**Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
+container only when waiting calls outnumber the idle and starting containers.
+It needs a memory/CPU token first (:mod:`resources`). When there is no room,
+it evicts idle containers of *other* functions, oldest first, all or nothing
+(:mod:`evictor`), and waits for them to go. The new container lives in its
+own task (:mod:`hot`): create (pulling the image if needed), start, wait for
+the function's socket. If that fails, the call that nudged gets the error:
+*terminal* for a missing or unusable image, *function* for a container that
+would not initialise, *busy* for a pull that took too long.
+
+**Exec.** The call that wins a slot runs on that container in its own task:
+unpause it if it was frozen, route its output to the call's bounded log,
+post the request (with its deadline) over the socket, and wait for the
+answer, the function's timeout, the container's death or a cancel. If the
+container turns out to be broken before the request was sent, nothing ran
+and the call simply waits for another slot.
+
+**End.** The answer becomes the outcome: 200 success, 502 function failed,
+504 timeout (the container stays warm for the next call in those three
+cases); any other answer, a broken exchange, a timeout, a death or a cancel
+retires the container, since its state is unknown. The container then goes
+back to idle (paused after ``FN_FREEZE_IDLE_MSECS``) and offers a new slot,
+until its idle timeout passes with no call, it is evicted, or the agent
+closes; then it is removed and its token freed.
+
+**Close.** :meth:`Agent.close` refuses new calls, sends waiting calls back
+as *busy*, lets running calls finish within the grace period, stops the
+rest, then removes every container and closes the driver. No task outlives
+it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from types import TracebackType
+
+from config.domain import Call, Function, Outcome
+from config.errors import AgentError
+from config.settings import Settings
+from worker.agent.driver import Driver
+from worker.agent.errors import AgentClosed, ResourceTooBig, ServerBusy
+from worker.agent.evictor import Evictor
+from worker.agent.execution import (
+    ExecEnd,
+    StopControl,
+    cancelled_outcome,
+    not_started_outcome,
+    ran_outcome,
+)
+from worker.agent.hot import REMOVE_TIMEOUT_S, HotContainer, SlotUnusable
+from worker.agent.launcher import Launcher
+from worker.agent.logbuf import LogBuffer
+from worker.agent.resources import MIB, ResourceToken, ResourceTracker
+from worker.agent.slots import Caller, ContainerState, RequestState, Slot, SlotQueue, slot_key
+from worker.agent.stats import AgentStats, QueueStats
+from worker.agent.tasks import TaskSet
+
+log = logging.getLogger("fnq.agent")
+
+STOP_SETTLE_S = 10.0  # after the grace, how long stopped calls get to wind down
+DRIVER_CLOSE_TIMEOUT_S = 60.0
+
+
+class Agent:
+    def __init__(
+        self, settings: Settings, driver: Driver, tracker: ResourceTracker | None = None
+    ) -> None:
+        self.settings = settings
+        self.driver = driver
+        self.tracker = tracker or ResourceTracker.from_host(settings)
+        self.evictor = Evictor()
+        self.hot_poll_s = settings.secs("hot_poll_msecs")
+        self._queues: dict[str, SlotQueue] = {}
+        self._launchers = TaskSet("launcher")
+        self._containers = TaskSet("container")
+        self._hot: dict[HotContainer, asyncio.Task[None]] = {}
+        self._calls: dict[str, StopControl] = {}
+        self._no_calls = asyncio.Event()
+        self._no_calls.set()
+        self._closing = asyncio.Event()
+        self._closed = asyncio.Event()
+
+    async def __aenter__(self) -> Agent:
+        async with asyncio.timeout(self.settings.secs("hot_pull_timeout_msecs")):
+            await self.driver.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.close(self.settings.secs("shutdown_grace_msecs"))
+
+    # ------------------------------------------------------------- submit
+    async def submit(
+        self, call: Call, fn: Function, on_start: Callable[[], None] | None = None
+    ) -> Outcome:
+        """Run ``call``; ``on_start`` is called when it is dispatched to a container."""
+        if self._closing.is_set():
+            return not_started_outcome(AgentClosed())
+        if call.id in self._calls:
+            return not_started_outcome(ServerBusy(f"call {call.id} is already running here"))
+        stop = StopControl(on_start)
+        self._calls[call.id] = stop
+        self._no_calls.clear()
+        try:
+            return await self._submit(call, fn, stop)
+        finally:
+            del self._calls[call.id]
+            if not self._calls:
+                self._no_calls.set()
+
+    async def _submit(self, call: Call, fn: Function, stop: StopControl) -> Outcome:
+        memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
+        if not self.tracker.is_possible(memory_mb, cpu_mcpus):
+            totals = self.tracker.totals
+            return not_started_outcome(
+                ResourceTooBig(
+                    f"{fn.ref} needs {memory_mb} MB and {cpu_mcpus} mCPU, more than this worker "
+                    f"has ({totals.memory_bytes // MIB} MB, {totals.cpu_mcpus} mCPU)"
+                )
+            )
+        queue = self._queue_for(fn)
+        deadline = asyncio.get_running_loop().time() + fn.timeout_s
+        buffer = LogBuffer(
+            self.settings.max_log_size_bytes,
+            label=f"{fn.ref} {call.id}",
+            debug_copy=not self.settings.disable_debug_user_logs,
+        )
+        while True:
+            try:
+                slot = await self._get_slot(queue, call.id, deadline, stop)
+            except AgentError as exc:
+                return not_started_outcome(exc)
+            if slot is None:
+                if stop.end is ExecEnd.CANCELLED:
+                    return cancelled_outcome(stop.reason)
+                return not_started_outcome(AgentClosed())
+            queue.requests[RequestState.EXEC] += 1
+            try:
+                run = await slot.hot.serve(slot, call, fn.timeout_s, buffer.write, stop)
+            except SlotUnusable as exc:
+                log.debug("call %s: container unusable before dispatch (%s)", call.id, exc)
+                continue
+            finally:
+                queue.requests[RequestState.EXEC] -= 1
+            return ran_outcome(run, buffer, slot.hot.id)
+
+    async def _get_slot(
+        self, queue: SlotQueue, call_id: str, deadline: float, stop: StopControl
+    ) -> Slot | None:
+        """Wait for an idle slot; None if the call was stopped while waiting."""
+        loop = asyncio.get_running_loop()
+        caller = Caller(call_id)
+        queue.join(caller)
+        stop.waker = caller.wake.set
+        next_nudge = loop.time()
+        try:
+            while True:
+                if stop.event.is_set():
+                    return None
+                if self._closing.is_set():
+                    raise AgentClosed()
+                if caller.error is not None:
+                    raise caller.error
+                slot = queue.take_idle()
+                if slot is not None:
+                    return slot
+                now = loop.time()
+                if now >= deadline:
+                    raise ServerBusy(
+                        f"no container of {queue.fn.ref} became free within "
+                        f"{queue.fn.timeout_s} s: server too busy"
+                    )
+                if now >= next_nudge:
+                    queue.nudge(caller)
+                    next_nudge = now + self.hot_poll_s
+                caller.wake.clear()
+                try:
+                    async with asyncio.timeout_at(min(deadline, next_nudge)):
+                        await caller.wake.wait()
+                except TimeoutError:
+                    pass
+        finally:
+            stop.waker = None
+            queue.leave(caller)
+
+    # ------------------------------------------------------ queues, launch
+    def _queue_for(self, fn: Function) -> SlotQueue:
+        key = slot_key(fn)
+        queue = self._queues.get(key)
+        if queue is None:
+            queue = self._queues[key] = SlotQueue(key, fn)
+            launcher = Launcher(
+                queue,
+                settings=self.settings,
+                tracker=self.tracker,
+                evictor=self.evictor,
+                start_container=self._start_container,
+                drop_queue=self._drop_queue,
+            )
+            self._launchers.spawn(launcher.run(), name=f"fnq-launcher-{fn.ref}-{key[:8]}")
+        queue.last_used_s = asyncio.get_running_loop().time()
+        return queue
+
+    def _drop_queue(self, queue: SlotQueue) -> bool:
+        if not queue.is_idle():
+            return False
+        if self._queues.get(queue.key) is queue:
+            del self._queues[queue.key]
+        return True
+
+    def _start_container(
+        self, queue: SlotQueue, token: ResourceToken, owner: Caller | None
+    ) -> None:
+        if self._closing.is_set():
+            token.close()
+            queue.move(ContainerState.WAIT, ContainerState.DONE)
+            return
+        hot = HotContainer(
+            queue=queue,
+            driver=self.driver,
+            settings=self.settings,
+            token=token,
+            evictor=self.evictor,
+            owner=owner,
+            on_exit=self._forget_container,
+        )
+        queue.containers_started += 1
+        self._hot[hot] = self._containers.spawn(hot.run(), name=f"fnq-container-{hot.id}")
+
+    def _forget_container(self, hot: HotContainer) -> None:
+        self._hot.pop(hot, None)
+
+    # ------------------------------------------------------------- others
+    async def wait_async_resource(self, timeout_s: float) -> bool:
+        """True once memory and CPU use are both under 80 %; False after ``timeout_s``."""
+        return await self.tracker.wait_async_resource(timeout_s)
+
+    async def cancel(self, call_id: str) -> bool:
+        """Stop a waiting or running call; its submit() returns CANCELLED."""
+        stop = self._calls.get(call_id)
+        if stop is None:
+            return False
+        return stop.stop(ExecEnd.CANCELLED, "the call was cancelled")
+
+    def statistics(self) -> AgentStats:
+        return AgentStats(
+            resources=self.tracker.statistics(),
+            queues=tuple(QueueStats.of(queue) for queue in self._queues.values()),
+            evictions=self.evictor.evictions,
+            closing=self._closing.is_set(),
+        )
+
+    @property
+    def tasks_alive(self) -> int:
+        """Background tasks still running (launchers and containers)."""
+        return len(self._launchers) + len(self._containers)
+
+    # -------------------------------------------------------------- close
+    async def close(self, grace_s: float = 30.0) -> None:
+        """Refuse new calls, let running ones finish within ``grace_s``, remove everything."""
+        if self._closing.is_set():
+            await self._closed.wait()
+            return
+        self._closing.set()
+        try:
+            for queue in self._queues.values():
+                queue.wake_all()
+            await self._launchers.close()
+            await self._drain(grace_s)
+            for hot, task in list(self._hot.items()):
+                hot.retire("the agent is shutting down")
+                if hot.state is ContainerState.START:
+                    task.cancel()  # nobody waits for it any more
+            if not await self._containers.join(REMOVE_TIMEOUT_S + 5.0):
+                log.warning("some containers did not leave in time; cancelling them")
+            await self._containers.close()
+            try:
+                async with asyncio.timeout(DRIVER_CLOSE_TIMEOUT_S):
+                    await self.driver.close()
+            except (AgentError, TimeoutError) as exc:
+                log.warning("closing the container driver failed: %s", exc or "timed out")
+        finally:
+            self._closed.set()
+
+    async def _drain(self, grace_s: float) -> None:
+        try:
+            async with asyncio.timeout(grace_s):
+                await self._no_calls.wait()
+        except TimeoutError:
+            log.warning("grace period over: stopping %d call(s)", len(self._calls))
+            for stop in list(self._calls.values()):
+                stop.stop(ExecEnd.STOPPED, "the worker shut down before the call finished")
+            try:
+                async with asyncio.timeout(STOP_SETTLE_S):
+                    await self._no_calls.wait()
+            except TimeoutError:
+                log.warning("%d call(s) did not stop in time", len(self._calls))

@@ -1,0 +1,276 @@
+"""An in-memory driver for fast, deterministic tests of the agent core.
+
+Behaviour is scripted per image with :class:`FakeBehaviour` (start delay or
+failure, pause/unpause failure, and a handler per call that answers, hangs,
+writes output or kills its container). The driver counts what the agent did
+(creates, starts, pauses, unpauses, removes, dispatches) and
+:meth:`FakeDriver.wait_until` lets a test wait for any condition on it
+without sleeping::
+
+    driver = FakeDriver(FakeBehaviour(handler=reply(200, b"hi")))
+    await driver.wait_until(lambda: driver.pauses == 1)
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Coroutine, Mapping
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from config.domain import frozen_map
+from config.errors import AgentError
+from worker.agent.driver import (
+    ContainerSpec,
+    DispatchRequest,
+    DispatchResult,
+    Driver,
+    ExitInfo,
+    OutputSink,
+)
+from worker.agent.errors import DispatchError, FreezeFailed
+
+Handler = Callable[["FakeContainer", DispatchRequest], Coroutine[Any, Any, DispatchResult]]
+
+
+def reply(
+    status: int = 200,
+    body: bytes = b"ok",
+    headers: Mapping[str, str] | None = None,
+    output: tuple[bytes, ...] = (),
+    truncated: bool = False,
+) -> Handler:
+    """Write ``output`` chunks, then answer with ``status`` and ``body``."""
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        for chunk in output:
+            container.emit(chunk)
+        return DispatchResult(status, frozen_map(headers), body, truncated)
+
+    return handle
+
+
+def hang(output: tuple[bytes, ...] = ()) -> Handler:
+    """Never answer (until the call is abandoned)."""
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        for chunk in output:
+            container.emit(chunk)
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return handle
+
+
+def gated(gate: asyncio.Event, then: Handler | None = None) -> Handler:
+    """Wait for ``gate``, then behave like ``then`` (default: answer 200)."""
+    after = then or reply()
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        await gate.wait()
+        return await after(container, request)
+
+    return handle
+
+
+def die(exit_code: int = 1, oom: bool = False, output: tuple[bytes, ...] = ()) -> Handler:
+    """The container's process dies during the call."""
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        for chunk in output:
+            container.emit(chunk)
+        container.exit(ExitInfo(exit_code=exit_code, oom_killed=oom))
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+    return handle
+
+
+def fail(error: AgentError) -> Handler:
+    """The exchange fails with ``error`` (e.g. a DispatchError)."""
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        raise error
+
+    return handle
+
+
+@dataclass
+class FakeBehaviour:
+    handler: Handler = field(default_factory=reply)
+    start_delay_s: float = 0.0
+    start_gate: asyncio.Event | None = None  # start() waits for it
+    create_error: AgentError | None = None
+    start_error: AgentError | None = None
+    pause_error: AgentError | None = None
+    unpause_error: AgentError | None = None
+
+
+class FakeContainer:
+    def __init__(self, driver: FakeDriver, spec: ContainerSpec, behaviour: FakeBehaviour):
+        self._driver = driver
+        self.spec = spec
+        self.behaviour = behaviour
+        self.state = "created"
+        self.exit_info: ExitInfo | None = None
+        self._exited = asyncio.Event()
+        self._sink: OutputSink | None = None
+        self.debug_output: list[bytes] = []
+        self.requests: list[DispatchRequest] = []
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    def __repr__(self) -> str:
+        return f"<FakeContainer {self.id} {self.state}>"
+
+    # -------------------------------------------------- test controls
+    def emit(self, chunk: bytes) -> None:
+        if self._sink is not None:
+            self._sink(chunk)
+        else:
+            self.debug_output.append(chunk)
+
+    def exit(self, info: ExitInfo) -> None:
+        """The process ends (crash, out of memory, kill)."""
+        if self.exit_info is None:
+            self.exit_info = info
+            if self.state != "removed":
+                self.state = "exited"
+            self._exited.set()
+            self._driver._changed()
+
+    # ------------------------------------------------------ Container
+    async def start(self) -> None:
+        self._driver.starts += 1
+        self._driver._changed()
+        if self.behaviour.start_gate is not None:
+            await self.behaviour.start_gate.wait()
+        if self.behaviour.start_delay_s:
+            await asyncio.sleep(self.behaviour.start_delay_s)
+        if self.behaviour.start_error is not None:
+            self.exit(ExitInfo(exit_code=1))
+            raise self.behaviour.start_error
+        self.state = "running"
+        self._driver._changed()
+
+    def set_output(self, sink: OutputSink | None) -> None:
+        self._sink = sink
+
+    async def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        if self.state != "running":
+            raise DispatchError(f"container {self.id} is {self.state}")
+        self._driver.dispatches += 1
+        self.requests.append(request)
+        self._driver._changed()
+        handling = asyncio.create_task(
+            self.behaviour.handler(self, request), name=f"fake-handler-{request.call_id}"
+        )
+        exited = asyncio.create_task(self._exited.wait(), name=f"fake-exit-{request.call_id}")
+        try:
+            await asyncio.wait({handling, exited}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            if not handling.done():
+                handling.cancel()
+            exited.cancel()
+            await asyncio.gather(handling, exited, return_exceptions=True)
+        if handling.done() and not handling.cancelled():
+            return handling.result()
+        raise DispatchError("the connection to the function was dropped")
+
+    async def pause(self) -> None:
+        if self.behaviour.pause_error is not None:
+            raise self.behaviour.pause_error
+        if self.state != "running":
+            raise FreezeFailed(f"cannot pause a container that is {self.state}")
+        self.state = "paused"
+        self._driver.pauses += 1
+        self._driver._changed()
+
+    async def unpause(self) -> None:
+        if self.behaviour.unpause_error is not None:
+            raise self.behaviour.unpause_error
+        if self.state != "paused":
+            raise FreezeFailed(f"cannot unpause a container that is {self.state}")
+        self.state = "running"
+        self._driver.unpauses += 1
+        self._driver._changed()
+
+    async def wait(self) -> ExitInfo:
+        await self._exited.wait()
+        assert self.exit_info is not None
+        return self.exit_info
+
+    async def remove(self) -> None:
+        if self.state == "removed":
+            return
+        self.state = "removed"
+        self._driver.removes += 1
+        self.exit(ExitInfo(exit_code=137, error="removed"))
+        self._driver._changed()
+
+
+class FakeDriver:
+    def __init__(
+        self,
+        behaviour: FakeBehaviour | None = None,
+        per_image: Mapping[str, FakeBehaviour] | None = None,
+    ) -> None:
+        self.default = behaviour or FakeBehaviour()
+        self.per_image = dict(per_image or {})
+        self.containers: list[FakeContainer] = []
+        self.creates = self.starts = self.pauses = self.unpauses = 0
+        self.removes = self.dispatches = 0
+        self.started = self.closed = False
+        self._change = asyncio.Event()
+
+    def behaviour(self, image: str) -> FakeBehaviour:
+        return self.per_image.get(image, self.default)
+
+    @property
+    def live(self) -> list[FakeContainer]:
+        return [c for c in self.containers if c.state != "removed"]
+
+    def _changed(self) -> None:
+        change, self._change = self._change, asyncio.Event()
+        change.set()
+
+    async def wait_until(
+        self, predicate: Callable[[], bool], timeout_s: float = 5.0, recheck_s: float = 0.01
+    ) -> None:
+        """Return once ``predicate()`` holds.
+
+        It is checked after every change of a fake container, and every
+        ``recheck_s`` for conditions on the agent's own state.
+        """
+        async with asyncio.timeout(timeout_s):
+            while not predicate():
+                try:
+                    async with asyncio.timeout(recheck_s):
+                        await self._change.wait()
+                except TimeoutError:
+                    pass
+
+    # --------------------------------------------------------- Driver
+    async def start(self) -> None:
+        self.started = True
+
+    async def create(self, spec: ContainerSpec) -> FakeContainer:
+        behaviour = self.behaviour(spec.image)
+        self.creates += 1
+        self._changed()
+        if behaviour.create_error is not None:
+            raise behaviour.create_error
+        container = FakeContainer(self, spec, behaviour)
+        self.containers.append(container)
+        return container
+
+    async def close(self) -> None:
+        for container in self.containers:
+            await container.remove()
+        self.closed = True
+
+
+if TYPE_CHECKING:
+    _conforms: Driver = FakeDriver()

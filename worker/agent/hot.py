@@ -1,0 +1,389 @@
+"""One hot container's life: start, offer idle slots, serve calls, leave.
+
+::
+
+    WAIT (launcher got no token yet) -> START -> IDLE <-> PAUSED
+                                                  |  ^
+                                          taken   v  | call over
+                                                 BUSY  -> ... -> DONE
+
+:meth:`HotContainer.run` is the container's own task. It creates and starts
+the container (a failure goes to the call that caused the launch), then
+loops: offer a slot, wait idle (pausing after ``FN_FREEZE_IDLE_MSECS``),
+and either a call takes the slot (the call runs :meth:`HotContainer.serve`
+in its own task; the container waits until the slot is released) or the
+container takes its own slot and leaves: idle timeout, eviction, shutdown,
+its process exited, or a pause failed. Leaving removes the container, then
+frees its memory and CPU, then tells the evictor it is gone.
+
+A call that finds its container broken before dispatch (exited, failed to
+unpause) gets :class:`SlotUnusable` and looks for another slot: nothing ran.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+from collections.abc import Callable
+from datetime import timedelta
+
+from config.domain import Call, Function, frozen_map, utcnow
+from config.errors import AgentError
+from config.settings import Settings
+from worker.agent.driver import (
+    FN_LISTENER,
+    Container,
+    ContainerSpec,
+    DispatchRequest,
+    DispatchResult,
+    Driver,
+    ExitInfo,
+    OutputSink,
+)
+from worker.agent.errors import (
+    ContainerInitFailed,
+    ContainerInitTimeout,
+    DispatchError,
+    ImagePullTimeout,
+    InvalidResponse,
+    ResponseTooBig,
+)
+from worker.agent.evictor import Evictor
+from worker.agent.execution import KEEP_STATUSES, ExecEnd, ExecResult, StopControl
+from worker.agent.resources import ResourceToken
+from worker.agent.slots import Caller, ContainerState, Slot, SlotQueue
+
+log = logging.getLogger("fnq.agent.hot")
+
+FREEZE_TIMEOUT_S = 5.0  # docker pause / unpause
+REMOVE_TIMEOUT_S = 30.0
+CREATE_MARGIN_S = 60.0  # creating the container, on top of the image pull
+START_MARGIN_S = 5.0  # on top of FN_HOT_START_TIMEOUT_MSECS, which the driver enforces
+EXIT_SETTLE_S = 0.5  # a dropped connection is often a death: wait this long for the exit
+
+
+class SlotUnusable(Exception):
+    """The container broke before the call reached it; the call may try another slot."""
+
+
+class HotContainer:
+    def __init__(
+        self,
+        *,
+        queue: SlotQueue,
+        driver: Driver,
+        settings: Settings,
+        token: ResourceToken,
+        evictor: Evictor,
+        owner: Caller | None,
+        on_exit: Callable[[HotContainer], None],
+    ) -> None:
+        self.queue = queue
+        self.fn: Function = queue.fn
+        self.driver = driver
+        self.settings = settings
+        self.token = token
+        self.evictor = evictor
+        self.owner = owner
+        self.on_exit = on_exit
+        self.id = f"fnq-{secrets.token_hex(8)}"
+        self.container: Container | None = None
+        self.state = ContainerState.WAIT
+        self.exit_info: ExitInfo | None = None
+        self.retire_reason: str | None = None
+        self.frozen = False
+        self.calls_served = 0
+        self._exited = asyncio.Event()
+        self._wake = asyncio.Event()
+        self._ops = asyncio.Lock()  # pause, unpause and dispatch never overlap
+        self._watcher: asyncio.Task[None] | None = None
+        self.evict = evictor.register(queue.key, token.memory_mb, token.cpu_mcpus, self.wake)
+        self._move(ContainerState.START)
+
+    def __repr__(self) -> str:
+        return f"<HotContainer {self.id} {self.fn.ref} {self.state}>"
+
+    # ------------------------------------------------------------ control
+    def wake(self) -> None:
+        self._wake.set()
+
+    def retire(self, reason: str) -> None:
+        """Leave at the next chance (at once if idle, after the call if busy)."""
+        if self.retire_reason is None:
+            self.retire_reason = reason
+        self.wake()
+
+    def _move(self, new: ContainerState) -> None:
+        if new is not self.state:
+            self.queue.move(self.state, new)
+            self.state = new
+
+    def spec(self) -> ContainerSpec:
+        env = dict(self.fn.config)
+        env.update(
+            FN_FORMAT="http-stream",
+            FN_LISTENER=FN_LISTENER,
+            FN_APP_ID=self.fn.app,
+            FN_FN_ID=self.fn.name,
+            FN_MEMORY=str(self.fn.memory_mb),
+            FN_TYPE="async",
+        )
+        return ContainerSpec(
+            id=self.id,
+            image=self.fn.image,
+            app=self.fn.app,
+            fn=self.fn.name,
+            env=frozen_map(env),
+            memory_mb=self.fn.memory_mb,
+            cpus_mcpu=self.fn.cpus_mcpu,
+            tmpfs_mb=self.fn.tmpfs_mb,
+        )
+
+    # --------------------------------------------------------------- life
+    async def run(self) -> None:
+        """The container's own task, from creation to removal."""
+        try:
+            if await self._start():
+                await self._life()
+        finally:
+            await self._teardown()
+
+    async def _start(self) -> bool:
+        try:
+            await self._create_and_start()
+        except AgentError as exc:
+            self._launch_failed(exc)
+            return False
+        except Exception as exc:  # a driver fault must reach the waiting call, not kill us
+            log.exception("driver failed to start a container of %s", self.fn.ref)
+            self._launch_failed(ContainerInitFailed(f"the container could not start: {exc}"))
+            return False
+        self.owner = None  # launch errors are over; do not keep the caller alive
+        self._watcher = asyncio.create_task(self._watch_exit(), name=f"fnq-exit-{self.id}")
+        return True
+
+    async def _create_and_start(self) -> None:
+        pull_s = self.settings.secs("hot_pull_timeout_msecs")
+        start_s = self.settings.secs("hot_start_timeout_msecs")
+        try:
+            async with asyncio.timeout(pull_s + CREATE_MARGIN_S):
+                self.container = await self.driver.create(self.spec())
+        except TimeoutError:
+            raise ImagePullTimeout(
+                f"preparing image {self.fn.image} took longer than {pull_s:.0f} s"
+            ) from None
+        try:
+            async with asyncio.timeout(start_s + START_MARGIN_S):
+                await self.container.start()
+        except TimeoutError:
+            raise ContainerInitTimeout(
+                f"the function did not open its socket within {start_s:.0f} s"
+            ) from None
+
+    def _launch_failed(self, exc: AgentError) -> None:
+        owner = self.queue.launch_owner(self.owner)
+        if owner is None or not owner.fail(exc):
+            log.warning("container of %s failed to start, no call waits: %s", self.fn.ref, exc)
+
+    async def _watch_exit(self) -> None:
+        assert self.container is not None
+        try:
+            # No timeout: this wait spans the container's life; teardown cancels it.
+            info = await self.container.wait()
+        except AgentError as exc:
+            info = ExitInfo(exit_code=None, error=str(exc))
+        self.exit_info = info
+        self._exited.set()
+        self.wake()
+
+    async def _life(self) -> None:
+        while True:
+            slot = self.queue.offer(self)
+            self._move(ContainerState.IDLE)
+            if not await self._idle(slot):
+                return
+            await slot.released.wait()
+            if self.retire_reason is not None or self.exit_info is not None:
+                return
+
+    def _leave_reason(self, idle_expired: bool) -> str | None:
+        if self.exit_info is not None:
+            return self.exit_info.describe(self.fn.memory_mb)
+        if self.retire_reason is not None:
+            return self.retire_reason
+        if self.evict.requested:
+            return "evicted to make room for another function"
+        return "idle timeout" if idle_expired else None
+
+    async def _idle(self, slot: Slot) -> bool:
+        """One idle period; True if a call took the slot, False if the container leaves."""
+        loop = asyncio.get_running_loop()
+        self.evictor.enable(self.evict)
+        idle_until = loop.time() + self.fn.idle_timeout_s
+        freeze_s = self.settings.freeze_idle_s
+        freeze_at = None if freeze_s is None else loop.time() + freeze_s
+        waited = False  # waiting calls get one turn at the slot before a freeze or timeout
+        while not slot.taken:
+            reason = self._leave_reason(waited and loop.time() >= idle_until)
+            if reason is not None:
+                if not slot.try_take():
+                    break  # a call won the race: serve it (a dead container refuses it)
+                self.retire(reason)
+                log.debug("container %s of %s leaves: %s", self.id, self.fn.ref, reason)
+                return False
+            if waited and freeze_at is not None and not self.frozen and loop.time() >= freeze_at:
+                await self._freeze(slot)
+                continue
+            wake_at = idle_until
+            if freeze_at is not None and not self.frozen:
+                wake_at = min(wake_at, freeze_at)
+            self._wake.clear()
+            try:
+                async with asyncio.timeout_at(wake_at):
+                    await self._wake.wait()
+            except TimeoutError:
+                pass
+            waited = True
+        return True
+
+    async def _freeze(self, slot: Slot) -> None:
+        async with self._ops:
+            if slot.taken or self.container is None:
+                return
+            try:
+                async with asyncio.timeout(FREEZE_TIMEOUT_S):
+                    await self.container.pause()
+            except (AgentError, TimeoutError) as exc:
+                self.retire(f"pausing the container failed: {exc or 'timed out'}")
+                return
+            self.frozen = True
+            self._move(ContainerState.PAUSED)
+
+    async def _teardown(self) -> None:
+        if self._watcher is not None:
+            self._watcher.cancel()
+            await asyncio.gather(self._watcher, return_exceptions=True)
+        if self.container is not None:
+            try:
+                async with asyncio.timeout(REMOVE_TIMEOUT_S):
+                    await self.container.remove()
+            except (AgentError, TimeoutError) as exc:
+                log.warning("removing container %s failed: %s", self.id, exc or "timed out")
+        self.token.close()
+        self.evictor.unregister(self.evict)
+        self._move(ContainerState.DONE)
+        self.on_exit(self)
+
+    # -------------------------------------------------------------- calls
+    async def serve(
+        self, slot: Slot, call: Call, timeout_s: float, sink: OutputSink, stop: StopControl
+    ) -> ExecResult:
+        """Run one call on this container (in the caller's task); the slot is released after."""
+        try:
+            async with self._ops:
+                if stop.event.is_set():
+                    raise SlotUnusable("the call was stopped before it was dispatched")
+                await self._ready_for_call()
+                assert self.container is not None
+                self.evictor.disable(self.evict)
+                self._move(ContainerState.BUSY)
+                self.calls_served += 1
+                self.container.set_output(sink)
+                try:
+                    return await self._exec(self.container, call, timeout_s, stop)
+                finally:
+                    self.container.set_output(None)
+        finally:
+            slot.released.set()
+
+    async def _ready_for_call(self) -> None:
+        if self.exit_info is not None:
+            raise SlotUnusable(self.exit_info.describe(self.fn.memory_mb))
+        if self.retire_reason is not None or self.container is None:
+            raise SlotUnusable(self.retire_reason or "no container")
+        if self.frozen:
+            try:
+                async with asyncio.timeout(FREEZE_TIMEOUT_S):
+                    await self.container.unpause()
+            except (AgentError, TimeoutError) as exc:
+                self.retire(f"unpausing the container failed: {exc or 'timed out'}")
+                raise SlotUnusable(self.retire_reason or "unpause failed") from exc
+            self.frozen = False
+
+    async def _exec(
+        self, container: Container, call: Call, timeout_s: float, stop: StopControl
+    ) -> ExecResult:
+        started_at = utcnow()
+        request = DispatchRequest(
+            call_id=call.id,
+            body=call.body,
+            headers=call.headers,
+            deadline=started_at + timedelta(seconds=timeout_s),
+            timeout_s=timeout_s,
+        )
+        stop.dispatched()
+        dispatch = asyncio.create_task(container.dispatch(request), name=f"fnq-call-{call.id}")
+        exited = asyncio.create_task(self._exited.wait(), name=f"fnq-exit-wait-{call.id}")
+        stopped = asyncio.create_task(stop.event.wait(), name=f"fnq-stop-wait-{call.id}")
+        try:
+            await asyncio.wait(
+                {dispatch, exited, stopped}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+            end, result, error = await self._judge(dispatch, stop, timeout_s)
+        except asyncio.CancelledError:
+            self.retire("the call was interrupted mid-dispatch")
+            raise
+        finally:
+            for task in (dispatch, exited, stopped):
+                task.cancel()
+            await asyncio.gather(dispatch, exited, stopped, return_exceptions=True)
+        return ExecResult(end, started_at, utcnow(), result=result, error=error)
+
+    async def _judge(
+        self, dispatch: asyncio.Task[DispatchResult], stop: StopControl, timeout_s: float
+    ) -> tuple[ExecEnd, DispatchResult | None, str | None]:
+        if dispatch.done():
+            return await self._judge_dispatch(dispatch)
+        if self.exit_info is not None:
+            self.retire("exited during a call")
+            return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
+        if stop.event.is_set():
+            self.retire(stop.reason)
+            return stop.end, None, stop.reason
+        self.retire("a call ran past its timeout")
+        return ExecEnd.TIMED_OUT, None, f"the function ran longer than {timeout_s:g} s"
+
+    async def _judge_dispatch(
+        self, dispatch: asyncio.Task[DispatchResult]
+    ) -> tuple[ExecEnd, DispatchResult | None, str | None]:
+        try:
+            result = dispatch.result()
+        except TimeoutError:
+            self.retire("a call ran past its timeout")
+            return ExecEnd.TIMED_OUT, None, "the function did not answer in time"
+        except (InvalidResponse, ResponseTooBig) as exc:
+            self.retire(f"bad response: {exc}")
+            return ExecEnd.FAILED, None, str(exc)
+        except DispatchError as exc:
+            self.retire(f"the exchange with the function broke: {exc}")
+            if await self._settle_exit():
+                assert self.exit_info is not None
+                return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
+            return ExecEnd.FAILED, None, f"error receiving the function's response: {exc}"
+        except AgentError as exc:
+            self.retire(str(exc))
+            if self.exit_info is not None:
+                return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
+            return ExecEnd.FAILED, None, str(exc)
+        if result.status not in KEEP_STATUSES:
+            self.retire(f"the function answered with invalid status {result.status}")
+        return ExecEnd.ANSWERED, result, None
+
+    async def _settle_exit(self) -> bool:
+        try:
+            async with asyncio.timeout(EXIT_SETTLE_S):
+                await self._exited.wait()
+        except TimeoutError:
+            return False
+        return True

@@ -1,0 +1,333 @@
+"""Memory and CPU this worker may hand to containers, and the tokens that hold them.
+
+Totals are measured once, from the host (``/proc``) and the cgroup the worker
+runs in (v1 or v2), then clamped by ``FN_MAX_TOTAL_MEMORY_BYTES`` and
+``FN_MAX_TOTAL_CPU_MCPUS``. Memory keeps a head room of a tenth of what is
+available, at least 256 MiB and at most 5 GiB.
+
+A :class:`ResourceToken` holds memory (MB) and CPU (milli-CPUs) for a whole
+container life, which is longer than the task that launched it: whoever owns
+the container closes the token when the container is gone. ``close()`` is
+idempotent. For scoped use, ``async with tracker.reserve(mem, cpu)``.
+
+Waiting is by wake-up, never by polling: every release bumps a generation
+event that blocked acquirers and :meth:`ResourceTracker.wait_async_resource`
+sleep on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.errors import ConfigError
+from config.settings import Settings
+from worker.agent.errors import ResourceTooBig
+
+log = logging.getLogger("fnq.agent.resources")
+
+MIB = 1024 * 1024
+HEAD_ROOM_MIN_BYTES = 256 * MIB
+HEAD_ROOM_MAX_BYTES = 5 * 1024 * MIB
+NON_LINUX_MEMORY_BYTES = 2048 * MIB
+ASYNC_HIGH_WATER = 0.8  # async intake stops at 80 % of memory or CPU
+_CGROUP_V1_UNLIMITED = 1 << 62  # v1 reports "no limit" as a huge number
+
+
+@dataclass(frozen=True, slots=True)
+class HostPaths:
+    """Where the host's figures are read from; tests point these at fake files."""
+
+    meminfo: Path = Path("/proc/meminfo")
+    cpuinfo: Path = Path("/proc/cpuinfo")
+    cgroup_v1_memory_limit: Path = Path("/sys/fs/cgroup/memory/memory.limit_in_bytes")
+    cgroup_v2_memory_max: Path = Path("/sys/fs/cgroup/memory.max")
+    cgroup_v1_cfs_quota: Path = Path("/sys/fs/cgroup/cpu/cpu.cfs_quota_us")
+    cgroup_v1_cfs_period: Path = Path("/sys/fs/cgroup/cpu/cpu.cfs_period_us")
+    cgroup_v2_cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")
+
+    @classmethod
+    def under(cls, root: Path) -> HostPaths:
+        """The same layout below ``root`` instead of ``/``."""
+        base = cls()
+        return cls(
+            **{
+                name: root / str(getattr(base, name)).lstrip("/")
+                for name in cls.__dataclass_fields__
+            }
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceTotals:
+    memory_bytes: int
+    cpu_mcpus: int
+
+
+# ------------------------------------------------------------------ measuring
+
+
+def _read(path: Path) -> str | None:
+    try:
+        return path.read_text(encoding="ascii", errors="replace")
+    except OSError:
+        return None
+
+
+def _int(text: str | None) -> int | None:
+    if text is None:
+        return None
+    try:
+        return int(text.strip())
+    except ValueError:
+        return None
+
+
+def _mem_available_bytes(paths: HostPaths) -> int:
+    text = _read(paths.meminfo)
+    if text is None:
+        log.warning(
+            "%s is unreadable: assuming %d MiB", paths.meminfo, NON_LINUX_MEMORY_BYTES // MIB
+        )
+        return NON_LINUX_MEMORY_BYTES
+    for line in text.splitlines():
+        name, _, rest = line.partition(":")
+        if name.strip() != "MemAvailable":
+            continue
+        parts = rest.split()
+        scale = {"kb": 1024, "mb": MIB}.get(parts[1].lower()) if len(parts) == 2 else None
+        value = _int(parts[0]) if parts else None
+        if scale is None or value is None:
+            raise ConfigError(f"cannot read MemAvailable in {paths.meminfo}: {line.strip()!r}")
+        return value * scale
+    raise ConfigError(f"no MemAvailable line in {paths.meminfo} (Linux 3.14 or later is needed)")
+
+
+def _cgroup_memory_limit_bytes(paths: HostPaths) -> int | None:
+    limits = []
+    v1 = _int(_read(paths.cgroup_v1_memory_limit))
+    if v1 is not None and 0 < v1 < _CGROUP_V1_UNLIMITED:
+        limits.append(v1)
+    v2_text = _read(paths.cgroup_v2_memory_max)
+    v2 = _int(v2_text) if v2_text is not None and v2_text.strip() != "max" else None
+    if v2 is not None and v2 > 0:
+        limits.append(v2)
+    return min(limits) if limits else None
+
+
+def _head_room_bytes(memory_bytes: int) -> int:
+    return min(HEAD_ROOM_MAX_BYTES, max(HEAD_ROOM_MIN_BYTES, memory_bytes // 10))
+
+
+def measure_memory_bytes(paths: HostPaths) -> int:
+    memory = _mem_available_bytes(paths)
+    limit = _cgroup_memory_limit_bytes(paths)
+    if limit is not None:
+        memory = min(memory, limit)
+    return memory - _head_room_bytes(memory)
+
+
+def _cpu_quota_mcpus(paths: HostPaths) -> int | None:
+    quotas = []
+    quota = _int(_read(paths.cgroup_v1_cfs_quota))
+    period = _int(_read(paths.cgroup_v1_cfs_period))
+    if quota is not None and period is not None and quota > 0 and period > 0:
+        quotas.append(quota * 1000 // period)
+    v2 = (_read(paths.cgroup_v2_cpu_max) or "").split()
+    if len(v2) == 2 and v2[0] != "max":
+        quota, period = _int(v2[0]), _int(v2[1])
+        if quota is not None and period is not None and quota > 0 and period > 0:
+            quotas.append(quota * 1000 // period)
+    return min(quotas) if quotas else None
+
+
+def measure_cpu_mcpus(paths: HostPaths) -> int:
+    text = _read(paths.cpuinfo)
+    count = 0
+    if text is not None:
+        count = sum(1 for line in text.splitlines() if line.split(":")[0].strip() == "processor")
+    if count == 0:
+        count = os.cpu_count() or 1
+    mcpus = count * 1000
+    quota = _cpu_quota_mcpus(paths)
+    return min(mcpus, quota) if quota is not None else mcpus
+
+
+def measure_totals(settings: Settings, paths: HostPaths | None = None) -> ResourceTotals:
+    """Usable memory and CPU on this host, as the settings clamp them."""
+    paths = paths or HostPaths()
+    memory = measure_memory_bytes(paths)
+    cpu = measure_cpu_mcpus(paths)
+    if settings.max_total_memory_bytes:
+        memory = min(memory, settings.max_total_memory_bytes)
+    if settings.max_total_cpu_mcpus:
+        cpu = min(cpu, settings.max_total_cpu_mcpus)
+    if memory <= 0 or cpu <= 0:
+        raise ConfigError(f"not enough resources to run functions: {memory} bytes, {cpu} mCPU")
+    if memory < HEAD_ROOM_MIN_BYTES:
+        log.warning("only %d MiB of memory for functions", memory // MIB)
+    if cpu < 1000:
+        log.warning("only %d mCPU for functions", cpu)
+    return ResourceTotals(memory_bytes=memory, cpu_mcpus=cpu)
+
+
+# ------------------------------------------------------------------- tracking
+
+
+@dataclass(frozen=True, slots=True)
+class Shortfall:
+    """How much is missing for a request right now (MB, mCPU)."""
+
+    memory_mb: int
+    cpu_mcpus: int
+
+
+@dataclass(frozen=True, slots=True)
+class ResourceStats:
+    memory_total_bytes: int
+    memory_used_bytes: int
+    cpu_total_mcpus: int
+    cpu_used_mcpus: int
+    tokens: int
+
+
+class ResourceToken:
+    """Memory and CPU held until :meth:`close` (idempotent)."""
+
+    __slots__ = ("_closed", "_tracker", "cpu_mcpus", "memory_mb")
+
+    def __init__(self, tracker: ResourceTracker, memory_mb: int, cpu_mcpus: int) -> None:
+        self._tracker = tracker
+        self.memory_mb = memory_mb
+        self.cpu_mcpus = cpu_mcpus
+        self._closed = False
+
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def close(self) -> None:
+        if not self._closed:
+            self._closed = True
+            self._tracker._release(self)
+
+    def __repr__(self) -> str:
+        state = "closed" if self._closed else "held"
+        return f"<ResourceToken {self.memory_mb} MB {self.cpu_mcpus} mCPU {state}>"
+
+
+class ResourceTracker:
+    """Hands out memory and CPU tokens within fixed totals."""
+
+    def __init__(self, totals: ResourceTotals) -> None:
+        self.totals = totals
+        self._memory_used_bytes = 0
+        self._cpu_used_mcpus = 0
+        self._tokens = 0
+        self._changed = asyncio.Event()
+
+    @classmethod
+    def from_host(cls, settings: Settings, paths: HostPaths | None = None) -> ResourceTracker:
+        return cls(measure_totals(settings, paths))
+
+    # ----------------------------------------------------------- queries
+    def is_possible(self, memory_mb: int, cpu_mcpus: int) -> bool:
+        """Whether the request could ever fit, with nothing else running."""
+        return memory_mb * MIB <= self.totals.memory_bytes and cpu_mcpus <= self.totals.cpu_mcpus
+
+    def fits_now(self, memory_mb: int, cpu_mcpus: int) -> bool:
+        return (
+            self._memory_used_bytes + memory_mb * MIB <= self.totals.memory_bytes
+            and self._cpu_used_mcpus + cpu_mcpus <= self.totals.cpu_mcpus
+        )
+
+    def shortfall(self, memory_mb: int, cpu_mcpus: int) -> Shortfall:
+        free_memory = self.totals.memory_bytes - self._memory_used_bytes
+        free_cpu = self.totals.cpu_mcpus - self._cpu_used_mcpus
+        missing_bytes = max(0, memory_mb * MIB - free_memory)
+        return Shortfall(memory_mb=-(-missing_bytes // MIB), cpu_mcpus=max(0, cpu_mcpus - free_cpu))
+
+    def below_async_high_water(self) -> bool:
+        return (
+            self._memory_used_bytes < self.totals.memory_bytes * ASYNC_HIGH_WATER
+            and self._cpu_used_mcpus < self.totals.cpu_mcpus * ASYNC_HIGH_WATER
+        )
+
+    def statistics(self) -> ResourceStats:
+        return ResourceStats(
+            memory_total_bytes=self.totals.memory_bytes,
+            memory_used_bytes=self._memory_used_bytes,
+            cpu_total_mcpus=self.totals.cpu_mcpus,
+            cpu_used_mcpus=self._cpu_used_mcpus,
+            tokens=self._tokens,
+        )
+
+    # ---------------------------------------------------------- acquiring
+    def _check_possible(self, memory_mb: int, cpu_mcpus: int) -> None:
+        if not self.is_possible(memory_mb, cpu_mcpus):
+            raise ResourceTooBig(
+                f"the function asks for {memory_mb} MB and {cpu_mcpus} mCPU, more than this "
+                f"worker can ever give ({self.totals.memory_bytes // MIB} MB, "
+                f"{self.totals.cpu_mcpus} mCPU)"
+            )
+
+    def try_acquire(self, memory_mb: int, cpu_mcpus: int) -> ResourceToken | None:
+        """A token now, or None if there is not enough free room.
+
+        Raises ResourceTooBig if the request can never fit.
+        """
+        self._check_possible(memory_mb, cpu_mcpus)
+        if not self.fits_now(memory_mb, cpu_mcpus):
+            return None
+        self._memory_used_bytes += memory_mb * MIB
+        self._cpu_used_mcpus += cpu_mcpus
+        self._tokens += 1
+        return ResourceToken(self, memory_mb, cpu_mcpus)
+
+    async def acquire(
+        self, memory_mb: int, cpu_mcpus: int, timeout_s: float | None = None
+    ) -> ResourceToken:
+        """Wait until the request fits, then take it.
+
+        Raises ResourceTooBig at once if it can never fit, TimeoutError after
+        ``timeout_s``.
+        """
+        async with asyncio.timeout(timeout_s):
+            while True:
+                token = self.try_acquire(memory_mb, cpu_mcpus)
+                if token is not None:
+                    return token
+                await self._changed.wait()
+
+    @asynccontextmanager
+    async def reserve(
+        self, memory_mb: int, cpu_mcpus: int, timeout_s: float | None = None
+    ) -> AsyncIterator[ResourceToken]:
+        """``async with tracker.reserve(mb, mcpu) as token:`` released on exit."""
+        token = await self.acquire(memory_mb, cpu_mcpus, timeout_s)
+        try:
+            yield token
+        finally:
+            token.close()
+
+    async def wait_async_resource(self, timeout_s: float) -> bool:
+        """True once usage is under 80 % of both totals; False after ``timeout_s``."""
+        try:
+            async with asyncio.timeout(timeout_s):
+                while not self.below_async_high_water():
+                    await self._changed.wait()
+        except TimeoutError:
+            return False
+        return True
+
+    def _release(self, token: ResourceToken) -> None:
+        self._memory_used_bytes -= token.memory_mb * MIB
+        self._cpu_used_mcpus -= token.cpu_mcpus
+        self._tokens -= 1
+        changed, self._changed = self._changed, asyncio.Event()
+        changed.set()

@@ -1,0 +1,202 @@
+"""Slot queues: where waiting calls meet idle hot containers of their function.
+
+There is one :class:`SlotQueue` per function configuration, keyed by
+:func:`slot_key`. An idle container *offers* a :class:`Slot` on its queue; a
+waiting call *takes* one, the most recently offered first (LIFO, so the
+warmest container serves and the coldest ages out). Taking is a race with
+exactly one winner: a waiting call, or the container itself when it leaves
+(idle timeout, eviction, shutdown, its process died).
+
+The queue also counts calls by :class:`RequestState` and containers by
+:class:`ContainerState`; :meth:`SlotQueue.new_container_needed` decides from
+those counts whether the launcher should start another container.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import struct
+from collections import Counter
+from enum import StrEnum
+from typing import TYPE_CHECKING
+
+from config.domain import Function
+from config.errors import AgentError
+
+if TYPE_CHECKING:
+    from worker.agent.hot import HotContainer
+
+
+def slot_key(fn: Function) -> str:
+    """A stable hash of everything that makes two containers interchangeable."""
+    digest = hashlib.sha256()
+    for text in (fn.app, fn.name, fn.image):
+        digest.update(text.encode() + b"\0")
+    digest.update(
+        struct.pack(
+            "<IIIqq", fn.timeout_s, fn.idle_timeout_s, fn.tmpfs_mb, fn.memory_mb, fn.cpus_mcpu
+        )
+    )
+    digest.update(b"\0")
+    for key in sorted(fn.config):
+        digest.update(key.encode() + b"\0" + fn.config[key].encode() + b"\0")
+    return digest.hexdigest()
+
+
+class RequestState(StrEnum):
+    WAIT = "wait"  # waiting for a slot
+    EXEC = "exec"  # running in a container
+
+
+class ContainerState(StrEnum):
+    WAIT = "wait"  # waiting for memory/CPU
+    START = "start"  # being created and started
+    IDLE = "idle"
+    PAUSED = "paused"
+    BUSY = "busy"
+    DONE = "done"
+
+
+LIVE_CONTAINER_STATES = (
+    ContainerState.WAIT,
+    ContainerState.START,
+    ContainerState.IDLE,
+    ContainerState.PAUSED,
+    ContainerState.BUSY,
+)
+
+
+class Caller:
+    """A call waiting for a slot; launch failures meant for it land here."""
+
+    def __init__(self, call_id: str) -> None:
+        self.call_id = call_id
+        self.error: AgentError | None = None
+        self.done = False
+        self.wake = asyncio.Event()
+
+    def fail(self, error: AgentError) -> bool:
+        """Hand a launch error to this caller; False if it no longer waits."""
+        if self.done or self.error is not None:
+            return False
+        self.error = error
+        self.wake.set()
+        return True
+
+
+class Slot:
+    """One idle period of one container; taken exactly once."""
+
+    __slots__ = ("_queue", "hot", "released", "taken")
+
+    def __init__(self, queue: SlotQueue, hot: HotContainer) -> None:
+        self._queue = queue
+        self.hot = hot
+        self.taken = False
+        self.released = asyncio.Event()  # set when the call that took it is over
+
+    def try_take(self) -> bool:
+        """Win the slot; True for exactly one party."""
+        if self.taken:
+            return False
+        self.taken = True
+        self._queue._forget(self)
+        self.hot.wake()
+        return True
+
+
+class SlotQueue:
+    """Idle slots, waiting calls and container counts of one function configuration."""
+
+    def __init__(self, key: str, fn: Function) -> None:
+        self.key = key
+        self.fn = fn
+        self._stack: list[Slot] = []
+        self.requests: Counter[RequestState] = Counter()
+        self.containers: Counter[ContainerState] = Counter()
+        self.waiters: dict[Caller, None] = {}  # ordered set, oldest first
+        self.containers_started = 0
+        self._nudged = asyncio.Event()
+        self._nudger: Caller | None = None
+        self.last_used_s = 0.0
+
+    # ------------------------------------------------------------- slots
+    def offer(self, hot: HotContainer) -> Slot:
+        slot = Slot(self, hot)
+        self._stack.append(slot)
+        for caller in self.waiters:
+            caller.wake.set()
+        return slot
+
+    def take_idle(self) -> Slot | None:
+        """The most recently offered slot, taken; None if none is idle."""
+        while self._stack:
+            slot = self._stack[-1]
+            if slot.try_take():
+                return slot
+        return None
+
+    def _forget(self, slot: Slot) -> None:
+        if slot in self._stack:
+            self._stack.remove(slot)
+
+    @property
+    def idle_slots(self) -> int:
+        return len(self._stack)
+
+    # ------------------------------------------------------------ counts
+    def move(self, old: ContainerState | None, new: ContainerState) -> None:
+        if old is not None:
+            self.containers[old] -= 1
+        if new is not ContainerState.DONE:
+            self.containers[new] += 1
+
+    def new_container_needed(self) -> bool:
+        """Launch only if waiting calls outnumber idle plus starting containers."""
+        idle = self.containers[ContainerState.IDLE] + self.containers[ContainerState.PAUSED]
+        starting = self.containers[ContainerState.START] + self.containers[ContainerState.WAIT]
+        waiting = self.requests[RequestState.WAIT]
+        uncovered = waiting - idle if waiting > idle else 0
+        if uncovered == 0:
+            return False
+        return not (starting > 0 and starting >= uncovered)
+
+    def is_idle(self) -> bool:
+        """No call waits or runs and no container lives."""
+        return not any(self.requests.values()) and not any(
+            self.containers[state] for state in LIVE_CONTAINER_STATES
+        )
+
+    # ----------------------------------------------------------- callers
+    def join(self, caller: Caller) -> None:
+        self.waiters[caller] = None
+        self.requests[RequestState.WAIT] += 1
+
+    def leave(self, caller: Caller) -> None:
+        caller.done = True
+        if self.waiters.pop(caller, False) is None:
+            self.requests[RequestState.WAIT] -= 1
+
+    def nudge(self, caller: Caller) -> None:
+        """Ask the launcher to check whether a container is needed."""
+        self._nudger = caller
+        self._nudged.set()
+
+    async def next_nudge(self) -> Caller | None:
+        """Wait for a nudge; the caller to tell if a launch fails (may be None)."""
+        await self._nudged.wait()
+        self._nudged.clear()
+        caller, self._nudger = self._nudger, None
+        return self.launch_owner(caller)
+
+    def launch_owner(self, preferred: Caller | None) -> Caller | None:
+        """``preferred`` if it still waits, else the oldest waiting caller, to tell of a
+        failed launch; callers already holding an error are skipped."""
+        if preferred is not None and preferred in self.waiters and preferred.error is None:
+            return preferred
+        return next((c for c in self.waiters if c.error is None), None)
+
+    def wake_all(self) -> None:
+        for caller in self.waiters:
+            caller.wake.set()

@@ -1,0 +1,53 @@
+"""A tracked set of named background tasks, for tasks that outlive their starter.
+
+A hot container lives longer than the call that launched it, so it cannot be
+a child of that call's TaskGroup; the agent owns it here instead, and
+:meth:`TaskSet.close` cancels and awaits whatever is left. A task that dies
+of an unexpected error is logged at once, not when someone finally looks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Coroutine
+from typing import Any
+
+log = logging.getLogger("fnq.agent")
+
+
+class TaskSet:
+    def __init__(self, name: str) -> None:
+        self.name = name
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = asyncio.create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._finished)
+        return task
+
+    def _finished(self, task: asyncio.Task[None]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("%s task %s crashed", self.name, task.get_name(), exc_info=task.exception())
+
+    def __len__(self) -> int:
+        return len(self._tasks)
+
+    async def join(self, timeout_s: float) -> bool:
+        """Wait for every task to end by itself; False if some are still running."""
+        if not self._tasks:
+            return True
+        _, pending = await asyncio.wait(set(self._tasks), timeout=timeout_s)
+        return not pending
+
+    async def close(self, timeout_s: float = 10.0) -> None:
+        """Cancel every task and wait (bounded) until they are gone."""
+        tasks = set(self._tasks)
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            _, pending = await asyncio.wait(tasks, timeout=timeout_s)
+            for task in pending:
+                log.error("%s task %s ignored cancellation", self.name, task.get_name())
