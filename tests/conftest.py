@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -32,8 +33,6 @@ def docker_engine() -> Iterator[object]:
 @pytest.fixture
 def settings_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Point FN_DATA_DIR at a fresh directory and clear other FN_ variables."""
-    import os
-
     for key in list(os.environ):
         if key.startswith("FN_"):
             monkeypatch.delenv(key)

@@ -19,6 +19,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import docker
 import pytest
 
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
@@ -68,9 +69,23 @@ class RedisServer:
         if exe is None:
             missing("redis-server is not installed")
         args = [
-            str(exe), "--port", str(self.port), "--bind", "127.0.0.1", "--dir", str(self.directory),
-            "--save", "", "--appendonly", "yes" if self.appendonly else "no",
-            "--appendfsync", "always", "--daemonize", "no", "--logfile", "redis.log",
+            str(exe),
+            "--port",
+            str(self.port),
+            "--bind",
+            "127.0.0.1",
+            "--dir",
+            str(self.directory),
+            "--save",
+            "",
+            "--appendonly",
+            "yes" if self.appendonly else "no",
+            "--appendfsync",
+            "always",
+            "--daemonize",
+            "no",
+            "--logfile",
+            "redis.log",
         ]
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
@@ -116,24 +131,39 @@ class PostgresServer:
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
-        self._run(str(PG_BIN / "pg_ctl"), "-D", str(data), "-o", opts, "-w", "-l",
-                  str(self.directory / "pg.log"), "start")
+        self._run(
+            str(PG_BIN / "pg_ctl"),
+            "-D",
+            str(data),
+            "-o",
+            opts,
+            "-w",
+            "-l",
+            str(self.directory / "pg.log"),
+            "start",
+        )
         wait_port(self.port)
         return self
 
     def stop(self) -> None:
         with contextlib.suppress(subprocess.CalledProcessError):
-            self._run(str(PG_BIN / "pg_ctl"), "-D", str(self.directory / "data"), "-m", "fast",
-                      "-w", "stop")
+            self._run(
+                str(PG_BIN / "pg_ctl"),
+                "-D",
+                str(self.directory / "data"),
+                "-m",
+                "fast",
+                "-w",
+                "stop",
+            )
 
 
 def docker_client() -> Iterator[object]:
     """A docker client that answers ping, or a skip/fail saying why not."""
     try:
-        import docker  # noqa: PLC0415
         client = docker.from_env(timeout=30)
         client.ping()
-    except Exception as exc:  # noqa: BLE001 - any failure means "no engine"
+    except Exception as exc:  # any failure means "no engine"
         missing(f"no docker engine answers: {exc}")
     yield client
     client.close()

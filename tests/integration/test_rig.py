@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import subprocess
 
+import asyncpg
+import docker
 import pytest
 
 from tests.rig import PostgresServer, RedisServer
@@ -12,14 +14,16 @@ pytestmark = pytest.mark.integration
 
 
 def test_redis_answers(redis_server: RedisServer) -> None:
-    out = subprocess.run(["redis-cli", "-p", str(redis_server.port), "PING"],
-                         capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        ["redis-cli", "-p", str(redis_server.port), "PING"],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     assert out.stdout.strip() == "PONG"
 
 
 async def test_postgres_answers(postgres_server: PostgresServer) -> None:
-    import asyncpg
-
     conn = await asyncpg.connect(postgres_server.url)
     try:
         assert await conn.fetchval("SELECT 40 + 2") == 42
@@ -28,7 +32,5 @@ async def test_postgres_answers(postgres_server: PostgresServer) -> None:
 
 
 def test_docker_engine_answers(docker_engine: object) -> None:
-    import docker
-
     assert isinstance(docker_engine, docker.DockerClient)
     assert docker_engine.version()["ApiVersion"]

@@ -34,4 +34,4 @@ def test_call_ids_unique_across_threads() -> None:
 def test_status_sets() -> None:
     assert CallStatus.SUCCESS.is_final
     assert not CallStatus.RUNNING.is_final
-    assert FINAL_STATUSES == {"success", "error", "timeout", "cancelled"}
+    assert {"success", "error", "timeout", "cancelled"} == FINAL_STATUSES

@@ -33,7 +33,7 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
 
-        return uvloop.run(coro)  # type: ignore[no-any-return]
+        return uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
         return asyncio.run(coro)
 

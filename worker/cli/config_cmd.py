@@ -16,7 +16,8 @@ def markdown_table() -> str:
             default = "(see meaning)"
         else:
             value = info.default
-            default = "" if value is None else str(value).lower() if isinstance(value, bool) else str(value)
+            default = "" if value is None else str(value)
+            default = default.lower() if isinstance(value, bool) else default
         meaning = (info.description or "").replace("|", "\\|")
         lines.append(f"| `{env_name(name)}` | `{default}` | {meaning} |")
     return "\n".join(lines) + "\n"
