@@ -1,0 +1,172 @@
+"""The queue seam: messages, the MessageQueue protocol, and ``open_queue``.
+
+Delivery is at least once. A consumer ``reserve``s messages; each stays
+invisible to other consumers until it is acked, released, dead-lettered, or
+its reservation lapses (``settings.mq_reservation_msecs`` without an
+``extend``). A lapsed message is delivered again with ``deliveries + 1``; once
+it has been delivered ``settings.mq_max_deliveries`` times and lapses again it
+moves to the dead letters. ``release`` hands a message back without charging
+a delivery. Malformed messages never reach the caller of ``reserve``: they go
+to the dead letters with the reason.
+
+Ordering: priority 2 before 1 before 0, first in first out within a priority.
+
+Backends are picked by URL scheme and imported only when used:
+``sqlite:///PATH`` (mq.sqlite) and ``redis://`` / ``rediss://`` (mq.redis).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import Awaitable, Callable, Coroutine, Sequence
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, runtime_checkable
+
+from config.domain import Call
+from config.errors import ConfigError, QueueError
+from config.settings import Settings
+
+__all__ = ["DeadLetter", "Message", "MessageQueue", "QueueStats", "open_queue"]
+
+
+@dataclass(frozen=True, slots=True)
+class Message:
+    """One delivery of a call to one consumer."""
+
+    call: Call  # call.id is the message id; call.priority is the queue it came from
+    deliveries: int  # 1 on first delivery, +1 each time a reservation lapsed
+    receipt: str  # this reservation; ack/release/extend/dead_letter use it
+    priority: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class DeadLetter:
+    """A message that will not be delivered again unless requeued."""
+
+    id: str  # the call id, or "inbox-<entry>" when the message had none
+    reason: str
+    deliveries: int
+    died_at: datetime
+    raw: bytes  # the message as stored (JSON), for inspection
+    call: Call | None  # None when the message is malformed
+
+
+@dataclass(frozen=True, slots=True)
+class QueueStats:
+    ready: int  # visible now (or waiting to be routed)
+    delayed: int  # waiting for their time (delays and delayed releases)
+    reserved: int  # held by consumers
+    dead: int
+
+
+@runtime_checkable
+class MessageQueue(Protocol):
+    """What producers and workers use. Every method may raise QueueError."""
+
+    async def push(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> str:
+        """Queue a call; ``delay_s``/``priority`` default to ``call.delay_s``/``call.priority``.
+
+        Returns ``call.id``. Pushing an id that is still queued, delayed or reserved
+        does nothing (one message per id).
+        """
+        ...
+
+    async def push_many(self, calls: Sequence[Call]) -> list[str]:
+        """Queue several calls (each with its own delay and priority) in one round trip."""
+        ...
+
+    async def reserve(self, timeout_s: float) -> Message | None:
+        """The next message, waiting up to ``timeout_s``; None when none came."""
+        ...
+
+    async def reserve_many(self, max_count: int, timeout_s: float) -> list[Message]:
+        """Up to ``max_count`` messages; waits only while there are none."""
+        ...
+
+    async def ack(self, msg: Message) -> None:
+        """Done with it: remove the message (idempotent)."""
+        ...
+
+    async def ack_many(self, msgs: Sequence[Message]) -> None:
+        """``ack`` for several messages in one round trip."""
+        ...
+
+    async def release(self, msg: Message, delay_s: float = 0.0) -> None:
+        """Hand it back (after ``delay_s``) without counting a delivery.
+
+        A no-op when the reservation was already lost.
+        """
+        ...
+
+    async def extend(self, msg: Message) -> None:
+        """Restart the reservation clock; ReservationLost if another consumer has it."""
+        ...
+
+    async def dead_letter(self, msg: Message, reason: str) -> None:
+        """Move the message to the dead letters with ``reason``."""
+        ...
+
+    async def dead_list(self, limit: int = 100) -> list[DeadLetter]:
+        """Dead letters, oldest first."""
+        ...
+
+    async def dead_requeue(self, ids: Sequence[str] | None = None) -> int:
+        """Queue dead letters again (all when ``ids`` is None) with fresh delivery counts."""
+        ...
+
+    async def dead_purge(self, ids: Sequence[str] | None = None) -> int:
+        """Delete dead letters (all when ``ids`` is None)."""
+        ...
+
+    async def stats(self) -> QueueStats: ...
+
+    async def close(self) -> None: ...
+
+
+def open_queue(url: str, settings: Settings) -> MessageQueue:
+    """The queue named by ``url``; nothing is connected until first use."""
+    scheme = url.partition("://")[0].lower()
+    if scheme == "sqlite":
+        from mq.sqlite import SqliteQueue  # noqa: PLC0415 - backends load lazily
+
+        return SqliteQueue.from_url(url, settings)
+    if scheme in {"redis", "rediss"}:
+        from mq.redis import RedisQueue  # noqa: PLC0415 - backends load lazily
+
+        return RedisQueue.from_url(url, settings)
+    raise ConfigError(f"unsupported queue URL {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
+
+
+# ----------------------------------------------------------- shared helpers
+
+
+async def claim_shielded(
+    claim: Coroutine[Any, Any, list[Message]],
+    hand_back: Callable[[list[Message]], Awaitable[None]],
+    timeout_s: float,
+) -> list[Message]:
+    """Run a claiming step that must not be torn in half by cancellation.
+
+    If the caller is cancelled while the backend is handing out messages, the
+    step still finishes and its messages go straight back (no delivery charged)
+    instead of waiting for their reservation to lapse.
+    """
+    task = asyncio.ensure_future(claim)
+    try:
+        return await asyncio.shield(task)
+    except asyncio.CancelledError:
+        try:
+            # On failure the messages simply lapse and come back later.
+            with contextlib.suppress(QueueError, TimeoutError):
+                async with asyncio.timeout(timeout_s):
+                    msgs = await task
+                    if msgs:
+                        await hand_back(msgs)
+        finally:
+            if not task.done():
+                task.cancel()
+        raise

@@ -1,0 +1,406 @@
+"""The Redis queue (``redis://HOST:PORT/DB?prefix=fnq``, ``rediss://`` for TLS).
+
+Keys, with prefix ``P`` (default ``fnq``)::
+
+    P:calls            stream  producers XADD here (wire format in mq.wire)
+    P:ready:0|1|2      streams ready messages by priority, consumer group "fnq"
+    P:later            stream  delayed messages ...
+    P:later:due        zset    ... by due time (ms)
+    P:ids              hash    call id -> where it is queued (one message per id)
+    P:dead, P:dead:ids stream + hash: dead letters by key
+    P:meta             hash    when lapsed reservations are next swept, sweep cursors
+
+A reservation is an entry in a ready stream's pending list (XREADGROUP); it
+lapses when the entry has been idle longer than the reservation time, and the
+next sweep (XAUTOCLAIM, at most every ``reclaim_every_ms``) hands it to the
+sweeping consumer with its delivery count raised. ``extend`` resets the idle
+time (XCLAIM JUSTID). ``release`` and delayed retries move the entry to the end
+of its stream or to ``P:later``, carrying the deliveries made so far in ``_n``.
+
+Entries producers XADD to ``P:calls`` are read by consumers too: each is
+validated in Python, then routed atomically (a Lua script): a duplicate id is
+dropped, a delayed one goes to ``P:later``, the rest to its ready stream; a
+malformed one goes to the dead letters with the reason.
+
+Every multi-step change is one Lua script (mq/lua/*.lua, each prefixed with
+common.lua), so a consumer that dies mid-way leaves nothing half done.
+Waiting: when a reserve finds nothing it blocks in XREAD on the four streams
+(from their last entry, so only new entries wake it), at most until the next
+delayed message is due or, while reservations are held, the next sweep.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import functools
+import json
+import os
+import secrets
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+from redis import exceptions as rexc
+from redis.commands.core import AsyncScript
+
+from config.domain import Call, new_call_id
+from config.errors import ConfigError
+from config.settings import Settings
+from mq import wire
+from mq.base import DeadLetter, Message, QueueStats, claim_shielded
+from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
+
+GROUP = "fnq"
+OP_TIMEOUT_S = 10.0
+PROMOTE_LIMIT = 200
+REQUEUE_BATCH = 500
+PUSH_BATCH = 500
+_SCRIPTS = ("enqueue", "reserve", "ack", "release", "extend", "bury", "requeue", "purge", "leave")
+
+
+@functools.cache
+def _lua(name: str) -> str:
+    folder = Path(__file__).with_name("lua")
+    return (folder / "common.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
+
+
+def reclaim_every_ms(reservation_ms: int) -> int:
+    """How often lapsed reservations are swept: a quarter reservation, 100 ms to 1 s."""
+    return max(100, min(1000, reservation_ms // 4))
+
+
+def _s(value: bytes | str) -> str:
+    return value.decode() if isinstance(value, bytes) else value
+
+
+def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
+    return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
+
+
+class RedisQueue:
+    """MessageQueue on Redis streams (Redis >= 6.2)."""
+
+    def __init__(
+        self,
+        client: aioredis.Redis,
+        settings: Settings,
+        *,
+        prefix: str = wire.DEFAULT_PREFIX,
+        op_timeout_s: float = OP_TIMEOUT_S,
+        owns_client: bool = True,
+    ) -> None:
+        self._client = client
+        self._owns_client = owns_client
+        self._prefix = prefix
+        self._op_timeout_s = op_timeout_s
+        self._reservation_ms = settings.mq_reservation_msecs
+        self._max_deliveries = settings.mq_max_deliveries
+        self._max_body = settings.max_request_size
+        self._consumer = f"{os.uname().nodename}:{os.getpid()}:{secrets.token_hex(3)}"
+        p = prefix
+        self.inbox_key = f"{p}:{wire.INBOX}"
+        self._ready_keys = [f"{p}:ready:{i}" for i in range(wire.MAX_PRIORITY + 1)]
+        self._keys = [
+            *self._ready_keys,
+            self.inbox_key,
+            f"{p}:later",
+            f"{p}:later:due",
+            f"{p}:ids",
+            f"{p}:dead",
+            f"{p}:dead:ids",
+            f"{p}:meta",
+        ]
+        self._scripts: dict[str, AsyncScript] = {
+            name: client.register_script(_lua(name)) for name in _SCRIPTS
+        }
+        self._groups_made = False
+
+    @classmethod
+    def from_url(cls, url: str, settings: Settings) -> RedisQueue:
+        parts = urlsplit(url)
+        query = dict(parse_qsl(parts.query))
+        prefix = query.pop("prefix", wire.DEFAULT_PREFIX)
+        try:
+            timeout_s = float(query.pop("timeout_s", OP_TIMEOUT_S))
+        except ValueError:
+            raise ConfigError("queue URL: timeout_s must be a number of seconds") from None
+        if not prefix or any(c.isspace() for c in prefix):
+            raise ConfigError(f"queue URL: prefix {prefix!r} must be non-empty, without spaces")
+        clean = urlunsplit(parts._replace(query=urlencode(query)))
+        client = aioredis.Redis.from_url(clean, socket_connect_timeout=5.0, socket_timeout=None)
+        return cls(client, settings, prefix=prefix, op_timeout_s=timeout_s)
+
+    @property
+    def consumer(self) -> str:
+        return self._consumer
+
+    # ------------------------------------------------------------ plumbing
+    async def _ensure_groups(self) -> None:
+        if self._groups_made:
+            return
+        async with asyncio.timeout(self._op_timeout_s):
+            pipe = self._client.pipeline(transaction=False)
+            for key in [*self._ready_keys, self.inbox_key]:
+                pipe.xgroup_create(key, GROUP, id="0", mkstream=True)
+            for result in await pipe.execute(raise_on_error=False):
+                if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
+                    raise result
+        self._groups_made = True
+
+    async def _eval(self, name: str, args: Sequence[Any], timeout_s: float | None = None) -> Any:
+        for attempt in (1, 2):
+            try:
+                await self._ensure_groups()
+                async with asyncio.timeout(timeout_s or self._op_timeout_s):
+                    return await self._scripts[name](keys=self._keys, args=list(args))
+            except rexc.ResponseError as exc:
+                if "NOGROUP" in str(exc) and attempt == 1:  # keys deleted under us: recreate
+                    self._groups_made = False
+                    continue
+                raise QueueError(f"redis queue script {name}: {exc}") from exc
+            except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
+                raise QueueUnavailable(f"redis queue: {type(exc).__name__}: {exc}") from exc
+        raise AssertionError("unreachable")
+
+    async def _cmd(self, coro_fn: Any, *args: Any, timeout_s: float | None = None) -> Any:
+        try:
+            await self._ensure_groups()
+            async with asyncio.timeout(timeout_s or self._op_timeout_s):
+                return await coro_fn(*args)
+        except rexc.ResponseError as exc:
+            raise QueueError(f"redis queue: {exc}") from exc
+        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
+            raise QueueUnavailable(f"redis queue: {type(exc).__name__}: {exc}") from exc
+
+    # ------------------------------------------------------------- produce
+    async def push(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> str:
+        prio = call.priority if priority is None else priority
+        delay = call.delay_s if delay_s is None else delay_s
+        await self._enqueue([self._entry(call, prio, delay)])
+        return call.id
+
+    async def push_many(self, calls: Sequence[Call]) -> list[str]:
+        entries = [self._entry(c, c.priority, c.delay_s) for c in calls]
+        for start in range(0, len(entries), PUSH_BATCH):
+            await self._enqueue(entries[start : start + PUSH_BATCH])
+        return [c.id for c in calls]
+
+    def _entry(self, call: Call, prio: int, delay_s: float, src: str = "") -> list[Any]:
+        try:
+            wire.check_call(call, prio, delay_s, self._max_body)
+        except wire.WireError as exc:
+            raise InvalidCall(f"call {call.id}: {exc}") from None
+        return self._route_args(call, prio, delay_s, src)
+
+    @staticmethod
+    def _route_args(call: Call, prio: int, delay_s: float, src: str) -> list[Any]:
+        fields = wire.call_fields(call, prio)
+        flat: list[Any] = [call.id, int(delay_s * 1000), src, 2 * len(fields)]
+        for name, value in fields.items():
+            flat += (name, value)
+        return flat
+
+    async def _enqueue(self, entries: list[list[Any]]) -> None:
+        if entries:
+            args: list[Any] = [GROUP, len(entries)]
+            for entry in entries:
+                args += entry
+            await self._eval("enqueue", args)
+
+    # ------------------------------------------------------------- consume
+    async def reserve(self, timeout_s: float) -> Message | None:
+        msgs = await self.reserve_many(1, timeout_s)
+        return msgs[0] if msgs else None
+
+    async def reserve_many(self, max_count: int, timeout_s: float) -> list[Message]:
+        if max_count < 1:
+            raise ValueError("max_count must be at least 1")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + max(timeout_s, 0.0)
+        while True:
+            box: list[Any] = []
+            msgs = await claim_shielded(
+                self._claim(max_count, box), self._hand_back, self._op_timeout_s
+            )
+            if msgs:
+                return msgs
+            remaining = deadline - loop.time()
+            if remaining <= 0:
+                return []
+            wait = box[0] if box else None
+            if wait is None:  # routed or buried something: look again at once
+                continue
+            from_ids, cap_ms = wait
+            block_ms = remaining * 1000 if cap_ms < 0 else min(remaining * 1000, cap_ms)
+            await self._block(from_ids, max(1, int(block_ms)))
+
+    async def _block(self, from_ids: Sequence[bytes], block_ms: int) -> None:
+        keys = [self._ready_keys[2], self._ready_keys[1], self._ready_keys[0], self.inbox_key]
+        streams = {k: _s(i) for k, i in zip(keys, from_ids, strict=True)}
+        await self._cmd(
+            self._client.xread,
+            streams,
+            1,
+            block_ms,
+            timeout_s=block_ms / 1000 + self._op_timeout_s,
+        )
+
+    async def _claim(self, count: int, box: list[Any]) -> list[Message]:
+        every = reclaim_every_ms(self._reservation_ms)
+        args = [
+            GROUP,
+            self._consumer,
+            count,
+            self._reservation_ms,
+            self._max_deliveries,
+            every,
+            PROMOTE_LIMIT,
+        ]
+        out, raw, wait = await self._eval("reserve", args)
+        msgs: list[Message] = []
+        for prio, eid_b, deliveries, flat in out:
+            eid = _s(eid_b)
+            try:
+                parsed = wire.decode_fields(_pairs(flat), self._max_body)
+            except wire.WireError as exc:
+                key = _s(_pairs(flat).get(b"id", b"")) or f"q{prio}-{eid}"
+                await self._bury(str(prio), eid, key, f"malformed message: {exc}", deliveries)
+                continue
+            msgs.append(Message(parsed.call, int(deliveries), f"{prio}|{eid}", int(prio)))
+        if raw:
+            await self._route(raw)
+        if not msgs and not raw and wait:
+            box.append((wait[0], int(wait[1])))
+        return msgs
+
+    async def _route(self, raw: list[Any]) -> None:
+        entries: list[list[Any]] = []
+        for eid_b, times, flat in raw:
+            eid = _s(eid_b)
+            fields = _pairs(flat)
+            try:
+                parsed = wire.decode_fields(
+                    fields,
+                    self._max_body,
+                    default_id=new_call_id(),
+                    default_created_ms=int(eid.split("-")[0]),
+                )
+            except wire.WireError as exc:
+                given = _s(fields.get(b"id", b""))
+                key = given if given and len(given) <= 128 else f"inbox-{eid}"
+                await self._bury("inbox", eid, key, f"malformed message: {exc}", int(times))
+                continue
+            entries.append(self._route_args(parsed.call, parsed.priority, parsed.delay_s, eid))
+        await self._enqueue(entries)
+
+    async def _bury(self, src: str, eid: str, key: str, reason: str, deliveries: int) -> None:
+        await self._eval("bury", [GROUP, src, eid, key, reason, deliveries])
+
+    async def _hand_back(self, msgs: list[Message]) -> None:
+        for msg in msgs:
+            await self.release(msg)
+
+    @staticmethod
+    def _where(msg: Message) -> tuple[str, str]:
+        prio, _, eid = msg.receipt.partition("|")
+        return prio, eid
+
+    async def ack(self, msg: Message) -> None:
+        await self.ack_many([msg])
+
+    async def ack_many(self, msgs: Sequence[Message]) -> None:
+        if msgs:
+            args: list[Any] = [GROUP]
+            for msg in msgs:
+                args += (*self._where(msg), msg.call.id)
+            await self._eval("ack", args)
+
+    async def release(self, msg: Message, delay_s: float = 0.0) -> None:
+        delay_ms = int(wire.check_delay(delay_s) * 1000)
+        prio, eid = self._where(msg)
+        prior = max(msg.deliveries - 1, 0)
+        await self._eval("release", [GROUP, self._consumer, prio, eid, delay_ms, prior])
+
+    async def extend(self, msg: Message) -> None:
+        prio, eid = self._where(msg)
+        if not await self._eval("extend", [GROUP, self._consumer, prio, eid, msg.deliveries]):
+            raise ReservationLost(f"message {msg.call.id}: reservation {msg.receipt} is gone")
+
+    async def dead_letter(self, msg: Message, reason: str) -> None:
+        prio, eid = self._where(msg)
+        await self._bury(prio, eid, msg.call.id, reason, msg.deliveries)
+
+    # --------------------------------------------------------- dead letters
+    async def dead_list(self, limit: int = 100) -> list[DeadLetter]:
+        entries = await self._cmd(self._client.xrange, self._keys[7], "-", "+", limit)
+        return [self._dead_letter(fields) for _, fields in entries]
+
+    def _dead_letter(self, fields: dict[bytes, bytes]) -> DeadLetter:
+        key = _s(fields.get(b"_key", b"?"))
+        original = {k: v for k, v in fields.items() if not k.startswith(b"_")}
+        try:
+            call: Call | None = wire.decode_fields(original, self._max_body, default_id=key).call
+        except wire.WireError:
+            call = None
+        raw = json.dumps(
+            {_s(k): v.decode("utf-8", "replace") for k, v in original.items()}, ensure_ascii=False
+        ).encode()
+        return DeadLetter(
+            id=key,
+            reason=_s(fields.get(b"_reason", b"")),
+            deliveries=int(fields.get(b"_deliveries", b"0")),
+            died_at=wire.from_ms(int(fields.get(b"_died", b"0"))),
+            raw=raw,
+            call=call,
+        )
+
+    async def dead_requeue(self, ids: Sequence[str] | None = None) -> int:
+        if ids is not None:
+            return int(await self._eval("requeue", ["ids", 0, *ids])) if ids else 0
+        total = 0
+        while True:
+            moved = int(await self._eval("requeue", ["all", REQUEUE_BATCH]))
+            total += moved
+            if moved < REQUEUE_BATCH:
+                return total
+
+    async def dead_purge(self, ids: Sequence[str] | None = None) -> int:
+        if ids is None:
+            return int(await self._eval("purge", ["all"]))
+        return int(await self._eval("purge", ["ids", *ids])) if ids else 0
+
+    async def stats(self) -> QueueStats:
+        async def snapshot() -> list[Any]:
+            pipe = self._client.pipeline(transaction=True)
+            for key in self._ready_keys:
+                pipe.xlen(key)
+                pipe.xpending(key, GROUP)
+            pipe.xlen(self.inbox_key)
+            pipe.zcard(self._keys[5])
+            pipe.xlen(self._keys[7])
+            return list(await pipe.execute())
+
+        res = await self._cmd(snapshot)
+        lengths = sum(int(res[i]) for i in (0, 2, 4))
+        reserved = sum(int(res[i]["pending"]) for i in (1, 3, 5))
+        return QueueStats(
+            ready=lengths - reserved + int(res[6]),
+            delayed=int(res[7]),
+            reserved=reserved,
+            dead=int(res[8]),
+        )
+
+    async def close(self) -> None:
+        try:
+            if self._groups_made:
+                # Unreachable server: the consumer's name just stays registered (harmless).
+                with contextlib.suppress(QueueError):
+                    await self._eval("leave", [GROUP, self._consumer])
+        finally:
+            if self._owns_client:
+                await self._client.aclose()

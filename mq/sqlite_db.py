@@ -1,0 +1,280 @@
+"""The SQLite queue's storage: one connection, used from one thread, short transactions.
+
+One table holds every live message. ``state`` 0 means visible; 1 means waiting
+until ``due_ms``: delayed when ``receipt`` is NULL, reserved otherwise. A
+reserve transaction first turns due rows visible (or buries rows whose last
+reservation lapsed after ``max_deliveries``), then takes the first visible rows
+by ``priority DESC, seq``. A row keeps its ``seq`` when it comes back, so a lapsed
+or released message keeps its place in line.
+
+Other processes may insert rows directly (``INSERT INTO mq_message(id, payload)``
+with the JSON form of mq.wire); malformed rows are dead-lettered at reserve.
+"""
+
+from __future__ import annotations
+
+import secrets
+import sqlite3
+import time
+from collections.abc import Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
+from pathlib import Path
+
+from config.domain import Call
+from mq import wire
+from mq.base import DeadLetter, Message, QueueStats
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS mq_message (
+    seq INTEGER PRIMARY KEY,
+    id TEXT NOT NULL UNIQUE,
+    priority INTEGER NOT NULL DEFAULT 0 CHECK (priority BETWEEN 0 AND 2),
+    state INTEGER NOT NULL DEFAULT 0,
+    due_ms INTEGER NOT NULL DEFAULT 0,
+    receipt TEXT,
+    deliveries INTEGER NOT NULL DEFAULT 0,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mq_message_visible ON mq_message (priority DESC, seq) WHERE state = 0;
+CREATE INDEX IF NOT EXISTS mq_message_waiting ON mq_message (due_ms) WHERE state = 1;
+CREATE TABLE IF NOT EXISTS mq_dead (
+    id TEXT PRIMARY KEY,
+    reason TEXT NOT NULL,
+    deliveries INTEGER NOT NULL,
+    died_ms INTEGER NOT NULL,
+    priority INTEGER NOT NULL,
+    payload BLOB NOT NULL
+);
+CREATE INDEX IF NOT EXISTS mq_dead_died ON mq_dead (died_ms);
+"""
+
+_BURY_LAPSED = """
+INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
+SELECT id, 'delivered ' || deliveries || ' times; the reservation lapsed each time',
+       deliveries, :now, priority, payload
+FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NULL
+                  AND deliveries >= :max
+"""
+_DELETE_LAPSED = """
+DELETE FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NULL
+                        AND deliveries >= :max
+"""
+_BURY_ONE = """
+INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
+SELECT id, ?, deliveries, ?, priority, payload FROM mq_message WHERE seq = ? AND id = ?
+"""
+
+
+def now_ms() -> int:
+    return time.time_ns() // 1_000_000
+
+
+def _split_receipt(msg: Message) -> tuple[int, str]:
+    seq, _, token = msg.receipt.partition(":")
+    return int(seq), token
+
+
+class SqliteDb:
+    """Blocking operations; call them from the queue's own thread only."""
+
+    def __init__(
+        self,
+        path: Path,
+        *,
+        reservation_ms: int,
+        max_deliveries: int,
+        max_body_bytes: int,
+        busy_timeout_ms: int,
+    ) -> None:
+        self.path = path
+        self.reservation_ms = reservation_ms
+        self.max_deliveries = max_deliveries
+        self.max_body_bytes = max_body_bytes
+        self.busy_timeout_ms = busy_timeout_ms
+        self._conn: sqlite3.Connection | None = None
+
+    # ------------------------------------------------------------ plumbing
+    @property
+    def conn(self) -> sqlite3.Connection:
+        if self._conn is None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            conn = sqlite3.connect(
+                self.path,
+                timeout=self.busy_timeout_ms / 1000,
+                isolation_level=None,
+                check_same_thread=False,
+            )
+            conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = NORMAL")
+            with self._tx(conn):
+                for statement in SCHEMA.split(";"):
+                    if statement.strip():
+                        conn.execute(statement)
+            self._conn = conn
+        return self._conn
+
+    @staticmethod
+    @contextmanager
+    def _tx(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+        conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield conn
+        except BaseException:
+            conn.execute("ROLLBACK")
+            raise
+        conn.execute("COMMIT")
+
+    def write(self) -> AbstractContextManager[sqlite3.Connection]:
+        return self._tx(self.conn)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None
+
+    def data_version(self) -> int:
+        return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
+
+    # ------------------------------------------------------------- produce
+    def push(self, items: Sequence[tuple[Call, int, float]]) -> None:
+        now = now_ms()
+        rows = [
+            (c.id, prio, 1 if delay_s > 0 else 0, now + int(delay_s * 1000), wire.call_json(c))
+            for c, prio, delay_s in items
+        ]
+        with self.write() as conn:
+            conn.executemany(
+                "INSERT INTO mq_message (id, priority, state, due_ms, payload) VALUES (?,?,?,?,?)"
+                " ON CONFLICT (id) DO NOTHING",
+                rows,
+            )
+
+    # ------------------------------------------------------------- consume
+    def reserve(self, count: int) -> tuple[list[Message], int | None, int]:
+        """Up to ``count`` messages; also the next due time and the data version."""
+        out: list[Message] = []
+        token = secrets.token_hex(6)
+        with self.write() as conn:
+            now = now_ms()  # after the lock: a wait for it must not shorten the reservation
+            self._sweep(conn, now)
+            while len(out) < count:
+                rows = conn.execute(
+                    "SELECT seq, id, priority, deliveries, payload FROM mq_message WHERE state = 0"
+                    " ORDER BY priority DESC, seq LIMIT ?",
+                    (count - len(out),),
+                ).fetchall()
+                if not rows:
+                    break
+                conn.executemany(
+                    "UPDATE mq_message SET state = 1, due_ms = ?, receipt = ?,"
+                    " deliveries = deliveries + 1 WHERE seq = ?",
+                    [(now + self.reservation_ms, token, r[0]) for r in rows],
+                )
+                for seq, msg_id, prio, deliveries, payload in rows:
+                    try:
+                        call = wire.decode_json(payload, prio, self.max_body_bytes)
+                    except wire.WireError as exc:
+                        self._bury(conn, seq, msg_id, f"malformed message: {exc}", now)
+                        continue
+                    out.append(Message(call, deliveries + 1, f"{seq}:{token}", prio))
+            next_due = None
+            if not out:
+                next_due = conn.execute(
+                    "SELECT MIN(due_ms) FROM mq_message WHERE state = 1"
+                ).fetchone()[0]
+            version = int(conn.execute("PRAGMA data_version").fetchone()[0])
+        return out, next_due, version
+
+    def _sweep(self, conn: sqlite3.Connection, now: int) -> None:
+        due = conn.execute(
+            "SELECT 1 FROM mq_message WHERE state = 1 AND due_ms <= ? LIMIT 1", (now,)
+        ).fetchone()
+        if due is None:
+            return
+        args = {"now": now, "max": self.max_deliveries}
+        conn.execute(_BURY_LAPSED, args)
+        conn.execute(_DELETE_LAPSED, args)
+        conn.execute(
+            "UPDATE mq_message SET state = 0, receipt = NULL WHERE state = 1 AND due_ms <= ?",
+            (now,),
+        )
+
+    def _bury(self, conn: sqlite3.Connection, seq: int, msg_id: str, reason: str, now: int) -> None:
+        conn.execute(_BURY_ONE, (reason, now, seq, msg_id))
+        conn.execute("DELETE FROM mq_message WHERE seq = ? AND id = ?", (seq, msg_id))
+
+    def ack(self, msgs: Sequence[Message]) -> None:
+        rows = [(_split_receipt(m)[0], m.call.id) for m in msgs]
+        with self.write() as conn:
+            conn.executemany("DELETE FROM mq_message WHERE seq = ? AND id = ?", rows)
+
+    def release(self, msgs: Sequence[Message], delay_s: float) -> None:
+        now = now_ms()
+        state, due = (1, now + int(delay_s * 1000)) if delay_s > 0 else (0, 0)
+        with self.write() as conn:
+            conn.executemany(
+                "UPDATE mq_message SET state = ?, due_ms = ?, receipt = NULL,"
+                " deliveries = MAX(deliveries - 1, 0)"
+                " WHERE seq = ? AND receipt = ? AND state = 1",
+                [(state, due, *_split_receipt(m)) for m in msgs],
+            )
+
+    def extend(self, msg: Message) -> bool:
+        seq, token = _split_receipt(msg)
+        with self.write() as conn:
+            cur = conn.execute(
+                "UPDATE mq_message SET due_ms = ? WHERE seq = ? AND receipt = ? AND state = 1",
+                (now_ms() + self.reservation_ms, seq, token),
+            )
+            return cur.rowcount > 0
+
+    def dead_letter(self, msg: Message, reason: str) -> None:
+        with self.write() as conn:
+            self._bury(conn, _split_receipt(msg)[0], msg.call.id, reason, now_ms())
+
+    # --------------------------------------------------------- dead letters
+    def dead_list(self, limit: int) -> list[DeadLetter]:
+        rows = self.conn.execute(
+            "SELECT id, reason, deliveries, died_ms, priority, payload FROM mq_dead"
+            " ORDER BY died_ms, id LIMIT ?",
+            (limit,),
+        ).fetchall()
+        out = []
+        for msg_id, reason, deliveries, died_ms, prio, payload in rows:
+            raw = payload if isinstance(payload, bytes) else str(payload).encode()
+            try:
+                call: Call | None = wire.decode_json(raw, prio, self.max_body_bytes)
+            except wire.WireError:
+                call = None
+            out.append(DeadLetter(msg_id, reason, deliveries, wire.from_ms(died_ms), raw, call))
+        return out
+
+    def _dead_where(self, ids: Sequence[str] | None) -> tuple[str, list[str]]:
+        if ids is None:
+            return "", []
+        return f" WHERE id IN ({','.join('?' * len(ids))})", list(ids)
+
+    def dead_requeue(self, ids: Sequence[str] | None) -> int:
+        where, args = self._dead_where(ids)
+        with self.write() as conn:
+            conn.execute(
+                "INSERT OR IGNORE INTO mq_message (id, priority, state, due_ms, payload)"
+                " SELECT id, priority, 0, 0, payload FROM mq_dead" + where,
+                args,
+            )
+            return conn.execute("DELETE FROM mq_dead" + where, args).rowcount
+
+    def dead_purge(self, ids: Sequence[str] | None) -> int:
+        where, args = self._dead_where(ids)
+        with self.write() as conn:
+            return conn.execute("DELETE FROM mq_dead" + where, args).rowcount
+
+    def stats(self) -> QueueStats:
+        conn = self.conn
+        ready, delayed, reserved = conn.execute(
+            "SELECT COALESCE(SUM(state = 0), 0), COALESCE(SUM(state = 1 AND receipt IS NULL), 0),"
+            " COALESCE(SUM(state = 1 AND receipt IS NOT NULL), 0) FROM mq_message"
+        ).fetchone()
+        (dead,) = conn.execute("SELECT COUNT(*) FROM mq_dead").fetchone()
+        return QueueStats(int(ready), int(delayed), int(reserved), int(dead))

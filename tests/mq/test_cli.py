@@ -1,0 +1,137 @@
+"""``fnq call`` and ``fnq dead`` through click's runner, on SQLite and Redis."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import secrets
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import TypeVar
+
+import pytest
+from click.testing import CliRunner
+
+from config.domain import Call
+from config.settings import load_settings
+from mq.base import Message, MessageQueue, open_queue
+from tests.rig import RedisServer
+from worker.cli import cli
+
+pytestmark = pytest.mark.integration
+T = TypeVar("T")
+
+
+@pytest.fixture(params=["sqlite", "redis"])
+def backend(
+    request: pytest.FixtureRequest, settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> str:
+    if request.param == "redis":
+        server: RedisServer = request.getfixturevalue("redis_server")
+        monkeypatch.setenv("FN_MQ_URL", f"{server.url}?prefix=cli{secrets.token_hex(4)}")
+    return str(request.param)
+
+
+def with_queue(work: Callable[[MessageQueue], Awaitable[T]]) -> T:
+    async def run() -> T:
+        settings = load_settings()
+        queue = open_queue(settings.mq_url, settings)
+        try:
+            return await work(queue)
+        finally:
+            await queue.close()
+
+    return asyncio.run(run())
+
+
+def fnq(*args: str, stdin: bytes | None = None, code: int = 0) -> str:
+    result = CliRunner().invoke(cli, list(args), input=stdin)
+    assert result.exit_code == code, (result.output, result.exception)
+    return result.stdout
+
+
+def take_one(queue: MessageQueue) -> Awaitable[Message | None]:
+    return queue.reserve(3.0)
+
+
+def test_call_prints_only_the_id_and_queues_the_call(backend: str) -> None:
+    out = fnq(
+        "call",
+        "demo",
+        "echo",
+        "--body",
+        "hi",
+        "--header",
+        "X-A: 1",
+        "--header",
+        "Content-Type:text/plain",
+        "--priority",
+        "2",
+        "--id",
+        "cli-1",
+    )
+    assert out == "cli-1\n"
+    msg = with_queue(take_one)
+    assert msg is not None
+    assert (msg.call.id, msg.call.app, msg.call.fn, msg.call.body) == (
+        "cli-1",
+        "demo",
+        "echo",
+        b"hi",
+    )
+    assert dict(msg.call.headers) == {"X-A": "1", "Content-Type": "text/plain"}
+    assert msg.priority == 2
+
+
+def test_call_body_from_file_or_stdin_and_a_delay(backend: str, tmp_path: Path) -> None:
+    (tmp_path / "body.bin").write_bytes(b"\x00from file")
+    first = fnq("call", "demo", "echo", "--body", f"@{tmp_path / 'body.bin'}").strip()
+    second = fnq("call", "demo", "echo", "--body", "-", stdin=b"from stdin").strip()
+    third = fnq("call", "demo", "echo", "--delay", "30").strip()
+    assert len({first, second, third}) == 3 and all(len(i) == 26 for i in (first, second))
+
+    async def check(queue: MessageQueue) -> None:
+        got = {m.call.id: m.call.body for m in await queue.reserve_many(5, 2.0)}
+        assert got == {first: b"\x00from file", second: b"from stdin"}
+        assert (await queue.stats()).delayed == 1
+
+    with_queue(check)
+
+
+def test_call_rejects_bad_input(backend: str) -> None:
+    assert fnq("call", "demo", "echo", "--header", "nocolon", code=2) == ""
+    fnq("call", "demo", "echo", "--priority", "3", code=2)
+    fnq("call", "demo", "echo", "--id", "bad id", code=2)
+    fnq("call", "demo", "echo", "--body", "@/no/such/file", code=2)
+
+    async def empty(queue: MessageQueue) -> int:
+        stats = await queue.stats()
+        return stats.ready + stats.delayed
+
+    assert with_queue(empty) == 0
+
+
+def test_dead_list_requeue_purge(backend: str) -> None:
+    async def bury(queue: MessageQueue) -> None:
+        await queue.push_many([Call(id=f"d{i}", app="demo", fn="echo") for i in range(3)])
+        for msg in await queue.reserve_many(3, 2.0):
+            await queue.dead_letter(msg, f"reason {msg.call.id}")
+
+    with_queue(bury)
+    rows = json.loads(fnq("dead", "list", "--json"))
+    assert [(r["id"], r["reason"], r["fn"]) for r in rows] == [
+        (f"d{i}", f"reason d{i}", "echo") for i in range(3)
+    ]
+    table = fnq("dead", "list")
+    assert "reason d1" in table and "demo/echo" in table
+    assert fnq("dead", "requeue", "d0") == "1\n"
+    assert fnq("dead", "purge", "d1", "nope") == "1\n"
+    fnq("dead", "purge", code=2)
+    fnq("dead", "purge", "d2", "--all", code=2)
+
+    async def requeued(queue: MessageQueue) -> list[str]:
+        return [m.call.id for m in await queue.reserve_many(5, 2.0)]
+
+    assert with_queue(requeued) == ["d0"]
+    assert fnq("dead", "purge", "--all") == "1\n"
+    assert json.loads(fnq("dead", "list", "--json")) == []

@@ -1,0 +1,188 @@
+"""Redis only: the one-command wire format, the producer API, durability across restarts."""
+
+from __future__ import annotations
+
+import subprocess
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+import redis
+import redis.asyncio as aioredis
+
+from config.domain import Call, new_call_id
+from config.settings import load_settings
+from mq.base import Message, open_queue
+from mq.errors import QueueUnavailable
+from mq.producer import enqueue, enqueue_async
+from tests.rig import RedisServer
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
+    """A private server, so the documented default prefix ``fnq`` is ours alone."""
+    server = RedisServer(tmp_path, appendonly=True).start()
+    yield server
+    server.stop()
+
+
+def redis_cli(port: int, *args: str) -> str:
+    done = subprocess.run(
+        ["redis-cli", "-p", str(port), *args],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=10,
+    )
+    return done.stdout.strip()
+
+
+async def test_documented_redis_cli_command(own_redis: RedisServer) -> None:
+    q = open_queue(own_redis.url, load_settings())
+    try:
+        # exactly as in docs/queue.md
+        redis_cli(
+            own_redis.port, "XADD", "fnq:calls", "*", "app", "demo", "fn", "echo", "body", "hello"
+        )
+        msg = await q.reserve(5.0)
+        assert msg is not None
+        assert (msg.call.app, msg.call.fn, msg.call.body) == ("demo", "echo", b"hello")
+        assert len(msg.call.id) == 26 and msg.deliveries == 1 and msg.priority == 0
+        await q.ack(msg)
+
+        redis_cli(
+            own_redis.port,
+            "XADD",
+            "fnq:calls",
+            "*",
+            "app",
+            "demo",
+            "fn",
+            "echo",
+            "body",
+            "hi",
+            "id",
+            "order-7",
+            "priority",
+            "2",
+            "delay",
+            "0.5",
+            "headers",
+            '{"Content-Type":"text/plain"}',
+        )
+        redis_cli(
+            own_redis.port, "XADD", "fnq:calls", "*", "app", "demo", "fn", "echo", "id", "order-7"
+        )  # the same id again: dropped
+        t0 = time.monotonic()
+        msg = await q.reserve(5.0)
+        assert msg is not None and msg.call.id == "order-7"
+        assert time.monotonic() - t0 >= 0.4
+        assert msg.priority == 2 and msg.call.body == b"hi"
+        assert dict(msg.call.headers) == {"Content-Type": "text/plain"}
+        await q.ack(msg)
+        assert await q.reserve(0.3) is None
+    finally:
+        await q.close()
+
+
+async def test_producer_api_sync_and_async(redis_server: RedisServer) -> None:
+    url = f"{redis_server.url}?prefix=prod"
+    q = open_queue(url, load_settings())
+    sync_client = redis.Redis(port=redis_server.port, socket_timeout=5)
+    async_client = aioredis.Redis(port=redis_server.port, socket_timeout=5)
+    try:
+        first = enqueue(sync_client, "demo", "echo", "hello", headers={"X-A": "1"}, prefix="prod")
+        second = await enqueue_async(
+            async_client, "demo", "echo", b"\x00\xff", priority=1, call_id="given-id", prefix="prod"
+        )
+        assert second == "given-id"
+        with pytest.raises(ValueError, match="priority"):
+            enqueue(sync_client, "demo", "echo", priority=5, prefix="prod")
+        with pytest.raises(ValueError, match="exceeds"):
+            enqueue(sync_client, "demo", "echo", b"x" * 11, max_body_bytes=10, prefix="prod")
+        got: list[Message] = []
+        while len(got) < 2:
+            got += await q.reserve_many(10, 5.0)
+        by_id = {m.call.id: m for m in got}
+        assert by_id[first].call.body == b"hello"
+        assert dict(by_id[first].call.headers) == {"X-A": "1"}
+        assert by_id[second].call.body == b"\x00\xff" and by_id[second].priority == 1
+        await q.ack_many(got)
+    finally:
+        sync_client.close()
+        await async_client.aclose()
+        await q.close()
+
+
+async def test_queued_messages_survive_a_restart(own_redis: RedisServer) -> None:
+    settings = load_settings(mq_reservation_msecs=1000)
+    q = open_queue(own_redis.url, settings)
+    sent = await q.push_many([Call(new_call_id(), "demo", "echo", b"%d" % i) for i in range(6)])
+    held = await q.reserve_many(2, 1.0)
+    assert len(held) == 2
+    late = await q.push(Call(new_call_id(), "demo", "echo", b"late"), delay_s=0.5)
+    await q.close()
+    own_redis.restart()
+
+    q = open_queue(own_redis.url, settings)
+    try:
+        got: dict[str, int] = {}
+        deadline = time.monotonic() + 10
+        while len(got) < 7 and time.monotonic() < deadline:
+            for msg in await q.reserve_many(10, 2.0):
+                got[msg.call.id] = msg.deliveries
+                await q.ack(msg)
+        assert set(got) == {*sent, late}
+        assert {cid for cid, d in got.items() if d == 2} == {m.call.id for m in held}
+    finally:
+        await q.close()
+
+
+async def test_unreachable_server_is_a_retryable_error(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path)  # never started: nothing listens on its port
+    q = open_queue(f"{server.url}?timeout_s=2", load_settings())
+    try:
+        with pytest.raises(QueueUnavailable):
+            await q.reserve(0.1)
+        with pytest.raises(QueueUnavailable):
+            await q.push(Call(new_call_id(), "demo", "echo"))
+    finally:
+        await q.close()
+
+
+async def test_prefixes_are_separate_queues(redis_server: RedisServer) -> None:
+    a = open_queue(f"{redis_server.url}?prefix=sep-a", load_settings())
+    b = open_queue(f"{redis_server.url}?prefix=sep-b", load_settings())
+    try:
+        await a.push(Call(new_call_id(), "demo", "echo"))
+        assert await b.reserve(0.2) is None
+        msg = await a.reserve(1.0)
+        assert msg is not None
+        await a.ack(msg)
+    finally:
+        await a.close()
+        await b.close()
+
+
+async def test_entry_of_a_consumer_that_died_while_routing_is_routed(
+    redis_server: RedisServer,
+) -> None:
+    url = f"{redis_server.url}?prefix=ghost"
+    q = open_queue(url, load_settings(mq_reservation_msecs=1000))
+    client = aioredis.Redis(port=redis_server.port, socket_timeout=5)
+    try:
+        await q.stats()  # makes the consumer groups
+        await client.xadd("ghost:calls", {"app": "demo", "fn": "echo", "id": "orphan"})
+        # a consumer reads the producers' entry and dies before routing it
+        await client.xreadgroup("fnq", "ghost-consumer", {"ghost:calls": ">"}, count=10)
+        t0 = time.monotonic()
+        msg = await q.reserve(5.0)
+        assert msg is not None and msg.call.id == "orphan"
+        assert time.monotonic() - t0 >= 0.5
+        await q.ack(msg)
+    finally:
+        await client.aclose()
+        await q.close()

@@ -1,0 +1,116 @@
+"""The wire format on its own: what is accepted, what is malformed and why."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+
+import pytest
+
+from config.domain import Call
+from mq import wire
+
+
+def fields(**kw: bytes) -> dict[bytes, bytes]:
+    base = {b"app": b"demo", b"fn": b"echo"}
+    base.update({k.encode(): v for k, v in kw.items()})
+    return base
+
+
+def test_minimal_fields_get_an_id_and_creation_time() -> None:
+    parsed = wire.decode_fields(fields(), 100, default_id="ID1", default_created_ms=1_000)
+    assert parsed.call.id == "ID1"
+    assert parsed.call.created_at == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+    assert (parsed.priority, parsed.delay_s, parsed.prior_deliveries) == (0, 0.0, 0)
+    assert parsed.call.body == b""
+
+
+def test_every_field() -> None:
+    parsed = wire.decode_fields(
+        fields(
+            id=b"x-1",
+            body=b"\x00\x01",
+            priority=b"2",
+            delay=b"1.5",
+            created=b"5",
+            headers=b'{"A":"b"}',
+            _n=b"3",
+        ),
+        100,
+    )
+    call = parsed.call
+    assert (call.id, call.body, dict(call.headers), call.priority) == (
+        "x-1",
+        b"\x00\x01",
+        {"A": "b"},
+        2,
+    )
+    assert (parsed.delay_s, parsed.prior_deliveries) == (1.5, 3)
+
+
+@pytest.mark.parametrize(
+    ("extra", "reason"),
+    [
+        ({"priority": b"3"}, "priority 3"),
+        ({"priority": b"x"}, "not an integer"),
+        ({"delay": b"-1"}, "delay"),
+        ({"delay": b"nan"}, "delay"),
+        ({"headers": b"[1]"}, "JSON object"),
+        ({"headers": b'{"A": 1}'}, "string value"),
+        ({"headers": b'{"A b": "1"}'}, "header name"),
+        ({"body": b"x" * 11}, "exceeds"),
+        ({"id": b"has space"}, "id"),
+        ({"app": b"a/b"}, "app"),
+        ({"fn": b""}, "missing required"),
+        ({"created": b"-5"}, "created"),
+        ({"colour": b"red"}, "unknown field"),
+        ({"app": b"\xff"}, "UTF-8"),
+    ],
+)
+def test_malformed_fields_say_why(extra: dict[str, bytes], reason: str) -> None:
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_fields(fields(**{"id": b"i", **extra}), 10)
+
+
+def test_fields_round_trip() -> None:
+    call = Call(
+        id="r-1",
+        app="a",
+        fn="f",
+        body=b"\xffbin",
+        headers={"K": "v"},
+        priority=1,
+        created_at=datetime(2024, 1, 2, 3, 4, 5, 6000, tzinfo=UTC),
+    )
+    encoded = wire.call_fields(call, 1, delay_s=2.0, prior_deliveries=4)
+    parsed = wire.decode_fields(encoded, 100)
+    assert parsed.call == call
+    assert (parsed.priority, parsed.delay_s, parsed.prior_deliveries) == (1, 2.0, 4)
+
+
+def test_json_round_trip_text_and_binary() -> None:
+    for body in (b"text \xc3\xa9", b"\xff\x00"):
+        call = Call(
+            id="j-1",
+            app="a",
+            fn="f",
+            body=body,
+            headers={"K": "v"},
+            created_at=datetime(2024, 1, 2, tzinfo=UTC),
+        )
+        assert wire.decode_json(wire.call_json(call), 0, 100) == call
+
+
+@pytest.mark.parametrize(
+    ("payload", "reason"),
+    [
+        (b"{nope", "not JSON"),
+        (b"[]", "JSON object"),
+        (b'{"id":"i","app":"a"}', "'fn'"),
+        (b'{"id":"i","app":"a","fn":"f","body":"x","body_b64":"eA=="}', "both"),
+        (b'{"id":"i","app":"a","fn":"f","body_b64":"***"}', "base64"),
+        (b'{"id":"i","app":"a","fn":"f","created":"yesterday"}', "created"),
+    ],
+)
+def test_malformed_json_says_why(payload: bytes, reason: str) -> None:
+    with pytest.raises(wire.WireError, match=reason):
+        wire.decode_json(payload, 0, 100)

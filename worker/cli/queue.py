@@ -1,0 +1,210 @@
+"""``fnq call`` (queue a call) and ``fnq dead`` (inspect, requeue, purge dead letters)."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
+from typing import TypeVar
+
+import click
+
+from config.domain import Call, frozen_map, new_call_id
+from config.settings import Settings
+from mq import wire
+from mq.base import DeadLetter, MessageQueue, open_queue
+from worker.cli._common import (
+    friendly_errors,
+    json_option,
+    print_json,
+    print_table,
+    run_async,
+    settings_from,
+)
+
+T = TypeVar("T")
+
+
+def read_body(spec: str | None) -> bytes:
+    """``--body`` as given: TEXT, ``@FILE``, or ``-`` for standard input."""
+    if spec is None:
+        return b""
+    if spec == "-":
+        return sys.stdin.buffer.read()
+    if spec.startswith("@"):
+        try:
+            return Path(spec[1:]).read_bytes()
+        except OSError as exc:
+            raise click.BadParameter(f"cannot read {spec[1:]}: {exc.strerror}") from None
+    return spec.encode("utf-8")
+
+
+def parse_headers(items: Sequence[str]) -> dict[str, str]:
+    headers: dict[str, str] = {}
+    for item in items:
+        name, sep, value = item.partition(":")
+        if not sep or not name.strip():
+            raise click.BadParameter(f"{item!r} is not NAME:VALUE", param_hint="--header")
+        headers[name.strip()] = value.strip()
+    return headers
+
+
+def build_call(
+    app: str,
+    fn: str,
+    *,
+    body: bytes = b"",
+    headers: dict[str, str] | None = None,
+    delay_s: float = 0.0,
+    priority: int = 0,
+    call_id: str | None = None,
+    max_body_bytes: int | None = None,
+) -> Call:
+    """The Call that ``fnq call`` queues, checked against the wire format (WireError if bad)."""
+    call = Call(
+        id=call_id or new_call_id(),
+        app=app,
+        fn=fn,
+        body=body,
+        headers=frozen_map(headers),
+        priority=priority,
+        delay_s=delay_s,
+    )
+    limit = len(body) if max_body_bytes is None else max_body_bytes
+    wire.check_call(call, priority, delay_s, limit)
+    return call
+
+
+async def _with_queue(settings: Settings, work: Callable[[MessageQueue], Awaitable[T]]) -> T:
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        return await work(queue)
+    finally:
+        await queue.close()
+
+
+@click.command("call")
+@click.argument("app")
+@click.argument("fn")
+@click.option("--body", default=None, help="Request body: TEXT, @FILE, or - for stdin.")
+@click.option("--header", "headers", multiple=True, metavar="NAME:VALUE", help="Repeatable.")
+@click.option("--delay", "delay_s", type=float, default=0.0, help="Seconds before it may run.")
+@click.option("--priority", type=click.IntRange(0, 2), default=0, help="0-2, higher first.")
+@click.option("--id", "call_id", default=None, help="Call id (idempotent while queued).")
+@click.pass_context
+@friendly_errors
+def call_cmd(
+    ctx: click.Context,
+    *,
+    app: str,
+    fn: str,
+    body: str | None,
+    headers: tuple[str, ...],
+    delay_s: float,
+    priority: int,
+    call_id: str | None,
+) -> None:
+    """Queue an asynchronous call of APP's function FN; prints the call id."""
+    settings = settings_from(ctx)
+    try:
+        call = build_call(
+            app,
+            fn,
+            body=read_body(body),
+            headers=parse_headers(headers),
+            delay_s=delay_s,
+            priority=priority,
+            call_id=call_id,
+            max_body_bytes=settings.max_request_size,
+        )
+    except wire.WireError as exc:
+        raise click.UsageError(str(exc)) from None
+
+    async def push(queue: MessageQueue) -> str:
+        return await queue.push(call)
+
+    run_async(_with_queue(settings, push))
+    click.echo(call.id)
+
+
+@click.group("dead")
+def dead_group() -> None:
+    """Messages that will not be delivered again: list, requeue or purge them."""
+
+
+def _dead_row(d: DeadLetter) -> dict[str, object]:
+    row: dict[str, object] = {
+        "id": d.id,
+        "reason": d.reason,
+        "deliveries": d.deliveries,
+        "died_at": d.died_at.isoformat(),
+        "raw": d.raw.decode("utf-8", "replace"),
+    }
+    if d.call is not None:
+        row.update(app=d.call.app, fn=d.call.fn, priority=d.call.priority)
+    return row
+
+
+@dead_group.command("list")
+@json_option
+@click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
+@click.pass_context
+@friendly_errors
+def dead_list(ctx: click.Context, as_json: bool, limit: int) -> None:
+    """Dead letters, oldest first."""
+
+    async def fetch(queue: MessageQueue) -> list[DeadLetter]:
+        return await queue.dead_list(limit)
+
+    dead = run_async(_with_queue(settings_from(ctx), fetch))
+    rows = [_dead_row(d) for d in dead]
+    if as_json:
+        print_json(rows)
+        return
+    table = [
+        (
+            r["id"],
+            f"{r.get('app', '?')}/{r.get('fn', '?')}",
+            r["deliveries"],
+            r["died_at"],
+            r["reason"],
+        )
+        for r in rows
+    ]
+    print_table(["ID", "FUNCTION", "DELIVERIES", "DIED AT", "REASON"], table)
+
+
+def _selection(ids: tuple[str, ...], all_: bool) -> list[str] | None:
+    if bool(ids) == all_:
+        raise click.UsageError("give dead-letter ids or --all (not both)")
+    return None if all_ else list(ids)
+
+
+@dead_group.command("requeue")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@click.pass_context
+@friendly_errors
+def dead_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
+    """Queue dead letters again, with fresh delivery counts; prints how many."""
+    chosen = _selection(ids, all_)
+
+    async def requeue(queue: MessageQueue) -> int:
+        return await queue.dead_requeue(chosen)
+
+    click.echo(run_async(_with_queue(settings_from(ctx), requeue)))
+
+
+@dead_group.command("purge")
+@click.argument("ids", nargs=-1)
+@click.option("--all", "all_", is_flag=True, help="Every dead letter.")
+@click.pass_context
+@friendly_errors
+def dead_purge(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
+    """Delete dead letters for good; prints how many."""
+    chosen = _selection(ids, all_)
+
+    async def purge(queue: MessageQueue) -> int:
+        return await queue.dead_purge(chosen)
+
+    click.echo(run_async(_with_queue(settings_from(ctx), purge)))
