@@ -29,6 +29,7 @@ def backend(
     if request.param == "redis":
         server: RedisServer = request.getfixturevalue("redis_server")
         monkeypatch.setenv("FN_MQ_URL", f"{server.url}?prefix=cli{secrets.token_hex(4)}")
+    fnq("fn", "create", "demo", "echo", "--image", "fnq/echo:latest")
     return str(request.param)
 
 
@@ -109,6 +110,23 @@ def test_call_rejects_bad_input(backend: str) -> None:
         return stats.ready + stats.delayed
 
     assert with_queue(empty) == 0
+
+
+def test_call_of_an_unknown_function_is_refused(backend: str) -> None:
+    result = CliRunner().invoke(cli, ["call", "demo", "nosuch", "--body", "x"])
+    assert result.exit_code == 1
+    assert "no function demo/nosuch" in result.output
+
+    async def queued(queue: MessageQueue) -> int:
+        return (await queue.stats()).ready
+
+    assert with_queue(queued) == 0
+
+
+def test_call_gets_a_queued_record(backend: str) -> None:
+    call_id = fnq("call", "demo", "echo", "--body", "x").strip()
+    shown = json.loads(fnq("calls", "show", call_id, "--json"))
+    assert (shown["status"], shown["app"], shown["fn"]) == ("queued", "demo", "echo")
 
 
 def test_dead_list_requeue_purge(backend: str) -> None:

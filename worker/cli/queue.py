@@ -11,6 +11,8 @@ import click
 
 from config.domain import Call, frozen_map, new_call_id
 from config.settings import Settings
+from datastore.base import open_datastore
+from datastore.errors import FunctionNotFound
 from mq import wire
 from mq.base import DeadLetter, MessageQueue, open_queue
 from worker.cli._common import (
@@ -83,6 +85,28 @@ async def _with_queue(settings: Settings, work: Callable[[MessageQueue], Awaitab
         await queue.close()
 
 
+async def enqueue_recorded(settings: Settings, call: Call) -> str:
+    """Check the function exists, queue the call, and give it a `queued` record.
+
+    The record is written after the push: a worker that is quicker records
+    `running` first, and the late `queued` insert then leaves it alone.
+    """
+    store = await open_datastore(settings)
+    try:
+        fn = await store.get_fn(call.app, call.fn)
+        if fn is None:
+            raise FunctionNotFound(call.app, call.fn)
+
+        async def push(queue: MessageQueue) -> str:
+            return await queue.push(call)
+
+        call_id = await _with_queue(settings, push)
+        await store.record_queued(call, image=fn.image)
+        return call_id
+    finally:
+        await store.close()
+
+
 @click.command("call")
 @click.argument("app")
 @click.argument("fn")
@@ -120,10 +144,7 @@ def call_cmd(
     except wire.WireError as exc:
         raise click.UsageError(str(exc)) from None
 
-    async def push(queue: MessageQueue) -> str:
-        return await queue.push(call)
-
-    run_async(_with_queue(settings, push))
+    run_async(enqueue_recorded(settings, call))
     click.echo(call.id)
 
 
