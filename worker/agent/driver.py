@@ -32,7 +32,7 @@ from config.domain import frozen_map
 OutputSink = Callable[[bytes], None]
 
 # The socket contract, fixed by the FDKs.
-IOFS_MOUNT = "/tmp/iofs"  # noqa: S108 - path inside the container, fixed by the FDK contract
+IOFS_MOUNT = "/tmp/iofs"  # inside the container, fixed by the FDK contract
 SOCKET_NAME = "lsnr.sock"
 FN_LISTENER = f"unix:{IOFS_MOUNT}/{SOCKET_NAME}"
 

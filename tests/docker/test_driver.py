@@ -1,0 +1,349 @@
+"""The docker driver against the real engine and the real Python FDK."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import io
+import json
+import logging
+import os
+import secrets
+import subprocess
+import tarfile
+import time
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
+from pathlib import Path
+from typing import Any
+
+import docker.errors
+import pytest
+
+from config.settings import Settings
+from tests.docker.conftest import request, spec
+from worker.agent.driver import ContainerSpec
+from worker.agent.drivers.docker import DockerDriver
+from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
+from worker.agent.errors import (
+    ContainerInitFailed,
+    ContainerInitTimeout,
+    DispatchError,
+    FreezeFailed,
+    ImageHasVolume,
+    ImageNotFound,
+)
+
+pytestmark = pytest.mark.integration
+
+
+@asynccontextmanager
+async def running(driver: DockerDriver, s: ContainerSpec) -> AsyncIterator[DockerContainer]:
+    container = await driver.create(s)
+    try:
+        await container.start()
+        yield container
+    finally:
+        await container.remove()
+
+
+async def test_echo_round_trip(driver: DockerDriver) -> None:
+    async with running(driver, spec("fnq/echo")) as c:
+        result = await c.dispatch(request(b'{"a": 1}', Content_Type="application/json"))
+    assert result.status == 200
+    assert result.body == b'{"a": 1}'
+    assert result.headers["Content-Type"] == "application/json"
+    assert result.headers["fn-fdk-version"].startswith("fdk-python/")
+    assert not result.truncated
+
+
+async def test_keep_alive_one_connection(driver: DockerDriver) -> None:
+    async with running(driver, spec("fnq/echo")) as c:
+        bodies = [(await c.dispatch(request(str(i).encode()))).body for i in range(20)]
+        assert c.connections_made == 1
+    assert bodies == [str(i).encode() for i in range(20)]
+
+
+async def test_environment_and_headers_reach_the_function(driver: DockerDriver) -> None:
+    s = spec("fnq/env", env={"GREETING": "hi", "FN_LISTENER": "unix:/elsewhere"})
+    async with running(driver, s) as c:
+        result = await c.dispatch(request())
+    env = json.loads(result.body)
+    assert env["GREETING"] == "hi"
+    assert env["FN_LISTENER"] == "unix:/tmp/iofs/lsnr.sock"  # the driver's contract wins
+    assert env["FN_FORMAT"] == "http-stream"
+    assert env["FN_APP_NAME"] == "tests" and env["FN_FN_NAME"] == "env"
+
+
+async def test_pause_and_unpause_seen_by_the_engine(driver: DockerDriver, docker_api: Any) -> None:
+    async with running(driver, spec("fnq/echo")) as c:
+        await c.pause()
+        assert docker_api.inspect_container(c.id)["State"]["Paused"] is True
+        await c.unpause()
+        assert docker_api.inspect_container(c.id)["State"]["Paused"] is False
+        assert (await c.dispatch(request(b"after"))).body == b"after"
+        await c.pause()
+    # removed while paused
+    assert c.id not in [x["Names"][0].lstrip("/") for x in docker_api.containers(all=True)]
+    with pytest.raises(FreezeFailed):
+        await c.unpause()
+    await c.remove()  # again: nothing happens
+
+
+async def test_limits_and_isolation_in_inspect(driver: DockerDriver, docker_api: Any) -> None:
+    s = spec("fnq/echo", memory_mb=64, cpus_mcpu=500, tmpfs_mb=8)
+    async with running(driver, s) as c:
+        info = docker_api.inspect_container(c.id)
+    host = info["HostConfig"]
+    assert host["Memory"] == 64 * 1024 * 1024
+    assert host["MemorySwap"] == 64 * 1024 * 1024
+    assert host["CpuQuota"] == 50_000 and host["CpuPeriod"] == 100_000
+    assert host["PidsLimit"] == driver.settings.max_pids
+    assert host["ReadonlyRootfs"] is True
+    assert host["NetworkMode"] == "none"
+    assert host["CapDrop"] == ["ALL"]
+    assert host["SecurityOpt"] == ["no-new-privileges"]
+    assert host["Init"] is True
+    assert host["Tmpfs"] == {"/tmp": "size=8m"}
+    limits = {u["Name"]: u["Soft"] for u in host["Ulimits"]}
+    assert limits["nofile"] == driver.settings.max_open_files
+    assert info["Config"]["User"] == "1000:1000"
+    labels = info["Config"]["Labels"]
+    assert labels["fnq.classifier"] == driver.settings.container_label_tag
+    assert labels["fnq.instance"] == driver.instance
+    assert labels["fnq.app"] == "tests" and labels["fnq.fn"] == "echo"
+
+
+async def test_no_socket_times_out(
+    function_images: list[str], make_settings: Callable[..., Settings]
+) -> None:
+    quick = DockerDriver(make_settings(hot_start_timeout_msecs=1500))
+    await quick.start()
+    try:
+        c = await quick.create(spec("fnq/nosocket"))
+        started = time.monotonic()
+        with pytest.raises(ContainerInitTimeout, match=r"lsnr\.sock") as err:
+            await c.start()
+        assert time.monotonic() - started < 3.0
+        assert "not listening on purpose" in str(err.value)  # the last output is quoted
+        await c.remove()
+    finally:
+        await quick.close()
+
+
+async def test_symlink_out_of_the_directory_is_refused(driver: DockerDriver) -> None:
+    c = await driver.create(spec("fnq/badlink"))
+    try:
+        with pytest.raises(ContainerInitFailed, match="symlink"):
+            await c.start()
+    finally:
+        await c.remove()
+
+
+async def test_exit_before_ready_is_an_init_failure(
+    driver: DockerDriver, docker_engine: Any
+) -> None:
+    script = "import sys; print('bad start', file=sys.stderr); sys.exit(7)"
+    dockerfile = f'FROM fnq/echo:latest\nENTRYPOINT ["/usr/bin/python3", "-c", "{script}"]\n'
+    tag = f"fnq/test-badstart:{secrets.token_hex(4)}"
+    image, _ = docker_engine.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, forcerm=True
+    )
+    try:
+        c = await driver.create(spec(tag))
+        try:
+            with pytest.raises(ContainerInitFailed, match="code 7") as err:
+                await c.start()
+            assert "bad start" in str(err.value)
+            assert (await c.wait()).exit_code == 7
+        finally:
+            await c.remove()
+    finally:
+        docker_engine.images.remove(image.id, force=True)
+
+
+async def test_exit_during_a_call(driver: DockerDriver) -> None:
+    async with running(driver, spec("fnq/exit")) as c:
+        log: list[bytes] = []
+        c.set_output(log.append)
+        with pytest.raises(DispatchError):
+            await c.dispatch(request(b'{"code": 3}'))
+        info = await asyncio.wait_for(c.wait(), 10)
+        assert b"exiting with 3" in b"".join(log)
+    assert info.exit_code == 3
+    assert not info.oom_killed
+
+
+async def test_out_of_memory(driver: DockerDriver) -> None:
+    async with running(driver, spec("fnq/oom", memory_mb=64)) as c:
+        with pytest.raises(DispatchError):
+            await c.dispatch(request(b'{"mb": 512}'))
+        info = await asyncio.wait_for(c.wait(), 10)
+    assert info.oom_killed
+    assert "out of memory" in info.describe(64)
+
+
+async def test_raise_is_a_502_and_the_container_lives_on(driver: DockerDriver) -> None:
+    async with running(driver, spec("fnq/raise")) as c:
+        log: list[bytes] = []
+        c.set_output(log.append)
+        first = await c.dispatch(request())
+        second = await c.dispatch(request())
+    assert first.status == 502 and second.status == 502
+    assert b"raised on purpose" in b"".join(log)
+
+
+async def test_oversized_response_is_truncated(
+    function_images: list[str], make_settings: Callable[..., Settings]
+) -> None:
+    d = DockerDriver(make_settings(max_response_size=1000))
+    await d.start()
+    try:
+        async with running(d, spec("fnq/bytes")) as c:
+            big = await c.dispatch(request(b"500000"))
+            small = await c.dispatch(request(b"10"))
+    finally:
+        await d.close()
+    assert big.truncated and big.body == b"x" * 1000 and big.status == 200
+    assert not small.truncated and small.body == b"x" * 10
+
+
+async def test_output_goes_to_its_own_call(driver: DockerDriver) -> None:
+    async with running(driver, spec("fnq/logs")) as c:
+        assert c.exact_output  # the tests run as root, next to the engine
+        for round_ in range(10):
+            sinks: dict[str, list[bytes]] = {}
+            for tag in ("a", "b"):
+                sinks[tag] = []
+                c.set_output(sinks[tag].append)
+                body = json.dumps({"lines": 40, "tag": f"{tag}{round_}"}).encode()
+                assert (await c.dispatch(request(body))).body == b"done 40"
+                c.set_output(None)
+            for tag, chunks in sinks.items():
+                lines = b"".join(chunks).decode().splitlines()
+                assert lines == [f"{tag}{round_} line {i}" for i in range(40)]
+
+
+async def test_output_without_markers_falls_back_to_quiet_time(
+    function_images: list[str], make_settings: Callable[..., Settings]
+) -> None:
+    d = DockerDriver(make_settings(), output_timing=OutputTiming(use_barrier=False))
+    await d.start()
+    try:
+        async with running(d, spec("fnq/logs")) as c:
+            assert not c.exact_output
+            got: list[bytes] = []
+            c.set_output(got.append)
+            await c.dispatch(request(b'{"lines": 5, "tag": "q"}'))
+            c.set_output(None)
+    finally:
+        await d.close()
+    assert b"".join(got).decode().splitlines() == [f"q line {i}" for i in range(5)]
+
+
+async def test_output_between_calls_goes_to_the_debug_log(
+    driver: DockerDriver, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.DEBUG, logger="fnq.function")
+    async with running(driver, spec("fnq/logs")) as c:
+        await c.dispatch(request(b'{"lines": 2, "tag": "loose"}'))
+    messages = [r.getMessage() for r in caplog.records if r.name == "fnq.function"]
+    assert any(m.endswith("loose line 0") for m in messages)
+    assert any(m.endswith("loose line 1") for m in messages)
+
+
+async def test_missing_image_fails_fast(driver: DockerDriver) -> None:
+    started = time.monotonic()
+    with pytest.raises(ImageNotFound, match="fnq/no-such-function:1"):
+        await driver.create(spec("fnq/no-such-function:1"))
+    assert time.monotonic() - started < 10.0
+    # Concurrent creates of one missing image share one pull and all fail.
+    results = await asyncio.gather(
+        *(driver.create(spec("fnq/no-such-function:2")) for _ in range(3)), return_exceptions=True
+    )
+    assert all(isinstance(r, ImageNotFound) for r in results)
+    assert driver.containers == []
+
+
+async def test_image_with_volume_is_refused(driver: DockerDriver, docker_engine: Any) -> None:
+    dockerfile = io.BytesIO(b"FROM fnq/echo:latest\nVOLUME /data\n")
+    tag = f"fnq/test-volume:{secrets.token_hex(4)}"
+    image, _ = docker_engine.images.build(fileobj=dockerfile, tag=tag, rm=True, forcerm=True)
+    try:
+        with pytest.raises(ImageHasVolume, match="/data"):
+            await driver.create(spec(tag))
+    finally:
+        docker_engine.images.remove(image.id, force=True)
+
+
+async def test_leftovers_of_dead_workers_are_removed(
+    function_images: list[str], make_settings: Callable[..., Settings], docker_engine: Any
+) -> None:
+    settings = make_settings()
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    host = os.uname().nodename
+
+    def stray(**labels: str) -> Any:
+        labels["fnq.classifier"] = settings.container_label_tag
+        return docker_engine.containers.create("fnq/echo:latest", labels=labels)
+
+    unowned = stray(**{"fnq.instance": "old"})
+    dead = stray(**{"fnq.instance": "dead", "fnq.owner": f"{host}:{finished.pid}"})
+    live = stray(**{"fnq.instance": "live", "fnq.owner": f"{host}:{os.getpid()}"})
+    remote = stray(**{"fnq.instance": "far", "fnq.owner": "elsewhere:1"})
+    d = DockerDriver(settings)
+    try:
+        await d.start()
+        names = {n.lstrip("/") for c in docker_engine.api.containers(all=True) for n in c["Names"]}
+        assert unowned.name not in names and dead.name not in names
+        assert live.name in names and remote.name in names
+    finally:
+        await d.close()
+        live.remove(force=True)
+        remote.remove(force=True)
+
+
+async def test_close_leaves_nothing_behind(
+    function_images: list[str], make_settings: Callable[..., Settings], docker_engine: Any
+) -> None:
+    settings = make_settings()
+    d = DockerDriver(settings)
+    await d.start()
+    base = d.iofs_base
+    assert base is not None
+    first = await d.create(spec("fnq/echo"))
+    await first.start()
+    await d.create(spec("fnq/echo"))  # created, never started
+    assert len(list(base.iterdir())) == 2
+    await d.close()
+    label = f"fnq.classifier={settings.container_label_tag}"
+    assert docker_engine.containers.list(all=True, filters={"label": label}) == []
+    assert not base.exists()
+    assert (await first.wait()).exit_code is not None
+
+
+async def test_load_file_at_start(
+    make_settings: Callable[..., Settings], docker_engine: Any, tmp_path: Path
+) -> None:
+    tag = f"fnq/test-load:{secrets.token_hex(4)}"
+    layer = io.BytesIO()
+    with tarfile.open(fileobj=layer, mode="w") as tar:
+        info = tarfile.TarInfo("hello.txt")
+        info.size = 5
+        tar.addfile(info, io.BytesIO(b"hello"))
+    repo, version = tag.split(":")
+    docker_engine.api.import_image_from_data(layer.getvalue(), repository=repo, tag=version)
+    archive = tmp_path / "images.tar"
+    with archive.open("wb") as out:
+        for chunk in docker_engine.images.get(tag).save(named=True):
+            out.write(chunk)
+    docker_engine.images.remove(tag)
+    d = DockerDriver(make_settings(docker_load_file=str(archive)))
+    try:
+        await d.start()
+        assert tag in docker_engine.images.get(tag).tags
+    finally:
+        await d.close()
+        with contextlib.suppress(docker.errors.ImageNotFound):
+            docker_engine.images.remove(tag, force=True)

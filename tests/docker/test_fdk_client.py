@@ -1,0 +1,171 @@
+"""FdkClient against a hand-written HTTP server on a unix socket (no docker needed)."""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+import tempfile
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+
+from tests.docker.conftest import request
+from worker.agent.errors import DispatchError, ResponseTooBig
+from worker.agent.fdk import FdkClient, request_headers, rfc3339
+
+Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
+
+
+@asynccontextmanager
+async def server(handler: Handler) -> AsyncIterator[tuple[str, list[bytes]]]:
+    """Serve ``handler(head, body, writer)`` for each request; yields (path, heads seen)."""
+    heads: list[bytes] = []
+    with tempfile.TemporaryDirectory(prefix="fnq-fdk-") as tmp:
+        path = str(Path(tmp) / "lsnr.sock")
+
+        async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    heads.append(head)
+                    length = 0
+                    for line in head.split(b"\r\n"):
+                        if line.lower().startswith(b"content-length:"):
+                            length = int(line.split(b":")[1])
+                    body = await reader.readexactly(length)
+                    await handler(head, body, writer)
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass
+            finally:
+                writer.close()
+
+        srv = await asyncio.start_unix_server(serve, path)
+        try:
+            yield path, heads
+        finally:
+            srv.close()
+            await srv.wait_closed()
+
+
+def reply(status: int, body: bytes, extra: bytes = b"") -> bytes:
+    return (
+        f"HTTP/1.1 {status} X\r\nContent-Length: {len(body)}\r\n".encode() + extra + b"\r\n" + body
+    )
+
+
+async def echo(_head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+    writer.write(reply(200, body, b"Content-Type: text/plain\r\nConnection: keep-alive\r\n"))
+    await writer.drain()
+
+
+def test_headers_drop_hop_by_hop_and_add_fn_ones() -> None:
+    req = request(
+        b"",
+        Connection="close",
+        Keep_Alive="1",
+        Transfer_Encoding="chunked",
+        Upgrade="h2c",
+        Proxy_Authorization="x",
+        Content_Type="text/csv",
+        X_Custom="kept",
+    )
+    out = request_headers(req)
+    assert {k.lower() for k in out} == {"content-type", "x-custom", "fn-call-id", "fn-deadline"}
+    assert out["Fn-Call-Id"] == req.call_id
+
+
+def test_deadline_is_rfc3339_utc() -> None:
+    moment = datetime(2030, 1, 2, 3, 4, 5, 678_000, tzinfo=UTC)
+    assert rfc3339(moment) == "2030-01-02T03:04:05.678Z"
+
+
+async def test_round_trip_and_keep_alive() -> None:
+    async with server(echo) as (path, heads):
+        client = FdkClient(path)
+        try:
+            for i in range(5):
+                result = await client.call(request(f"body {i}".encode(), Content_Type="a/b"))
+                assert result.status == 200 and result.body == f"body {i}".encode()
+            assert "Connection" not in result.headers  # hop-by-hop dropped on the way back
+            assert client.connections_made == 1
+        finally:
+            await client.close()
+    first = heads[0].decode()
+    assert first.startswith("POST /call HTTP/1.1\r\n")
+    assert "Fn-Call-Id: call-" in first and "Fn-Deadline: " in first
+    assert "Content-Type: a/b" in first
+
+
+async def test_body_over_the_limit_is_truncated() -> None:
+    async def big(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply(200, b"y" * 300_000))
+        await writer.drain()
+
+    async with server(big) as (path, _):
+        client = FdkClient(path, max_response_bytes=1000)
+        try:
+            result = await client.call(request())
+            again = await client.call(request())
+        finally:
+            await client.close()
+    assert result.truncated and result.body == b"y" * 1000
+    assert again.truncated  # a new connection served the second call
+
+
+async def test_headers_over_the_limit() -> None:
+    async def fat(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply(200, b"ok", b"X-Fat: " + b"f" * 5000 + b"\r\n"))
+        await writer.drain()
+
+    async with server(fat) as (path, _):
+        client = FdkClient(path, max_header_bytes=1024)
+        try:
+            with pytest.raises(ResponseTooBig):
+                await client.call(request())
+        finally:
+            await client.close()
+
+
+async def test_timeout_is_timeout_error() -> None:
+    async def slow(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        await asyncio.sleep(5)
+
+    async with server(slow) as (path, _):
+        client = FdkClient(path)
+        try:
+            with pytest.raises(TimeoutError):
+                await client.call(request(timeout_s=0.2))
+        finally:
+            await client.close()
+
+
+@pytest.mark.parametrize(
+    "answer",
+    [b"", b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"],
+    ids=["closed", "garbage", "short-body"],
+)
+async def test_broken_answers_are_dispatch_errors(answer: bytes) -> None:
+    async def broken(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(answer)
+        await writer.drain()
+        writer.close()
+
+    async with server(broken) as (path, _):
+        client = FdkClient(path)
+        try:
+            with pytest.raises(DispatchError):
+                await client.call(request())
+        finally:
+            await client.close()
+
+
+async def test_no_listener_is_a_dispatch_error() -> None:
+    client = FdkClient(f"/tmp/fnq-missing-{secrets.token_hex(4)}.sock")
+    try:
+        with pytest.raises(DispatchError, match="error receiving function response"):
+            await client.call(request())
+    finally:
+        await client.close()

@@ -1,0 +1,82 @@
+"""`fnq images build`: function directories, manifests, content-cached builds."""
+
+from __future__ import annotations
+
+import json
+import secrets
+from pathlib import Path
+from typing import Any
+
+import docker
+import docker.errors
+import pytest
+from click.testing import CliRunner
+
+from worker.cli import cli
+from worker.images import ImageBuilder, ImageBuildError, find_functions, load_function
+
+
+def write_function(directory: Path, body: str = "hello") -> Path:
+    directory.mkdir(parents=True)
+    (directory / "func.py").write_text(f"def handler(ctx, data=None):\n    return {body!r}\n")
+    return directory
+
+
+def test_manifest_sets_name_entrypoint_and_env(tmp_path: Path) -> None:
+    path = write_function(tmp_path / "dir")
+    (path / "fnq.toml").write_text(
+        'name = "Greeter"\nentrypoint = ["/usr/bin/python3", "/function/func.py"]\n'
+        '[env]\nGREETING = "hi"\n'
+    )
+    fn = load_function(path)
+    assert fn.image == "fnq/greeter:latest"
+    dockerfile = fn.dockerfile("base:1")
+    assert 'ENTRYPOINT ["/usr/bin/python3", "/function/func.py"]' in dockerfile
+    assert 'ENV GREETING="hi"' in dockerfile
+
+
+def test_a_folder_of_functions_and_bad_paths(tmp_path: Path) -> None:
+    write_function(tmp_path / "all" / "one")
+    write_function(tmp_path / "all" / "two")
+    assert [f.name for f in find_functions([tmp_path / "all"])] == ["one", "two"]
+    with pytest.raises(ImageBuildError, match=r"no func\.py"):
+        load_function(tmp_path / "all")
+    with pytest.raises(ImageBuildError, match="share the name"):
+        find_functions([tmp_path / "all", tmp_path / "all" / "one"])
+
+
+@pytest.mark.integration
+def test_build_is_idempotent(
+    function_images: list[str], tmp_path: Path, docker_engine: Any, settings_env: Path
+) -> None:
+    name = f"fnq-idem-{secrets.token_hex(4)}"
+    path = write_function(tmp_path / name)
+    runner = CliRunner()
+    try:
+        first = runner.invoke(cli, ["images", "build", "--json", str(path)])
+        assert first.exit_code == 0, first.output
+        second = runner.invoke(cli, ["images", "build", "--json", str(path)])
+        assert second.exit_code == 0, second.output
+        built_first = {r["image"]: r["built"] for r in json.loads(first.stdout)}
+        built_second = {r["image"]: r["built"] for r in json.loads(second.stdout)}
+        assert built_first[f"fnq/{name}:latest"] is True
+        assert not any(built_second.values())  # base and function both cached
+        (path / "func.py").write_text("def handler(ctx, data=None):\n    return 'changed'\n")
+        replaced = docker_engine.images.get(f"fnq/{name}:latest").id
+        third = runner.invoke(cli, ["images", "build", "--json", str(path)])
+        assert {r["image"]: r["built"] for r in json.loads(third.stdout)}[f"fnq/{name}:latest"]
+        with pytest.raises(docker.errors.ImageNotFound):
+            docker_engine.images.get(replaced)  # the old build does not linger
+    finally:
+        docker_engine.images.remove(f"fnq/{name}:latest", force=True)
+
+
+def test_missing_debootstrap_is_one_clear_sentence(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path))  # nothing to run here
+    offline = docker.DockerClient(base_url="unix:///nonexistent.sock", version="1.41")
+    builder = ImageBuilder(client=offline, cache=tmp_path / "cache")
+    with pytest.raises(ImageBuildError, match=r"debootstrap is not installed: apt-get install"):
+        builder._ensure_rootfs()
+    offline.close()

@@ -1,0 +1,299 @@
+"""The docker driver (implements ``driver.Driver``).
+
+Talks to the engine over its unix socket with aiohttp (see docker_api), so
+nothing blocks the event loop and no thread waits on a container.
+
+* ``start()``: opens the engine session, removes containers that carry this
+  worker's classifier label but were left by a worker that is gone (its
+  process no longer runs on this host), loads FN_DOCKER_LOAD_FILE.
+* ``create(spec)``: makes sure the image is there (inspected once, then
+  cached; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per image however
+  many callers wait), refuses images that declare VOLUME, makes the socket
+  directory and creates the container (see docker_config for its limits).
+* ``close()``: removes every container it made that still exists.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import os
+import secrets
+import shutil
+from collections import Counter
+from pathlib import Path
+from typing import Any
+
+from config.settings import Settings
+from worker.agent.driver import IOFS_MOUNT, ContainerSpec
+from worker.agent.drivers.docker_api import (
+    DockerAPI,
+    DockerError,
+    DockerTimeout,
+    image_path,
+    split_reference,
+)
+from worker.agent.drivers.docker_config import (
+    CLASSIFIER_LABEL,
+    INSTANCE_LABEL,
+    OWNER_LABEL,
+    create_body,
+    image_volumes,
+)
+from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
+from worker.agent.errors import (
+    AgentClosed,
+    ContainerInitFailed,
+    ImageHasVolume,
+    ImageNotFound,
+    ImagePullTimeout,
+)
+from worker.agent.iofs import IofsRoot
+
+log = logging.getLogger(__name__)
+
+
+def _left_by_dead_worker(labels: dict[str, str], own_instance: str) -> bool:
+    """Whether a labelled container belongs to a worker that is gone.
+
+    Containers of a live worker on this host (its pid still runs) are left
+    alone, so several workers can share one engine; so are those of workers
+    on other hosts, whose liveness cannot be told from here.
+    """
+    if labels.get(INSTANCE_LABEL) == own_instance:
+        return False
+    owner = labels.get(OWNER_LABEL, "")
+    host, _, pid = owner.rpartition(":")
+    if not owner or not pid.isdigit():
+        return True
+    if host != os.uname().nodename:
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:
+        return False  # it exists, under another user
+    return False
+
+
+class DockerDriver:
+    def __init__(
+        self,
+        settings: Settings,
+        *,
+        socket_path: str | None = None,
+        output_timing: OutputTiming | None = None,
+    ) -> None:
+        self.settings = settings
+        self.instance = secrets.token_hex(8)
+        self.api = DockerAPI(socket_path)
+        self._timing = output_timing or OutputTiming()
+        self._iofs = IofsRoot(settings, unprivileged=not settings.disable_unprivileged_containers)
+        self._images: dict[str, list[str]] = {}  # image -> its declared volumes
+        self._pulls: dict[str, asyncio.Task[None]] = {}
+        self._containers: dict[str, DockerContainer] = {}
+        self._network_use: Counter[str] = Counter({n: 0 for n in settings.networks})
+        self._started = False
+        self._closed = False
+
+    # ------------------------------------------------------------ lifecycle
+
+    async def start(self) -> None:
+        await self.api.open()
+        await self.api.request("GET", "/_ping")
+        await asyncio.to_thread(self._iofs.open)
+        self._started = True
+        await self.remove_leftovers()
+        if self.settings.docker_load_file:
+            await self._load(Path(self.settings.docker_load_file))
+
+    async def close(self) -> None:
+        self._closed = True
+        for task in self._pulls.values():
+            task.cancel()
+        containers = list(self._containers.values())
+        results = await asyncio.gather(*(c.remove() for c in containers), return_exceptions=True)
+        for container, result in zip(containers, results, strict=True):
+            if isinstance(result, Exception):
+                log.warning("removing %s at close failed: %s", container.describe(), result)
+        await self.api.close()
+        if self._started:
+            await asyncio.to_thread(self._iofs.close)
+
+    @property
+    def iofs_base(self) -> Path | None:
+        """The directory holding the socket directories (None before start)."""
+        return self._iofs.base
+
+    @property
+    def containers(self) -> list[DockerContainer]:
+        return list(self._containers.values())
+
+    async def remove_leftovers(self) -> int:
+        """Force-remove labelled containers of other (dead) instances; returns how many."""
+        tag = self.settings.container_label_tag
+        if not tag:
+            return 0
+        filters = json.dumps({"label": [f"{CLASSIFIER_LABEL}={tag}"]})
+        listed = await self.api.request(
+            "GET", "/containers/json", params={"all": "1", "filters": filters}
+        )
+        removed = 0
+        for item in listed or []:
+            if not _left_by_dead_worker(item.get("Labels") or {}, self.instance):
+                continue
+            try:
+                await self.api.request(
+                    "DELETE", f"/containers/{item['Id']}", params={"force": "1", "v": "1"}
+                )
+            except DockerError as exc:
+                if exc.status != 404:
+                    log.warning("could not remove leftover container %s: %s", item["Id"], exc)
+                    continue
+            removed += 1
+            await asyncio.to_thread(self._forget_leftover_dir, item)
+        if removed:
+            log.info("removed %d container(s) left by other fnq workers", removed)
+        return removed
+
+    def _forget_leftover_dir(self, item: dict[str, Any]) -> None:
+        """Remove a dead worker's socket directory when it is a plain host path of ours."""
+        if self.settings.iofs_docker_path or self.settings.iofs_tmpfs:
+            return
+        for mount in item.get("Mounts") or []:
+            if mount.get("Destination") != IOFS_MOUNT:
+                continue
+            source = Path(str(mount.get("Source", "")))
+            if source.name.startswith("iofs-") and source.is_dir():
+                shutil.rmtree(source, ignore_errors=True)
+                if source.parent.name.startswith("fnq-iofs-"):
+                    with contextlib.suppress(OSError):
+                        source.parent.rmdir()
+
+    async def _load(self, path: Path) -> None:
+        timeout_s = self.settings.secs("hot_pull_timeout_msecs")
+        handle = await asyncio.to_thread(path.open, "rb")
+        try:
+            await self.api.stream_json(
+                "POST", "/images/load", params={"quiet": "1"}, timeout_s=timeout_s, data=handle
+            )
+        finally:
+            await asyncio.to_thread(handle.close)
+        self._images.clear()
+        log.info("loaded images from %s", path)
+
+    # --------------------------------------------------------------- create
+
+    async def create(self, spec: ContainerSpec) -> DockerContainer:
+        if self._closed or not self._started:
+            raise AgentClosed("the docker driver is not running")
+        await self._check_image(spec.image)
+        iofs = await asyncio.to_thread(self._iofs.make, spec.id)
+        network = self._pick_network()
+        container = DockerContainer(
+            api=self.api,
+            settings=self.settings,
+            spec=spec,
+            iofs=iofs,
+            iofs_root=self._iofs,
+            timing=self._timing,
+            on_removed=self._forget,
+        )
+        container.network = network
+        self._containers[spec.id] = container
+        try:
+            try:
+                await self._create(spec, iofs.docker_path, network)
+            except DockerError as exc:
+                if exc.status != 404:
+                    raise
+                # The image went away after it was cached (e.g. an image cleaner).
+                self._images.pop(spec.image, None)
+                await self._check_image(spec.image)
+                await self._create(spec, iofs.docker_path, network)
+        except BaseException:
+            await container.remove()
+            raise
+        return container
+
+    async def _create(
+        self, spec: ContainerSpec, iofs_docker_path: str, network: str | None
+    ) -> None:
+        body = create_body(
+            self.settings,
+            spec,
+            instance=self.instance,
+            iofs_docker_path=iofs_docker_path,
+            network=network,
+        )
+        try:
+            await self.api.request(
+                "POST", "/containers/create", params={"name": spec.id}, body=body
+            )
+        except DockerError as exc:
+            if exc.status is None or exc.status == 404 or exc.status >= 500:
+                raise
+            raise ContainerInitFailed(f"docker refused to create the container: {exc}") from exc
+
+    def _pick_network(self) -> str | None:
+        if not self._network_use:
+            return None
+        network = min(self._network_use, key=lambda n: self._network_use[n])
+        self._network_use[network] += 1
+        return network
+
+    def _forget(self, container: DockerContainer) -> None:
+        self._containers.pop(container.id, None)
+        network = container.network
+        if network is not None and self._network_use[network] > 0:
+            self._network_use[network] -= 1
+            container.network = None
+
+    # ---------------------------------------------------------------- images
+
+    async def _check_image(self, image: str) -> None:
+        volumes = self._images.get(image)
+        if volumes is None:
+            volumes = await self._inspect_or_pull(image)
+            self._images[image] = volumes
+        if volumes and not self.settings.image_enable_volume:
+            raise ImageHasVolume(
+                f"image {image} declares VOLUME {', '.join(volumes)}; "
+                "set FN_IMAGE_ENABLE_VOLUME=true to allow it"
+            )
+
+    async def _inspect_or_pull(self, image: str) -> list[str]:
+        try:
+            return image_volumes(await self.api.request("GET", f"/images/{image_path(image)}/json"))
+        except DockerError as exc:
+            if exc.status != 404:
+                raise
+        task = self._pulls.get(image)
+        if task is None:
+            task = asyncio.create_task(self._pull(image), name=f"fnq-pull-{image}")
+            self._pulls[image] = task
+            task.add_done_callback(lambda _t: self._pulls.pop(image, None))
+        await asyncio.shield(task)
+        try:
+            return image_volumes(await self.api.request("GET", f"/images/{image_path(image)}/json"))
+        except DockerError as exc:
+            if exc.status == 404:
+                raise ImageNotFound(f"image {image} not found after pulling it") from None
+            raise
+
+    async def _pull(self, image: str) -> None:
+        timeout_s = self.settings.secs("hot_pull_timeout_msecs")
+        repo, tag = split_reference(image)
+        params = {"fromImage": repo, **({"tag": tag} if tag else {})}
+        log.info("pulling image %s", image)
+        try:
+            await self.api.stream_json("POST", "/images/create", params=params, timeout_s=timeout_s)
+        except DockerTimeout:
+            raise ImagePullTimeout(f"pulling image {image} took more than {timeout_s:g}s") from None
+        except DockerError as exc:
+            if exc.status is None:
+                raise
+            raise ImageNotFound(f"image {image} not found (pull failed: {exc})") from None

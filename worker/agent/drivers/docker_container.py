@@ -1,0 +1,281 @@
+"""One hot container of the docker driver (implements ``driver.Container``).
+
+Per container the worker holds: the attach stream (a task pumps it into the
+:class:`OutputRouter`), a long-poll ``wait`` (a task resolves ``wait()``),
+and once ready an :class:`FdkClient` on the host side of its socket. A call
+costs no engine request at all: only pause and unpause talk to docker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Any
+
+from config.settings import Settings
+from worker.agent.driver import (
+    SOCKET_NAME,
+    ContainerSpec,
+    DispatchRequest,
+    DispatchResult,
+    ExitInfo,
+    OutputSink,
+)
+from worker.agent.drivers.docker_api import AttachStream, DockerAPI, DockerError
+from worker.agent.drivers.output import OutputRouter
+from worker.agent.drivers.stdio import ProcessStdio
+from worker.agent.errors import (
+    ContainerInitFailed,
+    ContainerInitTimeout,
+    DispatchError,
+    FreezeFailed,
+)
+from worker.agent.fdk import FdkClient
+from worker.agent.iofs import IofsDir, IofsRoot, SocketWatcher
+
+log = logging.getLogger(__name__)
+function_log = logging.getLogger("fnq.function")
+
+FREEZE_TIMEOUT_S = 5.0
+REMOVE_TIMEOUT_S = 60.0
+DRAIN_TIMEOUT_S = 5.0  # for the output and wait tasks to notice a removed container
+
+
+@dataclass(frozen=True, slots=True)
+class OutputTiming:
+    """How long dispatch waits for output still on its way (see drivers.output)."""
+
+    barrier_limit_s: float = 0.5  # for the marker to come back
+    quiet_s: float = 0.002  # fallback: this much silence ends the call's output
+    limit_s: float = 0.1  # fallback: at most this long
+    use_barrier: bool = True
+
+
+class DockerContainer:
+    def __init__(
+        self,
+        *,
+        api: DockerAPI,
+        settings: Settings,
+        spec: ContainerSpec,
+        iofs: IofsDir,
+        iofs_root: IofsRoot,
+        timing: OutputTiming,
+        on_removed: Callable[[DockerContainer], None],
+    ) -> None:
+        self.spec = spec
+        self.iofs = iofs
+        self._api = api
+        self._settings = settings
+        self._iofs_root = iofs_root
+        self._timing = timing
+        self._on_removed = on_removed
+        logger = None if settings.disable_debug_user_logs else function_log
+        self._output = OutputRouter(logger, f"{spec.app}/{spec.fn} {spec.id}")
+        self._exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
+        self._attach: AttachStream | None = None
+        self._pump_task: asyncio.Task[None] | None = None
+        self._wait_task: asyncio.Task[None] | None = None
+        self._removal: asyncio.Task[None] | None = None
+        self._fdk: FdkClient | None = None
+        self._stdio: ProcessStdio | None = None
+        self.network: str | None = None  # the docker network it holds a place in
+
+    @property
+    def id(self) -> str:
+        return self.spec.id
+
+    @property
+    def connections_made(self) -> int:
+        """Connections opened to the function's socket so far (1 while keep-alive holds)."""
+        return 0 if self._fdk is None else self._fdk.connections_made
+
+    @property
+    def exact_output(self) -> bool:
+        """Whether calls' output is delimited by markers (else by quiet time)."""
+        return self._stdio is not None
+
+    @property
+    def removed(self) -> bool:
+        return self._removal is not None and self._removal.done()
+
+    # -------------------------------------------------------------- start
+
+    async def start(self) -> None:
+        timeout_s = self._settings.hot_start_timeout_msecs / 1000.0
+        with SocketWatcher(self.iofs.host_path) as watcher:
+            self._attach = await self._api.attach(self.id)
+            self._pump_task = asyncio.create_task(
+                self._pump(self._attach), name=f"fnq-output-{self.id}"
+            )
+            try:
+                await self._api.request("POST", f"/containers/{self.id}/start")
+            except DockerError as exc:
+                if exc.status is None:
+                    raise
+                raise ContainerInitFailed(f"container failed to start: {exc}") from exc
+            self._wait_task = asyncio.create_task(self._watch_exit(), name=f"fnq-wait-{self.id}")
+            await self._until_ready(watcher, timeout_s)
+        if self._timing.use_barrier:
+            self._stdio = await self._probe_stdio()
+        self._fdk = FdkClient(
+            str(self.iofs.socket_path),
+            max_response_bytes=self._settings.max_response_size,
+            max_header_bytes=self._settings.max_hdr_response_size,
+        )
+
+    async def _until_ready(self, watcher: SocketWatcher, timeout_s: float) -> None:
+        ready = asyncio.create_task(watcher.ready(), name=f"fnq-ready-{self.id}")
+        try:
+            waiting: set[asyncio.Future[Any]] = {ready, self._exit}
+            done, _ = await asyncio.wait(
+                waiting, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+            )
+        finally:
+            if not ready.done():
+                ready.cancel()
+        if ready in done:
+            ready.result()  # ContainerInitFailed for a bad socket
+            return
+        if self._exit.done():
+            await self._output.settle(self._timing.quiet_s, self._timing.limit_s)
+            info = self._exit.result()
+            raise ContainerInitFailed(
+                f"{info.describe(self.spec.memory_mb)} before it was ready{self._last_output()}"
+            )
+        raise ContainerInitTimeout(
+            f"container did not create {SOCKET_NAME} within {timeout_s:g}s of starting"
+            f"{self._last_output()}"
+        )
+
+    async def _probe_stdio(self) -> ProcessStdio | None:
+        """The container's output pipes, if this worker can write into them."""
+        try:
+            state = await self._api.request("GET", f"/containers/{self.id}/json")
+            pid = int(state["State"]["Pid"])
+        except (DockerError, KeyError, TypeError, ValueError) as exc:
+            log.debug("no pid for %s: %s", self.id, exc)
+            return None
+        stdio = ProcessStdio(pid)
+        if pid <= 0 or not await asyncio.to_thread(stdio.probe):
+            log.debug("cannot reach the output pipes of %s; falling back to quiet time", self.id)
+            return None
+        return stdio
+
+    def _last_output(self) -> str:
+        tail = self._output.tail()
+        return f"; last output: {tail}" if tail else ""
+
+    async def _pump(self, stream: AttachStream) -> None:
+        try:
+            async for kind, chunk in stream.frames():
+                self._output.feed(kind, chunk)
+        finally:
+            self._output.end()
+            stream.close()
+
+    async def _watch_exit(self) -> None:
+        """Long-poll the engine until the container stops (cancelled by remove)."""
+        try:
+            # No timeout: this lasts as long as the container; remove() ends it.
+            answer = await self._api.request("POST", f"/containers/{self.id}/wait", timeout_s=None)
+            code = int(answer["StatusCode"]) if answer else None
+        except DockerError as exc:
+            self._set_exit(ExitInfo(None, error=str(exc)))
+            return
+        oom = False
+        try:
+            state = await self._api.request("GET", f"/containers/{self.id}/json")
+            oom = bool(state["State"]["OOMKilled"])
+        except DockerError as exc:
+            log.debug("inspect after exit of %s failed: %s", self.id, exc)
+        self._set_exit(ExitInfo(code, oom_killed=oom))
+
+    def _set_exit(self, info: ExitInfo) -> None:
+        if not self._exit.done():
+            self._exit.set_result(info)
+
+    # ----------------------------------------------------------- serving
+
+    def set_output(self, sink: OutputSink | None) -> None:
+        self._output.set_sink(sink)
+
+    async def dispatch(self, request: DispatchRequest) -> DispatchResult:
+        if self._fdk is None:
+            raise DispatchError(f"container {self.id} is not started")
+        cancelled = False
+        try:
+            return await self._fdk.call(request)
+        except asyncio.CancelledError:
+            cancelled = True
+            raise
+        finally:
+            if not cancelled:
+                await self._catch_up_output()
+
+    async def _catch_up_output(self) -> None:
+        """Return once the output written before the response has arrived (drivers.output)."""
+        if not await self._output.barrier(self._stdio, self._timing.barrier_limit_s):
+            await self._output.settle(self._timing.quiet_s, self._timing.limit_s)
+
+    async def pause(self) -> None:
+        await self._freeze("pause")
+
+    async def unpause(self) -> None:
+        await self._freeze("unpause")
+
+    async def _freeze(self, action: str) -> None:
+        try:
+            await self._api.request(
+                "POST", f"/containers/{self.id}/{action}", timeout_s=FREEZE_TIMEOUT_S
+            )
+        except DockerError as exc:
+            raise FreezeFailed(f"docker {action} of {self.id} failed: {exc}") from exc
+
+    async def wait(self) -> ExitInfo:
+        return await asyncio.shield(self._exit)
+
+    # ------------------------------------------------------------ removal
+
+    async def remove(self) -> None:
+        if self._removal is None:
+            self._removal = asyncio.create_task(self._remove(), name=f"fnq-remove-{self.id}")
+        await asyncio.shield(self._removal)
+
+    async def _remove(self) -> None:
+        try:
+            if self._fdk is not None:
+                await self._fdk.close()
+            try:
+                await self._api.request(
+                    "DELETE",
+                    f"/containers/{self.id}",
+                    params={"force": "1", "v": "1"},
+                    timeout_s=REMOVE_TIMEOUT_S,
+                )
+            except DockerError as exc:
+                if exc.status != 404:
+                    log.warning("removing container %s failed: %s", self.id, exc)
+            await self._stop_task(self._pump_task)
+            await self._stop_task(self._wait_task)
+            self._set_exit(ExitInfo(None, error="removed before it exited"))
+            await asyncio.to_thread(self._iofs_root.remove, self.iofs)
+        finally:
+            if self._attach is not None:
+                self._attach.close()
+            self._on_removed(self)
+
+    @staticmethod
+    async def _stop_task(task: asyncio.Task[None] | None) -> None:
+        """Give a task a moment to finish on its own (its stream ends), then cancel it."""
+        if task is None or task.done():
+            return
+        done, _ = await asyncio.wait({task}, timeout=DRAIN_TIMEOUT_S)
+        if not done:
+            task.cancel()
+            await asyncio.wait({task})
+
+    def describe(self) -> str:
+        return f"{self.spec.app}/{self.spec.fn} {self.id} ({self.spec.image})"

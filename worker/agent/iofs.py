@@ -1,0 +1,237 @@
+"""Per-container socket directories and the watch for the function's listener.
+
+Each hot container gets a directory of its own on the host, bind-mounted at
+``/tmp/iofs`` inside; the FDK creates ``lsnr.sock`` there. Readiness is an
+inotify event on that directory, watched from before the container starts,
+so no creation can be missed and nothing polls.
+
+The listener is checked before anyone connects to it: ``lsnr.sock`` may be a
+socket, or a symlink whose target is a bare name in the same directory that
+is itself a socket. A link anywhere else would make the worker connect to a
+path of the container's choosing on the host.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ctypes
+import ctypes.util
+import errno
+import functools
+import os
+import shutil
+import stat
+import struct
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from config.errors import ConfigError
+from config.settings import Settings
+from worker.agent.driver import SOCKET_NAME
+from worker.agent.errors import ContainerInitFailed
+
+_IN_NONBLOCK = os.O_NONBLOCK
+_IN_CLOEXEC = os.O_CLOEXEC
+_IN_MOVED_TO = 0x00000080
+_IN_CREATE = 0x00000100
+_IN_Q_OVERFLOW = 0x00004000
+_EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
+_MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
+_MNT_DETACH = 2
+MAX_SOCKET_PATH_BYTES = 107  # sun_path of a unix socket address, less its NUL
+
+
+@functools.cache
+def _c() -> ctypes.CDLL:
+    return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6", use_errno=True)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        err = ctypes.get_errno()
+        raise OSError(err, f"{what}: {os.strerror(err)}")
+    return result
+
+
+# ------------------------------------------------------------------ directories
+
+
+@dataclass(frozen=True, slots=True)
+class IofsDir:
+    host_path: Path  # where the worker sees it
+    docker_path: str  # what the engine is told to bind-mount
+    mounted: bool  # a tmpfs was mounted on it
+
+    @property
+    def socket_path(self) -> Path:
+        return self.host_path / SOCKET_NAME
+
+
+class IofsRoot:
+    """The directory holding every socket directory of one driver.
+
+    All methods do file-system work and are meant to run in a thread.
+    """
+
+    def __init__(self, settings: Settings, unprivileged: bool) -> None:
+        self._settings = settings
+        self._unprivileged = unprivileged
+        self._own_base = not settings.iofs_path
+        self.base = Path(settings.iofs_path) if settings.iofs_path else None
+
+    def open(self) -> None:
+        if self.base is None:
+            self.base = Path(tempfile.mkdtemp(prefix="fnq-iofs-"))
+        self.base.mkdir(parents=True, exist_ok=True)  # an existing one is left as it is
+
+    def make(self, name: str) -> IofsDir:
+        if self.base is None:
+            raise RuntimeError("IofsRoot.open() was not called")
+        path = Path(tempfile.mkdtemp(prefix=f"iofs-{name[:16]}-", dir=self.base))
+        if len(bytes(path / SOCKET_NAME)) > MAX_SOCKET_PATH_BYTES:
+            path.rmdir()
+            raise ConfigError(
+                f"FN_IOFS_PATH={self.base} is too long: socket paths must fit in "
+                f"{MAX_SOCKET_PATH_BYTES} bytes"
+            )
+        mounted = False
+        try:
+            if self._settings.iofs_tmpfs:
+                opts = self._settings.iofs_opts.encode() or None
+                flags = _MS_NOSUID | _MS_NODEV | _MS_NOEXEC
+                _check(_c().mount(b"tmpfs", bytes(path), b"tmpfs", flags, opts), "mount tmpfs")
+                mounted = True
+            if self._unprivileged:
+                path.chmod(0o777)  # the function runs as uid 1000 and must create its socket
+        except OSError:
+            self._remove_path(path, mounted)
+            raise
+        return IofsDir(path, self._docker_path(path), mounted)
+
+    def _docker_path(self, path: Path) -> str:
+        docker_root = self._settings.iofs_docker_path
+        if not docker_root or self.base is None:
+            return str(path)
+        return str(Path(docker_root) / path.relative_to(self.base))
+
+    def remove(self, iofs: IofsDir) -> None:
+        self._remove_path(iofs.host_path, iofs.mounted)
+
+    @staticmethod
+    def _remove_path(path: Path, mounted: bool) -> None:
+        if mounted:
+            result = _c().umount2(bytes(path), _MNT_DETACH)
+            if result < 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
+                _check(result, f"umount {path}")
+        shutil.rmtree(path, ignore_errors=True)
+
+    def close(self) -> None:
+        """Remove the base directory if this driver made it (and it is empty)."""
+        if self._own_base and self.base is not None:
+            with contextlib.suppress(OSError):
+                self.base.rmdir()
+
+
+# ------------------------------------------------------------------ readiness
+
+
+def check_listener(directory: Path) -> None:
+    """Raise ContainerInitFailed unless ``lsnr.sock`` is a socket or a safe link to one."""
+    path = directory / SOCKET_NAME
+    info = path.lstat()
+    if stat.S_ISLNK(info.st_mode):
+        target = os.readlink(path)
+        name = target[2:] if target.startswith("./") else target
+        if not name or "/" in name or name in (".", ".."):
+            raise ContainerInitFailed(
+                f"the function's {SOCKET_NAME} is a symlink to {target!r}: symlinks must "
+                "be relative within the unix socket directory (a bare file name)"
+            )
+        path = directory / name
+        try:
+            info = path.lstat()
+        except FileNotFoundError:
+            raise ContainerInitFailed(
+                f"the function's {SOCKET_NAME} is a symlink to {target!r}, which does not exist"
+            ) from None
+    if not stat.S_ISSOCK(info.st_mode):
+        raise ContainerInitFailed(
+            f"the function's {SOCKET_NAME} ({path.name}) is not a unix socket"
+        )
+
+
+class SocketWatcher:
+    """Watches one directory for ``lsnr.sock``; use as a context manager.
+
+    Enter it before the container starts; then ``await ready()``.
+    """
+
+    def __init__(self, directory: Path) -> None:
+        self._dir = directory
+        self._fd = -1
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._result: asyncio.Future[None] | None = None
+
+    def __enter__(self) -> SocketWatcher:
+        self._loop = asyncio.get_running_loop()
+        self._result = self._loop.create_future()
+        libc = _c()
+        self._fd = _check(libc.inotify_init1(_IN_NONBLOCK | _IN_CLOEXEC), "inotify_init1")
+        try:
+            _check(
+                libc.inotify_add_watch(self._fd, bytes(self._dir), _IN_CREATE | _IN_MOVED_TO),
+                f"inotify_add_watch {self._dir}",
+            )
+            self._loop.add_reader(self._fd, self._on_readable)
+        except BaseException:
+            os.close(self._fd)
+            self._fd = -1
+            raise
+        self._inspect()  # in case it is already there
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd >= 0 and self._loop is not None:
+            self._loop.remove_reader(self._fd)
+            os.close(self._fd)
+            self._fd = -1
+
+    async def ready(self) -> None:
+        """Return once a valid listener exists; ContainerInitFailed for a bad one."""
+        if self._result is None:
+            raise RuntimeError("SocketWatcher used outside its context")
+        await asyncio.shield(self._result)
+
+    def _on_readable(self) -> None:
+        try:
+            data = os.read(self._fd, 64 * 1024)
+        except BlockingIOError:
+            return
+        except OSError as exc:
+            self._finish(exc)
+            return
+        offset = 0
+        while offset + _EVENT.size <= len(data):
+            _wd, mask, _cookie, length = _EVENT.unpack_from(data, offset)
+            name = data[offset + _EVENT.size : offset + _EVENT.size + length].rstrip(b"\0")
+            offset += _EVENT.size + length
+            if mask & _IN_Q_OVERFLOW or name == SOCKET_NAME.encode():
+                self._inspect()
+
+    def _inspect(self) -> None:
+        if self._result is None or self._result.done():
+            return
+        try:
+            check_listener(self._dir)
+        except FileNotFoundError:
+            return  # not there yet
+        except (ContainerInitFailed, OSError) as exc:
+            self._finish(exc)
+            return
+        self._result.set_result(None)
+
+    def _finish(self, exc: BaseException) -> None:
+        if self._result is not None and not self._result.done():
+            self._result.set_exception(exc)
