@@ -1,0 +1,80 @@
+"""Open everything a worker needs, run it, and close it all again."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import sys
+
+from config.settings import Settings
+from datastore.base import open_datastore
+from mq.base import open_queue
+from worker.agent.agent import Agent
+from worker.agent.drivers.docker import DockerDriver
+from worker.loop import Worker
+from worker.metrics import Metrics
+from worker.shutdown import Shutdown, signal_handlers
+
+log = logging.getLogger("fnq.worker")
+
+STATS_EVERY_S = 5.0
+
+
+def setup_logging(settings: Settings) -> None:
+    logging.basicConfig(
+        level=settings.log_level,
+        stream=sys.stderr,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+
+
+def setup_sentry(settings: Settings) -> None:
+    if settings.sentry_dsn is None:
+        return
+    import sentry_sdk  # noqa: PLC0415 - only when configured
+
+    # Only the worker's own errors: function failures are call outcomes, not worker errors.
+    sentry_sdk.init(dsn=settings.sentry_dsn.get_secret_value(), default_integrations=True)
+
+
+async def serve(
+    settings: Settings,
+    *,
+    burst: bool = False,
+    prefetch: int = 2,
+    install_signals: bool = True,
+    shutdown: Shutdown | None = None,
+) -> int:
+    """Run one worker until stopped; returns the number of calls it finished."""
+    shutdown = shutdown or Shutdown(settings.secs("shutdown_grace_msecs"))
+    metrics = Metrics()
+    if settings.metrics_port:
+        metrics.serve(settings.metrics_port)
+    queue = open_queue(settings.mq_url, settings)
+    store = await open_datastore(settings)
+    try:
+        async with Agent(settings, DockerDriver(settings)) as agent:
+            worker = Worker(settings, queue, store, agent, prefetch=prefetch, metrics=metrics)
+            log.info("worker %s started: queue %s", worker.worker_id, _scheme(settings.mq_url))
+            guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
+            with guard:
+                async with asyncio.TaskGroup() as tg:
+                    observer = tg.create_task(_observe(agent, metrics), name="fnq-metrics")
+                    await worker.run(shutdown, burst=burst)
+                    observer.cancel()
+            log.info("worker %s stopped after %d call(s)", worker.worker_id, worker.completed)
+            return worker.completed
+    finally:
+        await store.close()
+        await queue.close()
+
+
+async def _observe(agent: Agent, metrics: Metrics) -> None:
+    while True:
+        metrics.observe_agent(agent.statistics())
+        await asyncio.sleep(STATS_EVERY_S)
+
+
+def _scheme(url: str) -> str:
+    return url.split("://", 1)[0]
