@@ -38,6 +38,21 @@ async def test_502_is_function_failed_and_keeps_the_container(agents: AgentFacto
     assert (driver.creates, driver.removes) == (1, 0)
 
 
+async def test_oversized_response_is_a_terminal_error_and_keeps_the_body_cut(
+    agents: AgentFactory,
+) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=reply(200, b"x" * 64, truncated=True)))
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.TERMINAL
+    assert outcome.error is not None and "response too large" in outcome.error
+    assert outcome.response is not None and outcome.response.truncated
+    assert outcome.response.body == b"x" * 64
+    again = await agent.submit(make_call(fn), fn)
+    assert again.container_id == outcome.container_id
+
+
 async def test_504_is_timeout_and_keeps_the_container(agents: AgentFactory) -> None:
     driver = FakeDriver(FakeBehaviour(handler=reply(504)))
     agent = agents(driver)

@@ -166,6 +166,7 @@ CASES = [
     ("nosocket", "fnq/nosocket:latest", b"", 64, 20, CallStatus.ERROR, "did not create lsnr.sock"),
     ("badlink", "fnq/badlink:latest", b"", 64, 20, CallStatus.ERROR, "symlink"),
     ("missing", "fnq/does-not-exist:1", b"", 64, 20, CallStatus.ERROR, "not found"),
+    ("bytes", "fnq/bytes:latest", b"50000", 64, 20, CallStatus.ERROR, "response too large"),
 ]
 
 
@@ -173,6 +174,12 @@ async def test_misbehaving_functions_end_clearly_while_others_flow(
     sqlite_cluster: Cluster,
 ) -> None:
     sqlite_cluster.env["FN_HOT_START_TIMEOUT_MSECS"] = "2000"
+    sqlite_cluster.env["FN_MAX_RESPONSE_SIZE"] = "10000"
+    sqlite_cluster.env["FN_MAX_LOG_SIZE_BYTES"] = "2000"
+    await sqlite_cluster.register(
+        Function(app="t", name="logs", image="fnq/logs:latest", memory_mb=64, timeout_s=20)
+    )
+    chatty = Call(id=new_call_id(), app="t", fn="logs", body=b"500")
     await sqlite_cluster.register(ECHO)
     bad_ids: dict[str, str] = {}
     calls: list[Call] = []
@@ -192,9 +199,14 @@ async def test_misbehaving_functions_end_clearly_while_others_flow(
         calls.append(call)
     unknown = Call(id=new_call_id(), app="bad", fn="unregistered", body=b"")
     good = make_calls("t", "echo", 20)
-    await sqlite_cluster.enqueue([*calls, unknown, *good])
+    await sqlite_cluster.enqueue([*calls, unknown, chatty, *good])
     sqlite_cluster.start_worker()
-    done = await sqlite_cluster.wait_final([c.id for c in [*calls, unknown, *good]], timeout_s=180)
+    everything = [*calls, unknown, chatty, *good]
+    done = await sqlite_cluster.wait_final([c.id for c in everything], timeout_s=180)
+    # Too much output is cut with one marker; the call itself succeeded.
+    assert done[chatty.id].status is CallStatus.SUCCESS and done[chatty.id].log_truncated
+    log = await sqlite_cluster.log_of(chatty.id) or b""
+    assert log.count(b"log exceeded 2000 bytes") == 1 and 2000 <= len(log) < 2200, log[-200:]
     assert by_status({c.id: done[c.id] for c in good}) == {CallStatus.SUCCESS: 20}
     for name, _, _, _, _, status, fragment in CASES:
         rec = done[bad_ids[name]]

@@ -4,6 +4,7 @@
 what happened                          status       failure    container
 =====================================  ===========  =========  =================
 FDK answered 200                       success      -          kept
+FDK answered 200, body over the limit  error        terminal   kept
 FDK answered 502                       error        function   kept
 FDK answered 504                       timeout      function   kept
 other status, malformed, dropped       error        function   retired
@@ -87,6 +88,14 @@ def _response(result: DispatchResult) -> Response:
 
 
 def _answered(result: DispatchResult) -> tuple[CallStatus, str | None, FailureKind | None]:
+    if result.status == STATUS_OK and result.truncated:
+        # Running it again gives the same oversized answer: no retry can help.
+        return (
+            CallStatus.ERROR,
+            f"function response too large: over the {len(result.body)} byte limit "
+            "(FN_MAX_RESPONSE_SIZE); the stored body is cut there",
+            FailureKind.TERMINAL,
+        )
     if result.status == STATUS_OK:
         return CallStatus.SUCCESS, None, None
     if result.status == STATUS_FUNCTION_FAILED:
