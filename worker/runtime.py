@@ -15,10 +15,9 @@ from worker.agent.drivers.docker import DockerDriver
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.shutdown import Shutdown, signal_handlers
+from worker.upkeep import Upkeep
 
 log = logging.getLogger("fnq.worker")
-
-STATS_EVERY_S = 5.0
 
 
 def setup_logging(settings: Settings) -> None:
@@ -58,22 +57,18 @@ async def serve(
             worker = Worker(settings, queue, store, agent, prefetch=prefetch, metrics=metrics)
             log.info("worker %s started: queue %s", worker.worker_id, _scheme(settings.mq_url))
             guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
+            upkeep = Upkeep(worker.worker_id, store, agent, metrics, worker.running.keys)
             with guard:
                 async with asyncio.TaskGroup() as tg:
-                    observer = tg.create_task(_observe(agent, metrics), name="fnq-metrics")
+                    side = tg.create_task(upkeep.run(), name="fnq-upkeep")
                     await worker.run(shutdown, burst=burst)
-                    observer.cancel()
+                    side.cancel()
+                await upkeep.leave()
             log.info("worker %s stopped after %d call(s)", worker.worker_id, worker.completed)
             return worker.completed
     finally:
         await store.close()
         await queue.close()
-
-
-async def _observe(agent: Agent, metrics: Metrics) -> None:
-    while True:
-        metrics.observe_agent(agent.statistics())
-        await asyncio.sleep(STATS_EVERY_S)
 
 
 def _scheme(url: str) -> str:

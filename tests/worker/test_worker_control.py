@@ -1,0 +1,93 @@
+"""Cancelling calls, expiry, and the worker registry, end to end on real engines."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from datetime import timedelta
+
+import pytest
+
+from config.domain import Call, CallStatus, Function, new_call_id, utcnow
+from datastore.base import open_datastore
+from tests.worker.conftest import Cluster, make_calls
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+SLEEP = Function(
+    app="t", name="sleep", image="fnq/sleep:latest", memory_mb=64, timeout_s=30, max_attempts=3
+)
+
+
+async def wait_status(cluster: Cluster, call_id: str, status: CallStatus, timeout_s: float = 60):  # type: ignore[no-untyped-def]
+    store = await open_datastore(cluster.settings)
+    try:
+        for _ in range(int(timeout_s * 10)):
+            rec = await store.get_call(call_id)
+            if rec is not None and rec.status is status:
+                return rec
+            await asyncio.sleep(0.1)
+    finally:
+        await store.close()
+    raise AssertionError(f"{call_id} never reached {status}\n{cluster.logs()[-3000:]}")
+
+
+async def test_cancel_queued_and_running_calls(sqlite_cluster: Cluster) -> None:
+    await sqlite_cluster.register(SLEEP)
+    running, queued = make_calls("t", "sleep", 2, body=b"20")
+    await sqlite_cluster.enqueue([running])
+    sqlite_cluster.start_worker()
+    await wait_status(sqlite_cluster, running.id, CallStatus.RUNNING)
+    # A call queued with a long delay, cancelled before any worker takes it.
+    delayed = Call(id=queued.id, app="t", fn="sleep", body=b"20", delay_s=2.0)
+    await sqlite_cluster.enqueue([delayed])
+    out = sqlite_cluster.fnq("calls", "cancel", delayed.id)
+    assert out.returncode == 0, out.stderr
+    out = sqlite_cluster.fnq("calls", "cancel", running.id)
+    assert out.returncode == 0, out.stderr
+    stopped = await wait_status(sqlite_cluster, running.id, CallStatus.CANCELLED, timeout_s=15)
+    assert stopped.completed_at is not None
+    assert (stopped.completed_at - stopped.started_at).total_seconds() < 15  # not the full 20 s
+    never = await wait_status(sqlite_cluster, delayed.id, CallStatus.CANCELLED)
+    await asyncio.sleep(3)  # past its delay: the worker acks it without running it
+    rec = json.loads(sqlite_cluster.fnq("calls", "show", delayed.id, "--json").stdout)
+    assert rec["status"] == "cancelled" and rec["started_at"] is None, rec
+    assert never.attempts == 0
+
+
+async def test_a_call_too_old_to_start_expires(sqlite_cluster: Cluster) -> None:
+    await sqlite_cluster.register(
+        Function(app="t", name="echo", image="fnq/echo:latest", memory_mb=64, max_age_s=60)
+    )
+    old = Call(
+        id=new_call_id(),
+        app="t",
+        fn="echo",
+        body=b"late",
+        created_at=utcnow() - timedelta(minutes=5),
+    )
+    fresh = make_calls("t", "echo", 1)[0]
+    await sqlite_cluster.enqueue([old, fresh])
+    sqlite_cluster.start_worker()
+    done = await sqlite_cluster.wait_final([old.id, fresh.id], timeout_s=60)
+    assert done[old.id].status is CallStatus.CANCELLED
+    assert "expired" in (done[old.id].error or "")
+    assert done[fresh.id].status is CallStatus.SUCCESS
+
+
+async def test_status_lists_the_live_worker(sqlite_cluster: Cluster) -> None:
+    await sqlite_cluster.register(SLEEP)
+    sqlite_cluster.start_worker()
+    for _ in range(100):
+        out = sqlite_cluster.fnq("status", "--json")
+        assert out.returncode == 0, out.stderr
+        workers = json.loads(out.stdout).get("workers", [])
+        if workers:
+            break
+        await asyncio.sleep(0.2)
+    else:
+        raise AssertionError("no worker in fnq status\n" + sqlite_cluster.logs()[-2000:])
+    assert len(workers) == 1
+    sqlite_cluster.stop_all()
+    out = sqlite_cluster.fnq("status", "--json")
+    assert json.loads(out.stdout).get("workers", []) == []  # a clean stop removes its row

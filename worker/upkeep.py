@@ -1,0 +1,97 @@
+"""A worker's side duties, on a timer: cancellations, liveness, metrics.
+
+- Every ``CANCEL_POLL_S``: ask the datastore (one query) which of the calls
+  running here were asked to stop (``fnq calls cancel``) and stop them in the
+  agent; their outcome is then ``cancelled``.
+- Every ``HEARTBEAT_S``: write this worker's row (capacity, containers, calls)
+  for ``fnq status``, and refresh the metrics gauges.
+
+A datastore outage makes these skip a beat, logged once, never stop the worker.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Callable, Collection
+from typing import Any
+
+from config.errors import FnqError
+from datastore.base import Datastore
+from worker.agent.agent import Agent
+from worker.agent.stats import AgentStats
+from worker.metrics import Metrics
+
+log = logging.getLogger("fnq.worker")
+
+CANCEL_POLL_S = 0.5
+HEARTBEAT_S = 5.0
+
+
+def describe(stats: AgentStats) -> dict[str, Any]:
+    res = stats.resources
+    return {
+        "memory_used_bytes": res.memory_used_bytes,
+        "memory_total_bytes": res.memory_total_bytes,
+        "cpu_used_mcpus": res.cpu_used_mcpus,
+        "cpu_total_mcpus": res.cpu_total_mcpus,
+        "containers": stats.containers,
+        "calls_running": stats.calls_running,
+        "calls_waiting": stats.calls_waiting,
+    }
+
+
+class Upkeep:
+    def __init__(
+        self,
+        worker_id: str,
+        store: Datastore,
+        agent: Agent,
+        metrics: Metrics,
+        running: Callable[[], Collection[str]],
+    ) -> None:
+        self.worker_id = worker_id
+        self.store = store
+        self.agent = agent
+        self.metrics = metrics
+        self.running = running
+        self._failing = False
+
+    async def run(self) -> None:
+        beats = 0
+        ticks_per_beat = max(1, round(HEARTBEAT_S / CANCEL_POLL_S))
+        while True:
+            ok = await self._guard(self._cancellations())
+            if beats % ticks_per_beat == 0:
+                stats = self.agent.statistics()
+                self.metrics.observe_agent(stats)
+                ok = await self._guard(self.store.worker_heartbeat(self.worker_id, describe(stats)))
+            beats += 1
+            if ok and self._failing:
+                log.warning("datastore is back: cancellations and heartbeats resume")
+                self._failing = False
+            await asyncio.sleep(CANCEL_POLL_S)
+
+    async def _cancellations(self) -> None:
+        ids = list(self.running())
+        if not ids:
+            return
+        for call_id in await self.store.cancel_requested(ids):
+            if await self.agent.cancel(call_id):
+                log.info("call %s cancelled on request", call_id)
+
+    async def _guard(self, step: Any) -> bool:
+        try:
+            await asyncio.wait_for(step, timeout=HEARTBEAT_S)
+        except (FnqError, TimeoutError) as exc:
+            if not self._failing:
+                log.warning("datastore unavailable for cancellations/heartbeats: %s", exc)
+                self._failing = True
+            return False
+        return True
+
+    async def leave(self) -> None:
+        try:
+            await asyncio.wait_for(self.store.worker_gone(self.worker_id), timeout=5.0)
+        except (FnqError, TimeoutError) as exc:
+            log.warning("could not remove this worker's row (it expires by itself): %s", exc)
