@@ -10,7 +10,7 @@ say() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 say "registering the example function demo/hello (image fnq/example)"
 $FNQ fn show demo hello >/dev/null 2>&1 \
     && $FNQ fn update demo hello --image fnq/example:latest >/dev/null \
-    || $FNQ fn create demo hello --image fnq/example:latest --memory 64 --timeout 30
+    || $FNQ fn create demo hello --image fnq/example:latest --memory 64 --timeout 30 >/dev/null
 $FNQ fn show demo hello
 
 say "starting a worker (fnq worker)"
@@ -32,7 +32,7 @@ say "waiting for them to finish"
 for _ in $(seq 1 120); do
     left=$($FNQ calls list --app demo --json | .venv/bin/python -c '
 import json, sys
-print(sum(1 for c in json.load(sys.stdin) if c["status"] in ("queued", "running")))')
+print(sum(1 for c in json.load(sys.stdin)["items"] if c["status"] in ("queued", "running")))')
     [ "$left" = 0 ] && break
     sleep 0.5
 done

@@ -28,6 +28,7 @@ import logging
 import random
 from collections.abc import Awaitable, Callable
 from datetime import datetime, timedelta
+from typing import TypeVar
 
 from config.domain import CallStatus, FailureKind, Function, Outcome, hostname_id, utcnow
 from config.errors import FnqError
@@ -40,6 +41,7 @@ from worker.policy import Action, Decision, decide
 from worker.shutdown import Shutdown
 
 log = logging.getLogger("fnq.worker")
+T = TypeVar("T")
 
 FN_CACHE_TTL_S = 2.0
 OUTAGE_BACKOFF_MAX_S = 10.0
@@ -101,21 +103,31 @@ class Worker:
 
     async def _until(self, shutdown: Shutdown, waiter: Awaitable[bool | None]) -> bool:
         """Await ``waiter`` unless shutdown comes first; True if it finished truthy."""
+        task = await self._race(shutdown, waiter)
+        return task is not None and task.result() is not False
+
+    @staticmethod
+    async def _race(shutdown: Shutdown, waiter: Awaitable[T]) -> asyncio.Future[T] | None:
+        """Run ``waiter``; cancel it if shutdown comes first (then None)."""
         task = asyncio.ensure_future(waiter)
         stop = asyncio.ensure_future(shutdown.stopping.wait())
         try:
             await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
         finally:
             stop.cancel()
-        if not task.done():
-            task.cancel()
-            await asyncio.gather(task, return_exceptions=True)
-            return False
-        return task.result() is not False
+        if task.done():
+            return task
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        return None
 
     async def _reserve(self, shutdown: Shutdown, timeout_s: float) -> Message | None:
+        # A reserve cut short by shutdown hands back what it was claiming (mq.base).
+        task = await self._race(shutdown, self.queue.reserve(timeout_s))
+        if task is None:
+            return None
         try:
-            msg = await self.queue.reserve(timeout_s)
+            msg = task.result()
         except FnqError as exc:
             await self._outage("queue", exc, shutdown)
             return None

@@ -1,20 +1,46 @@
-"""The ``fnq`` command line: parse, build settings once, run."""
+"""The ``fnq`` command line: parse, build settings once, run.
+
+Subcommands are imported only when used, so that ``fnq call`` does not pay for
+the docker client and ``fnq worker`` does not pay for what it never runs.
+"""
 
 from __future__ import annotations
+
+import importlib
 
 import click
 
 from config.errors import FnqError
 from config.settings import load_settings
 from worker.cli._common import fail
-from worker.cli.config_cmd import config_cmd
-from worker.cli.images import images_cmd
-from worker.cli.queue import call_cmd, dead_group
-from worker.cli.run import status_cmd, worker_cmd
-from worker.cli.store import calls_group, fn_group, logs_cmd
+
+COMMANDS: dict[str, tuple[str, str]] = {
+    "worker": ("worker.cli.run", "worker_cmd"),
+    "call": ("worker.cli.queue", "call_cmd"),
+    "calls": ("worker.cli.store", "calls_group"),
+    "logs": ("worker.cli.store", "logs_cmd"),
+    "fn": ("worker.cli.store", "fn_group"),
+    "dead": ("worker.cli.queue", "dead_group"),
+    "status": ("worker.cli.run", "status_cmd"),
+    "images": ("worker.cli.images", "images_cmd"),
+    "config": ("worker.cli.config_cmd", "config_cmd"),
+}
 
 
-@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+class LazyGroup(click.Group):
+    def list_commands(self, ctx: click.Context) -> list[str]:
+        return list(COMMANDS)
+
+    def get_command(self, ctx: click.Context, cmd_name: str) -> click.Command | None:
+        where = COMMANDS.get(cmd_name)
+        if where is None:
+            return None
+        command = getattr(importlib.import_module(where[0]), where[1])
+        assert isinstance(command, click.Command)
+        return command
+
+
+@click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
 @click.version_option(package_name="fnq")
 @click.pass_context
 def cli(ctx: click.Context) -> None:
@@ -23,17 +49,6 @@ def cli(ctx: click.Context) -> None:
         ctx.obj = load_settings()
     except FnqError as exc:
         fail(str(exc))
-
-
-cli.add_command(config_cmd)
-cli.add_command(fn_group)
-cli.add_command(calls_group)
-cli.add_command(logs_cmd)
-cli.add_command(images_cmd)
-cli.add_command(call_cmd)
-cli.add_command(dead_group)
-cli.add_command(worker_cmd)
-cli.add_command(status_cmd)
 
 
 def main() -> None:
