@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import signal
 from datetime import timedelta
 
 import pytest
@@ -91,3 +92,19 @@ async def test_status_lists_the_live_worker(sqlite_cluster: Cluster) -> None:
     sqlite_cluster.stop_all()
     out = sqlite_cluster.fnq("status", "--json")
     assert json.loads(out.stdout).get("workers", []) == []  # a clean stop removes its row
+
+
+async def test_idle_worker_stops_promptly_on_sigterm(sqlite_cluster: Cluster) -> None:
+    sqlite_cluster.env["FN_ASYNC_CHEW_POLL_MSECS"] = "60000"
+    worker = sqlite_cluster.start_worker()
+    out = ""
+    for _ in range(100):  # wait until it is up and waiting for messages
+        out = sqlite_cluster.logs()
+        if "started" in out:
+            break
+        await asyncio.sleep(0.1)
+    await asyncio.sleep(0.5)
+    began = asyncio.get_running_loop().time()
+    worker.send_signal(signal.SIGTERM)
+    assert await asyncio.to_thread(worker.wait, 20) == 0, sqlite_cluster.logs()[-2000:]
+    assert asyncio.get_running_loop().time() - began < 5.0
