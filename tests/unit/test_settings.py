@@ -17,7 +17,7 @@ DOCS = Path(__file__).resolve().parents[2] / "docs" / "configuration.md"
 
 def test_fn_defaults(settings_env: Path) -> None:
     s = load_settings()
-    assert s.freeze_idle_msecs == 50
+    assert s.freeze_idle_msecs == 1_000  # fnq's measured choice (Fn: 50)
     assert s.hot_poll_msecs == 200
     assert s.hot_launcher_timeout_msecs == 3_600_000
     assert s.hot_pull_timeout_msecs == 600_000
