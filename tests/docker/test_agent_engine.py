@@ -1,0 +1,145 @@
+"""The agent core on the real docker engine with the FDK test images."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import tempfile
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.domain import Call, CallStatus, Function, new_call_id
+from config.settings import Settings
+from worker.agent.agent import Agent
+from worker.agent.drivers.docker import DockerDriver
+from worker.agent.resources import ResourceTotals, ResourceTracker
+
+pytestmark = pytest.mark.integration
+MIB = 1024 * 1024
+
+
+def fn(name: str, image: str, **kw: Any) -> Function:
+    return Function(app="eng", name=name, image=image, **{"memory_mb": 64, **kw})
+
+
+def call(f: Function, body: bytes = b"x") -> Call:
+    return Call(id=new_call_id(), app=f.app, fn=f.name, body=body)
+
+
+def ours(docker_engine: Any, label_tag: str) -> list[Any]:
+    return list(
+        docker_engine.containers.list(all=True, filters={"label": f"fnq.classifier={label_tag}"})
+    )
+
+
+async def wait_for(check: Callable[[], bool], timeout_s: float = 20.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not check():
+            await asyncio.sleep(0.05)
+
+
+@pytest.fixture
+def agent_for(
+    function_images: list[str], make_settings: Callable[..., Settings]
+) -> Callable[..., Agent]:
+    def make(memory_mb: int = 2048, **overrides: Any) -> Agent:
+        settings = make_settings(**overrides)
+        tracker = ResourceTracker(ResourceTotals(memory_bytes=memory_mb * MIB, cpu_mcpus=2000))
+        return Agent(settings, DockerDriver(settings), tracker=tracker)
+
+    return make
+
+
+async def test_100_sequential_calls_use_one_container(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
+) -> None:
+    echo = fn("echo", "fnq/echo:latest")
+    async with agent_for() as agent:
+        for i in range(100):
+            out = await agent.submit(call(echo, f"n{i}".encode()), echo)
+            assert out.status is CallStatus.SUCCESS, out.error
+            assert out.response is not None and out.response.body == f"n{i}".encode()
+        stats = agent.statistics().queue("eng/echo")
+        assert stats is not None and stats.containers_started == 1
+        assert len(ours(docker_engine, label_tag)) == 1
+    assert ours(docker_engine, label_tag) == []  # nothing left after close
+
+
+async def test_parallel_calls_use_between_2_and_n_containers(
+    agent_for: Callable[..., Agent],
+) -> None:
+    sleep = fn("sleep", "fnq/sleep:latest", timeout_s=20)
+    async with agent_for() as agent:
+        outs = await asyncio.gather(*(agent.submit(call(sleep, b"1"), sleep) for _ in range(4)))
+        assert all(o.status is CallStatus.SUCCESS for o in outs), [o.error for o in outs]
+        stats = agent.statistics().queue("eng/sleep")
+        assert stats is not None and 2 <= stats.containers_started <= 4
+        assert len({o.container_id for o in outs}) == stats.containers_started
+
+
+async def test_idle_container_is_paused_then_unpaused_for_the_next_call(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
+) -> None:
+    echo = fn("echo", "fnq/echo:latest")
+    async with agent_for(freeze_idle_msecs=0) as agent:
+        first = await agent.submit(call(echo), echo)
+        (container,) = ours(docker_engine, label_tag)
+
+        def paused() -> bool:
+            container.reload()
+            return bool(container.attrs["State"]["Paused"])
+
+        await wait_for(paused)
+        second = await agent.submit(call(echo, b"again"), echo)
+        assert second.status is CallStatus.SUCCESS
+        assert second.container_id == first.container_id
+
+
+async def test_idle_timeout_removes_the_container_and_frees_its_tokens(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
+) -> None:
+    echo = fn("echo", "fnq/echo:latest", idle_timeout_s=1)
+    async with agent_for() as agent:
+        assert (await agent.submit(call(echo), echo)).status is CallStatus.SUCCESS
+        assert agent.tracker.statistics().memory_used_bytes == 64 * MIB
+        await wait_for(lambda: agent.tracker.statistics().memory_used_bytes == 0)
+        await wait_for(lambda: ours(docker_engine, label_tag) == [])
+
+
+async def test_idle_container_of_another_function_is_evicted_for_room(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
+) -> None:
+    first = fn("first", "fnq/echo:latest", memory_mb=64)
+    second = fn("second", "fnq/echo:latest", memory_mb=64)
+    async with agent_for(memory_mb=100, hot_poll_msecs=50) as agent:  # room for one
+        a = await agent.submit(call(first), first)
+        b = await agent.submit(call(second), second)
+        assert (a.status, b.status) == (CallStatus.SUCCESS, CallStatus.SUCCESS), b.error
+        assert a.container_id != b.container_id
+        assert agent.statistics().evictions == 1
+        await wait_for(lambda: len(ours(docker_engine, label_tag)) == 1)
+
+
+async def test_a_call_that_can_never_fit_is_rejected_at_once(
+    agent_for: Callable[..., Agent],
+) -> None:
+    huge = fn("huge", "fnq/echo:latest", memory_mb=4096)
+    async with agent_for(memory_mb=1024) as agent:
+        out = await asyncio.wait_for(agent.submit(call(huge), huge), timeout=5)
+        assert out.status is CallStatus.ERROR and out.failure is not None
+        assert out.failure.value == "terminal" and out.error
+
+
+async def test_no_socket_directory_left_after_close(agent_for: Callable[..., Agent]) -> None:
+    echo = fn("echo", "fnq/echo:latest")
+    # Socket paths must fit in 107 bytes, so not under pytest's long tmp_path.
+    iofs = Path(tempfile.mkdtemp(prefix="fnq-t-", dir="/tmp"))
+    async with agent_for(iofs_path=str(iofs)) as agent:
+        await agent.submit(call(echo), echo)
+        assert any(iofs.rglob("*"))
+    assert list(iofs.rglob("lsnr.sock")) == []
+    assert [p for p in iofs.iterdir() if p.is_dir() and any(p.iterdir())] == []
+    shutil.rmtree(iofs)
