@@ -127,6 +127,11 @@ class PostgresServer:
             shutil.chown(self.directory, "postgres", "postgres")
         data = self.directory / "data"
         self._run(str(initdb), "-D", str(data), "-A", "trust", "-U", self.user, "--no-sync")
+        return self.resume()
+
+    def resume(self) -> PostgresServer:
+        """Start the server on its existing data directory (after ``stop``)."""
+        data = self.directory / "data"
         opts = (
             f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"

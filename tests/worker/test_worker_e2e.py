@@ -13,7 +13,8 @@ import pytest
 
 from config.domain import Call, CallStatus, Function, new_call_id
 from datastore.base import open_datastore
-from tests.rig import PostgresServer, RedisServer
+from mq.base import open_queue
+from tests.rig import PostgresServer, RedisServer, pg_tempdir
 from tests.worker.conftest import Cluster, base_env, by_status, make_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -242,3 +243,39 @@ async def test_redis_queue_with_postgres_store(
         assert all(r.attempts == 1 for r in done.values())
     finally:
         cluster.stop_all()
+
+
+async def test_datastore_outage_pauses_and_loses_nothing(
+    tmp_path: Path, redis_server: RedisServer, images: None
+) -> None:
+    pg = PostgresServer(pg_tempdir(tmp_path)).start()
+    try:
+        prefix = f"o{new_call_id()[-8:].lower()}"
+        cluster = Cluster(
+            base_env(tmp_path, f"{redis_server.url}?prefix={prefix}", pg.url), tmp_path
+        )
+        await cluster.register(ECHO)
+        first = make_calls("t", "echo", 20)
+        await cluster.enqueue(first)
+        cluster.start_worker()
+        await cluster.wait_final([c.id for c in first], timeout_s=90)
+        pg.stop()
+        # Calls arrive while the datastore is down; the worker runs or holds them.
+        queue = open_queue(cluster.settings.mq_url, cluster.settings)
+        during = make_calls("t", "echo", 20)
+        try:
+            await queue.push_many(during)
+        finally:
+            await queue.close()
+        await asyncio.sleep(3)
+        pg.resume()
+        done = await cluster.wait_final([c.id for c in during], timeout_s=120)
+        assert by_status(done) == {CallStatus.SUCCESS: 20}
+        assert all(r.attempts == 1 for r in done.values())
+        logs = cluster.logs()
+        assert "the database is unavailable" in logs and "the database is back" in logs
+        assert logs.count("the database is unavailable") == 1, "logged once, not per try"
+        assert "Failed to restore the pool connection floor" not in logs
+        cluster.stop_all()
+    finally:
+        pg.stop()
