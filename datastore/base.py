@@ -13,6 +13,10 @@ status rules hold whatever order duplicate deliveries arrive in:
 A final state is never overwritten. ``record_running`` and ``record_outcome``
 are batched by a background writer (group commit): each caller's await ends
 once its write is durable; during an outage writes wait and retry.
+
+Workers also keep a row of their own in ``workers`` (``worker_heartbeat``,
+``worker_gone``): these writes never wait out an outage, they fail within a
+few seconds with StoreUnavailable instead.
 """
 
 from __future__ import annotations
@@ -123,6 +127,28 @@ class CallPage:
     next_cursor: str | None = None  # set when more items may follow
 
 
+@dataclass(frozen=True, slots=True)
+class WorkerInfo:
+    """A worker as its last heartbeat described it."""
+
+    id: str
+    host: str
+    pid: int
+    started_at: datetime
+    seen_at: datetime
+    info: dict[str, Any] = field(default_factory=dict)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "id": self.id,
+            "host": self.host,
+            "pid": self.pid,
+            "started_at": self.started_at.isoformat(timespec="milliseconds"),
+            "seen_at": self.seen_at.isoformat(timespec="milliseconds"),
+            "info": dict(self.info),
+        }
+
+
 class LogStore(Protocol):
     async def put_log(self, call_id: str, data: bytes) -> None: ...
     async def get_log(self, call_id: str) -> bytes | None: ...
@@ -158,7 +184,23 @@ class Datastore(Protocol):
     ) -> dict[CallStatus, int]: ...
     async def purge_calls(self, older_than: timedelta) -> int: ...
     async def request_cancel(self, call_id: str) -> CallRecord | None: ...
+    async def cancel_requested(self, call_ids: Sequence[str]) -> set[str]:
+        """Those of ``call_ids`` with a cancel requested (one query; a read, so
+        StoreUnavailable at once during an outage)."""
+        ...
+
     async def get_log(self, call_id: str) -> bytes | None: ...
+
+    # live workers
+    async def worker_heartbeat(self, worker_id: str, info: Mapping[str, Any]) -> None:
+        """Upsert this process's row (seen_at = now). Never waits out an outage: raises
+        StoreUnavailable within ``WORKER_WRITE_TIMEOUT_S``, for the caller to log."""
+        ...
+
+    async def worker_gone(self, worker_id: str) -> None: ...
+    async def list_workers(self, seen_within: timedelta) -> list[WorkerInfo]: ...
+    async def prune_workers(self, older_than: timedelta) -> int: ...
+
     async def close(self) -> None: ...
 
 

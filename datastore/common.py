@@ -1,30 +1,26 @@
 """The datastore's rules, written once above the SQL backends.
 
-A backend supplies three things: ``_write`` (one named write, batched into a
-group-commit transaction), ``_fetch`` (a read, times decoded to aware
-datetimes) and ``_close_backend``. Everything else — validation, what a row
-holds, log and response bounds, paging, where logs go — lives here.
+A backend supplies four things: ``_write`` (one named write, batched into a
+group-commit transaction), ``_write_now`` (one write in a transaction of its
+own that fails rather than waits out an outage), ``_fetch`` (a read, times
+decoded to aware datetimes) and ``_close_backend``. Everything else —
+validation, log and response bounds, paging, where logs go — lives here.
 """
 
 from __future__ import annotations
 
 import abc
+import asyncio
 import dataclasses
 import json
+import os
+import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
-from typing import Any
+from typing import Any, ClassVar
 
-from config.domain import (
-    Call,
-    CallStatus,
-    FailureKind,
-    Function,
-    Outcome,
-    frozen_map,
-    utcnow,
-)
+from config.domain import Call, CallStatus, Function, Outcome, utcnow
 from config.settings import Settings
 from datastore import sql
 from datastore.base import (
@@ -32,17 +28,20 @@ from datastore.base import (
     CallPage,
     CallRecord,
     LogStore,
+    WorkerInfo,
     bound_body,
     bound_log,
     clamp_limit,
     decode_cursor,
     encode_cursor,
 )
-from datastore.errors import FunctionExists, FunctionNotFound
+from datastore.errors import FunctionExists, FunctionNotFound, StoreClosed, StoreUnavailable
+from datastore.rows import fn_from_row, fn_row, record_from_row, worker_from_row
 from datastore.validate import apply_changes, validate_function
 
 CLOSE_TIMEOUT_S = 10.0
 PURGE_CHUNK = 500
+WORKER_WRITE_TIMEOUT_S = 5.0  # a heartbeat gives up after this; the next one tries again
 
 _DEFAULT_ERRORS = {
     CallStatus.ERROR: "The call failed.",
@@ -66,66 +65,38 @@ class Write(StrEnum):
     PURGE = "purge"  # -> list of deleted ids (their logs go by cascade)
     LOG_PUT = "log_put"  # -> None
     LOG_DELETE = "log_delete"  # -> None (params: call_ids)
-
-
-# ------------------------------------------------------------------- rows
-
-
-def fn_row(fn: Function) -> dict[str, Any]:
-    row = {name: getattr(fn, name) for name in sql.FN_COLUMNS}
-    row["config"] = json.dumps(dict(fn.config), sort_keys=True)
-    return row
-
-
-def fn_from_row(row: Mapping[str, Any]) -> Function:
-    values = {name: row[name] for name in sql.FN_COLUMNS}
-    values["config"] = frozen_map(json.loads(row["config"]))
-    values["retry_backoff_s"] = float(row["retry_backoff_s"])
-    return Function(**values)
-
-
-def record_from_row(row: Mapping[str, Any]) -> CallRecord:
-    failure = row["failure"]
-    body = row["response_body"]
-    return CallRecord(
-        id=row["id"],
-        app=row["app"],
-        fn=row["fn"],
-        image=row["image"],
-        status=CallStatus(row["status"]),
-        error=row["error"],
-        failure=None if failure is None else FailureKind(failure),
-        attempts=int(row["attempts"]),
-        created_at=row["created_at"],
-        started_at=row["started_at"],
-        completed_at=row["completed_at"],
-        updated_at=row["updated_at"],
-        next_try_at=row["next_try_at"],
-        worker_id=row["worker_id"],
-        container_id=row["container_id"],
-        response_status=row["response_status"],
-        response_headers=json.loads(row["response_headers"] or "{}"),
-        response_body=b"" if body is None else bytes(body),
-        response_truncated=bool(row["response_truncated"]),
-        log_truncated=bool(row["log_truncated"]),
-        stats=json.loads(row["stats"] or "{}"),
-        cancel_requested=bool(row["cancel_requested"]),
-    )
+    # not batched: through _write_now
+    WORKER_BEAT = "worker_beat"  # -> None
+    WORKER_GONE = "worker_gone"  # -> bool
+    WORKER_PRUNE = "worker_prune"  # -> int (rows deleted)
 
 
 class SqlDatastore(abc.ABC):
     """The Datastore protocol for SQL backends; subclasses only store."""
 
+    # How the backend matches ``id`` against the list parameter ``:ids``.
+    IDS_IN: ClassVar[str] = "= ANY(:ids)"
+
     def __init__(self, settings: Settings, logs: LogStore | None) -> None:
         self.settings = settings
         self._external_logs = logs
         self.close_timeout_s = CLOSE_TIMEOUT_S
+        self.worker_write_timeout_s = WORKER_WRITE_TIMEOUT_S
         self._closed = False
 
     # ------------------------------------------------------ backend hooks
     @abc.abstractmethod
     async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
         """Run one write in the next batch transaction; return once it is durable."""
+
+    @abc.abstractmethod
+    async def _write_now(self, kind: Write, params: dict[str, Any]) -> Any:
+        """Run one write now in a transaction of its own, outside the batches; raise
+        StoreUnavailable rather than wait when the database cannot be reached."""
+
+    def _id_list(self, ids: Sequence[str]) -> Any:
+        """``ids`` as the ``:ids`` parameter of ``IDS_IN``."""
+        return list(ids)
 
     @abc.abstractmethod
     async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -287,6 +258,60 @@ class SqlDatastore(abc.ABC):
             return await self._external_logs.get_log(call_id)
         rows = await self._fetch(sql.LOG_GET, {"call_id": call_id})
         return bytes(rows[0]["data"]) if rows else None
+
+    async def cancel_requested(self, call_ids: Sequence[str]) -> set[str]:
+        if not call_ids:
+            return set()
+        query = sql.CANCEL_LOOKUP.format(ids_in=self.IDS_IN)
+        rows = await self._fetch(query, {"ids": self._id_list(call_ids)})
+        return {row["id"] for row in rows}
+
+    # -------------------------------------------------------- live workers
+    async def worker_heartbeat(self, worker_id: str, info: Mapping[str, Any]) -> None:
+        """Upsert the worker's row with seen_at = now.
+
+        ``host`` and ``pid`` are this process's unless ``info`` carries them; the
+        rest of ``info`` is stored as JSON (values JSON cannot hold become strings).
+        Not batched and never waits out an outage: any failure is a StoreError
+        raised within ``worker_write_timeout_s`` (StoreUnavailable when the database
+        cannot be reached, StoreClosed after close), for the caller to log.
+        """
+        details = dict(info)
+        host, pid = details.pop("host", None), details.pop("pid", None)
+        params = {
+            "id": worker_id,
+            "host": host if isinstance(host, str) and host else socket.gethostname(),
+            "pid": pid if isinstance(pid, int) else os.getpid(),
+            "now": utcnow(),
+            "info": json.dumps(details, sort_keys=True, default=str),
+        }
+        await self._worker_write(Write.WORKER_BEAT, params)
+
+    async def worker_gone(self, worker_id: str) -> None:
+        """Delete the worker's row (clean shutdown); fails like ``worker_heartbeat``."""
+        await self._worker_write(Write.WORKER_GONE, {"id": worker_id})
+
+    async def list_workers(self, seen_within: timedelta) -> list[WorkerInfo]:
+        """Workers whose last heartbeat is at most ``seen_within`` old, by host and id."""
+        rows = await self._fetch(sql.WORKER_LIST, {"since": utcnow() - seen_within})
+        return [worker_from_row(row) for row in rows]
+
+    async def prune_workers(self, older_than: timedelta) -> int:
+        """Delete workers not seen for ``older_than`` (they died); return how many."""
+        cutoff = utcnow() - older_than
+        return int(await self._worker_write(Write.WORKER_PRUNE, {"cutoff": cutoff}))
+
+    async def _worker_write(self, kind: Write, params: dict[str, Any]) -> Any:
+        if self._closed:
+            raise StoreClosed()
+        try:
+            return await asyncio.wait_for(
+                self._write_now(kind, params), self.worker_write_timeout_s
+            )
+        except TimeoutError:
+            raise StoreUnavailable(
+                f"the datastore did not answer within {self.worker_write_timeout_s:g} s"
+            ) from None
 
     # ----------------------------------------------------------- retention
     async def purge_calls(self, older_than: timedelta) -> int:

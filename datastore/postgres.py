@@ -1,9 +1,11 @@
 """The shared datastore: PostgreSQL through an asyncpg pool, for many hosts.
 
 Writes go through group commit like every backend: one pooled connection runs
-each batch in a single transaction. If one write in a batch is refused by the
-database (a constraint, a bad value), the batch is rolled back and its writes
-are run again one transaction each, so only that write fails. A lost
+each batch in a single transaction, the call writes of a batch as one
+set-based statement per kind (``datastore.pgbatch``). If one write in a batch
+is refused by the database (a constraint, a bad value), the batch is rolled
+back and its writes are run again one transaction each, so only that write
+fails. A lost
 connection or a server that refuses connections is an outage: the batch is
 retried with backoff until the server is back.
 
@@ -20,7 +22,7 @@ from typing import Any
 import asyncpg
 
 from config.settings import Settings
-from datastore import migrate, sql
+from datastore import migrate, pgbatch, sql
 from datastore.base import LogStore
 from datastore.batch import Failed, GroupCommit
 from datastore.common import SqlDatastore, Write
@@ -100,15 +102,20 @@ def _count(status: str) -> int:
     return int(status.rsplit(" ", 1)[-1])
 
 
+# Writes that are one plain statement: those reporting whether they changed a row,
+# and those reporting nothing.
+_CHANGED_ONE = {Write.FN_INSERT: sql.FN_INSERT, Write.FN_UPDATE: sql.FN_UPDATE,
+                Write.FN_DELETE: sql.FN_DELETE, Write.WORKER_GONE: sql.WORKER_GONE}  # fmt: skip
+_PLAIN = {Write.QUEUED: sql.CALL_QUEUED, Write.LOG_PUT: sql.LOG_PUT,
+          Write.WORKER_BEAT: sql.WORKER_BEAT}  # fmt: skip
+
+
 async def apply(conn: Any, kind: Write, p: dict[str, Any], log: bytes | None) -> Any:
-    """One write inside the open transaction; the result ``Write`` documents."""
-    if kind in (Write.FN_INSERT, Write.FN_UPDATE, Write.FN_DELETE):
-        query = {Write.FN_INSERT: sql.FN_INSERT, Write.FN_UPDATE: sql.FN_UPDATE}.get(
-            kind, sql.FN_DELETE
-        )
-        return _count(await _execute(conn, query, p)) == 1
-    if kind is Write.QUEUED:
-        await _execute(conn, sql.CALL_QUEUED, p)
+    """One write on its own (the batch path is ``pgbatch``); the result ``Write`` documents."""
+    if kind in _CHANGED_ONE:
+        return _count(await _execute(conn, _CHANGED_ONE[kind], p)) == 1
+    if kind in _PLAIN:
+        await _execute(conn, _PLAIN[kind], p)
         return None
     if kind is Write.RUNNING:
         return (await _fetch(conn, RUNNING_RETURNING, p))[0]
@@ -124,14 +131,13 @@ async def apply(conn: Any, kind: Write, p: dict[str, Any], log: bytes | None) ->
         return rows[0] if rows else None
     if kind is Write.PURGE:
         return [row["id"] for row in await _fetch(conn, sql.CALL_PURGE, p)]
-    if kind is Write.LOG_PUT:
-        await _execute(conn, sql.LOG_PUT, p)
-        return None
     if kind is Write.LOG_DELETE:
         await conn.execute(
             "DELETE FROM logs WHERE call_id = ANY($1)", p["call_ids"], timeout=STATEMENT_TIMEOUT_S
         )
         return None
+    if kind is Write.WORKER_PRUNE:
+        return _count(await _execute(conn, sql.WORKER_PRUNE, p))
     raise AssertionError(f"unknown write {kind}")
 
 
@@ -151,7 +157,7 @@ class PostgresDatastore(SqlDatastore):
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 pool = await asyncpg.create_pool(
                     settings.db_url.replace("postgresql+asyncpg://", "postgresql://"),
-                    min_size=1,
+                    min_size=0,  # no floor to restore: an outage is logged once, by us
                     max_size=POOL_MAX_SIZE,
                     timeout=CONNECT_TIMEOUT_S,
                     command_timeout=STATEMENT_TIMEOUT_S,
@@ -172,8 +178,10 @@ class PostgresDatastore(SqlDatastore):
     async def _run_batch(self, ops: list[_Op]) -> list[Any]:
         async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
             try:
+                if pgbatch.statements(ops) == 1:  # atomic on its own
+                    return await pgbatch.run(conn, ops, apply, STATEMENT_TIMEOUT_S)
                 async with conn.transaction():
-                    return [await apply(conn, kind, p, log) for kind, p, log in ops]
+                    return await pgbatch.run(conn, ops, apply, STATEMENT_TIMEOUT_S)
             except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 if is_outage(exc):
                     raise
@@ -191,6 +199,15 @@ class PostgresDatastore(SqlDatastore):
 
     async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
         return await self.writer.submit((kind, params, log))
+
+    async def _write_now(self, kind: Write, params: dict[str, Any]) -> Any:
+        try:
+            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                return await apply(conn, kind, params, None)
+        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+            if is_outage(exc):
+                raise StoreUnavailable(f"the PostgreSQL datastore is unavailable: {exc}") from exc
+            raise StoreError(f"{kind.value} failed: {exc}") from exc
 
     async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         try:

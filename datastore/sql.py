@@ -27,7 +27,16 @@ CALL_COLUMNS = (
 )  # fmt: skip
 
 TIME_COLUMNS = frozenset(
-    {"created_at", "started_at", "completed_at", "updated_at", "next_try_at", "cutoff", "since"}
+    {
+        "created_at",
+        "started_at",
+        "completed_at",
+        "updated_at",
+        "next_try_at",
+        "cutoff",
+        "since",
+        "seen_at",
+    }
 )
 
 
@@ -54,20 +63,22 @@ FN_DELETE = "DELETE FROM fns WHERE app = :app AND name = :name"
 
 CALL_GET = "SELECT * FROM calls WHERE id = :id"
 
-CALL_QUEUED = (
-    _insert("calls", ("id", "app", "fn", "image", "status", "attempts", "created_at", "updated_at"))
-    + " ON CONFLICT (id) DO NOTHING"
-)
+QUEUED_COLUMNS = ("id", "app", "fn", "image", "status", "attempts", "created_at", "updated_at")
+CALL_QUEUED = _insert("calls", QUEUED_COLUMNS) + " ON CONFLICT (id) DO NOTHING"
 
-_RUNNING_COLUMNS = (
+RUNNING_COLUMNS = (
     "id", "app", "fn", "status", "attempts", "created_at", "started_at", "updated_at", "worker_id",
 )  # fmt: skip
-CALL_RUNNING = (
-    _insert("calls", _RUNNING_COLUMNS) + " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
-    " attempts = CASE WHEN :attempt_arg > 0 THEN :attempt_arg ELSE calls.attempts + 1 END,"
+# After "attempts = ...," in the running upsert: the rest of its SET and its guard.
+RUNNING_SET_REST = (
     " started_at = excluded.started_at,"
     " updated_at = excluded.updated_at, worker_id = excluded.worker_id, next_try_at = NULL"
     f" WHERE calls.status IN {LIVE}"
+)
+CALL_RUNNING = (
+    _insert("calls", RUNNING_COLUMNS) + " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+    " attempts = CASE WHEN :attempt_arg > 0 THEN :attempt_arg ELSE calls.attempts + 1 END,"
+    + RUNNING_SET_REST
 )
 
 _OUTCOME_SET = (
@@ -80,23 +91,24 @@ _OUTCOME_SET = (
     " stats = excluded.stats,"
 )
 
-CALL_FINISH = (
-    _insert("calls", CALL_COLUMNS)
-    + " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
+# The conflict clauses of the outcome upserts, whatever the rows come from.
+FINISH_CONFLICT = (
+    " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
     + _OUTCOME_SET
     + " completed_at = excluded.completed_at, next_try_at = NULL"
     f" WHERE calls.status IN {LIVE} RETURNING id"
 )
-
 # Back to queued, unless a cancel was asked for while the attempt ran.
-CALL_RETRY = (
-    _insert("calls", CALL_COLUMNS) + " ON CONFLICT (id) DO UPDATE SET"
+RETRY_CONFLICT = (
+    " ON CONFLICT (id) DO UPDATE SET"
     " status = CASE WHEN calls.cancel_requested THEN 'cancelled' ELSE 'queued' END,"
     + _OUTCOME_SET
     + " completed_at = CASE WHEN calls.cancel_requested THEN excluded.updated_at END,"
     " next_try_at = CASE WHEN calls.cancel_requested THEN NULL ELSE excluded.next_try_at END"
     f" WHERE calls.status IN {LIVE} RETURNING id"
 )
+CALL_FINISH = _insert("calls", CALL_COLUMNS) + FINISH_CONFLICT
+CALL_RETRY = _insert("calls", CALL_COLUMNS) + RETRY_CONFLICT
 
 CALL_CANCEL_QUEUED = (
     "UPDATE calls SET status = 'cancelled', failure = 'cancelled', error = :error,"
@@ -113,6 +125,24 @@ CALL_PURGE = (
     f" WHERE status IN {FINAL} AND completed_at < :cutoff ORDER BY id LIMIT :limit)"
     " RETURNING id"
 )
+
+# Calls of ``ids`` with a cancel requested; ``{ids_in}`` is the backend's way of
+# matching a list parameter (SQLite: a JSON array; PostgreSQL: a text[]).
+CANCEL_LOOKUP = "SELECT id FROM calls WHERE cancel_requested AND id {ids_in}"
+
+# ------------------------------------------------------------------- workers
+
+WORKER_BEAT = (
+    "INSERT INTO workers (id, host, pid, started_at, seen_at, info)"
+    " VALUES (:id, :host, :pid, :now, :now, :info)"
+    " ON CONFLICT (id) DO UPDATE SET host = excluded.host, pid = excluded.pid,"
+    " seen_at = excluded.seen_at, info = excluded.info"
+)
+WORKER_GONE = "DELETE FROM workers WHERE id = :id"
+WORKER_PRUNE = "DELETE FROM workers WHERE seen_at < :cutoff"
+WORKER_LIST = "SELECT * FROM workers WHERE seen_at >= :since ORDER BY host, id"
+
+# ---------------------------------------------------------------------- logs
 
 LOG_PUT = (
     "INSERT INTO logs (call_id, data) VALUES (:call_id, :data)"

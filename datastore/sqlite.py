@@ -13,7 +13,9 @@ and is retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import json
 import sqlite3
+from collections.abc import Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime
 from pathlib import Path
@@ -88,17 +90,21 @@ def _row(row: sqlite3.Row) -> dict[str, Any]:
     return out
 
 
+# Writes that are one plain statement: those reporting whether they changed a row,
+# and those reporting nothing.
+_CHANGED_ONE = {Write.FN_INSERT: sql.FN_INSERT, Write.FN_UPDATE: sql.FN_UPDATE,
+                Write.FN_DELETE: sql.FN_DELETE, Write.WORKER_GONE: sql.WORKER_GONE}  # fmt: skip
+_PLAIN = {Write.QUEUED: sql.CALL_QUEUED, Write.LOG_PUT: sql.LOG_PUT,
+          Write.WORKER_BEAT: sql.WORKER_BEAT}  # fmt: skip
+
+
 def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: bytes | None) -> Any:
     """One write against the open transaction; the result ``Write`` documents."""
     p = encode(params)
-    if kind is Write.FN_INSERT:
-        return conn.execute(sql.FN_INSERT, p).rowcount == 1
-    if kind is Write.FN_UPDATE:
-        return conn.execute(sql.FN_UPDATE, p).rowcount == 1
-    if kind is Write.FN_DELETE:
-        return conn.execute(sql.FN_DELETE, p).rowcount == 1
-    if kind is Write.QUEUED:
-        conn.execute(sql.CALL_QUEUED, p)
+    if kind in _CHANGED_ONE:
+        return conn.execute(_CHANGED_ONE[kind], p).rowcount == 1
+    if kind in _PLAIN:
+        conn.execute(_PLAIN[kind], p)
         return None
     if kind is Write.RUNNING:
         conn.execute(sql.CALL_RUNNING, p)
@@ -116,12 +122,11 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
         return None if found is None else _row(found)
     if kind is Write.PURGE:
         return [r[0] for r in conn.execute(sql.CALL_PURGE, p).fetchall()]
-    if kind is Write.LOG_PUT:
-        conn.execute(sql.LOG_PUT, p)
-        return None
     if kind is Write.LOG_DELETE:
         conn.executemany(sql.LOG_DELETE, [{"call_id": i} for i in p["call_ids"]])
         return None
+    if kind is Write.WORKER_PRUNE:
+        return conn.execute(sql.WORKER_PRUNE, p).rowcount
     raise AssertionError(f"unknown write {kind}")
 
 
@@ -149,6 +154,8 @@ def run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
 
 
 class SqliteDatastore(SqlDatastore):
+    IDS_IN = "IN (SELECT value FROM json_each(:ids))"
+
     def __init__(self, settings: Settings, logs: LogStore | None, path: Path) -> None:
         super().__init__(settings, logs)
         self.path = path
@@ -196,6 +203,27 @@ class SqliteDatastore(SqlDatastore):
 
     async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
         return await self.writer.submit((kind, params, log))
+
+    async def _write_now(self, kind: Write, params: dict[str, Any]) -> Any:
+        # On the writer thread, between two batches; waits for the file lock at most
+        # BUSY_TIMEOUT_S and then fails instead of retrying.
+        conn = self._wconn
+        if conn is None:
+            raise StoreUnavailable("the datastore is not open")
+        loop = asyncio.get_running_loop()
+        ops: list[_Op] = [(kind, params, None)]
+        try:
+            [result] = await loop.run_in_executor(self._writer_thread, run_batch, conn, ops)
+        except sqlite3.Error as exc:
+            if is_transient(exc):
+                raise StoreUnavailable(f"the datastore {self.path} is busy: {exc}") from exc
+            raise StoreError(f"{kind.value} failed: {exc}") from exc
+        if isinstance(result, Failed):
+            raise result.error
+        return result
+
+    def _id_list(self, ids: Sequence[str]) -> Any:
+        return json.dumps(list(ids))
 
     async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         conn = self._rconn

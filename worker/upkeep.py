@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection
+from importlib.metadata import version
 from typing import Any
 
 from config.errors import FnqError
@@ -23,21 +24,25 @@ from worker.agent.stats import AgentStats
 from worker.metrics import Metrics
 
 log = logging.getLogger("fnq.worker")
+VERSION = version("fnq")
 
 CANCEL_POLL_S = 0.5
+MIB = 1024 * 1024
 HEARTBEAT_S = 5.0
 
 
 def describe(stats: AgentStats) -> dict[str, Any]:
+    """This worker's row for ``fnq status`` (keys as docs/datastore.md lists them)."""
     res = stats.resources
     return {
-        "memory_used_bytes": res.memory_used_bytes,
-        "memory_total_bytes": res.memory_total_bytes,
-        "cpu_used_mcpus": res.cpu_used_mcpus,
-        "cpu_total_mcpus": res.cpu_total_mcpus,
+        "memory_mb_used": res.memory_used_bytes // MIB,
+        "memory_mb_total": res.memory_total_bytes // MIB,
+        "cpu_mcpu_used": res.cpu_used_mcpus,
+        "cpu_mcpu_total": res.cpu_total_mcpus,
         "containers": stats.containers,
         "calls_running": stats.calls_running,
         "calls_waiting": stats.calls_waiting,
+        "version": VERSION,
     }
 
 

@@ -1,0 +1,63 @@
+"""``fnq status``: queue, calls and live workers, against the embedded stores in tmp_path."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sqlite3
+from pathlib import Path
+
+from click.testing import CliRunner
+
+from config.domain import Call, new_call_id
+from config.settings import load_settings
+from datastore.base import open_datastore
+from tests.datastore.test_workers import INFO
+from worker.cli import cli
+
+
+def status(*args: str) -> str:
+    out = CliRunner().invoke(cli, ["status", *args], catch_exceptions=False)
+    assert out.exit_code == 0, out.output
+    return out.output
+
+
+def test_status_lists_live_workers(settings_env: Path) -> None:
+    assert "no worker seen in the last 30 s" in status()
+    assert json.loads(status("--json"))["workers"] == []
+
+    async def populate() -> None:
+        store = await open_datastore(load_settings())
+        try:
+            await store.record_queued(Call(new_call_id(), "shop", "resize"))
+            await store.worker_heartbeat("w-busy", {**INFO, "host": "box-1", "pid": 10})
+            await store.worker_heartbeat("w-idle", {"host": "box-2", "pid": 20})
+            await store.worker_heartbeat("w-dead", {**INFO, "host": "box-3", "pid": 30})
+        finally:
+            await store.close()
+
+    asyncio.run(populate())
+    db = settings_env / "data" / "fnq.db"
+    with sqlite3.connect(db) as conn:  # w-dead's last heartbeat was a minute ago (times: µs)
+        conn.execute("UPDATE workers SET seen_at = seen_at - ? WHERE id = 'w-dead'", (60_000_000,))
+
+    data = json.loads(status("--json"))
+    assert set(data) == {"queue", "calls", "workers"}
+    assert data["calls"]["queued"] == 1
+    assert set(data["queue"]) == {"ready", "delayed", "reserved", "dead"}
+    assert [(w["id"], w["host"], w["pid"]) for w in data["workers"]] == [
+        ("w-busy", "box-1", 10),
+        ("w-idle", "box-2", 20),
+    ]
+    busy = data["workers"][0]
+    assert busy["info"] == INFO and 0 <= busy["seen_s_ago"] < 30
+    assert busy["started_at"] and busy["seen_at"]
+
+    lines = status().splitlines()
+    header = next(i for i, line in enumerate(lines) if line.startswith("WORKER"))
+    assert lines[header].split()[:4] == ["WORKER", "HOST", "PID", "MEMORY"]
+    busy_row, idle_row = lines[header + 1].split(), lines[header + 2].split()
+    assert busy_row[:7] == ["w-busy", "box-1", "10", "512/4096", "250/4000", "3", "2"]
+    assert busy_row[7] == "5" and busy_row[-1] == "ago"
+    assert idle_row[:8] == ["w-idle", "box-2", "20", "-", "-", "-", "-", "-"]
+    assert "w-dead" not in "\n".join(lines)
