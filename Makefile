@@ -15,7 +15,7 @@ run: setup
 
 lint: setup-venv
 	$(BIN)/ruff check .
-	$(BIN)/ruff format --check .
+	$(BIN)/ruff format --check config mq datastore worker tests bench scripts
 
 typecheck: setup-venv
 	$(BIN)/mypy config mq datastore worker

@@ -135,9 +135,7 @@ class Settings(BaseSettings):
         3_600_000,
     )
     hot_pull_timeout_msecs: int = _msecs("Longest image pull.", 600_000)
-    hot_start_timeout_msecs: int = _msecs(
-        "Container start until its socket is ready.", 5_000, ge=1
-    )
+    hot_start_timeout_msecs: int = _msecs("Container start until its socket is ready.", 5_000, ge=1)
 
     # ---------------------------------------------------------- responses
     max_response_size: int = Field(
