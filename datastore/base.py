@@ -10,6 +10,10 @@ status rules hold whatever order duplicate deliveries arrive in:
 * ``record_outcome``  upsert to the final state unless already final, with the
   response and (in the same transaction when logs live in the database) the log.
 
+The first of these writes to create a call's record also stores the request
+(body, headers, priority) in the same statement; later writes never replace
+it. ``retry_call`` puts a finished call back to ``queued`` from that request.
+
 A final state is never overwritten. ``record_running`` and ``record_outcome``
 are batched by a background writer (group commit): each caller's await ends
 once its write is durable; during an outage writes wait and retry.
@@ -64,6 +68,13 @@ class CallRecord:
     log_truncated: bool = False
     stats: Mapping[str, float] = field(default_factory=dict)
     cancel_requested: bool = False
+    # The request the call was made with (see ``has_request``). ``request_body`` is
+    # None when no request is stored, and also in records read in bulk (list_calls,
+    # record_running, request_cancel): only get_call reads the body.
+    has_request: bool = False
+    request_body: bytes | None = None
+    request_headers: Mapping[str, str] = field(default_factory=dict)
+    request_priority: int = 0
 
     @property
     def is_final(self) -> bool:
@@ -77,10 +88,7 @@ class CallRecord:
 
         response: dict[str, Any] | None = None
         if self.response_status is not None:
-            try:
-                body, encoding = self.response_body.decode("utf-8"), "utf-8"
-            except UnicodeDecodeError:
-                body, encoding = base64.b64encode(self.response_body).decode(), "base64"
+            body, encoding = text_or_base64(self.response_body)
             response = {
                 "status": self.response_status,
                 "headers": dict(self.response_headers),
@@ -88,6 +96,16 @@ class CallRecord:
                 "body_encoding": encoding,
                 "truncated": self.response_truncated,
             }
+        request: dict[str, Any] | None = None
+        if self.has_request:
+            request = {
+                "headers": dict(self.request_headers),
+                "priority": self.request_priority,
+                "body": None,  # where bodies are left out (lists)
+                "body_encoding": None,
+            }
+            if self.request_body is not None:
+                request["body"], request["body_encoding"] = text_or_base64(self.request_body)
         return {
             "id": self.id,
             "app": self.app,
@@ -107,6 +125,7 @@ class CallRecord:
             "cancel_requested": self.cancel_requested,
             "log_truncated": self.log_truncated,
             "stats": dict(self.stats),
+            "request": request,
             "response": response,
         }
 
@@ -184,6 +203,13 @@ class Datastore(Protocol):
     ) -> dict[CallStatus, int]: ...
     async def purge_calls(self, older_than: timedelta) -> int: ...
     async def request_cancel(self, call_id: str) -> CallRecord | None: ...
+    async def retry_call(self, call_id: str) -> Call:
+        """Put a finished call back to ``queued`` as if new (attempts 0, outcome, log and
+        cancel flag cleared, request kept) and return the Call to push, rebuilt from its
+        stored request with created_at = now. Raises CallNotFound, CallNotFinal (queued
+        or running) or RequestNotStored."""
+        ...
+
     async def cancel_requested(self, call_ids: Sequence[str]) -> set[str]:
         """Those of ``call_ids`` with a cancel requested (one query; a read, so
         StoreUnavailable at once during an outage)."""
@@ -205,6 +231,14 @@ class Datastore(Protocol):
 
 
 # ------------------------------------------------------------------ helpers
+
+
+def text_or_base64(data: bytes) -> tuple[str, str]:
+    """``(text, "utf-8")`` when ``data`` is UTF-8, else ``(base64, "base64")``."""
+    try:
+        return data.decode("utf-8"), "utf-8"
+    except UnicodeDecodeError:
+        return base64.b64encode(data).decode(), "base64"
 
 
 def truncation_marker(limit_bytes: int) -> bytes:

@@ -22,7 +22,7 @@ from typing import Any, ClassVar
 
 from config.domain import Call, CallStatus, Function, Outcome, utcnow
 from config.settings import Settings
-from datastore import sql
+from datastore import replay, sql
 from datastore.base import (
     CallFilter,
     CallPage,
@@ -35,7 +35,13 @@ from datastore.base import (
     decode_cursor,
     encode_cursor,
 )
-from datastore.errors import FunctionExists, FunctionNotFound, StoreClosed, StoreUnavailable
+from datastore.errors import (
+    FunctionExists,
+    FunctionNotFound,
+    StoreClosed,
+    StoreError,
+    StoreUnavailable,
+)
 from datastore.rows import fn_from_row, fn_row, record_from_row, worker_from_row
 from datastore.validate import apply_changes, validate_function
 
@@ -62,6 +68,7 @@ class Write(StrEnum):
     FINISH = "finish"  # -> bool (False: already final); log stored alongside if given
     RETRY = "retry"  # -> bool; log stored alongside if given
     CANCEL = "cancel"  # -> stored row or None
+    REQUEUE = "requeue"  # -> bool (False: not final or no request); its log deleted
     PURGE = "purge"  # -> list of deleted ids (their logs go by cascade)
     LOG_PUT = "log_put"  # -> None
     LOG_DELETE = "log_delete"  # -> None (params: call_ids)
@@ -146,7 +153,8 @@ class SqlDatastore(abc.ABC):
         now = utcnow()
         params = {"id": call.id, "app": call.app, "fn": call.fn, "image": image,
                   "status": CallStatus.QUEUED.value, "attempts": 0,
-                  "created_at": call.created_at, "updated_at": now}  # fmt: skip
+                  "created_at": call.created_at, "updated_at": now,
+                  **self._request(call)}  # fmt: skip
         await self._write(Write.QUEUED, params)
 
     async def record_running(self, call: Call, attempt: int, worker_id: str) -> CallRecord:
@@ -159,7 +167,10 @@ class SqlDatastore(abc.ABC):
                 "status": CallStatus.RUNNING.value, "attempts": max(attempt, 1),
                 "attempt_arg": attempt,
                 "created_at": call.created_at, "started_at": now, "updated_at": now,
-                "worker_id": worker_id}  # fmt: skip
+                "worker_id": worker_id, **self._request(call)}  # fmt: skip
+
+    def _request(self, call: Call) -> dict[str, Any]:
+        return replay.request_params(call, self.settings.max_request_size)
 
     async def record_outcome(
         self, call: Call, outcome: Outcome, attempt: int, worker_id: str
@@ -181,6 +192,18 @@ class SqlDatastore(abc.ABC):
         params = {"id": call_id, "now": utcnow(), "error": CANCELLED_BY_REQUEST}
         row = await self._write(Write.CANCEL, params)
         return None if row is None else record_from_row(row)
+
+    async def retry_call(self, call_id: str) -> Call:
+        rec = replay.retryable(call_id, await self.get_call(call_id))
+        fn = await self.get_fn(rec.app, rec.fn)
+        now = utcnow()
+        params = {"id": call_id, "now": now, "image": None if fn is None else fn.image}
+        if not await self._write(Write.REQUEUE, params):  # changed since it was read
+            replay.retryable(call_id, await self.get_call(call_id))
+            raise StoreError(f"call {call_id} changed while being retried; try again")
+        if self._external_logs is not None:
+            await self._external_logs.delete_logs([call_id])
+        return replay.rebuilt_call(rec, now)
 
     def _outcome_row(
         self,
@@ -210,6 +233,8 @@ class SqlDatastore(abc.ABC):
             "log_truncated": outcome.log_truncated or len(log) < len(outcome.log),
             "stats": json.dumps(dict(outcome.stats)),
             "cancel_requested": False,
+            # attempt 0: the call never ran, so no running write stored its request
+            **(self._request(call) if attempt == 0 else replay.NO_REQUEST),
         }  # fmt: skip
         return row, log
 
@@ -235,7 +260,7 @@ class SqlDatastore(abc.ABC):
         status = None if f.status is None else CallStatus(f.status).value
         where, params = sql.call_filters(f.app, f.fn, status, f.since, before)
         params["limit"] = limit + 1
-        query = f"SELECT * FROM calls{where} ORDER BY id DESC LIMIT :limit"
+        query = f"SELECT {sql.RECORD_SELECT} FROM calls{where} ORDER BY id DESC LIMIT :limit"
         rows = await self._fetch(query, params)
         items = [record_from_row(row) for row in rows[:limit]]
         more = len(rows) > limit

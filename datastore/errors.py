@@ -10,6 +10,9 @@
      +-- StoreClosed            the store was used after close()
      +-- StoreUnavailable       the database cannot be reached (Retryable)
      +-- UnsupportedURL         FN_DB_URL / FN_LOG_URL names no known backend
+     +-- CallNotFound           retry_call of an unknown call id
+     +-- CallNotFinal           retry_call of a call still queued or running
+     +-- RequestNotStored       retry_call of a call whose request was not kept
 """
 
 from __future__ import annotations
@@ -17,10 +20,13 @@ from __future__ import annotations
 from config.errors import Retryable, StoreError
 
 __all__ = [
+    "CallNotFinal",
+    "CallNotFound",
     "FunctionExists",
     "FunctionNotFound",
     "InvalidCursor",
     "InvalidFunction",
+    "RequestNotStored",
     "StoreClosed",
     "StoreError",
     "StoreUnavailable",
@@ -58,3 +64,25 @@ class StoreUnavailable(StoreError, Retryable):
 
 class UnsupportedURL(StoreError):
     """A store URL with a scheme fnq has no backend for."""
+
+
+class CallNotFound(StoreError):
+    def __init__(self, call_id: str) -> None:
+        super().__init__(f"no call {call_id}")
+
+
+class CallNotFinal(StoreError):
+    """retry_call on a call that is still queued or running."""
+
+    def __init__(self, call_id: str, status: str) -> None:
+        super().__init__(f"call {call_id} is still {status}; cancel it first")
+
+
+class RequestNotStored(StoreError):
+    """retry_call on a call whose request was never stored."""
+
+    def __init__(self, call_id: str) -> None:
+        super().__init__(
+            f"call {call_id} has no stored request to run again (recorded before fnq kept "
+            "requests, or its body was over FN_MAX_REQUEST_SIZE)"
+        )

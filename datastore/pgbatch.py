@@ -6,7 +6,9 @@ batch of 64 completions paid for 128 of them. Here the call writes of a batch
 passed as arrays and expanded with ``unnest``; each statement keeps the
 single-row statement's conflict clause, so the status rules are the same,
 and reports per row what it did (``RETURNING``), so each caller still learns
-its own result.
+its own result. The request a call was made with rides in the queued and
+running statements (and in an outcome for a call that never ran), so keeping
+it costs no statement of its own.
 
 An ``INSERT ... ON CONFLICT DO UPDATE`` may touch a row only once, so writes
 for the same call in one batch go to successive rounds (its first write in
@@ -44,6 +46,7 @@ _TYPES = {
     "container_id": "text", "response_status": "integer", "response_headers": "text",
     "response_body": "bytea", "response_truncated": "boolean", "log_truncated": "boolean",
     "stats": "text", "cancel_requested": "boolean",
+    "request_body": "bytea", "request_headers": "text", "request_priority": "integer",
 }  # fmt: skip
 
 
@@ -63,7 +66,7 @@ def _running_many(attempts: str) -> str:
         + " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"
         + f" attempts = {attempts},"
         + sql.RUNNING_SET_REST
-        + " RETURNING *"
+        + f" RETURNING {sql.RECORD_SELECT}"
     )
 
 
@@ -74,13 +77,17 @@ RUNNING_MANY = {
 }
 # The rows the upsert left alone (calls already final), as they are: a second
 # statement, needed only when some call of the batch had ended already.
-CALLS_BY_ID = "SELECT c.* FROM unnest($1::text[]) AS q(id) JOIN calls c ON c.id = q.id"
+CALLS_BY_ID = (
+    "SELECT "
+    + ", ".join(f"c.{name}" for name in sql.RECORD_COLUMNS)
+    + " FROM unnest($1::text[]) AS q(id) JOIN calls c ON c.id = q.id"
+)
 
 
 def _outcome_many(conflict: str) -> str:
-    logs = f"${len(sql.CALL_COLUMNS) + 1}::bytea[]"
+    logs = f"${len(sql.OUTCOME_COLUMNS) + 1}::bytea[]"
     return (
-        f"WITH done AS ({_insert_many(sql.CALL_COLUMNS)}{conflict}),"
+        f"WITH done AS ({_insert_many(sql.OUTCOME_COLUMNS)}{conflict}),"
         " stored AS (INSERT INTO logs (call_id, data) SELECT l.id, l.data"
         f" FROM unnest($1::text[], {logs}) AS l(id, data) JOIN done USING (id)"
         " WHERE l.data IS NOT NULL"
@@ -118,7 +125,7 @@ async def _running(conn: Any, ops: list[Op], counted: bool, timeout_s: float) ->
 
 async def _outcome(conn: Any, kind: Write, ops: list[Op], timeout_s: float) -> list[Any]:
     params = [p for _, p, _ in ops]
-    arrays = [*_arrays(params, sql.CALL_COLUMNS), [log for _, _, log in ops]]
+    arrays = [*_arrays(params, sql.OUTCOME_COLUMNS), [log for _, _, log in ops]]
     rows = await conn.fetch(OUTCOME_MANY[kind], *arrays, timeout=timeout_s)
     done = {row["id"] for row in rows}
     return [p["id"] in done for p in params]

@@ -57,8 +57,13 @@ def is_outage(exc: BaseException) -> bool:
 # One round trip each, where SQLite runs two statements (rows written by a
 # data-modifying CTE are not visible to the outer SELECT, hence the UNION).
 RUNNING_RETURNING = (
-    f"WITH up AS ({sql.CALL_RUNNING} RETURNING *) SELECT * FROM up UNION ALL"
-    " SELECT * FROM calls WHERE id = :id AND NOT EXISTS (SELECT 1 FROM up)"
+    f"WITH up AS ({sql.CALL_RUNNING} RETURNING {sql.RECORD_SELECT}) SELECT * FROM up UNION ALL"
+    f" SELECT {sql.RECORD_SELECT} FROM calls WHERE id = :id AND NOT EXISTS (SELECT 1 FROM up)"
+)
+# Back to queued and the old log gone, in one statement.
+REQUEUE = (
+    f"WITH up AS ({sql.CALL_REQUEUE}), gone AS (DELETE FROM logs WHERE call_id IN"
+    " (SELECT id FROM up)) SELECT id FROM up"
 )
 
 
@@ -127,8 +132,10 @@ async def apply(conn: Any, kind: Write, p: dict[str, Any], log: bytes | None) ->
     if kind is Write.CANCEL:
         await _execute(conn, sql.CALL_CANCEL_QUEUED, p)
         await _execute(conn, sql.CALL_CANCEL_RUNNING, p)
-        rows = await _fetch(conn, sql.CALL_GET, {"id": p["id"]})
+        rows = await _fetch(conn, sql.CALL_GET_RECORD, {"id": p["id"]})
         return rows[0] if rows else None
+    if kind is Write.REQUEUE:
+        return bool(await _fetch(conn, REQUEUE, p))
     if kind is Write.PURGE:
         return [row["id"] for row in await _fetch(conn, sql.CALL_PURGE, p)]
     if kind is Write.LOG_DELETE:

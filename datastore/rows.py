@@ -50,7 +50,22 @@ def record_from_row(row: Mapping[str, Any]) -> CallRecord:
         log_truncated=bool(row["log_truncated"]),
         stats=json.loads(row["stats"] or "{}"),
         cancel_requested=bool(row["cancel_requested"]),
+        **request_fields(row),
     )
+
+
+def request_fields(row: Mapping[str, Any]) -> dict[str, Any]:
+    """The CallRecord request fields of ``row`` (its body only if the row carries it)."""
+    headers = row.get("request_headers")
+    if headers is None:
+        return {}
+    body = row.get("request_body")
+    return {
+        "has_request": True,
+        "request_body": None if body is None else bytes(body),
+        "request_headers": json.loads(headers),
+        "request_priority": int(row.get("request_priority") or 0),
+    }
 
 
 def worker_from_row(row: Mapping[str, Any]) -> WorkerInfo:

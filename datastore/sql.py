@@ -25,6 +25,14 @@ CALL_COLUMNS = (
     "worker_id", "container_id", "response_status", "response_headers", "response_body",
     "response_truncated", "log_truncated", "stats", "cancel_requested",
 )  # fmt: skip
+# The request a call was made with (migration 0003); all NULL when none was stored.
+REQUEST_COLUMNS = ("request_body", "request_headers", "request_priority")
+# What records read in bulk carry (lists, the running upsert's answer): all but the
+# request body, which may be up to FN_MAX_REQUEST_SIZE and is only read by get_call.
+RECORD_COLUMNS = (*CALL_COLUMNS, "request_headers", "request_priority")
+RECORD_SELECT = ", ".join(RECORD_COLUMNS)
+# The columns of the outcome upserts (the request too, for records they create).
+OUTCOME_COLUMNS = (*CALL_COLUMNS, *REQUEST_COLUMNS)
 
 TIME_COLUMNS = frozenset(
     {
@@ -62,16 +70,33 @@ FN_DELETE = "DELETE FROM fns WHERE app = :app AND name = :name"
 # --------------------------------------------------------------------- calls
 
 CALL_GET = "SELECT * FROM calls WHERE id = :id"
+CALL_GET_RECORD = f"SELECT {RECORD_SELECT} FROM calls WHERE id = :id"
 
-QUEUED_COLUMNS = ("id", "app", "fn", "image", "status", "attempts", "created_at", "updated_at")
+QUEUED_COLUMNS = (
+    "id", "app", "fn", "image", "status", "attempts", "created_at", "updated_at",
+    *REQUEST_COLUMNS,
+)  # fmt: skip
 CALL_QUEUED = _insert("calls", QUEUED_COLUMNS) + " ON CONFLICT (id) DO NOTHING"
+
+# A request once stored is kept: a later write only fills it in when there is none
+# (``request_headers IS NULL`` marks a call without a stored request).
+# (In an upsert's SET, ``calls.x`` is the value before the update.)
+KEEP_REQUEST = (
+    " request_body = CASE WHEN calls.request_headers IS NULL"
+    " THEN excluded.request_body ELSE calls.request_body END,"
+    " request_headers = CASE WHEN calls.request_headers IS NULL"
+    " THEN excluded.request_headers ELSE calls.request_headers END,"
+    " request_priority = CASE WHEN calls.request_headers IS NULL"
+    " THEN excluded.request_priority ELSE calls.request_priority END,"
+)
 
 RUNNING_COLUMNS = (
     "id", "app", "fn", "status", "attempts", "created_at", "started_at", "updated_at", "worker_id",
+    *REQUEST_COLUMNS,
 )  # fmt: skip
 # After "attempts = ...," in the running upsert: the rest of its SET and its guard.
 RUNNING_SET_REST = (
-    " started_at = excluded.started_at,"
+    KEEP_REQUEST + " started_at = excluded.started_at,"
     " updated_at = excluded.updated_at, worker_id = excluded.worker_id, next_try_at = NULL"
     f" WHERE calls.status IN {LIVE}"
 )
@@ -88,7 +113,7 @@ _OUTCOME_SET = (
     " container_id = excluded.container_id, response_status = excluded.response_status,"
     " response_headers = excluded.response_headers, response_body = excluded.response_body,"
     " response_truncated = excluded.response_truncated, log_truncated = excluded.log_truncated,"
-    " stats = excluded.stats,"
+    " stats = excluded.stats," + KEEP_REQUEST
 )
 
 # The conflict clauses of the outcome upserts, whatever the rows come from.
@@ -107,8 +132,20 @@ RETRY_CONFLICT = (
     " next_try_at = CASE WHEN calls.cancel_requested THEN NULL ELSE excluded.next_try_at END"
     f" WHERE calls.status IN {LIVE} RETURNING id"
 )
-CALL_FINISH = _insert("calls", CALL_COLUMNS) + FINISH_CONFLICT
-CALL_RETRY = _insert("calls", CALL_COLUMNS) + RETRY_CONFLICT
+CALL_FINISH = _insert("calls", OUTCOME_COLUMNS) + FINISH_CONFLICT
+CALL_RETRY = _insert("calls", OUTCOME_COLUMNS) + RETRY_CONFLICT
+
+# ``fnq calls retry``: a final call with a stored request back to queued, as if new
+# (the request, app and fn kept); nothing happens to a live call or one without request.
+CALL_REQUEUE = (
+    "UPDATE calls SET status = 'queued', image = :image, error = NULL, failure = NULL,"
+    " attempts = 0, created_at = :now, started_at = NULL, completed_at = NULL,"
+    " updated_at = :now, next_try_at = NULL, worker_id = NULL, container_id = NULL,"
+    " response_status = NULL, response_headers = NULL, response_body = NULL,"
+    " response_truncated = FALSE, log_truncated = FALSE, stats = NULL,"
+    " cancel_requested = FALSE"
+    f" WHERE id = :id AND status IN {FINAL} AND request_headers IS NOT NULL RETURNING id"
+)
 
 CALL_CANCEL_QUEUED = (
     "UPDATE calls SET status = 'cancelled', failure = 'cancelled', error = :error,"

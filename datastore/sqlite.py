@@ -108,7 +108,7 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
         return None
     if kind is Write.RUNNING:
         conn.execute(sql.CALL_RUNNING, p)
-        return _row(conn.execute(sql.CALL_GET, {"id": p["id"]}).fetchone())
+        return _row(conn.execute(sql.CALL_GET_RECORD, {"id": p["id"]}).fetchone())
     if kind in (Write.FINISH, Write.RETRY):
         stmt = sql.CALL_FINISH if kind is Write.FINISH else sql.CALL_RETRY
         written = conn.execute(stmt, p).fetchone() is not None
@@ -118,8 +118,13 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
     if kind is Write.CANCEL:
         conn.execute(sql.CALL_CANCEL_QUEUED, p)
         conn.execute(sql.CALL_CANCEL_RUNNING, p)
-        found = conn.execute(sql.CALL_GET, {"id": p["id"]}).fetchone()
+        found = conn.execute(sql.CALL_GET_RECORD, {"id": p["id"]}).fetchone()
         return None if found is None else _row(found)
+    if kind is Write.REQUEUE:
+        requeued = conn.execute(sql.CALL_REQUEUE, p).fetchone() is not None
+        if requeued:
+            conn.execute(sql.LOG_DELETE, {"call_id": p["id"]})
+        return requeued
     if kind is Write.PURGE:
         return [r[0] for r in conn.execute(sql.CALL_PURGE, p).fetchall()]
     if kind is Write.LOG_DELETE:

@@ -37,7 +37,8 @@ def ops_for(store: SqlDatastore, calls: list[Call], kinds: str) -> list[pgbatch.
                 ops.append((Write.QUEUED, {"id": c.id, "app": c.app, "fn": c.fn, "image": None,
                                            "status": "queued", "attempts": 0,
                                            "created_at": c.created_at,
-                                           "updated_at": utcnow()}, None))  # fmt: skip
+                                           "updated_at": utcnow(),
+                                           **store._request(c)}, None))  # fmt: skip
             elif k in "rR":
                 ops.append((Write.RUNNING, store._running_params(c, int(k == "r"), "w"), None))
             else:
@@ -139,6 +140,8 @@ async def test_a_batch_costs_one_statement_per_kind(
     assert len(sent) == 3  # queued, running, finish: whatever the batch size
     assert results[2::3] == [True] * 200
     assert [r["status"] for r in results[1::3]] == ["running"] * 200
+    stored = await pg.get_call(calls[-1].id)  # the request rode in the queued statement
+    assert stored is not None and stored.request_body == b"{}"
 
     sent.clear()
     results = await pg._run_batch(ops_for(pg, calls, "Rf"))  # again: all final already

@@ -108,3 +108,30 @@ async def test_idle_worker_stops_promptly_on_sigterm(sqlite_cluster: Cluster) ->
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait, 20) == 0, sqlite_cluster.logs()[-2000:]
     assert asyncio.get_running_loop().time() - began < 5.0
+
+
+async def test_a_failed_call_is_retried_with_its_request(sqlite_cluster: Cluster) -> None:
+    from worker.loop import FN_CACHE_TTL_S  # noqa: PLC0415 - only this test needs it
+
+    await sqlite_cluster.register(
+        Function(app="t", name="flaky", image="fnq/raise:latest", memory_mb=64, max_attempts=1)
+    )
+    sqlite_cluster.start_worker()
+    out = sqlite_cluster.fnq("call", "t", "flaky", "--body", "hello again",
+                             "--header", "Content-Type: text/plain", "--priority", "1")  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    call_id = out.stdout.strip()
+    first = (await sqlite_cluster.wait_final([call_id], timeout_s=60))[call_id]
+    assert first.status is CallStatus.ERROR and first.attempts == 1, first
+
+    out = sqlite_cluster.fnq("fn", "update", "t", "flaky", "--image", "fnq/echo:latest")
+    assert out.returncode == 0, out.stderr
+    await asyncio.sleep(FN_CACHE_TTL_S + 0.5)  # the worker's cached definition goes stale
+    out = sqlite_cluster.fnq("calls", "retry", call_id)
+    assert (out.returncode, out.stdout.strip()) == (0, call_id), out.stderr
+
+    done = await wait_status(sqlite_cluster, call_id, CallStatus.SUCCESS)
+    assert done.response_body == b"hello again"
+    assert (done.attempts, done.error, done.image) == (1, None, "fnq/echo:latest")
+    assert done.request_body == b"hello again" and done.request_priority == 1
+    assert done.created_at > first.created_at

@@ -15,6 +15,7 @@ from config.settings import Settings
 from datastore.base import CallFilter, CallRecord, Datastore, open_datastore
 from datastore.errors import FunctionNotFound
 from datastore.validate import parse_config, parse_duration, parse_since
+from mq.base import open_queue
 from worker.cli._common import (
     friendly_errors,
     json_option,
@@ -206,7 +207,7 @@ def _show_fn(fn: Function, as_json: bool, headline: str | None) -> None:
 
 @click.group("calls")
 def calls_group() -> None:
-    """Inspect, cancel and purge call records."""
+    """Inspect, cancel, retry and purge call records."""
 
 
 def _since(text: str | None) -> datetime | None:
@@ -268,9 +269,14 @@ def calls_show(ctx: click.Context, call_id: str, as_json: bool) -> None:
     if as_json:
         print_json(doc)
         return
-    response = doc.pop("response")
+    response, request = doc.pop("response"), doc.pop("request")
     doc["stats"] = " ".join(f"{k}={v}" for k, v in sorted(rec.stats.items()))
     print_table(["FIELD", "VALUE"], [(k, v) for k, v in doc.items() if v not in (None, "")])
+    if request is not None:
+        click.echo(f"\nrequest (priority {request['priority']})")
+        for key, value in sorted(request["headers"].items()):
+            click.echo(f"{key}: {value}")
+        click.echo(f"\n{_preview(rec.request_body or b'')}")
     if response is not None:
         click.echo(f"\nresponse {response['status']}"
                    + (" (truncated)" if response["truncated"] else ""))  # fmt: skip
@@ -296,6 +302,53 @@ def calls_cancel(ctx: click.Context, call_id: str) -> None:
         click.echo(f"{call_id} is running; asked it to stop")
     else:
         click.echo(f"{call_id} already ended ({rec.status.value}); nothing to cancel")
+
+
+def _preview(body: bytes, width: int = 200) -> str:
+    if not body:
+        return "<empty body>"
+    try:
+        text = body.decode("utf-8")
+    except UnicodeDecodeError:
+        return f"<{len(body)} bytes of binary data; see --json>"
+    if len(text) <= width:
+        return text
+    return f"{text[:width]}… ({len(body)} bytes in all; see --json)"
+
+
+@calls_group.command("retry")
+@click.argument("call_ids", metavar="ID...", nargs=-1, required=True)
+@click.pass_context
+@friendly_errors
+def calls_retry(ctx: click.Context, call_ids: tuple[str, ...]) -> None:
+    """Run ended calls again with the request they were made with; prints each id queued."""
+    settings = settings_from(ctx)
+
+    async def retry(store: Datastore) -> int:
+        queue, failed = open_queue(settings.mq_url, settings), 0
+        try:
+            for call_id in call_ids:
+                try:
+                    call = await store.retry_call(call_id)
+                except FnqError as exc:
+                    click.echo(f"fnq: {exc}", err=True)
+                    failed += 1
+                    continue
+                try:
+                    await queue.push(call)
+                    await queue.dead_purge([call_id])  # its dead letter, if any, is stale now
+                except (FnqError, OSError) as exc:
+                    click.echo(f"fnq: {call_id}: recorded as queued but not queued ({exc}); "
+                               "cancel it, then retry it again", err=True)  # fmt: skip
+                    failed += 1
+                    continue
+                click.echo(call_id)
+        finally:
+            await queue.close()
+        return failed
+
+    if with_store(settings, retry):
+        ctx.exit(1)
 
 
 @calls_group.command("purge")
