@@ -99,6 +99,16 @@ class Settings(BaseSettings):
         description="Deliveries after which a message that keeps coming back (e.g. its worker "
         "dies each time) moves to the dead letters.",
     )
+    rq_queues: str = Field(
+        "",
+        description="Comma-separated RQ queue names that `fnq worker` also takes calls from "
+        "(on the Redis of FN_RQ_URL, default FN_MQ_URL's server).",
+    )
+    rq_url: str = Field(
+        "",
+        description="Redis of the RQ queues in FN_RQ_QUEUES (redis://HOST:PORT/DB); empty means "
+        "the server of FN_MQ_URL when that is a Redis URL.",
+    )
     max_request_size: int = Field(
         1_048_576,
         ge=1,

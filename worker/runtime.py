@@ -7,9 +7,10 @@ import contextlib
 import logging
 import sys
 
+from config.errors import ConfigError
 from config.settings import Settings
 from datastore.base import open_datastore
-from mq.base import open_queue
+from mq.base import MessageQueue, open_queue
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
 from worker.loop import Worker
@@ -50,11 +51,11 @@ async def serve(
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)
-    queue = open_queue(settings.mq_url, settings)
+    queues = [open_queue(settings.mq_url, settings), *rq_queues(settings)]
     store = await open_datastore(settings)
     try:
         async with Agent(settings, DockerDriver(settings)) as agent:
-            worker = Worker(settings, queue, store, agent, prefetch=prefetch, metrics=metrics)
+            worker = Worker(settings, queues, store, agent, prefetch=prefetch, metrics=metrics)
             log.info("worker %s started: queue %s", worker.worker_id, _scheme(settings.mq_url))
             guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
             upkeep = Upkeep(worker.worker_id, store, agent, metrics, worker.running.keys)
@@ -68,7 +69,21 @@ async def serve(
             return worker.completed
     finally:
         await store.close()
-        await queue.close()
+        for queue in queues:
+            await queue.close()
+
+
+def rq_queues(settings: Settings) -> list[MessageQueue]:
+    """The RQ queues named by FN_RQ_QUEUES, if any (imported only then)."""
+    names = [n.strip() for n in settings.rq_queues.split(",") if n.strip()]
+    if not names:
+        return []
+    url = settings.rq_url or settings.mq_url
+    if not url.startswith(("redis://", "rediss://")):
+        raise ConfigError("FN_RQ_QUEUES needs a Redis: set FN_RQ_URL=redis://HOST:PORT/DB")
+    from mq.rq import open_rq_queues  # noqa: PLC0415 - rq is imported only when used
+
+    return [open_rq_queues(url.split("?", 1)[0], names, settings)]
 
 
 def _scheme(url: str) -> str:

@@ -111,7 +111,7 @@ async def test_idle_worker_stops_promptly_on_sigterm(sqlite_cluster: Cluster) ->
 
 
 async def test_a_failed_call_is_retried_with_its_request(sqlite_cluster: Cluster) -> None:
-    from worker.loop import FN_CACHE_TTL_S  # noqa: PLC0415 - only this test needs it
+    from worker.calls import FN_CACHE_TTL_S  # noqa: PLC0415 - only this test needs it
 
     await sqlite_cluster.register(
         Function(app="t", name="flaky", image="fnq/raise:latest", memory_mb=64, max_attempts=1)

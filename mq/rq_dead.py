@@ -1,0 +1,108 @@
+"""RQQueue's producer side and dead letters, through rq's own API (synchronous).
+
+Dead letters of the RQ adapter are the FAILED jobs in rq's FailedJobRegistry of
+each queue; ``dead_requeue`` is rq's ``FailedJobRegistry.requeue`` (with fnq's
+delivery count reset) and ``dead_purge`` deletes the jobs.
+"""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any, cast
+
+from redis import Redis
+from rq.exceptions import InvalidJobOperation, NoSuchJobError
+from rq.job import Job
+from rq.queue import Queue
+from rq.registry import FailedJobRegistry
+from rq.results import Result
+from rq.serializers import JSONSerializer
+
+from config.domain import Call
+from mq import rq_jobs
+from mq.base import DeadLetter
+
+_LIVE = {b"queued", b"started", b"scheduled", b"deferred", b"created"}
+
+
+def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: int) -> None:
+    """Enqueue ``call`` the way a documented producer would (no-op if its job is live)."""
+    if conn.hget(Job.key_for(call.id), "status") in _LIVE:
+        return
+    kwargs: dict[str, Any] = {"app": call.app, "fn": call.fn}
+    if call.body:
+        try:
+            kwargs["body"] = call.body.decode("utf-8")
+        except UnicodeDecodeError:
+            kwargs["body_b64"] = base64.b64encode(call.body).decode()
+    if call.headers:
+        kwargs["headers"] = dict(call.headers)
+    queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
+    if delay_s > 0:
+        queue.enqueue_in(timedelta(seconds=delay_s), rq_jobs.FUNC_NAME, job_id=call.id, **kwargs)
+    else:
+        queue.enqueue(rq_jobs.FUNC_NAME, job_id=call.id, at_front=priority > 0, **kwargs)
+
+
+def _registries(conn: Redis, names: Sequence[str]) -> list[FailedJobRegistry]:
+    return [FailedJobRegistry(n, connection=conn, serializer=JSONSerializer) for n in names]
+
+
+def dead_list(conn: Redis, names: Sequence[str], limit: int, max_body: int) -> list[DeadLetter]:
+    out: list[DeadLetter] = []
+    for registry in _registries(conn, names):
+        for job_id in registry.get_job_ids(0, max(limit, 1) - 1, cleanup=False):
+            fields = cast(dict[bytes, bytes], conn.hgetall(Job.key_for(job_id)))
+            if not fields:
+                continue
+            job = rq_jobs.restore_job(conn, job_id, fields)
+            latest = Result.fetch_latest(job, serializer=JSONSerializer)
+            reason = (latest.exc_string if latest is not None else None) or ""
+            try:
+                call: Call | None = rq_jobs.parse_call(job_id, fields, max_body)
+            except rq_jobs.JobRejected:
+                call = None
+            out.append(
+                DeadLetter(
+                    id=job_id,
+                    reason=reason,
+                    deliveries=int(fields.get(b"fnq_deliveries", b"0") or 0),
+                    died_at=job.ended_at or datetime.now(UTC),
+                    raw=rq_jobs.job_data(fields.get(b"data", b"")),
+                    call=call,
+                )
+            )
+    out.sort(key=lambda d: d.died_at)
+    return out[:limit]
+
+
+def requeue(conn: Redis, names: Sequence[str], ids: Sequence[str] | None) -> int:
+    moved = 0
+    for registry in _registries(conn, names):
+        held = registry.get_job_ids(cleanup=False)
+        for job_id in held if ids is None else [i for i in ids if i in set(held)]:
+            if not conn.exists(Job.key_for(job_id)):
+                registry.remove(job_id)
+                continue
+            try:
+                conn.hset(Job.key_for(job_id), "fnq_deliveries", 0)
+                registry.requeue(job_id)
+            except (InvalidJobOperation, NoSuchJobError):
+                continue
+            moved += 1
+    return moved
+
+
+def purge(conn: Redis, names: Sequence[str], ids: Sequence[str] | None) -> int:
+    removed = 0
+    for registry in _registries(conn, names):
+        wanted = set(registry.get_job_ids(cleanup=False))
+        for job_id in wanted if ids is None else [i for i in ids if i in wanted]:
+            try:
+                registry.remove(job_id, delete_job=True)
+            except NoSuchJobError:
+                registry.remove(job_id)
+            removed += 1
+    return removed

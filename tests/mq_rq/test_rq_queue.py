@@ -1,0 +1,389 @@
+"""RQQueue against a real redis-server and real rq: producers enqueue exactly as
+docs/rq.md shows, fnq reserves and completes, and rq's own API reads the end."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import os
+import pickle
+import subprocess
+import sys
+import zlib
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+from redis import Redis
+from rq import Queue
+from rq.job import Job
+from rq.registry import (
+    FailedJobRegistry,
+    FinishedJobRegistry,
+    ScheduledJobRegistry,
+    StartedJobRegistry,
+)
+from rq.results import Result
+
+from config.domain import CallStatus, FailureKind, Outcome, Response
+from mq.base import MessageQueue
+from mq.errors import ReservationLost
+from mq.rq import RQQueue
+
+pytestmark = pytest.mark.integration
+
+MakeRQ = Callable[..., RQQueue]
+
+
+def ok(body: bytes = b"hi", status: int = 200) -> Outcome:
+    return Outcome(
+        CallStatus.SUCCESS, response=Response(status, {"Content-Type": "text/plain"}, body)
+    )
+
+
+def registries(conn: Redis, name: str = "default") -> dict[str, list[str]]:
+    return {
+        "started": StartedJobRegistry(name, connection=conn).get_job_ids(),
+        "finished": FinishedJobRegistry(name, connection=conn).get_job_ids(),
+        "failed": FailedJobRegistry(name, connection=conn).get_job_ids(),
+    }
+
+
+def failure_text(job: Job) -> str:
+    result = job.latest_result()
+    assert result is not None and result.type == Result.Type.FAILED
+    return str(result.exc_string)
+
+
+class Boom:
+    """Unpickling this makes a directory: proof of whether anyone unpickled it."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+
+    def __reduce__(self) -> tuple[object, tuple[str]]:
+        return (os.mkdir, (str(self.path),))
+
+
+async def test_is_a_message_queue(make_rq: MakeRQ) -> None:
+    assert isinstance(make_rq(), MessageQueue)
+
+
+async def test_success_finishes_job_with_result(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis
+) -> None:
+    job = rq_queue.enqueue(
+        "fnq.call", app="demo", fn="echo", body="hello", headers={"Content-Type": "text/plain"}
+    )
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    assert (msg.call.id, msg.call.app, msg.call.fn, msg.call.body) == (
+        job.id,
+        "demo",
+        "echo",
+        b"hello",
+    )
+    assert dict(msg.call.headers) == {"Content-Type": "text/plain"}
+    assert msg.deliveries == 1
+    # STARTED in rq's terms while fnq holds it.
+    assert job.get_status() == "started"
+    job.refresh()
+    assert job.worker_name == queue.worker_name and job.started_at is not None
+    assert registries(conn)["started"] == [job.id]
+    assert (await queue.stats()).reserved == 1
+
+    await queue.complete(msg, ok(b"HELLO"))
+
+    assert job.get_status() == "finished"
+    expected = {"status": 200, "headers": {"Content-Type": "text/plain"}, "body": "HELLO"}
+    assert job.return_value(refresh=True) == expected
+    latest = job.latest_result()
+    assert latest is not None and latest.type == Result.Type.SUCCESSFUL
+    assert latest.return_value == expected
+    assert registries(conn) == {"started": [], "finished": [job.id], "failed": []}
+    assert 0 < conn.ttl(job.key) <= 500  # rq's default result_ttl applies
+    stats = await queue.stats()
+    assert (stats.ready, stats.reserved, stats.dead, stats.delayed) == (0, 0, 0, 0)
+
+
+async def test_error_fails_job_with_text(make_rq: MakeRQ, rq_queue: Queue, conn: Redis) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo", body="x")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    outcome = Outcome(
+        CallStatus.TIMEOUT,
+        error="function timed out after 30 s",
+        failure=FailureKind.FUNCTION,
+        response=Response(504, {}, b"too slow"),
+    )
+    await queue.complete(msg, outcome)
+    assert job.get_status() == "failed"
+    text = failure_text(job)
+    assert "timeout" in text and "function timed out after 30 s" in text and "too slow" in text
+    assert registries(conn) == {"started": [], "finished": [], "failed": [job.id]}
+    assert (await queue.stats()).dead == 1
+    dead = await queue.dead_list()
+    assert [d.id for d in dead] == [job.id]
+    assert dead[0].call is not None and dead[0].call.app == "demo"
+    assert "function timed out" in dead[0].reason
+
+
+async def test_pickled_job_is_failed_never_unpickled(
+    make_rq: MakeRQ, conn: Redis, tmp_path: Path
+) -> None:
+    marker = tmp_path / "unpickled"
+    pickled = Queue("default", connection=conn)  # rq's default serializer: pickle
+    job = pickled.enqueue("fnq.call", app="demo", fn="echo", body=Boom(marker))
+    queue = make_rq()
+
+    assert await queue.reserve(0.2) is None
+    assert not marker.exists()
+    assert job.get_status() == "failed"
+    assert "pickled" in failure_text(job) and "serializer='json'" in failure_text(job)
+    assert registries(conn)["failed"] == [job.id]
+    assert not marker.exists()
+    # The stored payload really had the side effect: unpickling it here makes the marker.
+    pickle.loads(zlib.decompress(conn.hget(job.key, "data") or b""))  # the proof
+    assert marker.is_dir()
+
+
+@pytest.mark.parametrize(
+    ("args", "kwargs", "reason"),
+    [
+        (("os.system", "rm -rf /"), {}, "fnq runs only 'fnq.call'"),
+        (("fnq.call",), {"app": "demo"}, "needs fn="),
+        (("fnq.call",), {"app": "demo", "fn": "echo", "bdy": "x"}, "unknown keyword(s) bdy"),
+        (("fnq.call",), {"app": "de mo", "fn": "echo"}, "app 'de mo'"),
+        (("fnq.call",), {"app": "demo", "fn": "echo", "headers": {"X": 1}}, "header 'X'"),
+        (("fnq.call",), {"app": "demo", "fn": "echo", "body_b64": "!!"}, "not valid base64"),
+        (("fnq.call", "demo", "echo"), {"fn": "echo"}, "both by position and by keyword"),
+    ],
+)
+async def test_bad_jobs_fail_with_reason(
+    make_rq: MakeRQ,
+    rq_queue: Queue,
+    conn: Redis,
+    args: tuple[str, ...],
+    kwargs: dict[str, object],
+    reason: str,
+) -> None:
+    bad = rq_queue.enqueue(*args, **kwargs)
+    good = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None and msg.call.id == good.id  # the bad one never reaches the caller
+    assert bad.get_status() == "failed"
+    assert reason in failure_text(bad)
+    assert registries(conn)["failed"] == [bad.id]
+
+
+async def test_positional_json_and_binary_bodies(make_rq: MakeRQ, rq_queue: Queue) -> None:
+    rq_queue.enqueue("fnq.call", "demo", "echo", "plain")
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", body={"n": 1, "s": "é"})
+    rq_queue.enqueue(
+        "fnq.call", app="demo", fn="echo", body_b64=base64.b64encode(b"\xff\x00").decode()
+    )
+    queue = make_rq()
+    msgs = await queue.reserve_many(3, 1.0)
+    assert [m.call.body for m in msgs] == [b"plain", '{"n":1,"s":"é"}'.encode(), b"\xff\x00"]
+    assert dict(msgs[1].call.headers) == {"Content-Type": "application/json"}
+    await queue.complete(msgs[2], ok(b"\xff"))
+    value = Job.fetch(msgs[2].call.id, connection=rq_queue.connection, serializer="json")
+    assert value.return_value() == {
+        "status": 200,
+        "headers": {"Content-Type": "text/plain"},
+        "body": None,
+        "body_b64": "/w==",
+    }
+
+
+async def test_lapse_redelivers_then_fails(make_rq: MakeRQ, rq_queue: Queue, conn: Redis) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq(mq_reservation_msecs=1000, mq_max_deliveries=2)
+    first = await queue.reserve(1.0)
+    assert first is not None and first.deliveries == 1
+    assert await queue.reserve(0.1) is None  # held
+    await asyncio.sleep(1.05)  # the holder "dies": no extend
+
+    second = await queue.reserve(1.0)
+    assert second is not None and second.call.id == job.id and second.deliveries == 2
+    assert second.receipt != first.receipt
+    assert job.get_status() == "started"
+    assert [
+        e[0] for e in StartedJobRegistry("default", connection=conn).get_job_and_execution_ids()
+    ] == [job.id]
+    with pytest.raises(ReservationLost):
+        await queue.extend(first)
+
+    await asyncio.sleep(1.05)  # lapses again: max deliveries reached
+    assert await queue.reserve(0.1) is None
+    assert job.get_status() == "failed"
+    assert "delivered 2 times" in failure_text(job)
+    assert registries(conn) == {"started": [], "finished": [], "failed": [job.id]}
+    assert (await queue.stats()).reserved == 0
+
+
+async def test_extend_keeps_reservation(make_rq: MakeRQ, rq_queue: Queue) -> None:
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq(mq_reservation_msecs=1000)
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    for _ in range(3):
+        await asyncio.sleep(0.5)
+        await queue.extend(msg)
+        assert await queue.reserve(0.01) is None
+    await queue.complete(msg, ok())
+
+
+async def test_release_and_delayed_release(make_rq: MakeRQ, rq_queue: Queue, conn: Redis) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    await queue.release(msg)
+    assert job.get_status() == "queued" and rq_queue.job_ids == [job.id]
+    assert registries(conn)["started"] == []
+
+    again = await queue.reserve(1.0)
+    assert again is not None and again.deliveries == 1  # a release charges nothing
+    await queue.release(again, delay_s=0.3)
+    assert job.get_status() == "scheduled"
+    assert ScheduledJobRegistry("default", connection=conn).get_job_ids() == [job.id]
+    stats = await queue.stats()
+    assert (stats.ready, stats.delayed, stats.reserved) == (0, 1, 0)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    later = await queue.reserve(3.0)
+    assert later is not None and later.call.id == job.id
+    assert 0.2 <= loop.time() - start < 1.5
+
+
+async def test_ack_drops_reservation_only(make_rq: MakeRQ, rq_queue: Queue, conn: Redis) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    await queue.ack(msg)
+    assert (await queue.stats()).reserved == 0
+    assert registries(conn)["started"] == []
+    with pytest.raises(ReservationLost):
+        await queue.extend(msg)
+    assert job.get_status() == "started"  # documented: ack leaves rq's status alone
+
+
+async def test_dead_letter_requeue_purge(make_rq: MakeRQ, rq_queue: Queue, conn: Redis) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    await queue.dead_letter(msg, "function demo/echo is not registered")
+    assert job.get_status() == "failed"
+    assert "function demo/echo is not registered" in failure_text(job)
+    assert await queue.dead_requeue() == 1
+    assert job.get_status() == "queued"
+    back = await queue.reserve(1.0)
+    assert back is not None and back.deliveries == 1
+    await queue.dead_letter(back, "again")
+    assert await queue.dead_purge([job.id]) == 1
+    assert not conn.exists(job.key)
+    assert (await queue.stats()).dead == 0
+
+
+async def test_reserve_wakes_on_enqueue(make_rq: MakeRQ, rq_queue: Queue) -> None:
+    queue = make_rq(("high", "default"))
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    waiting = asyncio.create_task(queue.reserve(5.0))
+    await asyncio.sleep(0.2)
+    job = await asyncio.to_thread(rq_queue.enqueue, "fnq.call", app="demo", fn="echo")
+    msg = await waiting
+    assert msg is not None and msg.call.id == job.id
+    assert loop.time() - start < 1.0
+
+
+async def test_queues_taken_in_order(make_rq: MakeRQ, rq_queue: Queue, conn: Redis) -> None:
+    high = Queue("high", connection=conn, serializer="json")
+    low = rq_queue.enqueue("fnq.call", app="demo", fn="low")
+    first = high.enqueue("fnq.call", app="demo", fn="high")
+    queue = make_rq(("high", "default"))
+    msgs = await queue.reserve_many(2, 1.0)
+    assert [m.call.id for m in msgs] == [first.id, low.id]
+
+
+async def test_late_complete_keeps_first_end(make_rq: MakeRQ, rq_queue: Queue) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq(mq_reservation_msecs=1000)
+    slow = await queue.reserve(1.0)
+    assert slow is not None
+    await asyncio.sleep(1.05)
+    fast = await queue.reserve(1.0)
+    assert fast is not None and fast.deliveries == 2
+    await queue.complete(fast, ok(b"fast"))
+    await queue.complete(slow, Outcome(CallStatus.ERROR, error="late"))
+    assert job.get_status() == "finished"
+    assert job.return_value(refresh=True)["body"] == "fast"  # type: ignore[index]
+    assert len(job.results()) == 1
+
+
+async def test_push_round_trip(make_rq: MakeRQ, conn: Redis) -> None:
+    from config.domain import Call, new_call_id  # noqa: PLC0415
+
+    queue = make_rq()
+    call = Call(new_call_id(), "demo", "echo", b"\x00bin", {"X-A": "1"})
+    assert await queue.push(call) == call.id
+    assert await queue.push(call) == call.id  # one job per id while it is live
+    assert (await queue.stats()).ready == 1
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    assert (msg.call.id, msg.call.body, dict(msg.call.headers)) == (
+        call.id,
+        b"\x00bin",
+        {"X-A": "1"},
+    )
+
+
+async def test_mixed_run_registries_and_rq_info(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis, rq_url: str
+) -> None:
+    rq_queue.enqueue("os.system", "true")
+    Queue("default", connection=conn).enqueue("fnq.call", app="demo", fn="echo")
+    good = [rq_queue.enqueue("fnq.call", app="demo", fn="echo", body=str(i)) for i in range(6)]
+    queue = make_rq()
+    msgs = await queue.reserve_many(6, 1.0)  # the two bad jobs take places: up to 6
+    msgs += await queue.reserve_many(6 - len(msgs), 1.0)
+    assert sorted(m.call.id for m in msgs) == sorted(j.id for j in good)
+    for i, msg in enumerate(msgs[:5]):
+        await queue.complete(msg, ok() if i % 2 == 0 else Outcome(CallStatus.ERROR, error="e"))
+    held = registries(conn)
+    assert (len(held["started"]), len(held["finished"]), len(held["failed"])) == (1, 3, 4)
+    assert rq_info(rq_url) == "queue default 0, 1 executing, 3 finished, 4 failed"
+    await queue.complete(msgs[5], ok())
+    stats = await queue.stats()
+    assert (stats.ready, stats.reserved, stats.dead, stats.delayed) == (0, 0, 4, 0)
+    assert rq_info(rq_url) == "queue default 0, 0 executing, 4 finished, 4 failed"
+
+
+def rq_info(url: str) -> str:
+    """rq's own monitor (`rq info --raw`), as an operator would run it."""
+    rq_cli = Path(sys.executable).with_name("rq")
+    out = subprocess.run(
+        [str(rq_cli), "info", "-u", url, "--only-queues", "--raw", "default"],
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=30,
+    ).stdout
+    return out.strip().splitlines()[0]
+
+
+async def test_enqueue_in_runs_without_rq_scheduler(make_rq: MakeRQ, rq_queue: Queue) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    job = rq_queue.enqueue_in(timedelta(seconds=1), "fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    assert job.get_status() == "scheduled"
+    msg = await queue.reserve(3.0)
+    assert msg is not None and msg.call.id == job.id
+    assert job.get_status() == "started"

@@ -1,0 +1,170 @@
+"""One delivered call, from reservation to settled message.
+
+::
+
+    look up the function -> unknown? expired? -> record `running` (attempt n)
+      -> already final? ack it, done
+      -> submit to the agent (the reservation is extended meanwhile)
+      -> decide (worker.policy) -> record durably -> settle the message
+
+The message is settled (acked, dead-lettered, completed) only after the
+record is durable, so a crash at any point delivers the call again, and a
+duplicate delivery of a finished call finds the final record and runs nothing.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import Callable
+from datetime import datetime, timedelta
+
+from config.domain import (
+    CallStatus,
+    FailureKind,
+    Function,
+    Outcome,
+    Response,
+    frozen_map,
+    utcnow,
+)
+from config.errors import FnqError
+from config.settings import Settings
+from datastore.base import CallRecord, Datastore
+from worker.agent.agent import Agent
+from worker.delivery import Delivery
+from worker.metrics import Metrics
+from worker.policy import Action, decide
+
+log = logging.getLogger("fnq.worker")
+
+FN_CACHE_TTL_S = 2.0
+
+
+def outcome_of(record: CallRecord) -> Outcome:
+    """A stored final record as an outcome (for settling a duplicate delivery)."""
+    response = None
+    if record.response_status is not None:
+        response = Response(
+            status=record.response_status,
+            headers=frozen_map(record.response_headers),
+            body=record.response_body or b"",
+            truncated=record.response_truncated,
+        )
+    return Outcome(
+        status=record.status,
+        error=record.error,
+        response=response,
+        started_at=record.started_at,
+        completed_at=record.completed_at,
+    )
+
+
+class CallHandler:
+    def __init__(
+        self,
+        settings: Settings,
+        store: Datastore,
+        agent: Agent,
+        *,
+        metrics: Metrics,
+        worker_id: str,
+        rng: random.Random,
+    ) -> None:
+        self.settings = settings
+        self.store = store
+        self.agent = agent
+        self.metrics = metrics
+        self.worker_id = worker_id
+        self.rng = rng
+        self.completed = 0
+        self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
+
+    async def handle(self, d: Delivery, on_start: Callable[[], None]) -> None:
+        heartbeat = asyncio.create_task(self._heartbeat(d), name=f"fnq-hb-{d.call_id}")
+        try:
+            await self._process(d, on_start)
+        except asyncio.CancelledError:
+            await asyncio.shield(d.hand_back())
+            raise
+        finally:
+            heartbeat.cancel()
+            await asyncio.gather(heartbeat, return_exceptions=True)
+
+    async def _process(self, d: Delivery, on_start: Callable[[], None]) -> None:
+        call = d.msg.call
+        fn = await self._function(call.app, call.fn)
+        if fn is None:
+            error = f"function {call.fn_ref} is not registered"
+            await self._finish_early(d, error, FailureKind.TERMINAL, CallStatus.ERROR)
+            return
+        if utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
+            error = f"expired: not started within {fn.max_age_s} s of being enqueued"
+            await self._finish_early(d, error, FailureKind.CANCELLED, CallStatus.CANCELLED)
+            return
+        record = await self.store.record_running(call, 0, self.worker_id)
+        if record.status.is_final:
+            log.info("call %s already %s: settling the duplicate delivery", call.id, record.status)
+            await d.settle(outcome_of(record), dead_letter=False)
+            return
+        outcome = await self.agent.submit(call, fn, on_start=on_start)
+        await self._apply(d, fn, outcome, record.attempts)
+
+    async def _apply(self, d: Delivery, fn: Function, outcome: Outcome, attempt: int) -> None:
+        call = d.msg.call
+        decision = decide(outcome, fn, attempt, self.rng)
+        if decision.action is Action.FINISH:
+            self._observe(call.created_at, outcome)
+            await self.store.record_outcome(call, outcome, attempt, self.worker_id)
+            await d.settle(outcome, dead_letter=decision.dead_letter)
+            self.metrics.calls.labels(outcome.status.value).inc()
+            self.completed += 1
+            return
+        if decision.action is Action.RETRY:
+            log.info("call %s attempt %d failed (%s): retry in %.1f s",
+                     call.id, attempt, outcome.error, decision.delay_s)  # fmt: skip
+            self._observe(call.created_at, outcome)
+            self.metrics.retries.inc()
+        else:  # RELEASE: never started, so this attempt does not count
+            self.metrics.released.inc()
+            attempt -= 1
+        next_try = utcnow() + timedelta(seconds=decision.delay_s)
+        await self.store.record_retry(call, outcome, attempt, next_try)
+        await d.release(decision.delay_s)
+
+    async def _finish_early(
+        self, d: Delivery, error: str, failure: FailureKind, status: CallStatus
+    ) -> None:
+        outcome = Outcome(status=status, error=error, failure=failure, completed_at=utcnow())
+        await self.store.record_outcome(d.msg.call, outcome, 0, self.worker_id)
+        await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
+        self.metrics.calls.labels(status.value).inc()
+        self.completed += 1
+
+    def _observe(self, created_at: datetime, outcome: Outcome) -> None:
+        if outcome.started_at is None:
+            return
+        wait_s = (outcome.started_at - created_at).total_seconds()
+        self.metrics.queue_wait.observe(max(0.0, wait_s))
+        if outcome.completed_at is not None:
+            run_s = (outcome.completed_at - outcome.started_at).total_seconds()
+            self.metrics.run_time.observe(max(0.0, run_s))
+
+    async def _heartbeat(self, d: Delivery) -> None:
+        every_s = self.settings.mq_reservation_msecs / 3000.0
+        while True:
+            await asyncio.sleep(every_s)
+            try:
+                await asyncio.wait_for(d.extend(), timeout=every_s)
+            except (FnqError, TimeoutError) as exc:
+                log.warning("could not extend the reservation of %s: %s", d.call_id, exc)
+
+    async def _function(self, app: str, name: str) -> Function | None:
+        now = asyncio.get_running_loop().time()
+        hit = self._fn_cache.get((app, name))
+        if hit is not None and now - hit[0] < FN_CACHE_TTL_S:
+            return hit[1]
+        fn = await self.store.get_fn(app, name)
+        self._fn_cache[(app, name)] = (now, fn)
+        return fn

@@ -1,0 +1,63 @@
+"""One message and the queue it came from: how the worker ends each delivery.
+
+Native queues end a delivery with ``ack`` or ``dead_letter``. A queue that
+reports results back to its producer (the RQ bridge, ``mq.rq``) has
+``complete(msg, outcome)`` instead, which both settles the message and hands
+the outcome to the producer's own API; that difference lives here only.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from dataclasses import dataclass
+from typing import Protocol, runtime_checkable
+
+from config.domain import Outcome
+from config.errors import FnqError
+from mq.base import Message, MessageQueue
+
+log = logging.getLogger("fnq.worker")
+
+HAND_BACK_TIMEOUT_S = 5.0
+
+
+@runtime_checkable
+class CompletingQueue(Protocol):
+    async def complete(self, msg: Message, outcome: Outcome) -> None: ...
+
+
+@dataclass(frozen=True, slots=True)
+class Delivery:
+    queue: MessageQueue
+    msg: Message
+
+    @property
+    def call_id(self) -> str:
+        return self.msg.call.id
+
+    async def settle(self, outcome: Outcome, *, dead_letter: bool) -> None:
+        """The call has its final record: take the message off the queue for good."""
+        if isinstance(self.queue, CompletingQueue):
+            await self.queue.complete(self.msg, outcome)
+        elif dead_letter:
+            await self.queue.dead_letter(self.msg, outcome.error or outcome.status.value)
+        else:
+            await self.queue.ack(self.msg)
+
+    async def release(self, delay_s: float) -> None:
+        await self.queue.release(self.msg, delay_s)
+
+    async def extend(self) -> None:
+        await self.queue.extend(self.msg)
+
+    async def hand_back(self) -> None:
+        """Best effort: otherwise the message returns when its reservation lapses."""
+        try:
+            await asyncio.wait_for(self.queue.release(self.msg, 0.0), HAND_BACK_TIMEOUT_S)
+        except (FnqError, TimeoutError) as exc:
+            log.warning(
+                "could not hand back %s (it returns when its reservation lapses): %s",
+                self.call_id,
+                exc,
+            )
