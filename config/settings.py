@@ -189,10 +189,13 @@ class Settings(BaseSettings):
     )
     image_enable_volume: bool = Field(False, description="Allow images that declare VOLUME.")
     image_clean_max_size: int = Field(
-        0, ge=0, description="Image cache high-water mark in bytes; 0 = no cleaner."
+        0,
+        ge=0,
+        description="Image cache high-water mark in bytes; 0 = no cleaner. Not acted on yet: "
+        "fnq removes no images (offline images cannot be pulled back); the worker warns when set.",
     )
     image_clean_exempt_tags: str = Field(
-        "", description="Whitespace-separated images the cleaner never removes."
+        "", description="Whitespace-separated images the cleaner never removes (see above)."
     )
 
     # ---------------------------------------------------------------- iofs
