@@ -1,0 +1,203 @@
+"""The agent core on the real engine: hot calls against a raw client, and cold starts.
+
+    .venv/bin/python -m bench.agent            # 1,000 calls per run, 3 repeats
+    .venv/bin/python -m bench.agent --quick    # 200 calls per run, 2 repeats
+
+Everything runs in this process: an ``Agent`` over a ``DockerDriver`` (settings
+from ``load_settings``, freezing off so that the raw client is never paused
+under it) and the example FDK function (``fnq/example``).
+
+* agent 1x      ``Agent.submit`` awaited once per call (one hot container)
+* raw 1x        the ceiling: a minimal HTTP/1.1 client (bench._common) on the same
+                container's unix socket, one kept-alive connection, the same request
+* agent 4x      four tasks submitting at once (the agent starts up to 4 containers)
+* raw 4x        one raw client per container the agent started, all at once
+
+Cold start: the first call of a new function configuration (a fresh config
+value, so a new slot queue and a new container: create, start, socket, call)
+against ``docker run`` of the same image. Two baselines:
+
+* docker run + 1 call: ``docker run --rm -d`` with the socket directory mounted
+  and FN_LISTENER set, wait for the socket, POST one call (time to the answer,
+  the same span as the agent's first call; removal not counted);
+* docker run true: ``docker run --rm IMAGE true`` (start, exit, removal, no FDK).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import tempfile
+import time
+from pathlib import Path
+
+from bench._common import (
+    Section,
+    Table,
+    bench_settings,
+    docker_run_one_call,
+    docker_run_trivial,
+    label_tag,
+    median,
+    raw_calls,
+    raw_throughput,
+    remove_labelled,
+    run,
+)
+from config.domain import Call, CallStatus, Function, frozen_map, new_call_id
+from worker.agent.agent import Agent
+from worker.agent.drivers.docker import DockerDriver
+
+IMAGE = "fnq/example"
+BODY = b'{"name": "bench"}'
+TARGET_RATIO = 0.70
+TARGET_COLD_EXTRA_MS = 100.0
+
+
+def example(name: str = "example", **config: str) -> Function:
+    return Function(app="bench", name=name, image=IMAGE, memory_mb=128, config=frozen_map(config))
+
+
+async def submit_n(agent: Agent, fn: Function, n: int) -> None:
+    for _ in range(n):
+        out = await agent.submit(Call(new_call_id(), fn.app, fn.name, BODY), fn)
+        if out.status is not CallStatus.SUCCESS:
+            raise RuntimeError(f"call failed: {out.status} {out.error}")
+
+
+async def timed_rate(agent: Agent, fn: Function, n: int, tasks: int) -> float:
+    t0 = time.perf_counter()
+    async with asyncio.TaskGroup() as tg:
+        for _ in range(tasks):
+            tg.create_task(submit_n(agent, fn, n // tasks))
+    return (n // tasks) * tasks / (time.perf_counter() - t0)
+
+
+async def hot_runs(agent: Agent, driver: DockerDriver, n: int, repeats: int) -> dict[str, float]:
+    fn = example()
+    await submit_n(agent, fn, 20)  # start the container, warm both ends
+    await timed_rate(agent, fn, 40, 4)  # and the concurrent ones
+    runs: dict[str, list[float]] = {"agent 1x": [], "raw 1x": [], "agent 4x": [], "raw 4x": []}
+    for _ in range(repeats):
+        runs["agent 1x"].append(await timed_rate(agent, fn, n, 1))
+        sockets = [str(c.iofs.socket_path) for c in driver.containers]
+        t0 = time.perf_counter()
+        await raw_calls(sockets[0], n, BODY)
+        runs["raw 1x"].append(n / (time.perf_counter() - t0))
+        runs["agent 4x"].append(await timed_rate(agent, fn, n, 4))
+        sockets = [str(c.iofs.socket_path) for c in driver.containers]
+        rate, _ = await raw_throughput(sockets[:4], n // len(sockets[:4]), BODY)
+        runs["raw 4x"].append(rate)
+    out = {k: median(v) for k, v in runs.items()}
+    out["containers"] = float(len(driver.containers))
+    return out
+
+
+async def cold_runs(agent: Agent, repeats: int) -> dict[str, float]:
+    agent_s: list[float] = []
+    run_call_s: list[float] = []
+    run_true_s: list[float] = []
+    for i in range(repeats):
+        fn = example(f"cold{i}", RUN=new_call_id())
+        t0 = time.perf_counter()
+        await submit_n(agent, fn, 1)
+        agent_s.append(time.perf_counter() - t0)
+        answered, _ = await asyncio.to_thread(docker_run_one_call, IMAGE, BODY)
+        run_call_s.append(answered)
+        run_true_s.append(await asyncio.to_thread(docker_run_trivial, IMAGE))
+    return {
+        "agent": 1000 * median(agent_s),
+        "docker run + 1 call": 1000 * median(run_call_s),
+        "docker run true": 1000 * median(run_true_s),
+    }
+
+
+async def measure(quick: bool) -> Section:
+    n = 200 if quick else 1000
+    repeats = 2 if quick else 3
+    tag = label_tag()
+    with tempfile.TemporaryDirectory(prefix="fnq-bench-agent-") as tmp:
+        settings = bench_settings(Path(tmp) / "data", tag, freeze_idle_msecs=-1)
+        driver = DockerDriver(settings)
+        try:
+            async with Agent(settings, driver) as agent:
+                hot = await hot_runs(agent, driver, n, repeats)
+                cold = await cold_runs(agent, repeats + 1)
+        finally:
+            remove_labelled(tag)
+    return report(hot, cold, n, repeats)
+
+
+def report(hot: dict[str, float], cold: dict[str, float], n: int, repeats: int) -> Section:
+    sec = Section("Agent: hot calls and cold starts (bench/agent.py)")
+    sec.notes.append(
+        f"{n} calls of `{IMAGE}` per run, median of {repeats} runs; the 4-way runs used "
+        f"{int(hot['containers'])} container(s). The raw client is the ceiling: the same "
+        "request on the same container's socket with nothing else in the way."
+    )
+    seq_ratio = hot["agent 1x"] / hot["raw 1x"]
+    con_ratio = hot["agent 4x"] / hot["raw 4x"]
+    sec.tables.append(
+        Table(
+            "hot calls (calls/s)",
+            ["run", "agent", "raw client", "agent / raw", "ms per call, agent", "ms, raw"],
+            [
+                [
+                    "sequential",
+                    hot["agent 1x"],
+                    hot["raw 1x"],
+                    f"{seq_ratio:.0%}",
+                    1000 / hot["agent 1x"],
+                    1000 / hot["raw 1x"],
+                ],
+                [
+                    "4 at once",
+                    hot["agent 4x"],
+                    hot["raw 4x"],
+                    f"{con_ratio:.0%}",
+                    4000 / hot["agent 4x"],
+                    4000 / hot["raw 4x"],
+                ],
+            ],
+        )
+    )
+    sec.tables.append(
+        Table(
+            "first call of a new function (ms)",
+            ["how", "ms"],
+            [[k, v] for k, v in cold.items()],
+        )
+    )
+    sec.notes.append(
+        "Cold start: `agent` is `Agent.submit` of a fresh function configuration (create, "
+        "start, socket ready, call answered). `docker run + 1 call` does the same work with "
+        "the docker CLI (run -d with the socket directory mounted, wait for the socket, one "
+        "POST; removal not counted); `docker run true` is a bare start-exit-remove without "
+        "the FDK."
+    )
+    sec.check(
+        "agent / raw, sequential",
+        f"{seq_ratio:.0%}",
+        f">= {TARGET_RATIO:.0%}",
+        seq_ratio >= TARGET_RATIO,
+    )
+    sec.check(
+        "agent / raw, 4 at once",
+        f"{con_ratio:.0%}",
+        f">= {TARGET_RATIO:.0%}",
+        con_ratio >= TARGET_RATIO,
+    )
+    extra = cold["agent"] - cold["docker run + 1 call"]
+    sec.check(
+        "cold first call - docker run + 1 call",
+        f"{extra:+.0f} ms",
+        f"<= +{TARGET_COLD_EXTRA_MS:.0f} ms",
+        extra <= TARGET_COLD_EXTRA_MS,
+    )
+    return sec
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="200 calls per run, 2 repeats")
+    run(measure(parser.parse_args().quick)).print()

@@ -1,0 +1,325 @@
+"""End to end: calls pushed to Redis, run by ``fnq worker`` in a hot container, recorded.
+
+    .venv/bin/python -m bench.e2e            # 2,000 calls per run, 3 repeats
+    .venv/bin/python -m bench.e2e --quick    # 300 calls per run, 1 repeat
+
+One ``fnq worker`` subprocess (FN_MQ_URL=redis://...?prefix=..., SQLite
+datastore in a temporary FN_DATA_DIR, default settings otherwise) runs the echo
+FDK function (``fnq/echo``); every call's record, response and log are written.
+A throwaway redis-server (tests.rig) holds the queue.
+
+Throughput: N calls pushed at once (push_many, batches of 100); calls/s from the
+first push until the datastore counts N final records. The worker is warmed
+first (its container started). Baselines, same machine, same run:
+
+* (a) RQ ``SimpleWorker`` running no-op jobs from the same redis-server
+      (enqueue_many, then ``work(burst=True)``; first enqueue to last job);
+* (b) RQ ``SimpleWorker`` whose job is a ``docker run --rm -d`` of the same image
+      with the socket mounted, one call, removal (bench._common), fewer jobs;
+* (c) the ceiling: a raw HTTP client on hot containers of the same image started
+      by a DockerDriver in this process (one client per container, 1 and 2
+      containers, the better one).
+
+Latency: a paced producer pushes one call at a time at 25 %, 50 % and 75 % of
+the measured throughput; per call, latency = record ``updated_at`` (when the
+worker wrote the final record) - ``created_at`` (when the producer made it).
+Overhead = latency - the function's time, taken two ways: the record's
+``completed_at - started_at`` (what the agent saw, so this is queue + datastore
++ scheduling) and the raw client's median latency (everything but the function).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+from bench._cluster import Cluster, stop
+from bench._common import (
+    Section,
+    Table,
+    bench_settings,
+    docker_run_one_call,
+    label_tag,
+    median,
+    percentile,
+    raw_throughput,
+    remove_labelled,
+    run,
+)
+from config.domain import Call, Function, new_call_id
+from worker.agent.driver import ContainerSpec
+from worker.agent.drivers.docker import DockerDriver
+
+APP = "bench"
+IMAGE = "fnq/echo"
+BODY = b'{"name": "bench"}'
+NOOP = "bench.mq.noop"
+DOCKER_JOB = "bench.e2e.docker_run_job"
+TARGETS = {"a": 5.0, "b": 300.0, "c": 0.50}
+OVERHEAD_P50_MS, OVERHEAD_P99_MS = 2.0, 10.0
+
+
+def echo(name: str = "echo", memory_mb: int = 128) -> Function:
+    return Function(app=APP, name=name, image=IMAGE, memory_mb=memory_mb)
+
+
+def docker_run_job(image: str, body: bytes) -> float:
+    """What an RQ job does in baseline (b): one call in a fresh container."""
+    return docker_run_one_call(image, body)[1]
+
+
+# --------------------------------------------------------------------- fnq
+
+
+async def fnq_throughput(cluster: Cluster, n: int, repeats: int) -> list[float]:
+    """Calls/s of each repeat (the cluster's workers are running and warm)."""
+    rates = []
+    done = await cluster.final_count(APP)
+    for _ in range(repeats):
+        seconds = await cluster.run_calls(APP, "echo", n, BODY, done)
+        done += n
+        rates.append(n / seconds)
+        await asyncio.sleep(0.5)
+    return rates
+
+
+async def warm(cluster: Cluster, fn: str = "echo", n: int = 20) -> None:
+    done = await cluster.final_count(APP)
+    await cluster.run_calls(APP, fn, n, BODY, done)
+
+
+async def paced(cluster: Cluster, rate: float, seconds: float) -> list[tuple[float, float]]:
+    """Push one call every 1/rate s for ``seconds``; (latency s, function s) per call."""
+    n = max(20, int(rate * seconds))
+    done = await cluster.final_count(APP)
+    loop = asyncio.get_running_loop()
+    start = loop.time()
+    assert cluster.queue is not None
+    calls = []
+    for i in range(n):
+        delay = start + i / rate - loop.time()
+        if delay > 0:
+            await asyncio.sleep(delay)
+        call = Call(new_call_id(), APP, "echo", BODY)  # created_at: now
+        calls.append(call)
+        await cluster.queue.push(call)
+    await cluster.wait_final(APP, done + n)
+    out = []
+    for rec in await cluster.records([c.id for c in calls]):
+        if rec.started_at is None or rec.completed_at is None:
+            continue
+        out.append(
+            (
+                (rec.updated_at - rec.created_at).total_seconds(),
+                (rec.completed_at - rec.started_at).total_seconds(),
+            )
+        )
+    return out
+
+
+# -------------------------------------------------------------- baselines
+
+
+def rq_noop(redis_url: str, n: int) -> float:
+    import redis  # noqa: PLC0415
+    from rq import Queue, SimpleWorker  # noqa: PLC0415
+
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue(f"bench-{secrets.token_hex(3)}", connection=conn)
+    try:
+        t0 = time.perf_counter()
+        for start in range(0, n, 100):
+            with conn.pipeline() as pipe:
+                jobs = [Queue.prepare_data(NOOP, (i,)) for i in range(start, min(n, start + 100))]
+                queue.enqueue_many(jobs, pipeline=pipe)
+                pipe.execute()
+        SimpleWorker([queue], connection=conn).work(burst=True, logging_level="WARNING")
+        seconds = time.perf_counter() - t0
+        if queue.finished_job_registry.count < n:
+            raise RuntimeError(f"RQ finished {queue.finished_job_registry.count} of {n} jobs")
+        return n / seconds
+    finally:
+        queue.empty()
+        conn.close()
+
+
+def rq_docker_run(redis_url: str, n: int) -> float:
+    import redis  # noqa: PLC0415
+    from rq import Queue, SimpleWorker  # noqa: PLC0415
+
+    conn = redis.Redis.from_url(redis_url)
+    queue = Queue(f"bench-{secrets.token_hex(3)}", connection=conn, default_timeout=120)
+    try:
+        t0 = time.perf_counter()
+        for _ in range(n):
+            queue.enqueue(DOCKER_JOB, IMAGE, BODY)
+        SimpleWorker([queue], connection=conn).work(burst=True, logging_level="WARNING")
+        seconds = time.perf_counter() - t0
+        if queue.finished_job_registry.count < n:
+            raise RuntimeError(f"RQ finished {queue.finished_job_registry.count} of {n} jobs")
+        return n / seconds
+    finally:
+        queue.empty()
+        conn.close()
+
+
+async def raw_ceiling(tmp: Path, n: int, repeats: int) -> dict[str, float]:
+    """Raw-client calls/s on 1 and on 2 hot echo containers, and its median latency (ms)."""
+    tag = label_tag()
+    settings = bench_settings(tmp / "raw", tag)
+    driver = DockerDriver(settings)
+    await driver.start()
+    try:
+        sockets = []
+        for i in range(2):
+            spec = ContainerSpec(f"{tag}-raw{i}", IMAGE, APP, "echo", memory_mb=128)
+            container = await driver.create(spec)
+            await container.start()
+            sockets.append(str(container.iofs.socket_path))
+        await raw_throughput(sockets, 50, BODY)
+        one, two, lat = [], [], []
+        for _ in range(repeats):
+            rate, ms = await raw_throughput(sockets[:1], n, BODY)
+            one.append(rate)
+            lat.append(ms)
+            two.append((await raw_throughput(sockets, n // 2, BODY))[0])
+        return {"raw 1": median(one), "raw 2": median(two), "latency_ms": median(lat)}
+    finally:
+        await driver.close()
+        remove_labelled(tag)
+
+
+# ------------------------------------------------------------------ run all
+
+
+async def measure(quick: bool) -> Section:
+    from tests.rig import RedisServer  # noqa: PLC0415
+
+    n = 300 if quick else 2000
+    repeats = 1 if quick else 3
+    docker_jobs = 5 if quick else 20
+    with tempfile.TemporaryDirectory(prefix="fnq-bench-e2e-") as tmp_name:
+        tmp = Path(tmp_name)
+        server = RedisServer(tmp).start()
+        cluster = Cluster(tmp / "c1", f"{server.url}?prefix=b{secrets.token_hex(3)}", label_tag())
+        try:
+            await cluster.open()
+            await cluster.register(echo())
+            cluster.start_worker()
+            await warm(cluster)
+            fnq = await fnq_throughput(cluster, n, repeats)
+            best = max(fnq)
+            lat_s = 2.0 if quick else 5.0
+            loads = {
+                share: await paced(cluster, best * share, lat_s) for share in (0.25, 0.5, 0.75)
+            }
+        finally:
+            await stop(cluster)
+        raw = await raw_ceiling(tmp, n, repeats)
+        rq_a = [rq_noop(server.url, n) for _ in range(repeats)]  # RQ wants the main thread
+        rq_b = rq_docker_run(server.url, docker_jobs)
+        server.stop()
+    return report(n, repeats, median(fnq), best, loads, raw, median(rq_a), rq_b, docker_jobs)
+
+
+def report(
+    n: int,
+    repeats: int,
+    fnq: float,
+    best: float,
+    loads: dict[float, list[tuple[float, float]]],
+    raw: dict[str, float],
+    rq_a: float,
+    rq_b: float,
+    docker_jobs: int,
+) -> Section:
+    sec = Section("End to end: Redis -> fnq worker -> hot container -> SQLite (bench/e2e.py)")
+    ceiling = max(raw["raw 1"], raw["raw 2"])
+    sec.notes.append(
+        f"{n} calls of `{IMAGE}` per run, median of {repeats} run(s); one `fnq worker` "
+        "process with default settings, SQLite datastore (WAL, synchronous=FULL), records, "
+        "responses and logs written. Baseline (b) ran "
+        f"{docker_jobs} jobs and its rate is extrapolated."
+    )
+    rows = [
+        ["fnq worker (1 process)", fnq, "", ""],
+        ["(a) RQ SimpleWorker, no-op jobs", rq_a, fnq / rq_a, f">= {TARGETS['a']:g}x"],
+        ["(b) RQ + docker run per job", rq_b, fnq / rq_b, f">= {TARGETS['b']:g}x"],
+        ["(c) raw client, 1 container", raw["raw 1"], fnq / raw["raw 1"], ""],
+        ["(c) raw client, 2 containers", raw["raw 2"], fnq / raw["raw 2"], ""],
+    ]
+    sec.tables.append(Table("throughput", ["run", "calls/s", "fnq / run", "target"], rows))
+    sec.check("fnq / (a) RQ no-op", f"{fnq / rq_a:.1f}x", ">= 5x", fnq / rq_a >= TARGETS["a"])
+    sec.check(
+        "fnq / (b) RQ + docker run", f"{fnq / rq_b:.0f}x", ">= 300x", fnq / rq_b >= TARGETS["b"]
+    )
+    sec.check(
+        "fnq / (c) raw ceiling", f"{fnq / ceiling:.0%}", ">= 50%", fnq / ceiling >= TARGETS["c"]
+    )
+
+    raw_ms = raw["latency_ms"]
+    lat_rows = []
+    for share, samples in loads.items():
+        lat = [1000 * a for a, _ in samples]
+        over_rec = [1000 * (a - b) for a, b in samples]
+        over_raw = [x - raw_ms for x in lat]
+        lat_rows.append(
+            [
+                f"{share:.0%} ({best * share:,.0f}/s)",
+                len(samples),
+                percentile(lat, 50),
+                percentile(lat, 99),
+                percentile(over_rec, 50),
+                percentile(over_rec, 99),
+                percentile(over_raw, 50),
+                percentile(over_raw, 99),
+            ]
+        )
+        if share == 0.5:
+            p50, p99 = percentile(over_raw, 50), percentile(over_raw, 99)
+            sec.check(
+                "overhead p50 at 50 % load (vs raw)",
+                f"{p50:.2f} ms",
+                f"<= {OVERHEAD_P50_MS:g} ms",
+                p50 <= OVERHEAD_P50_MS,
+            )
+            sec.check(
+                "overhead p99 at 50 % load (vs raw)",
+                f"{p99:.2f} ms",
+                f"<= {OVERHEAD_P99_MS:g} ms",
+                p99 <= OVERHEAD_P99_MS,
+            )
+    sec.tables.append(
+        Table(
+            f"latency, enqueue -> final record (ms); raw-client call = {raw_ms:.2f} ms",
+            [
+                "load (of best run)",
+                "calls",
+                "p50",
+                "p99",
+                "over rec p50",
+                "over rec p99",
+                "over raw p50",
+                "over raw p99",
+            ],
+            lat_rows,
+        )
+    )
+    sec.notes.append(
+        "`over rec` = latency - the record's completed_at - started_at (queue, scheduling, "
+        "datastore); `over raw` = latency - the raw client's median call (everything the "
+        "worker adds, including its own HTTP client and log capture). The final record's "
+        "time is its `updated_at`, taken when the worker hands it to the datastore's group "
+        "commit, so the commit itself (a few ms with SQLite FULL) is not in the latency."
+    )
+    return sec
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="300 calls per run, 1 repeat")
+    run(measure(parser.parse_args().quick)).print()

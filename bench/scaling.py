@@ -1,0 +1,132 @@
+"""Scaling: 1 against 2 worker processes, and 10 functions at once with and without eviction.
+
+    .venv/bin/python -m bench.scaling            # 2,000 calls per run
+    .venv/bin/python -m bench.scaling --quick    # 300 calls per run
+
+Same set-up as bench.e2e (Redis queue, SQLite datastore, ``fnq/echo``).
+
+* workers: N calls pushed at once, run by one, then by two ``fnq worker``
+  processes (warmed first); calls/s first push to last final record.
+* 10 functions: the same N calls spread round-robin over 10 functions (each its
+  own slot queue), once with room for all (default memory), once with
+  FN_MAX_TOTAL_MEMORY_BYTES set to room for 4 containers of 128 MB, so that the
+  worker has to evict idle containers of other functions to launch. Containers
+  started are counted from the records' container ids.
+"""
+
+from __future__ import annotations
+
+import argparse
+import secrets
+import tempfile
+import time
+from pathlib import Path
+
+from bench._cluster import Cluster, make_calls, stop
+from bench._common import Section, Table, label_tag, median, run
+from bench.e2e import APP, BODY, echo, fnq_throughput, warm
+
+FUNCTIONS = 10
+TIGHT_CONTAINERS = 4
+
+
+async def workers_run(tmp: Path, redis_url: str, workers: int, n: int, repeats: int) -> float:
+    cluster = Cluster(
+        tmp / f"w{workers}", f"{redis_url}?prefix=s{secrets.token_hex(3)}", label_tag()
+    )
+    try:
+        await cluster.open()
+        await cluster.register(echo())
+        for _ in range(workers):
+            cluster.start_worker()
+        await warm(cluster, n=20 * workers)
+        return median(await fnq_throughput(cluster, n, repeats))
+    finally:
+        await stop(cluster)
+
+
+async def functions_run(tmp: Path, redis_url: str, n: int, tight: bool) -> tuple[float, int]:
+    extra = {}
+    if tight:
+        extra["FN_MAX_TOTAL_MEMORY_BYTES"] = str(TIGHT_CONTAINERS * 128 * 1024 * 1024)
+    cluster = Cluster(
+        tmp / f"f{int(tight)}",
+        f"{redis_url}?prefix=f{secrets.token_hex(3)}",
+        label_tag(),
+        extra_env=extra,
+    )
+    try:
+        await cluster.open()
+        fns = [echo(f"echo{i}") for i in range(FUNCTIONS)]
+        await cluster.register(*fns)
+        cluster.start_worker()
+        for fn in fns[: FUNCTIONS if not tight else 1]:
+            await warm(cluster, fn.name, 5)  # with room for all: every function hot first
+        done = await cluster.final_count(APP)
+        calls = [c for i in range(n) for c in make_calls(APP, fns[i % FUNCTIONS].name, 1, BODY)]
+        t0 = time.perf_counter()
+        await cluster.push(calls)
+        t1 = await cluster.wait_final(APP, done + n)
+        recs = await cluster.records([c.id for c in calls])
+        containers = len({r.container_id for r in recs if r.container_id})
+        return n / (t1 - t0), containers
+    finally:
+        await stop(cluster)
+
+
+async def measure(quick: bool) -> Section:
+    from tests.rig import RedisServer  # noqa: PLC0415
+
+    n = 300 if quick else 2000
+    repeats = 1 if quick else 3
+    n_tight = 40 if quick else 100  # every call may need a cold start here
+    with tempfile.TemporaryDirectory(prefix="fnq-bench-scaling-") as tmp_name:
+        tmp = Path(tmp_name)
+        server = RedisServer(tmp).start()
+        try:
+            one = await workers_run(tmp, server.url, 1, n, repeats)
+            two = await workers_run(tmp, server.url, 2, n, repeats)
+            roomy = await functions_run(tmp, server.url, n, tight=False)
+            tight = await functions_run(tmp, server.url, n_tight, tight=True)
+        finally:
+            server.stop()
+    sec = Section("Scaling: worker processes and many functions (bench/scaling.py)")
+    sec.notes.append(
+        f"{n} calls per run of `fnq/echo`, Redis queue, SQLite datastore; worker runs are the "
+        f"median of {repeats}. The 10-function runs are single runs; the tight one runs "
+        f"{n_tight} calls, since with 10 functions round-robin over room for 4 containers "
+        "nearly every call evicts a container and starts a new one."
+    )
+    sec.tables.append(
+        Table(
+            "worker processes",
+            ["workers", "calls/s", "vs 1 worker"],
+            [["1", one, "1.00x"], ["2", two, f"{two / one:.2f}x"]],
+        )
+    )
+    sec.tables.append(
+        Table(
+            f"{FUNCTIONS} functions, calls round-robin",
+            ["memory", "calls/s", "containers started", "vs 1 function, 1 worker"],
+            [
+                ["default (room for all)", roomy[0], roomy[1], f"{roomy[0] / one:.2f}x"],
+                [
+                    f"room for {TIGHT_CONTAINERS} containers",
+                    tight[0],
+                    tight[1],
+                    f"{tight[0] / one:.2f}x",
+                ],
+            ],
+        )
+    )
+    sec.notes.append(
+        "Workers in separate network namespaces (veth to Redis and PostgreSQL on the host "
+        "side) are not measured yet: left for lack of time."
+    )
+    return sec
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--quick", action="store_true", help="300 calls per run")
+    run(measure(parser.parse_args().quick)).print()
