@@ -5,12 +5,14 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import urllib.request
 from datetime import timedelta
 
 import pytest
 
 from config.domain import Call, CallStatus, Function, new_call_id, utcnow
 from datastore.base import open_datastore
+from tests.rig import free_port
 from tests.worker.conftest import Cluster, make_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -135,3 +137,39 @@ async def test_a_failed_call_is_retried_with_its_request(sqlite_cluster: Cluster
     assert (done.attempts, done.error, done.image) == (1, None, "fnq/echo:latest")
     assert done.request_body == b"hello again" and done.request_priority == 1
     assert done.created_at > first.created_at
+
+
+async def test_two_workers_share_the_embedded_sqlite_defaults(sqlite_cluster: Cluster) -> None:
+    await sqlite_cluster.register(
+        Function(app="t", name="echo", image="fnq/echo:latest", memory_mb=64)
+    )
+    calls = make_calls("t", "echo", 200)
+    await sqlite_cluster.enqueue(calls)
+    sqlite_cluster.start_worker()
+    sqlite_cluster.start_worker()
+    done = await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=180)
+    assert {r.status for r in done.values()} == {CallStatus.SUCCESS}
+    assert all(r.attempts == 1 for r in done.values()), "a call ran more than once"
+    assert len({r.worker_id for r in done.values()}) == 2, "work was not shared"
+
+
+async def test_prometheus_metrics_count_outcomes(sqlite_cluster: Cluster) -> None:
+    port = free_port()
+    sqlite_cluster.env["FN_METRICS_PORT"] = str(port)
+    await sqlite_cluster.register(
+        Function(app="t", name="echo", image="fnq/echo:latest", memory_mb=64)
+    )
+    calls = make_calls("t", "echo", 5)
+    await sqlite_cluster.enqueue(calls)
+    sqlite_cluster.start_worker()
+    await sqlite_cluster.wait_final([c.id for c in calls])
+    text = ""
+    for _ in range(50):  # the counter moves right after the ack
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+        if 'fnq_calls_total{status="success"} 5.0' in text:
+            break
+        await asyncio.sleep(0.1)
+    assert 'fnq_calls_total{status="success"} 5.0' in text, text[-2000:]
+    assert "fnq_run_seconds_count 5.0" in text
+    assert "fnq_memory_total_bytes" in text
