@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -77,6 +77,9 @@ class Settings(BaseSettings):
         "(several workers on one host would otherwise collide).",
     )
     log_level: str = Field("INFO", description="Worker log level (DEBUG, INFO, WARNING, ERROR).")
+    log_format: Literal["text", "json"] = Field(
+        "text", description="Worker log lines: text, or json (one object a line, with call_id)."
+    )
     shutdown_grace_msecs: int = _msecs(
         "On SIGTERM/SIGINT, how long running calls may finish before they are stopped.",
         30_000,

@@ -34,6 +34,7 @@ from config.settings import Settings
 from datastore.base import CallRecord, Datastore
 from worker.agent.agent import Agent
 from worker.delivery import Delivery
+from worker.logs import current_call
 from worker.metrics import Metrics
 from worker.policy import Action, decide
 
@@ -82,6 +83,7 @@ class CallHandler:
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
 
     async def handle(self, d: Delivery, on_start: Callable[[], None]) -> None:
+        current_call.set(d.call_id)  # this task's context: every log line names the call
         heartbeat = asyncio.create_task(self._heartbeat(d), name=f"fnq-hb-{d.call_id}")
         try:
             await self._process(d, on_start)

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import sys
 
 from config.errors import ConfigError
 from config.settings import Settings
@@ -19,14 +18,6 @@ from worker.shutdown import Shutdown, signal_handlers
 from worker.upkeep import Upkeep
 
 log = logging.getLogger("fnq.worker")
-
-
-def setup_logging(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.log_level,
-        stream=sys.stderr,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
 
 
 def setup_sentry(settings: Settings) -> None:

@@ -9,6 +9,7 @@ of an unexpected error is logged at once, not when someone finally looks.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import logging
 from collections.abc import Coroutine
 from typing import Any
@@ -22,7 +23,9 @@ class TaskSet:
         self._tasks: set[asyncio.Task[None]] = set()
 
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
-        task = asyncio.create_task(coro, name=name)
+        # A fresh context: these tasks outlive the call that happened to start them,
+        # so they must not carry that call's context variables (e.g. its id in logs).
+        task = asyncio.create_task(coro, name=name, context=contextvars.Context())
         self._tasks.add(task)
         task.add_done_callback(self._finished)
         return task

@@ -18,7 +18,8 @@ from worker.cli._common import (
     run_async,
     settings_from,
 )
-from worker.runtime import serve, setup_logging, setup_sentry
+from worker.logs import setup_logging
+from worker.runtime import serve, setup_sentry
 
 
 @click.command("worker")
