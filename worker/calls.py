@@ -107,7 +107,7 @@ class CallHandler:
             return
         record = await self.store.record_running(call, 0, self.worker_id)
         if record.status.is_final:
-            log.info("call %s already %s: settling the duplicate delivery", call.id, record.status)
+            log.info("call %s is already %s: settling its message unrun", call.id, record.status)
             await d.settle(outcome_of(record), dead_letter=False)
             return
         outcome = await self.agent.submit(call, fn, on_start=on_start)
