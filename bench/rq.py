@@ -1,4 +1,5 @@
-"""RQ interop throughput: RQQueue's reserve + complete beside RQ's own worker.
+"""RQ interop throughput: RQQueue's reserve + complete beside RQ's own worker
+and beside fnq's native Redis queue (reserve + ack), in the same run.
 
     .venv/bin/python -m bench.rq                 # 5,000 jobs per run
     .venv/bin/python -m bench.rq --quick         # 1,000 jobs per run, well under a minute
@@ -12,6 +13,8 @@ Runs:
 
 * fnq reserve+complete 1   ``reserve`` then ``complete`` (success), one job at a time
 * fnq reserve+complete x20 ``reserve_many(20)``, then the 20 ``complete`` calls at once
+* native redis            fnq's own Redis Streams queue: ``reserve``/``reserve_many(20)``
+                           then ``ack``/``ack_many`` (no rq records to write)
 * rq SimpleWorker          ``SimpleWorker.work(burst=True)`` running a no-op job:
                            RQ's own dequeue, STARTED, execute, FINISHED + Result
 
@@ -33,8 +36,9 @@ from redis import Redis
 from rq import Queue, SimpleWorker
 from rq.registry import FinishedJobRegistry
 
-from config.domain import CallStatus, Outcome, Response
+from config.domain import Call, CallStatus, Outcome, Response, new_call_id
 from config.settings import load_settings
+from mq.base import open_queue
 from mq.rq import open_rq_queues
 
 BATCH = 100
@@ -81,6 +85,32 @@ async def fnq_run(url: str, conn: Redis, n: int, batch: int) -> float:
             raise RuntimeError(f"{finished} of {n} jobs finished in rq")
 
 
+async def native_run(url: str, conn: Redis, n: int, batch: int) -> float:
+    """The same consuming work on fnq's own Redis queue: reserve, then ack."""
+    await asyncio.to_thread(conn.flushdb)
+    settings = load_settings()
+    queue = open_queue(f"{url}?prefix=benchrq", settings)
+    try:
+        calls = [Call(id=new_call_id(), app="bench", fn="echo", body=str(i).encode())
+                 for i in range(n)]  # fmt: skip
+        for start in range(0, n, BATCH):
+            await queue.push_many(calls[start : start + BATCH])
+        done = 0
+        start = time.perf_counter()
+        while done < n:
+            msgs = await queue.reserve_many(batch, 1.0)
+            if not msgs:
+                raise RuntimeError(f"queue ran dry after {done} of {n} messages")
+            if batch == 1:
+                await queue.ack(msgs[0])
+            else:
+                await queue.ack_many(msgs)
+            done += len(msgs)
+        return time.perf_counter() - start
+    finally:
+        await queue.close()
+
+
 def rq_run(conn: Redis, n: int) -> float:
     fill(conn, n, NOOP)
     queue = Queue("default", connection=conn, serializer="json")
@@ -110,6 +140,8 @@ def main(args: argparse.Namespace) -> None:
             rows = [
                 ("fnq reserve+complete 1", asyncio.run(fnq_run(url, conn, n, 1))),
                 ("fnq reserve+complete x20", asyncio.run(fnq_run(url, conn, n, 20))),
+                ("native redis reserve+ack 1", asyncio.run(native_run(url, conn, n, 1))),
+                ("native redis reserve+ack x20", asyncio.run(native_run(url, conn, n, 20))),
                 # rq installs signal handlers: it must run on the main thread, no loop.
                 ("rq SimpleWorker (no-op)", rq_run(conn, n)),
             ]
