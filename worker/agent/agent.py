@@ -105,8 +105,12 @@ class Agent:
         self._closed = asyncio.Event()
 
     async def __aenter__(self) -> Agent:
-        async with asyncio.timeout(self.settings.secs("hot_pull_timeout_msecs")):
-            await self.driver.start()
+        try:
+            async with asyncio.timeout(self.settings.secs("hot_pull_timeout_msecs")):
+                await self.driver.start()
+        except BaseException:
+            await self.driver.close()  # release what a half-done start opened
+            raise
         return self
 
     async def __aexit__(
