@@ -21,7 +21,7 @@ from typing import Any
 
 import asyncpg
 
-from config.settings import Settings
+from config.settings import Settings, mask_url
 from datastore import migrate, pgbatch, sql
 from datastore.base import LogStore
 from datastore.batch import Failed, GroupCommit
@@ -176,8 +176,13 @@ class PostgresDatastore(SqlDatastore):
         try:
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 await migrate.apply_postgres(conn, STATEMENT_TIMEOUT_S)
-        except BaseException:
+        except BaseException as exc:
             await store._terminate_pool()
+            if is_outage(exc):  # the first connection is made here (the pool starts empty)
+                where = mask_url(settings.db_url)
+                raise StoreUnavailable(
+                    f"cannot reach the PostgreSQL datastore {where}: {exc}"
+                ) from exc
             raise
         store.writer.start()
         return store
