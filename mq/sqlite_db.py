@@ -21,6 +21,7 @@ from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 
 from config.domain import Call
+from config.sqlite import enable_wal
 from mq import wire
 from mq.base import DeadLetter, Message, QueueStats
 
@@ -105,7 +106,7 @@ class SqliteDb:
                 check_same_thread=False,
             )
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
-            conn.execute("PRAGMA journal_mode = WAL")
+            enable_wal(conn, self.busy_timeout_ms / 1000)
             conn.execute("PRAGMA synchronous = NORMAL")
             with self._tx(conn):
                 for statement in SCHEMA.split(";"):
