@@ -60,6 +60,9 @@ class StopControl:
 
     def __init__(self, on_start: Callable[[], None] | None = None) -> None:
         self.event = asyncio.Event()
+        # The same signal as a future, so that a running call can wait on it
+        # beside its dispatch without a task of its own.
+        self.stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.end = ExecEnd.CANCELLED
         self.reason = ""
         self.started = False
@@ -71,6 +74,7 @@ class StopControl:
             return False
         self.end, self.reason = end, reason
         self.event.set()
+        self.stopped.set_result(None)
         if self.waker is not None:
             self.waker()
         return True

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from types import MappingProxyType
 
 import aiohttp
+from yarl import URL
 
 from worker.agent.driver import DispatchRequest, DispatchResult
 from worker.agent.errors import DispatchError, InvalidResponse, ResponseTooBig
@@ -34,6 +35,7 @@ from worker.agent.errors import DispatchError, InvalidResponse, ResponseTooBig
 DEFAULT_MAX_HEADER_BYTES = 10 * 1024 * 1024
 KEEPALIVE_S = 60.0  # below the Python FDK's 75 s, so the worker always closes first
 _READ_CHUNK_BYTES = 64 * 1024
+_CALL_URL = URL("http://localhost/call")  # parsed once: the host part is ignored on a socket
 
 HOP_BY_HOP = frozenset(
     {
@@ -53,7 +55,7 @@ _SET_BY_CLIENT = frozenset({"host", "content-length", "fn-call-id", "fn-deadline
 
 def rfc3339(moment: datetime) -> str:
     utc = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+    return utc.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
 
 
 def request_headers(req: DispatchRequest) -> dict[str, str]:
@@ -92,6 +94,7 @@ class FdkClient:
             tracing.on_connection_create_end.append(self._counted)
             self._session = aiohttp.ClientSession(
                 connector=connector,
+                cookie_jar=aiohttp.DummyCookieJar(),  # a function's cookies mean nothing here
                 auto_decompress=False,
                 skip_auto_headers=("User-Agent", "Accept", "Accept-Encoding"),
                 max_line_size=self._max_header,
@@ -113,7 +116,7 @@ class FdkClient:
         try:
             async with asyncio.timeout(req.timeout_s):
                 async with session.post(
-                    "http://localhost/call", data=req.body, headers=request_headers(req)
+                    _CALL_URL, data=req.body, headers=request_headers(req)
                 ) as resp:
                     headers = _response_headers(resp, self._max_header)
                     body, truncated = await self._read_body(resp)

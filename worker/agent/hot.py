@@ -94,7 +94,7 @@ class HotContainer:
         self.retire_reason: str | None = None
         self.frozen = False
         self.calls_served = 0
-        self._exited = asyncio.Event()
+        self._exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._wake = asyncio.Event()
         self._ops = asyncio.Lock()  # pause, unpause and dispatch never overlap
         self._watcher: asyncio.Task[None] | None = None
@@ -194,7 +194,8 @@ class HotContainer:
         except AgentError as exc:
             info = ExitInfo(exit_code=None, error=str(exc))
         self.exit_info = info
-        self._exited.set()
+        if not self._exited.done():
+            self._exited.set_result(None)
         self.wake()
 
     async def _life(self) -> None:
@@ -323,21 +324,23 @@ class HotContainer:
             timeout_s=timeout_s,
         )
         stop.dispatched()
+        # One task per call: the dispatch. The container's exit and a stop request
+        # are futures that it races against, with the call's timeout.
         dispatch = asyncio.create_task(container.dispatch(request), name=f"fnq-call-{call.id}")
-        exited = asyncio.create_task(self._exited.wait(), name=f"fnq-exit-wait-{call.id}")
-        stopped = asyncio.create_task(stop.event.wait(), name=f"fnq-stop-wait-{call.id}")
         try:
             await asyncio.wait(
-                {dispatch, exited, stopped}, timeout=timeout_s, return_when=asyncio.FIRST_COMPLETED
+                (dispatch, self._exited, stop.stopped),
+                timeout=timeout_s,
+                return_when=asyncio.FIRST_COMPLETED,
             )
             end, result, error = await self._judge(dispatch, stop, timeout_s)
         except asyncio.CancelledError:
             self.retire("the call was interrupted mid-dispatch")
             raise
         finally:
-            for task in (dispatch, exited, stopped):
-                task.cancel()
-            await asyncio.gather(dispatch, exited, stopped, return_exceptions=True)
+            if not dispatch.done():
+                dispatch.cancel()
+                await asyncio.gather(dispatch, return_exceptions=True)
         return ExecResult(end, started_at, utcnow(), result=result, error=error)
 
     async def _judge(
@@ -383,7 +386,7 @@ class HotContainer:
     async def _settle_exit(self) -> bool:
         try:
             async with asyncio.timeout(EXIT_SETTLE_S):
-                await self._exited.wait()
+                await asyncio.shield(self._exited)
         except TimeoutError:
             return False
         return True
