@@ -80,19 +80,19 @@ class CallHandler:
         self.worker_id = worker_id
         self.rng = rng
         self.completed = 0
+        self.held: dict[str, Delivery] = {}  # calls whose reservations the heartbeat extends
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
 
     async def handle(self, d: Delivery, on_start: Callable[[], None]) -> None:
         current_call.set(d.call_id)  # this task's context: every log line names the call
-        heartbeat = asyncio.create_task(self._heartbeat(d), name=f"fnq-hb-{d.call_id}")
+        self.held[d.call_id] = d  # from now on the heartbeat extends its reservation
         try:
             await self._process(d, on_start)
         except asyncio.CancelledError:
             await asyncio.shield(d.hand_back())
             raise
         finally:
-            heartbeat.cancel()
-            await asyncio.gather(heartbeat, return_exceptions=True)
+            self.held.pop(d.call_id, None)
 
     async def _process(self, d: Delivery, on_start: Callable[[], None]) -> None:
         call = d.msg.call
@@ -153,14 +153,29 @@ class CallHandler:
             run_s = (outcome.completed_at - outcome.started_at).total_seconds()
             self.metrics.run_time.observe(max(0.0, run_s))
 
-    async def _heartbeat(self, d: Delivery) -> None:
+    async def heartbeat(self) -> None:
+        """Extend the reservation of every held call, three times per reservation period.
+
+        One task for all calls (cancelled when the worker stops); a call held
+        at a tick is extended then, so its reservation never lapses while it runs.
+        """
         every_s = self.settings.mq_reservation_msecs / 3000.0
         while True:
             await asyncio.sleep(every_s)
-            try:
-                await asyncio.wait_for(d.extend(), timeout=every_s)
-            except (FnqError, TimeoutError) as exc:
-                log.warning("could not extend the reservation of %s: %s", d.call_id, exc)
+            held = list(self.held.values())
+            if not held:
+                continue
+            results = await asyncio.gather(
+                *(asyncio.wait_for(d.extend(), timeout=every_s) for d in held),
+                return_exceptions=True,
+            )
+            for d, result in zip(held, results, strict=True):
+                if result is None or self.held.get(d.call_id) is not d:
+                    continue  # extended, or settled meanwhile (then losing it is expected)
+                if isinstance(result, FnqError | TimeoutError):
+                    log.warning("could not extend the reservation of %s: %s", d.call_id, result)
+                elif isinstance(result, BaseException):
+                    log.error("extending the reservation of %s failed: %r", d.call_id, result)
 
     async def _function(self, app: str, name: str) -> Function | None:
         now = asyncio.get_running_loop().time()

@@ -16,6 +16,7 @@ from typing import Protocol, runtime_checkable
 from config.domain import Outcome
 from config.errors import FnqError
 from mq.base import Message, MessageQueue
+from worker.acks import AckBatcher
 
 log = logging.getLogger("fnq.worker")
 
@@ -31,6 +32,7 @@ class CompletingQueue(Protocol):
 class Delivery:
     queue: MessageQueue
     msg: Message
+    acks: AckBatcher | None = None  # plain acks go through it, batched with others
 
     @property
     def call_id(self) -> str:
@@ -42,6 +44,8 @@ class Delivery:
             await self.queue.complete(self.msg, outcome)
         elif dead_letter:
             await self.queue.dead_letter(self.msg, outcome.error or outcome.status.value)
+        elif self.acks is not None:
+            await self.acks.ack(self.msg)
         else:
             await self.queue.ack(self.msg)
 

@@ -11,7 +11,10 @@ Prefetch: a worker holds at most ``prefetch`` calls that are reserved but not
 yet running in a container, across all its queues. The agent tells the call
 task when its call has been dispatched, which frees the place. A burst
 therefore stays in the shared queue, where idle workers can take it, instead
-of piling onto one worker.
+of piling onto one worker. One reserve fills every free place at once
+(``reserve_many``), and plain acks of finished calls share round trips
+(worker.acks); reservations of all running calls are extended by one
+heartbeat task (worker.calls).
 
 Shutdown (worker.shutdown): intake stops at once; calls in containers get the
 grace period; what is still running after it is cancelled and handed back.
@@ -31,10 +34,12 @@ from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import Datastore
 from mq.base import Message, MessageQueue
+from worker.acks import AckBatcher
 from worker.agent.agent import Agent
 from worker.calls import CallHandler
 from worker.delivery import Delivery
 from worker.metrics import Metrics
+from worker.places import Places
 from worker.shutdown import Shutdown
 
 log = logging.getLogger("fnq.worker")
@@ -60,7 +65,8 @@ class Worker:
         self.queues = [queues] if isinstance(queues, MessageQueue) else list(queues)
         self.agent = agent
         self.worker_id = worker_id or hostname_id()
-        self.prefetch = asyncio.Semaphore(max(1, prefetch))
+        self.places = Places(max(1, prefetch))
+        self.acks = {id(q): AckBatcher(q) for q in self.queues}
         self.running: dict[str, asyncio.Task[None]] = {}
         self.calls = CallHandler(
             settings, store, agent, metrics=metrics or Metrics(), worker_id=self.worker_id,
@@ -76,12 +82,17 @@ class Worker:
     async def run(self, shutdown: Shutdown, *, burst: bool = False) -> None:
         """Take calls until ``shutdown`` (or, with ``burst``, until the queues are empty)."""
         tasks: set[asyncio.Task[None]] = set()
+        heartbeat = asyncio.create_task(self.calls.heartbeat(), name="fnq-heartbeat")
         try:
             async with asyncio.TaskGroup() as tg:
                 for i, queue in enumerate(self.queues):
                     tg.create_task(self._intake(queue, shutdown, tasks, burst), name=f"fnq-in-{i}")
         finally:
-            await self._drain(shutdown, tasks)
+            try:
+                await self._drain(shutdown, tasks)
+            finally:
+                heartbeat.cancel()
+                await asyncio.gather(heartbeat, return_exceptions=True)
 
     async def _intake(
         self, queue: MessageQueue, shutdown: Shutdown, tasks: set[asyncio.Task[None]], burst: bool
@@ -90,18 +101,21 @@ class Worker:
         while not shutdown.stopping.is_set():
             if not await self._until(shutdown, self.agent.wait_async_resource(poll_s)):
                 continue
-            if not await self._until(shutdown, self.prefetch.acquire()):
+            took = await self._race(shutdown, self.places.take(self.places.total))
+            if took is None:
                 continue
-            msg = await self._reserve(queue, shutdown, min(poll_s, 1.0) if burst else poll_s)
-            if msg is None:
-                self.prefetch.release()
-                if burst and not tasks:
-                    return
-                continue
-            task = asyncio.create_task(self._handle(Delivery(queue, msg)),
-                                       name=f"fnq-call-{msg.call.id}")  # fmt: skip
-            tasks.add(task)
-            task.add_done_callback(tasks.discard)
+            count = took.result()
+            wait_s = min(poll_s, 1.0) if burst else poll_s
+            msgs = await self._reserve(queue, shutdown, wait_s, count)
+            self.places.give(count - len(msgs))
+            if not msgs and burst and not tasks:
+                return
+            acks = self.acks[id(queue)]
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(Delivery(queue, msg, acks)),
+                                           name=f"fnq-call-{msg.call.id}")  # fmt: skip
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
     async def _handle(self, d: Delivery) -> None:
         placed = True
@@ -110,7 +124,7 @@ class Worker:
             nonlocal placed
             if placed:
                 placed = False
-                self.prefetch.release()
+                self.places.give()
 
         task = asyncio.current_task()
         assert task is not None
@@ -142,19 +156,19 @@ class Worker:
         return None
 
     async def _reserve(
-        self, queue: MessageQueue, shutdown: Shutdown, timeout_s: float
-    ) -> Message | None:
+        self, queue: MessageQueue, shutdown: Shutdown, timeout_s: float, count: int
+    ) -> list[Message]:
         # A reserve cut short by shutdown hands back what it was claiming (mq.base).
-        task = await self._race(shutdown, queue.reserve(timeout_s))
+        task = await self._race(shutdown, queue.reserve_many(count, timeout_s))
         if task is None:
-            return None
+            return []
         try:
-            msg = task.result()
+            msgs = task.result()
         except FnqError as exc:
             await self._outage("queue", exc, shutdown)
-            return None
+            return []
         self._recovered("queue")
-        return msg
+        return msgs
 
     async def _outage(self, what: str, exc: Exception, shutdown: Shutdown) -> None:
         loop = asyncio.get_running_loop()

@@ -3,17 +3,20 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import signal
 import urllib.request
 from datetime import timedelta
 
+import docker
 import pytest
 
 from config.domain import Call, CallStatus, Function, new_call_id, utcnow
 from datastore.base import open_datastore
 from tests.rig import free_port
 from tests.worker.conftest import Cluster, make_calls
+from worker.agent.drivers.docker_config import APP_LABEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
@@ -173,3 +176,24 @@ async def test_prometheus_metrics_count_outcomes(sqlite_cluster: Cluster) -> Non
     assert 'fnq_calls_total{status="success"} 5.0' in text, text[-2000:]
     assert "fnq_run_seconds_count 5.0" in text
     assert "fnq_memory_total_bytes" in text
+
+
+async def test_a_call_longer_than_its_reservation_runs_once(redis_cluster: Cluster) -> None:
+    # Reservations last 3 s here; the call runs 7 s while a second worker waits for work.
+    # Had its reservation lapsed, the second worker would run it in a container of its own.
+    app = f"long{new_call_id()[-6:].lower()}"
+    await redis_cluster.register(dataclasses.replace(SLEEP, app=app))
+    calls = [Call(new_call_id(), app, "sleep", b"7")]
+    await redis_cluster.enqueue(calls)
+    redis_cluster.start_worker()
+    await wait_status(redis_cluster, calls[0].id, CallStatus.RUNNING)
+    redis_cluster.start_worker()
+    done = await redis_cluster.wait_final([calls[0].id], timeout_s=60)
+    rec = done[calls[0].id]
+    assert rec.status is CallStatus.SUCCESS, rec.error
+    client = docker.from_env(timeout=30)
+    try:
+        started = client.containers.list(all=True, filters={"label": f"{APP_LABEL}={app}"})
+    finally:
+        client.close()
+    assert len(started) == 1, redis_cluster.logs()[-3000:]
