@@ -15,6 +15,7 @@ import contextlib
 import signal
 import subprocess
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -80,10 +81,17 @@ class Cluster:
 
     # ---------------------------------------------------------------- workers
 
-    def start_worker(self, *args: str, prefix: tuple[str, ...] = ()) -> subprocess.Popen[bytes]:
+    def start_worker(
+        self, *args: str, prefix: tuple[str, ...] = (), env: Mapping[str, str] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """``fnq worker ARGS`` after the command ``prefix``; ``env`` overrides the
+        cluster's variables for this worker only (say, its own FN_MQ_URL)."""
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
         proc = subprocess.Popen(
-            [*prefix, FNQ, "worker", *args], env=self.env, stdout=log, stderr=log
+            [*prefix, FNQ, "worker", *args],
+            env={**self.env, **(env or {})},
+            stdout=log,
+            stderr=log,
         )
         self.procs.append(proc)
         return proc

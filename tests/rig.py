@@ -53,12 +53,18 @@ def wait_port(port: int, timeout_s: float = 10.0) -> None:
 
 @dataclass
 class RedisServer:
-    """A redis-server on a loopback port; ``restart()`` keeps its data directory."""
+    """A redis-server on a loopback port; ``restart()`` keeps its data directory.
+
+    ``bind``: the addresses it listens on (loopback unless told; ``url`` stays on
+    127.0.0.1, so keep it in the list). Bound elsewhere too, it serves clients from
+    there without a password (protected mode off).
+    """
 
     directory: Path
     port: int = field(default_factory=free_port)
     appendonly: bool = False
     proc: subprocess.Popen[bytes] | None = None
+    bind: tuple[str, ...] = ("127.0.0.1",)
 
     @property
     def url(self) -> str:
@@ -73,7 +79,7 @@ class RedisServer:
             "--port",
             str(self.port),
             "--bind",
-            "127.0.0.1",
+            *self.bind,
             "--dir",
             str(self.directory),
             "--save",
@@ -87,6 +93,8 @@ class RedisServer:
             "--logfile",
             "redis.log",
         ]
+        if any(not addr.startswith("127.") for addr in self.bind):
+            args += ["--protected-mode", "no"]  # else only loopback clients are served
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
         return self
@@ -104,9 +112,13 @@ class RedisServer:
 
 @dataclass
 class PostgresServer:
+    """A PostgreSQL on a loopback port (``bind``: its listen addresses; ``url`` stays on
+    127.0.0.1, so keep it in the list). initdb trusts local and loopback connections."""
+
     directory: Path
     port: int = field(default_factory=free_port)
     user: str = "fnq"
+    bind: tuple[str, ...] = ("127.0.0.1",)
 
     @property
     def url(self) -> str:
@@ -133,7 +145,7 @@ class PostgresServer:
         """Start the server on its existing data directory (after ``stop``)."""
         data = self.directory / "data"
         opts = (
-            f"-p {self.port} -k {self.directory} -c listen_addresses=127.0.0.1 "
+            f"-p {self.port} -k {self.directory} -c listen_addresses={','.join(self.bind)} "
             "-c fsync=off -c synchronous_commit=off -c full_page_writes=off"
         )
         self._run(
