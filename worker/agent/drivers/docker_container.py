@@ -159,7 +159,7 @@ class DockerContainer:
             log.debug("no pid for %s: %s", self.id, exc)
             return None
         stdio = ProcessStdio(pid)
-        if pid <= 0 or not await asyncio.to_thread(stdio.probe):
+        if pid <= 0 or not stdio.probe():  # a few syscalls on /proc: no thread needed
             log.debug("cannot reach the output pipes of %s; falling back to quiet time", self.id)
             return None
         return stdio
@@ -183,8 +183,10 @@ class DockerContainer:
             answer = await self._api.request("POST", f"/containers/{self.id}/wait", timeout_s=None)
             code = int(answer["StatusCode"]) if answer else None
         except DockerError as exc:
+            self._release_stdio()
             self._set_exit(ExitInfo(None, error=str(exc)))
             return
+        self._release_stdio()
         oom = False
         try:
             state = await self._api.request("GET", f"/containers/{self.id}/json")
@@ -211,9 +213,19 @@ class DockerContainer:
         except asyncio.CancelledError:
             cancelled = True
             raise
+        except (DispatchError, TimeoutError):
+            # The container may be dying or is about to be killed: let go of its
+            # pipes so that the engine sees its output end (drivers.stdio).
+            self._release_stdio()
+            raise
         finally:
             if not cancelled:
                 await self._catch_up_output()
+
+    def _release_stdio(self) -> None:
+        if self._stdio is not None:
+            self._stdio.close()
+            self._stdio = None
 
     async def _catch_up_output(self) -> None:
         """Return once the output written before the response has arrived (drivers.output)."""
@@ -246,6 +258,7 @@ class DockerContainer:
 
     async def _remove(self) -> None:
         try:
+            self._release_stdio()
             if self._fdk is not None:
                 await self._fdk.close()
             try:

@@ -11,9 +11,12 @@ That is what makes a call's log exact: once the function has answered, the
 driver writes a marker into both pipes, and when both markers have come back
 through the attach stream, all output written before the answer has arrived.
 
-The pipes are identified by inode when the container starts; a marker is
-only written into the very same pipes, never into whatever process may later
-reuse the pid.
+The worker opens both pipes once, when the container is ready, and keeps
+them until the container is going away: a marker then costs one write per
+pipe. Holding a write end keeps the pipe open, so the engine would not see
+the end of the container's output (and would wait for it) when the container
+exits: the driver closes them before it removes the container, as soon as a
+call's exchange breaks (the container may be dying), and once it has exited.
 """
 
 from __future__ import annotations
@@ -36,42 +39,49 @@ def new_marker() -> tuple[bytes, bytes]:
 
 
 class ProcessStdio:
-    """The output pipes of one process, opened by path for each marker."""
+    """Write ends of one process's stdout and stderr pipes, held open."""
 
     def __init__(self, pid: int) -> None:
         self._pid = pid
-        self._inodes: dict[int, int] = {}
+        self._fds: list[int] = []
 
     def probe(self) -> bool:
-        """Record the pipes' identity; False when they cannot be written (no permission,
-        another pid namespace, not pipes)."""
-        for fd in _STREAMS:
+        """Open both pipes; False (holding nothing) when they cannot be written: no
+        permission, another pid namespace, not pipes."""
+        for stream in _STREAMS:
             try:
-                info = os.stat(f"/proc/{self._pid}/fd/{fd}")
+                fd = os.open(f"/proc/{self._pid}/fd/{stream}", os.O_WRONLY | os.O_NONBLOCK)
             except OSError:
+                self.close()
                 return False
-            if not stat.S_ISFIFO(info.st_mode):
+            self._fds.append(fd)
+            try:
+                is_pipe = stat.S_ISFIFO(os.fstat(fd).st_mode)
+            except OSError:
+                is_pipe = False
+            if not is_pipe:
+                self.close()
                 return False
-            self._inodes[fd] = info.st_ino
-        return self.write(b"") == len(_STREAMS)
+        return True
+
+    @property
+    def is_open(self) -> bool:
+        return bool(self._fds)
 
     def write(self, data: bytes) -> int:
-        """Write ``data`` into each pipe still identical to the probed one; how many took it."""
+        """Write ``data`` into each pipe; how many took it whole."""
         written = 0
-        for fd, inode in self._inodes.items():
+        for fd in self._fds:
             try:
-                handle = os.open(f"/proc/{self._pid}/fd/{fd}", os.O_WRONLY | os.O_NONBLOCK)
+                # A marker is below PIPE_BUF, so a pipe takes it whole or not at all.
+                if os.write(fd, data) == len(data):
+                    written += 1
             except OSError:
-                continue
-            try:
-                if os.fstat(handle).st_ino != inode:
-                    continue
-                if data and os.write(handle, data) != len(data):
-                    continue  # a partial write cannot happen below PIPE_BUF, but be safe
-                written += 1
-            except OSError:
-                continue  # full pipe (EAGAIN) or gone: the caller falls back
-            finally:
-                with contextlib.suppress(OSError):
-                    os.close(handle)
+                continue  # full pipe (EAGAIN) or no reader left: the caller falls back
         return written
+
+    def close(self) -> None:
+        fds, self._fds = self._fds, []
+        for fd in fds:
+            with contextlib.suppress(OSError):
+                os.close(fd)
