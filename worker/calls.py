@@ -2,9 +2,9 @@
 
 ::
 
-    look up the function -> unknown? expired? -> record `running` (attempt n)
-      -> already final? ack it, done
-      -> submit to the agent (the reservation is extended meanwhile)
+    look up the function -> unknown? expired? -> read the record: final? ack it, done
+      -> submit to the agent (the reservation is extended meanwhile), while
+         `running` (attempt n) is recorded beside it
       -> decide (worker.policy) -> record durably -> settle the message
 
 The message is settled (acked, dead-lettered, completed) only after the
@@ -29,7 +29,7 @@ from config.domain import (
     frozen_map,
     utcnow,
 )
-from config.errors import FnqError
+from config.errors import FnqError, StoreError
 from config.settings import Settings
 from datastore.base import CallRecord, Datastore
 from worker.agent.agent import Agent
@@ -60,6 +60,12 @@ def outcome_of(record: CallRecord) -> Outcome:
         started_at=record.started_at,
         completed_at=record.completed_at,
     )
+
+
+def _quiet(done: asyncio.Future[CallRecord]) -> None:
+    """Retrieve the result of a write nobody waits for any more (it is logged if it failed)."""
+    if not done.cancelled() and done.exception() is not None:
+        log.warning("recording a call as running failed: %s", done.exception())
 
 
 class CallHandler:
@@ -105,13 +111,39 @@ class CallHandler:
             error = f"expired: not started within {fn.max_age_s} s of being enqueued"
             await self._finish_early(d, error, FailureKind.CANCELLED, CallStatus.CANCELLED)
             return
-        record = await self.store.record_running(call, 0, self.worker_id)
-        if record.status.is_final:
-            log.info("call %s is already %s: settling its message unrun", call.id, record.status)
-            await d.settle(outcome_of(record), dead_letter=False)
+        try:
+            seen = await self.store.get_call(call.id)  # a read: no commit to wait for
+        except StoreError as exc:
+            # Reads fail at once in an outage; writes wait for the datastore. Wait
+            # on the `running` write before running, then, as the outage requires.
+            log.debug("reading the record of %s failed (%s): recording first", call.id, exc)
+            seen = None
+            reachable = False
+        else:
+            reachable = True
+        if seen is not None and seen.status.is_final:
+            await self._settle_final(d, seen)
             return
+        # The `running` record (attempt n) is written while the call runs: its
+        # commit is not on the way to the container. It is stored before the
+        # outcome is, as the outcome waits for it.
+        running = asyncio.ensure_future(self.store.record_running(call, 0, self.worker_id))
+        running.add_done_callback(_quiet)  # seen even when nobody waits for it any more
+        if not reachable:
+            await asyncio.shield(running)
+            if running.result().status.is_final:
+                await self._settle_final(d, running.result())
+                return
         outcome = await self.agent.submit(call, fn, on_start=on_start)
+        record = await running
+        if record.status.is_final:  # ended meanwhile (cancelled before it was running)
+            await self._settle_final(d, record)
+            return
         await self._apply(d, fn, outcome, record.attempts)
+
+    async def _settle_final(self, d: Delivery, record: CallRecord) -> None:
+        log.info("call %s is already %s: settling its message", d.call_id, record.status)
+        await d.settle(outcome_of(record), dead_letter=False)
 
     async def _apply(self, d: Delivery, fn: Function, outcome: Outcome, attempt: int) -> None:
         call = d.msg.call
