@@ -136,8 +136,23 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
     raise AssertionError(f"unknown write {kind}")
 
 
+# Writes that a crash may lose: a `running` mark is written again when the call's
+# message is delivered again, and a worker's heartbeat comes again. A batch of
+# only these commits without waiting for the disk (WAL with synchronous=NORMAL
+# still survives a crash of the process; a power cut may lose its last commits).
+# Any other write makes its batch, and everything committed before it, durable.
+_LOSABLE = frozenset({Write.RUNNING, Write.WORKER_BEAT})
+
+
+def _set_sync(conn: sqlite3.Connection, ops: list[_Op]) -> None:
+    """Per batch (a pragma costs microseconds; it applies to the next commit)."""
+    losable = all(kind in _LOSABLE for kind, _, _ in ops)
+    conn.execute(f"PRAGMA synchronous = {'NORMAL' if losable else 'FULL'}")
+
+
 def run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
     """All of ``ops`` in one transaction; raises (after rollback) on a transient error."""
+    _set_sync(conn, ops)
     conn.execute("BEGIN IMMEDIATE")
     try:
         results: list[Any] = []
