@@ -7,6 +7,7 @@
 bench.mq and bench.datastore run as they are (``--quick``, in subprocesses);
 their output is copied into the report. Then bench.agent, bench.e2e,
 bench.scaling and bench.memory run in this process, one after the other.
+The History section at the end of the old report is kept as it is.
 Function images must be built first (``fnq images build ...``; cached).
 """
 
@@ -105,8 +106,23 @@ def write(
         lines += [sec.markdown(), ""]
     for module, text in olds.items():
         lines += [f"## {module} --quick (queue and datastore alone)", "", "```", text, "```", ""]
+    lines.append(kept_history(path))
     path.write_text("\n".join(lines))
     print(f"\nwrote {path}")
+
+
+HISTORY = "## History"
+
+
+def kept_history(path: Path) -> str:
+    """The hand-kept History section at the end of the old report (before/after
+    measurements of each optimisation, from bench.compare), carried over."""
+    try:
+        old = path.read_text()
+    except FileNotFoundError:
+        return ""
+    at = old.find(f"\n{HISTORY}\n")
+    return old[at + 1 :] if at >= 0 else ""
 
 
 def main() -> None:
