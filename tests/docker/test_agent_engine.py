@@ -143,3 +143,16 @@ async def test_no_socket_directory_left_after_close(agent_for: Callable[..., Age
     assert list(iofs.rglob("lsnr.sock")) == []
     assert [p for p in iofs.iterdir() if p.is_dir() and any(p.iterdir())] == []
     shutil.rmtree(iofs)
+
+
+async def test_a_call_reports_its_cpu_time_and_memory(agent_for: Callable[..., Agent]) -> None:
+    hog = fn("hog", "fnq/oom:latest", memory_mb=128)
+    async with agent_for() as agent:
+        small = await agent.submit(call(hog, b"0"), hog)
+        big = await agent.submit(call(hog, b"48"), hog)  # allocates and touches 48 MB
+    assert small.status is CallStatus.SUCCESS and big.status is CallStatus.SUCCESS, big.error
+    assert set(big.stats) >= {"cpu_ms", "memory_mb"}
+    assert big.stats["cpu_ms"] > small.stats["cpu_ms"] > 0
+    assert 0 < big.stats["memory_mb"] < 128
+    if "memory_peak_mb" in big.stats:  # cgroup v1 keeps a high-water mark
+        assert big.stats["memory_peak_mb"] >= 48 > small.stats["memory_peak_mb"]

@@ -68,6 +68,7 @@ class DispatchResult:
     headers: Mapping[str, str]
     body: bytes
     truncated: bool = False
+    stats: Mapping[str, float] = field(default_factory=dict)  # the call's resource use
 
 
 @dataclass(frozen=True, slots=True)

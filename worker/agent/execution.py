@@ -25,6 +25,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from enum import StrEnum
+from types import MappingProxyType
 
 from config.domain import CallStatus, FailureKind, Outcome, Response, utcnow
 from config.errors import AgentError
@@ -141,6 +142,7 @@ def ran_outcome(run: ExecResult, log: LogBuffer, container_id: str) -> Outcome:
         container_id=container_id,
         started_at=run.started_at,
         completed_at=run.completed_at,
+        stats=MappingProxyType(dict(run.result.stats)) if run.result is not None else {},
     )
 
 

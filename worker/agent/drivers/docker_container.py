@@ -9,6 +9,7 @@ costs no engine request at all: only pause and unpause talk to docker.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -23,6 +24,7 @@ from worker.agent.driver import (
     ExitInfo,
     OutputSink,
 )
+from worker.agent.drivers.cgroup import CgroupMeter
 from worker.agent.drivers.docker_api import AttachStream, DockerAPI, DockerError
 from worker.agent.drivers.output import OutputRouter
 from worker.agent.drivers.stdio import ProcessStdio
@@ -81,6 +83,7 @@ class DockerContainer:
         self._removal: asyncio.Task[None] | None = None
         self._fdk: FdkClient | None = None
         self._stdio: ProcessStdio | None = None
+        self._meter: CgroupMeter | None = None
         self.network: str | None = None  # the docker network it holds a place in
 
     @property
@@ -118,8 +121,11 @@ class DockerContainer:
                 raise ContainerInitFailed(f"container failed to start: {exc}") from exc
             self._wait_task = asyncio.create_task(self._watch_exit(), name=f"fnq-wait-{self.id}")
             await self._until_ready(watcher, timeout_s)
-        if self._timing.use_barrier:
-            self._stdio = await self._probe_stdio()
+        pid = await self._pid()
+        if self._timing.use_barrier and pid:
+            self._stdio = self._probe_stdio(pid)
+        if pid:
+            self._meter = CgroupMeter.open(pid)
         self._fdk = FdkClient(
             str(self.iofs.socket_path),
             max_response_bytes=self._settings.max_response_size,
@@ -150,16 +156,19 @@ class DockerContainer:
             f"{self._last_output()}"
         )
 
-    async def _probe_stdio(self) -> ProcessStdio | None:
-        """The container's output pipes, if this worker can write into them."""
+    async def _pid(self) -> int:
+        """The host pid of the container's first process (0 if unknown)."""
         try:
             state = await self._api.request("GET", f"/containers/{self.id}/json")
-            pid = int(state["State"]["Pid"])
+            return max(0, int(state["State"]["Pid"]))
         except (DockerError, KeyError, TypeError, ValueError) as exc:
             log.debug("no pid for %s: %s", self.id, exc)
-            return None
+            return 0
+
+    def _probe_stdio(self, pid: int) -> ProcessStdio | None:
+        """The container's output pipes, if this worker can write into them."""
         stdio = ProcessStdio(pid)
-        if pid <= 0 or not stdio.probe():  # a few syscalls on /proc: no thread needed
+        if not stdio.probe():  # a few syscalls on /proc: no thread needed
             log.debug("cannot reach the output pipes of %s; falling back to quiet time", self.id)
             return None
         return stdio
@@ -187,6 +196,8 @@ class DockerContainer:
             self._set_exit(ExitInfo(None, error=str(exc)))
             return
         self._release_stdio()
+        if self._meter is not None:
+            self._meter.close()
         oom = False
         try:
             state = await self._api.request("GET", f"/containers/{self.id}/json")
@@ -208,8 +219,11 @@ class DockerContainer:
         if self._fdk is None:
             raise DispatchError(f"container {self.id} is not started")
         cancelled = False
+        meter = self._meter
+        if meter is not None:
+            meter.call_started()
         try:
-            return await self._fdk.call(request)
+            result = await self._fdk.call(request)
         except asyncio.CancelledError:
             cancelled = True
             raise
@@ -218,9 +232,13 @@ class DockerContainer:
             # pipes so that the engine sees its output end (drivers.stdio).
             self._release_stdio()
             raise
+        else:
+            if meter is not None:
+                result = dataclasses.replace(result, stats=meter.call_ended())
         finally:
             if not cancelled:
                 await self._catch_up_output()
+        return result
 
     def _release_stdio(self) -> None:
         if self._stdio is not None:
@@ -259,6 +277,8 @@ class DockerContainer:
     async def _remove(self) -> None:
         try:
             self._release_stdio()
+            if self._meter is not None:
+                self._meter.close()
             if self._fdk is not None:
                 await self._fdk.close()
             try:
