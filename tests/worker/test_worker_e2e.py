@@ -116,8 +116,8 @@ async def test_restart_redis_mid_run(tmp_path: Path, images: None) -> None:
     server = RedisServer(tmp_path / "redis", appendonly=True)
     server.directory.mkdir()
     server.start()
+    cluster = Cluster(base_env(tmp_path, server.url), tmp_path)
     try:
-        cluster = Cluster(base_env(tmp_path, server.url), tmp_path)
         await cluster.register(ECHO)
         first = make_calls("t", "echo", 50)
         await cluster.enqueue(first)
@@ -130,6 +130,7 @@ async def test_restart_redis_mid_run(tmp_path: Path, images: None) -> None:
         assert by_status(done) == {CallStatus.SUCCESS: 50}
         cluster.stop_all()
     finally:
+        cluster.stop_all(signal.SIGKILL)  # a failed assertion leaves no worker behind
         server.stop()
 
 
@@ -249,11 +250,9 @@ async def test_datastore_outage_pauses_and_loses_nothing(
     tmp_path: Path, redis_server: RedisServer, images: None
 ) -> None:
     pg = PostgresServer(pg_tempdir(tmp_path)).start()
+    prefix = f"o{new_call_id()[-8:].lower()}"
+    cluster = Cluster(base_env(tmp_path, f"{redis_server.url}?prefix={prefix}", pg.url), tmp_path)
     try:
-        prefix = f"o{new_call_id()[-8:].lower()}"
-        cluster = Cluster(
-            base_env(tmp_path, f"{redis_server.url}?prefix={prefix}", pg.url), tmp_path
-        )
         await cluster.register(ECHO)
         first = make_calls("t", "echo", 20)
         await cluster.enqueue(first)
@@ -278,4 +277,5 @@ async def test_datastore_outage_pauses_and_loses_nothing(
         assert "Failed to restore the pool connection floor" not in logs
         cluster.stop_all()
     finally:
+        cluster.stop_all(signal.SIGKILL)  # a failed assertion leaves no worker behind
         pg.stop()
