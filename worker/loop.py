@@ -98,10 +98,13 @@ class Worker:
         self, queue: MessageQueue, shutdown: Shutdown, tasks: set[asyncio.Task[None]], burst: bool
     ) -> None:
         poll_s = self.settings.secs("async_chew_poll_msecs")
+        share = max(1, self.places.total // len(self.queues))
         while not shutdown.stopping.is_set():
             if not await self._until(shutdown, self.agent.wait_async_resource(poll_s)):
                 continue
-            took = await self._race(shutdown, self.places.take(self.places.total))
+            # Each queue's intake takes at most its share of the places, so that an
+            # empty queue waiting for messages never holds them all.
+            took = await self._race(shutdown, self.places.take(share))
             if took is None:
                 continue
             count = took.result()

@@ -6,7 +6,7 @@ allowed to read /sys/fs/cgroup) opens the counters once when the container is
 ready and re-reads them with ``pread`` around each call: no engine request on
 the call's path.
 
-Per call (``CallStats``):
+Per call (the ``stats`` of its ``DispatchResult``):
 
 * ``cpu_ms``: CPU time the container used during the call;
 * ``memory_mb``: memory in use when the call ended;

@@ -64,10 +64,6 @@ class ProcessStdio:
                 return False
         return True
 
-    @property
-    def is_open(self) -> bool:
-        return bool(self._fds)
-
     def write(self, data: bytes) -> int:
         """Write ``data`` into each pipe; how many took it whole."""
         written = 0
