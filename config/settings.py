@@ -194,8 +194,9 @@ class Settings(BaseSettings):
     image_clean_max_size: int = Field(
         0,
         ge=0,
-        description="Image cache high-water mark in bytes; 0 = no cleaner. Not acted on yet: "
-        "fnq removes no images (offline images cannot be pulled back); the worker warns when set.",
+        description="Image cache high-water mark in bytes; 0 = no cleaner. While the engine's "
+        "images take this much or more, idle ones are removed, least recently used first "
+        "(offline, a removed image cannot be pulled back).",
     )
     image_clean_exempt_tags: str = Field(
         "", description="Whitespace-separated images the cleaner never removes (see above)."

@@ -39,8 +39,6 @@ async def serve(
 ) -> int:
     """Run one worker until stopped; returns the number of calls it finished."""
     shutdown = shutdown or Shutdown(settings.secs("shutdown_grace_msecs"))
-    if settings.image_clean_max_size:
-        log.warning("FN_IMAGE_CLEAN_MAX_SIZE is set, but fnq removes no images yet")
     metrics = Metrics()
     if settings.metrics_port:
         metrics.serve(settings.metrics_port)

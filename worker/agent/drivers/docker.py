@@ -11,6 +11,9 @@ nothing blocks the event loop and no thread waits on a container.
   many callers wait), refuses images that declare VOLUME, makes the socket
   directory and creates the container (see docker_config for its limits).
 * ``close()``: removes every container it made that still exists.
+
+With FN_IMAGE_CLEAN_MAX_SIZE set, an image cleaner (drivers.image_cleaner)
+runs beside it and removes idle images while they take more than that.
 """
 
 from __future__ import annotations
@@ -43,6 +46,7 @@ from worker.agent.drivers.docker_config import (
     image_volumes,
 )
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
+from worker.agent.drivers.image_cleaner import Image, ImageCleaner, exempt_tags
 from worker.agent.errors import (
     AgentClosed,
     ContainerInitFailed,
@@ -98,6 +102,8 @@ class DockerDriver:
         self._network_use: Counter[str] = Counter({n: 0 for n in settings.networks})
         self._started = False
         self._closed = False
+        self._cleaner: asyncio.Task[None] | None = None
+        self.cleaner: ImageCleaner | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -109,9 +115,21 @@ class DockerDriver:
         await self.remove_leftovers()
         if self.settings.docker_load_file:
             await self._load(Path(self.settings.docker_load_file))
+        if self.settings.image_clean_max_size > 0:
+            self.cleaner = ImageCleaner(
+                self.api,
+                self.settings.image_clean_max_size,
+                exempt_tags(self.settings.image_clean_exempt_tags),
+                in_use=lambda: {c.spec.image for c in self._containers.values()},
+                on_removed=self._image_removed,
+            )
+            self._cleaner = asyncio.create_task(self.cleaner.run(), name="fnq-image-cleaner")
 
     async def close(self) -> None:
         self._closed = True
+        if self._cleaner is not None:
+            self._cleaner.cancel()
+            await asyncio.gather(self._cleaner, return_exceptions=True)
         for task in self._pulls.values():
             task.cancel()
         containers = list(self._containers.values())
@@ -253,6 +271,11 @@ class DockerDriver:
             container.network = None
 
     # ---------------------------------------------------------------- images
+
+    def _image_removed(self, image: Image) -> None:
+        for ref in image.tags:
+            self._images.pop(ref, None)
+            self._images.pop(ref.removesuffix(":latest"), None)
 
     async def _check_image(self, image: str) -> None:
         volumes = self._images.get(image)
