@@ -65,8 +65,9 @@ async def test_redis_cli_enqueue_runs_and_records(
     assert rec.response_status == 200
     assert rec.response_body == b"hello from redis-cli"
     assert rec.attempts == 1
-    shown = redis_cluster.fnq("calls", "show", call_id, "--json")
-    assert json.loads(shown.stdout)["status"] == "success"
+    shown = json.loads(redis_cluster.fnq("calls", "show", call_id, "--json").stdout)
+    assert shown["status"] == "success"
+    assert shown["stats"]["cpu_ms"] > 0 and shown["stats"]["memory_mb"] > 0  # from its cgroup
 
 
 async def test_two_workers_share_500_calls_each_once(redis_cluster: Cluster) -> None:
