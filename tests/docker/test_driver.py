@@ -174,6 +174,23 @@ async def test_exit_during_a_call(driver: DockerDriver) -> None:
     assert not info.oom_killed
 
 
+async def test_an_idle_container_killed_from_outside_is_seen_at_once(
+    driver: DockerDriver, docker_api: Any
+) -> None:
+    # The driver holds the container's output pipes for its call markers; were it
+    # to keep holding them past the exit, the engine would wait about 2 s for the
+    # end of the output before it reported the exit.
+    async with running(driver, spec("fnq/echo")) as c:
+        assert c.exact_output
+        killed_at = time.monotonic()
+        await asyncio.to_thread(docker_api.kill, c.id)
+        info = await asyncio.wait_for(c.wait(), 10)
+        seen_after_s = time.monotonic() - killed_at
+        assert not c.exact_output  # the pipes were let go
+    assert info.exit_code == 137
+    assert seen_after_s < 1.8, f"exit seen only after {seen_after_s:.2f} s"
+
+
 async def test_out_of_memory(driver: DockerDriver) -> None:
     async with running(driver, spec("fnq/oom", memory_mb=64)) as c:
         with pytest.raises(DispatchError):

@@ -11,6 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -84,6 +85,7 @@ class DockerContainer:
         self._fdk: FdkClient | None = None
         self._stdio: ProcessStdio | None = None
         self._meter: CgroupMeter | None = None
+        self._pidfd: int | None = None  # readable once the container's first process exits
         self.network: str | None = None  # the docker network it holds a place in
 
     @property
@@ -124,6 +126,8 @@ class DockerContainer:
         pid = await self._pid()
         if self._timing.use_barrier and pid:
             self._stdio = self._probe_stdio(pid)
+            if self._stdio is not None:
+                self._watch_process(pid)
         if pid:
             self._meter = CgroupMeter.open(pid)
         self._fdk = FdkClient(
@@ -240,7 +244,28 @@ class DockerContainer:
                 await self._catch_up_output()
         return result
 
+    def _watch_process(self, pid: int) -> None:
+        """Let go of the output pipes the moment the container's first process exits.
+
+        Held pipes would keep the engine waiting (about 2 s) for the end of the
+        container's output before it reports the exit (drivers.stdio). Without
+        pidfds (Linux < 5.3) the pipes are let go when the engine reports it.
+        """
+        try:
+            self._pidfd = os.pidfd_open(pid)
+            asyncio.get_running_loop().add_reader(self._pidfd, self._release_stdio)
+        except (OSError, AttributeError) as exc:
+            log.debug("no pidfd for %s (%s): its exit is seen a little later", self.id, exc)
+            self._unwatch_process()
+
+    def _unwatch_process(self) -> None:
+        pidfd, self._pidfd = self._pidfd, None
+        if pidfd is not None:
+            asyncio.get_running_loop().remove_reader(pidfd)
+            os.close(pidfd)
+
     def _release_stdio(self) -> None:
+        self._unwatch_process()
         if self._stdio is not None:
             self._stdio.close()
             self._stdio = None

@@ -15,8 +15,9 @@ The worker opens both pipes once, when the container is ready, and keeps
 them until the container is going away: a marker then costs one write per
 pipe. Holding a write end keeps the pipe open, so the engine would not see
 the end of the container's output (and would wait for it) when the container
-exits: the driver closes them before it removes the container, as soon as a
-call's exchange breaks (the container may be dying), and once it has exited.
+exits: the driver closes them the moment the container's first process exits
+(it watches a pidfd), as soon as a call's exchange breaks (the container may
+be dying), and before it removes the container.
 """
 
 from __future__ import annotations
