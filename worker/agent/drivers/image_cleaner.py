@@ -96,7 +96,7 @@ class ImageCleaner:
             await asyncio.sleep(SWEEP_EVERY_S)
             try:
                 await self.sweep()
-            except DockerError as exc:
+            except (DockerError, KeyError, TypeError, ValueError) as exc:  # engine down, odd answer
                 log.warning("image cleaner: %s", exc)
 
     async def _list(self) -> list[Image]:
@@ -115,16 +115,16 @@ class ImageCleaner:
         """One pass; returns how many images it removed."""
         images = await self._list()
         in_use = {normalise(ref) for ref in self._in_use()}
+        busy = {
+            i.id for i in images if i.id in in_use or in_use.intersection(map(normalise, i.tags))
+        }
         now = time.time()
-        for image in images:
-            if in_use.intersection(normalise(t) for t in image.tags) or image.id in in_use:
-                self._last_used[image.id] = now
-
-        def busy(image: Image) -> bool:
-            return bool(in_use.intersection(normalise(t) for t in image.tags))
-
+        for image_id in busy:
+            self._last_used[image_id] = now
         removed = 0
-        for image in to_remove(images, busy, self.exempt, self.max_bytes, self._last_used):
+        chosen = to_remove(images, lambda i: i.id in busy, self.exempt, self.max_bytes,
+                           self._last_used)  # fmt: skip
+        for image in chosen:
             if await self._remove(image):
                 removed += 1
                 await asyncio.sleep(1 / MAX_REMOVALS_PER_S)
