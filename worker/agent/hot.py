@@ -8,13 +8,14 @@
                                                  BUSY  -> ... -> DONE
 
 :meth:`HotContainer.run` is the container's own task. It creates and starts
-the container (a failure goes to the call that caused the launch), then
-loops: offer a slot, wait idle (pausing after ``FN_FREEZE_IDLE_MSECS``),
-and either a call takes the slot (the call runs :meth:`HotContainer.serve`
-in its own task; the container waits until the slot is released) or the
-container takes its own slot and leaves: idle timeout, eviction, shutdown,
-its process exited, or a pause failed. Leaving removes the container, then
-frees its memory and CPU, then tells the evictor it is gone.
+the container (a failure goes to the call that caused the launch) and
+offers a slot. A call takes the slot, runs :meth:`HotContainer.serve` in its
+own task and, when it is over, offers the next slot itself, so the next call
+finds the container at once. The container's task only sleeps on its timers
+(pausing after ``FN_FREEZE_IDLE_MSECS`` of idleness, leaving after the idle
+timeout) and wakes early for exit, retirement and eviction: then it takes
+its own slot and leaves. Leaving removes the container, then frees its
+memory and CPU, then tells the evictor it is gone.
 
 A call that finds its container broken before dispatch (exited, failed to
 unpause) gets :class:`SlotUnusable` and looks for another slot: nothing ran.
@@ -98,6 +99,12 @@ class HotContainer:
         self._wake = asyncio.Event()
         self._ops = asyncio.Lock()  # pause, unpause and dispatch never overlap
         self._watcher: asyncio.Task[None] | None = None
+        self._slot: Slot | None = None  # offered (idle) or held by a call (busy)
+        self._offers = 0  # slots offered so far
+        self._seen_offers = 0  # the offer the container's task last looked at
+        self._idle_since = 0.0  # loop time of the last offer
+        self._wake_on_release = False  # the task waits for the running call to end
+        self._sleeping_until: float | None = None  # the task's timer, while it sleeps
         self.evict = evictor.register(queue.key, token.memory_mb, token.cpu_mcpus, self.wake)
         self._move(ContainerState.START)
 
@@ -199,14 +206,90 @@ class HotContainer:
         self.wake()
 
     async def _life(self) -> None:
+        """Sleep until a timer or an event needs the container; calls come and go meanwhile.
+
+        A call takes the offered slot without waking this task and offers the
+        next one itself when it is over (:meth:`_release`), so a steady stream
+        of calls costs this task nothing: it wakes for the freeze and idle
+        timers (and moves them on if calls came), and for exit, retirement
+        and eviction.
+        """
+        loop = asyncio.get_running_loop()
+        freeze_s = self.settings.freeze_idle_s
+        idle_s = float(self.fn.idle_timeout_s)
+        self._offer()
         while True:
-            slot = self.queue.offer(self)
-            self._move(ContainerState.IDLE)
-            if not await self._idle(slot):
-                return
-            await slot.released.wait()
-            if self.retire_reason is not None or self.exit_info is not None:
-                return
+            slot = self._slot
+            if slot is None:
+                return  # the last call found the container unfit to go on
+            if slot.taken:
+                await self._until_released(slot)
+                continue
+            # Waiting calls get one turn at a fresh slot before it freezes or times out.
+            fresh = self._offers != self._seen_offers
+            self._seen_offers = self._offers
+            now = loop.time()
+            reason = self._leave_reason(not fresh and now >= self._idle_since + idle_s)
+            if reason is not None:
+                if slot.try_take():
+                    self._slot = None
+                    self.retire(reason)
+                    log.debug("container %s of %s leaves: %s", self.id, self.fn.ref, reason)
+                    return
+                continue  # a call won the race: it serves (a dead container refuses it)
+            freeze_at = None if freeze_s is None or self.frozen else self._idle_since + freeze_s
+            if freeze_at is not None and not fresh and now >= freeze_at:
+                await self._freeze(slot)
+                continue
+            wake_at = self._idle_since + idle_s
+            if freeze_at is not None:
+                wake_at = min(wake_at, freeze_at)
+            await self._sleep_until(wake_at)
+
+    async def _until_released(self, slot: Slot) -> None:
+        """Wait for the call holding ``slot`` to hand the container back."""
+        self._wake_on_release = True
+        try:
+            while self._slot is slot:
+                self._wake.clear()
+                await self._wake.wait()  # no timeout: serve() always releases (its call has one)
+        finally:
+            self._wake_on_release = False
+
+    async def _sleep_until(self, when: float) -> None:
+        self._wake.clear()
+        self._sleeping_until = when
+        try:
+            async with asyncio.timeout_at(when):
+                await self._wake.wait()
+        except TimeoutError:
+            pass
+        finally:
+            self._sleeping_until = None
+
+    def _offer(self) -> None:
+        """Offer the next idle slot: callers may take it, the evictor may claim it."""
+        self._slot = self.queue.offer(self)
+        self._offers += 1
+        self._idle_since = asyncio.get_running_loop().time()
+        self._move(ContainerState.PAUSED if self.frozen else ContainerState.IDLE)
+        self.evictor.enable(self.evict)
+
+    def _release(self) -> None:
+        """The call is over: offer the container again at once, or let it leave."""
+        if self.retire_reason is None and self.exit_info is None and not self.evict.requested:
+            self._offer()
+            freeze_s = self.settings.freeze_idle_s
+            if self._wake_on_release or (
+                # the task sleeps past the moment this container should now freeze
+                freeze_s is not None
+                and self._sleeping_until is not None
+                and self._idle_since + freeze_s < self._sleeping_until
+            ):
+                self._wake.set()
+        else:
+            self._slot = None
+            self._wake.set()
 
     def _leave_reason(self, idle_expired: bool) -> str | None:
         if self.exit_info is not None:
@@ -216,37 +299,6 @@ class HotContainer:
         if self.evict.requested:
             return "evicted to make room for another function"
         return "idle timeout" if idle_expired else None
-
-    async def _idle(self, slot: Slot) -> bool:
-        """One idle period; True if a call took the slot, False if the container leaves."""
-        loop = asyncio.get_running_loop()
-        self.evictor.enable(self.evict)
-        idle_until = loop.time() + self.fn.idle_timeout_s
-        freeze_s = self.settings.freeze_idle_s
-        freeze_at = None if freeze_s is None else loop.time() + freeze_s
-        waited = False  # waiting calls get one turn at the slot before a freeze or timeout
-        while not slot.taken:
-            reason = self._leave_reason(waited and loop.time() >= idle_until)
-            if reason is not None:
-                if not slot.try_take():
-                    break  # a call won the race: serve it (a dead container refuses it)
-                self.retire(reason)
-                log.debug("container %s of %s leaves: %s", self.id, self.fn.ref, reason)
-                return False
-            if waited and freeze_at is not None and not self.frozen and loop.time() >= freeze_at:
-                await self._freeze(slot)
-                continue
-            wake_at = idle_until
-            if freeze_at is not None and not self.frozen:
-                wake_at = min(wake_at, freeze_at)
-            self._wake.clear()
-            try:
-                async with asyncio.timeout_at(wake_at):
-                    await self._wake.wait()
-            except TimeoutError:
-                pass
-            waited = True
-        return True
 
     async def _freeze(self, slot: Slot) -> None:
         async with self._ops:
@@ -259,7 +311,8 @@ class HotContainer:
                 self.retire(f"pausing the container failed: {exc or 'timed out'}")
                 return
             self.frozen = True
-            self._move(ContainerState.PAUSED)
+            if not slot.taken:
+                self._move(ContainerState.PAUSED)
 
     async def _teardown(self) -> None:
         if self._watcher is not None:
@@ -296,7 +349,7 @@ class HotContainer:
                 finally:
                     self.container.set_output(None)
         finally:
-            slot.released.set()
+            self._release()
 
     async def _ready_for_call(self) -> None:
         if self.exit_info is not None:

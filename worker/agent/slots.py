@@ -88,21 +88,24 @@ class Caller:
 class Slot:
     """One idle period of one container; taken exactly once."""
 
-    __slots__ = ("_queue", "hot", "released", "taken")
+    __slots__ = ("_queue", "hot", "taken")
 
     def __init__(self, queue: SlotQueue, hot: HotContainer) -> None:
         self._queue = queue
         self.hot = hot
         self.taken = False
-        self.released = asyncio.Event()  # set when the call that took it is over
 
     def try_take(self) -> bool:
-        """Win the slot; True for exactly one party."""
+        """Win the slot; True for exactly one party.
+
+        The container is not woken when a call wins: it learns of the call from
+        its own timers, and the call hands the container back when it is over
+        (:meth:`HotContainer.serve`).
+        """
         if self.taken:
             return False
         self.taken = True
         self._queue._forget(self)
-        self.hot.wake()
         return True
 
 
@@ -138,8 +141,11 @@ class SlotQueue:
         return None
 
     def _forget(self, slot: Slot) -> None:
-        if slot in self._stack:
-            self._stack.remove(slot)
+        stack = self._stack
+        if stack and stack[-1] is slot:
+            stack.pop()
+        elif slot in stack:
+            stack.remove(slot)
 
     @property
     def idle_slots(self) -> int:
