@@ -17,6 +17,7 @@ dropped).
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import threading
 import time
@@ -166,6 +167,18 @@ class Call:
     @property
     def fn_ref(self) -> str:
         return f"{self.app}/{self.fn}"
+
+
+_HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+
+
+def header_problem(name: object, value: object) -> str | None:
+    """Why ``name: value`` cannot go into an HTTP request, or None if it can."""
+    if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
+        return f"header name {name!r} is not a valid HTTP header name"
+    if not isinstance(value, str) or "\r" in value or "\n" in value or "\x00" in value:
+        return f"header {name!r} must have a one-line string value"
+    return None
 
 
 @dataclass(frozen=True, slots=True)

@@ -251,3 +251,20 @@ async def test_parallel_calls_to_a_broken_function_all_fail_fast(agents: AgentFa
     assert all(o.error == "the FDK exited" for o in outcomes)
     assert 1 <= driver.creates <= 3
     assert loop.time() - began < 2.0
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [{"X-Split": "a\r\nX-Injected: 1"}, {"Bad Name": "x"}],
+    ids=["value-with-newline", "name-with-space"],
+)
+async def test_a_header_that_cannot_be_sent_is_a_terminal_error_before_any_container(
+    agents: AgentFactory, headers: dict[str, str]
+) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn, headers=headers), fn)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.TERMINAL
+    assert outcome.error is not None and "header" in outcome.error
+    assert not outcome.started and driver.creates == 0

@@ -53,7 +53,7 @@ async def test_echo_round_trip(driver: DockerDriver) -> None:
     assert result.status == 200
     assert result.body == b'{"a": 1}'
     assert result.headers["Content-Type"] == "application/json"
-    assert result.headers["fn-fdk-version"].startswith("fdk-python/")
+    assert result.headers["Fn-Fdk-Version"].startswith("fdk-python/")
     assert not result.truncated
 
 

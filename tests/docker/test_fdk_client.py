@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.docker.conftest import request
-from worker.agent.errors import DispatchError, ResponseTooBig
+from worker.agent.errors import DispatchError, InvalidResponse, ResponseTooBig
 from worker.agent.fdk import FdkClient, request_headers, rfc3339
 
 Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
@@ -90,6 +90,7 @@ async def test_round_trip_and_keep_alive() -> None:
                 result = await client.call(request(f"body {i}".encode(), Content_Type="a/b"))
                 assert result.status == 200 and result.body == f"body {i}".encode()
             assert "Connection" not in result.headers  # hop-by-hop dropped on the way back
+            assert result.headers["Content-Type"] == "text/plain"
             assert client.connections_made == 1
         finally:
             await client.close()
@@ -156,10 +157,12 @@ async def test_broken_answers_are_dispatch_errors(answer: bytes) -> None:
     async with server(broken) as (path, _):
         client = FdkClient(path)
         try:
-            with pytest.raises(DispatchError):
+            with pytest.raises(DispatchError) as caught:
                 await client.call(request())
         finally:
             await client.close()
+    # A connection that drops is not a malformed answer: the function may have died.
+    assert isinstance(caught.value, InvalidResponse) == (answer.startswith(b"garbage"))
 
 
 async def test_no_listener_is_a_dispatch_error() -> None:
@@ -169,3 +172,62 @@ async def test_no_listener_is_a_dispatch_error() -> None:
             await client.call(request())
     finally:
         await client.close()
+
+
+async def test_chunked_answer() -> None:
+    async def chunked(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(
+            b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        )
+        await writer.drain()
+
+    async with server(chunked) as (path, _):
+        client = FdkClient(path)
+        try:
+            first = await client.call(request())
+            second = await client.call(request())
+        finally:
+            await client.close()
+    assert first.body == second.body == b"abcde"
+    assert client.connections_made == 1
+
+
+async def test_a_connection_the_function_closes_is_opened_again() -> None:
+    async def once(_head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply(200, body, b"Connection: close\r\n"))
+        await writer.drain()
+        writer.close()
+
+    async def quietly(_head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(reply(200, body))  # says keep-alive, then closes anyway
+        await writer.drain()
+        writer.close()
+
+    for handler in (once, quietly):
+        async with server(handler) as (path, _):
+            client = FdkClient(path)
+            try:
+                for i in range(3):
+                    result = await client.call(request(f"{i}".encode()))
+                    assert result.body == f"{i}".encode()
+                    await asyncio.sleep(0.05)  # let the close reach the client
+            finally:
+                await client.close()
+        assert client.connections_made == 3
+
+
+async def test_answer_without_length_ends_with_the_connection() -> None:
+    async def until_close(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"HTTP/1.1 200 OK\r\n\r\nall of ")
+        await writer.drain()
+        writer.write(b"this")
+        await writer.drain()
+        writer.close()
+
+    async with server(until_close) as (path, _):
+        client = FdkClient(path)
+        try:
+            result = await client.call(request())
+        finally:
+            await client.close()
+    assert (result.status, result.body) == (200, b"all of this")

@@ -58,11 +58,11 @@ import logging
 from collections.abc import Callable
 from types import TracebackType
 
-from config.domain import Call, Function, Outcome
+from config.domain import Call, Function, Outcome, header_problem
 from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.driver import Driver
-from worker.agent.errors import AgentClosed, ResourceTooBig, ServerBusy
+from worker.agent.errors import AgentClosed, InvalidCall, ResourceTooBig, ServerBusy
 from worker.agent.evictor import Evictor
 from worker.agent.execution import (
     ExecEnd,
@@ -141,6 +141,10 @@ class Agent:
                 self._no_calls.set()
 
     async def _submit(self, call: Call, fn: Function, stop: StopControl) -> Outcome:
+        for name, value in call.headers.items():
+            problem = header_problem(name, value)
+            if problem is not None:
+                return not_started_outcome(InvalidCall(f"call {call.id}: {problem}"))
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
         if not self.tracker.is_possible(memory_mb, cpu_mcpus):
             totals = self.tracker.totals

@@ -6,6 +6,7 @@
      +-- CallNotStarted            the call never reached a container
      |    +-- ServerBusy           no room in time (retry later, no attempt charged)
      |    +-- ResourceTooBig       can never fit on this machine (terminal)
+     |    +-- InvalidCall          a header cannot be sent to the function (terminal)
      |    +-- ImageNotFound        image missing and cannot be pulled (terminal)
      |    +-- ImageHasVolume       image declares VOLUME (terminal)
      |    +-- ImagePullTimeout     pull ran past FN_HOT_PULL_TIMEOUT_MSECS
@@ -47,6 +48,10 @@ class AgentClosed(CallNotStarted, Retryable):
 
 
 class ResourceTooBig(CallNotStarted):
+    failure = FailureKind.TERMINAL
+
+
+class InvalidCall(CallNotStarted):
     failure = FailureKind.TERMINAL
 
 

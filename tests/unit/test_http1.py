@@ -1,0 +1,144 @@
+"""The function-socket response parser, fed whole and byte by byte."""
+
+from __future__ import annotations
+
+import pytest
+
+from worker.agent.http1 import (
+    HeadTooBig,
+    Incomplete,
+    MalformedResponse,
+    RawResponse,
+    ResponseParser,
+)
+
+FDK_ANSWER = (
+    b"HTTP/1.1 200 OK\r\nConnection: keep-alive\r\nKeep-Alive: 75\r\n"
+    b"content-type: application/json\r\nfn-fdk-version: fdk-python/0.1.128\r\n"
+    b"content-length: 28\r\n\r\n"
+    b'{"message": "Hello, bench!"}'
+)
+
+
+def parse(data: bytes, *, max_header: int = 65536, max_body: int = 0) -> RawResponse:
+    """Feed ``data`` at once, and again one byte at a time; both must agree."""
+    whole = ResponseParser(max_header, max_body).feed(data)
+    parser = ResponseParser(max_header, max_body)
+    drip = None
+    for i in range(len(data)):
+        drip = parser.feed(data[i : i + 1])
+        if drip is not None:
+            break
+    assert whole is not None and whole == drip
+    return whole
+
+
+def test_fdk_answer() -> None:
+    r = parse(FDK_ANSWER)
+    assert r.status == 200 and r.keep_alive and not r.truncated
+    assert r.body == b'{"message": "Hello, bench!"}'
+    assert ("content-type", "application/json") in r.headers
+
+
+def test_chunked_body_with_extensions_and_trailers() -> None:
+    data = (
+        b"HTTP/1.1 502 Bad Gateway\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"5;ext=1\r\nhello\r\n1\r\n \r\n5\r\nworld\r\n0\r\nX-Trailer: yes\r\n\r\n"
+    )
+    r = parse(data)
+    assert (r.status, r.body, r.keep_alive) == (502, b"hello world", True)
+
+
+def test_interim_answers_are_skipped() -> None:
+    r = parse(b"HTTP/1.1 100 Continue\r\n\r\nHTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+    assert (r.status, r.body) == (200, b"ok")
+
+
+def test_no_body_statuses_and_empty_length() -> None:
+    assert parse(b"HTTP/1.1 204 No Content\r\n\r\n").body == b""
+    assert parse(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n").body == b""
+
+
+@pytest.mark.parametrize(
+    ("head", "keep"),
+    [
+        (b"HTTP/1.1 200 OK\r\nConnection: close\r\nContent-Length: 1\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nContent-Length: 1\r\n\r\n", False),
+        (b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 1\r\n\r\n", True),
+    ],
+)
+def test_keep_alive_follows_version_and_connection_header(head: bytes, keep: bool) -> None:
+    assert parse(head + b"x").keep_alive is keep
+
+
+def test_body_until_the_connection_closes() -> None:
+    parser = ResponseParser(1024)
+    assert parser.feed(b"HTTP/1.1 200 OK\r\n\r\nsome ") is None
+    assert parser.feed(b"bytes") is None
+    assert parser.expects_eof
+    r = parser.feed_eof()
+    assert (r.body, r.keep_alive) == (b"some bytes", False)
+
+
+def test_body_over_the_limit_is_cut_and_the_connection_given_up() -> None:
+    parser = ResponseParser(1024, 10)
+    assert parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 100\r\n\r\n12345") is None
+    r = parser.feed(b"67890abcdef")  # returned at once: the other 84 bytes are never read
+    assert r is not None and r.truncated and not r.keep_alive
+    assert r.body == b"1234567890"
+    exact = parse(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\n1234567890", max_body=10)
+    assert not exact.truncated and exact.keep_alive
+
+
+def test_chunked_body_over_the_limit() -> None:
+    r = ResponseParser(1024, 4).feed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n"
+    )
+    assert r is not None and r.truncated and r.body == b"abcd"
+    whole = ResponseParser(1024, 4).feed(
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n3\r\nabc\r\n3\r\ndef\r\n0\r\n\r\n"
+    )
+    assert whole is not None and whole.truncated and whole.body == b"abcd" and not whole.keep_alive
+    at_once = ResponseParser(1024, 4).feed(b"HTTP/1.1 200 OK\r\nContent-Length: 6\r\n\r\nabcdef")
+    assert at_once is not None and at_once.truncated and at_once.body == b"abcd"
+
+
+def test_header_block_over_the_limit() -> None:
+    fat = b"HTTP/1.1 200 OK\r\nX-Fat: " + b"f" * 2000 + b"\r\nContent-Length: 0\r\n\r\n"
+    with pytest.raises(HeadTooBig):
+        ResponseParser(1024).feed(fat)
+    with pytest.raises(HeadTooBig):  # also before the end of the block has arrived
+        ResponseParser(1024).feed(fat[:1500])
+
+
+@pytest.mark.parametrize(
+    "data",
+    [
+        b"garbage\r\n\r\n",
+        b"HTTP/2 200 OK\r\n\r\n",
+        b"HTTP/1.1 20 OK\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nno colon here\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXX",
+    ],
+)
+def test_malformed_answers(data: bytes) -> None:
+    with pytest.raises(MalformedResponse):
+        ResponseParser(1024).feed(data)
+
+
+def test_connection_closed_early() -> None:
+    with pytest.raises(Incomplete, match="without a response"):
+        ResponseParser(1024).feed_eof()
+    parser = ResponseParser(1024)
+    parser.feed(b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort")
+    with pytest.raises(Incomplete, match="before the response was complete"):
+        parser.feed_eof()
+
+
+def test_bytes_after_the_answer_end_keep_alive() -> None:
+    r = ResponseParser(1024).feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1")
+    assert r is not None and r.body == b"x" and not r.keep_alive
