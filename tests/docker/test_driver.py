@@ -165,9 +165,8 @@ async def test_exit_before_ready_is_an_init_failure(
 async def test_exit_during_a_call(driver: DockerDriver) -> None:
     async with running(driver, spec("fnq/exit")) as c:
         log: list[bytes] = []
-        c.set_output(log.append)
         with pytest.raises(DispatchError):
-            await c.dispatch(request(b'{"code": 3}'))
+            await c.dispatch(request(b'{"code": 3}'), log.append)
         info = await asyncio.wait_for(c.wait(), 10)
         assert b"exiting with 3" in b"".join(log)
     assert info.exit_code == 3
@@ -203,9 +202,10 @@ async def test_out_of_memory(driver: DockerDriver) -> None:
 async def test_raise_is_a_502_and_the_container_lives_on(driver: DockerDriver) -> None:
     async with running(driver, spec("fnq/raise")) as c:
         log: list[bytes] = []
-        c.set_output(log.append)
-        first = await c.dispatch(request())
-        second = await c.dispatch(request())
+        first = await c.dispatch(request(), log.append)
+        second = await c.dispatch(request(), log.append)
+        assert first.output_done is not None and second.output_done is not None
+        await asyncio.gather(first.output_done, second.output_done)
     assert first.status == 502 and second.status == 502
     assert b"raised on purpose" in b"".join(log)
 
@@ -226,16 +226,20 @@ async def test_oversized_response_is_truncated(
 
 
 async def test_output_goes_to_its_own_call(driver: DockerDriver) -> None:
+    # Each call is dispatched the moment the last one answered, while the last
+    # one's output may still be on its way: the cut is exact all the same.
     async with running(driver, spec("fnq/logs")) as c:
         assert c.exact_output  # the tests run as root, next to the engine
         for round_ in range(10):
             sinks: dict[str, list[bytes]] = {}
-            for tag in ("a", "b"):
+            pending = []
+            for tag in ("a", "b", "c"):
                 sinks[tag] = []
-                c.set_output(sinks[tag].append)
                 body = json.dumps({"lines": 40, "tag": f"{tag}{round_}"}).encode()
-                assert (await c.dispatch(request(body))).body == b"done 40"
-                c.set_output(None)
+                result = await c.dispatch(request(body), sinks[tag].append)
+                assert result.body == b"done 40" and result.output_done is not None
+                pending.append(result.output_done)
+            await asyncio.wait_for(asyncio.gather(*pending), 5)
             for tag, chunks in sinks.items():
                 lines = b"".join(chunks).decode().splitlines()
                 assert lines == [f"{tag}{round_} line {i}" for i in range(40)]
@@ -250,9 +254,8 @@ async def test_output_without_markers_falls_back_to_quiet_time(
         async with running(d, spec("fnq/logs")) as c:
             assert not c.exact_output
             got: list[bytes] = []
-            c.set_output(got.append)
-            await c.dispatch(request(b'{"lines": 5, "tag": "q"}'))
-            c.set_output(None)
+            result = await c.dispatch(request(b'{"lines": 5, "tag": "q"}'), got.append)
+            assert result.output_done is not None and result.output_done.done()
     finally:
         await d.close()
     assert b"".join(got).decode().splitlines() == [f"q line {i}" for i in range(5)]

@@ -7,13 +7,16 @@ one HTTP request at a time over the unix socket it created.
 
 Lifecycle of one container, as the agent core drives it::
 
-    c = await driver.create(spec)      # image checked/pulled, container created
-    await c.start()                    # attached, started, socket ready
-    c.set_output(sink)                 # route stdout/stderr to the running call
-    result = await c.dispatch(req)     # POST /call
-    c.set_output(None)                 # back to the worker's debug log
-    await c.pause(); await c.unpause() # while idle
-    await c.remove()                   # always, exactly once in effect
+    c = await driver.create(spec)          # image checked/pulled, container created
+    await c.start()                        # attached, started, socket ready
+    result = await c.dispatch(req, sink)   # POST /call; output goes to sink
+    await result.output_done               # ... until all written before the answer is in
+    await c.pause(); await c.unpause()     # while idle
+    await c.remove()                       # always, exactly once in effect
+
+The next call may be dispatched before ``output_done`` resolves: each call's
+output is cut exactly where its answer was, whatever the order in which the
+pieces arrive.
 
 ``wait()`` resolves whenever the container exits, for whatever reason, and may
 be awaited by several tasks.
@@ -21,6 +24,7 @@ be awaited by several tasks.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -69,6 +73,9 @@ class DispatchResult:
     body: bytes
     truncated: bool = False
     stats: Mapping[str, float] = field(default_factory=dict)  # the call's resource use
+    # Resolves once the output written before the answer has reached the call's
+    # sink (None: it already has).
+    output_done: asyncio.Future[None] | None = None
 
 
 @dataclass(frozen=True, slots=True)
@@ -97,11 +104,12 @@ class Container(Protocol):
         ContainerInitTimeout (no socket within the start timeout).
         """
 
-    def set_output(self, sink: OutputSink | None) -> None:
-        """Send output to ``sink`` from now on; ``None`` means the debug log."""
-
-    async def dispatch(self, request: DispatchRequest) -> DispatchResult:
-        """One POST /call. Raises DispatchError (or a subclass) or TimeoutError."""
+    async def dispatch(
+        self, request: DispatchRequest, sink: OutputSink | None = None
+    ) -> DispatchResult:
+        """One POST /call; the output goes to ``sink`` (None: the debug log) until
+        ``result.output_done``. Raises DispatchError (or a subclass) or TimeoutError,
+        once the output until then has been taken."""
 
     async def pause(self) -> None: ...
 

@@ -333,7 +333,11 @@ class HotContainer:
     async def serve(
         self, slot: Slot, call: Call, timeout_s: float, sink: OutputSink, stop: StopControl
     ) -> ExecResult:
-        """Run one call on this container (in the caller's task); the slot is released after."""
+        """Run one call on this container (in the caller's task).
+
+        The container is offered to the next call as soon as this one has its
+        answer; the call's log is complete when this returns.
+        """
         try:
             async with self._ops:
                 if stop.event.is_set():
@@ -343,13 +347,13 @@ class HotContainer:
                 self.evictor.disable(self.evict)
                 self._move(ContainerState.BUSY)
                 self.calls_served += 1
-                self.container.set_output(sink)
-                try:
-                    return await self._exec(self.container, call, timeout_s, stop)
-                finally:
-                    self.container.set_output(None)
+                run = await self._exec(self.container, call, timeout_s, stop, sink)
         finally:
             self._release()
+        if run.result is not None and run.result.output_done is not None:
+            # The driver bounds this wait (a marker that does not come back is given up).
+            await run.result.output_done
+        return run
 
     async def _ready_for_call(self) -> None:
         if self.exit_info is not None:
@@ -366,7 +370,12 @@ class HotContainer:
             self.frozen = False
 
     async def _exec(
-        self, container: Container, call: Call, timeout_s: float, stop: StopControl
+        self,
+        container: Container,
+        call: Call,
+        timeout_s: float,
+        stop: StopControl,
+        sink: OutputSink,
     ) -> ExecResult:
         started_at = utcnow()
         request = DispatchRequest(
@@ -379,7 +388,9 @@ class HotContainer:
         stop.dispatched()
         # One task per call: the dispatch. The container's exit and a stop request
         # are futures that it races against, with the call's timeout.
-        dispatch = asyncio.create_task(container.dispatch(request), name=f"fnq-call-{call.id}")
+        dispatch = asyncio.create_task(
+            container.dispatch(request, sink), name=f"fnq-call-{call.id}"
+        )
         try:
             await asyncio.wait(
                 (dispatch, self._exited, stop.stopped),

@@ -11,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import logging
 import os
-from collections.abc import AsyncIterator, Mapping
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Callable, Mapping
+from typing import Any, cast
 from urllib.parse import quote, urlencode
 
 import aiohttp
 
 from config.domain import FailureKind
 from config.errors import AgentError, ConfigError, Retryable
+
+log = logging.getLogger(__name__)
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 API_TIMEOUT_S = 30.0  # any single engine request without a more specific bound
@@ -67,27 +69,80 @@ def split_reference(image: str) -> tuple[str, str]:
     return image, "latest"
 
 
-@dataclass(slots=True)
-class AttachStream:
-    """The hijacked connection of one attach request."""
+class AttachStream(asyncio.Protocol):
+    """The hijacked connection of one attach request, read as it arrives.
 
-    reader: asyncio.StreamReader
-    writer: asyncio.StreamWriter
+    After the engine's answer to the attach request, the connection carries
+    frames of an 8-byte header (stream, 3 zero bytes, big-endian size) and a
+    payload. Each payload is handed to ``on_frame(stream, payload)`` (1 =
+    stdout, 2 = stderr) from ``data_received`` itself, with no task in
+    between: a call's end-of-output marker is seen the moment it arrives.
+    ``ended`` resolves when the connection is gone.
+    """
 
-    async def frames(self) -> AsyncIterator[tuple[int, bytes]]:
-        """(stream, payload) of the multiplexed stream until EOF; 1 = stdout, 2 = stderr."""
-        while True:
-            try:
-                header = await self.reader.readexactly(8)
-                size = int.from_bytes(header[4:8], "big")
-                payload = await self.reader.readexactly(size) if size else b""
-            except (asyncio.IncompleteReadError, ConnectionError):
-                return
-            if payload:
-                yield header[0], payload
+    def __init__(self, on_frame: Callable[[int, bytes], None]) -> None:
+        loop = asyncio.get_running_loop()
+        self._on_frame = on_frame
+        self._transport: asyncio.Transport | None = None
+        self._buf = bytearray()
+        self.answer: asyncio.Future[tuple[int, bytes]] = loop.create_future()
+        self.ended: asyncio.Future[None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
+
+    def data_received(self, data: bytes) -> None:
+        self._buf += data
+        if not self.answer.done() and not self._read_answer():
+            return
+        buf = self._buf
+        at = 0
+        while len(buf) - at >= 8:
+            size = int.from_bytes(buf[at + 4 : at + 8], "big")
+            if len(buf) - at - 8 < size:
+                break
+            if size:
+                try:
+                    self._on_frame(buf[at], bytes(buf[at + 8 : at + 8 + size]))
+                except Exception:  # the output must keep flowing: log, go on
+                    log.exception("handling a frame of the attach stream failed")
+            at += 8 + size
+        if at:
+            del buf[:at]
+
+    def _read_answer(self) -> bool:
+        end = self._buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self._buf) > _HEADER_LIMIT_BYTES:
+                self.answer.set_exception(DockerError("attach: the engine's answer is too long"))
+                self.close()
+            return False
+        head = bytes(self._buf[:end])
+        del self._buf[: end + 4]
+        try:
+            status = int(head.split(b" ", 2)[1])
+        except (IndexError, ValueError):
+            self.answer.set_exception(DockerError(f"attach: bad answer {head[:80]!r}"))
+            self.close()
+            return False
+        self.answer.set_result((status, b"" if status in (101, 200) else bytes(self._buf)))
+        return status in (101, 200)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.answer.done():
+            self.answer.set_exception(
+                DockerError(f"attach: the engine closed the connection ({exc or 'EOF'})")
+            )
+        if not self.ended.done():
+            self.ended.set_result(None)
+
+    def write(self, data: bytes) -> None:
+        if self._transport is not None:
+            self._transport.write(data)
 
     def close(self) -> None:
-        self.writer.close()
+        if self._transport is not None:
+            self._transport.close()
 
 
 class DockerAPI:
@@ -183,36 +238,42 @@ class DockerAPI:
                 raise DockerError(str(event["error"]).strip(), 500)
         return events
 
-    async def attach(self, container_id: str, timeout_s: float = API_TIMEOUT_S) -> AttachStream:
-        """Attach to stdout and stderr; returns once the engine has accepted the attach."""
+    async def attach(
+        self,
+        container_id: str,
+        on_frame: Callable[[int, bytes], None],
+        timeout_s: float = API_TIMEOUT_S,
+    ) -> AttachStream:
+        """Attach to stdout and stderr; returns once the engine has accepted the attach.
+
+        From then on ``on_frame(stream, payload)`` gets the container's output.
+        """
         query = urlencode({"stream": "1", "stdout": "1", "stderr": "1"})
         request = (
             f"POST /containers/{container_id}/attach?{query} HTTP/1.1\r\n"
             "Host: docker\r\nConnection: Upgrade\r\nUpgrade: tcp\r\nContent-Length: 0\r\n\r\n"
         ).encode()
+        loop = asyncio.get_running_loop()
+        stream: AttachStream | None = None
         try:
             async with asyncio.timeout(timeout_s):
-                reader, writer = await asyncio.open_unix_connection(
-                    self.socket_path, limit=_HEADER_LIMIT_BYTES
+                _, stream = await loop.create_unix_connection(
+                    lambda: AttachStream(on_frame), self.socket_path
                 )
-                try:
-                    writer.write(request)
-                    head = await reader.readuntil(b"\r\n\r\n")
-                    status = int(head.split(b" ", 2)[1])
-                    refusal = (
-                        None if status in (101, 200) else await reader.read(_HEADER_LIMIT_BYTES)
-                    )
-                except BaseException:
-                    writer.close()
-                    raise
+                stream.write(request)
+                status, refusal = await stream.answer
         except TimeoutError:
+            if stream is not None:
+                stream.close()
             raise DockerTimeout(f"attach to {container_id} took more than {timeout_s}s") from None
-        except (OSError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError) as exc:
+        except (OSError, DockerError) as exc:
+            if stream is not None:
+                stream.close()
             raise DockerError(f"attach to {container_id} failed: {exc}") from exc
-        if refusal is not None:
-            writer.close()
+        if status not in (101, 200):
+            stream.close()
             raise DockerError(_message(refusal, status), status)
-        return AttachStream(reader, writer)
+        return stream
 
 
 def _message(raw: bytes, status: int) -> str:

@@ -1,15 +1,15 @@
 """One hot container of the docker driver (implements ``driver.Container``).
 
-Per container the worker holds: the attach stream (a task pumps it into the
-:class:`OutputRouter`), a long-poll ``wait`` (a task resolves ``wait()``),
-and once ready an :class:`FdkClient` on the host side of its socket. A call
-costs no engine request at all: only pause and unpause talk to docker.
+Per container the worker holds: the attach stream (its frames go straight
+into the :class:`OutputRouter`), a long-poll ``wait`` (a task resolves
+``wait()``), and once ready an :class:`FdkClient` on the host side of its
+socket. A call costs no engine request at all: only pause and unpause talk to
+docker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import logging
 import os
 from collections.abc import Callable
@@ -79,7 +79,6 @@ class DockerContainer:
         self._output = OutputRouter(logger, f"{spec.app}/{spec.fn} {spec.id}")
         self._exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self._attach: AttachStream | None = None
-        self._pump_task: asyncio.Task[None] | None = None
         self._wait_task: asyncio.Task[None] | None = None
         self._removal: asyncio.Task[None] | None = None
         self._fdk: FdkClient | None = None
@@ -111,10 +110,8 @@ class DockerContainer:
     async def start(self) -> None:
         timeout_s = self._settings.hot_start_timeout_msecs / 1000.0
         with SocketWatcher(self.iofs.host_path) as watcher:
-            self._attach = await self._api.attach(self.id)
-            self._pump_task = asyncio.create_task(
-                self._pump(self._attach), name=f"fnq-output-{self.id}"
-            )
+            self._attach = await self._api.attach(self.id, self._output.feed)
+            self._attach.ended.add_done_callback(lambda _: self._output.end())
             try:
                 await self._api.request("POST", f"/containers/{self.id}/start")
             except DockerError as exc:
@@ -181,14 +178,6 @@ class DockerContainer:
         tail = self._output.tail()
         return f"; last output: {tail}" if tail else ""
 
-    async def _pump(self, stream: AttachStream) -> None:
-        try:
-            async for kind, chunk in stream.frames():
-                self._output.feed(kind, chunk)
-        finally:
-            self._output.end()
-            stream.close()
-
     async def _watch_exit(self) -> None:
         """Long-poll the engine until the container stops (cancelled by remove)."""
         try:
@@ -216,33 +205,40 @@ class DockerContainer:
 
     # ----------------------------------------------------------- serving
 
-    def set_output(self, sink: OutputSink | None) -> None:
-        self._output.set_sink(sink)
-
-    async def dispatch(self, request: DispatchRequest) -> DispatchResult:
+    async def dispatch(
+        self, request: DispatchRequest, sink: OutputSink | None = None
+    ) -> DispatchResult:
         if self._fdk is None:
             raise DispatchError(f"container {self.id} is not started")
-        cancelled = False
+        output = self._output
+        segment = output.open(sink)
         meter = self._meter
         if meter is not None:
             meter.call_started()
         try:
             result = await self._fdk.call(request)
         except asyncio.CancelledError:
-            cancelled = True
+            output.drop(segment)
             raise
         except (DispatchError, TimeoutError):
             # The container may be dying or is about to be killed: let go of its
-            # pipes so that the engine sees its output end (drivers.stdio).
+            # pipes so that the engine sees its output end (drivers.stdio), and
+            # take what it wrote until now.
             self._release_stdio()
+            await output.settle(self._timing.quiet_s, self._timing.limit_s)
+            output.drop(segment)
             raise
-        else:
-            if meter is not None:
-                result = dataclasses.replace(result, stats=meter.call_ended())
-        finally:
-            if not cancelled:
-                await self._catch_up_output()
-        return result
+        if not output.seal(segment, self._stdio, self._timing.barrier_limit_s):
+            await output.settle(self._timing.quiet_s, self._timing.limit_s)
+            output.drop(segment)
+        return DispatchResult(
+            result.status,
+            result.headers,
+            result.body,
+            result.truncated,
+            stats=meter.call_ended() if meter is not None else {},
+            output_done=segment.sealed,
+        )
 
     def _watch_process(self, pid: int) -> None:
         """Let go of the output pipes the moment the container's first process exits.
@@ -269,11 +265,6 @@ class DockerContainer:
         if self._stdio is not None:
             self._stdio.close()
             self._stdio = None
-
-    async def _catch_up_output(self) -> None:
-        """Return once the output written before the response has arrived (drivers.output)."""
-        if not await self._output.barrier(self._stdio, self._timing.barrier_limit_s):
-            await self._output.settle(self._timing.quiet_s, self._timing.limit_s)
 
     async def pause(self) -> None:
         await self._freeze("pause")
@@ -316,7 +307,8 @@ class DockerContainer:
             except DockerError as exc:
                 if exc.status != 404:
                     log.warning("removing container %s failed: %s", self.id, exc)
-            await self._stop_task(self._pump_task)
+            if self._attach is not None:
+                await asyncio.wait({self._attach.ended}, timeout=DRAIN_TIMEOUT_S)
             await self._stop_task(self._wait_task)
             self._set_exit(ExitInfo(None, error="removed before it exited"))
             await asyncio.to_thread(self._iofs_root.remove, self.iofs)

@@ -155,12 +155,18 @@ class FakeContainer:
         self.state = "running"
         self._driver._changed()
 
-    def set_output(self, sink: OutputSink | None) -> None:
-        self._sink = sink
-
-    async def dispatch(self, request: DispatchRequest) -> DispatchResult:
+    async def dispatch(
+        self, request: DispatchRequest, sink: OutputSink | None = None
+    ) -> DispatchResult:
         if self.state != "running":
             raise DispatchError(f"container {self.id} is {self.state}")
+        self._sink = sink
+        try:
+            return await self._dispatch(request)
+        finally:
+            self._sink = None
+
+    async def _dispatch(self, request: DispatchRequest) -> DispatchResult:
         self._driver.dispatches += 1
         self.requests.append(request)
         self._driver._changed()

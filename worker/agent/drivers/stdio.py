@@ -30,7 +30,7 @@ import stat
 MARK_PREFIX = b"\x00fnq-mark:"
 _TOKEN_HEX = 16
 MARK_BYTES = len(MARK_PREFIX) + _TOKEN_HEX + 1  # prefix, token, newline
-_STREAMS = (1, 2)  # stdout, stderr
+STREAMS = (1, 2)  # stdout, stderr, numbered as in the attach stream
 
 
 def new_marker() -> tuple[bytes, bytes]:
@@ -49,7 +49,7 @@ class ProcessStdio:
     def probe(self) -> bool:
         """Open both pipes; False (holding nothing) when they cannot be written: no
         permission, another pid namespace, not pipes."""
-        for stream in _STREAMS:
+        for stream in STREAMS:
             try:
                 fd = os.open(f"/proc/{self._pid}/fd/{stream}", os.O_WRONLY | os.O_NONBLOCK)
             except OSError:
@@ -65,17 +65,17 @@ class ProcessStdio:
                 return False
         return True
 
-    def write(self, data: bytes) -> int:
-        """Write ``data`` into each pipe; how many took it whole."""
-        written = 0
-        for fd in self._fds:
+    def write(self, data: bytes) -> tuple[int, ...]:
+        """Write ``data`` into each pipe; the streams that took it whole."""
+        written: list[int] = []
+        for stream, fd in zip(STREAMS, self._fds, strict=False):
             try:
                 # A marker is below PIPE_BUF, so a pipe takes it whole or not at all.
                 if os.write(fd, data) == len(data):
-                    written += 1
+                    written.append(stream)
             except OSError:
                 continue  # full pipe (EAGAIN) or no reader left: the caller falls back
-        return written
+        return tuple(written)
 
     def close(self) -> None:
         fds, self._fds = self._fds, []
