@@ -102,6 +102,12 @@ class Settings(BaseSettings):
         description="Deliveries after which a message that keeps coming back (e.g. its worker "
         "dies each time) moves to the dead letters.",
     )
+    running_mark_msecs: int = _msecs(
+        "How long a call runs before its record says `running`; 0 = as it starts. A call "
+        "that ends sooner goes from queued to its final state in one write.",
+        50,
+        ge=0,
+    )
     rq_queues: str = Field(
         "",
         description="Comma-separated RQ queue names that `fnq worker` also takes calls from "

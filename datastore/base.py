@@ -191,10 +191,27 @@ class Datastore(Protocol):
         ...
 
     async def record_outcome(
-        self, call: Call, outcome: Outcome, attempt: int, worker_id: str
-    ) -> bool: ...
+        self,
+        call: Call,
+        outcome: Outcome,
+        attempt: int,
+        worker_id: str,
+        *,
+        with_request: bool = False,
+    ) -> bool:
+        """Store the final state (False: the record was final already, nothing changed).
+        The call's request goes with it for attempt 0 or ``with_request`` (no `running`
+        write stored it); a stored request is never replaced."""
+        ...
+
     async def record_retry(
-        self, call: Call, outcome: Outcome, attempt: int, next_try_at: datetime
+        self,
+        call: Call,
+        outcome: Outcome,
+        attempt: int,
+        next_try_at: datetime,
+        *,
+        with_request: bool = False,
     ) -> None: ...
     async def get_call(self, call_id: str) -> CallRecord | None: ...
     async def list_calls(self, f: CallFilter) -> CallPage: ...

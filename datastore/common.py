@@ -109,6 +109,10 @@ class SqlDatastore(abc.ABC):
     async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         """Run one read; time columns come back as aware datetimes."""
 
+    async def _fetch_one(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """A read of one row by its key (a backend may have a quicker way)."""
+        return await self._fetch(query, params)
+
     @abc.abstractmethod
     async def _close_backend(self) -> None: ...
 
@@ -173,17 +177,35 @@ class SqlDatastore(abc.ABC):
         return replay.request_params(call, self.settings.max_request_size)
 
     async def record_outcome(
-        self, call: Call, outcome: Outcome, attempt: int, worker_id: str
+        self,
+        call: Call,
+        outcome: Outcome,
+        attempt: int,
+        worker_id: str,
+        *,
+        with_request: bool = False,
     ) -> bool:
         if not outcome.status.is_final:
             raise ValueError(f"record_outcome needs a final status, not {outcome.status}")
-        row, log = self._outcome_row(call, outcome, attempt, worker_id, outcome.status)
+        row, log = self._outcome_row(
+            call, outcome, attempt, worker_id, outcome.status,
+            with_request=with_request or attempt == 0,
+        )  # fmt: skip
         return await self._store_with_log(Write.FINISH, row, log)
 
     async def record_retry(
-        self, call: Call, outcome: Outcome, attempt: int, next_try_at: datetime
+        self,
+        call: Call,
+        outcome: Outcome,
+        attempt: int,
+        next_try_at: datetime,
+        *,
+        with_request: bool = False,
     ) -> None:
-        row, log = self._outcome_row(call, outcome, attempt, None, CallStatus.QUEUED)
+        row, log = self._outcome_row(
+            call, outcome, attempt, None, CallStatus.QUEUED,
+            with_request=with_request or attempt == 0,
+        )  # fmt: skip
         row["next_try_at"] = next_try_at
         row["completed_at"] = None
         await self._store_with_log(Write.RETRY, row, log)
@@ -212,6 +234,8 @@ class SqlDatastore(abc.ABC):
         attempt: int,
         worker_id: str | None,
         status: CallStatus,
+        *,
+        with_request: bool,
     ) -> tuple[dict[str, Any], bytes]:
         now = utcnow()
         log = bound_log(outcome.log, self.settings.max_log_size_bytes)
@@ -233,8 +257,9 @@ class SqlDatastore(abc.ABC):
             "log_truncated": outcome.log_truncated or len(log) < len(outcome.log),
             "stats": json.dumps(dict(outcome.stats)),
             "cancel_requested": False,
-            # attempt 0: the call never ran, so no running write stored its request
-            **(self._request(call) if attempt == 0 else replay.NO_REQUEST),
+            # no `running` write stored the request (the call never ran, or ended
+            # before its mark was due): this one does, unless one is stored already
+            **(self._request(call) if with_request else replay.NO_REQUEST),
         }  # fmt: skip
         return row, log
 
@@ -251,7 +276,7 @@ class SqlDatastore(abc.ABC):
 
     # ------------------------------------------------------------- reading
     async def get_call(self, call_id: str) -> CallRecord | None:
-        rows = await self._fetch(sql.CALL_GET, {"id": call_id})
+        rows = await self._fetch_one(sql.CALL_GET, {"id": call_id})
         return record_from_row(rows[0]) if rows else None
 
     async def list_calls(self, f: CallFilter) -> CallPage:

@@ -184,6 +184,7 @@ class SqliteDatastore(SqlDatastore):
         self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="fnq-sqlite-reader")
         self._wconn: sqlite3.Connection | None = None
         self._rconn: sqlite3.Connection | None = None
+        self._qconn: sqlite3.Connection | None = None  # point reads on the event loop
         self.writer: GroupCommit[_Op] = GroupCommit(
             f"sqlite:{path.name}", self._run_batch, is_transient
         )
@@ -204,7 +205,13 @@ class SqliteDatastore(SqlDatastore):
         self._rconn = await loop.run_in_executor(
             self._reader_thread, lambda: connect(self.path, readonly=True)
         )
+        self._qconn = await loop.run_in_executor(self._reader_thread, self._open_quick_reader)
         self.writer.start()
+
+    def _open_quick_reader(self) -> sqlite3.Connection:
+        conn = connect(self.path, readonly=True)
+        conn.execute("PRAGMA busy_timeout = 0")  # never wait on the event loop: fall back
+        return conn
 
     def _open_writer(self) -> None:
         try:
@@ -261,12 +268,33 @@ class SqliteDatastore(SqlDatastore):
                 raise StoreUnavailable(f"the datastore {self.path} is busy: {exc}") from exc
             raise StoreError(f"reading the datastore failed: {exc}") from exc
 
+    async def _fetch_one(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        """A read of one row by its key, on the event loop itself.
+
+        In WAL mode a reader never waits for the writer, and a row just written
+        is in the page cache, so this takes microseconds, against the hand-off to
+        the reader thread and back (hundreds of microseconds on a busy host). In
+        the rare moment when SQLite would make it wait (busy_timeout is 0 on this
+        connection), the read goes to the reader thread instead.
+        """
+        conn = self._qconn
+        if conn is None:
+            raise StoreUnavailable("the datastore is not open")
+        try:
+            return [_row(r) for r in conn.execute(query, encode(params)).fetchall()]
+        except sqlite3.Error as exc:
+            if not is_transient(exc):
+                raise StoreError(f"reading the datastore failed: {exc}") from exc
+        return await self._fetch(query, params)
+
     async def _close_backend(self) -> None:
         await self.writer.close(self.close_timeout_s)
         loop = asyncio.get_running_loop()
+        if self._qconn is not None:
+            await loop.run_in_executor(self._reader_thread, self._qconn.close)
         pairs = ((self._writer_thread, self._wconn), (self._reader_thread, self._rconn))
         for executor, conn in pairs:
             if conn is not None:
                 await loop.run_in_executor(executor, conn.close)
             executor.shutdown(wait=False)
-        self._wconn = self._rconn = None
+        self._wconn = self._rconn = self._qconn = None

@@ -168,8 +168,9 @@ class SqliteQueue:
 
     async def release(self, msg: Message, delay_s: float = 0.0) -> None:
         await self._run(self._db.release, [msg], wire.check_delay(delay_s))
-        if delay_s <= 0:
-            self._pushed.set()
+        # Also for a delay: a reserve waiting in this process must learn when the
+        # message comes due (its own writes do not change the data version it polls).
+        self._pushed.set()
 
     async def extend(self, msg: Message) -> None:
         if not await self._run(self._db.extend, msg):

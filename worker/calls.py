@@ -4,7 +4,7 @@
 
     look up the function -> unknown? expired? -> read the record: final? ack it, done
       -> submit to the agent (the reservation is extended meanwhile), while
-         `running` (attempt n) is recorded beside it
+         `running` (attempt n) is recorded beside it if the call lasts (worker.running)
       -> decide (worker.policy) -> record durably -> settle the message
 
 The message is settled (acked, dead-lettered, completed) only after the
@@ -37,6 +37,7 @@ from worker.delivery import Delivery
 from worker.logs import current_call
 from worker.metrics import Metrics
 from worker.policy import Action, decide
+from worker.running import RunningMark
 
 log = logging.getLogger("fnq.worker")
 
@@ -60,12 +61,6 @@ def outcome_of(record: CallRecord) -> Outcome:
         started_at=record.started_at,
         completed_at=record.completed_at,
     )
-
-
-def _quiet(done: asyncio.Future[CallRecord]) -> None:
-    """Retrieve the result of a write nobody waits for any more (it is logged if it failed)."""
-    if not done.cancelled() and done.exception() is not None:
-        log.warning("recording a call as running failed: %s", done.exception())
 
 
 class CallHandler:
@@ -124,33 +119,49 @@ class CallHandler:
         if seen is not None and seen.status.is_final:
             await self._settle_final(d, seen)
             return
-        # The `running` record (attempt n) is written while the call runs: its
-        # commit is not on the way to the container. It is stored before the
-        # outcome is, as the outcome waits for it.
-        running = asyncio.ensure_future(self.store.record_running(call, 0, self.worker_id))
-        running.add_done_callback(_quiet)  # seen even when nobody waits for it any more
+        # The `running` record (attempt n) is written while the call runs, and only
+        # if it lasts (worker.running): its commit is not on the way to the container.
+        delay_s = self.settings.secs("running_mark_msecs") if reachable else 0.0
+        mark = RunningMark(self.store, call, self.worker_id, delay_s)
         if not reachable:
-            await asyncio.shield(running)
-            if running.result().status.is_final:
-                await self._settle_final(d, running.result())
+            record = await mark.written()
+            if record is not None and record.status.is_final:
+                await self._settle_final(d, record)
                 return
-        outcome = await self.agent.submit(call, fn, on_start=on_start)
-        record = await running
-        if record.status.is_final:  # ended meanwhile (cancelled before it was running)
+        try:
+            outcome = await self.agent.submit(call, fn, on_start=on_start)
+        finally:
+            mark.cancel()
+        record = await mark.written()
+        if record is not None and record.status.is_final:  # ended meanwhile (cancelled)
             await self._settle_final(d, record)
             return
-        await self._apply(d, fn, outcome, record.attempts)
+        if record is not None:
+            attempt, with_request = record.attempts, False
+        else:  # no mark was due: the outcome is the first write of this attempt
+            attempt = (seen.attempts if seen is not None else 0) + 1
+            with_request = seen is None or not seen.has_request
+        await self._apply(d, fn, outcome, attempt, with_request)
 
     async def _settle_final(self, d: Delivery, record: CallRecord) -> None:
         log.info("call %s is already %s: settling its message", d.call_id, record.status)
         await d.settle(outcome_of(record), dead_letter=False)
 
-    async def _apply(self, d: Delivery, fn: Function, outcome: Outcome, attempt: int) -> None:
+    async def _apply(
+        self, d: Delivery, fn: Function, outcome: Outcome, attempt: int, with_request: bool
+    ) -> None:
         call = d.msg.call
         decision = decide(outcome, fn, attempt, self.rng)
         if decision.action is Action.FINISH:
             self._observe(call.created_at, outcome)
-            await self.store.record_outcome(call, outcome, attempt, self.worker_id)
+            stored_now = await self.store.record_outcome(
+                call, outcome, attempt, self.worker_id, with_request=with_request
+            )
+            if not stored_now:
+                stored = await self.store.get_call(call.id)
+                if stored is not None and stored.status.is_final:  # cancelled meanwhile
+                    await self._settle_final(d, stored)
+                    return
             await d.settle(outcome, dead_letter=decision.dead_letter)
             self.metrics.calls.labels(outcome.status.value).inc()
             self.completed += 1
@@ -164,7 +175,7 @@ class CallHandler:
             self.metrics.released.inc()
             attempt -= 1
         next_try = utcnow() + timedelta(seconds=decision.delay_s)
-        await self.store.record_retry(call, outcome, attempt, next_try)
+        await self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
         await d.release(decision.delay_s)
 
     async def _finish_early(

@@ -42,7 +42,9 @@ def ops_for(store: SqlDatastore, calls: list[Call], kinds: str) -> list[pgbatch.
             elif k in "rR":
                 ops.append((Write.RUNNING, store._running_params(c, int(k == "r"), "w"), None))
             else:
-                row, log = store._outcome_row(c, done(), 1, "w", CallStatus.SUCCESS)
+                row, log = store._outcome_row(
+                    c, done(), 1, "w", CallStatus.SUCCESS, with_request=False
+                )
                 ops.append((Write.FINISH, row, log))
     return ops
 

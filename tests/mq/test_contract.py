@@ -151,6 +151,23 @@ async def test_release_with_delay(queues: QueueMaker) -> None:
     await q.ack(again)
 
 
+async def test_a_delayed_release_reaches_a_reserve_already_waiting(queues: QueueMaker) -> None:
+    # A worker releases a call for a retry while its own intake waits on the same
+    # queue object: the retry is taken when it comes due, not when the wait ends.
+    q = queues()
+    await q.push(call())
+    msg = await q.reserve(1.0)
+    assert msg is not None
+    waiting = asyncio.create_task(q.reserve(10.0))
+    await asyncio.sleep(0.2)  # the reserve is waiting now
+    t0 = time.monotonic()
+    await q.release(msg, delay_s=0.3)
+    again = await asyncio.wait_for(waiting, 10.0)
+    assert again is not None and again.call.id == msg.call.id
+    assert 0.25 <= time.monotonic() - t0 < 2.0
+    await q.ack(again)
+
+
 async def test_delayed_push_becomes_visible_at_its_time(queues: QueueMaker) -> None:
     q = queues()
     t0 = time.monotonic()

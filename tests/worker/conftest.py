@@ -62,6 +62,18 @@ class Cluster:
                 proc.kill()
                 proc.wait()
 
+    def tear_down(self) -> None:
+        """Kill the workers, and remove the containers they leave behind."""
+        self.stop_all(signal.SIGKILL)
+        tag = self.env["FN_CONTAINER_LABEL_TAG"]
+        found = subprocess.run(
+            ["docker", "ps", "-aq", "--filter", f"label=fnq.classifier={tag}"],
+            capture_output=True, text=True, timeout=60, check=False,
+        )  # fmt: skip
+        if found.stdout.split():
+            subprocess.run(["docker", "rm", "-f", *found.stdout.split()],
+                           capture_output=True, timeout=120, check=False)  # fmt: skip
+
     def logs(self) -> str:
         files = sorted(self.tmp.glob("worker-*.log"))
         return "\n".join(p.read_text(errors="replace") for p in files)
@@ -136,6 +148,9 @@ def base_env(tmp: Path, mq_url: str, db_url: str | None = None) -> dict[str, str
             "FN_SHUTDOWN_GRACE_MSECS": "20000",
             "FN_LOG_LEVEL": "INFO",
             "FN_ASYNC_CHEW_POLL_MSECS": "1000",
+            # Each test's own label, so that the containers its killed workers
+            # leave can be removed after it (a live worker would sweep them).
+            "FN_CONTAINER_LABEL_TAG": f"fnqt{new_call_id()[-8:].lower()}",
         }
     )
     if db_url:
@@ -148,14 +163,14 @@ def redis_cluster(tmp_path: Path, redis_server: RedisServer, images: None) -> It
     prefix = f"t{new_call_id()[-8:].lower()}"
     cluster = Cluster(base_env(tmp_path, f"{redis_server.url}?prefix={prefix}"), tmp_path)
     yield cluster
-    cluster.stop_all(signal.SIGKILL)
+    cluster.tear_down()
 
 
 @pytest.fixture
 def sqlite_cluster(tmp_path: Path, images: None) -> Iterator[Cluster]:
     cluster = Cluster(base_env(tmp_path, f"sqlite:///{tmp_path / 'data' / 'mq.db'}"), tmp_path)
     yield cluster
-    cluster.stop_all(signal.SIGKILL)
+    cluster.tear_down()
 
 
 def by_status(records: dict[str, CallRecord]) -> dict[CallStatus, int]:

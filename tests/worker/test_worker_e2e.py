@@ -131,7 +131,7 @@ async def test_restart_redis_mid_run(tmp_path: Path, images: None) -> None:
         assert by_status(done) == {CallStatus.SUCCESS: 50}
         cluster.stop_all()
     finally:
-        cluster.stop_all(signal.SIGKILL)  # a failed assertion leaves no worker behind
+        cluster.tear_down()  # a failed assertion leaves no worker behind
         server.stop()
 
 
@@ -278,5 +278,5 @@ async def test_datastore_outage_pauses_and_loses_nothing(
         assert "Failed to restore the pool connection floor" not in logs
         cluster.stop_all()
     finally:
-        cluster.stop_all(signal.SIGKILL)  # a failed assertion leaves no worker behind
+        cluster.tear_down()  # a failed assertion leaves no worker behind
         pg.stop()

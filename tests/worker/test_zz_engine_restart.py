@@ -47,10 +47,11 @@ def restart_engine() -> None:
     assert engine_answers()
 
 
-def containers_of(app: str, fn: str) -> list[str]:
+def containers_of(cluster: Cluster, app: str, fn: str) -> list[str]:
+    tag = cluster.env["FN_CONTAINER_LABEL_TAG"]
     out = subprocess.run(
-        ["docker", "ps", "-q", "--filter", f"label=fnq.app={app}",
-         "--filter", f"label=fnq.fn={fn}"],
+        ["docker", "ps", "-q", "--filter", f"label=fnq.classifier={tag}",
+         "--filter", f"label=fnq.app={app}", "--filter", f"label=fnq.fn={fn}"],
         capture_output=True, text=True, timeout=20, check=True,
     )  # fmt: skip
     return out.stdout.split()
@@ -81,7 +82,7 @@ async def test_engine_restart_fails_running_calls_into_retries_and_recovers(
     # Restart only once both calls are inside their containers (a restart while the
     # containers are still starting is a not-started failure: no attempt is charged).
     for _ in range(300):
-        if len(containers_of("t", "sleep")) == 2:
+        if len(containers_of(sqlite_cluster, "t", "sleep")) == 2:
             break
         await asyncio.sleep(0.1)
     else:
