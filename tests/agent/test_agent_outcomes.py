@@ -10,7 +10,15 @@ from config.domain import CallStatus, FailureKind
 from config.errors import AgentError
 from tests.agent.conftest import AgentFactory, make_call, make_fn
 from worker.agent.driver import ExitInfo
-from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, die, fail, hang, reply
+from worker.agent.drivers.fake import (
+    FakeBehaviour,
+    FakeDriver,
+    die,
+    drop_then_die,
+    fail,
+    hang,
+    reply,
+)
 from worker.agent.errors import (
     AgentClosed,
     ContainerInitFailed,
@@ -268,3 +276,16 @@ async def test_a_header_that_cannot_be_sent_is_a_terminal_error_before_any_conta
     assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.TERMINAL
     assert outcome.error is not None and "header" in outcome.error
     assert not outcome.started and driver.creates == 0
+
+
+async def test_a_dropped_connection_then_an_exit_is_reported_as_the_exit(
+    agents: AgentFactory,
+) -> None:
+    # The usual order on a real engine: the socket breaks, then the engine reports
+    # the exit. The call waits a moment for that, and says how the container died.
+    driver = FakeDriver(FakeBehaviour(handler=drop_then_die(exit_code=3)))
+    agent = agents(driver)
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.FUNCTION
+    assert outcome.error == "container exited with code 3"

@@ -386,66 +386,81 @@ class HotContainer:
             timeout_s=timeout_s,
         )
         stop.dispatched()
-        # One task per call: the dispatch. The container's exit and a stop request
-        # are futures that it races against, with the call's timeout.
-        dispatch = asyncio.create_task(
-            container.dispatch(request, sink), name=f"fnq-call-{call.id}"
-        )
-        try:
-            await asyncio.wait(
-                (dispatch, self._exited, stop.stopped),
-                timeout=timeout_s,
-                return_when=asyncio.FIRST_COMPLETED,
-            )
-            end, result, error = await self._judge(dispatch, stop, timeout_s)
-        except asyncio.CancelledError:
-            self.retire("the call was interrupted mid-dispatch")
-            raise
-        finally:
-            if not dispatch.done():
-                dispatch.cancel()
-                await asyncio.gather(dispatch, return_exceptions=True)
+        end, result, error = await self._dispatch(container, request, sink, stop, timeout_s)
         return ExecResult(end, started_at, utcnow(), result=result, error=error)
 
-    async def _judge(
-        self, dispatch: asyncio.Task[DispatchResult], stop: StopControl, timeout_s: float
+    async def _dispatch(
+        self,
+        container: Container,
+        request: DispatchRequest,
+        sink: OutputSink,
+        stop: StopControl,
+        timeout_s: float,
     ) -> tuple[ExecEnd, DispatchResult | None, str | None]:
-        if dispatch.done():
-            return await self._judge_dispatch(dispatch)
+        """The dispatch, in the caller's own task (no task per call).
+
+        The container's exit and a stop request interrupt it by cancelling this
+        task; such a cancellation is told apart from one that comes from
+        outside (which goes on up), as asyncio.timeout does for its own.
+        """
+        task = asyncio.current_task()
+        assert task is not None
+        armed, interrupted = True, False
+
+        def interrupt(_: asyncio.Future[None]) -> None:
+            nonlocal interrupted
+            if armed and not interrupted:
+                interrupted = True
+                task.cancel()
+
+        self._exited.add_done_callback(interrupt)
+        stop.stopped.add_done_callback(interrupt)
+        failure: TimeoutError | AgentError | None = None
+        try:
+            async with asyncio.timeout(timeout_s):
+                result = await container.dispatch(request, sink)
+        except asyncio.CancelledError:
+            armed = False
+            if not interrupted or task.uncancel() > 0:
+                self.retire("the call was interrupted mid-dispatch")
+                raise
+            return self._judge_interrupt(stop)
+        except (TimeoutError, AgentError) as exc:
+            failure = exc
+        finally:
+            armed = False  # judging may wait for the exit: it must not interrupt that
+            self._exited.remove_done_callback(interrupt)
+            stop.stopped.remove_done_callback(interrupt)
+        if isinstance(failure, TimeoutError):
+            self.retire("a call ran past its timeout")
+            return ExecEnd.TIMED_OUT, None, f"the function ran longer than {timeout_s:g} s"
+        if failure is not None:
+            return await self._judge_error(failure)
+        if result.status not in KEEP_STATUSES:
+            self.retire(f"the function answered with invalid status {result.status}")
+        return ExecEnd.ANSWERED, result, None
+
+    def _judge_interrupt(self, stop: StopControl) -> tuple[ExecEnd, None, str]:
         if self.exit_info is not None:
             self.retire("exited during a call")
             return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
-        if stop.event.is_set():
-            self.retire(stop.reason)
-            return stop.end, None, stop.reason
-        self.retire("a call ran past its timeout")
-        return ExecEnd.TIMED_OUT, None, f"the function ran longer than {timeout_s:g} s"
+        self.retire(stop.reason)
+        return stop.end, None, stop.reason
 
-    async def _judge_dispatch(
-        self, dispatch: asyncio.Task[DispatchResult]
-    ) -> tuple[ExecEnd, DispatchResult | None, str | None]:
-        try:
-            result = dispatch.result()
-        except TimeoutError:
-            self.retire("a call ran past its timeout")
-            return ExecEnd.TIMED_OUT, None, "the function did not answer in time"
-        except (InvalidResponse, ResponseTooBig) as exc:
+    async def _judge_error(self, exc: AgentError) -> tuple[ExecEnd, None, str]:
+        if isinstance(exc, InvalidResponse | ResponseTooBig):
             self.retire(f"bad response: {exc}")
             return ExecEnd.FAILED, None, str(exc)
-        except DispatchError as exc:
+        if isinstance(exc, DispatchError):
             self.retire(f"the exchange with the function broke: {exc}")
             if await self._settle_exit():
                 assert self.exit_info is not None
                 return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
             return ExecEnd.FAILED, None, f"error receiving the function's response: {exc}"
-        except AgentError as exc:
-            self.retire(str(exc))
-            if self.exit_info is not None:
-                return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
-            return ExecEnd.FAILED, None, str(exc)
-        if result.status not in KEEP_STATUSES:
-            self.retire(f"the function answered with invalid status {result.status}")
-        return ExecEnd.ANSWERED, result, None
+        self.retire(str(exc))
+        if self.exit_info is not None:
+            return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
+        return ExecEnd.FAILED, None, str(exc)
 
     async def _settle_exit(self) -> bool:
         try:

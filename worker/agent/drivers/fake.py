@@ -86,6 +86,17 @@ def die(exit_code: int = 1, oom: bool = False, output: tuple[bytes, ...] = ()) -
     return handle
 
 
+def drop_then_die(exit_code: int = 1, after_s: float = 0.05) -> Handler:
+    """The connection drops first; the engine reports the exit a moment later."""
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        loop = asyncio.get_running_loop()
+        loop.call_later(after_s, container.exit, ExitInfo(exit_code=exit_code))
+        raise DispatchError("the connection to the function was dropped")
+
+    return handle
+
+
 def fail(error: AgentError) -> Handler:
     """The exchange fails with ``error`` (e.g. a DispatchError)."""
 
