@@ -343,6 +343,24 @@ async def test_close_leaves_nothing_behind(
     assert (await first.wait()).exit_code is not None
 
 
+async def test_closing_many_paused_containers_at_once_leaves_nothing(
+    function_images: list[str], make_settings: Callable[..., Settings], docker_engine: Any
+) -> None:
+    # Each is thawed before it is removed: the engine's own kill-then-thaw of a
+    # paused container, many at once, could leave it stuck on one of them.
+    settings = make_settings()
+    d = DockerDriver(settings)
+    await d.start()
+    containers = [await d.create(spec("fnq/echo")) for _ in range(6)]
+    await asyncio.gather(*(c.start() for c in containers))
+    await asyncio.gather(*(c.pause() for c in containers))
+    await asyncio.wait_for(d.close(), 60)
+    label = f"fnq.classifier={settings.container_label_tag}"
+    assert docker_engine.containers.list(all=True, filters={"label": label}) == []
+    for c in containers:
+        assert (await asyncio.wait_for(c.wait(), 10)).exit_code is not None
+
+
 async def test_load_file_at_start(
     make_settings: Callable[..., Settings], docker_engine: Any, tmp_path: Path
 ) -> None:

@@ -85,6 +85,7 @@ class DockerContainer:
         self._stdio: ProcessStdio | None = None
         self._meter: CgroupMeter | None = None
         self._pidfd: int | None = None  # readable once the container's first process exits
+        self._paused = False
         self.network: str | None = None  # the docker network it holds a place in
 
     @property
@@ -268,9 +269,11 @@ class DockerContainer:
 
     async def pause(self) -> None:
         await self._freeze("pause")
+        self._paused = True
 
     async def unpause(self) -> None:
         await self._freeze("unpause")
+        self._paused = False
 
     async def _freeze(self, action: str) -> None:
         try:
@@ -297,6 +300,14 @@ class DockerContainer:
                 self._meter.close()
             if self._fdk is not None:
                 await self._fdk.close()
+            if self._paused:
+                # The engine's own way of force-removing a paused container (kill, then
+                # thaw) races with itself when many go at once, and can leave the engine
+                # stuck on one of them: thaw it first, then remove it like any other.
+                try:
+                    await self._freeze("unpause")
+                except FreezeFailed as exc:
+                    log.debug("unpausing %s before removal failed: %s", self.id, exc)
             try:
                 await self._api.request(
                     "DELETE",
