@@ -27,7 +27,7 @@ import contextlib
 import logging
 import random
 from collections.abc import Awaitable, Sequence
-from typing import Any, TypeVar
+from typing import TypeVar
 
 from config.domain import hostname_id
 from config.errors import FnqError
@@ -99,37 +99,26 @@ class Worker:
     ) -> None:
         poll_s = self.settings.secs("async_chew_poll_msecs")
         share = max(1, self.places.total // len(self.queues))
-        # One waiter on the stop signal for the intake's whole life (not one per wait).
-        stop = asyncio.ensure_future(shutdown.stopping.wait())
-        try:
-            while not stop.done():
-                # The resource gate and the places are checked at once first: under
-                # load they are usually open, and then nothing needs waiting for.
-                if not self.agent.has_async_room() and not await self._until(
-                    stop, self.agent.wait_async_resource(poll_s)
-                ):
-                    continue
-                count = self.places.try_take(share)
-                if not count:
-                    # Each queue's intake takes at most its share of the places, so that
-                    # an empty queue waiting for messages never holds them all.
-                    took = await self._race(stop, self.places.take(share))
-                    if took is None:
-                        continue
-                    count = took.result()
-                wait_s = min(poll_s, 1.0) if burst else poll_s
-                msgs = await self._reserve(queue, stop, shutdown, wait_s, count)
-                self.places.give(count - len(msgs))
-                if not msgs and burst and not tasks:
-                    return
-                acks = self.acks[id(queue)]
-                for msg in msgs:
-                    task = asyncio.create_task(self._handle(Delivery(queue, msg, acks)),
-                                               name=f"fnq-call-{msg.call.id}")  # fmt: skip
-                    tasks.add(task)
-                    task.add_done_callback(tasks.discard)
-        finally:
-            stop.cancel()
+        while not shutdown.stopping.is_set():
+            if not await self._until(shutdown, self.agent.wait_async_resource(poll_s)):
+                continue
+            # Each queue's intake takes at most its share of the places, so that an
+            # empty queue waiting for messages never holds them all.
+            took = await self._race(shutdown, self.places.take(share))
+            if took is None:
+                continue
+            count = took.result()
+            wait_s = min(poll_s, 1.0) if burst else poll_s
+            msgs = await self._reserve(queue, shutdown, wait_s, count)
+            self.places.give(count - len(msgs))
+            if not msgs and burst and not tasks:
+                return
+            acks = self.acks[id(queue)]
+            for msg in msgs:
+                task = asyncio.create_task(self._handle(Delivery(queue, msg, acks)),
+                                           name=f"fnq-call-{msg.call.id}")  # fmt: skip
+                tasks.add(task)
+                task.add_done_callback(tasks.discard)
 
     async def _handle(self, d: Delivery) -> None:
         placed = True
@@ -149,16 +138,20 @@ class Worker:
             on_start()
             self.running.pop(d.call_id, None)
 
-    async def _until(self, stop: asyncio.Future[Any], waiter: Awaitable[bool | None]) -> bool:
-        """Await ``waiter`` unless ``stop`` comes first; True if it finished truthy."""
-        task = await self._race(stop, waiter)
+    async def _until(self, shutdown: Shutdown, waiter: Awaitable[bool | None]) -> bool:
+        """Await ``waiter`` unless shutdown comes first; True if it finished truthy."""
+        task = await self._race(shutdown, waiter)
         return task is not None and task.result() is not False
 
     @staticmethod
-    async def _race(stop: asyncio.Future[Any], waiter: Awaitable[T]) -> asyncio.Future[T] | None:
-        """Run ``waiter``; cancel it if ``stop`` comes first (then None)."""
+    async def _race(shutdown: Shutdown, waiter: Awaitable[T]) -> asyncio.Future[T] | None:
+        """Run ``waiter``; cancel it if shutdown comes first (then None)."""
         task = asyncio.ensure_future(waiter)
-        await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        stop = asyncio.ensure_future(shutdown.stopping.wait())
+        try:
+            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            stop.cancel()
         if task.done():
             return task
         task.cancel()
@@ -166,15 +159,10 @@ class Worker:
         return None
 
     async def _reserve(
-        self,
-        queue: MessageQueue,
-        stop: asyncio.Future[Any],
-        shutdown: Shutdown,
-        timeout_s: float,
-        count: int,
+        self, queue: MessageQueue, shutdown: Shutdown, timeout_s: float, count: int
     ) -> list[Message]:
         # A reserve cut short by shutdown hands back what it was claiming (mq.base).
-        task = await self._race(stop, queue.reserve_many(count, timeout_s))
+        task = await self._race(shutdown, queue.reserve_many(count, timeout_s))
         if task is None:
             return []
         try:

@@ -31,12 +31,6 @@ class Places:
         self.free -= taken
         return taken
 
-    def try_take(self, most: int) -> int:
-        """Take up to ``most`` of the free places now; 0 if none is free."""
-        taken = min(most, self.free)
-        self.free -= taken
-        return taken
-
     def give(self, count: int = 1) -> None:
         if count <= 0:
             return

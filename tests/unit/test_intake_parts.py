@@ -28,15 +28,6 @@ async def test_places_take_what_is_free_up_to_the_ask() -> None:
     assert places.free == 4
 
 
-def test_try_take_takes_what_is_free_now_without_waiting() -> None:
-    places = Places(3)
-    assert places.try_take(2) == 2
-    assert places.try_take(5) == 1
-    assert places.try_take(1) == 0 and places.free == 0
-    places.give(2)
-    assert places.try_take(5) == 2
-
-
 async def test_a_cancelled_take_takes_nothing() -> None:
     places = Places(1)
     await places.take(1)

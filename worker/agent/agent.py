@@ -271,10 +271,6 @@ class Agent:
         """True once memory and CPU use are both under 80 %; False after ``timeout_s``."""
         return await self.tracker.wait_async_resource(timeout_s)
 
-    def has_async_room(self) -> bool:
-        """Whether memory and CPU use are both under 80 % right now (no waiting)."""
-        return self.tracker.below_async_high_water()
-
     async def cancel(self, call_id: str) -> bool:
         """Stop a waiting or running call; its submit() returns CANCELLED."""
         stop = self._calls.get(call_id)
