@@ -54,6 +54,7 @@ from worker.agent.evictor import Evictor
 from worker.agent.execution import KEEP_STATUSES, ExecEnd, ExecResult, StopControl
 from worker.agent.resources import ResourceToken
 from worker.agent.slots import Caller, ContainerState, Slot, SlotQueue
+from worker.agent.tasks import Interrupted, interruptible
 
 log = logging.getLogger("fnq.agent.hot")
 
@@ -397,45 +398,22 @@ class HotContainer:
         stop: StopControl,
         timeout_s: float,
     ) -> tuple[ExecEnd, DispatchResult | None, str | None]:
-        """The dispatch, in the caller's own task (no task per call).
-
-        The container's exit and a stop request interrupt it by cancelling this
-        task; such a cancellation is told apart from one that comes from
-        outside (which goes on up), as asyncio.timeout does for its own.
-        """
-        task = asyncio.current_task()
-        assert task is not None
-        armed, interrupted = True, False
-
-        def interrupt(_: asyncio.Future[None]) -> None:
-            nonlocal interrupted
-            if armed and not interrupted:
-                interrupted = True
-                task.cancel()
-
-        self._exited.add_done_callback(interrupt)
-        stop.stopped.add_done_callback(interrupt)
-        failure: TimeoutError | AgentError | None = None
+        """The dispatch, in the caller's own task (no task per call); the container's
+        exit and a stop request interrupt it."""
         try:
-            async with asyncio.timeout(timeout_s):
-                result = await container.dispatch(request, sink)
-        except asyncio.CancelledError:
-            armed = False
-            if not interrupted or task.uncancel() > 0:
-                self.retire("the call was interrupted mid-dispatch")
-                raise
+            result = await interruptible(
+                container.dispatch(request, sink), timeout_s, self._exited, stop.stopped
+            )
+        except Interrupted:
             return self._judge_interrupt(stop)
-        except (TimeoutError, AgentError) as exc:
-            failure = exc
-        finally:
-            armed = False  # judging may wait for the exit: it must not interrupt that
-            self._exited.remove_done_callback(interrupt)
-            stop.stopped.remove_done_callback(interrupt)
-        if isinstance(failure, TimeoutError):
+        except TimeoutError:
             self.retire("a call ran past its timeout")
             return ExecEnd.TIMED_OUT, None, f"the function ran longer than {timeout_s:g} s"
-        if failure is not None:
-            return await self._judge_error(failure)
+        except AgentError as exc:
+            return await self._judge_error(exc)
+        except asyncio.CancelledError:
+            self.retire("the call was interrupted mid-dispatch")
+            raise
         if result.status not in KEEP_STATUSES:
             self.retire(f"the function answered with invalid status {result.status}")
         return ExecEnd.ANSWERED, result, None

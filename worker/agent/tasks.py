@@ -1,9 +1,15 @@
-"""A tracked set of named background tasks, for tasks that outlive their starter.
+"""Task helpers of the agent: a tracked set of background tasks, and an await
+that other futures can interrupt.
 
 A hot container lives longer than the call that launched it, so it cannot be
-a child of that call's TaskGroup; the agent owns it here instead, and
-:meth:`TaskSet.close` cancels and awaits whatever is left. A task that dies
-of an unexpected error is logged at once, not when someone finally looks.
+a child of that call's TaskGroup; the agent owns it in a :class:`TaskSet`
+instead, and :meth:`TaskSet.close` cancels and awaits whatever is left. A task
+that dies of an unexpected error is logged at once, not when someone finally
+looks.
+
+:func:`interruptible` awaits something in the current task (no task of its
+own) until it is done, a timeout passes, or one of some futures completes
+first: a call's dispatch against its container's exit and a stop request.
 """
 
 from __future__ import annotations
@@ -11,10 +17,52 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import logging
-from collections.abc import Coroutine
-from typing import Any
+from collections.abc import Awaitable, Coroutine
+from typing import Any, TypeVar
 
 log = logging.getLogger("fnq.agent")
+T = TypeVar("T")
+
+
+class Interrupted(Exception):
+    """One of the interrupting futures completed before the await was done."""
+
+
+async def interruptible(
+    awaitable: Awaitable[T], timeout_s: float, *interrupters: asyncio.Future[Any]
+) -> T:
+    """Await ``awaitable`` in this task: its result, TimeoutError after ``timeout_s``,
+    or :class:`Interrupted` as soon as one of ``interrupters`` completes.
+
+    An interrupter cancels this task, and that cancellation is told apart from
+    one that comes from outside, which goes on up as it is (asyncio.timeout
+    does the same for its own). Once this returns or raises, no interrupter
+    can reach the task any more.
+    """
+    task = asyncio.current_task()
+    assert task is not None
+    armed, interrupted = True, False
+
+    def interrupt(_: asyncio.Future[Any]) -> None:
+        nonlocal interrupted
+        if armed and not interrupted:
+            interrupted = True
+            task.cancel()
+
+    for future in interrupters:
+        future.add_done_callback(interrupt)
+    try:
+        async with asyncio.timeout(timeout_s):
+            return await awaitable
+    except asyncio.CancelledError:
+        armed = False
+        if interrupted and task.uncancel() == 0:
+            raise Interrupted() from None
+        raise
+    finally:
+        armed = False
+        for future in interrupters:
+            future.remove_done_callback(interrupt)
 
 
 class TaskSet:
