@@ -235,20 +235,65 @@ class RedisQueue:
             wait = box[0] if box else None
             if wait is None:  # routed or buried something: look again at once
                 continue
-            from_ids, cap_ms = wait
+            _, cap_ms = wait
             block_ms = remaining * 1000 if cap_ms < 0 else min(remaining * 1000, cap_ms)
-            await self._block(from_ids, max(1, int(block_ms)))
+            msgs = await self._block(max_count, max(1, int(block_ms)))
+            if msgs:
+                return msgs
 
-    async def _block(self, from_ids: Sequence[bytes], block_ms: int) -> None:
+    async def _block(self, count: int, block_ms: int) -> list[Message]:
+        """Wait for new entries and take them in the same round trip.
+
+        The reserve script found nothing and said how long waiting is useful (the
+        next delayed entry or sweep is due then). XREADGROUP BLOCK on every stream
+        hands the first new entries straight to this consumer, as the script would
+        have: they need no second round trip. Producers' entries are routed and
+        taken by the next claim; entries past ``count`` are handed back.
+        """
         keys = [self._ready_keys[2], self._ready_keys[1], self._ready_keys[0], self.inbox_key]
-        streams = {k: _s(i) for k, i in zip(keys, from_ids, strict=True)}
-        await self._cmd(
-            self._client.xread,
-            streams,
-            1,
+        reply = await self._cmd(
+            self._client.xreadgroup,
+            GROUP,
+            self._consumer,
+            dict.fromkeys(keys, ">"),
+            count,
             block_ms,
             timeout_s=block_ms / 1000 + self._op_timeout_s,
         )
+        msgs: list[Message] = []
+        raw: list[Any] = []
+        for key_b, entries in reply or []:
+            key = _s(key_b)
+            for eid_b, fields in entries:
+                if key == self.inbox_key:
+                    raw.append((eid_b, 1, [x for pair in fields.items() for x in pair]))
+                    continue
+                prio = self._ready_keys.index(key)
+                msg = await self._taken(prio, _s(eid_b), fields)
+                if msg is not None:
+                    msgs.append(msg)
+        if raw:
+            await self._route(raw)
+        if len(msgs) > count:  # several streams had new entries: keep the first ones
+            await self._hand_back(msgs[count:])
+            msgs = msgs[:count]
+        return msgs
+
+    async def _taken(
+        self, prio: int, eid: str, fields: dict[bytes, bytes], deliveries: int | None = None
+    ) -> Message | None:
+        """A ready entry this consumer was just given, as a Message (None: malformed and
+        buried). ``deliveries`` defaults to a first delivery by this group."""
+        if deliveries is None:
+            prior = fields.get(b"_n", b"0")
+            deliveries = (int(prior) if prior.isdigit() else 0) + 1
+        try:
+            parsed = wire.decode_fields(fields, self._max_body)
+        except wire.WireError as exc:
+            key = _s(fields.get(b"id", b"")) or f"q{prio}-{eid}"
+            await self._bury(str(prio), eid, key, f"malformed message: {exc}", deliveries)
+            return None
+        return Message(parsed.call, deliveries, f"{prio}|{eid}", prio)
 
     async def _claim(self, count: int, box: list[Any]) -> list[Message]:
         every = reclaim_every_ms(self._reservation_ms)
@@ -264,14 +309,9 @@ class RedisQueue:
         out, raw, wait = await self._eval("reserve", args)
         msgs: list[Message] = []
         for prio, eid_b, deliveries, flat in out:
-            eid = _s(eid_b)
-            try:
-                parsed = wire.decode_fields(_pairs(flat), self._max_body)
-            except wire.WireError as exc:
-                key = _s(_pairs(flat).get(b"id", b"")) or f"q{prio}-{eid}"
-                await self._bury(str(prio), eid, key, f"malformed message: {exc}", deliveries)
-                continue
-            msgs.append(Message(parsed.call, int(deliveries), f"{prio}|{eid}", int(prio)))
+            msg = await self._taken(int(prio), _s(eid_b), _pairs(flat), int(deliveries))
+            if msg is not None:
+                msgs.append(msg)
         if raw:
             await self._route(raw)
         if not msgs and not raw and wait:

@@ -186,3 +186,39 @@ async def test_entry_of_a_consumer_that_died_while_routing_is_routed(
     finally:
         await client.aclose()
         await q.close()
+
+
+def script_calls(port: int) -> int:
+    stats = redis_cli(port, "INFO", "commandstats")
+    for line in stats.splitlines():
+        if line.startswith("cmdstat_evalsha:"):
+            return int(line.split("calls=")[1].split(",")[0])
+    return 0
+
+
+async def test_a_waiting_reserve_takes_a_new_entry_in_the_same_round_trip(
+    own_redis: RedisServer,
+) -> None:
+    import asyncio  # noqa: PLC0415
+
+    consumer = open_queue(own_redis.url, load_settings())
+    producer = open_queue(own_redis.url, load_settings())
+    try:
+        await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))  # scripts loaded
+        warm = await consumer.reserve(1.0)
+        assert warm is not None
+        await consumer.ack(warm)
+        waiting = asyncio.create_task(consumer.reserve_many(5, 10.0))
+        await asyncio.sleep(0.3)
+        before = script_calls(own_redis.port)
+        pushed = Call(new_call_id(), "demo", "echo", b"x", priority=1)
+        await producer.push(pushed)
+        msgs = await asyncio.wait_for(waiting, 10.0)
+        # One script for the push; the waiting consumer ran none to take the entry.
+        assert script_calls(own_redis.port) - before == 1
+        assert [(m.call.id, m.deliveries, m.priority) for m in msgs] == [(pushed.id, 1, 1)]
+        await consumer.ack_many(msgs)
+        assert await consumer.reserve(0.1) is None
+    finally:
+        await consumer.close()
+        await producer.close()
