@@ -24,9 +24,10 @@ malformed one goes to the dead letters with the reason.
 
 Every multi-step change is one Lua script (mq/lua/*.lua, each prefixed with
 common.lua), so a consumer that dies mid-way leaves nothing half done.
-Waiting: when a reserve finds nothing it blocks in XREAD on the four streams
-(from their last entry, so only new entries wake it), at most until the next
-delayed message is due or, while reservations are held, the next sweep.
+Waiting: when a reserve finds nothing it blocks in XREADGROUP on the four
+streams (new entries only, handed to it in the same round trip), at most
+until the next delayed message is due or, while reservations are held, the
+next sweep.
 """
 
 from __future__ import annotations
@@ -232,10 +233,9 @@ class RedisQueue:
             remaining = deadline - loop.time()
             if remaining <= 0:
                 return []
-            wait = box[0] if box else None
-            if wait is None:  # routed or buried something: look again at once
+            cap_ms = box[0] if box else None  # the longest useful wait, -1: no limit
+            if cap_ms is None:  # routed or buried something: look again at once
                 continue
-            _, cap_ms = wait
             block_ms = remaining * 1000 if cap_ms < 0 else min(remaining * 1000, cap_ms)
             msgs = await self._block(max_count, max(1, int(block_ms)))
             if msgs:
@@ -315,7 +315,7 @@ class RedisQueue:
         if raw:
             await self._route(raw)
         if not msgs and not raw and wait:
-            box.append((wait[0], int(wait[1])))
+            box.append(int(wait))
         return msgs
 
     async def _route(self, raw: list[Any]) -> None:

@@ -47,9 +47,7 @@ class RunningMark:
     async def written(self) -> CallRecord | None:
         """The `running` record once it is stored; None if it was never due (and now never
         will be). Raises what the write raised."""
-        if self._timer is not None:
-            self._timer.cancel()
-            self._timer = None
+        self.cancel()
         if self._write is None:
             return None
         return await asyncio.shield(self._write)

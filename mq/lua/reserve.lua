@@ -1,7 +1,7 @@
 -- ARGV: group, consumer, count, reservation ms, max deliveries, reclaim every ms, promote limit
 -- Returns {messages, inbox entries, wait}: a message is {priority, entry id, deliveries, fields};
 -- an inbox entry is {entry id, deliveries, fields}; wait is false unless nothing was found, then
--- {stream ids to XREAD from (q2, q1, q0, inbox), longest useful wait in ms or -1}.
+-- the longest useful wait in ms (the next sweep or delayed entry), or -1 for no limit.
 local group, consumer = ARGV[1], ARGV[2]
 local count, reservation = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxd, every, promote = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -84,12 +84,9 @@ end
 if reclaim and not more then redis.call('HSET', META, 'reclaim_at', now + every) end
 if #out > 0 or #raw > 0 then return {out, raw, false} end
 
--- 4. nothing: where to block from, and for how long at most
-local from = {}
+-- 4. nothing: how long blocking for new entries is useful at most
 local wait = -1
-for i, key in ipairs({Q[3], Q[2], Q[1], INBOX}) do
-  local last = redis.call('XREVRANGE', key, '+', '-', 'COUNT', 1)
-  from[i] = (#last > 0) and last[1][1] or '0-0'
+for _, key in ipairs({Q[3], Q[2], Q[1], INBOX}) do
   if redis.call('XPENDING', key, group)[1] > 0 then
     local at = tonumber(redis.call('HGET', META, 'reclaim_at') or '0')
     wait = math.max(at - now, 1)
@@ -100,4 +97,4 @@ if #first > 0 then
   local until_due = math.max(tonumber(first[2]) - now, 1)
   if wait < 0 or until_due < wait then wait = until_due end
 end
-return {out, raw, {from, wait}}
+return {out, raw, wait}
