@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast
 
 from config.domain import Outcome
 from config.errors import FnqError
@@ -23,9 +23,14 @@ log = logging.getLogger("fnq.worker")
 HAND_BACK_TIMEOUT_S = 5.0
 
 
-@runtime_checkable
 class CompletingQueue(Protocol):
     async def complete(self, msg: Message, outcome: Outcome) -> None: ...
+
+
+def completer(queue: MessageQueue) -> CompletingQueue | None:
+    """``queue`` if it settles deliveries with ``complete`` (an attribute lookup: a
+    runtime-checked Protocol would inspect the whole class on every call)."""
+    return cast(CompletingQueue, queue) if callable(getattr(queue, "complete", None)) else None
 
 
 @dataclass(frozen=True, slots=True)
@@ -40,8 +45,9 @@ class Delivery:
 
     async def settle(self, outcome: Outcome, *, dead_letter: bool) -> None:
         """The call has its final record: take the message off the queue for good."""
-        if isinstance(self.queue, CompletingQueue):
-            await self.queue.complete(self.msg, outcome)
+        completing = completer(self.queue)
+        if completing is not None:
+            await completing.complete(self.msg, outcome)
         elif dead_letter:
             await self.queue.dead_letter(self.msg, outcome.error or outcome.status.value)
         elif self.acks is not None:

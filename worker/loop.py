@@ -23,11 +23,9 @@ grace period; what is still running after it is cancelled and handed back.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Sequence
-from typing import TypeVar
+from collections.abc import Sequence
 
 from config.domain import hostname_id
 from config.errors import FnqError
@@ -43,7 +41,6 @@ from worker.places import Places
 from worker.shutdown import Shutdown
 
 log = logging.getLogger("fnq.worker")
-T = TypeVar("T")
 
 OUTAGE_BACKOFF_MAX_S = 10.0
 
@@ -83,11 +80,19 @@ class Worker:
         """Take calls until ``shutdown`` (or, with ``burst``, until the queues are empty)."""
         tasks: set[asyncio.Task[None]] = set()
         heartbeat = asyncio.create_task(self.calls.heartbeat(), name="fnq-heartbeat")
+        stopper: asyncio.Task[None] | None = None
         try:
             async with asyncio.TaskGroup() as tg:
-                for i, queue in enumerate(self.queues):
+                intakes = [
                     tg.create_task(self._intake(queue, shutdown, tasks, burst), name=f"fnq-in-{i}")
+                    for i, queue in enumerate(self.queues)
+                ]
+                stopper = asyncio.create_task(
+                    _cancel_when(shutdown.stopping, intakes), name="fnq-intake-stop"
+                )
         finally:
+            if stopper is not None:
+                stopper.cancel()
             try:
                 await self._drain(shutdown, tasks)
             finally:
@@ -97,20 +102,22 @@ class Worker:
     async def _intake(
         self, queue: MessageQueue, shutdown: Shutdown, tasks: set[asyncio.Task[None]], burst: bool
     ) -> None:
+        """Reserve calls and start them while there is room. A stop request cancels
+        this task wherever it waits (a reserve under way hands its messages back)."""
         poll_s = self.settings.secs("async_chew_poll_msecs")
         share = max(1, self.places.total // len(self.queues))
+        wait_s = min(poll_s, 1.0) if burst else poll_s
         while not shutdown.stopping.is_set():
-            if not await self._until(shutdown, self.agent.wait_async_resource(poll_s)):
+            if not await self.agent.wait_async_resource(poll_s):
                 continue
             # Each queue's intake takes at most its share of the places, so that an
             # empty queue waiting for messages never holds them all.
-            took = await self._race(shutdown, self.places.take(share))
-            if took is None:
-                continue
-            count = took.result()
-            wait_s = min(poll_s, 1.0) if burst else poll_s
-            msgs = await self._reserve(queue, shutdown, wait_s, count)
-            self.places.give(count - len(msgs))
+            count = await self.places.take(share)
+            msgs: list[Message] = []
+            try:
+                msgs = await self._reserve(queue, wait_s, count)
+            finally:
+                self.places.give(count - len(msgs))
             if not msgs and burst and not tasks:
                 return
             acks = self.acks[id(queue)]
@@ -138,50 +145,23 @@ class Worker:
             on_start()
             self.running.pop(d.call_id, None)
 
-    async def _until(self, shutdown: Shutdown, waiter: Awaitable[bool | None]) -> bool:
-        """Await ``waiter`` unless shutdown comes first; True if it finished truthy."""
-        task = await self._race(shutdown, waiter)
-        return task is not None and task.result() is not False
-
-    @staticmethod
-    async def _race(shutdown: Shutdown, waiter: Awaitable[T]) -> asyncio.Future[T] | None:
-        """Run ``waiter``; cancel it if shutdown comes first (then None)."""
-        task = asyncio.ensure_future(waiter)
-        stop = asyncio.ensure_future(shutdown.stopping.wait())
+    async def _reserve(self, queue: MessageQueue, timeout_s: float, count: int) -> list[Message]:
         try:
-            await asyncio.wait({task, stop}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stop.cancel()
-        if task.done():
-            return task
-        task.cancel()
-        await asyncio.gather(task, return_exceptions=True)
-        return None
-
-    async def _reserve(
-        self, queue: MessageQueue, shutdown: Shutdown, timeout_s: float, count: int
-    ) -> list[Message]:
-        # A reserve cut short by shutdown hands back what it was claiming (mq.base).
-        task = await self._race(shutdown, queue.reserve_many(count, timeout_s))
-        if task is None:
-            return []
-        try:
-            msgs = task.result()
+            msgs = await queue.reserve_many(count, timeout_s)
         except FnqError as exc:
-            await self._outage("queue", exc, shutdown)
+            await self._outage("queue", exc)
             return []
         self._recovered("queue")
         return msgs
 
-    async def _outage(self, what: str, exc: Exception, shutdown: Shutdown) -> None:
+    async def _outage(self, what: str, exc: Exception) -> None:
         loop = asyncio.get_running_loop()
         if self._outage_since is None:
             self._outage_since = loop.time()
             log.error("%s unavailable, pausing intake: %s", what, exc)
         waited = loop.time() - self._outage_since
         delay = min(OUTAGE_BACKOFF_MAX_S, 0.2 * 2 ** min(6, int(waited)))
-        with contextlib.suppress(TimeoutError):
-            await asyncio.wait_for(shutdown.stopping.wait(), timeout=delay)
+        await asyncio.sleep(delay)  # a stop request cancels the intake, and this wait
 
     def _recovered(self, what: str) -> None:
         if self._outage_since is not None:
@@ -201,3 +181,9 @@ class Worker:
             for task in list(tasks):
                 task.cancel()
         await pending
+
+
+async def _cancel_when(event: asyncio.Event, tasks: Sequence[asyncio.Task[None]]) -> None:
+    await event.wait()
+    for task in tasks:
+        task.cancel()
