@@ -83,8 +83,16 @@ class MessageQueue(Protocol):
         """The next message, waiting up to ``timeout_s``; None when none came."""
         ...
 
-    async def reserve_many(self, max_count: int, timeout_s: float) -> list[Message]:
-        """Up to ``max_count`` messages; waits only while there are none."""
+    async def reserve_many(
+        self, max_count: int, timeout_s: float, *, ack: Sequence[Message] = ()
+    ) -> list[Message]:
+        """Up to ``max_count`` messages; waits only while there are none.
+
+        ``ack``: messages to ack first, in the same round trip where the backend
+        can (a busy worker's acks ride on its next reserve). They are acked even
+        when nothing comes; on an error, whether they were is unknown (acking
+        again is harmless).
+        """
         ...
 
     async def ack(self, msg: Message) -> None:

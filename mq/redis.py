@@ -218,16 +218,20 @@ class RedisQueue:
         msgs = await self.reserve_many(1, timeout_s)
         return msgs[0] if msgs else None
 
-    async def reserve_many(self, max_count: int, timeout_s: float) -> list[Message]:
+    async def reserve_many(
+        self, max_count: int, timeout_s: float, *, ack: Sequence[Message] = ()
+    ) -> list[Message]:
         if max_count < 1:
             raise ValueError("max_count must be at least 1")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
+        acks = self._ack_args(ack)  # the first claim acks them (reserve.lua)
         while True:
             box: list[Any] = []
             msgs = await claim_shielded(
-                self._claim(max_count, box), self._hand_back, self._op_timeout_s
+                self._claim(max_count, box, acks), self._hand_back, self._op_timeout_s
             )
+            acks = []
             if msgs:
                 return msgs
             remaining = deadline - loop.time()
@@ -295,7 +299,7 @@ class RedisQueue:
             return None
         return Message(parsed.call, deliveries, f"{prio}|{eid}", prio)
 
-    async def _claim(self, count: int, box: list[Any]) -> list[Message]:
+    async def _claim(self, count: int, box: list[Any], acks: list[Any]) -> list[Message]:
         every = reclaim_every_ms(self._reservation_ms)
         args = [
             GROUP,
@@ -305,6 +309,7 @@ class RedisQueue:
             self._max_deliveries,
             every,
             PROMOTE_LIMIT,
+            *acks,
         ]
         out, raw, wait = await self._eval("reserve", args)
         msgs: list[Message] = []
@@ -355,10 +360,13 @@ class RedisQueue:
 
     async def ack_many(self, msgs: Sequence[Message]) -> None:
         if msgs:
-            args: list[Any] = [GROUP]
-            for msg in msgs:
-                args += (*self._where(msg), msg.call.id)
-            await self._eval("ack", args)
+            await self._eval("ack", [GROUP, *self._ack_args(msgs)])
+
+    def _ack_args(self, msgs: Sequence[Message]) -> list[Any]:
+        args: list[Any] = []
+        for msg in msgs:
+            args += (*self._where(msg), msg.call.id)
+        return args
 
     async def release(self, msg: Message, delay_s: float = 0.0) -> None:
         delay_ms = int(wire.check_delay(delay_s) * 1000)

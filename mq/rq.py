@@ -166,9 +166,12 @@ class RQQueue:
         msgs = await self.reserve_many(1, timeout_s)
         return msgs[0] if msgs else None
 
-    async def reserve_many(self, max_count: int, timeout_s: float) -> list[Message]:
+    async def reserve_many(
+        self, max_count: int, timeout_s: float, *, ack: Sequence[Message] = ()
+    ) -> list[Message]:
         if max_count < 1:
             raise ValueError("max_count must be at least 1")
+        await self.ack_many(ack)
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
         while True:

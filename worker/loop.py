@@ -12,9 +12,10 @@ yet running in a container, across all its queues. The agent tells the call
 task when its call has been dispatched, which frees the place. A burst
 therefore stays in the shared queue, where idle workers can take it, instead
 of piling onto one worker. One reserve fills every free place at once
-(``reserve_many``), and plain acks of finished calls share round trips
-(worker.acks); reservations of all running calls are extended by one
-heartbeat task (worker.calls).
+(``reserve_many``) and carries the acks of calls finished meanwhile; acks
+that no reserve takes share round trips of their own (worker.acks). The
+reservations of all running calls are extended by one heartbeat task
+(worker.calls).
 
 Shutdown (worker.shutdown): intake stops at once; calls in containers get the
 grace period; what is still running after it is cancelled and handed back.
@@ -113,14 +114,14 @@ class Worker:
             # Each queue's intake takes at most its share of the places, so that an
             # empty queue waiting for messages never holds them all.
             count = await self.places.take(share)
+            acks = self.acks[id(queue)]
             msgs: list[Message] = []
             try:
-                msgs = await self._reserve(queue, wait_s, count)
+                msgs = await self._reserve(queue, acks, wait_s, count)
             finally:
                 self.places.give(count - len(msgs))
             if not msgs and burst and not tasks:
                 return
-            acks = self.acks[id(queue)]
             for msg in msgs:
                 task = asyncio.create_task(self._handle(Delivery(queue, msg, acks)),
                                            name=f"fnq-call-{msg.call.id}")  # fmt: skip
@@ -145,12 +146,21 @@ class Worker:
             on_start()
             self.running.pop(d.call_id, None)
 
-    async def _reserve(self, queue: MessageQueue, timeout_s: float, count: int) -> list[Message]:
+    async def _reserve(
+        self, queue: MessageQueue, acks: AckBatcher, timeout_s: float, count: int
+    ) -> list[Message]:
+        """Reserve up to ``count`` messages; the acks waiting go in the same round trip."""
+        carried = acks.take()
         try:
-            msgs = await queue.reserve_many(count, timeout_s)
+            msgs = await queue.reserve_many(count, timeout_s, ack=[m for m, _ in carried])
         except FnqError as exc:
+            acks.give_back(carried)
             await self._outage("queue", exc)
             return []
+        except BaseException:
+            acks.give_back(carried)
+            raise
+        acks.carried_by_reserve(carried)
         self._recovered("queue")
         return msgs
 

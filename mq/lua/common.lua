@@ -96,3 +96,11 @@ local function holds(key, group, id, consumer, deliveries)
   local prior = f and (tonumber(field(f, '_n') or '0') or 0) or 0
   return prior + times == tonumber(deliveries)
 end
+
+-- The consumer is done with entry id of priority p (call id cid): it leaves for good.
+local function ack_entry(group, p, id, cid)
+  local key = Q[p + 1]
+  redis.call('XACK', key, group, id)
+  redis.call('XDEL', key, id)
+  forget(cid, p .. '|' .. id)
+end

@@ -1,4 +1,5 @@
--- ARGV: group, consumer, count, reservation ms, max deliveries, reclaim every ms, promote limit
+-- ARGV: group, consumer, count, reservation ms, max deliveries, reclaim every ms, promote limit,
+-- then per message to ack first (as ack.lua): priority, entry id, call id.
 -- Returns {messages, inbox entries, wait}: a message is {priority, entry id, deliveries, fields};
 -- an inbox entry is {entry id, deliveries, fields}; wait is false unless nothing was found, then
 -- the longest useful wait in ms (the next sweep or delayed entry), or -1 for no limit.
@@ -6,6 +7,11 @@ local group, consumer = ARGV[1], ARGV[2]
 local count, reservation = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxd, every, promote = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
 local now = now_ms()
+
+-- 0. the consumer's finished messages
+for i = 8, #ARGV, 3 do
+  ack_entry(group, tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2])
+end
 
 -- 1. delayed entries whose time has come join their ready stream
 for _, eid in ipairs(redis.call('ZRANGEBYSCORE', DUE, '-inf', now, 'LIMIT', 0, promote)) do

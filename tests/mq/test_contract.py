@@ -335,6 +335,25 @@ async def test_reserve_many_takes_a_batch(queues: QueueMaker) -> None:
     assert [m.call.id for m in rest] == ids[10:]
 
 
+async def test_reserve_many_acks_what_it_is_given_first(queues: QueueMaker) -> None:
+    q = queues()
+    ids = await q.push_many([call(str(i).encode()) for i in range(6)])
+    held = await q.reserve_many(4, 1.0)
+    assert [m.call.id for m in held] == ids[:4]
+    more = await q.reserve_many(1, 1.0, ack=held[:2])
+    assert [m.call.id for m in more] == ids[4:5]
+    assert (await q.stats()) == QueueStats(ready=1, delayed=0, reserved=3, dead=0)
+    rest = await q.reserve_many(5, 1.0, ack=[*held[2:], *more])
+    assert [m.call.id for m in rest] == ids[5:]
+    # Also when nothing comes: the acks are not held back by the wait.
+    assert await q.reserve_many(5, 0.2, ack=rest) == []
+    assert (await q.stats()) == QueueStats(ready=0, delayed=0, reserved=0, dead=0)
+    # An id acked this way may be queued again, as after any ack.
+    await q.push(Call(id=ids[0], app="demo", fn="echo", body=b"again"))
+    again = await q.reserve(1.0)
+    assert again is not None and (again.call.id, again.call.body) == (ids[0], b"again")
+
+
 async def test_an_old_delivery_cannot_touch_the_new_one(queues: QueueMaker) -> None:
     q = queues(**SHORT)
     await q.push(call())

@@ -222,3 +222,20 @@ async def test_a_waiting_reserve_takes_a_new_entry_in_the_same_round_trip(
     finally:
         await consumer.close()
         await producer.close()
+
+
+async def test_acks_ride_on_the_reserve_script(own_redis: RedisServer) -> None:
+    q = open_queue(own_redis.url, load_settings())
+    try:
+        ids = [await q.push(Call(new_call_id(), "demo", "echo", b"x")) for _ in range(3)]
+        held = await q.reserve_many(2, 1.0)
+        before = script_calls(own_redis.port)
+        more = await q.reserve_many(2, 1.0, ack=held)
+        assert script_calls(own_redis.port) - before == 1  # one round trip for both
+        assert [m.call.id for m in more] == ids[2:]
+        stats = await q.stats()
+        assert (stats.ready, stats.reserved) == (0, 1)
+        length = sum(int(redis_cli(own_redis.port, "XLEN", f"fnq:ready:{p}")) for p in range(3))
+        assert length == 1  # the acked entries are gone from their stream
+    finally:
+        await q.close()

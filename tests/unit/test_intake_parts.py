@@ -67,10 +67,10 @@ async def test_acks_that_arrive_together_share_round_trips(queue: MessageQueue) 
     msgs = await queue.reserve_many(20, 1.0)
     assert len(msgs) == 20
     counting = CountingQueue(queue)
-    acks = AckBatcher(counting)  # type: ignore[arg-type]
+    acks = AckBatcher(counting, linger_s=0)  # type: ignore[arg-type]
     first = asyncio.create_task(acks.ack(msgs[0]))
     await asyncio.sleep(0.002)
-    assert counting.batches == [1]  # the first went at once, with no added delay
+    assert counting.batches == [1]  # the first went at once (no linger)
     await asyncio.gather(first, *(acks.ack(m) for m in msgs[1:]))
     assert counting.batches == [1, 19]  # the others waited for it and went together
     assert acks.round_trips == 2
@@ -89,3 +89,46 @@ async def test_an_ack_failure_reaches_every_waiting_caller(queue: MessageQueue) 
     results = await asyncio.gather(*(acks.ack(m) for m in msgs), return_exceptions=True)
     assert [str(r) for r in results] == ["queue down"] * 3
     assert (await queue.stats()).reserved == 3  # nothing was acked
+
+
+async def test_a_reserve_carries_the_acks_waiting_for_it(queue: MessageQueue) -> None:
+    await queue.push_many([Call(new_call_id(), "a", "f", b"") for _ in range(4)])
+    held = await queue.reserve_many(3, 1.0)
+    counting = CountingQueue(queue)
+    acks = AckBatcher(counting, linger_s=10.0)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(acks.ack(m)) for m in held]
+    await asyncio.sleep(0.01)
+    assert not any(t.done() for t in waiting)  # lingering for a reserve
+    batch = acks.take()
+    assert [m.call.id for m, _ in batch] == [m.call.id for m in held]
+    more = await queue.reserve_many(3, 1.0, ack=[m for m, _ in batch])
+    acks.carried_by_reserve(batch)
+    await asyncio.wait_for(asyncio.gather(*waiting), 1.0)
+    assert (counting.batches, acks.carried) == ([], 3)  # no round trip of their own
+    assert len(more) == 1 and (await queue.stats()).reserved == 1
+
+
+async def test_acks_no_reserve_takes_go_alone_after_the_linger(queue: MessageQueue) -> None:
+    await queue.push_many([Call(new_call_id(), "a", "f", b"") for _ in range(2)])
+    held = await queue.reserve_many(2, 1.0)
+    counting = CountingQueue(queue)
+    acks = AckBatcher(counting, linger_s=0.05)  # type: ignore[arg-type]
+    t0 = asyncio.get_running_loop().time()
+    await asyncio.wait_for(asyncio.gather(*(acks.ack(m) for m in held)), 2.0)
+    assert asyncio.get_running_loop().time() - t0 >= 0.05
+    assert counting.batches == [2]
+    assert (await queue.stats()).reserved == 0
+
+
+async def test_acks_of_a_failed_reserve_are_sent_alone(queue: MessageQueue) -> None:
+    await queue.push_many([Call(new_call_id(), "a", "f", b"")])
+    held = await queue.reserve_many(1, 1.0)
+    counting = CountingQueue(queue)
+    acks = AckBatcher(counting, linger_s=0.05)  # type: ignore[arg-type]
+    waiting = asyncio.create_task(acks.ack(held[0]))
+    await asyncio.sleep(0)
+    batch = acks.take()  # a reserve takes it, then fails:
+    acks.give_back(batch)
+    await asyncio.wait_for(waiting, 2.0)
+    assert (counting.batches, acks.carried) == ([1], 0)
+    assert (await queue.stats()).reserved == 0
