@@ -84,14 +84,20 @@ class MessageQueue(Protocol):
         ...
 
     async def reserve_many(
-        self, max_count: int, timeout_s: float, *, ack: Sequence[Message] = ()
+        self,
+        max_count: int,
+        timeout_s: float,
+        *,
+        ack: Sequence[Message] = (),
+        on_acked: Callable[[], None] | None = None,
     ) -> list[Message]:
         """Up to ``max_count`` messages; waits only while there are none.
 
         ``ack``: messages to ack first, in the same round trip where the backend
-        can (a busy worker's acks ride on its next reserve). They are acked even
-        when nothing comes; on an error, whether they were is unknown (acking
-        again is harmless).
+        can (a busy worker's acks ride on its next reserve). ``on_acked`` is
+        called once they are, before any wait for new messages. If it was not
+        called when this returns or raises, whether they were acked is unknown
+        (acking again is harmless).
         """
         ...
 

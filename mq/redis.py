@@ -38,7 +38,7 @@ import functools
 import json
 import os
 import secrets
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
@@ -219,7 +219,12 @@ class RedisQueue:
         return msgs[0] if msgs else None
 
     async def reserve_many(
-        self, max_count: int, timeout_s: float, *, ack: Sequence[Message] = ()
+        self,
+        max_count: int,
+        timeout_s: float,
+        *,
+        ack: Sequence[Message] = (),
+        on_acked: Callable[[], None] | None = None,
     ) -> list[Message]:
         if max_count < 1:
             raise ValueError("max_count must be at least 1")
@@ -231,6 +236,8 @@ class RedisQueue:
             msgs = await claim_shielded(
                 self._claim(max_count, box, acks), self._hand_back, self._op_timeout_s
             )
+            if acks and on_acked is not None:
+                on_acked()
             acks = []
             if msgs:
                 return msgs

@@ -111,11 +111,19 @@ class SqliteQueue:
         return msgs[0] if msgs else None
 
     async def reserve_many(
-        self, max_count: int, timeout_s: float, *, ack: Sequence[Message] = ()
+        self,
+        max_count: int,
+        timeout_s: float,
+        *,
+        ack: Sequence[Message] = (),
+        on_acked: Callable[[], None] | None = None,
     ) -> list[Message]:
         if max_count < 1:
             raise ValueError("max_count must be at least 1")
-        await self.ack_many(ack)
+        if ack:
+            await self.ack_many(ack)
+            if on_acked is not None:
+                on_acked()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
         while True:

@@ -44,6 +44,7 @@ from worker.shutdown import Shutdown
 log = logging.getLogger("fnq.worker")
 
 OUTAGE_BACKOFF_MAX_S = 10.0
+GATHER_S = 0.002  # see _intake
 
 
 class Worker:
@@ -108,18 +109,26 @@ class Worker:
         poll_s = self.settings.secs("async_chew_poll_msecs")
         share = max(1, self.places.total // len(self.queues))
         wait_s = min(poll_s, 1.0) if burst else poll_s
+        backlog = False
         while not shutdown.stopping.is_set():
             if not await self.agent.wait_async_resource(poll_s):
                 continue
             # Each queue's intake takes at most its share of the places, so that an
             # empty queue waiting for messages never holds them all.
-            count = await self.places.take(share)
+            count = await self.places.take(share, GATHER_S if backlog else 0.0)
             acks = self.acks[id(queue)]
             msgs: list[Message] = []
             try:
                 msgs = await self._reserve(queue, acks, wait_s, count)
             finally:
                 self.places.give(count - len(msgs))
+            # A reserve that got all it asked for says more are queued: the next one
+            # first waits a moment for all of this queue's places to be free (they are
+            # as soon as the calls holding them are dispatched), so that one round trip
+            # takes several. If they are not free by then (a call waits for a
+            # container), the intake does not wait again before the next reserve.
+            waited_in_vain = backlog and count < share
+            backlog = len(msgs) == count and not waited_in_vain
             if not msgs and burst and not tasks:
                 return
             for msg in msgs:
@@ -151,16 +160,26 @@ class Worker:
     ) -> list[Message]:
         """Reserve up to ``count`` messages; the acks waiting go in the same round trip."""
         carried = acks.take()
+        acked = False
+
+        def on_acked() -> None:  # before the reserve waits for new messages
+            nonlocal acked
+            acked = True
+            acks.carried_by_reserve(carried)
+
         try:
-            msgs = await queue.reserve_many(count, timeout_s, ack=[m for m, _ in carried])
+            msgs = await queue.reserve_many(
+                count, timeout_s, ack=[m for m, _ in carried], on_acked=on_acked
+            )
         except FnqError as exc:
-            acks.give_back(carried)
+            if not acked:
+                acks.give_back(carried)
             await self._outage("queue", exc)
             return []
         except BaseException:
-            acks.give_back(carried)
+            if not acked:
+                acks.give_back(carried)
             raise
-        acks.carried_by_reserve(carried)
         self._recovered("queue")
         return msgs
 

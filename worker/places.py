@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 
 
 class Places:
@@ -19,14 +20,21 @@ class Places:
         self.free = total
         self._freed = asyncio.Event()
 
-    async def take(self, most: int) -> int:
-        """Take between 1 and ``most`` places; waits (no timeout) while none is free.
+    async def take(self, most: int, gather_s: float = 0.0) -> int:
+        """Take between 1 and ``most`` places; waits (no timeout) while none is free,
+        then up to ``gather_s`` more while fewer than ``most`` are.
 
         The caller bounds the wait: it is cancelled on shutdown.
         """
         while self.free == 0:
             self._freed.clear()
             await self._freed.wait()
+        if gather_s > 0 and self.free < most:
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(gather_s):
+                    while self.free < most:
+                        self._freed.clear()
+                        await self._freed.wait()
         taken = min(most, self.free)
         self.free -= taken
         return taken

@@ -101,11 +101,23 @@ async def test_a_reserve_carries_the_acks_waiting_for_it(queue: MessageQueue) ->
     assert not any(t.done() for t in waiting)  # lingering for a reserve
     batch = acks.take()
     assert [m.call.id for m, _ in batch] == [m.call.id for m in held]
-    more = await queue.reserve_many(3, 1.0, ack=[m for m, _ in batch])
-    acks.carried_by_reserve(batch)
+    more = await queue.reserve_many(
+        3, 1.0, ack=[m for m, _ in batch], on_acked=lambda: acks.carried_by_reserve(batch)
+    )
     await asyncio.wait_for(asyncio.gather(*waiting), 1.0)
     assert (counting.batches, acks.carried) == ([], 3)  # no round trip of their own
     assert len(more) == 1 and (await queue.stats()).reserved == 1
+    # A reserve that goes on waiting for messages lets its acks' callers go first.
+    last = asyncio.create_task(acks.ack(more[0]))
+    await asyncio.sleep(0.01)
+    batch = acks.take()
+    reserve = asyncio.create_task(
+        queue.reserve_many(3, 10.0, ack=[more[0]], on_acked=lambda: acks.carried_by_reserve(batch))
+    )
+    await asyncio.wait_for(last, 2.0)
+    assert not reserve.done()
+    reserve.cancel()
+    await asyncio.gather(reserve, return_exceptions=True)
 
 
 async def test_acks_no_reserve_takes_go_alone_after_the_linger(queue: MessageQueue) -> None:
@@ -132,3 +144,18 @@ async def test_acks_of_a_failed_reserve_are_sent_alone(queue: MessageQueue) -> N
     await asyncio.wait_for(waiting, 2.0)
     assert (counting.batches, acks.carried) == ([1], 0)
     assert (await queue.stats()).reserved == 0
+
+
+async def test_take_can_wait_a_moment_for_more_places() -> None:
+    places = Places(2)
+    assert await places.take(2) == 2
+    places.give()
+    waiter = asyncio.create_task(places.take(2, gather_s=1.0))
+    await asyncio.sleep(0.01)
+    assert not waiter.done()  # one is free, it waits for the second
+    places.give()
+    assert await asyncio.wait_for(waiter, 1) == 2
+    places.give()
+    t0 = asyncio.get_running_loop().time()
+    assert await places.take(2, gather_s=0.02) == 1  # the second never came
+    assert asyncio.get_running_loop().time() - t0 >= 0.02
