@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import asyncio
 
-from config.domain import CallStatus, FailureKind
+from config.domain import CallStatus, FailureKind, Function, Outcome
 from tests.agent.conftest import AgentFactory, make_call, make_fn
+from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
 from worker.agent.errors import FreezeFailed
 
@@ -299,3 +300,50 @@ async def test_launcher_retires_its_idle_queue(agents: AgentFactory) -> None:
     await driver.wait_until(lambda: not agent.statistics().queues and agent.tasks_alive == 0)
     assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
     assert driver.creates == 2
+
+
+async def _one_paused_one_busy(
+    agents: AgentFactory, busy_gate: asyncio.Event
+) -> tuple[FakeDriver, Agent, asyncio.Task[Outcome], Function]:
+    """Two containers of one function: the first paused and idle, the second busy."""
+    driver = FakeDriver()
+    agent = agents(driver, freeze_idle_msecs=100)
+    fn = make_fn()
+    gate = asyncio.Event()
+    driver.default.handler = gated(gate)
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(2)]
+    await driver.wait_until(lambda: driver.dispatches == 2)
+    gate.set()
+    await asyncio.gather(*calls)
+    await driver.wait_until(lambda: driver.pauses == 2)
+    driver.default.handler = gated(busy_gate)
+    busy = asyncio.create_task(agent.submit(make_call(fn), fn))  # unpauses one
+    await driver.wait_until(lambda: driver.dispatches == 3)
+    driver.default.handler = reply()
+    return driver, agent, busy, fn
+
+
+async def test_a_call_waits_a_moment_for_a_running_container_before_unpausing(
+    agents: AgentFactory,
+) -> None:
+    busy_gate = asyncio.Event()
+    driver, agent, busy, fn = await _one_paused_one_busy(agents, busy_gate)
+    assert driver.unpauses == 1
+    waiting = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await asyncio.sleep(0.001)
+    busy_gate.set()  # the running call ends within the moment
+    ran_on = (await waiting).container_id
+    assert ran_on == (await busy).container_id
+    assert driver.unpauses == 1  # the paused container stayed paused
+
+
+async def test_a_call_unpauses_when_no_running_container_frees_in_time(
+    agents: AgentFactory,
+) -> None:
+    busy_gate = asyncio.Event()
+    driver, agent, busy, fn = await _one_paused_one_busy(agents, busy_gate)
+    out = await asyncio.wait_for(agent.submit(make_call(fn), fn), 1.0)
+    assert out.status is CallStatus.SUCCESS
+    assert driver.unpauses == 2 and not busy.done()
+    busy_gate.set()
+    await busy

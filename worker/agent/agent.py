@@ -82,6 +82,7 @@ from worker.agent.tasks import TaskSet
 log = logging.getLogger("fnq.agent")
 
 STOP_SETTLE_S = 10.0  # after the grace, how long stopped calls get to wind down
+PREFER_THAWED_S = 0.005  # see _get_slot
 DRIVER_CLOSE_TIMEOUT_S = 60.0
 
 
@@ -189,6 +190,9 @@ class Agent:
         queue.join(caller)
         stop.waker = caller.wake.set
         next_nudge = loop.time()
+        # Unpausing costs about 13 ms; a busy container of a short function is free
+        # again sooner. Only paused ones idle: wait a moment for a running one.
+        thawed_until = next_nudge + PREFER_THAWED_S
         try:
             while True:
                 if stop.event.is_set():
@@ -197,10 +201,11 @@ class Agent:
                     raise AgentClosed()
                 if caller.error is not None:
                     raise caller.error
-                slot = queue.take_idle()
+                now = loop.time()
+                prefer_thawed = now < thawed_until and queue.containers[ContainerState.BUSY] > 0
+                slot = queue.take_idle(thawed_only=prefer_thawed)
                 if slot is not None:
                     return slot
-                now = loop.time()
                 if now >= deadline:
                     raise ServerBusy(
                         f"no container of {queue.fn.ref} became free within "
@@ -210,8 +215,11 @@ class Agent:
                     queue.nudge(caller)
                     next_nudge = now + self.hot_poll_s
                 caller.wake.clear()
+                wake_at = min(deadline, next_nudge)
+                if prefer_thawed and queue.idle_slots:
+                    wake_at = min(wake_at, thawed_until)
                 try:
-                    async with asyncio.timeout_at(min(deadline, next_nudge)):
+                    async with asyncio.timeout_at(wake_at):
                         await caller.wake.wait()
                 except TimeoutError:
                     pass

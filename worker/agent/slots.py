@@ -132,10 +132,16 @@ class SlotQueue:
             caller.wake.set()
         return slot
 
-    def take_idle(self) -> Slot | None:
-        """The most recently offered slot, taken; None if none is idle."""
-        while self._stack:
-            slot = self._stack[-1]
+    def take_idle(self, *, thawed_only: bool = False) -> Slot | None:
+        """The most recently offered slot, taken; None if none is idle. With
+        ``thawed_only``, the most recent one whose container is not paused."""
+        stack = self._stack
+        while stack:
+            slot: Slot | None = stack[-1]
+            if thawed_only and slot is not None and slot.hot.frozen:
+                slot = next((s for s in reversed(stack) if not s.hot.frozen), None)
+            if slot is None:
+                return None
             if slot.try_take():
                 return slot
         return None
