@@ -171,15 +171,13 @@ class Worker:
             msgs = await queue.reserve_many(
                 count, timeout_s, ack=[m for m, _ in carried], on_acked=on_acked
             )
-        except FnqError as exc:
-            if not acked:
+        except BaseException as exc:
+            if not acked:  # they go on their own (acking twice is harmless)
                 acks.give_back(carried)
+            if not isinstance(exc, FnqError):
+                raise
             await self._outage("queue", exc)
             return []
-        except BaseException:
-            if not acked:
-                acks.give_back(carried)
-            raise
         self._recovered("queue")
         return msgs
 
