@@ -13,6 +13,7 @@ import pytest
 from config.settings import Settings
 from worker.agent.driver import ContainerSpec, DispatchRequest
 from worker.agent.drivers.docker import DockerDriver
+from worker.agent.drivers.docker_container import OutputTiming
 from worker.images import ImageBuilder, find_functions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -51,6 +52,20 @@ async def driver(
     function_images: list[str], make_settings: Callable[..., Settings]
 ) -> AsyncIterator[DockerDriver]:
     d = DockerDriver(make_settings())
+    await d.start()
+    yield d
+    await d.close()
+
+
+@pytest.fixture(params=["pipes", "markers"])
+async def any_output_driver(
+    request: pytest.FixtureRequest,
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+) -> AsyncIterator[DockerDriver]:
+    """A driver reading output from pipes of its own, or marking it in the engine's stream."""
+    timing = OutputTiming(use_pipes=request.param == "pipes")
+    d = DockerDriver(make_settings(), output_timing=timing)
     await d.start()
     yield d
     await d.close()

@@ -174,12 +174,12 @@ async def test_exit_during_a_call(driver: DockerDriver) -> None:
 
 
 async def test_an_idle_container_killed_from_outside_is_seen_at_once(
-    driver: DockerDriver, docker_api: Any
+    any_output_driver: DockerDriver, docker_api: Any
 ) -> None:
-    # The driver holds the container's output pipes for its call markers; were it
-    # to keep holding them past the exit, the engine would wait about 2 s for the
-    # end of the output before it reported the exit.
-    async with running(driver, spec("fnq/echo")) as c:
+    # With markers the driver holds the container's output pipes; were it to keep
+    # holding them past the exit, the engine would wait about 2 s for the end of
+    # the output before it reported the exit.
+    async with running(any_output_driver, spec("fnq/echo")) as c:
         assert c.exact_output
         killed_at = time.monotonic()
         await asyncio.to_thread(docker_api.kill, c.id)
@@ -225,11 +225,12 @@ async def test_oversized_response_is_truncated(
     assert not small.truncated and small.body == b"x" * 10
 
 
-async def test_output_goes_to_its_own_call(driver: DockerDriver) -> None:
-    # Each call is dispatched the moment the last one answered, while the last
-    # one's output may still be on its way: the cut is exact all the same.
-    async with running(driver, spec("fnq/logs")) as c:
+async def test_output_goes_to_its_own_call(any_output_driver: DockerDriver) -> None:
+    # Each call is dispatched the moment the last one answered, while (with
+    # markers) the last one's output may still be on its way: the cut is exact.
+    async with running(any_output_driver, spec("fnq/logs")) as c:
         assert c.exact_output  # the tests run as root, next to the engine
+        assert c.direct_output is any_output_driver._timing.use_pipes
         for round_ in range(10):
             sinks: dict[str, list[bytes]] = {}
             pending = []
@@ -245,10 +246,46 @@ async def test_output_goes_to_its_own_call(driver: DockerDriver) -> None:
                 assert lines == [f"{tag}{round_} line {i}" for i in range(40)]
 
 
+async def test_output_pipes_take_a_call_whole_the_moment_it_answers(driver: DockerDriver) -> None:
+    # Read from pipes of its own, a call's log is complete when dispatch returns:
+    # nothing to wait for, and large output (beyond a pipe's 64 KiB) is all there.
+    async with running(driver, spec("fnq/logs")) as c:
+        assert c.direct_output
+        for lines in (1, 6000):
+            got: list[bytes] = []
+            body = json.dumps({"lines": lines, "tag": f"n{lines}"}).encode()
+            result = await c.dispatch(request(body), got.append)
+            assert result.output_done is not None and result.output_done.done()
+            text = b"".join(got).decode().splitlines()
+            assert text == [f"n{lines} line {i}" for i in range(lines)]
+
+
+async def test_an_image_without_a_shell_keeps_its_command(
+    driver: DockerDriver, docker_engine: Any
+) -> None:
+    dockerfile = 'FROM fnq/logs:latest\nRUN ["/usr/bin/rm", "/usr/bin/sh"]\n'
+    tag = f"fnq/test-noshell:{secrets.token_hex(4)}"
+    image, _ = docker_engine.images.build(
+        fileobj=io.BytesIO(dockerfile.encode()), tag=tag, rm=True, forcerm=True
+    )
+    try:
+        for _ in range(2):  # the first asks the engine, the second knows
+            async with running(driver, spec(tag)) as c:
+                assert not c.direct_output and c.exact_output  # markers instead
+                got: list[bytes] = []
+                result = await c.dispatch(request(b'{"lines": 3, "tag": "s"}'), got.append)
+                assert result.output_done is not None
+                await asyncio.wait_for(result.output_done, 5)
+            assert b"".join(got).decode().splitlines() == [f"s line {i}" for i in range(3)]
+    finally:
+        docker_engine.images.remove(image.id, force=True)
+
+
 async def test_output_without_markers_falls_back_to_quiet_time(
     function_images: list[str], make_settings: Callable[..., Settings]
 ) -> None:
-    d = DockerDriver(make_settings(), output_timing=OutputTiming(use_barrier=False))
+    timing = OutputTiming(use_pipes=False, use_barrier=False)
+    d = DockerDriver(make_settings(), output_timing=timing)
     await d.start()
     try:
         async with running(d, spec("fnq/logs")) as c:

@@ -10,6 +10,9 @@ nothing blocks the event loop and no thread waits on a container.
   cached; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per image however
   many callers wait), refuses images that declare VOLUME, makes the socket
   directory and creates the container (see docker_config for its limits).
+  The container's command is wrapped so that its output goes to pipes the
+  worker reads (drivers.pipes); whether the image has ``/bin/sh`` for that
+  is asked of the engine on its first container, and remembered.
 * ``close()``: removes every container it made that still exists.
 
 With FN_IMAGE_CLEAN_MAX_SIZE set, an image cleaner (drivers.image_cleaner)
@@ -26,6 +29,7 @@ import os
 import secrets
 import shutil
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -43,10 +47,12 @@ from worker.agent.drivers.docker_config import (
     INSTANCE_LABEL,
     OWNER_LABEL,
     create_body,
+    image_command,
     image_volumes,
 )
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
 from worker.agent.drivers.image_cleaner import Image, ImageCleaner, exempt_tags
+from worker.agent.drivers.pipes import SHELL, make_pipes, wrapped_command
 from worker.agent.errors import (
     AgentClosed,
     ContainerInitFailed,
@@ -57,6 +63,13 @@ from worker.agent.errors import (
 from worker.agent.iofs import IofsRoot
 
 log = logging.getLogger(__name__)
+
+
+@dataclass(slots=True)
+class ImageFacts:
+    volumes: list[str]  # declared VOLUMEs
+    command: list[str]  # entrypoint + command
+    shell: bool | None = None  # has /bin/sh (None: not asked yet)
 
 
 def _left_by_dead_worker(labels: dict[str, str], own_instance: str) -> bool:
@@ -96,7 +109,7 @@ class DockerDriver:
         self.api = DockerAPI(socket_path)
         self._timing = output_timing or OutputTiming()
         self._iofs = IofsRoot(settings, unprivileged=not settings.disable_unprivileged_containers)
-        self._images: dict[str, list[str]] = {}  # image -> its declared volumes
+        self._images: dict[str, ImageFacts] = {}
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._containers: dict[str, DockerContainer] = {}
         self._network_use: Counter[str] = Counter({n: 0 for n in settings.networks})
@@ -208,8 +221,15 @@ class DockerDriver:
     async def create(self, spec: ContainerSpec) -> DockerContainer:
         if self._closed or not self._started:
             raise AgentClosed("the docker driver is not running")
-        await self._check_image(spec.image)
+        facts = await self._check_image(spec.image)
         iofs = await asyncio.to_thread(self._iofs.make, spec.id)
+        direct = self._timing.use_pipes and facts.shell is not False and bool(facts.command)
+        if direct:
+            try:
+                make_pipes(iofs.host_path)
+            except OSError as exc:
+                log.debug("no output pipes for %s (%s): output through the engine", spec.id, exc)
+                direct = False
         network = self._pick_network()
         container = DockerContainer(
             api=self.api,
@@ -219,26 +239,40 @@ class DockerDriver:
             iofs_root=self._iofs,
             timing=self._timing,
             on_removed=self._forget,
+            direct_output=direct,
         )
         container.network = network
         self._containers[spec.id] = container
         try:
             try:
-                await self._create(spec, iofs.docker_path, network)
+                await self._create(spec, iofs.docker_path, network, facts, direct)
             except DockerError as exc:
                 if exc.status != 404:
                     raise
                 # The image went away after it was cached (e.g. an image cleaner).
                 self._images.pop(spec.image, None)
-                await self._check_image(spec.image)
-                await self._create(spec, iofs.docker_path, network)
+                facts = await self._check_image(spec.image)
+                await self._create(spec, iofs.docker_path, network, facts, direct)
+            if direct and facts.shell is None:
+                facts.shell = await self._has_shell(spec.id)
+                if not facts.shell:  # the wrapper cannot run: the image's own command
+                    log.info("image %s has no %s: its output comes through the engine",
+                             spec.image, SHELL)  # fmt: skip
+                    await self._delete(spec.id)
+                    container.engine_output()
+                    await self._create(spec, iofs.docker_path, network, facts, False)
         except BaseException:
             await container.remove()
             raise
         return container
 
     async def _create(
-        self, spec: ContainerSpec, iofs_docker_path: str, network: str | None
+        self,
+        spec: ContainerSpec,
+        iofs_docker_path: str,
+        network: str | None,
+        facts: ImageFacts,
+        direct: bool,
     ) -> None:
         body = create_body(
             self.settings,
@@ -246,6 +280,7 @@ class DockerDriver:
             instance=self.instance,
             iofs_docker_path=iofs_docker_path,
             network=network,
+            entrypoint=wrapped_command(facts.command) if direct else None,
         )
         try:
             await self.api.request(
@@ -255,6 +290,23 @@ class DockerDriver:
             if exc.status is None or exc.status == 404 or exc.status >= 500:
                 raise
             raise ContainerInitFailed(f"docker refused to create the container: {exc}") from exc
+
+    async def _has_shell(self, container_id: str) -> bool:
+        """Whether the (created, not started) container's file system has /bin/sh."""
+        try:
+            await self.api.request(
+                "HEAD", f"/containers/{container_id}/archive", params={"path": SHELL}
+            )
+        except DockerError as exc:
+            if exc.status is None:
+                raise
+            return False  # 404: no such file (or an engine that cannot tell)
+        return True
+
+    async def _delete(self, container_id: str) -> None:
+        await self.api.request(
+            "DELETE", f"/containers/{container_id}", params={"force": "1", "v": "1"}
+        )
 
     def _pick_network(self) -> str | None:
         if not self._network_use:
@@ -277,20 +329,22 @@ class DockerDriver:
             self._images.pop(ref, None)
             self._images.pop(ref.removesuffix(":latest"), None)
 
-    async def _check_image(self, image: str) -> None:
-        volumes = self._images.get(image)
-        if volumes is None:
-            volumes = await self._inspect_or_pull(image)
-            self._images[image] = volumes
-        if volumes and not self.settings.image_enable_volume:
+    async def _check_image(self, image: str) -> ImageFacts:
+        facts = self._images.get(image)
+        if facts is None:
+            inspect = await self._inspect_or_pull(image)
+            facts = ImageFacts(image_volumes(inspect), image_command(inspect))
+            self._images[image] = facts
+        if facts.volumes and not self.settings.image_enable_volume:
             raise ImageHasVolume(
-                f"image {image} declares VOLUME {', '.join(volumes)}; "
+                f"image {image} declares VOLUME {', '.join(facts.volumes)}; "
                 "set FN_IMAGE_ENABLE_VOLUME=true to allow it"
             )
+        return facts
 
-    async def _inspect_or_pull(self, image: str) -> list[str]:
+    async def _inspect_or_pull(self, image: str) -> dict[str, Any]:
         try:
-            return image_volumes(await self.api.request("GET", f"/images/{image_path(image)}/json"))
+            return dict(await self.api.request("GET", f"/images/{image_path(image)}/json") or {})
         except DockerError as exc:
             if exc.status != 404:
                 raise
@@ -301,7 +355,7 @@ class DockerDriver:
             task.add_done_callback(lambda _t: self._pulls.pop(image, None))
         await asyncio.shield(task)
         try:
-            return image_volumes(await self.api.request("GET", f"/images/{image_path(image)}/json"))
+            return dict(await self.api.request("GET", f"/images/{image_path(image)}/json") or {})
         except DockerError as exc:
             if exc.status == 404:
                 raise ImageNotFound(f"image {image} not found after pulling it") from None

@@ -96,7 +96,9 @@ def create_body(
     instance: str,
     iofs_docker_path: str,
     network: str | None,
+    entrypoint: list[str] | None = None,
 ) -> dict[str, Any]:
+    """``entrypoint`` replaces the image's entrypoint and command (drivers.pipes)."""
     body: dict[str, Any] = {
         "Image": spec.image,
         "Env": [f"{k}={v}" for k, v in container_env(spec).items()],
@@ -108,6 +110,8 @@ def create_body(
         "Tty": False,
         "HostConfig": host_config(settings, spec, iofs_docker_path, network),
     }
+    if entrypoint is not None:
+        body["Entrypoint"] = entrypoint  # the image's Cmd is then not added
     if not settings.disable_unprivileged_containers:
         body["User"] = UNPRIVILEGED_USER
     return body
@@ -116,3 +120,9 @@ def create_body(
 def image_volumes(inspect: Mapping[str, Any]) -> list[str]:
     config = inspect.get("Config") or {}
     return sorted((config.get("Volumes") or {}).keys())
+
+
+def image_command(inspect: Mapping[str, Any]) -> list[str]:
+    """What a container of the image runs: its entrypoint, then its command."""
+    config = inspect.get("Config") or {}
+    return [str(x) for x in (config.get("Entrypoint") or []) + (config.get("Cmd") or [])]

@@ -1,6 +1,7 @@
 """One hot container of the docker driver (implements ``driver.Container``).
 
-Per container the worker holds: the attach stream (its frames go straight
+Per container the worker holds: the read ends of its output pipes when its
+command is wrapped (drivers.pipes), the attach stream (its frames go straight
 into the :class:`OutputRouter`), a long-poll ``wait`` (a task resolves
 ``wait()``), and once ready an :class:`FdkClient` on the host side of its
 socket. A call costs no engine request at all: only pause and unpause talk to
@@ -28,6 +29,7 @@ from worker.agent.driver import (
 from worker.agent.drivers.cgroup import CgroupMeter
 from worker.agent.drivers.docker_api import AttachStream, DockerAPI, DockerError
 from worker.agent.drivers.output import OutputRouter
+from worker.agent.drivers.pipes import OutputPipes
 from worker.agent.drivers.stdio import ProcessStdio
 from worker.agent.errors import (
     ContainerInitFailed,
@@ -53,7 +55,8 @@ class OutputTiming:
     barrier_limit_s: float = 0.5  # for the marker to come back
     quiet_s: float = 0.002  # fallback: this much silence ends the call's output
     limit_s: float = 0.1  # fallback: at most this long
-    use_barrier: bool = True
+    use_pipes: bool = True  # read the output from pipes of its own (drivers.pipes)
+    use_barrier: bool = True  # else mark it in the engine's stream (drivers.stdio)
 
 
 class DockerContainer:
@@ -67,6 +70,7 @@ class DockerContainer:
         iofs_root: IofsRoot,
         timing: OutputTiming,
         on_removed: Callable[[DockerContainer], None],
+        direct_output: bool = False,
     ) -> None:
         self.spec = spec
         self.iofs = iofs
@@ -77,6 +81,8 @@ class DockerContainer:
         self._on_removed = on_removed
         logger = None if settings.disable_debug_user_logs else function_log
         self._output = OutputRouter(logger, f"{spec.app}/{spec.fn} {spec.id}")
+        # direct_output: the command is wrapped and writes to pipes in the iofs directory.
+        self._pipes = OutputPipes(iofs.host_path, self._output.feed) if direct_output else None
         self._exit: asyncio.Future[ExitInfo] = asyncio.get_running_loop().create_future()
         self._attach: AttachStream | None = None
         self._wait_task: asyncio.Task[None] | None = None
@@ -98,9 +104,18 @@ class DockerContainer:
         return 0 if self._fdk is None else self._fdk.connections_made
 
     @property
+    def direct_output(self) -> bool:
+        """Whether the output is read from pipes of its own (drivers.pipes)."""
+        return self._pipes is not None
+
+    def engine_output(self) -> None:
+        """Before the start: read the output through the engine (the image has no shell)."""
+        self._pipes = None
+
+    @property
     def exact_output(self) -> bool:
-        """Whether calls' output is delimited by markers (else by quiet time)."""
-        return self._stdio is not None
+        """Whether calls' output is cut exactly (own pipes or markers; else quiet time)."""
+        return self._stdio is not None or (self._pipes is not None and self._pipes.open)
 
     @property
     def removed(self) -> bool:
@@ -111,8 +126,13 @@ class DockerContainer:
     async def start(self) -> None:
         timeout_s = self._settings.hot_start_timeout_msecs / 1000.0
         with SocketWatcher(self.iofs.host_path) as watcher:
+            if self._pipes is not None:
+                try:
+                    self._pipes.start()  # before the shell opens them, or it would wait
+                except OSError as exc:
+                    raise ContainerInitFailed(f"cannot read the output pipes: {exc}") from exc
             self._attach = await self._api.attach(self.id, self._output.feed)
-            self._attach.ended.add_done_callback(lambda _: self._output.end())
+            self._attach.ended.add_done_callback(lambda _: self._output_over())
             try:
                 await self._api.request("POST", f"/containers/{self.id}/start")
             except DockerError as exc:
@@ -122,7 +142,7 @@ class DockerContainer:
             self._wait_task = asyncio.create_task(self._watch_exit(), name=f"fnq-wait-{self.id}")
             await self._until_ready(watcher, timeout_s)
         pid = await self._pid()
-        if self._timing.use_barrier and pid:
+        if self._timing.use_barrier and pid and self._pipes is None:
             self._stdio = self._probe_stdio(pid)
             if self._stdio is not None:
                 self._watch_process(pid)
@@ -176,6 +196,8 @@ class DockerContainer:
         return stdio
 
     def _last_output(self) -> str:
+        if self._pipes is not None:
+            self._pipes.drain()
         tail = self._output.tail()
         return f"; last output: {tail}" if tail else ""
 
@@ -190,6 +212,7 @@ class DockerContainer:
             self._set_exit(ExitInfo(None, error=str(exc)))
             return
         self._release_stdio()
+        self._close_pipes()  # the function is gone: its last output is in them
         if self._meter is not None:
             self._meter.close()
         oom = False
@@ -199,6 +222,15 @@ class DockerContainer:
         except DockerError as exc:
             log.debug("inspect after exit of %s failed: %s", self.id, exc)
         self._set_exit(ExitInfo(code, oom_killed=oom))
+
+    def _output_over(self) -> None:
+        """The attach stream ended: the container's processes are gone."""
+        self._close_pipes()
+        self._output.end()
+
+    def _close_pipes(self) -> None:
+        if self._pipes is not None:
+            self._pipes.close()
 
     def _set_exit(self, info: ExitInfo) -> None:
         if not self._exit.done():
@@ -226,10 +258,16 @@ class DockerContainer:
             # pipes so that the engine sees its output end (drivers.stdio), and
             # take what it wrote until now.
             self._release_stdio()
-            await output.settle(self._timing.quiet_s, self._timing.limit_s)
+            if self._pipes is not None and self._pipes.open:
+                self._pipes.drain()
+            else:
+                await output.settle(self._timing.quiet_s, self._timing.limit_s)
             output.drop(segment)
             raise
-        if not output.seal(segment, self._stdio, self._timing.barrier_limit_s):
+        if self._pipes is not None and self._pipes.open:
+            self._pipes.drain()  # all it wrote before answering is in the pipes now
+            output.drop(segment)
+        elif not output.seal(segment, self._stdio, self._timing.barrier_limit_s):
             await output.settle(self._timing.quiet_s, self._timing.limit_s)
             output.drop(segment)
         return DispatchResult(
@@ -296,6 +334,7 @@ class DockerContainer:
     async def _remove(self) -> None:
         try:
             self._release_stdio()
+            self._close_pipes()
             if self._meter is not None:
                 self._meter.close()
             if self._fdk is not None:
