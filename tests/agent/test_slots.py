@@ -15,8 +15,9 @@ from worker.agent.slots import Caller, ContainerState, RequestState, SlotQueue, 
 class StubHot:
     """Stands in for a HotContainer where only wake() matters."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, frozen: bool = False) -> None:
         self.name = name
+        self.frozen = frozen  # paused
         self.woken = 0
 
     def wake(self) -> None:
@@ -110,6 +111,17 @@ def test_idle_slots_are_taken_last_in_first_out() -> None:
     taken = [q.take_idle(), q.take_idle(), q.take_idle(), q.take_idle()]
     assert [s.hot.name if s else None for s in taken] == ["3", "2", "1", None]  # type: ignore[attr-defined]
     assert q.idle_slots == 0
+
+
+def test_a_container_not_paused_is_taken_before_paused_ones() -> None:
+    # An unpause costs about 13 ms: an older container that is still running wins.
+    q = queue()
+    for name, frozen in (("old running", False), ("paused", True), ("newest paused", True)):
+        q.offer(StubHot(name, frozen))  # type: ignore[arg-type]
+    assert q.take_idle(thawed_only=True).hot.name == "old running"  # type: ignore[union-attr]
+    assert q.take_idle(thawed_only=True) is None  # only paused ones are left
+    taken = [q.take_idle(), q.take_idle(), q.take_idle()]
+    assert [s.hot.name if s else None for s in taken] == ["newest paused", "paused", None]  # type: ignore[attr-defined]
 
 
 def test_slot_race_has_exactly_one_winner() -> None:

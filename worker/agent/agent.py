@@ -74,6 +74,7 @@ from worker.agent.execution import (
 from worker.agent.hot import REMOVE_TIMEOUT_S, HotContainer, SlotUnusable
 from worker.agent.launcher import Launcher
 from worker.agent.logbuf import LogBuffer
+from worker.agent.pacer import FreezePacer
 from worker.agent.resources import MIB, ResourceToken, ResourceTracker
 from worker.agent.slots import Caller, ContainerState, RequestState, Slot, SlotQueue, slot_key
 from worker.agent.stats import AgentStats, QueueStats
@@ -94,6 +95,7 @@ class Agent:
         self.driver = driver
         self.tracker = tracker or ResourceTracker.from_host(settings)
         self.evictor = Evictor()
+        self.pacer = FreezePacer()
         self.hot_poll_s = settings.secs("hot_poll_msecs")
         self._queues: dict[str, SlotQueue] = {}
         self._launchers = TaskSet("launcher")
@@ -267,6 +269,7 @@ class Agent:
             evictor=self.evictor,
             owner=owner,
             on_exit=self._forget_container,
+            pacer=self.pacer,
         )
         queue.containers_started += 1
         self._hot[hot] = self._containers.spawn(hot.run(), name=f"fnq-container-{hot.id}")

@@ -52,6 +52,7 @@ from worker.agent.errors import (
 )
 from worker.agent.evictor import Evictor
 from worker.agent.execution import KEEP_STATUSES, ExecEnd, ExecResult, StopControl
+from worker.agent.pacer import FreezePacer
 from worker.agent.resources import ResourceToken
 from worker.agent.slots import Caller, ContainerState, Slot, SlotQueue
 from worker.agent.tasks import Interrupted, interruptible
@@ -80,6 +81,7 @@ class HotContainer:
         evictor: Evictor,
         owner: Caller | None,
         on_exit: Callable[[HotContainer], None],
+        pacer: FreezePacer | None = None,
     ) -> None:
         self.queue = queue
         self.fn: Function = queue.fn
@@ -89,6 +91,7 @@ class HotContainer:
         self.evictor = evictor
         self.owner = owner
         self.on_exit = on_exit
+        self.pacer = pacer or FreezePacer(0.0)
         self.id = f"fnq-{secrets.token_hex(8)}"
         self.container: Container | None = None
         self.state = ContainerState.WAIT
@@ -106,6 +109,7 @@ class HotContainer:
         self._idle_since = 0.0  # loop time of the last offer
         self._wake_on_release = False  # the task waits for the running call to end
         self._sleeping_until: float | None = None  # the task's timer, while it sleeps
+        self._pause_turn: float | None = None  # booked with the pacer for this idle spell
         self.evict = evictor.register(queue.key, token.memory_mb, token.cpu_mcpus, self.wake)
         self._move(ContainerState.START)
 
@@ -240,8 +244,12 @@ class HotContainer:
                 continue  # a call won the race: it serves (a dead container refuses it)
             freeze_at = None if freeze_s is None or self.frozen else self._idle_since + freeze_s
             if freeze_at is not None and not fresh and now >= freeze_at:
-                await self._freeze(slot)
-                continue
+                if self._pause_turn is None:
+                    self._pause_turn = self.pacer.book(now)
+                if now >= self._pause_turn:
+                    await self._freeze(slot)
+                    continue
+                freeze_at = self._pause_turn  # other containers pause first
             wake_at = self._idle_since + idle_s
             if freeze_at is not None:
                 wake_at = min(wake_at, freeze_at)
@@ -273,6 +281,7 @@ class HotContainer:
         self._slot = self.queue.offer(self)
         self._offers += 1
         self._idle_since = asyncio.get_running_loop().time()
+        self._pause_turn = None
         self._move(ContainerState.PAUSED if self.frozen else ContainerState.IDLE)
         self.evictor.enable(self.evict)
 

@@ -203,6 +203,7 @@ class FakeContainer:
             raise FreezeFailed(f"cannot pause a container that is {self.state}")
         self.state = "paused"
         self._driver.pauses += 1
+        self._driver.paused_at.append(asyncio.get_running_loop().time())
         self._driver._changed()
 
     async def unpause(self) -> None:
@@ -239,6 +240,7 @@ class FakeDriver:
         self.containers: list[FakeContainer] = []
         self.creates = self.starts = self.pauses = self.unpauses = 0
         self.removes = self.dispatches = 0
+        self.paused_at: list[float] = []  # loop times of the pauses
         self.started = self.closed = False
         self._change = asyncio.Event()
 
