@@ -27,7 +27,12 @@ common.lua), so a consumer that dies mid-way leaves nothing half done.
 Waiting: when a reserve finds nothing it blocks in XREADGROUP on the four
 streams (new entries only, handed to it in the same round trip), at most
 until the next delayed message is due or, while reservations are held, the
-next sweep.
+next sweep. Until then (at most ``QUIET_MAX_S``) nothing but new entries can
+turn up, so the consumer's next reserves go straight to that blocking read,
+with the finished messages' acks in the same round trip; the reserve script
+runs again once the time is up or a read comes back empty. When calls arrive
+one at a time, that is one light command per call instead of a script that
+also looks for due and lapsed entries.
 """
 
 from __future__ import annotations
@@ -57,6 +62,7 @@ from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
 GROUP = "fnq"
 OP_TIMEOUT_S = 10.0
 PROMOTE_LIMIT = 200
+QUIET_MAX_S = 0.25  # the longest run of reserves without the reserve script
 REQUEUE_BATCH = 500
 PUSH_BATCH = 500
 _SCRIPTS = ("enqueue", "reserve", "ack", "release", "extend", "bury", "requeue", "purge", "leave")
@@ -118,6 +124,7 @@ class RedisQueue:
             name: client.register_script(_lua(name)) for name in _SCRIPTS
         }
         self._groups_made = False
+        self._quiet_until = 0.0  # loop time until which no sweep or delayed entry is due
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisQueue:
@@ -230,7 +237,16 @@ class RedisQueue:
             raise ValueError("max_count must be at least 1")
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
-        acks = self._ack_args(ack)  # the first claim acks them (reserve.lua)
+        acks = self._ack_args(ack)  # the first round trip acks them
+        if loop.time() < self._quiet_until:
+            wait_s = min(deadline, self._quiet_until) - loop.time()
+            msgs = await self._block(max_count, max(1, int(wait_s * 1000)), acks, on_acked)
+            if msgs:
+                return msgs
+            acks = []
+            self._quiet_until = 0.0  # time is up, or nothing came: the script again
+            if loop.time() >= deadline:
+                return []
         while True:
             box: list[Any] = []
             msgs = await claim_shielded(
@@ -242,9 +258,12 @@ class RedisQueue:
             if msgs:
                 return msgs
             remaining = deadline - loop.time()
+            cap_ms = box[0] if box else None  # the longest useful wait, -1: no limit
+            if cap_ms is not None:
+                quiet_s = QUIET_MAX_S if cap_ms < 0 else min(QUIET_MAX_S, cap_ms / 1000)
+                self._quiet_until = loop.time() + quiet_s
             if remaining <= 0:
                 return []
-            cap_ms = box[0] if box else None  # the longest useful wait, -1: no limit
             if cap_ms is None:  # routed or buried something: look again at once
                 continue
             block_ms = remaining * 1000 if cap_ms < 0 else min(remaining * 1000, cap_ms)
@@ -252,25 +271,31 @@ class RedisQueue:
             if msgs:
                 return msgs
 
-    async def _block(self, count: int, block_ms: int) -> list[Message]:
+    async def _block(
+        self,
+        count: int,
+        block_ms: int,
+        acks: Sequence[Any] = (),
+        on_acked: Callable[[], None] | None = None,
+    ) -> list[Message]:
         """Wait for new entries and take them in the same round trip.
 
         The reserve script found nothing and said how long waiting is useful (the
         next delayed entry or sweep is due then). XREADGROUP BLOCK on every stream
         hands the first new entries straight to this consumer, as the script would
         have: they need no second round trip. Producers' entries are routed and
-        taken by the next claim; entries past ``count`` are handed back.
+        taken by the next claim; entries past ``count`` are handed back. ``acks``
+        (as for ack.lua) go first, in the same round trip (``on_acked`` when done).
         """
         keys = [self._ready_keys[2], self._ready_keys[1], self._ready_keys[0], self.inbox_key]
-        reply = await self._cmd(
-            self._client.xreadgroup,
-            GROUP,
-            self._consumer,
-            dict.fromkeys(keys, ">"),
-            count,
-            block_ms,
-            timeout_s=block_ms / 1000 + self._op_timeout_s,
-        )
+        timeout_s = block_ms / 1000 + self._op_timeout_s
+        if acks:
+            reply = await self._cmd(self._acked_read, acks, keys, count, block_ms, on_acked,
+                                    timeout_s=timeout_s)  # fmt: skip
+        else:
+            reply = await self._cmd(self._client.xreadgroup, GROUP, self._consumer,
+                                    dict.fromkeys(keys, ">"), count, block_ms,
+                                    timeout_s=timeout_s)  # fmt: skip
         msgs: list[Message] = []
         raw: list[Any] = []
         for key_b, entries in reply or []:
@@ -289,6 +314,44 @@ class RedisQueue:
             await self._hand_back(msgs[count:])
             msgs = msgs[:count]
         return msgs
+
+    async def _acked_read(
+        self,
+        acks: Sequence[Any],
+        keys: Sequence[str],
+        count: int,
+        block_ms: int,
+        on_acked: Callable[[], None] | None,
+    ) -> Any:
+        """ack.lua, then XREADGROUP BLOCK, written together: one round trip. The ack's
+        answer comes back first, before the read waits: ``on_acked`` is told then."""
+        ack_cmd = ("EVALSHA", self._scripts["ack"].sha, len(self._keys), *self._keys, GROUP, *acks)
+        read_cmd = ("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", count,
+                    "BLOCK", block_ms, "STREAMS", *keys, *(">" for _ in keys))  # fmt: skip
+        pool = self._client.connection_pool
+        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
+        try:
+            await conn.send_packed_command(conn.pack_commands([ack_cmd, read_cmd]))
+            try:
+                await conn.read_response()
+            except rexc.NoScriptError:  # Redis lost its scripts: load it, ack once more
+                acked = False
+            else:
+                acked = True
+            if acked and on_acked is not None:
+                on_acked()
+            reply = await conn.read_response()
+        except BaseException:
+            await conn.disconnect()  # an answer may still be on its way: not reusable
+            raise
+        finally:
+            await pool.release(conn)
+        if not acked:
+            await self._eval("ack", [GROUP, *acks])
+            if on_acked is not None:
+                on_acked()
+        streams = reply.items() if isinstance(reply, dict) else reply or []  # RESP3 or 2
+        return [(key, [(eid, _pairs(f)) for eid, f in entries]) for key, entries in streams]
 
     async def _taken(
         self, prio: int, eid: str, fields: dict[bytes, bytes], deliveries: int | None = None

@@ -6,6 +6,7 @@ import subprocess
 import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 import redis
@@ -13,6 +14,7 @@ import redis.asyncio as aioredis
 
 from config.domain import Call, new_call_id
 from config.settings import load_settings
+from mq import redis as redis_queue
 from mq.base import Message, open_queue
 from mq.errors import QueueUnavailable
 from mq.producer import enqueue, enqueue_async
@@ -237,5 +239,67 @@ async def test_acks_ride_on_the_reserve_script(own_redis: RedisServer) -> None:
         assert (stats.ready, stats.reserved) == (0, 1)
         length = sum(int(redis_cli(own_redis.port, "XLEN", f"fnq:ready:{p}")) for p in range(3))
         assert length == 1  # the acked entries are gone from their stream
+    finally:
+        await q.close()
+
+
+async def test_reserves_right_after_an_empty_one_skip_the_script(own_redis: RedisServer) -> None:
+    # Calls arriving one at a time: after a reserve script that found nothing due, the
+    # next reserves go straight to a blocking read, their acks in the same round trip.
+    import asyncio  # noqa: PLC0415
+
+    consumer = open_queue(own_redis.url, load_settings())
+    producer = open_queue(own_redis.url, load_settings())
+    claims = 0
+    claim = consumer._claim  # type: ignore[attr-defined]
+
+    async def counted(*args: Any) -> Any:
+        nonlocal claims
+        claims += 1
+        return await claim(*args)
+
+    consumer._claim = counted  # type: ignore[attr-defined]
+    try:
+        await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))  # scripts loaded
+        warm = await consumer.reserve_many(2, 1.0)
+        await consumer.ack_many(warm)
+        assert await consumer.reserve_many(2, 0.02) == []  # the script found nothing due
+        claims = 0
+        first = Call(new_call_id(), "demo", "echo", b"1")
+        await producer.push(first)
+        got = await consumer.reserve_many(2, 1.0)
+        assert [m.call.id for m in got] == [first.id]
+        # The next one acks the first; the ack is done before the read waits.
+        acked = asyncio.Event()
+        waiting = asyncio.create_task(consumer.reserve_many(2, 1.0, ack=got, on_acked=acked.set))
+        await asyncio.wait_for(acked.wait(), 1.0)
+        assert not waiting.done()
+        assert (await consumer.stats()).reserved == 0
+        second = Call(new_call_id(), "demo", "echo", b"2")
+        await producer.push(second)
+        more = await asyncio.wait_for(waiting, 1.0)
+        assert [m.call.id for m in more] == [second.id]
+        assert claims == 0  # no reserve script for either
+        await consumer.ack_many(more)
+        # Once the quiet time is over, the script runs again (sweeps, due entries).
+        await asyncio.sleep(redis_queue.QUIET_MAX_S)
+        assert await consumer.reserve_many(2, 0.02) == []
+        assert claims >= 1
+    finally:
+        await consumer.close()
+        await producer.close()
+
+
+async def test_a_delayed_call_comes_at_most_the_quiet_time_late(own_redis: RedisServer) -> None:
+    q = open_queue(own_redis.url, load_settings())
+    try:
+        assert await q.reserve_many(2, 0.02) == []  # quiet from now on: nothing was due
+        delayed = Call(new_call_id(), "demo", "echo", b"later")
+        await q.push(delayed, delay_s=0.1)
+        t0 = time.monotonic()
+        got = await q.reserve_many(2, 2.0)
+        waited = time.monotonic() - t0
+        assert [m.call.id for m in got] == [delayed.id]
+        assert waited < redis_queue.QUIET_MAX_S + 0.15, waited
     finally:
         await q.close()
