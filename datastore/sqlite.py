@@ -144,17 +144,28 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
 _LOSABLE = frozenset({Write.RUNNING, Write.WORKER_BEAT})
 
 
-def _set_sync(conn: sqlite3.Connection, ops: list[_Op]) -> None:
-    """Per batch (a pragma costs microseconds; it applies to the next commit)."""
-    losable = all(kind in _LOSABLE for kind, _, _ in ops)
-    conn.execute(f"PRAGMA synchronous = {'NORMAL' if losable else 'FULL'}")
+def _set_sync(conn: sqlite3.Connection, ops: list[_Op], state: dict[str, str]) -> None:
+    """Per batch, when it changes (the pragma applies to the next commit). ``state``
+    remembers the last value set on ``conn``."""
+    wanted = "NORMAL" if all(kind in _LOSABLE for kind, _, _ in ops) else "FULL"
+    if state.get("synchronous") != wanted:
+        conn.execute(f"PRAGMA synchronous = {wanted}")
+        state["synchronous"] = wanted
 
 
-def run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
-    """All of ``ops`` in one transaction; raises (after rollback) on a transient error."""
-    _set_sync(conn, ops)
+def run_batch(
+    conn: sqlite3.Connection, ops: list[_Op], state: dict[str, str] | None = None
+) -> list[Any]:
+    """All of ``ops`` in one transaction; raises (after rollback) on a transient error.
+
+    An operation that fails for good is rolled back alone (a savepoint per
+    operation) and reported as ``Failed``; a batch of one needs no savepoint.
+    """
+    _set_sync(conn, ops, {} if state is None else state)
     conn.execute("BEGIN IMMEDIATE")
     try:
+        if len(ops) == 1:
+            return [_apply_alone(conn, *ops[0])]
         results: list[Any] = []
         for kind, params, log in ops:
             conn.execute("SAVEPOINT op")
@@ -174,6 +185,21 @@ def run_batch(conn: sqlite3.Connection, ops: list[_Op]) -> list[Any]:
     return results
 
 
+def _apply_alone(
+    conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: bytes | None
+) -> Any:
+    """The only operation of the open transaction: commit it, or roll it all back."""
+    try:
+        result = apply(conn, kind, params, log)
+    except sqlite3.Error as exc:
+        if is_transient(exc):
+            raise
+        conn.execute("ROLLBACK")
+        return Failed(StoreError(f"{kind.value} failed: {exc}"))
+    conn.execute("COMMIT")
+    return result
+
+
 class SqliteDatastore(SqlDatastore):
     IDS_IN = "IN (SELECT value FROM json_each(:ids))"
 
@@ -183,6 +209,7 @@ class SqliteDatastore(SqlDatastore):
         self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="fnq-sqlite-writer")
         self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="fnq-sqlite-reader")
         self._wconn: sqlite3.Connection | None = None
+        self._writer_state: dict[str, str] = {}  # pragmas last set on _wconn
         self._rconn: sqlite3.Connection | None = None
         self._qconn: sqlite3.Connection | None = None  # point reads on the event loop
         self.writer: GroupCommit[_Op] = GroupCommit(
@@ -221,13 +248,16 @@ class SqliteDatastore(SqlDatastore):
         except sqlite3.Error as exc:
             raise StoreUnavailable(f"cannot open the datastore {self.path}: {exc}") from exc
         self._wconn = conn
+        self._writer_state = {"synchronous": "FULL"}  # as connect() leaves it
 
     async def _run_batch(self, ops: list[_Op]) -> list[Any]:
         conn = self._wconn
         if conn is None:
             raise StoreUnavailable("the datastore is not open")
         loop = asyncio.get_running_loop()
-        return await loop.run_in_executor(self._writer_thread, run_batch, conn, ops)
+        return await loop.run_in_executor(
+            self._writer_thread, run_batch, conn, ops, self._writer_state
+        )
 
     async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
         return await self.writer.submit((kind, params, log))
