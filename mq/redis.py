@@ -83,6 +83,15 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _bulks(*args: str | int | bytes) -> bytes:
+    """``args`` as RESP bulk strings (the elements of a command array)."""
+    out = []
+    for arg in args:
+        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
+    return b"".join(out)
+
+
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
@@ -125,6 +134,7 @@ class RedisQueue:
         }
         self._groups_made = False
         self._quiet_until = 0.0  # loop time until which no sweep or delayed entry is due
+        self._packed: tuple[bytes, bytes, bytes] | None = None  # see _acked_read
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisQueue:
@@ -325,13 +335,22 @@ class RedisQueue:
     ) -> Any:
         """ack.lua, then XREADGROUP BLOCK, written together: one round trip. The ack's
         answer comes back first, before the read waits: ``on_acked`` is told then."""
-        ack_cmd = ("EVALSHA", self._scripts["ack"].sha, len(self._keys), *self._keys, GROUP, *acks)
-        read_cmd = ("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT", count,
-                    "BLOCK", block_ms, "STREAMS", *keys, *(">" for _ in keys))  # fmt: skip
+        if self._packed is None:  # the parts that never change, encoded once
+            self._packed = (
+                _bulks("EVALSHA", self._scripts["ack"].sha, len(self._keys), *self._keys, GROUP),
+                _bulks("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT"),
+                _bulks("STREAMS", *keys, *(">" for _ in keys)),
+            )
+        ack_head, read_head, read_tail = self._packed
+        packed = b"".join((
+            b"*%d\r\n" % (4 + len(self._keys) + len(acks)), ack_head, _bulks(*acks),
+            b"*%d\r\n" % (9 + 2 * len(keys)), read_head, _bulks(count, "BLOCK", block_ms),
+            read_tail,
+        ))  # fmt: skip
         pool = self._client.connection_pool
         conn = await pool.get_connection()  # type: ignore[no-untyped-call]
         try:
-            await conn.send_packed_command(conn.pack_commands([ack_cmd, read_cmd]))
+            await conn.send_packed_command(packed)
             try:
                 await conn.read_response()
             except rexc.NoScriptError:  # Redis lost its scripts: load it, ack once more
