@@ -15,7 +15,7 @@ import redis.asyncio as aioredis
 from config.domain import Call, new_call_id
 from config.settings import load_settings
 from mq import redis as redis_queue
-from mq.base import Message, open_queue
+from mq.base import Message, QueueStats, open_queue
 from mq.errors import QueueUnavailable
 from mq.producer import enqueue, enqueue_async
 from tests.rig import RedisServer
@@ -301,5 +301,27 @@ async def test_a_delayed_call_comes_at_most_the_quiet_time_late(own_redis: Redis
         waited = time.monotonic() - t0
         assert [m.call.id for m in got] == [delayed.id]
         assert waited < redis_queue.QUIET_MAX_S + 0.15, waited
+    finally:
+        await q.close()
+
+
+async def test_scripts_the_server_lost_are_loaded_again(own_redis: RedisServer) -> None:
+    # A restarted (or flushed) server has no scripts: each is loaded again when
+    # first needed, also the ack sent ahead of a blocking read.
+    q = open_queue(own_redis.url, load_settings())
+    try:
+        first = await q.push(Call(new_call_id(), "demo", "echo", b"a"))
+        held = await q.reserve_many(2, 1.0)
+        assert [m.call.id for m in held] == [first]
+        assert await q.reserve_many(2, 0.02) == []  # nothing due: quiet from now on
+        redis_cli(own_redis.port, "SCRIPT", "FLUSH")
+        second = await q.push(Call(new_call_id(), "demo", "echo", b"b"))
+        acked: list[bool] = []
+        got = await q.reserve_many(2, 1.0, ack=held, on_acked=lambda: acked.append(True))
+        assert [m.call.id for m in got] == [second] and acked == [True]
+        assert (await q.stats()).reserved == 1  # the first is acked, the second held
+        redis_cli(own_redis.port, "SCRIPT", "FLUSH")
+        await q.ack_many(got)
+        assert await q.stats() == QueueStats(0, 0, 0, 0)
     finally:
         await q.close()
