@@ -83,27 +83,32 @@ async def test_freezing_disabled(agents: AgentFactory) -> None:
     assert driver.pauses == 0
 
 
+async def _idle_together(agent: Agent, driver: FakeDriver, fn: Function, n: int) -> None:
+    """``n`` calls at once on a fresh driver (``n`` containers), answered together."""
+    gate = asyncio.Event()
+    driver.default.handler = gated(gate)
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(n)]
+    await driver.wait_until(lambda: driver.dispatches == n)
+    gate.set()
+    await asyncio.gather(*calls)
+    driver.default.handler = reply()
+
+
 async def test_containers_idle_together_pause_one_after_another(agents: AgentFactory) -> None:
     # After a burst all of a function's containers go idle at once; their pauses are
     # spread out (worker.agent.pacer), so that the engine's work does not stall calls.
     driver = FakeDriver()
     agent = agents(driver, freeze_idle_msecs=50)
-    agent.pacer.spacing_s = 0.03
+    agent.pacer.spacing_s = 0.1
     fn = make_fn()
-    gate = asyncio.Event()
-    driver.default.handler = gated(gate)
-    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(4)]
-    await driver.wait_until(lambda: driver.dispatches == 4)
-    gate.set()
-    await asyncio.gather(*calls)
+    await _idle_together(agent, driver, fn, 4)
     idle_at = asyncio.get_running_loop().time()
     await driver.wait_until(lambda: driver.pauses == 4)
     gaps = [b - a for a, b in zip(driver.paused_at, driver.paused_at[1:], strict=False)]
     assert driver.paused_at[0] - idle_at >= 0.045  # the first when its idle time is up
-    assert min(gaps) >= 0.025, gaps
-    # A call that comes meanwhile takes a container that has not paused yet.
+    assert min(gaps) >= 0.05, gaps  # 0.1 s turns; a timer may fire late on a busy host
     stats = agent.statistics().queue(fn.ref)
-    assert stats is not None and stats.containers["paused"] == 4
+    assert stats is not None and stats.containers["paused"] == 4  # all of them, in turn
 
 
 async def test_a_call_takes_a_container_waiting_for_its_turn_to_pause(
@@ -113,13 +118,7 @@ async def test_a_call_takes_a_container_waiting_for_its_turn_to_pause(
     agent = agents(driver, freeze_idle_msecs=10)
     agent.pacer.spacing_s = 10.0  # the second container's turn is far away
     fn = make_fn()
-    gate = asyncio.Event()
-    driver.default.handler = gated(gate)
-    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(2)]
-    await driver.wait_until(lambda: driver.dispatches == 2)
-    gate.set()
-    await asyncio.gather(*calls)
-    driver.default.handler = reply()
+    await _idle_together(agent, driver, fn, 2)
     await driver.wait_until(lambda: driver.pauses == 1)
     await asyncio.sleep(0.05)
     assert driver.pauses == 1  # the other waits for its turn, idle and not paused
@@ -353,12 +352,7 @@ async def _one_paused_one_busy(
     driver = FakeDriver()
     agent = agents(driver, freeze_idle_msecs=100)
     fn = make_fn()
-    gate = asyncio.Event()
-    driver.default.handler = gated(gate)
-    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(2)]
-    await driver.wait_until(lambda: driver.dispatches == 2)
-    gate.set()
-    await asyncio.gather(*calls)
+    await _idle_together(agent, driver, fn, 2)
     await driver.wait_until(lambda: driver.pauses == 2)
     driver.default.handler = gated(busy_gate)
     busy = asyncio.create_task(agent.submit(make_call(fn), fn))  # unpauses one
