@@ -87,7 +87,14 @@ def _bulks(*args: str | int | bytes) -> bytes:
     """``args`` as RESP bulk strings (the elements of a command array)."""
     out = []
     for arg in args:
-        data = arg if isinstance(arg, bytes) else str(arg).encode()
+        if isinstance(arg, bytes):
+            data = arg
+        elif isinstance(arg, str):
+            data = arg.encode()
+        elif isinstance(arg, int) and not isinstance(arg, bool):
+            data = b"%d" % arg
+        else:
+            raise TypeError(f"{type(arg).__name__} is not a redis argument here")
         out.append(b"$%d\r\n%s\r\n" % (len(data), data))
     return b"".join(out)
 
@@ -249,12 +256,10 @@ class RedisQueue:
         deadline = loop.time() + max(timeout_s, 0.0)
         acks = self._ack_args(ack)  # the first round trip acks them
         if loop.time() < self._quiet_until:
-            wait_s = min(deadline, self._quiet_until) - loop.time()
-            msgs = await self._block(max_count, max(1, int(wait_s * 1000)), acks, on_acked)
+            msgs = await self._reserve_quietly(max_count, deadline, acks, on_acked)
             if msgs:
                 return msgs
             acks = []
-            self._quiet_until = 0.0  # time is up, or nothing came: the script again
             if loop.time() >= deadline:
                 return []
         while True:
@@ -280,6 +285,24 @@ class RedisQueue:
             msgs = await self._block(max_count, max(1, int(block_ms)))
             if msgs:
                 return msgs
+
+    async def _reserve_quietly(
+        self,
+        count: int,
+        deadline: float,
+        acks: Sequence[Any],
+        on_acked: Callable[[], None] | None,
+    ) -> list[Message]:
+        """While nothing but new entries can turn up: the blocking read alone."""
+        wait_s = min(deadline, self._quiet_until) - asyncio.get_running_loop().time()
+        try:
+            msgs = await self._block(count, max(1, int(wait_s * 1000)), acks, on_acked)
+        except BaseException:
+            self._quiet_until = 0.0  # the next reserve runs the script (it mends NOGROUP)
+            raise
+        if not msgs:
+            self._quiet_until = 0.0  # time is up, or nothing came: the script again
+        return msgs
 
     async def _block(
         self,

@@ -16,7 +16,7 @@ from config.domain import Call, new_call_id
 from config.settings import load_settings
 from mq import redis as redis_queue
 from mq.base import Message, QueueStats, open_queue
-from mq.errors import QueueUnavailable
+from mq.errors import QueueError, QueueUnavailable
 from mq.producer import enqueue, enqueue_async
 from tests.rig import RedisServer
 
@@ -329,5 +329,25 @@ async def test_scripts_the_server_lost_are_loaded_again(
         redis_cli(own_redis.port, "SCRIPT", "FLUSH")
         await q.ack_many(got)
         assert await q.stats() == QueueStats(0, 0, 0, 0)
+    finally:
+        await q.close()
+
+
+async def test_after_a_failed_read_without_the_script_the_script_runs(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The keys vanish under a consumer between calls (FLUSHDB): its quick read fails,
+    # and the next reserve runs the script, which makes the consumer group again.
+    monkeypatch.setattr(redis_queue, "QUIET_MAX_S", 5.0)
+    q = open_queue(own_redis.url, load_settings())
+    try:
+        assert await q.reserve_many(2, 0.02) == []  # quiet from now on
+        redis_cli(own_redis.port, "FLUSHDB")
+        with pytest.raises(QueueError, match="NOGROUP"):
+            await q.reserve_many(2, 0.5)
+        call = Call(new_call_id(), "demo", "echo", b"after")
+        await q.push(call)
+        got = await q.reserve_many(2, 1.0)
+        assert [m.call.id for m in got] == [call.id]
     finally:
         await q.close()
