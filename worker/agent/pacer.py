@@ -3,9 +3,9 @@
 A pause is background work of the engine (about 13 ms here: the engine, the
 container runtime and a short-lived runtime process per container). After a
 burst, every container of a function goes idle within a few milliseconds, and
-their freeze timers end together: a dozen pauses at the same moment took both
-cores of a small host for about 50 ms, and every call arriving meanwhile
-waited. The pacer hands out pause times at least ``spacing_s`` apart; a
+their freeze timers end together: in one trace, 5 pauses at the same moment
+took 37-49 ms each on both cores of a small host, and calls arriving
+meanwhile waited up to 55 ms. The pacer hands out pause times at least ``spacing_s`` apart; a
 container whose freeze timer has run out sleeps until its turn (a call may
 still take it meanwhile, and then its turn is simply not used).
 
