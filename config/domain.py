@@ -16,6 +16,7 @@ dropped).
 
 from __future__ import annotations
 
+import base64
 import os
 import re
 import secrets
@@ -30,6 +31,7 @@ from types import MappingProxyType
 # --------------------------------------------------------------------------- ids
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
+_TO_CROCKFORD = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUV", _CROCKFORD.encode())
 _id_lock = threading.Lock()
 _id_last_ms = 0
 _id_last_rand = 0
@@ -50,12 +52,11 @@ def new_call_id() -> str:
         else:
             rand = int.from_bytes(secrets.token_bytes(10), "big")
         _id_last_ms, _id_last_rand = now_ms, rand
+    # 26 base-32 digits are 130 bits: the 128-bit value after two zero bits. Shifted
+    # into 17 bytes, base 32 of those bytes starts with exactly those 26 digits.
     value = (now_ms << 80) | rand
-    chars = []
-    for _ in range(26):
-        chars.append(_CROCKFORD[value & 31])
-        value >>= 5
-    return "".join(reversed(chars))
+    digits = base64.b32hexencode((value << 6).to_bytes(17, "big"))[:26]
+    return digits.translate(_TO_CROCKFORD).decode("ascii")
 
 
 def utcnow() -> datetime:

@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import threading
+import time
 
 from config.domain import FINAL_STATUSES, CallStatus, new_call_id
+
+CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
 
 
 def test_call_ids_sort_by_creation_and_are_unique() -> None:
@@ -12,6 +15,19 @@ def test_call_ids_sort_by_creation_and_are_unique() -> None:
     assert ids == sorted(ids)
     assert len(set(ids)) == len(ids)
     assert all(len(i) == 26 for i in ids)
+
+
+def test_call_ids_are_base32_of_the_time_and_the_random_part() -> None:
+    """Read back digit by digit: the top 48 bits are the creation time in ms."""
+    before = time.time_ns() // 1_000_000
+    call_id = new_call_id()
+    after = time.time_ns() // 1_000_000
+    value = 0
+    for char in call_id:
+        value = value * 32 + CROCKFORD.index(char)
+    assert value < 1 << 128
+    assert before <= value >> 80 <= after
+    assert call_id[0] in "0123"  # 26 digits carry 130 bits; the top two are zero
 
 
 def test_call_ids_unique_across_threads() -> None:

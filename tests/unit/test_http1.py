@@ -142,3 +142,24 @@ def test_connection_closed_early() -> None:
 def test_bytes_after_the_answer_end_keep_alive() -> None:
     r = ResponseParser(1024).feed(b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxHTTP/1.1")
     assert r is not None and r.body == b"x" and not r.keep_alive
+
+
+def test_a_known_header_name_without_its_colon_is_still_malformed() -> None:
+    parse(b"HTTP/1.1 200 OK\r\nX-Seen: 1\r\nContent-Length: 0\r\n\r\n")  # names now known
+    for line in (b"X-Seen", b"Content-Length"):
+        with pytest.raises(MalformedResponse):
+            ResponseParser(1024).feed(b"HTTP/1.1 200 OK\r\n" + line + b"\r\n\r\n")
+
+
+def test_an_answer_whole_in_one_read_matches_the_general_path() -> None:
+    """The one-read path and the byte-by-byte one agree on what they both accept."""
+    for data in (
+        FDK_ANSWER,
+        b"HTTP/1.0 200 OK\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.0 200 OK\r\nConnection: Keep-Alive\r\nContent-Length: 2\r\n\r\nok",
+        b"HTTP/1.1 502 Bad Gateway\r\nConnection: close, x\r\nContent-Length: 0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nA: 1\r\na: 2\r\nContent-Length: 1\r\n\r\nx",
+    ):
+        r = parse(data)
+        assert r.head_bytes == data.index(b"\r\n\r\n") + 4
+        assert r.keep_alive == (b"close" not in data and (b"1.1" in data[:9] or b"Keep" in data))

@@ -85,6 +85,7 @@ log = logging.getLogger("fnq.agent")
 STOP_SETTLE_S = 10.0  # after the grace, how long stopped calls get to wind down
 PREFER_THAWED_S = 0.005  # see _get_slot
 DRIVER_CLOSE_TIMEOUT_S = 60.0
+KEY_CACHE_SIZE = 1024  # Function objects whose slot key is remembered
 
 
 class Agent:
@@ -98,6 +99,7 @@ class Agent:
         self.pacer = FreezePacer()
         self.hot_poll_s = settings.secs("hot_poll_msecs")
         self._queues: dict[str, SlotQueue] = {}
+        self._keys: dict[int, tuple[Function, str]] = {}
         self._launchers = TaskSet("launcher")
         self._containers = TaskSet("container")
         self._hot: dict[HotContainer, asyncio.Task[None]] = {}
@@ -187,6 +189,11 @@ class Agent:
         self, queue: SlotQueue, call_id: str, deadline: float, stop: StopControl
     ) -> Slot | None:
         """Wait for an idle slot; None if the call was stopped while waiting."""
+        if not stop.event.is_set() and not self._closing.is_set():
+            busy = queue.containers[ContainerState.BUSY] > 0
+            slot = queue.take_idle(thawed_only=busy)
+            if slot is not None:  # the usual case under load: no waiting at all
+                return slot
         loop = asyncio.get_running_loop()
         caller = Caller(call_id)
         queue.join(caller)
@@ -230,8 +237,19 @@ class Agent:
             queue.leave(caller)
 
     # ------------------------------------------------------ queues, launch
-    def _queue_for(self, fn: Function) -> SlotQueue:
+    def _slot_key(self, fn: Function) -> str:
+        """``slot_key(fn)``, remembered per Function object (callers reuse theirs)."""
+        known = self._keys.get(id(fn))
+        if known is not None and known[0] is fn:
+            return known[1]
+        if len(self._keys) >= KEY_CACHE_SIZE:
+            self._keys.clear()
         key = slot_key(fn)
+        self._keys[id(fn)] = (fn, key)  # holding fn keeps its id from being reused
+        return key
+
+    def _queue_for(self, fn: Function) -> SlotQueue:
+        key = self._slot_key(fn)
         queue = self._queues.get(key)
         if queue is None:
             queue = self._queues[key] = SlotQueue(key, fn)

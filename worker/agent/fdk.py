@@ -31,7 +31,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Mapping
+from collections.abc import Iterator, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import cast
@@ -57,32 +57,44 @@ HOP_BY_HOP = frozenset(
     }
 )
 _SET_BY_CLIENT = frozenset({"host", "content-length", "fn-call-id", "fn-deadline"})
-_REQUEST_LINE = b"POST /call HTTP/1.1\r\nHost: localhost\r\nContent-Length: "
+_REQUEST_HEAD = (
+    "POST /call HTTP/1.1\r\nHost: localhost\r\nContent-Length: %d\r\n%s"
+    "Fn-Call-Id: %s\r\nFn-Deadline: %s\r\n\r\n"
+)
 
 
 def rfc3339(moment: datetime) -> str:
-    utc = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
-    return utc.replace(tzinfo=None).isoformat(timespec="milliseconds") + "Z"
+    if moment.tzinfo is not UTC:
+        moment = moment.astimezone(UTC) if moment.tzinfo else moment.replace(tzinfo=UTC)
+    return moment.isoformat(timespec="milliseconds")[:-6] + "Z"  # "+00:00" -> "Z"
+
+
+def _passed_headers(req: DispatchRequest) -> Iterator[tuple[str, str]]:
+    """The call's own headers that go to the function: not hop-by-hop, not ours."""
+    for name, value in req.headers.items():
+        key = name.lower()
+        if key not in HOP_BY_HOP and key not in _SET_BY_CLIENT:
+            yield name, value
 
 
 def request_headers(req: DispatchRequest) -> dict[str, str]:
     """The call's headers minus hop-by-hop ones, plus the Fn ones."""
-    out = {
-        name: value
-        for name, value in req.headers.items()
-        if name.lower() not in HOP_BY_HOP and name.lower() not in _SET_BY_CLIENT
-    }
+    out = dict(_passed_headers(req))
     out["Fn-Call-Id"] = req.call_id
     out["Fn-Deadline"] = rfc3339(req.deadline)
     return out
 
 
 def encode_request(req: DispatchRequest) -> bytes:
-    """The whole request as bytes (the call's headers were checked by the agent)."""
-    lines = "".join(f"{name}: {value}\r\n" for name, value in request_headers(req).items())
-    return b"".join(
-        (_REQUEST_LINE, str(len(req.body)).encode(), b"\r\n", lines.encode(), b"\r\n", req.body)
+    """The whole request as bytes (the call's headers were checked by the agent):
+    what :func:`request_headers` gives, in one formatting step."""
+    own = (
+        "".join(f"{name}: {value}\r\n" for name, value in _passed_headers(req))
+        if req.headers
+        else ""
     )
+    head = _REQUEST_HEAD % (len(req.body), own, req.call_id, rfc3339(req.deadline))
+    return head.encode() + req.body
 
 
 class _Connection(asyncio.Protocol):
@@ -132,18 +144,29 @@ class _Connection(asyncio.Protocol):
             return
         waiter.set_exception(exc or ConnectionResetError("the function closed the connection"))
 
-    async def exchange(self, request: bytes) -> RawResponse:
+    async def exchange(
+        self, request: bytes, loop: asyncio.AbstractEventLoop, deadline: float
+    ) -> RawResponse:
+        """Send ``request``, return the answer; TimeoutError once ``deadline`` (loop
+        time) passes. One timer, not a timeout scope: this is the per-call path."""
         transport = self._transport
         if transport is None or self.closed:
             raise ConnectionResetError("the connection is closed")
         self._parser = ResponseParser(self._max_header, self._max_body)
-        waiter: asyncio.Future[RawResponse] = asyncio.get_running_loop().create_future()
+        waiter: asyncio.Future[RawResponse] = loop.create_future()
         self._waiter = waiter
+        timer = loop.call_at(deadline, self._expire, waiter)
         try:
             transport.write(request)
             return await waiter
         finally:
+            timer.cancel()
             self._parser = self._waiter = None
+
+    def _expire(self, waiter: asyncio.Future[RawResponse]) -> None:
+        if not waiter.done():
+            waiter.set_exception(TimeoutError())
+            self.close()
 
     def close(self) -> None:
         self.closed = True
@@ -171,14 +194,12 @@ class FdkClient:
         if conn is not None:
             conn.close()
 
-    async def _connection(self, loop: asyncio.AbstractEventLoop) -> _Connection:
-        conn = self._conn
-        if conn is not None and not conn.closed and loop.time() - conn.last_used < KEEPALIVE_S:
-            return conn
+    async def _connect(self, deadline: float) -> _Connection:
         self._drop()
-        _, conn = await loop.create_unix_connection(
-            lambda: _Connection(self._max_header, self._max_body), self.socket_path
-        )
+        async with asyncio.timeout_at(deadline):
+            _, conn = await asyncio.get_running_loop().create_unix_connection(
+                lambda: _Connection(self._max_header, self._max_body), self.socket_path
+            )
         self.connections_made += 1
         self._conn = conn
         return conn
@@ -187,10 +208,13 @@ class FdkClient:
         """POST /call; DispatchError (or ResponseTooBig) on failure, TimeoutError on time."""
         loop = asyncio.get_running_loop()
         request = encode_request(req)
+        now = loop.time()
+        deadline = now + req.timeout_s
         try:
-            async with asyncio.timeout(req.timeout_s):
-                conn = await self._connection(loop)
-                raw = await conn.exchange(request)
+            conn = self._conn
+            if conn is None or conn.closed or now - conn.last_used >= KEEPALIVE_S:
+                conn = await self._connect(deadline)
+            raw = await conn.exchange(request, loop, deadline)
         except BaseException as exc:
             self._drop()  # whatever happened, the connection's state is unknown
             if isinstance(exc, HeadTooBig):
@@ -216,13 +240,19 @@ def canonical_name(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
+@functools.lru_cache(maxsize=1024)
+def _kept_name(name: str) -> str | None:
+    """The canonical name of a response header that is passed on; None for hop-by-hop."""
+    return None if name.lower() in HOP_BY_HOP else canonical_name(name)
+
+
 def response_headers(raw: RawResponse) -> Mapping[str, str]:
     """The answer's headers minus hop-by-hop ones, names in canonical form; repeated
     names joined with ", "."""
     out: dict[str, str] = {}
     for name, value in raw.headers:
-        if name.lower() in HOP_BY_HOP:
+        key = _kept_name(name)
+        if key is None:
             continue
-        key = canonical_name(name)
         out[key] = f"{out[key]}, {value}" if key in out else value
     return MappingProxyType(out)

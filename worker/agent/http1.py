@@ -18,6 +18,7 @@ connection that closes mid-response, :class:`Incomplete`.
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 
@@ -96,6 +97,10 @@ class ResponseParser:
 
     def feed(self, data: bytes) -> RawResponse | None:
         """Take the next bytes; the response once it is complete, else None."""
+        if self._frame == _Frame.HEAD and not self._buf and self._result is None:
+            whole = self._whole(data)
+            if whole is not None:
+                return whole
         self._buf += data
         steps = (
             self._head,
@@ -122,6 +127,43 @@ class ResponseParser:
         raise Incomplete("the connection closed before the response was complete")
 
     # --------------------------------------------------------------- head
+
+    def _whole(self, data: bytes) -> RawResponse | None:
+        """The usual answer, whole in one read: a final status, a Content-Length body
+        and nothing after it. Anything else is left to the general path (None),
+        which then reads the same bytes from the start."""
+        end = data.find(b"\r\n\r\n")
+        if end < 0 or end + 4 > self._max_head:
+            return None
+        lines = data[:end].split(b"\r\n")
+        match = _STATUS_LINE.fullmatch(lines[0])
+        if match is None:
+            return None
+        status = int(match[2])
+        if status < 200 or status in {204, 304}:
+            return None
+        keep_alive = match[1] == b"1"
+        length = -1
+        headers = []
+        for line in lines[1:]:
+            name, value = _header(line)
+            headers.append((name, value))
+            key = _lower(name)
+            if key == "content-length":
+                if length >= 0 or not value.isdigit():
+                    return None
+                length = int(value)
+            elif key == "transfer-encoding":
+                return None
+            elif key == "connection":
+                keep_alive = _connection_says(value, keep_alive)
+        body = data[end + 4 :]
+        if length != len(body) or (self._max_body and length > self._max_body):
+            return None
+        self._frame = _Frame.LENGTH
+        self._status, self._headers, self._head_used = status, tuple(headers), end + 4
+        self._result = RawResponse(status, self._headers, body, False, keep_alive, end + 4)
+        return self._result
 
     def _head(self) -> bool:
         end = self._buf.find(b"\r\n\r\n")
@@ -175,11 +217,7 @@ class ResponseParser:
         return _Frame.LENGTH
 
     def _connection_header(self, value: str) -> None:
-        tokens = {t.strip().lower() for t in value.split(",")}
-        if "close" in tokens:
-            self._keep_alive = False
-        elif "keep-alive" in tokens:
-            self._keep_alive = True
+        self._keep_alive = _connection_says(value, self._keep_alive)
 
     # --------------------------------------------------------------- body
 
@@ -268,8 +306,40 @@ class ResponseParser:
         return self._result
 
 
+_NAMES: dict[bytes, str] = {}  # header names seen and found valid (a few dozen at most)
+_NAMES_MAX = 512
+_LOWER: dict[str, str] = {}
+
+
 def _header(line: bytes) -> tuple[str, str]:
-    name, sep, value = line.partition(b":")
-    if not sep or not _TOKEN.fullmatch(name):
-        raise MalformedResponse(f"bad header line {line[:80]!r}")
-    return name.decode("ascii"), value.strip(b" \t").decode("utf-8", "replace")
+    raw, sep, value = line.partition(b":")
+    name = _NAMES.get(raw) if sep else None
+    if name is None:
+        if not sep or not _TOKEN.fullmatch(raw):
+            raise MalformedResponse(f"bad header line {line[:80]!r}")
+        name = raw.decode("ascii")
+        if len(_NAMES) < _NAMES_MAX:
+            _NAMES[raw] = name
+    return name, value.strip(b" \t").decode("utf-8", "replace")
+
+
+@functools.lru_cache(maxsize=64)
+def _tokens(value: str) -> frozenset[str]:
+    return frozenset(t.strip().lower() for t in value.split(","))
+
+
+def _connection_says(value: str, keep_alive: bool) -> bool:
+    """Whether a ``Connection`` header leaves the connection open (else as it was)."""
+    tokens = _tokens(value)
+    if "close" in tokens:
+        return False
+    return True if "keep-alive" in tokens else keep_alive
+
+
+def _lower(name: str) -> str:
+    key = _LOWER.get(name)
+    if key is None:
+        key = name.lower()
+        if len(_LOWER) < _NAMES_MAX:
+            _LOWER[name] = key
+    return key

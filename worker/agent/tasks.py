@@ -41,26 +41,36 @@ async def interruptible(
     """
     task = asyncio.current_task()
     assert task is not None
-    armed, interrupted = True, False
+    armed, interrupted, timed_out = True, False, False
 
     def interrupt(_: asyncio.Future[Any]) -> None:
         nonlocal interrupted
-        if armed and not interrupted:
+        if armed and not interrupted and not timed_out:
             interrupted = True
+            task.cancel()
+
+    def expire() -> None:
+        nonlocal timed_out
+        if armed and not interrupted and not timed_out:
+            timed_out = True
             task.cancel()
 
     for future in interrupters:
         future.add_done_callback(interrupt)
+    # One timer rather than a timeout scope: this wraps every call's dispatch.
+    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
     try:
-        async with asyncio.timeout(timeout_s):
-            return await awaitable
+        return await awaitable
     except asyncio.CancelledError:
         armed = False
-        if interrupted and task.uncancel() == 0:
+        if (interrupted or timed_out) and task.uncancel() == 0:
+            if timed_out:
+                raise TimeoutError() from None
             raise Interrupted() from None
         raise
     finally:
         armed = False
+        timer.cancel()
         for future in interrupters:
             future.remove_done_callback(interrupt)
 

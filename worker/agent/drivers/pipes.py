@@ -27,6 +27,7 @@ import asyncio
 import contextlib
 import logging
 import os
+import select
 import stat
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -63,6 +64,7 @@ class OutputPipes:
         self._on_data = on_data
         self._fds: dict[int, tuple[int, int]] = {}  # stream -> (read fd, write fd)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._poll = select.poll()  # which read ends hold something, in one system call
 
     @property
     def open(self) -> bool:
@@ -75,6 +77,7 @@ class OutputPipes:
             for stream, name in NAMES.items():
                 rfd, wfd = _open_both(self._dir / name)
                 self._fds[stream] = (rfd, wfd)
+                self._poll.register(rfd, select.POLLIN)
                 self._loop.add_reader(rfd, self._read, stream, rfd, 1)
         except OSError:
             self.close()
@@ -82,8 +85,17 @@ class OutputPipes:
 
     def drain(self) -> None:
         """Read everything the pipes hold now, in order, stdout first."""
-        for stream, (rfd, _) in list(self._fds.items()):
-            self._read(stream, rfd, _MAX_READS)
+        if not self._fds:
+            return
+        try:
+            ready = {fd for fd, _ in self._poll.poll(0)}
+        except OSError as exc:
+            log.debug("polling the output pipes failed: %s", exc)
+            ready = {rfd for rfd, _ in self._fds.values()}
+        if ready:  # a call's output has most often been read as it came
+            for stream, (rfd, _) in list(self._fds.items()):
+                if rfd in ready:
+                    self._read(stream, rfd, _MAX_READS)
 
     def _read(self, stream: int, fd: int, reads: int) -> None:
         for _ in range(reads):
@@ -106,6 +118,8 @@ class OutputPipes:
         for stream, (rfd, wfd) in fds.items():
             if self._loop is not None:
                 self._loop.remove_reader(rfd)
+            with contextlib.suppress(KeyError):
+                self._poll.unregister(rfd)
             self._read(stream, rfd, _MAX_READS)
             for fd in (rfd, wfd):
                 with contextlib.suppress(OSError):
