@@ -76,13 +76,10 @@ async def probe_agent(calls: int) -> dict[str, float]:
         driver = DockerDriver(settings)
         try:
             async with Agent(settings, driver) as agent:
-                hot = await hot_runs(agent, driver, calls, 2)
+                hot = await hot_runs(agent, driver, calls, 3)
         finally:
             remove_labelled(tag)
-    return {
-        "agent 1x / raw": hot["agent 1x"] / hot["raw 1x"],
-        "agent 4x / raw": hot["agent 4x"] / hot["raw 4x"],
-    }
+    return {"agent 1x / raw": hot["ratio 1x"], "agent 4x / raw": hot["ratio 4x"]}
 
 
 def cpu_seconds(pid: int) -> float:
