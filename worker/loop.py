@@ -136,6 +136,10 @@ class Worker:
                                            name=f"fnq-call-{msg.call.id}")  # fmt: skip
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
+            if msgs:
+                # Let the new calls go as far as they can (to their containers, most
+                # often) before the next reserve is sent: that round trip is not theirs.
+                await asyncio.sleep(0)
 
     async def _handle(self, d: Delivery) -> None:
         placed = True
