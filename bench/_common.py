@@ -229,6 +229,31 @@ async def raw_calls(socket_path: str, calls: int, body: bytes) -> list[float]:
     return out
 
 
+async def raw_paced_calls(socket_path: str, calls: int, body: bytes, rate: float) -> list[float]:
+    """``calls`` requests on one kept-alive connection, one every 1/``rate`` s (when the
+    last has answered); each latency in seconds. A host that idles between requests
+    answers slower than one kept busy: this is the function's time at that pace."""
+    reader, writer = await asyncio.open_unix_connection(socket_path)
+    message = _request(body)
+    loop = asyncio.get_running_loop()
+    out: list[float] = []
+    try:
+        start = loop.time()
+        for i in range(calls):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            t0 = time.perf_counter()
+            writer.write(message)
+            await _read_response(reader)
+            out.append(time.perf_counter() - t0)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+    return out
+
+
 async def raw_throughput(sockets: list[str], calls_each: int, body: bytes) -> tuple[float, float]:
     """One raw client per socket, all at once: (calls/s, median latency in ms)."""
     t0 = time.perf_counter()
