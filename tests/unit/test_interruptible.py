@@ -37,6 +37,26 @@ async def test_the_timeout() -> None:
     stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
     with pytest.raises(TimeoutError):
         await interruptible(asyncio.sleep(10), 0.02, stop)
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
+    stop.set_result(None)  # after the timeout, an interrupt reaches nothing
+    await asyncio.sleep(0.01)
+
+
+async def test_a_cancellation_from_outside_goes_on_up_even_at_the_timeout() -> None:
+    stop: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+    task = asyncio.create_task(interruptible(asyncio.sleep(10), 0.0, stop))
+    await asyncio.sleep(0)  # the task has started: its timer is due, not yet run
+    task.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await task
+
+
+async def test_a_timeout_that_is_not_reached_leaves_no_timer() -> None:
+    loop = asyncio.get_running_loop()
+    stop: asyncio.Future[None] = loop.create_future()
+    assert await interruptible(asyncio.sleep(0, result=1), 0.02, stop) == 1
+    await asyncio.sleep(0.05)  # the timer would have fired by now: it was cancelled
+    assert asyncio.current_task().cancelling() == 0  # type: ignore[union-attr]
 
 
 async def test_a_cancellation_from_outside_goes_on_up_even_with_an_interrupt() -> None:
