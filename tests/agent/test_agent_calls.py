@@ -7,6 +7,7 @@ from datetime import timedelta
 
 from config.domain import CallStatus
 from tests.agent.conftest import AgentFactory, make_call, make_fn
+from worker.agent.agent import KEY_CACHE_SIZE
 from worker.agent.driver import FN_LISTENER
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
 
@@ -138,6 +139,20 @@ async def test_different_configurations_get_their_own_containers(agents: AgentFa
     await agent.submit(make_call(plain), plain)
     assert driver.creates == 2
     assert len(agent.statistics().queues) == 2
+
+
+async def test_equal_functions_share_containers_whatever_object_holds_them(
+    agents: AgentFactory,
+) -> None:
+    # Slot keys are remembered per Function object; equal ones made anew (more than
+    # the memory holds) still find the same queue and container.
+    driver = FakeDriver()
+    agent = agents(driver)
+    for _ in range(KEY_CACHE_SIZE + 5):
+        fn = make_fn(config={"MODE": "x"})
+        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    assert driver.creates == 1
+    assert len(agent.statistics().queues) == 1
 
 
 async def test_wait_async_resource_counts_idle_containers(agents: AgentFactory) -> None:
