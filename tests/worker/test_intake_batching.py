@@ -74,3 +74,44 @@ async def test_a_backlog_is_reserved_several_at_a_time(tmp_path: Path) -> None:
     finally:
         await inner.close()
         await store.close()
+
+
+async def test_a_reserved_call_reaches_its_container_before_the_next_reserve(
+    tmp_path: Path,
+) -> None:
+    """The next reserve's round trip is not on a new call's way to its container."""
+    settings = load_settings(data_dir=str(tmp_path))
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    inner = open_queue(settings.mq_url, settings)
+    driver = FakeDriver(FakeBehaviour(handler=reply()))
+    events: list[tuple[str, int]] = []  # (what, calls dispatched by then)
+
+    class Logged(CountingReserves):
+        async def reserve_many(self, max_count: int, timeout_s: float, **kw: Any) -> list[Message]:
+            events.append(("reserve", driver.dispatches))
+            msgs = await super().reserve_many(max_count, timeout_s, **kw)
+            events.extend((f"got {m.call.id}", driver.dispatches) for m in msgs)
+            return msgs
+
+    queue = Logged(inner)
+    try:
+        async with Agent(settings, driver) as agent:
+            worker = Worker(settings, queue, store, agent, prefetch=2)  # type: ignore[arg-type]
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(worker.run(shutdown))
+            for i in range(4):  # the first warms up: the function known, its container idle
+                call = Call(new_call_id(), FN.app, FN.name, b"x")
+                await inner.push(call)
+                async with asyncio.timeout(10):
+                    while worker.completed <= i:
+                        await asyncio.sleep(0.005)
+                got = [e[0] for e in events].index(f"got {call.id}")
+                (_, before), (after_what, after) = events[got], events[got + 1]
+                if i > 0:
+                    assert (after_what, after) == ("reserve", before + 1), events[got:]
+            shutdown.request("test over")
+            await asyncio.wait_for(run, 30)
+    finally:
+        await inner.close()
+        await store.close()
