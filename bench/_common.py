@@ -211,28 +211,15 @@ async def _read_response(reader: asyncio.StreamReader) -> bytes:
     return await reader.readexactly(length)
 
 
-async def raw_calls(socket_path: str, calls: int, body: bytes) -> list[float]:
-    """``calls`` sequential requests on one kept-alive connection; each latency in seconds."""
-    reader, writer = await asyncio.open_unix_connection(socket_path)
-    message = _request(body)
-    out: list[float] = []
-    try:
-        for _ in range(calls):
-            t0 = time.perf_counter()
-            writer.write(message)
-            await _read_response(reader)
-            out.append(time.perf_counter() - t0)
-    finally:
-        writer.close()
-        with contextlib.suppress(OSError):
-            await writer.wait_closed()
-    return out
+async def raw_calls(
+    socket_path: str, calls: int, body: bytes, rate: float | None = None
+) -> list[float]:
+    """``calls`` sequential requests on one kept-alive connection; each latency in seconds.
 
-
-async def raw_paced_calls(socket_path: str, calls: int, body: bytes, rate: float) -> list[float]:
-    """``calls`` requests on one kept-alive connection, one every 1/``rate`` s (when the
-    last has answered); each latency in seconds. A host that idles between requests
-    answers slower than one kept busy: this is the function's time at that pace."""
+    With ``rate``, one starts every 1/``rate`` s (or when the last has answered). A
+    host that idles between requests answers slower than one kept busy: that is the
+    function's time at that pace.
+    """
     reader, writer = await asyncio.open_unix_connection(socket_path)
     message = _request(body)
     loop = asyncio.get_running_loop()
@@ -240,8 +227,7 @@ async def raw_paced_calls(socket_path: str, calls: int, body: bytes, rate: float
     try:
         start = loop.time()
         for i in range(calls):
-            delay = start + i / rate - loop.time()
-            if delay > 0:
+            if rate is not None and (delay := start + i / rate - loop.time()) > 0:
                 await asyncio.sleep(delay)
             t0 = time.perf_counter()
             writer.write(message)

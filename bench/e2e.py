@@ -51,7 +51,7 @@ from bench._common import (
     label_tag,
     median,
     percentile,
-    raw_paced_calls,
+    raw_calls,
     raw_throughput,
     remove_labelled,
     run,
@@ -198,7 +198,7 @@ async def raw_ceiling(
             two.append((await raw_throughput(sockets, n // 2, BODY))[0])
         out = {"raw 1": median(one), "raw 2": median(two), "latency_ms": median(lat)}
         for share, rate in paces.items():
-            paced_lat = await raw_paced_calls(sockets[0], max(200, int(rate)), BODY, rate)
+            paced_lat = await raw_calls(sockets[0], max(200, int(rate)), BODY, rate)
             out[f"latency_ms {share}"] = 1000 * median(paced_lat)
         return out
     finally:
