@@ -98,13 +98,13 @@ async def hot_runs(agent: Agent, driver: DockerDriver, n: int, repeats: int) -> 
         return rate
 
     runs: dict[str, list[float]] = {"agent 1x": [], "raw 1x": [], "agent 4x": [], "raw 4x": []}
+    pairs = [
+        [("agent 1x", lambda: timed_rate(agent, fn, n, 1)), ("raw 1x", raw_1x)],
+        [("agent 4x", lambda: timed_rate(agent, fn, n, 4)), ("raw 4x", raw_4x)],
+    ]
     for i in range(repeats):
         # Whoever goes second finds the containers just used (the 4-way run's
         # other three have idled meanwhile): the order alternates between rounds.
-        pairs = [
-            [("agent 1x", lambda: timed_rate(agent, fn, n, 1)), ("raw 1x", raw_1x)],
-            [("agent 4x", lambda: timed_rate(agent, fn, n, 4)), ("raw 4x", raw_4x)],
-        ]
         for pair in pairs:
             for name, measure_one in pair if i % 2 == 0 else reversed(pair):
                 runs[name].append(await measure_one())
