@@ -23,7 +23,10 @@ dropped, a delayed one goes to ``P:later``, the rest to its ready stream; a
 malformed one goes to the dead letters with the reason.
 
 Every multi-step change is one Lua script (mq/lua/*.lua, each prefixed with
-common.lua), so a consumer that dies mid-way leaves nothing half done.
+common.lua), so a consumer that dies mid-way leaves nothing half done. The
+scripts and the blocking read go over lean connections (mq.resp): packed
+once, parsed by hiredis, a few microseconds of Python per round trip. The
+rest (groups, statistics, dead letters) goes through redis-py.
 Waiting: when a reserve finds nothing it blocks in XREADGROUP on the four
 streams (new entries only, handed to it in the same round trip), at most
 until the next delayed message is due or, while reservations are held, the
@@ -50,6 +53,7 @@ from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import exceptions as rexc
+from redis.asyncio.connection import SSLConnection
 from redis.commands.core import AsyncScript
 
 from config.domain import Call, new_call_id
@@ -58,6 +62,7 @@ from config.settings import Settings
 from mq import wire
 from mq.base import DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
+from mq.resp import Lines, ReplyError, bulks
 
 GROUP = "fnq"
 OP_TIMEOUT_S = 10.0
@@ -81,22 +86,6 @@ def reclaim_every_ms(reservation_ms: int) -> int:
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _bulks(*args: str | int | bytes) -> bytes:
-    """``args`` as RESP bulk strings (the elements of a command array)."""
-    out = []
-    for arg in args:
-        if isinstance(arg, bytes):
-            data = arg
-        elif isinstance(arg, str):
-            data = arg.encode()
-        elif isinstance(arg, int) and not isinstance(arg, bool):
-            data = b"%d" % arg
-        else:
-            raise TypeError(f"{type(arg).__name__} is not a redis argument here")
-        out.append(b"$%d\r\n%s\r\n" % (len(data), data))
-    return b"".join(out)
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
@@ -139,9 +128,23 @@ class RedisQueue:
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(_lua(name)) for name in _SCRIPTS
         }
+        pool = client.connection_pool
+        self._lines = Lines(
+            pool.connection_kwargs,
+            tls=issubclass(pool.connection_class, SSLConnection),
+            connect_timeout_s=pool.connection_kwargs.get("socket_connect_timeout") or op_timeout_s,
+        )
+        # EVALSHA NAME's keys, encoded once: per call only the arguments are packed.
+        self._heads = {
+            name: bulks("EVALSHA", script.sha, len(self._keys), *self._keys)
+            for name, script in self._scripts.items()
+        }
         self._groups_made = False
         self._quiet_until = 0.0  # loop time until which no sweep or delayed entry is due
-        self._packed: tuple[bytes, bytes, bytes] | None = None  # see _acked_read
+        read = [self._ready_keys[2], self._ready_keys[1], self._ready_keys[0], self.inbox_key]
+        self._read_head = bulks("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT")
+        self._read_tail = bulks("STREAMS", *read, *(">" for _ in read))
+        self._read_keys = len(read)
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisQueue:
@@ -175,20 +178,41 @@ class RedisQueue:
                     raise result
         self._groups_made = True
 
+    def _evalsha(self, name: str, args: Sequence[Any]) -> bytes:
+        return b"".join((b"*%d\r\n" % (3 + len(self._keys) + len(args)), self._heads[name],
+                         bulks(*args)))  # fmt: skip
+
     async def _eval(self, name: str, args: Sequence[Any], timeout_s: float | None = None) -> Any:
-        for attempt in (1, 2):
+        packed = self._evalsha(name, args)
+        for attempt in (1, 2, 3):
             try:
                 await self._ensure_groups()
                 async with asyncio.timeout(timeout_s or self._op_timeout_s):
-                    return await self._scripts[name](keys=self._keys, args=list(args))
-            except rexc.ResponseError as exc:
-                if "NOGROUP" in str(exc) and attempt == 1:  # keys deleted under us: recreate
-                    self._groups_made = False
-                    continue
-                raise QueueError(f"redis queue script {name}: {exc}") from exc
+                    [reply] = await self._lines.call(packed)
             except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
                 raise QueueUnavailable(f"redis queue: {type(exc).__name__}: {exc}") from exc
+            if not isinstance(reply, ReplyError):
+                return reply
+            if attempt < 3 and await self._mend(reply, name):
+                continue
+            raise QueueError(f"redis queue script {name}: {reply}")
         raise AssertionError("unreachable")
+
+    async def _mend(self, error: ReplyError, name: str | None) -> bool:
+        """Repair what ``error`` says is missing; False if it is not that kind."""
+        text = str(error)
+        if text.startswith("NOSCRIPT"):  # the server lost its scripts (restart, FLUSH)
+            names = [name] if name else ["ack"]
+            await self._cmd(self._load_scripts, names)
+            return True
+        if "NOGROUP" in text:  # keys deleted under us: recreate
+            self._groups_made = False
+            return True
+        return False
+
+    async def _load_scripts(self, names: Sequence[str]) -> None:
+        for name in names:
+            await self._client.script_load(self._scripts[name].script)
 
     async def _cmd(self, coro_fn: Any, *args: Any, timeout_s: float | None = None) -> Any:
         try:
@@ -320,25 +344,20 @@ class RedisQueue:
         taken by the next claim; entries past ``count`` are handed back. ``acks``
         (as for ack.lua) go first, in the same round trip (``on_acked`` when done).
         """
-        keys = [self._ready_keys[2], self._ready_keys[1], self._ready_keys[0], self.inbox_key]
         timeout_s = block_ms / 1000 + self._op_timeout_s
-        if acks:
-            reply = await self._cmd(self._acked_read, acks, keys, count, block_ms, on_acked,
-                                    timeout_s=timeout_s)  # fmt: skip
-        else:
-            reply = await self._cmd(self._client.xreadgroup, GROUP, self._consumer,
-                                    dict.fromkeys(keys, ">"), count, block_ms,
-                                    timeout_s=timeout_s)  # fmt: skip
+        reply = await self._cmd(
+            self._acked_read, acks, count, block_ms, on_acked, timeout_s=timeout_s
+        )
         msgs: list[Message] = []
         raw: list[Any] = []
-        for key_b, entries in reply or []:
+        for key_b, entries in reply:
             key = _s(key_b)
-            for eid_b, fields in entries:
+            for eid_b, flat in entries:
                 if key == self.inbox_key:
-                    raw.append((eid_b, 1, [x for pair in fields.items() for x in pair]))
+                    raw.append((eid_b, 1, flat))
                     continue
                 prio = self._ready_keys.index(key)
-                msg = await self._taken(prio, _s(eid_b), fields)
+                msg = await self._taken(prio, _s(eid_b), _pairs(flat))
                 if msg is not None:
                     msgs.append(msg)
         if raw:
@@ -351,49 +370,40 @@ class RedisQueue:
     async def _acked_read(
         self,
         acks: Sequence[Any],
-        keys: Sequence[str],
         count: int,
         block_ms: int,
         on_acked: Callable[[], None] | None,
-    ) -> Any:
-        """ack.lua, then XREADGROUP BLOCK, written together: one round trip. The ack's
-        answer comes back first, before the read waits: ``on_acked`` is told then."""
-        if self._packed is None:  # the parts that never change, encoded once
-            self._packed = (
-                _bulks("EVALSHA", self._scripts["ack"].sha, len(self._keys), *self._keys, GROUP),
-                _bulks("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT"),
-                _bulks("STREAMS", *keys, *(">" for _ in keys)),
+    ) -> list[Any]:
+        """ack.lua (when there are ``acks``), then XREADGROUP BLOCK, written together:
+        one round trip. The ack's answer comes back first, before the read waits:
+        ``on_acked`` is told then. The read's reply: [[stream, [[id, [field, value,
+        ...]], ...]], ...], empty when nothing came."""
+        read = b"".join((b"*%d\r\n" % (9 + 2 * self._read_keys), self._read_head,
+                         bulks(count, "BLOCK", block_ms), self._read_tail))  # fmt: skip
+        acked: list[bool] = []
+
+        def first(reply: Any) -> None:
+            acked.append(not isinstance(reply, ReplyError))
+            if acked[0] and on_acked is not None:
+                on_acked()
+
+        if acks:
+            ack_reply, reply = await self._lines.call(
+                self._evalsha("ack", [GROUP, *acks]) + read, 2, first
             )
-        ack_head, read_head, read_tail = self._packed
-        packed = b"".join((
-            b"*%d\r\n" % (4 + len(self._keys) + len(acks)), ack_head, _bulks(*acks),
-            b"*%d\r\n" % (9 + 2 * len(keys)), read_head, _bulks(count, "BLOCK", block_ms),
-            read_tail,
-        ))  # fmt: skip
-        pool = self._client.connection_pool
-        conn = await pool.get_connection()  # type: ignore[no-untyped-call]
-        try:
-            await conn.send_packed_command(packed)
-            try:
-                await conn.read_response()
-            except rexc.NoScriptError:  # Redis lost its scripts: load it, ack once more
-                acked = False
-            else:
-                acked = True
-            if acked and on_acked is not None:
-                on_acked()
-            reply = await conn.read_response()
-        except BaseException:
-            await conn.disconnect()  # an answer may still be on its way: not reusable
-            raise
-        finally:
-            await pool.release(conn)
-        if not acked:
-            await self._eval("ack", [GROUP, *acks])
-            if on_acked is not None:
-                on_acked()
-        streams = reply.items() if isinstance(reply, dict) else reply or []  # RESP3 or 2
-        return [(key, [(eid, _pairs(f)) for eid, f in entries]) for key, entries in streams]
+            if not acked[0]:  # lost scripts, say: mend and ack on their own
+                if not await self._mend(ack_reply, "ack"):
+                    raise QueueError(f"redis queue script ack: {ack_reply}")
+                await self._eval("ack", [GROUP, *acks])
+                if on_acked is not None:
+                    on_acked()
+        else:
+            [reply] = await self._lines.call(read)
+        if isinstance(reply, ReplyError):
+            if "NOGROUP" in str(reply):
+                self._groups_made = False
+            raise QueueError(f"redis queue: XREADGROUP: {reply}")
+        return reply or []
 
     async def _taken(
         self, prio: int, eid: str, fields: dict[bytes, bytes], deliveries: int | None = None
@@ -562,5 +572,6 @@ class RedisQueue:
                 with contextlib.suppress(QueueError):
                     await self._eval("leave", [GROUP, self._consumer])
         finally:
+            self._lines.close()
             if self._owns_client:
                 await self._client.aclose()

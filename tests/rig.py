@@ -65,6 +65,7 @@ class RedisServer:
     appendonly: bool = False
     proc: subprocess.Popen[bytes] | None = None
     bind: tuple[str, ...] = ("127.0.0.1",)
+    extra: tuple[str, ...] = ()  # more server options, say ("--requirepass", "pw")
 
     @property
     def url(self) -> str:
@@ -95,6 +96,7 @@ class RedisServer:
         ]
         if any(not addr.startswith("127.") for addr in self.bind):
             args += ["--protected-mode", "no"]  # else only loopback clients are served
+        args += self.extra
         self.proc = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         wait_port(self.port)
         return self
