@@ -16,7 +16,6 @@ dropped).
 
 from __future__ import annotations
 
-import base64
 import os
 import re
 import secrets
@@ -31,10 +30,21 @@ from types import MappingProxyType
 # --------------------------------------------------------------------------- ids
 
 _CROCKFORD = "0123456789ABCDEFGHJKMNPQRSTVWXYZ"
-_TO_CROCKFORD = bytes.maketrans(b"0123456789ABCDEFGHIJKLMNOPQRSTUV", _CROCKFORD.encode())
-_id_lock = threading.Lock()
-_id_last_ms = 0
-_id_last_rand = 0
+_PAIRS = [a + b for a in _CROCKFORD for b in _CROCKFORD]  # 10 bits -> two digits
+_SHIFTS = tuple(range(70, -1, -10))
+
+
+class _IdClock:
+    """The last id made here: its millisecond, random part and time digits."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.ms = 0
+        self.rand = 0
+        self.prefix = ""
+
+
+_id_clock = _IdClock()
 
 
 def new_call_id() -> str:
@@ -43,20 +53,24 @@ def new_call_id() -> str:
     Ids made in the same millisecond by one process stay ordered: the random
     part is incremented instead of drawn again.
     """
-    global _id_last_ms, _id_last_rand
-    with _id_lock:
+    clock = _id_clock
+    with clock.lock:
         now_ms = time.time_ns() // 1_000_000
-        if now_ms <= _id_last_ms:
-            now_ms = _id_last_ms
-            rand = (_id_last_rand + 1) & ((1 << 80) - 1)
+        if now_ms <= clock.ms:
+            rand = (clock.rand + 1) & ((1 << 80) - 1)
         else:
             rand = int.from_bytes(secrets.token_bytes(10), "big")
-        _id_last_ms, _id_last_rand = now_ms, rand
-    # 26 base-32 digits are 130 bits: the 128-bit value after two zero bits. Shifted
-    # into 17 bytes, base 32 of those bytes starts with exactly those 26 digits.
-    value = (now_ms << 80) | rand
-    digits = base64.b32hexencode((value << 6).to_bytes(17, "big"))[:26]
-    return digits.translate(_TO_CROCKFORD).decode("ascii")
+            clock.ms, clock.prefix = now_ms, _base32(now_ms, 5)
+        clock.rand = rand
+        prefix = clock.prefix
+    # 26 digits are 130 bits: two zero bits and the 48-bit time (10 digits), then the
+    # 80 random bits (16 digits).
+    return prefix + _base32(rand, 8)
+
+
+def _base32(value: int, pairs: int) -> str:
+    """The low ``10 * pairs`` bits of ``value`` as ``2 * pairs`` Crockford digits."""
+    return "".join([_PAIRS[(value >> shift) & 1023] for shift in _SHIFTS[-pairs:]])
 
 
 def utcnow() -> datetime:

@@ -30,6 +30,24 @@ def test_call_ids_are_base32_of_the_time_and_the_random_part() -> None:
     assert call_id[0] in "0123"  # 26 digits carry 130 bits; the top two are zero
 
 
+def _decode(call_id: str) -> int:
+    value = 0
+    for char in call_id:
+        value = value * 32 + CROCKFORD.index(char)
+    return value
+
+
+def test_ids_of_one_millisecond_count_up_by_one() -> None:
+    """Within a millisecond the random part of the last id is incremented, digit
+    carries included."""
+    for _ in range(1000):
+        a, b = new_call_id(), new_call_id()
+        if a[:10] == b[:10]:  # the same millisecond
+            assert _decode(b) == _decode(a) + 1
+            return
+    raise AssertionError("no two ids in the same millisecond")
+
+
 def test_call_ids_unique_across_threads() -> None:
     out: list[str] = []
     lock = threading.Lock()

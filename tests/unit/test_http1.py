@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 
+from worker.agent import http1
 from worker.agent.http1 import (
     HeadTooBig,
     Incomplete,
@@ -163,3 +164,28 @@ def test_an_answer_whole_in_one_read_matches_the_general_path() -> None:
         r = parse(data)
         assert r.head_bytes == data.index(b"\r\n\r\n") + 4
         assert r.keep_alive == (b"close" not in data and (b"1.1" in data[:9] or b"Keep" in data))
+
+
+def test_a_head_seen_before_is_looked_up_and_still_checked() -> None:
+    """A head parsed once is remembered; the body and limits are checked each time."""
+    first = parse(FDK_ANSWER)
+    head = FDK_ANSWER[: FDK_ANSWER.index(b"\r\n\r\n")]
+    assert head in http1._HEADS
+    assert parse(FDK_ANSWER) == first
+    # The same head with a body of another length is not the usual answer: the
+    # general path reads it (here: the body is still to come).
+    parser = ResponseParser(65536)
+    assert parser.feed(FDK_ANSWER[:-1]) is None
+    assert parser.feed(FDK_ANSWER[-1:]) == first
+    # The limits are the parser's own, not those of whoever parsed the head first.
+    with pytest.raises(HeadTooBig):
+        ResponseParser(len(head)).feed(FDK_ANSWER)
+    cut = ResponseParser(65536, 5).feed(FDK_ANSWER)
+    assert cut is not None and cut.truncated and cut.body == first.body[:5]
+
+
+def test_remembered_heads_are_bounded() -> None:
+    for i in range(http1._HEADS_MAX + 10):
+        answer = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 1\r\n\r\nx" % i
+        assert ResponseParser(1024).feed(answer) is not None
+        assert len(http1._HEADS) <= http1._HEADS_MAX

@@ -135,34 +135,22 @@ class ResponseParser:
         end = data.find(b"\r\n\r\n")
         if end < 0 or end + 4 > self._max_head:
             return None
-        lines = data[:end].split(b"\r\n")
-        match = _STATUS_LINE.fullmatch(lines[0])
-        if match is None:
-            return None
-        status = int(match[2])
-        if status < 200 or status in {204, 304}:
-            return None
-        keep_alive = match[1] == b"1"
-        length = -1
-        headers = []
-        for line in lines[1:]:
-            name, value = _header(line)
-            headers.append((name, value))
-            key = _lower(name)
-            if key == "content-length":
-                if length >= 0 or not value.isdigit():
-                    return None
-                length = int(value)
-            elif key == "transfer-encoding":
+        head = data[:end]
+        parsed = _HEADS.get(head)
+        if parsed is None:
+            parsed = _usual_head(head)
+            if parsed is None:
                 return None
-            elif key == "connection":
-                keep_alive = _connection_says(value, keep_alive)
+            if len(_HEADS) >= _HEADS_MAX:
+                _HEADS.clear()
+            _HEADS[head] = parsed
+        status, headers, length, keep_alive = parsed
         body = data[end + 4 :]
         if length != len(body) or (self._max_body and length > self._max_body):
             return None
         self._frame = _Frame.LENGTH
-        self._status, self._headers, self._head_used = status, tuple(headers), end + 4
-        self._result = RawResponse(status, self._headers, body, False, keep_alive, end + 4)
+        self._status, self._headers, self._head_used = status, headers, end + 4
+        self._result = RawResponse(status, headers, body, False, keep_alive, end + 4)
         return self._result
 
     def _head(self) -> bool:
@@ -304,6 +292,43 @@ class ResponseParser:
             head_bytes=self._head_used,
         )
         return self._result
+
+
+_Head = tuple[int, tuple[tuple[str, str], ...], int, bool]  # status, headers, length, keep-alive
+# The heads of usual answers already parsed. A function answers with the same head
+# call after call (its Date changes once a second): a lookup instead of a parse.
+_HEADS: dict[bytes, _Head] = {}
+_HEADS_MAX = 256
+
+
+def _usual_head(head: bytes) -> _Head | None:
+    """A head that ``_whole`` can take (a final status with a body, a valid
+    Content-Length, no Transfer-Encoding), parsed; None for anything else."""
+    lines = head.split(b"\r\n")
+    match = _STATUS_LINE.fullmatch(lines[0])
+    if match is None:
+        return None
+    status = int(match[2])
+    if status < 200 or status in {204, 304}:
+        return None
+    keep_alive = match[1] == b"1"
+    length = -1
+    headers = []
+    for line in lines[1:]:
+        name, value = _header(line)
+        headers.append((name, value))
+        key = _lower(name)
+        if key == "content-length":
+            if length >= 0 or not value.isdigit():
+                return None
+            length = int(value)
+        elif key == "transfer-encoding":
+            return None
+        elif key == "connection":
+            keep_alive = _connection_says(value, keep_alive)
+    if length < 0:
+        return None
+    return status, tuple(headers), length, keep_alive
 
 
 _NAMES: dict[bytes, str] = {}  # header names seen and found valid (a few dozen at most)
