@@ -75,3 +75,25 @@ def test_the_sync_pragma_is_sent_only_when_it_changes(tmp_path: Path) -> None:
     assert pragmas == ["PRAGMA synchronous = NORMAL", "PRAGMA synchronous = FULL"]
     assert not any(s.startswith("SAVEPOINT") for s in sent)  # batches of one
     conn.close()
+
+
+def test_a_batch_runs_without_savepoints_until_a_write_fails(tmp_path: Path) -> None:
+    path = tmp_path / "db.sqlite"
+    conn = connect(path)
+    apply_sqlite(conn)
+    sent: list[str] = []
+    conn.set_trace_callback(sent.append)
+    good = [(Write.FN_INSERT, _row(name), None) for name in ("a", "b", "c")]
+    assert run_batch(conn, good) == [True, True, True]
+    assert not any(s.startswith("SAVEPOINT") for s in sent)
+    assert [s for s in sent if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
+    sent.clear()
+    mixed = [(Write.FN_INSERT, _row("d"), None), (Write.FN_INSERT, _row("e", broken=True), None)]
+    results = run_batch(conn, mixed)
+    assert [isinstance(r, Failed) for r in results] == [False, True]
+    # The whole batch was undone, then run again a savepoint per write.
+    assert sent.index("ROLLBACK") < sent.index("SAVEPOINT op")
+    assert sent.count("BEGIN IMMEDIATE") == 2 and sent.count("COMMIT") == 1
+    assert not conn.in_transaction
+    conn.close()
+    assert _fns(path) == ["a", "b", "c", "d"]
