@@ -136,6 +136,13 @@ class Settings(BaseSettings):
         False,
         description="Fail a launch at once (server busy) instead of waiting for memory/CPU.",
     )
+    async_count_idle: bool = Field(
+        False,
+        description="Count idle and paused containers against the 80 % mark that gates the "
+        "intake, as Fn does: a worker whose memory is full of idle containers then takes no "
+        "call until one times out. Off: they are room the worker takes back (a call reuses "
+        "one, or a launch evicts one), and only busy and starting containers hold the intake.",
+    )
 
     # ---------------------------------------------------------- hot slots
     freeze_idle_msecs: int = _msecs(

@@ -117,7 +117,9 @@ class _Line(asyncio.Protocol):
 def _ssl_context(kwargs: Mapping[str, Any]) -> ssl.SSLContext:
     """A TLS context from redis-py's ``ssl_*`` connection options."""
     ctx = ssl.create_default_context(
-        cafile=kwargs.get("ssl_ca_certs"), capath=kwargs.get("ssl_ca_path")
+        cafile=kwargs.get("ssl_ca_certs"),
+        capath=kwargs.get("ssl_ca_path"),
+        cadata=kwargs.get("ssl_ca_data"),
     )
     reqs = kwargs.get("ssl_cert_reqs", "required")
     if isinstance(reqs, str):

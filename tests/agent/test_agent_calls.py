@@ -6,7 +6,7 @@ import asyncio
 from datetime import timedelta
 
 from config.domain import CallStatus
-from tests.agent.conftest import AgentFactory, make_call, make_fn
+from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE
 from worker.agent.driver import FN_LISTENER
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
@@ -155,12 +155,33 @@ async def test_equal_functions_share_containers_whatever_object_holds_them(
     assert len(agent.statistics().queues) == 1
 
 
-async def test_wait_async_resource_counts_idle_containers(agents: AgentFactory) -> None:
+async def test_with_fns_rule_idle_containers_hold_the_intake(agents: AgentFactory) -> None:
     driver = FakeDriver()
-    agent = agents(driver, memory_mb=1000)
+    agent = agents(driver, memory_mb=1000, async_count_idle=True)
     assert await agent.wait_async_resource(0.01)
     fn = make_fn(memory_mb=850, idle_timeout_s=1)
     assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
     assert not await agent.wait_async_resource(0.05)  # the idle container still holds 85 %
     assert await agent.wait_async_resource(5)  # until its idle timeout
     assert driver.removes == 1
+
+
+async def test_idle_containers_do_not_hold_the_intake_busy_ones_do(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver, memory_mb=1000)
+    fn = make_fn(memory_mb=850, idle_timeout_s=60)
+    running = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await settle(20)
+    assert driver.creates == 1
+    assert not await agent.wait_async_resource(0.05)  # busy: 85 % in use
+    waiting = asyncio.create_task(agent.wait_async_resource(5))
+    await settle()
+    assert not waiting.done()
+    gate.set()  # the call ends; its container idles, and is room to take back
+    assert (await running).status is CallStatus.SUCCESS
+    assert await asyncio.wait_for(waiting, 1.0)
+    assert await agent.wait_async_resource(0.01)
+    assert driver.removes == 0  # still hot: the next call of the function uses it
+    assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    assert driver.creates == 1

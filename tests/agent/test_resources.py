@@ -228,3 +228,21 @@ async def test_wait_async_resource_uses_80_percent_marks() -> None:
     cpu = t.try_acquire(0, 800)
     assert cpu is not None
     assert not await t.wait_async_resource(0.01)
+
+
+async def test_room_lent_to_idle_containers_does_not_count_once_told() -> None:
+    t = tracker(1000, 1000)
+    held = t.try_acquire(900, 900)
+    assert held is not None
+    lent = [0, 0]
+    assert not await t.wait_async_resource(0.02, lambda: (lent[0], lent[1]))
+    waiter = asyncio.create_task(t.wait_async_resource(5, lambda: (lent[0], lent[1])))
+    await asyncio.sleep(0)
+    lent[0] = 900  # the memory is idle now, the CPU not yet
+    t.lent_changed()
+    await asyncio.sleep(0)
+    assert not waiter.done()
+    lent[1] = 200
+    t.lent_changed()
+    assert await asyncio.wait_for(waiter, 1)
+    assert not await t.wait_async_resource(0.01)  # counted without ``lent``

@@ -256,6 +256,23 @@ def test_lost_eviction_race_releases_the_launcher_and_requeues_the_token() -> No
     assert b.done.is_set()
 
 
+def test_the_room_idle_containers_hold_is_summed_and_told() -> None:
+    told: list[tuple[int, int]] = []
+    ev = Evictor(on_idle_change=lambda: told.append(ev.idle()))
+    a = idle_token(ev, "A", 128, 100)
+    b = idle_token(ev, "B", 256)
+    ev.enable(b)  # again: no change
+    assert ev.idle() == (384, 100)
+    ev.disable(a)  # a call took it
+    assert ev.idle() == (256, 0)
+    assert ev.evict_for("X", Shortfall(100, 0)) == [b.done]  # leaving: not room any more
+    assert ev.idle() == (0, 0)
+    ev.enable(a)
+    ev.unregister(a)
+    assert ev.idle() == (0, 0)
+    assert told == [(128, 100), (384, 100), (256, 0), (0, 0), (128, 100), (0, 0)]
+
+
 # ------------------------------------------------------------- log buffer
 
 

@@ -193,12 +193,15 @@ async def test_tls_urls_are_served_over_tls(tmp_path: Path) -> None:
         plain = Lines({"host": "127.0.0.1", "port": port, "ssl_ca_certs": str(cert)},
                       tls=True, connect_timeout_s=5.0)  # fmt: skip
         no_ca = Lines({"host": "127.0.0.1", "port": port}, tls=True, connect_timeout_s=5.0)
+        inline = Lines({"host": "127.0.0.1", "port": port, "ssl_ca_data": cert.read_text()},
+                       tls=True, connect_timeout_s=5.0)  # fmt: skip
         try:
             assert await plain.call(pack("PING")) == [b"PONG"]
+            assert await inline.call(pack("PING")) == [b"PONG"]
             with pytest.raises(ssl.SSLCertVerificationError):
                 await no_ca.call(pack("PING"))
         finally:
-            plain.close()
-            no_ca.close()
+            for lines in (plain, no_ca, inline):
+                lines.close()
     finally:
         srv.stop()

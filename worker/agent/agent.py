@@ -95,7 +95,7 @@ class Agent:
         self.settings = settings
         self.driver = driver
         self.tracker = tracker or ResourceTracker.from_host(settings)
-        self.evictor = Evictor()
+        self.evictor = Evictor(on_idle_change=self.tracker.lent_changed)
         self.pacer = FreezePacer()
         self.hot_poll_s = settings.secs("hot_poll_msecs")
         self._queues: dict[str, SlotQueue] = {}
@@ -297,8 +297,15 @@ class Agent:
 
     # ------------------------------------------------------------- others
     async def wait_async_resource(self, timeout_s: float) -> bool:
-        """True once memory and CPU use are both under 80 %; False after ``timeout_s``."""
-        return await self.tracker.wait_async_resource(timeout_s)
+        """True once memory and CPU use are both under 80 %; False after ``timeout_s``.
+
+        Idle and paused containers count only with FN_ASYNC_COUNT_IDLE (Fn's rule).
+        Otherwise what they hold is room the worker takes back when a call needs it
+        (the call takes one, or its launch evicts one), and they never hold the intake.
+        """
+        if self.settings.async_count_idle:
+            return await self.tracker.wait_async_resource(timeout_s)
+        return await self.tracker.wait_async_resource(timeout_s, self.evictor.idle)
 
     async def cancel(self, call_id: str) -> bool:
         """Stop a waiting or running call; its submit() returns CANCELLED."""

@@ -34,14 +34,31 @@ class EvictToken:
 
     def _evict(self) -> None:
         self.requested = True
-        self.evictable = False
         self._on_evict()
 
 
 class Evictor:
-    def __init__(self) -> None:
+    def __init__(self, on_idle_change: Callable[[], None] | None = None) -> None:
         self._tokens: dict[int, EvictToken] = {}  # insertion order = age
         self.evictions = 0
+        self.idle_memory_mb = 0  # held by evictable (idle) containers
+        self.idle_cpu_mcpus = 0
+        self._on_idle_change = on_idle_change
+
+    def idle(self) -> tuple[int, int]:
+        """Memory (MB) and CPU (mCPU) held by idle containers, which give it back on
+        demand: a call takes one, or a launch evicts one."""
+        return self.idle_memory_mb, self.idle_cpu_mcpus
+
+    def _set_evictable(self, token: EvictToken, evictable: bool) -> None:
+        if token.evictable == evictable:
+            return
+        token.evictable = evictable
+        sign = 1 if evictable else -1
+        self.idle_memory_mb += sign * token.memory_mb
+        self.idle_cpu_mcpus += sign * token.cpu_mcpus
+        if self._on_idle_change is not None:
+            self._on_idle_change()
 
     def register(
         self, key: str, memory_mb: int, cpu_mcpus: int, on_evict: Callable[[], None]
@@ -54,7 +71,7 @@ class Evictor:
     def enable(self, token: EvictToken) -> None:
         """The container is idle: it may be evicted."""
         if token.id in self._tokens:
-            token.evictable = True
+            self._set_evictable(token, True)
 
     def disable(self, token: EvictToken) -> None:
         """The container is busy. If an eviction lost the race, it queues up again.
@@ -62,7 +79,7 @@ class Evictor:
         The launcher that asked for that eviction stops waiting for it (nothing
         was freed) and tries again.
         """
-        token.evictable = False
+        self._set_evictable(token, False)
         if token.requested and token.id in self._tokens:
             token.requested = False
             del self._tokens[token.id]
@@ -72,7 +89,7 @@ class Evictor:
 
     def unregister(self, token: EvictToken) -> None:
         self._tokens.pop(token.id, None)
-        token.evictable = False
+        self._set_evictable(token, False)
         token.done.set()
 
     def evict_for(self, key: str, need: Shortfall) -> list[asyncio.Event]:
@@ -95,6 +112,7 @@ class Evictor:
         else:
             return []
         for token in chosen:
+            self._set_evictable(token, False)
             token._evict()
         self.evictions += len(chosen)
         return [token.done for token in chosen]

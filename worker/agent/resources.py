@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import os
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,6 +230,7 @@ class ResourceTracker:
         self._cpu_used_mcpus = 0
         self._tokens = 0
         self._changed = asyncio.Event()
+        self._gate_waiters = 0
 
     @classmethod
     def from_host(cls, settings: Settings, paths: HostPaths | None = None) -> ResourceTracker:
@@ -252,10 +253,12 @@ class ResourceTracker:
         missing_bytes = max(0, memory_mb * MIB - free_memory)
         return Shortfall(memory_mb=-(-missing_bytes // MIB), cpu_mcpus=max(0, cpu_mcpus - free_cpu))
 
-    def below_async_high_water(self) -> bool:
+    def below_async_high_water(self, lent_mb: int = 0, lent_mcpus: int = 0) -> bool:
+        """Whether use is under 80 % of both totals, not counting ``lent_mb`` and
+        ``lent_mcpus`` (held by containers that can give them back at once)."""
         return (
-            self._memory_used_bytes < self.totals.memory_bytes * ASYNC_HIGH_WATER
-            and self._cpu_used_mcpus < self.totals.cpu_mcpus * ASYNC_HIGH_WATER
+            self._memory_used_bytes - lent_mb * MIB < self.totals.memory_bytes * ASYNC_HIGH_WATER
+            and self._cpu_used_mcpus - lent_mcpus < self.totals.cpu_mcpus * ASYNC_HIGH_WATER
         )
 
     def statistics(self) -> ResourceStats:
@@ -315,19 +318,38 @@ class ResourceTracker:
         finally:
             token.close()
 
-    async def wait_async_resource(self, timeout_s: float) -> bool:
-        """True once usage is under 80 % of both totals; False after ``timeout_s``."""
+    async def wait_async_resource(
+        self, timeout_s: float, lent: Callable[[], tuple[int, int]] | None = None
+    ) -> bool:
+        """True once usage is under 80 % of both totals; False after ``timeout_s``.
+
+        ``lent()``: the memory (MB) and CPU (mCPU) held by containers that give it
+        back on demand, not counted; call :meth:`lent_changed` when it changes.
+        """
+        if self.below_async_high_water(*(lent() if lent else (0, 0))):
+            return True
+        self._gate_waiters += 1
         try:
             async with asyncio.timeout(timeout_s):
-                while not self.below_async_high_water():
+                while not self.below_async_high_water(*(lent() if lent else (0, 0))):
                     await self._changed.wait()
         except TimeoutError:
             return False
+        finally:
+            self._gate_waiters -= 1
         return True
+
+    def lent_changed(self) -> None:
+        """What ``wait_async_resource``'s ``lent`` reports has changed."""
+        if self._gate_waiters:
+            self._wake()
 
     def _release(self, token: ResourceToken) -> None:
         self._memory_used_bytes -= token.memory_mb * MIB
         self._cpu_used_mcpus -= token.cpu_mcpus
         self._tokens -= 1
+        self._wake()
+
+    def _wake(self) -> None:
         changed, self._changed = self._changed, asyncio.Event()
         changed.set()
