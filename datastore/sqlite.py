@@ -166,13 +166,13 @@ def run_batch(
     """
     _set_sync(conn, ops, {} if state is None else state)
     if len(ops) == 1:
-        return _transaction(conn, lambda: [_apply_alone(conn, *ops[0])])
+        return _transaction(conn, lambda: [_apply_alone(conn, ops[0])])
     try:
         return _transaction(conn, lambda: _committed(conn, [apply(conn, *op) for op in ops]))
     except sqlite3.Error as exc:
         if is_transient(exc):
             raise
-    return _transaction(conn, lambda: _committed(conn, [_apply_saved(conn, *op) for op in ops]))
+    return _transaction(conn, lambda: _committed(conn, [_apply_saved(conn, op) for op in ops]))
 
 
 def _transaction(conn: sqlite3.Connection, work: Callable[[], list[Any]]) -> list[Any]:
@@ -191,34 +191,30 @@ def _committed(conn: sqlite3.Connection, results: list[Any]) -> list[Any]:
     return results
 
 
-def _apply_saved(
-    conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: bytes | None
-) -> Any:
+def _apply_saved(conn: sqlite3.Connection, op: _Op) -> Any:
     """One operation inside its own savepoint: if it fails for good, only it is undone."""
     conn.execute("SAVEPOINT op")
-    try:
-        result = apply(conn, kind, params, log)
-    except sqlite3.Error as exc:
-        if is_transient(exc):
-            raise
-        conn.execute("ROLLBACK TO op")
-        result = Failed(StoreError(f"{kind.value} failed: {exc}"))
-    conn.execute("RELEASE op")
-    return result
+    return _settle(conn, op, done="RELEASE op", undo=("ROLLBACK TO op", "RELEASE op"))
 
 
-def _apply_alone(
-    conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: bytes | None
-) -> Any:
+def _apply_alone(conn: sqlite3.Connection, op: _Op) -> Any:
     """The only operation of the open transaction: commit it, or roll it all back."""
+    return _settle(conn, op, done="COMMIT", undo=("ROLLBACK",))
+
+
+def _settle(conn: sqlite3.Connection, op: _Op, *, done: str, undo: tuple[str, ...]) -> Any:
+    """Apply ``op``, then run ``done``; if it fails for good, run ``undo`` instead and
+    return the failure (a transient error is raised)."""
+    kind, params, log = op
     try:
         result = apply(conn, kind, params, log)
     except sqlite3.Error as exc:
         if is_transient(exc):
             raise
-        conn.execute("ROLLBACK")
+        for statement in undo:
+            conn.execute(statement)
         return Failed(StoreError(f"{kind.value} failed: {exc}"))
-    conn.execute("COMMIT")
+    conn.execute(done)
     return result
 
 

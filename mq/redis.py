@@ -198,21 +198,20 @@ class RedisQueue:
             raise QueueError(f"redis queue script {name}: {reply}")
         raise AssertionError("unreachable")
 
-    async def _mend(self, error: ReplyError, name: str | None) -> bool:
-        """Repair what ``error`` says is missing; False if it is not that kind."""
+    async def _mend(self, error: ReplyError, name: str) -> bool:
+        """Repair what ``error`` (of script ``name``) says is missing; False if it is
+        not that kind of error."""
         text = str(error)
         if text.startswith("NOSCRIPT"):  # the server lost its scripts (restart, FLUSH)
-            names = [name] if name else ["ack"]
-            await self._cmd(self._load_scripts, names)
+            await self._cmd(self._load_script, name)
             return True
         if "NOGROUP" in text:  # keys deleted under us: recreate
             self._groups_made = False
             return True
         return False
 
-    async def _load_scripts(self, names: Sequence[str]) -> None:
-        for name in names:
-            await self._client.script_load(self._scripts[name].script)
+    async def _load_script(self, name: str) -> None:
+        await self._client.script_load(self._scripts[name].script)
 
     async def _cmd(self, coro_fn: Any, *args: Any, timeout_s: float | None = None) -> Any:
         try:

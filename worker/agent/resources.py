@@ -12,7 +12,8 @@ idempotent. For scoped use, ``async with tracker.reserve(mem, cpu)``.
 
 Waiting is by wake-up, never by polling: every release bumps a generation
 event that blocked acquirers and :meth:`ResourceTracker.wait_async_resource`
-sleep on.
+sleep on. That gate may leave out what idle containers hold (the caller says
+how much, and tells :meth:`ResourceTracker.lent_changed` when it changes).
 """
 
 from __future__ import annotations
