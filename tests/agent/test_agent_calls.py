@@ -8,8 +8,15 @@ from datetime import timedelta
 from config.domain import CallStatus
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE
-from worker.agent.driver import FN_LISTENER
-from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
+from worker.agent.driver import FN_LISTENER, DispatchRequest, DispatchResult
+from worker.agent.drivers.fake import (
+    FakeBehaviour,
+    FakeContainer,
+    FakeDriver,
+    Handler,
+    gated,
+    reply,
+)
 
 
 async def test_success_returns_response_log_and_times(agents: AgentFactory) -> None:
@@ -185,3 +192,52 @@ async def test_idle_containers_do_not_hold_the_intake_busy_ones_do(agents: Agent
     assert driver.removes == 0  # still hot: the next call of the function uses it
     assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
     assert driver.creates == 1
+
+
+def sleeping(seconds: list[float]) -> Handler:
+    """Answer after ``seconds[0]`` (the test may change it between calls)."""
+    after = reply()
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        await asyncio.sleep(seconds[0])
+        return await after(container, request)
+
+    return handle
+
+
+async def test_a_busy_container_free_again_within_a_call_time_is_waited_for(
+    agents: AgentFactory,
+) -> None:
+    took = [0.03]
+    driver = FakeDriver(FakeBehaviour(handler=sleeping(took)))
+    agent = agents(driver)
+    fn = make_fn()
+    for _ in range(3):  # calls of this function hold a container about 30 ms
+        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    took[0] = 0.002
+    first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await settle()
+    second = await agent.submit(make_call(fn), fn)  # finds the container busy for 2 ms
+    assert second.status is CallStatus.SUCCESS and (await first).status is CallStatus.SUCCESS
+    assert driver.creates == 1
+
+
+async def test_a_call_that_waits_longer_than_a_call_time_gets_a_new_container(
+    agents: AgentFactory,
+) -> None:
+    took = [0.002]
+    driver = FakeDriver(FakeBehaviour(handler=sleeping(took)))
+    agent = agents(driver)
+    fn = make_fn()
+    for _ in range(3):
+        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    took[0] = 2.0
+    first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await settle()
+    took[0] = 0.0
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    second = await agent.submit(make_call(fn), fn)  # the only container is busy for 2 s
+    assert second.status is CallStatus.SUCCESS
+    assert loop.time() - t0 < 1.0 and driver.creates == 2
+    assert (await first).status is CallStatus.SUCCESS

@@ -17,7 +17,10 @@ The call joins the queue as a waiting caller and tries to take a slot, the
 most recently idled one first. If none is free it nudges the queue's
 launcher, then sleeps until a slot is offered, the launcher reports a
 failure meant for it, the call is cancelled, or the agent closes; it nudges
-again every ``FN_HOT_POLL_MSECS``. After the function's own timeout of
+again every ``FN_HOT_POLL_MSECS``. While one of the queue's containers is
+busy, the first nudge waits about one call's time (how long calls of this
+queue have held a container lately, at most 20 ms): that container is
+usually free again long before a new one could start. After the function's own timeout of
 waiting it gives up: *busy*, no attempt charged.
 
 **Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
@@ -176,6 +179,8 @@ class Agent:
                     return cancelled_outcome(stop.reason)
                 return not_started_outcome(AgentClosed())
             queue.requests[RequestState.EXEC] += 1
+            loop = asyncio.get_running_loop()
+            taken_at = loop.time()
             try:
                 run = await slot.hot.serve(slot, call, fn.timeout_s, buffer.write, stop)
             except SlotUnusable as exc:
@@ -183,6 +188,7 @@ class Agent:
                 continue
             finally:
                 queue.requests[RequestState.EXEC] -= 1
+            queue.held(loop.time() - taken_at)
             return ran_outcome(run, buffer, slot.hot.id)
 
     async def _get_slot(
@@ -198,7 +204,7 @@ class Agent:
         caller = Caller(call_id)
         queue.join(caller)
         stop.waker = caller.wake.set
-        next_nudge = loop.time()
+        next_nudge = loop.time() + queue.launch_patience_s()
         # Unpausing costs about 13 ms; a busy container of a short function is free
         # again sooner. Only paused ones idle: wait a moment for a running one.
         thawed_until = next_nudge + PREFER_THAWED_S

@@ -1,6 +1,7 @@
 """The launcher of one slot queue: starts containers when waiting calls need them.
 
-Waiting calls nudge the launcher (at once, then every ``FN_HOT_POLL_MSECS``).
+Waiting calls nudge the launcher (at once, or after about one call's time while
+a container of the queue is busy; then every ``FN_HOT_POLL_MSECS``).
 On each nudge it asks the queue whether a container is needed (waiting calls
 outnumber idle plus starting containers) and if so:
 

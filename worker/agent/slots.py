@@ -110,6 +110,9 @@ class Slot:
         return True
 
 
+LAUNCH_PATIENCE_S = 0.02
+
+
 class SlotQueue:
     """Idle slots, waiting calls and container counts of one function configuration."""
 
@@ -124,6 +127,19 @@ class SlotQueue:
         self._nudged = asyncio.Event()
         self._nudger: Caller | None = None
         self.last_used_s = 0.0
+        self.call_s = 0.0  # how long a call holds a container, smoothed; 0 = not known yet
+
+    def held(self, seconds: float) -> None:
+        """A call held a container for ``seconds`` (smooths ``call_s``)."""
+        self.call_s = seconds if self.call_s == 0.0 else 0.8 * self.call_s + 0.2 * seconds
+
+    def launch_patience_s(self) -> float:
+        """How long a call that finds no idle container waits before it asks for a
+        launch: while one is busy, about one call's time (it may be free again long
+        before a new container could start), at most LAUNCH_PATIENCE_S; else none."""
+        if self.containers[ContainerState.BUSY] == 0:
+            return 0.0
+        return min(self.call_s, LAUNCH_PATIENCE_S)
 
     # ------------------------------------------------------------- slots
     def offer(self, hot: HotContainer) -> Slot:
