@@ -20,8 +20,8 @@ failure meant for it, the call is cancelled, or the agent closes; it nudges
 again every ``FN_HOT_POLL_MSECS``. While one of the queue's containers is
 busy, the first nudge waits about one call's time (how long calls of this
 queue have held a container lately, at most 20 ms): that container is
-usually free again long before a new one could start. After the function's own timeout of
-waiting it gives up: *busy*, no attempt charged.
+usually free again long before a new one could start. After the function's
+own timeout of waiting it gives up: *busy*, no attempt charged.
 
 **Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
 container only when waiting calls outnumber the idle and starting containers.
@@ -204,10 +204,11 @@ class Agent:
         caller = Caller(call_id)
         queue.join(caller)
         stop.waker = caller.wake.set
-        next_nudge = loop.time() + queue.launch_patience_s()
+        joined = loop.time()
+        next_nudge = joined + queue.launch_patience_s()
         # Unpausing costs about 13 ms; a busy container of a short function is free
         # again sooner. Only paused ones idle: wait a moment for a running one.
-        thawed_until = next_nudge + PREFER_THAWED_S
+        thawed_until = joined + PREFER_THAWED_S
         try:
             while True:
                 if stop.event.is_set():
