@@ -55,7 +55,7 @@ class Worker:
         store: Datastore,
         agent: Agent,
         *,
-        prefetch: int = 4,
+        prefetch: int = 2,
         worker_id: str | None = None,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,

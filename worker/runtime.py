@@ -34,7 +34,7 @@ async def serve(
     settings: Settings,
     *,
     burst: bool = False,
-    prefetch: int = 4,
+    prefetch: int = 2,
     install_signals: bool = True,
     shutdown: Shutdown | None = None,
 ) -> int:

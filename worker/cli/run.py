@@ -27,7 +27,7 @@ from worker.runtime import serve, setup_sentry
 @click.option(
     "--prefetch",
     type=click.IntRange(1, 64),
-    default=4,
+    default=2,
     show_default=True,
     help="Calls held reserved but not yet running in a container.",
 )
