@@ -5,9 +5,9 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from config.domain import CallStatus
+from config.domain import CallStatus, Function
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
-from worker.agent.agent import KEY_CACHE_SIZE
+from worker.agent.agent import KEY_CACHE_SIZE, Agent
 from worker.agent.driver import FN_LISTENER, DispatchRequest, DispatchResult
 from worker.agent.drivers.fake import (
     FakeBehaviour,
@@ -205,15 +205,24 @@ def sleeping(seconds: list[float]) -> Handler:
     return handle
 
 
+async def _after_calls_of(
+    agents: AgentFactory, took: list[float]
+) -> tuple[FakeDriver, Agent, Function]:
+    """An agent whose function has run three calls of ``took[0]`` s each (so its
+    queue knows how long a call holds a container)."""
+    driver = FakeDriver(FakeBehaviour(handler=sleeping(took)))
+    agent = agents(driver)
+    fn = make_fn()
+    for _ in range(3):
+        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    return driver, agent, fn
+
+
 async def test_a_busy_container_free_again_within_a_call_time_is_waited_for(
     agents: AgentFactory,
 ) -> None:
     took = [0.03]
-    driver = FakeDriver(FakeBehaviour(handler=sleeping(took)))
-    agent = agents(driver)
-    fn = make_fn()
-    for _ in range(3):  # calls of this function hold a container about 30 ms
-        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    driver, agent, fn = await _after_calls_of(agents, took)  # 30 ms each
     took[0] = 0.002
     first = asyncio.create_task(agent.submit(make_call(fn), fn))
     await settle()
@@ -226,11 +235,7 @@ async def test_a_call_that_waits_longer_than_a_call_time_gets_a_new_container(
     agents: AgentFactory,
 ) -> None:
     took = [0.002]
-    driver = FakeDriver(FakeBehaviour(handler=sleeping(took)))
-    agent = agents(driver)
-    fn = make_fn()
-    for _ in range(3):
-        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    driver, agent, fn = await _after_calls_of(agents, took)  # 2 ms each
     took[0] = 2.0
     first = asyncio.create_task(agent.submit(make_call(fn), fn))
     await settle()

@@ -6,7 +6,7 @@ import asyncio
 import shutil
 import ssl
 import subprocess
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
@@ -115,6 +115,31 @@ async def test_a_server_that_stops_answering_fails_the_waiting_call(
         lines.close()
 
 
+async def _round_trip(url: str, while_held: Callable[[Call], None] | None = None) -> None:
+    """A call pushed, reserved (``while_held`` looks at it then) and acked over ``url``."""
+    q = open_queue(url, load_settings())
+    try:
+        call = Call(new_call_id(), "demo", "echo", b"body " + url.encode())
+        await q.push(call)
+        [msg] = await q.reserve_many(2, 1.0)
+        assert msg.call.id == call.id and msg.call.body == call.body
+        if while_held is not None:
+            while_held(call)
+        await q.ack_many([msg])
+        assert await q.stats() == QueueStats(0, 0, 0, 0)
+    finally:
+        await q.close()
+
+
+async def _refused(url: str) -> None:
+    q = open_queue(url, load_settings())
+    try:
+        with pytest.raises(QueueUnavailable):
+            await q.reserve_many(1, 0.1)
+    finally:
+        await q.close()
+
+
 async def test_password_and_database_of_the_url_are_used(tmp_path: Path) -> None:
     srv = RedisServer(tmp_path, extra=("--requirepass", PASSWORD)).start()
     try:
@@ -126,26 +151,15 @@ async def test_password_and_database_of_the_url_are_used(tmp_path: Path) -> None
             f"redis://:{PASSWORD}@127.0.0.1:{srv.port}/5?prefix=pw",
             f"redis://default:{PASSWORD}@127.0.0.1:{srv.port}/5?prefix=user",
         ):
-            q = open_queue(url, load_settings())
-            try:
-                call = Call(new_call_id(), "demo", "echo", b"x")
-                await q.push(call)
-                [msg] = await q.reserve_many(2, 1.0)
-                assert msg.call.id == call.id
-                prefix = url.rpartition("=")[2]
-                in_db5 = cli(srv.port, "-a", PASSWORD, "--no-auth-warning", "-n", "5",
-                             "HEXISTS", f"{prefix}:ids", call.id)  # fmt: skip
-                assert in_db5 == "1"
-                await q.ack_many([msg])
-                assert await q.stats() == QueueStats(0, 0, 0, 0)
-            finally:
-                await q.close()
-        bad = open_queue(f"redis://:wrong@127.0.0.1:{srv.port}/0", load_settings())
-        try:
-            with pytest.raises(QueueUnavailable):
-                await bad.reserve_many(1, 0.1)
-        finally:
-            await bad.close()
+            prefix = url.rpartition("=")[2]
+
+            def in_db5(call: Call, prefix: str = prefix) -> None:
+                found = cli(srv.port, "-a", PASSWORD, "--no-auth-warning", "-n", "5",
+                            "HEXISTS", f"{prefix}:ids", call.id)  # fmt: skip
+                assert found == "1"
+
+            await _round_trip(url, while_held=in_db5)
+        await _refused(f"redis://:wrong@127.0.0.1:{srv.port}/0")
     finally:
         srv.stop()
 
@@ -172,24 +186,8 @@ async def test_tls_urls_are_served_over_tls(tmp_path: Path) -> None:
         "--tls-key-file", str(tmp_path / "key.pem"), "--tls-auth-clients", "no",
     )).start()  # fmt: skip
     try:
-        url = f"rediss://127.0.0.1:{port}/0?prefix=tls&ssl_ca_certs={cert}"
-        q = open_queue(url, load_settings())
-        try:
-            call = Call(new_call_id(), "demo", "echo", b"over tls")
-            await q.push(call)
-            [msg] = await q.reserve_many(2, 1.0)
-            assert msg.call.body == b"over tls"
-            await q.ack_many([msg])
-            assert await q.stats() == QueueStats(0, 0, 0, 0)
-        finally:
-            await q.close()
-        # A certificate nobody vouches for is refused.
-        untrusted = open_queue(f"rediss://127.0.0.1:{port}/0?prefix=tls", load_settings())
-        try:
-            with pytest.raises(QueueUnavailable):
-                await untrusted.reserve_many(1, 0.1)
-        finally:
-            await untrusted.close()
+        await _round_trip(f"rediss://127.0.0.1:{port}/0?prefix=tls&ssl_ca_certs={cert}")
+        await _refused(f"rediss://127.0.0.1:{port}/0?prefix=tls")  # nobody vouches for it
         plain = Lines({"host": "127.0.0.1", "port": port, "ssl_ca_certs": str(cert)},
                       tls=True, connect_timeout_s=5.0)  # fmt: skip
         no_ca = Lines({"host": "127.0.0.1", "port": port}, tls=True, connect_timeout_s=5.0)
