@@ -146,8 +146,9 @@ class Settings(BaseSettings):
 
     # ---------------------------------------------------------- hot slots
     freeze_idle_msecs: int = _msecs(
-        "Idle time before a hot container is paused; 0 = at once, negative = never. "
-        "fnq: 1000 (Fn: 50), see docs/configuration.md.",
+        "Idle time before a hot container is paused, counted from its function's last "
+        "call as well; 0 = at once, negative = never. fnq: 1000 (Fn: 50), see "
+        "docs/configuration.md.",
         1_000,
     )
     hot_poll_msecs: int = _msecs(

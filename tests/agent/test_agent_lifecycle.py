@@ -111,6 +111,31 @@ async def test_containers_idle_together_pause_one_after_another(agents: AgentFac
     assert stats is not None and stats.containers["paused"] == 4  # all of them, in turn
 
 
+async def test_a_spare_container_stays_thawed_while_its_function_gets_calls(
+    agents: AgentFactory,
+) -> None:
+    # Two containers, then calls one at a time: the most recent idle container serves
+    # them all and the other one sits idle. Pausing it would only be undone by the next
+    # call that finds the first one busy, so it waits until the function is quiet.
+    driver = FakeDriver()
+    agent = agents(driver, freeze_idle_msecs=100)
+    agent.pacer.spacing_s = 0.0
+    fn = make_fn()
+    await _idle_together(agent, driver, fn, 2)
+    loop = asyncio.get_running_loop()
+    until = loop.time() + 0.4  # four times the freeze time
+    last_call = loop.time()
+    while last_call < until:
+        last_call = loop.time()
+        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+        await asyncio.sleep(0.02)
+    assert (driver.pauses, driver.unpauses) == (0, 0)
+    await driver.wait_until(lambda: driver.pauses == 2)
+    assert min(driver.paused_at) - last_call >= 0.09  # a freeze time after the last call
+    stats = agent.statistics().queue(fn.ref)
+    assert stats is not None and stats.containers["paused"] == 2
+
+
 async def test_a_call_takes_a_container_waiting_for_its_turn_to_pause(
     agents: AgentFactory,
 ) -> None:

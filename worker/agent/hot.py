@@ -242,7 +242,11 @@ class HotContainer:
                     log.debug("container %s of %s leaves: %s", self.id, self.fn.ref, reason)
                     return
                 continue  # a call won the race: it serves (a dead container refuses it)
-            freeze_at = None if freeze_s is None or self.frozen else self._idle_since + freeze_s
+            freeze_at = None
+            if freeze_s is not None and not self.frozen:
+                # Counted from the function's last call too: while it gets calls, a
+                # spare container stays thawed (and retires at its idle timeout).
+                freeze_at = max(self._idle_since, self.queue.last_used_s) + freeze_s
             if freeze_at is not None and not fresh and now >= freeze_at:
                 if self._pause_turn is None:
                     self._pause_turn = self.pacer.book(now)
