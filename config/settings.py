@@ -163,6 +163,13 @@ class Settings(BaseSettings):
     )
     hot_pull_timeout_msecs: int = _msecs("Longest image pull.", 600_000)
     hot_start_timeout_msecs: int = _msecs("Container start until its socket is ready.", 5_000, ge=1)
+    hot_start_concurrency: int = Field(
+        4,
+        ge=0,
+        description="Containers a worker creates and starts at the same time, at most; "
+        "0 = no limit (Fn). A launch waits for its turn, and is dropped if by then "
+        "every waiting call has a container.",
+    )
 
     # ---------------------------------------------------------- responses
     max_response_size: int = Field(

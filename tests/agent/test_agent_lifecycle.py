@@ -151,6 +151,55 @@ async def test_a_call_takes_a_container_waiting_for_its_turn_to_pause(
     assert driver.unpauses == 0  # it ran on the container that had not paused
 
 
+async def test_containers_start_a_few_at_a_time(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(start_gate=gate))
+    agent = agents(driver, hot_start_concurrency=2)
+    fns = [make_fn(f"f{i}") for i in range(4)]
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for fn in fns]
+    await driver.wait_until(lambda: driver.starts == 2)
+    await asyncio.sleep(0.05)
+    assert driver.starts == 2  # the other two wait for a turn
+    stats = agent.statistics()
+    assert sum(q.containers["start"] for q in stats.queues) == 4
+    gate.set()
+    outcomes = await asyncio.gather(*calls)
+    assert all(o.status is CallStatus.SUCCESS for o in outcomes)
+    assert driver.starts == 4
+
+
+def _starting(agent: Agent, fn: Function) -> int:
+    stats = agent.statistics().queue(fn.ref)
+    return 0 if stats is None else stats.containers.get("start", 0)
+
+
+async def test_a_start_waiting_its_turn_is_dropped_when_no_call_needs_it(
+    agents: AgentFactory,
+) -> None:
+    driver = FakeDriver()
+    agent = agents(driver, hot_start_concurrency=1)
+    busy, slow = make_fn("busy"), make_fn("slow")
+    assert (await agent.submit(make_call(busy), busy)).status is CallStatus.SUCCESS
+    start_gate, call_gate = asyncio.Event(), asyncio.Event()
+    driver.per_image[slow.image] = FakeBehaviour(start_gate=start_gate)
+    driver.default.handler = gated(call_gate)  # busy's container has the default
+    other = asyncio.create_task(agent.submit(make_call(slow), slow))  # holds the one turn
+    await driver.wait_until(lambda: driver.starts == 2)
+    first = asyncio.create_task(agent.submit(make_call(busy), busy))
+    await driver.wait_until(lambda: driver.dispatches == 2)
+    second = asyncio.create_task(agent.submit(make_call(busy), busy))
+    await driver.wait_until(lambda: _starting(agent, busy) == 1)
+    # the second call asked for a container of its own, which waits for the turn
+    call_gate.set()  # the first call ends: the second one takes its container
+    assert (await first).status is CallStatus.SUCCESS
+    assert (await second).status is CallStatus.SUCCESS
+    start_gate.set()
+    assert (await other).status is CallStatus.SUCCESS
+    await driver.wait_until(lambda: _starting(agent, busy) == 0)
+    assert driver.creates == 2  # busy's second start was dropped at its turn
+    assert agent.tracker.statistics().tokens == 2  # and its memory and CPU given back
+
+
 async def test_failed_pause_retires_the_container(agents: AgentFactory) -> None:
     driver = FakeDriver(FakeBehaviour(pause_error=FreezeFailed("pause refused")))
     agent = agents(driver, freeze_idle_msecs=0)

@@ -29,7 +29,10 @@ It needs a memory/CPU token first (:mod:`resources`). When there is no room,
 it evicts idle containers of *other* functions, oldest first, all or nothing
 (:mod:`evictor`), and waits for them to go. The new container lives in its
 own task (:mod:`hot`): create (pulling the image if needed), start, wait for
-the function's socket. If that fails, the call that nudged gets the error:
+the function's socket. At most ``FN_HOT_START_CONCURRENCY`` containers start
+at once; a start that had to wait for its turn is dropped if by then every
+waiting call of its function has a container. If a start fails, the call
+that nudged gets the error:
 *terminal* for a missing or unusable image, *function* for a container that
 would not initialise, *busy* for a pull that took too long.
 
@@ -100,6 +103,8 @@ class Agent:
         self.tracker = tracker or ResourceTracker.from_host(settings)
         self.evictor = Evictor(on_idle_change=self.tracker.lent_changed)
         self.pacer = FreezePacer()
+        starts = settings.hot_start_concurrency
+        self.start_turns = asyncio.Semaphore(starts) if starts > 0 else None
         self.hot_poll_s = settings.secs("hot_poll_msecs")
         self._queues: dict[str, SlotQueue] = {}
         self._keys: dict[int, tuple[Function, str]] = {}
@@ -295,6 +300,7 @@ class Agent:
             owner=owner,
             on_exit=self._forget_container,
             pacer=self.pacer,
+            start_turns=self.start_turns,
         )
         queue.containers_started += 1
         self._hot[hot] = self._containers.spawn(hot.run(), name=f"fnq-container-{hot.id}")

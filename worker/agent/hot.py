@@ -82,6 +82,7 @@ class HotContainer:
         owner: Caller | None,
         on_exit: Callable[[HotContainer], None],
         pacer: FreezePacer | None = None,
+        start_turns: asyncio.Semaphore | None = None,
     ) -> None:
         self.queue = queue
         self.fn: Function = queue.fn
@@ -92,6 +93,7 @@ class HotContainer:
         self.owner = owner
         self.on_exit = on_exit
         self.pacer = pacer or FreezePacer(0.0)
+        self.start_turns = start_turns
         self.id = f"fnq-{secrets.token_hex(8)}"
         self.container: Container | None = None
         self.state = ContainerState.WAIT
@@ -162,8 +164,20 @@ class HotContainer:
             await self._teardown()
 
     async def _start(self) -> bool:
+        turns = self.start_turns
         try:
-            await self._create_and_start()
+            if turns is None:
+                await self._create_and_start()
+            else:
+                # No timeout: each start before this one is bounded by its own (pull,
+                # start), and closing the agent cancels a start that waits its turn.
+                waited = turns.locked()
+                async with turns:
+                    if waited and self.queue.calls_without_container() == 0:
+                        log.debug("a start of %s is dropped: every call has a container",
+                                  self.fn.ref)  # fmt: skip
+                        return False
+                    await self._create_and_start()
         except AgentError as exc:
             self._launch_failed(exc)
             return False

@@ -175,6 +175,10 @@ class SlotQueue:
     def idle_slots(self) -> int:
         return len(self._stack)
 
+    def calls_without_container(self) -> int:
+        """Waiting calls beyond the idle slots (none when every one can have one)."""
+        return max(0, len(self.waiters) - len(self._stack))
+
     # ------------------------------------------------------------ counts
     def move(self, old: ContainerState | None, new: ContainerState) -> None:
         if old is not None:
