@@ -84,18 +84,22 @@ class CallHandler:
         self.held: dict[str, Delivery] = {}  # calls whose reservations the heartbeat extends
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
 
-    async def handle(self, d: Delivery, on_start: Callable[[], None]) -> None:
+    async def handle(
+        self, d: Delivery, on_start: Callable[[], None], launch_patience_s: float = 0.0
+    ) -> None:
         current_call.set(d.call_id)  # this task's context: every log line names the call
         self.held[d.call_id] = d  # from now on the heartbeat extends its reservation
         try:
-            await self._process(d, on_start)
+            await self._process(d, on_start, launch_patience_s)
         except asyncio.CancelledError:
             await asyncio.shield(d.hand_back())
             raise
         finally:
             self.held.pop(d.call_id, None)
 
-    async def _process(self, d: Delivery, on_start: Callable[[], None]) -> None:
+    async def _process(
+        self, d: Delivery, on_start: Callable[[], None], launch_patience_s: float
+    ) -> None:
         call = d.msg.call
         fn = await self._function(call.app, call.fn)
         if fn is None:
@@ -129,7 +133,9 @@ class CallHandler:
                 await self._settle_final(d, record)
                 return
         try:
-            outcome = await self.agent.submit(call, fn, on_start=on_start)
+            outcome = await self.agent.submit(
+                call, fn, on_start=on_start, launch_patience_s=launch_patience_s
+            )
         finally:
             mark.cancel()
         record = await mark.written()

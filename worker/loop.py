@@ -17,6 +17,15 @@ that no reserve takes share round trips of their own (worker.acks). The
 reservations of all running calls are extended by one heartbeat task
 (worker.calls).
 
+Extra calls: when the last reserve brought calls of one function only, the
+next one also asks for one call per container of that function that is free
+or about to be (idle, or busy with a call of under ``SHORT_CALL_S``), beyond
+the calls already headed for them; at most ``MAX_EXTRA``. These hold no
+place. They wait up to ``EXTRA_PATIENCE_S`` for a container before they ask
+for a new one, so that they use the containers they were taken for. In a
+burst of one short function this takes several calls per round trip; when
+the calls of many functions are mixed, nothing changes.
+
 Shutdown (worker.shutdown): intake stops at once; calls in containers get the
 grace period; what is still running after it is cancelled and handed back.
 """
@@ -45,6 +54,9 @@ log = logging.getLogger("fnq.worker")
 
 OUTAGE_BACKOFF_MAX_S = 10.0
 GATHER_S = 0.002  # see _intake
+MAX_EXTRA = 8  # see "Extra calls" above
+SHORT_CALL_S = 0.01
+EXTRA_PATIENCE_S = 0.2
 
 
 class Worker:
@@ -72,6 +84,7 @@ class Worker:
             rng=rng or random.Random(),
         )  # fmt: skip
         self._outage_since: float | None = None
+        self._unstarted = 0  # reserved calls not yet in a container
 
     @property
     def completed(self) -> int:
@@ -110,29 +123,36 @@ class Worker:
         share = max(1, self.places.total // len(self.queues))
         wait_s = min(poll_s, 1.0) if burst else poll_s
         backlog = False
+        last: tuple[str, str] | None = None  # app and fn of all the last reserved calls
         while not shutdown.stopping.is_set():
             if not await self.agent.wait_async_resource(poll_s):
                 continue
             # Each queue's intake takes at most its share of the places, so that an
             # empty queue waiting for messages never holds them all.
             count = await self.places.take(share, GATHER_S if backlog else 0.0)
+            extra = 0  # calls beyond the places (see "Extra calls" above)
+            if last is not None:
+                free = self.agent.free_containers(*last, within_s=SHORT_CALL_S)
+                extra = max(0, min(MAX_EXTRA, free - self._unstarted - count))
             acks = self.acks[id(queue)]
             msgs: list[Message] = []
             try:
-                msgs = await self._reserve(queue, acks, wait_s, count)
+                msgs = await self._reserve(queue, acks, wait_s, count + extra)
             finally:
-                self.places.give(count - len(msgs))
+                self.places.give(count - min(count, len(msgs)))
             # A reserve that got all it asked for says more are queued: the next one
             # first waits a moment for all of this queue's places to be free (they are
             # as soon as the calls holding them are dispatched), so that one round trip
             # takes several. If they are not free by then (a call waits for a
             # container), the intake does not wait again before the next reserve.
             waited_in_vain = backlog and count < share
-            backlog = len(msgs) == count and not waited_in_vain
+            backlog = len(msgs) >= count and not waited_in_vain
             if not msgs and burst and not tasks:
                 return
-            for msg in msgs:
-                task = asyncio.create_task(self._handle(Delivery(queue, msg, acks)),
+            fns = {(m.call.app, m.call.fn) for m in msgs}
+            last = fns.pop() if len(fns) == 1 and len(msgs) > 1 else None
+            for i, msg in enumerate(msgs):
+                task = asyncio.create_task(self._handle(Delivery(queue, msg, acks), i < count),
                                            name=f"fnq-call-{msg.call.id}")  # fmt: skip
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
@@ -141,20 +161,23 @@ class Worker:
                 # often) before the next reserve is sent: that round trip is not theirs.
                 await asyncio.sleep(0)
 
-    async def _handle(self, d: Delivery) -> None:
-        placed = True
+    async def _handle(self, d: Delivery, placed: bool) -> None:
+        unstarted = True
+        self._unstarted += 1
 
         def on_start() -> None:
-            nonlocal placed
-            if placed:
-                placed = False
-                self.places.give()
+            nonlocal unstarted
+            if unstarted:
+                unstarted = False
+                self._unstarted -= 1
+                if placed:
+                    self.places.give()
 
         task = asyncio.current_task()
         assert task is not None
         self.running[d.call_id] = task
         try:
-            await self.calls.handle(d, on_start)
+            await self.calls.handle(d, on_start, 0.0 if placed else EXTRA_PATIENCE_S)
         finally:
             on_start()
             self.running.pop(d.call_id, None)

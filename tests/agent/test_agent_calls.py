@@ -231,6 +231,20 @@ async def test_a_busy_container_free_again_within_a_call_time_is_waited_for(
     assert driver.creates == 1
 
 
+async def test_a_call_with_patience_of_its_own_waits_for_the_busy_container(
+    agents: AgentFactory,
+) -> None:
+    took = [0.002]
+    driver, agent, fn = await _after_calls_of(agents, took)  # calls usually take 2 ms
+    took[0] = 0.1
+    first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await settle()
+    took[0] = 0.0
+    second = await agent.submit(make_call(fn), fn, launch_patience_s=0.5)
+    assert second.status is CallStatus.SUCCESS and (await first).status is CallStatus.SUCCESS
+    assert driver.creates == 1  # without its patience it would have asked after ~2 ms
+
+
 async def test_a_call_that_waits_longer_than_a_call_time_gets_a_new_container(
     agents: AgentFactory,
 ) -> None:

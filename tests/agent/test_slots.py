@@ -85,7 +85,7 @@ def test_new_container_needed(
     waiting: int, idle: int, paused: int, starting: int, res_wait: int, needed: bool
 ) -> None:
     q = queue()
-    q.requests[RequestState.WAIT] = waiting
+    q.asking = waiting
     q.containers[ContainerState.IDLE] = idle
     q.containers[ContainerState.PAUSED] = paused
     q.containers[ContainerState.START] = starting
@@ -95,9 +95,27 @@ def test_new_container_needed(
 
 def test_busy_containers_do_not_count() -> None:
     q = queue()
-    q.requests[RequestState.WAIT] = 1
+    q.asking = 1
     q.containers[ContainerState.BUSY] = 3
     assert q.new_container_needed()
+
+
+def test_only_callers_that_asked_count_towards_a_launch() -> None:
+    q = queue()
+    a, b = Caller("a"), Caller("b")
+    q.join(a)
+    q.join(b)
+    assert not q.new_container_needed()  # both still within their patience
+    q.nudge(a)
+    q.nudge(a)  # asking again does not count twice
+    assert q.asking == 1 and q.new_container_needed()
+    q.containers[ContainerState.START] = 1
+    assert not q.new_container_needed()  # the one asking has a container coming
+    q.nudge(b)
+    assert q.new_container_needed()
+    q.leave(a)
+    q.leave(a)
+    assert q.asking == 1 and not q.new_container_needed()
 
 
 # ------------------------------------------------------------- slots

@@ -16,7 +16,7 @@ from config.settings import load_settings
 from datastore.base import open_datastore
 from mq.base import Message, MessageQueue, open_queue
 from worker.agent.agent import Agent
-from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, reply
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
 from worker.loop import Worker
 from worker.shutdown import Shutdown
 
@@ -74,6 +74,47 @@ async def test_a_backlog_is_reserved_several_at_a_time(tmp_path: Path) -> None:
     finally:
         await inner.close()
         await store.close()
+
+
+async def test_a_burst_of_one_function_is_reserved_beyond_the_places(tmp_path: Path) -> None:
+    # Four warm containers of one short function: a reserve also takes a call for each
+    # container that is free, beyond the two places; those calls wait for them.
+    settings = load_settings(data_dir=str(tmp_path))
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    inner = open_queue(settings.mq_url, settings)
+    queue = CountingReserves(inner)
+    driver = FakeDriver(FakeBehaviour(handler=reply()))
+    try:
+        async with Agent(settings, driver) as agent:
+            gate = asyncio.Event()
+            driver.default.handler = gated(gate)
+            warm = [asyncio.create_task(agent.submit(_call(), FN)) for _ in range(4)]
+            await driver.wait_until(lambda: driver.dispatches == 4)
+            gate.set()
+            await asyncio.gather(*warm)
+            driver.default.handler = reply()
+            calls = [_call() for _ in range(200)]
+            await inner.push_many(calls)
+            worker = Worker(settings, queue, store, agent, prefetch=2)  # type: ignore[arg-type]
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(worker.run(shutdown))
+            async with asyncio.timeout(30):
+                while worker.completed < len(calls):
+                    await asyncio.sleep(0.01)
+            shutdown.request("test over")
+            await asyncio.wait_for(run, 30)
+        assert sum(queue.batches) == len(calls)
+        assert max(queue.batches) > 2, queue.batches
+        stats = await inner.stats()
+        assert (stats.ready, stats.reserved) == (0, 0)
+    finally:
+        await inner.close()
+        await store.close()
+
+
+def _call() -> Call:
+    return Call(new_call_id(), FN.app, FN.name, b"x")
 
 
 async def test_a_reserved_call_reaches_its_container_before_the_next_reserve(

@@ -20,11 +20,14 @@ failure meant for it, the call is cancelled, or the agent closes; it nudges
 again every ``FN_HOT_POLL_MSECS``. While one of the queue's containers is
 busy, the first nudge waits about one call's time (how long calls of this
 queue have held a container lately, at most 20 ms): that container is
-usually free again long before a new one could start. After the function's
+usually free again long before a new one could start. A caller may bring a
+longer patience of its own (``submit(launch_patience_s=...)``). Only callers
+that have nudged count towards a launch. After the function's
 own timeout of waiting it gives up: *busy*, no attempt charged.
 
 **Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
-container only when waiting calls outnumber the idle and starting containers.
+container only when waiting calls that have nudged outnumber the idle and
+starting containers.
 It needs a memory/CPU token first (:mod:`resources`). When there is no room,
 it evicts idle containers of *other* functions, oldest first, all or nothing
 (:mod:`evictor`), and waits for them to go. The new container lives in its
@@ -136,14 +139,22 @@ class Agent:
 
     # ------------------------------------------------------------- submit
     async def submit(
-        self, call: Call, fn: Function, on_start: Callable[[], None] | None = None
+        self,
+        call: Call,
+        fn: Function,
+        on_start: Callable[[], None] | None = None,
+        *,
+        launch_patience_s: float = 0.0,
     ) -> Outcome:
-        """Run ``call``; ``on_start`` is called when it is dispatched to a container."""
+        """Run ``call``; ``on_start`` is called when it is dispatched to a container.
+        ``launch_patience_s``: wait at least this long for a container of the function
+        before asking for a new one."""
         if self._closing.is_set():
             return not_started_outcome(AgentClosed())
         if call.id in self._calls:
             return not_started_outcome(ServerBusy(f"call {call.id} is already running here"))
         stop = StopControl(on_start)
+        stop.launch_patience_s = launch_patience_s
         self._calls[call.id] = stop
         self._no_calls.clear()
         try:
@@ -210,7 +221,7 @@ class Agent:
         queue.join(caller)
         stop.waker = caller.wake.set
         joined = loop.time()
-        next_nudge = joined + queue.launch_patience_s()
+        next_nudge = joined + max(queue.launch_patience_s(), stop.launch_patience_s)
         # Unpausing costs about 13 ms; a busy container of a short function is free
         # again sooner. Only paused ones idle: wait a moment for a running one.
         thawed_until = joined + PREFER_THAWED_S
@@ -326,6 +337,18 @@ class Agent:
         if stop is None:
             return False
         return stop.stop(ExecEnd.CANCELLED, "the call was cancelled")
+
+    def free_containers(self, app: str, fn: str, within_s: float) -> int:
+        """Containers of function ``app/fn`` that are idle and not paused, or that run a
+        call while its calls usually take less than ``within_s``."""
+        free = 0
+        for queue in self._queues.values():
+            if queue.fn.app != app or queue.fn.name != fn:
+                continue
+            free += queue.containers[ContainerState.IDLE]
+            if 0.0 < queue.call_s < within_s:
+                free += queue.containers[ContainerState.BUSY]
+        return free
 
     def statistics(self) -> AgentStats:
         return AgentStats(

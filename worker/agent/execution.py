@@ -69,6 +69,7 @@ class StopControl:
         self.started = False
         self.waker: Callable[[], None] | None = None  # wakes the call while it waits for a slot
         self._on_start = on_start
+        self.launch_patience_s = 0.0
 
     def stop(self, end: ExecEnd, reason: str) -> bool:
         if self.event.is_set():

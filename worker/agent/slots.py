@@ -75,6 +75,7 @@ class Caller:
         self.call_id = call_id
         self.error: AgentError | None = None
         self.done = False
+        self.asked = False  # has nudged the launcher: counts towards a launch
         self.wake = asyncio.Event()
 
     def fail(self, error: AgentError) -> bool:
@@ -127,6 +128,7 @@ class SlotQueue:
         self._nudged = asyncio.Event()
         self._nudger: Caller | None = None
         self.last_used_s = 0.0
+        self.asking = 0  # waiting callers that have nudged the launcher
         self.call_s = 0.0  # how long a call holds a container, smoothed; 0 = not known yet
 
     def held(self, seconds: float) -> None:
@@ -187,10 +189,12 @@ class SlotQueue:
             self.containers[new] += 1
 
     def new_container_needed(self) -> bool:
-        """Launch only if waiting calls outnumber idle plus starting containers."""
+        """Launch only if waiting calls that have asked for a container outnumber idle
+        plus starting containers. (Fn counts every waiting call; a call that is still
+        within its launch patience is not asking yet.)"""
         idle = self.containers[ContainerState.IDLE] + self.containers[ContainerState.PAUSED]
         starting = self.containers[ContainerState.START] + self.containers[ContainerState.WAIT]
-        waiting = self.requests[RequestState.WAIT]
+        waiting = self.asking
         uncovered = waiting - idle if waiting > idle else 0
         if uncovered == 0:
             return False
@@ -211,9 +215,14 @@ class SlotQueue:
         caller.done = True
         if self.waiters.pop(caller, False) is None:
             self.requests[RequestState.WAIT] -= 1
+            if caller.asked:
+                self.asking -= 1
 
     def nudge(self, caller: Caller) -> None:
         """Ask the launcher to check whether a container is needed."""
+        if not caller.asked and caller in self.waiters:
+            caller.asked = True
+            self.asking += 1
         self._nudger = caller
         self._nudged.set()
 
