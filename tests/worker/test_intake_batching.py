@@ -57,14 +57,7 @@ async def test_a_backlog_is_reserved_several_at_a_time(tmp_path: Path) -> None:
     queue = CountingReserves(inner)
     try:
         async with Agent(settings, FakeDriver(FakeBehaviour(handler=reply()))) as agent:
-            worker = Worker(settings, queue, store, agent, prefetch=2)  # type: ignore[arg-type]
-            shutdown = Shutdown(5.0)
-            run = asyncio.create_task(worker.run(shutdown))
-            async with asyncio.timeout(30):
-                while worker.completed < len(calls):
-                    await asyncio.sleep(0.01)
-            shutdown.request("test over")
-            await asyncio.wait_for(run, 30)
+            await _run_until_done(Worker(settings, queue, store, agent, prefetch=2), len(calls))  # type: ignore[arg-type]
         assert sum(queue.batches) == len(calls)
         # Without waiting for places, nearly every reserve takes the one place a
         # dispatch has just freed; with it, most take both.
@@ -96,14 +89,7 @@ async def test_a_burst_of_one_function_is_reserved_beyond_the_places(tmp_path: P
             driver.default.handler = reply()
             calls = [_call() for _ in range(200)]
             await inner.push_many(calls)
-            worker = Worker(settings, queue, store, agent, prefetch=2)  # type: ignore[arg-type]
-            shutdown = Shutdown(5.0)
-            run = asyncio.create_task(worker.run(shutdown))
-            async with asyncio.timeout(30):
-                while worker.completed < len(calls):
-                    await asyncio.sleep(0.01)
-            shutdown.request("test over")
-            await asyncio.wait_for(run, 30)
+            await _run_until_done(Worker(settings, queue, store, agent, prefetch=2), len(calls))  # type: ignore[arg-type]
         assert sum(queue.batches) == len(calls)
         assert max(queue.batches) > 2, queue.batches
         stats = await inner.stats()
@@ -115,6 +101,17 @@ async def test_a_burst_of_one_function_is_reserved_beyond_the_places(tmp_path: P
 
 def _call() -> Call:
     return Call(new_call_id(), FN.app, FN.name, b"x")
+
+
+async def _run_until_done(worker: Worker, n: int) -> None:
+    """Run ``worker`` until it has completed ``n`` calls, then stop it."""
+    shutdown = Shutdown(5.0)
+    run = asyncio.create_task(worker.run(shutdown))
+    async with asyncio.timeout(30):
+        while worker.completed < n:
+            await asyncio.sleep(0.01)
+    shutdown.request("test over")
+    await asyncio.wait_for(run, 30)
 
 
 async def test_a_reserved_call_reaches_its_container_before_the_next_reserve(
