@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from config.domain import CallStatus, Function
+from config.domain import CallStatus, Function, Outcome
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE, Agent
 from worker.agent.driver import FN_LISTENER, DispatchRequest, DispatchResult
@@ -218,15 +218,26 @@ async def _after_calls_of(
     return driver, agent, fn
 
 
+async def _busy_after_calls_of(
+    agents: AgentFactory, usual_s: float, busy_s: float, then_s: float
+) -> tuple[FakeDriver, Agent, Function, asyncio.Task[Outcome]]:
+    """After three calls of ``usual_s``, one call of ``busy_s`` holds the only
+    container (the task returned); the calls after it take ``then_s``."""
+    took = [usual_s]
+    driver, agent, fn = await _after_calls_of(agents, took)
+    took[0] = busy_s
+    first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await settle()
+    took[0] = then_s
+    return driver, agent, fn, first
+
+
 async def test_a_busy_container_free_again_within_a_call_time_is_waited_for(
     agents: AgentFactory,
 ) -> None:
-    took = [0.03]
-    driver, agent, fn = await _after_calls_of(agents, took)  # 30 ms each
-    took[0] = 0.002
-    first = asyncio.create_task(agent.submit(make_call(fn), fn))
-    await settle()
-    second = await agent.submit(make_call(fn), fn)  # finds the container busy for 2 ms
+    # calls of 30 ms, then the container is busy for 2 ms
+    driver, agent, fn, first = await _busy_after_calls_of(agents, 0.03, 0.002, 0.002)
+    second = await agent.submit(make_call(fn), fn)
     assert second.status is CallStatus.SUCCESS and (await first).status is CallStatus.SUCCESS
     assert driver.creates == 1
 
@@ -234,12 +245,8 @@ async def test_a_busy_container_free_again_within_a_call_time_is_waited_for(
 async def test_a_call_with_patience_of_its_own_waits_for_the_busy_container(
     agents: AgentFactory,
 ) -> None:
-    took = [0.002]
-    driver, agent, fn = await _after_calls_of(agents, took)  # calls usually take 2 ms
-    took[0] = 0.1
-    first = asyncio.create_task(agent.submit(make_call(fn), fn))
-    await settle()
-    took[0] = 0.0
+    # calls usually take 2 ms; the container is busy for 100 ms
+    driver, agent, fn, first = await _busy_after_calls_of(agents, 0.002, 0.1, 0.0)
     second = await agent.submit(make_call(fn), fn, launch_patience_s=0.5)
     assert second.status is CallStatus.SUCCESS and (await first).status is CallStatus.SUCCESS
     assert driver.creates == 1  # without its patience it would have asked after ~2 ms
@@ -248,15 +255,11 @@ async def test_a_call_with_patience_of_its_own_waits_for_the_busy_container(
 async def test_a_call_that_waits_longer_than_a_call_time_gets_a_new_container(
     agents: AgentFactory,
 ) -> None:
-    took = [0.002]
-    driver, agent, fn = await _after_calls_of(agents, took)  # 2 ms each
-    took[0] = 2.0
-    first = asyncio.create_task(agent.submit(make_call(fn), fn))
-    await settle()
-    took[0] = 0.0
+    # calls usually take 2 ms; the only container is busy for 2 s
+    driver, agent, fn, first = await _busy_after_calls_of(agents, 0.002, 2.0, 0.0)
     loop = asyncio.get_running_loop()
     t0 = loop.time()
-    second = await agent.submit(make_call(fn), fn)  # the only container is busy for 2 s
+    second = await agent.submit(make_call(fn), fn)
     assert second.status is CallStatus.SUCCESS
     assert loop.time() - t0 < 1.0 and driver.creates == 2
     assert (await first).status is CallStatus.SUCCESS
