@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
+import pytest
+
 from config.domain import CallStatus, Function, Outcome
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE, Agent
@@ -263,3 +265,20 @@ async def test_a_call_that_waits_longer_than_a_call_time_gets_a_new_container(
     assert second.status is CallStatus.SUCCESS
     assert loop.time() - t0 < 1.0 and driver.creates == 2
     assert (await first).status is CallStatus.SUCCESS
+
+
+@pytest.mark.parametrize(("usual_s", "starting"), [(0.002, 1), (0.05, 3)])
+async def test_a_short_function_with_busy_containers_starts_one_container_at_a_time(
+    agents: AgentFactory, usual_s: float, starting: int
+) -> None:
+    # the only container is busy for 0.3 s; three calls wait and ask for containers
+    driver, agent, fn, first = await _busy_after_calls_of(agents, usual_s, 0.3, 0.0)
+    gate = asyncio.Event()
+    driver.default.start_gate = gate  # new containers stay starting until it is set
+    waiting = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(3)]
+    await asyncio.sleep(0.1)
+    stats = agent.statistics().queue(fn.ref)
+    assert stats is not None and stats.containers.get("start", 0) == starting
+    gate.set()
+    outcomes = await asyncio.gather(first, *waiting)
+    assert all(o.status is CallStatus.SUCCESS for o in outcomes)

@@ -100,6 +100,27 @@ def test_busy_containers_do_not_count() -> None:
     assert q.new_container_needed()
 
 
+@pytest.mark.parametrize(
+    ("call_s", "busy", "starting", "needed"),
+    [
+        (0.002, 2, 1, False),  # short calls, busy containers: one start at a time
+        (0.002, 2, 0, True),  # ... but one may start
+        (0.002, 0, 1, True),  # no busy container: the rule of counts alone
+        (0.0, 2, 1, True),  # call time not known yet
+        (0.5, 2, 1, True),  # long calls: starts go on side by side
+    ],
+)
+def test_short_calls_on_busy_containers_launch_one_at_a_time(
+    call_s: float, busy: int, starting: int, needed: bool
+) -> None:
+    q = queue()
+    q.asking = 3
+    q.call_s = call_s
+    q.containers[ContainerState.BUSY] = busy
+    q.containers[ContainerState.START] = starting
+    assert q.new_container_needed() is needed
+
+
 def test_only_callers_that_asked_count_towards_a_launch() -> None:
     q = queue()
     a, b = Caller("a"), Caller("b")

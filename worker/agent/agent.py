@@ -27,7 +27,8 @@ own timeout of waiting it gives up: *busy*, no attempt charged.
 
 **Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
 container only when waiting calls that have nudged outnumber the idle and
-starting containers.
+starting containers; while its calls are short and a container is busy, one
+start at a time.
 It needs a memory/CPU token first (:mod:`resources`). When there is no room,
 it evicts idle containers of *other* functions, oldest first, all or nothing
 (:mod:`evictor`), and waits for them to go. The new container lives in its

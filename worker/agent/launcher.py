@@ -3,7 +3,8 @@
 Waiting calls nudge the launcher (at once, or after about one call's time while
 a container of the queue is busy; then every ``FN_HOT_POLL_MSECS``).
 On each nudge it asks the queue whether a container is needed (waiting calls
-that have nudged outnumber idle plus starting containers) and if so:
+that have nudged outnumber idle plus starting containers; one start at a time
+while the queue's calls are short and a container is busy) and if so:
 
 1. takes a memory/CPU token: in blocking mode it waits up to one hot-poll
    interval, then tries once more without waiting; in non-blocking mode

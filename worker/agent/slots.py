@@ -191,12 +191,21 @@ class SlotQueue:
     def new_container_needed(self) -> bool:
         """Launch only if waiting calls that have asked for a container outnumber idle
         plus starting containers. (Fn counts every waiting call; a call that is still
-        within its launch patience is not asking yet.)"""
+        within its launch patience is not asking yet.)
+
+        A function whose calls are short and whose containers are busy grows one
+        container at a time: its busy containers free up sooner than a new one
+        starts, so calls wait mostly for CPU, which more containers do not add,
+        while each start takes CPU from the calls and memory from other functions.
+        """
         idle = self.containers[ContainerState.IDLE] + self.containers[ContainerState.PAUSED]
         starting = self.containers[ContainerState.START] + self.containers[ContainerState.WAIT]
         waiting = self.asking
         uncovered = waiting - idle if waiting > idle else 0
         if uncovered == 0:
+            return False
+        short = 0.0 < self.call_s < LAUNCH_PATIENCE_S
+        if short and starting > 0 and self.containers[ContainerState.BUSY] > 0:
             return False
         return not (starting > 0 and starting >= uncovered)
 
