@@ -70,7 +70,7 @@ class CallRecord:
     cancel_requested: bool = False
     # The request the call was made with (see ``has_request``). ``request_body`` is
     # None when no request is stored, and also in records read in bulk (list_calls,
-    # record_running, request_cancel): only get_call reads the body.
+    # record_running, request_cancel): only get_call and get_calls read the body.
     has_request: bool = False
     request_body: bytes | None = None
     request_headers: Mapping[str, str] = field(default_factory=dict)
@@ -214,6 +214,10 @@ class Datastore(Protocol):
         with_request: bool = False,
     ) -> None: ...
     async def get_call(self, call_id: str) -> CallRecord | None: ...
+    async def get_calls(self, call_ids: Sequence[str]) -> dict[str, CallRecord]:
+        """The records of those of ``call_ids`` that have one, by id (one read)."""
+        ...
+
     async def list_calls(self, f: CallFilter) -> CallPage: ...
     async def count_by_status(
         self, app: str | None = None, fn: str | None = None

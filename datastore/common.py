@@ -110,7 +110,7 @@ class SqlDatastore(abc.ABC):
         """Run one read; time columns come back as aware datetimes."""
 
     async def _fetch_one(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """A read of one row by its key (a backend may have a quicker way)."""
+        """A read of a few rows by their keys (a backend may have a quicker way)."""
         return await self._fetch(query, params)
 
     @abc.abstractmethod
@@ -278,6 +278,14 @@ class SqlDatastore(abc.ABC):
     async def get_call(self, call_id: str) -> CallRecord | None:
         rows = await self._fetch_one(sql.CALL_GET, {"id": call_id})
         return record_from_row(rows[0]) if rows else None
+
+    async def get_calls(self, call_ids: Sequence[str]) -> dict[str, CallRecord]:
+        if not call_ids:
+            return {}
+        query = sql.CALLS_GET.format(ids_in=self.IDS_IN)
+        rows = await self._fetch_one(query, {"ids": self._id_list(call_ids)})
+        records = (record_from_row(row) for row in rows)
+        return {record.id: record for record in records}
 
     async def list_calls(self, f: CallFilter) -> CallPage:
         before = decode_cursor(f.cursor) if f.cursor else None

@@ -166,6 +166,7 @@ CALL_PURGE = (
 # Calls of ``ids`` with a cancel requested; ``{ids_in}`` is the backend's way of
 # matching a list parameter (SQLite: a JSON array; PostgreSQL: a text[]).
 CANCEL_LOOKUP = "SELECT id FROM calls WHERE cancel_requested AND id {ids_in}"
+CALLS_GET = "SELECT * FROM calls WHERE id {ids_in}"
 
 # ------------------------------------------------------------------- workers
 

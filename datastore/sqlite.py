@@ -317,7 +317,7 @@ class SqliteDatastore(SqlDatastore):
             raise StoreError(f"reading the datastore failed: {exc}") from exc
 
     async def _fetch_one(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
-        """A read of one row by its key, on the event loop itself.
+        """A read of a few rows by their keys, on the event loop itself.
 
         In WAL mode a reader never waits for the writer, and a row just written
         is in the page cache, so this takes microseconds, against the hand-off to

@@ -2,7 +2,8 @@
 
 ::
 
-    look up the function -> unknown? expired? -> read the record: final? ack it, done
+    look up the function -> unknown? expired? -> read the record (one read for the
+      calls of a reserve, worker.reads): final? ack it, done
       -> submit to the agent (the reservation is extended meanwhile), while
          `running` (attempt n) is recorded beside it if the call lasts (worker.running)
       -> decide (worker.policy) -> record durably -> settle the message
@@ -37,6 +38,7 @@ from worker.delivery import Delivery
 from worker.logs import current_call
 from worker.metrics import Metrics
 from worker.policy import Action, decide
+from worker.reads import RecordRead
 from worker.running import RunningMark
 
 log = logging.getLogger("fnq.worker")
@@ -85,12 +87,18 @@ class CallHandler:
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
 
     async def handle(
-        self, d: Delivery, on_start: Callable[[], None], launch_patience_s: float = 0.0
+        self,
+        d: Delivery,
+        on_start: Callable[[], None],
+        launch_patience_s: float = 0.0,
+        read: RecordRead | None = None,
     ) -> None:
+        """Run one delivered call. ``read``: the reserve's read of its calls' records
+        (worker.reads); without one, the call reads its record itself."""
         current_call.set(d.call_id)  # this task's context: every log line names the call
         self.held[d.call_id] = d  # from now on the heartbeat extends its reservation
         try:
-            await self._process(d, on_start, launch_patience_s)
+            await self._process(d, on_start, launch_patience_s, read)
         except asyncio.CancelledError:
             await asyncio.shield(d.hand_back())
             raise
@@ -98,7 +106,11 @@ class CallHandler:
             self.held.pop(d.call_id, None)
 
     async def _process(
-        self, d: Delivery, on_start: Callable[[], None], launch_patience_s: float
+        self,
+        d: Delivery,
+        on_start: Callable[[], None],
+        launch_patience_s: float,
+        read: RecordRead | None,
     ) -> None:
         call = d.msg.call
         fn = await self._function(call.app, call.fn)
@@ -111,7 +123,8 @@ class CallHandler:
             await self._finish_early(d, error, FailureKind.CANCELLED, CallStatus.CANCELLED)
             return
         try:
-            seen = await self.store.get_call(call.id)  # a read: no commit to wait for
+            # a read: no commit to wait for
+            seen = await (self.store.get_call(call.id) if read is None else read.get(call.id))
         except StoreError as exc:
             # Reads fail at once in an outage; writes wait for the datastore. Wait
             # on the `running` write before running, then, as the outage requires.

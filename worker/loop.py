@@ -48,6 +48,7 @@ from worker.calls import CallHandler
 from worker.delivery import Delivery
 from worker.metrics import Metrics
 from worker.places import Places
+from worker.reads import RecordRead
 from worker.shutdown import Shutdown
 
 log = logging.getLogger("fnq.worker")
@@ -151,9 +152,10 @@ class Worker:
                 return
             fns = {(m.call.app, m.call.fn) for m in msgs}
             last = fns.pop() if len(fns) == 1 and len(msgs) > 1 else None
+            read = RecordRead(self.calls.store, [m.call.id for m in msgs]) if msgs else None
             for i, msg in enumerate(msgs):
-                task = asyncio.create_task(self._handle(Delivery(queue, msg, acks), i < count),
-                                           name=f"fnq-call-{msg.call.id}")  # fmt: skip
+                handled = self._handle(Delivery(queue, msg, acks), i < count, read)
+                task = asyncio.create_task(handled, name=f"fnq-call-{msg.call.id}")
                 tasks.add(task)
                 task.add_done_callback(tasks.discard)
             if msgs:
@@ -161,7 +163,7 @@ class Worker:
                 # often) before the next reserve is sent: that round trip is not theirs.
                 await asyncio.sleep(0)
 
-    async def _handle(self, d: Delivery, placed: bool) -> None:
+    async def _handle(self, d: Delivery, placed: bool, read: RecordRead | None) -> None:
         unstarted = True
         self._unstarted += 1
 
@@ -177,7 +179,7 @@ class Worker:
         assert task is not None
         self.running[d.call_id] = task
         try:
-            await self.calls.handle(d, on_start, 0.0 if placed else EXTRA_PATIENCE_S)
+            await self.calls.handle(d, on_start, 0.0 if placed else EXTRA_PATIENCE_S, read)
         finally:
             on_start()
             self.running.pop(d.call_id, None)

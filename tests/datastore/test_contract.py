@@ -129,6 +129,18 @@ async def test_lifecycle_from_queued_to_success(store: SqlDatastore) -> None:
     assert doc["response"]["body"] == "done" and doc["status"] == "success"
 
 
+async def test_get_calls_reads_several_records_at_once(store: SqlDatastore) -> None:
+    queued, done, absent = call(), call(), call()
+    await store.record_queued(queued)
+    assert await store.record_outcome(done, success(b"ok", b""), 1, "host:1")
+    found = await store.get_calls([queued.id, absent.id, done.id])
+    assert set(found) == {queued.id, done.id}
+    assert found[queued.id].status is CallStatus.QUEUED
+    assert found[done.id] == await store.get_call(done.id)
+    assert await store.get_calls([]) == {}
+    assert await store.get_calls([absent.id]) == {}
+
+
 async def test_running_creates_record_first_seen_by_worker(store: SqlDatastore) -> None:
     c = call()
     rec = await store.record_running(c, attempt=1, worker_id="w")

@@ -13,7 +13,7 @@ from typing import Any
 
 from config.domain import Call, Function, new_call_id
 from config.settings import load_settings
-from datastore.base import open_datastore
+from datastore.base import CallRecord, Datastore, open_datastore
 from mq.base import Message, MessageQueue, open_queue
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
@@ -47,10 +47,30 @@ class CountingReserves:
         return getattr(self.inner, name)
 
 
+class CountingReads:
+    """The real datastore; every read of call records is kept (the ids it asked for)."""
+
+    def __init__(self, inner: Datastore) -> None:
+        self.inner = inner
+        self.reads: list[int] = []
+
+    async def get_call(self, call_id: str) -> CallRecord | None:
+        self.reads.append(1)
+        return await self.inner.get_call(call_id)
+
+    async def get_calls(self, call_ids: Sequence[str]) -> dict[str, CallRecord]:
+        self.reads.append(len(call_ids))
+        return await self.inner.get_calls(call_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
 async def test_a_backlog_is_reserved_several_at_a_time(tmp_path: Path) -> None:
     settings = load_settings(data_dir=str(tmp_path))
-    store = await open_datastore(settings)
-    await store.create_fn(FN)
+    inner_store = await open_datastore(settings)
+    await inner_store.create_fn(FN)
+    store = CountingReads(inner_store)
     inner = open_queue(settings.mq_url, settings)
     calls = [Call(new_call_id(), FN.app, FN.name, b"x") for _ in range(60)]
     await inner.push_many(calls)
@@ -62,11 +82,12 @@ async def test_a_backlog_is_reserved_several_at_a_time(tmp_path: Path) -> None:
         # Without waiting for places, nearly every reserve takes the one place a
         # dispatch has just freed; with it, most take both.
         assert len(queue.batches) <= 0.75 * len(calls), queue.batches
+        assert store.reads == queue.batches  # the records of a reserve's calls: one read
         stats = await inner.stats()
         assert (stats.ready, stats.reserved) == (0, 0)
     finally:
         await inner.close()
-        await store.close()
+        await inner_store.close()
 
 
 async def test_a_burst_of_one_function_is_reserved_beyond_the_places(tmp_path: Path) -> None:
