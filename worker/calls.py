@@ -182,16 +182,16 @@ class CallHandler:
                     await self._settle_final(d, stored)
                     return
             await d.settle(outcome, dead_letter=decision.dead_letter)
-            self.metrics.calls.labels(outcome.status.value).inc()
+            self.metrics.calls.ended(outcome.status.value)
             self.completed += 1
             return
         if decision.action is Action.RETRY:
             log.info("call %s attempt %d failed (%s): retry in %.1f s",
                      call.id, attempt, outcome.error, decision.delay_s)  # fmt: skip
             self._observe(call.created_at, outcome)
-            self.metrics.retries.inc()
+            self.metrics.calls.retries += 1
         else:  # RELEASE: never started, so this attempt does not count
-            self.metrics.released.inc()
+            self.metrics.calls.released += 1
             attempt -= 1
         next_try = utcnow() + timedelta(seconds=decision.delay_s)
         await self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
@@ -203,17 +203,17 @@ class CallHandler:
         outcome = Outcome(status=status, error=error, failure=failure, completed_at=utcnow())
         await self.store.record_outcome(d.msg.call, outcome, 0, self.worker_id)
         await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
-        self.metrics.calls.labels(status.value).inc()
+        self.metrics.calls.ended(status.value)
         self.completed += 1
 
     def _observe(self, created_at: datetime, outcome: Outcome) -> None:
         if outcome.started_at is None:
             return
         wait_s = (outcome.started_at - created_at).total_seconds()
-        self.metrics.queue_wait.observe(max(0.0, wait_s))
+        self.metrics.calls.queue_wait.observe(max(0.0, wait_s))
         if outcome.completed_at is not None:
             run_s = (outcome.completed_at - outcome.started_at).total_seconds()
-            self.metrics.run_time.observe(max(0.0, run_s))
+            self.metrics.calls.run_time.observe(max(0.0, run_s))
 
     async def heartbeat(self) -> None:
         """Extend the reservation of every held call, three times per reservation period.

@@ -4,6 +4,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
+from worker.agent.drivers import cgroup
 from worker.agent.drivers.cgroup import CgroupMeter
 
 MIB = 1024 * 1024
@@ -40,6 +43,33 @@ def test_v2_reads_usage_usec_and_memory_current(tmp_path: Path) -> None:
     meter.call_started()
     write(group / "cpu.stat", "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n")
     assert meter.call_ended() == {"cpu_ms": 2.0, "memory_mb": 3.0}
+    meter.close()
+
+
+def test_a_call_right_after_the_last_starts_from_its_reading(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    now = [100.0]
+    monkeypatch.setattr(cgroup, "_clock", lambda: now[0])
+    cpu = tmp_path / "cpuacct" / "c3" / "cpuacct.usage"
+    write(cpu, "1000000000\n")
+    write(tmp_path / "memory" / "c3" / "memory.usage_in_bytes", f"{MIB}\n")
+    write(tmp_path / "memory" / "c3" / "memory.max_usage_in_bytes", f"{MIB}\n")
+    meter = CgroupMeter.open(1, tmp_path, {"cpuacct": "/c3", "memory": "/c3"})
+    assert meter is not None
+    meter.call_started()
+    write(cpu, "1002000000\n")
+    assert meter.call_ended()["cpu_ms"] == 2.0
+    write(cpu, "1002500000\n")  # the function's work after its answer
+    now[0] += cgroup.BACK_TO_BACK_S / 2
+    meter.call_started()  # back to back: no read of its own
+    write(cpu, "1003000000\n")
+    assert meter.call_ended()["cpu_ms"] == 1.0  # the work between the calls counts here
+    write(cpu, "1010000000\n")  # idle for a while: not any call's
+    now[0] += 1.0
+    meter.call_started()
+    write(cpu, "1010250000\n")
+    assert meter.call_ended()["cpu_ms"] == 0.25
     meter.close()
 
 

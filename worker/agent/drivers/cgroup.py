@@ -13,6 +13,12 @@ Per call (the ``stats`` of its ``DispatchResult``):
 * ``memory_peak_mb`` (cgroup v1 only): the most it used since the last call
   ended (the kernel's high-water mark, reset after each call).
 
+A call that follows the container's previous call within ``BACK_TO_BACK_S``
+starts from that call's closing CPU reading instead of a reading of its own:
+in a burst this halves the CPU reads, each several microseconds on a busy
+host. What the function does after it has answered (between the two calls)
+then counts in the next call rather than in none.
+
 Both cgroup layouts are read: v2 (one unified tree: ``cpu.stat`` and
 ``memory.current``) and v1 (``cpuacct.usage`` and ``memory.usage_in_bytes``
 in per-controller trees). A container whose cgroup cannot be found or read
@@ -23,11 +29,14 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 CGROUP_ROOT = Path("/sys/fs/cgroup")
 MIB = 1024 * 1024
 _READ_BYTES = 4096
+BACK_TO_BACK_S = 0.005
+_clock = time.monotonic
 
 
 def _paths(pid: int) -> dict[str, str]:
@@ -50,6 +59,8 @@ class CgroupMeter:
         self._mem_fd = mem_fd
         self._peak_fd = peak_fd
         self._cpu_at_start = 0
+        self._cpu_at_end = 0
+        self._ended_at = float("-inf")  # _clock() of the last call_ended that read the CPU
         self.closed = False
 
     @classmethod
@@ -94,16 +105,22 @@ class CgroupMeter:
         raise ValueError("cpu.stat has no usage_usec")
 
     def call_started(self) -> None:
-        if not self.closed:
-            with contextlib.suppress(OSError, ValueError):
-                self._cpu_at_start = self._cpu_units()
+        if self.closed:
+            return
+        if _clock() - self._ended_at < BACK_TO_BACK_S:
+            self._cpu_at_start = self._cpu_at_end  # right after the last call: its reading
+            return
+        with contextlib.suppress(OSError, ValueError):
+            self._cpu_at_start = self._cpu_units()
 
     def call_ended(self) -> dict[str, float]:
         """The call's use since ``call_started`` (empty if the counters are gone)."""
         if self.closed:
             return {}
         try:
-            cpu_ns = (self._cpu_units() - self._cpu_at_start) * self._cpu_scale
+            cpu = self._cpu_units()
+            self._cpu_at_end, self._ended_at = cpu, _clock()
+            cpu_ns = (cpu - self._cpu_at_start) * self._cpu_scale
             stats = {
                 "cpu_ms": round(cpu_ns / 1e6, 3),
                 "memory_mb": round(int(os.pread(self._mem_fd, 64, 0)) / MIB, 2),

@@ -1,0 +1,36 @@
+"""The worker's per-call metrics, as a Prometheus scrape sees them."""
+
+from __future__ import annotations
+
+from prometheus_client import generate_latest
+
+from worker.metrics import Metrics
+
+
+def test_per_call_counters_and_histograms_are_exported() -> None:
+    m = Metrics()
+    for status in ("success", "success", "error"):
+        m.calls.ended(status)
+    m.calls.retries += 2
+    m.calls.released += 1
+    for seconds in (0.0005, 0.001, 0.003, 100.0):  # 0.001 is in the 0.001 bucket (le)
+        m.calls.queue_wait.observe(seconds)
+    m.calls.run_time.observe(0.02)
+    text = generate_latest(m.registry).decode()
+    for line in (
+        'fnq_calls_total{status="success"} 2.0',
+        'fnq_calls_total{status="error"} 1.0',
+        "fnq_call_retries_total 2.0",
+        "fnq_calls_released_total 1.0",
+        'fnq_queue_wait_seconds_bucket{le="0.001"} 2.0',
+        'fnq_queue_wait_seconds_bucket{le="0.0025"} 2.0',
+        'fnq_queue_wait_seconds_bucket{le="0.005"} 3.0',
+        'fnq_queue_wait_seconds_bucket{le="60.0"} 3.0',
+        'fnq_queue_wait_seconds_bucket{le="+Inf"} 4.0',
+        "fnq_queue_wait_seconds_count 4.0",
+        "fnq_queue_wait_seconds_sum 100.0045",
+        'fnq_run_seconds_bucket{le="0.025"} 1.0',
+        'fnq_run_seconds_bucket{le="0.01"} 0.0',
+        "fnq_run_seconds_count 1.0",
+    ):
+        assert line in text, (line, text)
