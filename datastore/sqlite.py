@@ -97,6 +97,13 @@ _CHANGED_ONE = {Write.FN_INSERT: sql.FN_INSERT, Write.FN_UPDATE: sql.FN_UPDATE,
                 Write.FN_DELETE: sql.FN_DELETE, Write.WORKER_GONE: sql.WORKER_GONE}  # fmt: skip
 _PLAIN = {Write.QUEUED: sql.CALL_QUEUED, Write.LOG_PUT: sql.LOG_PUT,
           Write.WORKER_BEAT: sql.WORKER_BEAT}  # fmt: skip
+# A call's outcome: whether it was written is the count of changed rows. Without
+# RETURNING the statement is one step, not two (each step lets go of the GIL and
+# takes it back, a hand-off with the event loop's thread when it waits for it).
+_OUTCOME = {
+    kind: stmt.removesuffix(" RETURNING id")
+    for kind, stmt in ((Write.FINISH, sql.CALL_FINISH), (Write.RETRY, sql.CALL_RETRY))
+}
 
 
 def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: bytes | None) -> Any:
@@ -110,9 +117,8 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
     if kind is Write.RUNNING:
         conn.execute(sql.CALL_RUNNING, p)
         return _row(conn.execute(sql.CALL_GET_RECORD, {"id": p["id"]}).fetchone())
-    if kind in (Write.FINISH, Write.RETRY):
-        stmt = sql.CALL_FINISH if kind is Write.FINISH else sql.CALL_RETRY
-        written = conn.execute(stmt, p).fetchone() is not None
+    if kind in _OUTCOME:
+        written = conn.execute(_OUTCOME[kind], p).rowcount == 1
         if written and log is not None:
             conn.execute(sql.LOG_PUT, {"call_id": p["id"], "data": log})
         return written
