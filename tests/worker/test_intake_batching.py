@@ -48,7 +48,7 @@ class CountingReserves:
 
 
 class CountingReads:
-    """The real datastore; every read of call records is kept (the ids it asked for)."""
+    """The real datastore; every read of call records is kept (how many ids it read)."""
 
     def __init__(self, inner: Datastore) -> None:
         self.inner = inner
