@@ -6,6 +6,46 @@ import sqlite3
 import time
 
 _RETRY_PAUSE_S = 0.01
+# How often a writer looks again for the write lock: from the first pause, doubling
+# up to the longest. A transaction of another process holds it for about one
+# commit (a disk flush, a millisecond or two).
+LOCK_POLL_FIRST_S = 0.0001
+LOCK_POLL_MAX_S = 0.001
+
+
+def is_busy(exc: sqlite3.OperationalError) -> bool:
+    """The database is locked by another connection (SQLITE_BUSY or SQLITE_LOCKED)."""
+    code = getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF
+    return code in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
+
+
+def begin_immediate(conn: sqlite3.Connection, patience_s: float) -> None:
+    """``BEGIN IMMEDIATE`` on a connection whose busy timeout is 0, waiting up to
+    ``patience_s`` for the write lock; then the "database is locked" error.
+
+    SQLite's own busy handler sleeps 1, 2, 5, 10, 15 ... 100 ms between tries.
+    When other processes commit every few milliseconds, its tries keep landing
+    while one of them holds the lock, and a write waits tens or hundreds of
+    milliseconds for a lock that was free most of that time. Here the lock is
+    tried again every 0.1 to 1 ms.
+    """
+    deadline: float | None = None
+    pause_s = LOCK_POLL_FIRST_S
+    while True:
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+        except sqlite3.OperationalError as exc:
+            if not is_busy(exc):
+                raise
+            now = time.monotonic()
+            if deadline is None:
+                deadline = now + patience_s
+            elif now >= deadline:
+                raise
+        else:
+            return
+        time.sleep(pause_s)
+        pause_s = min(pause_s * 2, LOCK_POLL_MAX_S)
 
 
 def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
@@ -21,10 +61,7 @@ def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
         try:
             conn.execute("PRAGMA journal_mode = WAL")
         except sqlite3.OperationalError as exc:
-            code = getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF
-            if code not in (sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED):
-                raise
-            if time.monotonic() >= deadline:
+            if not is_busy(exc) or time.monotonic() >= deadline:
                 raise
             time.sleep(_RETRY_PAUSE_S)
         else:

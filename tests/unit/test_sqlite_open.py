@@ -1,12 +1,13 @@
-"""Several processes' connections opening one fresh SQLite file at once."""
+"""Several processes' connections opening one SQLite file, and taking its write lock."""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
+import time
 from pathlib import Path
 
-from config.sqlite import enable_wal
+from config.sqlite import begin_immediate, enable_wal
 
 
 def _open_all(path: Path, n: int) -> list[BaseException]:
@@ -56,3 +57,77 @@ def test_a_lock_held_past_the_timeout_still_fails(tmp_path: Path) -> None:
         holder.execute("ROLLBACK")
         other.close()
         holder.close()
+
+
+def _wal_db(path: Path) -> sqlite3.Connection:
+    conn = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    enable_wal(conn, 5.0)
+    conn.execute("CREATE TABLE IF NOT EXISTS t (x)")
+    return conn
+
+
+def test_a_writer_gets_the_lock_within_a_millisecond_or_so_of_its_release(
+    tmp_path: Path,
+) -> None:
+    path = tmp_path / "two.sqlite"
+    holder = _wal_db(path)
+    waiter = sqlite3.connect(path, timeout=0, isolation_level=None, check_same_thread=False)
+    holder.execute("BEGIN IMMEDIATE")
+    released_at: list[float] = []
+
+    def release_later() -> None:
+        time.sleep(0.135)  # SQLite's own handler tries at 128 ms, then at 178 ms
+        holder.execute("INSERT INTO t VALUES (1)")
+        released_at.append(time.monotonic())
+        holder.execute("COMMIT")
+
+    thread = threading.Thread(target=release_later)
+    thread.start()
+    try:
+        begin_immediate(waiter, 5.0)
+        got_at = time.monotonic()
+        assert waiter.execute("SELECT COUNT(*) FROM t").fetchone()[0] == 1  # after the commit
+        waiter.execute("COMMIT")
+    finally:
+        thread.join(timeout=5)
+        waiter.close()
+        holder.close()
+    # Tried every 1 ms at most once the lock is held a while: a few ms at worst
+    # on a loaded host, not the tens of ms SQLite's handler sleeps at that point.
+    assert got_at - released_at[0] < 0.02
+
+
+def test_begin_immediate_gives_up_after_its_patience(tmp_path: Path) -> None:
+    path = tmp_path / "held2.sqlite"
+    holder = _wal_db(path)
+    waiter = sqlite3.connect(path, timeout=0, isolation_level=None)
+    holder.execute("BEGIN IMMEDIATE")
+    try:
+        started = time.monotonic()
+        try:
+            begin_immediate(waiter, 0.05)
+        except sqlite3.OperationalError as exc:
+            assert "locked" in str(exc)
+        else:
+            raise AssertionError("begin_immediate succeeded while another connection wrote")
+        assert 0.05 <= time.monotonic() - started < 1.0
+        assert not waiter.in_transaction
+    finally:
+        holder.execute("ROLLBACK")
+        waiter.close()
+        holder.close()
+
+
+def test_begin_immediate_raises_other_errors_at_once(tmp_path: Path) -> None:
+    conn = _wal_db(tmp_path / "nested.sqlite")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        try:
+            begin_immediate(conn, 5.0)  # a transaction is already open: not a lock
+        except sqlite3.OperationalError as exc:
+            assert "within a transaction" in str(exc)
+        else:
+            raise AssertionError("a nested BEGIN succeeded")
+    finally:
+        conn.execute("ROLLBACK")
+        conn.close()
