@@ -14,7 +14,9 @@ outage and is retried with backoff.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
+import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -83,6 +85,20 @@ def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
         conn.execute("PRAGMA synchronous = FULL")
         conn.execute("PRAGMA foreign_keys = ON")
     return conn
+
+
+def batch_scheduling() -> None:
+    """Put the calling thread under Linux's SCHED_BATCH policy (elsewhere: nothing).
+
+    The writer thread keeps its full share of the CPU, but its wakeups no longer
+    preempt the thread that woke it. Handing it a batch woke it on the event
+    loop's own CPU, where it ran at once while the loop waited; under a burst
+    that was a quarter of the time the loop spent waiting for a CPU.
+    """
+    policy = getattr(os, "SCHED_BATCH", None)
+    if policy is not None:
+        with contextlib.suppress(OSError):  # not allowed here: run as we are
+            os.sched_setscheduler(0, policy, os.sched_param(0))
 
 
 def _row(row: sqlite3.Row) -> dict[str, Any]:
@@ -231,7 +247,9 @@ class SqliteDatastore(SqlDatastore):
     def __init__(self, settings: Settings, logs: LogStore | None, path: Path) -> None:
         super().__init__(settings, logs)
         self.path = path
-        self._writer_thread = ThreadPoolExecutor(1, thread_name_prefix="fnq-sqlite-writer")
+        self._writer_thread = ThreadPoolExecutor(
+            1, thread_name_prefix="fnq-sqlite-writer", initializer=batch_scheduling
+        )
         self._reader_thread = ThreadPoolExecutor(1, thread_name_prefix="fnq-sqlite-reader")
         self._wconn: sqlite3.Connection | None = None
         self._writer_state: dict[str, str] = {}  # pragmas last set on _wconn

@@ -1,8 +1,13 @@
-"""SQLite: batches of only losable writes commit without waiting for the disk."""
+"""SQLite: batches of only losable writes commit without waiting for the disk; the
+writer thread's scheduling."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from pathlib import Path
+
+import pytest
 
 from config.domain import Call, CallStatus, Outcome, new_call_id, utcnow
 from config.settings import load_settings
@@ -26,5 +31,20 @@ async def test_running_marks_are_relaxed_and_outcomes_durable(tmp_path: Path) ->
         assert synchronous(store) == 2  # FULL: the outcome is on disk before the ack
         rec = await store.get_call(call.id)
         assert rec is not None and rec.status is CallStatus.SUCCESS
+    finally:
+        await store.close()
+
+
+@pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
+async def test_the_writer_thread_runs_under_sched_batch(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=str(tmp_path), db_url=f"sqlite:///{tmp_path / 's.db'}")
+    store = await SqliteDatastore.open(settings, None)
+    try:
+        loop = asyncio.get_running_loop()
+        writer = await loop.run_in_executor(store._writer_thread, os.sched_getscheduler, 0)
+        reader = await loop.run_in_executor(store._reader_thread, os.sched_getscheduler, 0)
+        assert writer == os.SCHED_BATCH
+        assert reader == os.SCHED_OTHER  # only the writer: reads answer a waiting caller
+        assert os.sched_getscheduler(0) == os.SCHED_OTHER  # the event loop's thread
     finally:
         await store.close()
