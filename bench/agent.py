@@ -29,6 +29,7 @@ import argparse
 import asyncio
 import tempfile
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from bench._common import (
@@ -98,7 +99,7 @@ async def hot_runs(agent: Agent, driver: DockerDriver, n: int, repeats: int) -> 
         return rate
 
     runs: dict[str, list[float]] = {"agent 1x": [], "raw 1x": [], "agent 4x": [], "raw 4x": []}
-    pairs = [
+    pairs: list[list[tuple[str, Callable[[], Awaitable[float]]]]] = [
         [("agent 1x", lambda: timed_rate(agent, fn, n, 1)), ("raw 1x", raw_1x)],
         [("agent 4x", lambda: timed_rate(agent, fn, n, 4)), ("raw 4x", raw_4x)],
     ]

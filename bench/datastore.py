@@ -93,7 +93,7 @@ async def batched(store: SqlDatastore, n: int, workers: int) -> tuple[float, int
 
 
 def _ops(store: SqlDatastore, c: Call) -> list[tuple[Write, dict[str, Any], bytes | None]]:
-    row, log = store._outcome_row(c, outcome(), 1, "bench", CallStatus.SUCCESS)
+    row, log = store._outcome_row(c, outcome(), 1, "bench", CallStatus.SUCCESS, with_request=False)
     return [(Write.RUNNING, store._running_params(c, 1, "bench"), None), (Write.FINISH, row, log)]
 
 

@@ -152,7 +152,7 @@ def rq_noop(redis_url: str, n: int) -> float:
             raise RuntimeError(f"RQ finished {queue.finished_job_registry.count} of {n} jobs")
         return n / seconds
     finally:
-        queue.empty()
+        queue.empty()  # type: ignore[no-untyped-call]
         conn.close()
 
 
@@ -172,7 +172,7 @@ def rq_docker_run(redis_url: str, n: int) -> float:
             raise RuntimeError(f"RQ finished {queue.finished_job_registry.count} of {n} jobs")
         return n / seconds
     finally:
-        queue.empty()
+        queue.empty()  # type: ignore[no-untyped-call]
         conn.close()
 
 

@@ -204,7 +204,7 @@ def rq_runs(redis_url: str, n: int) -> list[Run]:
 
     conn = redis.Redis.from_url(redis_url)
     queue = Queue("fnq-bench", connection=conn)
-    queue.empty()
+    queue.empty()  # type: ignore[no-untyped-call]
     out = []
     one_n = max(n // 5, 200)
     t0 = time.perf_counter()
@@ -222,7 +222,7 @@ def rq_runs(redis_url: str, n: int) -> list[Run]:
             queue.enqueue_many(jobs, pipeline=pipe)
             pipe.execute()
     out.append(Run("rq", "enqueue_many x100", n, time.perf_counter() - t0))
-    queue.empty()
+    queue.empty()  # type: ignore[no-untyped-call]
     conn.close()
     return out
 

@@ -93,8 +93,8 @@ async def native_run(url: str, conn: Redis, n: int, batch: int) -> float:
     try:
         calls = [Call(id=new_call_id(), app="bench", fn="echo", body=str(i).encode())
                  for i in range(n)]  # fmt: skip
-        for start in range(0, n, BATCH):
-            await queue.push_many(calls[start : start + BATCH])
+        for first in range(0, n, BATCH):
+            await queue.push_many(calls[first : first + BATCH])
         done = 0
         start = time.perf_counter()
         while done < n:
