@@ -18,7 +18,7 @@ lint: setup-venv
 	$(BIN)/ruff format --check config mq datastore worker tests bench scripts
 
 typecheck: setup-venv
-	$(BIN)/mypy config mq datastore worker bench
+	$(BIN)/mypy config mq datastore worker bench scripts/update-config-docs.py
 
 unit: setup-venv
 	$(BIN)/pytest -p no:cacheprovider -m "not integration"
