@@ -11,14 +11,20 @@
 The message is settled (acked, dead-lettered, completed) only after the
 record is durable, so a crash at any point delivers the call again, and a
 duplicate delivery of a finished call finds the final record and runs nothing.
+
+A call that has run waits in memory until its record is stored and its
+message settled. At most ``MAX_RECORDING`` calls wait so: the intake takes no
+more calls until one of them is done (``room_to_record``), so a slow or
+unreachable datastore holds calls back in the queue instead of in the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from datetime import datetime, timedelta
 
 from config.domain import (
@@ -44,6 +50,9 @@ from worker.running import RunningMark
 log = logging.getLogger("fnq.worker")
 
 FN_CACHE_TTL_S = 2.0
+# Calls that have run and wait for their outcome to be stored and their message
+# settled, at most (see CallHandler.room_to_record). A few per commit normally.
+MAX_RECORDING = 256
 
 
 def outcome_of(record: CallRecord) -> Outcome:
@@ -75,6 +84,7 @@ class CallHandler:
         metrics: Metrics,
         worker_id: str,
         rng: random.Random,
+        max_recording: int = MAX_RECORDING,
     ) -> None:
         self.settings = settings
         self.store = store
@@ -84,6 +94,9 @@ class CallHandler:
         self.rng = rng
         self.completed = 0
         self.held: dict[str, Delivery] = {}  # calls whose reservations the heartbeat extends
+        self.max_recording = max_recording
+        self.recording = 0  # calls that have run (or never will) and wait to be recorded
+        self._room = asyncio.Event()  # set when `recording` has just gone down
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
 
     async def handle(
@@ -116,11 +129,13 @@ class CallHandler:
         fn = await self._function(call.app, call.fn)
         if fn is None:
             error = f"function {call.fn_ref} is not registered"
-            await self._finish_early(d, error, FailureKind.TERMINAL, CallStatus.ERROR)
+            with self._recording():
+                await self._finish_early(d, error, FailureKind.TERMINAL, CallStatus.ERROR)
             return
         if utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
             error = f"expired: not started within {fn.max_age_s} s of being enqueued"
-            await self._finish_early(d, error, FailureKind.CANCELLED, CallStatus.CANCELLED)
+            with self._recording():
+                await self._finish_early(d, error, FailureKind.CANCELLED, CallStatus.CANCELLED)
             return
         try:
             # a read: no commit to wait for
@@ -134,7 +149,8 @@ class CallHandler:
         else:
             reachable = True
         if seen is not None and seen.status.is_final:
-            await self._settle_final(d, seen)
+            with self._recording():
+                await self._settle_final(d, seen)
             return
         # The `running` record (attempt n) is written while the call runs, and only
         # if it lasts (worker.running): its commit is not on the way to the container.
@@ -143,7 +159,8 @@ class CallHandler:
         if not reachable:
             record = await mark.written()
             if record is not None and record.status.is_final:
-                await self._settle_final(d, record)
+                with self._recording():
+                    await self._settle_final(d, record)
                 return
         try:
             outcome = await self.agent.submit(
@@ -151,6 +168,18 @@ class CallHandler:
             )
         finally:
             mark.cancel()
+        with self._recording():
+            await self._record(d, fn, outcome, mark, seen)
+
+    async def _record(
+        self,
+        d: Delivery,
+        fn: Function,
+        outcome: Outcome,
+        mark: RunningMark,
+        seen: CallRecord | None,
+    ) -> None:
+        """The call has run: store its outcome, then settle its message."""
         record = await mark.written()
         if record is not None and record.status.is_final:  # ended meanwhile (cancelled)
             await self._settle_final(d, record)
@@ -161,6 +190,27 @@ class CallHandler:
             attempt = (seen.attempts if seen is not None else 0) + 1
             with_request = seen is None or not seen.has_request
         await self._apply(d, fn, outcome, attempt, with_request)
+
+    @contextlib.contextmanager
+    def _recording(self) -> Iterator[None]:
+        """Count the call among those whose outcome waits to be stored and settled."""
+        self.recording += 1
+        try:
+            yield
+        finally:
+            self.recording -= 1
+            self._room.set()
+
+    async def room_to_record(self) -> None:
+        """Return once fewer than ``max_recording`` calls wait for their outcome to be
+        stored and their message settled. The intake waits here before it takes more
+        calls: when the datastore (or the queue) is slow or down, the calls that
+        have run pile up in memory, each with its response and log, and running
+        more would only add to them. No timeout: the caller is cancelled on
+        shutdown."""
+        while self.recording >= self.max_recording:
+            self._room.clear()
+            await self._room.wait()
 
     async def _settle_final(self, d: Delivery, record: CallRecord) -> None:
         log.info("call %s is already %s: settling its message", d.call_id, record.status)

@@ -3,7 +3,8 @@
 One worker process runs one intake loop per queue (the main queue, and the
 RQ queues when configured) and one task per call::
 
-    intake:  wait for room (WaitAsyncResource) and for a prefetch place
+    intake:  wait for room (WaitAsyncResource), for room among the calls that
+             wait to be recorded (worker.calls) and for a prefetch place
              -> reserve a message (bounded wait, shutdown interrupts it)
              -> start a call task (worker.calls)
 
@@ -44,7 +45,7 @@ from datastore.base import Datastore
 from mq.base import Message, MessageQueue
 from worker.acks import AckBatcher
 from worker.agent.agent import Agent
-from worker.calls import CallHandler
+from worker.calls import MAX_RECORDING, CallHandler
 from worker.delivery import Delivery
 from worker.metrics import Metrics
 from worker.places import Places
@@ -72,6 +73,7 @@ class Worker:
         worker_id: str | None = None,
         rng: random.Random | None = None,
         metrics: Metrics | None = None,
+        max_recording: int = MAX_RECORDING,
     ) -> None:
         self.settings = settings
         self.queues = [queues] if isinstance(queues, MessageQueue) else list(queues)
@@ -82,7 +84,7 @@ class Worker:
         self.running: dict[str, asyncio.Task[None]] = {}
         self.calls = CallHandler(
             settings, store, agent, metrics=metrics or Metrics(), worker_id=self.worker_id,
-            rng=rng or random.Random(),
+            rng=rng or random.Random(), max_recording=max_recording,
         )  # fmt: skip
         self._outage_since: float | None = None
         self._unstarted = 0  # reserved calls not yet in a container
@@ -128,6 +130,7 @@ class Worker:
         while not shutdown.stopping.is_set():
             if not await self.agent.wait_async_resource(poll_s):
                 continue
+            await self.calls.room_to_record()
             # Each queue's intake takes at most its share of the places, so that an
             # empty queue waiting for messages never holds them all.
             count = await self.places.take(share, GATHER_S if backlog else 0.0)

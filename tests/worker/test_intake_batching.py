@@ -17,7 +17,7 @@ from datastore.base import CallRecord, Datastore, open_datastore
 from mq.base import Message, MessageQueue, open_queue
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
-from worker.loop import Worker
+from worker.loop import MAX_EXTRA, Worker
 from worker.shutdown import Shutdown
 
 FN = Function(app="a", name="f", image="img/f", memory_mb=64)
@@ -174,3 +174,61 @@ async def test_a_reserved_call_reaches_its_container_before_the_next_reserve(
     finally:
         await inner.close()
         await store.close()
+
+
+class GatedOutcomes:
+    """The real datastore; outcomes wait at ``gate`` before they are stored."""
+
+    def __init__(self, inner: Datastore, gate: asyncio.Event) -> None:
+        self.inner = inner
+        self.gate = gate
+        self.waiting = 0
+
+    async def record_outcome(self, *args: Any, **kwargs: Any) -> bool:
+        self.waiting += 1
+        await self.gate.wait()
+        return await self.inner.record_outcome(*args, **kwargs)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_calls_waiting_to_be_recorded_hold_the_intake_back(tmp_path: Path) -> None:
+    # A datastore that stores nothing for a while: once `max_recording` calls that
+    # have run wait for it, the worker takes no more (they stay in the queue).
+    settings = load_settings(data_dir=str(tmp_path))
+    inner_store = await open_datastore(settings)
+    await inner_store.create_fn(FN)
+    gate = asyncio.Event()
+    store = GatedOutcomes(inner_store, gate)
+    queue = open_queue(settings.mq_url, settings)
+    calls = [_call() for _ in range(60)]
+    await queue.push_many(calls)
+    driver = FakeDriver(FakeBehaviour(handler=reply()))
+    # at most one reserve's worth beyond the bound: the prefetch places and extra calls
+    most = 5 + 2 + MAX_EXTRA
+    try:
+        async with Agent(settings, driver) as agent:
+            worker = Worker(settings, queue, store, agent, prefetch=2, max_recording=5)  # type: ignore[arg-type]
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(worker.run(shutdown))
+            async with asyncio.timeout(10):
+                while store.waiting < 5:
+                    await asyncio.sleep(0.005)
+            await asyncio.sleep(0.3)  # time enough to take the rest, if it would
+            assert 5 <= store.waiting <= most
+            assert driver.dispatches <= most
+            stats = await queue.stats()
+            assert stats.ready >= len(calls) - most
+            gate.set()
+            async with asyncio.timeout(30):
+                while worker.completed < len(calls):
+                    await asyncio.sleep(0.01)
+            shutdown.request("test over")
+            await asyncio.wait_for(run, 30)
+        assert driver.dispatches == len(calls)
+        stats = await queue.stats()
+        assert (stats.ready, stats.reserved) == (0, 0)
+    finally:
+        await queue.close()
+        await inner_store.close()
