@@ -3,8 +3,8 @@
 One worker process runs one intake loop per queue (the main queue, and the
 RQ queues when configured) and one task per call::
 
-    intake:  wait for room (WaitAsyncResource), for room among the calls that
-             wait to be recorded (worker.calls) and for a prefetch place
+    intake:  wait for room among the calls that wait to be recorded
+             (worker.calls), for room (WaitAsyncResource) and for a prefetch place
              -> reserve a message (bounded wait, shutdown interrupts it)
              -> start a call task (worker.calls)
 
@@ -128,9 +128,9 @@ class Worker:
         backlog = False
         last: tuple[str, str] | None = None  # app and fn of all the last reserved calls
         while not shutdown.stopping.is_set():
+            await self.calls.room_to_record()
             if not await self.agent.wait_async_resource(poll_s):
                 continue
-            await self.calls.room_to_record()
             # Each queue's intake takes at most its share of the places, so that an
             # empty queue waiting for messages never holds them all.
             count = await self.places.take(share, GATHER_S if backlog else 0.0)
