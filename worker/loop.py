@@ -82,10 +82,12 @@ class Worker:
         self.places = Places(max(1, prefetch))
         self.acks = {id(q): AckBatcher(q) for q in self.queues}
         self.running: dict[str, asyncio.Task[None]] = {}
+        metrics = metrics or Metrics()
         self.calls = CallHandler(
-            settings, store, agent, metrics=metrics or Metrics(), worker_id=self.worker_id,
+            settings, store, agent, metrics=metrics, worker_id=self.worker_id,
             rng=rng or random.Random(), max_recording=max_recording,
         )  # fmt: skip
+        metrics.recording.set_function(lambda: self.calls.recording)  # read when scraped
         self._outage_since: float | None = None
         self._unstarted = 0  # reserved calls not yet in a container
 

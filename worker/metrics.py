@@ -88,6 +88,12 @@ class Metrics:
         self.queue_depth = Gauge(
             "fnq_queue_messages", "Queue depth by state", ["state"], registry=r
         )
+        self.recording = Gauge(
+            "fnq_calls_recording",
+            "Calls that have run and wait for their record to be stored and their "
+            "message settled (the intake waits at 256)",
+            registry=r,
+        )
 
     def serve(self, port: int) -> None:
         start_http_server(port, addr="0.0.0.0", registry=self.registry)

@@ -11,6 +11,8 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+from prometheus_client import generate_latest
+
 from config.domain import Call, Function, new_call_id
 from config.settings import load_settings
 from datastore.base import CallRecord, Datastore, open_datastore
@@ -18,6 +20,7 @@ from mq.base import Message, MessageQueue, open_queue
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
 from worker.loop import MAX_EXTRA, Worker
+from worker.metrics import Metrics
 from worker.shutdown import Shutdown
 
 FN = Function(app="a", name="f", image="img/f", memory_mb=64)
@@ -209,7 +212,16 @@ async def test_calls_waiting_to_be_recorded_hold_the_intake_back(tmp_path: Path)
     most = 5 + 2 + MAX_EXTRA
     try:
         async with Agent(settings, driver) as agent:
-            worker = Worker(settings, queue, store, agent, prefetch=2, max_recording=5)  # type: ignore[arg-type]
+            metrics = Metrics()
+            worker = Worker(
+                settings,
+                queue,
+                store,  # type: ignore[arg-type]
+                agent,
+                prefetch=2,
+                max_recording=5,
+                metrics=metrics,
+            )
             shutdown = Shutdown(5.0)
             run = asyncio.create_task(worker.run(shutdown))
             async with asyncio.timeout(10):
@@ -220,6 +232,8 @@ async def test_calls_waiting_to_be_recorded_hold_the_intake_back(tmp_path: Path)
             assert driver.dispatches <= most
             stats = await queue.stats()
             assert stats.ready >= len(calls) - most
+            scraped = generate_latest(metrics.registry).decode()
+            assert f"fnq_calls_recording {float(store.waiting)}" in scraped, scraped
             gate.set()
             async with asyncio.timeout(30):
                 while worker.completed < len(calls):
