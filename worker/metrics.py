@@ -91,7 +91,7 @@ class Metrics:
         self.recording = Gauge(
             "fnq_calls_recording",
             "Calls that have run and wait for their record to be stored and their "
-            "message settled (the intake waits at 256)",
+            "message settled (the intake stops taking calls at a bound)",
             registry=r,
         )
 
