@@ -212,7 +212,7 @@ class Agent:
         self, queue: SlotQueue, call_id: str, deadline: float, stop: StopControl
     ) -> Slot | None:
         """Wait for an idle slot; None if the call was stopped while waiting."""
-        if not stop.event.is_set() and not self._closing.is_set():
+        if not stop.requested and not self._closing.is_set():
             busy = queue.containers[ContainerState.BUSY] > 0
             slot = queue.take_idle(thawed_only=busy)
             if slot is not None:  # the usual case under load: no waiting at all
@@ -228,7 +228,7 @@ class Agent:
         thawed_until = joined + PREFER_THAWED_S
         try:
             while True:
-                if stop.event.is_set():
+                if stop.requested:
                     return None
                 if self._closing.is_set():
                     raise AgentClosed()

@@ -60,9 +60,8 @@ class StopControl:
     """Per call: the stop request (cancel or shutdown) and the dispatch notice."""
 
     def __init__(self, on_start: Callable[[], None] | None = None) -> None:
-        self.event = asyncio.Event()
-        # The same signal as a future, so that a running call can wait on it
-        # beside its dispatch without a task of its own.
+        # Done once a stop is requested: a running call waits on it beside its
+        # dispatch without a task of its own.
         self.stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self.end = ExecEnd.CANCELLED
         self.reason = ""
@@ -71,11 +70,15 @@ class StopControl:
         self._on_start = on_start
         self.launch_patience_s = 0.0
 
+    @property
+    def requested(self) -> bool:
+        """A stop has been requested."""
+        return self.stopped.done()
+
     def stop(self, end: ExecEnd, reason: str) -> bool:
-        if self.event.is_set():
+        if self.stopped.done():
             return False
         self.end, self.reason = end, reason
-        self.event.set()
         self.stopped.set_result(None)
         if self.waker is not None:
             self.waker()

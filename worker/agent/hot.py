@@ -368,7 +368,7 @@ class HotContainer:
         """
         try:
             async with self._ops:
-                if stop.event.is_set():
+                if stop.requested:
                     raise SlotUnusable("the call was stopped before it was dispatched")
                 await self._ready_for_call()
                 assert self.container is not None
