@@ -20,6 +20,8 @@ from worker.upkeep import Upkeep
 
 log = logging.getLogger("fnq.worker")
 
+GC_YOUNG_THRESHOLD = 10_000  # see tune_garbage_collector
+
 
 def setup_sentry(settings: Settings) -> None:
     if settings.sentry_dsn is None:
@@ -48,7 +50,7 @@ async def serve(
     try:
         async with Agent(settings, DockerDriver(settings)) as agent:
             worker = Worker(settings, queues, store, agent, prefetch=prefetch, metrics=metrics)
-            freeze_startup_objects()
+            tune_garbage_collector()
             log.info("worker %s started: queue %s", worker.worker_id, _scheme(settings.mq_url))
             guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
             upkeep = Upkeep(worker.worker_id, store, agent, metrics, worker.running.keys)
@@ -66,16 +68,25 @@ async def serve(
             await queue.close()
 
 
-def freeze_startup_objects() -> None:
-    """Take what starting made (modules, settings, clients: about 80,000 objects that
-    live as long as the worker) out of the garbage collector's sight.
+def tune_garbage_collector() -> None:
+    """Set the garbage collector up for serving calls.
 
-    Without this, every full collection scans them all: a pause of tens of
-    milliseconds in the middle of calls (measured: 55 ms for one), which is
-    where the worst latencies came from.
+    What starting made (modules, settings, clients: about 60,000 objects that
+    live as long as the worker) is taken out of its sight. Without this, every
+    full collection scans them all: a pause of tens of milliseconds in the
+    middle of calls (measured: 55 ms for one), which is where the worst
+    latencies came from.
+
+    Then collections of the youngest objects are made rarer. Serving calls
+    leaves next to no cyclic garbage (0 to 79 objects in bursts of 9,000
+    calls): the objects of the calls in flight are freed by their reference
+    counts, and a collection at the default threshold (700 net new objects)
+    only scanned them, every few calls, 11 us per call in all.
     """
     gc.collect()
     gc.freeze()
+    _, older, oldest = gc.get_threshold()
+    gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
 
 
 def rq_queues(settings: Settings) -> list[MessageQueue]:
