@@ -64,6 +64,7 @@ REMOVE_TIMEOUT_S = 30.0
 CREATE_MARGIN_S = 60.0  # creating the container, on top of the image pull
 START_MARGIN_S = 5.0  # on top of FN_HOT_START_TIMEOUT_MSECS, which the driver enforces
 EXIT_SETTLE_S = 0.5  # a dropped connection is often a death: wait this long for the exit
+MIN_BUSY_NAP_S = 0.05  # see _life
 
 
 class SlotUnusable(Exception):
@@ -109,7 +110,6 @@ class HotContainer:
         self._offers = 0  # slots offered so far
         self._seen_offers = 0  # the offer the container's task last looked at
         self._idle_since = 0.0  # loop time of the last offer
-        self._wake_on_release = False  # the task waits for the running call to end
         self._sleeping_until: float | None = None  # the task's timer, while it sleeps
         self._pause_turn: float | None = None  # booked with the pacer for this idle spell
         self.evict = evictor.register(queue.key, token.memory_mb, token.cpu_mcpus, self.wake)
@@ -231,23 +231,29 @@ class HotContainer:
         next one itself when it is over (:meth:`_release`), so a steady stream
         of calls costs this task nothing: it wakes for the freeze and idle
         timers (and moves them on if calls came), and for exit, retirement
-        and eviction.
+        and eviction. While a call holds the container the task naps for the
+        freeze time (the idle timeout when nothing freezes): the freeze is due
+        no sooner than that after the call ends. Waiting for the release
+        instead would wake it at every call of a steady stream, only to find
+        the next call holding the container already. A release wakes it when
+        the freeze comes due before the nap ends.
         """
         loop = asyncio.get_running_loop()
         freeze_s = self.settings.freeze_idle_s
         idle_s = float(self.fn.idle_timeout_s)
+        busy_nap_s = idle_s if freeze_s is None else max(freeze_s, MIN_BUSY_NAP_S)
         self._offer()
         while True:
             slot = self._slot
             if slot is None:
                 return  # the last call found the container unfit to go on
+            now = loop.time()
             if slot.taken:
-                await self._until_released(slot)
+                await self._sleep_until(now + busy_nap_s)
                 continue
             # Waiting calls get one turn at a fresh slot before it freezes or times out.
             fresh = self._offers != self._seen_offers
             self._seen_offers = self._offers
-            now = loop.time()
             reason = self._leave_reason(not fresh and now >= self._idle_since + idle_s)
             if reason is not None:
                 if slot.try_take():
@@ -272,16 +278,6 @@ class HotContainer:
             if freeze_at is not None:
                 wake_at = min(wake_at, freeze_at)
             await self._sleep_until(wake_at)
-
-    async def _until_released(self, slot: Slot) -> None:
-        """Wait for the call holding ``slot`` to hand the container back."""
-        self._wake_on_release = True
-        try:
-            while self._slot is slot:
-                self._wake.clear()
-                await self._wake.wait()  # no timeout: serve() always releases (its call has one)
-        finally:
-            self._wake_on_release = False
 
     async def _sleep_until(self, when: float) -> None:
         self._wake.clear()
@@ -308,7 +304,7 @@ class HotContainer:
         if self.retire_reason is None and self.exit_info is None and not self.evict.requested:
             self._offer()
             freeze_s = self.settings.freeze_idle_s
-            if self._wake_on_release or (
+            if (
                 # the task sleeps past the moment this container should now freeze
                 freeze_s is not None
                 and self._sleeping_until is not None
