@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from config.domain import CallStatus, Function, Outcome
+from config.domain import CallStatus, Function, Outcome, frozen_map
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE, Agent
 from worker.agent.driver import FN_LISTENER, DispatchRequest, DispatchResult
@@ -117,6 +117,70 @@ async def test_idle_containers_are_reused_last_idle_first(agents: AgentFactory) 
     assert third.container_id == out_a.container_id != out_b.container_id
     gate_a.clear()
     gate_b.set()
+
+
+def _in_order(gate: asyncio.Event, order: list[bytes]) -> Handler:
+    """Note each call's body as it is dispatched; the call "first" waits for ``gate``."""
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        order.append(request.body)
+        if request.body == b"first":
+            await gate.wait()
+        return DispatchResult(200, frozen_map(), b"ok", False)
+
+    return handle
+
+
+async def test_waiting_calls_get_a_free_container_in_the_order_they_came(
+    agents: AgentFactory,
+) -> None:
+    gate, order = asyncio.Event(), list[bytes]()
+    driver = FakeDriver(FakeBehaviour(handler=_in_order(gate, order)))
+    agent = agents(driver, memory_mb=200)  # room for one container only
+    fn = make_fn()
+
+    async def first_then_again() -> Outcome:
+        await agent.submit(make_call(fn, b"first"), fn)
+        # Submitted at the very moment the container is handed back: it must not
+        # overtake the calls that have been waiting for it.
+        return await agent.submit(make_call(fn, b"again"), fn)
+
+    chain = asyncio.create_task(first_then_again())
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    waiting = []
+    for name in (b"w0", b"w1", b"w2"):
+        waiting.append(asyncio.create_task(agent.submit(make_call(fn, name), fn)))
+        await settle()
+    gate.set()
+    outcomes = await asyncio.gather(chain, *waiting)
+    assert all(o.status is CallStatus.SUCCESS for o in outcomes)
+    assert order == [b"first", b"w0", b"w1", b"w2", b"again"]
+    assert driver.creates == 1
+
+
+async def test_a_container_handed_to_a_call_that_stops_waiting_goes_to_the_next(
+    agents: AgentFactory,
+) -> None:
+    gate, order = asyncio.Event(), list[bytes]()
+    driver = FakeDriver(FakeBehaviour(handler=_in_order(gate, order)))
+    agent = agents(driver, memory_mb=200)  # room for one container only
+    fn = make_fn()
+    first = asyncio.create_task(agent.submit(make_call(fn, b"first"), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    quitter = asyncio.create_task(agent.submit(make_call(fn, b"quitter"), fn))
+    await settle()
+    gate.set()
+    # The container is handed to the waiting call when the first one ends; that
+    # call is cancelled before it has run again to take it.
+    while agent.statistics().calls_waiting:
+        await asyncio.sleep(0)
+    assert not quitter.done()
+    quitter.cancel()
+    await asyncio.gather(quitter, return_exceptions=True)
+    assert quitter.cancelled() and (await first).status is CallStatus.SUCCESS
+    after = await asyncio.wait_for(agent.submit(make_call(fn, b"after"), fn), 1)
+    assert after.status is CallStatus.SUCCESS
+    assert order == [b"first", b"after"] and driver.creates == 1
 
 
 async def test_statistics_snapshot_counts_states_and_resources(agents: AgentFactory) -> None:

@@ -181,16 +181,27 @@ def test_container_winning_its_own_slot_hides_it_from_callers() -> None:
     assert slot is not None and slot.hot.name == "old"  # type: ignore[attr-defined]
 
 
-def test_offer_wakes_waiting_callers() -> None:
+def test_offer_hands_the_slot_to_the_call_that_waited_longest() -> None:
     q = queue()
-    a, b = Caller("a"), Caller("b")
-    q.join(a)
-    q.join(b)
-    q.offer(StubHot("1"))  # type: ignore[arg-type]
-    assert a.wake.is_set() and b.wake.is_set()
+    a, b, c = Caller("a"), Caller("b"), Caller("c")
+    for caller in (a, b, c):
+        q.join(caller)
+        q.nudge(caller)
+    assert a.fail(RuntimeError("launch failed"))  # type: ignore[arg-type]
+    first = q.offer(StubHot("1"))  # type: ignore[arg-type]
+    # a holds a launch error: b has waited longest of the others, and only b is woken
+    assert b.slot is first and first.taken and b.wake.is_set()
+    assert c.slot is None and not c.wake.is_set()
+    assert b not in q.waiters and q.requests[RequestState.WAIT] == 2 and q.asking == 2
+    assert q.take_idle() is None  # nobody else can take it
+    second = q.offer(StubHot("2"))  # type: ignore[arg-type]
+    assert c.slot is second
     q.leave(a)
     q.leave(a)  # idempotent
-    assert q.requests[RequestState.WAIT] == 1
+    q.leave(c)  # a caller handed a slot has left already
+    assert q.requests[RequestState.WAIT] == 0 and q.asking == 0
+    third = q.offer(StubHot("3"))  # type: ignore[arg-type]
+    assert not third.taken and q.take_idle() is third  # no one waits: kept for the next taker
 
 
 def test_launch_owner_prefers_the_nudger_then_the_oldest_without_error() -> None:

@@ -15,8 +15,9 @@ limits, timeouts, config; see :func:`slots.slot_key`) are interchangeable, so
 they share one slot queue. An idle container sits in that queue as a slot.
 The call joins the queue as a waiting caller and tries to take a slot, the
 most recently idled one first. If none is free it nudges the queue's
-launcher, then sleeps until a slot is offered, the launcher reports a
-failure meant for it, the call is cancelled, or the agent closes; it nudges
+launcher, then sleeps until a slot is handed to it (a container that
+becomes idle goes to the call that has waited longest), the launcher reports
+a failure meant for it, the call is cancelled, or the agent closes; it nudges
 again every ``FN_HOT_POLL_MSECS``. While one of the queue's containers is
 busy, the first nudge waits about one call's time (how long calls of this
 queue have held a container lately, at most 20 ms): that container is
@@ -217,48 +218,60 @@ class Agent:
             slot = queue.take_idle(thawed_only=busy)
             if slot is not None:  # the usual case under load: no waiting at all
                 return slot
-        loop = asyncio.get_running_loop()
         caller = Caller(call_id)
         queue.join(caller)
         stop.waker = caller.wake.set
+        try:
+            return await self._wait_for_slot(queue, caller, deadline, stop)
+        finally:
+            stop.waker = None
+            queue.leave(caller)
+            if caller.slot is not None:  # handed over as the call gave up waiting
+                caller.slot.hot.give_back(caller.slot)
+
+    async def _wait_for_slot(
+        self, queue: SlotQueue, caller: Caller, deadline: float, stop: StopControl
+    ) -> Slot | None:
+        """The waiting part of :meth:`_get_slot`, as ``caller`` in ``queue``."""
+        loop = asyncio.get_running_loop()
         joined = loop.time()
         next_nudge = joined + max(queue.launch_patience_s(), stop.launch_patience_s)
         # Unpausing costs about 13 ms; a busy container of a short function is free
         # again sooner. Only paused ones idle: wait a moment for a running one.
         thawed_until = joined + PREFER_THAWED_S
-        try:
-            while True:
-                if stop.requested:
-                    return None
-                if self._closing.is_set():
-                    raise AgentClosed()
-                if caller.error is not None:
-                    raise caller.error
-                now = loop.time()
-                prefer_thawed = now < thawed_until and queue.containers[ContainerState.BUSY] > 0
-                slot = queue.take_idle(thawed_only=prefer_thawed)
-                if slot is not None:
-                    return slot
-                if now >= deadline:
-                    raise ServerBusy(
-                        f"no container of {queue.fn.ref} became free within "
-                        f"{queue.fn.timeout_s} s: server too busy"
-                    )
-                if now >= next_nudge:
-                    queue.nudge(caller)
-                    next_nudge = now + self.hot_poll_s
-                caller.wake.clear()
-                wake_at = min(deadline, next_nudge)
-                if prefer_thawed and queue.idle_slots:
-                    wake_at = min(wake_at, thawed_until)
-                try:
-                    async with asyncio.timeout_at(wake_at):
-                        await caller.wake.wait()
-                except TimeoutError:
-                    pass
-        finally:
-            stop.waker = None
-            queue.leave(caller)
+        while True:
+            slot = caller.slot
+            if slot is not None:  # an offer handed it over
+                caller.slot = None
+                return slot
+            if stop.requested:
+                return None
+            if self._closing.is_set():
+                raise AgentClosed()
+            if caller.error is not None:
+                raise caller.error
+            now = loop.time()
+            prefer_thawed = now < thawed_until and queue.containers[ContainerState.BUSY] > 0
+            slot = queue.take_idle(thawed_only=prefer_thawed)
+            if slot is not None:
+                return slot
+            if now >= deadline:
+                raise ServerBusy(
+                    f"no container of {queue.fn.ref} became free within "
+                    f"{queue.fn.timeout_s} s: server too busy"
+                )
+            if now >= next_nudge:
+                queue.nudge(caller)
+                next_nudge = now + self.hot_poll_s
+            caller.wake.clear()
+            wake_at = min(deadline, next_nudge)
+            if prefer_thawed and queue.idle_slots:
+                wake_at = min(wake_at, thawed_until)
+            try:
+                async with asyncio.timeout_at(wake_at):
+                    await caller.wake.wait()
+            except TimeoutError:
+                pass
 
     # ------------------------------------------------------ queues, launch
     def _slot_key(self, fn: Function) -> str:

@@ -299,6 +299,11 @@ class HotContainer:
         self._move(ContainerState.PAUSED if self.frozen else ContainerState.IDLE)
         self.evictor.enable(self.evict)
 
+    def give_back(self, slot: Slot) -> None:
+        """``slot`` was handed to a call that stopped waiting before it used it."""
+        if self._slot is slot:
+            self._release()
+
     def _release(self) -> None:
         """The call is over: offer the container again at once, or let it leave."""
         if self.retire_reason is None and self.exit_info is None and not self.evict.requested:

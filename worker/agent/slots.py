@@ -4,9 +4,11 @@ There is one :class:`SlotQueue` per function configuration, keyed by
 :func:`slot_key`. An idle container *offers* a :class:`Slot` on its queue; a
 waiting call *takes* one, the most recently offered first (LIFO, so the
 warmest container serves and the coldest ages out), paused ones only when no
-running one is idle (an unpause costs about 13 ms). Taking is a race with
-exactly one winner: a waiting call, or the container itself when it leaves
-(idle timeout, eviction, shutdown, its process died).
+running one is idle (an unpause costs about 13 ms). A slot offered while
+calls wait goes straight to the one that has waited longest: first come,
+first served, and only that call is woken. Otherwise taking is a race with
+exactly one winner: a call, or the container itself when it leaves (idle
+timeout, eviction, shutdown, its process died).
 
 The queue also counts calls by :class:`RequestState` and containers by
 :class:`ContainerState`; :meth:`SlotQueue.new_container_needed` decides from
@@ -77,6 +79,7 @@ class Caller:
         self.done = False
         self.asked = False  # has nudged the launcher: counts towards a launch
         self.wake = asyncio.Event()
+        self.slot: Slot | None = None  # handed to it by an offer (SlotQueue.offer)
 
     def fail(self, error: AgentError) -> bool:
         """Hand a launch error to this caller; False if it no longer waits."""
@@ -145,10 +148,24 @@ class SlotQueue:
 
     # ------------------------------------------------------------- slots
     def offer(self, hot: HotContainer) -> Slot:
+        """A new idle slot of ``hot``: handed to the call that has waited longest, if
+        one waits (it leaves the queue with it), else kept for the next taker.
+
+        Handing it over, rather than waking every waiting call to race for it,
+        wakes one task, and a call that comes later cannot take it first: in a
+        steady stream the calls that wait would otherwise lose to the newcomers.
+        (A slot is offered when its container is new or has just served a call,
+        so it is never paused here.)
+        """
         slot = Slot(self, hot)
-        self._stack.append(slot)
         for caller in self.waiters:
-            caller.wake.set()
+            if caller.error is None:
+                slot.taken = True
+                caller.slot = slot
+                self.leave(caller)
+                caller.wake.set()
+                return slot
+        self._stack.append(slot)
         return slot
 
     def take_idle(self, *, thawed_only: bool = False) -> Slot | None:
