@@ -204,6 +204,18 @@ def test_offer_hands_the_slot_to_the_call_that_waited_longest() -> None:
     assert not third.taken and q.take_idle() is third  # no one waits: kept for the next taker
 
 
+def test_a_closed_queue_wakes_its_callers_and_hands_no_slot_over() -> None:
+    q = queue()
+    a, b = Caller("a"), Caller("b")
+    q.join(a)
+    q.join(b)
+    q.close()
+    assert a.wake.is_set() and b.wake.is_set()  # each finds the agent closing
+    slot = q.offer(StubHot("1"))  # type: ignore[arg-type]
+    assert a.slot is None and b.slot is None and not slot.taken
+    assert q.requests[RequestState.WAIT] == 2  # they leave when they run
+
+
 def test_launch_owner_prefers_the_nudger_then_the_oldest_without_error() -> None:
     q = queue()
     a, b, c = Caller("a"), Caller("b"), Caller("c")

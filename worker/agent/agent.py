@@ -240,14 +240,15 @@ class Agent:
         # again sooner. Only paused ones idle: wait a moment for a running one.
         thawed_until = joined + PREFER_THAWED_S
         while True:
-            slot = caller.slot
-            if slot is not None:  # an offer handed it over
-                caller.slot = None
-                return slot
+            # A slot handed over meanwhile goes back (in _get_slot) if the call stops here.
             if stop.requested:
                 return None
             if self._closing.is_set():
                 raise AgentClosed()
+            slot = caller.slot
+            if slot is not None:  # an offer handed it over
+                caller.slot = None
+                return slot
             if caller.error is not None:
                 raise caller.error
             now = loop.time()
@@ -386,7 +387,7 @@ class Agent:
         self._closing.set()
         try:
             for queue in self._queues.values():
-                queue.wake_all()
+                queue.close()
             await self._launchers.close()
             await self._drain(grace_s)
             for hot, task in list(self._hot.items()):

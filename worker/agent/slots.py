@@ -133,6 +133,7 @@ class SlotQueue:
         self.last_used_s = 0.0
         self.asking = 0  # waiting callers that have nudged the launcher
         self.call_s = 0.0  # how long a call holds a container, smoothed; 0 = not known yet
+        self.closed = False  # the agent is closing: slots are no longer handed over
 
     def held(self, seconds: float) -> None:
         """A call held a container for ``seconds`` (smooths ``call_s``)."""
@@ -158,7 +159,7 @@ class SlotQueue:
         so it is never paused here.)
         """
         slot = Slot(self, hot)
-        for caller in self.waiters:
+        for caller in () if self.closed else self.waiters:
             if caller.error is None:
                 slot.taken = True
                 caller.slot = slot
@@ -266,6 +267,9 @@ class SlotQueue:
             return preferred
         return next((c for c in self.waiters if c.error is None), None)
 
-    def wake_all(self) -> None:
+    def close(self) -> None:
+        """The agent is closing: wake every waiting call (each goes back as busy), and
+        hand no slot to a waiting call from now on."""
+        self.closed = True
         for caller in self.waiters:
             caller.wake.set()
