@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 
 from config.domain import CallStatus, FailureKind, Function, Outcome
-from tests.agent.conftest import AgentFactory, make_call, make_fn
+from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
 from worker.agent.errors import FreezeFailed
@@ -442,7 +442,7 @@ async def test_a_call_waits_a_moment_for_a_running_container_before_unpausing(
     driver, agent, busy, fn = await _one_paused_one_busy(agents, busy_gate)
     assert driver.unpauses == 1
     waiting = asyncio.create_task(agent.submit(make_call(fn), fn))
-    await asyncio.sleep(0.001)
+    await settle()  # it waits (no time passes: a slow host cannot use up the moment here)
     busy_gate.set()  # the running call ends within the moment
     ran_on = (await waiting).container_id
     assert ran_on == (await busy).container_id
