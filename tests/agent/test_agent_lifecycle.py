@@ -4,11 +4,14 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from config.domain import CallStatus, FailureKind, Function, Outcome
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
 from worker.agent.errors import FreezeFailed
+from worker.agent.hot import MIN_BUSY_NAP_S, HotContainer
 
 # ------------------------------------------------------------- idle, freeze
 
@@ -38,6 +41,34 @@ async def test_idle_timeout_zero_leaves_right_after_the_call(agents: AgentFactor
     await agent.submit(make_call(fn), fn)
     await driver.wait_until(lambda: driver.removes == 1, timeout_s=1)
     assert agent.statistics().resources.tokens == 0
+
+
+@pytest.mark.parametrize(("idle_timeout_s", "freeze_msecs"), [(0, -1), (30, 0), (30, -1)])
+async def test_a_busy_containers_task_sleeps_until_its_call_is_over(
+    agents: AgentFactory, monkeypatch: pytest.MonkeyPatch, idle_timeout_s: int, freeze_msecs: int
+) -> None:
+    naps: list[float] = []
+    sleep_until = HotContainer._sleep_until
+
+    async def counted(hot: HotContainer, when: float) -> None:
+        naps.append(when)
+        await sleep_until(hot, when)
+
+    monkeypatch.setattr(HotContainer, "_sleep_until", counted)
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver, freeze_idle_msecs=freeze_msecs)
+    fn = make_fn(idle_timeout_s=idle_timeout_s)
+    call = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    await asyncio.sleep(0.2)
+    assert len(naps) <= 0.2 / MIN_BUSY_NAP_S + 2  # naps, not one per turn of the loop
+    gate.set()
+    assert (await call).status is CallStatus.SUCCESS
+    if idle_timeout_s == 0:  # the end of the call wakes it: it leaves at once
+        await driver.wait_until(lambda: driver.removes == 1, timeout_s=0.03)
+    elif freeze_msecs == 0:  # or pauses at once
+        await driver.wait_until(lambda: driver.pauses == 1, timeout_s=0.03)
 
 
 async def test_freeze_at_once_and_unfreeze_before_dispatch(agents: AgentFactory) -> None:

@@ -112,6 +112,11 @@ class HotContainer:
         self._idle_since = 0.0  # loop time of the last offer
         self._sleeping_until: float | None = None  # the task's timer, while it sleeps
         self._pause_turn: float | None = None  # booked with the pacer for this idle spell
+        # After a call, the first timer of the idle spell (freeze or idle timeout) is due
+        # no sooner than this; the container's task naps this long while a call runs.
+        freeze_s = settings.freeze_idle_s
+        idle_s = float(self.fn.idle_timeout_s)
+        self._first_timer_s = idle_s if freeze_s is None else min(idle_s, freeze_s)
         self.evict = evictor.register(queue.key, token.memory_mb, token.cpu_mcpus, self.wake)
         self._move(ContainerState.START)
 
@@ -232,16 +237,16 @@ class HotContainer:
         of calls costs this task nothing: it wakes for the freeze and idle
         timers (and moves them on if calls came), and for exit, retirement
         and eviction. While a call holds the container the task naps for the
-        freeze time (the idle timeout when nothing freezes): the freeze is due
-        no sooner than that after the call ends. Waiting for the release
-        instead would wake it at every call of a steady stream, only to find
-        the next call holding the container already. A release wakes it when
-        the freeze comes due before the nap ends.
+        freeze time or the idle timeout, whichever is shorter: neither is due
+        sooner than that after the call ends. Waiting for the release instead
+        would wake it at every call of a steady stream, only to find the next
+        call holding the container already. A release wakes it when one of
+        them comes due before the nap ends (a nap is at least MIN_BUSY_NAP_S).
         """
         loop = asyncio.get_running_loop()
         freeze_s = self.settings.freeze_idle_s
         idle_s = float(self.fn.idle_timeout_s)
-        busy_nap_s = idle_s if freeze_s is None else max(freeze_s, MIN_BUSY_NAP_S)
+        busy_nap_s = max(self._first_timer_s, MIN_BUSY_NAP_S)
         self._offer()
         while True:
             slot = self._slot
@@ -308,14 +313,9 @@ class HotContainer:
         """The call is over: offer the container again at once, or let it leave."""
         if self.retire_reason is None and self.exit_info is None and not self.evict.requested:
             self._offer()
-            freeze_s = self.settings.freeze_idle_s
-            if (
-                # the task sleeps past the moment this container should now freeze
-                freeze_s is not None
-                and self._sleeping_until is not None
-                and self._idle_since + freeze_s < self._sleeping_until
-            ):
-                self._wake.set()
+            until = self._sleeping_until
+            if until is not None and self._idle_since + self._first_timer_s < until:
+                self._wake.set()  # it sleeps past the moment it may have to freeze or leave
         else:
             self._slot = None
             self._wake.set()
