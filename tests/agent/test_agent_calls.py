@@ -131,13 +131,19 @@ def _in_order(gate: asyncio.Event, order: list[bytes]) -> Handler:
     return handle
 
 
+def _one_container_in_order(
+    agents: AgentFactory,
+) -> tuple[asyncio.Event, list[bytes], FakeDriver, Agent, Function]:
+    """An agent with room for one container of ``fn``, whose calls note their order."""
+    gate, order = asyncio.Event(), list[bytes]()
+    driver = FakeDriver(FakeBehaviour(handler=_in_order(gate, order)))
+    return gate, order, driver, agents(driver, memory_mb=200), make_fn()
+
+
 async def test_waiting_calls_get_a_free_container_in_the_order_they_came(
     agents: AgentFactory,
 ) -> None:
-    gate, order = asyncio.Event(), list[bytes]()
-    driver = FakeDriver(FakeBehaviour(handler=_in_order(gate, order)))
-    agent = agents(driver, memory_mb=200)  # room for one container only
-    fn = make_fn()
+    gate, order, driver, agent, fn = _one_container_in_order(agents)
 
     async def first_then_again() -> Outcome:
         await agent.submit(make_call(fn, b"first"), fn)
@@ -161,10 +167,7 @@ async def test_waiting_calls_get_a_free_container_in_the_order_they_came(
 async def test_a_container_handed_to_a_call_that_stops_waiting_goes_to_the_next(
     agents: AgentFactory,
 ) -> None:
-    gate, order = asyncio.Event(), list[bytes]()
-    driver = FakeDriver(FakeBehaviour(handler=_in_order(gate, order)))
-    agent = agents(driver, memory_mb=200)  # room for one container only
-    fn = make_fn()
+    gate, order, driver, agent, fn = _one_container_in_order(agents)
     first = asyncio.create_task(agent.submit(make_call(fn, b"first"), fn))
     await driver.wait_until(lambda: driver.dispatches == 1)
     quitter = asyncio.create_task(agent.submit(make_call(fn, b"quitter"), fn))
