@@ -76,8 +76,10 @@ async def test_parallel_calls_use_between_2_and_n_containers(
         outs = await asyncio.gather(*(agent.submit(call(sleep, b"1"), sleep) for _ in range(4)))
         assert all(o.status is CallStatus.SUCCESS for o in outs), [o.error for o in outs]
         stats = agent.statistics().queue("eng/sleep")
-        assert stats is not None and 2 <= stats.containers_started <= 4
-        assert len({o.container_id for o in outs}) == stats.containers_started
+        assert stats is not None and stats.containers_started <= 4
+        # A container whose start outlasts a call (a busy host) may find every call
+        # served by one that was free again: it was started, and serves none.
+        assert 2 <= len({o.container_id for o in outs}) <= stats.containers_started
 
 
 async def test_idle_container_is_paused_then_unpaused_for_the_next_call(
