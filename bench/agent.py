@@ -5,7 +5,8 @@
 
 Everything runs in this process: an ``Agent`` over a ``DockerDriver`` (settings
 from ``load_settings``, freezing off so that the raw client is never paused
-under it) and the example FDK function (``fnq/example``).
+under it) and the example FDK function (``fnq/example``), on uvloop and with the
+garbage collector set up as ``fnq worker`` sets it (worker.runtime).
 
 * agent 1x      ``Agent.submit`` awaited once per call (one hot container); the
                 calls are made before the clock starts, as the raw client's request is
@@ -50,6 +51,7 @@ from config.domain import Call, CallStatus, Function, frozen_map, new_call_id
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
 from worker.agent.drivers.docker_container import DockerContainer
+from worker.runtime import tune_garbage_collector
 
 IMAGE = "fnq/example"
 BODY = b'{"name": "bench"}'
@@ -178,6 +180,7 @@ async def measure(quick: bool) -> Section:
         driver = DockerDriver(settings)
         try:
             async with Agent(settings, driver) as agent:
+                tune_garbage_collector()  # the agent runs here as in `fnq worker`
                 hot = await hot_runs(agent, driver, n, repeats)
                 cold = await cold_runs(agent, repeats + 1)
         finally:
