@@ -39,12 +39,9 @@ class AckBatcher:
         done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         self._pending.append((msg, done))
         self._start_flusher()
-        # The ack goes out even if this caller is cancelled: the record is final.
-        try:
-            await asyncio.shield(done)
-        except asyncio.CancelledError:
-            done.add_done_callback(_consume)
-            raise
+        # A cancelled caller cancels only its wait, not the ack (the record is final):
+        # the message stays in the batch, and _settle reports a failure nobody awaits.
+        await done
 
     def take(self) -> list[Pending]:
         """Waiting acks for a reserve to carry; hand them to :meth:`carried_by_reserve` or
@@ -85,16 +82,14 @@ class AckBatcher:
 
 
 def _settle(batch: list[Pending], error: BaseException | None) -> None:
+    unawaited = 0
     for _, done in batch:
-        if done.done():
-            continue
-        if error is None:
+        if done.done():  # its caller was cancelled
+            unawaited += 1
+        elif error is None:
             done.set_result(None)
         else:
             done.set_exception(error)
-
-
-def _consume(done: asyncio.Future[None]) -> None:
-    if not done.cancelled() and done.exception() is not None:
-        log.warning("an ack failed (the message returns when its reservation lapses, "
-                    "and its final record settles it): %s", done.exception())  # fmt: skip
+    if error is not None and unawaited:
+        log.warning("%d ack(s) failed (each message returns when its reservation lapses, "
+                    "and its final record settles it): %s", unawaited, error)  # fmt: skip

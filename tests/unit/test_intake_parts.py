@@ -52,6 +52,12 @@ class CountingQueue:
         await self.inner.ack_many(msgs)
 
 
+class FailingAcks(CountingQueue):
+    async def ack_many(self, msgs: Sequence[Message]) -> None:
+        self.batches.append(len(msgs))
+        raise RuntimeError("queue down")
+
+
 @pytest.fixture
 async def queue(tmp_path: Path) -> AsyncIterator[MessageQueue]:
     settings = load_settings(data_dir=str(tmp_path))
@@ -79,16 +85,42 @@ async def test_acks_that_arrive_together_share_round_trips(queue: MessageQueue) 
 
 
 async def test_an_ack_failure_reaches_every_waiting_caller(queue: MessageQueue) -> None:
-    class Failing(CountingQueue):
-        async def ack_many(self, msgs: Sequence[Message]) -> None:
-            raise RuntimeError("queue down")
-
     await queue.push_many([Call(new_call_id(), "a", "f", b"") for _ in range(3)])
     msgs = await queue.reserve_many(3, 1.0)
-    acks = AckBatcher(Failing(queue))  # type: ignore[arg-type]
+    acks = AckBatcher(FailingAcks(queue))  # type: ignore[arg-type]
     results = await asyncio.gather(*(acks.ack(m) for m in msgs), return_exceptions=True)
     assert [str(r) for r in results] == ["queue down"] * 3
     assert (await queue.stats()).reserved == 3  # nothing was acked
+
+
+async def test_an_ack_goes_out_when_its_caller_is_cancelled(queue: MessageQueue) -> None:
+    await queue.push_many([Call(new_call_id(), "a", "f", b"") for _ in range(2)])
+    held = await queue.reserve_many(2, 1.0)
+    counting = CountingQueue(queue)
+    acks = AckBatcher(counting, linger_s=0.05)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(acks.ack(m)) for m in held]
+    await asyncio.sleep(0)
+    waiting[0].cancel()
+    await asyncio.wait_for(waiting[1], 2.0)
+    assert waiting[0].cancelled()
+    assert counting.batches == [2]  # the cancelled caller's ack went with the other
+    assert (await queue.stats()).reserved == 0
+
+
+async def test_a_failed_ack_nobody_waits_for_is_logged(
+    queue: MessageQueue, caplog: pytest.LogCaptureFixture
+) -> None:
+    await queue.push_many([Call(new_call_id(), "a", "f", b"") for _ in range(2)])
+    msgs = await queue.reserve_many(2, 1.0)
+    acks = AckBatcher(FailingAcks(queue), linger_s=0.05)  # type: ignore[arg-type]
+    waiting = [asyncio.create_task(acks.ack(m)) for m in msgs]
+    await asyncio.sleep(0)
+    waiting[0].cancel()
+    results = await asyncio.gather(*waiting, return_exceptions=True)
+    assert isinstance(results[0], asyncio.CancelledError)
+    assert str(results[1]) == "queue down"  # the caller still waiting gets the error
+    assert "1 ack(s) failed" in caplog.text and "queue down" in caplog.text
+    assert (await queue.stats()).reserved == 2
 
 
 async def test_a_reserve_carries_the_acks_waiting_for_it(queue: MessageQueue) -> None:
