@@ -34,6 +34,20 @@ def test_v1_counts_cpu_and_memory_and_resets_the_peak(tmp_path: Path) -> None:
     assert meter.call_ended() == {}
 
 
+def test_v1_leaves_a_peak_that_is_the_usage_alone(tmp_path: Path) -> None:
+    mem = tmp_path / "memory" / "c4"
+    write(tmp_path / "cpuacct" / "c4" / "cpuacct.usage", "0\n")
+    write(mem / "memory.usage_in_bytes", f"{20 * MIB}\n")
+    write(mem / "memory.max_usage_in_bytes", f"{20 * MIB}\n")
+    meter = CgroupMeter.open(1, tmp_path, {"cpuacct": "/c4", "memory": "/c4"})
+    assert meter is not None
+    meter.call_started()
+    assert meter.call_ended()["memory_peak_mb"] == 20.0
+    # A reset would set it to the usage, which it is: nothing was written.
+    assert (mem / "memory.max_usage_in_bytes").read_text() == f"{20 * MIB}\n"
+    meter.close()
+
+
 def test_v2_reads_usage_usec_and_memory_current(tmp_path: Path) -> None:
     group = tmp_path / "system.slice" / "docker-c2.scope"
     write(group / "cpu.stat", "usage_usec 500\nuser_usec 400\nsystem_usec 100\n")

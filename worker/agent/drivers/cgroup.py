@@ -11,7 +11,9 @@ Per call (the ``stats`` of its ``DispatchResult``):
 * ``cpu_ms``: CPU time the container used during the call;
 * ``memory_mb``: memory in use when the call ended;
 * ``memory_peak_mb`` (cgroup v1 only): the most it used since the last call
-  ended (the kernel's high-water mark, reset after each call).
+  ended (the kernel's high-water mark, reset after each call that raised it
+  above the usage: most calls of a steady function leave it there, and the
+  reset, a write, is skipped).
 
 A call that follows the container's previous call within ``BACK_TO_BACK_S``
 starts from that call's closing CPU reading instead of a reading of its own:
@@ -121,13 +123,13 @@ class CgroupMeter:
             cpu = self._cpu_units()
             self._cpu_at_end, self._ended_at = cpu, _clock()
             cpu_ns = (cpu - self._cpu_at_start) * self._cpu_scale
-            stats = {
-                "cpu_ms": round(cpu_ns / 1e6, 3),
-                "memory_mb": round(int(os.pread(self._mem_fd, 64, 0)) / MIB, 2),
-            }
+            memory = int(os.pread(self._mem_fd, 64, 0))
+            stats = {"cpu_ms": round(cpu_ns / 1e6, 3), "memory_mb": round(memory / MIB, 2)}
             if self._peak_fd is not None:
-                stats["memory_peak_mb"] = round(int(os.pread(self._peak_fd, 64, 0)) / MIB, 2)
-                os.pwrite(self._peak_fd, b"0", 0)  # the next call's peak starts here
+                peak = int(os.pread(self._peak_fd, 64, 0))
+                stats["memory_peak_mb"] = round(peak / MIB, 2)
+                if peak > memory:  # a reset sets the mark to the usage: else it is there
+                    os.pwrite(self._peak_fd, b"0", 0)  # the next call's peak starts here
         except (OSError, ValueError):
             return {}
         return stats
