@@ -181,15 +181,24 @@ def bench_settings(data_dir: Path, tag: str, **overrides: Any) -> Settings:
     return load_settings(**values)
 
 
-def remove_labelled(tag: str) -> int:
-    """Force-remove every container carrying the classifier ``tag``; how many."""
-    ids = subprocess.run(
+def _labelled_ids(tag: str) -> list[str]:
+    return subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=fnq.classifier={tag}"],
         capture_output=True,
         text=True,
         check=False,
         timeout=60,
     ).stdout.split()
+
+
+def labelled(tag: str) -> int:
+    """How many containers carry the classifier ``tag`` (running or not)."""
+    return len(_labelled_ids(tag))
+
+
+def remove_labelled(tag: str) -> int:
+    """Force-remove every container carrying the classifier ``tag``; how many."""
+    ids = _labelled_ids(tag)
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False, timeout=120)
     return len(ids)

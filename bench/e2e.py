@@ -10,7 +10,10 @@ A throwaway redis-server (tests.rig) holds the queue.
 
 Throughput: N calls pushed at once (push_many, batches of 100); calls/s from the
 first push until the datastore counts N final records. The worker is warmed
-first (its container started). Baselines, same machine, same run:
+first: a few calls, then bursts of N until one starts no container (at most
+three), so that the timed bursts find the containers a burst leads the worker
+to (the report says how many, and any started during the timed bursts).
+Baselines, same machine, same run:
 
 * (a) RQ ``SimpleWorker`` running no-op jobs from the same redis-server
       (enqueue_many, then ``work(burst=True)``; first enqueue to last job);
@@ -51,6 +54,7 @@ from bench._common import (
     bench_settings,
     docker_run_one_call,
     label_tag,
+    labelled,
     median,
     percentile,
     raw_calls,
@@ -68,6 +72,7 @@ BODY = b'{"name": "bench"}'
 NOOP = "bench.mq.noop"
 DOCKER_JOB = "bench.e2e.docker_run_job"
 TARGETS = {"a": 5.0, "b": 300.0, "c": 0.50}
+WARM_BURSTS_MAX = 3
 OVERHEAD_P50_MS, OVERHEAD_P99_MS = 2.0, 10.0
 
 
@@ -98,6 +103,24 @@ async def fnq_throughput(cluster: Cluster, n: int, repeats: int) -> list[float]:
 async def warm(cluster: Cluster, fn: str = "echo", n: int = 20) -> None:
     done = await cluster.final_count(APP)
     await cluster.run_calls(APP, fn, n, BODY, done)
+
+
+async def warm_bursts(cluster: Cluster, n: int) -> int:
+    """Bursts of ``n`` calls until one starts no container, at most WARM_BURSTS_MAX;
+    the containers there are then.
+
+    A burst leads the worker to start a few more containers of the function
+    than the one its first calls found (each start a few hundred ms of CPU):
+    the timed bursts measure the worker once it has them.
+    """
+    await warm(cluster)
+    count = labelled(cluster.tag)
+    for _ in range(WARM_BURSTS_MAX):
+        await fnq_throughput(cluster, n, 1)
+        before, count = count, labelled(cluster.tag)
+        if count == before:
+            break
+    return count
 
 
 async def paced(cluster: Cluster, rate: float, seconds: float) -> list[tuple[float, float]]:
@@ -226,8 +249,9 @@ async def measure(quick: bool) -> Section:
             await cluster.open()
             await cluster.register(echo())
             cluster.start_worker()
-            await warm(cluster)
+            warm_containers = await warm_bursts(cluster, n)
             fnq = await fnq_throughput(cluster, n, repeats)
+            containers = (warm_containers, labelled(cluster.tag) - warm_containers)
             best = max(fnq)
             lat_s = 2.0 if quick else 5.0
             loads = {
@@ -239,7 +263,9 @@ async def measure(quick: bool) -> Section:
         rq_a = [rq_noop(server.url, n) for _ in range(repeats)]  # RQ wants the main thread
         rq_b = rq_docker_run(server.url, docker_jobs)
         server.stop()
-    return report(n, repeats, median(fnq), best, loads, raw, median(rq_a), rq_b, docker_jobs)
+    return report(
+        n, repeats, median(fnq), best, loads, raw, median(rq_a), rq_b, docker_jobs, containers
+    )
 
 
 def report(
@@ -252,6 +278,7 @@ def report(
     rq_a: float,
     rq_b: float,
     docker_jobs: int,
+    containers: tuple[int, int],
 ) -> Section:
     sec = Section("End to end: Redis -> fnq worker -> hot container -> SQLite (bench/e2e.py)")
     ceiling = max(raw["raw 1"], raw["raw 2"])
@@ -259,7 +286,10 @@ def report(
         f"{n} calls of `{IMAGE}` per run, median of {repeats} run(s); one `fnq worker` "
         "process with default settings, SQLite datastore (WAL, synchronous=FULL), records, "
         "responses and logs written. Baseline (b) ran "
-        f"{docker_jobs} jobs and its rate is extrapolated."
+        f"{docker_jobs} jobs and its rate is extrapolated. The worker was warmed with bursts "
+        f"of the same size until one started no container (at most {WARM_BURSTS_MAX}): "
+        f"{containers[0]} container(s) of the function then"
+        + (f"; {containers[1]} more started during the timed runs." if containers[1] else ".")
     )
     rows = [
         ["fnq worker (1 process)", fnq, "", ""],
