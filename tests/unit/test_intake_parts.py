@@ -93,16 +93,25 @@ async def test_an_ack_failure_reaches_every_waiting_caller(queue: MessageQueue) 
     assert (await queue.stats()).reserved == 3  # nothing was acked
 
 
-async def test_an_ack_goes_out_when_its_caller_is_cancelled(queue: MessageQueue) -> None:
+async def _two_acks_first_cancelled(
+    queue: MessageQueue, through: CountingQueue
+) -> list[asyncio.Task[None]]:
+    """Two reserved messages acked through ``through``; the first caller is cancelled."""
     await queue.push_many([Call(new_call_id(), "a", "f", b"") for _ in range(2)])
     held = await queue.reserve_many(2, 1.0)
-    counting = CountingQueue(queue)
-    acks = AckBatcher(counting, linger_s=0.05)  # type: ignore[arg-type]
+    acks = AckBatcher(through, linger_s=0.05)  # type: ignore[arg-type]
     waiting = [asyncio.create_task(acks.ack(m)) for m in held]
     await asyncio.sleep(0)
     waiting[0].cancel()
-    await asyncio.wait_for(waiting[1], 2.0)
+    await asyncio.wait_for(asyncio.gather(*waiting, return_exceptions=True), 2.0)
     assert waiting[0].cancelled()
+    return waiting
+
+
+async def test_an_ack_goes_out_when_its_caller_is_cancelled(queue: MessageQueue) -> None:
+    counting = CountingQueue(queue)
+    waiting = await _two_acks_first_cancelled(queue, counting)
+    assert waiting[1].result() is None
     assert counting.batches == [2]  # the cancelled caller's ack went with the other
     assert (await queue.stats()).reserved == 0
 
@@ -110,15 +119,8 @@ async def test_an_ack_goes_out_when_its_caller_is_cancelled(queue: MessageQueue)
 async def test_a_failed_ack_nobody_waits_for_is_logged(
     queue: MessageQueue, caplog: pytest.LogCaptureFixture
 ) -> None:
-    await queue.push_many([Call(new_call_id(), "a", "f", b"") for _ in range(2)])
-    msgs = await queue.reserve_many(2, 1.0)
-    acks = AckBatcher(FailingAcks(queue), linger_s=0.05)  # type: ignore[arg-type]
-    waiting = [asyncio.create_task(acks.ack(m)) for m in msgs]
-    await asyncio.sleep(0)
-    waiting[0].cancel()
-    results = await asyncio.gather(*waiting, return_exceptions=True)
-    assert isinstance(results[0], asyncio.CancelledError)
-    assert str(results[1]) == "queue down"  # the caller still waiting gets the error
+    waiting = await _two_acks_first_cancelled(queue, FailingAcks(queue))
+    assert str(waiting[1].exception()) == "queue down"  # the caller still waiting has it
     assert "1 ack(s) failed" in caplog.text and "queue down" in caplog.text
     assert (await queue.stats()).reserved == 2
 
