@@ -106,8 +106,8 @@ async def warm(cluster: Cluster, fn: str = "echo", n: int = 20) -> None:
 
 
 async def warm_bursts(cluster: Cluster, n: int) -> int:
-    """Bursts of ``n`` calls until one starts no container, at most WARM_BURSTS_MAX;
-    the containers there are then.
+    """Bursts of ``n`` calls until one starts no container (at most WARM_BURSTS_MAX);
+    returns how many containers there are then.
 
     A burst leads the worker to start a few more containers of the function
     than the one its first calls found (each start a few hundred ms of CPU):
