@@ -46,6 +46,9 @@ class _IdClock:
 
 _id_clock = _IdClock()
 
+# Every call id fnq accepts, from any producer: safe as a file name and in a URL path.
+CALL_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
+
 
 def new_call_id() -> str:
     """A 26-character id that sorts by creation time (48-bit ms + 80-bit random).

@@ -1,9 +1,12 @@
 """Call logs as files: ``<dir>/<xy>/<call id>.log``, one per call.
 
-``xy`` are the id's last two characters (random ones), which spreads files
-over up to 1,024 directories. A log is written to a temporary file, flushed
-to disk and renamed into place, so a reader sees either the old log or the
-whole new one.
+``xy`` are the id's last two characters, lowercased, anything but a letter or
+a digit made ``_``: fnq's own ids end in random characters, which spreads
+their files over up to 1,024 directories. Every call id fnq accepts
+(:data:`config.domain.CALL_ID_RE`) is a safe file name. A log is written to a
+temporary file, flushed to disk and renamed into place, so a reader sees
+either the old log or the whole new one. A failed write (a full disk, say)
+raises StoreUnavailable: the worker tries the call's record again later.
 """
 
 from __future__ import annotations
@@ -11,13 +14,17 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 from collections.abc import Sequence
 from pathlib import Path
 
 import aiofiles
 import aiofiles.os
 
-from datastore.errors import StoreError
+from config.domain import CALL_ID_RE
+from datastore.errors import StoreError, StoreUnavailable
+
+_NOT_ALNUM = re.compile(r"[^a-z0-9]")
 
 
 class FileLogStore:
@@ -27,12 +34,19 @@ class FileLogStore:
         self.directory = Path(directory)
 
     def path_of(self, call_id: str) -> Path:
-        if not call_id.isalnum() or len(call_id) < 2:
-            raise StoreError(f"invalid call id {call_id!r}")
-        return self.directory / call_id[-2:].lower() / f"{call_id}.log"
+        if not CALL_ID_RE.fullmatch(call_id):
+            raise StoreError(f"invalid call id {call_id[:80]!r}")
+        shard = _NOT_ALNUM.sub("_", call_id[-2:].lower()).rjust(2, "_")
+        return self.directory / shard / f"{call_id}.log"
 
     async def put_log(self, call_id: str, data: bytes) -> None:
         path = self.path_of(call_id)
+        try:
+            await self._write(path, data)
+        except OSError as exc:
+            raise StoreUnavailable(f"writing the log of call {call_id} failed: {exc}") from exc
+
+    async def _write(self, path: Path, data: bytes) -> None:
         await aiofiles.os.makedirs(path.parent, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
         async with aiofiles.open(tmp, "wb") as out:

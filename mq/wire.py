@@ -30,7 +30,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from datetime import UTC, datetime
 
-from config.domain import Call, frozen_map, header_problem
+from config.domain import CALL_ID_RE, Call, frozen_map, header_problem
 
 DEFAULT_PREFIX = "fnq"
 INBOX = "calls"  # the stream producers XADD to: "<prefix>:calls"
@@ -50,7 +50,6 @@ F_CREATED = "created"
 F_PRIOR = "_n"
 
 _KNOWN = frozenset({F_APP, F_FN, F_BODY, F_ID, F_HEADERS, F_PRIORITY, F_DELAY, F_CREATED})
-_ID_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.:-]{0,127}")
 _NAME_RE = re.compile(rf"[^\s/\x00-\x1f\x7f]{{1,{MAX_NAME_CHARS}}}")
 
 
@@ -72,7 +71,7 @@ class Parsed:
 
 
 def check_id(value: str) -> str:
-    if not _ID_RE.fullmatch(value):
+    if not CALL_ID_RE.fullmatch(value):
         raise WireError(
             f"id {value[:80]!r} is not 1-128 characters of letters, digits, '_', '.', ':', '-'"
         )

@@ -36,9 +36,10 @@ from config.domain import (
     frozen_map,
     utcnow,
 )
-from config.errors import FnqError, StoreError
+from config.errors import FnqError, Retryable, StoreError
 from config.settings import Settings
 from datastore.base import CallRecord, Datastore
+from datastore.errors import StoreClosed
 from worker.agent.agent import Agent
 from worker.delivery import Delivery
 from worker.logs import current_call
@@ -53,6 +54,8 @@ FN_CACHE_TTL_S = 2.0
 # Calls that have run and wait for their outcome to be stored and their message
 # settled, at most (see CallHandler.room_to_record). A few per commit normally.
 MAX_RECORDING = 256
+RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason waits so
+SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
 
 
 def outcome_of(record: CallRecord) -> Outcome:
@@ -115,8 +118,40 @@ class CallHandler:
         except asyncio.CancelledError:
             await asyncio.shield(d.hand_back())
             raise
+        except FnqError as exc:
+            await self._failed(d, exc)
+        except Exception:
+            # A fault of fnq's own: the message comes back when its reservation lapses,
+            # and goes to the dead letters after FN_MQ_MAX_DELIVERIES of them.
+            log.exception("handling call %s failed; its message returns to the queue", d.call_id)
         finally:
             self.held.pop(d.call_id, None)
+
+    async def _failed(self, d: Delivery, exc: FnqError) -> None:
+        """The datastore or the queue failed the call's handling; nothing is lost.
+
+        A passing fault (an outage, a full disk) hands the message back to run
+        again later. A record the datastore refuses sends the message to the
+        dead letters with the reason, rather than running it again and again.
+        Anything else leaves the message to come back when its reservation lapses.
+        """
+        try:
+            async with asyncio.timeout(SETTLE_FAILED_S):
+                if isinstance(exc, Retryable):
+                    log.warning("call %s: %s; it goes back to the queue for %g s",
+                                d.call_id, exc, RETRY_LATER_S)  # fmt: skip
+                    await d.release(RETRY_LATER_S)
+                elif isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
+                    log.error("call %s: the datastore refused it (%s); its message goes to "
+                              "the dead letters", d.call_id, exc)  # fmt: skip
+                    await d.queue.dead_letter(d.msg, f"the datastore refused the call: {exc}")
+                else:
+                    log.error("call %s: %s; its message returns to the queue when its "
+                              "reservation lapses", d.call_id, exc)  # fmt: skip
+        except (FnqError, TimeoutError) as again:
+            why = again or "timed out"
+            log.warning("call %s: its message could not be handed back either (%s); it "
+                        "returns when its reservation lapses", d.call_id, why)  # fmt: skip
 
     async def _process(
         self,

@@ -1,0 +1,56 @@
+"""The file log store: every call id fnq accepts has a log file of its own."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config.domain import new_call_id
+from datastore.errors import StoreError, StoreUnavailable
+from datastore.filelogs import FileLogStore
+
+# Ids any producer may send (the wire format's rule), and RQ's job ids.
+IDS = [
+    "order-1234",
+    "a.b:c_d",
+    "x",
+    "a..",
+    "5f0e9a1c-3b1d-4c55-9f0a-2a6f4b8c9d10",
+    "Z9",
+    new_call_id(),
+]
+
+
+@pytest.mark.parametrize("call_id", IDS)
+async def test_every_valid_id_round_trips(tmp_path: Path, call_id: str) -> None:
+    store = FileLogStore(tmp_path)
+    await store.put_log(call_id, f"log of {call_id}\n".encode())
+    assert await store.get_log(call_id) == f"log of {call_id}\n".encode()
+    path = store.path_of(call_id)
+    assert path.is_file() and path.name == f"{call_id}.log"
+    assert path.resolve().parent.parent == tmp_path.resolve()  # one shard level, inside
+    await store.delete_logs([call_id])
+    assert await store.get_log(call_id) is None
+
+
+async def test_ids_that_differ_only_in_case_keep_apart(tmp_path: Path) -> None:
+    store = FileLogStore(tmp_path)
+    await store.put_log("job-Ab", b"upper\n")
+    await store.put_log("job-ab", b"lower\n")
+    assert await store.get_log("job-Ab") == b"upper\n"
+    assert await store.get_log("job-ab") == b"lower\n"
+
+
+@pytest.mark.parametrize("call_id", ["", "../etc/passwd", "a/b", ".hidden", "-x", "x" * 129])
+def test_ids_that_are_not_call_ids_are_refused(tmp_path: Path, call_id: str) -> None:
+    with pytest.raises(StoreError, match="invalid call id"):
+        FileLogStore(tmp_path).path_of(call_id)
+
+
+async def test_a_failed_write_is_a_retryable_error(tmp_path: Path) -> None:
+    blocked = tmp_path / "file"
+    blocked.write_text("not a directory")
+    store = FileLogStore(blocked)
+    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed"):
+        await store.put_log("order-1", b"x")

@@ -1,0 +1,129 @@
+"""When the datastore fails a call's handling, the call is not lost and the worker
+goes on; calls of any valid id keep their logs in a file log store.
+
+In-process worker on the embedded SQLite queue and datastore, with the fake
+container driver (what is under test is what the worker does with the call).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.domain import Call, CallStatus, Function, Outcome, new_call_id
+from config.settings import Settings, load_settings
+from datastore.base import Datastore, open_datastore
+from datastore.errors import StoreError, StoreUnavailable
+from mq.base import MessageQueue, open_queue
+from worker import calls as worker_calls
+from worker.agent.agent import Agent
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, reply
+from worker.loop import Worker
+from worker.shutdown import Shutdown
+
+FN = Function(app="a", name="f", image="img/f", memory_mb=64)
+
+
+class FaultyOutcomes:
+    """The real datastore, except that recording the outcome of some calls fails:
+    ``refuse`` ids always, ``flaky`` ids the first time only."""
+
+    def __init__(self, inner: Datastore, refuse: set[str], flaky: set[str]) -> None:
+        self.inner = inner
+        self.refuse = refuse
+        self.flaky = set(flaky)
+
+    async def record_outcome(self, call: Call, outcome: Outcome, *args: Any, **kw: Any) -> bool:
+        if call.id in self.refuse:
+            raise StoreError(f"no room for {call.id}")
+        if call.id in self.flaky:
+            self.flaky.discard(call.id)
+            raise StoreUnavailable("the disk is full")
+        return await self.inner.record_outcome(call, outcome, *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def _run_until(worker: Worker, done: Any) -> None:
+    shutdown = Shutdown(5.0)
+    run = asyncio.create_task(worker.run(shutdown))
+    try:
+        async with asyncio.timeout(30):
+            while not await done():
+                await asyncio.sleep(0.02)
+    finally:
+        shutdown.request("test over")
+        await asyncio.wait_for(run, 30)
+
+
+async def _worker_run(settings: Settings, store: Any, queue: MessageQueue, done: Any) -> None:
+    driver = FakeDriver(FakeBehaviour(handler=reply(output=(b"hi\n",))))
+    async with Agent(settings, driver) as agent:
+        await _run_until(Worker(settings, queue, store, agent), done)
+
+
+async def test_a_refused_record_dead_letters_the_call_and_the_worker_goes_on(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(worker_calls, "RETRY_LATER_S", 0.05)
+    settings = load_settings(data_dir=str(tmp_path))
+    inner = await open_datastore(settings)
+    await inner.create_fn(FN)
+    calls = [Call(new_call_id(), FN.app, FN.name, b"x") for _ in range(6)]
+    refused, flaky = calls[1].id, calls[3].id
+    store = FaultyOutcomes(inner, refuse={refused}, flaky={flaky})
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        await queue.push_many(calls)
+
+        async def done() -> bool:
+            stats = await queue.stats()
+            return stats.dead == 1 and stats.ready + stats.reserved + stats.delayed == 0
+
+        with caplog.at_level(logging.WARNING, logger="fnq.worker"):
+            await _worker_run(settings, store, queue, done)
+        [dead] = await queue.dead_list()
+        assert dead.id == refused
+        assert dead.reason == f"the datastore refused the call: no room for {refused}"
+        assert f"call {refused}: the datastore refused it" in caplog.text
+        assert f"call {flaky}: the disk is full; it goes back to the queue" in caplog.text
+        records = {c.id: await inner.get_call(c.id) for c in calls}
+        ran = {i: r.status for i, r in records.items() if i != refused and r is not None}
+        assert ran == {c.id: CallStatus.SUCCESS for c in calls if c.id != refused}
+        assert records[flaky] is not None and records[flaky].attempts == 1
+    finally:
+        await queue.close()
+        await inner.close()
+
+
+async def test_file_logs_take_every_valid_call_id(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=str(tmp_path), log_url=f"file://{tmp_path / 'logs'}")
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    ids = ["order-1234", "a.b:c_d", "5f0e9a1c-3b1d-4c55-9f0a-2a6f4b8c9d10", new_call_id()]
+    calls = [Call(i, FN.app, FN.name, b"x") for i in ids]
+    ghost = Call("ghost-1", FN.app, "nobody", b"x")  # ends early, with a log of nothing
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        await queue.push_many([*calls, ghost])
+
+        async def done() -> bool:
+            records = [await store.get_call(c.id) for c in [*calls, ghost]]
+            return all(r is not None and r.status.is_final for r in records)
+
+        await _worker_run(settings, store, queue, done)
+        for c in calls:
+            record = await store.get_call(c.id)
+            assert record is not None and record.status is CallStatus.SUCCESS, c.id
+            assert await store.get_log(c.id) == b"hi\n", c.id
+        record = await store.get_call(ghost.id)
+        assert record is not None and record.status is CallStatus.ERROR
+        assert record.error == "function a/nobody is not registered"
+    finally:
+        await queue.close()
+        await store.close()
