@@ -231,6 +231,12 @@ class Datastore(Protocol):
         or running) or RequestNotStored."""
         ...
 
+    async def reopen_call(self, call_id: str) -> bool:
+        """Put a finished call back to ``queued`` as ``retry_call`` does, for a caller
+        that pushes the call's message itself (a requeued dead letter), so the stored
+        request is not needed. False when there is no record or it is not final."""
+        ...
+
     async def cancel_requested(self, call_ids: Sequence[str]) -> set[str]:
         """Those of ``call_ids`` with a cancel requested (one query; a read, so
         StoreUnavailable at once during an outage)."""

@@ -68,7 +68,7 @@ class Write(StrEnum):
     FINISH = "finish"  # -> bool (False: already final); log stored alongside if given
     RETRY = "retry"  # -> bool; log stored alongside if given
     CANCEL = "cancel"  # -> stored row or None
-    REQUEUE = "requeue"  # -> bool (False: not final or no request); its log deleted
+    REQUEUE = "requeue"  # -> bool (False: not final, or no request unless :reopen); log deleted
     PURGE = "purge"  # -> list of deleted ids (their logs go by cascade)
     LOG_PUT = "log_put"  # -> None
     LOG_DELETE = "log_delete"  # -> None (params: call_ids)
@@ -220,12 +220,24 @@ class SqlDatastore(abc.ABC):
         fn = await self.get_fn(rec.app, rec.fn)
         now = utcnow()
         params = {"id": call_id, "now": now, "image": None if fn is None else fn.image}
-        if not await self._write(Write.REQUEUE, params):  # changed since it was read
+        if not await self._write(Write.REQUEUE, {**params, "reopen": False}):  # changed meanwhile
             replay.retryable(call_id, await self.get_call(call_id))
             raise StoreError(f"call {call_id} changed while being retried; try again")
         if self._external_logs is not None:
             await self._external_logs.delete_logs([call_id])
         return replay.rebuilt_call(rec, now)
+
+    async def reopen_call(self, call_id: str) -> bool:
+        rec = await self.get_call(call_id)
+        if rec is None or not rec.is_final:
+            return False
+        fn = await self.get_fn(rec.app, rec.fn)
+        params = {"id": call_id, "now": utcnow(), "image": None if fn is None else fn.image}
+        if not await self._write(Write.REQUEUE, {**params, "reopen": True}):
+            return False  # no longer final: someone else reopened it
+        if self._external_logs is not None:
+            await self._external_logs.delete_logs([call_id])
+        return True
 
     def _outcome_row(
         self,

@@ -144,7 +144,8 @@ CALL_REQUEUE = (
     " response_status = NULL, response_headers = NULL, response_body = NULL,"
     " response_truncated = FALSE, log_truncated = FALSE, stats = NULL,"
     " cancel_requested = FALSE"
-    f" WHERE id = :id AND status IN {FINAL} AND request_headers IS NOT NULL RETURNING id"
+    f" WHERE id = :id AND status IN {FINAL} AND (:reopen OR request_headers IS NOT NULL)"
+    " RETURNING id"
 )
 
 CALL_CANCEL_QUEUED = (

@@ -260,9 +260,12 @@ class SqliteDb:
         where, args = self._dead_where(ids)
         with self.write() as conn:
             conn.execute(
+                # A requeued call's age starts again: its creation time is now.
                 "INSERT OR IGNORE INTO mq_message (id, priority, state, due_ms, payload)"
-                " SELECT id, priority, 0, 0, payload FROM mq_dead" + where,
-                args,
+                " SELECT id, priority, 0, 0, CASE WHEN json_valid(CAST(payload AS TEXT)) THEN"
+                " CAST(json_set(CAST(payload AS TEXT), '$.created', ?) AS BLOB) ELSE payload END"
+                " FROM mq_dead" + where,
+                [now_ms(), *args],
             )
             return conn.execute("DELETE FROM mq_dead" + where, args).rowcount
 

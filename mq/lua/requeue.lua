@@ -1,5 +1,6 @@
 -- ARGV: mode ('all' or 'ids'), limit, dead-letter keys...  Moves dead letters back to INBOX,
--- without the queue's bookkeeping fields, so that they are validated and routed afresh.
+-- without the queue's bookkeeping fields, so that they are validated and routed afresh, and
+-- without their creation time: a requeued call's age starts again (from the new entry's id).
 local todo = {}
 if ARGV[1] == 'all' then
   for _, e in ipairs(redis.call('XRANGE', DEAD, '-', '+', 'COUNT', tonumber(ARGV[2]))) do
@@ -17,7 +18,7 @@ for _, t in ipairs(todo) do
   if f then
     local clean = {}
     for i = 1, #f, 2 do
-      if string.sub(f[i], 1, 1) ~= '_' then
+      if string.sub(f[i], 1, 1) ~= '_' and f[i] ~= 'created' then
         clean[#clean + 1] = f[i]
         clean[#clean + 1] = f[i + 1]
       end

@@ -136,6 +136,28 @@ async def test_retry_refuses_unknown_and_live_calls(store: SqlDatastore) -> None
     assert (await store.get_call(bare.id)).status is CallStatus.ERROR  # type: ignore[union-attr]
 
 
+async def test_reopen_puts_a_final_call_back_without_a_stored_request(
+    make_store: MakeStore,
+) -> None:
+    # a requeued dead letter carries its own request: the record need not hold one
+    store = await make_store(max_request_size=4)
+    c = call(b"too big to keep")
+    await store.record_running(c, 0, "w")
+    await store.record_outcome(c, failed(), 1, "w")
+    assert not (await store.get_call(c.id)).has_request  # type: ignore[union-attr]
+    assert await store.reopen_call(c.id) is True
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.attempts, rec.error) == (CallStatus.QUEUED, 0, None)
+    assert await store.get_log(c.id) is None
+    # only a final record is reopened; an unknown id is no error
+    assert await store.reopen_call(c.id) is False
+    assert await store.reopen_call("NOPE") is False
+    live = call()
+    await store.record_running(live, 0, "w")
+    assert await store.reopen_call(live.id) is False
+    assert (await store.get_call(live.id)).status is CallStatus.RUNNING  # type: ignore[union-attr]
+
+
 async def test_retry_of_a_cancelled_call_clears_the_cancel(store: SqlDatastore) -> None:
     c = call()
     await store.record_queued(c)

@@ -12,8 +12,9 @@ from typing import TypeVar
 import pytest
 from click.testing import CliRunner
 
-from config.domain import Call
+from config.domain import Call, CallStatus, Outcome, utcnow
 from config.settings import load_settings
+from datastore.base import open_datastore
 from mq.base import Message, MessageQueue, open_queue
 from tests.rig import RedisServer
 from worker.cli import cli
@@ -153,3 +154,57 @@ def test_dead_list_requeue_purge(backend: str) -> None:
     assert with_queue(requeued) == ["d0"]
     assert fnq("dead", "purge", "--all") == "1\n"
     assert json.loads(fnq("dead", "list", "--json")) == []
+
+
+def _end_with_error(call_id: str) -> None:
+    """Take ``call_id``'s message, record it ended in error, and dead-letter it."""
+
+    async def run() -> None:
+        settings = load_settings()
+        store = await open_datastore(settings)
+        queue = open_queue(settings.mq_url, settings)
+        try:
+            msg = await queue.reserve(3.0)
+            assert msg is not None and msg.call.id == call_id
+            failed = Outcome(CallStatus.ERROR, error="image missing", completed_at=utcnow())
+            await store.record_outcome(msg.call, failed, 1, "w")
+            await queue.dead_letter(msg, "image missing")
+        finally:
+            await queue.close()
+            await store.close()
+
+    asyncio.run(run())
+
+
+def test_a_requeued_dead_letter_runs_again_as_a_new_call(backend: str) -> None:
+    fnq("call", "demo", "echo", "--body", "again", "--id", "dead-1")
+    _end_with_error("dead-1")
+    assert json.loads(fnq("calls", "show", "dead-1", "--json"))["status"] == "error"
+    assert fnq("dead", "requeue", "dead-1") == "1\n"
+    shown = json.loads(fnq("calls", "show", "dead-1", "--json"))
+    assert (shown["status"], shown["attempts"], shown["error"]) == ("queued", 0, None)
+    msg = with_queue(take_one)
+    assert msg is not None and (msg.call.id, msg.call.body) == ("dead-1", b"again")
+
+
+def test_requeue_all_reopens_every_ended_call(backend: str) -> None:
+    for i in range(3):
+        fnq("call", "demo", "echo", "--id", f"all-{i}")
+        _end_with_error(f"all-{i}")
+    assert fnq("dead", "requeue", "--all") == "3\n"
+    for i in range(3):
+        assert json.loads(fnq("calls", "show", f"all-{i}", "--json"))["status"] == "queued"
+    assert json.loads(fnq("dead", "list", "--json")) == []
+
+
+def test_calling_an_id_that_has_ended_points_to_retry(backend: str) -> None:
+    fnq("call", "demo", "echo", "--id", "done-1")
+    _end_with_error("done-1")
+    result = CliRunner().invoke(cli, ["call", "demo", "echo", "--id", "done-1"])
+    assert result.exit_code == 2
+    assert "call done-1 has already ended (error); `fnq calls retry done-1`" in result.output
+
+    async def ready(queue: MessageQueue) -> int:
+        return (await queue.stats()).ready
+
+    assert with_queue(ready) == 0

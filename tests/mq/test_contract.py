@@ -263,6 +263,20 @@ async def test_dead_letters_list_requeue_purge(queues: QueueMaker) -> None:
     assert (await q.stats()).dead == 0
 
 
+async def test_a_requeued_dead_letter_starts_its_age_again(queues: QueueMaker) -> None:
+    q = queues()
+    old = datetime(2020, 1, 1, tzinfo=UTC)
+    [sent] = await q.push_many([Call(new_call_id(), "a", "f", b"old", created_at=old)])
+    [msg] = await drain(q)
+    assert msg.call.created_at == old
+    await q.dead_letter(msg, "gave up")
+    before = datetime.now(UTC).replace(microsecond=0)
+    assert await q.dead_requeue([sent]) == 1
+    [back] = await drain(q)
+    assert back.call.id == sent and back.call.body == b"old"
+    assert before <= back.call.created_at <= datetime.now(UTC)
+
+
 async def test_push_rejects_what_a_consumer_would_bury(queues: QueueMaker) -> None:
     q = queues(max_request_size=100)
     with pytest.raises(InvalidCall, match="exceeds"):

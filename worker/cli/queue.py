@@ -11,7 +11,7 @@ import click
 
 from config.domain import Call, frozen_map, new_call_id
 from config.settings import Settings
-from datastore.base import open_datastore
+from datastore.base import Datastore, open_datastore
 from datastore.errors import FunctionNotFound
 from mq import wire
 from mq.base import DeadLetter, MessageQueue, open_queue
@@ -25,6 +25,7 @@ from worker.cli._common import (
 )
 
 T = TypeVar("T")
+REQUEUE_ROUND = 500  # dead letters listed, reopened and requeued at a time
 
 
 def read_body(spec: str | None) -> bytes:
@@ -96,6 +97,12 @@ async def enqueue_recorded(settings: Settings, call: Call) -> str:
         fn = await store.get_fn(call.app, call.fn)
         if fn is None:
             raise FunctionNotFound(call.app, call.fn)
+        known = await store.get_call(call.id)
+        if known is not None and known.is_final:  # a worker would settle it, not run it
+            raise click.UsageError(
+                f"call {call.id} has already ended ({known.status}); "
+                f"`fnq calls retry {call.id}` runs it again"
+            )
 
         async def push(queue: MessageQueue) -> str:
             return await queue.push(call)
@@ -207,13 +214,43 @@ def _selection(ids: tuple[str, ...], all_: bool) -> list[str] | None:
 @click.pass_context
 @friendly_errors
 def dead_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
-    """Queue dead letters again, with fresh delivery counts; prints how many."""
+    """Queue dead letters again to run as new calls; prints how many.
+
+    Each gets fresh delivery counts and age, and a call that has a final record
+    (an error, say) gets it back to `queued`, attempts 0, so that it runs again.
+    """
     chosen = _selection(ids, all_)
+    click.echo(run_async(requeue_dead(settings_from(ctx), chosen)))
 
-    async def requeue(queue: MessageQueue) -> int:
-        return await queue.dead_requeue(chosen)
 
-    click.echo(run_async(_with_queue(settings_from(ctx), requeue)))
+async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
+    """Requeue the dead letters ``ids`` (None: all), their final records reopened first
+    (a record reopened after the push could meet a worker that settles the call as
+    already ended). Idempotent: running it again after a failure finishes the job."""
+    queue = open_queue(settings.mq_url, settings)
+    store = await open_datastore(settings)
+    try:
+        if ids is not None:
+            return await _requeue_some(queue, store, ids)
+        # In rounds, each the oldest dead letters; at most as many as there were at
+        # first (a requeued message that dies again is not taken twice).
+        total, left = 0, (await queue.stats()).dead
+        while left > 0:
+            batch = [d.id for d in await queue.dead_list(min(left, REQUEUE_ROUND))]
+            if not batch:
+                break
+            total += await _requeue_some(queue, store, batch)
+            left -= len(batch)
+        return total
+    finally:
+        await queue.close()
+        await store.close()
+
+
+async def _requeue_some(queue: MessageQueue, store: Datastore, ids: Sequence[str]) -> int:
+    for call_id in ids:
+        await store.reopen_call(call_id)  # no record, or not final: nothing to do
+    return await queue.dead_requeue(list(ids))
 
 
 @dead_group.command("purge")
