@@ -29,11 +29,11 @@ import base64
 import binascii
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
 from urllib.parse import urlsplit
 
-from config.domain import Call, CallStatus, FailureKind, Function, Outcome
+from config.domain import CALL_ID_RE, Call, CallStatus, FailureKind, Function, Outcome
 from config.settings import Settings
 from datastore.errors import InvalidCursor, UnsupportedURL
 
@@ -286,18 +286,25 @@ def bound_body(body: bytes, limit_bytes: int) -> tuple[bytes, bool]:
     return body, False
 
 
-def encode_cursor(call_id: str) -> str:
-    return base64.urlsafe_b64encode(call_id.encode()).decode().rstrip("=")
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
 
 
-def decode_cursor(cursor: str) -> str:
+def encode_cursor(created_at: datetime, call_id: str) -> str:
+    """Where a page of calls (newest first) ended: the last call's time and id."""
+    micros = (created_at - _EPOCH) // timedelta(microseconds=1)
+    return base64.urlsafe_b64encode(f"{micros}~{call_id}".encode()).decode().rstrip("=")
+
+
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
     try:
         raw = base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)).decode("ascii")
-    except (binascii.Error, UnicodeDecodeError, ValueError):
+        micros, call_id = raw.split("~", 1)
+        created_at = _EPOCH + timedelta(microseconds=int(micros))
+    except (binascii.Error, UnicodeDecodeError, ValueError, OverflowError):
         raise InvalidCursor(cursor) from None
-    if not raw or not raw.isalnum():
+    if not CALL_ID_RE.fullmatch(call_id):
         raise InvalidCursor(cursor)
-    return raw
+    return created_at, call_id
 
 
 def clamp_limit(limit: int) -> int:

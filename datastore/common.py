@@ -305,11 +305,15 @@ class SqlDatastore(abc.ABC):
         status = None if f.status is None else CallStatus(f.status).value
         where, params = sql.call_filters(f.app, f.fn, status, f.since, before)
         params["limit"] = limit + 1
-        query = f"SELECT {sql.RECORD_SELECT} FROM calls{where} ORDER BY id DESC LIMIT :limit"
+        query = (
+            f"SELECT {sql.RECORD_SELECT} FROM calls{where}"
+            " ORDER BY created_at DESC, id DESC LIMIT :limit"
+        )
         rows = await self._fetch(query, params)
         items = [record_from_row(row) for row in rows[:limit]]
-        more = len(rows) > limit
-        return CallPage(items, encode_cursor(items[-1].id) if more else None)
+        if len(rows) <= limit:
+            return CallPage(items, None)
+        return CallPage(items, encode_cursor(items[-1].created_at, items[-1].id))
 
     async def count_by_status(
         self, app: str | None = None, fn: str | None = None

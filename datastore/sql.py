@@ -192,7 +192,11 @@ LOG_DELETE = "DELETE FROM logs WHERE call_id = :call_id"
 
 
 def call_filters(
-    app: str | None, fn: str | None, status: str | None, since: object, before_id: str | None
+    app: str | None,
+    fn: str | None,
+    status: str | None,
+    since: object,
+    before: tuple[object, str] | None,
 ) -> tuple[str, dict[str, object]]:
     """A WHERE clause (possibly empty) and its parameters for listing and counting."""
     clauses: list[str] = []
@@ -204,9 +208,9 @@ def call_filters(
     if since is not None:
         clauses.append("created_at >= :since")
         params["since"] = since
-    if before_id is not None:
-        clauses.append("id < :before_id")
-        params["before_id"] = before_id
+    if before is not None:  # the calls after a page's last (newest first: older ones)
+        clauses.append("(created_at < :before_at OR (created_at = :before_at AND id < :before_id))")
+        params["before_at"], params["before_id"] = before
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
 
 

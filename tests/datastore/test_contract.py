@@ -331,6 +331,27 @@ async def test_cursor_paging_while_rows_are_added(store: SqlDatastore) -> None:
     assert seen == sorted((c.id for c in existing), reverse=True)
 
 
+async def test_calls_are_listed_newest_first_whatever_their_ids(store: SqlDatastore) -> None:
+    base = utcnow() - timedelta(minutes=5)
+    # a producer's own ids and RQ-style ids, created in this order; two at the same time
+    made = [("zz-first", 0), ("5f0e9a1c-3b1d-4c55-9f0a-2a6f4b8c9d10", 1), ("aa.third", 2),
+            ("tie:b", 3), ("tie:a", 3), ("m_last", 4)]  # fmt: skip
+    for call_id, minute in made:
+        c = Call(id=call_id, app="shop", fn="resize", created_at=base + timedelta(minutes=minute))
+        await store.record_queued(c)
+    expected = ["m_last", "tie:b", "tie:a", "aa.third", made[1][0], "zz-first"]
+    seen: list[str] = []
+    cursor = None
+    while True:  # pages of two: one ends between the two calls made at the same time
+        page = await store.list_calls(CallFilter(limit=2, cursor=cursor))
+        seen.extend(r.id for r in page.items)
+        if (cursor := page.next_cursor) is None:
+            break
+    assert seen == expected
+    since = await store.list_calls(CallFilter(since=base + timedelta(minutes=3)))
+    assert [r.id for r in since.items] == expected[:3]
+
+
 # ------------------------------------------------------------------- purge
 
 

@@ -90,9 +90,10 @@ def test_body_bound() -> None:
 
 
 def test_cursor_round_trip() -> None:
-    assert (
-        decode_cursor(encode_cursor("01HX0000000000000000000000")) == "01HX0000000000000000000000"
-    )
-    for bad in ("***", "", "Zm9vLWJhcg"):  # the last is "foo-bar": not an id
+    at = datetime(2026, 11, 29, 12, 0, 0, 123456, tzinfo=UTC)
+    for call_id in ("01HX0000000000000000000000", "order-1234", "a.b:c_d"):
+        assert decode_cursor(encode_cursor(at, call_id)) == (at, call_id)
+    # not base64; "foo-bar" (no time); "12~-x" (not an id); an old cursor, the id alone
+    for bad in ("***", "", "Zm9vLWJhcg", "MTJ-LXg", "MDFIWDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA"):
         with pytest.raises(InvalidCursor):
             decode_cursor(bad)
