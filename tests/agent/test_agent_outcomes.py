@@ -39,11 +39,26 @@ async def test_502_is_function_failed_and_keeps_the_container(agents: AgentFacto
     fn = make_fn()
     outcome = await agent.submit(make_call(fn), fn)
     assert outcome.status is CallStatus.ERROR
-    assert outcome.error == "function failed" and outcome.failure is FailureKind.FUNCTION
+    assert outcome.error == "function failed: boom" and outcome.failure is FailureKind.FUNCTION
     assert outcome.response is not None and outcome.response.body == b"boom"
     again = await agent.submit(make_call(fn), fn)
     assert again.container_id == outcome.container_id
     assert (driver.creates, driver.removes) == (1, 0)
+
+
+async def test_a_failed_call_s_error_quotes_the_start_of_what_the_function_said(
+    agents: AgentFactory,
+) -> None:
+    said = b'{"error": "bad\n  input"}' + b" x" * 200
+    agent = agents(FakeDriver(FakeBehaviour(handler=reply(502, said))))
+    fn = make_fn()
+    outcome = await agent.submit(make_call(fn), fn)
+    assert outcome.error is not None
+    assert outcome.error.startswith('function failed: {"error": "bad input"} x x')
+    assert outcome.error.endswith("...") and len(outcome.error) == len("function failed: ") + 200
+    assert outcome.response is not None and outcome.response.body == said  # kept whole
+    silent = agents(FakeDriver(FakeBehaviour(handler=reply(502, b""))))
+    assert (await silent.submit(make_call(fn), fn)).error == "function failed"
 
 
 async def test_oversized_response_is_a_terminal_error_and_keeps_the_body_cut(

@@ -162,7 +162,7 @@ async def test_graceful_shutdown_finishes_running_calls(sqlite_cluster: Cluster)
 
 CASES = [
     # name, image, body, memory, timeout, status, error fragment
-    ("raise", "fnq/raise:latest", b"boom", 64, 20, CallStatus.ERROR, "function failed"),
+    ("raise", "fnq/raise:latest", b"boom", 64, 20, CallStatus.ERROR, "function failed: "),
     ("exit", "fnq/exit:latest", b"3", 64, 20, CallStatus.ERROR, "code 3"),
     ("sleep", "fnq/sleep:latest", b"30", 64, 2, CallStatus.TIMEOUT, "longer than 2 s"),
     ("oom", "fnq/oom:latest", b"", 32, 20, CallStatus.ERROR, "out of memory"),

@@ -36,6 +36,7 @@ STATUS_OK = 200
 STATUS_FUNCTION_FAILED = 502
 STATUS_FUNCTION_TIMEOUT = 504
 KEEP_STATUSES = frozenset({STATUS_OK, STATUS_FUNCTION_FAILED, STATUS_FUNCTION_TIMEOUT})
+ERROR_EXCERPT_CHARS = 200  # of a failed function's answer, in its call's error
 
 
 class ExecEnd(StrEnum):
@@ -108,7 +109,9 @@ def _answered(result: DispatchResult) -> tuple[CallStatus, str | None, FailureKi
     if result.status == STATUS_OK:
         return CallStatus.SUCCESS, None, None
     if result.status == STATUS_FUNCTION_FAILED:
-        return CallStatus.ERROR, "function failed", FailureKind.FUNCTION
+        said = _excerpt(result.body)
+        error = f"function failed: {said}" if said else "function failed"
+        return CallStatus.ERROR, error, FailureKind.FUNCTION
     if result.status == STATUS_FUNCTION_TIMEOUT:
         return CallStatus.TIMEOUT, "the function reported a timeout", FailureKind.FUNCTION
     return (
@@ -116,6 +119,15 @@ def _answered(result: DispatchResult) -> tuple[CallStatus, str | None, FailureKi
         f"invalid function response: status {result.status}",
         FailureKind.FUNCTION,
     )
+
+
+def _excerpt(body: bytes) -> str:
+    """What a failed function said, for the call's error: the start of its body on one
+    line (the whole body stays in the response)."""
+    text = " ".join(body[: ERROR_EXCERPT_CHARS * 4].decode("utf-8", "replace").split())
+    if len(text) > ERROR_EXCERPT_CHARS:
+        return text[: ERROR_EXCERPT_CHARS - 3] + "..."
+    return text
 
 
 _ENDS: dict[ExecEnd, tuple[CallStatus, FailureKind]] = {
