@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -13,6 +15,8 @@ from config.domain import Call, CallStatus, Outcome, Response, new_call_id
 from config.settings import load_settings
 from datastore.base import open_datastore
 from worker.cli import cli
+
+FNQ = str(Path(sys.executable).parent / "fnq")
 
 
 def fnq(*args: str) -> Result:
@@ -126,3 +130,20 @@ def test_calls_commands(settings_env: Path) -> None:
     assert fnq("calls", "purge", "--older-than", "1h").output.startswith("purged 0 calls")
     assert fnq("calls", "purge", "--older-than", "0s").output.startswith("purged 3 calls")
     assert json.loads(fnq("calls", "list", "--json").output)["items"] == []
+
+
+def into_closed_pipe(*args: str) -> tuple[int, str]:
+    """Run ``fnq ARGS`` with its stdout a pipe whose reader has gone; its status and stderr."""
+    proc = subprocess.Popen([FNQ, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything: its first write fails
+    err = proc.stderr.read()
+    return proc.wait(30), err
+
+
+def test_a_closed_stdout_ends_the_command_quietly(settings_env: Path) -> None:
+    call = Call(new_call_id(), "shop", "resize", body=b"x" * 500, headers={"X-A": "1"})
+    record([(call, Outcome(CallStatus.SUCCESS, response=Response(200, {}, b"y" * 500)))])
+    assert into_closed_pipe("calls", "show", call.id) == (141, "")
+    assert into_closed_pipe("calls", "list") == (141, "")
+    assert into_closed_pipe("--help") == (141, "")

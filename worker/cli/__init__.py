@@ -7,12 +7,13 @@ the docker client and ``fnq worker`` does not pay for what it never runs.
 from __future__ import annotations
 
 import importlib
+from typing import Any
 
 import click
 
 from config.errors import FnqError
 from config.settings import load_settings
-from worker.cli._common import fail
+from worker.cli._common import fail, quiet_when_stdout_closes
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.cli.run", "worker_cmd"),
@@ -38,6 +39,14 @@ class LazyGroup(click.Group):
         command = getattr(importlib.import_module(where[0]), where[1])
         assert isinstance(command, click.Command)
         return command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with quiet_when_stdout_closes():  # --help, --version
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with quiet_when_stdout_closes():
+            return super().invoke(ctx)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})
