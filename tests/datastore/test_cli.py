@@ -90,6 +90,32 @@ def test_errors_are_one_line(settings_env: Path, args: list[str], message: str) 
     assert len(lines) == 1 and lines[0].startswith("fnq: ") and message in lines[0], out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nosuch"], "No such command 'nosuch'."),
+        (["--bogus"], "No such option '--bogus'."),
+        (["calls", "show"], "Missing argument 'CALL_ID'."),
+        (["calls", "list", "--status", "late"], "Invalid value for '--status': 'late' is not one"),
+        (["calls", "list", "--limit", "0"], "Invalid value for '--limit': 0 is not in the range"),
+        (["fn", "create", "a", "f"], "Missing option '--image'."),
+        (["dead", "purge"], "give dead-letter ids or --all (not both)"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_with_status_2(
+    settings_env: Path, args: list[str], message: str
+) -> None:
+    out = CliRunner().invoke(cli, args)
+    assert (out.exit_code, out.stdout) == (2, "")
+    assert out.stderr.startswith(f"fnq: {message}") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_group_without_a_subcommand_shows_its_help(settings_env: Path) -> None:
+    out = CliRunner().invoke(cli, ["calls"])
+    assert out.exit_code in (0, 2)  # 2 from click 8.2 on
+    assert "calls [OPTIONS] COMMAND" in out.output and "retry" in out.output
+
+
 def test_calls_commands(settings_env: Path) -> None:
     ok = Call(new_call_id(), "shop", "resize")
     bad = Call(new_call_id(), "shop", "crop")

@@ -99,11 +99,19 @@ def test_call_body_from_file_or_stdin_and_a_delay(backend: str, tmp_path: Path) 
     with_queue(check)
 
 
-def test_call_rejects_bad_input(backend: str) -> None:
-    assert fnq("call", "demo", "echo", "--header", "nocolon", code=2) == ""
-    fnq("call", "demo", "echo", "--priority", "3", code=2)
-    fnq("call", "demo", "echo", "--id", "bad id", code=2)
-    fnq("call", "demo", "echo", "--body", "@/no/such/file", code=2)
+def test_call_rejects_bad_input(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FN_MAX_REQUEST_SIZE", "8")
+    for args, message in [
+        (["--header", "nocolon"], "fnq: Invalid value for --header: 'nocolon' is not NAME:VALUE"),
+        (["--priority", "3"], "fnq: Invalid value for '--priority': 3 is not in the range"),
+        (["--delay", "-1"], "fnq: delay -1.0 is not between 0 and"),
+        (["--id", "bad id"], "fnq: id 'bad id' is not 1-128 characters"),
+        (["--body", "@/no/such/file"], "fnq: Invalid value for --body: cannot read /no/such/file"),
+        (["--body", "123456789"], "fnq: body of 9 bytes exceeds the limit of 8 bytes"),
+    ]:
+        result = CliRunner().invoke(cli, ["call", "demo", "echo", *args])
+        assert (result.exit_code, result.stdout) == (2, ""), args
+        assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
 
     async def empty(queue: MessageQueue) -> int:
         stats = await queue.stats()

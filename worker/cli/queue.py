@@ -37,7 +37,8 @@ def read_body(spec: str | None) -> bytes:
         try:
             return Path(spec[1:]).read_bytes()
         except OSError as exc:
-            raise click.BadParameter(f"cannot read {spec[1:]}: {exc.strerror}") from None
+            message = f"cannot read {spec[1:]}: {exc.strerror}"
+            raise click.BadParameter(message, param_hint="--body") from None
     return spec.encode("utf-8")
 
 
