@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
 import subprocess
 import sys
 from pathlib import Path
@@ -14,6 +15,7 @@ from click.testing import CliRunner, Result
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id
 from config.settings import load_settings
 from datastore.base import open_datastore
+from datastore.validate import parse_since
 from worker.cli import cli
 
 FNQ = str(Path(sys.executable).parent / "fnq")
@@ -173,3 +175,26 @@ def test_a_closed_stdout_ends_the_command_quietly(settings_env: Path) -> None:
     assert into_closed_pipe("calls", "show", call.id) == (141, "")
     assert into_closed_pipe("calls", "list") == (141, "")
     assert into_closed_pipe("--help") == (141, "")
+
+
+def test_the_next_page_hint_keeps_the_filters(settings_env: Path) -> None:
+    failed = Outcome(CallStatus.ERROR, error="The function exited with code 1.")
+    wanted = [Call(new_call_id(), "shop", "resize") for _ in range(3)]
+    others = [Call(new_call_id(), "shop", "crop"), Call(new_call_id(), "blog", "resize")]
+    queued = Call(new_call_id(), "shop", "resize")
+    record([(c, failed) for c in [*wanted, *others]] + [(queued, None)])
+
+    first = fnq("calls", "list", "--app", "shop", "--fn", "resize", "--status", "error",
+                "--since", "1h", "--limit", "2").output.splitlines()  # fmt: skip
+    assert first[-1].startswith("more: ")
+    hint = shlex.split(first[-1].removeprefix("more: "))
+    assert hint[:9] == ["fnq", "calls", "list", "--app", "shop", "--fn", "resize", "--status",
+                        "error"]  # fmt: skip
+    assert hint[9] == "--since"  # the time "1h" stood for, so that the next page does not move
+    assert abs((parse_since(hint[10]) - parse_since("1h")).total_seconds()) < 60
+    assert hint[11:14] == ["--limit", "2", "--cursor"] and len(hint) == 15
+
+    second = fnq(*hint[1:]).output.splitlines()
+    assert not second[-1].startswith("more: ")
+    listed = [line.split()[0] for line in first[1:-1] + second[1:]]
+    assert sorted(listed) == sorted(c.id for c in wanted)
