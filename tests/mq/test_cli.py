@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -15,6 +16,7 @@ from click.testing import CliRunner
 from config.domain import Call
 from config.settings import load_settings
 from mq.base import Message, MessageQueue, open_queue
+from tests.mq.conftest import QueueMaker
 from tests.rig import RedisServer
 from worker.cli import cli
 
@@ -161,3 +163,37 @@ def test_dead_list_requeue_purge(backend: str) -> None:
     assert with_queue(requeued) == ["d0"]
     assert fnq("dead", "purge", "--all") == "1\n"
     assert json.loads(fnq("dead", "list", "--json")) == []
+
+
+def test_dead_list_names_the_function_a_malformed_message_gives(backend: str) -> None:
+    url = load_settings().mq_url
+    parts = urllib.parse.urlsplit(url)
+    prefix = urllib.parse.parse_qs(parts.query).get("prefix", [""])[0]
+    maker = QueueMaker(backend, url, prefix, parts.port or 0)
+    with_queue(lambda queue: queue.stats())  # makes the SQLite tables
+    if backend == "redis":
+        maker.inject_raw({"id": b"m1", "app": b"shop", "fn": b"resize", "dealy": b"3"})
+        maker.inject_raw({"id": b"m2", "fn": b"resize", "priority": b"high"})
+        maker.inject_raw({"id": b"m3", "body": b"x"})
+    else:
+        maker.inject_raw(
+            {"payload": b'{"id":"m1","app":"shop","fn":"resize","dealy":3}'}, msg_id="m1"
+        )
+        maker.inject_raw({"payload": b'{"id":"m2","fn":"resize","priority":"high"}'}, msg_id="m2")
+        maker.inject_raw({"payload": b"{nope"}, msg_id="m3")
+
+    async def reserve(queue: MessageQueue) -> Message | None:
+        return await queue.reserve(0.5)
+
+    assert with_queue(reserve) is None  # the malformed messages went to the dead letters
+    rows = [line.split() for line in fnq("dead", "list").splitlines()]
+    assert rows[0][:2] == ["ID", "FUNCTION"]
+    assert {row[0]: row[1] for row in rows[1:]} == {
+        "m1": "shop/resize",
+        "m2": "?/resize",
+        "m3": "?/?",
+    }
+    assert all(
+        r["reason"].startswith("malformed message")
+        for r in json.loads(fnq("dead", "list", "--json"))
+    )
