@@ -305,16 +305,16 @@ def mask_url(url: str) -> str:
     return f"{scheme}://{user}:***@{host}" if ":" in creds else url
 
 
-def public_view(settings: Settings) -> dict[str, str]:
-    """Effective settings by environment name, secrets masked."""
-    out: dict[str, str] = {}
+def public_view(settings: Settings) -> dict[str, str | int | float | bool]:
+    """Effective settings by environment name, secrets masked; numbers and booleans as such."""
+    out: dict[str, str | int | float | bool] = {}
     for name in Settings.model_fields:
         value = getattr(settings, name)
         if name in SECRET_FIELDS:
-            text = "" if value is None else "***"
+            value = "" if value is None else "***"
         elif name in URL_FIELDS:
-            text = mask_url(str(value))
-        else:
-            text = str(value).lower() if isinstance(value, bool) else str(value)
-        out[env_name(name)] = text
+            value = mask_url(str(value))
+        elif not isinstance(value, int | float):  # bool is an int
+            value = str(value)
+        out[env_name(name)] = value
     return out

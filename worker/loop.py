@@ -89,6 +89,8 @@ class Worker:
         )  # fmt: skip
         metrics.recording.set_function(lambda: self.calls.recording)  # read when scraped
         self._outage_since: float | None = None
+        # The queues whose last reserve failed, with its error (see serve's burst mode).
+        self.unreached: dict[int, FnqError] = {}
         self._unstarted = 0  # reserved calls not yet in a container
 
     @property
@@ -210,8 +212,10 @@ class Worker:
                 acks.give_back(carried)
             if not isinstance(exc, FnqError):
                 raise
+            self.unreached[id(queue)] = exc
             await self._outage("queue", exc)
             return []
+        self.unreached.pop(id(queue), None)
         self._recovered("queue")
         return msgs
 

@@ -11,6 +11,7 @@ from config.errors import ConfigError
 from config.settings import Settings
 from datastore.base import open_datastore
 from mq.base import MessageQueue, open_queue
+from mq.errors import QueueUnavailable
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
 from worker.loop import Worker
@@ -40,7 +41,11 @@ async def serve(
     install_signals: bool = True,
     shutdown: Shutdown | None = None,
 ) -> int:
-    """Run one worker until stopped; returns the number of calls it finished."""
+    """Run one worker until stopped; returns the number of calls it finished.
+
+    With ``burst``, a queue still unreachable when the worker stops (it stopped
+    for the outage, its work perhaps not done) raises QueueUnavailable.
+    """
     shutdown = shutdown or Shutdown(settings.secs("shutdown_grace_msecs"))
     metrics = Metrics()
     if settings.metrics_port:
@@ -61,6 +66,9 @@ async def serve(
                     side.cancel()
                 await upkeep.leave()
             log.info("worker %s stopped after %d call(s)", worker.worker_id, worker.completed)
+            if burst and worker.unreached:  # it stopped for the outage, not for an empty queue
+                error = next(iter(worker.unreached.values()))
+                raise QueueUnavailable(f"burst stopped with the queue unreachable: {error}")
             return worker.completed
     finally:
         await store.close()

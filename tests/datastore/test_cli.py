@@ -4,6 +4,9 @@ from __future__ import annotations
 
 import asyncio
 import json
+import shlex
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,7 +15,10 @@ from click.testing import CliRunner, Result
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id
 from config.settings import load_settings
 from datastore.base import open_datastore
+from datastore.validate import parse_since
 from worker.cli import cli
+
+FNQ = str(Path(sys.executable).parent / "fnq")
 
 
 def fnq(*args: str) -> Result:
@@ -86,6 +92,32 @@ def test_errors_are_one_line(settings_env: Path, args: list[str], message: str) 
     assert len(lines) == 1 and lines[0].startswith("fnq: ") and message in lines[0], out.stderr
 
 
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["nosuch"], "No such command 'nosuch'."),
+        (["--bogus"], "No such option '--bogus'."),
+        (["calls", "show"], "Missing argument 'CALL_ID'."),
+        (["calls", "list", "--status", "late"], "Invalid value for '--status': 'late' is not one"),
+        (["calls", "list", "--limit", "0"], "Invalid value for '--limit': 0 is not in the range"),
+        (["fn", "create", "a", "f"], "Missing option '--image'."),
+        (["dead", "purge"], "give dead-letter ids or --all (not both)"),
+    ],
+)  # fmt: skip
+def test_usage_errors_are_one_line_with_status_2(
+    settings_env: Path, args: list[str], message: str
+) -> None:
+    out = CliRunner().invoke(cli, args)
+    assert (out.exit_code, out.stdout) == (2, "")
+    assert out.stderr.startswith(f"fnq: {message}") and out.stderr.count("\n") == 1, out.stderr
+
+
+def test_a_group_without_a_subcommand_shows_its_help(settings_env: Path) -> None:
+    out = CliRunner().invoke(cli, ["calls"])
+    assert out.exit_code in (0, 2)  # 2 from click 8.2 on
+    assert "calls [OPTIONS] COMMAND" in out.output and "retry" in out.output
+
+
 def test_calls_commands(settings_env: Path) -> None:
     ok = Call(new_call_id(), "shop", "resize")
     bad = Call(new_call_id(), "shop", "crop")
@@ -126,3 +158,43 @@ def test_calls_commands(settings_env: Path) -> None:
     assert fnq("calls", "purge", "--older-than", "1h").output.startswith("purged 0 calls")
     assert fnq("calls", "purge", "--older-than", "0s").output.startswith("purged 3 calls")
     assert json.loads(fnq("calls", "list", "--json").output)["items"] == []
+
+
+def into_closed_pipe(*args: str) -> tuple[int, str]:
+    """Run ``fnq ARGS`` with its stdout a pipe whose reader has gone; its status and stderr."""
+    proc = subprocess.Popen([FNQ, *args], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    assert proc.stdout is not None and proc.stderr is not None
+    proc.stdout.close()  # before the command writes anything: its first write fails
+    err = proc.stderr.read()
+    return proc.wait(30), err
+
+
+def test_a_closed_stdout_ends_the_command_quietly(settings_env: Path) -> None:
+    call = Call(new_call_id(), "shop", "resize", body=b"x" * 500, headers={"X-A": "1"})
+    record([(call, Outcome(CallStatus.SUCCESS, response=Response(200, {}, b"y" * 500)))])
+    assert into_closed_pipe("calls", "show", call.id) == (141, "")
+    assert into_closed_pipe("calls", "list") == (141, "")
+    assert into_closed_pipe("--help") == (141, "")
+
+
+def test_the_next_page_hint_keeps_the_filters(settings_env: Path) -> None:
+    failed = Outcome(CallStatus.ERROR, error="The function exited with code 1.")
+    wanted = [Call(new_call_id(), "shop", "resize") for _ in range(3)]
+    others = [Call(new_call_id(), "shop", "crop"), Call(new_call_id(), "blog", "resize")]
+    queued = Call(new_call_id(), "shop", "resize")
+    record([(c, failed) for c in [*wanted, *others]] + [(queued, None)])
+
+    first = fnq("calls", "list", "--app", "shop", "--fn", "resize", "--status", "error",
+                "--since", "1h", "--limit", "2").output.splitlines()  # fmt: skip
+    assert first[-1].startswith("more: ")
+    hint = shlex.split(first[-1].removeprefix("more: "))
+    assert hint[:9] == ["fnq", "calls", "list", "--app", "shop", "--fn", "resize", "--status",
+                        "error"]  # fmt: skip
+    assert hint[9] == "--since"  # the time "1h" stood for, so that the next page does not move
+    assert abs((parse_since(hint[10]) - parse_since("1h")).total_seconds()) < 60
+    assert hint[11:14] == ["--limit", "2", "--cursor"] and len(hint) == 15
+
+    second = fnq(*hint[1:]).output.splitlines()
+    assert not second[-1].startswith("more: ")
+    listed = [line.split()[0] for line in first[1:-1] + second[1:]]
+    assert sorted(listed) == sorted(c.id for c in wanted)

@@ -12,6 +12,7 @@ from click.testing import CliRunner
 from config.domain import Call, new_call_id
 from config.settings import load_settings
 from datastore.base import open_datastore
+from tests.datastore.test_cli import into_closed_pipe
 from tests.datastore.test_workers import INFO
 from worker.cli import cli
 
@@ -61,3 +62,7 @@ def test_status_lists_live_workers(settings_env: Path) -> None:
     assert busy_row[7] == "5" and busy_row[-1] == "ago"
     assert idle_row[:8] == ["w-idle", "box-2", "20", "-", "-", "-", "-", "-"]
     assert "w-dead" not in "\n".join(lines)
+
+
+def test_status_into_a_closed_pipe_ends_quietly(settings_env: Path) -> None:
+    assert into_closed_pipe("status") == (141, "")  # fnq status | head -1

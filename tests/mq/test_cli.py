@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import secrets
+import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import TypeVar
@@ -16,6 +17,7 @@ from config.domain import Call, CallStatus, Outcome, utcnow
 from config.settings import load_settings
 from datastore.base import open_datastore
 from mq.base import Message, MessageQueue, open_queue
+from tests.mq.conftest import QueueMaker
 from tests.rig import RedisServer
 from worker.cli import cli
 
@@ -100,11 +102,19 @@ def test_call_body_from_file_or_stdin_and_a_delay(backend: str, tmp_path: Path) 
     with_queue(check)
 
 
-def test_call_rejects_bad_input(backend: str) -> None:
-    assert fnq("call", "demo", "echo", "--header", "nocolon", code=2) == ""
-    fnq("call", "demo", "echo", "--priority", "3", code=2)
-    fnq("call", "demo", "echo", "--id", "bad id", code=2)
-    fnq("call", "demo", "echo", "--body", "@/no/such/file", code=2)
+def test_call_rejects_bad_input(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("FN_MAX_REQUEST_SIZE", "8")
+    for args, message in [
+        (["--header", "nocolon"], "fnq: Invalid value for --header: 'nocolon' is not NAME:VALUE"),
+        (["--priority", "3"], "fnq: Invalid value for '--priority': 3 is not in the range"),
+        (["--delay", "-1"], "fnq: delay -1.0 is not between 0 and"),
+        (["--id", "bad id"], "fnq: id 'bad id' is not 1-128 characters"),
+        (["--body", "@/no/such/file"], "fnq: Invalid value for --body: cannot read /no/such/file"),
+        (["--body", "123456789"], "fnq: body of 9 bytes exceeds the limit of 8 bytes"),
+    ]:
+        result = CliRunner().invoke(cli, ["call", "demo", "echo", *args])
+        assert (result.exit_code, result.stdout) == (2, ""), args
+        assert result.stderr.startswith(message) and result.stderr.count("\n") == 1, result.stderr
 
     async def empty(queue: MessageQueue) -> int:
         stats = await queue.stats()
@@ -208,3 +218,37 @@ def test_calling_an_id_that_has_ended_points_to_retry(backend: str) -> None:
         return (await queue.stats()).ready
 
     assert with_queue(ready) == 0
+
+
+def test_dead_list_names_the_function_a_malformed_message_gives(backend: str) -> None:
+    url = load_settings().mq_url
+    parts = urllib.parse.urlsplit(url)
+    prefix = urllib.parse.parse_qs(parts.query).get("prefix", [""])[0]
+    maker = QueueMaker(backend, url, prefix, parts.port or 0)
+    with_queue(lambda queue: queue.stats())  # makes the SQLite tables
+    if backend == "redis":
+        maker.inject_raw({"id": b"m1", "app": b"shop", "fn": b"resize", "dealy": b"3"})
+        maker.inject_raw({"id": b"m2", "fn": b"resize", "priority": b"high"})
+        maker.inject_raw({"id": b"m3", "body": b"x"})
+    else:
+        maker.inject_raw(
+            {"payload": b'{"id":"m1","app":"shop","fn":"resize","dealy":3}'}, msg_id="m1"
+        )
+        maker.inject_raw({"payload": b'{"id":"m2","fn":"resize","priority":"high"}'}, msg_id="m2")
+        maker.inject_raw({"payload": b"{nope"}, msg_id="m3")
+
+    async def reserve(queue: MessageQueue) -> Message | None:
+        return await queue.reserve(0.5)
+
+    assert with_queue(reserve) is None  # the malformed messages went to the dead letters
+    rows = [line.split() for line in fnq("dead", "list").splitlines()]
+    assert rows[0][:2] == ["ID", "FUNCTION"]
+    assert {row[0]: row[1] for row in rows[1:]} == {
+        "m1": "shop/resize",
+        "m2": "?/resize",
+        "m3": "?/?",
+    }
+    assert all(
+        r["reason"].startswith("malformed message")
+        for r in json.loads(fnq("dead", "list", "--json"))
+    )

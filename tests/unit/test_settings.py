@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -91,12 +92,29 @@ def test_cli_config_json_and_error(settings_env: Path, monkeypatch: pytest.Monke
     runner = CliRunner()
     ok = runner.invoke(cli, ["config", "--json"])
     assert ok.exit_code == 0, ok.output
-    assert '"FN_HOT_POLL_MSECS": "200"' in ok.output
+    assert '"FN_HOT_POLL_MSECS": 200' in ok.output
     monkeypatch.setenv("FN_MAX_PIDS", "many")
     bad = runner.invoke(cli, ["config"])
     assert bad.exit_code == 1
     assert "FN_MAX_PIDS='many'" in bad.output
     assert "Traceback" not in bad.output
+
+
+def test_cli_config_json_keeps_numbers_and_booleans(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FN_MAX_PIDS", "88")
+    monkeypatch.setenv("FN_ENABLE_NB_RESOURCE_TRACKER", "true")
+    monkeypatch.setenv("FN_SENTRY_DSN", "https://key@sentry.example/1")
+    monkeypatch.setenv("FN_DB_URL", "postgresql://fnq:hunter2@db:5432/fnq")
+    view = json.loads(CliRunner().invoke(cli, ["config", "--json"]).output)
+    assert (view["FN_MAX_PIDS"], view["FN_HOT_POLL_MSECS"]) == (88, 200)
+    assert view["FN_ENABLE_NB_RESOURCE_TRACKER"] is True and view["FN_ASYNC_COUNT_IDLE"] is False
+    assert view["FN_DATA_DIR"] == str(settings_env / "data") and view["FN_RQ_QUEUES"] == ""
+    assert view["FN_SENTRY_DSN"] == "***"
+    assert view["FN_DB_URL"] == "postgresql://fnq:***@db:5432/fnq"
+    rows = [line.split() for line in CliRunner().invoke(cli, ["config"]).output.splitlines()]
+    assert ["FN_ENABLE_NB_RESOURCE_TRACKER", "true"] in rows and ["FN_MAX_PIDS", "88"] in rows
 
 
 def test_docs_table_is_current() -> None:

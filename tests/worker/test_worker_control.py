@@ -8,6 +8,7 @@ import json
 import signal
 import urllib.request
 from datetime import timedelta
+from pathlib import Path
 
 import docker
 import pytest
@@ -15,7 +16,7 @@ import pytest
 from config.domain import Call, CallStatus, Function, new_call_id, utcnow
 from datastore.base import open_datastore
 from tests.rig import free_port
-from tests.worker.conftest import Cluster, make_calls
+from tests.worker.conftest import Cluster, base_env, make_calls
 from worker.agent.drivers.docker_config import APP_LABEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -113,6 +114,20 @@ async def test_idle_worker_stops_promptly_on_sigterm(sqlite_cluster: Cluster) ->
     worker.send_signal(signal.SIGTERM)
     assert await asyncio.to_thread(worker.wait, 20) == 0, sqlite_cluster.logs()[-2000:]
     assert asyncio.get_running_loop().time() - began < 5.0
+
+
+def test_a_burst_that_cannot_reach_its_queue_fails(tmp_path: Path, docker_engine: object) -> None:
+    down = Cluster(base_env(tmp_path, f"redis://127.0.0.1:{free_port()}/0"), tmp_path)
+    out = down.fnq("worker", "--burst")
+    assert out.returncode == 1, out.stderr
+    last = out.stderr.splitlines()[-1]
+    assert last.startswith("fnq: burst stopped with the queue unreachable: redis queue:"), last
+    assert "Connection refused" in last
+
+    empty = Cluster(base_env(tmp_path, f"sqlite:///{tmp_path / 'data' / 'mq.db'}"), tmp_path)
+    out = empty.fnq("worker", "--burst")
+    assert out.returncode == 0, out.stderr  # an empty queue it reached: done
+    assert "stopped after 0 call(s)" in out.stderr and "fnq:" not in out.stderr
 
 
 async def test_a_failed_call_is_retried_with_its_request(sqlite_cluster: Cluster) -> None:

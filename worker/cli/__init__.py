@@ -7,12 +7,14 @@ the docker client and ``fnq worker`` does not pay for what it never runs.
 from __future__ import annotations
 
 import importlib
+import sys
+from typing import Any
 
 import click
 
 from config.errors import FnqError
 from config.settings import load_settings
-from worker.cli._common import fail
+from worker.cli._common import fail, quiet_when_stdout_closes
 
 COMMANDS: dict[str, tuple[str, str]] = {
     "worker": ("worker.cli.run", "worker_cmd"),
@@ -27,7 +29,30 @@ COMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+# click >= 8.2 reports a group run without a subcommand as a usage error whose message is the
+# help text; that one is shown as click shows it.
+_HELP_ERROR: Any = getattr(click.exceptions, "NoArgsIsHelpError", None)
+
+
 class LazyGroup(click.Group):
+    def main(self, *args: Any, **kwargs: Any) -> Any:
+        """Run as click's standalone mode does, with errors as one line ``fnq: ...`` on stderr.
+
+        The exit status is click's: 2 for a usage error, 1 for any other.
+        """
+        if not kwargs.get("standalone_mode", True):
+            return super().main(*args, **kwargs)
+        try:
+            status = super().main(*args, **{**kwargs, "standalone_mode": False})
+        except click.ClickException as exc:
+            if _HELP_ERROR is not None and isinstance(exc, _HELP_ERROR):
+                exc.show()
+                sys.exit(exc.exit_code)
+            fail(exc.format_message(), exc.exit_code)
+        except click.Abort:
+            fail("aborted")
+        sys.exit(status if isinstance(status, int) else 0)  # an int only from ctx.exit(code)
+
     def list_commands(self, ctx: click.Context) -> list[str]:
         return list(COMMANDS)
 
@@ -38,6 +63,14 @@ class LazyGroup(click.Group):
         command = getattr(importlib.import_module(where[0]), where[1])
         assert isinstance(command, click.Command)
         return command
+
+    def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
+        with quiet_when_stdout_closes():  # --help, --version
+            return super().parse_args(ctx, args)
+
+    def invoke(self, ctx: click.Context) -> Any:
+        with quiet_when_stdout_closes():
+            return super().invoke(ctx)
 
 
 @click.group(cls=LazyGroup, context_settings={"help_option_names": ["-h", "--help"]})

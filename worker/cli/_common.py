@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
+import os
+import signal
 import sys
-from collections.abc import Callable, Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Iterator, Sequence
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -43,6 +46,23 @@ def fail(message: str, code: int = 1) -> None:
     sys.exit(code)
 
 
+@contextlib.contextmanager
+def quiet_when_stdout_closes() -> Iterator[None]:
+    """End the command quietly when its reader has gone (``fnq status | head -1``).
+
+    The exit status is the one a shell reports for a process ended by SIGPIPE
+    (141). Standard output is pointed at /dev/null first, so that Python's
+    flush of it at exit does not fail again.
+    """
+    try:
+        yield
+    except BrokenPipeError:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        os.close(devnull)
+        sys.exit(128 + signal.SIGPIPE)
+
+
 def friendly_errors(func: Callable[P, T]) -> Callable[P, T]:
     """Turn expected failures into one line on stderr and exit status 1."""
 
@@ -52,6 +72,8 @@ def friendly_errors(func: Callable[P, T]) -> Callable[P, T]:
             return func(*args, **kwargs)
         except FnqError as exc:
             fail(str(exc))
+        except BrokenPipeError:
+            raise  # not a failure: see quiet_when_stdout_closes
         except (OSError, ConnectionError) as exc:
             fail(f"{type(exc).__name__}: {exc}")
         raise AssertionError("unreachable")  # pragma: no cover

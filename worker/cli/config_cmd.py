@@ -37,4 +37,5 @@ def config_cmd(ctx: click.Context, as_json: bool, markdown: bool) -> None:
     if as_json:
         print_json(view)
     else:
-        print_table(["VARIABLE", "VALUE"], sorted(view.items()))
+        rows = [(k, str(v).lower() if isinstance(v, bool) else v) for k, v in sorted(view.items())]
+        print_table(["VARIABLE", "VALUE"], rows)

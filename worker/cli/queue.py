@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -38,7 +39,8 @@ def read_body(spec: str | None) -> bytes:
         try:
             return Path(spec[1:]).read_bytes()
         except OSError as exc:
-            raise click.BadParameter(f"cannot read {spec[1:]}: {exc.strerror}") from None
+            message = f"cannot read {spec[1:]}: {exc.strerror}"
+            raise click.BadParameter(message, param_hint="--body") from None
     return spec.encode("utf-8")
 
 
@@ -173,6 +175,19 @@ def _dead_row(d: DeadLetter) -> dict[str, object]:
     return row
 
 
+def _function_of(row: dict[str, object]) -> str:
+    """APP/FN of a dead letter; of a malformed one, as far as its raw message names them."""
+    if "app" in row:
+        return f"{row['app']}/{row['fn']}"
+    try:
+        raw = json.loads(str(row["raw"]))
+    except ValueError:
+        raw = None
+    named = raw if isinstance(raw, dict) else {}
+    app, fn = named.get("app"), named.get("fn")
+    return f"{app if isinstance(app, str) else '?'}/{fn if isinstance(fn, str) else '?'}"
+
+
 @dead_group.command("list")
 @json_option
 @click.option("--limit", type=click.IntRange(1), default=100, show_default=True)
@@ -192,7 +207,7 @@ def dead_list(ctx: click.Context, as_json: bool, limit: int) -> None:
     table = [
         (
             r["id"],
-            f"{r.get('app', '?')}/{r.get('fn', '?')}",
+            _function_of(r),
             r["deliveries"],
             r["died_at"],
             r["reason"],

@@ -23,7 +23,11 @@ from worker.runtime import serve, setup_sentry
 
 
 @click.command("worker")
-@click.option("--burst", is_flag=True, help="Exit once the queue is empty (for batch jobs, tests).")
+@click.option(
+    "--burst",
+    is_flag=True,
+    help="Exit once the queue is empty (for batch jobs, tests); status 1 if it cannot be reached.",
+)
 @click.option(
     "--prefetch",
     type=click.IntRange(1, 64),

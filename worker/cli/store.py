@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import base64
+import shlex
 from collections.abc import Awaitable, Callable
 from datetime import datetime
 from typing import Any, TypeVar
 
 import click
+from click.core import ParameterSource
 
 from config.domain import CallStatus, Function, utcnow
 from config.errors import FnqError
@@ -252,7 +254,20 @@ def calls_list(
              _duration(r), _one_line(r.error)) for r in page.items]  # fmt: skip
     print_table(["ID", "FUNCTION", "STATUS", "ATTEMPTS", "CREATED", "RAN", "ERROR"], rows)
     if page.next_cursor:
-        click.echo(f"more: fnq calls list --cursor {page.next_cursor}")
+        click.echo(f"more: {_next_page(ctx, f, page.next_cursor)}")
+
+
+def _next_page(ctx: click.Context, f: CallFilter, cursor: str) -> str:
+    """The command that lists the next page: the same filters, then the cursor."""
+    args = ["fnq", "calls", "list"]
+    for name in ("app", "fn", "status"):
+        if ctx.params[name] is not None:
+            args += [f"--{name}", ctx.params[name]]
+    if f.since is not None:  # the time it stood for: a duration would move with the clock
+        args += ["--since", f.since.isoformat()]
+    if ctx.get_parameter_source("limit") is not ParameterSource.DEFAULT:
+        args += ["--limit", str(f.limit)]
+    return shlex.join([*args, "--cursor", cursor])
 
 
 @calls_group.command("show")
