@@ -30,6 +30,14 @@ from worker.cli._common import (
 T = TypeVar("T")
 
 
+def no_call(call_id: str) -> FnqError:
+    """The error for an id with no record, with where else it may be."""
+    return FnqError(
+        f"no call {call_id} (a call gets its record when it is queued with `fnq call`, "
+        "else when a worker takes it; a malformed message never does: see `fnq dead list`)"
+    )
+
+
 def with_store(settings: Settings, work: Callable[[Datastore], Awaitable[T]]) -> T:
     async def run() -> T:
         store = await open_datastore(settings)
@@ -279,7 +287,7 @@ def calls_show(ctx: click.Context, call_id: str, as_json: bool) -> None:
     """Show one call: status, timing, error and response."""
     rec = with_store(settings_from(ctx), lambda s: s.get_call(call_id))
     if rec is None:
-        raise FnqError(f"no call {call_id}")
+        raise no_call(call_id)
     doc = rec.to_json()
     if as_json:
         print_json(doc)
@@ -310,7 +318,7 @@ def calls_cancel(ctx: click.Context, call_id: str) -> None:
     """Cancel a queued call, or ask a running one to stop."""
     rec = with_store(settings_from(ctx), lambda s: s.request_cancel(call_id))
     if rec is None:
-        raise FnqError(f"no call {call_id}")
+        raise no_call(call_id)
     if rec.status is CallStatus.CANCELLED:
         click.echo(f"{call_id} cancelled")
     elif rec.cancel_requested:
@@ -399,7 +407,7 @@ def logs_cmd(ctx: click.Context, call_id: str, as_json: bool) -> None:
     rec, data = with_store(settings_from(ctx), fetch)
     if data is None:
         if rec is None:
-            raise FnqError(f"no call {call_id}")
+            raise no_call(call_id)
         raise FnqError(f"call {call_id} is {rec.status.value} and has no log yet "
                        "(logs are stored when a call ends)")  # fmt: skip
     if as_json:
