@@ -175,7 +175,8 @@ class Settings(BaseSettings):
     max_response_size: int = Field(
         1_048_576,
         ge=0,
-        description="Largest response body kept, in bytes; 0 = unlimited. fnq: 1 MiB "
+        description="Largest response body, in bytes; 0 = unlimited. A 200 answer over it "
+        "ends the call `error` (not retried), its body stored cut there. fnq: 1 MiB "
         "(Fn: unlimited), since responses are stored in the datastore.",
     )
     max_hdr_response_size: int = Field(
