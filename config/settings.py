@@ -158,10 +158,11 @@ class Settings(BaseSettings):
         ge=1,
     )
     hot_launcher_timeout_msecs: int = _msecs(
-        "Idle lifetime of a function's launcher (at least 2 x its idle timeout).",
+        "Idle lifetime of a function's launcher (at least 2 x its idle timeout); "
+        "negative = no limit.",
         3_600_000,
     )
-    hot_pull_timeout_msecs: int = _msecs("Longest image pull.", 600_000)
+    hot_pull_timeout_msecs: int = _msecs("Longest image pull; negative = no limit.", 600_000)
     hot_start_timeout_msecs: int = _msecs("Container start until its socket is ready.", 5_000, ge=1)
     hot_start_concurrency: int = Field(
         4,
