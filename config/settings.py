@@ -158,10 +158,11 @@ class Settings(BaseSettings):
         ge=1,
     )
     hot_launcher_timeout_msecs: int = _msecs(
-        "Idle lifetime of a function's launcher (at least 2 x its idle timeout).",
+        "Idle lifetime of a function's launcher (at least 2 x its idle timeout); "
+        "negative = no limit.",
         3_600_000,
     )
-    hot_pull_timeout_msecs: int = _msecs("Longest image pull.", 600_000)
+    hot_pull_timeout_msecs: int = _msecs("Longest image pull; negative = no limit.", 600_000)
     hot_start_timeout_msecs: int = _msecs("Container start until its socket is ready.", 5_000, ge=1)
     hot_start_concurrency: int = Field(
         4,
@@ -175,7 +176,8 @@ class Settings(BaseSettings):
     max_response_size: int = Field(
         1_048_576,
         ge=0,
-        description="Largest response body kept, in bytes; 0 = unlimited. fnq: 1 MiB "
+        description="Largest response body, in bytes; 0 = unlimited. A 200 answer over it "
+        "ends the call `error` (not retried), its body stored cut there. fnq: 1 MiB "
         "(Fn: unlimited), since responses are stored in the datastore.",
     )
     max_hdr_response_size: int = Field(

@@ -18,9 +18,11 @@ from __future__ import annotations
 import asyncio
 from datetime import UTC
 from typing import Any
+from urllib.parse import parse_qsl, urlsplit
 
 import asyncpg
 
+from config.errors import ConfigError, FnqError
 from config.settings import Settings, mask_url
 from datastore import migrate, pgbatch, sql
 from datastore.base import LogStore
@@ -32,6 +34,8 @@ CONNECT_TIMEOUT_S = 10.0
 ACQUIRE_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
 POOL_MAX_SIZE = 4
+UNDEFINED_OBJECT = "42704"  # SQLSTATE of "unrecognized configuration parameter"
+INVALID_PARAMETER_VALUE = "22023"
 
 _Op = tuple[Write, dict[str, Any], bytes | None]
 
@@ -148,6 +152,32 @@ async def apply(conn: Any, kind: Write, p: dict[str, Any], log: bytes | None) ->
     raise AssertionError(f"unknown write {kind}")
 
 
+# The URL query options asyncpg takes itself; it sends any other to the server
+# as a setting (application_name, search_path, statement_timeout, ...).
+ASYNCPG_URL_OPTIONS = (
+    "host", "port", "dbname", "database", "user", "password", "passfile", "service",
+    "sslmode", "sslcert", "sslkey", "sslrootcert", "sslcrl", "sslpassword", "sslnegotiation",
+    "ssl_min_protocol_version", "ssl_max_protocol_version", "target_session_attrs",
+    "krbsrvname", "gsslib",
+)  # fmt: skip
+
+
+def _refused(url: str, exc: asyncpg.PostgresError) -> FnqError:
+    """The error for a server that refused the connection: a URL option or the login."""
+    for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
+        if f'"{name}"' not in str(exc) or name in ASYNCPG_URL_OPTIONS:
+            continue
+        if exc.sqlstate == UNDEFINED_OBJECT:
+            return ConfigError(
+                f"FN_DB_URL: unknown option {name!r}: PostgreSQL has no setting of that name,"
+                f" and asyncpg takes {', '.join(ASYNCPG_URL_OPTIONS)}"
+            )
+        if exc.sqlstate == INVALID_PARAMETER_VALUE:
+            return ConfigError(f"FN_DB_URL: option {name}={value!r}: {exc}")
+    where = mask_url(url.split("?", 1)[0])  # the query may hold a password
+    return StoreError(f"the PostgreSQL datastore {where} refused the connection: {exc}")
+
+
 async def _init_connection(conn: Any) -> None:
     await conn.execute("SET TIME ZONE 'UTC'", timeout=STATEMENT_TIMEOUT_S)
 
@@ -173,16 +203,23 @@ class PostgresDatastore(SqlDatastore):
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot reach the PostgreSQL datastore: {exc}") from exc
         store = cls(settings, logs, pool)
+        connected = False
         try:
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+                connected = True
                 await migrate.apply_postgres(conn, STATEMENT_TIMEOUT_S)
         except BaseException as exc:
             await store._terminate_pool()
-            if is_outage(exc):  # the first connection is made here (the pool starts empty)
+            # The first connection is made here (the pool starts empty).
+            if isinstance(exc, asyncpg.exceptions.ClientConfigurationError):
+                raise ConfigError(f"FN_DB_URL: {exc}") from exc
+            if is_outage(exc):
                 where = mask_url(settings.db_url)
                 raise StoreUnavailable(
                     f"cannot reach the PostgreSQL datastore {where}: {exc}"
                 ) from exc
+            if not connected and isinstance(exc, asyncpg.PostgresError):
+                raise _refused(settings.db_url, exc) from exc
             raise
         store.writer.start()
         return store

@@ -46,7 +46,12 @@ def path_from_url(url: str) -> Path:
     parts = urlsplit(url)
     path = unquote(parts.path)
     if parts.netloc or not path:
-        raise StoreError(f"{url!r}: a SQLite URL looks like sqlite:///absolute/path.db")
+        raise StoreError(f"FN_DB_URL {url!r}: a SQLite URL looks like sqlite:///absolute/path.db")
+    if parts.query or parts.fragment:
+        raise StoreError(
+            f"FN_DB_URL {url!r}: a SQLite URL takes no options"
+            " (write a '?' or '#' in the path as %3F or %23)"
+        )
     return Path(path)
 
 

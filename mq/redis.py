@@ -84,6 +84,31 @@ def reclaim_every_ms(reservation_ms: int) -> int:
     return max(100, min(1000, reservation_ms // 4))
 
 
+# Query options of a queue URL: fnq's own, then redis-py's (those of
+# redis.asyncio.connection.URL_QUERY_ARGUMENT_PARSERS and the text options its
+# connections take) that make sense here. Left out: "timeout" (a blocking
+# pool's), those that change the replies fnq reads (decode_responses,
+# legacy_responses, encoding), deprecated ones (lib_name, lib_version), and TLS
+# options the lean connections (mq.resp) would not apply: ssl_min_version,
+# ssl_ciphers, ssl_*_verify_flags.
+FNQ_URL_OPTIONS = ("prefix", "timeout_s")
+REDIS_URL_OPTIONS = (
+    "db", "username", "password", "client_name", "protocol",
+    "socket_timeout", "socket_connect_timeout", "socket_keepalive", "socket_read_size",
+    "retry_on_timeout", "health_check_interval", "max_connections",
+)  # fmt: skip
+TLS_URL_OPTIONS = (
+    "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_certfile", "ssl_keyfile",
+    "ssl_password", "ssl_cert_reqs", "ssl_check_hostname",
+)  # fmt: skip
+
+
+def url_options(scheme: str) -> tuple[str, ...]:
+    """The query options a ``redis://`` or ``rediss://`` queue URL may carry."""
+    tls = TLS_URL_OPTIONS if scheme == "rediss" else ()
+    return (*FNQ_URL_OPTIONS, *REDIS_URL_OPTIONS, *tls)
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -149,7 +174,16 @@ class RedisQueue:
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisQueue:
         parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query))
+        query = dict(parse_qsl(parts.query, keep_blank_values=True))
+        accepted = url_options(parts.scheme.lower())
+        unknown = sorted(set(query) - set(accepted))
+        if unknown and set(unknown) <= set(TLS_URL_OPTIONS):
+            raise ConfigError(f"queue URL: {unknown[0]!r} is a TLS option: use rediss://")
+        if unknown:
+            raise ConfigError(
+                f"queue URL: unknown option {', '.join(map(repr, unknown))}"
+                f" (accepted: {', '.join(accepted)})"
+            )
         prefix = query.pop("prefix", wire.DEFAULT_PREFIX)
         try:
             timeout_s = float(query.pop("timeout_s", OP_TIMEOUT_S))
@@ -158,7 +192,10 @@ class RedisQueue:
         if not prefix or any(c.isspace() for c in prefix):
             raise ConfigError(f"queue URL: prefix {prefix!r} must be non-empty, without spaces")
         clean = urlunsplit(parts._replace(query=urlencode(query)))
-        client = aioredis.Redis.from_url(clean, socket_connect_timeout=5.0, socket_timeout=None)
+        try:
+            client = aioredis.Redis.from_url(clean, socket_connect_timeout=5.0, socket_timeout=None)
+        except ValueError as exc:  # redis-py: a value it cannot read
+            raise ConfigError(f"queue URL: {exc}") from None
         return cls(client, settings, prefix=prefix, op_timeout_s=timeout_s)
 
     @property

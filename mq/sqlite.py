@@ -61,6 +61,11 @@ class SqliteQueue:
         path = unquote(parts.path)
         if parts.netloc or len(path) < 2:
             raise ConfigError(f"queue URL {url!r}: a SQLite URL looks like sqlite:///abs/path.db")
+        if parts.query or parts.fragment:
+            raise ConfigError(
+                f"queue URL {url!r}: a SQLite URL takes no options"
+                " (write a '?' or '#' in the path as %3F or %23)"
+            )
         return cls(Path("/" + path.lstrip("/")), settings)
 
     @property

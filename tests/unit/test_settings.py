@@ -9,7 +9,7 @@ import pytest
 from click.testing import CliRunner
 
 from config.errors import ConfigError
-from config.settings import Settings, load_settings, mask_url, public_view
+from config.settings import Settings, env_name, load_settings, mask_url, public_view
 from worker.cli import cli
 from worker.cli.config_cmd import markdown_table
 
@@ -122,6 +122,28 @@ def test_docs_table_is_current() -> None:
     start = text.index("<!-- table:start -->\n") + len("<!-- table:start -->\n")
     end = text.index("<!-- table:end -->")
     assert text[start:end] == markdown_table(), "run `make docs` to refresh docs/configuration.md"
+
+
+def _lower_bound(name: str) -> int | None:
+    bounds = [m.ge for m in Settings.model_fields[name].metadata if hasattr(m, "ge")]
+    return int(bounds[0]) if bounds else None
+
+
+def test_docs_name_the_msecs_that_take_a_negative_value(settings_env: Path) -> None:
+    text = DOCS.read_text()
+    rule = text[text.index("- `*_MSECS` values") : text.index("- Sizes are bytes")]
+    negatives, _, minimums = rule.partition("The others refuse one")
+    msecs = {n for n in Settings.model_fields if n.endswith("_msecs")}
+    unbounded = {n for n in msecs if _lower_bound(n) is None}
+    assert {n for n in msecs if f"`{env_name(n)}`" in negatives} == unbounded
+    for name in sorted(msecs):
+        if name in unbounded:
+            assert load_settings(**{name: -1}).secs(name) > 365 * 24 * 3600
+        else:
+            with pytest.raises(ConfigError, match=env_name(name)):
+                load_settings(**{name: -1})
+    above_zero = {n for n in msecs if (_lower_bound(n) or 0) > 0}
+    assert {n for n in msecs if f"`{env_name(n)}`" in minimums} == above_zero
 
 
 def test_every_field_is_documented() -> None:

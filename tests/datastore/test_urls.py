@@ -1,0 +1,82 @@
+"""Datastore URLs that fnq cannot use: one error that says what is wrong."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from click.testing import CliRunner
+
+from config.errors import ConfigError
+from config.settings import load_settings
+from datastore.base import open_datastore
+from datastore.common import SqlDatastore
+from datastore.errors import StoreError
+from tests.datastore.conftest import fresh_pg_database
+from tests.rig import PostgresServer
+from worker.cli import cli
+
+
+@pytest.mark.parametrize("tail", ["?mode=ro", "#part"])
+async def test_sqlite_url_takes_no_options(settings_env: Path, tail: str) -> None:
+    url = f"sqlite:///{settings_env}/fnq.db{tail}"
+    with pytest.raises(StoreError, match="a SQLite URL takes no options"):
+        await open_datastore(load_settings(db_url=url))
+    assert not (settings_env / "fnq.db").exists()
+
+
+async def test_sqlite_url_with_an_escaped_question_mark(settings_env: Path) -> None:
+    store = await open_datastore(load_settings(db_url=f"sqlite:///{settings_env}/a%3Fb.db"))
+    await store.close()
+    assert (settings_env / "a?b.db").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("query", "error", "message"),
+    [
+        ("?sslmod=require", ConfigError, "FN_DB_URL: unknown option 'sslmod': PostgreSQL has no"
+         " setting of that name, and asyncpg takes host, port, dbname, "),
+        ("?connect_timeout=5", ConfigError, "FN_DB_URL: unknown option 'connect_timeout'"),
+        ("?statement_timeout=soon", ConfigError, "FN_DB_URL: option statement_timeout='soon':"
+         ' invalid value for parameter "statement_timeout"'),
+        ("?sslmode=bogus", ConfigError, "FN_DB_URL: `sslmode` parameter must be one of"),
+    ],
+)  # fmt: skip
+async def test_postgres_url_options_it_cannot_use(
+    postgres_server: PostgresServer, settings_env: Path, query: str, error: type, message: str
+) -> None:
+    url = await fresh_pg_database(postgres_server)
+    with pytest.raises(error) as err:
+        await open_datastore(load_settings(db_url=url + query))
+    assert str(err.value).startswith(message), str(err.value)
+
+
+@pytest.mark.integration
+async def test_postgres_server_settings_and_login_errors(
+    postgres_server: PostgresServer, settings_env: Path
+) -> None:
+    url = await fresh_pg_database(postgres_server)
+    store = await open_datastore(
+        load_settings(db_url=f"{url}?application_name=fnq-t&sslmode=disable")
+    )
+    assert isinstance(store, SqlDatastore)
+    await store.close()
+    nobody = url.replace(f"//{postgres_server.user}@", "//nobody:secret@") + "?password=secret"
+    with pytest.raises(StoreError) as err:
+        await open_datastore(load_settings(db_url=nobody))
+    assert str(err.value) == (
+        f"the PostgreSQL datastore {url.replace(f'//{postgres_server.user}@', '//nobody:***@')}"
+        ' refused the connection: role "nobody" does not exist'
+    )
+
+
+@pytest.mark.integration
+def test_cli_names_a_misspelt_postgres_option_in_one_line(
+    postgres_server: PostgresServer, settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FN_DB_URL", f"{postgres_server.url}?sslmod=require")
+    result = CliRunner().invoke(cli, ["status"])
+    assert result.exit_code == 1, result.output
+    [line] = result.stderr.splitlines()
+    assert line.startswith("fnq: FN_DB_URL: unknown option 'sslmod': ")
