@@ -8,7 +8,9 @@ Fn agent; where fnq departs from Fn's default the field says why, and
 
 from __future__ import annotations
 
+import difflib
 import os
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
@@ -277,6 +279,20 @@ class Settings(BaseSettings):
 
 def env_name(field_name: str) -> str:
     return ENV_PREFIX + field_name.upper()
+
+
+def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
+    """``FN_*`` variables that name no setting (a typo is otherwise silently ignored),
+    each as ``NAME`` or ``NAME (did you mean FN_X?)``, sorted."""
+    env = os.environ if environ is None else environ
+    known = {env_name(field) for field in Settings.model_fields}
+    out = []
+    for name in sorted(n for n in env if n.upper().startswith(ENV_PREFIX)):
+        if name.upper() in known:
+            continue
+        close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+        out.append(f"{name} (did you mean {close[0]}?)" if close else name)
+    return out
 
 
 def load_settings(**overrides: Any) -> Settings:

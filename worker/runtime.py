@@ -8,7 +8,7 @@ import gc
 import logging
 
 from config.errors import ConfigError
-from config.settings import Settings
+from config.settings import Settings, unknown_env_names
 from datastore.base import open_datastore
 from mq.base import MessageQueue, open_queue
 from mq.errors import QueueUnavailable
@@ -57,6 +57,8 @@ async def serve(
             worker = Worker(settings, queues, store, agent, prefetch=prefetch, metrics=metrics)
             tune_garbage_collector()
             log.info("worker %s started: queue %s", worker.worker_id, _scheme(settings.mq_url))
+            for name in unknown_env_names():
+                log.warning("%s is not a setting of fnq: ignored", name)
             guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
             upkeep = Upkeep(worker.worker_id, store, agent, metrics, worker.running.keys)
             with guard:

@@ -9,7 +9,14 @@ import pytest
 from click.testing import CliRunner
 
 from config.errors import ConfigError
-from config.settings import Settings, env_name, load_settings, mask_url, public_view
+from config.settings import (
+    Settings,
+    env_name,
+    load_settings,
+    mask_url,
+    public_view,
+    unknown_env_names,
+)
 from worker.cli import cli
 from worker.cli.config_cmd import markdown_table
 
@@ -115,6 +122,24 @@ def test_cli_config_json_keeps_numbers_and_booleans(
     assert view["FN_DB_URL"] == "postgresql://fnq:***@db:5432/fnq"
     rows = [line.split() for line in CliRunner().invoke(cli, ["config"]).output.splitlines()]
     assert ["FN_ENABLE_NB_RESOURCE_TRACKER", "true"] in rows and ["FN_MAX_PIDS", "88"] in rows
+
+
+def test_unknown_fn_variables_are_named_with_a_close_match() -> None:
+    env = {"FN_MAX_PIDSS": "3", "FN_TYPO_SETTING": "1", "FN_DB_URL": "x", "PATH": "/bin"}
+    assert unknown_env_names(env) == ["FN_MAX_PIDSS (did you mean FN_MAX_PIDS?)", "FN_TYPO_SETTING"]
+    assert unknown_env_names({"FN_MAX_PIDS": "3"}) == []
+
+
+def test_cli_config_warns_of_unknown_fn_variables(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FN_HOT_POL_MSECS", "5")
+    out = CliRunner().invoke(cli, ["config", "--json"])
+    assert out.exit_code == 0
+    assert out.stderr == (
+        "fnq: FN_HOT_POL_MSECS (did you mean FN_HOT_POLL_MSECS?) is not a setting of fnq: ignored\n"
+    )
+    assert json.loads(out.stdout)["FN_HOT_POLL_MSECS"] == 200
 
 
 def test_docs_table_is_current() -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from config.settings import Settings, env_name, public_view
+from config.settings import Settings, env_name, public_view, unknown_env_names
 from worker.cli._common import friendly_errors, json_option, print_json, print_table, settings_from
 
 
@@ -34,6 +34,8 @@ def config_cmd(ctx: click.Context, as_json: bool, markdown: bool) -> None:
         click.echo(markdown_table(), nl=False)
         return
     view = public_view(settings_from(ctx))
+    for name in unknown_env_names():
+        click.echo(f"fnq: {name} is not a setting of fnq: ignored", err=True)
     if as_json:
         print_json(view)
     else:
