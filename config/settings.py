@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
@@ -313,14 +314,21 @@ SECRET_FIELDS = frozenset({"sentry_dsn"})
 URL_FIELDS = frozenset({"mq_url", "db_url", "log_url"})
 
 
+_QUERY_SECRET = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
+
+
 def mask_url(url: str) -> str:
-    """Hide a password in ``scheme://user:password@host``."""
+    """Hide the passwords of a URL: ``scheme://user:***@host`` and any query option
+    named like a password (``password=``, ``sslpassword=``)."""
+    url = _QUERY_SECRET.sub(r"\1***", url)
     scheme, sep, rest = url.partition("://")
-    if not sep or "@" not in rest:
+    authority, slash, tail = rest.partition("/")
+    if not sep or "@" not in authority:
         return url
-    creds, _, host = rest.rpartition("@")
-    user = creds.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in creds else url
+    creds, _, host = authority.rpartition("@")
+    if ":" not in creds:
+        return url
+    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}{slash}{tail}"
 
 
 def public_view(settings: Settings) -> dict[str, str | int | float | bool]:

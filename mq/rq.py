@@ -33,6 +33,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from typing import Any, TypeVar
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
 from redis import Redis
@@ -49,6 +50,7 @@ from config.settings import Settings
 from mq import rq_dead, rq_jobs, rq_scripts
 from mq.base import DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import QueueError, QueueUnavailable, ReservationLost
+from mq.redis import FNQ_URL_OPTIONS
 
 __all__ = ["RQQueue", "open_rq_queues"]
 
@@ -63,6 +65,15 @@ RECEIPTS_KEY = "fnq:rq:receipts"
 def open_rq_queues(url: str, queue_names: Sequence[str], settings: Settings) -> RQQueue:
     """An RQQueue over ``queue_names`` on the Redis at ``url``; connects on first use."""
     return RQQueue.from_url(url, queue_names, settings)
+
+
+def without_fnq_options(url: str) -> str:
+    """``url`` without the options of fnq's own queue (``prefix``, ``timeout_s``), which
+    mean nothing to RQ's keys; the connection's options (TLS, timeouts) stay."""
+    parts = urlsplit(url)
+    query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
+             if k not in FNQ_URL_OPTIONS]  # fmt: skip
+    return urlunsplit(parts._replace(query=urlencode(query)))
 
 
 def _rq_prefixes(sync: Redis) -> list[str]:
@@ -116,6 +127,7 @@ class RQQueue:
     def from_url(cls, url: str, queue_names: Sequence[str], settings: Settings) -> RQQueue:
         if url.partition("://")[0].lower() not in {"redis", "rediss"}:
             raise ConfigError(f"RQ queues need a redis:// URL, not {url!r}")
+        url = without_fnq_options(url)
         client = aioredis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=None)
         sync = Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=OP_TIMEOUT_S)
         return cls(client, sync, queue_names, settings)

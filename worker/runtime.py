@@ -109,7 +109,7 @@ def rq_queues(settings: Settings) -> list[MessageQueue]:
         raise ConfigError("FN_RQ_QUEUES needs a Redis: set FN_RQ_URL=redis://HOST:PORT/DB")
     from mq.rq import open_rq_queues  # noqa: PLC0415 - rq is imported only when used
 
-    return [open_rq_queues(url.split("?", 1)[0], names, settings)]
+    return [open_rq_queues(url, names, settings)]
 
 
 def _scheme(url: str) -> str:

@@ -93,6 +93,13 @@ def test_secrets_are_masked(settings_env: Path) -> None:
     assert "hunter2" not in view["FN_DB_URL"]
     assert view["FN_DB_URL"] == "postgresql://fnq:***@db:5432/fnq"
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
+    assert mask_url("rediss://u:p@h:6379/0?ssl_certfile=c&password=s3&sslpassword=k") == (
+        "rediss://u:***@h:6379/0?ssl_certfile=c&password=***&sslpassword=***"
+    )
+    assert mask_url("postgresql://h/db?user=u&password=p@ss") == (
+        "postgresql://h/db?user=u&password=***"
+    )
+    assert mask_url("sqlite:///var/lib/fnq/mq.db") == "sqlite:///var/lib/fnq/mq.db"
 
 
 def test_cli_config_json_and_error(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
