@@ -16,7 +16,8 @@ Limits on what comes back:
   ``max_response_bytes`` bytes are kept and the result says ``truncated=True``;
   the rest is not read and the connection is dropped (the next call opens a
   new one). The container stays usable: a big answer is the function's
-  business, and the status still says how it went.
+  business. The result keeps the function's status; the agent ends a 200
+  that came back truncated as an error (worker.agent.execution).
 * header block over ``max_header_bytes`` (FN_MAX_HDR_RESPONSE_SIZE, 0 =
   10 MiB): ResponseTooBig, a DispatchError, so the container is retired.
 
