@@ -56,7 +56,10 @@ async def serve(
         async with Agent(settings, DockerDriver(settings)) as agent:
             worker = Worker(settings, queues, store, agent, prefetch=prefetch, metrics=metrics)
             tune_garbage_collector()
-            log.info("worker %s started: queue %s", worker.worker_id, _scheme(settings.mq_url))
+            names = rq_names(settings)
+            also = f", RQ queues {', '.join(names)}" if names else ""
+            log.info("worker %s started: queue %s%s",
+                     worker.worker_id, _scheme(settings.mq_url), also)  # fmt: skip
             for name in unknown_env_names():
                 log.warning("%s is not a setting of fnq: ignored", name)
             guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
@@ -101,7 +104,7 @@ def tune_garbage_collector() -> None:
 
 def rq_queues(settings: Settings) -> list[MessageQueue]:
     """The RQ queues named by FN_RQ_QUEUES, if any (imported only then)."""
-    names = [n.strip() for n in settings.rq_queues.split(",") if n.strip()]
+    names = rq_names(settings)
     if not names:
         return []
     url = settings.rq_url or settings.mq_url
@@ -110,6 +113,10 @@ def rq_queues(settings: Settings) -> list[MessageQueue]:
     from mq.rq import open_rq_queues  # noqa: PLC0415 - rq is imported only when used
 
     return [open_rq_queues(url, names, settings)]
+
+
+def rq_names(settings: Settings) -> list[str]:
+    return [n.strip() for n in settings.rq_queues.split(",") if n.strip()]
 
 
 def _scheme(url: str) -> str:
