@@ -58,6 +58,10 @@ def take_one(queue: MessageQueue) -> Awaitable[Message | None]:
     return queue.reserve(3.0)
 
 
+async def ready(queue: MessageQueue) -> int:
+    return (await queue.stats()).ready
+
+
 def test_call_prints_only_the_id_and_queues_the_call(backend: str) -> None:
     out = fnq(
         "call",
@@ -127,11 +131,7 @@ def test_call_of_an_unknown_function_is_refused(backend: str) -> None:
     result = CliRunner().invoke(cli, ["call", "demo", "nosuch", "--body", "x"])
     assert result.exit_code == 1
     assert "no function demo/nosuch" in result.output
-
-    async def queued(queue: MessageQueue) -> int:
-        return (await queue.stats()).ready
-
-    assert with_queue(queued) == 0
+    assert with_queue(ready) == 0
 
 
 def test_call_gets_a_queued_record(backend: str) -> None:
@@ -213,10 +213,6 @@ def test_calling_an_id_that_has_ended_points_to_retry(backend: str) -> None:
     result = CliRunner().invoke(cli, ["call", "demo", "echo", "--id", "done-1"])
     assert result.exit_code == 2
     assert "call done-1 has already ended (error); `fnq calls retry done-1`" in result.output
-
-    async def ready(queue: MessageQueue) -> int:
-        return (await queue.stats()).ready
-
     assert with_queue(ready) == 0
 
 
