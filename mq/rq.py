@@ -50,7 +50,7 @@ from config.settings import Settings
 from mq import rq_dead, rq_jobs, rq_scripts
 from mq.base import DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import QueueError, QueueUnavailable, ReservationLost
-from mq.redis import FNQ_URL_OPTIONS
+from mq.redis_url import FNQ_URL_OPTIONS
 
 __all__ = ["RQQueue", "open_rq_queues"]
 

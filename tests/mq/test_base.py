@@ -14,7 +14,8 @@ from config.domain import Call
 from config.errors import ConfigError
 from config.settings import load_settings
 from mq.base import Message, claim_shielded, open_queue
-from mq.redis import RedisQueue, url_options
+from mq.redis import RedisQueue
+from mq.redis_url import url_options
 from mq.sqlite import SqliteQueue
 from worker.cli import cli
 
