@@ -88,7 +88,7 @@ class Worker:
             rng=rng or random.Random(), max_recording=max_recording,
         )  # fmt: skip
         metrics.recording.set_function(lambda: self.calls.recording)  # read when scraped
-        self._outage_since: float | None = None
+        self._outage_since: dict[int, float] = {}  # by id(queue): since when it is down
         # The queues whose last reserve failed, with its error (see serve's burst mode).
         self.unreached: dict[int, FnqError] = {}
         self._unstarted = 0  # reserved calls not yet in a container
@@ -213,25 +213,26 @@ class Worker:
             if not isinstance(exc, FnqError):
                 raise
             self.unreached[id(queue)] = exc
-            await self._outage("queue", exc)
+            await self._outage(queue, exc)
             return []
-        self.unreached.pop(id(queue), None)
-        self._recovered("queue")
+        if self.unreached:
+            self.unreached.pop(id(queue), None)
+            self._recovered(queue)
         return msgs
 
-    async def _outage(self, what: str, exc: Exception) -> None:
-        loop = asyncio.get_running_loop()
-        if self._outage_since is None:
-            self._outage_since = loop.time()
-            log.error("%s unavailable, pausing intake: %s", what, exc)
-        waited = loop.time() - self._outage_since
-        delay = min(OUTAGE_BACKOFF_MAX_S, 0.2 * 2 ** min(6, int(waited)))
+    async def _outage(self, queue: MessageQueue, exc: Exception) -> None:
+        """One queue is down: its intake waits, longer the longer the outage lasts."""
+        now = asyncio.get_running_loop().time()
+        if id(queue) not in self._outage_since:
+            self._outage_since[id(queue)] = now
+            log.error("%s unavailable, pausing its intake: %s", _name(queue), exc)
+        since = self._outage_since[id(queue)]
+        delay = min(OUTAGE_BACKOFF_MAX_S, 0.2 * 2 ** min(6, int(now - since)))
         await asyncio.sleep(delay)  # a stop request cancels the intake, and this wait
 
-    def _recovered(self, what: str) -> None:
-        if self._outage_since is not None:
-            log.warning("%s is back, resuming intake", what)
-            self._outage_since = None
+    def _recovered(self, queue: MessageQueue) -> None:
+        if self._outage_since.pop(id(queue), None) is not None:
+            log.warning("%s is back, resuming its intake", _name(queue))
 
     async def _drain(self, shutdown: Shutdown, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:
@@ -246,6 +247,12 @@ class Worker:
             for task in list(tasks):
                 task.cancel()
         await pending
+
+
+def _name(queue: MessageQueue) -> str:
+    """How the log names a queue: the RQ bridge by its queues, else "queue"."""
+    names = getattr(queue, "queue_names", None)
+    return f"RQ queues {', '.join(names)}" if names else "queue"
 
 
 async def _cancel_when(event: asyncio.Event, tasks: Sequence[asyncio.Task[None]]) -> None:

@@ -1,5 +1,6 @@
 """When the datastore fails a call's handling, the call is not lost and the worker
-goes on; calls of any valid id keep their logs in a file log store.
+goes on; calls of any valid id keep their logs in a file log store; a queue that
+is down holds back its own intake only.
 
 In-process worker on the embedded SQLite queue and datastore, with the fake
 container driver (what is under test is what the worker does with the call).
@@ -19,6 +20,7 @@ from config.settings import Settings, load_settings
 from datastore.base import Datastore, open_datastore
 from datastore.errors import StoreError, StoreUnavailable
 from mq.base import MessageQueue, open_queue
+from mq.errors import QueueUnavailable
 from worker import calls as worker_calls
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, reply
@@ -126,4 +128,56 @@ async def test_file_logs_take_every_valid_call_id(tmp_path: Path) -> None:
         assert record.error == "function a/nobody is not registered"
     finally:
         await queue.close()
+        await store.close()
+
+
+class DownAtFirst:
+    """A real queue whose first ``fails`` reserves fail as an outage would."""
+
+    queue_names = ("jobs",)  # named in the log as the RQ bridge is
+
+    def __init__(self, inner: MessageQueue, fails: int) -> None:
+        self.inner = inner
+        self.fails = fails
+
+    async def reserve_many(self, *args: Any, **kw: Any) -> Any:
+        if self.fails > 0:
+            self.fails -= 1
+            raise QueueUnavailable("connection refused")
+        return await self.inner.reserve_many(*args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_one_queue_down_leaves_the_other_s_intake_alone(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(data_dir=str(tmp_path))
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    main = open_queue(settings.mq_url, settings)
+    other = open_queue(f"sqlite:///{tmp_path / 'other.db'}", settings)
+    flaky = DownAtFirst(other, fails=3)
+    calls = [Call(new_call_id(), FN.app, FN.name, b"x") for _ in range(8)]
+    try:
+        await main.push_many(calls[:4])
+        await other.push_many(calls[4:])
+
+        async def done() -> bool:
+            records = [await store.get_call(c.id) for c in calls]
+            return all(r is not None and r.status is CallStatus.SUCCESS for r in records)
+
+        driver = FakeDriver(FakeBehaviour(handler=reply()))
+        with caplog.at_level(logging.INFO, logger="fnq.worker"):
+            async with Agent(settings, driver) as agent:
+                await _run_until(Worker(settings, [main, flaky], store, agent), done)  # type: ignore[list-item]
+        lines = [r.getMessage() for r in caplog.records]
+        down = [m for m in lines if "unavailable, pausing its intake" in m]
+        assert down == ["RQ queues jobs unavailable, pausing its intake: connection refused"]
+        assert "RQ queues jobs is back, resuming its intake" in lines
+        assert not any(m.startswith("queue ") for m in lines)  # the main queue never was down
+    finally:
+        await main.close()
+        await other.close()
         await store.close()
