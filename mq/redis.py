@@ -85,6 +85,9 @@ def reclaim_every_ms(reservation_ms: int) -> int:
     return max(100, min(1000, reservation_ms // 4))
 
 
+WAKE = b"_wake"  # the field of an inbox entry that only wakes consumers (enqueue.lua)
+
+
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
@@ -462,6 +465,9 @@ class RedisQueue:
         for eid_b, times, flat in raw:
             eid = _s(eid_b)
             fields = _pairs(flat)
+            if fields.keys() == {WAKE}:  # a delayed push woke us (enqueue.lua): drop it
+                entries.append(["", 0, eid, 0])
+                continue
             try:
                 parsed = wire.decode_fields(
                     fields,

@@ -22,7 +22,9 @@ reserve with the reason as its exc_info and never reaches the caller. Every
 reserve first sweeps lapsed reservations (of any consumer) and moves due
 ``rq:scheduled:<name>`` jobs onto their queue (what rq's scheduler does), all in
 one Lua script (mq.rq_scripts). When nothing is ready it waits in
-``BLMOVE q q LEFT LEFT`` on each queue (a no-op move that wakes on a push).
+``BLMOVE q q LEFT LEFT`` on each queue (a no-op move that wakes on a push), at
+most ``SCHEDULED_POLL_S``: a job scheduled meanwhile wakes nobody, so it starts
+within about that much of its time.
 """
 
 from __future__ import annotations
@@ -55,6 +57,7 @@ from mq.redis_url import FNQ_URL_OPTIONS
 __all__ = ["RQQueue", "open_rq_queues"]
 
 T = TypeVar("T")
+SCHEDULED_POLL_S = 1.0  # the longest wait between two looks at rq's scheduled jobs
 OP_TIMEOUT_S = 10.0
 SWEEP_LIMIT = 100
 STARTED_GRACE_S = 60  # rq's own cleanup fails a started job only this long after fnq's lapse
@@ -206,7 +209,11 @@ class RQQueue:
                 return []
             if not box:  # failed or requeued something: look again at once
                 continue
-            wait_s = remaining if box[0] < 0 else min(remaining, box[0] / 1000)
+            # rq's enqueue_in/enqueue_at only add to the scheduled registry, which wakes
+            # no one: look again every SCHEDULED_POLL_S, as rq's own scheduler does.
+            wait_s = min(remaining, SCHEDULED_POLL_S)
+            if box[0] >= 0:
+                wait_s = min(wait_s, box[0] / 1000)
             await self._block(max(wait_s, 0.01))
 
     async def _claim(self, count: int, box: list[int]) -> list[Message]:

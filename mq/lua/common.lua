@@ -7,6 +7,7 @@ local IDS = KEYS[7]                     -- hash: call id -> "<priority>|<entry>"
 local DEAD = KEYS[8]                    -- stream of dead letters
 local DEADIDS = KEYS[9]                 -- hash: dead-letter key -> DEAD entry id
 local META = KEYS[10]                   -- hash: reclaim_at, reclaim cursors
+local WAKE = '_wake'                    -- the only field of an INBOX entry that wakes consumers
 
 local function now_ms()
   local t = redis.call('TIME')

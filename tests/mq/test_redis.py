@@ -308,6 +308,50 @@ async def test_a_delayed_call_comes_at_most_the_quiet_time_late(own_redis: Redis
         await q.close()
 
 
+async def test_a_delayed_push_wakes_a_consumer_waiting_on_an_empty_queue(
+    own_redis: RedisServer,
+) -> None:
+    import asyncio  # noqa: PLC0415
+
+    consumer = open_queue(own_redis.url, load_settings())
+    producer = open_queue(own_redis.url, load_settings())
+    try:
+        assert await consumer.reserve_many(2, 0.02) == []  # nothing due: it may wait long
+        waiting = asyncio.create_task(consumer.reserve_many(2, 20.0))
+        await asyncio.sleep(0.3)
+        delayed = [Call(new_call_id(), "demo", "echo", b"soon") for _ in range(2)]
+        t0 = time.monotonic()
+        await producer.push(delayed[0], delay_s=0.5)
+        await producer.push(delayed[1], delay_s=0.5)
+        got = await asyncio.wait_for(waiting, 20.0)
+        waited = time.monotonic() - t0
+        assert {m.call.id for m in got} <= {c.id for c in delayed} and got
+        assert 0.4 < waited < 0.5 + redis_queue.QUIET_MAX_S, waited
+        rest = await consumer.reserve_many(2, 2.0) if len(got) < 2 else []
+        assert {m.call.id for m in [*got, *rest]} == {c.id for c in delayed}
+        # the wake-up entry is gone, and was neither delivered nor buried
+        stats = await consumer.stats()
+        assert (stats.ready, stats.delayed, stats.reserved, stats.dead) == (0, 0, 2, 0)
+    finally:
+        await consumer.close()
+        await producer.close()
+
+
+async def test_delayed_pushes_nobody_reads_leave_one_wake_up_entry(
+    own_redis: RedisServer,
+) -> None:
+    q = open_queue(own_redis.url, load_settings())
+    try:
+        for _ in range(3):
+            await q.push(Call(new_call_id(), "demo", "echo", b"later"), delay_s=30)
+        client = redis.Redis(port=own_redis.port)
+        assert client.xlen("fnq:calls") == 1
+        client.close()
+        assert (await q.stats()).delayed == 3
+    finally:
+        await q.close()
+
+
 async def test_scripts_the_server_lost_are_loaded_again(
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -387,3 +387,24 @@ async def test_enqueue_in_runs_without_rq_scheduler(make_rq: MakeRQ, rq_queue: Q
     msg = await queue.reserve(3.0)
     assert msg is not None and msg.call.id == job.id
     assert job.get_status() == "started"
+
+
+async def test_a_job_scheduled_while_a_reserve_waits_starts_near_its_time(
+    make_rq: MakeRQ, rq_queue: Queue
+) -> None:
+    from datetime import timedelta  # noqa: PLC0415
+
+    from mq.rq import SCHEDULED_POLL_S  # noqa: PLC0415
+
+    queue = make_rq()
+    assert await queue.reserve(0.05) is None  # nothing scheduled: the wait has no end of its own
+    loop = asyncio.get_running_loop()
+    waiting = asyncio.create_task(queue.reserve(20.0))
+    await asyncio.sleep(0.3)
+    start = loop.time()
+    job = await asyncio.to_thread(
+        rq_queue.enqueue_in, timedelta(seconds=0.5), "fnq.call", app="demo", fn="echo"
+    )
+    msg = await asyncio.wait_for(waiting, 20.0)
+    assert msg is not None and msg.call.id == job.id
+    assert loop.time() - start < 0.5 + SCHEDULED_POLL_S + 0.5
