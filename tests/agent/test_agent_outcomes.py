@@ -16,6 +16,7 @@ from worker.agent.drivers.fake import (
     die,
     drop_then_die,
     fail,
+    gated,
     hang,
     reply,
 )
@@ -202,14 +203,38 @@ async def test_too_big_is_rejected_at_once(agents: AgentFactory) -> None:
     assert driver.creates == 0
 
 
+MEMORY_FOR_ONE = 200  # MB: one container of a 128 MB function, not two
+
+
 async def test_waiting_past_the_timeout_is_busy(agents: AgentFactory) -> None:
-    never = asyncio.Event()
-    driver = FakeDriver(FakeBehaviour(start_gate=never))
-    agent = agents(driver)
+    # Room for one container, busy with a long call: nothing is starting for the next.
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver, memory_mb=MEMORY_FOR_ONE)
     fn = make_fn(timeout_s=1)
-    outcome = await agent.submit(make_call(fn), fn)
+    first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    outcome = await asyncio.wait_for(agent.submit(make_call(fn), fn), 5)
     assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.BUSY
     assert outcome.error is not None and "server too busy" in outcome.error
+    assert (await first).status is CallStatus.TIMEOUT  # it held the container past 1 s
+    gate.set()
+
+
+async def test_a_call_waits_past_its_timeout_for_the_start_it_caused(
+    agents: AgentFactory,
+) -> None:
+    # A start slower than the call's timeout: the call gets the start's outcome.
+    slow = FakeDriver(FakeBehaviour(start_delay_s=1.5))
+    fn = make_fn(timeout_s=1)
+    ran = await agents(slow).submit(make_call(fn), fn)
+    assert ran.status is CallStatus.SUCCESS
+    broken = FakeDriver(
+        FakeBehaviour(start_delay_s=1.5, start_error=ContainerInitTimeout("no socket in 1.5 s"))
+    )
+    failed = await agents(broken).submit(make_call(fn), fn)
+    assert failed.status is CallStatus.ERROR and failed.failure is FailureKind.FUNCTION
+    assert failed.error == "no socket in 1.5 s"
 
 
 async def test_closed_agent_answers_busy(agents: AgentFactory) -> None:

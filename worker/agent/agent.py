@@ -24,7 +24,9 @@ queue have held a container lately, at most 20 ms): that container is
 usually free again long before a new one could start. A caller may bring a
 longer patience of its own (``submit(launch_patience_s=...)``). Only callers
 that have nudged count towards a launch. After the function's
-own timeout of waiting it gives up: *busy*, no attempt charged.
+own timeout of waiting it gives up: *busy*, no attempt charged; unless a
+container of its function is starting then: it waits for that start, which
+ends within its own timeouts, and gets its container or its error.
 
 **Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
 container only when waiting calls that have nudged outnumber the idle and
@@ -256,7 +258,11 @@ class Agent:
             slot = queue.take_idle(thawed_only=prefer_thawed)
             if slot is not None:
                 return slot
-            if now >= deadline:
+            # Past its timeout a call still waits for a container being started (the
+            # start is bounded by its own timeouts): giving up would waste the start,
+            # and a function that never starts would come back as busy forever.
+            starting = queue.containers[ContainerState.START] > 0
+            if now >= deadline and not starting:
                 raise ServerBusy(
                     f"no container of {queue.fn.ref} became free within "
                     f"{queue.fn.timeout_s} s: server too busy"
@@ -265,7 +271,7 @@ class Agent:
                 queue.nudge(caller)
                 next_nudge = now + self.hot_poll_s
             caller.wake.clear()
-            wake_at = min(deadline, next_nudge)
+            wake_at = next_nudge if now >= deadline else min(deadline, next_nudge)
             if prefer_thawed and queue.idle_slots:
                 wake_at = min(wake_at, thawed_until)
             try:
