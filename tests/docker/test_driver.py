@@ -23,6 +23,7 @@ import pytest
 from config.settings import Settings
 from tests.docker.conftest import request, spec
 from worker.agent.driver import ContainerSpec
+from worker.agent.drivers import docker as docker_driver
 from worker.agent.drivers.docker import DockerDriver
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
 from worker.agent.errors import (
@@ -359,6 +360,39 @@ async def test_leftovers_of_dead_workers_are_removed(
         await d.close()
         live.remove(force=True)
         remote.remove(force=True)
+
+
+async def test_a_running_driver_removes_what_a_worker_that_dies_meanwhile_left(
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    docker_engine: Any,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(docker_driver, "LEFTOVER_SWEEP_S", 0.2)
+    settings = make_settings()
+    worker = subprocess.Popen(["sleep", "30"])  # stands in for another worker's process
+    owner = f"{os.uname().nodename}:{worker.pid}"
+    labels = {"fnq.classifier": settings.container_label_tag, "fnq.instance": "other",
+              "fnq.owner": owner}  # fmt: skip
+    left = docker_engine.containers.create("fnq/echo:latest", labels=labels)
+    d = DockerDriver(settings)
+    try:
+        await d.start()
+        await asyncio.sleep(0.6)
+        assert left.id in {c["Id"] for c in docker_engine.api.containers(all=True)}  # alive
+        worker.kill()
+        worker.wait()
+        for _ in range(50):
+            if left.id not in {c["Id"] for c in docker_engine.api.containers(all=True)}:
+                break
+            await asyncio.sleep(0.1)
+        else:
+            raise AssertionError("the dead worker's container was not removed")
+    finally:
+        await d.close()
+        worker.kill()
+        with contextlib.suppress(docker.errors.NotFound):
+            left.remove(force=True)
 
 
 async def test_close_leaves_nothing_behind(

@@ -5,7 +5,8 @@ nothing blocks the event loop and no thread waits on a container.
 
 * ``start()``: opens the engine session, removes containers that carry this
   worker's classifier label but were left by a worker that is gone (its
-  process no longer runs on this host), loads FN_DOCKER_LOAD_FILE.
+  process no longer runs on this host), loads FN_DOCKER_LOAD_FILE; looks for
+  such containers again every ``LEFTOVER_SWEEP_S`` while it runs.
 * ``create(spec)``: makes sure the image is there (inspected once, then
   cached; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per image however
   many callers wait), refuses images that declare VOLUME, makes the socket
@@ -33,6 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.driver import IOFS_MOUNT, ContainerSpec
 from worker.agent.drivers.docker_api import (
@@ -63,6 +65,8 @@ from worker.agent.errors import (
 from worker.agent.iofs import IofsRoot
 
 log = logging.getLogger(__name__)
+
+LEFTOVER_SWEEP_S = 5.0  # how often a live worker looks for containers of dead ones
 
 
 @dataclass(slots=True)
@@ -117,6 +121,7 @@ class DockerDriver:
         self._closed = False
         self._cleaner: asyncio.Task[None] | None = None
         self.cleaner: ImageCleaner | None = None
+        self._sweeper: asyncio.Task[None] | None = None
 
     # ------------------------------------------------------------ lifecycle
 
@@ -126,6 +131,7 @@ class DockerDriver:
         await asyncio.to_thread(self._iofs.open)
         self._started = True
         await self.remove_leftovers()
+        self._sweeper = asyncio.create_task(self._sweep_leftovers(), name="fnq-leftover-sweep")
         if self.settings.docker_load_file:
             await self._load(Path(self.settings.docker_load_file))
         if self.settings.image_clean_max_size > 0:
@@ -140,9 +146,10 @@ class DockerDriver:
 
     async def close(self) -> None:
         self._closed = True
-        if self._cleaner is not None:
-            self._cleaner.cancel()
-            await asyncio.gather(self._cleaner, return_exceptions=True)
+        for task in (self._cleaner, self._sweeper):
+            if task is not None:
+                task.cancel()
+                await asyncio.gather(task, return_exceptions=True)
         for task in self._pulls.values():
             task.cancel()
         containers = list(self._containers.values())
@@ -162,6 +169,21 @@ class DockerDriver:
     @property
     def containers(self) -> list[DockerContainer]:
         return list(self._containers.values())
+
+    async def _sweep_leftovers(self) -> None:
+        """Every LEFTOVER_SWEEP_S, remove what workers that died on this host left.
+
+        A worker killed mid-call leaves its containers running that call, while
+        the call's message goes to another worker once its reservation lapses.
+        Removing them soon keeps the two runs from overlapping for long.
+        """
+        while True:
+            await asyncio.sleep(LEFTOVER_SWEEP_S)
+            try:
+                async with asyncio.timeout(LEFTOVER_SWEEP_S):
+                    await self.remove_leftovers()
+            except (AgentError, TimeoutError) as exc:
+                log.warning("looking for containers of dead workers failed: %s", exc)
 
     async def remove_leftovers(self) -> int:
         """Force-remove labelled containers of other (dead) instances; returns how many."""
