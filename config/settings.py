@@ -247,11 +247,18 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
 
-    @field_validator("mq_url", "db_url", "log_url")
+    @field_validator("mq_url", "db_url")
     @classmethod
     def _url(cls, value: str) -> str:
         if value and "://" not in value:
             raise ValueError("must be a URL such as sqlite:///path or redis://host:6379/0")
+        return value
+
+    @field_validator("log_url")
+    @classmethod
+    def _log_url(cls, value: str) -> str:
+        if value and "://" not in value:
+            raise ValueError("must be a URL such as file:///var/lib/fnq/logs (or empty)")
         return value
 
     @model_validator(mode="after")

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from typing import Any, Protocol
-from urllib.parse import urlsplit
+from urllib.parse import unquote, urlsplit
 
 from config.domain import CALL_ID_RE, Call, CallStatus, FailureKind, Function, Outcome
 from config.settings import Settings
@@ -319,7 +319,12 @@ async def open_log_store(settings: Settings) -> LogStore | None:
     if parts.scheme == "file":
         from datastore.filelogs import FileLogStore  # noqa: PLC0415 - chosen by URL
 
-        return FileLogStore(parts.path)
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+            raise UnsupportedURL(
+                f"FN_LOG_URL={settings.log_url!r}: a log directory URL is file:///ABSOLUTE/DIR,"
+                " with no host and no options"
+            )
+        return FileLogStore(unquote(parts.path))
     raise UnsupportedURL(
         f"FN_LOG_URL={settings.log_url!r}: unsupported scheme {parts.scheme!r} "
         "(use file:///DIR, or leave it empty to keep logs in the datastore)"

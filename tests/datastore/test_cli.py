@@ -199,3 +199,22 @@ def test_the_next_page_hint_keeps_the_filters(settings_env: Path) -> None:
     assert not second[-1].startswith("more: ")
     listed = [line.split()[0] for line in first[1:-1] + second[1:]]
     assert sorted(listed) == sorted(c.id for c in wanted)
+
+
+def test_logs_of_an_ended_call_whose_log_is_gone(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FN_LOG_URL", f"file://{settings_env / 'logs'}")
+    ended, waiting = Call(new_call_id(), "a", "f", b""), Call(new_call_id(), "a", "f", b"")
+    record([(ended, Outcome(CallStatus.SUCCESS, log=b"hi\n")), (waiting, None)])
+    assert fnq("logs", ended.id).output == "hi\n"
+    for path in (settings_env / "logs").rglob("*.log"):
+        path.unlink()
+    out = CliRunner().invoke(cli, ["logs", ended.id])
+    assert out.exit_code == 1
+    assert (
+        out.stderr == f"fnq: call {ended.id} ended (success) but its log is missing "
+        "(purged, or the log store lost it)\n"
+    )
+    out = CliRunner().invoke(cli, ["logs", waiting.id])
+    assert "is queued and has no log yet (logs are stored when a call ends)" in out.stderr

@@ -80,3 +80,25 @@ def test_cli_names_a_misspelt_postgres_option_in_one_line(
     assert result.exit_code == 1, result.output
     [line] = result.stderr.splitlines()
     assert line.startswith("fnq: FN_DB_URL: unknown option 'sslmod': ")
+
+
+@pytest.mark.parametrize(
+    "url",
+    ["file://tmp/logs", "file:///tmp/logs?sync=1", "file:///tmp/logs#x", "file://db-host/logs"],
+)
+async def test_a_log_url_is_a_local_directory_without_options(settings_env: Path, url: str) -> None:
+    with pytest.raises(StoreError, match="a log directory URL is file:///ABSOLUTE/DIR"):
+        await open_datastore(load_settings(log_url=url))
+
+
+def test_a_log_path_without_a_scheme_is_told_the_log_url_form(settings_env: Path) -> None:
+    with pytest.raises(ConfigError, match=r"FN_LOG_URL='/tmp/logs': .*file:///var/lib/fnq/logs"):
+        load_settings(log_url="/tmp/logs")
+
+
+async def test_a_log_directory_url_may_name_localhost_and_escape(settings_env: Path) -> None:
+    url = f"file://localhost{settings_env}/my%20logs"
+    store = await open_datastore(load_settings(log_url=url))
+    await store.close()
+    assert store._external_logs is not None  # a file log store under the unescaped path
+    assert store._external_logs.path_of("order-1").is_relative_to(settings_env / "my logs")

@@ -408,6 +408,9 @@ def logs_cmd(ctx: click.Context, call_id: str, as_json: bool) -> None:
     if data is None:
         if rec is None:
             raise no_call(call_id)
+        if rec.is_final:
+            raise FnqError(f"call {call_id} ended ({rec.status.value}) but its log is missing "
+                           "(purged, or the log store lost it)")  # fmt: skip
         raise FnqError(f"call {call_id} is {rec.status.value} and has no log yet "
                        "(logs are stored when a call ends)")  # fmt: skip
     if as_json:
