@@ -14,7 +14,9 @@ $FNQ fn show demo hello >/dev/null 2>&1 \
 $FNQ fn show demo hello
 
 say "starting a worker (fnq worker)"
-$FNQ worker &
+# In a session of its own: Ctrl-C (or `timeout`) signals this script's process group,
+# and the worker gets exactly one SIGTERM, from stop(), so running calls get their grace.
+setsid $FNQ worker &
 worker=$!
 stop() { kill -TERM "$worker" 2>/dev/null || true; wait "$worker" 2>/dev/null || true; }
 trap stop EXIT
