@@ -55,6 +55,7 @@ FN_CACHE_TTL_S = 2.0
 # settled, at most (see CallHandler.room_to_record). A few per commit normally.
 MAX_RECORDING = 256
 RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason waits so
+HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
 
 
@@ -101,6 +102,8 @@ class CallHandler:
         self.recording = 0  # calls that have run (or never will) and wait to be recorded
         self._room = asyncio.Event()  # set when `recording` has just gone down
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
+        self._handed_back = 0  # calls handed back for a passing fault (see _failed)
+        self._handed_back_logged_at = -HANDED_BACK_LOG_S
 
     async def handle(
         self,
@@ -138,8 +141,7 @@ class CallHandler:
         try:
             async with asyncio.timeout(SETTLE_FAILED_S):
                 if isinstance(exc, Retryable):
-                    log.warning("call %s: %s; it goes back to the queue for %g s",
-                                d.call_id, exc, RETRY_LATER_S)  # fmt: skip
+                    self._log_handed_back(d.call_id, exc)
                     await d.release(RETRY_LATER_S)
                 elif isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
                     log.error("call %s: the datastore refused it (%s); its message goes to "
@@ -152,6 +154,19 @@ class CallHandler:
             why = again or "timed out"
             log.warning("call %s: its message could not be handed back either (%s); it "
                         "returns when its reservation lapses", d.call_id, why)  # fmt: skip
+
+    def _log_handed_back(self, call_id: str, exc: FnqError) -> None:
+        """A warning at most every HANDED_BACK_LOG_S (an outage hands back every call
+        the worker takes, again and again), with how many went back meanwhile; each
+        one at debug level."""
+        self._handed_back += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._handed_back_logged_at >= HANDED_BACK_LOG_S:
+            log.warning("call %s: %s; it goes back to the queue for %g s (%d call(s) so far)",
+                        call_id, exc, RETRY_LATER_S, self._handed_back)  # fmt: skip
+            self._handed_back_logged_at = now
+        else:
+            log.debug("call %s: %s; it goes back to the queue", call_id, exc)
 
     async def _process(
         self,

@@ -21,6 +21,7 @@ from config.errors import FnqError
 from datastore.base import Datastore
 from worker.agent.agent import Agent
 from worker.agent.stats import AgentStats
+from worker.logs import current_call
 from worker.metrics import Metrics
 
 log = logging.getLogger("fnq.worker")
@@ -83,7 +84,11 @@ class Upkeep:
             return
         for call_id in await self.store.cancel_requested(ids):
             if await self.agent.cancel(call_id):
-                log.info("call %s cancelled on request", call_id)
+                token = current_call.set(call_id)  # the line is tagged with the call
+                try:
+                    log.info("call %s cancelled on request", call_id)
+                finally:
+                    current_call.reset(token)
 
     async def _guard(self, step: Any) -> bool:
         try:

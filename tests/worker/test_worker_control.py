@@ -55,6 +55,8 @@ async def test_cancel_queued_and_running_calls(sqlite_cluster: Cluster) -> None:
     stopped = await wait_status(sqlite_cluster, running.id, CallStatus.CANCELLED, timeout_s=15)
     assert stopped.completed_at is not None
     assert (stopped.completed_at - stopped.started_at).total_seconds() < 15  # not the full 20 s
+    said = [ln for ln in sqlite_cluster.logs().splitlines() if "cancelled on request" in ln]
+    assert said and all(f"fnq.worker [{running.id}]: call {running.id}" in ln for ln in said), said
     never = await wait_status(sqlite_cluster, delayed.id, CallStatus.CANCELLED)
     await asyncio.sleep(3)  # past its delay: the worker acks it without running it
     rec = json.loads(sqlite_cluster.fnq("calls", "show", delayed.id, "--json").stdout)
