@@ -220,6 +220,7 @@ class Outcome:
     log: bytes = b""
     log_truncated: bool = False
     container_id: str | None = None
+    image: str | None = None  # the image of the container that ran it
     started_at: datetime | None = None
     completed_at: datetime | None = None
     stats: Mapping[str, float] = field(default_factory=lambda: MappingProxyType({}))

@@ -254,7 +254,7 @@ class SqlDatastore(abc.ABC):
         resp = outcome.response
         body, cut = bound_body(resp.body, self.settings.max_response_size) if resp else (b"", False)
         row: dict[str, Any] = {
-            "id": call.id, "app": call.app, "fn": call.fn, "image": None,
+            "id": call.id, "app": call.app, "fn": call.fn, "image": outcome.image,
             "status": status.value,
             "error": outcome.error or _DEFAULT_ERRORS.get(outcome.status),
             "failure": None if outcome.failure is None else outcome.failure.value,

@@ -108,6 +108,7 @@ CALL_RUNNING = (
 
 _OUTCOME_SET = (
     " error = excluded.error, failure = excluded.failure, attempts = excluded.attempts,"
+    " image = COALESCE(excluded.image, calls.image),"
     " started_at = COALESCE(excluded.started_at, calls.started_at),"
     " updated_at = excluded.updated_at, worker_id = COALESCE(excluded.worker_id, calls.worker_id),"
     " container_id = excluded.container_id, response_status = excluded.response_status,"

@@ -41,6 +41,7 @@ async def test_502_is_function_failed_and_keeps_the_container(agents: AgentFacto
     outcome = await agent.submit(make_call(fn), fn)
     assert outcome.status is CallStatus.ERROR
     assert outcome.error == "function failed: boom" and outcome.failure is FailureKind.FUNCTION
+    assert outcome.image == fn.image  # the image that ran it
     assert outcome.response is not None and outcome.response.body == b"boom"
     again = await agent.submit(make_call(fn), fn)
     assert again.container_id == outcome.container_id

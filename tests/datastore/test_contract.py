@@ -286,6 +286,18 @@ async def test_cancel_running_sets_flag_and_stops_retries(store: SqlDatastore) -
     assert rec is not None and rec.status is CallStatus.CANCELLED and rec.completed_at
 
 
+async def test_the_outcome_records_the_image_that_ran(store: SqlDatastore) -> None:
+    unqueued, queued, early = call(), call(), call()  # pushed by redis-cli: no queued record
+    await store.record_queued(queued, "shop/resize:1")
+    await store.record_queued(early, "shop/resize:1")
+    ran = dataclasses.replace(success(), image="shop/resize:2")
+    await store.record_outcome(unqueued, ran, 1, "w")
+    await store.record_outcome(queued, ran, 1, "w")
+    await store.record_outcome(early, failed(), 1, "w")  # never ran: no image of its own
+    images = [(await store.get_call(c.id)).image for c in (unqueued, queued, early)]  # type: ignore[union-attr]
+    assert images == ["shop/resize:2", "shop/resize:2", "shop/resize:1"]
+
+
 # ------------------------------------------------------------ listing/counts
 
 

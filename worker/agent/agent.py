@@ -209,7 +209,7 @@ class Agent:
             finally:
                 queue.requests[RequestState.EXEC] -= 1
             queue.held(loop.time() - taken_at)
-            return ran_outcome(run, buffer, slot.hot.id)
+            return ran_outcome(run, buffer, slot.hot.id, fn.image)
 
     async def _get_slot(
         self, queue: SlotQueue, call_id: str, deadline: float, stop: StopControl

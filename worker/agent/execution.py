@@ -139,7 +139,7 @@ _ENDS: dict[ExecEnd, tuple[CallStatus, FailureKind]] = {
 }
 
 
-def ran_outcome(run: ExecResult, log: LogBuffer, container_id: str) -> Outcome:
+def ran_outcome(run: ExecResult, log: LogBuffer, container_id: str, image: str) -> Outcome:
     """The outcome of a call that reached a container."""
     response = None
     if run.end is ExecEnd.ANSWERED and run.result is not None:
@@ -156,6 +156,7 @@ def ran_outcome(run: ExecResult, log: LogBuffer, container_id: str) -> Outcome:
         log=log.getvalue(),
         log_truncated=log.truncated,
         container_id=container_id,
+        image=image,
         started_at=run.started_at,
         completed_at=run.completed_at,
         stats=MappingProxyType(dict(run.result.stats)) if run.result is not None else {},
