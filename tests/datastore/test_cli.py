@@ -155,7 +155,13 @@ def test_calls_commands(settings_env: Path) -> None:
     no_log = CliRunner().invoke(cli, ["logs", waiting.id])
     assert no_log.exit_code == 1 and "has no log yet" in no_log.stderr
 
-    assert "cancelled" in fnq("calls", "cancel", waiting.id).output
+    several = CliRunner().invoke(cli, ["calls", "cancel", waiting.id, "NOPE", ok.id])
+    assert several.exit_code == 1  # one id is unknown; the others are answered
+    assert several.stdout.splitlines() == [
+        f"{waiting.id} cancelled",
+        f"{ok.id} already ended (success); nothing to cancel",
+    ]
+    assert several.stderr.startswith("fnq: no call NOPE (")
     assert fnq("calls", "purge", "--older-than", "1h").output.startswith("purged 0 calls")
     assert fnq("calls", "purge", "--older-than", "0s").output.startswith("purged 3 calls")
     assert json.loads(fnq("calls", "list", "--json").output)["items"] == []

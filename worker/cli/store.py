@@ -311,20 +311,29 @@ def calls_show(ctx: click.Context, call_id: str, as_json: bool) -> None:
 
 
 @calls_group.command("cancel")
-@click.argument("call_id")
+@click.argument("call_ids", metavar="ID...", nargs=-1, required=True)
 @click.pass_context
 @friendly_errors
-def calls_cancel(ctx: click.Context, call_id: str) -> None:
-    """Cancel a queued call, or ask a running one to stop."""
-    rec = with_store(settings_from(ctx), lambda s: s.request_cancel(call_id))
-    if rec is None:
-        raise no_call(call_id)
-    if rec.status is CallStatus.CANCELLED:
-        click.echo(f"{call_id} cancelled")
-    elif rec.cancel_requested:
-        click.echo(f"{call_id} is running; asked it to stop")
-    else:
-        click.echo(f"{call_id} already ended ({rec.status.value}); nothing to cancel")
+def calls_cancel(ctx: click.Context, call_ids: tuple[str, ...]) -> None:
+    """Cancel queued calls, or ask running ones to stop; one line per id."""
+
+    async def cancel(store: Datastore) -> int:
+        unknown = 0
+        for call_id in call_ids:
+            rec = await store.request_cancel(call_id)
+            if rec is None:
+                click.echo(f"fnq: {no_call(call_id)}", err=True)
+                unknown += 1
+            elif rec.status is CallStatus.CANCELLED:
+                click.echo(f"{call_id} cancelled")
+            elif rec.cancel_requested:
+                click.echo(f"{call_id} is running; asked it to stop")
+            else:
+                click.echo(f"{call_id} already ended ({rec.status.value}); nothing to cancel")
+        return unknown
+
+    if with_store(settings_from(ctx), cancel):
+        ctx.exit(1)
 
 
 def _preview(body: bytes, width: int = 200) -> str:
