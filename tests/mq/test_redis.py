@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +17,7 @@ import redis.asyncio as aioredis
 from config.domain import Call, new_call_id
 from config.settings import load_settings
 from mq import redis as redis_queue
-from mq.base import Message, QueueStats, open_queue
+from mq.base import Message, MessageQueue, QueueStats, open_queue
 from mq.errors import QueueError, QueueUnavailable
 from mq.producer import enqueue, enqueue_async
 from tests.rig import RedisServer
@@ -198,14 +200,21 @@ def script_calls(port: int) -> int:
     return 0
 
 
+@contextlib.asynccontextmanager
+async def consumer_and_producer(url: str) -> AsyncIterator[tuple[MessageQueue, MessageQueue]]:
+    consumer = open_queue(url, load_settings())
+    producer = open_queue(url, load_settings())
+    try:
+        yield consumer, producer
+    finally:
+        await consumer.close()
+        await producer.close()
+
+
 async def test_a_waiting_reserve_takes_a_new_entry_in_the_same_round_trip(
     own_redis: RedisServer,
 ) -> None:
-    import asyncio  # noqa: PLC0415
-
-    consumer = open_queue(own_redis.url, load_settings())
-    producer = open_queue(own_redis.url, load_settings())
-    try:
+    async with consumer_and_producer(own_redis.url) as (consumer, producer):
         await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))  # scripts loaded
         warm = await consumer.reserve(1.0)
         assert warm is not None
@@ -221,9 +230,6 @@ async def test_a_waiting_reserve_takes_a_new_entry_in_the_same_round_trip(
         assert [(m.call.id, m.deliveries, m.priority) for m in msgs] == [(pushed.id, 1, 1)]
         await consumer.ack_many(msgs)
         assert await consumer.reserve(0.1) is None
-    finally:
-        await consumer.close()
-        await producer.close()
 
 
 async def test_acks_ride_on_the_reserve_script(own_redis: RedisServer) -> None:
@@ -248,8 +254,6 @@ async def test_reserves_right_after_an_empty_one_skip_the_script(
 ) -> None:
     # Calls arriving one at a time: after a reserve script that found nothing due, the
     # next reserves go straight to a blocking read, their acks in the same round trip.
-    import asyncio  # noqa: PLC0415
-
     monkeypatch.setattr(redis_queue, "QUIET_MAX_S", 1.0)  # room for a slow host
     consumer = open_queue(own_redis.url, load_settings())
     producer = open_queue(own_redis.url, load_settings())
@@ -311,11 +315,7 @@ async def test_a_delayed_call_comes_at_most_the_quiet_time_late(own_redis: Redis
 async def test_a_delayed_push_wakes_a_consumer_waiting_on_an_empty_queue(
     own_redis: RedisServer,
 ) -> None:
-    import asyncio  # noqa: PLC0415
-
-    consumer = open_queue(own_redis.url, load_settings())
-    producer = open_queue(own_redis.url, load_settings())
-    try:
+    async with consumer_and_producer(own_redis.url) as (consumer, producer):
         assert await consumer.reserve_many(2, 0.02) == []  # nothing due: it may wait long
         waiting = asyncio.create_task(consumer.reserve_many(2, 20.0))
         await asyncio.sleep(0.3)
@@ -332,9 +332,6 @@ async def test_a_delayed_push_wakes_a_consumer_waiting_on_an_empty_queue(
         # the wake-up entry is gone, and was neither delivered nor buried
         stats = await consumer.stats()
         assert (stats.ready, stats.delayed, stats.reserved, stats.dead) == (0, 0, 2, 0)
-    finally:
-        await consumer.close()
-        await producer.close()
 
 
 async def test_delayed_pushes_nobody_reads_leave_one_wake_up_entry(
