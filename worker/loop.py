@@ -88,14 +88,18 @@ class Worker:
             rng=rng or random.Random(), max_recording=max_recording,
         )  # fmt: skip
         metrics.recording.set_function(lambda: self.calls.recording)  # read when scraped
-        self._outage_since: dict[int, float] = {}  # by id(queue): since when it is down
-        # The queues whose last reserve failed, with its error (see serve's burst mode).
-        self.unreached: dict[int, FnqError] = {}
+        # The queues whose last reserve failed: since when (loop time), and the error.
+        self._down: dict[int, tuple[float, FnqError]] = {}
         self._unstarted = 0  # reserved calls not yet in a container
 
     @property
     def completed(self) -> int:
         return self.calls.completed
+
+    @property
+    def unreached(self) -> list[FnqError]:
+        """The last error of each queue that is down now (see serve's burst mode)."""
+        return [error for _, error in self._down.values()]
 
     # ---------------------------------------------------------------- intake
     async def run(self, shutdown: Shutdown, *, burst: bool = False) -> None:
@@ -212,27 +216,22 @@ class Worker:
                 acks.give_back(carried)
             if not isinstance(exc, FnqError):
                 raise
-            self.unreached[id(queue)] = exc
             await self._outage(queue, exc)
             return []
-        if self.unreached:
-            self.unreached.pop(id(queue), None)
-            self._recovered(queue)
+        if self._down and self._down.pop(id(queue), None) is not None:
+            log.warning("%s is back, resuming its intake", _name(queue))
         return msgs
 
-    async def _outage(self, queue: MessageQueue, exc: Exception) -> None:
+    async def _outage(self, queue: MessageQueue, exc: FnqError) -> None:
         """One queue is down: its intake waits, longer the longer the outage lasts."""
         now = asyncio.get_running_loop().time()
-        if id(queue) not in self._outage_since:
-            self._outage_since[id(queue)] = now
+        down = self._down.get(id(queue))
+        if down is None:
             log.error("%s unavailable, pausing its intake: %s", _name(queue), exc)
-        since = self._outage_since[id(queue)]
+        since = now if down is None else down[0]
+        self._down[id(queue)] = (since, exc)
         delay = min(OUTAGE_BACKOFF_MAX_S, 0.2 * 2 ** min(6, int(now - since)))
         await asyncio.sleep(delay)  # a stop request cancels the intake, and this wait
-
-    def _recovered(self, queue: MessageQueue) -> None:
-        if self._outage_since.pop(id(queue), None) is not None:
-            log.warning("%s is back, resuming its intake", _name(queue))
 
     async def _drain(self, shutdown: Shutdown, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:

@@ -72,7 +72,7 @@ async def serve(
                 await upkeep.leave()
             log.info("worker %s stopped after %d call(s)", worker.worker_id, worker.completed)
             if burst and worker.unreached:  # it stopped for the outage, not for an empty queue
-                error = next(iter(worker.unreached.values()))
+                error = worker.unreached[0]
                 raise QueueUnavailable(f"burst stopped with the queue unreachable: {error}")
             return worker.completed
     finally:
