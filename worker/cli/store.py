@@ -226,7 +226,7 @@ def _since(text: str | None) -> datetime | None:
     try:
         return parse_since(text)
     except ValueError as exc:
-        raise FnqError(f"--since: {exc}") from None
+        raise click.BadParameter(str(exc), param_hint="--since") from None
 
 
 @calls_group.command("list")
@@ -393,7 +393,7 @@ def calls_purge(ctx: click.Context, older_than: str) -> None:
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
-        raise FnqError(f"--older-than: {exc}") from None
+        raise click.BadParameter(str(exc), param_hint="--older-than") from None
     count = with_store(settings_from(ctx), lambda s: s.purge_calls(age))
     cutoff = _short_time(utcnow() - age)
     click.echo(f"purged {count} call{'s' if count != 1 else ''} completed before {cutoff}")
