@@ -15,6 +15,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from dotenv import dotenv_values
 from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -291,11 +292,14 @@ def env_name(field_name: str) -> str:
 
 def unknown_env_names(environ: Mapping[str, str] | None = None) -> list[str]:
     """``FN_*`` variables that name no setting (a typo is otherwise silently ignored),
-    each as ``NAME`` or ``NAME (did you mean FN_X?)``, sorted."""
-    env = os.environ if environ is None else environ
+    each as ``NAME`` or ``NAME (did you mean FN_X?)``, sorted. By default those of
+    the environment and of ``.env`` in the current directory, as Settings reads them."""
+    names = set(os.environ if environ is None else environ)
+    if environ is None and Path(".env").is_file():
+        names.update(dotenv_values(".env"))
     known = {env_name(field) for field in Settings.model_fields}
     out = []
-    for name in sorted(n for n in env if n.upper().startswith(ENV_PREFIX)):
+    for name in sorted(n for n in names if n.upper().startswith(ENV_PREFIX)):
         if name.upper() in known:
             continue
         close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)

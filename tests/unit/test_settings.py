@@ -149,6 +149,17 @@ def test_cli_config_warns_of_unknown_fn_variables(
     assert json.loads(out.stdout)["FN_HOT_POLL_MSECS"] == 200
 
 
+def test_unknown_fn_variables_in_dot_env_are_named_too(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (settings_env / ".env").write_text("FN_MAX_PID=5\nFN_MAX_PIDS=6\nOTHER=1\n")
+    monkeypatch.setenv("FN_HOT_POL_MSECS", "5")
+    assert unknown_env_names() == [
+        "FN_HOT_POL_MSECS (did you mean FN_HOT_POLL_MSECS?)",
+        "FN_MAX_PID (did you mean FN_MAX_PIDS?)",
+    ]
+
+
 def test_docs_table_is_current() -> None:
     text = DOCS.read_text()
     start = text.index("<!-- table:start -->\n") + len("<!-- table:start -->\n")
