@@ -7,13 +7,16 @@ import json
 import sqlite3
 from pathlib import Path
 
+import pytest
 from click.testing import CliRunner
 
 from config.domain import Call, new_call_id
 from config.settings import load_settings
 from datastore.base import open_datastore
+from mq.base import open_queue
 from tests.datastore.test_cli import into_closed_pipe
 from tests.datastore.test_workers import INFO
+from tests.rig import free_port
 from worker.cli import cli
 
 
@@ -66,3 +69,27 @@ def test_status_lists_live_workers(settings_env: Path) -> None:
 
 def test_status_into_a_closed_pipe_ends_quietly(settings_env: Path) -> None:
     assert into_closed_pipe("status") == (141, "")  # fnq status | head -1
+
+
+def test_status_shows_the_queue_while_the_datastore_is_down(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def push() -> None:
+        settings = load_settings()
+        queue = open_queue(settings.mq_url, settings)
+        try:
+            await queue.push(Call(new_call_id(), "a", "f", b""))
+        finally:
+            await queue.close()
+
+    asyncio.run(push())
+    monkeypatch.setenv("FN_DB_URL", f"postgresql://fnq@127.0.0.1:{free_port()}/fnq")
+    out = CliRunner().invoke(cli, ["status"])
+    assert out.exit_code == 1
+    assert ["ready", "1"] in [line.split() for line in out.stdout.splitlines()]
+    assert out.stderr.startswith("fnq: cannot reach the PostgreSQL datastore")
+    doc = CliRunner().invoke(cli, ["status", "--json"])
+    assert doc.exit_code == 1
+    shown = json.loads(doc.stdout)
+    assert shown["queue"]["ready"] == 1 and "calls" not in shown
+    assert shown["datastore_error"].startswith("cannot reach the PostgreSQL datastore")

@@ -8,9 +8,11 @@ from typing import Any
 import click
 
 from config.domain import CallStatus, utcnow
+from config.errors import FnqError
 from datastore.base import WorkerInfo, open_datastore
 from mq.base import open_queue
 from worker.cli._common import (
+    fail,
     friendly_errors,
     json_option,
     print_json,
@@ -58,22 +60,23 @@ async def _status(ctx: click.Context) -> dict[str, Any]:
         qs = await queue.stats()
     finally:
         await queue.close()
-    store = await open_datastore(settings)
-    try:
-        counts = await store.count_by_status()
-        workers = await store.list_workers(STATUS_SEEN_WITHIN)
-    finally:
-        await store.close()
-    return {
-        "queue": {
-            "ready": qs.ready,
-            "delayed": qs.delayed,
-            "reserved": qs.reserved,
-            "dead": qs.dead,
-        },
-        "calls": {status.value: counts.get(status, 0) for status in CallStatus},
-        "workers": [_worker_json(w) for w in workers],
-    }
+    data: dict[str, Any] = {
+        "queue": {"ready": qs.ready, "delayed": qs.delayed, "reserved": qs.reserved,
+                  "dead": qs.dead},
+    }  # fmt: skip
+    try:  # the queue's depth is worth showing while the datastore is down
+        store = await open_datastore(settings)
+        try:
+            counts = await store.count_by_status()
+            workers = await store.list_workers(STATUS_SEEN_WITHIN)
+        finally:
+            await store.close()
+    except FnqError as exc:
+        data["datastore_error"] = str(exc)
+        return data
+    data["calls"] = {status.value: counts.get(status, 0) for status in CallStatus}
+    data["workers"] = [_worker_json(w) for w in workers]
+    return data
 
 
 def _worker_json(w: WorkerInfo) -> dict[str, Any]:
@@ -105,9 +108,13 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
     data = run_async(_status(ctx))
     if as_json:
         print_json(data)
+    else:
+        print_table(["QUEUE", "MESSAGES"], list(data["queue"].items()))
+        click.echo()
+    if "datastore_error" in data:  # calls and workers are unknown
+        fail(data["datastore_error"])
+    if as_json:
         return
-    print_table(["QUEUE", "MESSAGES"], list(data["queue"].items()))
-    click.echo()
     print_table(["STATUS", "CALLS"], list(data["calls"].items()))
     click.echo()
     if data["workers"]:
