@@ -235,7 +235,16 @@ def dead_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
     (an error, say) gets it back to `queued`, attempts 0, so that it runs again.
     """
     chosen = _selection(ids, all_)
-    click.echo(run_async(requeue_dead(settings_from(ctx), chosen)))
+    _report(ctx, run_async(requeue_dead(settings_from(ctx), chosen)), chosen)
+
+
+def _report(ctx: click.Context, done: int, chosen: list[str] | None) -> None:
+    """Print how many dead letters were handled; ids that named none fail the command."""
+    click.echo(done)
+    if chosen is not None and done < len(set(chosen)):
+        missing = len(set(chosen)) - done
+        click.echo(f"fnq: {missing} of the ids given named no dead letter", err=True)
+        ctx.exit(1)
 
 
 async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
@@ -280,4 +289,4 @@ def dead_purge(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
     async def purge(queue: MessageQueue) -> int:
         return await queue.dead_purge(chosen)
 
-    click.echo(run_async(_with_queue(settings_from(ctx), purge)))
+    _report(ctx, run_async(_with_queue(settings_from(ctx), purge)), chosen)
