@@ -217,26 +217,28 @@ class SqlDatastore(abc.ABC):
 
     async def retry_call(self, call_id: str) -> Call:
         rec = replay.retryable(call_id, await self.get_call(call_id))
-        fn = await self.get_fn(rec.app, rec.fn)
         now = utcnow()
-        params = {"id": call_id, "now": now, "image": None if fn is None else fn.image}
-        if not await self._write(Write.REQUEUE, {**params, "reopen": False}):  # changed meanwhile
+        if not await self._requeue(rec, now, reopen=False):  # changed meanwhile
             replay.retryable(call_id, await self.get_call(call_id))
             raise StoreError(f"call {call_id} changed while being retried; try again")
-        if self._external_logs is not None:
-            await self._external_logs.delete_logs([call_id])
         return replay.rebuilt_call(rec, now)
 
     async def reopen_call(self, call_id: str) -> bool:
         rec = await self.get_call(call_id)
         if rec is None or not rec.is_final:
             return False
+        return await self._requeue(rec, utcnow(), reopen=True)  # False: reopened meanwhile
+
+    async def _requeue(self, rec: CallRecord, now: datetime, *, reopen: bool) -> bool:
+        """Put the final call ``rec`` back to ``queued`` (its image the function's current
+        one) and drop its log; False if it was no longer final. Without ``reopen`` only
+        a call whose request is stored."""
         fn = await self.get_fn(rec.app, rec.fn)
-        params = {"id": call_id, "now": utcnow(), "image": None if fn is None else fn.image}
-        if not await self._write(Write.REQUEUE, {**params, "reopen": True}):
-            return False  # no longer final: someone else reopened it
+        params = {"id": rec.id, "now": now, "image": None if fn is None else fn.image}
+        if not await self._write(Write.REQUEUE, {**params, "reopen": reopen}):
+            return False
         if self._external_logs is not None:
-            await self._external_logs.delete_logs([call_id])
+            await self._external_logs.delete_logs([rec.id])
         return True
 
     def _outcome_row(
