@@ -16,12 +16,24 @@ from pathlib import Path
 from typing import Any, Literal
 
 from dotenv import dotenv_values
-from pydantic import Field, SecretStr, ValidationError, field_validator, model_validator
+from pydantic import (
+    Field,
+    SecretStr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from config.errors import ConfigError
 
 ENV_PREFIX = "FN_"
+_URL_EXAMPLES = {
+    "mq_url": "sqlite:///path or redis://host:6379/0",
+    "db_url": "sqlite:///path or postgresql://user@host/db",
+    "log_url": "file:///var/lib/fnq/logs (or empty)",
+}
 _MAX_MSECS = 10 * 365 * 24 * 3600 * 1000  # what "disabled" (a negative value) turns into
 
 
@@ -248,18 +260,12 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
 
-    @field_validator("mq_url", "db_url")
+    @field_validator("mq_url", "db_url", "log_url")
     @classmethod
-    def _url(cls, value: str) -> str:
+    def _url(cls, value: str, info: ValidationInfo) -> str:
         if value and "://" not in value:
-            raise ValueError("must be a URL such as sqlite:///path or redis://host:6379/0")
-        return value
-
-    @field_validator("log_url")
-    @classmethod
-    def _log_url(cls, value: str) -> str:
-        if value and "://" not in value:
-            raise ValueError("must be a URL such as file:///var/lib/fnq/logs (or empty)")
+            example = _URL_EXAMPLES.get(str(info.field_name), "sqlite:///path")
+            raise ValueError(f"must be a URL such as {example}")
         return value
 
     @model_validator(mode="after")
