@@ -187,6 +187,14 @@ class Settings(BaseSettings):
         "0 = no limit (Fn). A launch waits for its turn, and is dropped if by then "
         "every waiting call has a container.",
     )
+    hot_grow_spare_mcpus: int = Field(
+        500,
+        ge=0,
+        description="A function whose calls are short (under 20 ms) and whose busy "
+        "containers keep coming free gets more than two containers per CPU only while the "
+        "host has this much CPU idle (mCPU, from /proc/stat) and the worker itself uses "
+        "less than 90 % of one. 0 = no such check (grow on waiting calls alone, as Fn).",
+    )
 
     # ---------------------------------------------------------- responses
     max_response_size: int = Field(

@@ -12,6 +12,7 @@ import pytest
 from config.domain import Call, Function, frozen_map, new_call_id
 from config.settings import Settings
 from worker.agent.agent import Agent
+from worker.agent.cpu import CpuGauge, NeverSaturated
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
 from worker.agent.resources import MIB, ResourceTotals, ResourceTracker
 
@@ -66,12 +67,14 @@ async def agents(settings_env: Path) -> AsyncIterator[AgentFactory]:
         *,
         memory_mb: int = MEMORY_MB,
         cpu_mcpus: int = CPU_MCPUS,
+        cpu: CpuGauge | None = None,
         **settings: Any,
     ) -> Agent:
         agent = Agent(
             make_settings(settings_env / "data", **settings),
             driver or FakeDriver(FakeBehaviour()),
             tracker(memory_mb, cpu_mcpus),
+            cpu or NeverSaturated(),  # this host's load must not decide a test
         )
         made.append(agent)
         return agent

@@ -10,6 +10,7 @@ import pytest
 from config.domain import CallStatus, Function, Outcome, frozen_map
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE, Agent
+from worker.agent.cpu import CpuGauge
 from worker.agent.driver import FN_LISTENER, DispatchRequest, DispatchResult
 from worker.agent.drivers.fake import (
     FakeBehaviour,
@@ -275,12 +276,12 @@ def sleeping(seconds: list[float]) -> Handler:
 
 
 async def _after_calls_of(
-    agents: AgentFactory, took: list[float]
+    agents: AgentFactory, took: list[float], cpu: CpuGauge | None = None
 ) -> tuple[FakeDriver, Agent, Function]:
     """An agent whose function has run three calls of ``took[0]`` s each (so its
     queue knows how long a call holds a container)."""
     driver = FakeDriver(FakeBehaviour(handler=sleeping(took)))
-    agent = agents(driver)
+    agent = agents(driver, cpu=cpu)
     fn = make_fn()
     for _ in range(3):
         assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
@@ -288,12 +289,16 @@ async def _after_calls_of(
 
 
 async def _busy_after_calls_of(
-    agents: AgentFactory, usual_s: float, busy_s: float, then_s: float
+    agents: AgentFactory,
+    usual_s: float,
+    busy_s: float,
+    then_s: float,
+    cpu: CpuGauge | None = None,
 ) -> tuple[FakeDriver, Agent, Function, asyncio.Task[Outcome]]:
     """After three calls of ``usual_s``, one call of ``busy_s`` holds the only
     container (the task returned); the calls after it take ``then_s``."""
     took = [usual_s]
-    driver, agent, fn = await _after_calls_of(agents, took)
+    driver, agent, fn = await _after_calls_of(agents, took, cpu)
     took[0] = busy_s
     first = asyncio.create_task(agent.submit(make_call(fn), fn))
     await settle()
@@ -349,3 +354,47 @@ async def test_a_short_function_with_busy_containers_starts_one_container_at_a_t
     gate.set()
     outcomes = await asyncio.gather(first, *waiting)
     assert all(o.status is CallStatus.SUCCESS for o in outcomes)
+
+
+class FixedCpu:
+    def __init__(self, saturated: bool) -> None:
+        self.answer = saturated
+        self.asked = 0
+
+    def saturated(self, containers: int) -> bool:
+        self.asked += 1
+        return self.answer
+
+
+async def _streams_of_short_calls(agent: Agent, fn: Function, streams: int, s: float) -> None:
+    """``streams`` callers, each submitting calls one after another for ``s`` seconds."""
+    loop = asyncio.get_running_loop()
+    end = loop.time() + s
+
+    async def stream() -> None:
+        while loop.time() < end:
+            assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+
+    await asyncio.gather(*(stream() for _ in range(streams)))
+
+
+@pytest.mark.parametrize(("saturated", "more"), [(True, False), (False, True)])
+async def test_a_saturated_cpu_starts_no_container_for_short_calls_that_keep_cycling(
+    agents: AgentFactory, saturated: bool, more: bool
+) -> None:
+    cpu = FixedCpu(saturated)
+    driver, agent, fn = await _after_calls_of(agents, [0.002], cpu)
+    await _streams_of_short_calls(agent, fn, streams=6, s=0.4)
+    assert cpu.asked > 0
+    assert (driver.creates > 1) is more
+
+
+async def test_a_saturated_cpu_still_starts_a_container_when_the_busy_one_is_stuck(
+    agents: AgentFactory,
+) -> None:
+    # calls usually take 2 ms; the only container is busy for 2 s: no call frees it
+    cpu = FixedCpu(saturated=True)
+    driver, agent, fn, first = await _busy_after_calls_of(agents, 0.002, 2.0, 0.0, cpu)
+    second = await asyncio.wait_for(agent.submit(make_call(fn), fn), 1.0)
+    assert second.status is CallStatus.SUCCESS and driver.creates == 2
+    assert (await first).status is CallStatus.SUCCESS

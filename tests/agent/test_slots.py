@@ -355,3 +355,35 @@ def test_log_is_cut_at_the_limit_with_one_marker() -> None:
     assert buf.getvalue() == b"123456789a" + marker
     assert buf.getvalue().count(marker) == 1
     assert buf.truncated and buf.dropped_bytes == 2 + 4 + 8
+
+
+@pytest.mark.parametrize(
+    ("call_s", "busy", "freed_ago_s", "cycling"),
+    [
+        (0.002, 1, 0.001, True),  # short calls, a container came free just now
+        (0.002, 1, 0.5, False),  # every container stuck in a call
+        (0.002, 0, 0.001, False),  # none busy: not waiting on them
+        (0.0, 1, 0.001, False),  # call time not known yet
+        (0.05, 1, 0.001, False),  # long calls
+    ],
+)
+def test_short_calls_cycling(call_s: float, busy: int, freed_ago_s: float, cycling: bool) -> None:
+    q = queue()
+    if call_s:
+        q.held(call_s, now=10.0)
+    q.containers[ContainerState.BUSY] = busy
+    assert q.short_calls_cycling(10.0 + freed_ago_s) is cycling
+
+
+def test_short_goes_by_the_quickest_recent_hold() -> None:
+    q = queue()
+    q.containers[ContainerState.BUSY] = 1
+    q.held(0.001, now=1.0)
+    for _ in range(5):  # a loaded host: calls held longer while the worker is busy
+        q.held(0.2, now=1.0)
+    assert q.call_s > 0.05 and q.short_calls_cycling(1.0)
+    for _ in range(500):  # the function itself has become slow
+        q.held(0.2, now=1.0)
+    assert not q.short_calls_cycling(1.0)
+    q.held(0.002, now=1.0)  # one quick call is enough
+    assert q.short_calls_cycling(1.0)

@@ -68,12 +68,15 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable
 from types import TracebackType
 
 from config.domain import Call, Function, Outcome, header_problem
 from config.errors import AgentError
 from config.settings import Settings
+from worker.agent.cpu import CpuGauge
+from worker.agent.cpu import gauge as cpu_gauge
 from worker.agent.driver import Driver
 from worker.agent.errors import AgentClosed, InvalidCall, ResourceTooBig, ServerBusy
 from worker.agent.evictor import Evictor
@@ -103,12 +106,17 @@ KEY_CACHE_SIZE = 1024  # Function objects whose slot key is remembered
 
 class Agent:
     def __init__(
-        self, settings: Settings, driver: Driver, tracker: ResourceTracker | None = None
+        self,
+        settings: Settings,
+        driver: Driver,
+        tracker: ResourceTracker | None = None,
+        cpu: CpuGauge | None = None,
     ) -> None:
         self.settings = settings
         self.driver = driver
         self.tracker = tracker or ResourceTracker.from_host(settings)
         self.evictor = Evictor(on_idle_change=self.tracker.lent_changed)
+        self.cpu = cpu if cpu is not None else cpu_gauge(settings.hot_grow_spare_mcpus)
         self.pacer = FreezePacer()
         starts = settings.hot_start_concurrency
         self.start_turns = asyncio.Semaphore(starts) if starts > 0 else None
@@ -200,7 +208,7 @@ class Agent:
                 return not_started_outcome(AgentClosed())
             queue.requests[RequestState.EXEC] += 1
             loop = asyncio.get_running_loop()
-            taken_at = loop.time()
+            taken_at = time.perf_counter()  # uvloop's loop.time() counts whole ms
             try:
                 run = await slot.hot.serve(slot, call, fn.timeout_s, buffer.write, stop)
             except SlotUnusable as exc:
@@ -208,7 +216,7 @@ class Agent:
                 continue
             finally:
                 queue.requests[RequestState.EXEC] -= 1
-            queue.held(loop.time() - taken_at)
+            queue.held(time.perf_counter() - taken_at, loop.time())
             return ran_outcome(run, buffer, slot.hot.id, fn.image)
 
     async def _get_slot(
@@ -304,6 +312,7 @@ class Agent:
                 evictor=self.evictor,
                 start_container=self._start_container,
                 drop_queue=self._drop_queue,
+                cpu=self.cpu,
             )
             self._launchers.spawn(launcher.run(), name=f"fnq-launcher-{fn.ref}-{key[:8]}")
         queue.last_used_s = asyncio.get_running_loop().time()

@@ -4,7 +4,11 @@ Waiting calls nudge the launcher (at once, or after about one call's time while
 a container of the queue is busy; then every ``FN_HOT_POLL_MSECS``).
 On each nudge it asks the queue whether a container is needed (waiting calls
 that have nudged outnumber idle plus starting containers; one start at a time
-while the queue's calls are short and a container is busy) and if so:
+while the queue's calls are short and a container is busy). While the calls
+are short and the busy containers keep coming free, it also asks the CPU
+gauge (:mod:`cpu`): on a saturated host, or with the worker itself busy, no
+container is started beyond two per CPU, since it would have no CPU to run on.
+If needed:
 
 1. takes a memory/CPU token: in blocking mode it waits up to one hot-poll
    interval, then tries once more without waiting; in non-blocking mode
@@ -29,6 +33,7 @@ from collections.abc import Callable
 
 from config.errors import AgentError
 from config.settings import Settings
+from worker.agent.cpu import CpuGauge
 from worker.agent.errors import ServerBusy
 from worker.agent.evictor import Evictor
 from worker.agent.hot import REMOVE_TIMEOUT_S
@@ -52,8 +57,10 @@ class Launcher:
         evictor: Evictor,
         start_container: StartContainer,
         drop_queue: Callable[[SlotQueue], bool],
+        cpu: CpuGauge,
     ) -> None:
         self.queue = queue
+        self.cpu = cpu
         self.settings = settings
         self.tracker = tracker
         self.evictor = evictor
@@ -81,6 +88,10 @@ class Launcher:
         """Launch a container if needed; True if evictions made room to check again."""
         if not self.queue.new_container_needed():
             return False
+        now = asyncio.get_running_loop().time()
+        queue = self.queue
+        if queue.short_calls_cycling(now) and self.cpu.saturated(queue.live_containers()):
+            return False  # the waiting calls nudge again, every hot-poll interval
         fn = self.queue.fn
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
         self.queue.move(None, ContainerState.WAIT)

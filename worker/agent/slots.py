@@ -133,11 +133,19 @@ class SlotQueue:
         self.last_used_s = 0.0
         self.asking = 0  # waiting callers that have nudged the launcher
         self.call_s = 0.0  # how long a call holds a container, smoothed; 0 = not known yet
+        self.freed_at = -LAUNCH_PATIENCE_S  # loop time a call last gave its container back
+        self.quick_s = 0.0  # the quickest recent hold: falls at once, rises 1 % a call
+        self.holds = 0  # calls that have held a container (call_s and quick_s known if > 0)
         self.closed = False  # the agent is closing: slots are no longer handed over
 
-    def held(self, seconds: float) -> None:
-        """A call held a container for ``seconds`` (smooths ``call_s``)."""
-        self.call_s = seconds if self.call_s == 0.0 else 0.8 * self.call_s + 0.2 * seconds
+    def held(self, seconds: float, now: float) -> None:
+        """A call held a container for ``seconds`` until ``now`` (loop time)."""
+        first = self.holds == 0
+        self.holds += 1
+        self.call_s = seconds if first else 0.8 * self.call_s + 0.2 * seconds
+        quick = self.quick_s
+        self.quick_s = seconds if first or seconds < quick else quick + 0.01 * (seconds - quick)
+        self.freed_at = now
 
     def launch_patience_s(self) -> float:
         """How long a call that finds no idle container waits before it asks for a
@@ -226,6 +234,23 @@ class SlotQueue:
         if short and starting > 0 and self.containers[ContainerState.BUSY] > 0:
             return False
         return not (starting > 0 and starting >= uncovered)
+
+    def short_calls_cycling(self, now: float) -> bool:
+        """Calls are short and busy containers keep coming free (one did within
+        LAUNCH_PATIENCE_S of ``now``): another container would only add CPU to run
+        them on. (When every container is stuck in a call, this is False.)
+
+        Short by the quickest recent hold, not the average: on a loaded host a call
+        holds its container while the worker gets round to the answer, so the
+        average grows with the very load this is about."""
+        return (
+            0.0 < self.quick_s < LAUNCH_PATIENCE_S
+            and self.containers[ContainerState.BUSY] > 0
+            and now - self.freed_at < LAUNCH_PATIENCE_S
+        )
+
+    def live_containers(self) -> int:
+        return sum(self.containers[state] for state in LIVE_CONTAINER_STATES)
 
     def is_idle(self) -> bool:
         """No call waits or runs and no container lives."""
