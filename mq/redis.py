@@ -243,10 +243,16 @@ class RedisQueue:
     async def push(
         self, call: Call, *, delay_s: float | None = None, priority: int | None = None
     ) -> str:
+        await self.push_new(call, delay_s=delay_s, priority=priority)
+        return call.id
+
+    async def push_new(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> bool:
         prio = call.priority if priority is None else priority
         delay = call.delay_s if delay_s is None else delay_s
-        await self._enqueue([self._entry(call, prio, delay)])
-        return call.id
+        [queued] = await self._enqueue([self._entry(call, prio, delay)])
+        return queued
 
     async def push_many(self, calls: Sequence[Call]) -> list[str]:
         entries = [self._entry(c, c.priority, c.delay_s) for c in calls]
@@ -269,12 +275,14 @@ class RedisQueue:
             flat += (name, value)
         return flat
 
-    async def _enqueue(self, entries: list[list[Any]]) -> None:
-        if entries:
-            args: list[Any] = [GROUP, len(entries)]
-            for entry in entries:
-                args += entry
-            await self._eval("enqueue", args)
+    async def _enqueue(self, entries: list[list[Any]]) -> list[bool]:
+        """enqueue.lua: per entry, whether it queued a message (False: its id was there)."""
+        if not entries:
+            return []
+        args: list[Any] = [GROUP, len(entries)]
+        for entry in entries:
+            args += entry
+        return [bool(queued) for queued in await self._eval("enqueue", args)]
 
     # ------------------------------------------------------------- consume
     async def reserve(self, timeout_s: float) -> Message | None:

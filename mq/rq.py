@@ -168,10 +168,17 @@ class RQQueue:
         self, call: Call, *, delay_s: float | None = None, priority: int | None = None
     ) -> str:
         """Enqueue ``call`` as a JSON ``fnq.call`` job (id = call id) on the first queue."""
+        await self.push_new(call, delay_s=delay_s, priority=priority)
+        return call.id
+
+    async def push_new(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> bool:
+        """``push``; False when the job ``call.id`` is live in rq (queued, scheduled,
+        started: also after a plain ``ack``, which leaves rq's status alone)."""
         delay = call.delay_s if delay_s is None else delay_s
         prio = call.priority if priority is None else priority
-        await self._sync_call(rq_dead.enqueue, self._sync, self._names[0], call, delay, prio)
-        return call.id
+        return await self._sync_call(rq_dead.enqueue, self._sync, self._names[0], call, delay, prio)
 
     async def push_many(self, calls: Sequence[Call]) -> list[str]:
         return [await self.push(call) for call in calls]
