@@ -75,6 +75,18 @@ class MessageQueue(Protocol):
         """
         ...
 
+    async def push_new(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> bool:
+        """``push``, reporting whether it queued a message.
+
+        True: this call is now the queue's message for ``call.id``. False: a message
+        with that id was already queued, delayed or reserved, and this push changed
+        nothing (that message, with its own body, is the one that runs). See
+        docs/queue.md for what a backend can see at push time.
+        """
+        ...
+
     async def push_many(self, calls: Sequence[Call]) -> list[str]:
         """Queue several calls (each with its own delay and priority) in one round trip."""
         ...

@@ -8,7 +8,8 @@ Keys, with prefix ``P`` (default ``fnq``)::
     P:later:due        zset    ... by due time (ms)
     P:ids              hash    call id -> where it is queued (one message per id)
     P:dead, P:dead:ids stream + hash: dead letters by key
-    P:meta             hash    when lapsed reservations are next swept, sweep cursors
+    P:meta             hash    when lapsed reservations are next swept, sweep cursors,
+                               the id of the wake-up entry in P:calls (enqueue.lua)
 
 A reservation is an entry in a ready stream's pending list (XREADGROUP); it
 lapses when the entry has been idle longer than the reservation time, and the
@@ -71,7 +72,18 @@ PROMOTE_LIMIT = 200
 QUIET_MAX_S = 0.25  # the longest run of reserves without the reserve script
 REQUEUE_BATCH = 500
 PUSH_BATCH = 500
-_SCRIPTS = ("enqueue", "reserve", "ack", "release", "extend", "bury", "requeue", "purge", "leave")
+_SCRIPTS = (
+    "enqueue",
+    "reserve",
+    "ack",
+    "release",
+    "extend",
+    "bury",
+    "requeue",
+    "purge",
+    "leave",
+    "stats",
+)
 
 
 @functools.cache
@@ -243,10 +255,16 @@ class RedisQueue:
     async def push(
         self, call: Call, *, delay_s: float | None = None, priority: int | None = None
     ) -> str:
+        await self.push_new(call, delay_s=delay_s, priority=priority)
+        return call.id
+
+    async def push_new(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> bool:
         prio = call.priority if priority is None else priority
         delay = call.delay_s if delay_s is None else delay_s
-        await self._enqueue([self._entry(call, prio, delay)])
-        return call.id
+        [queued] = await self._enqueue([self._entry(call, prio, delay)])
+        return queued
 
     async def push_many(self, calls: Sequence[Call]) -> list[str]:
         entries = [self._entry(c, c.priority, c.delay_s) for c in calls]
@@ -269,12 +287,14 @@ class RedisQueue:
             flat += (name, value)
         return flat
 
-    async def _enqueue(self, entries: list[list[Any]]) -> None:
-        if entries:
-            args: list[Any] = [GROUP, len(entries)]
-            for entry in entries:
-                args += entry
-            await self._eval("enqueue", args)
+    async def _enqueue(self, entries: list[list[Any]]) -> list[bool]:
+        """enqueue.lua: per entry, whether it queued a message (False: its id was there)."""
+        if not entries:
+            return []
+        args: list[Any] = [GROUP, len(entries)]
+        for entry in entries:
+            args += entry
+        return [bool(queued) for queued in await self._eval("enqueue", args)]
 
     # ------------------------------------------------------------- consume
     async def reserve(self, timeout_s: float) -> Message | None:
@@ -563,25 +583,8 @@ class RedisQueue:
         return int(await self._eval("purge", ["ids", *ids])) if ids else 0
 
     async def stats(self) -> QueueStats:
-        async def snapshot() -> list[Any]:
-            pipe = self._client.pipeline(transaction=True)
-            for key in self._ready_keys:
-                pipe.xlen(key)
-                pipe.xpending(key, GROUP)
-            pipe.xlen(self.inbox_key)
-            pipe.zcard(self._keys[5])
-            pipe.xlen(self._keys[7])
-            return list(await pipe.execute())
-
-        res = await self._cmd(snapshot)
-        lengths = sum(int(res[i]) for i in (0, 2, 4))
-        reserved = sum(int(res[i]["pending"]) for i in (1, 3, 5))
-        return QueueStats(
-            ready=lengths - reserved + int(res[6]),
-            delayed=int(res[7]),
-            reserved=reserved,
-            dead=int(res[8]),
-        )
+        ready, delayed, reserved, dead = await self._eval("stats", [GROUP])
+        return QueueStats(ready=ready, delayed=delayed, reserved=reserved, dead=dead)
 
     async def close(self) -> None:
         try:

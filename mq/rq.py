@@ -34,6 +34,7 @@ import contextlib
 import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
+from dataclasses import dataclass
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
@@ -54,7 +55,7 @@ from mq.base import DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import QueueError, QueueUnavailable, ReservationLost
 from mq.redis_url import FNQ_URL_OPTIONS
 
-__all__ = ["RQQueue", "open_rq_queues"]
+__all__ = ["RQDepth", "RQQueue", "open_rq_queues"]
 
 T = TypeVar("T")
 SCHEDULED_POLL_S = 1.0  # the longest wait between two looks at rq's scheduled jobs
@@ -63,6 +64,17 @@ SWEEP_LIMIT = 100
 STARTED_GRACE_S = 60  # rq's own cleanup fails a started job only this long after fnq's lapse
 RESERVED_KEY = "fnq:rq:reserved"
 RECEIPTS_KEY = "fnq:rq:receipts"
+
+
+@dataclass(frozen=True, slots=True)
+class RQDepth:
+    """One RQ queue's jobs by rq's state, as ``rq info`` shows them."""
+
+    name: str
+    queued: int  # on the queue
+    scheduled: int  # in its ScheduledJobRegistry (enqueue_in/at, delayed releases)
+    started: int  # executing: held by fnq workers (or rq's)
+    failed: int  # in its FailedJobRegistry: fnq's dead letters of this queue
 
 
 def open_rq_queues(url: str, queue_names: Sequence[str], settings: Settings) -> RQQueue:
@@ -120,6 +132,7 @@ class RQQueue:
         self._queue_keys = [Queue.redis_queue_namespace_prefix + n for n in names]
         self._failed_keys = [FailedJobRegistry.key_template.format(n) for n in names]
         self._scheduled_keys = [ScheduledJobRegistry.key_template.format(n) for n in names]
+        self._started_keys = [StartedJobRegistry.key_template.format(n) for n in names]
         self._keys = [RESERVED_KEY, RECEIPTS_KEY]
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(getattr(rq_scripts, name.upper()))
@@ -168,10 +181,17 @@ class RQQueue:
         self, call: Call, *, delay_s: float | None = None, priority: int | None = None
     ) -> str:
         """Enqueue ``call`` as a JSON ``fnq.call`` job (id = call id) on the first queue."""
+        await self.push_new(call, delay_s=delay_s, priority=priority)
+        return call.id
+
+    async def push_new(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> bool:
+        """``push``; False when the job ``call.id`` is live in rq (queued, scheduled,
+        started: also after a plain ``ack``, which leaves rq's status alone)."""
         delay = call.delay_s if delay_s is None else delay_s
         prio = call.priority if priority is None else priority
-        await self._sync_call(rq_dead.enqueue, self._sync, self._names[0], call, delay, prio)
-        return call.id
+        return await self._sync_call(rq_dead.enqueue, self._sync, self._names[0], call, delay, prio)
 
     async def push_many(self, calls: Sequence[Call]) -> list[str]:
         return [await self.push(call) for call in calls]
@@ -327,20 +347,14 @@ class RQQueue:
         """ready: jobs on the queues; reserved: fnq reservations on this Redis (all
         queues); dead: FailedJobRegistry sizes; delayed: ScheduledJobRegistry sizes."""
 
-        async def snapshot() -> list[Any]:
-            pipe = self._client.pipeline(transaction=True)
+        def fill(pipe: Any) -> None:
             for i, key in enumerate(self._queue_keys):
                 pipe.llen(key)
                 pipe.zcard(self._failed_keys[i])
                 pipe.zcard(self._scheduled_keys[i])
             pipe.zcard(RESERVED_KEY)
-            return list(await pipe.execute())
 
-        try:
-            async with asyncio.timeout(self._op_timeout_s):
-                res = await snapshot()
-        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-            raise QueueUnavailable(f"rq queue: {type(exc).__name__}: {exc}") from exc
+        res = await self._snapshot(fill)
         n = len(self._names)
         return QueueStats(
             ready=sum(int(res[3 * i]) for i in range(n)),
@@ -348,6 +362,30 @@ class RQQueue:
             reserved=int(res[-1]),
             dead=sum(int(res[3 * i + 1]) for i in range(n)),
         )
+
+    async def depths(self) -> list[RQDepth]:
+        """Each queue's jobs as rq counts them (``rq info``), read at one instant. Only
+        reads: rq's own registry cleanup, which ``rq info`` runs, is left to rq."""
+
+        def fill(pipe: Any) -> None:
+            for i, key in enumerate(self._queue_keys):
+                pipe.llen(key)
+                pipe.zcard(self._scheduled_keys[i])
+                pipe.zcard(self._started_keys[i])
+                pipe.zcard(self._failed_keys[i])
+
+        res = [int(r) for r in await self._snapshot(fill)]
+        return [RQDepth(name, *res[4 * i : 4 * i + 4]) for i, name in enumerate(self._names)]
+
+    async def _snapshot(self, fill: Callable[[Any], None]) -> list[Any]:
+        """The replies of the commands ``fill`` adds to a transaction (MULTI/EXEC)."""
+        try:
+            async with asyncio.timeout(self._op_timeout_s):
+                pipe = self._client.pipeline(transaction=True)
+                fill(pipe)
+                return list(await pipe.execute())
+        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
+            raise QueueUnavailable(f"rq queue: {type(exc).__name__}: {exc}") from exc
 
     async def close(self) -> None:
         try:

@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any, cast
 
 from redis import Redis
+from redis.exceptions import WatchError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
@@ -23,14 +24,20 @@ from rq.serializers import JSONSerializer
 from config.domain import Call
 from mq import rq_jobs
 from mq.base import DeadLetter
+from mq.errors import QueueUnavailable
 
 _LIVE = {b"queued", b"started", b"scheduled", b"deferred", b"created"}
+ENQUEUE_ATTEMPTS = 5  # of the enqueue transaction, while the job keeps changing under it
 
 
-def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: int) -> None:
-    """Enqueue ``call`` the way a documented producer would (no-op if its job is live)."""
-    if conn.hget(Job.key_for(call.id), "status") in _LIVE:
-        return
+def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: int) -> bool:
+    """Enqueue ``call`` the way a documented producer would; False, doing nothing, when
+    its job is live (queued, scheduled, started, ...).
+
+    The look at the job's status and the enqueue are one transaction (WATCH on the
+    job's hash), so of two producers of one id only one enqueues. A job that had
+    ended is enqueued again as new: its delivery count starts again.
+    """
     kwargs: dict[str, Any] = {"app": call.app, "fn": call.fn}
     if call.body:
         try:
@@ -40,10 +47,25 @@ def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: 
     if call.headers:
         kwargs["headers"] = dict(call.headers)
     queue = Queue(queue_name, connection=conn, serializer=JSONSerializer)
-    if delay_s > 0:
-        queue.enqueue_in(timedelta(seconds=delay_s), rq_jobs.FUNC_NAME, job_id=call.id, **kwargs)
-    else:
-        queue.enqueue(rq_jobs.FUNC_NAME, job_id=call.id, at_front=priority > 0, **kwargs)
+    key = Job.key_for(call.id)
+    for _ in range(ENQUEUE_ATTEMPTS):
+        with conn.pipeline() as pipe:
+            try:
+                pipe.watch(key)  # type: ignore[no-untyped-call]
+                if pipe.hget(key, "status") in _LIVE:
+                    return False
+                pipe.multi()
+                pipe.hdel(key, "fnq_deliveries")
+                options: dict[str, Any] = {"job_id": call.id, "pipeline": pipe, **kwargs}
+                if delay_s > 0:
+                    queue.enqueue_in(timedelta(seconds=delay_s), rq_jobs.FUNC_NAME, **options)
+                else:
+                    queue.enqueue(rq_jobs.FUNC_NAME, at_front=priority > 0, **options)
+                pipe.execute()
+            except WatchError:  # the job changed meanwhile: look again
+                continue
+            return True
+    raise QueueUnavailable(f"rq queue: job {call.id} kept changing while it was enqueued")
 
 
 def _registries(conn: Redis, names: Sequence[str]) -> list[FailedJobRegistry]:

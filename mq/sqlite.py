@@ -91,24 +91,32 @@ class SqliteQueue:
     async def push(
         self, call: Call, *, delay_s: float | None = None, priority: int | None = None
     ) -> str:
+        await self.push_new(call, delay_s=delay_s, priority=priority)
+        return call.id
+
+    async def push_new(
+        self, call: Call, *, delay_s: float | None = None, priority: int | None = None
+    ) -> bool:
         prio = call.priority if priority is None else priority
         delay = call.delay_s if delay_s is None else delay_s
-        await self._push([(call, prio, delay)])
-        return call.id
+        return await self._push([(call, prio, delay)]) == 1
 
     async def push_many(self, calls: Sequence[Call]) -> list[str]:
         await self._push([(c, c.priority, c.delay_s) for c in calls])
         return [c.id for c in calls]
 
-    async def _push(self, items: list[tuple[Call, int, float]]) -> None:
+    async def _push(self, items: list[tuple[Call, int, float]]) -> int:
+        """Queue ``items``; returns how many were new (the others' ids were queued)."""
         for call, prio, delay in items:
             try:
                 wire.check_call(call, prio, delay, self._db.max_body_bytes)
             except wire.WireError as exc:
                 raise InvalidCall(f"call {call.id}: {exc}") from None
-        if items:
-            await self._run(self._db.push, items)
-            self._pushed.set()
+        if not items:
+            return 0
+        queued = await self._run(self._db.push, items)
+        self._pushed.set()
+        return queued
 
     # ------------------------------------------------------------- consume
     async def reserve(self, timeout_s: float) -> Message | None:

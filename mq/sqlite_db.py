@@ -138,18 +138,19 @@ class SqliteDb:
         return int(self.conn.execute("PRAGMA data_version").fetchone()[0])
 
     # ------------------------------------------------------------- produce
-    def push(self, items: Sequence[tuple[Call, int, float]]) -> None:
+    def push(self, items: Sequence[tuple[Call, int, float]]) -> int:
+        """Insert the messages whose ids are not on the queue; returns how many were."""
         now = now_ms()
         rows = [
             (c.id, prio, 1 if delay_s > 0 else 0, now + int(delay_s * 1000), wire.call_json(c))
             for c, prio, delay_s in items
         ]
         with self.write() as conn:
-            conn.executemany(
+            return conn.executemany(
                 "INSERT INTO mq_message (id, priority, state, due_ms, payload) VALUES (?,?,?,?,?)"
                 " ON CONFLICT (id) DO NOTHING",
                 rows,
-            )
+            ).rowcount
 
     # ------------------------------------------------------------- consume
     def reserve(self, count: int) -> tuple[list[Message], int | None, int]:

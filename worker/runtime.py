@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+from typing import TYPE_CHECKING
 
 from config.errors import ConfigError
 from config.settings import Settings, unknown_env_names
@@ -18,6 +19,9 @@ from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.shutdown import Shutdown, signal_handlers
 from worker.upkeep import Upkeep
+
+if TYPE_CHECKING:
+    from mq.rq import RQQueue
 
 log = logging.getLogger("fnq.worker")
 
@@ -104,15 +108,21 @@ def tune_garbage_collector() -> None:
 
 def rq_queues(settings: Settings) -> list[MessageQueue]:
     """The RQ queues named by FN_RQ_QUEUES, if any (imported only then)."""
+    queue = open_rq(settings)
+    return [] if queue is None else [queue]
+
+
+def open_rq(settings: Settings) -> RQQueue | None:
+    """One RQQueue over the RQ queues named by FN_RQ_QUEUES; None when none are."""
     names = rq_names(settings)
     if not names:
-        return []
+        return None
     url = settings.rq_url or settings.mq_url
     if not url.startswith(("redis://", "rediss://")):
         raise ConfigError("FN_RQ_QUEUES needs a Redis: set FN_RQ_URL=redis://HOST:PORT/DB")
     from mq.rq import open_rq_queues  # noqa: PLC0415 - rq is imported only when used
 
-    return [open_rq_queues(url, names, settings)]
+    return open_rq_queues(url, names, settings)
 
 
 def rq_names(settings: Settings) -> list[str]:

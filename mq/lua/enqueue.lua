@@ -3,7 +3,8 @@
 -- Returns per message 1 (queued) or 0 (the id was already queued, delayed or reserved).
 -- A delayed message pushed straight to LATER (not routed from INBOX) adds one `_wake` entry
 -- to INBOX: a consumer blocked on the streams wakes, drops it, and waits again only until
--- the earliest due time (it could not know of the new one otherwise).
+-- the earliest due time (it could not know of the new one otherwise). Its id is kept in
+-- META (field `wake`), so that statistics leave it out (stats.lua).
 local group = ARGV[1]
 local n = tonumber(ARGV[2])
 local now = now_ms()
@@ -30,8 +31,12 @@ for m = 1, n do
   end
 end
 if wake then
-  -- One waiting is enough: a stream no consumer reads holds one, not one per push.
-  local last = redis.call('XREVRANGE', INBOX, '+', '-', 'COUNT', 1)
-  if #last == 0 or last[1][2][1] ~= WAKE then redis.call('XADD', INBOX, '*', WAKE, '1') end
+  -- One in INBOX is enough: while it waits there no consumer is blocked (it would have
+  -- been handed the entry), and a consumer that took it looks at the due times again.
+  -- So a stream no consumer reads holds one, not one per push.
+  local held = redis.call('HGET', META, 'wake')
+  if not held or #redis.call('XRANGE', INBOX, held, held) == 0 then
+    redis.call('HSET', META, 'wake', redis.call('XADD', INBOX, '*', WAKE, '1'))
+  end
 end
 return out

@@ -140,6 +140,36 @@ def test_call_gets_a_queued_record(backend: str) -> None:
     assert (shown["status"], shown["app"], shown["fn"]) == ("queued", "demo", "echo")
 
 
+def test_calling_an_id_already_queued_keeps_the_first_request(backend: str) -> None:
+    fnq("call", "demo", "echo", "--id", "twice-1", "--body", "first", "--header", "X-N:1")
+    again = CliRunner().invoke(
+        cli, ["call", "demo", "echo", "--id", "twice-1", "--body", "second", "--delay", "5"]
+    )
+    assert (again.exit_code, again.stdout) == (0, "twice-1\n")
+    assert again.stderr == "fnq: call twice-1 was already queued; this request was not queued\n"
+    request = json.loads(fnq("calls", "show", "twice-1", "--json"))["request"]
+    assert (request["body"], request["headers"]) == ("first", {"X-N": "1"})
+
+    async def take(queue: MessageQueue) -> list[Message]:
+        return await queue.reserve_many(5, 1.0)
+
+    assert [(m.call.id, m.call.body) for m in with_queue(take)] == [("twice-1", b"first")]
+
+
+def test_calling_an_id_another_producer_queued_writes_no_record(backend: str) -> None:
+    async def push(queue: MessageQueue) -> None:
+        await queue.push(Call(id="api-1", app="demo", fn="echo", body=b"from the api"))
+
+    with_queue(push)  # as the Python producers do: a message, no record
+    again = CliRunner().invoke(cli, ["call", "demo", "echo", "--id", "api-1", "--body", "cli"])
+    assert (again.exit_code, again.stdout) == (0, "api-1\n")
+    assert again.stderr == "fnq: call api-1 was already queued; this request was not queued\n"
+    shown = CliRunner().invoke(cli, ["calls", "show", "api-1", "--json"])
+    assert (shown.exit_code, shown.stdout) == (1, "")  # the worker that runs it records it
+    msg = with_queue(take_one)
+    assert msg is not None and msg.call.body == b"from the api"
+
+
 def test_dead_list_requeue_purge(backend: str) -> None:
     async def bury(queue: MessageQueue) -> None:
         await queue.push_many([Call(id=f"d{i}", app="demo", fn="echo") for i in range(3)])

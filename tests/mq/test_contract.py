@@ -220,6 +220,35 @@ async def test_same_id_is_one_message_while_queued_or_reserved(queues: QueueMake
     assert (await q.stats()).ready == 1
 
 
+async def test_push_new_reports_whether_it_queued_a_message(queues: QueueMaker) -> None:
+    q = queues()
+    first = Call(id="new-1", app="demo", fn="echo", body=b"first")
+    second = Call(id="new-1", app="demo", fn="echo", body=b"second")
+    assert await q.push_new(first) is True
+    assert await q.push_new(second) is False  # queued: the first stays
+    assert await q.push_new(second, delay_s=30) is False
+    msg = await q.reserve(1.0)
+    assert msg is not None and msg.call.body == b"first"
+    assert await q.push_new(second) is False  # reserved
+    await q.ack(msg)
+    assert await q.push_new(second) is True  # acked: the id is free again
+    msg = await q.reserve(1.0)
+    assert msg is not None and (msg.call.body, msg.deliveries) == (b"second", 1)
+    await q.dead_letter(msg, "gave up")
+    assert await q.push_new(first) is True  # dead: free again too
+    assert await q.stats() == QueueStats(ready=1, delayed=0, reserved=0, dead=1)
+
+
+async def test_push_new_sees_a_delayed_message(queues: QueueMaker) -> None:
+    q = queues()
+    later = Call(id="later-1", app="demo", fn="echo", body=b"later", delay_s=30)
+    assert await q.push_new(later) is True
+    assert await q.push_new(Call(id="later-1", app="demo", fn="echo", body=b"now")) is False
+    assert await q.push_new(later, delay_s=0) is False
+    assert await q.reserve(0.1) is None
+    assert await q.stats() == QueueStats(ready=0, delayed=1, reserved=0, dead=0)
+
+
 async def test_max_deliveries_moves_to_dead_letters(queues: QueueMaker) -> None:
     q = queues(mq_reservation_msecs=1000, mq_max_deliveries=2)
     sent = await q.push(call())

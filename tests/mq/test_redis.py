@@ -121,6 +121,30 @@ async def test_producer_api_sync_and_async(redis_server: RedisServer) -> None:
         await q.close()
 
 
+async def test_push_new_and_producers_entries_of_the_same_id(redis_server: RedisServer) -> None:
+    q = open_queue(f"{redis_server.url}?prefix=dup", load_settings())
+    client = redis.Redis(port=redis_server.port, socket_timeout=5)
+    fields = {"app": "demo", "fn": "echo", "body": "first"}
+    try:
+        # An entry no consumer has routed yet is not seen by a push: the push's
+        # message takes the id, and the entry is dropped once it is routed.
+        client.xadd("dup:calls", {**fields, "id": "dup-1"})
+        assert await q.push_new(Call("dup-1", "demo", "echo", b"second")) is True
+        msg = await q.reserve(2.0)
+        assert msg is not None and msg.call.body == b"second"
+        assert await q.reserve(0.2) is None  # routed now: a duplicate, dropped
+        assert client.xlen("dup:calls") == 0
+        await q.ack(msg)
+        # A routed entry is seen, a delayed one too.
+        client.xadd("dup:calls", {**fields, "id": "dup-2", "delay": "30"})
+        assert await q.reserve(0.2) is None
+        assert await q.push_new(Call("dup-2", "demo", "echo", b"second")) is False
+        assert await q.stats() == QueueStats(ready=0, delayed=1, reserved=0, dead=0)
+    finally:
+        client.close()
+        await q.close()
+
+
 async def test_queued_messages_survive_a_restart(own_redis: RedisServer) -> None:
     settings = load_settings(mq_reservation_msecs=1000)
     q = open_queue(own_redis.url, settings)
@@ -334,18 +358,30 @@ async def test_a_delayed_push_wakes_a_consumer_waiting_on_an_empty_queue(
         assert (stats.ready, stats.delayed, stats.reserved, stats.dead) == (0, 0, 2, 0)
 
 
-async def test_delayed_pushes_nobody_reads_leave_one_wake_up_entry(
+async def test_delayed_pushes_nobody_reads_leave_one_uncounted_wake_up_entry(
     own_redis: RedisServer,
 ) -> None:
     q = open_queue(own_redis.url, load_settings())
+    client = redis.Redis(port=own_redis.port, socket_timeout=5)
     try:
         for _ in range(3):
             await q.push(Call(new_call_id(), "demo", "echo", b"later"), delay_s=30)
-        client = redis.Redis(port=own_redis.port)
         assert client.xlen("fnq:calls") == 1
-        client.close()
-        assert (await q.stats()).delayed == 3
+        assert await q.stats() == QueueStats(ready=0, delayed=3, reserved=0, dead=0)
+        # a producer's entry in between: still one wake-up entry, and only the call counts
+        client.xadd("fnq:calls", {"app": "demo", "fn": "echo", "id": "between"})
+        await q.push(Call(new_call_id(), "demo", "echo", b"later"), delay_s=30)
+        assert client.xlen("fnq:calls") == 2
+        assert await q.stats() == QueueStats(ready=1, delayed=4, reserved=0, dead=0)
+        msg = await q.reserve(1.0)  # routes both: the wake-up entry is dropped
+        assert msg is not None and msg.call.id == "between"
+        assert client.xlen("fnq:calls") == 0
+        assert await q.stats() == QueueStats(ready=0, delayed=4, reserved=1, dead=0)
+        await q.push(Call(new_call_id(), "demo", "echo", b"later"), delay_s=30)
+        assert client.xlen("fnq:calls") == 1  # a new one, since the last is gone
+        assert await q.stats() == QueueStats(ready=0, delayed=5, reserved=1, dead=0)
     finally:
+        client.close()
         await q.close()
 
 

@@ -25,7 +25,7 @@ from rq.registry import (
 )
 from rq.results import Result
 
-from config.domain import CallStatus, FailureKind, Outcome, Response
+from config.domain import Call, CallStatus, FailureKind, Outcome, Response
 from mq.base import MessageQueue
 from mq.errors import ReservationLost
 from mq.rq import RQQueue
@@ -342,6 +342,45 @@ async def test_push_round_trip(make_rq: MakeRQ, conn: Redis) -> None:
         b"\x00bin",
         {"X-A": "1"},
     )
+
+
+async def test_push_new_reports_whether_it_queued_a_job(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis
+) -> None:
+    queue = make_rq()
+    second = Call("rq-dup", "demo", "echo", b"second")
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", body="first", job_id="rq-dup")
+    assert await queue.push_new(second) is False  # queued by an rq producer: it stays
+    assert await queue.push_new(second, delay_s=30) is False
+    msg = await queue.reserve(1.0)
+    assert msg is not None and msg.call.body == b"first"
+    assert await queue.push_new(second) is False  # started
+    await queue.ack(msg)
+    assert await queue.push_new(second) is False  # ack leaves the job started in rq
+    await queue.complete(msg, ok())
+    assert await queue.push_new(second) is True  # finished: queued again, as new
+    again = await queue.reserve(1.0)
+    assert again is not None and (again.call.body, again.deliveries) == (b"second", 1)
+    await queue.dead_letter(again, "gave up")
+    assert await queue.push_new(second) is True  # failed: queued again too
+    assert rq_queue.job_ids == ["rq-dup"]
+
+
+async def test_push_new_sees_a_scheduled_job(make_rq: MakeRQ, conn: Redis) -> None:
+    queue = make_rq()
+    assert await queue.push_new(Call("rq-later", "demo", "echo", b"later"), delay_s=30) is True
+    assert Job.fetch("rq-later", connection=conn).get_status() == "scheduled"
+    assert await queue.push_new(Call("rq-later", "demo", "echo", b"now")) is False
+    stats = await queue.stats()
+    assert (stats.ready, stats.delayed) == (0, 1)
+
+
+async def test_of_two_pushes_of_one_id_at_once_one_queues(make_rq: MakeRQ, rq_queue: Queue) -> None:
+    for n in range(5):
+        calls = [Call(f"rq-race-{n}", "demo", "echo", b"%d" % i) for i in range(2)]
+        queued = await asyncio.gather(*(make_rq().push_new(c) for c in calls))
+        assert sorted(queued) == [False, True]
+    assert rq_queue.job_ids == [f"rq-race-{n}" for n in range(5)]
 
 
 async def test_mixed_run_registries_and_rq_info(

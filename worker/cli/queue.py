@@ -88,8 +88,12 @@ async def _with_queue(settings: Settings, work: Callable[[MessageQueue], Awaitab
         await queue.close()
 
 
-async def enqueue_recorded(settings: Settings, call: Call) -> str:
+async def enqueue_recorded(settings: Settings, call: Call) -> bool:
     """Check the function exists, queue the call, and give it a `queued` record.
+
+    Returns False, writing nothing, when a message with the call's id was already
+    queued (by another producer, maybe with another request): the record is that
+    message's to write, by whoever pushed it or by the worker that runs it.
 
     The record is written after the push: a worker that is quicker records
     `running` first, and the late `queued` insert then leaves it alone.
@@ -106,12 +110,13 @@ async def enqueue_recorded(settings: Settings, call: Call) -> str:
                 f"`fnq calls retry {call.id}` runs it again"
             )
 
-        async def push(queue: MessageQueue) -> str:
-            return await queue.push(call)
+        async def push(queue: MessageQueue) -> bool:
+            return await queue.push_new(call)
 
-        call_id = await _with_queue(settings, push)
+        if not await _with_queue(settings, push):
+            return False
         await store.record_queued(call, image=fn.image)
-        return call_id
+        return True
     finally:
         await store.close()
 
@@ -123,7 +128,12 @@ async def enqueue_recorded(settings: Settings, call: Call) -> str:
 @click.option("--header", "headers", multiple=True, metavar="NAME:VALUE", help="Repeatable.")
 @click.option("--delay", "delay_s", type=float, default=0.0, help="Seconds before it may run.")
 @click.option("--priority", type=click.IntRange(0, 2), default=0, help="0-2, higher first.")
-@click.option("--id", "call_id", default=None, help="Call id (idempotent while queued).")
+@click.option(
+    "--id",
+    "call_id",
+    default=None,
+    help="Call id (idempotent while queued: a call already queued with it stays as it is).",
+)
 @click.pass_context
 @friendly_errors
 def call_cmd(
@@ -153,8 +163,10 @@ def call_cmd(
     except wire.WireError as exc:
         raise click.UsageError(str(exc)) from None
 
-    run_async(enqueue_recorded(settings, call))
+    queued = run_async(enqueue_recorded(settings, call))
     click.echo(call.id)
+    if not queued:
+        click.echo(f"fnq: call {call.id} was already queued; this request was not queued", err=True)
 
 
 @click.group("dead")

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from datetime import timedelta
 from typing import Any
 
@@ -9,6 +10,7 @@ import click
 
 from config.domain import CallStatus, utcnow
 from config.errors import FnqError
+from config.settings import Settings
 from datastore.base import WorkerInfo, open_datastore
 from mq.base import open_queue
 from worker.cli._common import (
@@ -21,7 +23,7 @@ from worker.cli._common import (
     settings_from,
 )
 from worker.logs import setup_logging
-from worker.runtime import serve, setup_sentry
+from worker.runtime import open_rq, serve, setup_sentry
 
 
 @click.command("worker")
@@ -53,6 +55,9 @@ WORKER_HEADERS = ["WORKER", "HOST", "PID", "MEMORY MB", "CPU mCPU", "CONTAINERS"
                   "WAITING", "SEEN"]  # fmt: skip
 
 
+RQ_HEADERS = ["RQ QUEUE", "QUEUED", "SCHEDULED", "STARTED", "FAILED"]
+
+
 async def _status(ctx: click.Context) -> dict[str, Any]:
     settings = settings_from(ctx)
     queue = open_queue(settings.mq_url, settings)
@@ -64,6 +69,7 @@ async def _status(ctx: click.Context) -> dict[str, Any]:
         "queue": {"ready": qs.ready, "delayed": qs.delayed, "reserved": qs.reserved,
                   "dead": qs.dead},
     }  # fmt: skip
+    data.update(await _rq_status(settings))
     try:  # the queue's depth is worth showing while the datastore is down
         store = await open_datastore(settings)
         try:
@@ -77,6 +83,22 @@ async def _status(ctx: click.Context) -> dict[str, Any]:
     data["calls"] = {status.value: counts.get(status, 0) for status in CallStatus}
     data["workers"] = [_worker_json(w) for w in workers]
     return data
+
+
+async def _rq_status(settings: Settings) -> dict[str, Any]:
+    """``rq_queues``: the depth of each RQ queue of FN_RQ_QUEUES, or ``rq_error``;
+    nothing when there are none."""
+    try:
+        queue = open_rq(settings)
+        if queue is None:
+            return {}
+        try:
+            depths = await queue.depths()
+        finally:
+            await queue.close()
+    except FnqError as exc:  # the rest is worth showing all the same
+        return {"rq_error": str(exc)}
+    return {"rq_queues": [dataclasses.asdict(d) for d in depths]}
 
 
 def _worker_json(w: WorkerInfo) -> dict[str, Any]:
@@ -104,16 +126,27 @@ def worker_row(w: dict[str, Any]) -> list[Any]:
 @click.pass_context
 @friendly_errors
 def status_cmd(ctx: click.Context, as_json: bool) -> None:
-    """Queue depth by state, calls by status and the live workers."""
+    """Queue depth by state (and the RQ queues'), calls by status and the live workers."""
     data = run_async(_status(ctx))
     if as_json:
         print_json(data)
     else:
-        print_table(["QUEUE", "MESSAGES"], list(data["queue"].items()))
+        _print_status(data)
+    errors = [data[key] for key in ("rq_error", "datastore_error") if key in data]
+    for error in errors[:-1]:
+        click.echo(f"fnq: {error}", err=True)
+    if errors:  # what could be read is shown first
+        fail(errors[-1])
+
+
+def _print_status(data: dict[str, Any]) -> None:
+    print_table(["QUEUE", "MESSAGES"], list(data["queue"].items()))
+    click.echo()
+    if data.get("rq_queues"):
+        print_table(RQ_HEADERS, [[d["name"], d["queued"], d["scheduled"], d["started"],
+                                  d["failed"]] for d in data["rq_queues"]])  # fmt: skip
         click.echo()
-    if "datastore_error" in data:  # calls and workers are unknown
-        fail(data["datastore_error"])
-    if as_json:
+    if "calls" not in data:  # the datastore is down: calls and workers are unknown
         return
     print_table(["STATUS", "CALLS"], list(data["calls"].items()))
     click.echo()
