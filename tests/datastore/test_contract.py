@@ -286,6 +286,45 @@ async def test_cancel_running_sets_flag_and_stops_retries(store: SqlDatastore) -
     assert rec is not None and rec.status is CallStatus.CANCELLED and rec.completed_at
 
 
+def not_started(failure: FailureKind, status: CallStatus = CallStatus.ERROR) -> Outcome:
+    """An attempt that never reached a container (no room, cancelled while it waited)."""
+    return Outcome(status, error="never started", failure=failure, completed_at=utcnow())
+
+
+async def test_a_call_that_never_ran_has_no_run_time(store: SqlDatastore) -> None:
+    # Marked `running` as a worker took it, then handed back unstarted (no room):
+    # the mark's time goes with it, so a cancel while queued leaves no run time.
+    released = call()
+    await store.record_queued(released)
+    await store.record_running(released, 0, "w")
+    await store.record_retry(released, not_started(FailureKind.BUSY), 0, utcnow())
+    back = await store.get_call(released.id)
+    assert back is not None and (back.status, back.started_at) == (CallStatus.QUEUED, None)
+    cancelled = await store.request_cancel(released.id)
+    assert cancelled is not None and cancelled.status is CallStatus.CANCELLED
+    assert (cancelled.started_at, cancelled.attempts) == (None, 0)
+    # Cancelled while it waited for a container: it ends without ever starting.
+    waited = call()
+    await store.record_running(waited, 0, "w")
+    await store.record_outcome(waited, not_started(FailureKind.CANCELLED, CallStatus.CANCELLED),
+                               1, "w")  # fmt: skip
+    rec = await store.get_call(waited.id)
+    assert rec is not None and rec.status is CallStatus.CANCELLED and rec.started_at is None
+
+
+async def test_a_call_cancelled_between_attempts_has_no_run_time(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_running(c, 0, "w")
+    ran = dataclasses.replace(failed(), started_at=utcnow(), completed_at=utcnow())
+    await store.record_retry(c, ran, 1, utcnow() + timedelta(seconds=30))
+    queued = await store.get_call(c.id)
+    assert queued is not None and queued.started_at is not None  # the failed run's start
+    # That run is over; from its start to the cancel would count the backoff as run time.
+    rec = await store.request_cancel(c.id)
+    assert rec is not None and rec.status is CallStatus.CANCELLED
+    assert (rec.started_at, rec.attempts) == (None, 1) and rec.completed_at is not None
+
+
 async def test_the_outcome_records_the_image_that_ran(store: SqlDatastore) -> None:
     unqueued, queued, early = call(), call(), call()  # pushed by redis-cli: no queued record
     await store.record_queued(queued, "shop/resize:1")
