@@ -55,8 +55,8 @@ class CallRecord:
     image: str | None = None
     error: str | None = None
     failure: FailureKind | None = None
-    attempts: int = 0
-    started_at: datetime | None = None
+    attempts: int = 0  # runs, as max_attempts counts them (docs/datastore.md)
+    started_at: datetime | None = None  # None when the last attempt never started
     completed_at: datetime | None = None
     next_try_at: datetime | None = None
     worker_id: str | None = None

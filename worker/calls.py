@@ -2,8 +2,8 @@
 
 ::
 
-    look up the function -> unknown? expired? -> read the record (one read for the
-      calls of a reserve, worker.reads): final? ack it, done
+    look up the function, read the record (one read for the calls of a reserve,
+      worker.reads) -> final? ack it, done -> unknown function? expired? end it
       -> submit to the agent (the reservation is extended meanwhile), while
          `running` (attempt n) is recorded beside it if the call lasts (worker.running)
       -> decide (worker.policy) -> record durably -> settle the message
@@ -177,16 +177,6 @@ class CallHandler:
     ) -> None:
         call = d.msg.call
         fn = await self._function(call.app, call.fn)
-        if fn is None:
-            error = f"function {call.fn_ref} is not registered"
-            with self._recording():
-                await self._finish_early(d, error, FailureKind.TERMINAL, CallStatus.ERROR)
-            return
-        if utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
-            error = f"expired: not started within {fn.max_age_s} s of being enqueued"
-            with self._recording():
-                await self._finish_early(d, error, FailureKind.CANCELLED, CallStatus.CANCELLED)
-            return
         try:
             # a read: no commit to wait for
             seen = await (self.store.get_call(call.id) if read is None else read.get(call.id))
@@ -201,6 +191,10 @@ class CallHandler:
         if seen is not None and seen.status.is_final:
             with self._recording():
                 await self._settle_final(d, seen)
+            return
+        if fn is None or utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
+            with self._recording():
+                await self._finish_early(d, fn, seen)
             return
         # The `running` record (attempt n) is written while the call runs, and only
         # if it lasts (worker.running): its commit is not on the way to the container.
@@ -271,6 +265,8 @@ class CallHandler:
     ) -> None:
         call = d.msg.call
         decision = decide(outcome, fn, attempt, self.rng)
+        if not decision.counted:  # this attempt does not count (worker.policy)
+            attempt -= 1
         if decision.action is Action.FINISH:
             self._observe(call.created_at, outcome)
             stored_now = await self.store.record_outcome(
@@ -290,18 +286,30 @@ class CallHandler:
                      call.id, attempt, outcome.error, decision.delay_s)  # fmt: skip
             self._observe(call.created_at, outcome)
             self.metrics.calls.retries += 1
-        else:  # RELEASE: never started, so this attempt does not count
+        else:  # RELEASE: never started
             self.metrics.calls.released += 1
-            attempt -= 1
         next_try = utcnow() + timedelta(seconds=decision.delay_s)
         await self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
         await d.release(decision.delay_s)
 
     async def _finish_early(
-        self, d: Delivery, error: str, failure: FailureKind, status: CallStatus
+        self, d: Delivery, fn: Function | None, seen: CallRecord | None
     ) -> None:
+        """End a call that cannot start: its function is not registered, or it is older
+        than the function's max age. It runs no attempt, so its count stays as stored."""
+        call = d.msg.call
+        if fn is None:
+            error = f"function {call.fn_ref} is not registered"
+            status, failure = CallStatus.ERROR, FailureKind.TERMINAL
+        else:
+            error = f"expired: not started within {fn.max_age_s} s of being enqueued"
+            status, failure = CallStatus.CANCELLED, FailureKind.CANCELLED
         outcome = Outcome(status=status, error=error, failure=failure, completed_at=utcnow())
-        await self.store.record_outcome(d.msg.call, outcome, 0, self.worker_id)
+        attempts = 0 if seen is None else seen.attempts
+        with_request = seen is None or not seen.has_request
+        await self.store.record_outcome(
+            call, outcome, attempts, self.worker_id, with_request=with_request
+        )
         await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
         self.metrics.calls.ended(status.value)
         self.completed += 1
