@@ -125,14 +125,18 @@ FINISH_CONFLICT = (
     + " completed_at = excluded.completed_at, next_try_at = NULL"
     f" WHERE calls.status IN {LIVE} RETURNING id"
 )
-# Back to queued, unless a cancel was asked for while the attempt ran.
+# Back to queued, unless a cancel was asked for while the attempt ran. A retry that
+# names a worker (one handing the call back unfinished) puts back only the call's
+# `running` record of that worker, never one that has moved on since (to another
+# worker, or to its end).
 RETRY_CONFLICT = (
     " ON CONFLICT (id) DO UPDATE SET"
     " status = CASE WHEN calls.cancel_requested THEN 'cancelled' ELSE 'queued' END,"
     + _OUTCOME_SET
     + " completed_at = CASE WHEN calls.cancel_requested THEN excluded.updated_at END,"
     " next_try_at = CASE WHEN calls.cancel_requested THEN NULL ELSE excluded.next_try_at END"
-    f" WHERE calls.status IN {LIVE} RETURNING id"
+    f" WHERE calls.status IN {LIVE} AND (excluded.worker_id IS NULL"
+    " OR (calls.status = 'running' AND calls.worker_id = excluded.worker_id)) RETURNING id"
 )
 CALL_FINISH = _insert("calls", OUTCOME_COLUMNS) + FINISH_CONFLICT
 CALL_RETRY = _insert("calls", OUTCOME_COLUMNS) + RETRY_CONFLICT

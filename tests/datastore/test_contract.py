@@ -325,6 +325,56 @@ async def test_a_call_cancelled_between_attempts_has_no_run_time(store: SqlDatas
     assert (rec.started_at, rec.attempts) == (None, 1) and rec.completed_at is not None
 
 
+HANDED_BACK = not_started(FailureKind.BUSY)
+
+
+async def test_a_worker_puts_back_only_its_own_running_record(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_queued(c)
+    assert (await store.record_running(c, 0, "w1")).attempts == 1
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w2")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.worker_id, rec.attempts) == (
+        CallStatus.RUNNING, "w1", 1)  # fmt: skip
+    assert await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w1")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.attempts, rec.started_at, rec.error) == (
+        CallStatus.QUEUED, 0, None, "never started")  # fmt: skip
+    # Queued again, then taken by another worker, then ended: each time w1's write,
+    # however late it comes, changes nothing.
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w1")
+    await store.record_running(c, 0, "w2")
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w1")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.worker_id) == (CallStatus.RUNNING, "w2")
+    assert await store.record_outcome(c, success(), 1, "w2")
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w2")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.attempts) == (CallStatus.SUCCESS, 1)
+
+
+@pytest.mark.parametrize("logs", ["table", "files"])
+async def test_an_attempt_that_never_started_leaves_the_log_of_the_last_run(
+    make_store: MakeStore, tmp_path_factory: pytest.TempPathFactory, logs: str
+) -> None:
+    log_url = f"file://{tmp_path_factory.mktemp('logs')}" if logs == "files" else ""
+    store = await make_store(log_url=log_url)
+    c = call()
+    await store.record_running(c, 0, "w1")
+    now = utcnow()
+    ran = Outcome(CallStatus.ERROR, "crashed", FailureKind.FUNCTION, log=b"first run\n",
+                  started_at=now, completed_at=now)  # fmt: skip
+    assert await store.record_retry(c, ran, 1, now)
+    await store.record_running(c, 0, "w1")
+    assert await store.record_retry(c, HANDED_BACK, 1, utcnow(), running_on="w1")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.attempts) == (CallStatus.QUEUED, 1)
+    assert await store.get_log(c.id) == b"first run\n"
+    await store.record_running(c, 0, "w2")  # moved on: w1's late write is refused
+    assert not await store.record_retry(c, HANDED_BACK, 1, utcnow(), running_on="w1")
+    assert await store.get_log(c.id) == b"first run\n"
+
+
 async def test_the_outcome_records_the_image_that_ran(store: SqlDatastore) -> None:
     unqueued, queued, early = call(), call(), call()  # pushed by redis-cli: no queued record
     await store.record_queued(queued, "shop/resize:1")
