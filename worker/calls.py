@@ -57,6 +57,7 @@ MAX_RECORDING = 256
 RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason waits so
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
+HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
 
 
 def outcome_of(record: CallRecord) -> Outcome:
@@ -98,6 +99,7 @@ class CallHandler:
         self.rng = rng
         self.completed = 0
         self.held: dict[str, Delivery] = {}  # calls whose reservations the heartbeat extends
+        self._marks: dict[str, RunningMark] = {}  # the `running` marks of held calls
         self.max_recording = max_recording
         self.recording = 0  # calls that have run (or never will) and wait to be recorded
         self._room = asyncio.Event()  # set when `recording` has just gone down
@@ -118,8 +120,8 @@ class CallHandler:
         self.held[d.call_id] = d  # from now on the heartbeat extends its reservation
         try:
             await self._process(d, on_start, launch_patience_s, read)
-        except asyncio.CancelledError:
-            await asyncio.shield(d.hand_back())
+        except asyncio.CancelledError:  # the worker stops: the call goes back to the queue
+            await asyncio.shield(self._hand_back(d))
             raise
         except FnqError as exc:
             await self._failed(d, exc)
@@ -129,6 +131,17 @@ class CallHandler:
             log.exception("handling call %s failed; its message returns to the queue", d.call_id)
         finally:
             self.held.pop(d.call_id, None)
+            self._marks.pop(d.call_id, None)
+
+    async def _hand_back(self, d: Delivery) -> None:
+        """Its record first, then its message: once the message is released another
+        worker may take the call at once, and the record must not be moved back then."""
+        mark = self._marks.get(d.call_id)
+        if mark is not None and not await mark.withdraw(HAND_BACK_RECORD_S):
+            log.warning("call %s: its `running` record is still being written; its message "
+                        "returns when its reservation lapses", d.call_id)  # fmt: skip
+            return
+        await d.hand_back()
 
     async def _failed(self, d: Delivery, exc: FnqError) -> None:
         """The datastore or the queue failed the call's handling; nothing is lost.
@@ -199,7 +212,7 @@ class CallHandler:
         # The `running` record (attempt n) is written while the call runs, and only
         # if it lasts (worker.running): its commit is not on the way to the container.
         delay_s = self.settings.secs("running_mark_msecs") if reachable else 0.0
-        mark = RunningMark(self.store, call, self.worker_id, delay_s)
+        mark = self._marks[call.id] = RunningMark(self.store, call, self.worker_id, delay_s)
         if not reachable:
             record = await mark.written()
             if record is not None and record.status.is_final:
