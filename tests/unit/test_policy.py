@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
@@ -49,20 +50,22 @@ def test_function_failures_retry_until_attempts_run_out(status: CallStatus) -> N
 
 
 def test_only_a_call_that_reached_its_container_or_failed_starting_it_counts() -> None:
-    rng, now = random.Random(5), utcnow()
-    started = {"started_at": now, "completed_at": now}
+    def ran(outcome: Outcome) -> Outcome:
+        return dataclasses.replace(outcome, started_at=utcnow(), completed_at=utcnow())
+
     cases = [
-        (Outcome(CallStatus.SUCCESS, **started), True),
-        (Outcome(CallStatus.ERROR, "crashed", FailureKind.FUNCTION, **started), True),
+        (ran(Outcome(CallStatus.SUCCESS)), True),
+        (ran(Outcome(CallStatus.ERROR, "crashed", FailureKind.FUNCTION)), True),
         (Outcome(CallStatus.ERROR, "init failed", FailureKind.FUNCTION), True),
-        (Outcome(CallStatus.ERROR, "too large", FailureKind.TERMINAL, **started), True),
-        (Outcome(CallStatus.CANCELLED, "on request", FailureKind.CANCELLED, **started), True),
+        (ran(Outcome(CallStatus.ERROR, "too large", FailureKind.TERMINAL)), True),
+        (ran(Outcome(CallStatus.CANCELLED, "on request", FailureKind.CANCELLED)), True),
         (Outcome(CallStatus.ERROR, "image not found", FailureKind.TERMINAL), False),
         (Outcome(CallStatus.ERROR, "too big", FailureKind.TERMINAL), False),
         (Outcome(CallStatus.CANCELLED, "while waiting", FailureKind.CANCELLED), False),
         (Outcome(CallStatus.ERROR, "no room", FailureKind.BUSY), False),
-        (Outcome(CallStatus.ERROR, "worker stopped", FailureKind.BUSY, **started), False),
+        (ran(Outcome(CallStatus.ERROR, "worker stopped", FailureKind.BUSY)), False),
     ]
+    rng = random.Random(5)
     assert [decide(o, FN, 1, rng).counted for o, _ in cases] == [c for _, c in cases]
 
 

@@ -186,7 +186,7 @@ async def test_putting_the_record_back_is_bounded(
     async def abort(shutdown: Shutdown) -> None:
         shutdown.abort()
 
-    await stop_while_running(settings, stuck, queue, [call], abort)  # type: ignore[arg-type]
+    await stop_while_running(settings, stuck, queue, [call], abort)
     assert loop.time() - started < 5
     # The write that did not end is conditional, so the message went back anyway.
     assert (await queue.stats()).ready == 1
@@ -209,7 +209,7 @@ async def test_a_message_whose_running_mark_is_still_being_written_is_kept(
 
     async with Agent(settings, FakeDriver(FakeBehaviour(handler=dispatched))) as agent:
         shutdown = Shutdown(30.0)
-        run = asyncio.create_task(Worker(settings, queue, stuck, agent).run(shutdown))  # type: ignore[arg-type]
+        run = asyncio.create_task(Worker(settings, queue, stuck, agent).run(shutdown))
         await asyncio.wait_for(gate.wait(), 10)
         shutdown.abort()
         await asyncio.wait_for(run, 5)
