@@ -6,7 +6,9 @@ status rules hold whatever order duplicate deliveries arrive in:
 * ``record_queued``   insert if absent (producers; idempotent).
 * ``record_running``  upsert to ``running`` unless already final.
 * ``record_retry``    back to ``queued`` (or ``cancelled`` when a cancel was
-  requested meanwhile) unless already final; the error stays for display.
+  requested meanwhile) unless already final; the error stays for display. A
+  worker handing a call back unfinished names itself: then only its own
+  ``running`` record goes back.
 * ``record_outcome``  upsert to the final state unless already final, with the
   response and (in the same transaction when logs live in the database) the log.
 
@@ -55,8 +57,8 @@ class CallRecord:
     image: str | None = None
     error: str | None = None
     failure: FailureKind | None = None
-    attempts: int = 0
-    started_at: datetime | None = None
+    attempts: int = 0  # runs, as max_attempts counts them (docs/datastore.md)
+    started_at: datetime | None = None  # None when the last attempt never started
     completed_at: datetime | None = None
     next_try_at: datetime | None = None
     worker_id: str | None = None
@@ -212,7 +214,14 @@ class Datastore(Protocol):
         next_try_at: datetime,
         *,
         with_request: bool = False,
-    ) -> None: ...
+        running_on: str | None = None,
+    ) -> bool:
+        """Back to ``queued`` for another attempt (False: nothing changed). With
+        ``running_on`` (a worker handing the call back unfinished), only while the call
+        is still `running` on that worker: a record that has moved on is left alone.
+        An attempt that never started leaves the stored log as it is."""
+        ...
+
     async def get_call(self, call_id: str) -> CallRecord | None: ...
     async def get_calls(self, call_ids: Sequence[str]) -> dict[str, CallRecord]:
         """The records of those of ``call_ids`` that have one, by id (one read)."""

@@ -201,14 +201,17 @@ class SqlDatastore(abc.ABC):
         next_try_at: datetime,
         *,
         with_request: bool = False,
-    ) -> None:
+        running_on: str | None = None,
+    ) -> bool:
         row, log = self._outcome_row(
-            call, outcome, attempt, None, CallStatus.QUEUED,
+            call, outcome, attempt, running_on, CallStatus.QUEUED,
             with_request=with_request or attempt == 0,
         )  # fmt: skip
         row["next_try_at"] = next_try_at
         row["completed_at"] = None
-        await self._store_with_log(Write.RETRY, row, log)
+        # An attempt that never started has no log: the last run's stays.
+        kept = log if outcome.started or log else None
+        return await self._store_with_log(Write.RETRY, row, kept, running_on=running_on)
 
     async def request_cancel(self, call_id: str) -> CallRecord | None:
         params = {"id": call_id, "now": utcnow(), "error": CANCELLED_BY_REQUEST}
@@ -277,15 +280,25 @@ class SqlDatastore(abc.ABC):
         }  # fmt: skip
         return row, log
 
-    async def _store_with_log(self, kind: Write, row: dict[str, Any], log: bytes) -> bool:
+    async def _store_with_log(
+        self,
+        kind: Write,
+        row: dict[str, Any],
+        log: bytes | None,
+        *,
+        running_on: str | None = None,
+    ) -> bool:
+        """Write ``row`` and, unless None, its log. ``running_on``: the conditional retry
+        of a worker handing the call back (see ``record_retry``)."""
         if self._external_logs is None:
             return bool(await self._write(kind, row, log))
         # The log goes first so that a record never points at a log that is missing;
-        # a call already final is left alone, log included.
+        # a call already final (or not this worker's any more) is left alone, log included.
         existing = await self.get_call(row["id"])
-        if existing is not None and existing.is_final:
+        if existing is not None and _moved_on(existing, running_on):
             return False
-        await self._external_logs.put_log(row["id"], log)
+        if log is not None:
+            await self._external_logs.put_log(row["id"], log)
         return bool(await self._write(kind, row))
 
     # ------------------------------------------------------------- reading
@@ -413,6 +426,16 @@ class SqlDatastore(abc.ABC):
         finally:
             if self._external_logs is not None:
                 await self._external_logs.close()
+
+
+def _moved_on(record: CallRecord, running_on: str | None) -> bool:
+    """A write must leave ``record`` alone: it is final, or a retry conditional on the
+    call running on ``running_on`` finds it elsewhere."""
+    if record.is_final:
+        return True
+    if running_on is None:
+        return False
+    return record.status is not CallStatus.RUNNING or record.worker_id != running_on
 
 
 class TableLogStore:

@@ -106,10 +106,11 @@ CALL_RUNNING = (
     + RUNNING_SET_REST
 )
 
+# ``started_at`` is the reported attempt's own: NULL when it never reached a container,
+# so the time of a `running` mark (the worker took the call) is not shown as a run.
 _OUTCOME_SET = (
     " error = excluded.error, failure = excluded.failure, attempts = excluded.attempts,"
-    " image = COALESCE(excluded.image, calls.image),"
-    " started_at = COALESCE(excluded.started_at, calls.started_at),"
+    " image = COALESCE(excluded.image, calls.image), started_at = excluded.started_at,"
     " updated_at = excluded.updated_at, worker_id = COALESCE(excluded.worker_id, calls.worker_id),"
     " container_id = excluded.container_id, response_status = excluded.response_status,"
     " response_headers = excluded.response_headers, response_body = excluded.response_body,"
@@ -124,14 +125,18 @@ FINISH_CONFLICT = (
     + " completed_at = excluded.completed_at, next_try_at = NULL"
     f" WHERE calls.status IN {LIVE} RETURNING id"
 )
-# Back to queued, unless a cancel was asked for while the attempt ran.
+# Back to queued, unless a cancel was asked for while the attempt ran. A retry that
+# names a worker (one handing the call back unfinished) puts back only the call's
+# `running` record of that worker, never one that has moved on since (to another
+# worker, or to its end).
 RETRY_CONFLICT = (
     " ON CONFLICT (id) DO UPDATE SET"
     " status = CASE WHEN calls.cancel_requested THEN 'cancelled' ELSE 'queued' END,"
     + _OUTCOME_SET
     + " completed_at = CASE WHEN calls.cancel_requested THEN excluded.updated_at END,"
     " next_try_at = CASE WHEN calls.cancel_requested THEN NULL ELSE excluded.next_try_at END"
-    f" WHERE calls.status IN {LIVE} RETURNING id"
+    f" WHERE calls.status IN {LIVE} AND (excluded.worker_id IS NULL"
+    " OR (calls.status = 'running' AND calls.worker_id = excluded.worker_id)) RETURNING id"
 )
 CALL_FINISH = _insert("calls", OUTCOME_COLUMNS) + FINISH_CONFLICT
 CALL_RETRY = _insert("calls", OUTCOME_COLUMNS) + RETRY_CONFLICT
@@ -149,9 +154,12 @@ CALL_REQUEUE = (
     " RETURNING id"
 )
 
+# A queued call is not running: it ends with no run time (a start kept from an attempt
+# before its backoff would make the wait look like one).
 CALL_CANCEL_QUEUED = (
     "UPDATE calls SET status = 'cancelled', failure = 'cancelled', error = :error,"
-    " completed_at = :now, updated_at = :now, next_try_at = NULL, cancel_requested = TRUE"
+    " started_at = NULL, completed_at = :now, updated_at = :now, next_try_at = NULL,"
+    " cancel_requested = TRUE"
     " WHERE id = :id AND status = 'queued'"
 )
 CALL_CANCEL_RUNNING = (

@@ -2,8 +2,8 @@
 
 ::
 
-    look up the function -> unknown? expired? -> read the record (one read for the
-      calls of a reserve, worker.reads): final? ack it, done
+    look up the function, read the record (one read for the calls of a reserve,
+      worker.reads) -> final? ack it, done -> unknown function? expired? end it
       -> submit to the agent (the reservation is extended meanwhile), while
          `running` (attempt n) is recorded beside it if the call lasts (worker.running)
       -> decide (worker.policy) -> record durably -> settle the message
@@ -57,6 +57,7 @@ MAX_RECORDING = 256
 RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason waits so
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
+HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
 
 
 def outcome_of(record: CallRecord) -> Outcome:
@@ -98,6 +99,7 @@ class CallHandler:
         self.rng = rng
         self.completed = 0
         self.held: dict[str, Delivery] = {}  # calls whose reservations the heartbeat extends
+        self._marks: dict[str, RunningMark] = {}  # the `running` marks of held calls
         self.max_recording = max_recording
         self.recording = 0  # calls that have run (or never will) and wait to be recorded
         self._room = asyncio.Event()  # set when `recording` has just gone down
@@ -118,8 +120,8 @@ class CallHandler:
         self.held[d.call_id] = d  # from now on the heartbeat extends its reservation
         try:
             await self._process(d, on_start, launch_patience_s, read)
-        except asyncio.CancelledError:
-            await asyncio.shield(d.hand_back())
+        except asyncio.CancelledError:  # the worker stops: the call goes back to the queue
+            await asyncio.shield(self._hand_back(d))
             raise
         except FnqError as exc:
             await self._failed(d, exc)
@@ -129,6 +131,17 @@ class CallHandler:
             log.exception("handling call %s failed; its message returns to the queue", d.call_id)
         finally:
             self.held.pop(d.call_id, None)
+            self._marks.pop(d.call_id, None)
+
+    async def _hand_back(self, d: Delivery) -> None:
+        """Its record first, then its message: once the message is released another
+        worker may take the call at once, and the record must not be moved back then."""
+        mark = self._marks.get(d.call_id)
+        if mark is not None and not await mark.withdraw(HAND_BACK_RECORD_S):
+            log.warning("call %s: its `running` record is still being written; its message "
+                        "returns when its reservation lapses", d.call_id)  # fmt: skip
+            return
+        await d.hand_back()
 
     async def _failed(self, d: Delivery, exc: FnqError) -> None:
         """The datastore or the queue failed the call's handling; nothing is lost.
@@ -177,16 +190,6 @@ class CallHandler:
     ) -> None:
         call = d.msg.call
         fn = await self._function(call.app, call.fn)
-        if fn is None:
-            error = f"function {call.fn_ref} is not registered"
-            with self._recording():
-                await self._finish_early(d, error, FailureKind.TERMINAL, CallStatus.ERROR)
-            return
-        if utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
-            error = f"expired: not started within {fn.max_age_s} s of being enqueued"
-            with self._recording():
-                await self._finish_early(d, error, FailureKind.CANCELLED, CallStatus.CANCELLED)
-            return
         try:
             # a read: no commit to wait for
             seen = await (self.store.get_call(call.id) if read is None else read.get(call.id))
@@ -202,10 +205,14 @@ class CallHandler:
             with self._recording():
                 await self._settle_final(d, seen)
             return
+        if fn is None or utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
+            with self._recording():
+                await self._finish_early(d, fn, seen)
+            return
         # The `running` record (attempt n) is written while the call runs, and only
         # if it lasts (worker.running): its commit is not on the way to the container.
         delay_s = self.settings.secs("running_mark_msecs") if reachable else 0.0
-        mark = RunningMark(self.store, call, self.worker_id, delay_s)
+        mark = self._marks[call.id] = RunningMark(self.store, call, self.worker_id, delay_s)
         if not reachable:
             record = await mark.written()
             if record is not None and record.status.is_final:
@@ -271,6 +278,8 @@ class CallHandler:
     ) -> None:
         call = d.msg.call
         decision = decide(outcome, fn, attempt, self.rng)
+        if not decision.counted:  # this attempt does not count (worker.policy)
+            attempt -= 1
         if decision.action is Action.FINISH:
             self._observe(call.created_at, outcome)
             stored_now = await self.store.record_outcome(
@@ -290,18 +299,30 @@ class CallHandler:
                      call.id, attempt, outcome.error, decision.delay_s)  # fmt: skip
             self._observe(call.created_at, outcome)
             self.metrics.calls.retries += 1
-        else:  # RELEASE: never started, so this attempt does not count
+        else:  # RELEASE: never started
             self.metrics.calls.released += 1
-            attempt -= 1
         next_try = utcnow() + timedelta(seconds=decision.delay_s)
         await self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
         await d.release(decision.delay_s)
 
     async def _finish_early(
-        self, d: Delivery, error: str, failure: FailureKind, status: CallStatus
+        self, d: Delivery, fn: Function | None, seen: CallRecord | None
     ) -> None:
+        """End a call that cannot start: its function is not registered, or it is older
+        than the function's max age. It runs no attempt, so its count stays as stored."""
+        call = d.msg.call
+        if fn is None:
+            error = f"function {call.fn_ref} is not registered"
+            status, failure = CallStatus.ERROR, FailureKind.TERMINAL
+        else:
+            error = f"expired: not started within {fn.max_age_s} s of being enqueued"
+            status, failure = CallStatus.CANCELLED, FailureKind.CANCELLED
         outcome = Outcome(status=status, error=error, failure=failure, completed_at=utcnow())
-        await self.store.record_outcome(d.msg.call, outcome, 0, self.worker_id)
+        attempts = 0 if seen is None else seen.attempts
+        with_request = seen is None or not seen.has_request
+        await self.store.record_outcome(
+            call, outcome, attempts, self.worker_id, with_request=with_request
+        )
         await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
         self.metrics.calls.ended(status.value)
         self.completed += 1

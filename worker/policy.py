@@ -8,12 +8,19 @@ with the function's retry policy and the attempt number, into one
 outcome                    decision
 =========================  ================================================
 success                    FINISH (record, ack)
-busy (never started)       RELEASE after a short delay, no attempt charged
-terminal (never started)   FINISH as error, and DEAD-letter the message
+busy (never started)       RELEASE after a short delay
+terminal                   FINISH as error, and DEAD-letter the message
 cancelled / expired        FINISH as cancelled
 function error / timeout   RETRY after backoff while attempts remain,
                            else FINISH and DEAD-letter
 =========================  ================================================
+
+An attempt counts (``Decision.counted``: the record's ``attempts``, what
+``max_attempts`` bounds) when the call ran in a container, or when its
+function's container failed to start (the function's own fault, retried like
+a failed run). A call that never reached a container for any other reason
+(busy, missing image, too big for the worker, cancelled while it waited)
+counts none; nor does a call stopped by the worker's shutdown (busy).
 
 Backoff for function failures is exponential with full jitter between half
 and the whole step: ``base * 2**(attempt-1) * U(0.5, 1.0)``, capped at
@@ -46,6 +53,7 @@ class Decision:
     action: Action
     delay_s: float = 0.0
     dead_letter: bool = False  # FINISH only: also park the message with the dead letters
+    counted: bool = True  # this attempt counts among the call's attempts (see above)
 
     @property
     def final(self) -> bool:
@@ -62,11 +70,12 @@ def decide(outcome: Outcome, fn: Function, attempt: int, rng: random.Random) -> 
     if outcome.status is CallStatus.SUCCESS:
         return Decision(Action.FINISH)
     if outcome.failure is FailureKind.BUSY:
-        return Decision(Action.RELEASE, delay_s=BUSY_DELAY_S * rng.uniform(0.5, 1.5))
+        delay_s = BUSY_DELAY_S * rng.uniform(0.5, 1.5)
+        return Decision(Action.RELEASE, delay_s=delay_s, counted=False)
     if outcome.failure is FailureKind.TERMINAL:
-        return Decision(Action.FINISH, dead_letter=True)
+        return Decision(Action.FINISH, dead_letter=True, counted=outcome.started)
     if outcome.status is CallStatus.CANCELLED or outcome.failure is FailureKind.CANCELLED:
-        return Decision(Action.FINISH)
+        return Decision(Action.FINISH, counted=outcome.started)
     if attempt < fn.max_attempts:
         return Decision(Action.RETRY, delay_s=backoff_s(fn.retry_backoff_s, attempt, rng))
     return Decision(Action.FINISH, dead_letter=True)

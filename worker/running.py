@@ -10,6 +10,11 @@ when a mark was written the outcome waits for it.
 What this leaves out, for calls shorter than the delay only: a crash of the
 worker during the call leaves the record `queued` without counting that
 attempt (the queue still counts the delivery, and bounds them).
+
+A call the worker stops before it ends (a second stop request, or the grace
+period over) goes back to the queue: ``withdraw`` first puts the record the
+mark made `running` back to `queued`, without the attempt it counted, and
+only while it is still this worker's (``record_retry(..., running_on=...)``).
 """
 
 from __future__ import annotations
@@ -17,10 +22,17 @@ from __future__ import annotations
 import asyncio
 import logging
 
-from config.domain import Call
+from config.domain import Call, CallStatus, FailureKind, Outcome, utcnow
+from config.errors import FnqError
 from datastore.base import CallRecord, Datastore
 
 log = logging.getLogger("fnq.worker")
+
+HANDED_BACK = Outcome(
+    status=CallStatus.ERROR,
+    error="the worker stopped before the call finished; it went back to the queue",
+    failure=FailureKind.BUSY,
+)
 
 
 class RunningMark:
@@ -57,6 +69,37 @@ class RunningMark:
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    async def withdraw(self, timeout_s: float) -> bool:
+        """The call goes back to the queue unfinished: put its record back to `queued`,
+        without the attempt the mark counted, if the mark made it `running`.
+
+        Best effort, within ``timeout_s``. The write is conditional (only while the
+        call is still `running` here), so it may land late. False when the mark's own
+        write had not finished by then: it may still land, so the message should not
+        be handed back before its reservation lapses.
+        """
+        self.cancel()
+        write = self._write
+        if write is None:
+            return True
+        try:
+            async with asyncio.timeout(timeout_s):
+                record = await asyncio.shield(write)
+                if record.status is CallStatus.RUNNING and record.worker_id == self._worker_id:
+                    await self._store.record_retry(
+                        self._call, HANDED_BACK, record.attempts - 1, utcnow(),
+                        running_on=self._worker_id,
+                    )  # fmt: skip
+        except TimeoutError:
+            if not write.done():
+                return False
+            log.warning("the record of %s could not be put back to queued within %g s",
+                        self._call.id, timeout_s)  # fmt: skip
+        except FnqError as exc:  # the mark was never written, or putting it back failed
+            log.warning("the record of %s could not be put back to queued: %s",
+                        self._call.id, exc)  # fmt: skip
+        return True
 
 
 def _quiet(done: asyncio.Future[CallRecord]) -> None:

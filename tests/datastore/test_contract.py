@@ -286,6 +286,95 @@ async def test_cancel_running_sets_flag_and_stops_retries(store: SqlDatastore) -
     assert rec is not None and rec.status is CallStatus.CANCELLED and rec.completed_at
 
 
+def not_started(failure: FailureKind, status: CallStatus = CallStatus.ERROR) -> Outcome:
+    """An attempt that never reached a container (no room, cancelled while it waited)."""
+    return Outcome(status, error="never started", failure=failure, completed_at=utcnow())
+
+
+async def test_a_call_that_never_ran_has_no_run_time(store: SqlDatastore) -> None:
+    # Marked `running` as a worker took it, then handed back unstarted (no room):
+    # the mark's time goes with it, so a cancel while queued leaves no run time.
+    released = call()
+    await store.record_queued(released)
+    await store.record_running(released, 0, "w")
+    await store.record_retry(released, not_started(FailureKind.BUSY), 0, utcnow())
+    back = await store.get_call(released.id)
+    assert back is not None and (back.status, back.started_at) == (CallStatus.QUEUED, None)
+    cancelled = await store.request_cancel(released.id)
+    assert cancelled is not None and cancelled.status is CallStatus.CANCELLED
+    assert (cancelled.started_at, cancelled.attempts) == (None, 0)
+    # Cancelled while it waited for a container: it ends without ever starting.
+    waited = call()
+    await store.record_running(waited, 0, "w")
+    await store.record_outcome(waited, not_started(FailureKind.CANCELLED, CallStatus.CANCELLED),
+                               1, "w")  # fmt: skip
+    rec = await store.get_call(waited.id)
+    assert rec is not None and rec.status is CallStatus.CANCELLED and rec.started_at is None
+
+
+async def test_a_call_cancelled_between_attempts_has_no_run_time(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_running(c, 0, "w")
+    ran = dataclasses.replace(failed(), started_at=utcnow(), completed_at=utcnow())
+    await store.record_retry(c, ran, 1, utcnow() + timedelta(seconds=30))
+    queued = await store.get_call(c.id)
+    assert queued is not None and queued.started_at is not None  # the failed run's start
+    # That run is over; from its start to the cancel would count the backoff as run time.
+    rec = await store.request_cancel(c.id)
+    assert rec is not None and rec.status is CallStatus.CANCELLED
+    assert (rec.started_at, rec.attempts) == (None, 1) and rec.completed_at is not None
+
+
+HANDED_BACK = not_started(FailureKind.BUSY)
+
+
+async def test_a_worker_puts_back_only_its_own_running_record(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_queued(c)
+    assert (await store.record_running(c, 0, "w1")).attempts == 1
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w2")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.worker_id, rec.attempts) == (
+        CallStatus.RUNNING, "w1", 1)  # fmt: skip
+    assert await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w1")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.attempts, rec.started_at, rec.error) == (
+        CallStatus.QUEUED, 0, None, "never started")  # fmt: skip
+    # Queued again, then taken by another worker, then ended: each time w1's write,
+    # however late it comes, changes nothing.
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w1")
+    await store.record_running(c, 0, "w2")
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w1")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.worker_id) == (CallStatus.RUNNING, "w2")
+    assert await store.record_outcome(c, success(), 1, "w2")
+    assert not await store.record_retry(c, HANDED_BACK, 0, utcnow(), running_on="w2")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.attempts) == (CallStatus.SUCCESS, 1)
+
+
+@pytest.mark.parametrize("logs", ["table", "files"])
+async def test_an_attempt_that_never_started_leaves_the_log_of_the_last_run(
+    make_store: MakeStore, tmp_path_factory: pytest.TempPathFactory, logs: str
+) -> None:
+    log_url = f"file://{tmp_path_factory.mktemp('logs')}" if logs == "files" else ""
+    store = await make_store(log_url=log_url)
+    c = call()
+    await store.record_running(c, 0, "w1")
+    now = utcnow()
+    ran = Outcome(CallStatus.ERROR, "crashed", FailureKind.FUNCTION, log=b"first run\n",
+                  started_at=now, completed_at=now)  # fmt: skip
+    assert await store.record_retry(c, ran, 1, now)
+    await store.record_running(c, 0, "w1")
+    assert await store.record_retry(c, HANDED_BACK, 1, utcnow(), running_on="w1")
+    rec = await store.get_call(c.id)
+    assert rec is not None and (rec.status, rec.attempts) == (CallStatus.QUEUED, 1)
+    assert await store.get_log(c.id) == b"first run\n"
+    await store.record_running(c, 0, "w2")  # moved on: w1's late write is refused
+    assert not await store.record_retry(c, HANDED_BACK, 1, utcnow(), running_on="w1")
+    assert await store.get_log(c.id) == b"first run\n"
+
+
 async def test_the_outcome_records_the_image_that_ran(store: SqlDatastore) -> None:
     unqueued, queued, early = call(), call(), call()  # pushed by redis-cli: no queued record
     await store.record_queued(queued, "shop/resize:1")

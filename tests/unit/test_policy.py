@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import dataclasses
 import random
 
 import pytest
 
-from config.domain import CallStatus, FailureKind, Function, Outcome
+from config.domain import CallStatus, FailureKind, Function, Outcome, utcnow
 from worker.policy import MAX_BACKOFF_S, Action, backoff_s, decide
 
 FN = Function(app="a", name="f", image="img", max_attempts=3, retry_backoff_s=2.0)
@@ -23,7 +24,7 @@ def test_success_finishes_without_dead_letter() -> None:
 
 def test_busy_is_released_without_charging_an_attempt() -> None:
     d = decide(out(CallStatus.ERROR, FailureKind.BUSY), FN, 3, random.Random(1))
-    assert d.action is Action.RELEASE
+    assert d.action is Action.RELEASE and not d.counted
     assert 0.5 <= d.delay_s <= 1.5
 
 
@@ -46,6 +47,26 @@ def test_function_failures_retry_until_attempts_run_out(status: CallStatus) -> N
     assert first.action is Action.RETRY and 1.0 <= first.delay_s <= 2.0
     assert second.action is Action.RETRY and 2.0 <= second.delay_s <= 4.0
     assert last.action is Action.FINISH and last.dead_letter
+
+
+def test_only_a_call_that_reached_its_container_or_failed_starting_it_counts() -> None:
+    def ran(outcome: Outcome) -> Outcome:
+        return dataclasses.replace(outcome, started_at=utcnow(), completed_at=utcnow())
+
+    cases = [
+        (ran(Outcome(CallStatus.SUCCESS)), True),
+        (ran(Outcome(CallStatus.ERROR, "crashed", FailureKind.FUNCTION)), True),
+        (Outcome(CallStatus.ERROR, "init failed", FailureKind.FUNCTION), True),
+        (ran(Outcome(CallStatus.ERROR, "too large", FailureKind.TERMINAL)), True),
+        (ran(Outcome(CallStatus.CANCELLED, "on request", FailureKind.CANCELLED)), True),
+        (Outcome(CallStatus.ERROR, "image not found", FailureKind.TERMINAL), False),
+        (Outcome(CallStatus.ERROR, "too big", FailureKind.TERMINAL), False),
+        (Outcome(CallStatus.CANCELLED, "while waiting", FailureKind.CANCELLED), False),
+        (Outcome(CallStatus.ERROR, "no room", FailureKind.BUSY), False),
+        (ran(Outcome(CallStatus.ERROR, "worker stopped", FailureKind.BUSY)), False),
+    ]
+    rng = random.Random(5)
+    assert [decide(o, FN, 1, rng).counted for o, _ in cases] == [c for _, c in cases]
 
 
 def test_backoff_is_capped() -> None:

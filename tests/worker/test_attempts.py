@@ -1,0 +1,107 @@
+"""What a call's ``attempts`` counts: runs in a container, and starts of its function's
+container that failed; a call that never reached a container counts none.
+
+In-process worker on the embedded SQLite queue and datastore, with the fake
+container driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.domain import Call, CallStatus, FailureKind, Function, Outcome, new_call_id, utcnow
+from config.settings import load_settings
+from datastore.base import CallRecord, Datastore, open_datastore
+from mq.base import open_queue
+from worker.agent.agent import Agent
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
+from worker.agent.errors import ContainerInitFailed, ImageNotFound
+from worker.loop import Worker
+from worker.shutdown import Shutdown
+
+MIB = 1024 * 1024
+MISSING = Function(app="a", name="missing", image="img/missing", memory_mb=64)
+TOO_BIG = Function(app="a", name="big", image="img/big", memory_mb=512)
+BROKEN = Function(app="a", name="broken", image="img/broken", memory_mb=64, max_attempts=1)
+DRIVER = {
+    MISSING.image: FakeBehaviour(create_error=ImageNotFound("image img/missing not found")),
+    BROKEN.image: FakeBehaviour(start_error=ContainerInitFailed("exited before it was ready")),
+}
+
+
+async def run_until_final(
+    tmp_path: Path, mark_ms: int, calls: list[Call], prepare: Any = None
+) -> dict[str, CallRecord]:
+    settings = load_settings(
+        data_dir=str(tmp_path), running_mark_msecs=mark_ms, max_total_memory_bytes=256 * MIB
+    )
+    store = await open_datastore(settings)
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        for fn in (MISSING, TOO_BIG, BROKEN):
+            await store.create_fn(fn)
+        for call in calls:
+            await store.record_queued(call)
+        if prepare is not None:
+            await prepare(store)
+        await queue.push_many(calls)
+        async with Agent(settings, FakeDriver(per_image=DRIVER)) as agent:
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
+            try:
+                async with asyncio.timeout(30):
+                    while None in [await final(store, c) for c in calls]:
+                        await asyncio.sleep(0.02)
+            finally:
+                shutdown.request("test over")
+                await asyncio.wait_for(run, 30)
+        return {c.id: rec for c in calls if (rec := await final(store, c)) is not None}
+    finally:
+        await queue.close()
+        await store.close()
+
+
+async def final(store: Datastore, call: Call) -> CallRecord | None:
+    rec = await store.get_call(call.id)
+    return rec if rec is not None and rec.status.is_final else None
+
+
+@pytest.mark.parametrize("mark_ms", [0, 50])  # marked `running` first, or not
+async def test_a_call_that_never_reached_a_container_counts_no_attempt(
+    tmp_path: Path, mark_ms: int
+) -> None:
+    missing, big = Call(new_call_id(), "a", "missing"), Call(new_call_id(), "a", "big")
+    unknown = Call(new_call_id(), "a", "unregistered")
+    broken = Call(new_call_id(), "a", "broken")
+    done = await run_until_final(tmp_path, mark_ms, [missing, big, unknown, broken])
+    assert "not found" in (done[missing.id].error or "")
+    assert "more than this worker has" in (done[big.id].error or "")
+    assert "not registered" in (done[unknown.id].error or "")
+    for call in (missing, big, unknown):
+        rec = done[call.id]
+        assert (rec.status, rec.attempts, rec.started_at) == (CallStatus.ERROR, 0, None), rec
+    # A container of the function that fails to start is the function's fault: it
+    # counts, and max_attempts (1 here) bounds it.
+    rec = done[broken.id]
+    assert (rec.status, rec.failure, rec.attempts) == (CallStatus.ERROR, FailureKind.FUNCTION, 1)
+
+
+async def test_a_call_ended_before_it_starts_keeps_the_count_of_its_runs(tmp_path: Path) -> None:
+    ran_once = Call(new_call_id(), "a", "gone")  # its function was deleted after one run
+
+    async def one_failed_run(store: Datastore) -> None:
+        now = utcnow()
+        failed = Outcome(CallStatus.ERROR, "crashed", FailureKind.FUNCTION,
+                         started_at=now, completed_at=now)  # fmt: skip
+        await store.record_running(ran_once, 0, "another-worker")
+        await store.record_retry(ran_once, failed, 1, now + timedelta(seconds=-1))
+
+    done = await run_until_final(tmp_path, 50, [ran_once], prepare=one_failed_run)
+    rec = done[ran_once.id]
+    assert (rec.status, rec.attempts) == (CallStatus.ERROR, 1), rec
+    assert "not registered" in (rec.error or "")

@@ -1,0 +1,218 @@
+"""Calls the worker stops before they end (a second stop request, or the grace period
+over) go back to the queue, and their records say so: `queued`, the attempt not
+counted, before the message is released, and never over a record that has moved on.
+
+In-process worker on the embedded SQLite queue and datastore, with the fake
+container driver.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.domain import Call, CallStatus, Function, new_call_id
+from config.settings import Settings, load_settings
+from datastore.base import CallRecord, Datastore, open_datastore
+from mq.base import Message, MessageQueue, open_queue
+from worker import calls as worker_calls
+from worker.agent.agent import Agent
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, hang, reply
+from worker.loop import Worker
+from worker.shutdown import Shutdown
+
+RUNS = Function(app="a", name="runs", image="img/runs", memory_mb=64)  # in its container
+WAITS = Function(app="a", name="waits", image="img/waits", memory_mb=64)  # for a container
+
+
+class SeenAtRelease:
+    """The real queue; what the record said when each message was released."""
+
+    def __init__(self, inner: MessageQueue, store: Datastore) -> None:
+        self.inner = inner
+        self.store = store
+        self.records: dict[str, CallRecord | None] = {}
+
+    async def release(self, msg: Message, delay_s: float) -> None:
+        self.records[msg.call.id] = await self.store.get_call(msg.call.id)
+        await self.inner.release(msg, delay_s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def stop_while_running(
+    settings: Settings,
+    store: Datastore,
+    queue: MessageQueue,
+    calls: list[Call],
+    stop: Callable[[Shutdown], Awaitable[None]],
+) -> None:
+    """Run ``calls`` (which never end) until each is `running`, then ``stop``."""
+    gate = asyncio.Event()  # never set: the containers of WAITS never start
+    driver = FakeDriver(
+        FakeBehaviour(handler=hang()), per_image={WAITS.image: FakeBehaviour(start_gate=gate)}
+    )
+    async with Agent(settings, driver) as agent:
+        shutdown = Shutdown(30.0)
+        run = asyncio.create_task(Worker(settings, [queue], store, agent).run(shutdown))
+        try:
+            async with asyncio.timeout(10):
+                while False in [await running(store, c) for c in calls]:
+                    await asyncio.sleep(0.02)
+            await stop(shutdown)
+        except BaseException:
+            shutdown.abort()  # a failed test leaves no worker running
+            raise
+        finally:
+            await asyncio.wait_for(run, 10)
+
+
+async def running(store: Datastore, call: Call) -> bool:
+    rec = await store.get_call(call.id)
+    return rec is not None and rec.status is CallStatus.RUNNING
+
+
+async def second_request(shutdown: Shutdown) -> None:
+    shutdown.request("first")
+    await asyncio.sleep(0.1)
+    shutdown.request("second")
+
+
+async def grace_over(shutdown: Shutdown) -> None:
+    shutdown.grace_s = 0.2
+    shutdown.request("the only one")
+
+
+@pytest.fixture
+async def setup(tmp_path: Path) -> Any:
+    settings = load_settings(data_dir=str(tmp_path), mq_reservation_msecs=60_000)
+    store = await open_datastore(settings)
+    queue = open_queue(settings.mq_url, settings)
+    for fn in (RUNS, WAITS):
+        await store.create_fn(fn)
+    yield settings, store, queue
+    await queue.close()
+    await store.close()
+
+
+async def enqueue(store: Datastore, queue: MessageQueue, calls: list[Call]) -> None:
+    for call in calls:
+        await store.record_queued(call)  # as `fnq call` does
+    await queue.push_many(calls)
+
+
+@pytest.mark.parametrize("stop", [second_request, grace_over])
+async def test_a_stopped_call_is_recorded_queued_before_its_message_goes_back(
+    setup: Any, stop: Callable[[Shutdown], Awaitable[None]]
+) -> None:
+    settings, store, queue = setup
+    calls = [Call(new_call_id(), "a", "runs", b"x"), Call(new_call_id(), "a", "waits", b"y")]
+    await enqueue(store, queue, calls)
+    seen = SeenAtRelease(queue, store)
+    await stop_while_running(settings, store, seen, calls, stop)  # type: ignore[arg-type]
+    assert (await queue.stats()).ready == 2
+    for call in calls:
+        before = seen.records[call.id]
+        assert before is not None and before.status is CallStatus.QUEUED
+        rec = await store.get_call(call.id)
+        assert rec is not None
+        assert (rec.status, rec.attempts, rec.started_at) == (CallStatus.QUEUED, 0, None)
+        assert rec.error is not None and "went back to the queue" in rec.error
+        assert rec.has_request and rec.request_body == call.body
+    # The next worker runs them as their first attempt.
+    async with Agent(settings, FakeDriver(FakeBehaviour(handler=reply()))) as agent:
+        shutdown = Shutdown(5.0)
+        run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
+        async with asyncio.timeout(10):
+            while (await queue.stats()).ready:
+                await asyncio.sleep(0.02)
+        shutdown.request("done")
+        await asyncio.wait_for(run, 10)
+    for call in calls:
+        rec = await store.get_call(call.id)
+        assert rec is not None and (rec.status, rec.attempts) == (CallStatus.SUCCESS, 1)
+        assert rec.error is None
+
+
+async def test_a_record_another_worker_has_taken_is_left_alone(setup: Any) -> None:
+    settings, store, queue = setup
+    call = Call(new_call_id(), "a", "runs", b"x")
+    await enqueue(store, queue, [call])
+
+    async def taken_elsewhere_then_stop(shutdown: Shutdown) -> None:
+        # As if this worker's reservation had lapsed and another worker had taken it.
+        await store.record_running(call, 0, "another-worker")
+        shutdown.abort()
+
+    await stop_while_running(settings, store, queue, [call], taken_elsewhere_then_stop)
+    rec = await store.get_call(call.id)
+    assert rec is not None
+    assert (rec.status, rec.worker_id, rec.attempts) == (CallStatus.RUNNING, "another-worker", 2)
+
+
+class Hanging:
+    """The real datastore, except that the named writes never end."""
+
+    def __init__(self, inner: Datastore, *names: str) -> None:
+        self.inner = inner
+        self.names = names
+
+    def __getattr__(self, name: str) -> Any:
+        if name not in self.names:
+            return getattr(self.inner, name)
+
+        async def never(*args: Any, **kw: Any) -> Any:
+            await asyncio.Event().wait()
+
+        return never
+
+
+async def test_putting_the_record_back_is_bounded(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, store, queue = setup
+    monkeypatch.setattr(worker_calls, "HAND_BACK_RECORD_S", 0.2)
+    call = Call(new_call_id(), "a", "runs", b"x")
+    await enqueue(store, queue, [call])
+    stuck = Hanging(store, "record_retry")
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+
+    async def abort(shutdown: Shutdown) -> None:
+        shutdown.abort()
+
+    await stop_while_running(settings, stuck, queue, [call], abort)
+    assert loop.time() - started < 5
+    # The write that did not end is conditional, so the message went back anyway.
+    assert (await queue.stats()).ready == 1
+
+
+async def test_a_message_whose_running_mark_is_still_being_written_is_kept(
+    setup: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    settings, store, queue = setup
+    settings = load_settings(data_dir=str(settings.data_dir), running_mark_msecs=0)
+    monkeypatch.setattr(worker_calls, "HAND_BACK_RECORD_S", 0.2)
+    call = Call(new_call_id(), "a", "runs", b"x")
+    await enqueue(store, queue, [call])
+    stuck = Hanging(store, "record_running")
+    gate = asyncio.Event()
+
+    async def dispatched(container: Any, request: Any) -> Any:
+        gate.set()
+        await asyncio.Event().wait()
+
+    async with Agent(settings, FakeDriver(FakeBehaviour(handler=dispatched))) as agent:
+        shutdown = Shutdown(30.0)
+        run = asyncio.create_task(Worker(settings, queue, stuck, agent).run(shutdown))
+        await asyncio.wait_for(gate.wait(), 10)
+        shutdown.abort()
+        await asyncio.wait_for(run, 5)
+    # That write may still land: releasing now could let it move back another
+    # worker's record, so the message returns when its reservation lapses instead.
+    assert (await queue.stats()).reserved == 1
