@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING
 from bench import _netns as netns
 from bench._cluster import Cluster, make_calls, stop
 from bench._common import Section, Table, label_tag, median
-from bench.e2e import APP, BODY, echo
+from bench.e2e import APP, BODY, echo, warm_bursts
 from config.domain import CallStatus
 
 if TYPE_CHECKING:
@@ -106,6 +106,7 @@ async def hosts_run(
             cluster.start_worker(prefix=link.exec_prefix, env=env)
         await wait_workers(cluster, k)
         await warm_all(cluster, k)
+        await warm_bursts(cluster, n)  # and to the containers a burst leads them to
         rates, ids = [], []
         for _ in range(repeats):
             rate, batch = await timed_calls(cluster, n)
@@ -212,6 +213,8 @@ def hosts_report(sec: Section, result: tuple[list[HostsRun], list[str]] | str) -
         f"{title}: calls/s over the timed calls (median of the repeats); `final / calls` "
         "and the rest count every timed call's record (a call run twice would show "
         "attempts > 1); `veth MB` is the traffic through the host sides of the links "
-        "over the whole run (start, warm-up, timed calls). "
+        "over the whole run (start, warm-up, timed calls). Warm-up: calls until every "
+        "worker has run one, then bursts of the timed size until one starts no container "
+        "(at most three). "
         + (f"Left behind: {', '.join(left)}." if left else "Namespaces and veths removed.")
     )

@@ -8,7 +8,9 @@ Same set-up as bench.e2e (Redis queue, SQLite datastore, ``fnq/echo``; PostgreSQ
 for the 3-host runs).
 
 * workers: N calls pushed at once, run by one, then by two ``fnq worker``
-  processes (warmed first); calls/s first push to last final record.
+  processes; calls/s first push to last final record. Warmed as bench.e2e warms
+  its worker (bursts of N until one starts no container, at most three); the
+  table counts the containers then, and those started while timed.
 * 10 functions: the same N calls spread round-robin over 10 functions (each its
   own slot queue), once with room for all (default memory), once with
   FN_MAX_TOTAL_MEMORY_BYTES set to room for 4 containers of 128 MB, so that the
@@ -38,15 +40,18 @@ import time
 from pathlib import Path
 
 from bench._cluster import Cluster, make_calls, stop
-from bench._common import Section, Table, label_tag, median, run
+from bench._common import Section, Table, label_tag, labelled, median, run
 from bench._hosts import hosts_measure, hosts_report
-from bench.e2e import APP, BODY, echo, fnq_throughput, warm
+from bench.e2e import APP, BODY, echo, fnq_throughput, warm, warm_bursts
 
 FUNCTIONS = 10
 TIGHT_CONTAINERS = 4
 
 
-async def workers_run(tmp: Path, redis_url: str, workers: int, n: int, repeats: int) -> float:
+async def workers_run(
+    tmp: Path, redis_url: str, workers: int, n: int, repeats: int
+) -> tuple[float, int, int]:
+    """calls/s (median), containers after the warm-up, containers started while timed."""
     cluster = Cluster(
         tmp / f"w{workers}", f"{redis_url}?prefix=s{secrets.token_hex(3)}", label_tag()
     )
@@ -55,8 +60,9 @@ async def workers_run(tmp: Path, redis_url: str, workers: int, n: int, repeats: 
         await cluster.register(echo())
         for _ in range(workers):
             cluster.start_worker()
-        await warm(cluster, n=20 * workers)
-        return median(await fnq_throughput(cluster, n, repeats))
+        warm_containers = await warm_bursts(cluster, n)
+        rate = median(await fnq_throughput(cluster, n, repeats))
+        return rate, warm_containers, labelled(cluster.tag) - warm_containers
     finally:
         await stop(cluster)
 
@@ -117,8 +123,11 @@ async def measure(quick: bool) -> Section:
     sec.tables.append(
         Table(
             "worker processes",
-            ["workers", "calls/s", "vs 1 worker"],
-            [["1", one, "1.00x"], ["2", two, f"{two / one:.2f}x"]],
+            ["workers", "calls/s", "vs 1 worker", "containers", "started while timed"],
+            [
+                ["1", one[0], "1.00x", one[1], one[2]],
+                ["2", two[0], f"{two[0] / one[0]:.2f}x", two[1], two[2]],
+            ],
         )
     )
     sec.tables.append(
@@ -126,12 +135,12 @@ async def measure(quick: bool) -> Section:
             f"{FUNCTIONS} functions, calls round-robin",
             ["memory", "calls/s", "containers started", "vs 1 function, 1 worker"],
             [
-                ["default (room for all)", roomy[0], roomy[1], f"{roomy[0] / one:.2f}x"],
+                ["default (room for all)", roomy[0], roomy[1], f"{roomy[0] / one[0]:.2f}x"],
                 [
                     f"room for {TIGHT_CONTAINERS} containers",
                     tight[0],
                     tight[1],
-                    f"{tight[0] / one:.2f}x",
+                    f"{tight[0] / one[0]:.2f}x",
                 ],
             ],
         )
