@@ -41,12 +41,14 @@ docker_answers() { timeout 10 docker info >/dev/null 2>&1; }
 
 start_docker() {
     if docker_answers; then return 0; fi
-    as_root true || die "no docker engine answers and I cannot start one (not root): start dockerd"
+    as_root true || die "no docker engine answers, and starting one needs root: start dockerd"
     command -v dockerd >/dev/null || die "dockerd is not installed: apt-get install -y docker.io"
     log "starting dockerd (overlay2, no iptables, no bridge)"
     as_root mkdir -p /var/log/fnq
+    # In a session of its own: whatever ends the caller's process group (a test run's
+    # clean-up, a CI step) leaves the engine running.
     # shellcheck disable=SC2024
-    as_root nohup dockerd --storage-driver=overlay2 --iptables=false --ip-masq=false --bridge=none \
+    as_root setsid nohup dockerd --storage-driver=overlay2 --iptables=false --ip-masq=false --bridge=none \
         >/var/log/fnq/dockerd.log 2>&1 &
     for _ in $(seq 1 60); do
         docker_answers && return 0

@@ -57,6 +57,18 @@ def tracker(memory_mb: int = MEMORY_MB, cpu_mcpus: int = CPU_MCPUS) -> ResourceT
 AgentFactory = Callable[..., Agent]
 
 
+class FixedCpu:
+    """A CPU gauge with a fixed answer, counting the questions."""
+
+    def __init__(self, saturated: bool) -> None:
+        self.answer = saturated
+        self.asked = 0
+
+    def saturated(self, containers: int) -> bool:
+        self.asked += 1
+        return self.answer
+
+
 @pytest.fixture
 async def agents(settings_env: Path) -> AsyncIterator[AgentFactory]:
     """Make agents on fake drivers; every one is closed (grace 0) at the end."""

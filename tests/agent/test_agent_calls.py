@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 
 from config.domain import CallStatus, Function, Outcome, frozen_map
-from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
+from tests.agent.conftest import AgentFactory, FixedCpu, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE, Agent
 from worker.agent.cpu import CpuGauge
 from worker.agent.driver import FN_LISTENER, DispatchRequest, DispatchResult
@@ -354,39 +354,6 @@ async def test_a_short_function_with_busy_containers_starts_one_container_at_a_t
     gate.set()
     outcomes = await asyncio.gather(first, *waiting)
     assert all(o.status is CallStatus.SUCCESS for o in outcomes)
-
-
-class FixedCpu:
-    def __init__(self, saturated: bool) -> None:
-        self.answer = saturated
-        self.asked = 0
-
-    def saturated(self, containers: int) -> bool:
-        self.asked += 1
-        return self.answer
-
-
-async def _streams_of_short_calls(agent: Agent, fn: Function, streams: int, s: float) -> None:
-    """``streams`` callers, each submitting calls one after another for ``s`` seconds."""
-    loop = asyncio.get_running_loop()
-    end = loop.time() + s
-
-    async def stream() -> None:
-        while loop.time() < end:
-            assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
-
-    await asyncio.gather(*(stream() for _ in range(streams)))
-
-
-@pytest.mark.parametrize(("saturated", "more"), [(True, False), (False, True)])
-async def test_a_saturated_cpu_starts_no_container_for_short_calls_that_keep_cycling(
-    agents: AgentFactory, saturated: bool, more: bool
-) -> None:
-    cpu = FixedCpu(saturated)
-    driver, agent, fn = await _after_calls_of(agents, [0.002], cpu)
-    await _streams_of_short_calls(agent, fn, streams=6, s=0.4)
-    assert cpu.asked > 0
-    assert (driver.creates > 1) is more
 
 
 async def test_a_saturated_cpu_still_starts_a_container_when_the_busy_one_is_stuck(
