@@ -7,7 +7,7 @@ from datetime import timedelta
 
 import pytest
 
-from config.domain import CallStatus, Function, Outcome, frozen_map
+from config.domain import CallStatus, FailureKind, Function, Outcome, frozen_map
 from tests.agent.conftest import AgentFactory, FixedCpu, make_call, make_fn, settle
 from worker.agent.agent import KEY_CACHE_SIZE, Agent
 from worker.agent.cpu import CpuGauge
@@ -185,6 +185,31 @@ async def test_a_container_handed_to_a_call_that_stops_waiting_goes_to_the_next(
     after = await asyncio.wait_for(agent.submit(make_call(fn, b"after"), fn), 1)
     assert after.status is CallStatus.SUCCESS
     assert order == [b"first", b"after"] and driver.creates == 1
+
+
+async def test_a_container_handed_to_a_call_as_waiting_stops_goes_back_to_it(
+    agents: AgentFactory,
+) -> None:
+    gate, order = asyncio.Event(), list[bytes]()
+    driver = FakeDriver(FakeBehaviour(handler=_in_order(gate, order)))
+    agent = agents(driver, memory_mb=200)  # room for one container
+    fn = make_fn(idle_timeout_s=0)  # it leaves once idle, if it is given back
+    first = asyncio.create_task(agent.submit(make_call(fn, b"first"), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    waiting = asyncio.create_task(agent.submit(make_call(fn, b"waiting"), fn))
+    await settle()
+    gate.set()
+    # The container is handed to the waiting call when the first one ends; waiting
+    # stops before that call has run to take it: it goes back, and so does the slot.
+    while agent.statistics().calls_waiting:
+        await asyncio.sleep(0)
+    assert not waiting.done()
+    agent.stop_waiting()
+    outcome = await asyncio.wait_for(waiting, 5)
+    assert outcome.failure is FailureKind.BUSY and not outcome.started
+    assert (await first).status is CallStatus.SUCCESS
+    await driver.wait_until(lambda: driver.removes == 1)  # idle again, then gone
+    assert order == [b"first"] and driver.creates == 1
 
 
 async def test_statistics_snapshot_counts_states_and_resources(agents: AgentFactory) -> None:

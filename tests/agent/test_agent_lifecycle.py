@@ -436,6 +436,37 @@ async def test_close_sends_waiting_calls_back(agents: AgentFactory) -> None:
     assert driver.removes == 1
 
 
+async def test_stop_waiting_sends_every_waiting_call_back_and_lets_running_ones_run(
+    agents: AgentFactory,
+) -> None:
+    gate, never = asyncio.Event(), asyncio.Event()
+    starting = make_fn("starting")
+    driver = FakeDriver(
+        FakeBehaviour(handler=gated(gate)),
+        per_image={starting.image: FakeBehaviour(start_gate=never)},
+    )
+    agent = agents(driver, memory_mb=256)  # room for two containers of 128 MB
+    fn, other = make_fn(), make_fn("other")
+    running = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    waiting = [asyncio.create_task(agent.submit(make_call(starting), starting))]
+    await driver.wait_until(lambda: driver.starts == 2)  # the memory is all taken now
+    waiting.append(asyncio.create_task(agent.submit(make_call(fn), fn)))  # for the busy one
+    waiting.append(asyncio.create_task(agent.submit(make_call(other), other)))  # for room
+    await driver.wait_until(lambda: agent.statistics().calls_waiting == 3)
+    agent.stop_waiting()
+    assert agent.waiting_stopped
+    outcomes = await asyncio.wait_for(asyncio.gather(*waiting), 5)
+    late = await asyncio.wait_for(agent.submit(make_call(fn), fn), 5)
+    for outcome in [*outcomes, late]:
+        assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.BUSY
+        assert not outcome.started and outcome.error == "the agent is shutting down"
+    assert not running.done() and agent.statistics().calls_waiting == 0
+    gate.set()
+    assert (await asyncio.wait_for(running, 5)).status is CallStatus.SUCCESS
+    assert driver.dispatches == 1 and driver.creates == 2
+
+
 async def test_no_task_is_left_after_close(agents: AgentFactory) -> None:
     before = asyncio.all_tasks()
     driver = FakeDriver(FakeBehaviour(handler=reply()))

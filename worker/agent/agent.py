@@ -4,8 +4,9 @@ The story of one call, from the top
 ===================================
 
 **Submit.** The worker hands :meth:`Agent.submit` a call and the function it
-belongs to. The agent first refuses what cannot run: when it is closing the
-call comes back at once as *busy* (try another worker); when the function
+belongs to. The agent first refuses what cannot run: when it is closing, or
+no longer lets calls wait (see *Close*), the call comes back at once as
+*busy* (try another worker); when the function
 asks for more memory or CPU than this machine could ever give, it comes back
 *terminal*, because no retry can help. ``submit`` never raises for anything
 that concerns the call itself; every ending is an :class:`Outcome`.
@@ -17,7 +18,8 @@ The call joins the queue as a waiting caller and tries to take a slot, the
 most recently idled one first. If none is free it nudges the queue's
 launcher, then sleeps until a slot is handed to it (a container that
 becomes idle goes to the call that has waited longest), the launcher reports
-a failure meant for it, the call is cancelled, or the agent closes; it nudges
+a failure meant for it, the call is cancelled, or the agent stops letting
+calls wait (:meth:`Agent.stop_waiting`, or closing); it nudges
 again every ``FN_HOT_POLL_MSECS``. While one of the queue's containers is
 busy, the first nudge waits about one call's time (how long calls of this
 queue have held a container lately, at most 20 ms): that container is
@@ -58,10 +60,14 @@ back to idle (paused after ``FN_FREEZE_IDLE_MSECS``) and offers a new slot,
 until its idle timeout passes with no call, it is evicted, or the agent
 closes; then it is removed and its token freed.
 
-**Close.** :meth:`Agent.close` refuses new calls, sends waiting calls back
-as *busy*, lets running calls finish within the grace period, stops the
-rest, then removes every container and closes the driver. No task outlives
-it.
+**Close.** When the worker is asked to stop, :meth:`Agent.stop_waiting`
+sends every call that waits for a container back as *busy* at once, and so
+every call submitted after it; no container is started any more, and calls
+in containers run on. A slot handed to a waiting call at that moment goes
+back to its container: the call either has taken its slot and runs, or
+returns unstarted. :meth:`Agent.close` does the same, lets running calls
+finish within the grace period, stops the rest, then removes every container
+and closes the driver. No task outlives it.
 """
 
 from __future__ import annotations
@@ -131,6 +137,7 @@ class Agent:
         self._no_calls.set()
         self._closing = asyncio.Event()
         self._closed = asyncio.Event()
+        self._no_waiting = False  # set by stop_waiting and close: no call waits any more
 
     async def __aenter__(self) -> Agent:
         try:
@@ -161,7 +168,7 @@ class Agent:
         """Run ``call``; ``on_start`` is called when it is dispatched to a container.
         ``launch_patience_s``: wait at least this long for a container of the function
         before asking for a new one."""
-        if self._closing.is_set():
+        if self._no_waiting:
             return not_started_outcome(AgentClosed())
         if call.id in self._calls:
             return not_started_outcome(ServerBusy(f"call {call.id} is already running here"))
@@ -223,7 +230,9 @@ class Agent:
         self, queue: SlotQueue, call_id: str, deadline: float, stop: StopControl
     ) -> Slot | None:
         """Wait for an idle slot; None if the call was stopped while waiting."""
-        if not stop.requested and not self._closing.is_set():
+        if self._no_waiting:  # a call back from an unusable container, say
+            raise AgentClosed()
+        if not stop.requested:
             busy = queue.containers[ContainerState.BUSY] > 0
             slot = queue.take_idle(thawed_only=busy)
             if slot is not None:  # the usual case under load: no waiting at all
@@ -250,10 +259,11 @@ class Agent:
         # again sooner. Only paused ones idle: wait a moment for a running one.
         thawed_until = joined + PREFER_THAWED_S
         while True:
-            # A slot handed over meanwhile goes back (in _get_slot) if the call stops here.
+            # A slot handed over meanwhile goes back (in _get_slot) if the call stops
+            # waiting here: the checks come before the slot is looked at.
             if stop.requested:
                 return None
-            if self._closing.is_set():
+            if self._no_waiting:
                 raise AgentClosed()
             slot = caller.slot
             if slot is not None:  # an offer handed it over
@@ -328,7 +338,7 @@ class Agent:
     def _start_container(
         self, queue: SlotQueue, token: ResourceToken, owner: Caller | None
     ) -> None:
-        if self._closing.is_set():
+        if self._no_waiting:  # no call would take it
             token.close()
             queue.move(ContainerState.WAIT, ContainerState.DONE)
             return
@@ -394,6 +404,27 @@ class Agent:
         return len(self._launchers) + len(self._containers)
 
     # -------------------------------------------------------------- close
+    def stop_waiting(self) -> None:
+        """From now on no call waits for a container: the worker is stopping.
+
+        Calls waiting for one (every container of their function busy, no room
+        to start another, or one starting) return at once as not started
+        (:class:`AgentClosed`, busy), and so do calls submitted from now on.
+        Calls that have won a container run on. A container handed to a
+        waiting call at this moment is either taken already (the call runs)
+        or given back by the call as it returns. No container is started from
+        now on; one already starting may end idle.
+        """
+        self._no_waiting = True
+        for queue in self._queues.values():
+            queue.close()
+
+    @property
+    def waiting_stopped(self) -> bool:
+        """:meth:`stop_waiting` (or :meth:`close`) was called: a call that has not won a
+        container by now gets none."""
+        return self._no_waiting
+
     async def close(self, grace_s: float = 30.0) -> None:
         """Refuse new calls, let running ones finish within ``grace_s``, remove everything."""
         if self._closing.is_set():
@@ -401,8 +432,7 @@ class Agent:
             return
         self._closing.set()
         try:
-            for queue in self._queues.values():
-                queue.close()
+            self.stop_waiting()
             await self._launchers.close()
             await self._drain(grace_s)
             for hot, task in list(self._hot.items()):

@@ -136,7 +136,7 @@ class SlotQueue:
         self.freed_at = -LAUNCH_PATIENCE_S  # loop time a call last gave its container back
         self.quick_s = 0.0  # the quickest recent hold: falls at once, rises 1 % a call
         self.holds = 0  # calls that have held a container (call_s and quick_s known if > 0)
-        self.closed = False  # the agent is closing: slots are no longer handed over
+        self.closed = False  # no call waits here any more: slots are no longer handed over
 
     def held(self, seconds: float, now: float) -> None:
         """A call held a container for ``seconds`` until ``now`` (loop time)."""
@@ -293,8 +293,9 @@ class SlotQueue:
         return next((c for c in self.waiters if c.error is None), None)
 
     def close(self) -> None:
-        """The agent is closing: wake every waiting call (each goes back as busy), and
-        hand no slot to a waiting call from now on."""
+        """No call waits here any more (the agent stops waiting calls, or closes): wake
+        every waiting call (each goes back as busy), and hand no slot to a waiting call
+        from now on."""
         self.closed = True
         for caller in self.waiters:
             caller.wake.set()
