@@ -8,6 +8,12 @@
          `running` (attempt n) is recorded beside it if the call lasts (worker.running)
       -> decide (worker.policy) -> record durably -> settle the message
 
+A call that never reached a container because the worker is stopping (the
+agent sends back calls that wait for a container, and refuses new ones, at
+the first stop request) goes back to the queue at once, as the calls stopped
+after the grace period do: its record back to `queued` first, no attempt
+counted (worker.running), then its message released with no delay.
+
 The message is settled (acked, dead-lettered, completed) only after the
 record is durable, so a crash at any point delivers the call again, and a
 duplicate delivery of a finished call finds the final record and runs nothing.
@@ -41,12 +47,12 @@ from config.settings import Settings
 from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreClosed
 from worker.agent.agent import Agent
-from worker.delivery import Delivery
+from worker.delivery import HAND_BACK_TIMEOUT_S, Delivery
 from worker.logs import current_call
 from worker.metrics import Metrics
 from worker.policy import Action, decide
 from worker.reads import RecordRead
-from worker.running import RunningMark
+from worker.running import HANDED_BACK, HANDED_BACK_UNSTARTED, RunningMark
 
 log = logging.getLogger("fnq.worker")
 
@@ -58,6 +64,10 @@ RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason 
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
 HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
+
+
+class _Unstarted(Exception):
+    """The worker is stopping and the call never reached a container (see handle)."""
 
 
 def outcome_of(record: CallRecord) -> Outcome:
@@ -120,6 +130,13 @@ class CallHandler:
         self.held[d.call_id] = d  # from now on the heartbeat extends its reservation
         try:
             await self._process(d, on_start, launch_patience_s, read)
+        except _Unstarted:  # the worker is stopping: the call goes back to the queue
+            back = asyncio.ensure_future(self._hand_back(d, HANDED_BACK_UNSTARTED))
+            try:
+                await asyncio.shield(back)
+            except asyncio.CancelledError:  # the grace is over meanwhile: finish it first
+                await asyncio.wait({back}, timeout=HAND_BACK_RECORD_S + HAND_BACK_TIMEOUT_S)
+                raise
         except asyncio.CancelledError:  # the worker stops: the call goes back to the queue
             await asyncio.shield(self._hand_back(d))
             raise
@@ -133,11 +150,11 @@ class CallHandler:
             self.held.pop(d.call_id, None)
             self._marks.pop(d.call_id, None)
 
-    async def _hand_back(self, d: Delivery) -> None:
+    async def _hand_back(self, d: Delivery, why: Outcome = HANDED_BACK) -> None:
         """Its record first, then its message: once the message is released another
         worker may take the call at once, and the record must not be moved back then."""
         mark = self._marks.get(d.call_id)
-        if mark is not None and not await mark.withdraw(HAND_BACK_RECORD_S):
+        if mark is not None and not await mark.withdraw(HAND_BACK_RECORD_S, why):
             log.warning("call %s: its `running` record is still being written; its message "
                         "returns when its reservation lapses", d.call_id)  # fmt: skip
             return
@@ -225,6 +242,12 @@ class CallHandler:
             )
         finally:
             mark.cancel()
+        if (
+            not outcome.started
+            and outcome.failure is FailureKind.BUSY
+            and self.agent.waiting_stopped
+        ):
+            raise _Unstarted  # it goes back as it came, not after a delay (see handle)
         with self._recording():
             await self._record(d, fn, outcome, mark, seen)
 

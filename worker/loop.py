@@ -27,8 +27,10 @@ for a new one, so that they use the containers they were taken for. In a
 burst of one short function this takes several calls per round trip; when
 the calls of many functions are mixed, nothing changes.
 
-Shutdown (worker.shutdown): intake stops at once; calls in containers get the
-grace period; what is still running after it is cancelled and handed back.
+Shutdown (worker.shutdown): intake stops at once, and so does waiting for
+containers: the calls not yet in one go back to the queue at once
+(``Agent.stop_waiting``, worker.calls); calls in containers get the grace
+period; what is still running after it is cancelled and handed back.
 """
 
 from __future__ import annotations
@@ -114,11 +116,13 @@ class Worker:
                     for i, queue in enumerate(self.queues)
                 ]
                 stopper = asyncio.create_task(
-                    _cancel_when(shutdown.stopping, intakes), name="fnq-intake-stop"
+                    self._stop_on(shutdown.stopping, intakes), name="fnq-intake-stop"
                 )
         finally:
             if stopper is not None:
                 stopper.cancel()
+            if shutdown.stopping.is_set():  # the intakes may have ended before the stopper ran
+                self._stop_waiting()
             try:
                 await self._drain(shutdown, tasks)
             finally:
@@ -233,6 +237,25 @@ class Worker:
         delay = min(OUTAGE_BACKOFF_MAX_S, 0.2 * 2 ** min(6, int(now - since)))
         await asyncio.sleep(delay)  # a stop request cancels the intake, and this wait
 
+    async def _stop_on(
+        self, stopping: asyncio.Event, intakes: Sequence[asyncio.Task[None]]
+    ) -> None:
+        """At the first stop request, stop the intakes and the waiting for containers.
+        No timeout: this task is cancelled once the intakes have ended."""
+        await stopping.wait()
+        self._stop_waiting()
+        for task in intakes:
+            task.cancel()
+
+    def _stop_waiting(self) -> None:
+        """The calls not yet in a container go back to the queue at once: the agent
+        returns them unstarted, and their tasks hand them back (worker.calls)."""
+        if self.agent.waiting_stopped:
+            return
+        if self._unstarted:
+            log.info("%d call(s) not yet in a container go back to the queue", self._unstarted)
+        self.agent.stop_waiting()
+
     async def _drain(self, shutdown: Shutdown, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:
             return
@@ -252,9 +275,3 @@ def _name(queue: MessageQueue) -> str:
     """How the log names a queue: the RQ bridge by its queues, else "queue"."""
     names = getattr(queue, "queue_names", None)
     return f"RQ queues {', '.join(names)}" if names else "queue"
-
-
-async def _cancel_when(event: asyncio.Event, tasks: Sequence[asyncio.Task[None]]) -> None:
-    await event.wait()
-    for task in tasks:
-        task.cancel()

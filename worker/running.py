@@ -12,9 +12,10 @@ worker during the call leaves the record `queued` without counting that
 attempt (the queue still counts the delivery, and bounds them).
 
 A call the worker stops before it ends (a second stop request, or the grace
-period over) goes back to the queue: ``withdraw`` first puts the record the
-mark made `running` back to `queued`, without the attempt it counted, and
-only while it is still this worker's (``record_retry(..., running_on=...)``).
+period over), or before it reached a container (a first stop request), goes
+back to the queue: ``withdraw`` first puts the record the mark made
+`running` back to `queued`, without the attempt it counted, and only while
+it is still this worker's (``record_retry(..., running_on=...)``).
 """
 
 from __future__ import annotations
@@ -31,6 +32,11 @@ log = logging.getLogger("fnq.worker")
 HANDED_BACK = Outcome(
     status=CallStatus.ERROR,
     error="the worker stopped before the call finished; it went back to the queue",
+    failure=FailureKind.BUSY,
+)
+HANDED_BACK_UNSTARTED = Outcome(
+    status=CallStatus.ERROR,
+    error="the worker stopped before the call reached a container; it went back to the queue",
     failure=FailureKind.BUSY,
 )
 
@@ -70,9 +76,10 @@ class RunningMark:
             self._timer.cancel()
             self._timer = None
 
-    async def withdraw(self, timeout_s: float) -> bool:
+    async def withdraw(self, timeout_s: float, why: Outcome = HANDED_BACK) -> bool:
         """The call goes back to the queue unfinished: put its record back to `queued`,
-        without the attempt the mark counted, if the mark made it `running`.
+        without the attempt the mark counted, if the mark made it `running`; ``why``
+        gives the record its error.
 
         Best effort, within ``timeout_s``. The write is conditional (only while the
         call is still `running` here), so it may land late. False when the mark's own
@@ -88,7 +95,7 @@ class RunningMark:
                 record = await asyncio.shield(write)
                 if record.status is CallStatus.RUNNING and record.worker_id == self._worker_id:
                     await self._store.record_retry(
-                        self._call, HANDED_BACK, record.attempts - 1, utcnow(),
+                        self._call, why, record.attempts - 1, utcnow(),
                         running_on=self._worker_id,
                     )  # fmt: skip
         except TimeoutError:

@@ -1,11 +1,14 @@
 """Two-phase shutdown.
 
 Phase one (first SIGTERM/SIGINT, or :meth:`Shutdown.request`): stop taking
-work; calls already running may finish within the grace period; calls
-reserved but not started are handed back to the queue. Phase two (a second
-signal, or the grace period running out): running calls are cancelled, their
-containers retired, their records put back to `queued` and then their
-messages handed back (worker.calls, worker.running).
+work; calls already running in containers may finish within the grace
+period; calls reserved but not yet in a container (waiting for one: every
+container of their function busy, no room to start another, or one being
+started) are handed back to the queue at once, their records put back to
+`queued` first (``Agent.stop_waiting``, worker.loop, worker.calls). Phase two
+(a second signal, or the grace period running out): running calls are
+cancelled, their containers retired, their records put back to `queued` and
+then their messages handed back (worker.calls, worker.running).
 
 Signal handlers are installed only by :func:`signal_handlers`, so embedding
 fnq (and its tests) never has process signals seized; the previous handlers

@@ -1,6 +1,7 @@
 """Calls the worker stops before they end (a second stop request, or the grace period
-over) go back to the queue, and their records say so: `queued`, the attempt not
-counted, before the message is released, and never over a record that has moved on.
+over), or before they reach a container (the first stop request), go back to the
+queue, and their records say so: `queued`, the attempt not counted, before the
+message is released, and never over a record that has moved on.
 
 In-process worker on the embedded SQLite queue and datastore, with the fake
 container driver.
@@ -21,12 +22,15 @@ from datastore.base import CallRecord, Datastore, open_datastore
 from mq.base import Message, MessageQueue, open_queue
 from worker import calls as worker_calls
 from worker.agent.agent import Agent
-from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, hang, reply
+from worker.agent.cpu import NeverSaturated
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
+from worker.agent.resources import MIB, ResourceTotals, ResourceTracker
 from worker.loop import Worker
 from worker.shutdown import Shutdown
 
 RUNS = Function(app="a", name="runs", image="img/runs", memory_mb=64)  # in its container
 WAITS = Function(app="a", name="waits", image="img/waits", memory_mb=64)  # for a container
+OTHER = Function(app="a", name="other", image="img/other", memory_mb=64)
 
 
 class SeenAtRelease:
@@ -93,7 +97,7 @@ async def setup(tmp_path: Path) -> Any:
     settings = load_settings(data_dir=str(tmp_path), mq_reservation_msecs=60_000)
     store = await open_datastore(settings)
     queue = open_queue(settings.mq_url, settings)
-    for fn in (RUNS, WAITS):
+    for fn in (RUNS, WAITS, OTHER):
         await store.create_fn(fn)
     yield settings, store, queue
     await queue.close()
@@ -216,3 +220,62 @@ async def test_a_message_whose_running_mark_is_still_being_written_is_kept(
     # That write may still land: releasing now could let it move back another
     # worker's record, so the message returns when its reservation lapses instead.
     assert (await queue.stats()).reserved == 1
+
+
+# What the second call waits for, with the first one running in its container:
+# that container (no room for another of its function), room for a container of
+# its own function, or a container of its own function that is being started.
+WAITING_FOR = {
+    "a busy container": (RUNS, 100),
+    "room": (OTHER, 100),
+    "a container starting": (WAITS, 1000),
+}
+
+
+@pytest.mark.parametrize("waiting_for", list(WAITING_FOR))
+async def test_the_first_stop_request_hands_back_a_call_waiting_for_a_container_at_once(
+    setup: Any, waiting_for: str
+) -> None:
+    settings, store, queue = setup
+    fn, memory_mb = WAITING_FOR[waiting_for]
+    runs, waits = Call(new_call_id(), "a", "runs", b"x"), Call(new_call_id(), "a", fn.name, b"y")
+    gate, never = asyncio.Event(), asyncio.Event()
+    driver = FakeDriver(
+        FakeBehaviour(handler=gated(gate)), per_image={WAITS.image: FakeBehaviour(start_gate=never)}
+    )
+    room = ResourceTracker(ResourceTotals(memory_bytes=memory_mb * MIB, cpu_mcpus=4000))
+    seen = SeenAtRelease(queue, store)
+    async with Agent(settings, driver, room, NeverSaturated()) as agent:
+        shutdown = Shutdown(30.0)
+        worker = Worker(settings, [seen], store, agent)  # type: ignore[list-item]
+        run = asyncio.create_task(worker.run(shutdown))
+        try:
+            await enqueue(store, queue, [runs])
+            await driver.wait_until(lambda: driver.dispatches == 1, timeout_s=10)
+            await enqueue(store, queue, [waits])
+            async with asyncio.timeout(10):  # until it waits, recorded `running`
+                while not (agent.statistics().calls_waiting == 1 and await running(store, waits)):
+                    await asyncio.sleep(0.02)
+            shutdown.request("first")
+            async with asyncio.timeout(10):  # well within the 30 s of grace
+                while (await queue.stats()).ready == 0:
+                    await asyncio.sleep(0.02)
+            # Handed back at once, not after a delay, while the other call runs on.
+            assert not run.done() and await running(store, runs)
+        except BaseException:
+            shutdown.abort()  # a failed test leaves no worker running
+            raise
+        finally:
+            gate.set()
+            await asyncio.wait_for(run, 10)
+    stats = await queue.stats()
+    assert (stats.ready, stats.reserved, stats.delayed) == (1, 0, 0)
+    before = seen.records[waits.id]
+    assert before is not None and before.status is CallStatus.QUEUED
+    rec = await store.get_call(waits.id)
+    assert rec is not None
+    assert (rec.status, rec.attempts, rec.started_at) == (CallStatus.QUEUED, 0, None)
+    assert rec.error is not None and "before the call reached a container" in rec.error
+    done = await store.get_call(runs.id)
+    assert done is not None and (done.status, done.attempts) == (CallStatus.SUCCESS, 1)
+    assert driver.dispatches == 1
