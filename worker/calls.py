@@ -153,26 +153,43 @@ class CallHandler:
     async def _hand_back(self, d: Delivery, why: Outcome = HANDED_BACK) -> None:
         """Its record first, then its message: once the message is released another
         worker may take the call at once, and the record must not be moved back then."""
+        if await self._withdraw(d, why):
+            await d.hand_back()
+
+    async def _withdraw(self, d: Delivery, why: Outcome, retry_in_s: float = 0.0) -> bool:
+        """Before its message is released: put the call's record back to `queued` if its
+        `running` mark made it so (worker.running); best effort, at most
+        HAND_BACK_RECORD_S, a failure logged, not raised. False when the mark itself
+        is still being written: it could land over the record of the next worker to
+        take the call, so the message must wait for its reservation to lapse instead."""
         mark = self._marks.get(d.call_id)
-        if mark is not None and not await mark.withdraw(HAND_BACK_RECORD_S, why):
-            log.warning("call %s: its `running` record is still being written; its message "
-                        "returns when its reservation lapses", d.call_id)  # fmt: skip
-            return
-        await d.hand_back()
+        if mark is None or await mark.withdraw(HAND_BACK_RECORD_S, why, retry_in_s):
+            return True
+        log.warning("call %s: its `running` record is still being written; its message "
+                    "returns when its reservation lapses", d.call_id)  # fmt: skip
+        return False
 
     async def _failed(self, d: Delivery, exc: FnqError) -> None:
         """The datastore or the queue failed the call's handling; nothing is lost.
 
         A passing fault (an outage, a full disk) hands the message back to run
-        again later. A record the datastore refuses sends the message to the
-        dead letters with the reason, rather than running it again and again.
+        again later, its record put back to `queued` first if it was marked
+        `running` (as at shutdown, the attempt not counted: the fault is not the
+        function's). A record the datastore refuses sends the message to the dead
+        letters with the reason, rather than running it again and again.
         Anything else leaves the message to come back when its reservation lapses.
         """
         try:
             async with asyncio.timeout(SETTLE_FAILED_S):
                 if isinstance(exc, Retryable):
                     self._log_handed_back(d.call_id, exc)
-                    await d.release(RETRY_LATER_S)
+                    back = Outcome(
+                        status=CallStatus.ERROR,
+                        error=f"{exc}; the call went back to the queue",
+                        failure=FailureKind.BUSY,
+                    )
+                    if await self._withdraw(d, back, RETRY_LATER_S):
+                        await d.release(RETRY_LATER_S)
                 elif isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
                     log.error("call %s: the datastore refused it (%s); its message goes to "
                               "the dead letters", d.call_id, exc)  # fmt: skip

@@ -15,13 +15,16 @@ A call the worker stops before it ends (a second stop request, or the grace
 period over), or before it reached a container (a first stop request), goes
 back to the queue: ``withdraw`` first puts the record the mark made
 `running` back to `queued`, without the attempt it counted, and only while
-it is still this worker's (``record_retry(..., running_on=...)``).
+it is still this worker's (``record_retry(..., running_on=...)``). So does a
+call whose handling failed for a passing reason (worker.calls), before its
+message goes back to the queue for a while.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
+from datetime import timedelta
 
 from config.domain import Call, CallStatus, FailureKind, Outcome, utcnow
 from config.errors import FnqError
@@ -76,10 +79,12 @@ class RunningMark:
             self._timer.cancel()
             self._timer = None
 
-    async def withdraw(self, timeout_s: float, why: Outcome = HANDED_BACK) -> bool:
+    async def withdraw(
+        self, timeout_s: float, why: Outcome = HANDED_BACK, retry_in_s: float = 0.0
+    ) -> bool:
         """The call goes back to the queue unfinished: put its record back to `queued`,
         without the attempt the mark counted, if the mark made it `running`; ``why``
-        gives the record its error.
+        gives the record its error, ``retry_in_s`` when it is tried again.
 
         Best effort, within ``timeout_s``. The write is conditional (only while the
         call is still `running` here), so it may land late. False when the mark's own
@@ -95,7 +100,8 @@ class RunningMark:
                 record = await asyncio.shield(write)
                 if record.status is CallStatus.RUNNING and record.worker_id == self._worker_id:
                     await self._store.record_retry(
-                        self._call, why, record.attempts - 1, utcnow(),
+                        self._call, why, record.attempts - 1,
+                        utcnow() + timedelta(seconds=retry_in_s),
                         running_on=self._worker_id,
                     )  # fmt: skip
         except TimeoutError:

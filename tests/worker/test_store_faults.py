@@ -17,9 +17,9 @@ import pytest
 
 from config.domain import Call, CallStatus, Function, Outcome, new_call_id
 from config.settings import Settings, load_settings
-from datastore.base import Datastore, open_datastore
+from datastore.base import CallRecord, Datastore, open_datastore
 from datastore.errors import StoreError, StoreUnavailable
-from mq.base import MessageQueue, open_queue
+from mq.base import Message, MessageQueue, open_queue
 from mq.errors import QueueUnavailable
 from worker import calls as worker_calls
 from worker.agent.agent import Agent
@@ -184,3 +184,92 @@ async def test_one_queue_down_leaves_the_other_s_intake_alone(
         await main.close()
         await other.close()
         await store.close()
+
+
+class FullDiskOnce:
+    """The real datastore, except that the first outcome fails to be recorded as on a
+    full disk, and that putting a `running` record back (``record_retry(...,
+    running_on=...)``) works, fails, or never ends, as ``put_back`` says."""
+
+    def __init__(self, inner: Datastore, put_back: str) -> None:
+        self.inner = inner
+        self.put_back = put_back
+        self.full = True
+        self.put_backs = 0
+
+    async def record_outcome(self, *args: Any, **kw: Any) -> bool:
+        if self.full:
+            self.full = False
+            raise StoreUnavailable("the disk is full")
+        return await self.inner.record_outcome(*args, **kw)
+
+    async def record_retry(self, *args: Any, **kw: Any) -> bool:
+        if kw.get("running_on") is not None:
+            self.put_backs += 1
+            if self.put_back == "fails":
+                raise StoreUnavailable("the database is down")
+            if self.put_back == "hangs":
+                await asyncio.Event().wait()  # until the worker gives up on it
+        return await self.inner.record_retry(*args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+class Releases:
+    """The real queue; what the record said, and the delay, when each message was
+    released."""
+
+    def __init__(self, inner: MessageQueue, store: Datastore) -> None:
+        self.inner = inner
+        self.store = store
+        self.seen: list[tuple[CallRecord | None, float]] = []
+
+    async def release(self, msg: Message, delay_s: float) -> None:
+        self.seen.append((await self.store.get_call(msg.call.id), delay_s))
+        await self.inner.release(msg, delay_s)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+@pytest.mark.parametrize("put_back", ["works", "fails", "hangs"])
+async def test_a_call_handed_back_for_a_passing_fault_is_recorded_queued_first(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, put_back: str
+) -> None:
+    monkeypatch.setattr(worker_calls, "RETRY_LATER_S", 0.05)
+    monkeypatch.setattr(worker_calls, "HAND_BACK_RECORD_S", 0.2)
+    settings = load_settings(data_dir=str(tmp_path), running_mark_msecs=0)  # marked at once
+    inner = await open_datastore(settings)
+    await inner.create_fn(FN)
+    call = Call(new_call_id(), FN.app, FN.name, b"x")
+    await inner.record_queued(call)
+    store = FullDiskOnce(inner, put_back)
+    queue = open_queue(settings.mq_url, settings)
+    releases = Releases(queue, inner)
+    try:
+        await queue.push_many([call])
+
+        async def done() -> bool:
+            record = await inner.get_call(call.id)
+            return record is not None and record.status is CallStatus.SUCCESS
+
+        await _worker_run(settings, store, releases, done)  # type: ignore[arg-type]
+        assert store.put_backs == 1  # tried once, before the message went back
+        [(before, delay_s)] = releases.seen
+        assert delay_s == 0.05
+        assert before is not None
+        record = await inner.get_call(call.id)
+        assert record is not None and record.status is CallStatus.SUCCESS
+        if put_back == "works":
+            assert (before.status, before.attempts, before.started_at) == (
+                CallStatus.QUEUED, 0, None
+            )  # fmt: skip
+            assert before.error == "the disk is full; the call went back to the queue"
+            assert before.next_try_at is not None
+            assert record.attempts == 1  # the attempt the fault cut short was not counted
+        else:  # the datastore is what failed: the message went back all the same
+            assert (before.status, before.attempts) == (CallStatus.RUNNING, 1)
+    finally:
+        await queue.close()
+        await inner.close()
