@@ -155,6 +155,7 @@ class CallHandler:
         worker may take the call at once, and the record must not be moved back then."""
         if await self._withdraw(d, why):
             await d.hand_back()
+            self.metrics.calls.went_back("stop")
 
     async def _withdraw(self, d: Delivery, why: Outcome, retry_in_s: float = 0.0) -> bool:
         """Before its message is released: put the call's record back to `queued` if its
@@ -190,6 +191,7 @@ class CallHandler:
                     )
                     if await self._withdraw(d, back, RETRY_LATER_S):
                         await d.release(RETRY_LATER_S)
+                        self.metrics.calls.went_back("fault")
                 elif isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
                     log.error("call %s: the datastore refused it (%s); its message goes to "
                               "the dead letters", d.call_id, exc)  # fmt: skip

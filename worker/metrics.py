@@ -50,11 +50,15 @@ class CallCounts(Collector):
         self.by_status: dict[str, int] = {}
         self.retries = 0
         self.released = 0
+        self.handed_back: dict[str, int] = {}  # by reason: "stop", "fault"
         self.queue_wait = Timings("fnq_queue_wait_seconds", "Enqueue until dispatch")
         self.run_time = Timings("fnq_run_seconds", "Dispatch until the function answered")
 
     def ended(self, status: str) -> None:
         self.by_status[status] = self.by_status.get(status, 0) + 1
+
+    def went_back(self, reason: str) -> None:
+        self.handed_back[reason] = self.handed_back.get(reason, 0) + 1
 
     def collect(self) -> Iterator[Metric]:
         calls = CounterMetricFamily(
@@ -69,6 +73,15 @@ class CallCounts(Collector):
         yield CounterMetricFamily(
             "fnq_calls_released", "Calls handed back unstarted (no room)", value=self.released
         )
+        back = CounterMetricFamily(
+            "fnq_calls_handed_back",
+            "Calls handed back to the queue with no attempt counted, by reason: the worker "
+            "stopping, or a passing fault of the queue or the datastore",
+            labels=["reason"],
+        )
+        for reason, n in sorted(self.handed_back.items()):
+            back.add_metric([reason], float(n))
+        yield back
         yield self.queue_wait.family()
         yield self.run_time.family()
 

@@ -13,6 +13,9 @@ def test_per_call_counters_and_histograms_are_exported() -> None:
         m.calls.ended(status)
     m.calls.retries += 2
     m.calls.released += 1
+    m.calls.went_back("stop")
+    m.calls.went_back("stop")
+    m.calls.went_back("fault")
     for seconds in (0.0005, 0.001, 0.003, 100.0):  # 0.001 is in the 0.001 bucket (le)
         m.calls.queue_wait.observe(seconds)
     m.calls.run_time.observe(0.02)
@@ -22,6 +25,8 @@ def test_per_call_counters_and_histograms_are_exported() -> None:
         'fnq_calls_total{status="error"} 1.0',
         "fnq_call_retries_total 2.0",
         "fnq_calls_released_total 1.0",
+        'fnq_calls_handed_back_total{reason="stop"} 2.0',
+        'fnq_calls_handed_back_total{reason="fault"} 1.0',
         'fnq_queue_wait_seconds_bucket{le="0.001"} 2.0',
         'fnq_queue_wait_seconds_bucket{le="0.0025"} 2.0',
         'fnq_queue_wait_seconds_bucket{le="0.005"} 3.0',

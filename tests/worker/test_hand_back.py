@@ -26,6 +26,7 @@ from worker.agent.cpu import NeverSaturated
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
 from worker.agent.resources import MIB, ResourceTotals, ResourceTracker
 from worker.loop import Worker
+from worker.metrics import Metrics
 from worker.shutdown import Shutdown
 
 RUNS = Function(app="a", name="runs", image="img/runs", memory_mb=64)  # in its container
@@ -55,6 +56,7 @@ async def stop_while_running(
     queue: MessageQueue,
     calls: list[Call],
     stop: Callable[[Shutdown], Awaitable[None]],
+    metrics: Metrics | None = None,
 ) -> None:
     """Run ``calls`` (which never end) until each is `running`, then ``stop``."""
     gate = asyncio.Event()  # never set: the containers of WAITS never start
@@ -63,7 +65,8 @@ async def stop_while_running(
     )
     async with Agent(settings, driver) as agent:
         shutdown = Shutdown(30.0)
-        run = asyncio.create_task(Worker(settings, [queue], store, agent).run(shutdown))
+        worker = Worker(settings, [queue], store, agent, metrics=metrics)
+        run = asyncio.create_task(worker.run(shutdown))
         try:
             async with asyncio.timeout(10):
                 while False in [await running(store, c) for c in calls]:
@@ -118,8 +121,10 @@ async def test_a_stopped_call_is_recorded_queued_before_its_message_goes_back(
     calls = [Call(new_call_id(), "a", "runs", b"x"), Call(new_call_id(), "a", "waits", b"y")]
     await enqueue(store, queue, calls)
     seen = SeenAtRelease(queue, store)
-    await stop_while_running(settings, store, seen, calls, stop)  # type: ignore[arg-type]
+    metrics = Metrics()
+    await stop_while_running(settings, store, seen, calls, stop, metrics)  # type: ignore[arg-type]
     assert (await queue.stats()).ready == 2
+    assert metrics.calls.handed_back == {"stop": 2}
     for call in calls:
         before = seen.records[call.id]
         assert before is not None and before.status is CallStatus.QUEUED

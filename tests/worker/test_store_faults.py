@@ -25,6 +25,7 @@ from worker import calls as worker_calls
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, reply
 from worker.loop import Worker
+from worker.metrics import Metrics
 from worker.shutdown import Shutdown
 
 FN = Function(app="a", name="f", image="img/f", memory_mb=64)
@@ -63,10 +64,12 @@ async def _run_until(worker: Worker, done: Any) -> None:
         await asyncio.wait_for(run, 30)
 
 
-async def _worker_run(settings: Settings, store: Any, queue: MessageQueue, done: Any) -> None:
+async def _worker_run(
+    settings: Settings, store: Any, queue: MessageQueue, done: Any, metrics: Metrics | None = None
+) -> None:
     driver = FakeDriver(FakeBehaviour(handler=reply(output=(b"hi\n",))))
     async with Agent(settings, driver) as agent:
-        await _run_until(Worker(settings, queue, store, agent), done)
+        await _run_until(Worker(settings, queue, store, agent, metrics=metrics), done)
 
 
 async def test_a_refused_record_dead_letters_the_call_and_the_worker_goes_on(
@@ -254,8 +257,10 @@ async def test_a_call_handed_back_for_a_passing_fault_is_recorded_queued_first(
             record = await inner.get_call(call.id)
             return record is not None and record.status is CallStatus.SUCCESS
 
-        await _worker_run(settings, store, releases, done)  # type: ignore[arg-type]
+        metrics = Metrics()
+        await _worker_run(settings, store, releases, done, metrics)  # type: ignore[arg-type]
         assert store.put_backs == 1  # tried once, before the message went back
+        assert metrics.calls.handed_back == {"fault": 1}
         [(before, delay_s)] = releases.seen
         assert delay_s == 0.05
         assert before is not None
