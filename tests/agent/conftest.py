@@ -64,6 +64,9 @@ class FixedCpu:
         self.answer = saturated
         self.asked = 0
 
+    def touch(self) -> None:
+        pass
+
     def saturated(self, containers: int) -> bool:
         self.asked += 1
         return self.answer

@@ -110,3 +110,16 @@ def test_zero_turns_the_check_off() -> None:
 def test_the_real_counters_can_be_read() -> None:
     g = HostCpu(0)
     assert g._base is not None  # this host has /proc/stat
+
+
+def test_calls_that_end_keep_the_window_recent(counters: Counters) -> None:
+    g = counters.gauge()
+    for _ in range(20):  # two seconds of calls ending, the host mostly idle
+        counters.advance(MIN_WINDOW_S, idle_cores=1.5)
+        g.touch()
+    counters.advance(MIN_WINDOW_S / 2, idle_cores=1.5)
+    assert not g.saturated(MANY)  # a verdict at once, on the last window
+    for _ in range(3):  # then the host gets busy
+        counters.advance(MIN_WINDOW_S, idle_cores=0.1)
+        g.touch()
+    assert g.saturated(MANY)

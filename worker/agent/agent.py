@@ -224,6 +224,7 @@ class Agent:
             finally:
                 queue.requests[RequestState.EXEC] -= 1
             queue.held(time.perf_counter() - taken_at, loop.time())
+            self.cpu.touch()
             return ran_outcome(run, buffer, slot.hot.id, fn.image)
 
     async def _get_slot(

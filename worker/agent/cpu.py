@@ -10,13 +10,15 @@ containers per CPU are never held back: while one computes, the other's answer
 is on its way through the worker, and calls in flight side by side let the
 worker handle several per turn of its loop.
 
-:class:`HostCpu` answers :meth:`~HostCpu.saturated` from the last window of at
-least ``MIN_WINDOW_S``: it reads the counters when asked (no task of its own).
-A window longer than ``MAX_WINDOW_S`` would mostly tell of a quiet spell before
-the load of the moment, so the first question after one gets "saturated" and
-starts a fresh window: a launch it holds back is asked for again within one
-hot-poll interval. Where ``/proc/stat`` cannot be read, it never says saturated
-(the launcher's other rules still hold).
+:class:`HostCpu` reads the counters at most every ``MIN_WINDOW_S``, when a
+call ends (:meth:`~HostCpu.touch`) or when the launcher asks: no task of its
+own. Its answer is the verdict on the last window, which while calls keep
+ending is at most a few tenths of a second old. A window longer than
+``MAX_WINDOW_S`` would mostly tell of a quiet spell before the load of the
+moment, so it gives no verdict: the answer is "saturated" until the next one
+(a launch held back is asked for again within one hot-poll interval). Where
+``/proc/stat`` cannot be read, it never says saturated (the launcher's other
+rules still hold).
 """
 
 from __future__ import annotations
@@ -37,6 +39,10 @@ FREE_PER_CPU = 2  # containers of a function per CPU that grow without a look at
 
 
 class CpuGauge(Protocol):
+    def touch(self) -> None:
+        """A call has ended (keeps the gauge's window recent)."""
+        ...
+
     def saturated(self, containers: int) -> bool:
         """True when another container beside a function's ``containers`` would find
         no CPU to run on."""
@@ -45,6 +51,9 @@ class CpuGauge(Protocol):
 
 class NeverSaturated:
     """A gauge for when the check is off."""
+
+    def touch(self) -> None:
+        pass
 
     def saturated(self, containers: int) -> bool:
         return False
@@ -81,26 +90,30 @@ class HostCpu:
         idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
         return self._clock(), self._own_cpu(), idle, sum(ticks)
 
-    def saturated(self, containers: int) -> bool:
+    def touch(self) -> None:
         base = self._base
-        if base is None or containers < self.free_containers:
-            return False
-        if self._clock() - base[0] < MIN_WINDOW_S:
-            return self._last
+        if base is not None and self._clock() - base[0] >= MIN_WINDOW_S:
+            self._roll(base)
+
+    def _roll(self, base: tuple[float, float, int, int]) -> None:
+        """Judge the window since ``base`` and start the next one."""
         now = self._sample()
-        if now is None:
-            self._base = None
-            return False
         self._base = now
+        if now is None:
+            self._last = False
+            return
         elapsed, all_ticks = now[0] - base[0], now[3] - base[3]
         if elapsed > MAX_WINDOW_S:
-            self._last = True  # not known yet: ask again after MIN_WINDOW_S
-            return True
-        if all_ticks <= 0:
-            return self._last
-        idle_cores = (now[2] - base[2]) / all_ticks * cpu_count()
-        worker_cores = (now[1] - base[1]) / elapsed
-        self._last = idle_cores < self.spare_cores or worker_cores > WORKER_BUSY_CORES
+            self._last = True  # no verdict on a window this long: wait for the next
+        elif all_ticks > 0:
+            idle_cores = (now[2] - base[2]) / all_ticks * cpu_count()
+            worker_cores = (now[1] - base[1]) / elapsed
+            self._last = idle_cores < self.spare_cores or worker_cores > WORKER_BUSY_CORES
+
+    def saturated(self, containers: int) -> bool:
+        if self._base is None or containers < self.free_containers:
+            return False
+        self.touch()
         return self._last
 
 
