@@ -97,7 +97,8 @@ RUNNING_COLUMNS = (
 # After "attempts = ...," in the running upsert: the rest of its SET and its guard.
 RUNNING_SET_REST = (
     KEEP_REQUEST + " started_at = excluded.started_at,"
-    " updated_at = excluded.updated_at, worker_id = excluded.worker_id, next_try_at = NULL"
+    " updated_at = excluded.updated_at, worker_id = excluded.worker_id, next_try_at = NULL,"
+    " error = NULL"  # the error of an earlier attempt or hand-back is not this one's
     f" WHERE calls.status IN {LIVE}"
 )
 CALL_RUNNING = (

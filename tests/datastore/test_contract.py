@@ -216,6 +216,7 @@ async def test_retry_goes_back_to_queued_and_keeps_error(store: SqlDatastore) ->
     assert rec.completed_at is None
     rec2 = await store.record_running(c, 2, "w")
     assert (rec2.status, rec2.attempts, rec2.next_try_at) == (CallStatus.RUNNING, 2, None)
+    assert rec2.error is None  # the error was the last attempt's, not this one's
     assert await store.record_outcome(c, success(), 2, "w")
     done = await store.get_call(c.id)
     assert done is not None and done.status is CallStatus.SUCCESS and done.error is None
