@@ -243,7 +243,7 @@ def test_calling_an_id_that_has_ended_points_to_retry(backend: str) -> None:
     fnq("call", "demo", "echo", "--id", "done-1")
     _end_with_error("done-1")
     result = CliRunner().invoke(cli, ["call", "demo", "echo", "--id", "done-1"])
-    assert result.exit_code == 2
+    assert result.exit_code == 1  # not a usage error
     assert "call done-1 has already ended (error); `fnq calls retry done-1`" in result.output
     assert with_queue(ready) == 0
 

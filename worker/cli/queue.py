@@ -11,6 +11,7 @@ from typing import TypeVar
 import click
 
 from config.domain import Call, frozen_map, new_call_id
+from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import Datastore, open_datastore
 from datastore.errors import FunctionNotFound
@@ -105,7 +106,7 @@ async def enqueue_recorded(settings: Settings, call: Call) -> bool:
             raise FunctionNotFound(call.app, call.fn)
         known = await store.get_call(call.id)
         if known is not None and known.is_final:  # a worker would settle it, not run it
-            raise click.UsageError(
+            raise FnqError(  # an error of state, not of usage: exit 1
                 f"call {call.id} has already ended ({known.status}); "
                 f"`fnq calls retry {call.id}` runs it again"
             )
