@@ -259,7 +259,9 @@ class Worker:
     async def _drain(self, shutdown: Shutdown, tasks: set[asyncio.Task[None]]) -> None:
         if not tasks:
             return
-        log.info("waiting for %d running call(s)", len(tasks))
+        in_containers = len(tasks) - self._unstarted  # the others are going back now
+        if in_containers > 0:
+            log.info("waiting for %d call(s) in containers", in_containers)
         grace = asyncio.ensure_future(shutdown.wait_grace())
         pending = asyncio.ensure_future(asyncio.wait(set(tasks)))
         await asyncio.wait({grace, pending}, return_when=asyncio.FIRST_COMPLETED)

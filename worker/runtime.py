@@ -74,7 +74,9 @@ async def serve(
                     await worker.run(shutdown, burst=burst)
                     side.cancel()
                 await upkeep.leave()
-            log.info("worker %s stopped after %d call(s)", worker.worker_id, worker.completed)
+            back = sum(metrics.calls.handed_back.values())
+            log.info("worker %s stopped after %d call(s) ended here, %d handed back to the "
+                     "queue", worker.worker_id, worker.completed, back)  # fmt: skip
             if burst and worker.unreached:  # it stopped for the outage, not for an empty queue
                 error = worker.unreached[0]
                 raise QueueUnavailable(f"burst stopped with the queue unreachable: {error}")
