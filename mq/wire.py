@@ -73,7 +73,8 @@ class Parsed:
 def check_id(value: str) -> str:
     if not CALL_ID_RE.fullmatch(value):
         raise WireError(
-            f"id {value[:80]!r} is not 1-128 characters of letters, digits, '_', '.', ':', '-'"
+            f"id {value[:80]!r} is not 1-128 characters of letters, digits, '_', '.', ':', '-',"
+            " beginning with a letter or a digit"
         )
     return value
 

@@ -327,7 +327,7 @@ def calls_cancel(ctx: click.Context, call_ids: tuple[str, ...]) -> None:
             elif rec.status is CallStatus.CANCELLED:
                 click.echo(f"{call_id} cancelled")
             elif rec.cancel_requested:
-                click.echo(f"{call_id} is running; asked it to stop")
+                click.echo(f"{call_id} is held by a worker; asked it to stop")
             else:
                 click.echo(f"{call_id} already ended ({rec.status.value}); nothing to cancel")
         return unknown
