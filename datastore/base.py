@@ -247,8 +247,9 @@ class Datastore(Protocol):
         ...
 
     async def cancel_requested(self, call_ids: Sequence[str]) -> set[str]:
-        """Those of ``call_ids`` with a cancel requested (one query; a read, so
-        StoreUnavailable at once during an outage)."""
+        """Those of ``call_ids`` with a cancel requested, or already cancelled (a call
+        cancelled while its record was still `queued`); one query, a read, so
+        StoreUnavailable at once during an outage."""
         ...
 
     async def get_log(self, call_id: str) -> bytes | None: ...

@@ -176,7 +176,11 @@ CALL_PURGE = (
 
 # Calls of ``ids`` with a cancel requested; ``{ids_in}`` is the backend's way of
 # matching a list parameter (SQLite: a JSON array; PostgreSQL: a text[]).
-CANCEL_LOOKUP = "SELECT id FROM calls WHERE cancel_requested AND id {ids_in}"
+# Calls a worker holds that are to stop: a cancel asked while they ran, or a record
+# cancelled while still `queued` (a call waiting for a container is not marked yet).
+CANCEL_LOOKUP = (
+    "SELECT id FROM calls WHERE (cancel_requested OR status = 'cancelled') AND id {ids_in}"
+)
 CALLS_GET = "SELECT * FROM calls WHERE id {ids_in}"
 
 # ------------------------------------------------------------------- workers

@@ -245,19 +245,26 @@ class CallHandler:
             with self._recording():
                 await self._finish_early(d, fn, seen)
             return
-        # The `running` record (attempt n) is written while the call runs, and only
-        # if it lasts (worker.running): its commit is not on the way to the container.
-        delay_s = self.settings.secs("running_mark_msecs") if reachable else 0.0
-        mark = self._marks[call.id] = RunningMark(self.store, call, self.worker_id, delay_s)
+        # The `running` record (attempt n) is written while the call runs in its
+        # container, and only if it lasts (worker.running): its commit is not on the
+        # way to the container.
+        mark = self._marks[call.id] = RunningMark(self.store, call, self.worker_id)
         if not reachable:
+            mark.arm(0.0)
             record = await mark.written()
             if record is not None and record.status.is_final:
                 with self._recording():
                     await self._settle_final(d, record)
                 return
+        delay_s = self.settings.secs("running_mark_msecs")
+
+        def started() -> None:
+            on_start()
+            mark.arm(delay_s)
+
         try:
             outcome = await self.agent.submit(
-                call, fn, on_start=on_start, launch_patience_s=launch_patience_s
+                call, fn, on_start=started, launch_patience_s=launch_patience_s
             )
         finally:
             mark.cancel()

@@ -1,11 +1,14 @@
 """The `running` mark of a call, written only if the call lasts.
 
-A call that ends within FN_RUNNING_MARK_MSECS goes from `queued` to its final
-state in one write: the `running` record of a call that short would be
-overwritten a moment later, and writing it costs a commit per call. A call
-that lasts longer is recorded `running` (attempt n, this worker, its start)
-at that point, while it runs. Either way the outcome write comes after, and
-when a mark was written the outcome waits for it.
+The mark is armed when the call reaches a container (a call that waits for
+one stays `queued`). A call that ends within FN_RUNNING_MARK_MSECS of that
+goes from `queued` to its final state in one write: the `running` record of
+a call that short would be overwritten a moment later, and writing it costs
+a commit per call. A call that lasts longer is recorded `running` (attempt
+n, this worker, its start) at that point, while it runs. Either way the
+outcome write comes after, and when a mark was written the outcome waits for
+it. (When the datastore could not be read, the mark is written at once,
+before the call goes to the agent.)
 
 What this leaves out, for calls shorter than the delay only: a crash of the
 worker during the call leaves the record `queued` without counting that
@@ -45,14 +48,21 @@ HANDED_BACK_UNSTARTED = Outcome(
 
 
 class RunningMark:
-    """Writes ``call``'s `running` record after ``delay_s`` (at once when 0)."""
+    """Writes ``call``'s `running` record ``delay_s`` after :meth:`arm` (at once when 0)."""
 
-    def __init__(self, store: Datastore, call: Call, worker_id: str, delay_s: float) -> None:
+    def __init__(self, store: Datastore, call: Call, worker_id: str) -> None:
         self._store = store
         self._call = call
         self._worker_id = worker_id
         self._write: asyncio.Future[CallRecord] | None = None
         self._timer: asyncio.TimerHandle | None = None
+        self._armed = False
+
+    def arm(self, delay_s: float) -> None:
+        """Start the count (once; later calls do nothing)."""
+        if self._armed:
+            return
+        self._armed = True
         if delay_s <= 0:
             self._start()
         else:
@@ -75,6 +85,7 @@ class RunningMark:
 
     def cancel(self) -> None:
         """Forget a mark that is not due yet (a write under way goes on)."""
+        self._armed = True  # and never arm it after this
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None

@@ -91,6 +91,10 @@ async def test_cancel_requested_in_one_lookup(store: SqlDatastore) -> None:
     many = [new_call_id() for _ in range(3000)] + [running[3].id]
     assert await store.cancel_requested(many) == {running[3].id}
     assert await store.cancel_requested([running[0].id]) == set()
+    # a call a worker holds while its record is still `queued` (waiting for a
+    # container), cancelled meanwhile: the worker must drop it too
+    assert (await store.request_cancel(queued.id)).status is CallStatus.CANCELLED  # type: ignore[union-attr]
+    assert await store.cancel_requested([queued.id, running[0].id]) == {queued.id}
 
     async def no_query(*_: object) -> None:
         raise AssertionError("queried")

@@ -49,10 +49,17 @@ async def test_a_call_cancelled_while_it_waits_for_a_container(tmp_path: Path) -
             side = asyncio.create_task(upkeep.run())
             try:
                 async with asyncio.timeout(10):
-                    # marked `running`: the worker has it, waiting for a container
-                    await until(store, call.id, lambda r: r.status is CallStatus.RUNNING)
+                    while call.id not in worker.running:  # held, waiting for a container
+                        await asyncio.sleep(0.02)
+                    await asyncio.sleep(0.2)  # well past the running mark's 50 ms
+                    waiting = await store.get_call(call.id)
+                    assert waiting is not None and waiting.status is CallStatus.QUEUED
                     asked = await store.request_cancel(call.id)  # `fnq calls cancel`
-                    assert asked is not None and asked.cancel_requested
+                    assert asked is not None and asked.status is CallStatus.CANCELLED
+                    while call.id in worker.running:  # the upkeep stops it in the agent
+                        await asyncio.sleep(0.02)
+                    while (st := await queue.stats()).ready + st.reserved + st.delayed:
+                        await asyncio.sleep(0.02)  # acked, not run
                     rec = await until(store, call.id, lambda r: r.status.is_final)
             finally:
                 side.cancel()
