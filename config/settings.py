@@ -331,7 +331,8 @@ def load_settings(**overrides: Any) -> Settings:
             loc = str(err["loc"][0]) if err["loc"] else "?"
             name = env_name(loc) if loc in Settings.model_fields else loc
             value = err.get("input")
-            problems.append(f"{name}={value!r}: {err['msg']}")
+            hint = " (empty is a value: to get the default, unset it)" if value == "" else ""
+            problems.append(f"{name}={value!r}: {err['msg']}{hint}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
 
 

@@ -76,6 +76,14 @@ def test_bad_value_names_variable_and_value(
     assert repr(value) in str(err.value)
 
 
+def test_an_empty_number_says_how_to_get_the_default(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FN_HOT_GROW_SPARE_MCPUS", "")
+    with pytest.raises(ConfigError, match=r"FN_HOT_GROW_SPARE_MCPUS='': .*to get the default, unset"):
+        load_settings()
+
+
 def test_negative_msecs_mean_disabled(settings_env: Path) -> None:
     s = load_settings(freeze_idle_msecs=-1, hot_launcher_timeout_msecs=-1)
     assert s.freeze_idle_s is None
