@@ -80,7 +80,7 @@ def test_an_empty_number_says_how_to_get_the_default(
     settings_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FN_HOT_GROW_SPARE_MCPUS", "")
-    with pytest.raises(ConfigError, match=r"FN_HOT_GROW_SPARE_MCPUS='': .*to get the default, unset"):
+    with pytest.raises(ConfigError, match=r"SPARE_MCPUS='': .*to get the default, unset"):
         load_settings()
 
 
