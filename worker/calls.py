@@ -11,8 +11,10 @@
 A call that never reached a container because the worker is stopping (the
 agent sends back calls that wait for a container, and refuses new ones, at
 the first stop request) goes back to the queue at once, as the calls stopped
-after the grace period do: its record back to `queued` first, no attempt
-counted (worker.running), then its message released with no delay.
+after the grace period do: its record back to `queued` first if it was marked
+`running` (only when the datastore could not be read at intake: the mark is
+otherwise armed at dispatch), no attempt counted (worker.running), then its
+message released with no delay.
 
 The message is settled (acked, dead-lettered, completed) only after the
 record is durable, so a crash at any point delivers the call again, and a

@@ -15,8 +15,9 @@ worker during the call leaves the record `queued` without counting that
 attempt (the queue still counts the delivery, and bounds them).
 
 A call the worker stops before it ends (a second stop request, or the grace
-period over), or before it reached a container (a first stop request), goes
-back to the queue: ``withdraw`` first puts the record the mark made
+period over), or before it reached a container (a first stop request; marked
+only if the datastore could not be read at intake), goes back to the queue:
+``withdraw`` first puts the record the mark made
 `running` back to `queued`, without the attempt it counted, and only while
 it is still this worker's (``record_retry(..., running_on=...)``). So does a
 call whose handling failed for a passing reason (worker.calls), before its
