@@ -57,6 +57,12 @@ _DEFAULT_ERRORS = {
 CANCELLED_BY_REQUEST = "The call was cancelled on request before it started."
 
 
+def _storable(text: str | None) -> str | None:
+    """``text`` with each NUL character replaced by U+FFFD: PostgreSQL's text type
+    cannot hold NUL, and every backend stores the same text."""
+    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+
+
 class Write(StrEnum):
     """The writes a backend must know how to run inside a batch transaction."""
 
@@ -261,7 +267,7 @@ class SqlDatastore(abc.ABC):
         row: dict[str, Any] = {
             "id": call.id, "app": call.app, "fn": call.fn, "image": outcome.image,
             "status": status.value,
-            "error": outcome.error or _DEFAULT_ERRORS.get(outcome.status),
+            "error": _storable(outcome.error) or _DEFAULT_ERRORS.get(outcome.status),
             "failure": None if outcome.failure is None else outcome.failure.value,
             "attempts": attempt, "created_at": call.created_at,
             "started_at": outcome.started_at, "completed_at": outcome.completed_at or now,

@@ -333,9 +333,15 @@ class CallHandler:
             attempt -= 1
         if decision.action is Action.FINISH:
             self._observe(call.created_at, outcome)
-            stored_now = await self.store.record_outcome(
-                call, outcome, attempt, self.worker_id, with_request=with_request
-            )
+            try:
+                stored_now = await self.store.record_outcome(
+                    call, outcome, attempt, self.worker_id, with_request=with_request
+                )
+            except StoreError as exc:
+                if isinstance(exc, Retryable | StoreClosed):
+                    raise
+                await self._refused(d, outcome, attempt, exc)
+                return
             if not stored_now:
                 stored = await self.store.get_call(call.id)
                 if stored is not None and stored.status.is_final:  # cancelled meanwhile
@@ -353,8 +359,38 @@ class CallHandler:
         else:  # RELEASE: never started
             self.metrics.calls.released += 1
         next_try = utcnow() + timedelta(seconds=decision.delay_s)
-        await self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
+        try:
+            await self.store.record_retry(
+                call, outcome, attempt, next_try, with_request=with_request
+            )
+        except StoreError as exc:
+            if isinstance(exc, Retryable | StoreClosed):
+                raise
+            await self._refused(d, outcome, attempt, exc)
+            return
         await d.release(decision.delay_s)
+
+    async def _refused(self, d: Delivery, ran: Outcome, attempt: int, exc: StoreError) -> None:
+        """The datastore refused the call's record: something in it (not an outage).
+        The call ends `error` with the reason, without its response and log, so that
+        its record does not stay `queued` or `running`; its message goes to the dead
+        letters. If even that record is refused, the error goes on to ``_failed``."""
+        log.error("call %s: the datastore refused its record (%s); it ends as an error "
+                  "without its response and log", d.call_id, exc)  # fmt: skip
+        bare = Outcome(
+            status=CallStatus.ERROR,
+            error=f"the datastore refused the call's record: {exc}",
+            failure=FailureKind.TERMINAL,
+            container_id=ran.container_id,
+            image=ran.image,
+            started_at=ran.started_at,
+            completed_at=ran.completed_at or utcnow(),
+        )
+        call = d.msg.call
+        await self.store.record_outcome(call, bare, attempt, self.worker_id, with_request=False)
+        await d.settle(bare, dead_letter=True)
+        self.metrics.calls.ended(bare.status.value)
+        self.completed += 1
 
     async def _finish_early(
         self, d: Delivery, fn: Function | None, seen: CallRecord | None

@@ -61,6 +61,11 @@ async def test_a_failed_call_s_error_quotes_the_start_of_what_the_function_said(
     assert outcome.response is not None and outcome.response.body == said  # kept whole
     silent = agents(FakeDriver(FakeBehaviour(handler=reply(502, b""))))
     assert (await silent.submit(make_call(fn), fn)).error == "function failed"
+    # control characters (NUL, escapes) do not reach the error line; the body keeps them
+    raw = agents(FakeDriver(FakeBehaviour(handler=reply(502, b"a\x00b \x1b[31mred"))))
+    ended = await raw.submit(make_call(fn), fn)
+    assert ended.error == "function failed: a\ufffdb \ufffd[31mred"
+    assert ended.response is not None and ended.response.body == b"a\x00b \x1b[31mred"
 
 
 async def test_oversized_response_is_a_terminal_error_and_keeps_the_body_cut(

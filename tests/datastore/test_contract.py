@@ -520,3 +520,11 @@ async def test_file_log_store(
     assert await store.purge_calls(timedelta(0)) == 1
     assert await store.get_log(c.id) is None
     assert not list(log_dir.rglob("*.log"))
+
+
+async def test_text_with_nul_characters_is_stored(store: SqlDatastore) -> None:
+    c = call()
+    await store.record_outcome(c, failed("function failed: a\x00b"), 1, "w")
+    rec = await store.get_call(c.id)
+    assert rec is not None and rec.status is CallStatus.ERROR
+    assert rec.error == "function failed: a\ufffdb"

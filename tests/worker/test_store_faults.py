@@ -109,6 +109,52 @@ async def test_a_refused_record_dead_letters_the_call_and_the_worker_goes_on(
         await inner.close()
 
 
+class RefusesAnswers:
+    """The real datastore, except that it refuses any outcome carrying a response."""
+
+    def __init__(self, inner: Datastore) -> None:
+        self.inner = inner
+
+    async def record_outcome(self, call: Call, outcome: Outcome, *args: Any, **kw: Any) -> bool:
+        if outcome.response is not None:
+            raise StoreError(f"cannot store the answer of {call.id}")
+        return await self.inner.record_outcome(call, outcome, *args, **kw)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_call_whose_record_is_refused_ends_as_an_error_not_running(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    settings = load_settings(data_dir=str(tmp_path), running_mark_msecs=0)
+    inner = await open_datastore(settings)
+    await inner.create_fn(FN)
+    call = Call(new_call_id(), FN.app, FN.name, b"x")
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        await queue.push(call)
+
+        async def done() -> bool:
+            stats = await queue.stats()
+            return stats.dead == 1 and stats.ready + stats.reserved + stats.delayed == 0
+
+        with caplog.at_level(logging.WARNING, logger="fnq.worker"):
+            await _worker_run(settings, RefusesAnswers(inner), queue, done)
+        reason = f"the datastore refused the call's record: cannot store the answer of {call.id}"
+        record = await inner.get_call(call.id)
+        assert record is not None
+        assert (record.status, record.error, record.attempts) == (CallStatus.ERROR, reason, 1)
+        assert record.started_at is not None and record.response_status is None
+        assert await inner.get_log(call.id) in (None, b"")
+        [dead] = await queue.dead_list()
+        assert (dead.id, dead.reason) == (call.id, reason)
+        assert f"call {call.id}: the datastore refused its record" in caplog.text
+    finally:
+        await queue.close()
+        await inner.close()
+
+
 async def test_file_logs_take_every_valid_call_id(tmp_path: Path) -> None:
     settings = load_settings(data_dir=str(tmp_path), log_url=f"file://{tmp_path / 'logs'}")
     store = await open_datastore(settings)

@@ -37,6 +37,7 @@ STATUS_FUNCTION_FAILED = 502
 STATUS_FUNCTION_TIMEOUT = 504
 KEEP_STATUSES = frozenset({STATUS_OK, STATUS_FUNCTION_FAILED, STATUS_FUNCTION_TIMEOUT})
 ERROR_EXCERPT_CHARS = 200  # of a failed function's answer, in its call's error
+_CONTROL = dict.fromkeys([*range(0x20), 0x7F], "\ufffd")  # left after whitespace is joined
 
 
 class ExecEnd(StrEnum):
@@ -125,6 +126,7 @@ def _excerpt(body: bytes) -> str:
     """What a failed function said, for the call's error: the start of its body on one
     line (the whole body stays in the response)."""
     text = " ".join(body[: ERROR_EXCERPT_CHARS * 4].decode("utf-8", "replace").split())
+    text = text.translate(_CONTROL)
     if len(text) > ERROR_EXCERPT_CHARS:
         return text[: ERROR_EXCERPT_CHARS - 3] + "..."
     return text
