@@ -24,7 +24,9 @@ Baselines, same machine, same run:
       containers, the better one).
 
 Latency: a paced producer pushes one call at a time at 25 %, 50 % and 75 % of
-the measured throughput; per call, latency = record ``updated_at`` (when the
+the measured throughput, each load for 5 s as many times as the throughput
+repeats, the loads in turns (a column is the median of the runs' own values,
+so one run's container start does not decide the p99); per call, latency = record ``updated_at`` (when the
 worker wrote the final record) - the call's ``created_at`` as the producer made
 it, just before its push. The record's own ``created_at`` is not used: the wire
 carries whole milliseconds, so it is up to 1 ms early (0.5 ms on average).
@@ -45,6 +47,7 @@ import asyncio
 import secrets
 import tempfile
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from bench._cluster import Cluster, stop
@@ -73,6 +76,19 @@ NOOP = "bench.mq.noop"
 DOCKER_JOB = "bench.e2e.docker_run_job"
 TARGETS = {"a": 5.0, "b": 300.0, "c": 0.50}
 WARM_BURSTS_MAX = 3
+SHARES = (0.25, 0.5, 0.75)  # of the best burst's calls/s, for the paced latency runs
+
+
+@dataclass
+class Loads:
+    """The paced runs: per load share, each run's (latency s, function s) per call,
+    and how many containers were started during that share's runs."""
+
+    runs: dict[float, list[list[tuple[float, float]]]]
+    starts: dict[float, int]
+    seconds: float  # each run's length
+
+
 OVERHEAD_P50_MS, OVERHEAD_P99_MS = 2.0, 10.0
 
 
@@ -254,9 +270,13 @@ async def measure(quick: bool) -> Section:
             containers = (warm_containers, labelled(cluster.tag) - warm_containers)
             best = max(fnq)
             lat_s = 2.0 if quick else 5.0
-            loads = {
-                share: await paced(cluster, best * share, lat_s) for share in (0.25, 0.5, 0.75)
-            }
+            loads: dict[float, list[list[tuple[float, float]]]] = {s: [] for s in SHARES}
+            starts = dict.fromkeys(SHARES, 0)
+            for _ in range(repeats):  # in turns: each load's runs spread over the minute
+                for share in SHARES:
+                    before = labelled(cluster.tag)
+                    loads[share].append(await paced(cluster, best * share, lat_s))
+                    starts[share] += labelled(cluster.tag) - before
         finally:
             await stop(cluster)
         raw = await raw_ceiling(tmp, n, repeats, {share: best * share for share in loads})
@@ -264,7 +284,16 @@ async def measure(quick: bool) -> Section:
         rq_b = rq_docker_run(server.url, docker_jobs)
         server.stop()
     return report(
-        n, repeats, median(fnq), best, loads, raw, median(rq_a), rq_b, docker_jobs, containers
+        n,
+        repeats,
+        median(fnq),
+        best,
+        Loads(loads, starts, lat_s),
+        raw,
+        median(rq_a),
+        rq_b,
+        docker_jobs,
+        containers,
     )
 
 
@@ -273,7 +302,7 @@ def report(
     repeats: int,
     fnq: float,
     best: float,
-    loads: dict[float, list[tuple[float, float]]],
+    loads: Loads,
     raw: dict[str, float],
     rq_a: float,
     rq_b: float,
@@ -309,28 +338,31 @@ def report(
 
     raw_ms = raw["latency_ms"]
     lat_rows = []
-    for share, samples in loads.items():
-        lat = [1000 * a for a, _ in samples]
-        over_rec = [1000 * (a - b) for a, b in samples]
+    for share, runs in loads.runs.items():
         paced_ms = raw[f"latency_ms {share}"]
-        over_paced = [x - paced_ms for x in lat]
-        over_raw = [x - raw_ms for x in lat]
+        per_run = [_run_stats(samples, paced_ms, raw_ms) for samples in runs]
+
+        def mid(key: str, per_run: list[dict[str, float]] = per_run) -> float:
+            return median([stats[key] for stats in per_run])
+
         lat_rows.append(
             [
                 f"{share:.0%} ({best * share:,.0f}/s)",
-                len(samples),
-                percentile(lat, 50),
-                percentile(lat, 99),
-                percentile(over_rec, 50),
-                percentile(over_rec, 99),
+                sum(len(samples) for samples in runs),
+                mid("p50"),
+                mid("p99"),
+                mid("rec p50"),
+                mid("rec p99"),
                 paced_ms,
-                percentile(over_paced, 50),
-                percentile(over_paced, 99),
-                percentile(over_raw, 50),
+                mid("raw p50"),
+                mid("raw p99"),
+                " / ".join(f"{stats['raw p99']:.1f}" for stats in per_run),
+                mid("b2b p50"),
+                loads.starts[share],
             ]
         )
         if share == 0.5:
-            p50, p99 = percentile(over_paced, 50), percentile(over_paced, 99)
+            p50, p99 = mid("raw p50"), mid("raw p99")
             sec.check(
                 "overhead p50 at 50 % load (vs raw at that pace)",
                 f"{p50:.2f} ms",
@@ -356,10 +388,19 @@ def report(
                 "raw call at pace",
                 "over raw p50",
                 "over raw p99",
+                "over raw p99, each run",
                 "over b2b raw p50",
+                "containers started",
             ],
             lat_rows,
         )
+    )
+    sec.notes.append(
+        f"Each load ran {len(next(iter(loads.runs.values())))} time(s) for {loads.seconds:g} s, "
+        "the loads in turns; a column is the median of the runs' own values (p99 of each "
+        "run, then their median), `calls` their total. `containers started` counts the "
+        "worker's container starts during that load's runs: a start takes CPU from the "
+        "calls of its time, which shows in that run's p99."
     )
     sec.notes.append(
         "Latency starts at the call's `created_at` as the producer made it, just before "
@@ -375,6 +416,24 @@ def report(
         "commit, so the commit itself (a few ms with SQLite FULL) is not in the latency."
     )
     return sec
+
+
+def _run_stats(
+    samples: list[tuple[float, float]], paced_ms: float, raw_ms: float
+) -> dict[str, float]:
+    """One paced run's percentiles (ms): latency, and the three overheads."""
+    lat = [1000 * a for a, _ in samples]
+    over_rec = [1000 * (a - b) for a, b in samples]
+    over_paced = [x - paced_ms for x in lat]
+    return {
+        "p50": percentile(lat, 50),
+        "p99": percentile(lat, 99),
+        "rec p50": percentile(over_rec, 50),
+        "rec p99": percentile(over_rec, 99),
+        "raw p50": percentile(over_paced, 50),
+        "raw p99": percentile(over_paced, 99),
+        "b2b p50": percentile(lat, 50) - raw_ms,
+    }
 
 
 if __name__ == "__main__":
