@@ -1,4 +1,5 @@
-"""The launcher asks the CPU gauge before it grows a short function whose containers cycle."""
+"""Past two containers per CPU, the launcher grows a short function whose containers
+cycle only while they are busy most of the time and the CPU gauge allows it."""
 
 from __future__ import annotations
 
@@ -14,7 +15,9 @@ from worker.agent.resources import ResourceToken
 from worker.agent.slots import Caller, ContainerState, SlotQueue, slot_key
 
 
-def launcher(tmp_path: Path, cpu: FixedCpu) -> tuple[Launcher, list[ResourceToken]]:
+def launcher(
+    tmp_path: Path, cpu: FixedCpu, **settings: object
+) -> tuple[Launcher, list[ResourceToken]]:
     fn = make_fn()
     queue = SlotQueue(slot_key(fn), fn)
     started: list[ResourceToken] = []
@@ -25,12 +28,13 @@ def launcher(tmp_path: Path, cpu: FixedCpu) -> tuple[Launcher, list[ResourceToke
 
     made = Launcher(
         queue,
-        settings=make_settings(tmp_path / "data"),
+        settings=make_settings(tmp_path / "data", **settings),
         tracker=resources,
         evictor=Evictor(on_idle_change=resources.lent_changed),
         start_container=start,
         drop_queue=lambda q: False,
         cpu=cpu,
+        free_containers=4,
     )
     return made, started
 
@@ -68,5 +72,60 @@ async def test_long_calls_never_ask_the_cpu(tmp_path: Path) -> None:
     made, started = launcher(tmp_path, cpu)
     busy_short_calls(made.queue, freed_ago_s=0.001)
     made.queue.quick_s = made.queue.call_s = 0.5
+    await made.check_launch(None)
+    assert cpu.asked == 0 and len(started) == 1
+
+
+def seldom_busy(queue: SlotQueue, containers: int) -> None:
+    """``containers`` busy now, after a quarter second in which they held two 2 ms calls
+    (busy under 1 % of the time), the last freed a moment ago; two calls asked."""
+    now = asyncio.get_running_loop().time()
+    queue.containers[ContainerState.BUSY] = containers
+    queue.asking = 2
+    queue.held(0.002, now=now - 0.3)
+    queue.held(0.002, now=now - 0.001)
+
+
+async def test_containers_busy_a_moment_at_a_time_do_not_grow_past_two_per_cpu(
+    tmp_path: Path,
+) -> None:
+    cpu = FixedCpu(saturated=False)
+    made, started = launcher(tmp_path, cpu)
+    seldom_busy(made.queue, containers=5)
+    assert made.queue.busy_share(asyncio.get_running_loop().time()) < 0.01
+    await made.check_launch(None)
+    assert started == [] and made.queue.containers[ContainerState.WAIT] == 0
+
+
+async def test_below_two_per_cpu_a_short_function_grows_however_idle(tmp_path: Path) -> None:
+    cpu = FixedCpu(saturated=True)
+    made, started = launcher(tmp_path, cpu)
+    seldom_busy(made.queue, containers=3)
+    await made.check_launch(None)
+    assert cpu.asked == 0 and len(started) == 1
+
+
+async def test_containers_busy_most_of_the_time_grow_when_the_cpu_allows(
+    tmp_path: Path,
+) -> None:
+    cpu = FixedCpu(saturated=False)
+    made, started = launcher(tmp_path, cpu)
+    queue = made.queue
+    now = asyncio.get_running_loop().time()
+    queue.containers[ContainerState.BUSY] = 5
+    queue.asking = 2
+    queue.held(0.002, now=now - 0.5)
+    queue.held(0.002, now=now - 0.21)  # a quiet window ends here
+    for _ in range(449):  # then 2 ms calls keep five containers busy 86 % of the time
+        queue.held(0.002, now=now - 0.001)
+    assert 0.8 < queue.busy_share(now) < 0.9
+    await made.check_launch(None)
+    assert cpu.asked == 1 and len(started) == 1
+
+
+async def test_no_growth_checks_when_they_are_turned_off(tmp_path: Path) -> None:
+    cpu = FixedCpu(saturated=True)
+    made, started = launcher(tmp_path, cpu, hot_grow_spare_mcpus=0)
+    seldom_busy(made.queue, containers=5)
     await made.check_launch(None)
     assert cpu.asked == 0 and len(started) == 1

@@ -387,3 +387,20 @@ def test_short_goes_by_the_quickest_recent_hold() -> None:
     assert not q.short_calls_cycling(1.0)
     q.held(0.002, now=1.0)  # one quick call is enough
     assert q.short_calls_cycling(1.0)
+
+
+def test_busy_share_of_the_containers_over_quarter_second_windows() -> None:
+    q = queue()
+    q.containers[ContainerState.IDLE] = 1
+    q.containers[ContainerState.BUSY] = 1
+    assert q.busy_share(5.0) == 1.0  # nothing known yet: no hold back on its account
+    q.held(0.1, now=10.0)  # the window begins when the first call took its container
+    assert q.busy_share(10.0) == 1.0  # too young a window: the last whole one (none)
+    q.held(0.1, now=10.1)
+    q.held(0.1, now=10.2)  # 0.3 s held by two containers over 0.3 s: the window ends
+    assert q.busy_share(10.2) == pytest.approx(0.5)
+    q.held(0.2, now=10.3)  # the new window, 0.1 s old: busier than the last
+    assert q.busy_share(10.3) == pytest.approx(1.0)
+    assert q.busy_share(10.4) == pytest.approx(0.5)  # the last one's share is the floor
+    q.held(0.01, now=12.0)  # a quiet spell ends the window
+    assert q.busy_share(12.0) < 0.06

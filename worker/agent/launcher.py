@@ -5,9 +5,11 @@ a container of the queue is busy; then every ``FN_HOT_POLL_MSECS``).
 On each nudge it asks the queue whether a container is needed (waiting calls
 that have nudged outnumber idle plus starting containers; one start at a time
 while the queue's calls are short and a container is busy). While the calls
-are short and the busy containers keep coming free, it also asks the CPU
-gauge (:mod:`cpu`): on a saturated host, or with the worker itself busy, no
-container is started beyond two per CPU, since it would have no CPU to run on.
+are short and the busy containers keep coming free, it starts none beyond two
+per CPU unless those containers were busy at least ``LAUNCH_BUSY_SHARE`` of the
+last quarter second (below that, a waiting call is only waiting its turn for a
+moment, and a start would take CPU from the calls for nothing) and the CPU
+gauge (:mod:`cpu`) says the host and the worker have CPU to spare for it.
 If needed:
 
 1. takes a memory/CPU token: in blocking mode it waits up to one hot-poll
@@ -33,7 +35,7 @@ from collections.abc import Callable
 
 from config.errors import AgentError
 from config.settings import Settings
-from worker.agent.cpu import CpuGauge
+from worker.agent.cpu import FREE_PER_CPU, CpuGauge, cpu_count
 from worker.agent.errors import ServerBusy
 from worker.agent.evictor import Evictor
 from worker.agent.hot import REMOVE_TIMEOUT_S
@@ -43,6 +45,7 @@ from worker.agent.slots import Caller, ContainerState, SlotQueue
 log = logging.getLogger("fnq.agent.launcher")
 
 EVICTION_WAIT_S = REMOVE_TIMEOUT_S + 5.0
+LAUNCH_BUSY_SHARE = 0.75  # see _held_back
 
 StartContainer = Callable[[SlotQueue, ResourceToken, Caller | None], None]
 
@@ -58,6 +61,7 @@ class Launcher:
         start_container: StartContainer,
         drop_queue: Callable[[SlotQueue], bool],
         cpu: CpuGauge,
+        free_containers: int | None = None,
     ) -> None:
         self.queue = queue
         self.cpu = cpu
@@ -71,6 +75,11 @@ class Launcher:
             settings.secs("hot_launcher_timeout_msecs"), 2.0 * queue.fn.idle_timeout_s
         )
         self.launches = 0
+        # containers of a function that grow without a look at the load (two per CPU)
+        self.free_containers = (
+            FREE_PER_CPU * cpu_count() if free_containers is None else free_containers
+        )
+        self.grow_checks = settings.hot_grow_spare_mcpus > 0
 
     async def run(self) -> None:
         while True:
@@ -88,9 +97,7 @@ class Launcher:
         """Launch a container if needed; True if evictions made room to check again."""
         if not self.queue.new_container_needed():
             return False
-        now = asyncio.get_running_loop().time()
-        queue = self.queue
-        if queue.short_calls_cycling(now) and self.cpu.saturated(queue.live_containers()):
+        if self._held_back(asyncio.get_running_loop().time()):
             return False  # the waiting calls nudge again, every hot-poll interval
         fn = self.queue.fn
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
@@ -117,6 +124,19 @@ class Launcher:
         if not evicted:
             return False
         return await self._await_evictions(evicted)
+
+    def _held_back(self, now: float) -> bool:
+        """A short function past two containers per CPU whose containers keep coming
+        free gets another only while they are busy most of the time (the calls wait
+        for them, not for a moment's turn) and the host has CPU for it."""
+        queue = self.queue
+        live = queue.live_containers()
+        return (
+            self.grow_checks
+            and live >= self.free_containers
+            and queue.short_calls_cycling(now)
+            and (queue.busy_share(now) < LAUNCH_BUSY_SHARE or self.cpu.saturated(live))
+        )
 
     async def _token(self, memory_mb: int, cpu_mcpus: int) -> ResourceToken | None:
         if not self.settings.enable_nb_resource_tracker:

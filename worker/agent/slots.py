@@ -61,6 +61,7 @@ class ContainerState(StrEnum):
     DONE = "done"
 
 
+SERVING_STATES = (ContainerState.IDLE, ContainerState.PAUSED, ContainerState.BUSY)
 LIVE_CONTAINER_STATES = (
     ContainerState.WAIT,
     ContainerState.START,
@@ -115,6 +116,8 @@ class Slot:
 
 
 LAUNCH_PATIENCE_S = 0.02
+BUSY_WINDOW_S = 0.25  # the busy share of a queue's containers is taken over this long
+BUSY_SHARE_MIN_S = 0.05  # the current window counts once this old
 
 
 class SlotQueue:
@@ -136,6 +139,9 @@ class SlotQueue:
         self.freed_at = -LAUNCH_PATIENCE_S  # loop time a call last gave its container back
         self.quick_s = 0.0  # the quickest recent hold: falls at once, rises 1 % a call
         self.holds = 0  # calls that have held a container (call_s and quick_s known if > 0)
+        self._busy_s = 0.0  # container time held by calls ended in the current window
+        self._window_at = 0.0  # loop time the current window began
+        self._last_share = 1.0  # busy share of the last whole window (none yet: 1)
         self.closed = False  # no call waits here any more: slots are no longer handed over
 
     def held(self, seconds: float, now: float) -> None:
@@ -146,6 +152,23 @@ class SlotQueue:
         quick = self.quick_s
         self.quick_s = seconds if first or seconds < quick else quick + 0.01 * (seconds - quick)
         self.freed_at = now
+        if first:
+            self._window_at = now - seconds
+        self._busy_s += seconds
+        if now - self._window_at >= BUSY_WINDOW_S:
+            self._last_share = self._share(now)
+            self._busy_s, self._window_at = 0.0, now
+
+    def _share(self, now: float) -> float:
+        serving = sum(self.containers[s] for s in SERVING_STATES)
+        return self._busy_s / (max(1, serving) * (now - self._window_at))
+
+    def busy_share(self, now: float) -> float:
+        """How much of their time the queue's containers spent in calls lately: over
+        the last whole window, or the current one if that is higher."""
+        if now - self._window_at < BUSY_SHARE_MIN_S:
+            return self._last_share
+        return max(self._last_share, self._share(now))
 
     def launch_patience_s(self) -> float:
         """How long a call that finds no idle container waits before it asks for a
