@@ -26,10 +26,11 @@ Baselines, same machine, same run:
 Latency: a paced producer pushes one call at a time at 25 %, 50 % and 75 % of
 the measured throughput, each load for 5 s as many times as the throughput
 repeats, the loads in turns (a column is the median of the runs' own values,
-so one run's container start does not decide the p99); per call, latency = record ``updated_at`` (when the
-worker wrote the final record) - the call's ``created_at`` as the producer made
-it, just before its push. The record's own ``created_at`` is not used: the wire
-carries whole milliseconds, so it is up to 1 ms early (0.5 ms on average).
+so one run's container start does not decide the p99); per call, latency =
+record ``updated_at`` (when the worker wrote the final record) - the call's
+``created_at`` as the producer made it, just before its push. The record's own
+``created_at`` is not used: the wire carries whole milliseconds, so it is up to
+1 ms early (0.5 ms on average).
 Overhead = latency - the function's time, taken three ways: the record's
 ``completed_at - started_at`` (what the agent saw, so this is queue + datastore
 + scheduling); the raw client's median latency when it calls the same function

@@ -185,13 +185,13 @@ class CallHandler:
         try:
             async with asyncio.timeout(SETTLE_FAILED_S):
                 if isinstance(exc, Retryable):
-                    self._log_handed_back(d.call_id, exc)
                     back = Outcome(
                         status=CallStatus.ERROR,
                         error=f"{exc}; the call went back to the queue",
                         failure=FailureKind.BUSY,
                     )
-                    if await self._withdraw(d, back, RETRY_LATER_S):
+                    if await self._withdraw(d, back, RETRY_LATER_S):  # else: it said why
+                        self._log_handed_back(d.call_id, exc)
                         await d.release(RETRY_LATER_S)
                         self.metrics.calls.went_back("fault")
                 elif isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
