@@ -152,6 +152,22 @@ class CallHandler:
             self.held.pop(d.call_id, None)
             self._marks.pop(d.call_id, None)
 
+    async def put_off_duplicate(self, d: Delivery) -> None:
+        """A call this worker is handling came again (its reservation lapsed, say while
+        the queue could not be reached, and the queue gave it back to this worker):
+        the new delivery goes back for RETRY_LATER_S, its record and the running
+        call left alone. When it comes back, the call has most often ended: its
+        final record settles it then, and it does not run twice."""
+        current_call.set(d.call_id)
+        log.warning("call %s: delivered again while it runs here; the new delivery "
+                    "goes back for %g s", d.call_id, RETRY_LATER_S)  # fmt: skip
+        try:
+            async with asyncio.timeout(SETTLE_FAILED_S):
+                await d.release(RETRY_LATER_S)
+        except (FnqError, TimeoutError) as exc:
+            log.warning("call %s: the new delivery could not be put off (%s); it returns "
+                        "when its reservation lapses", d.call_id, exc or "timed out")  # fmt: skip
+
     async def _hand_back(self, d: Delivery, why: Outcome = HANDED_BACK) -> None:
         """Its record first, then its message: once the message is released another
         worker may take the call at once, and the record must not be moved back then."""

@@ -192,6 +192,12 @@ class Worker:
 
         task = asyncio.current_task()
         assert task is not None
+        if d.call_id in self.running:  # delivered again while it is handled here
+            try:
+                await self.calls.put_off_duplicate(d)
+            finally:
+                on_start()
+            return
         self.running[d.call_id] = task
         try:
             await self.calls.handle(d, on_start, 0.0 if placed else EXTRA_PATIENCE_S, read)
