@@ -62,6 +62,8 @@ def test_every_field() -> None:
         ({"app": b"a/b"}, "app"),
         ({"fn": b""}, "missing required"),
         ({"created": b"-5"}, "created"),
+        ({"created": b"99999999999999999999999"}, "created"),  # OverflowError once
+        ({"created": b"253402300800000"}, "created"),  # year 10000: ValueError once
         ({"colour": b"red"}, "unknown field"),
         ({"app": b"\xff"}, "UTF-8"),
     ],
@@ -109,6 +111,8 @@ def test_json_round_trip_text_and_binary() -> None:
         (b'{"id":"i","app":"a","fn":"f","body":"x","body_b64":"eA=="}', "both"),
         (b'{"id":"i","app":"a","fn":"f","body_b64":"***"}', "base64"),
         (b'{"id":"i","app":"a","fn":"f","created":"yesterday"}', "created"),
+        (b'{"id":"i","app":"a","fn":"f","created":1e300}', "created"),
+        (b'{"id":"i","app":"a","fn":"f","created":99999999999999999999999}', "created"),
     ],
 )
 def test_malformed_json_says_why(payload: bytes, reason: str) -> None:
