@@ -53,7 +53,8 @@ F_CREATED = "created"
 F_PRIOR = "_n"
 
 _KNOWN = frozenset({F_APP, F_FN, F_BODY, F_ID, F_HEADERS, F_PRIORITY, F_DELAY, F_CREATED})
-_NAME_RE = re.compile(rf"[^\s/\x00-\x1f\x7f]{{1,{MAX_NAME_CHARS}}}")
+# No lone surrogates either (JSON "\udcff"): such a name cannot be stored as text.
+_NAME_RE = re.compile(rf"[^\s/\x00-\x1f\x7f\ud800-\udfff]{{1,{MAX_NAME_CHARS}}}")
 
 
 class WireError(ValueError):
@@ -326,4 +327,7 @@ def _json_body(doc: dict[str, object]) -> bytes:
         return b""
     if not isinstance(text, str):
         raise WireError("body is not a string (use body_b64 for bytes)")
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, "\udcff"
+        raise WireError("body is not UTF-8 text (use body_b64 for bytes)") from None
