@@ -280,8 +280,17 @@ def call_json(call: Call) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def decode_json(payload: bytes | str, priority: int, max_body_bytes: int) -> Call:
-    """Validate a JSON payload and build the call, or raise WireError with the reason."""
+def decode_json(
+    payload: object, priority: int, max_body_bytes: int, *, default_created_ms: int = 0
+) -> Call:
+    """Validate a JSON payload and build the call, or raise WireError with the reason.
+
+    ``payload`` is whatever the column held: SQLite keeps a number written there by
+    another program as a number. ``default_created_ms``: the creation time of a
+    payload without ``created``.
+    """
+    if not isinstance(payload, bytes | str):
+        raise WireError(f"payload must be JSON text, not {type(payload).__name__} {payload!r:.40}")
     try:
         doc = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -298,7 +307,7 @@ def decode_json(payload: bytes | str, priority: int, max_body_bytes: int) -> Cal
     headers = doc.get(F_HEADERS) or {}
     if not isinstance(headers, dict):
         raise WireError("headers must be a JSON object of name -> string")
-    created_at = check_created(doc.get(F_CREATED, 0))
+    created_at = check_created(doc.get(F_CREATED, default_created_ms))
     return Call(
         id=check_id(doc[F_ID]),
         app=check_name("app", doc[F_APP]),
