@@ -103,6 +103,8 @@ def test_errors_are_one_line(settings_env: Path, args: list[str], message: str) 
         (["dead", "purge"], "give dead-letter ids or --all (not both)"),
         (["calls", "list", "--since", "lately"], "Invalid value for --since: 'lately' is neither"),
         (["calls", "purge", "--older-than", "old"], "Invalid value for --older-than: 'old' is not"),
+        (["calls", "list", "--since", "999999d"], "Invalid value for --since: '999999d' is longer"),
+        (["calls", "purge", "--older-than", "99999999999d"], "Invalid value for --older-than: '9"),
         # arguments that are not UTF-8 (lone surrogates in Python) once ended in a traceback
         (["calls", "show", "a\udcff"], "'a\\xff' is not UTF-8 text"),
         (["calls", "list", "--app", "\udcff"], "'\\xff' is not UTF-8 text"),
