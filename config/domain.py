@@ -190,12 +190,22 @@ class Call:
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
 
 
+# What an HTTP field value may not hold (RFC 9110 5.5): control characters but the tab.
+# A function's HTTP server answers 400 to them, which would look like the function's
+# failure and be retried.
+_HEADER_VALUE_CONTROL = re.compile(r"[\x00-\x08\x0a-\x1f\x7f]")
+# Lone surrogates (from JSON "\udcff" escapes) cannot be encoded as UTF-8 at all.
+_SURROGATES = re.compile(r"[\ud800-\udfff]")
+
+
 def header_problem(name: object, value: object) -> str | None:
     """Why ``name: value`` cannot go into an HTTP request, or None if it can."""
     if not isinstance(name, str) or not _HEADER_NAME.fullmatch(name):
         return f"header name {name!r} is not a valid HTTP header name"
-    if not isinstance(value, str) or "\r" in value or "\n" in value or "\x00" in value:
-        return f"header {name!r} must have a one-line string value"
+    if not isinstance(value, str) or _HEADER_VALUE_CONTROL.search(value):
+        return f"header {name!r} must have a one-line string value without control characters"
+    if _SURROGATES.search(value):
+        return f"header {name!r} has a value that is not UTF-8 text"
     return None
 
 

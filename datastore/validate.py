@@ -129,20 +129,27 @@ _DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 
+# Longer spans reach past year 1 when taken from now (an OverflowError), or past what a
+# timedelta holds; a century covers any call record.
+MAX_DURATION = timedelta(days=36500)
+
+
 def parse_duration(text: str) -> timedelta:
-    """``90s``, ``10m``, ``2h``, ``1d``, ``1w`` (a bare number means seconds)."""
+    """``90s``, ``10m``, ``2h``, ``1d``, ``1w`` (a bare number means seconds), at most
+    ``MAX_DURATION``."""
     match = _DURATION.fullmatch(text)
     if not match:
         raise ValueError(f"{text!r} is not a duration (use e.g. 30s, 10m, 2h or 1d)")
-    return timedelta(seconds=float(match.group(1)) * _UNIT_S[match.group(2) or "s"])
+    seconds = float(match.group(1)) * _UNIT_S[match.group(2) or "s"]
+    if seconds > MAX_DURATION.total_seconds():
+        raise ValueError(f"{text.strip()[:40]!r} is longer than {MAX_DURATION.days}d")
+    return timedelta(seconds=seconds)
 
 
 def parse_since(text: str, now: datetime | None = None) -> datetime:
     """A point in time: a duration back from now (``10m``) or an ISO 8601 time."""
-    try:
+    if _DURATION.fullmatch(text):
         return (now or datetime.now(UTC)) - parse_duration(text)
-    except ValueError:
-        pass
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -104,6 +104,17 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _dead_key(fields: dict[bytes, bytes], fallback: str) -> str:
+    """The dead-letter key of a malformed entry: its own id when that is 1-128 characters
+    of UTF-8 text (whatever else is wrong with it), else ``fallback``. The id may be the
+    very field that made it malformed, so it must not be decoded strictly."""
+    try:
+        given = fields.get(b"id", b"").decode()
+    except UnicodeDecodeError:
+        return fallback
+    return given if 0 < len(given) <= 128 else fallback
+
+
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
@@ -451,7 +462,7 @@ class RedisQueue:
         try:
             parsed = wire.decode_fields(fields, self._max_body)
         except wire.WireError as exc:
-            key = _s(fields.get(b"id", b"")) or f"q{prio}-{eid}"
+            key = _dead_key(fields, f"q{prio}-{eid}")
             await self._bury(str(prio), eid, key, f"malformed message: {exc}", deliveries)
             return None
         return Message(parsed.call, deliveries, f"{prio}|{eid}", prio)
@@ -496,8 +507,7 @@ class RedisQueue:
                     default_created_ms=int(eid.split("-")[0]),
                 )
             except wire.WireError as exc:
-                given = _s(fields.get(b"id", b""))
-                key = given if given and len(given) <= 128 else f"inbox-{eid}"
+                key = _dead_key(fields, f"inbox-{eid}")
                 await self._bury("inbox", eid, key, f"malformed message: {exc}", int(times))
                 continue
             entries.append(self._route_args(parsed.call, parsed.priority, parsed.delay_s, eid))
@@ -556,7 +566,11 @@ class RedisQueue:
         except wire.WireError:
             call = None
         raw = json.dumps(
-            {_s(k): v.decode("utf-8", "replace") for k, v in original.items()}, ensure_ascii=False
+            {
+                k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
+                for k, v in original.items()
+            },
+            ensure_ascii=False,
         ).encode()
         return DeadLetter(
             id=key,

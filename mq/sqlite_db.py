@@ -175,7 +175,7 @@ class SqliteDb:
                 )
                 for seq, msg_id, prio, deliveries, payload in rows:
                     try:
-                        call = wire.decode_json(payload, prio, self.max_body_bytes)
+                        call = self._decode_row(msg_id, prio, payload, now)
                     except wire.WireError as exc:
                         self._bury(conn, seq, msg_id, f"malformed message: {exc}", now)
                         continue
@@ -187,6 +187,15 @@ class SqliteDb:
                 ).fetchone()[0]
             version = int(conn.execute("PRAGMA data_version").fetchone()[0])
         return out, next_due, version
+
+    def _decode_row(self, msg_id: object, prio: int, payload: object, now: int) -> Call:
+        """The call of a row taken at ``now``, or WireError."""
+        # A row of another program may lack `created`: it was made about when it is
+        # first taken (not in 1970, which would expire it at once).
+        call = wire.decode_json(payload, prio, self.max_body_bytes, default_created_ms=now)
+        if call.id != msg_id:  # acks and dead letters go by the row's id
+            raise wire.WireError(f"payload id {call.id!r} is not the row's id {msg_id!r}")
+        return call
 
     def _sweep(self, conn: sqlite3.Connection, now: int) -> None:
         due = conn.execute(

@@ -37,6 +37,9 @@ INBOX = "calls"  # the stream producers XADD to: "<prefix>:calls"
 MAX_PRIORITY = 2
 MAX_DELAY_S = 366 * 24 * 3600.0
 MAX_NAME_CHARS = 255
+# The last millisecond a datetime can hold (9999-12-31T23:59:59.999Z): a larger
+# ``created`` cannot become one, and would fail the consumer rather than the message.
+MAX_CREATED_MS = 253_402_300_799_999
 
 F_APP = "app"
 F_FN = "fn"
@@ -50,7 +53,8 @@ F_CREATED = "created"
 F_PRIOR = "_n"
 
 _KNOWN = frozenset({F_APP, F_FN, F_BODY, F_ID, F_HEADERS, F_PRIORITY, F_DELAY, F_CREATED})
-_NAME_RE = re.compile(rf"[^\s/\x00-\x1f\x7f]{{1,{MAX_NAME_CHARS}}}")
+# No lone surrogates either (JSON "\udcff"): such a name cannot be stored as text.
+_NAME_RE = re.compile(rf"[^\s/\x00-\x1f\x7f\ud800-\udfff]{{1,{MAX_NAME_CHARS}}}")
 
 
 class WireError(ValueError):
@@ -100,6 +104,15 @@ def check_delay(value: float) -> float:
     if not math.isfinite(value) or not 0 <= value <= MAX_DELAY_S:
         raise WireError(f"delay {value!r} is not between 0 and {MAX_DELAY_S:.0f} seconds")
     return float(value)
+
+
+def check_created(ms: object) -> datetime:
+    """The creation time of ``created`` (integer ms since the epoch), or WireError."""
+    if isinstance(ms, bool) or not isinstance(ms, int) or not 0 <= ms <= MAX_CREATED_MS:
+        raise WireError(
+            f"created {str(ms)[:40]!r} is not milliseconds since the epoch (0 to {MAX_CREATED_MS})"
+        )
+    return from_ms(ms)
 
 
 def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
@@ -230,9 +243,7 @@ def decode_fields(
     priority = check_priority(_int(fields, F_PRIORITY, 0))
     if default_created_ms is None:
         default_created_ms = ms_of(datetime.now(UTC))
-    created_ms = _int(fields, F_CREATED, default_created_ms)
-    if created_ms < 0:
-        raise WireError(f"created {created_ms} is not milliseconds since the epoch")
+    created_at = check_created(_int(fields, F_CREATED, default_created_ms))
     prior = _int(fields, F_PRIOR, 0)
     if prior < 0:
         raise WireError(f"{F_PRIOR} must not be negative")
@@ -242,7 +253,7 @@ def decode_fields(
         fn=check_name("fn", fn),
         body=check_body(fields.get(F_BODY, b""), max_body_bytes),
         headers=headers,
-        created_at=from_ms(created_ms),
+        created_at=created_at,
         priority=priority,
         delay_s=0.0,
     )
@@ -269,8 +280,17 @@ def call_json(call: Call) -> bytes:
     return json.dumps(doc, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
 
 
-def decode_json(payload: bytes | str, priority: int, max_body_bytes: int) -> Call:
-    """Validate a JSON payload and build the call, or raise WireError with the reason."""
+def decode_json(
+    payload: object, priority: int, max_body_bytes: int, *, default_created_ms: int = 0
+) -> Call:
+    """Validate a JSON payload and build the call, or raise WireError with the reason.
+
+    ``payload`` is whatever the column held: SQLite keeps a number written there by
+    another program as a number. ``default_created_ms``: the creation time of a
+    payload without ``created``.
+    """
+    if not isinstance(payload, bytes | str):
+        raise WireError(f"payload must be JSON text, not {type(payload).__name__} {payload!r:.40}")
     try:
         doc = json.loads(payload)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
@@ -287,16 +307,14 @@ def decode_json(payload: bytes | str, priority: int, max_body_bytes: int) -> Cal
     headers = doc.get(F_HEADERS) or {}
     if not isinstance(headers, dict):
         raise WireError("headers must be a JSON object of name -> string")
-    created = doc.get(F_CREATED, 0)
-    if isinstance(created, bool) or not isinstance(created, int) or created < 0:
-        raise WireError(f"created {created!r} is not milliseconds since the epoch")
+    created_at = check_created(doc.get(F_CREATED, default_created_ms))
     return Call(
         id=check_id(doc[F_ID]),
         app=check_name("app", doc[F_APP]),
         fn=check_name("fn", doc[F_FN]),
         body=check_body(body, max_body_bytes),
         headers=frozen_map(check_headers(headers)),
-        created_at=from_ms(created),
+        created_at=created_at,
         priority=check_priority(priority),
         delay_s=0.0,
     )
@@ -318,4 +336,7 @@ def _json_body(doc: dict[str, object]) -> bytes:
         return b""
     if not isinstance(text, str):
         raise WireError("body is not a string (use body_b64 for bytes)")
-    return text.encode("utf-8")
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate, "\udcff"
+        raise WireError("body is not UTF-8 text (use body_b64 for bytes)") from None

@@ -309,8 +309,13 @@ async def test_parallel_calls_to_a_broken_function_all_fail_fast(agents: AgentFa
 
 @pytest.mark.parametrize(
     "headers",
-    [{"X-Split": "a\r\nX-Injected: 1"}, {"Bad Name": "x"}],
-    ids=["value-with-newline", "name-with-space"],
+    [
+        {"X-Split": "a\r\nX-Injected: 1"},
+        {"Bad Name": "x"},
+        {"X-Ctl": "a\x01b"},  # the FDK answered 400: retried as the function's failure
+        {"X-Lone": "\udcff"},  # could not be encoded: the call failed unrecorded
+    ],
+    ids=["value-with-newline", "name-with-space", "control-character", "lone-surrogate"],
 )
 async def test_a_header_that_cannot_be_sent_is_a_terminal_error_before_any_container(
     agents: AgentFactory, headers: dict[str, str]

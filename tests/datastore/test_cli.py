@@ -103,6 +103,14 @@ def test_errors_are_one_line(settings_env: Path, args: list[str], message: str) 
         (["dead", "purge"], "give dead-letter ids or --all (not both)"),
         (["calls", "list", "--since", "lately"], "Invalid value for --since: 'lately' is neither"),
         (["calls", "purge", "--older-than", "old"], "Invalid value for --older-than: 'old' is not"),
+        (["calls", "list", "--since", "999999d"], "Invalid value for --since: '999999d' is longer"),
+        (["calls", "purge", "--older-than", "99999999999d"], "Invalid value for --older-than: '9"),
+        # arguments that are not UTF-8 (lone surrogates in Python) once ended in a traceback
+        (["calls", "show", "a\udcff"], "'a\\xff' is not UTF-8 text"),
+        (["calls", "list", "--app", "\udcff"], "'\\xff' is not UTF-8 text"),
+        (["logs", "a\udcff"], "'a\\xff' is not UTF-8 text"),
+        (["fn", "show", "a\udcff", "f"], "'a\\xff' is not UTF-8 text"),
+        (["fn", "create", "a", "f", "--image", "i", "--config", "K=\udcff"], "'K=\\xff' is not"),
     ],
 )  # fmt: skip
 def test_usage_errors_are_one_line_with_status_2(

@@ -67,6 +67,13 @@ def test_durations_and_times() -> None:
     assert parse_since("2024-05-01T10:00:00").tzinfo is UTC
     with pytest.raises(ValueError, match="neither a duration"):
         parse_since("yesterday")
+    # past year 1, or past what a timedelta holds: once an OverflowError (a traceback)
+    assert parse_duration("36500d") == timedelta(days=36500)
+    for text in ("36501d", "999999d", "99999999999d"):
+        with pytest.raises(ValueError, match="is longer than 36500d"):
+            parse_duration(text)
+        with pytest.raises(ValueError, match="is longer than 36500d"):
+            parse_since(text, now)
 
 
 def test_config_pairs() -> None:

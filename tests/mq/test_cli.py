@@ -96,11 +96,14 @@ def test_call_body_from_file_or_stdin_and_a_delay(backend: str, tmp_path: Path) 
     first = fnq("call", "demo", "echo", "--body", f"@{tmp_path / 'body.bin'}").strip()
     second = fnq("call", "demo", "echo", "--body", "-", stdin=b"from stdin").strip()
     third = fnq("call", "demo", "echo", "--delay", "30").strip()
-    assert len({first, second, third}) == 3 and all(len(i) == 26 for i in (first, second))
+    # not UTF-8: Python has the byte as a lone surrogate; the body is the bytes given
+    fourth = fnq("call", "demo", "echo", "--body", "a\udcffb").strip()
+    assert len({first, second, third, fourth}) == 4
+    assert all(len(i) == 26 for i in (first, second))
 
     async def check(queue: MessageQueue) -> None:
         got = {m.call.id: m.call.body for m in await queue.reserve_many(5, 2.0)}
-        assert got == {first: b"\x00from file", second: b"from stdin"}
+        assert got == {first: b"\x00from file", second: b"from stdin", fourth: b"a\xffb"}
         assert (await queue.stats()).delayed == 1
 
     with_queue(check)
@@ -115,6 +118,9 @@ def test_call_rejects_bad_input(backend: str, monkeypatch: pytest.MonkeyPatch) -
         (["--id", "bad id"], "fnq: id 'bad id' is not 1-128 characters"),
         (["--body", "@/no/such/file"], "fnq: Invalid value for --body: cannot read /no/such/file"),
         (["--body", "123456789"], "fnq: body of 9 bytes exceeds the limit of 8 bytes"),
+        (["--header", "X:a\x01b"], "fnq: header 'X' must have a one-line string value without"),
+        (["--header", "X:a\udcff"], "fnq: 'X:a\\xff' is not UTF-8 text"),
+        (["--id", "a\udcff"], "fnq: 'a\\xff' is not UTF-8 text"),
     ]:
         result = CliRunner().invoke(cli, ["call", "demo", "echo", *args])
         assert (result.exit_code, result.stdout) == (2, ""), args

@@ -327,6 +327,13 @@ async def test_malformed_messages_go_to_dead_letters(queues: QueueMaker) -> None
             "priority": {"app": b"a", "fn": b"f", "id": b"m3", "priority": b"high"},
             "exceeds": {"app": b"a", "fn": b"f", "id": b"m4", "body": b"y" * 65},
             "unknown field": {"app": b"a", "fn": b"f", "id": b"m5", "dealy": b"3"},
+            # past what a datetime holds: once an OverflowError that stopped the consumer
+            "created '99999999999999999999999' is not milliseconds": {
+                "app": b"a",
+                "fn": b"f",
+                "id": b"m6",
+                "created": b"99999999999999999999999",
+            },
         }
     else:
         bad = {
@@ -335,6 +342,9 @@ async def test_malformed_messages_go_to_dead_letters(queues: QueueMaker) -> None
             "body is not a string": {"payload": b'{"id":"m3","app":"a","fn":"f","body":7}'},
             "exceeds": {"payload": b'{"id":"m4","app":"a","fn":"f","body":"' + b"y" * 65 + b'"}'},
             "unknown field": {"payload": b'{"id":"m5","app":"a","fn":"f","dealy":3}'},
+            "created '253402300800000' is not milliseconds": {
+                "payload": b'{"id":"m6","app":"a","fn":"f","created":253402300800000}'
+            },
         }
     for i, fields in enumerate(bad.values()):
         queues.inject_raw(fields, msg_id=f"m{i + 1}")

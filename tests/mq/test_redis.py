@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import json
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -140,6 +141,31 @@ async def test_push_new_and_producers_entries_of_the_same_id(redis_server: Redis
         assert await q.reserve(0.2) is None
         assert await q.push_new(Call("dup-2", "demo", "echo", b"second")) is False
         assert await q.stats() == QueueStats(ready=0, delayed=1, reserved=0, dead=0)
+    finally:
+        client.close()
+        await q.close()
+
+
+async def test_entries_with_bytes_that_are_not_utf8_are_dead_letters(
+    redis_server: RedisServer,
+) -> None:
+    """Not UTF-8 in the id or in a field's name: a dead letter with the reason, listed
+    like any other; the consumer goes on (the id once stopped it while routing)."""
+    q = open_queue(f"{redis_server.url}?prefix=nonutf", load_settings())
+    client = redis.Redis(port=redis_server.port, socket_timeout=5)
+    try:
+        eid = client.xadd("nonutf:calls", {"app": "demo", "fn": "echo", "id": b"a\xff"})
+        client.xadd("nonutf:calls", {"app": "demo", "fn": "echo", "id": "b", b"b\xffody": "x"})
+        client.xadd("nonutf:calls", {"app": "demo", "fn": "echo", "id": "good"})
+        msg = await q.reserve(2.0)
+        assert msg is not None and msg.call.id == "good"
+        await q.ack(msg)
+        dead = await q.dead_list()
+        assert [(d.id, d.reason) for d in dead] == [
+            (f"inbox-{eid.decode()}", "malformed message: field 'id' is not UTF-8 text"),
+            ("b", "malformed message: unknown field(s) 'b\ufffdody'"),
+        ]
+        assert json.loads(dead[1].raw)["b\ufffdody"] == "x"
     finally:
         client.close()
         await q.close()

@@ -57,11 +57,16 @@ def test_every_field() -> None:
         ({"headers": b"[1]"}, "JSON object"),
         ({"headers": b'{"A": 1}'}, "string value"),
         ({"headers": b'{"A b": "1"}'}, "header name"),
+        ({"headers": b'{"A": "a\\u0001b"}'}, "without control characters"),
+        ({"headers": b'{"A": "a\\u007fb"}'}, "without control characters"),
+        ({"headers": b'{"A": "\\udcff"}'}, "not UTF-8"),
         ({"body": b"x" * 11}, "exceeds"),
         ({"id": b"has space"}, "id"),
         ({"app": b"a/b"}, "app"),
         ({"fn": b""}, "missing required"),
         ({"created": b"-5"}, "created"),
+        ({"created": b"99999999999999999999999"}, "created"),  # OverflowError once
+        ({"created": b"253402300800000"}, "created"),  # year 10000: ValueError once
         ({"colour": b"red"}, "unknown field"),
         ({"app": b"\xff"}, "UTF-8"),
     ],
@@ -108,7 +113,11 @@ def test_json_round_trip_text_and_binary() -> None:
         (b'{"id":"i","app":"a"}', "'fn'"),
         (b'{"id":"i","app":"a","fn":"f","body":"x","body_b64":"eA=="}', "both"),
         (b'{"id":"i","app":"a","fn":"f","body_b64":"***"}', "base64"),
+        (b'{"id":"i","app":"a","fn":"f","body":"\\udcff"}', "body is not UTF-8"),
+        (b'{"id":"i","app":"\\udcff","fn":"f"}', "app"),
         (b'{"id":"i","app":"a","fn":"f","created":"yesterday"}', "created"),
+        (b'{"id":"i","app":"a","fn":"f","created":1e300}', "created"),
+        (b'{"id":"i","app":"a","fn":"f","created":99999999999999999999999}', "created"),
     ],
 )
 def test_malformed_json_says_why(payload: bytes, reason: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import importlib
 import sys
+from collections.abc import Sequence
 from typing import Any
 
 import click
@@ -34,6 +35,26 @@ COMMANDS: dict[str, tuple[str, str]] = {
 _HELP_ERROR: Any = getattr(click.exceptions, "NoArgsIsHelpError", None)
 
 
+def not_utf8(args: Sequence[str] | None) -> str | None:
+    """The first argument that is not UTF-8, shown as its bytes, or None.
+
+    Python keeps such bytes as lone surrogates, which no datastore can store and
+    no query can carry: refused here, they fail alike on every backend. Bytes may
+    be what ``--body`` (TEXT or @FILE) and ``fnq images`` (paths) are given.
+    """
+    args = list(args or ())
+    if args[:1] == ["images"]:
+        return None
+    for i, arg in enumerate(args):
+        if (i > 0 and args[i - 1] == "--body") or arg.startswith("--body="):
+            continue
+        try:
+            arg.encode("utf-8")
+        except UnicodeEncodeError:
+            return repr(arg.encode("utf-8", "surrogateescape"))[1:]
+    return None
+
+
 class LazyGroup(click.Group):
     def main(self, *args: Any, **kwargs: Any) -> Any:
         """Run as click's standalone mode does, with errors as one line ``fnq: ...`` on stderr.
@@ -42,6 +63,10 @@ class LazyGroup(click.Group):
         """
         if not kwargs.get("standalone_mode", True):
             return super().main(*args, **kwargs)
+        given = args[0] if args else kwargs.get("args")
+        bad = not_utf8(sys.argv[1:] if given is None else given)
+        if bad is not None:
+            fail(f"{bad} is not UTF-8 text", 2)
         try:
             status = super().main(*args, **{**kwargs, "standalone_mode": False})
         except click.ClickException as exc:

@@ -42,7 +42,7 @@ def read_body(spec: str | None) -> bytes:
         except OSError as exc:
             message = f"cannot read {spec[1:]}: {exc.strerror}"
             raise click.BadParameter(message, param_hint="--body") from None
-    return spec.encode("utf-8")
+    return spec.encode("utf-8", "surrogateescape")  # the bytes given, UTF-8 or not
 
 
 def parse_headers(items: Sequence[str]) -> dict[str, str]:

@@ -1,0 +1,45 @@
+"""SQLite only: rows that other programs insert into ``mq_message`` (docs/queue.md)."""
+
+from __future__ import annotations
+
+import sqlite3
+from datetime import UTC, datetime
+from pathlib import Path
+
+from config.settings import load_settings
+from mq.base import open_queue
+
+
+async def test_rows_of_other_programs(tmp_path: Path) -> None:
+    """A row's payload must be JSON text of a call with the row's own id; a payload
+    without ``created`` was made about when it is first taken."""
+    url = f"sqlite://{tmp_path / 'mq.db'}"
+    q = open_queue(url, load_settings())
+    try:
+        await q.stats()  # creates the tables
+        rows = [
+            ("n1", 42),  # SQLite keeps a number as a number: once a TypeError that stopped
+            ("n2", 1.5),  # the consumer, again at every reserve
+            ("n3", '{"id":"other","app":"a","fn":"f"}'),  # acks went by the payload's id
+            ("good", '{"id":"good","app":"a","fn":"f","body":"x"}'),
+        ]
+        with sqlite3.connect(tmp_path / "mq.db") as conn:
+            conn.executemany(
+                "INSERT INTO mq_message (id, priority, payload) VALUES (?, 0, ?)", rows
+            )
+        before = datetime.now(UTC).replace(microsecond=0)
+        msg = await q.reserve(2.0)
+        assert msg is not None and (msg.call.id, msg.call.body) == ("good", b"x")
+        # not 1970: a function's max_age_s would have cancelled it as expired
+        assert before <= msg.call.created_at <= datetime.now(UTC)
+        await q.ack(msg)
+        assert await q.reserve(0.1) is None
+        dead = {d.id: d.reason for d in await q.dead_list()}
+        assert dead == {
+            "n1": "malformed message: payload must be JSON text, not int 42",
+            "n2": "malformed message: payload must be JSON text, not float 1.5",
+            "n3": "malformed message: payload id 'other' is not the row's id 'n3'",
+        }
+        assert (await q.stats()).dead == 3
+    finally:
+        await q.close()
