@@ -233,6 +233,13 @@ class Datastore(Protocol):
     ) -> dict[CallStatus, int]: ...
     async def purge_calls(self, older_than: timedelta) -> int: ...
     async def request_cancel(self, call_id: str) -> CallRecord | None: ...
+    async def end_buried(self, call_id: str, reason: str, died_at: datetime) -> bool:
+        """End a `queued` or `running` record as an error (``reason``, failure
+        `terminal`): the queue buried the call's message at ``died_at``, so nothing
+        will run it again. A record changed after ``died_at`` is left alone, and none
+        is created. Returns whether the record changed."""
+        ...
+
     async def retry_call(self, call_id: str) -> Call:
         """Put a finished call back to ``queued`` as if new (attempts 0, outcome, log and
         cancel flag cleared, request kept) and return the Call to push, rebuilt from its

@@ -74,6 +74,7 @@ class Write(StrEnum):
     FINISH = "finish"  # -> bool (False: already final); log stored alongside if given
     RETRY = "retry"  # -> bool; log stored alongside if given
     CANCEL = "cancel"  # -> stored row or None
+    END_BURIED = "end_buried"  # -> bool (False: no live record from before the burial)
     REQUEUE = "requeue"  # -> bool (False: not final, or no request unless :reopen); log deleted
     PURGE = "purge"  # -> list of deleted ids (their logs go by cascade)
     LOG_PUT = "log_put"  # -> None
@@ -223,6 +224,11 @@ class SqlDatastore(abc.ABC):
         params = {"id": call_id, "now": utcnow(), "error": CANCELLED_BY_REQUEST}
         row = await self._write(Write.CANCEL, params)
         return None if row is None else record_from_row(row)
+
+    async def end_buried(self, call_id: str, reason: str, died_at: datetime) -> bool:
+        params = {"id": call_id, "error": _storable(reason) or _DEFAULT_ERRORS[CallStatus.ERROR],
+                  "now": utcnow(), "died_at": died_at}  # fmt: skip
+        return bool(await self._write(Write.END_BURIED, params))
 
     async def retry_call(self, call_id: str) -> Call:
         rec = replay.retryable(call_id, await self.get_call(call_id))

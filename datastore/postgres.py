@@ -114,7 +114,8 @@ def _count(status: str) -> int:
 # Writes that are one plain statement: those reporting whether they changed a row,
 # and those reporting nothing.
 _CHANGED_ONE = {Write.FN_INSERT: sql.FN_INSERT, Write.FN_UPDATE: sql.FN_UPDATE,
-                Write.FN_DELETE: sql.FN_DELETE, Write.WORKER_GONE: sql.WORKER_GONE}  # fmt: skip
+                Write.FN_DELETE: sql.FN_DELETE, Write.WORKER_GONE: sql.WORKER_GONE,
+                Write.END_BURIED: sql.CALL_END_BURIED}  # fmt: skip
 _PLAIN = {Write.QUEUED: sql.CALL_QUEUED, Write.LOG_PUT: sql.LOG_PUT,
           Write.WORKER_BEAT: sql.WORKER_BEAT}  # fmt: skip
 

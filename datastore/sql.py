@@ -168,6 +168,14 @@ CALL_CANCEL_RUNNING = (
     " WHERE id = :id AND status = 'running'"
 )
 
+# A live call whose message the queue buried (it will not be delivered again) ends as
+# an error, unless its record changed after the burial (requeued and taken again).
+CALL_END_BURIED = (
+    "UPDATE calls SET status = 'error', failure = 'terminal', error = :error,"
+    " completed_at = :now, updated_at = :now, next_try_at = NULL"
+    f" WHERE id = :id AND status IN {LIVE} AND updated_at <= :died_at"
+)
+
 CALL_PURGE = (
     "DELETE FROM calls WHERE id IN (SELECT id FROM calls"
     f" WHERE status IN {FINAL} AND completed_at < :cutoff ORDER BY id LIMIT :limit)"

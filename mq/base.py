@@ -7,7 +7,8 @@ its reservation lapses (``settings.mq_reservation_msecs`` without an
 it has been delivered ``settings.mq_max_deliveries`` times and lapses again it
 moves to the dead letters. ``release`` hands a message back without charging
 a delivery. Malformed messages never reach the caller of ``reserve``: they go
-to the dead letters with the reason.
+to the dead letters with the reason. The calls a consumer's own reserves
+bury so are reported to it once, by ``take_buried``.
 
 Ordering: priority 2 before 1 before 0, first in first out within a priority.
 
@@ -19,16 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
-from config.domain import Call
+from config.domain import CALL_ID_RE, Call, utcnow
 from config.errors import ConfigError, QueueError
 from config.settings import Settings
 
-__all__ = ["DeadLetter", "Message", "MessageQueue", "QueueStats", "open_queue"]
+__all__ = ["Buried", "DeadLetter", "Message", "MessageQueue", "QueueStats", "open_queue"]
+
+MAX_BURIED = 1000  # burials a queue object keeps for ``take_buried``; the oldest go first
 
 
 @dataclass(frozen=True, slots=True)
@@ -51,6 +55,15 @@ class DeadLetter:
     died_at: datetime
     raw: bytes  # the message as stored (JSON), for inspection
     call: Call | None  # None when the message is malformed
+
+
+@dataclass(frozen=True, slots=True)
+class Buried:
+    """A call whose message the queue itself buried, so that its record can end too."""
+
+    call_id: str
+    reason: str
+    died_at: datetime  # this process's clock, as the records' times are
 
 
 @dataclass(frozen=True, slots=True)
@@ -136,6 +149,13 @@ class MessageQueue(Protocol):
         """Move the message to the dead letters with ``reason``."""
         ...
 
+    def take_buried(self) -> list[Buried]:
+        """The calls this object's reserves buried since the last take (too many
+        deliveries, or malformed for this consumer), oldest first; each is reported
+        once, to the consumer that buried it. Messages without a valid call id are
+        not reported."""
+        ...
+
     async def dead_list(self, limit: int = 100) -> list[DeadLetter]:
         """Dead letters, oldest first."""
         ...
@@ -168,6 +188,24 @@ def open_queue(url: str, settings: Settings) -> MessageQueue:
 
 
 # ----------------------------------------------------------- shared helpers
+
+
+class Burials:
+    """The ``take_buried`` list of one queue object, bounded: a queue nobody takes
+    from must not grow without end."""
+
+    def __init__(self, limit: int = MAX_BURIED) -> None:
+        self._items: deque[Buried] = deque(maxlen=limit)
+
+    def add(self, call_id: str, reason: str) -> None:
+        """Note a burial; ignored unless ``call_id`` is a valid call id."""
+        if CALL_ID_RE.fullmatch(call_id):
+            self._items.append(Buried(call_id, reason, utcnow()))
+
+    def take(self) -> list[Buried]:
+        items = list(self._items)
+        self._items.clear()
+        return items
 
 
 async def claim_shielded(

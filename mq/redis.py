@@ -61,7 +61,7 @@ from config.domain import Call, new_call_id
 from config.errors import ConfigError
 from config.settings import Settings
 from mq import wire
-from mq.base import DeadLetter, Message, QueueStats, claim_shielded
+from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
 from mq.redis_url import TLS_URL_OPTIONS, url_options
 from mq.resp import Lines, ReplyError, bulks
@@ -167,6 +167,7 @@ class RedisQueue:
             for name, script in self._scripts.items()
         }
         self._groups_made = False
+        self._buried = Burials()
         self._quiet_until = 0.0  # loop time until which no sweep or delayed entry is due
         read = [self._ready_keys[2], self._ready_keys[1], self._ready_keys[0], self.inbox_key]
         self._read_head = bulks("XREADGROUP", "GROUP", GROUP, self._consumer, "COUNT")
@@ -462,8 +463,10 @@ class RedisQueue:
         try:
             parsed = wire.decode_fields(fields, self._max_body)
         except wire.WireError as exc:
-            key = _dead_key(fields, f"q{prio}-{eid}")
-            await self._bury(str(prio), eid, key, f"malformed message: {exc}", deliveries)
+            await self._bury_malformed(
+                str(prio), eid, fields, f"q{prio}-{eid}",
+                reason=f"malformed message: {exc}", deliveries=deliveries,
+            )  # fmt: skip
             return None
         return Message(parsed.call, deliveries, f"{prio}|{eid}", prio)
 
@@ -479,7 +482,9 @@ class RedisQueue:
             PROMOTE_LIMIT,
             *acks,
         ]
-        out, raw, wait = await self._eval("reserve", args)
+        out, raw, wait, buried = await self._eval("reserve", args)
+        for call_id, reason in buried:
+            self._buried.add(_s(call_id), _s(reason))
         msgs: list[Message] = []
         for prio, eid_b, deliveries, flat in out:
             msg = await self._taken(int(prio), _s(eid_b), _pairs(flat), int(deliveries))
@@ -507,14 +512,36 @@ class RedisQueue:
                     default_created_ms=int(eid.split("-")[0]),
                 )
             except wire.WireError as exc:
-                key = _dead_key(fields, f"inbox-{eid}")
-                await self._bury("inbox", eid, key, f"malformed message: {exc}", int(times))
+                await self._bury_malformed(
+                    "inbox", eid, fields, f"inbox-{eid}",
+                    reason=f"malformed message: {exc}", deliveries=int(times),
+                )  # fmt: skip
                 continue
             entries.append(self._route_args(parsed.call, parsed.priority, parsed.delay_s, eid))
         await self._enqueue(entries)
 
     async def _bury(self, src: str, eid: str, key: str, reason: str, deliveries: int) -> None:
         await self._eval("bury", [GROUP, src, eid, key, reason, deliveries])
+
+    async def _bury_malformed(
+        self,
+        src: str,
+        eid: str,
+        fields: dict[bytes, bytes],
+        fallback: str,
+        *,
+        reason: str,
+        deliveries: int,
+    ) -> None:
+        """``_bury`` an entry this consumer cannot take. Reported by ``take_buried`` when
+        it carries a valid call id: a record may have been written for it."""
+        key = _dead_key(fields, fallback)
+        await self._bury(src, eid, key, reason, deliveries)
+        if fields.get(b"id") == key.encode():
+            self._buried.add(key, reason)
+
+    def take_buried(self) -> list[Buried]:
+        return self._buried.take()
 
     async def _hand_back(self, msgs: list[Message]) -> None:
         for msg in msgs:

@@ -51,7 +51,7 @@ from config.domain import Call, Outcome, utcnow
 from config.errors import ConfigError
 from config.settings import Settings
 from mq import rq_dead, rq_jobs, rq_scripts
-from mq.base import DeadLetter, Message, QueueStats, claim_shielded
+from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import QueueError, QueueUnavailable, ReservationLost
 from mq.redis_url import FNQ_URL_OPTIONS
 
@@ -134,6 +134,7 @@ class RQQueue:
         self._scheduled_keys = [ScheduledJobRegistry.key_template.format(n) for n in names]
         self._started_keys = [StartedJobRegistry.key_template.format(n) for n in names]
         self._keys = [RESERVED_KEY, RECEIPTS_KEY]
+        self._buried = Burials()
         self._scripts: dict[str, AsyncScript] = {
             name: client.register_script(getattr(rq_scripts, name.upper()))
             for name in ("claim", "extend", "release", "ack")
@@ -248,10 +249,10 @@ class RQQueue:
         claimed, doomed, wait_ms = await self._eval("claim", args)
         for jid_b, token_b, deliveries in doomed:
             reason = (
-                f"fnq: delivered {deliveries} times without finishing (FN_MQ_MAX_DELIVERIES="
+                f"delivered {deliveries} times without finishing (FN_MQ_MAX_DELIVERIES="
                 f"{self._max_deliveries}); its workers were lost or stopped renewing it"
             )
-            await self._finish(jid_b.decode(), token_b.decode(), rq_jobs.Finish(exc_string=reason))
+            await self._bury(jid_b.decode(), token_b.decode(), reason)
         msgs: list[Message] = []
         for jid_b, _name, token_b, deliveries, flat in claimed:
             jid, token = jid_b.decode(), token_b.decode()
@@ -259,7 +260,7 @@ class RQQueue:
             try:
                 call = rq_jobs.parse_call(jid, fields, self._max_body)
             except rq_jobs.JobRejected as exc:
-                await self._finish(jid, token, rq_jobs.Finish(exc_string=f"fnq: {exc}"))
+                await self._bury(jid, token, str(exc))
                 continue
             job = rq_jobs.restore_job(self._sync, jid, fields)
             await self._sync_call(
@@ -294,6 +295,15 @@ class RQQueue:
     async def _hand_back(self, msgs: list[Message]) -> None:
         for msg in msgs:
             await self.release(msg)
+
+    async def _bury(self, job_id: str, token: str, reason: str) -> None:
+        """Fail a job this consumer will not run; reported by ``take_buried`` when
+        this ended it (a record may have been written for its call)."""
+        if await self._finish(job_id, token, rq_jobs.Finish(exc_string=f"fnq: {reason}")):
+            self._buried.add(job_id, reason)
+
+    def take_buried(self) -> list[Buried]:
+        return self._buried.take()
 
     async def _finish(self, job_id: str, token: str, end: rq_jobs.Finish) -> bool:
         ended = await self._sync_call(

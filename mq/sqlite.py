@@ -28,7 +28,7 @@ from config.domain import Call
 from config.errors import ConfigError
 from config.settings import Settings
 from mq import wire
-from mq.base import DeadLetter, Message, QueueStats, claim_shielded
+from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
 from mq.sqlite_db import SqliteDb, now_ms
 
@@ -54,6 +54,7 @@ class SqliteQueue:
         self._pool = ThreadPoolExecutor(1, thread_name_prefix="fnq-mq-sqlite")
         self._pushed = asyncio.Event()
         self._closed = False
+        self._buried = Burials()
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> SqliteQueue:
@@ -151,13 +152,18 @@ class SqliteQueue:
         box: list[tuple[int | None, int]] = []
 
         async def claim() -> list[Message]:
-            msgs, next_due, version = await self._run(self._db.reserve, count)
+            msgs, next_due, version, buried = await self._run(self._db.reserve, count)
+            for call_id, reason in buried:
+                self._buried.add(call_id, reason)
             box.append((next_due, version))
             return msgs
 
         msgs = await claim_shielded(claim(), self._hand_back, self._op_timeout_s)
         next_due, version = box[0]
         return msgs, next_due, version
+
+    def take_buried(self) -> list[Buried]:
+        return self._buried.take()
 
     async def _hand_back(self, msgs: list[Message]) -> None:
         await self._run(self._db.release, msgs, 0.0)

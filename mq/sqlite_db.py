@@ -19,6 +19,7 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
+from typing import NamedTuple
 
 from config.domain import Call
 from config.sqlite import enable_wal
@@ -56,6 +57,10 @@ SELECT id, 'delivered ' || deliveries || ' times; the reservation lapsed each ti
 FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NULL
                   AND deliveries >= :max
 """
+_LAPSED = """
+SELECT id, deliveries FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NULL
+                                      AND deliveries >= :max
+"""
 _DELETE_LAPSED = """
 DELETE FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NULL
                         AND deliveries >= :max
@@ -64,6 +69,17 @@ _BURY_ONE = """
 INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
 SELECT id, ?, deliveries, ?, priority, payload FROM mq_message WHERE seq = ? AND id = ?
 """
+
+
+class Reserved(NamedTuple):
+    msgs: list[Message]
+    next_due: int | None  # when nothing was taken: the next due time (ms), if any
+    version: int  # the data version after the transaction
+    buried: list[tuple[str, str]]  # (id, reason) of the rows this reserve buried
+
+
+def lapsed_reason(deliveries: int) -> str:
+    return f"delivered {deliveries} times; the reservation lapsed each time"
 
 
 def now_ms() -> int:
@@ -153,13 +169,14 @@ class SqliteDb:
             ).rowcount
 
     # ------------------------------------------------------------- consume
-    def reserve(self, count: int) -> tuple[list[Message], int | None, int]:
-        """Up to ``count`` messages; also the next due time and the data version."""
+    def reserve(self, count: int) -> Reserved:
+        """Up to ``count`` messages; also the next due time, the data version and the
+        rows buried on the way."""
         out: list[Message] = []
         token = secrets.token_hex(6)
         with self.write() as conn:
             now = now_ms()  # after the lock: a wait for it must not shorten the reservation
-            self._sweep(conn, now)
+            buried = self._sweep(conn, now)
             while len(out) < count:
                 rows = conn.execute(
                     "SELECT seq, id, priority, deliveries, payload FROM mq_message WHERE state = 0"
@@ -177,7 +194,10 @@ class SqliteDb:
                     try:
                         call = self._decode_row(msg_id, prio, payload, now)
                     except wire.WireError as exc:
-                        self._bury(conn, seq, msg_id, f"malformed message: {exc}", now)
+                        reason = f"malformed message: {exc}"
+                        self._bury(conn, seq, msg_id, reason, now)
+                        if isinstance(msg_id, str):
+                            buried.append((msg_id, reason))
                         continue
                     out.append(Message(call, deliveries + 1, f"{seq}:{token}", prio))
             next_due = None
@@ -186,7 +206,7 @@ class SqliteDb:
                     "SELECT MIN(due_ms) FROM mq_message WHERE state = 1"
                 ).fetchone()[0]
             version = int(conn.execute("PRAGMA data_version").fetchone()[0])
-        return out, next_due, version
+        return Reserved(out, next_due, version, buried)
 
     def _decode_row(self, msg_id: object, prio: int, payload: object, now: int) -> Call:
         """The call of a row taken at ``now``, or WireError."""
@@ -197,19 +217,24 @@ class SqliteDb:
             raise wire.WireError(f"payload id {call.id!r} is not the row's id {msg_id!r}")
         return call
 
-    def _sweep(self, conn: sqlite3.Connection, now: int) -> None:
+    def _sweep(self, conn: sqlite3.Connection, now: int) -> list[tuple[str, str]]:
+        """Rows due at ``now`` visible again, or buried after too many deliveries;
+        returns (id, reason) of those buried."""
         due = conn.execute(
             "SELECT 1 FROM mq_message WHERE state = 1 AND due_ms <= ? LIMIT 1", (now,)
         ).fetchone()
         if due is None:
-            return
+            return []
         args = {"now": now, "max": self.max_deliveries}
-        conn.execute(_BURY_LAPSED, args)
-        conn.execute(_DELETE_LAPSED, args)
+        lapsed = conn.execute(_LAPSED, args).fetchall()
+        if lapsed:
+            conn.execute(_BURY_LAPSED, args)
+            conn.execute(_DELETE_LAPSED, args)
         conn.execute(
             "UPDATE mq_message SET state = 0, receipt = NULL WHERE state = 1 AND due_ms <= ?",
             (now,),
         )
+        return [(i, lapsed_reason(n)) for i, n in lapsed if isinstance(i, str)]
 
     def _bury(self, conn: sqlite3.Connection, seq: int, msg_id: str, reason: str, now: int) -> None:
         conn.execute(_BURY_ONE, (reason, now, seq, msg_id))

@@ -20,6 +20,11 @@ The message is settled (acked, dead-lettered, completed) only after the
 record is durable, so a crash at any point delivers the call again, and a
 duplicate delivery of a finished call finds the final record and runs nothing.
 
+A call whose message the queue buried on its own (too many lapsed
+reservations, or malformed for this worker) will not be delivered again: the
+intake hands it to ``record_buried``, which ends a `queued` or `running`
+record as an error with the queue's reason.
+
 A call that has run waits in memory until its record is stored and its
 message settled. At most ``MAX_RECORDING`` calls wait so: the intake takes no
 more calls until one of them is done (``room_to_record``), so a slow or
@@ -32,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 
 from config.domain import (
@@ -48,6 +53,7 @@ from config.errors import FnqError, Retryable, StoreError
 from config.settings import Settings
 from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreClosed
+from mq.base import Buried
 from worker.agent.agent import Agent
 from worker.delivery import HAND_BACK_TIMEOUT_S, Delivery
 from worker.logs import current_call
@@ -66,6 +72,7 @@ RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason 
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
 HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
+BURIED_RECORD_S = 30.0  # ending the records of calls the queue buried takes at most
 
 
 class _Unstarted(Exception):
@@ -429,6 +436,29 @@ class CallHandler:
         await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
         self.metrics.calls.ended(status.value)
         self.completed += 1
+
+    async def record_buried(self, buried: Sequence[Buried]) -> None:
+        """End the records of calls the queue buried on its own (nothing runs them
+        again). Best effort, within ``BURIED_RECORD_S``: failures are logged, once."""
+        try:
+            async with asyncio.timeout(BURIED_RECORD_S):
+                results = await asyncio.gather(*(self._end_buried(b) for b in buried))
+            errors: list[StoreError] = [e for e in results if e is not None]
+        except TimeoutError:  # some may have been recorded
+            errors = [StoreError(f"no answer within {BURIED_RECORD_S:g} s")] * len(buried)
+        if errors:
+            log.warning("could not record %d call(s) buried by the queue as errors: %s",
+                        len(errors), errors[0])  # fmt: skip
+
+    async def _end_buried(self, b: Buried) -> StoreError | None:
+        try:
+            if await self.store.end_buried(b.call_id, b.reason, b.died_at):
+                log.info("call %s: the queue buried its message (%s); recorded as error",
+                         b.call_id, b.reason)  # fmt: skip
+                self.metrics.calls.ended(CallStatus.ERROR.value)
+        except StoreError as exc:
+            return exc
+        return None
 
     def _observe(self, created_at: datetime, outcome: Outcome) -> None:
         if outcome.started_at is None:

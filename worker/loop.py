@@ -7,6 +7,8 @@ RQ queues when configured) and one task per call::
              (worker.calls), for room (WaitAsyncResource) and for a prefetch place
              -> reserve a message (bounded wait, shutdown interrupts it)
              -> start a call task (worker.calls)
+             -> the calls the reserve buried (too many deliveries, malformed):
+                their records end as errors, in the background (worker.calls)
 
 Prefetch: a worker holds at most ``prefetch`` calls that are reserved but not
 yet running in a container, across all its queues. The agent tells the call
@@ -61,6 +63,7 @@ GATHER_S = 0.002  # see _intake
 MAX_EXTRA = 8  # see "Extra calls" above
 SHORT_CALL_S = 0.01
 EXTRA_PATIENCE_S = 0.2
+BURIED_GRACE_S = 2.0  # at the end, the records of buried calls get this long
 
 
 class Worker:
@@ -93,6 +96,7 @@ class Worker:
         # The queues whose last reserve failed: since when (loop time), and the error.
         self._down: dict[int, tuple[float, FnqError]] = {}
         self._unstarted = 0  # reserved calls not yet in a container
+        self._burials: set[asyncio.Task[None]] = set()  # see _record_buried
 
     @property
     def completed(self) -> int:
@@ -128,6 +132,7 @@ class Worker:
             finally:
                 heartbeat.cancel()
                 await asyncio.gather(heartbeat, return_exceptions=True)
+                await self._end_burials()
 
     async def _intake(
         self, queue: MessageQueue, shutdown: Shutdown, tasks: set[asyncio.Task[None]], burst: bool
@@ -156,6 +161,7 @@ class Worker:
                 msgs = await self._reserve(queue, acks, wait_s, count + extra)
             finally:
                 self.places.give(count - min(count, len(msgs)))
+            self._record_buried(queue)
             # A reserve that got all it asked for says more are queued: the next one
             # first waits a moment for all of this queue's places to be free (they are
             # as soon as the calls holding them are dispatched), so that one round trip
@@ -177,6 +183,22 @@ class Worker:
                 # Let the new calls go as far as they can (to their containers, most
                 # often) before the next reserve is sent: that round trip is not theirs.
                 await asyncio.sleep(0)
+
+    def _record_buried(self, queue: MessageQueue) -> None:
+        """End the records of the calls the last reserve buried, in the background:
+        a slow datastore must not hold up the intake."""
+        buried = queue.take_buried()
+        if buried:
+            task = asyncio.create_task(self.calls.record_buried(buried), name="fnq-buried")
+            self._burials.add(task)
+            task.add_done_callback(self._burials.discard)
+
+    async def _end_burials(self) -> None:
+        """At the end: give the records of buried calls a moment, then let them go."""
+        if self._burials:
+            await asyncio.wait(set(self._burials), timeout=BURIED_GRACE_S)
+            for task in list(self._burials):
+                task.cancel()
 
     async def _handle(self, d: Delivery, placed: bool, read: RecordRead | None) -> None:
         unstarted = True

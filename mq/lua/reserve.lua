@@ -1,8 +1,9 @@
 -- ARGV: group, consumer, count, reservation ms, max deliveries, reclaim every ms, promote limit,
 -- then per message to ack first (as ack.lua): priority, entry id, call id.
--- Returns {messages, inbox entries, wait}: a message is {priority, entry id, deliveries, fields};
--- an inbox entry is {entry id, deliveries, fields}; wait is false unless nothing was found, then
--- the longest useful wait in ms (the next sweep or delayed entry), or -1 for no limit.
+-- Returns {messages, inbox entries, wait, buried}: a message is {priority, entry id, deliveries,
+-- fields}; an inbox entry is {entry id, deliveries, fields}; wait is false unless nothing was
+-- found, then the longest useful wait in ms (the next sweep or delayed entry), or -1 for no
+-- limit; buried is {call id, reason} of each message with an id that step 2 buried.
 local group, consumer = ARGV[1], ARGV[2]
 local count, reservation = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxd, every, promote = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
@@ -26,7 +27,7 @@ end
 -- 2. lapsed reservations (one consumer sweeps every `every` ms), then new entries, by priority
 local reclaim = now >= tonumber(redis.call('HGET', META, 'reclaim_at') or '0')
 local more = false
-local out, raw = {}, {}
+local out, raw, buried = {}, {}, {}
 
 local function sweep(key, cursor_name, want, take)
   local cursor = redis.call('HGET', META, cursor_name) or '0-0'
@@ -49,9 +50,12 @@ for p = 2, 0, -1 do
     sweep(key, 'cursor:' .. p, count - #out, function(id, f, prior, times)
       local d = prior + times
       if d > maxd then
-        bury(key, group, id, field(f, 'id') or ('q' .. p .. '-' .. id),
-          'delivered ' .. (d - 1) .. ' times; the reservation lapsed each time', d - 1,
-          p .. '|' .. id, now)
+        local cid = field(f, 'id')
+        local reason = 'delivered ' .. (d - 1) .. ' times; the reservation lapsed each time'
+        if bury(key, group, id, cid or ('q' .. p .. '-' .. id), reason, d - 1, p .. '|' .. id,
+            now) == 1 and cid then
+          buried[#buried + 1] = {cid, reason}
+        end
       else
         out[#out + 1] = {p, id, d, f}
       end
@@ -88,7 +92,7 @@ if #out < count then
 end
 
 if reclaim and not more then redis.call('HSET', META, 'reclaim_at', now + every) end
-if #out > 0 or #raw > 0 then return {out, raw, false} end
+if #out > 0 or #raw > 0 then return {out, raw, false, buried} end
 
 -- 4. nothing: how long blocking for new entries is useful at most
 local wait = -1
@@ -103,4 +107,4 @@ if #first > 0 then
   local until_due = math.max(tonumber(first[2]) - now, 1)
   if wait < 0 or until_due < wait then wait = until_due end
 end
-return {out, raw, wait}
+return {out, raw, wait, buried}

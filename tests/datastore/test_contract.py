@@ -287,6 +287,32 @@ async def test_cancel_running_sets_flag_and_stops_retries(store: SqlDatastore) -
     assert rec is not None and rec.status is CallStatus.CANCELLED and rec.completed_at
 
 
+async def test_a_buried_call_ends_as_an_error_unless_it_moved_on(store: SqlDatastore) -> None:
+    queued, running, done, later = call(), call(), call(), call()
+    await store.record_queued(queued)
+    await store.record_running(running, 2, "w")
+    await store.record_outcome(done, success(), 1, "w")
+    await store.record_running(later, 1, "w")
+    died_at = utcnow()
+    await store.record_running(later, 2, "w2")  # requeued and taken again since
+    reason = "delivered 3 times; the reservation lapsed each time\x00"
+    for c in (queued, running):
+        assert await store.end_buried(c.id, reason, died_at)
+        rec = await store.get_call(c.id)
+        assert rec is not None and rec.status is CallStatus.ERROR
+        assert rec.failure is FailureKind.TERMINAL
+        assert rec.error == reason.replace("\x00", "\ufffd")
+        assert rec.completed_at is not None and rec.next_try_at is None
+    assert not await store.end_buried(running.id, "again", utcnow())  # final now
+    assert not await store.end_buried(done.id, reason, utcnow())
+    assert (await store.get_call(done.id)).status is CallStatus.SUCCESS  # type: ignore[union-attr]
+    assert not await store.end_buried(later.id, reason, died_at)
+    assert (await store.get_call(later.id)).status is CallStatus.RUNNING  # type: ignore[union-attr]
+    unknown = new_call_id()
+    assert not await store.end_buried(unknown, reason, utcnow())
+    assert await store.get_call(unknown) is None
+
+
 def not_started(failure: FailureKind, status: CallStatus = CallStatus.ERROR) -> Outcome:
     """An attempt that never reached a container (no room, cancelled while it waited)."""
     return Outcome(status, error="never started", failure=failure, completed_at=utcnow())

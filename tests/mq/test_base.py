@@ -13,7 +13,7 @@ import mq.resp
 from config.domain import Call
 from config.errors import ConfigError
 from config.settings import load_settings
-from mq.base import Message, claim_shielded, open_queue
+from mq.base import Burials, Message, claim_shielded, open_queue
 from mq.redis import RedisQueue
 from mq.redis_url import url_options
 from mq.sqlite import SqliteQueue
@@ -139,3 +139,13 @@ async def test_messages_claimed_during_cancellation_are_handed_back() -> None:
     with pytest.raises(asyncio.CancelledError):
         await task
     assert handed_back == [msg]
+
+
+def test_burials_keep_valid_call_ids_only_and_the_newest_few() -> None:
+    burials = Burials(limit=3)
+    burials.add("inbox-1 2", "no valid id")
+    for i in range(5):
+        burials.add(f"c{i}", f"reason {i}")
+    taken = burials.take()
+    assert [(b.call_id, b.reason) for b in taken] == [(f"c{i}", f"reason {i}") for i in (2, 3, 4)]
+    assert burials.take() == []

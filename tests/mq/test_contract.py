@@ -266,6 +266,24 @@ async def test_max_deliveries_moves_to_dead_letters(queues: QueueMaker) -> None:
     assert dead[0].call is not None and dead[0].call.id == sent
 
 
+async def test_a_burial_is_reported_once_to_the_consumer_that_made_it(
+    queues: QueueMaker,
+) -> None:
+    gone, q = queues(**SHORT, mq_max_deliveries=1), queues(**SHORT, mq_max_deliveries=1)
+    sent = await q.push(call())
+    taken = await gone.reserve(1.0)  # and never acked: its consumer died
+    assert taken is not None and taken.call.id == sent
+    before = datetime.now(UTC)
+    deadline = time.monotonic() + 5
+    while not (buried := q.take_buried()) and time.monotonic() < deadline:
+        assert await q.reserve(0.3) is None
+    assert [b.call_id for b in buried] == [sent]
+    assert "delivered 1 times; the reservation lapsed each time" in buried[0].reason
+    assert before <= buried[0].died_at <= datetime.now(UTC)
+    assert q.take_buried() == [] and gone.take_buried() == []
+    assert [d.id for d in await q.dead_list()] == [sent]
+
+
 async def test_dead_letters_list_requeue_purge(queues: QueueMaker) -> None:
     q = queues()
     ids = await q.push_many([call(b"a"), call(b"b"), call(b"c")])
@@ -362,6 +380,9 @@ async def test_malformed_messages_go_to_dead_letters(queues: QueueMaker) -> None
         assert letter.reason.startswith("malformed message")
         assert letter.call is None
     assert (await q.stats()).dead == len(bad)
+    buried = q.take_buried()  # each has a valid id: a record may have been written for it
+    assert sorted(b.call_id for b in buried) == [f"m{i + 1}" for i in range(len(bad))]
+    assert {b.call_id: b.reason for b in buried} == {d.id: d.reason for d in dead}
 
 
 async def test_cancelled_reserve_loses_nothing(queues: QueueMaker) -> None:

@@ -177,6 +177,7 @@ async def test_bad_jobs_fail_with_reason(
     assert bad.get_status() == "failed"
     assert reason in failure_text(bad)
     assert registries(conn)["failed"] == [bad.id]
+    assert [(b.call_id, reason in b.reason) for b in queue.take_buried()] == [(bad.id, True)]
 
 
 async def test_positional_json_and_binary_bodies(make_rq: MakeRQ, rq_queue: Queue) -> None:
@@ -223,6 +224,9 @@ async def test_lapse_redelivers_then_fails(make_rq: MakeRQ, rq_queue: Queue, con
     assert "delivered 2 times" in failure_text(job)
     assert registries(conn) == {"started": [], "finished": [], "failed": [job.id]}
     assert (await queue.stats()).reserved == 0
+    [buried] = queue.take_buried()  # once, for the worker to end the call's record
+    assert buried.call_id == job.id and "delivered 2 times" in buried.reason
+    assert queue.take_buried() == []
 
 
 async def test_extend_keeps_reservation(make_rq: MakeRQ, rq_queue: Queue) -> None:
