@@ -116,7 +116,8 @@ class MessageQueue(Protocol):
         ack: Sequence[Message] = (),
         on_acked: Callable[[], None] | None = None,
     ) -> list[Message]:
-        """Up to ``max_count`` messages; waits only while there are none.
+        """Up to ``max_count`` messages; waits only while there are none, and not
+        once it has buried a call (it returns none then: see ``take_buried``).
 
         ``ack``: messages to ack first, in the same round trip where the backend
         can (a busy worker's acks ride on its next reserve). ``on_acked`` is
@@ -196,11 +197,13 @@ class Burials:
 
     def __init__(self, limit: int = MAX_BURIED) -> None:
         self._items: deque[Buried] = deque(maxlen=limit)
+        self.made = 0  # burials noted so far: a reserve that made one does not wait
 
     def add(self, call_id: str, reason: str) -> None:
         """Note a burial; ignored unless ``call_id`` is a valid call id."""
         if CALL_ID_RE.fullmatch(call_id):
             self._items.append(Buried(call_id, reason, utcnow()))
+            self.made += 1
 
     def take(self) -> list[Buried]:
         items = list(self._items)

@@ -326,6 +326,7 @@ class RedisQueue:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
         acks = self._ack_args(ack)  # the first round trip acks them
+        made = self._buried.made
         if loop.time() < self._quiet_until:
             msgs = await self._reserve_quietly(max_count, deadline, acks, on_acked)
             if msgs:
@@ -346,9 +347,9 @@ class RedisQueue:
             remaining = deadline - loop.time()
             cap_ms = box[0] if box else None  # the longest useful wait, -1: no limit
             if cap_ms is not None:
-                quiet_s = QUIET_MAX_S if cap_ms < 0 else min(QUIET_MAX_S, cap_ms / 1000)
-                self._quiet_until = loop.time() + quiet_s
-            if remaining <= 0:
+                self._quiet_for(cap_ms)
+            # No wait past the deadline, nor once a call was buried (it is told at once).
+            if remaining <= 0 or (cap_ms is not None and self._buried.made != made):
                 return []
             if cap_ms is None:  # routed or buried something: look again at once
                 continue
@@ -356,6 +357,12 @@ class RedisQueue:
             msgs = await self._block(max_count, max(1, int(block_ms)))
             if msgs:
                 return msgs
+
+    def _quiet_for(self, cap_ms: int) -> None:
+        """Nothing but new entries can turn up for ``cap_ms`` (-1: no limit): until then
+        (at most ``QUIET_MAX_S``) reserves go straight to the blocking read."""
+        quiet_s = QUIET_MAX_S if cap_ms < 0 else min(QUIET_MAX_S, cap_ms / 1000)
+        self._quiet_until = asyncio.get_running_loop().time() + quiet_s
 
     async def _reserve_quietly(
         self,

@@ -218,6 +218,7 @@ class RQQueue:
                 on_acked()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
+        made = self._buried.made
         while True:
             box: list[int] = []
             msgs = await claim_shielded(
@@ -230,6 +231,8 @@ class RQQueue:
                 return []
             if not box:  # failed or requeued something: look again at once
                 continue
+            if self._buried.made != made:  # burials are told without waiting
+                return []
             # rq's enqueue_in/enqueue_at only add to the scheduled registry, which wakes
             # no one: look again every SCHEDULED_POLL_S, as rq's own scheduler does.
             wait_s = min(remaining, SCHEDULED_POLL_S)

@@ -140,10 +140,11 @@ class SqliteQueue:
                 on_acked()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + max(timeout_s, 0.0)
+        made = self._buried.made
         while True:
             self._pushed.clear()
             msgs, next_due_ms, version = await self._claim(max_count)
-            if msgs:
+            if msgs or self._buried.made != made:  # burials are told without waiting
                 return msgs
             if not await self._wait_for_change(version, next_due_ms, deadline):
                 return []

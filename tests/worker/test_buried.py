@@ -1,0 +1,133 @@
+"""A call whose message the queue buries on its own does not stay `running` or
+`queued` for ever: the worker whose reserve buried it ends its record as an error
+with the queue's reason.
+
+In-process worker with the fake container driver, on the embedded datastore and
+the SQLite or Redis queue.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+import secrets
+from pathlib import Path
+
+import pytest
+
+from config.domain import Call, CallStatus, FailureKind, Function, new_call_id, utcnow
+from config.settings import Settings, load_settings
+from datastore.base import CallRecord, Datastore, open_datastore
+from datastore.errors import StoreUnavailable
+from mq.base import Buried, MessageQueue, open_queue
+from worker.agent.agent import Agent
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
+from worker.calls import CallHandler
+from worker.loop import Worker
+from worker.metrics import Metrics
+from worker.shutdown import Shutdown
+
+pytestmark = pytest.mark.integration
+
+FN = Function(app="a", name="f", image="img/f", memory_mb=64)
+
+
+def queue_url(backend: str, tmp_path: Path, request: pytest.FixtureRequest) -> str:
+    if backend == "sqlite":
+        return f"sqlite:///{tmp_path / 'mq.db'}"
+    server = request.getfixturevalue("redis_server")
+    return f"{server.url}?prefix=t{secrets.token_hex(4)}"
+
+
+async def run_until_final(
+    settings: Settings, queue: MessageQueue, store: Datastore, call_id: str
+) -> tuple[CallRecord, FakeDriver]:
+    """Run a worker until the call's record is final; its record and the driver."""
+    driver = FakeDriver(FakeBehaviour())
+    async with Agent(settings, driver) as agent:
+        shutdown = Shutdown(5.0)
+        run = asyncio.create_task(Worker(settings, [queue], store, agent).run(shutdown))
+        try:
+            async with asyncio.timeout(20):
+                while (record := await store.get_call(call_id)) is None or not record.is_final:
+                    await asyncio.sleep(0.05)
+        finally:
+            shutdown.request("test over")
+            await asyncio.wait_for(run, 10)
+    return record, driver
+
+
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_call_buried_after_its_workers_died_ends_as_an_error(
+    backend: str,
+    tmp_path: Path,
+    request: pytest.FixtureRequest,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    settings = load_settings(
+        data_dir=str(tmp_path),
+        mq_url=queue_url(backend, tmp_path, request),
+        mq_reservation_msecs=1000,
+        mq_max_deliveries=1,
+    )
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    gone, queue = open_queue(settings.mq_url, settings), open_queue(settings.mq_url, settings)
+    call = Call(new_call_id(), FN.app, FN.name, b"x")
+    try:
+        await queue.push(call)
+        taken = await gone.reserve(1.0)  # a worker takes it, marks it, and dies
+        assert taken is not None and taken.call.id == call.id
+        await store.record_running(call, 1, "gone-worker")
+        with caplog.at_level(logging.INFO, logger="fnq.worker"):
+            record, driver = await run_until_final(settings, queue, store, call.id)
+        assert (record.status, record.failure) == (CallStatus.ERROR, FailureKind.TERMINAL)
+        assert record.error == "delivered 1 times; the reservation lapsed each time"
+        assert driver.dispatches == 0
+        assert f"call {call.id}: the queue buried its message" in caplog.text
+        assert [d.id for d in await queue.dead_list()] == [call.id]
+    finally:
+        await gone.close()
+        await queue.close()
+        await store.close()
+
+
+async def test_a_queued_call_malformed_for_its_worker_ends_as_an_error(tmp_path: Path) -> None:
+    lenient = load_settings(data_dir=str(tmp_path), max_request_size=1000)
+    strict = load_settings(data_dir=str(tmp_path), max_request_size=10)
+    store = await open_datastore(strict)
+    await store.create_fn(FN)
+    producer, queue = open_queue(lenient.mq_url, lenient), open_queue(strict.mq_url, strict)
+    call = Call(new_call_id(), FN.app, FN.name, b"x" * 100)
+    try:
+        await store.record_queued(call)  # as `fnq call` does, before the push
+        await producer.push(call)
+        record, driver = await run_until_final(strict, queue, store, call.id)
+        assert record.status is CallStatus.ERROR
+        assert record.error is not None and record.error.startswith("malformed message")
+        assert driver.dispatches == 0
+    finally:
+        await producer.close()
+        await queue.close()
+        await store.close()
+
+
+class StoreDown:
+    async def end_buried(self, call_id: str, reason: str, died_at: object) -> bool:
+        raise StoreUnavailable("connection refused")
+
+
+async def test_burials_the_datastore_cannot_take_are_one_warning(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    handler = CallHandler(
+        load_settings(), StoreDown(), None,  # type: ignore[arg-type]
+        metrics=Metrics(), worker_id="w", rng=random.Random(),
+    )  # fmt: skip
+    buried = [Buried(new_call_id(), "delivered 2 times", utcnow()) for _ in range(3)]
+    with caplog.at_level(logging.INFO, logger="fnq.worker"):
+        await handler.record_buried(buried)  # not raised: best effort
+    [warning] = [r.getMessage() for r in caplog.records]
+    assert "could not record 3 call(s) buried by the queue" in warning
+    assert "connection refused" in warning
