@@ -12,6 +12,9 @@ status rules hold whatever order duplicate deliveries arrive in:
 * ``record_outcome``  upsert to the final state unless already final, with the
   response and (in the same transaction when logs live in the database) the log.
 
+(``end_buried`` also ends a live record, as an error, when the queue buried its
+message on its own: nothing would deliver the call again.)
+
 The first of these writes to create a call's record also stores the request
 (body, headers, priority) in the same statement; later writes never replace
 it. ``retry_call`` puts a finished call back to ``queued`` from that request.
