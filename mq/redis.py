@@ -541,10 +541,12 @@ class RedisQueue:
         deliveries: int,
     ) -> None:
         """``_bury`` an entry this consumer cannot take. Reported by ``take_buried`` when
-        it carries a valid call id: a record may have been written for it."""
+        it carries a valid call id and was routed (one message per id: a record of that
+        id is this message's). A producer's entry not yet routed is not: its id may be
+        that of a live call with another message, whose record is not its own."""
         key = _dead_key(fields, fallback)
         await self._bury(src, eid, key, reason, deliveries)
-        if fields.get(b"id") == key.encode():
+        if src != "inbox" and fields.get(b"id") == key.encode():
             self._buried.add(key, reason)
 
     def take_buried(self) -> list[Buried]:

@@ -380,9 +380,14 @@ async def test_malformed_messages_go_to_dead_letters(queues: QueueMaker) -> None
         assert letter.reason.startswith("malformed message")
         assert letter.call is None
     assert (await q.stats()).dead == len(bad)
-    buried = q.take_buried()  # each has a valid id: a record may have been written for it
-    assert sorted(b.call_id for b in buried) == [f"m{i + 1}" for i in range(len(bad))]
-    assert {b.call_id: b.reason for b in buried} == {d.id: d.reason for d in dead}
+    buried = q.take_buried()
+    if queues.backend == "redis":
+        # Producers' entries not yet routed: an id there may be a live call's, with a
+        # message (and a record) of its own. (Routed ones are: see test_buried.py.)
+        assert buried == []
+    else:  # one row per id: a record of that id is this message's
+        assert sorted(b.call_id for b in buried) == [f"m{i + 1}" for i in range(len(bad))]
+        assert {b.call_id: b.reason for b in buried} == {d.id: d.reason for d in dead}
 
 
 async def test_cancelled_reserve_loses_nothing(queues: QueueMaker) -> None:

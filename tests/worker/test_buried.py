@@ -93,9 +93,13 @@ async def test_a_call_buried_after_its_workers_died_ends_as_an_error(
         await store.close()
 
 
-async def test_a_queued_call_malformed_for_its_worker_ends_as_an_error(tmp_path: Path) -> None:
-    lenient = load_settings(data_dir=str(tmp_path), max_request_size=1000)
-    strict = load_settings(data_dir=str(tmp_path), max_request_size=10)
+@pytest.mark.parametrize("backend", ["sqlite", "redis"])
+async def test_a_queued_call_malformed_for_its_worker_ends_as_an_error(
+    backend: str, tmp_path: Path, request: pytest.FixtureRequest
+) -> None:
+    url = queue_url(backend, tmp_path, request)
+    lenient = load_settings(data_dir=str(tmp_path), mq_url=url, max_request_size=1000)
+    strict = load_settings(data_dir=str(tmp_path), mq_url=url, max_request_size=10)
     store = await open_datastore(strict)
     await store.create_fn(FN)
     producer, queue = open_queue(lenient.mq_url, lenient), open_queue(strict.mq_url, strict)
