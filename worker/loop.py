@@ -127,6 +127,8 @@ class Worker:
                 stopper.cancel()
             if shutdown.stopping.is_set():  # the intakes may have ended before the stopper ran
                 self._stop_waiting()
+            for queue in self.queues:  # a reserve cut short by the stop may have buried some
+                self._record_buried(queue)
             try:
                 await self._drain(shutdown, tasks)
             finally:

@@ -135,3 +135,51 @@ async def test_burials_the_datastore_cannot_take_are_one_warning(
     [warning] = [r.getMessage() for r in caplog.records]
     assert "could not record 3 call(s) buried by the queue" in warning
     assert "connection refused" in warning
+
+
+class BuriesThenWaits:
+    """The real queue, except that its reserve buries ``call_id`` and then waits for
+    new messages until the worker stops it."""
+
+    def __init__(self, inner: MessageQueue, call_id: str) -> None:
+        self.inner = inner
+        self.call_id = call_id
+        self.pending: list[Buried] = []
+        self.reserving = asyncio.Event()
+
+    async def reserve_many(self, *args: object, **kw: object) -> list[object]:
+        if not self.reserving.is_set():
+            self.pending.append(Buried(self.call_id, "delivered 1 times", utcnow()))
+        self.reserving.set()
+        await asyncio.Event().wait()  # cancelled by the stop
+        return []
+
+    def take_buried(self) -> list[Buried]:
+        taken, self.pending = self.pending, []
+        return taken
+
+    def __getattr__(self, name: str) -> object:
+        return getattr(self.inner, name)
+
+
+async def test_a_burial_of_a_reserve_cut_short_by_the_stop_is_recorded(tmp_path: Path) -> None:
+    settings = load_settings(data_dir=str(tmp_path))
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    call = Call(new_call_id(), FN.app, FN.name, b"x")
+    await store.record_running(call, 1, "gone-worker")
+    queue = BuriesThenWaits(open_queue(settings.mq_url, settings), call.id)
+    try:
+        async with Agent(settings, FakeDriver(FakeBehaviour())) as agent:
+            shutdown = Shutdown(5.0)
+            worker = Worker(settings, [queue], store, agent)  # type: ignore[list-item]
+            run = asyncio.create_task(worker.run(shutdown))
+            await asyncio.wait_for(queue.reserving.wait(), 10)
+            shutdown.request("test over")
+            await asyncio.wait_for(run, 10)
+        record = await store.get_call(call.id)
+        assert record is not None
+        assert (record.status, record.error) == (CallStatus.ERROR, "delivered 1 times")
+    finally:
+        await queue.inner.close()
+        await store.close()
