@@ -156,7 +156,12 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         raise ValueError(
             f"{text!r} is neither a duration (10m, 2h, 1d) nor an ISO time (2024-05-01T12:00:00Z)"
         ) from None
-    return when if when.tzinfo else when.replace(tzinfo=UTC)
+    if when.tzinfo is None:
+        return when.replace(tzinfo=UTC)
+    try:
+        return when.astimezone(UTC)  # the range check: a datastore compares in UTC
+    except OverflowError:
+        raise ValueError(f"{text.strip()!r} is out of range in UTC (years 1 to 9999)") from None
 
 
 def parse_config(pairs: Iterable[str]) -> dict[str, str]:

@@ -74,6 +74,11 @@ def test_durations_and_times() -> None:
             parse_duration(text)
         with pytest.raises(ValueError, match="is longer than 36500d"):
             parse_since(text, now)
+    # an offset that takes the time past year 1 or 9999 in UTC (PostgreSQL refused it)
+    assert parse_since("2024-05-01T12:00:00+02:00") == datetime(2024, 5, 1, 10, tzinfo=UTC)
+    for text in ("0001-01-01T00:00:00+01:00", "9999-12-31T23:59:59-05:00"):
+        with pytest.raises(ValueError, match="out of range in UTC"):
+            parse_since(text)
 
 
 def test_config_pairs() -> None:
