@@ -37,7 +37,7 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Awaitable, Callable, Iterator, Sequence
 from datetime import datetime, timedelta
 
 from config.domain import (
@@ -356,14 +356,13 @@ class CallHandler:
             attempt -= 1
         if decision.action is Action.FINISH:
             self._observe(call.created_at, outcome)
-            try:
-                stored_now = await self.store.record_outcome(
+            stored_now = await self._store(
+                d, outcome, attempt,
+                self.store.record_outcome(
                     call, outcome, attempt, self.worker_id, with_request=with_request
-                )
-            except StoreError as exc:
-                if isinstance(exc, Retryable | StoreClosed):
-                    raise
-                await self._refused(d, outcome, attempt, exc)
+                ),
+            )  # fmt: skip
+            if stored_now is None:  # refused: ended by _refused
                 return
             if not stored_now:
                 stored = await self.store.get_call(call.id)
@@ -382,16 +381,24 @@ class CallHandler:
         else:  # RELEASE: never started
             self.metrics.calls.released += 1
         next_try = utcnow() + timedelta(seconds=decision.delay_s)
+        retry = self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
+        if await self._store(d, outcome, attempt, retry) is None:  # refused: ended by _refused
+            return
+        await d.release(decision.delay_s)
+
+    async def _store(
+        self, d: Delivery, ran: Outcome, attempt: int, write: Awaitable[bool]
+    ) -> bool | None:
+        """What the record ``write`` returns; None if the datastore refused the record
+        (not an outage, not a closing store): ``_refused`` has then ended the call."""
         try:
-            await self.store.record_retry(
-                call, outcome, attempt, next_try, with_request=with_request
-            )
+            return await write
         except StoreError as exc:
             if isinstance(exc, Retryable | StoreClosed):
                 raise
-            await self._refused(d, outcome, attempt, exc)
-            return
-        await d.release(decision.delay_s)
+            refusal = exc
+        await self._refused(d, ran, attempt, refusal)
+        return None
 
     async def _refused(self, d: Delivery, ran: Outcome, attempt: int, exc: StoreError) -> None:
         """The datastore refused the call's record: something in it (not an outage).
