@@ -294,6 +294,7 @@ async def test_a_buried_call_ends_as_an_error_unless_it_moved_on(store: SqlDatas
     await store.record_outcome(done, success(), 1, "w")
     await store.record_running(later, 1, "w")
     died_at = utcnow()
+    await asyncio.sleep(0.01)  # times are stored to the microsecond: "since" is later
     await store.record_running(later, 2, "w2")  # requeued and taken again since
     reason = "delivered 3 times; the reservation lapsed each time\x00"
     for c in (queued, running):
