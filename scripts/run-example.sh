@@ -30,14 +30,8 @@ for name in Ada Grace Linus; do
     ids+=("$id")
 done
 
-say "waiting for them to finish"
-for _ in $(seq 1 120); do
-    left=$($FNQ calls list --app demo --json | .venv/bin/python -c '
-import json, sys
-print(sum(1 for c in json.load(sys.stdin)["items"] if c["status"] in ("queued", "running")))')
-    [ "$left" = 0 ] && break
-    sleep 0.5
-done
+say "waiting for them to finish (fnq calls wait ...)"
+$FNQ calls wait --timeout 120 "${ids[@]}" || true
 
 say "fnq calls list --app demo"
 $FNQ calls list --app demo

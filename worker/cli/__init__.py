@@ -22,7 +22,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "call": ("worker.cli.queue", "call_cmd"),
     "calls": ("worker.cli.store", "calls_group"),
     "logs": ("worker.cli.store", "logs_cmd"),
-    "fn": ("worker.cli.store", "fn_group"),
+    "fn": ("worker.cli.fns", "fn_group"),
     "dead": ("worker.cli.queue", "dead_group"),
     "status": ("worker.cli.run", "status_cmd"),
     "images": ("worker.cli.images", "images_cmd"),

@@ -10,7 +10,7 @@ from typing import TypeVar
 
 import click
 
-from config.domain import Call, frozen_map, new_call_id
+from config.domain import Call, CallStatus, frozen_map, new_call_id
 from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import Datastore, open_datastore
@@ -25,6 +25,7 @@ from worker.cli._common import (
     run_async,
     settings_from,
 )
+from worker.cli.wait import Waited, wait_for_calls
 
 T = TypeVar("T")
 REQUEUE_ROUND = 500  # dead letters listed, reopened and requeued at a time
@@ -135,6 +136,19 @@ async def enqueue_recorded(settings: Settings, call: Call) -> bool:
     default=None,
     help="Call id (idempotent while queued: a call already queued with it stays as it is).",
 )
+@click.option(
+    "--wait",
+    is_flag=True,
+    help="Wait for the call to end and print its response body instead of the id.",
+)
+@click.option(
+    "--wait-timeout",
+    "wait_timeout_s",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="With --wait: seconds to wait at most; 0 = no limit.",
+)
 @click.pass_context
 @friendly_errors
 def call_cmd(
@@ -147,8 +161,14 @@ def call_cmd(
     delay_s: float,
     priority: int,
     call_id: str | None,
+    wait: bool,
+    wait_timeout_s: float,
 ) -> None:
-    """Queue an asynchronous call of APP's function FN; prints the call id."""
+    """Queue an asynchronous call of APP's function FN; prints the call id.
+
+    With --wait: prints the response body once the call has succeeded (exit
+    status 0); a call that ended otherwise exits 1, one not ended by the
+    timeout 124, each with a line on stderr."""
     settings = settings_from(ctx)
     try:
         call = build_call(
@@ -165,9 +185,37 @@ def call_cmd(
         raise click.UsageError(str(exc)) from None
 
     queued = run_async(enqueue_recorded(settings, call))
-    click.echo(call.id)
+    if not wait:
+        click.echo(call.id)
     if not queued:
         click.echo(f"fnq: call {call.id} was already queued; this request was not queued", err=True)
+    if wait:
+        ctx.exit(_wait_for_answer(settings, call.id, wait_timeout_s or None))
+
+
+def _wait_for_answer(settings: Settings, call_id: str, timeout_s: float | None) -> int:
+    """``fnq call --wait``: the response body on stdout, or why there is none on stderr."""
+
+    async def wait() -> Waited:
+        store = await open_datastore(settings)
+        try:
+            return await wait_for_calls(store, [call_id], timeout_s)
+        finally:
+            await store.close()
+
+    waited = run_async(wait())
+    rec = waited.records.get(call_id)
+    if rec is None or not rec.is_final:
+        now = "no record yet" if rec is None else rec.status.value
+        click.echo(f"fnq: call {call_id} has not ended after {timeout_s or 0:g} s ({now}); "
+                   f"`fnq calls wait {call_id}` waits again", err=True)  # fmt: skip
+    elif rec.status is CallStatus.SUCCESS:
+        sys.stdout.buffer.write(rec.response_body)
+        sys.stdout.buffer.flush()
+    else:
+        click.echo(f"fnq: call {call_id} ended {rec.status.value}: {rec.error or 'no reason given'}"
+                   f"; `fnq logs {call_id}` shows its output", err=True)  # fmt: skip
+    return waited.exit_code
 
 
 @click.group("dead")

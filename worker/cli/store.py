@@ -1,4 +1,4 @@
-"""``fnq fn ...``, ``fnq calls ...`` and ``fnq logs``: the registry and call records."""
+"""``fnq calls ...`` and ``fnq logs``: the call records."""
 
 from __future__ import annotations
 
@@ -6,17 +6,16 @@ import base64
 import shlex
 from collections.abc import Awaitable, Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import TypeVar
 
 import click
 from click.core import ParameterSource
 
-from config.domain import CallStatus, Function, utcnow
+from config.domain import CallStatus, utcnow
 from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import CallFilter, CallRecord, Datastore, open_datastore
-from datastore.errors import FunctionNotFound
-from datastore.validate import parse_config, parse_duration, parse_since
+from datastore.validate import parse_duration, parse_since
 from mq.base import open_queue
 from worker.cli._common import (
     friendly_errors,
@@ -26,6 +25,7 @@ from worker.cli._common import (
     run_async,
     settings_from,
 )
+from worker.cli.wait import wait_for_calls
 
 T = TypeVar("T")
 
@@ -49,18 +49,6 @@ def with_store(settings: Settings, work: Callable[[Datastore], Awaitable[T]]) ->
     return run_async(run())
 
 
-def fn_to_json(fn: Function) -> dict[str, Any]:
-    return {
-        "app": fn.app, "name": fn.name, "image": fn.image, "memory_mb": fn.memory_mb,
-        "cpus_mcpu": fn.cpus_mcpu, "timeout_s": fn.timeout_s,
-        "idle_timeout_s": fn.idle_timeout_s, "tmpfs_mb": fn.tmpfs_mb,
-        "config": dict(fn.config), "max_attempts": fn.max_attempts,
-        "retry_backoff_s": fn.retry_backoff_s, "max_age_s": fn.max_age_s,
-        "created_at": fn.created_at.isoformat() if fn.created_at else None,
-        "updated_at": fn.updated_at.isoformat() if fn.updated_at else None,
-    }  # fmt: skip
-
-
 def _short_time(value: datetime | None) -> str:
     return "" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
@@ -74,142 +62,6 @@ def _duration(rec: CallRecord) -> str:
 def _one_line(text: str | None, width: int = 60) -> str:
     flat = " ".join((text or "").split())
     return flat if len(flat) <= width else flat[: width - 1] + "…"
-
-
-# ------------------------------------------------------------------- fn ...
-
-
-def _fn_options(required_image: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
-    options = [
-        click.option("--image", required=required_image, help="Docker image, e.g. team/fn:1.0."),
-        click.option("--memory", "memory_mb", type=int, help="Memory in MB (1..8192)."),
-        click.option("--cpus", "cpus_mcpu", type=int, help="CPU quota in milli-CPUs; 0 = none."),
-        click.option("--timeout", "timeout_s", type=int, help="Longest run in seconds (1..3600)."),
-        click.option("--idle-timeout", "idle_timeout_s", type=int,
-                     help="Seconds a hot container waits idle for its next call (1..3600)."),
-        click.option("--tmpfs", "tmpfs_mb", type=int, help="Size of /tmp in MB; 0 = none."),
-        click.option("--config", "config", multiple=True, metavar="K=V",
-                     help="Environment variable for the function (repeatable)."),
-        click.option("--max-attempts", "max_attempts", type=int, help="Runs before giving up."),
-        click.option("--retry-backoff", "retry_backoff_s", type=float,
-                     help="First retry delay in seconds (doubles each time)."),
-        click.option("--max-age", "max_age_s", type=int,
-                     help="Seconds after which a call not yet started is dropped."),
-    ]  # fmt: skip
-
-    def apply(func: Callable[..., Any]) -> Callable[..., Any]:
-        for option in reversed(options):
-            func = option(func)
-        return func
-
-    return apply
-
-
-_NUMERIC = ("memory_mb", "cpus_mcpu", "timeout_s", "idle_timeout_s", "tmpfs_mb",
-            "max_attempts", "retry_backoff_s", "max_age_s")  # fmt: skip
-
-
-@click.group("fn")
-def fn_group() -> None:
-    """Register, change, list and remove functions."""
-
-
-@fn_group.command("create")
-@click.argument("app")
-@click.argument("name")
-@_fn_options(required_image=True)
-@json_option
-@click.pass_context
-@friendly_errors
-def fn_create(ctx: click.Context, /, app: str, name: str, as_json: bool, **opts: Any) -> None:
-    """Register function NAME of APP."""
-    values = {k: opts[k] for k in _NUMERIC if opts[k] is not None}
-    fn = Function(app=app, name=name, image=opts["image"], config=parse_config(opts["config"]),
-                  **values)  # fmt: skip
-    created = with_store(settings_from(ctx), lambda s: s.create_fn(fn))
-    _show_fn(created, as_json, f"created {created.ref}")
-
-
-@fn_group.command("update")
-@click.argument("app")
-@click.argument("name")
-@_fn_options(required_image=False)
-@click.option("--unset", "unset", multiple=True, metavar="K", help="Remove a config variable.")
-@json_option
-@click.pass_context
-@friendly_errors
-def fn_update(ctx: click.Context, /, app: str, name: str, as_json: bool, **opts: Any) -> None:
-    """Change function NAME of APP; --config entries are merged into its config."""
-    changes: dict[str, Any] = {k: opts[k] for k in _NUMERIC if opts[k] is not None}
-    if opts["image"] is not None:
-        changes["image"] = opts["image"]
-
-    async def update(store: Datastore) -> Function:
-        if opts["config"] or opts["unset"]:
-            current = await store.get_fn(app, name)
-            if current is None:
-                raise FunctionNotFound(app, name)
-            config = {**current.config, **parse_config(opts["config"])}
-            for key in opts["unset"]:
-                config.pop(key, None)
-            changes["config"] = config
-        return await store.update_fn(app, name, **changes)
-
-    updated = with_store(settings_from(ctx), update)
-    _show_fn(updated, as_json, f"updated {updated.ref}")
-
-
-@fn_group.command("list")
-@click.argument("app", required=False)
-@json_option
-@click.pass_context
-@friendly_errors
-def fn_list(ctx: click.Context, app: str | None, as_json: bool) -> None:
-    """List functions, of one APP or of all."""
-    fns = with_store(settings_from(ctx), lambda s: s.list_fns(app))
-    if as_json:
-        print_json([fn_to_json(fn) for fn in fns])
-        return
-    rows = [(fn.app, fn.name, fn.image, fn.memory_mb, fn.timeout_s, fn.idle_timeout_s)
-            for fn in fns]  # fmt: skip
-    print_table(["APP", "NAME", "IMAGE", "MEMORY_MB", "TIMEOUT_S", "IDLE_TIMEOUT_S"], rows)
-
-
-@fn_group.command("show")
-@click.argument("app")
-@click.argument("name")
-@json_option
-@click.pass_context
-@friendly_errors
-def fn_show(ctx: click.Context, app: str, name: str, as_json: bool) -> None:
-    """Show function NAME of APP."""
-    fn = with_store(settings_from(ctx), lambda s: s.get_fn(app, name))
-    if fn is None:
-        raise FunctionNotFound(app, name)
-    _show_fn(fn, as_json, None)
-
-
-@fn_group.command("delete")
-@click.argument("app")
-@click.argument("name")
-@click.pass_context
-@friendly_errors
-def fn_delete(ctx: click.Context, app: str, name: str) -> None:
-    """Remove function NAME of APP (its call records stay)."""
-    if not with_store(settings_from(ctx), lambda s: s.delete_fn(app, name)):
-        raise FunctionNotFound(app, name)
-    click.echo(f"deleted {app}/{name}")
-
-
-def _show_fn(fn: Function, as_json: bool, headline: str | None) -> None:
-    doc = fn_to_json(fn)
-    if as_json:
-        print_json(doc)
-        return
-    if headline:
-        click.echo(headline)
-    doc["config"] = " ".join(f"{k}={v}" for k, v in sorted(fn.config.items()))
-    print_table(["FIELD", "VALUE"], list(doc.items()))
 
 
 # ---------------------------------------------------------------- calls ...
@@ -308,6 +160,43 @@ def calls_show(ctx: click.Context, call_id: str, as_json: bool) -> None:
         click.echo("")
         click.echo(response["body"] if response["body_encoding"] == "utf-8"
                    else f"<{len(rec.response_body)} bytes of binary data; see --json>")  # fmt: skip
+
+
+@calls_group.command("wait")
+@click.argument("call_ids", metavar="ID...", nargs=-1, required=True)
+@click.option(
+    "--timeout",
+    "timeout_s",
+    type=click.FloatRange(min=0),
+    default=300.0,
+    show_default=True,
+    help="Seconds to wait at most; 0 = no limit.",
+)
+@json_option
+@click.pass_context
+@friendly_errors
+def calls_wait(ctx: click.Context, call_ids: tuple[str, ...], timeout_s: float,
+               as_json: bool) -> None:  # fmt: skip
+    """Wait until calls have ended; one line per call as it ends.
+
+    Exit status 0 when every call succeeded, 1 when one ended otherwise, 124
+    when some had not ended by the timeout."""
+
+    def ended(rec: CallRecord) -> None:
+        if not as_json:
+            click.echo("  ".join(v for v in (rec.id, rec.status.value, _duration(rec),
+                                             _one_line(rec.error)) if v))  # fmt: skip
+
+    limit = timeout_s or None
+    waited = with_store(settings_from(ctx), lambda s: wait_for_calls(s, call_ids, limit, ended))
+    if as_json:
+        print_json([waited.records[i].to_json() if i in waited.records
+                    else {"id": i, "status": None} for i in waited.ids])  # fmt: skip
+    if waited.pending:
+        where = ", ".join(f"{i} ({waited.records[i].status.value})" if i in waited.records
+                          else f"{i} (no record yet)" for i in waited.pending)  # fmt: skip
+        click.echo(f"fnq: not ended after {timeout_s:g} s: {where}", err=True)
+    ctx.exit(waited.exit_code)
 
 
 @calls_group.command("cancel")

@@ -1,0 +1,73 @@
+"""Waiting for calls to end: ``fnq calls wait`` and ``fnq call --wait``.
+
+The datastore is read again and again, more and more slowly (from
+``FIRST_POLL_S`` up to ``MAX_POLL_S``), and only for the calls not yet ended.
+A call queued some other way than with ``fnq call`` (redis-cli, Python, RQ)
+has no record until a worker takes it: its id is waited for like any other.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+from config.domain import CallStatus
+from datastore.base import CallRecord, Datastore
+
+FIRST_POLL_S = 0.05
+MAX_POLL_S = 1.0
+POLL_GROWTH = 1.5
+EXIT_FAILED = 1  # a call ended other than `success`
+EXIT_TIMED_OUT = 124  # some calls had not ended when the wait ran out (as timeout(1))
+
+
+@dataclass
+class Waited:
+    """Where each call stands when the wait is over, in the order the ids were given."""
+
+    ids: Sequence[str]
+    records: dict[str, CallRecord] = field(default_factory=dict)  # the last read of each
+
+    @property
+    def pending(self) -> list[str]:
+        """The ids that have not ended (no record yet, or `queued` / `running`)."""
+        return [i for i in self.ids if i not in self.records or not self.records[i].is_final]
+
+    @property
+    def exit_code(self) -> int:
+        if self.pending:
+            return EXIT_TIMED_OUT
+        if any(self.records[i].status is not CallStatus.SUCCESS for i in self.ids):
+            return EXIT_FAILED
+        return 0
+
+
+async def wait_for_calls(
+    store: Datastore,
+    call_ids: Sequence[str],
+    timeout_s: float | None,
+    on_end: Callable[[CallRecord], None] | None = None,
+) -> Waited:
+    """Read the calls' records until each has ended or ``timeout_s`` has passed
+    (None: no limit); ``on_end`` is called once per call, as it is seen to end."""
+    ids = list(dict.fromkeys(call_ids))  # each once, in the order given
+    waited = Waited(ids)
+    loop = asyncio.get_running_loop()
+    deadline = None if timeout_s is None else loop.time() + timeout_s
+    pause = FIRST_POLL_S
+    while True:
+        pending = waited.pending
+        for call_id, record in (await store.get_calls(pending)).items():
+            waited.records[call_id] = record
+            if record.is_final and on_end is not None:
+                on_end(record)
+        if not waited.pending:
+            return waited
+        if deadline is not None:
+            left = deadline - loop.time()
+            if left <= 0:
+                return waited
+            pause = min(pause, left)
+        await asyncio.sleep(pause)
+        pause = min(MAX_POLL_S, pause * POLL_GROWTH)
