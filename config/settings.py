@@ -191,10 +191,10 @@ class Settings(BaseSettings):
         500,
         ge=0,
         description="A function whose calls are short (under 20 ms) and whose busy "
-        "containers keep coming free gets more than two containers per CPU only while "
-        "those are busy at least 75 % of the time, the host has this much CPU idle (mCPU, "
-        "from /proc/stat) and the worker itself uses less than 90 % of one. 0 = no such "
-        "checks (grow on waiting calls alone, as Fn).",
+        "containers keep coming free gets another, once the worker has two containers "
+        "per CPU, only while those are busy at least 75 % of the time, the host has this "
+        "much CPU idle (mCPU, from /proc/stat) and the worker itself uses less than 90 % "
+        "of one. 0 = no such checks (grow on waiting calls alone, as Fn).",
     )
 
     # ---------------------------------------------------------- responses

@@ -16,7 +16,7 @@ from worker.agent.slots import Caller, ContainerState, SlotQueue, slot_key
 
 
 def launcher(
-    tmp_path: Path, cpu: FixedCpu, **settings: object
+    tmp_path: Path, cpu: FixedCpu, worker_containers: int | None = None, **settings: object
 ) -> tuple[Launcher, list[ResourceToken]]:
     fn = make_fn()
     queue = SlotQueue(slot_key(fn), fn)
@@ -35,6 +35,7 @@ def launcher(
         drop_queue=lambda q: False,
         cpu=cpu,
         free_containers=4,
+        worker_containers=None if worker_containers is None else lambda: worker_containers,
     )
     return made, started
 
@@ -101,6 +102,27 @@ async def test_below_two_per_cpu_a_short_function_grows_however_idle(tmp_path: P
     cpu = FixedCpu(saturated=True)
     made, started = launcher(tmp_path, cpu)
     seldom_busy(made.queue, containers=3)
+    await made.check_launch(None)
+    assert cpu.asked == 0 and len(started) == 1
+
+
+@pytest.mark.parametrize(("others", "launched"), [(1, 1), (6, 0)])
+async def test_the_floor_counts_the_containers_of_every_function(
+    tmp_path: Path, others: int, launched: int
+) -> None:
+    """One container of this function beside ``others`` of other functions: past two
+    per CPU in the worker, a seldom busy short function gets no second container."""
+    cpu = FixedCpu(saturated=False)
+    made, started = launcher(tmp_path, cpu, worker_containers=1 + others)
+    seldom_busy(made.queue, containers=1)
+    await made.check_launch(None)
+    assert len(started) == launched
+
+
+async def test_a_function_without_containers_gets_one_in_a_full_worker(tmp_path: Path) -> None:
+    cpu = FixedCpu(saturated=True)
+    made, started = launcher(tmp_path, cpu, worker_containers=20)
+    made.queue.asking = 1
     await made.check_launch(None)
     assert cpu.asked == 0 and len(started) == 1
 

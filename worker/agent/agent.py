@@ -33,9 +33,9 @@ ends within its own timeouts, and gets its container or its error.
 **Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
 container only when waiting calls that have nudged outnumber the idle and
 starting containers; while its calls are short and a container is busy, one
-start at a time, and past two containers per CPU none unless its containers
-were busy most of the last quarter second and the host has CPU to spare
-(:mod:`launcher`, :mod:`cpu`).
+start at a time, and once the worker has two containers per CPU none unless
+its containers were busy most of the last quarter second and the host has
+CPU to spare (:mod:`launcher`, :mod:`cpu`).
 It needs a memory/CPU token first (:mod:`resources`). When there is no room,
 it evicts idle containers of *other* functions, oldest first, all or nothing
 (:mod:`evictor`), and waits for them to go. The new container lives in its
@@ -326,6 +326,7 @@ class Agent:
                 start_container=self._start_container,
                 drop_queue=self._drop_queue,
                 cpu=self.cpu,
+                worker_containers=self._hot.__len__,
             )
             self._launchers.spawn(launcher.run(), name=f"fnq-launcher-{fn.ref}-{key[:8]}")
         queue.last_used_s = asyncio.get_running_loop().time()

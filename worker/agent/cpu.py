@@ -6,7 +6,7 @@ container then helps only while the host has a core idle to run it and the
 worker itself has time to feed it. On a saturated host each start takes a few
 hundred ms of CPU from the calls, and the extra containers split the same CPU
 (with several workers on one host, each would grow its own set). Up to two
-containers per CPU are never held back: while one computes, the other's answer
+containers per CPU in the worker are never held back: while one computes, the other's answer
 is on its way through the worker, and calls in flight side by side let the
 worker handle several per turn of its loop.
 
@@ -35,7 +35,7 @@ log = logging.getLogger("fnq.agent.cpu")
 MIN_WINDOW_S = 0.1  # shorter windows count too few clock ticks (100 per second per CPU)
 MAX_WINDOW_S = 0.25  # longer ones tell of the past
 WORKER_BUSY_CORES = 0.9  # the worker's event loop is the bottleneck above this
-FREE_PER_CPU = 2  # containers of a function per CPU that grow without a look at the load
+FREE_PER_CPU = 2  # containers per CPU that grow without a look at the load
 
 
 class CpuGauge(Protocol):

@@ -6,10 +6,11 @@ On each nudge it asks the queue whether a container is needed (waiting calls
 that have nudged outnumber idle plus starting containers; one start at a time
 while the queue's calls are short and a container is busy). While the calls
 are short and the busy containers keep coming free, it starts none beyond two
-per CPU unless those containers were busy at least ``LAUNCH_BUSY_SHARE`` of the
-last quarter second (below that, a waiting call is only waiting its turn for a
-moment, and a start would take CPU from the calls for nothing) and the CPU
-gauge (:mod:`cpu`) says the host and the worker have CPU to spare for it.
+per CPU in the worker (counting every function's) unless those containers were
+busy at least ``LAUNCH_BUSY_SHARE`` of the last quarter second (below that, a
+waiting call is only waiting its turn for a moment, and a start would take CPU
+from the calls for nothing) and the CPU gauge (:mod:`cpu`) says the host and
+the worker have CPU to spare for it.
 If needed:
 
 1. takes a memory/CPU token: in blocking mode it waits up to one hot-poll
@@ -62,6 +63,7 @@ class Launcher:
         drop_queue: Callable[[SlotQueue], bool],
         cpu: CpuGauge,
         free_containers: int | None = None,
+        worker_containers: Callable[[], int] | None = None,
     ) -> None:
         self.queue = queue
         self.cpu = cpu
@@ -75,10 +77,11 @@ class Launcher:
             settings.secs("hot_launcher_timeout_msecs"), 2.0 * queue.fn.idle_timeout_s
         )
         self.launches = 0
-        # containers of a function that grow without a look at the load (two per CPU)
+        # containers of the worker that grow without a look at the load (two per CPU)
         self.free_containers = (
             FREE_PER_CPU * cpu_count() if free_containers is None else free_containers
         )
+        self.worker_containers = worker_containers or queue.live_containers
         self.grow_checks = settings.hot_grow_spare_mcpus > 0
 
     async def run(self) -> None:
@@ -126,11 +129,13 @@ class Launcher:
         return await self._await_evictions(evicted)
 
     def _held_back(self, now: float) -> bool:
-        """A short function past two containers per CPU whose containers keep coming
-        free gets another only while they are busy most of the time (the calls wait
-        for them, not for a moment's turn) and the host has CPU for it."""
+        """A short function whose containers keep coming free, in a worker past two
+        containers per CPU (of all its functions), gets another only while they are
+        busy most of the time (the calls wait for them, not for a moment's turn) and
+        the host has CPU for it. A function without a container is never held back:
+        none of its containers comes free."""
         queue = self.queue
-        live = queue.live_containers()
+        live = max(queue.live_containers(), self.worker_containers())
         return (
             self.grow_checks
             and live >= self.free_containers
