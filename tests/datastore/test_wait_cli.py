@@ -13,7 +13,7 @@ from config.domain import Call, CallStatus, FailureKind, Outcome, Response, new_
 from config.settings import load_settings
 from datastore.base import open_datastore
 from tests.datastore.test_cli import FNQ
-from worker.cli.wait import EXIT_TIMED_OUT
+from worker.cli._common import EXIT_TIMED_OUT
 
 OK = Outcome(CallStatus.SUCCESS, response=Response(200, {}, b"done"))
 FAILED = Outcome(CallStatus.ERROR, error="function failed: boom", failure=FailureKind.FUNCTION)

@@ -6,7 +6,7 @@ import pytest
 
 from config.domain import Function
 from tests.worker.conftest import Cluster
-from worker.cli.wait import EXIT_FAILED, EXIT_TIMED_OUT
+from worker.cli._common import EXIT_FAILED, EXIT_TIMED_OUT
 
 pytestmark = pytest.mark.integration
 

@@ -16,11 +16,22 @@ import click
 
 from config.errors import FnqError
 from config.settings import Settings, load_settings
+from datastore.wait import Waited
 
 P = ParamSpec("P")
 T = TypeVar("T")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
+
+EXIT_FAILED = 1  # a call waited for ended other than `success`
+EXIT_TIMED_OUT = 124  # some calls waited for had not ended when the wait ran out (as timeout(1))
+
+
+def wait_status(waited: Waited) -> int:
+    """The exit status of ``fnq calls wait`` and ``fnq call --wait``."""
+    if waited.pending:
+        return EXIT_TIMED_OUT
+    return 0 if waited.all_succeeded else EXIT_FAILED
 
 
 def settings_from(ctx: click.Context) -> Settings:

@@ -15,6 +15,7 @@ from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import Datastore, open_datastore
 from datastore.errors import FunctionNotFound
+from datastore.wait import Waited, wait_for_calls
 from mq import wire
 from mq.base import DeadLetter, MessageQueue, open_queue
 from worker.cli._common import (
@@ -24,8 +25,8 @@ from worker.cli._common import (
     print_table,
     run_async,
     settings_from,
+    wait_status,
 )
-from worker.cli.wait import Waited, wait_for_calls
 
 T = TypeVar("T")
 REQUEUE_ROUND = 500  # dead letters listed, reopened and requeued at a time
@@ -215,7 +216,7 @@ def _wait_for_answer(settings: Settings, call_id: str, timeout_s: float | None) 
     else:
         click.echo(f"fnq: call {call_id} ended {rec.status.value}: {rec.error or 'no reason given'}"
                    f"; `fnq logs {call_id}` shows its output", err=True)  # fmt: skip
-    return waited.exit_code
+    return wait_status(waited)
 
 
 @click.group("dead")

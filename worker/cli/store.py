@@ -16,6 +16,7 @@ from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import CallFilter, CallRecord, Datastore, open_datastore
 from datastore.validate import parse_duration, parse_since
+from datastore.wait import wait_for_calls
 from mq.base import open_queue
 from worker.cli._common import (
     friendly_errors,
@@ -24,8 +25,8 @@ from worker.cli._common import (
     print_table,
     run_async,
     settings_from,
+    wait_status,
 )
-from worker.cli.wait import wait_for_calls
 
 T = TypeVar("T")
 
@@ -196,7 +197,7 @@ def calls_wait(ctx: click.Context, call_ids: tuple[str, ...], timeout_s: float,
         where = ", ".join(f"{i} ({waited.records[i].status.value})" if i in waited.records
                           else f"{i} (no record yet)" for i in waited.pending)  # fmt: skip
         click.echo(f"fnq: not ended after {timeout_s:g} s: {where}", err=True)
-    ctx.exit(waited.exit_code)
+    ctx.exit(wait_status(waited))
 
 
 @calls_group.command("cancel")

@@ -1,4 +1,8 @@
-"""Waiting for calls to end: ``fnq calls wait`` and ``fnq call --wait``.
+"""Waiting for calls to end (``fnq calls wait``, ``fnq call --wait``, or Python)::
+
+    store = await open_datastore(load_settings())
+    waited = await wait_for_calls(store, [call_id], timeout_s=60)
+    record = waited.records.get(call_id)  # None: no record yet
 
 The datastore is read again and again, more and more slowly (from
 ``FIRST_POLL_S`` up to ``MAX_POLL_S``), and only for the calls not yet ended.
@@ -18,8 +22,6 @@ from datastore.base import CallRecord, Datastore
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
 POLL_GROWTH = 1.5
-EXIT_FAILED = 1  # a call ended other than `success`
-EXIT_TIMED_OUT = 124  # some calls had not ended when the wait ran out (as timeout(1))
 
 
 @dataclass
@@ -35,12 +37,10 @@ class Waited:
         return [i for i in self.ids if i not in self.records or not self.records[i].is_final]
 
     @property
-    def exit_code(self) -> int:
-        if self.pending:
-            return EXIT_TIMED_OUT
-        if any(self.records[i].status is not CallStatus.SUCCESS for i in self.ids):
-            return EXIT_FAILED
-        return 0
+    def all_succeeded(self) -> bool:
+        return not self.pending and all(
+            self.records[i].status is CallStatus.SUCCESS for i in self.ids
+        )
 
 
 async def wait_for_calls(
