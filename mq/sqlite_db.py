@@ -50,10 +50,13 @@ CREATE TABLE IF NOT EXISTS mq_dead (
 CREATE INDEX IF NOT EXISTS mq_dead_died ON mq_dead (died_ms);
 """
 
+# The reason of a message buried for too many deliveries: SQLite's printf() writes it
+# into its dead letter (_BURY_LAPSED), and lapsed_reason into what its worker is told.
+LAPSED_REASON = "delivered %d times; the reservation lapsed each time"
+
 _BURY_LAPSED = """
 INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
-SELECT id, 'delivered ' || deliveries || ' times; the reservation lapsed each time',
-       deliveries, :now, priority, payload
+SELECT id, printf(:reason, deliveries), deliveries, :now, priority, payload
 FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NULL
                   AND deliveries >= :max
 """
@@ -80,7 +83,7 @@ class Reserved(NamedTuple):
 
 
 def lapsed_reason(deliveries: int) -> str:
-    return f"delivered {deliveries} times; the reservation lapsed each time"
+    return LAPSED_REASON % deliveries
 
 
 def dead_id(msg_id: object) -> str:
@@ -241,7 +244,7 @@ class SqliteDb:
         args = {"now": now, "max": self.max_deliveries}
         lapsed = conn.execute(_LAPSED, args).fetchall()
         if lapsed:
-            conn.execute(_BURY_LAPSED, args)
+            conn.execute(_BURY_LAPSED, {**args, "reason": LAPSED_REASON})
             conn.execute(_DELETE_LAPSED, args)
         conn.execute(
             "UPDATE mq_message SET state = 0, receipt = NULL WHERE state = 1 AND due_ms <= ?",
