@@ -50,10 +50,13 @@ CREATE TABLE IF NOT EXISTS mq_dead (
 CREATE INDEX IF NOT EXISTS mq_dead_died ON mq_dead (died_ms);
 """
 
+# The reason of a message buried for too many deliveries: SQLite's printf() writes it
+# into its dead letter (_BURY_LAPSED), and lapsed_reason into what its worker is told.
+LAPSED_REASON = "delivered %d times; the reservation lapsed each time"
+
 _BURY_LAPSED = """
 INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
-SELECT id, 'delivered ' || deliveries || ' times; the reservation lapsed each time',
-       deliveries, :now, priority, payload
+SELECT id, printf(:reason, deliveries), deliveries, :now, priority, payload
 FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NULL
                   AND deliveries >= :max
 """
@@ -67,7 +70,8 @@ DELETE FROM mq_message WHERE state = 1 AND due_ms <= :now AND receipt IS NOT NUL
 """
 _BURY_ONE = """
 INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
-SELECT id, ?, deliveries, ?, priority, payload FROM mq_message WHERE seq = ? AND id = ?
+SELECT :dead_id, :reason, deliveries, :now, priority, payload FROM mq_message
+WHERE seq = :seq AND id = :id
 """
 
 
@@ -79,7 +83,17 @@ class Reserved(NamedTuple):
 
 
 def lapsed_reason(deliveries: int) -> str:
-    return f"delivered {deliveries} times; the reservation lapsed each time"
+    return LAPSED_REASON % deliveries
+
+
+def dead_id(msg_id: object) -> str:
+    """The id of a row's dead letter: the row's, as text. A BLOB id (written by another
+    program) is read as UTF-8, a byte that is not shown as ``\\xNN``, so that ``fnq
+    dead requeue ID`` and ``fnq dead purge ID`` can name it; requeued, the row has
+    that text id."""
+    if isinstance(msg_id, bytes):
+        return msg_id.decode("utf-8", "backslashreplace")
+    return str(msg_id)
 
 
 def now_ms() -> int:
@@ -212,6 +226,8 @@ class SqliteDb:
         """The call of a row taken at ``now``, or WireError."""
         # A row of another program may lack `created`: it was made about when it is
         # first taken (not in 1970, which would expire it at once).
+        if not isinstance(msg_id, str):  # a BLOB: SQLite keeps it so in a TEXT column
+            raise wire.WireError(f"the row's id {msg_id!r} is a BLOB, not text")
         call = wire.decode_json(payload, prio, self.max_body_bytes, default_created_ms=now)
         if call.id != msg_id:  # acks and dead letters go by the row's id
             raise wire.WireError(f"payload id {call.id!r} is not the row's id {msg_id!r}")
@@ -228,7 +244,7 @@ class SqliteDb:
         args = {"now": now, "max": self.max_deliveries}
         lapsed = conn.execute(_LAPSED, args).fetchall()
         if lapsed:
-            conn.execute(_BURY_LAPSED, args)
+            conn.execute(_BURY_LAPSED, {**args, "reason": LAPSED_REASON})
             conn.execute(_DELETE_LAPSED, args)
         conn.execute(
             "UPDATE mq_message SET state = 0, receipt = NULL WHERE state = 1 AND due_ms <= ?",
@@ -236,8 +252,11 @@ class SqliteDb:
         )
         return [(i, lapsed_reason(n)) for i, n in lapsed if isinstance(i, str)]
 
-    def _bury(self, conn: sqlite3.Connection, seq: int, msg_id: str, reason: str, now: int) -> None:
-        conn.execute(_BURY_ONE, (reason, now, seq, msg_id))
+    def _bury(
+        self, conn: sqlite3.Connection, seq: int, msg_id: object, reason: str, now: int
+    ) -> None:
+        args = {"dead_id": dead_id(msg_id), "reason": reason, "now": now, "seq": seq, "id": msg_id}
+        conn.execute(_BURY_ONE, args)
         conn.execute("DELETE FROM mq_message WHERE seq = ? AND id = ?", (seq, msg_id))
 
     def ack(self, msgs: Sequence[Message]) -> None:

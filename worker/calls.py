@@ -8,6 +8,11 @@
          `running` (attempt n) is recorded beside it if the call lasts (worker.running)
       -> decide (worker.policy) -> record durably -> settle the message
 
+A call whose record is `running` on another worker that is alive, and may
+still be running it (worker.elsewhere), is left to that worker: the new
+delivery is put off, as a call delivered again to the worker running it is
+(``put_off_duplicate``), and its record left alone.
+
 A call that never reached a container because the worker is stopping (the
 agent sends back calls that wait for a container, and refuses new ones, at
 the first stop request) goes back to the queue at once, as the calls stopped
@@ -56,6 +61,7 @@ from datastore.errors import StoreClosed
 from mq.base import Buried
 from worker.agent.agent import Agent
 from worker.delivery import HAND_BACK_TIMEOUT_S, Delivery
+from worker.elsewhere import Elsewhere
 from worker.logs import current_call
 from worker.metrics import Metrics
 from worker.policy import Action, decide
@@ -123,6 +129,7 @@ class CallHandler:
         self.recording = 0  # calls that have run (or never will) and wait to be recorded
         self._room = asyncio.Event()  # set when `recording` has just gone down
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
+        self._elsewhere = Elsewhere(store, worker_id)
         self._handed_back = 0  # calls handed back for a passing fault (see _failed)
         self._handed_back_logged_at = -HANDED_BACK_LOG_S
 
@@ -166,8 +173,13 @@ class CallHandler:
         call left alone. When it comes back, the call has most often ended: its
         final record settles it then, and it does not run twice."""
         current_call.set(d.call_id)
-        log.warning("call %s: delivered again while it runs here; the new delivery "
-                    "goes back for %g s", d.call_id, RETRY_LATER_S)  # fmt: skip
+        await self._put_off(d, "delivered again while it runs here")
+
+    async def _put_off(self, d: Delivery, why: str) -> None:
+        """The new delivery of a call that runs (here or on another worker) goes back
+        for RETRY_LATER_S; nothing else changes."""
+        log.warning("call %s: %s; the new delivery goes back for %g s",
+                    d.call_id, why, RETRY_LATER_S)  # fmt: skip
         try:
             async with asyncio.timeout(SETTLE_FAILED_S):
                 await d.release(RETRY_LATER_S)
@@ -265,6 +277,14 @@ class CallHandler:
         if seen is not None and seen.status.is_final:
             with self._recording():
                 await self._settle_final(d, seen)
+            return
+        if (
+            seen is not None
+            and seen.status is CallStatus.RUNNING
+            and fn is not None
+            and (other := await self._elsewhere.runs(seen, fn)) is not None
+        ):
+            await self._put_off(d, f"delivered again while worker {other} runs it")
             return
         if fn is None or utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
             with self._recording():

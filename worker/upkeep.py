@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection
+from datetime import timedelta
 from importlib.metadata import version
 from typing import Any
 
@@ -30,6 +31,9 @@ VERSION = version("fnq")
 CANCEL_POLL_S = 0.5
 MIB = 1024 * 1024
 HEARTBEAT_S = 5.0
+# A worker whose last heartbeat is at most this old is alive (``fnq status`` lists it;
+# worker.elsewhere leaves its `running` calls to it).
+ALIVE_WITHIN = timedelta(seconds=30)
 
 
 def describe(stats: AgentStats) -> dict[str, Any]:

@@ -7,7 +7,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 from config.settings import load_settings
-from mq.base import open_queue
+from mq.base import QueueStats, open_queue
 
 
 async def test_rows_of_other_programs(tmp_path: Path) -> None:
@@ -41,5 +41,38 @@ async def test_rows_of_other_programs(tmp_path: Path) -> None:
             "n3": "malformed message: payload id 'other' is not the row's id 'n3'",
         }
         assert (await q.stats()).dead == 3
+    finally:
+        await q.close()
+
+
+async def test_a_row_whose_id_is_a_blob_is_dead_under_a_text_id(tmp_path: Path) -> None:
+    """A row of another program whose ``id`` is a BLOB is malformed; its dead letter goes
+    by the id as text (bytes that are not UTF-8 as ``\\xNN``), which ``dead requeue`` and
+    ``dead purge`` take. Requeued, it is a row with a text id, and runs."""
+    url = f"sqlite://{tmp_path / 'mq.db'}"
+    q = open_queue(url, load_settings())
+    try:
+        await q.stats()  # creates the tables
+        rows = [
+            (b"blob-1", '{"id":"blob-1","app":"a","fn":"f","body":"x"}'),
+            (b"blob-\xff", '{"id":"blob-2","app":"a","fn":"f"}'),
+        ]
+        with sqlite3.connect(tmp_path / "mq.db") as conn:
+            conn.executemany(
+                "INSERT INTO mq_message (id, priority, payload) VALUES (?, 0, ?)", rows
+            )
+        assert await q.reserve(0.1) is None
+        dead = {d.id: d.reason for d in await q.dead_list()}
+        assert dead == {
+            "blob-1": "malformed message: the row's id b'blob-1' is a BLOB, not text",
+            "blob-\\xff": "malformed message: the row's id b'blob-\\xff' is a BLOB, not text",
+        }
+        assert q.take_buried() == []  # no call id to end a record of
+        assert await q.dead_purge(["blob-\\xff"]) == 1
+        assert await q.dead_requeue(["blob-1"]) == 1
+        msg = await q.reserve(2.0)
+        assert msg is not None and (msg.call.id, msg.call.body) == ("blob-1", b"x")
+        await q.ack(msg)
+        assert await q.stats() == QueueStats(0, 0, 0, 0)
     finally:
         await q.close()

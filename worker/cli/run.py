@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 from typing import Any
 
 import click
@@ -24,6 +23,7 @@ from worker.cli._common import (
 )
 from worker.logs import setup_logging
 from worker.runtime import open_rq, serve, setup_sentry
+from worker.upkeep import ALIVE_WITHIN
 
 
 @click.command("worker")
@@ -49,8 +49,6 @@ def worker_cmd(ctx: click.Context, burst: bool, prefetch: int) -> None:
     run_async(serve(settings, burst=burst, prefetch=prefetch))
 
 
-# fnq status lists workers whose last heartbeat is at most this old.
-STATUS_SEEN_WITHIN = timedelta(seconds=30)
 WORKER_HEADERS = ["WORKER", "HOST", "PID", "MEMORY MB", "CPU mCPU", "CONTAINERS", "RUNNING",
                   "WAITING", "SEEN"]  # fmt: skip
 
@@ -74,7 +72,7 @@ async def _status(ctx: click.Context) -> dict[str, Any]:
         store = await open_datastore(settings)
         try:
             counts = await store.count_by_status()
-            workers = await store.list_workers(STATUS_SEEN_WITHIN)
+            workers = await store.list_workers(ALIVE_WITHIN)
         finally:
             await store.close()
     except FnqError as exc:
@@ -153,5 +151,5 @@ def _print_status(data: dict[str, Any]) -> None:
     if data["workers"]:
         print_table(WORKER_HEADERS, [worker_row(w) for w in data["workers"]])
     else:
-        seconds = STATUS_SEEN_WITHIN.total_seconds()
+        seconds = ALIVE_WITHIN.total_seconds()
         click.echo(f"no worker seen in the last {seconds:.0f} s")

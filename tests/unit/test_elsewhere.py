@@ -1,0 +1,98 @@
+"""worker.elsewhere: which `running` records another live worker may still be running,
+and how often the live workers are read for that."""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import timedelta
+
+import pytest
+
+from config.domain import CallStatus, Function, new_call_id, utcnow
+from datastore.base import CallRecord, WorkerInfo
+from datastore.errors import StoreUnavailable
+from worker import elsewhere
+from worker.elsewhere import Elsewhere
+
+FN = Function(app="a", name="f", image="img/f", timeout_s=10)
+
+
+class Workers:
+    """A datastore with only its live workers; counts the reads."""
+
+    def __init__(self, *ids: str) -> None:
+        self.ids = ids
+        self.reads = 0
+        self.fail: Exception | None = None
+        self.answer = asyncio.Event()
+        self.answer.set()
+
+    async def list_workers(self, seen_within: timedelta) -> list[WorkerInfo]:
+        assert seen_within == timedelta(seconds=30)
+        self.reads += 1
+        await self.answer.wait()
+        if self.fail is not None:
+            raise self.fail
+        now = utcnow()
+        return [WorkerInfo(i, "host", 1, now, now) for i in self.ids]
+
+
+def record(status: CallStatus, worker_id: str | None, marked_s_ago: float = 0.0) -> CallRecord:
+    now = utcnow()
+    marked = now - timedelta(seconds=marked_s_ago)
+    return CallRecord(
+        id=new_call_id(), app="a", fn="f", status=status, created_at=marked,
+        updated_at=marked, started_at=marked, worker_id=worker_id,
+    )  # fmt: skip
+
+
+async def test_only_a_record_running_on_another_live_worker_within_its_timeout() -> None:
+    store = Workers("w-a")
+    here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
+    assert await here.runs(record(CallStatus.RUNNING, "w-a"), FN) == "w-a"
+    assert await here.runs(record(CallStatus.RUNNING, "w-a", marked_s_ago=14), FN) == "w-a"
+    assert await here.runs(record(CallStatus.RUNNING, "w-a", marked_s_ago=16), FN) is None
+    assert await here.runs(record(CallStatus.RUNNING, "w-gone"), FN) is None
+    assert await here.runs(record(CallStatus.RUNNING, "w-b"), FN) is None  # this worker's
+    assert await here.runs(record(CallStatus.RUNNING, None), FN) is None
+    assert await here.runs(record(CallStatus.QUEUED, "w-a"), FN) is None
+    assert store.reads == 1  # only running records read the workers, and once
+
+
+async def test_calls_that_ask_together_share_one_read_kept_for_a_while(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    store = Workers("w-a")
+    store.answer.clear()
+    here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
+    asks = [asyncio.ensure_future(here.runs(record(CallStatus.RUNNING, "w-a"), FN))]
+    asks += [asyncio.ensure_future(here.runs(record(CallStatus.RUNNING, "w-a"), FN))]
+    await asyncio.sleep(0.01)
+    asks[0].cancel()  # one that gives up does not cancel the others' read
+    store.answer.set()
+    assert await asks[1] == "w-a"
+    assert await here.runs(record(CallStatus.RUNNING, "w-a"), FN) == "w-a"
+    assert store.reads == 1
+    monkeypatch.setattr(elsewhere, "LIVE_TTL_S", 0.0)
+    assert await here.runs(record(CallStatus.RUNNING, "w-a"), FN) == "w-a"
+    assert store.reads == 2
+
+
+async def test_a_failed_read_fails_the_call_and_is_not_kept() -> None:
+    store = Workers("w-a")
+    store.fail = StoreUnavailable("connection refused")
+    here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable):
+        await here.runs(record(CallStatus.RUNNING, "w-a"), FN)
+    store.fail = None
+    assert await here.runs(record(CallStatus.RUNNING, "w-a"), FN) == "w-a"
+    assert store.reads == 2
+
+
+async def test_a_read_that_hangs_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(elsewhere, "LIVE_READ_TIMEOUT_S", 0.05)
+    store = Workers("w-a")
+    store.answer.clear()
+    here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
+    with pytest.raises(StoreUnavailable, match=r"could not be read within 0\.05 s"):
+        await here.runs(record(CallStatus.RUNNING, "w-a"), FN)
