@@ -18,10 +18,13 @@ from dataclasses import dataclass, field
 
 from config.domain import CallStatus
 from datastore.base import CallRecord, Datastore
+from datastore.errors import StoreUnavailable
 
 FIRST_POLL_S = 0.05
 MAX_POLL_S = 1.0
 POLL_GROWTH = 1.5
+READ_TIMEOUT_S = 30.0  # one read of the records, at most
+MIN_READ_S = 1.0  # a read at the deadline may take this long
 
 
 @dataclass
@@ -58,7 +61,19 @@ async def wait_for_calls(
     pause = FIRST_POLL_S
     while True:
         pending = waited.pending
-        for call_id, record in (await store.get_calls(pending)).items():
+        read_s = READ_TIMEOUT_S
+        if deadline is not None:  # the last read too gets a moment
+            read_s = min(READ_TIMEOUT_S, max(MIN_READ_S, deadline - loop.time()))
+        try:
+            async with asyncio.timeout(read_s):
+                found = await store.get_calls(pending)
+        except TimeoutError:
+            if deadline is not None and loop.time() >= deadline:
+                return waited  # the wait ran out during the read
+            raise StoreUnavailable(
+                f"reading the call records took longer than {READ_TIMEOUT_S:g} s"
+            ) from None
+        for call_id, record in found.items():
             waited.records[call_id] = record
             if record.is_final and on_end is not None:
                 on_end(record)

@@ -9,9 +9,13 @@ import subprocess
 import time
 from pathlib import Path
 
+import pytest
+
 from config.domain import Call, CallStatus, FailureKind, Outcome, Response, new_call_id
 from config.settings import load_settings
-from datastore.base import open_datastore
+from datastore.base import CallRecord, open_datastore
+from datastore.errors import StoreUnavailable
+from datastore.wait import MIN_READ_S, wait_for_calls
 from tests.datastore.test_cli import FNQ
 from worker.cli._common import EXIT_TIMED_OUT
 
@@ -97,3 +101,24 @@ def test_wait_that_runs_out_names_what_has_not_ended(settings_env: Path) -> None
     assert f"{call.id} (queued)" in err and f"{unknown} (no record yet)" in err
     docs = json.loads(out)
     assert [(d["id"], d["status"]) for d in docs] == [(call.id, "queued"), (unknown, None)]
+
+
+class HungStore:
+    """A datastore whose reads never answer."""
+
+    async def get_calls(self, call_ids: object) -> dict[str, CallRecord]:
+        await asyncio.Event().wait()
+        raise AssertionError("unreachable")
+
+
+async def test_a_hung_read_ends_the_wait_by_its_timeout() -> None:
+    t0 = time.monotonic()
+    waited = await wait_for_calls(HungStore(), ["a"], 0.2)  # type: ignore[arg-type]
+    assert waited.pending == ["a"] and waited.records == {}
+    assert time.monotonic() - t0 < MIN_READ_S + 1
+
+
+async def test_a_hung_read_without_a_timeout_is_an_outage(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("datastore.wait.READ_TIMEOUT_S", 0.2)
+    with pytest.raises(StoreUnavailable, match=r"took longer than 0\.2 s"):
+        await wait_for_calls(HungStore(), ["a"], None)  # type: ignore[arg-type]
