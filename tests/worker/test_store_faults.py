@@ -235,6 +235,35 @@ async def test_one_queue_down_leaves_the_other_s_intake_alone(
         await store.close()
 
 
+async def test_a_queue_back_from_an_outage_is_logged_without_waiting_for_a_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing queued, the reserve after an outage waits for messages up to
+    FN_ASYNC_CHEW_POLL_MSECS (60 s): the queue is back all the same, and says so."""
+    settings = load_settings(data_dir=str(tmp_path))
+    assert settings.async_chew_poll_msecs == 60_000
+    store = await open_datastore(settings)
+    queue = DownAtFirst(open_queue(settings.mq_url, settings), fails=2)
+    shutdown = Shutdown(5.0)
+    try:
+        driver = FakeDriver(FakeBehaviour(handler=reply()))
+        with caplog.at_level(logging.INFO, logger="fnq.worker"):
+            async with Agent(settings, driver) as agent:
+                worker = Worker(settings, queue, store, agent)
+                run = asyncio.create_task(worker.run(shutdown))
+                try:
+                    async with asyncio.timeout(5):
+                        while "RQ queues jobs is back, resuming its intake" not in caplog.text:
+                            await asyncio.sleep(0.02)
+                finally:
+                    shutdown.request("test over")
+                    await asyncio.wait_for(run, 30)
+        assert "RQ queues jobs unavailable, pausing its intake" in caplog.text
+    finally:
+        await queue.close()
+        await store.close()
+
+
 class FullDiskOnce:
     """The real datastore, except that the first outcome fails to be recorded as on a
     full disk, and that putting a `running` record back (``record_retry(...,
