@@ -7,7 +7,13 @@ is refused by the database (a constraint, a bad value), the batch is rolled
 back and its writes are run again one transaction each, so only that write
 fails. A lost
 connection or a server that refuses connections is an outage: the batch is
-retried with backoff until the server is back.
+retried with backoff until the server is back. So is asyncpg's
+``InternalClientError`` ("cannot switch to state ...; another operation is in
+progress"): asyncpg raises it on a connection whose server ended the session
+mid-statement (``pg_ctl stop -m fast``) before it saw the socket close, and
+its pool drops that connection. Giving a connection back to the pool fails
+the same way at times; the work done on it stands (a batch's commit has
+returned by then), and the pool drops the connection.
 
 Every statement carries ``STATEMENT_TIMEOUT_S``; taking a connection from the
 pool waits at most ``ACQUIRE_TIMEOUT_S``.
@@ -16,6 +22,9 @@ pool waits at most ``ACQUIRE_TIMEOUT_S``.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
 from urllib.parse import parse_qsl, urlsplit
@@ -37,6 +46,8 @@ POOL_MAX_SIZE = 4
 UNDEFINED_OBJECT = "42704"  # SQLSTATE of "unrecognized configuration parameter"
 INVALID_PARAMETER_VALUE = "22023"
 
+log = logging.getLogger(__name__)
+
 _Op = tuple[Write, dict[str, Any], bytes | None]
 
 _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
@@ -46,7 +57,16 @@ _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.OperatorInterventionError,
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
+    asyncpg.exceptions.InternalClientError,  # a connection left mid-statement (see above)
 )
+# What asyncpg raises on a connection: the server's errors, the client's own.
+_CLIENT_ERRORS: tuple[type[Exception], ...] = (
+    asyncpg.PostgresError,
+    asyncpg.InterfaceError,
+    asyncpg.exceptions.InternalClientError,
+)
+# ... and what talking to the server may raise besides.
+_FAILURES: tuple[type[Exception], ...] = (*_CLIENT_ERRORS, OSError, TimeoutError)
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -225,14 +245,27 @@ class PostgresDatastore(SqlDatastore):
         store.writer.start()
         return store
 
+    @contextlib.asynccontextmanager
+    async def _connection(self) -> AsyncIterator[Any]:
+        """A pooled connection. Failing to give it back does not fail the work done
+        on it: asyncpg's pool drops a connection it cannot reset (see above)."""
+        conn = await self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S)
+        try:
+            yield conn
+        finally:
+            try:
+                await self._pool.release(conn, timeout=ACQUIRE_TIMEOUT_S)
+            except _FAILURES as exc:
+                log.info("postgres: a connection could not be reset, dropped it: %s", exc)
+
     async def _run_batch(self, ops: list[_Op]) -> list[Any]:
-        async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+        async with self._connection() as conn:
             try:
                 if pgbatch.statements(ops) == 1:  # atomic on its own
                     return await pgbatch.run(conn, ops, apply, STATEMENT_TIMEOUT_S)
                 async with conn.transaction():
                     return await pgbatch.run(conn, ops, apply, STATEMENT_TIMEOUT_S)
-            except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+            except _CLIENT_ERRORS as exc:
                 if is_outage(exc):
                     raise
             # One write spoiled the batch: run each alone so only that one fails.
@@ -241,7 +274,7 @@ class PostgresDatastore(SqlDatastore):
                 try:
                     async with conn.transaction():
                         results.append(await apply(conn, kind, p, log))
-                except (asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                except _CLIENT_ERRORS as exc:
                     if is_outage(exc):
                         raise
                     results.append(Failed(StoreError(f"{kind.value} failed: {exc}")))
@@ -252,18 +285,18 @@ class PostgresDatastore(SqlDatastore):
 
     async def _write_now(self, kind: Write, params: dict[str, Any]) -> Any:
         try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            async with self._connection() as conn:
                 return await apply(conn, kind, params, None)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except _FAILURES as exc:
             if is_outage(exc):
                 raise StoreUnavailable(f"the PostgreSQL datastore is unavailable: {exc}") from exc
             raise StoreError(f"{kind.value} failed: {exc}") from exc
 
     async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
         try:
-            async with self._pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
+            async with self._connection() as conn:
                 rows = await _fetch(conn, query, params)
-        except (asyncpg.PostgresError, asyncpg.InterfaceError, OSError, TimeoutError) as exc:
+        except _FAILURES as exc:
             if is_outage(exc):
                 raise StoreUnavailable(f"the PostgreSQL datastore is unavailable: {exc}") from exc
             raise StoreError(f"reading the datastore failed: {exc}") from exc

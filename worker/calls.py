@@ -59,6 +59,7 @@ from config.settings import Settings
 from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreClosed
 from mq.base import Buried
+from mq.errors import QueueUnavailable
 from worker.agent.agent import Agent
 from worker.delivery import HAND_BACK_TIMEOUT_S, Delivery
 from worker.elsewhere import Elsewhere
@@ -78,6 +79,7 @@ RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason 
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
 HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
+MAX_IDS_SHOWN = 5  # a log line about many calls names this many
 BURIED_RECORD_S = 30.0  # ending the records of calls the queue buried takes at most
 
 
@@ -217,6 +219,7 @@ class CallHandler:
         letters with the reason, rather than running it again and again.
         Anything else leaves the message to come back when its reservation lapses.
         """
+        warned = True  # the line below follows a warning about the call, or none
         try:
             async with asyncio.timeout(SETTLE_FAILED_S):
                 if isinstance(exc, Retryable):
@@ -226,7 +229,7 @@ class CallHandler:
                         failure=FailureKind.BUSY,
                     )
                     if await self._withdraw(d, back, RETRY_LATER_S):  # else: it said why
-                        self._log_handed_back(d.call_id, exc)
+                        warned = self._log_handed_back(d.call_id, exc)
                         await d.release(RETRY_LATER_S)
                         self.metrics.calls.went_back("fault")
                 elif isinstance(exc, StoreError) and not isinstance(exc, StoreClosed):
@@ -238,21 +241,23 @@ class CallHandler:
                               "reservation lapses", d.call_id, exc)  # fmt: skip
         except (FnqError, TimeoutError) as again:
             why = again or "timed out"
-            log.warning("call %s: its message could not be handed back either (%s); it "
-                        "returns when its reservation lapses", d.call_id, why)  # fmt: skip
+            log.log(logging.WARNING if warned else logging.DEBUG,
+                    "call %s: its message could not be handed back either (%s); it "
+                    "returns when its reservation lapses", d.call_id, why)  # fmt: skip
 
-    def _log_handed_back(self, call_id: str, exc: FnqError) -> None:
+    def _log_handed_back(self, call_id: str, exc: FnqError) -> bool:
         """A warning at most every HANDED_BACK_LOG_S (an outage hands back every call
         the worker takes, again and again), with how many went back meanwhile; each
-        one at debug level."""
+        one at debug level. Whether it warned."""
         self._handed_back += 1
         now = asyncio.get_running_loop().time()
         if now - self._handed_back_logged_at >= HANDED_BACK_LOG_S:
             log.warning("call %s: %s; it goes back to the queue for %g s (%d call(s) so far)",
                         call_id, exc, RETRY_LATER_S, self._handed_back)  # fmt: skip
             self._handed_back_logged_at = now
-        else:
-            log.debug("call %s: %s; it goes back to the queue", call_id, exc)
+            return True
+        log.debug("call %s: %s; it goes back to the queue", call_id, exc)
+        return False
 
     async def _process(
         self,
@@ -512,13 +517,27 @@ class CallHandler:
                 *(asyncio.wait_for(d.extend(), timeout=every_s) for d in held),
                 return_exceptions=True,
             )
+            unreached: list[str] = []  # the queue is down: one line for them all
+            first: BaseException | None = None
             for d, result in zip(held, results, strict=True):
                 if result is None or self.held.get(d.call_id) is not d:
                     continue  # extended, or settled meanwhile (then losing it is expected)
-                if isinstance(result, FnqError | TimeoutError):
+                if isinstance(result, QueueUnavailable | TimeoutError):
+                    unreached.append(d.call_id)
+                    first = first or result
+                elif isinstance(result, FnqError):
                     log.warning("could not extend the reservation of %s: %s", d.call_id, result)
                 elif isinstance(result, BaseException):
                     log.error("extending the reservation of %s failed: %r", d.call_id, result)
+            if unreached:
+                shown = ", ".join(unreached[:MAX_IDS_SHOWN])
+                more = (
+                    f" and {len(unreached) - MAX_IDS_SHOWN} more"
+                    if len(unreached) > MAX_IDS_SHOWN
+                    else ""
+                )
+                log.warning("could not extend the reservations of %d call(s) (%s%s): %s",
+                            len(unreached), shown, more, first)  # fmt: skip
 
     async def _function(self, app: str, name: str) -> Function | None:
         now = asyncio.get_running_loop().time()

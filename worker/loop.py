@@ -59,6 +59,7 @@ from worker.shutdown import Shutdown
 log = logging.getLogger("fnq.worker")
 
 OUTAGE_BACKOFF_MAX_S = 10.0
+OUTAGE_PROBE_S = 1.0  # while a queue is down, its reserves wait at most this long
 GATHER_S = 0.002  # see _intake
 MAX_EXTRA = 8  # see "Extra calls" above
 SHORT_CALL_S = 0.01
@@ -159,8 +160,12 @@ class Worker:
                 extra = max(0, min(MAX_EXTRA, free - self._unstarted - count))
             acks = self.acks[id(queue)]
             msgs: list[Message] = []
+            # While the queue is down, the first reserve it answers ends the outage
+            # (and the log says so) within OUTAGE_PROBE_S, not after a whole wait for
+            # messages that may not come.
+            timeout_s = min(wait_s, OUTAGE_PROBE_S) if id(queue) in self._down else wait_s
             try:
-                msgs = await self._reserve(queue, acks, wait_s, count + extra)
+                msgs = await self._reserve(queue, acks, timeout_s, count + extra)
             finally:
                 self.places.give(count - min(count, len(msgs)))
             self._record_buried(queue)

@@ -7,13 +7,16 @@ import logging
 import sqlite3
 from pathlib import Path
 
+import asyncpg
 import pytest
 
 import datastore.sqlite as sqlite_backend
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id
 from config.settings import load_settings
+from datastore import pgbatch
 from datastore.base import open_datastore
 from datastore.common import SqlDatastore
+from datastore.postgres import PostgresDatastore
 from tests.datastore.conftest import fresh_pg_database
 from tests.rig import PG_BIN, PostgresServer, pg_tempdir
 
@@ -93,4 +96,84 @@ async def test_sqlite_lock_held_elsewhere_makes_writes_wait(
     assert not store.writer.in_outage
     rec = await store.get_call(c.id)
     assert rec is not None and rec.status is CallStatus.SUCCESS
+    await store.close()
+
+
+# What asyncpg 0.29-0.32 raises on a connection whose server ended the session in
+# the middle of a statement (seen with ``pg_ctl stop -m fast`` under load), when the
+# next statement, or the reset as the pool takes the connection back, comes before
+# asyncpg has seen the socket close.
+MID_STATEMENT = "cannot switch to state 12; another operation (2) is in progress"
+
+
+async def open_pg(postgres_server: PostgresServer, data: Path) -> PostgresDatastore:
+    url = await fresh_pg_database(postgres_server)
+    store = await open_datastore(load_settings(data_dir=data, db_url=url))
+    assert isinstance(store, PostgresDatastore)
+    return store
+
+
+async def test_postgres_connection_left_mid_statement_is_an_outage(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    settings_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The outcome of a call is not lost to asyncpg's error for a broken connection:
+    the batch is tried again, on another connection, as in any outage."""
+    store = await open_pg(postgres_server, tmp_path / "data")
+    real_run = pgbatch.run
+    failures = [asyncpg.exceptions.InternalClientError(MID_STATEMENT)]
+
+    async def broken_once(conn: object, *args: object) -> list[object]:
+        if failures:
+            conn.terminate()  # type: ignore[attr-defined]
+            raise failures.pop()
+        return await real_run(conn, *args)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(pgbatch, "run", broken_once)
+    caplog.set_level(logging.WARNING, logger="datastore.batch")
+    c = Call(new_call_id(), "app", "fn")
+    async with asyncio.timeout(10):
+        assert await store.record_outcome(c, outcome(), 1, "w") is True
+    assert not failures
+    rec = await store.get_call(c.id)
+    assert rec is not None and rec.status is CallStatus.SUCCESS
+    messages = [r.getMessage() for r in caplog.records if r.name == "datastore.batch"]
+    assert "InternalClientError" in messages[0] and "back" in messages[1], messages
+    await store.close()
+
+
+async def test_postgres_connection_that_cannot_be_reset_keeps_the_commit(
+    postgres_server: PostgresServer, tmp_path: Path, settings_env: Path
+) -> None:
+    """A connection the pool fails to reset after a batch committed on it: the writes
+    stand and their callers hear so; the next write gets another connection."""
+    store = await open_pg(postgres_server, tmp_path / "data")
+    failures = [asyncpg.exceptions.InternalClientError(MID_STATEMENT)]
+
+    class ResetFailsOnce:
+        def __init__(self, pool: asyncpg.Pool) -> None:
+            self.pool = pool
+
+        async def release(self, conn: asyncpg.Connection, *, timeout: float) -> None:
+            if failures:  # as asyncpg's pool does when the reset fails: drop it, raise
+                conn.terminate()
+                await self.pool.release(conn, timeout=timeout)
+                raise failures.pop()
+            await self.pool.release(conn, timeout=timeout)
+
+        def __getattr__(self, name: str) -> object:
+            return getattr(self.pool, name)
+
+    store._pool = ResetFailsOnce(store._pool)
+    calls = [Call(new_call_id(), "app", "fn") for _ in range(2)]
+    async with asyncio.timeout(10):
+        assert await store.record_outcome(calls[0], outcome(), 1, "w") is True
+        assert not failures
+        assert await store.record_outcome(calls[1], outcome(), 1, "w") is True
+    for c in calls:
+        rec = await store.get_call(c.id)
+        assert rec is not None and rec.status is CallStatus.SUCCESS
     await store.close()

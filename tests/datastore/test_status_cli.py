@@ -93,3 +93,30 @@ def test_status_shows_the_queue_while_the_datastore_is_down(
     shown = json.loads(doc.stdout)
     assert shown["queue"]["ready"] == 1 and "calls" not in shown
     assert shown["datastore_error"].startswith("cannot reach the PostgreSQL datastore")
+
+
+def test_status_shows_calls_and_workers_while_the_queue_is_down(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    async def populate() -> None:
+        store = await open_datastore(load_settings())
+        try:
+            await store.record_queued(Call(new_call_id(), "a", "f"))
+            await store.worker_heartbeat("w-1", {**INFO, "host": "box-1", "pid": 10})
+        finally:
+            await store.close()
+
+    asyncio.run(populate())
+    monkeypatch.setenv("FN_MQ_URL", f"redis://127.0.0.1:{free_port()}/0")
+    out = CliRunner().invoke(cli, ["status"])
+    assert out.exit_code == 1
+    rows = [line.split() for line in out.stdout.splitlines()]
+    assert ["queued", "1"] in rows and ["w-1", "box-1", "10"] in [r[:3] for r in rows]
+    assert not any(r[:1] == ["QUEUE"] for r in rows)
+    assert out.stderr.startswith("fnq: redis queue: ") and "Connection refused" in out.stderr
+    doc = CliRunner().invoke(cli, ["status", "--json"])
+    assert doc.exit_code == 1
+    shown = json.loads(doc.stdout)
+    assert "queue" not in shown and shown["calls"]["queued"] == 1
+    assert [w["id"] for w in shown["workers"]] == ["w-1"]
+    assert shown["queue_error"].startswith("redis queue: ")

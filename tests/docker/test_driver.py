@@ -362,6 +362,36 @@ async def test_leftovers_of_dead_workers_are_removed(
         remote.remove(force=True)
 
 
+async def test_two_drivers_sweeping_at_once_remove_each_leftover_once_quietly(
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    docker_engine: Any,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Workers on one host sweep at the same moment (they were started together):
+    the one that finds a container gone or already being removed leaves it to the
+    other, with no warning, and the counts add up."""
+    settings = make_settings()
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    labels = {"fnq.classifier": settings.container_label_tag, "fnq.instance": "dead",
+              "fnq.owner": f"{os.uname().nodename}:{finished.pid}"}  # fmt: skip
+    drivers = [DockerDriver(settings), DockerDriver(settings)]
+    try:
+        for d in drivers:
+            await d.start()
+        left = [docker_engine.containers.create("fnq/echo:latest", labels=labels) for _ in range(6)]
+        caplog.set_level(logging.INFO, logger="worker.agent.drivers.docker")
+        counts = await asyncio.gather(*(d.remove_leftovers() for d in drivers))
+        assert sum(counts) == len(left)
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+        ids = {c["Id"] for c in docker_engine.api.containers(all=True)}
+        assert not ids & {c.id for c in left}
+    finally:
+        for d in drivers:
+            await d.close()
+
+
 async def test_a_running_driver_removes_what_a_worker_that_dies_meanwhile_left(
     function_images: list[str],
     make_settings: Callable[..., Settings],

@@ -235,6 +235,112 @@ async def test_one_queue_down_leaves_the_other_s_intake_alone(
         await store.close()
 
 
+async def test_a_queue_back_from_an_outage_is_logged_without_waiting_for_a_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """With nothing queued, the reserve after an outage waits for messages up to
+    FN_ASYNC_CHEW_POLL_MSECS (60 s): the queue is back all the same, and says so."""
+    settings = load_settings(data_dir=str(tmp_path))
+    assert settings.async_chew_poll_msecs == 60_000
+    store = await open_datastore(settings)
+    queue = DownAtFirst(open_queue(settings.mq_url, settings), fails=2)
+    shutdown = Shutdown(5.0)
+    try:
+        driver = FakeDriver(FakeBehaviour(handler=reply()))
+        with caplog.at_level(logging.INFO, logger="fnq.worker"):
+            async with Agent(settings, driver) as agent:
+                worker = Worker(settings, queue, store, agent)
+                run = asyncio.create_task(worker.run(shutdown))
+                try:
+                    async with asyncio.timeout(5):
+                        while "RQ queues jobs is back, resuming its intake" not in caplog.text:
+                            await asyncio.sleep(0.02)
+                finally:
+                    shutdown.request("test over")
+                    await asyncio.wait_for(run, 30)
+        assert "RQ queues jobs unavailable, pausing its intake" in caplog.text
+    finally:
+        await queue.close()
+        await store.close()
+
+
+class GoesDown:
+    """A real queue that fails as in an outage once ``down`` is set."""
+
+    def __init__(self, inner: MessageQueue) -> None:
+        self.inner = inner
+        self.down = False
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self.inner, name)
+        if name not in {"reserve_many", "ack", "ack_many", "release", "extend"}:
+            return attr
+
+        async def call(*args: Any, **kw: Any) -> Any:
+            if self.down:
+                raise QueueUnavailable("connection refused")
+            result = await attr(*args, **kw)
+            if self.down:  # went down while it waited: the answer is lost
+                raise QueueUnavailable("connection lost")
+            return result
+
+        return call
+
+
+async def test_a_queue_outage_under_running_calls_is_not_logged_call_by_call(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The reservations that could not be extended are one line per round, and the
+    calls that ended meanwhile and could not be settled nor handed back are under
+    the hand-back warning, which comes at most every HANDED_BACK_LOG_S."""
+    settings = load_settings(data_dir=str(tmp_path), mq_reservation_msecs=1000)
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    queue = GoesDown(open_queue(settings.mq_url, settings))
+    calls = [Call(new_call_id(), FN.app, FN.name, b"x") for _ in range(6)]
+    go = asyncio.Event()
+
+    async def handler(container: Any, request: Any) -> Any:
+        await go.wait()
+        return await reply()(container, request)
+
+    shutdown = Shutdown(5.0)
+    try:
+        await queue.push_many(calls)
+        driver = FakeDriver(FakeBehaviour(handler=handler))
+        with caplog.at_level(logging.INFO, logger="fnq.worker"):
+            async with Agent(settings, driver) as agent:
+                worker = Worker(settings, queue, store, agent, prefetch=6)  # type: ignore[arg-type]
+                run = asyncio.create_task(worker.run(shutdown))
+                try:
+                    async with asyncio.timeout(10):
+                        while len(worker.calls.held) < len(calls) or driver.dispatches < 6:
+                            await asyncio.sleep(0.02)
+                    queue.down = True
+                    await asyncio.sleep(1.2)  # three rounds of extends, at least
+                    go.set()
+                    async with asyncio.timeout(10):
+                        while worker.calls.held:
+                            await asyncio.sleep(0.02)
+                finally:
+                    shutdown.request("test over")
+                    await asyncio.wait_for(run, 30)
+        warnings = [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
+        extends = [m for m in warnings if m.startswith("could not extend")]
+        assert 3 <= len(extends) <= 5, extends
+        assert all(
+            m.startswith("could not extend the reservations of 6 call(s) (") for m in extends
+        )
+        assert sum("could not be handed back either" in m for m in warnings) <= 1, warnings
+        assert sum("it goes back to the queue" in m for m in warnings) <= 1, warnings
+        for c in calls:
+            record = await store.get_call(c.id)
+            assert record is not None and record.status is CallStatus.SUCCESS
+    finally:
+        await queue.inner.close()
+        await store.close()
+
+
 class FullDiskOnce:
     """The real datastore, except that the first outcome fails to be recorded as on a
     full disk, and that putting a `running` record back (``record_retry(...,

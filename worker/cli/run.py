@@ -58,15 +58,18 @@ RQ_HEADERS = ["RQ QUEUE", "QUEUED", "SCHEDULED", "STARTED", "FAILED"]
 
 async def _status(ctx: click.Context) -> dict[str, Any]:
     settings = settings_from(ctx)
-    queue = open_queue(settings.mq_url, settings)
-    try:
-        qs = await queue.stats()
-    finally:
-        await queue.close()
-    data: dict[str, Any] = {
-        "queue": {"ready": qs.ready, "delayed": qs.delayed, "reserved": qs.reserved,
-                  "dead": qs.dead},
-    }  # fmt: skip
+    data: dict[str, Any] = {}
+    try:  # calls and workers are worth showing while the queue is down
+        queue = open_queue(settings.mq_url, settings)
+        try:
+            qs = await queue.stats()
+        finally:
+            await queue.close()
+    except FnqError as exc:
+        data["queue_error"] = str(exc)
+    else:
+        data["queue"] = {"ready": qs.ready, "delayed": qs.delayed, "reserved": qs.reserved,
+                         "dead": qs.dead}  # fmt: skip
     data.update(await _rq_status(settings))
     try:  # the queue's depth is worth showing while the datastore is down
         store = await open_datastore(settings)
@@ -130,7 +133,7 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
         print_json(data)
     else:
         _print_status(data)
-    errors = [data[key] for key in ("rq_error", "datastore_error") if key in data]
+    errors = [data[key] for key in ("queue_error", "rq_error", "datastore_error") if key in data]
     for error in errors[:-1]:
         click.echo(f"fnq: {error}", err=True)
     if errors:  # what could be read is shown first
@@ -138,8 +141,9 @@ def status_cmd(ctx: click.Context, as_json: bool) -> None:
 
 
 def _print_status(data: dict[str, Any]) -> None:
-    print_table(["QUEUE", "MESSAGES"], list(data["queue"].items()))
-    click.echo()
+    if "queue" in data:  # else the queue is down: its depth is unknown
+        print_table(["QUEUE", "MESSAGES"], list(data["queue"].items()))
+        click.echo()
     if data.get("rq_queues"):
         print_table(RQ_HEADERS, [[d["name"], d["queued"], d["scheduled"], d["started"],
                                   d["failed"]] for d in data["rq_queues"]])  # fmt: skip

@@ -203,9 +203,12 @@ class DockerDriver:
                     "DELETE", f"/containers/{item['Id']}", params={"force": "1", "v": "1"}
                 )
             except DockerError as exc:
-                if exc.status != 404:
-                    log.warning("could not remove leftover container %s: %s", item["Id"], exc)
+                # Gone, or being removed: the sweep of another worker on this host
+                # got there first (and counts it).
+                if exc.status == 404 or (exc.status == 409 and "in progress" in str(exc)):
                     continue
+                log.warning("could not remove leftover container %s: %s", item["Id"], exc)
+                continue
             removed += 1
             await asyncio.to_thread(self._forget_leftover_dir, item)
         if removed:
