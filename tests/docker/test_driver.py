@@ -486,3 +486,41 @@ async def test_load_file_at_start(
         await d.close()
         with contextlib.suppress(docker.errors.ImageNotFound):
             docker_engine.images.remove(tag, force=True)
+
+
+async def test_a_slow_engine_does_not_hold_the_start_on_leftovers(
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    docker_engine: Any,
+    monkeypatch: pytest.MonkeyPatch,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """Removing a dead worker's containers that the engine takes long to remove
+    stops at LEFTOVER_START_S; the worker starts, and the sweeps go on."""
+    monkeypatch.setattr(docker_driver, "LEFTOVER_START_S", 0.3)
+    settings = make_settings()
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    labels = {"fnq.classifier": settings.container_label_tag, "fnq.instance": "dead",
+              "fnq.owner": f"{os.uname().nodename}:{finished.pid}"}  # fmt: skip
+    left = [docker_engine.containers.create("fnq/echo:latest", labels=labels) for _ in range(3)]
+    d = DockerDriver(settings)
+    real = d.api.request
+
+    async def slow(method: str, path: str, **kw: Any) -> Any:
+        if method == "DELETE":
+            await asyncio.sleep(10)  # an engine that hangs on removals
+        return await real(method, path, **kw)
+
+    monkeypatch.setattr(d.api, "request", slow)
+    try:
+        t0 = time.monotonic()
+        await d.start()
+        assert time.monotonic() - t0 < 5
+        assert any("took over 0.3 s" in r.getMessage() for r in caplog.records)
+    finally:
+        monkeypatch.setattr(d.api, "request", real)
+        await d.close()
+        for c in left:
+            with contextlib.suppress(docker.errors.NotFound):
+                c.remove(force=True)

@@ -67,6 +67,7 @@ from worker.agent.iofs import IofsRoot
 log = logging.getLogger(__name__)
 
 LEFTOVER_SWEEP_S = 5.0  # how often a live worker looks for containers of dead ones
+LEFTOVER_START_S = 30.0  # the first look, at start, takes at most this long
 
 
 @dataclass(slots=True)
@@ -130,7 +131,12 @@ class DockerDriver:
         await self.api.request("GET", "/_ping")
         await asyncio.to_thread(self._iofs.open)
         self._started = True
-        await self.remove_leftovers()
+        try:  # an engine slow to remove them must not hold the worker's start
+            async with asyncio.timeout(LEFTOVER_START_S):
+                await self.remove_leftovers()
+        except TimeoutError:
+            log.warning("removing the containers of dead workers took over %g s; the rest go "
+                        "in the sweeps that follow", LEFTOVER_START_S)  # fmt: skip
         self._sweeper = asyncio.create_task(self._sweep_leftovers(), name="fnq-leftover-sweep")
         if self.settings.docker_load_file:
             await self._load(Path(self.settings.docker_load_file))
