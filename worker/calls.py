@@ -394,9 +394,11 @@ class CallHandler:
                 if stored is not None and stored.status.is_final:  # cancelled meanwhile
                     await self._settle_final(d, stored)
                     return
-            await d.settle(outcome, dead_letter=decision.dead_letter)
+            # It has ended here once its record is stored, whether or not the queue
+            # takes the ack now (if not, the next delivery finds the record final).
             self.metrics.calls.ended(outcome.status.value)
             self.completed += 1
+            await d.settle(outcome, dead_letter=decision.dead_letter)
             return
         if decision.action is Action.RETRY:
             log.info("call %s attempt %d failed (%s): retry in %.1f s",

@@ -302,7 +302,10 @@ class Worker:
         await asyncio.wait({grace, pending}, return_when=asyncio.FIRST_COMPLETED)
         grace.cancel()
         if tasks:
-            log.warning("grace period over: stopping %d call(s)", len(tasks))
+            recording = self.calls.recording  # they have run: only their records wait
+            log.warning("grace period over: stopping %d call(s)%s", len(tasks),
+                        f" ({recording} of them ran and wait to be recorded)" if recording
+                        else "")  # fmt: skip
             for task in list(tasks):
                 task.cancel()
         await pending

@@ -336,6 +336,7 @@ async def test_a_queue_outage_under_running_calls_is_not_logged_call_by_call(
         for c in calls:
             record = await store.get_call(c.id)
             assert record is not None and record.status is CallStatus.SUCCESS
+        assert worker.completed == len(calls)  # they ended here, acked or not
     finally:
         await queue.inner.close()
         await store.close()
