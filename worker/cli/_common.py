@@ -23,8 +23,21 @@ T = TypeVar("T")
 
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
+WAIT_S = 300.0  # how long ``--wait`` and ``calls wait`` wait by default
 EXIT_FAILED = 1  # a call waited for ended other than `success`
 EXIT_TIMED_OUT = 124  # some calls waited for had not ended when the wait ran out (as timeout(1))
+
+
+def wait_timeout_option(flag: str, help_: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
+    """The option bounding a wait for calls, as ``wait_timeout_s``."""
+    return click.option(
+        flag,
+        "wait_timeout_s",
+        type=click.FloatRange(min=0),
+        default=WAIT_S,
+        show_default=True,
+        help=help_,
+    )
 
 
 def wait_status(waited: Waited) -> int:

@@ -26,6 +26,7 @@ from worker.cli._common import (
     run_async,
     settings_from,
     wait_status,
+    wait_timeout_option,
 )
 
 T = TypeVar("T")
@@ -142,14 +143,7 @@ async def enqueue_recorded(settings: Settings, call: Call) -> bool:
     is_flag=True,
     help="Wait for the call to end and print its response body instead of the id.",
 )
-@click.option(
-    "--wait-timeout",
-    "wait_timeout_s",
-    type=click.FloatRange(min=0),
-    default=300.0,
-    show_default=True,
-    help="With --wait: seconds to wait at most; 0 = no limit.",
-)
+@wait_timeout_option("--wait-timeout", "With --wait: seconds to wait at most; 0 = no limit.")
 @click.pass_context
 @friendly_errors
 def call_cmd(

@@ -26,6 +26,7 @@ from worker.cli._common import (
     run_async,
     settings_from,
     wait_status,
+    wait_timeout_option,
 )
 
 T = TypeVar("T")
@@ -165,18 +166,11 @@ def calls_show(ctx: click.Context, call_id: str, as_json: bool) -> None:
 
 @calls_group.command("wait")
 @click.argument("call_ids", metavar="ID...", nargs=-1, required=True)
-@click.option(
-    "--timeout",
-    "timeout_s",
-    type=click.FloatRange(min=0),
-    default=300.0,
-    show_default=True,
-    help="Seconds to wait at most; 0 = no limit.",
-)
+@wait_timeout_option("--timeout", "Seconds to wait at most; 0 = no limit.")
 @json_option
 @click.pass_context
 @friendly_errors
-def calls_wait(ctx: click.Context, call_ids: tuple[str, ...], timeout_s: float,
+def calls_wait(ctx: click.Context, call_ids: tuple[str, ...], wait_timeout_s: float,
                as_json: bool) -> None:  # fmt: skip
     """Wait until calls have ended; one line per call as it ends.
 
@@ -188,7 +182,7 @@ def calls_wait(ctx: click.Context, call_ids: tuple[str, ...], timeout_s: float,
             click.echo("  ".join(v for v in (rec.id, rec.status.value, _duration(rec),
                                              _one_line(rec.error)) if v))  # fmt: skip
 
-    limit = timeout_s or None
+    limit = wait_timeout_s or None
     waited = with_store(settings_from(ctx), lambda s: wait_for_calls(s, call_ids, limit, ended))
     if as_json:
         print_json([waited.records[i].to_json() if i in waited.records
@@ -196,7 +190,7 @@ def calls_wait(ctx: click.Context, call_ids: tuple[str, ...], timeout_s: float,
     if waited.pending:
         where = ", ".join(f"{i} ({waited.records[i].status.value})" if i in waited.records
                           else f"{i} (no record yet)" for i in waited.pending)  # fmt: skip
-        click.echo(f"fnq: not ended after {timeout_s:g} s: {where}", err=True)
+        click.echo(f"fnq: not ended after {wait_timeout_s:g} s: {where}", err=True)
     ctx.exit(wait_status(waited))
 
 
