@@ -79,6 +79,7 @@ RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason 
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
 HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
+MAX_PUT_OFF_IDS = 1000  # calls put off that are remembered (to warn once for each)
 MAX_IDS_SHOWN = 5  # a log line about many calls names this many
 BURIED_RECORD_S = 30.0  # ending the records of calls the queue buried takes at most
 
@@ -132,6 +133,7 @@ class CallHandler:
         self._room = asyncio.Event()  # set when `recording` has just gone down
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
         self._elsewhere = Elsewhere(store, worker_id)
+        self._put_off_ids: dict[str, None] = {}  # calls put off so far, oldest first
         self._handed_back = 0  # calls handed back for a passing fault (see _failed)
         self._handed_back_logged_at = -HANDED_BACK_LOG_S
 
@@ -179,9 +181,15 @@ class CallHandler:
 
     async def _put_off(self, d: Delivery, why: str) -> None:
         """The new delivery of a call that runs (here or on another worker) goes back
-        for RETRY_LATER_S; nothing else changes."""
-        log.warning("call %s: %s; the new delivery goes back for %g s",
-                    d.call_id, why, RETRY_LATER_S)  # fmt: skip
+        for RETRY_LATER_S; nothing else changes. A warning the first time for a call
+        (a long call comes back every RETRY_LATER_S until it ends), then at debug."""
+        first = d.call_id not in self._put_off_ids
+        self._put_off_ids[d.call_id] = None
+        if len(self._put_off_ids) > MAX_PUT_OFF_IDS:
+            del self._put_off_ids[next(iter(self._put_off_ids))]
+        log.log(logging.WARNING if first else logging.DEBUG,
+                "call %s: %s; the new delivery goes back for %g s",
+                d.call_id, why, RETRY_LATER_S)  # fmt: skip
         try:
             async with asyncio.timeout(SETTLE_FAILED_S):
                 await d.release(RETRY_LATER_S)

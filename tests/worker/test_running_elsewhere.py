@@ -13,6 +13,7 @@ each datastore; worker A is only its record, its heartbeat and its reservation.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -151,7 +152,7 @@ async def settled(queue: MessageQueue) -> bool:
 
 @pytest.mark.parametrize("room", ["free", "busy"])
 async def test_a_call_running_on_a_live_worker_is_put_off_and_its_record_left_alone(
-    rig: Rig, room: str
+    rig: Rig, room: str, caplog: pytest.LogCaptureFixture
 ) -> None:
     """``room``: B has a container free for the call, or its only room is busy (so
     that B, were it to take the call, would wait for a container and hand it back)."""
@@ -178,6 +179,9 @@ async def test_a_call_running_on_a_live_worker_is_put_off_and_its_record_left_al
                 assert held is not None and state(held) == state(marked)  # as A left it
                 assert call.id not in b.ran
                 assert watched.released[call.id] >= 2
+                warned = [r for r in caplog.records if r.levelno == logging.WARNING
+                          and "the new delivery goes back" in r.getMessage()]  # fmt: skip
+                assert len(warned) == 1  # the first put-off only
                 # A ends the call: its outcome, then its ack (its reservation lapsed, but an
                 # ack still removes the message).
                 done = Outcome(
