@@ -4,9 +4,10 @@
 
     look up the function, read the record (one read for the calls of a reserve,
       worker.reads) -> final? ack it, done -> unknown function? expired? end it
-      -> submit to the agent (the reservation is extended meanwhile), while
-         `running` (attempt n) is recorded beside it if the call lasts (worker.running)
-      -> decide (worker.policy) -> record durably -> settle the message
+      -> submit to the agent (the reservation is extended meanwhile,
+         worker.reservations), while `running` (attempt n) is recorded beside it
+         if the call lasts (worker.running)
+      -> decide (worker.policy) -> record durably -> settle the message (worker.recording)
 
 A call whose record is `running` on another worker that is alive, and may
 still be running it (worker.elsewhere), is left to that worker: the new
@@ -27,84 +28,57 @@ duplicate delivery of a finished call finds the final record and runs nothing.
 
 A call whose message the queue buried on its own (too many lapsed
 reservations, or malformed for this worker) will not be delivered again: the
-intake hands it to ``record_buried``, which ends a `queued` or `running`
-record as an error with the queue's reason.
+intake hands it to ``record_buried`` (worker.buried), which ends a `queued`
+or `running` record as an error with the queue's reason.
 
 A call that has run waits in memory until its record is stored and its
 message settled. At most ``MAX_RECORDING`` calls wait so: the intake takes no
-more calls until one of them is done (``room_to_record``), so a slow or
-unreachable datastore holds calls back in the queue instead of in the worker.
+more calls until one of them is done (``room_to_record``, worker.recording),
+so a slow or unreachable datastore holds calls back in the queue instead of
+in the worker.
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import random
-from collections.abc import Awaitable, Callable, Iterator, Sequence
-from datetime import datetime, timedelta
+from collections.abc import Callable, Sequence
+from datetime import timedelta
 
-from config.domain import (
-    CallStatus,
-    FailureKind,
-    Function,
-    Outcome,
-    Response,
-    frozen_map,
-    utcnow,
-)
+from config.domain import CallStatus, FailureKind, Function, Outcome, utcnow
 from config.errors import FnqError, Retryable, StoreError
 from config.settings import Settings
-from datastore.base import CallRecord, Datastore
+from datastore.base import Datastore
 from datastore.errors import StoreClosed
 from mq.base import Buried
-from mq.errors import QueueUnavailable
 from worker.agent.agent import Agent
+from worker.buried import record_buried
 from worker.delivery import HAND_BACK_TIMEOUT_S, Delivery
 from worker.elsewhere import Elsewhere
 from worker.logs import current_call
 from worker.metrics import Metrics
-from worker.policy import Action, decide
 from worker.reads import RecordRead
+from worker.recording import Recorder
+from worker.reservations import heartbeat
 from worker.running import HANDED_BACK, HANDED_BACK_UNSTARTED, RunningMark
 
 log = logging.getLogger("fnq.worker")
 
 FN_CACHE_TTL_S = 2.0
 # Calls that have run and wait for their outcome to be stored and their message
-# settled, at most (see CallHandler.room_to_record). A few per commit normally.
+# settled, at most (see Recorder.room_to_record, worker.recording). A few per
+# commit normally.
 MAX_RECORDING = 256
 RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason waits so
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
 HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
 MAX_PUT_OFF_IDS = 1000  # calls put off that are remembered (to warn once for each)
-MAX_IDS_SHOWN = 5  # a log line about many calls names this many
-BURIED_RECORD_S = 30.0  # ending the records of calls the queue buried takes at most
 
 
 class _Unstarted(Exception):
     """The worker is stopping and the call never reached a container (see handle)."""
-
-
-def outcome_of(record: CallRecord) -> Outcome:
-    """A stored final record as an outcome (for settling a duplicate delivery)."""
-    response = None
-    if record.response_status is not None:
-        response = Response(
-            status=record.response_status,
-            headers=frozen_map(record.response_headers),
-            body=record.response_body or b"",
-            truncated=record.response_truncated,
-        )
-    return Outcome(
-        status=record.status,
-        error=record.error,
-        response=response,
-        started_at=record.started_at,
-        completed_at=record.completed_at,
-    )
 
 
 class CallHandler:
@@ -124,18 +98,40 @@ class CallHandler:
         self.agent = agent
         self.metrics = metrics
         self.worker_id = worker_id
-        self.rng = rng
-        self.completed = 0
         self.held: dict[str, Delivery] = {}  # calls whose reservations the heartbeat extends
         self._marks: dict[str, RunningMark] = {}  # the `running` marks of held calls
-        self.max_recording = max_recording
-        self.recording = 0  # calls that have run (or never will) and wait to be recorded
-        self._room = asyncio.Event()  # set when `recording` has just gone down
+        # Stores the outcomes, settles the messages, counts the calls waiting for that.
+        self.recorder = Recorder(
+            store, metrics=metrics, worker_id=worker_id, rng=rng, max_recording=max_recording
+        )
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
         self._elsewhere = Elsewhere(store, worker_id)
         self._put_off_ids: dict[str, None] = {}  # calls put off so far, oldest first
         self._handed_back = 0  # calls handed back for a passing fault (see _failed)
         self._handed_back_logged_at = -HANDED_BACK_LOG_S
+
+    @property
+    def completed(self) -> int:
+        """The calls that ended here (worker.recording)."""
+        return self.recorder.completed
+
+    @property
+    def recording(self) -> int:
+        """The calls that have run (or never will) and wait to be recorded."""
+        return self.recorder.recording
+
+    async def room_to_record(self) -> None:
+        """Return once there is room among the calls that wait to be recorded
+        (``Recorder.room_to_record``, worker.recording)."""
+        await self.recorder.room_to_record()
+
+    async def record_buried(self, buried: Sequence[Buried]) -> None:
+        """End the records of calls the queue buried on its own (worker.buried)."""
+        await record_buried(self.store, self.metrics, buried)
+
+    async def heartbeat(self) -> None:
+        """Extend the reservations of the held calls until cancelled (worker.reservations)."""
+        await heartbeat(self.settings, self.held)
 
     async def handle(
         self,
@@ -288,8 +284,8 @@ class CallHandler:
         else:
             reachable = True
         if seen is not None and seen.status.is_final:
-            with self._recording():
-                await self._settle_final(d, seen)
+            with self.recorder.counted():
+                await self.recorder.settle_final(d, seen)
             return
         if (
             seen is not None
@@ -300,8 +296,8 @@ class CallHandler:
             await self._put_off(d, f"delivered again while worker {other} runs it")
             return
         if fn is None or utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
-            with self._recording():
-                await self._finish_early(d, fn, seen)
+            with self.recorder.counted():
+                await self.recorder.finish_early(d, fn, seen)
             return
         # The `running` record (attempt n) is written while the call runs in its
         # container, and only if it lasts (worker.running): its commit is not on the
@@ -311,8 +307,8 @@ class CallHandler:
             mark.arm(0.0)
             record = await mark.written()
             if record is not None and record.status.is_final:
-                with self._recording():
-                    await self._settle_final(d, record)
+                with self.recorder.counted():
+                    await self.recorder.settle_final(d, record)
                 return
         delay_s = self.settings.secs("running_mark_msecs")
 
@@ -332,222 +328,8 @@ class CallHandler:
             and self.agent.waiting_stopped
         ):
             raise _Unstarted  # it goes back as it came, not after a delay (see handle)
-        with self._recording():
-            await self._record(d, fn, outcome, mark, seen)
-
-    async def _record(
-        self,
-        d: Delivery,
-        fn: Function,
-        outcome: Outcome,
-        mark: RunningMark,
-        seen: CallRecord | None,
-    ) -> None:
-        """The call has run: store its outcome, then settle its message."""
-        record = await mark.written()
-        if record is not None and record.status.is_final:  # ended meanwhile (cancelled)
-            await self._settle_final(d, record)
-            return
-        if record is not None:
-            attempt, with_request = record.attempts, False
-        else:  # no mark was due: the outcome is the first write of this attempt
-            attempt = (seen.attempts if seen is not None else 0) + 1
-            with_request = seen is None or not seen.has_request
-        await self._apply(d, fn, outcome, attempt, with_request)
-
-    @contextlib.contextmanager
-    def _recording(self) -> Iterator[None]:
-        """Count the call among those whose outcome waits to be stored and settled."""
-        self.recording += 1
-        try:
-            yield
-        finally:
-            self.recording -= 1
-            self._room.set()
-
-    async def room_to_record(self) -> None:
-        """Return once fewer than ``max_recording`` calls wait for their outcome to be
-        stored and their message settled. The intake waits here before it takes more
-        calls: when the datastore (or the queue) is slow or down, the calls that
-        have run pile up in memory, each with its response and log, and running
-        more would only add to them. No timeout: the caller is cancelled on
-        shutdown."""
-        while self.recording >= self.max_recording:
-            self._room.clear()
-            await self._room.wait()
-
-    async def _settle_final(self, d: Delivery, record: CallRecord) -> None:
-        log.info("call %s is already %s: settling its message", d.call_id, record.status)
-        await d.settle(outcome_of(record), dead_letter=False)
-
-    async def _apply(
-        self, d: Delivery, fn: Function, outcome: Outcome, attempt: int, with_request: bool
-    ) -> None:
-        call = d.msg.call
-        decision = decide(outcome, fn, attempt, self.rng)
-        if not decision.counted:  # this attempt does not count (worker.policy)
-            attempt -= 1
-        if decision.action is Action.FINISH:
-            self._observe(call.created_at, outcome)
-            stored_now = await self._store(
-                d, outcome, attempt,
-                self.store.record_outcome(
-                    call, outcome, attempt, self.worker_id, with_request=with_request
-                ),
-            )  # fmt: skip
-            if stored_now is None:  # refused: ended by _refused
-                return
-            if not stored_now:
-                stored = await self.store.get_call(call.id)
-                if stored is not None and stored.status.is_final:  # cancelled meanwhile
-                    await self._settle_final(d, stored)
-                    return
-            # It has ended here once its record is stored, whether or not the queue
-            # takes the ack now (if not, the next delivery finds the record final).
-            self.metrics.calls.ended(outcome.status.value)
-            self.completed += 1
-            await d.settle(outcome, dead_letter=decision.dead_letter)
-            return
-        if decision.action is Action.RETRY:
-            log.info("call %s attempt %d failed (%s): retry in %.1f s",
-                     call.id, attempt, outcome.error, decision.delay_s)  # fmt: skip
-            self._observe(call.created_at, outcome)
-            self.metrics.calls.retries += 1
-        else:  # RELEASE: never started
-            self.metrics.calls.released += 1
-        next_try = utcnow() + timedelta(seconds=decision.delay_s)
-        retry = self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
-        if await self._store(d, outcome, attempt, retry) is None:  # refused: ended by _refused
-            return
-        await d.release(decision.delay_s)
-
-    async def _store(
-        self, d: Delivery, ran: Outcome, attempt: int, write: Awaitable[bool]
-    ) -> bool | None:
-        """What the record ``write`` returns; None if the datastore refused the record
-        (not an outage, not a closing store): ``_refused`` has then ended the call."""
-        try:
-            return await write
-        except StoreError as exc:
-            if isinstance(exc, Retryable | StoreClosed):
-                raise
-            refusal = exc
-        await self._refused(d, ran, attempt, refusal)
-        return None
-
-    async def _refused(self, d: Delivery, ran: Outcome, attempt: int, exc: StoreError) -> None:
-        """The datastore refused the call's record: something in it (not an outage).
-        The call ends `error` with the reason, without its response and log, so that
-        its record does not stay `queued` or `running`; its message goes to the dead
-        letters. If even that record is refused, the error goes on to ``_failed``."""
-        log.error("call %s: the datastore refused its record (%s); it ends as an error "
-                  "without its response and log", d.call_id, exc)  # fmt: skip
-        bare = Outcome(
-            status=CallStatus.ERROR,
-            error=f"the datastore refused the call's record: {exc}",
-            failure=FailureKind.TERMINAL,
-            container_id=ran.container_id,
-            image=ran.image,
-            started_at=ran.started_at,
-            completed_at=ran.completed_at or utcnow(),
-        )
-        call = d.msg.call
-        await self.store.record_outcome(call, bare, attempt, self.worker_id, with_request=False)
-        await d.settle(bare, dead_letter=True)
-        self.metrics.calls.ended(bare.status.value)
-        self.completed += 1
-
-    async def _finish_early(
-        self, d: Delivery, fn: Function | None, seen: CallRecord | None
-    ) -> None:
-        """End a call that cannot start: its function is not registered, or it is older
-        than the function's max age. It runs no attempt, so its count stays as stored."""
-        call = d.msg.call
-        if fn is None:
-            error = f"function {call.fn_ref} is not registered"
-            status, failure = CallStatus.ERROR, FailureKind.TERMINAL
-        else:
-            error = f"expired: not started within {fn.max_age_s} s of being enqueued"
-            status, failure = CallStatus.CANCELLED, FailureKind.CANCELLED
-        outcome = Outcome(status=status, error=error, failure=failure, completed_at=utcnow())
-        attempts = 0 if seen is None else seen.attempts
-        with_request = seen is None or not seen.has_request
-        await self.store.record_outcome(
-            call, outcome, attempts, self.worker_id, with_request=with_request
-        )
-        await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
-        self.metrics.calls.ended(status.value)
-        self.completed += 1
-
-    async def record_buried(self, buried: Sequence[Buried]) -> None:
-        """End the records of calls the queue buried on its own (nothing runs them
-        again). Best effort, within ``BURIED_RECORD_S``: failures are logged, once."""
-        try:
-            async with asyncio.timeout(BURIED_RECORD_S):
-                results = await asyncio.gather(*(self._end_buried(b) for b in buried))
-            errors: list[StoreError] = [e for e in results if e is not None]
-        except TimeoutError:  # some may have been recorded
-            errors = [StoreError(f"no answer within {BURIED_RECORD_S:g} s")] * len(buried)
-        if errors:
-            log.warning("could not record %d call(s) buried by the queue as errors: %s",
-                        len(errors), errors[0])  # fmt: skip
-
-    async def _end_buried(self, b: Buried) -> StoreError | None:
-        try:
-            if await self.store.end_buried(b.call_id, b.reason, b.died_at):
-                log.info("call %s: the queue buried its message (%s); recorded as error",
-                         b.call_id, b.reason)  # fmt: skip
-                self.metrics.calls.ended(CallStatus.ERROR.value)
-        except StoreError as exc:
-            return exc
-        return None
-
-    def _observe(self, created_at: datetime, outcome: Outcome) -> None:
-        if outcome.started_at is None:
-            return
-        wait_s = (outcome.started_at - created_at).total_seconds()
-        self.metrics.calls.queue_wait.observe(max(0.0, wait_s))
-        if outcome.completed_at is not None:
-            run_s = (outcome.completed_at - outcome.started_at).total_seconds()
-            self.metrics.calls.run_time.observe(max(0.0, run_s))
-
-    async def heartbeat(self) -> None:
-        """Extend the reservation of every held call, three times per reservation period.
-
-        One task for all calls (cancelled when the worker stops); a call held
-        at a tick is extended then, so its reservation never lapses while it runs.
-        """
-        every_s = self.settings.mq_reservation_msecs / 3000.0
-        while True:
-            await asyncio.sleep(every_s)
-            held = list(self.held.values())
-            if not held:
-                continue
-            results = await asyncio.gather(
-                *(asyncio.wait_for(d.extend(), timeout=every_s) for d in held),
-                return_exceptions=True,
-            )
-            unreached: list[str] = []  # the queue is down: one line for them all
-            first: BaseException | None = None
-            for d, result in zip(held, results, strict=True):
-                if result is None or self.held.get(d.call_id) is not d:
-                    continue  # extended, or settled meanwhile (then losing it is expected)
-                if isinstance(result, QueueUnavailable | TimeoutError):
-                    unreached.append(d.call_id)
-                    first = first or result
-                elif isinstance(result, FnqError):
-                    log.warning("could not extend the reservation of %s: %s", d.call_id, result)
-                elif isinstance(result, BaseException):
-                    log.error("extending the reservation of %s failed: %r", d.call_id, result)
-            if unreached:
-                shown = ", ".join(unreached[:MAX_IDS_SHOWN])
-                more = (
-                    f" and {len(unreached) - MAX_IDS_SHOWN} more"
-                    if len(unreached) > MAX_IDS_SHOWN
-                    else ""
-                )
-                log.warning("could not extend the reservations of %d call(s) (%s%s): %s",
-                            len(unreached), shown, more, first)  # fmt: skip
+        with self.recorder.counted():
+            await self.recorder.record(d, fn, outcome, mark, seen)
 
     async def _function(self, app: str, name: str) -> Function | None:
         now = asyncio.get_running_loop().time()

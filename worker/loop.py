@@ -4,11 +4,11 @@ One worker process runs one intake loop per queue (the main queue, and the
 RQ queues when configured) and one task per call::
 
     intake:  wait for room among the calls that wait to be recorded
-             (worker.calls), for room (WaitAsyncResource) and for a prefetch place
+             (worker.recording), for room (WaitAsyncResource) and for a prefetch place
              -> reserve a message (bounded wait, shutdown interrupts it)
              -> start a call task (worker.calls)
              -> the calls the reserve buried (too many deliveries, malformed):
-                their records end as errors, in the background (worker.calls)
+                their records end as errors, in the background (worker.buried)
 
 Prefetch: a worker holds at most ``prefetch`` calls that are reserved but not
 yet running in a container, across all its queues. The agent tells the call
@@ -18,7 +18,7 @@ of piling onto one worker. One reserve fills every free place at once
 (``reserve_many``) and carries the acks of calls finished meanwhile; acks
 that no reserve takes share round trips of their own (worker.acks). The
 reservations of all running calls are extended by one heartbeat task
-(worker.calls).
+(worker.reservations).
 
 Extra calls: when the last reserve brought calls of one function only, the
 next one also asks for one call per container of that function that is free
