@@ -27,7 +27,10 @@ Every multi-step change is one Lua script (mq/lua/*.lua, each prefixed with
 common.lua), so a consumer that dies mid-way leaves nothing half done. The
 scripts and the blocking read go over lean connections (mq.resp): packed
 once, parsed by hiredis, a few microseconds of Python per round trip. The
-rest (groups, statistics, dead letters) goes through redis-py.
+rest (making the groups, loading the scripts, listing dead letters) goes
+through redis-py. These round trips are mq.redis_link's; mq.redis_dead lists,
+requeues and purges the dead letters; mq.redis_url reads the URL.
+
 Waiting: when a reserve finds nothing it blocks in XREADGROUP on the four
 streams (new entries only, handed to it in the same round trip), at most
 until the next delayed message is due or, while reservations are held, the
@@ -43,53 +46,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
-import json
 import os
 import secrets
 from collections.abc import Callable, Sequence
-from pathlib import Path
 from typing import Any
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
 
 import redis.asyncio as aioredis
-from redis import exceptions as rexc
-from redis.asyncio.connection import SSLConnection
-from redis.commands.core import AsyncScript
 
 from config.domain import Call, new_call_id
-from config.errors import ConfigError
 from config.settings import Settings
-from mq import wire
+from mq import redis_dead, wire
 from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
-from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
-from mq.redis_url import TLS_URL_OPTIONS, url_options
-from mq.resp import Lines, ReplyError, bulks
+from mq.errors import InvalidCall, QueueError, ReservationLost
+from mq.redis_link import RedisLink
+from mq.redis_url import open_client
+from mq.resp import bulks
 
 GROUP = "fnq"
 OP_TIMEOUT_S = 10.0
 PROMOTE_LIMIT = 200
 QUIET_MAX_S = 0.25  # the longest run of reserves without the reserve script
-REQUEUE_BATCH = 500
 PUSH_BATCH = 500
-_SCRIPTS = (
-    "enqueue",
-    "reserve",
-    "ack",
-    "release",
-    "extend",
-    "bury",
-    "requeue",
-    "purge",
-    "leave",
-    "stats",
-)
-
-
-@functools.cache
-def _lua(name: str) -> str:
-    folder = Path(__file__).with_name("lua")
-    return (folder / "common.lua").read_text() + "\n" + (folder / f"{name}.lua").read_text()
 
 
 def reclaim_every_ms(reservation_ms: int) -> int:
@@ -102,17 +79,6 @@ WAKE = b"_wake"  # the field of an inbox entry that only wakes consumers (enqueu
 
 def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
-
-
-def _dead_key(fields: dict[bytes, bytes], fallback: str) -> str:
-    """The dead-letter key of a malformed entry: its own id when that is 1-128 characters
-    of UTF-8 text (whatever else is wrong with it), else ``fallback``. The id may be the
-    very field that made it malformed, so it must not be decoded strictly."""
-    try:
-        given = fields.get(b"id", b"").decode()
-    except UnicodeDecodeError:
-        return fallback
-    return given if 0 < len(given) <= 128 else fallback
 
 
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
@@ -142,7 +108,7 @@ class RedisQueue:
         p = prefix
         self.inbox_key = f"{p}:{wire.INBOX}"
         self._ready_keys = [f"{p}:ready:{i}" for i in range(wire.MAX_PRIORITY + 1)]
-        self._keys = [
+        keys = [
             *self._ready_keys,
             self.inbox_key,
             f"{p}:later",
@@ -152,21 +118,8 @@ class RedisQueue:
             f"{p}:dead:ids",
             f"{p}:meta",
         ]
-        self._scripts: dict[str, AsyncScript] = {
-            name: client.register_script(_lua(name)) for name in _SCRIPTS
-        }
-        pool = client.connection_pool
-        self._lines = Lines(
-            pool.connection_kwargs,
-            tls=issubclass(pool.connection_class, SSLConnection),
-            connect_timeout_s=pool.connection_kwargs.get("socket_connect_timeout") or op_timeout_s,
-        )
-        # EVALSHA NAME's keys, encoded once: per call only the arguments are packed.
-        self._heads = {
-            name: bulks("EVALSHA", script.sha, len(self._keys), *self._keys)
-            for name, script in self._scripts.items()
-        }
-        self._groups_made = False
+        group_keys = [*self._ready_keys, self.inbox_key]
+        self._link = RedisLink(client, keys, op_timeout_s, group=GROUP, group_keys=group_keys)
         self._buried = Burials()
         self._quiet_until = 0.0  # loop time until which no sweep or delayed entry is due
         read = [self._ready_keys[2], self._ready_keys[1], self._ready_keys[0], self.inbox_key]
@@ -176,92 +129,12 @@ class RedisQueue:
 
     @classmethod
     def from_url(cls, url: str, settings: Settings) -> RedisQueue:
-        parts = urlsplit(url)
-        query = dict(parse_qsl(parts.query, keep_blank_values=True))
-        accepted = url_options(parts.scheme.lower())
-        unknown = sorted(set(query) - set(accepted))
-        if unknown and set(unknown) <= set(TLS_URL_OPTIONS):
-            raise ConfigError(f"queue URL: {unknown[0]!r} is a TLS option: use rediss://")
-        if unknown:
-            raise ConfigError(
-                f"queue URL: unknown option {', '.join(map(repr, unknown))}"
-                f" (accepted: {', '.join(accepted)})"
-            )
-        prefix = query.pop("prefix", wire.DEFAULT_PREFIX)
-        try:
-            timeout_s = float(query.pop("timeout_s", OP_TIMEOUT_S))
-        except ValueError:
-            raise ConfigError("queue URL: timeout_s must be a number of seconds") from None
-        if not prefix or any(c.isspace() for c in prefix):
-            raise ConfigError(f"queue URL: prefix {prefix!r} must be non-empty, without spaces")
-        clean = urlunsplit(parts._replace(query=urlencode(query)))
-        try:
-            client = aioredis.Redis.from_url(clean, socket_connect_timeout=5.0, socket_timeout=None)
-        except ValueError as exc:  # redis-py: a value it cannot read
-            raise ConfigError(f"queue URL: {exc}") from None
+        client, prefix, timeout_s = open_client(url, OP_TIMEOUT_S)
         return cls(client, settings, prefix=prefix, op_timeout_s=timeout_s)
 
     @property
     def consumer(self) -> str:
         return self._consumer
-
-    # ------------------------------------------------------------ plumbing
-    async def _ensure_groups(self) -> None:
-        if self._groups_made:
-            return
-        async with asyncio.timeout(self._op_timeout_s):
-            pipe = self._client.pipeline(transaction=False)
-            for key in [*self._ready_keys, self.inbox_key]:
-                pipe.xgroup_create(key, GROUP, id="0", mkstream=True)
-            for result in await pipe.execute(raise_on_error=False):
-                if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
-                    raise result
-        self._groups_made = True
-
-    def _evalsha(self, name: str, args: Sequence[Any]) -> bytes:
-        return b"".join((b"*%d\r\n" % (3 + len(self._keys) + len(args)), self._heads[name],
-                         bulks(*args)))  # fmt: skip
-
-    async def _eval(self, name: str, args: Sequence[Any], timeout_s: float | None = None) -> Any:
-        packed = self._evalsha(name, args)
-        for attempt in (1, 2, 3):
-            try:
-                await self._ensure_groups()
-                async with asyncio.timeout(timeout_s or self._op_timeout_s):
-                    [reply] = await self._lines.call(packed)
-            except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-                raise QueueUnavailable(f"redis queue: {type(exc).__name__}: {exc}") from exc
-            if not isinstance(reply, ReplyError):
-                return reply
-            if attempt < 3 and await self._mend(reply, name):
-                continue
-            raise QueueError(f"redis queue script {name}: {reply}")
-        raise AssertionError("unreachable")
-
-    async def _mend(self, error: ReplyError, name: str) -> bool:
-        """Repair what ``error`` (of script ``name``) says is missing; False if it is
-        not that kind of error."""
-        text = str(error)
-        if text.startswith("NOSCRIPT"):  # the server lost its scripts (restart, FLUSH)
-            await self._cmd(self._load_script, name)
-            return True
-        if "NOGROUP" in text:  # keys deleted under us: recreate
-            self._groups_made = False
-            return True
-        return False
-
-    async def _load_script(self, name: str) -> None:
-        await self._client.script_load(self._scripts[name].script)
-
-    async def _cmd(self, coro_fn: Any, *args: Any, timeout_s: float | None = None) -> Any:
-        try:
-            await self._ensure_groups()
-            async with asyncio.timeout(timeout_s or self._op_timeout_s):
-                return await coro_fn(*args)
-        except rexc.ResponseError as exc:
-            raise QueueError(f"redis queue: {exc}") from exc
-        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-            raise QueueUnavailable(f"redis queue: {type(exc).__name__}: {exc}") from exc
 
     # ------------------------------------------------------------- produce
     async def push(
@@ -306,7 +179,7 @@ class RedisQueue:
         args: list[Any] = [GROUP, len(entries)]
         for entry in entries:
             args += entry
-        return [bool(queued) for queued in await self._eval("enqueue", args)]
+        return [bool(queued) for queued in await self._link.eval("enqueue", args)]
 
     # ------------------------------------------------------------- consume
     async def reserve(self, timeout_s: float) -> Message | None:
@@ -399,8 +272,10 @@ class RedisQueue:
         (as for ack.lua) go first, in the same round trip (``on_acked`` when done).
         """
         timeout_s = block_ms / 1000 + self._op_timeout_s
-        reply = await self._cmd(
-            self._acked_read, acks, count, block_ms, on_acked, timeout_s=timeout_s
+        read = b"".join((b"*%d\r\n" % (9 + 2 * self._read_keys), self._read_head,
+                         bulks(count, "BLOCK", block_ms), self._read_tail))  # fmt: skip
+        reply = await self._link.cmd(
+            self._link.acked_read, read, acks, on_acked, timeout_s=timeout_s
         )
         msgs: list[Message] = []
         raw: list[Any] = []
@@ -420,44 +295,6 @@ class RedisQueue:
             await self._hand_back(msgs[count:])
             msgs = msgs[:count]
         return msgs
-
-    async def _acked_read(
-        self,
-        acks: Sequence[Any],
-        count: int,
-        block_ms: int,
-        on_acked: Callable[[], None] | None,
-    ) -> list[Any]:
-        """ack.lua (when there are ``acks``), then XREADGROUP BLOCK, written together:
-        one round trip. The ack's answer comes back first, before the read waits:
-        ``on_acked`` is told then. The read's reply: [[stream, [[id, [field, value,
-        ...]], ...]], ...], empty when nothing came."""
-        read = b"".join((b"*%d\r\n" % (9 + 2 * self._read_keys), self._read_head,
-                         bulks(count, "BLOCK", block_ms), self._read_tail))  # fmt: skip
-        acked: list[bool] = []
-
-        def first(reply: Any) -> None:
-            acked.append(not isinstance(reply, ReplyError))
-            if acked[0] and on_acked is not None:
-                on_acked()
-
-        if acks:
-            ack_reply, reply = await self._lines.call(
-                self._evalsha("ack", [GROUP, *acks]) + read, 2, first
-            )
-            if not acked[0]:  # lost scripts, say: mend and ack on their own
-                if not await self._mend(ack_reply, "ack"):
-                    raise QueueError(f"redis queue script ack: {ack_reply}")
-                await self._eval("ack", [GROUP, *acks])
-                if on_acked is not None:
-                    on_acked()
-        else:
-            [reply] = await self._lines.call(read)
-        if isinstance(reply, ReplyError):
-            if "NOGROUP" in str(reply):
-                self._groups_made = False
-            raise QueueError(f"redis queue: XREADGROUP: {reply}")
-        return reply or []
 
     async def _taken(
         self, prio: int, eid: str, fields: dict[bytes, bytes], deliveries: int | None = None
@@ -489,7 +326,7 @@ class RedisQueue:
             PROMOTE_LIMIT,
             *acks,
         ]
-        out, raw, wait, buried = await self._eval("reserve", args)
+        out, raw, wait, buried = await self._link.eval("reserve", args)
         for call_id, reason in buried:
             self._buried.add(_s(call_id), _s(reason))
         msgs: list[Message] = []
@@ -528,7 +365,7 @@ class RedisQueue:
         await self._enqueue(entries)
 
     async def _bury(self, src: str, eid: str, key: str, reason: str, deliveries: int) -> None:
-        await self._eval("bury", [GROUP, src, eid, key, reason, deliveries])
+        await self._link.eval("bury", [GROUP, src, eid, key, reason, deliveries])
 
     async def _bury_malformed(
         self,
@@ -544,7 +381,7 @@ class RedisQueue:
         it carries a valid call id and was routed (one message per id: a record of that
         id is this message's). A producer's entry not yet routed is not: its id may be
         that of a live call with another message, whose record is not its own."""
-        key = _dead_key(fields, fallback)
+        key = redis_dead.dead_key(fields, fallback)
         await self._bury(src, eid, key, reason, deliveries)
         if src != "inbox" and fields.get(b"id") == key.encode():
             self._buried.add(key, reason)
@@ -566,7 +403,7 @@ class RedisQueue:
 
     async def ack_many(self, msgs: Sequence[Message]) -> None:
         if msgs:
-            await self._eval("ack", [GROUP, *self._ack_args(msgs)])
+            await self._link.eval("ack", [GROUP, *self._ack_args(msgs)])
 
     def _ack_args(self, msgs: Sequence[Message]) -> list[Any]:
         args: list[Any] = []
@@ -578,11 +415,11 @@ class RedisQueue:
         delay_ms = int(wire.check_delay(delay_s) * 1000)
         prio, eid = self._where(msg)
         prior = max(msg.deliveries - 1, 0)
-        await self._eval("release", [GROUP, self._consumer, prio, eid, delay_ms, prior])
+        await self._link.eval("release", [GROUP, self._consumer, prio, eid, delay_ms, prior])
 
     async def extend(self, msg: Message) -> None:
         prio, eid = self._where(msg)
-        if not await self._eval("extend", [GROUP, self._consumer, prio, eid, msg.deliveries]):
+        if not await self._link.eval("extend", [GROUP, self._consumer, prio, eid, msg.deliveries]):
             raise ReservationLost(f"message {msg.call.id}: reservation {msg.receipt} is gone")
 
     async def dead_letter(self, msg: Message, reason: str) -> None:
@@ -591,58 +428,25 @@ class RedisQueue:
 
     # --------------------------------------------------------- dead letters
     async def dead_list(self, limit: int = 100) -> list[DeadLetter]:
-        entries = await self._cmd(self._client.xrange, self._keys[7], "-", "+", limit)
-        return [self._dead_letter(fields) for _, fields in entries]
-
-    def _dead_letter(self, fields: dict[bytes, bytes]) -> DeadLetter:
-        key = _s(fields.get(b"_key", b"?"))
-        original = {k: v for k, v in fields.items() if not k.startswith(b"_")}
-        try:
-            call: Call | None = wire.decode_fields(original, self._max_body, default_id=key).call
-        except wire.WireError:
-            call = None
-        raw = json.dumps(
-            {
-                k.decode("utf-8", "replace"): v.decode("utf-8", "replace")
-                for k, v in original.items()
-            },
-            ensure_ascii=False,
-        ).encode()
-        return DeadLetter(
-            id=key,
-            reason=_s(fields.get(b"_reason", b"")),
-            deliveries=int(fields.get(b"_deliveries", b"0")),
-            died_at=wire.from_ms(int(fields.get(b"_died", b"0"))),
-            raw=raw,
-            call=call,
-        )
+        return await redis_dead.dead_list(self._link, limit, self._max_body)
 
     async def dead_requeue(self, ids: Sequence[str] | None = None) -> int:
-        if ids is not None:
-            return int(await self._eval("requeue", ["ids", 0, *ids])) if ids else 0
-        total = 0
-        while True:
-            moved = int(await self._eval("requeue", ["all", REQUEUE_BATCH]))
-            total += moved
-            if moved < REQUEUE_BATCH:
-                return total
+        return await redis_dead.requeue(self._link, ids)
 
     async def dead_purge(self, ids: Sequence[str] | None = None) -> int:
-        if ids is None:
-            return int(await self._eval("purge", ["all"]))
-        return int(await self._eval("purge", ["ids", *ids])) if ids else 0
+        return await redis_dead.purge(self._link, ids)
 
     async def stats(self) -> QueueStats:
-        ready, delayed, reserved, dead = await self._eval("stats", [GROUP])
+        ready, delayed, reserved, dead = await self._link.eval("stats", [GROUP])
         return QueueStats(ready=ready, delayed=delayed, reserved=reserved, dead=dead)
 
     async def close(self) -> None:
         try:
-            if self._groups_made:
+            if self._link.groups_made:
                 # Unreachable server: the consumer's name just stays registered (harmless).
                 with contextlib.suppress(QueueError):
-                    await self._eval("leave", [GROUP, self._consumer])
+                    await self._link.eval("leave", [GROUP, self._consumer])
         finally:
-            self._lines.close()
+            self._link.lines.close()
             if self._owns_client:
                 await self._client.aclose()

@@ -1,6 +1,14 @@
-"""The query options a Redis queue URL may carry (``redis://H:P/DB?prefix=...``)."""
+"""Redis queue URLs (``redis://H:P/DB?prefix=...``): the query options they may
+carry, and the redis-py client one opens."""
 
 from __future__ import annotations
+
+from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+
+import redis.asyncio as aioredis
+
+from config.errors import ConfigError
+from mq import wire
 
 # Query options of a queue URL: fnq's own, then redis-py's (those of
 # redis.asyncio.connection.URL_QUERY_ARGUMENT_PARSERS and the text options its
@@ -25,3 +33,32 @@ def url_options(scheme: str) -> tuple[str, ...]:
     """The query options a ``redis://`` or ``rediss://`` queue URL may carry."""
     tls = TLS_URL_OPTIONS if scheme == "rediss" else ()
     return (*FNQ_URL_OPTIONS, *REDIS_URL_OPTIONS, *tls)
+
+
+def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str, float]:
+    """A redis-py client for queue URL ``url``, and fnq's own options: the key prefix
+    and the time limit of each operation (``default_timeout_s`` when not given)."""
+    parts = urlsplit(url)
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    accepted = url_options(parts.scheme.lower())
+    unknown = sorted(set(query) - set(accepted))
+    if unknown and set(unknown) <= set(TLS_URL_OPTIONS):
+        raise ConfigError(f"queue URL: {unknown[0]!r} is a TLS option: use rediss://")
+    if unknown:
+        raise ConfigError(
+            f"queue URL: unknown option {', '.join(map(repr, unknown))}"
+            f" (accepted: {', '.join(accepted)})"
+        )
+    prefix = query.pop("prefix", wire.DEFAULT_PREFIX)
+    try:
+        timeout_s = float(query.pop("timeout_s", default_timeout_s))
+    except ValueError:
+        raise ConfigError("queue URL: timeout_s must be a number of seconds") from None
+    if not prefix or any(c.isspace() for c in prefix):
+        raise ConfigError(f"queue URL: prefix {prefix!r} must be non-empty, without spaces")
+    clean = urlunsplit(parts._replace(query=urlencode(query)))
+    try:
+        client = aioredis.Redis.from_url(clean, socket_connect_timeout=5.0, socket_timeout=None)
+    except ValueError as exc:  # redis-py: a value it cannot read
+        raise ConfigError(f"queue URL: {exc}") from None
+    return client, prefix, timeout_s
