@@ -20,14 +20,15 @@ that no reserve takes share round trips of their own (worker.acks). The
 reservations of all running calls are extended by one heartbeat task
 (worker.reservations).
 
-Extra calls: when the last reserve brought calls of one function only, the
-next one also asks for one call per container of that function that is free
-or about to be (idle, or busy with a call of under ``SHORT_CALL_S``), beyond
-the calls already headed for them; at most ``MAX_EXTRA``. These hold no
-place. They wait up to ``EXTRA_PATIENCE_S`` for a container before they ask
-for a new one, so that they use the containers they were taken for. In a
-burst of one short function this takes several calls per round trip; when
-the calls of many functions are mixed, nothing changes.
+Extra calls: when the last reserve brought several calls, the next one also
+asks for one call per container of their functions that is free, beyond the
+calls already headed for them; at most ``MAX_EXTRA``. For one function a
+container about to be free counts too (busy with a call of under
+``SHORT_CALL_S``); for several, only idle ones do, since the next calls may
+be of any of them. These hold no place. They wait up to ``EXTRA_PATIENCE_S``
+for a container before they ask for a new one, so that they use the
+containers they were taken for. In a burst of short functions this takes
+several calls per round trip.
 
 Shutdown (worker.shutdown): intake stops at once, and so does waiting for
 containers: the calls not yet in one go back to the queue at once
@@ -146,7 +147,7 @@ class Worker:
         share = max(1, self.places.total // len(self.queues))
         wait_s = min(poll_s, 1.0) if burst else poll_s
         backlog = False
-        last: tuple[str, str] | None = None  # app and fn of all the last reserved calls
+        last: set[tuple[str, str]] = set()  # app and fn of the last reserved calls
         while not shutdown.stopping.is_set():
             await self.calls.room_to_record()
             if not await self.agent.wait_async_resource(poll_s):
@@ -155,8 +156,11 @@ class Worker:
             # empty queue waiting for messages never holds them all.
             count = await self.places.take(share, GATHER_S if backlog else 0.0)
             extra = 0  # calls beyond the places (see "Extra calls" above)
-            if last is not None:
-                free = self.agent.free_containers(*last, within_s=SHORT_CALL_S)
+            if last:
+                # Mixed functions: only their idle containers (a busy one of another
+                # function would leave an extra call waiting).
+                within_s = SHORT_CALL_S if len(last) == 1 else 0.0
+                free = self.agent.free_containers(last, within_s=within_s)
                 extra = max(0, min(MAX_EXTRA, free - self._unstarted - count))
             acks = self.acks[id(queue)]
             msgs: list[Message] = []
@@ -178,8 +182,7 @@ class Worker:
             backlog = len(msgs) >= count and not waited_in_vain
             if not msgs and burst and not tasks:
                 return
-            fns = {(m.call.app, m.call.fn) for m in msgs}
-            last = fns.pop() if len(fns) == 1 and len(msgs) > 1 else None
+            last = {(m.call.app, m.call.fn) for m in msgs} if len(msgs) > 1 else set()
             read = RecordRead(self.calls.store, [m.call.id for m in msgs]) if msgs else None
             for i, msg in enumerate(msgs):
                 handled = self._handle(Delivery(queue, msg, acks), i < count, read)

@@ -13,7 +13,7 @@ from typing import Any
 
 from prometheus_client import generate_latest
 
-from config.domain import Call, Function, new_call_id
+from config.domain import Call, CallStatus, Function, new_call_id
 from config.settings import load_settings
 from datastore.base import CallRecord, Datastore, open_datastore
 from mq.base import Message, MessageQueue, open_queue
@@ -123,8 +123,46 @@ async def test_a_burst_of_one_function_is_reserved_beyond_the_places(tmp_path: P
         await store.close()
 
 
-def _call() -> Call:
-    return Call(new_call_id(), FN.app, FN.name, b"x")
+async def test_a_burst_of_mixed_functions_is_reserved_beyond_the_places(tmp_path: Path) -> None:
+    # Three warm containers of each of two short functions, calls alternating: a
+    # reserve also takes a call for each of their idle containers.
+    other = Function(app="a", name="g", image="img/g", memory_mb=64)
+    settings = load_settings(data_dir=str(tmp_path))
+    store = await open_datastore(settings)
+    await store.create_fn(FN)
+    await store.create_fn(other)
+    inner = open_queue(settings.mq_url, settings)
+    queue = CountingReserves(inner)
+    driver = FakeDriver(FakeBehaviour(handler=reply()))
+    try:
+        async with Agent(settings, driver) as agent:
+            gate = asyncio.Event()
+            driver.default.handler = gated(gate)
+            warm = [
+                asyncio.create_task(agent.submit(_call(fn), fn))
+                for fn in (FN, other)
+                for _ in range(3)
+            ]
+            await driver.wait_until(lambda: driver.dispatches == 6)
+            gate.set()
+            await asyncio.gather(*warm)
+            driver.default.handler = reply()
+            calls = [_call((FN, other)[i % 2]) for i in range(200)]
+            await inner.push_many(calls)
+            await _run_until_done(Worker(settings, queue, store, agent, prefetch=2), len(calls))  # type: ignore[arg-type]
+        assert sum(queue.batches) == len(calls)
+        assert max(queue.batches) > 2, queue.batches
+        assert driver.creates == 6  # the extra calls used the warm containers
+        records = await store.get_calls([c.id for c in calls])
+        assert {r.status for r in records.values()} == {CallStatus.SUCCESS}
+        assert len(records) == len(calls)
+    finally:
+        await inner.close()
+        await store.close()
+
+
+def _call(fn: Function = FN) -> Call:
+    return Call(new_call_id(), fn.app, fn.name, b"x")
 
 
 async def _run_until_done(worker: Worker, n: int) -> None:

@@ -77,7 +77,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from types import TracebackType
 
 from config.domain import Call, Function, Outcome, header_problem
@@ -382,12 +382,12 @@ class Agent:
             return False
         return stop.stop(ExecEnd.CANCELLED, "the call was cancelled")
 
-    def free_containers(self, app: str, fn: str, within_s: float) -> int:
-        """Containers of function ``app/fn`` that are idle and not paused, or that run a
-        call while its calls usually take less than ``within_s``."""
+    def free_containers(self, fns: Collection[tuple[str, str]], within_s: float) -> int:
+        """Containers of the functions ``fns`` (app, fn) that are idle and not paused,
+        or that run a call while their calls usually take less than ``within_s``."""
         free = 0
         for queue in self._queues.values():
-            if queue.fn.app != app or queue.fn.name != fn:
+            if (queue.fn.app, queue.fn.name) not in fns:
                 continue
             free += queue.containers[ContainerState.IDLE]
             if 0.0 < queue.call_s < within_s:
