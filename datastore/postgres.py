@@ -203,6 +203,14 @@ async def _init_connection(conn: Any) -> None:
     await conn.execute("SET TIME ZONE 'UTC'", timeout=STATEMENT_TIMEOUT_S)
 
 
+async def _keep_session(conn: Any) -> None:
+    """How a connection goes back to the pool: as it is. asyncpg's own reset (advisory
+    locks, cursors, LISTEN, settings) is one more round trip and statement for every
+    use, and fnq's connections hold none of those: the migration lock is a
+    transaction's, and the session settings are the ones ``_init_connection`` made.
+    A transaction left open is still rolled back by the pool before this runs."""
+
+
 class PostgresDatastore(SqlDatastore):
     def __init__(self, settings: Settings, logs: LogStore | None, pool: Any) -> None:
         super().__init__(settings, logs)
@@ -220,6 +228,7 @@ class PostgresDatastore(SqlDatastore):
                     timeout=CONNECT_TIMEOUT_S,
                     command_timeout=STATEMENT_TIMEOUT_S,
                     init=_init_connection,
+                    reset=_keep_session,
                 )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(f"cannot reach the PostgreSQL datastore: {exc}") from exc

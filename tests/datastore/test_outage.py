@@ -177,3 +177,24 @@ async def test_postgres_connection_that_cannot_be_reset_keeps_the_commit(
         rec = await store.get_call(c.id)
         assert rec is not None and rec.status is CallStatus.SUCCESS
     await store.close()
+
+
+async def test_postgres_connection_goes_back_to_the_pool_as_it_is(
+    postgres_server: PostgresServer, tmp_path: Path, settings_env: Path
+) -> None:
+    """No reset statement when a connection is given back (a round trip per use): its
+    session settings stay. A transaction left open is still rolled back."""
+    store = await open_pg(postgres_server, tmp_path / "data")
+    async with store._connection() as conn:
+        await conn.execute("SET application_name = 'fnq-kept'")
+    async with store._connection() as conn:
+        assert await conn.fetchval("SHOW application_name") == "fnq-kept"
+        assert await conn.fetchval("SHOW TIME ZONE") == "UTC"
+        await conn.execute("BEGIN")
+        await conn.execute("CREATE TEMP TABLE left_open (x int)")
+    async with store._connection() as conn:
+        assert not conn.is_in_transaction()
+        assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
+    c = Call(new_call_id(), "app", "fn")
+    assert await store.record_outcome(c, outcome(), 1, "w") is True
+    await store.close()
