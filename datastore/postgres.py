@@ -17,6 +17,16 @@ returned by then), and the pool drops the connection.
 
 Every statement carries ``STATEMENT_TIMEOUT_S``; taking a connection from the
 pool waits at most ``ACQUIRE_TIMEOUT_S``.
+
+Plans: asyncpg prepares each statement once per connection, and after five
+runs the server may keep one generic plan for it. On a new database that plan
+is made while the calls table holds a handful of rows, and reading records by
+id then scans the whole table, on every read of that connection, until
+autovacuum's first ANALYZE (up to a minute later, the table large by then). So
+a connection made while the table is under ``SMALL_CALLS_BYTES`` plans each
+statement for its own arguments (``plan_cache_mode = force_custom_plan``): a
+little planning per statement instead. Connections made once the table has
+grown keep the generic plans, which are then index scans.
 """
 
 from __future__ import annotations
@@ -43,6 +53,10 @@ CONNECT_TIMEOUT_S = 10.0
 ACQUIRE_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
 POOL_MAX_SIZE = 4
+# A connection made while the calls table is smaller than this plans every statement
+# for its arguments (see "Plans" above).
+SMALL_CALLS_BYTES = 1024 * 1024
+_CALLS_SIZE = "SELECT pg_relation_size(to_regclass('calls'))"
 UNDEFINED_OBJECT = "42704"  # SQLSTATE of "unrecognized configuration parameter"
 INVALID_PARAMETER_VALUE = "22023"
 
@@ -201,6 +215,9 @@ def _refused(url: str, exc: asyncpg.PostgresError) -> FnqError:
 
 async def _init_connection(conn: Any) -> None:
     await conn.execute("SET TIME ZONE 'UTC'", timeout=STATEMENT_TIMEOUT_S)
+    size = await conn.fetchval(_CALLS_SIZE, timeout=STATEMENT_TIMEOUT_S)
+    if size is None or size < SMALL_CALLS_BYTES:
+        await conn.execute("SET plan_cache_mode = force_custom_plan", timeout=STATEMENT_TIMEOUT_S)
 
 
 async def _keep_session(conn: Any) -> None:

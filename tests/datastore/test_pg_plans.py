@@ -1,0 +1,61 @@
+"""PostgreSQL: how a connection plans its statements, by the size of the calls table.
+
+A connection made while the table is small plans each statement for its own
+arguments; one made once the table has grown keeps the server's generic plans
+(datastore.postgres, "Plans").
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from config.domain import Call, new_call_id
+from config.settings import load_settings
+from datastore import postgres
+from datastore.base import open_datastore
+from datastore.postgres import PostgresDatastore
+from tests.datastore.conftest import fresh_pg_database
+from tests.datastore.test_outage import outcome
+from tests.rig import PostgresServer
+
+
+async def _open(url: str, data: Path) -> PostgresDatastore:
+    store = await open_datastore(load_settings(data_dir=data, db_url=url))
+    assert isinstance(store, PostgresDatastore)
+    return store
+
+
+async def _mode(store: PostgresDatastore) -> str:
+    async with store._connection() as conn:
+        return str(await conn.fetchval("SHOW plan_cache_mode"))
+
+
+async def test_a_new_database_plans_for_the_arguments(
+    postgres_server: PostgresServer, tmp_path: Path, settings_env: Path
+) -> None:
+    store = await _open(await fresh_pg_database(postgres_server), tmp_path / "data")
+    try:
+        assert await _mode(store) == "force_custom_plan"
+        c = Call(new_call_id(), "app", "fn")
+        assert await store.record_outcome(c, outcome(), 1, "w") is True
+        assert (await store.get_calls([c.id, "nope"])).keys() == {c.id}
+    finally:
+        await store.close()
+
+
+async def test_a_grown_calls_table_keeps_generic_plans(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    settings_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    url = await fresh_pg_database(postgres_server)
+    await (await _open(url, tmp_path / "data")).close()  # the tables exist from here on
+    monkeypatch.setattr(postgres, "SMALL_CALLS_BYTES", 0)  # any table counts as grown
+    store = await _open(url, tmp_path / "data")
+    try:
+        assert await _mode(store) == "auto"
+    finally:
+        await store.close()
