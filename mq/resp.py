@@ -10,8 +10,9 @@ hiredis: a round trip costs a few microseconds of Python.
 ``Lines`` keeps idle connections for reuse. Several commands may be written
 at once (pipelined); their replies come back in order. A connection whose
 caller stops waiting (timeout, cancellation) may still get the reply, so it
-is closed, never reused. Everything else the queue does (scripts loading,
-groups, statistics, dead letters) keeps using redis-py.
+is closed, never reused. The queue's scripts (statistics and dead-letter
+requeue and purge among them) go over these connections; the rest (loading
+scripts, making groups, listing dead letters) keeps using redis-py.
 
 The connection settings are those of the redis-py client the URL made
 (host, port, database, user, password, TLS options), so both speak to the
