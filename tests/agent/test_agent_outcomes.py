@@ -190,6 +190,62 @@ async def test_launch_failures_reach_the_call_once(
     await driver.wait_until(lambda: agent.statistics().resources.tokens == 0)
 
 
+@pytest.mark.parametrize(
+    ("create_error", "start_error"),
+    [
+        (ImageNotFound("image img/hello not found"), None),
+        (None, ContainerInitFailed("no socket: exited")),
+        (None, ContainerInitTimeout("no socket in 5 s")),
+    ],
+)
+async def test_a_start_failure_every_start_meets_ends_every_waiting_call(
+    agents: AgentFactory, create_error: AgentError | None, start_error: AgentError | None
+) -> None:
+    # Ten calls, one start turn: the first start fails, and the nine calls waiting
+    # for a container get its error at once instead of one failing start each.
+    gate = asyncio.Event()
+    behaviour = FakeBehaviour(start_gate=gate, create_error=create_error, start_error=start_error)
+    driver = FakeDriver(behaviour)
+    agent = agents(driver, hot_start_concurrency=1)
+    fn = make_fn()
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(10)]
+    if start_error is not None:
+        await driver.wait_until(lambda: driver.starts == 1)
+    gate.set()
+    outcomes = await asyncio.wait_for(asyncio.gather(*calls), 2.0)
+    assert {o.error for o in outcomes} == {str(create_error or start_error)}
+    assert all(not o.started for o in outcomes)
+    assert driver.creates == 1  # the starts waiting for the turn were dropped
+    await driver.wait_until(lambda: agent.statistics().resources.tokens == 0)
+
+
+async def test_a_start_failure_beside_a_serving_container_ends_only_its_own_call(
+    agents: AgentFactory,
+) -> None:
+    # The function has started before: a failed start (a flaky one, say) is no
+    # reason to fail the other waiting calls, which get the serving container.
+    call_gate, first_start, later_starts = asyncio.Event(), asyncio.Event(), asyncio.Event()
+    behaviour = FakeBehaviour(handler=gated(call_gate))
+    driver = FakeDriver(behaviour)
+    agent = agents(driver, hot_start_concurrency=1)
+    fn = make_fn()
+    first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 1)  # its container is busy
+    behaviour.start_error = ContainerInitFailed("no socket: exited")
+    behaviour.start_gate = first_start
+    waiting = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(3)]
+    await driver.wait_until(lambda: driver.starts == 2)  # the second start holds the turn
+    behaviour.start_gate = later_starts  # the starts after it wait here
+    first_start.set()
+    await driver.wait_until(lambda: sum(t.done() for t in waiting) == 1)
+    call_gate.set()  # the busy container comes free and serves the two others
+    outcomes = await asyncio.wait_for(asyncio.gather(first, *waiting), 2.0)
+    later_starts.set()
+    statuses = [o.status for o in outcomes]
+    assert statuses.count(CallStatus.SUCCESS) == 3 and statuses.count(CallStatus.ERROR) == 1
+    assert [o.error for o in outcomes if o.status is CallStatus.ERROR] == ["no socket: exited"]
+
+
 async def test_unexpected_driver_fault_reaches_the_call(agents: AgentFactory) -> None:
     driver = FakeDriver(FakeBehaviour(start_error=RuntimeError("socket vanished")))  # type: ignore[arg-type]
     agent = agents(driver)

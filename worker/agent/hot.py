@@ -46,6 +46,8 @@ from worker.agent.errors import (
     ContainerInitFailed,
     ContainerInitTimeout,
     DispatchError,
+    ImageHasVolume,
+    ImageNotFound,
     ImagePullTimeout,
     InvalidResponse,
     ResponseTooBig,
@@ -58,6 +60,9 @@ from worker.agent.slots import Caller, ContainerState, Slot, SlotQueue
 from worker.agent.tasks import Interrupted, interruptible
 
 log = logging.getLogger("fnq.agent.hot")
+
+# Start failures every start of the same configuration meets (see _launch_failed).
+SHARED_START_FAILURES = (ImageNotFound, ImageHasVolume, ContainerInitFailed, ContainerInitTimeout)
 
 FREEZE_TIMEOUT_S = 5.0  # docker pause / unpause
 REMOVE_TIMEOUT_S = 30.0
@@ -213,8 +218,21 @@ class HotContainer:
             ) from None
 
     def _launch_failed(self, exc: AgentError) -> None:
+        """The call that caused the launch gets the error. So does every other call
+        waiting for a container of this configuration when the error is one that
+        every start of it would meet (its image, its function's start) and none of
+        its containers has started: each call would only see its own start fail
+        alike, a few start turns after another. (Starts of it still waiting for a
+        turn are then dropped: no call waits for them.)"""
         owner = self.queue.launch_owner(self.owner)
-        if owner is None or not owner.fail(exc):
+        told = owner is not None and owner.fail(exc)
+        if isinstance(exc, SHARED_START_FAILURES) and self.queue.serving_containers() == 0:
+            others = self.queue.fail_waiting(exc)
+            if others:
+                log.info("container of %s failed to start: %d more waiting call(s) end "
+                         "with it: %s", self.fn.ref, others, exc)  # fmt: skip
+            told = told or others > 0
+        if not told:
             log.warning("container of %s failed to start, no call waits: %s", self.fn.ref, exc)
 
     async def _watch_exit(self) -> None:

@@ -230,6 +230,14 @@ class SlotQueue:
         """Waiting calls beyond the idle slots (none when every one can have one)."""
         return max(0, len(self.waiters) - len(self._stack))
 
+    def serving_containers(self) -> int:
+        """Containers of the queue that have started: idle, paused or busy."""
+        return sum(self.containers[state] for state in SERVING_STATES)
+
+    def fail_waiting(self, error: AgentError) -> int:
+        """Hand ``error`` to every waiting call that has none yet; how many got it."""
+        return sum(caller.fail(error) for caller in list(self.waiters))
+
     # ------------------------------------------------------------ counts
     def move(self, old: ContainerState | None, new: ContainerState) -> None:
         if old is not None:
