@@ -158,3 +158,19 @@ async def test_a_call_reports_its_cpu_time_and_memory(agent_for: Callable[..., A
     assert 0 < big.stats["memory_mb"] < 128
     if "memory_peak_mb" in big.stats:  # cgroup v1 keeps a high-water mark
         assert big.stats["memory_peak_mb"] >= 48 > small.stats["memory_peak_mb"]
+
+
+async def test_calls_of_a_function_that_never_opens_its_socket_end_after_one_start(
+    agent_for: Callable[..., Agent],
+) -> None:
+    # One start turn: without the shared failure, the six calls would end one
+    # start timeout after another.
+    broken = fn("broken", "fnq/nosocket:latest")
+    async with agent_for(hot_start_timeout_msecs=1000, hot_start_concurrency=1) as agent:
+        loop = asyncio.get_running_loop()
+        t0 = loop.time()
+        outcomes = await asyncio.gather(*(agent.submit(call(broken), broken) for _ in range(6)))
+        elapsed = loop.time() - t0
+    assert {o.status for o in outcomes} == {CallStatus.ERROR}
+    assert all(o.error is not None and "did not create lsnr.sock" in o.error for o in outcomes)
+    assert elapsed < 4.0, elapsed  # one start timeout of 1 s, not six
