@@ -11,6 +11,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 
 from config.domain import Call, CallStatus, Function, new_call_id
@@ -93,29 +94,37 @@ async def test_a_backlog_is_reserved_several_at_a_time(tmp_path: Path) -> None:
         await inner_store.close()
 
 
-async def test_a_burst_of_one_function_is_reserved_beyond_the_places(tmp_path: Path) -> None:
-    # Four warm containers of one short function: a reserve also takes a call for each
-    # container that is free, beyond the two places; those calls wait for them.
+OTHER = Function(app="a", name="g", image="img/g", memory_mb=64)
+
+
+@pytest.mark.parametrize(
+    ("fns", "each"), [([FN], 4), ([FN, OTHER], 3)], ids=["one function", "two functions"]
+)
+async def test_a_burst_is_reserved_beyond_the_places(
+    tmp_path: Path, fns: list[Function], each: int
+) -> None:
+    # Warm containers of short functions, calls round-robin over them: a reserve also
+    # takes a call for each container that is free, beyond the two places; those
+    # calls wait for them.
     settings = load_settings(data_dir=str(tmp_path))
     store = await open_datastore(settings)
-    await store.create_fn(FN)
+    for fn in fns:
+        await store.create_fn(fn)
     inner = open_queue(settings.mq_url, settings)
     queue = CountingReserves(inner)
     driver = FakeDriver(FakeBehaviour(handler=reply()))
     try:
         async with Agent(settings, driver) as agent:
-            gate = asyncio.Event()
-            driver.default.handler = gated(gate)
-            warm = [asyncio.create_task(agent.submit(_call(), FN)) for _ in range(4)]
-            await driver.wait_until(lambda: driver.dispatches == 4)
-            gate.set()
-            await asyncio.gather(*warm)
-            driver.default.handler = reply()
-            calls = [_call() for _ in range(200)]
+            await _warm(agent, driver, fns, each)
+            calls = [_call(fns[i % len(fns)]) for i in range(200)]
             await inner.push_many(calls)
             await _run_until_done(Worker(settings, queue, store, agent, prefetch=2), len(calls))  # type: ignore[arg-type]
         assert sum(queue.batches) == len(calls)
         assert max(queue.batches) > 2, queue.batches
+        assert driver.creates == len(fns) * each  # the extra calls used the warm containers
+        records = await store.get_calls([c.id for c in calls])
+        assert len(records) == len(calls)
+        assert {r.status for r in records.values()} == {CallStatus.SUCCESS}
         stats = await inner.stats()
         assert (stats.ready, stats.reserved) == (0, 0)
     finally:
@@ -123,42 +132,16 @@ async def test_a_burst_of_one_function_is_reserved_beyond_the_places(tmp_path: P
         await store.close()
 
 
-async def test_a_burst_of_mixed_functions_is_reserved_beyond_the_places(tmp_path: Path) -> None:
-    # Three warm containers of each of two short functions, calls alternating: a
-    # reserve also takes a call for each of their idle containers.
-    other = Function(app="a", name="g", image="img/g", memory_mb=64)
-    settings = load_settings(data_dir=str(tmp_path))
-    store = await open_datastore(settings)
-    await store.create_fn(FN)
-    await store.create_fn(other)
-    inner = open_queue(settings.mq_url, settings)
-    queue = CountingReserves(inner)
-    driver = FakeDriver(FakeBehaviour(handler=reply()))
-    try:
-        async with Agent(settings, driver) as agent:
-            gate = asyncio.Event()
-            driver.default.handler = gated(gate)
-            warm = [
-                asyncio.create_task(agent.submit(_call(fn), fn))
-                for fn in (FN, other)
-                for _ in range(3)
-            ]
-            await driver.wait_until(lambda: driver.dispatches == 6)
-            gate.set()
-            await asyncio.gather(*warm)
-            driver.default.handler = reply()
-            calls = [_call((FN, other)[i % 2]) for i in range(200)]
-            await inner.push_many(calls)
-            await _run_until_done(Worker(settings, queue, store, agent, prefetch=2), len(calls))  # type: ignore[arg-type]
-        assert sum(queue.batches) == len(calls)
-        assert max(queue.batches) > 2, queue.batches
-        assert driver.creates == 6  # the extra calls used the warm containers
-        records = await store.get_calls([c.id for c in calls])
-        assert {r.status for r in records.values()} == {CallStatus.SUCCESS}
-        assert len(records) == len(calls)
-    finally:
-        await inner.close()
-        await store.close()
+async def _warm(agent: Agent, driver: FakeDriver, fns: list[Function], each: int) -> None:
+    """Start ``each`` containers of every function in ``fns``: as many calls at once,
+    held until all of them are in their containers."""
+    gate = asyncio.Event()
+    driver.default.handler = gated(gate)
+    warm = [asyncio.create_task(agent.submit(_call(fn), fn)) for fn in fns for _ in range(each)]
+    await driver.wait_until(lambda: driver.dispatches == len(warm))
+    gate.set()
+    await asyncio.gather(*warm)
+    driver.default.handler = reply()
 
 
 def _call(fn: Function = FN) -> Call:
