@@ -57,6 +57,7 @@ POOL_MAX_SIZE = 4
 # for its arguments (see "Plans" above).
 SMALL_CALLS_BYTES = 1024 * 1024
 _CALLS_SIZE = "SELECT pg_relation_size(to_regclass('calls'))"
+_CUSTOM_PLANS = "SET plan_cache_mode = force_custom_plan"
 UNDEFINED_OBJECT = "42704"  # SQLSTATE of "unrecognized configuration parameter"
 INVALID_PARAMETER_VALUE = "22023"
 
@@ -217,7 +218,9 @@ async def _init_connection(conn: Any) -> None:
     await conn.execute("SET TIME ZONE 'UTC'", timeout=STATEMENT_TIMEOUT_S)
     size = await conn.fetchval(_CALLS_SIZE, timeout=STATEMENT_TIMEOUT_S)
     if size is None or size < SMALL_CALLS_BYTES:
-        await conn.execute("SET plan_cache_mode = force_custom_plan", timeout=STATEMENT_TIMEOUT_S)
+        # A server before PostgreSQL 12 has no such setting: generic plans there.
+        with contextlib.suppress(asyncpg.exceptions.UndefinedObjectError):
+            await conn.execute(_CUSTOM_PLANS, timeout=STATEMENT_TIMEOUT_S)
 
 
 async def _keep_session(conn: Any) -> None:

@@ -59,3 +59,21 @@ async def test_a_grown_calls_table_keeps_generic_plans(
         assert await _mode(store) == "auto"
     finally:
         await store.close()
+
+
+async def test_a_server_without_the_setting_keeps_its_plans(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    settings_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # PostgreSQL before 12 has no plan_cache_mode: the store works as before there.
+    monkeypatch.setattr(postgres, "_CUSTOM_PLANS", "SET fnq_no_such_setting = on")
+    store = await _open(await fresh_pg_database(postgres_server), tmp_path / "data")
+    try:
+        assert await _mode(store) == "auto"
+        c = Call(new_call_id(), "app", "fn")
+        assert await store.record_outcome(c, outcome(), 1, "w") is True
+        assert (await store.get_calls([c.id])).keys() == {c.id}
+    finally:
+        await store.close()
