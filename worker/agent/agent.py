@@ -45,9 +45,9 @@ at once; a start that had to wait for its turn is dropped if by then every
 waiting call of its function has a container. If a start fails, the call
 that nudged gets the error:
 *terminal* for a missing or unusable image, *function* for a container that
-would not initialise, *busy* for a pull that took too long. When none of the
-configuration's containers has started yet, an image or initialisation error
-goes to every call waiting for one: their own starts would fail alike.
+would not initialise, *busy* for a pull that took too long. While none of the
+configuration's containers is up, an image or initialisation error goes to
+every call waiting for one: their own starts would fail alike.
 
 **Exec.** The call that wins a slot runs on that container in its own task:
 unpause it if it was frozen, route its output to the call's bounded log,

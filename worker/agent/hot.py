@@ -221,7 +221,7 @@ class HotContainer:
         """The call that caused the launch gets the error. So does every other call
         waiting for a container of this configuration when the error is one that
         every start of it would meet (its image, its function's start) and none of
-        its containers has started: each call would only see its own start fail
+        its containers is up: each call would only see its own start fail
         alike, a few start turns after another. (Starts of it still waiting for a
         turn are then dropped: no call waits for them.)"""
         owner = self.queue.launch_owner(self.owner)
