@@ -92,7 +92,8 @@ async def functions_run(
         if tight:
             await warm(cluster, fns[0].name, 5)
             rate, recs = await _round_robin(cluster, fns, n)
-            return rate, labelled(cluster.tag), len({r.container_id for r in recs})
+            ran_in = {r.container_id for r in recs if r.container_id}
+            return rate, labelled(cluster.tag), len(ran_in)
         for fn in fns:
             await warm(cluster, fn.name, 5)  # every function hot first
         warm_containers = labelled(cluster.tag)
