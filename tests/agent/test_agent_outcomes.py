@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import logging
 
 import pytest
 
@@ -217,6 +219,47 @@ async def test_a_start_failure_every_start_meets_ends_every_waiting_call(
     assert all(not o.started for o in outcomes)
     assert driver.creates == 1  # the starts waiting for the turn were dropped
     await driver.wait_until(lambda: agent.statistics().resources.tokens == 0)
+
+
+async def test_starts_failing_after_their_calls_ended_are_not_warned_of(
+    agents: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Three starts at once, all failing alike: the first ends every waiting call;
+    # the two others find no call waiting, which is no news worth a warning.
+    gate = asyncio.Event()
+    behaviour = FakeBehaviour(start_gate=gate, start_error=ContainerInitFailed("exited"))
+    driver = FakeDriver(behaviour)
+    agent = agents(driver, hot_start_concurrency=3)
+    fn = make_fn()
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for _ in range(6)]
+    await driver.wait_until(lambda: driver.starts == 3)
+    with caplog.at_level(logging.INFO, logger="fnq.agent.hot"):
+        gate.set()
+        outcomes = await asyncio.wait_for(asyncio.gather(*calls), 2.0)
+        await driver.wait_until(lambda: agent.statistics().resources.tokens == 0)
+    assert {o.error for o in outcomes} == {"exited"}
+    messages = [(r.levelno, r.getMessage()) for r in caplog.records]
+    assert sum("another container" in m for _, m in messages) == 2, messages
+    assert [m for level, m in messages if level >= logging.WARNING] == []
+
+
+async def test_a_failed_start_nobody_waits_for_is_warned_of(
+    agents: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(start_gate=gate, start_error=ContainerInitFailed("exited")))
+    agent = agents(driver)
+    fn = make_fn()
+    call = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.starts == 1)
+    call.cancel()  # the call goes away while its container starts
+    with contextlib.suppress(asyncio.CancelledError):
+        await call
+    with caplog.at_level(logging.INFO, logger="fnq.agent.hot"):
+        gate.set()
+        await driver.wait_until(lambda: agent.statistics().resources.tokens == 0)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert warned == ["container of app/hello failed to start, no call waits: exited"]
 
 
 async def test_a_start_failure_beside_a_serving_container_ends_only_its_own_call(

@@ -100,6 +100,7 @@ class HotContainer:
         self.on_exit = on_exit
         self.pacer = pacer or FreezePacer(0.0)
         self.start_turns = start_turns
+        self._shared_failures_before = queue.shared_failures
         self.id = f"fnq-{secrets.token_hex(8)}"
         self.container: Container | None = None
         self.state = ContainerState.WAIT
@@ -232,7 +233,14 @@ class HotContainer:
                 log.info("container of %s failed to start: %d more waiting call(s) end "
                          "with it: %s", self.fn.ref, others, exc)  # fmt: skip
             told = told or others > 0
-        if not told:
+            if told:
+                self.queue.shared_failures += 1
+        if told:
+            return
+        if self.queue.shared_failures > self._shared_failures_before:
+            # Started beside one whose error already ended the calls it was for.
+            log.info("another container of %s failed to start: %s", self.fn.ref, exc)
+        else:
             log.warning("container of %s failed to start, no call waits: %s", self.fn.ref, exc)
 
     async def _watch_exit(self) -> None:

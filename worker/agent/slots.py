@@ -131,6 +131,7 @@ class SlotQueue:
         self.containers: Counter[ContainerState] = Counter()
         self.waiters: dict[Caller, None] = {}  # ordered set, oldest first
         self.containers_started = 0
+        self.shared_failures = 0  # failed starts whose error ended every waiting call
         self._nudged = asyncio.Event()
         self._nudger: Caller | None = None
         self.last_used_s = 0.0
