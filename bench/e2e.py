@@ -23,6 +23,9 @@ Baselines, same machine, same run:
       by a DockerDriver in this process (one client per container, 1 and 2
       containers, the better one).
 
+CPU per call (bench._cpu) is counted over the timed runs of fnq and of (c), by
+party: worker, redis-server, containers, producer or raw client.
+
 Latency: a paced producer pushes one call at a time at 25 %, 50 % and 75 % of
 the measured throughput, each load for 5 s as many times as the throughput
 repeats, the loads in turns (a column is the median of the runs' own values,
@@ -45,6 +48,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import secrets
 import tempfile
 import time
@@ -66,6 +70,7 @@ from bench._common import (
     remove_labelled,
     run,
 )
+from bench._cpu import CpuWatch
 from config.domain import Call, Function, new_call_id
 from worker.agent.driver import ContainerSpec
 from worker.agent.drivers.docker import DockerDriver
@@ -105,12 +110,19 @@ def docker_run_job(image: str, body: bytes) -> float:
 # --------------------------------------------------------------------- fnq
 
 
-async def fnq_throughput(cluster: Cluster, n: int, repeats: int) -> list[float]:
-    """Calls/s of each repeat (the cluster's workers are running and warm)."""
+async def fnq_throughput(
+    cluster: Cluster, n: int, repeats: int, watch: CpuWatch | None = None
+) -> list[float]:
+    """Calls/s of each repeat (the cluster's workers are running and warm); ``watch``
+    counts the CPU of the repeats."""
     rates = []
     done = await cluster.final_count(APP)
     for _ in range(repeats):
+        if watch is not None:
+            watch.start()
         seconds = await cluster.run_calls(APP, "echo", n, BODY, done)
+        if watch is not None:
+            watch.stop(n)
         done += n
         rates.append(n / seconds)
         await asyncio.sleep(0.5)
@@ -216,11 +228,22 @@ def rq_docker_run(redis_url: str, n: int) -> float:
         conn.close()
 
 
-async def raw_ceiling(
-    tmp: Path, n: int, repeats: int, paces: dict[float, float]
-) -> dict[str, float]:
-    """Raw-client calls/s on 1 and on 2 hot echo containers, its median latency (ms)
-    back to back, and at each of ``paces`` (load share -> calls/s)."""
+@dataclass
+class Raw:
+    """The raw client's numbers: calls/s on 1 and 2 containers, its median latency (ms)
+    back to back and at each paced load share, and the CPU of its 1 and 2 container
+    runs."""
+
+    one: float
+    two: float
+    latency_ms: float
+    paced_ms: dict[float, float]
+    cpu: dict[int, CpuWatch]
+
+
+async def raw_ceiling(tmp: Path, n: int, repeats: int, paces: dict[float, float]) -> Raw:
+    """The raw client on 1 and 2 hot echo containers, and at each of ``paces`` (load
+    share -> calls/s) on one."""
     tag = label_tag()
     settings = bench_settings(tmp / "raw", tag)
     driver = DockerDriver(settings)
@@ -234,16 +257,23 @@ async def raw_ceiling(
             sockets.append(str(container.iofs.socket_path))
         await raw_throughput(sockets, 50, BODY)
         one, two, lat = [], [], []
+        cpu = {k: CpuWatch(own_party="client", container_tag=tag) for k in (1, 2)}
         for _ in range(repeats):
+            cpu[1].start()
             rate, ms = await raw_throughput(sockets[:1], n, BODY)
+            cpu[1].stop(n)
             one.append(rate)
             lat.append(ms)
+            cpu[2].start()
             two.append((await raw_throughput(sockets, n // 2, BODY))[0])
-        out = {"raw 1": median(one), "raw 2": median(two), "latency_ms": median(lat)}
+            cpu[2].stop(n // 2 * 2)
+        for watch in cpu.values():
+            watch.close()
+        paced_ms = {}
         for share, rate in paces.items():
             paced_lat = await raw_calls(sockets[0], max(200, int(rate)), BODY, rate)
-            out[f"latency_ms {share}"] = 1000 * median(paced_lat)
-        return out
+            paced_ms[share] = 1000 * median(paced_lat)
+        return Raw(median(one), median(two), median(lat), paced_ms, cpu)
     finally:
         await driver.close()
         remove_labelled(tag)
@@ -267,7 +297,17 @@ async def measure(quick: bool) -> Section:
             await cluster.register(echo())
             cluster.start_worker()
             warm_containers = await warm_bursts(cluster, n)
-            fnq = await fnq_throughput(cluster, n, repeats)
+            redis_pid = server.proc.pid if server.proc is not None else -1
+            fnq_cpu = CpuWatch(
+                processes={
+                    "worker": lambda: [p.pid for p in cluster.procs],
+                    "redis-server": lambda: [redis_pid],
+                },
+                own_party="producer",
+                container_tag=cluster.tag,
+            )
+            fnq = await fnq_throughput(cluster, n, repeats, fnq_cpu)
+            fnq_cpu.close()
             containers = (warm_containers, labelled(cluster.tag) - warm_containers)
             best = max(fnq)
             lat_s = 2.0 if quick else 5.0
@@ -291,6 +331,7 @@ async def measure(quick: bool) -> Section:
         best,
         Loads(loads, starts, lat_s),
         raw,
+        fnq_cpu,
         median(rq_a),
         rq_b,
         docker_jobs,
@@ -304,14 +345,15 @@ def report(
     fnq: float,
     best: float,
     loads: Loads,
-    raw: dict[str, float],
+    raw: Raw,
+    fnq_cpu: CpuWatch,
     rq_a: float,
     rq_b: float,
     docker_jobs: int,
     containers: tuple[int, int],
 ) -> Section:
     sec = Section("End to end: Redis -> fnq worker -> hot container -> SQLite (bench/e2e.py)")
-    ceiling = max(raw["raw 1"], raw["raw 2"])
+    ceiling = max(raw.one, raw.two)
     sec.notes.append(
         f"{n} calls of `{IMAGE}` per run, median of {repeats} run(s); one `fnq worker` "
         "process with default settings, SQLite datastore (WAL, synchronous=FULL), records, "
@@ -325,8 +367,8 @@ def report(
         ["fnq worker (1 process)", fnq, "", ""],
         ["(a) RQ SimpleWorker, no-op jobs", rq_a, fnq / rq_a, f">= {TARGETS['a']:g}x"],
         ["(b) RQ + docker run per job", rq_b, fnq / rq_b, f">= {TARGETS['b']:g}x"],
-        ["(c) raw client, 1 container", raw["raw 1"], fnq / raw["raw 1"], ""],
-        ["(c) raw client, 2 containers", raw["raw 2"], fnq / raw["raw 2"], ""],
+        ["(c) raw client, 1 container", raw.one, fnq / raw.one, ""],
+        ["(c) raw client, 2 containers", raw.two, fnq / raw.two, ""],
     ]
     sec.tables.append(Table("throughput", ["run", "calls/s", "fnq / run", "target"], rows))
     sec.check("fnq / (a) RQ no-op", f"{fnq / rq_a:.1f}x", ">= 5x", fnq / rq_a >= TARGETS["a"])
@@ -337,10 +379,20 @@ def report(
         "fnq / (c) raw ceiling", f"{fnq / ceiling:.0%}", ">= 50%", fnq / ceiling >= TARGETS["c"]
     )
 
-    raw_ms = raw["latency_ms"]
+    sec.tables.append(_cpu_table(fnq, fnq_cpu, raw))
+    sec.notes.append(
+        "CPU per call: each party's user + system time over the timed runs (the worker "
+        "process with all its threads, redis-server, the function's containers from their "
+        "cgroups, this process as producer or raw client) divided by the calls. "
+        "`host CPUs busy` is the whole host's share over those runs. `CPUs / sum` is the "
+        "rate at which that much work per call would keep every CPU of this host busy: "
+        "where the host is the limit, fnq / (c) cannot pass the ratio of the two `CPUs / "
+        "sum` columns."
+    )
+    raw_ms = raw.latency_ms
     lat_rows = []
     for share, runs in loads.runs.items():
-        paced_ms = raw[f"latency_ms {share}"]
+        paced_ms = raw.paced_ms[share]
         per_run = [_run_stats(samples, paced_ms, raw_ms) for samples in runs]
 
         def mid(key: str, per_run: list[dict[str, float]] = per_run) -> float:
@@ -417,6 +469,31 @@ def report(
         "commit, so the commit itself (a few ms with SQLite FULL) is not in the latency."
     )
     return sec
+
+
+CPU_PARTIES = ("worker", "client", "containers", "redis-server", "producer")
+
+
+def _cpu_table(fnq: float, fnq_cpu: CpuWatch, raw: Raw) -> Table:
+    """CPU per call by party in the timed throughput runs, and the calls/s the host's
+    CPUs would allow at that cost if nothing else ran."""
+    cpus = os.cpu_count() or 1
+    rows = []
+    runs = [("fnq worker", fnq, fnq_cpu), ("(c) raw client, 1 container", raw.one, raw.cpu[1])]
+    runs.append(("(c) raw client, 2 containers", raw.two, raw.cpu[2]))
+    for name, rate, watch in runs:
+        per_call = watch.per_call_ms()
+        total = sum(per_call.values())
+        cells: list[object] = [name, rate]
+        cells += [round(1000 * per_call[k]) if k in per_call else "" for k in CPU_PARTIES]
+        cells += [round(1000 * total), f"{watch.host_busy():.0%}"]
+        cells.append(cpus / (total / 1000) if total else "")
+        rows.append(cells)
+    return Table(
+        f"CPU per call in the timed runs (us); this host has {cpus} CPU(s)",
+        ["run", "calls/s", *CPU_PARTIES, "sum", "host CPUs busy", "CPUs / sum (calls/s)"],
+        rows,
+    )
 
 
 def _run_stats(

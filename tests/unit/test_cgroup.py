@@ -30,6 +30,7 @@ def test_v1_counts_cpu_and_memory_and_resets_the_peak(tmp_path: Path) -> None:
     write(cpu, "1012500000\n")  # 12.5 ms later
     assert meter.call_ended() == {"cpu_ms": 12.5, "memory_mb": 20.0, "memory_peak_mb": 64.0}
     assert (mem / "memory.max_usage_in_bytes").read_text().startswith("0")
+    assert meter.cpu_ns() == 1_012_500_000
     meter.close()
     assert meter.call_ended() == {}
 
@@ -57,7 +58,9 @@ def test_v2_reads_usage_usec_and_memory_current(tmp_path: Path) -> None:
     meter.call_started()
     write(group / "cpu.stat", "usage_usec 2500\nuser_usec 2000\nsystem_usec 500\n")
     assert meter.call_ended() == {"cpu_ms": 2.0, "memory_mb": 3.0}
+    assert meter.cpu_ns() == 2_500_000
     meter.close()
+    assert meter.cpu_ns() == 0
 
 
 def test_a_call_right_after_the_last_starts_from_its_reading(

@@ -106,6 +106,15 @@ class CgroupMeter:
                 return int(value)
         raise ValueError("cpu.stat has no usage_usec")
 
+    def cpu_ns(self) -> int:
+        """CPU time the cgroup has used so far, in nanoseconds (0 once closed)."""
+        if self.closed:
+            return 0
+        try:
+            return self._cpu_units() * self._cpu_scale
+        except (OSError, ValueError):
+            return 0
+
     def call_started(self) -> None:
         if self.closed:
             return
