@@ -232,3 +232,12 @@ def test_logs_of_an_ended_call_whose_log_is_gone(
     )
     out = CliRunner().invoke(cli, ["logs", waiting.id])
     assert "is queued and has no log yet (logs are stored when a call ends)" in out.stderr
+
+
+def test_logs_of_a_call_that_ended_before_it_ran(settings_env: Path) -> None:
+    call = Call(new_call_id(), "a", "f", b"")
+    record([(call, None)])
+    assert fnq("calls", "cancel", call.id).output == f"{call.id} cancelled\n"
+    out = CliRunner().invoke(cli, ["logs", call.id])
+    assert out.exit_code == 1
+    assert out.stderr == f"fnq: call {call.id} ended (cancelled) before it ran, so it has no log\n"

@@ -301,6 +301,9 @@ def logs_cmd(ctx: click.Context, call_id: str, as_json: bool) -> None:
     if data is None:
         if rec is None:
             raise no_call(call_id)
+        if rec.is_final and rec.attempts == 0:
+            raise FnqError(f"call {call_id} ended ({rec.status.value}) before it ran, so it has "
+                           "no log")  # fmt: skip
         if rec.is_final:
             raise FnqError(f"call {call_id} ended ({rec.status.value}) but its log is missing "
                            "(purged, or the log store lost it)")  # fmt: skip
