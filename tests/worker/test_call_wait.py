@@ -16,6 +16,7 @@ async def test_call_wait_prints_the_answer_or_why_there_is_none(sqlite_cluster: 
         Function(app="t", name="hello", image="fnq/example:latest", memory_mb=64),
         Function(app="t", name="raise", image="fnq/raise:latest", memory_mb=64, max_attempts=1),
         Function(app="t", name="sleep", image="fnq/sleep:latest", memory_mb=64, timeout_s=30),
+        Function(app="t", name="gone", image="fnq/no-such-image:latest", memory_mb=64),
     ):
         await sqlite_cluster.register(fn)
     sqlite_cluster.start_worker()
@@ -27,6 +28,11 @@ async def test_call_wait_prints_the_answer_or_why_there_is_none(sqlite_cluster: 
     assert failed.returncode == EXIT_FAILED and failed.stdout == ""
     assert failed.stderr.startswith("fnq: call r-1 ended error: function failed")
     assert "`fnq logs r-1`" in failed.stderr
+
+    never = sqlite_cluster.fnq("call", "t", "gone", "--wait", "--id", "g-1")
+    assert never.returncode == EXIT_FAILED and never.stdout == ""
+    assert never.stderr.startswith("fnq: call g-1 ended error: image fnq/no-such-image:latest")
+    assert never.stderr.endswith(" (it never ran)\n"), never.stderr  # no log to point at
 
     late = sqlite_cluster.fnq("call", "t", "sleep", "--body", "5", "--wait",
                               "--wait-timeout", "0.5", "--id", "s-1")  # fmt: skip

@@ -208,8 +208,9 @@ def _wait_for_answer(settings: Settings, call_id: str, timeout_s: float | None) 
         sys.stdout.buffer.write(rec.response_body)
         sys.stdout.buffer.flush()
     else:
+        ran = f"; `fnq logs {call_id}` shows its output" if rec.attempts else " (it never ran)"
         click.echo(f"fnq: call {call_id} ended {rec.status.value}: {rec.error or 'no reason given'}"
-                   f"; `fnq logs {call_id}` shows its output", err=True)  # fmt: skip
+                   f"{ran}", err=True)  # fmt: skip
     return wait_status(waited)
 
 
