@@ -152,7 +152,12 @@ def find_functions(paths: Iterable[Path]) -> list[FunctionSource]:
         if (path / "func.py").is_file():
             found.append(load_function(path))
         elif path.is_dir():
-            found += [load_function(p) for p in sorted(path.iterdir()) if (p / "func.py").is_file()]
+            inside = [load_function(p) for p in sorted(path.iterdir()) if (p / "func.py").is_file()]
+            if not inside:
+                raise ImageBuildError(
+                    f"{path} is neither a function directory (no func.py) nor a folder of them"
+                )
+            found += inside
         else:
             raise ImageBuildError(f"{path} is neither a function directory nor a folder of them")
     names = [f.name for f in found]

@@ -43,6 +43,9 @@ def test_a_folder_of_functions_and_bad_paths(tmp_path: Path) -> None:
         load_function(tmp_path / "all")
     with pytest.raises(ImageBuildError, match="share the name"):
         find_functions([tmp_path / "all", tmp_path / "all" / "one"])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ImageBuildError, match="neither a function directory"):
+        find_functions([tmp_path / "empty"])  # a wrong path builds nothing: say so
 
 
 @pytest.mark.integration
