@@ -172,10 +172,15 @@ def test_try_acquire_when_full_and_shortfall() -> None:
 
 def test_impossible_request_is_rejected_at_once() -> None:
     t = tracker(1024, 2000)
-    with pytest.raises(ResourceTooBig):
-        t.try_acquire(2048, 0)
-    with pytest.raises(ResourceTooBig):
+    with pytest.raises(ResourceTooBig, match=r"needs 2048 MB of memory, more than this worker "
+                       r"has in all \(1024 MB\)$"):  # fmt: skip
+        t.try_acquire(2048, 0)  # what does fit (no CPU asked) is not named
+    with pytest.raises(ResourceTooBig, match=r"needs 2001 mCPU, .* in all \(2000 mCPU\)$"):
         t.try_acquire(0, 2001)
+    assert t.too_big(4096, 4000) == (
+        "needs 4096 MB of memory and 4000 mCPU, more than this worker has in all "
+        "(1024 MB, 2000 mCPU)"
+    )
     assert t.is_possible(1024, 2000)
 
 

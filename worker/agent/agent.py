@@ -101,7 +101,7 @@ from worker.agent.hot import REMOVE_TIMEOUT_S, HotContainer, SlotUnusable
 from worker.agent.launcher import Launcher
 from worker.agent.logbuf import LogBuffer
 from worker.agent.pacer import FreezePacer
-from worker.agent.resources import MIB, ResourceToken, ResourceTracker
+from worker.agent.resources import ResourceToken, ResourceTracker
 from worker.agent.slots import Caller, ContainerState, RequestState, Slot, SlotQueue, slot_key
 from worker.agent.stats import AgentStats, QueueStats
 from worker.agent.tasks import TaskSet
@@ -194,13 +194,8 @@ class Agent:
                 return not_started_outcome(InvalidCall(f"call {call.id}: {problem}"))
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
         if not self.tracker.is_possible(memory_mb, cpu_mcpus):
-            totals = self.tracker.totals
-            return not_started_outcome(
-                ResourceTooBig(
-                    f"{fn.ref} needs {memory_mb} MB and {cpu_mcpus} mCPU, more than this worker "
-                    f"has ({totals.memory_bytes // MIB} MB, {totals.cpu_mcpus} mCPU)"
-                )
-            )
+            too_big = self.tracker.too_big(memory_mb, cpu_mcpus)
+            return not_started_outcome(ResourceTooBig(f"{fn.ref} {too_big}"))
         queue = self._queue_for(fn)
         deadline = asyncio.get_running_loop().time() + fn.timeout_s
         buffer = LogBuffer(

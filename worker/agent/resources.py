@@ -271,14 +271,22 @@ class ResourceTracker:
             tokens=self._tokens,
         )
 
+    def too_big(self, memory_mb: int, cpu_mcpus: int) -> str:
+        """In words, what of a request that is not possible this worker never has:
+        ``needs 128 MB of memory, more than this worker has in all (47 MB)``."""
+        need, have = [], []
+        if memory_mb * MIB > self.totals.memory_bytes:
+            need.append(f"{memory_mb} MB of memory")
+            have.append(f"{self.totals.memory_bytes // MIB} MB")
+        if cpu_mcpus > self.totals.cpu_mcpus:
+            need.append(f"{cpu_mcpus} mCPU")
+            have.append(f"{self.totals.cpu_mcpus} mCPU")
+        return f"needs {' and '.join(need)}, more than this worker has in all ({', '.join(have)})"
+
     # ---------------------------------------------------------- acquiring
     def _check_possible(self, memory_mb: int, cpu_mcpus: int) -> None:
         if not self.is_possible(memory_mb, cpu_mcpus):
-            raise ResourceTooBig(
-                f"the function asks for {memory_mb} MB and {cpu_mcpus} mCPU, more than this "
-                f"worker can ever give ({self.totals.memory_bytes // MIB} MB, "
-                f"{self.totals.cpu_mcpus} mCPU)"
-            )
+            raise ResourceTooBig(f"the function {self.too_big(memory_mb, cpu_mcpus)}")
 
     def try_acquire(self, memory_mb: int, cpu_mcpus: int) -> ResourceToken | None:
         """A token now, or None if there is not enough free room.
