@@ -75,6 +75,7 @@ start_docker
 make_venv
 if [ "$build_images" = 1 ]; then
     log "building function images (cached)"
-    .venv/bin/fnq images build scripts/functions/example tests/functions/*/
+    # Its progress (stderr) says what it built; the summary table would say it again.
+    .venv/bin/fnq images build scripts/functions/example tests/functions/*/ >/dev/null
 fi
 log "setup done"
