@@ -241,3 +241,13 @@ def test_logs_of_a_call_that_ended_before_it_ran(settings_env: Path) -> None:
     out = CliRunner().invoke(cli, ["logs", call.id])
     assert out.exit_code == 1
     assert out.stderr == f"fnq: call {call.id} ended (cancelled) before it ran, so it has no log\n"
+
+
+def test_fn_create_help_shows_the_defaults_a_new_function_gets(settings_env: Path) -> None:
+    helped = " ".join(fnq("fn", "create", "--help").output.split())
+    for flag, default in [("--memory", 128), ("--timeout", 30), ("--max-attempts", 3),
+                          ("--retry-backoff", 2.0), ("--max-age", 21600)]:  # fmt: skip
+        assert f"{flag} " in helped and f"[default: {default}]" in helped
+    assert "[default:" not in fnq("fn", "update", "--help").output  # what is not given stays
+    shown = json.loads(fnq("fn", "create", "a", "f", "--image", "i:1", "--json").output)
+    assert (shown["memory_mb"], shown["timeout_s"], shown["max_attempts"]) == (128, 30, 3)

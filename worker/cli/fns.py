@@ -27,22 +27,31 @@ def fn_to_json(fn: Function) -> dict[str, Any]:
     }  # fmt: skip
 
 
-def _fn_options(required_image: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+def _fn_options(creating: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """The options of ``fn create`` (``creating``: the image required, the defaults shown)
+    and of ``fn update`` (no defaults: what is not given stays as it is)."""
+    fields = Function.__dataclass_fields__
+
+    def number(flag: str, name: str, kind: type, help_: str) -> Callable[..., Any]:
+        default = fields[name].default if creating else None
+        return click.option(flag, name, type=kind, default=default, show_default=creating,
+                            help=help_)  # fmt: skip
+
     options = [
-        click.option("--image", required=required_image, help="Docker image, e.g. team/fn:1.0."),
-        click.option("--memory", "memory_mb", type=int, help="Memory in MB (1..8192)."),
-        click.option("--cpus", "cpus_mcpu", type=int, help="CPU quota in milli-CPUs; 0 = none."),
-        click.option("--timeout", "timeout_s", type=int, help="Longest run in seconds (1..3600)."),
-        click.option("--idle-timeout", "idle_timeout_s", type=int,
-                     help="Seconds a hot container waits idle for its next call (1..3600)."),
-        click.option("--tmpfs", "tmpfs_mb", type=int, help="Size of /tmp in MB; 0 = none."),
+        click.option("--image", required=creating, help="Docker image, e.g. team/fn:1.0."),
+        number("--memory", "memory_mb", int, "Memory in MB (1..8192)."),
+        number("--cpus", "cpus_mcpu", int, "CPU quota in milli-CPUs; 0 = none."),
+        number("--timeout", "timeout_s", int, "Longest run in seconds (1..3600)."),
+        number("--idle-timeout", "idle_timeout_s", int,
+               "Seconds a hot container waits idle for its next call (1..3600)."),
+        number("--tmpfs", "tmpfs_mb", int, "Size of /tmp in MB; 0 = none."),
         click.option("--config", "config", multiple=True, metavar="K=V",
                      help="Environment variable for the function (repeatable)."),
-        click.option("--max-attempts", "max_attempts", type=int, help="Runs before giving up."),
-        click.option("--retry-backoff", "retry_backoff_s", type=float,
-                     help="First retry delay in seconds (doubles each time)."),
-        click.option("--max-age", "max_age_s", type=int,
-                     help="Seconds after which a call not yet started is dropped."),
+        number("--max-attempts", "max_attempts", int, "Runs before giving up."),
+        number("--retry-backoff", "retry_backoff_s", float,
+               "First retry delay in seconds (doubles each time)."),
+        number("--max-age", "max_age_s", int,
+               "Seconds after which a call not yet started is dropped."),
     ]  # fmt: skip
 
     def apply(func: Callable[..., Any]) -> Callable[..., Any]:
@@ -65,7 +74,7 @@ def fn_group() -> None:
 @fn_group.command("create")
 @click.argument("app")
 @click.argument("name")
-@_fn_options(required_image=True)
+@_fn_options(creating=True)
 @json_option
 @click.pass_context
 @friendly_errors
@@ -81,7 +90,7 @@ def fn_create(ctx: click.Context, /, app: str, name: str, as_json: bool, **opts:
 @fn_group.command("update")
 @click.argument("app")
 @click.argument("name")
-@_fn_options(required_image=False)
+@_fn_options(creating=False)
 @click.option("--unset", "unset", multiple=True, metavar="K", help="Remove a config variable.")
 @json_option
 @click.pass_context
