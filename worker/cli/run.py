@@ -30,7 +30,8 @@ from worker.upkeep import ALIVE_WITHIN
 @click.option(
     "--burst",
     is_flag=True,
-    help="Exit once the queue is empty (for batch jobs, tests); status 1 if it cannot be reached.",
+    help="Exit once no call is ready to run (for batch jobs, tests): delayed calls and "
+    "retries waiting for their backoff stay queued. Status 1 if the queue cannot be reached.",
 )
 @click.option(
     "--prefetch",
