@@ -176,7 +176,9 @@ async def measure(quick: bool) -> Section:
     repeats = 3 if quick else 5
     tag = label_tag()
     with tempfile.TemporaryDirectory(prefix="fnq-bench-agent-") as tmp:
-        settings = bench_settings(Path(tmp) / "data", tag, freeze_idle_msecs=-1)
+        # No CPU split: the raw client shares this process, and its containers would
+        # lose a CPU too (bench.e2e measures the split, through a worker).
+        settings = bench_settings(Path(tmp) / "data", tag, freeze_idle_msecs=-1, cpu_split="off")
         driver = DockerDriver(settings)
         try:
             async with Agent(settings, driver) as agent:

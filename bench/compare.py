@@ -67,12 +67,14 @@ async def probe_e2e(calls: int) -> dict[str, float]:
 async def probe_agent(calls: int) -> dict[str, float]:
     from bench._common import bench_settings, label_tag, remove_labelled  # noqa: PLC0415
     from bench.agent import hot_runs  # noqa: PLC0415
+    from config.settings import Settings  # noqa: PLC0415
     from worker.agent.agent import Agent  # noqa: PLC0415
     from worker.agent.drivers.docker import DockerDriver  # noqa: PLC0415
 
     tag = label_tag()
     with tempfile.TemporaryDirectory(prefix="fnq-compare-") as tmp:
-        settings = bench_settings(Path(tmp) / "data", tag, freeze_idle_msecs=-1)
+        extra = {"cpu_split": "off"} if "cpu_split" in Settings.model_fields else {}
+        settings = bench_settings(Path(tmp) / "data", tag, freeze_idle_msecs=-1, **extra)
         driver = DockerDriver(settings)
         try:
             async with Agent(settings, driver) as agent:

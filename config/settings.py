@@ -196,6 +196,14 @@ class Settings(BaseSettings):
         "much CPU idle (mCPU, from /proc/stat) and the worker itself uses less than 90 % "
         "of one. 0 = no such checks (grow on waiting calls alone, as Fn).",
     )
+    cpu_split: Literal["auto", "on", "off"] = Field(
+        "auto",
+        description="Give the worker's process a CPU of its own and run its containers "
+        "on the host's other CPUs (each worker on one host claims a different one). "
+        "auto: while the worker itself uses at least half a CPU (thousands of short calls "
+        "a second), back to sharing under a fifth, at most one change per 10 s; on: from "
+        "the start; off: never. Hosts with one CPU never split.",
+    )
 
     # ---------------------------------------------------------- responses
     max_response_size: int = Field(

@@ -26,6 +26,7 @@ def make_settings(data_dir: Path, **overrides: Any) -> Settings:
         "freeze_idle_msecs": -1,
         "shutdown_grace_msecs": 2000,
         "max_log_size_bytes": 1 << 20,
+        "cpu_split": "off",  # this host's load must not move the test process
     }
     values.update(overrides)
     return Settings(_env_file=None, data_dir=data_dir, **values)  # type: ignore[call-arg]

@@ -40,6 +40,7 @@ def make_settings(settings_env: Path, label_tag: str) -> Callable[..., Settings]
         values: dict[str, Any] = {
             "container_label_tag": label_tag,
             "hot_start_timeout_msecs": 10_000,
+            "cpu_split": "off",  # the test process is no worker: its threads stay put
         }
         values.update(overrides)
         return Settings(**values)

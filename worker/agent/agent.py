@@ -87,6 +87,7 @@ from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.cpu import CpuGauge
 from worker.agent.cpu import gauge as cpu_gauge
+from worker.agent.cpu_split import CpuSplit
 from worker.agent.driver import Driver
 from worker.agent.errors import AgentClosed, InvalidCall, ResourceTooBig, ServerBusy
 from worker.agent.evictor import Evictor
@@ -121,6 +122,7 @@ class Agent:
         driver: Driver,
         tracker: ResourceTracker | None = None,
         cpu: CpuGauge | None = None,
+        cpu_split: CpuSplit | None = None,
     ) -> None:
         self.settings = settings
         self.driver = driver
@@ -142,6 +144,8 @@ class Agent:
         self._closing = asyncio.Event()
         self._closed = asyncio.Event()
         self._no_waiting = False  # set by stop_waiting and close: no call waits any more
+        self.cpu_split = cpu_split or CpuSplit(settings.cpu_split, driver.place)
+        self._background = TaskSet("agent")
 
     async def __aenter__(self) -> Agent:
         try:
@@ -150,6 +154,8 @@ class Agent:
         except BaseException:
             await self.driver.close()  # release what a half-done start opened
             raise
+        if self.cpu_split.mode != "off":
+            self._background.spawn(self.cpu_split.run(), name="fnq-cpu-split")
         return self
 
     async def __aexit__(
@@ -434,6 +440,7 @@ class Agent:
         self._closing.set()
         try:
             self.stop_waiting()
+            await self._background.close()
             await self._launchers.close()
             await self._drain(grace_s)
             for hot, task in list(self._hot.items()):

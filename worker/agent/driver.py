@@ -129,5 +129,9 @@ class Driver(Protocol):
     async def create(self, spec: ContainerSpec) -> Container:
         """Ensure the image (ImageNotFound, ImageHasVolume, ImagePullTimeout), create."""
 
+    async def place(self, cpus: frozenset[int] | None) -> None:
+        """Run containers made from now on, and move the live ones, on ``cpus``
+        (None: on any CPU of the host)."""
+
     async def close(self) -> None:
         """Remove every container this driver made that still exists."""

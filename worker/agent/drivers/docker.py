@@ -36,6 +36,7 @@ from typing import Any
 
 from config.errors import AgentError
 from config.settings import Settings
+from worker.agent.cpu_split import cpu_list, online_cpus
 from worker.agent.driver import IOFS_MOUNT, ContainerSpec
 from worker.agent.drivers.docker_api import (
     DockerAPI,
@@ -123,6 +124,7 @@ class DockerDriver:
         self._cleaner: asyncio.Task[None] | None = None
         self.cleaner: ImageCleaner | None = None
         self._sweeper: asyncio.Task[None] | None = None
+        self._cpuset: str | None = None  # the CPUs of containers made from now on
 
     # ------------------------------------------------------------ lifecycle
 
@@ -166,6 +168,24 @@ class DockerDriver:
         await self.api.close()
         if self._started:
             await asyncio.to_thread(self._iofs.close)
+
+    async def place(self, cpus: frozenset[int] | None) -> None:
+        """New containers on ``cpus`` (None: any), and the live ones moved there (to
+        the host's online CPUs for None). A container that cannot be moved (gone, or
+        the engine refuses) keeps its CPUs."""
+        self._cpuset = None if cpus is None else cpu_list(cpus)
+        target = self._cpuset if self._cpuset is not None else online_cpus()
+        if not target:
+            return
+        for container in list(self._containers.values()):
+            if container.removed:
+                continue
+            try:
+                await self.api.request(
+                    "POST", f"/containers/{container.id}/update", body={"CpusetCpus": target}
+                )
+            except DockerError as exc:
+                log.debug("%s stays on its CPUs: %s", container.describe(), exc)
 
     @property
     def iofs_base(self) -> Path | None:
@@ -312,6 +332,7 @@ class DockerDriver:
             iofs_docker_path=iofs_docker_path,
             network=network,
             entrypoint=wrapped_command(facts.command) if direct else None,
+            cpuset=self._cpuset,
         )
         try:
             await self.api.request(

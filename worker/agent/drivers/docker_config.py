@@ -62,7 +62,11 @@ def _tmpfs(settings: Settings, spec: ContainerSpec) -> dict[str, str]:
 
 
 def host_config(
-    settings: Settings, spec: ContainerSpec, iofs_docker_path: str, network: str | None
+    settings: Settings,
+    spec: ContainerSpec,
+    iofs_docker_path: str,
+    network: str | None,
+    cpuset: str | None = None,
 ) -> dict[str, Any]:
     host: dict[str, Any] = {
         "Init": True,
@@ -79,6 +83,8 @@ def host_config(
     if spec.cpus_mcpu > 0:
         host["CpuQuota"] = spec.cpus_mcpu * 100
         host["CpuPeriod"] = CPU_PERIOD_US
+    if cpuset:
+        host["CpusetCpus"] = cpuset
     if settings.max_pids > 0:
         host["PidsLimit"] = settings.max_pids
     if settings.max_fs_size_mb > 0:
@@ -97,8 +103,10 @@ def create_body(
     iofs_docker_path: str,
     network: str | None,
     entrypoint: list[str] | None = None,
+    cpuset: str | None = None,
 ) -> dict[str, Any]:
-    """``entrypoint`` replaces the image's entrypoint and command (drivers.pipes)."""
+    """``entrypoint`` replaces the image's entrypoint and command (drivers.pipes);
+    ``cpuset``: the CPUs it may run on ("0-2,5"; None: any)."""
     body: dict[str, Any] = {
         "Image": spec.image,
         "Env": [f"{k}={v}" for k, v in container_env(spec).items()],
@@ -108,7 +116,7 @@ def create_body(
         "AttachStderr": True,
         "OpenStdin": False,
         "Tty": False,
-        "HostConfig": host_config(settings, spec, iofs_docker_path, network),
+        "HostConfig": host_config(settings, spec, iofs_docker_path, network, cpuset),
     }
     if entrypoint is not None:
         body["Entrypoint"] = entrypoint  # the image's Cmd is then not added

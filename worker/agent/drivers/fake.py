@@ -240,6 +240,7 @@ class FakeDriver:
         self.containers: list[FakeContainer] = []
         self.creates = self.starts = self.pauses = self.unpauses = 0
         self.removes = self.dispatches = 0
+        self.placements: list[frozenset[int] | None] = []  # each place() asked for
         self.paused_at: list[float] = []  # loop times of the pauses
         self.started = self.closed = False
         self._change = asyncio.Event()
@@ -284,6 +285,9 @@ class FakeDriver:
         container = FakeContainer(self, spec, behaviour)
         self.containers.append(container)
         return container
+
+    async def place(self, cpus: frozenset[int] | None) -> None:
+        self.placements.append(cpus)
 
     async def close(self) -> None:
         for container in self.containers:
