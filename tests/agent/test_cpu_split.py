@@ -5,32 +5,40 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import logging
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
 
 from tests.agent.conftest import AgentFactory, make_call, make_fn
 from worker.agent import cpu_split
-from worker.agent.cpu_split import CpuClaims, CpuSplit, cpu_list
+from worker.agent.cpu_place import CpuClaims, cpu_list
+from worker.agent.cpu_split import CpuSplit
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
 
 
 class Host:
-    """A fake host: the worker's CPU time, per-CPU ticks, a clock, the affinity."""
+    """A fake host: the worker's CPU time, per-CPU ticks (100 a second), the calls
+    ended, a clock and the worker's affinity."""
 
     def __init__(self, cpus: set[int]) -> None:
         self.now = 0.0
         self.own = 0.0
+        self.calls = 0
         self.ticks = {cpu: (0, 0) for cpu in cpus}
         self.affinity = set(cpus)
         self.placed: list[frozenset[int] | None] = []
 
-    def advance(self, seconds: float, worker_cores: float, busy: dict[int, float]) -> None:
+    def advance(
+        self, seconds: float, worker_cores: float, busy: dict[int, float], calls: int = 0
+    ) -> None:
         self.now += seconds
         self.own += seconds * worker_cores
+        self.calls += calls
         for cpu, (b, t) in self.ticks.items():
             share = busy.get(cpu, 0.0)
-            self.ticks[cpu] = (b + int(100 * seconds * share), t + int(100 * seconds))
+            self.ticks[cpu] = (b + round(100 * seconds * share), t + round(100 * seconds))
 
     async def place(self, cpus: frozenset[int] | None) -> None:
         self.placed.append(cpus)
@@ -39,6 +47,7 @@ class Host:
         return CpuSplit(
             mode,
             self.place,
+            calls_ended=lambda: self.calls,
             claims=claims,
             cpus=set(self.ticks),
             own_cpu=lambda: self.own,
@@ -49,6 +58,27 @@ class Host:
 
     def _set_affinity(self, cpus: set[int]) -> None:
         self.affinity = set(cpus)
+
+
+Load = Callable[[bool], tuple[float, dict[int, float], int]]
+
+
+async def run_for(host: Host, split: CpuSplit, seconds: float, load: Load) -> None:
+    """Windows of load (worker cores, busy share per CPU, calls a second), by state."""
+    for _ in range(round(seconds / cpu_split.WINDOW_S)):
+        cores, busy, rate = load(split.split)
+        host.advance(cpu_split.WINDOW_S, cores, busy, round(rate * cpu_split.WINDOW_S))
+        await split.tick()
+
+
+def short_calls(split_busy: float, shared_busy: float = 0.6) -> Load:
+    """A busy worker at 2,000 calls/s; the host's CPUs this busy split and shared."""
+
+    def load(split: bool) -> tuple[float, dict[int, float], int]:
+        share = split_busy if split else shared_busy
+        return 0.8, dict.fromkeys(range(4), share), 2000
+
+    return load
 
 
 def test_cpu_lists_are_written_as_the_kernel_writes_them() -> None:
@@ -69,51 +99,61 @@ def test_workers_on_one_host_claim_different_cpus(tmp_path: Path) -> None:
     assert CpuClaims(tmp_path).claim({0, 1, 2, 3}) == 3
 
 
-async def test_a_busy_worker_gets_a_cpu_and_its_containers_the_others(tmp_path: Path) -> None:
+async def test_a_busy_worker_keeps_a_split_that_costs_the_host_less(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
     host = Host({0, 1, 2, 3})
     split = host.split("auto", CpuClaims(tmp_path))
-    host.advance(0.5, worker_cores=0.3, busy={})
-    await split.tick()
-    assert not split.split and host.placed == []  # a light worker shares
-    host.advance(0.5, worker_cores=0.8, busy={})
-    await split.tick()
+    with caplog.at_level(logging.INFO, logger="fnq.agent.cpu"):
+        await run_for(host, split, 2 * cpu_split.PROBE_S + 2, short_calls(split_busy=0.5))
     assert split.split and split.worker_cpu == 3
     assert host.affinity == {3}
     assert host.placed == [frozenset({0, 1, 2})]
+    assert "host CPU per call 1000 us split, 1200 us shared" in caplog.text
+    await run_for(host, split, cpu_split.HOLD_S - 6, short_calls(split_busy=0.5))
+    assert host.placed == [frozenset({0, 1, 2})]  # the verdict holds: no probe
 
 
-async def test_the_split_ends_only_when_the_containers_lack_the_cpu(tmp_path: Path) -> None:
+async def test_a_split_that_costs_more_is_undone_and_tried_again_later(tmp_path: Path) -> None:
+    host = Host({0, 1, 2, 3})
+    split = host.split("auto", CpuClaims(tmp_path))
+    await run_for(host, split, 2 * cpu_split.PROBE_S + 2, short_calls(split_busy=0.6))
+    assert not split.split and host.affinity == {0, 1, 2, 3}
+    assert host.placed == [frozenset({0, 1, 2}), None]  # tried, and undone (no gain)
+    await run_for(host, split, cpu_split.HOLD_S - 6, short_calls(split_busy=0.6))
+    assert len(host.placed) == 2
+    await run_for(host, split, 10, short_calls(split_busy=0.6))
+    assert len(host.placed) == 4  # probed again once the verdict was old
+
+
+async def test_a_worker_that_is_not_busy_never_probes(tmp_path: Path) -> None:
     host = Host({0, 1})
     split = host.split("auto", CpuClaims(tmp_path))
-    host.advance(0.5, worker_cores=0.9, busy={})
-    await split.tick()
-    assert split.split and host.affinity == {1}
+    await run_for(host, split, 60, lambda _: (0.3, {0: 0.9, 1: 0.9}, 1000))
+    assert not split.split and host.placed == []
+
+
+async def test_a_probe_whose_load_goes_away_leaves_things_as_they_were(tmp_path: Path) -> None:
+    host = Host({0, 1, 2, 3})
+    split = host.split("auto", CpuClaims(tmp_path))
+    await run_for(host, split, cpu_split.PROBE_S + 1, short_calls(split_busy=0.4))
+    assert split.split  # the probe's second half
+    await run_for(host, split, 1, lambda _: (0.1, {}, 10))
+    assert not split.split and host.placed == [frozenset({0, 1, 2}), None]
+
+
+async def test_a_split_ends_early_when_its_containers_lack_the_cpu(tmp_path: Path) -> None:
+    host = Host({0, 1})
+    split = host.split("auto", CpuClaims(tmp_path))
+    assert await split.start_split()
+    split.verdict_at = host.now
     # The worker goes quiet on an idle host: the split costs nothing, it stays.
-    for _ in range(40):
-        host.advance(0.5, worker_cores=0.05, busy={0: 0.1})
-        await split.tick()
+    await run_for(host, split, 20, lambda _: (0.05, {0: 0.1}, 5))
     assert split.split
     # The containers' CPU is full while the worker's idles: they get it back.
-    host.advance(0.5, worker_cores=0.05, busy={0: 1.0})
-    await split.tick()
+    await run_for(host, split, 0.5, lambda _: (0.05, {0: 1.0}, 5))
     assert not split.split and host.affinity == {0, 1}
     assert host.placed == [frozenset({0}), None]
-
-
-async def test_changes_are_at_least_a_hold_apart(tmp_path: Path) -> None:
-    host = Host({0, 1})
-    split = host.split("auto", CpuClaims(tmp_path))
-    host.advance(0.5, worker_cores=0.9, busy={})
-    await split.tick()
-    host.advance(0.5, worker_cores=0.05, busy={0: 1.0})
-    await split.tick()
-    assert split.split  # too soon after the split
-    host.advance(cpu_split.HOLD_S, worker_cores=0.05, busy={0: 1.0})
-    await split.tick()
-    assert not split.split
-    host.advance(0.5, worker_cores=0.9, busy={})
-    await split.tick()
-    assert not split.split  # too soon after the join
 
 
 async def test_no_split_without_a_cpu_left_for_the_containers(tmp_path: Path) -> None:

@@ -9,7 +9,7 @@ from typing import Any
 import pytest
 
 from tests.docker.conftest import request, spec
-from worker.agent.cpu_split import online_cpus
+from worker.agent.cpu_place import online_cpus
 from worker.agent.drivers.docker import DockerDriver
 
 pytestmark = pytest.mark.integration

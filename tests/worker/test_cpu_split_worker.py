@@ -10,7 +10,7 @@ import pytest
 
 from config.domain import CallStatus, Function
 from tests.worker.conftest import Cluster, by_status, make_calls
-from worker.agent.cpu_split import cpu_list
+from worker.agent.cpu_place import cpu_list
 
 pytestmark = pytest.mark.integration
 

@@ -144,7 +144,10 @@ class Agent:
         self._closing = asyncio.Event()
         self._closed = asyncio.Event()
         self._no_waiting = False  # set by stop_waiting and close: no call waits any more
-        self.cpu_split = cpu_split or CpuSplit(settings.cpu_split, driver.place)
+        self.calls_ended = 0
+        self.cpu_split = cpu_split or CpuSplit(
+            settings.cpu_split, driver.place, calls_ended=lambda: self.calls_ended
+        )
         self._background = TaskSet("agent")
 
     async def __aenter__(self) -> Agent:
@@ -189,6 +192,7 @@ class Agent:
         try:
             return await self._submit(call, fn, stop)
         finally:
+            self.calls_ended += 1
             del self._calls[call.id]
             if not self._calls:
                 self._no_calls.set()

@@ -1,154 +1,82 @@
-"""A CPU of the worker's own while it is busy, its containers on the others.
+"""A CPU of the worker's own while that costs the host less, its containers on the others.
 
 When calls are short and come fast, the worker's process and the functions'
-containers take turns on the same CPUs: each wake-up may land on a CPU whose
+containers take turns on the same CPUs: a wake-up may land on a CPU whose
 caches hold another party's work, and the kernel moves the worker's thread
-from one CPU to another. Given a CPU of its own, with the containers on the
-others, each side keeps its caches. Measured on a 2-CPU host, end to end (the
-echo function, SQLite datastore): the worker's CPU per call fell from
-256-270 to 187-210 us, the containers' from 206-208 to 148-167 us, and
-calls/s rose from 2,900-3,300 to 3,900-4,400.
+from CPU to CPU. Given a CPU of its own, with its containers on the others,
+each side keeps its caches. On a 2-CPU host, one function (the echo
+function, SQLite datastore), the worker's CPU per call fell from 256-270 to
+187-210 us, the containers' from 206-208 to 148-167 us, and calls/s rose by
+a third.
 
-The split costs the containers that CPU. It pays while the worker is a busy
-party: :data:`SPLIT_AT_CORES` of its own use means thousands of calls a second,
-short ones. A function that computes for long keeps the worker nearly idle,
-so with ``FN_CPU_SPLIT=auto`` (the default) its containers keep every CPU:
-the split comes when the worker has used at least ``SPLIT_AT_CORES`` over a
-window, and goes when the containers lack the CPU it holds: their CPUs at
-least :data:`CROWDED_SHARE` busy while the worker uses under
-``JOIN_BELOW_CORES`` (an idle host loses nothing to the split). At most one
-change per :data:`HOLD_S`. ``on`` splits from the start, ``off`` never.
+It does not always pay. The containers lose that CPU, and what else runs on
+the host (a local redis-server, the producers) crowds the worker's. With ten
+functions round-robin on the same host the containers filled their CPU and
+the host spent more per call split than shared. So with ``FN_CPU_SPLIT=auto``
+(the default) the worker measures: while it is busy (at least
+:data:`BUSY_CORES` of a CPU), it tries the other arrangement for
+:data:`PROBE_S` after as long on the current one, compares the host's CPU time
+per call it ended on each (all CPUs, from /proc/stat), and keeps the split only
+if it costs at most :data:`KEEP_SHARE` of sharing. The verdict stands
+:data:`HOLD_S`, then a busy worker probes again. A split also ends early when
+the worker has gone quiet (under :data:`QUIET_CORES`) while the containers'
+CPUs are full (:data:`CROWDED_SHARE`): functions that compute for long. A
+quiet worker on a quiet host changes nothing. ``on`` splits from the start and
+stays split; ``off`` never splits. A host with one CPU, or with no CPU left
+unclaimed by other workers for the containers, never splits.
 
-Several workers on one host each claim a different CPU: a claim is an
-exclusive ``flock`` on a file per CPU in a directory shared by the host's
-workers (it ends with the process, however that ends), and containers go to
-the CPUs that no worker claims. A worker that finds no CPU to claim, or none
-left for containers, does not split.
-
-Nothing here runs on a call's path: a task samples the process's CPU time
-every :data:`WINDOW_S`, and a change moves the worker's threads
-(``sched_setaffinity``) and the containers (the driver's ``place``, an engine
+Nothing here runs on a call's path: a task samples counters every
+:data:`WINDOW_S`, and a change moves the worker's threads
+(``sched_setaffinity``) and its containers (the driver's ``place``, one engine
 request per live container).
 """
 
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import fcntl
 import logging
 import os
-import tempfile
 import time
-from collections.abc import Awaitable, Callable, Iterable
-from pathlib import Path
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
 from typing import Literal
+
+from worker.agent.cpu_place import (
+    CpuClaims,
+    claim_dir,
+    cpu_list,
+    cpu_ticks,
+    set_process_affinity,
+)
 
 log = logging.getLogger("fnq.agent.cpu")
 
 SplitMode = Literal["auto", "on", "off"]
-SPLIT_AT_CORES = 0.5  # the worker's own CPU use that splits
-JOIN_BELOW_CORES = 0.2  # ... under which the split may end,
-CROWDED_SHARE = 0.9  # when the containers' CPUs are at least this busy
-WINDOW_S = 0.5  # how often the use is sampled
-HOLD_S = 10.0  # the least time between two changes
+Ticks = dict[int, tuple[int, int]]
+WINDOW_S = 0.5  # how often the counters are read
+BUSY_CORES = 0.5  # the worker's own use (cores) above which a probe is worth it
+PROBE_S = 2.0  # each arrangement is measured this long
+SETTLE_S = 0.5  # after a change, before its measuring starts
+PROBE_CALLS = 200  # fewer calls in a measure tell nothing
+KEEP_SHARE = 0.95  # the split stays if the host's CPU per call is at most this of sharing's
+HOLD_S = 30.0  # a verdict stands this long
+QUIET_CORES = 0.2  # a split ends early when the worker uses less than this
+CROWDED_SHARE = 0.9  # ... while the containers' CPUs are at least this busy
 PLACE_TIMEOUT_S = 30.0  # moving every live container
+CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def claim_dir() -> Path:
-    """Where the host's workers keep their claims: /run/fnq-cpus, else under TMPDIR."""
-    run = Path("/run")
-    if os.access(run, os.W_OK):
-        return run / "fnq-cpus"
-    return Path(tempfile.gettempdir()) / "fnq-cpus"
+@dataclass
+class Measure:
+    """The host's busy CPU time and the calls ended, over one arrangement's probe."""
 
+    split: bool
+    started_at: float
+    busy_s: float = 0.0
+    calls: int = 0
 
-class CpuClaims:
-    """One lock file per CPU; this process holds at most one of them."""
-
-    def __init__(self, directory: Path) -> None:
-        self._dir = directory
-        self.cpu: int | None = None
-        self._fd: int | None = None
-
-    def _open(self, cpu: int) -> int:
-        self._dir.mkdir(mode=0o755, parents=True, exist_ok=True)
-        return os.open(self._dir / f"cpu{cpu}", os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
-
-    def claim(self, candidates: Iterable[int]) -> int | None:
-        """Claim the highest of ``candidates`` that no other process holds."""
-        self.release()
-        for cpu in sorted(candidates, reverse=True):
-            try:
-                fd = self._open(cpu)
-            except OSError as exc:
-                log.debug("no CPU claims in %s: %s", self._dir, exc)
-                return None
-            try:
-                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-            except OSError:
-                os.close(fd)
-                continue
-            self.cpu, self._fd = cpu, fd
-            return cpu
-        return None
-
-    def held_elsewhere(self, cpus: Iterable[int]) -> set[int]:
-        """Those of ``cpus`` that another process has claimed."""
-        held = set()
-        for cpu in cpus:
-            if cpu == self.cpu or not (self._dir / f"cpu{cpu}").exists():
-                continue
-            try:
-                fd = self._open(cpu)
-            except OSError:
-                continue
-            try:
-                fcntl.flock(fd, fcntl.LOCK_SH | fcntl.LOCK_NB)
-            except OSError:
-                held.add(cpu)
-            finally:
-                os.close(fd)  # closing drops a shared lock taken just now
-        return held
-
-    def release(self) -> None:
-        fd, self._fd, self.cpu = self._fd, None, None
-        if fd is not None:
-            os.close(fd)
-
-
-def online_cpus() -> str:
-    """The host's online CPUs in list format ("0-3"), or "" if unknown."""
-    try:
-        return Path("/sys/devices/system/cpu/online").read_text().strip()
-    except OSError:
-        return ""
-
-
-def cpu_ticks() -> dict[int, tuple[int, int]]:
-    """CPU number -> (busy, all) clock ticks since boot, from /proc/stat."""
-    out: dict[int, tuple[int, int]] = {}
-    try:
-        with open("/proc/stat", "rb") as stat:
-            for line in stat:
-                if not line.startswith(b"cpu") or line.startswith(b"cpu "):
-                    if out:
-                        break  # the per-CPU lines come right after the total
-                    continue
-                name, *fields = line.split()
-                ticks = [int(f) for f in fields[:8]]
-                idle = ticks[3] + (ticks[4] if len(ticks) > 4 else 0)
-                out[int(name[3:])] = (sum(ticks) - idle, sum(ticks))
-    except (OSError, ValueError) as exc:
-        log.debug("no per-CPU counters: %s", exc)
-    return out
-
-
-def _set_process_affinity(cpus: set[int]) -> None:
-    """Every thread of this process, and those it starts later, on ``cpus``."""
-    for tid in os.listdir("/proc/self/task"):
-        with contextlib.suppress(OSError):  # a thread that just ended
-            os.sched_setaffinity(int(tid), cpus)
+    def per_call(self) -> float | None:
+        return self.busy_s / self.calls if self.calls >= PROBE_CALLS else None
 
 
 class CpuSplit:
@@ -159,26 +87,29 @@ class CpuSplit:
         mode: SplitMode,
         place: Callable[[frozenset[int] | None], Awaitable[None]],
         *,
+        calls_ended: Callable[[], int] = lambda: 0,
         claims: CpuClaims | None = None,
         cpus: set[int] | None = None,
         own_cpu: Callable[[], float] = time.process_time,
         clock: Callable[[], float] = time.monotonic,
-        set_affinity: Callable[[set[int]], None] = _set_process_affinity,
-        ticks: Callable[[], dict[int, tuple[int, int]]] = cpu_ticks,
+        set_affinity: Callable[[set[int]], None] = set_process_affinity,
+        ticks: Callable[[], Ticks] = cpu_ticks,
     ) -> None:
         self.mode = mode
         self._place = place
+        self._calls_ended = calls_ended
         self._claims = claims or CpuClaims(claim_dir())
         self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
         self._own_cpu = own_cpu
         self._clock = clock
         self._set_affinity = set_affinity
+        self._ticks = ticks
         self.split = False
         self.containers_on: frozenset[int] | None = None  # while split
-        self._ticks = ticks
-        self._changed_at = float("-inf")
-        self._sample = (clock(), own_cpu())
-        self._cpu_sample = ticks()
+        self.verdict_at = float("-inf")  # when the last probe (or early end) decided
+        self._probe: list[Measure] = []  # the current probe's measures, first one first
+        self._settle_until = 0.0
+        self._last = (clock(), own_cpu(), ticks(), calls_ended())
 
     @property
     def worker_cpu(self) -> int | None:
@@ -201,38 +132,79 @@ class CpuSplit:
                 self.split, self.containers_on = False, None
             self._claims.release()
 
-    def worker_cores(self) -> float:
-        """The worker's CPU use (cores) since the last call of this method."""
-        now, used = self._clock(), self._own_cpu()
-        then, used_then = self._sample
-        self._sample = (now, used)
-        return (used - used_then) / (now - then) if now > then else 0.0
-
-    def containers_busy(self) -> float:
-        """How busy the containers' CPUs were since the last call of this method
-        (0 while not split, or without counters)."""
-        now = self._ticks()
-        then, self._cpu_sample = self._cpu_sample, now
-        busy = total = 0
-        for cpu in self.containers_on or ():
-            if cpu in now and cpu in then:
-                busy += now[cpu][0] - then[cpu][0]
-                total += now[cpu][1] - then[cpu][1]
-        return busy / total if total > 0 else 0.0
-
+    # ------------------------------------------------------------- policy
     async def tick(self) -> None:
-        cores, crowded = self.worker_cores(), self.containers_busy()
-        if self._clock() - self._changed_at < HOLD_S:
-            return
-        if not self.split and cores >= SPLIT_AT_CORES:
-            await self.start_split(cores)
-        elif self.split and cores < JOIN_BELOW_CORES and crowded >= CROWDED_SHARE:
-            await self.end_split(cores, crowded)
+        """One window: read the counters, then probe, or end a crowded split."""
+        now, cores, busy_s, calls, crowded = self._read()
+        if self._probe:
+            await self._probing(now, cores, busy_s, calls)
+        elif self.split and cores < QUIET_CORES and crowded >= CROWDED_SHARE:
+            self.verdict_at = now
+            await self.end_split(f"their CPUs were {crowded:.0%} busy, the worker used "
+                                 f"{cores:.2f} of one")  # fmt: skip
+        elif cores >= BUSY_CORES and now - self.verdict_at >= HOLD_S:
+            self._probe = [Measure(self.split, now, busy_s, calls)]
 
-    async def start_split(self, cores: float | None = None) -> bool:
-        self._changed_at = self._clock()
-        if len(self.cpus) < 2:
-            return False
+    async def _probing(self, now: float, cores: float, busy_s: float, calls: int) -> None:
+        current = self._probe[-1]
+        if cores < BUSY_CORES:  # the load went away: no verdict, back as it was
+            await self._conclude(now, keep_split=self._probe[0].split, why="the load went away")
+            return
+        if now < self._settle_until:
+            current.started_at = now  # settling: not measured
+            return
+        current.busy_s += busy_s
+        current.calls += calls
+        if now - current.started_at < PROBE_S:
+            return
+        if len(self._probe) == 1:  # measured as it was: now the other way
+            switched = await (self.end_split() if self.split else self.start_split())
+            if not switched:
+                await self._conclude(now, keep_split=self.split, why="no CPU to split")
+                return
+            self._settle_until = now + SETTLE_S
+            self._probe.append(Measure(self.split, now))
+            return
+        shared, split = sorted(self._probe, key=lambda m: m.split)
+        a, b = shared.per_call(), split.per_call()
+        if a is None or b is None:
+            await self._conclude(now, keep_split=self._probe[0].split, why="too few calls")
+            return
+        why = f"host CPU per call {1e6 * b:.0f} us split, {1e6 * a:.0f} us shared"
+        await self._conclude(now, keep_split=b <= KEEP_SHARE * a, why=why)
+
+    async def _conclude(self, now: float, *, keep_split: bool, why: str) -> None:
+        self._probe = []
+        self.verdict_at = now
+        if keep_split and not self.split:
+            await self.start_split(why)
+        elif not keep_split and self.split:
+            await self.end_split(why)
+        else:
+            log.info("the worker %s (%s)", "keeps a CPU of its own" if self.split else
+                     "shares the CPUs with its containers", why)  # fmt: skip
+
+    def _read(self) -> tuple[float, float, float, int, float]:
+        """Since the last read: now, the worker's cores, the host's busy CPU seconds,
+        the calls ended, and how busy the containers' CPUs were (0 unless split)."""
+        now, own, ticks, calls = self._clock(), self._own_cpu(), self._ticks(), self._calls_ended()
+        then, own_then, ticks_then, calls_then = self._last
+        self._last = (now, own, ticks, calls)
+        elapsed = now - then
+        cores = (own - own_then) / elapsed if elapsed > 0 else 0.0
+        busy = sum(t[0] - ticks_then[c][0] for c, t in ticks.items() if c in ticks_then)
+        crowd_busy = crowd_all = 0
+        for cpu in self.containers_on or ():
+            if cpu in ticks and cpu in ticks_then:
+                crowd_busy += ticks[cpu][0] - ticks_then[cpu][0]
+                crowd_all += ticks[cpu][1] - ticks_then[cpu][1]
+        crowded = crowd_busy / crowd_all if crowd_all > 0 else 0.0
+        return now, cores, busy / CLK_TCK, calls - calls_then, crowded
+
+    # ------------------------------------------------------------ changes
+    async def start_split(self, why: str = "") -> bool:
+        if self.split or len(self.cpus) < 2:
+            return self.split
         mine = self._claims.claim(self.cpus)
         if mine is None:
             log.debug("no CPU of its own for the worker: every one is claimed")
@@ -244,23 +216,20 @@ class CpuSplit:
             return False
         self._set_affinity({mine})
         self.split, self.containers_on = True, others
-        use = "" if cores is None else f" (it used {cores:.2f} of a CPU)"
-        log.info("the worker runs on CPU %d, its containers on %s%s", mine, cpu_list(others), use)
+        log.info("the worker runs on CPU %d, its containers on %s%s", mine, cpu_list(others),
+                 f" ({why})" if why else "")  # fmt: skip
         await self._move_containers(others)
         return True
 
-    async def end_split(self, cores: float | None = None, crowded: float | None = None) -> None:
-        self._changed_at = self._clock()
+    async def end_split(self, why: str = "") -> bool:
         if not self.split:
-            return
+            return True
         self._set_affinity(self.cpus)
         self._claims.release()
         self.split, self.containers_on = False, None
-        why = ""
-        if cores is not None and crowded is not None:
-            why = f" (their CPUs were {crowded:.0%} busy, the worker used {cores:.2f} of one)"
-        log.info("the worker and its containers share every CPU again%s", why)
+        log.info("the worker and its containers share every CPU%s", f" ({why})" if why else "")
         await self._move_containers(None)
+        return True
 
     async def _move_containers(self, cpus: frozenset[int] | None) -> None:
         try:
@@ -268,17 +237,3 @@ class CpuSplit:
                 await self._place(cpus)
         except TimeoutError:
             log.warning("moving the containers to other CPUs took over %.0f s", PLACE_TIMEOUT_S)
-
-
-def cpu_list(cpus: Iterable[int]) -> str:
-    """``{0, 1, 2, 5}`` -> ``"0-2,5"`` (the kernel's and docker's list format)."""
-    out: list[str] = []
-    run: list[int] = []
-    for cpu in sorted(cpus):
-        if run and cpu != run[-1] + 1:
-            out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-            run = []
-        run.append(cpu)
-    if run:
-        out.append(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]))
-    return ",".join(out)

@@ -36,7 +36,7 @@ from typing import Any
 
 from config.errors import AgentError
 from config.settings import Settings
-from worker.agent.cpu_split import cpu_list, online_cpus
+from worker.agent.cpu_place import cpu_list, online_cpus
 from worker.agent.driver import IOFS_MOUNT, ContainerSpec
 from worker.agent.drivers.docker_api import (
     DockerAPI,
