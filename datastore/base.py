@@ -351,14 +351,18 @@ async def open_log_store(settings: Settings) -> LogStore | None:
     )
 
 
-async def open_datastore(settings: Settings) -> Datastore:
-    """Open the datastore named by FN_DB_URL, applying pending schema migrations."""
+async def open_datastore(settings: Settings, *, create: bool = True) -> Datastore:
+    """Open the datastore named by FN_DB_URL, applying pending schema migrations.
+
+    A SQLite file that does not exist is created, unless ``create`` is false
+    (commands that only read): then StoreError says there is none.
+    """
     scheme = urlsplit(settings.db_url).scheme
     logs = await open_log_store(settings)
     if scheme == "sqlite":
         from datastore.sqlite import SqliteDatastore  # noqa: PLC0415 - chosen by URL
 
-        return await SqliteDatastore.open(settings, logs)
+        return await SqliteDatastore.open(settings, logs, create=create)
     if scheme in {"postgresql", "postgres"}:
         from datastore.postgres import PostgresDatastore  # noqa: PLC0415 - chosen by URL
 

@@ -266,16 +266,22 @@ class SqliteDatastore(SqlDatastore):
         )
 
     @classmethod
-    async def open(cls, settings: Settings, logs: LogStore | None) -> SqliteDatastore:
+    async def open(
+        cls, settings: Settings, logs: LogStore | None, *, create: bool = True
+    ) -> SqliteDatastore:
         store = cls(settings, logs, path_from_url(settings.db_url))
         try:
-            await store._start()
+            await store._start(create=create)
         except BaseException:
             await store.close()
             raise
         return store
 
-    async def _start(self) -> None:
+    async def _start(self, *, create: bool) -> None:
+        if not create and not self.path.exists():
+            raise StoreError(
+                f"no datastore at {self.path} (FN_DB_URL); a worker or `fnq fn create` creates it"
+            )
         loop = asyncio.get_running_loop()
         await loop.run_in_executor(self._writer_thread, self._open_writer)
         self._rconn = await loop.run_in_executor(

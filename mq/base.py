@@ -174,13 +174,17 @@ class MessageQueue(Protocol):
     async def close(self) -> None: ...
 
 
-def open_queue(url: str, settings: Settings) -> MessageQueue:
-    """The queue named by ``url``; nothing is connected until first use."""
+def open_queue(url: str, settings: Settings, *, create: bool = True) -> MessageQueue:
+    """The queue named by ``url``; nothing is connected until first use.
+
+    A SQLite file that does not exist is created at first use, unless ``create``
+    is false (commands that only read): then that use raises QueueError.
+    """
     scheme = url.partition("://")[0].lower()
     if scheme == "sqlite":
         from mq.sqlite import SqliteQueue  # noqa: PLC0415 - backends load lazily
 
-        return SqliteQueue.from_url(url, settings)
+        return SqliteQueue.from_url(url, settings, create=create)
     if scheme in {"redis", "rediss"}:
         from mq.redis import RedisQueue  # noqa: PLC0415 - backends load lazily
 

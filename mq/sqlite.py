@@ -41,9 +41,17 @@ POLL_MAX_S = 0.1
 class SqliteQueue:
     """MessageQueue on a SQLite file."""
 
-    def __init__(self, path: Path, settings: Settings, *, busy_timeout_ms: int = 10_000) -> None:
+    def __init__(
+        self,
+        path: Path,
+        settings: Settings,
+        *,
+        busy_timeout_ms: int = 10_000,
+        create: bool = True,
+    ) -> None:
         self._db = SqliteDb(
             path,
+            create=create,
             reservation_ms=settings.mq_reservation_msecs,
             max_deliveries=settings.mq_max_deliveries,
             max_body_bytes=settings.max_request_size,
@@ -57,7 +65,7 @@ class SqliteQueue:
         self._buried = Burials()
 
     @classmethod
-    def from_url(cls, url: str, settings: Settings) -> SqliteQueue:
+    def from_url(cls, url: str, settings: Settings, *, create: bool = True) -> SqliteQueue:
         parts = urlsplit(url)
         path = unquote(parts.path)
         if parts.netloc or len(path) < 2:
@@ -67,7 +75,7 @@ class SqliteQueue:
                 f"queue URL {url!r}: a SQLite URL takes no options"
                 " (write a '?' or '#' in the path as %3F or %23)"
             )
-        return cls(Path("/" + path.lstrip("/")), settings)
+        return cls(Path("/" + path.lstrip("/")), settings, create=create)
 
     @property
     def path(self) -> Path:

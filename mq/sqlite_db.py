@@ -25,6 +25,7 @@ from config.domain import Call
 from config.sqlite import enable_wal
 from mq import wire
 from mq.base import DeadLetter, Message, QueueStats
+from mq.errors import QueueError
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS mq_message (
@@ -116,8 +117,10 @@ class SqliteDb:
         max_deliveries: int,
         max_body_bytes: int,
         busy_timeout_ms: int,
+        create: bool = True,
     ) -> None:
         self.path = path
+        self.create = create  # False: a file that does not exist is an error, not made
         self.reservation_ms = reservation_ms
         self.max_deliveries = max_deliveries
         self.max_body_bytes = max_body_bytes
@@ -128,6 +131,10 @@ class SqliteDb:
     @property
     def conn(self) -> sqlite3.Connection:
         if self._conn is None:
+            if not self.create and not self.path.exists():
+                raise QueueError(
+                    f"no queue at {self.path} (FN_MQ_URL); a worker or `fnq call` creates it"
+                )
             self.path.parent.mkdir(parents=True, exist_ok=True)
             conn = sqlite3.connect(
                 self.path,

@@ -2,12 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from config.settings import load_settings
+from datastore.base import open_datastore
+from mq.base import open_queue
 from tests.rig import PostgresServer, RedisServer, docker_client, pg_tempdir
 
 
@@ -39,3 +43,21 @@ def settings_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("FN_DATA_DIR", str(tmp_path / "data"))
     return tmp_path
+
+
+@pytest.fixture
+def stores_env(settings_env: Path) -> Path:
+    """settings_env with its SQLite datastore and queue made, as a worker makes them:
+    commands that only read find them."""
+
+    async def make() -> None:
+        settings = load_settings()
+        await (await open_datastore(settings)).close()
+        queue = open_queue(settings.mq_url, settings)
+        try:
+            await queue.stats()
+        finally:
+            await queue.close()
+
+    asyncio.run(make())
+    return settings_env

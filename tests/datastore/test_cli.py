@@ -84,11 +84,54 @@ NEW = ["fn", "create", "a", "f", "--image", "i:1"]
         (["logs", "01ABCDEFGHJKMNPQRSTVWXYZ00"], "no call 01ABCDEFGHJKMNPQRSTVWXYZ00"),
     ],
 )  # fmt: skip
-def test_errors_are_one_line(settings_env: Path, args: list[str], message: str) -> None:
+def test_errors_are_one_line(stores_env: Path, args: list[str], message: str) -> None:
     out = CliRunner().invoke(cli, args)
     assert out.exit_code == 1
     lines = out.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("fnq: ") and message in lines[0], out.stderr
+
+
+READERS = [["calls", "list"], ["calls", "show", "01ABCDEFGHJKMNPQRSTVWXYZ00"],
+           ["calls", "wait", "01ABCDEFGHJKMNPQRSTVWXYZ00"], ["logs", "01ABCDEFGHJKMNPQRSTVWXYZ00"],
+           ["fn", "list"], ["fn", "show", "a", "f"], ["status"]]  # fmt: skip
+
+
+@pytest.mark.parametrize("args", READERS)
+def test_a_command_that_reads_makes_no_datastore(
+    stores_env: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    missing = stores_env / "mistyped" / "fnq.db"
+    monkeypatch.setenv("FN_DB_URL", f"sqlite://{missing}")
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 1
+    assert out.stderr.splitlines() == [
+        f"fnq: no datastore at {missing} (FN_DB_URL); a worker or `fnq fn create` creates it"
+    ]
+    assert not missing.parent.exists()
+
+
+@pytest.mark.parametrize("args", [["status"], ["dead", "list"]])
+def test_a_command_that_reads_makes_no_queue(
+    stores_env: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+) -> None:
+    missing = stores_env / "mistyped" / "mq.db"
+    monkeypatch.setenv("FN_MQ_URL", f"sqlite://{missing}")
+    out = CliRunner().invoke(cli, args)
+    assert out.exit_code == 1
+    assert out.stderr.splitlines() == [
+        f"fnq: no queue at {missing} (FN_MQ_URL); a worker or `fnq call` creates it"
+    ]
+    assert not missing.parent.exists()
+
+
+def test_a_command_that_writes_makes_the_datastore(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    made = settings_env / "new" / "fnq.db"
+    monkeypatch.setenv("FN_DB_URL", f"sqlite://{made}")
+    assert fnq("fn", "create", "a", "f", "--image", "i:1").exit_code == 0
+    assert made.is_file()
+    assert fnq("fn", "list").exit_code == 0
 
 
 @pytest.mark.parametrize(

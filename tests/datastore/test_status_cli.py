@@ -26,7 +26,7 @@ def status(*args: str) -> str:
     return out.output
 
 
-def test_status_lists_live_workers(settings_env: Path) -> None:
+def test_status_lists_live_workers(stores_env: Path) -> None:
     assert "no worker seen in the last 30 s" in status()
     assert json.loads(status("--json"))["workers"] == []
 
@@ -41,7 +41,7 @@ def test_status_lists_live_workers(settings_env: Path) -> None:
             await store.close()
 
     asyncio.run(populate())
-    db = settings_env / "data" / "fnq.db"
+    db = stores_env / "data" / "fnq.db"
     with sqlite3.connect(db) as conn:  # w-dead's last heartbeat was a minute ago (times: µs)
         conn.execute("UPDATE workers SET seen_at = seen_at - ? WHERE id = 'w-dead'", (60_000_000,))
 
@@ -67,7 +67,7 @@ def test_status_lists_live_workers(settings_env: Path) -> None:
     assert "w-dead" not in "\n".join(lines)
 
 
-def test_status_into_a_closed_pipe_ends_quietly(settings_env: Path) -> None:
+def test_status_into_a_closed_pipe_ends_quietly(stores_env: Path) -> None:
     assert into_closed_pipe("status") == (141, "")  # fnq status | head -1
 
 

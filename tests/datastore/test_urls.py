@@ -73,7 +73,7 @@ async def test_postgres_server_settings_and_login_errors(
 
 @pytest.mark.integration
 def test_cli_names_a_misspelt_postgres_option_in_one_line(
-    postgres_server: PostgresServer, settings_env: Path, monkeypatch: pytest.MonkeyPatch
+    postgres_server: PostgresServer, stores_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FN_DB_URL", f"{postgres_server.url}?sslmod=require")
     result = CliRunner().invoke(cli, ["status"])

@@ -21,7 +21,7 @@ pytestmark = pytest.mark.integration
 
 
 @pytest.fixture
-def bridged(settings_env: Path, monkeypatch: pytest.MonkeyPatch, rq_url: str) -> str:
+def bridged(stores_env: Path, monkeypatch: pytest.MonkeyPatch, rq_url: str) -> str:
     monkeypatch.setenv("FN_RQ_QUEUES", "default,low")
     monkeypatch.setenv("FN_RQ_URL", rq_url)
     return rq_url
@@ -70,7 +70,7 @@ def test_status_shows_each_rq_queue(bridged: str, conn: Redis, rq_queue: Queue) 
 
 
 def test_status_without_its_rq_redis_shows_the_rest_then_the_error(
-    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+    stores_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setenv("FN_RQ_QUEUES", "default")
     monkeypatch.setenv("FN_RQ_URL", f"redis://127.0.0.1:{free_port()}/0")

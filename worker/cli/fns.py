@@ -123,7 +123,7 @@ def fn_update(ctx: click.Context, /, app: str, name: str, as_json: bool, **opts:
 @friendly_errors
 def fn_list(ctx: click.Context, app: str | None, as_json: bool) -> None:
     """List functions, of one APP or of all."""
-    fns = with_store(settings_from(ctx), lambda s: s.list_fns(app))
+    fns = with_store(settings_from(ctx), lambda s: s.list_fns(app), create=False)
     if as_json:
         print_json([fn_to_json(fn) for fn in fns])
         return
@@ -140,7 +140,7 @@ def fn_list(ctx: click.Context, app: str | None, as_json: bool) -> None:
 @friendly_errors
 def fn_show(ctx: click.Context, app: str, name: str, as_json: bool) -> None:
     """Show function NAME of APP."""
-    fn = with_store(settings_from(ctx), lambda s: s.get_fn(app, name))
+    fn = with_store(settings_from(ctx), lambda s: s.get_fn(app, name), create=False)
     if fn is None:
         raise FunctionNotFound(app, name)
     _show_fn(fn, as_json, None)

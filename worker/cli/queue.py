@@ -84,8 +84,11 @@ def build_call(
     return call
 
 
-async def _with_queue(settings: Settings, work: Callable[[MessageQueue], Awaitable[T]]) -> T:
-    queue = open_queue(settings.mq_url, settings)
+async def _with_queue(
+    settings: Settings, work: Callable[[MessageQueue], Awaitable[T]], *, create: bool = True
+) -> T:
+    """``work`` on the queue; ``create=False`` as ``with_store`` takes it."""
+    queue = open_queue(settings.mq_url, settings, create=create)
     try:
         return await work(queue)
     finally:
@@ -256,7 +259,7 @@ def dead_list(ctx: click.Context, as_json: bool, limit: int) -> None:
     async def fetch(queue: MessageQueue) -> list[DeadLetter]:
         return await queue.dead_list(limit)
 
-    dead = run_async(_with_queue(settings_from(ctx), fetch))
+    dead = run_async(_with_queue(settings_from(ctx), fetch, create=False))
     rows = [_dead_row(d) for d in dead]
     if as_json:
         print_json(rows)

@@ -61,7 +61,7 @@ async def _status(ctx: click.Context) -> dict[str, Any]:
     settings = settings_from(ctx)
     data: dict[str, Any] = {}
     try:  # calls and workers are worth showing while the queue is down
-        queue = open_queue(settings.mq_url, settings)
+        queue = open_queue(settings.mq_url, settings, create=False)
         try:
             qs = await queue.stats()
         finally:
@@ -73,7 +73,7 @@ async def _status(ctx: click.Context) -> dict[str, Any]:
                          "dead": qs.dead}  # fmt: skip
     data.update(await _rq_status(settings))
     try:  # the queue's depth is worth showing while the datastore is down
-        store = await open_datastore(settings)
+        store = await open_datastore(settings, create=False)
         try:
             counts = await store.count_by_status()
             workers = await store.list_workers(ALIVE_WITHIN)

@@ -40,9 +40,14 @@ def no_call(call_id: str) -> FnqError:
     )
 
 
-def with_store(settings: Settings, work: Callable[[Datastore], Awaitable[T]]) -> T:
+def with_store(
+    settings: Settings, work: Callable[[Datastore], Awaitable[T]], *, create: bool = True
+) -> T:
+    """``work`` on the datastore; a command that only reads passes ``create=False``, so
+    that a mistyped SQLite path is an error and no empty file is made there."""
+
     async def run() -> T:
-        store = await open_datastore(settings)
+        store = await open_datastore(settings, create=create)
         try:
             return await work(store)
         finally:
@@ -108,7 +113,7 @@ def calls_list(
     """List calls, newest first."""
     f = CallFilter(app=app, fn=fn, status=CallStatus(status) if status else None,
                    since=_since(since), limit=limit, cursor=cursor)  # fmt: skip
-    page = with_store(settings_from(ctx), lambda s: s.list_calls(f))
+    page = with_store(settings_from(ctx), lambda s: s.list_calls(f), create=False)
     if as_json:
         print_json({"items": [r.to_json() for r in page.items], "next_cursor": page.next_cursor})
         return
@@ -139,7 +144,7 @@ def _next_page(ctx: click.Context, f: CallFilter, cursor: str) -> str:
 @friendly_errors
 def calls_show(ctx: click.Context, call_id: str, as_json: bool) -> None:
     """Show one call: status, timing, error and response."""
-    rec = with_store(settings_from(ctx), lambda s: s.get_call(call_id))
+    rec = with_store(settings_from(ctx), lambda s: s.get_call(call_id), create=False)
     if rec is None:
         raise no_call(call_id)
     doc = rec.to_json()
@@ -183,7 +188,8 @@ def calls_wait(ctx: click.Context, call_ids: tuple[str, ...], wait_timeout_s: fl
                                              _one_line(rec.error)) if v))  # fmt: skip
 
     limit = wait_timeout_s or None
-    waited = with_store(settings_from(ctx), lambda s: wait_for_calls(s, call_ids, limit, ended))
+    waited = with_store(settings_from(ctx), lambda s: wait_for_calls(s, call_ids, limit, ended),
+                        create=False)  # fmt: skip
     if as_json:
         print_json([waited.records[i].to_json() if i in waited.records
                     else {"id": i, "status": None} for i in waited.ids])  # fmt: skip
@@ -297,7 +303,7 @@ def logs_cmd(ctx: click.Context, call_id: str, as_json: bool) -> None:
     async def fetch(store: Datastore) -> tuple[CallRecord | None, bytes | None]:
         return await store.get_call(call_id), await store.get_log(call_id)
 
-    rec, data = with_store(settings_from(ctx), fetch)
+    rec, data = with_store(settings_from(ctx), fetch, create=False)
     if data is None:
         if rec is None:
             raise no_call(call_id)
