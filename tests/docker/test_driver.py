@@ -10,6 +10,7 @@ import logging
 import os
 import secrets
 import subprocess
+import sys
 import tarfile
 import time
 from collections.abc import AsyncIterator, Callable
@@ -20,6 +21,7 @@ from typing import Any
 import docker.errors
 import pytest
 
+from config.errors import ConfigError
 from config.settings import Settings
 from tests.docker.conftest import request, spec
 from worker.agent.driver import ContainerSpec
@@ -524,3 +526,43 @@ async def test_a_slow_engine_does_not_hold_the_start_on_leftovers(
         for c in left:
             with contextlib.suppress(docker.errors.NotFound):
                 c.remove(force=True)
+
+
+async def test_a_network_the_engine_lacks_fails_the_start(
+    make_settings: Callable[..., Settings], docker_engine: Any
+) -> None:
+    """Every container would fail to start on it: the worker refuses to start instead."""
+    present = docker_engine.networks.create(f"fnq-test-{secrets.token_hex(4)}")
+    missing = [f"fnq-nosuch-{secrets.token_hex(4)}" for _ in range(2)]
+    try:
+        d = DockerDriver(make_settings(docker_networks=f"{missing[0]} {present.name} {missing[1]}"))
+        try:
+            with pytest.raises(ConfigError) as caught:
+                await d.start()
+        finally:
+            await d.close()
+        d = DockerDriver(make_settings(docker_networks=present.name))
+        try:
+            await d.start()  # a network it has is fine
+        finally:
+            await d.close()
+    finally:
+        present.remove()
+    assert str(caught.value) == (
+        f"FN_DOCKER_NETWORKS: the docker engine has no networks {missing[0]}, {missing[1]} "
+        "(`docker network ls` lists its networks)"
+    )
+
+
+def test_the_worker_names_a_missing_network_and_does_not_start(
+    settings_env: Path, label_tag: str
+) -> None:
+    env = {**os.environ, "FN_DOCKER_NETWORKS": "fnq-nosuchnet", "FN_CONTAINER_LABEL_TAG": label_tag}
+    fnq = Path(sys.executable).parent / "fnq"
+    done = subprocess.run([fnq, "worker", "--burst"], env=env, capture_output=True, text=True,
+                          timeout=60, check=False)  # fmt: skip
+    assert (done.returncode, done.stderr) == (
+        1,
+        "fnq: FN_DOCKER_NETWORKS: the docker engine has no network fnq-nosuchnet "
+        "(`docker network ls` lists its networks)\n",
+    )

@@ -3,10 +3,11 @@
 Talks to the engine over its unix socket with aiohttp (see docker_api), so
 nothing blocks the event loop and no thread waits on a container.
 
-* ``start()``: opens the engine session, removes containers that carry this
-  worker's classifier label but were left by a worker that is gone (its
-  process no longer runs on this host), loads FN_DOCKER_LOAD_FILE; looks for
-  such containers again every ``LEFTOVER_SWEEP_S`` while it runs.
+* ``start()``: opens the engine session, refuses networks of FN_DOCKER_NETWORKS
+  that the engine does not have, removes containers that carry this worker's
+  classifier label but were left by a worker that is gone (its process no
+  longer runs on this host), loads FN_DOCKER_LOAD_FILE; looks for such
+  containers again every ``LEFTOVER_SWEEP_S`` while it runs.
 * ``create(spec)``: makes sure the image is there (inspected once, then
   cached; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per image however
   many callers wait), refuses images that declare VOLUME, makes the socket
@@ -33,8 +34,9 @@ from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import quote
 
-from config.errors import AgentError
+from config.errors import AgentError, ConfigError
 from config.settings import Settings
 from worker.agent.cpu_place import cpu_list, online_cpus
 from worker.agent.driver import IOFS_MOUNT, ContainerSpec
@@ -131,6 +133,7 @@ class DockerDriver:
     async def start(self) -> None:
         await self.api.open()
         await self.api.request("GET", "/_ping")
+        await self._check_networks()
         await asyncio.to_thread(self._iofs.open)
         self._started = True
         try:  # an engine slow to remove them must not hold the worker's start
@@ -359,6 +362,24 @@ class DockerDriver:
         await self.api.request(
             "DELETE", f"/containers/{container_id}", params={"force": "1", "v": "1"}
         )
+
+    async def _check_networks(self) -> None:
+        """ConfigError naming the networks of FN_DOCKER_NETWORKS the engine does not have:
+        every container given one would fail to start."""
+        missing = []
+        for network in self._network_use:
+            try:
+                await self.api.request("GET", f"/networks/{quote(network, safe='')}")
+            except DockerError as exc:
+                if exc.status != 404:
+                    raise
+                missing.append(network)
+        if missing:
+            noun = "network" if len(missing) == 1 else "networks"
+            raise ConfigError(
+                f"FN_DOCKER_NETWORKS: the docker engine has no {noun} {', '.join(missing)} "
+                "(`docker network ls` lists its networks)"
+            )
 
     def _pick_network(self) -> str | None:
         if not self._network_use:
