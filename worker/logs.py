@@ -1,8 +1,11 @@
 """The worker's own log: text for people, JSON lines for log pipelines.
 
-Every record logged while a call is being handled carries that call's id
+Every record logged in the handling of a call carries that call's id
 (``call_id``), whichever module logs it: the call task sets a context
-variable, and asyncio copies it into every task the call starts.
+variable, and asyncio copies it into every task the call starts. Tasks that
+outlive the call that started them (a hot container's, from its image pull
+and start to its removal; a launcher's) start with a fresh context: their
+records name no call.
 """
 
 from __future__ import annotations

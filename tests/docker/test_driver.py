@@ -383,7 +383,7 @@ async def test_two_drivers_sweeping_at_once_remove_each_leftover_once_quietly(
         for d in drivers:
             await d.start()
         left = [docker_engine.containers.create("fnq/echo:latest", labels=labels) for _ in range(6)]
-        caplog.set_level(logging.INFO, logger="worker.agent.drivers.docker")
+        caplog.set_level(logging.INFO, logger="fnq.agent.docker")
         counts = await asyncio.gather(*(d.remove_leftovers() for d in drivers))
         assert sum(counts) == len(left)
         assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []

@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import asyncio
+import importlib
 import json
 import logging
+import pkgutil
 import sys
 from pathlib import Path
 
 import pytest
 
 from config.settings import load_settings
+from worker.agent.drivers.docker import DockerDriver
 from worker.agent.tasks import TaskSet
 from worker.logs import JsonFormatter, current_call, setup_logging
 
@@ -49,3 +52,34 @@ def test_json_lines_hold_exceptions() -> None:
         record.exc_info = sys.exc_info()
     doc = json.loads(JsonFormatter().format(record))
     assert doc["msg"] == "oops" and "ValueError: bad" in doc["exc"]
+
+
+def test_every_logger_of_the_worker_is_named_fnq() -> None:
+    """Log pipelines pick the worker's lines by logger name (``fnq.*``), the docker
+    driver's (``pulling image ...``) among them."""
+    import worker  # noqa: PLC0415
+
+    found = []
+    for info in pkgutil.walk_packages(worker.__path__, "worker."):
+        module = importlib.import_module(info.name)
+        found += [
+            (info.name, v.name) for v in vars(module).values() if isinstance(v, logging.Logger)
+        ]
+    assert ("worker.agent.drivers.docker", "fnq.agent.docker") in found
+    assert [(module, name) for module, name in found if not name.startswith("fnq.")] == []
+
+
+async def test_the_pull_line_is_the_docker_drivers(
+    settings_env: Path, caplog: pytest.LogCaptureFixture, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = DockerDriver(load_settings())
+
+    async def pulled(*args: object, **kwargs: object) -> None:
+        return None
+
+    monkeypatch.setattr(driver.api, "stream_json", pulled)
+    with caplog.at_level(logging.INFO, logger="fnq.agent.docker"):
+        await driver._pull("fnq/none:1")
+    assert [(r.name, r.getMessage()) for r in caplog.records] == [
+        ("fnq.agent.docker", "pulling image fnq/none:1")
+    ]

@@ -67,7 +67,7 @@ from worker.agent.errors import (
 )
 from worker.agent.iofs import IofsRoot
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fnq.agent.docker")
 
 LEFTOVER_SWEEP_S = 5.0  # how often a live worker looks for containers of dead ones
 LEFTOVER_START_S = 30.0  # the first look, at start, takes at most this long

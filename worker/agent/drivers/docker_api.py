@@ -22,7 +22,7 @@ import aiohttp
 from config.domain import FailureKind
 from config.errors import AgentError, ConfigError, Retryable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fnq.agent.docker")
 
 DEFAULT_SOCKET = "/var/run/docker.sock"
 API_TIMEOUT_S = 30.0  # any single engine request without a more specific bound

@@ -40,7 +40,7 @@ from worker.agent.errors import (
 from worker.agent.fdk import FdkClient
 from worker.agent.iofs import IofsDir, IofsRoot, SocketWatcher
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fnq.agent.docker")
 function_log = logging.getLogger("fnq.function")
 
 FREEZE_TIMEOUT_S = 5.0

@@ -24,7 +24,7 @@ from dataclasses import dataclass
 
 from worker.agent.drivers.docker_api import DockerAPI, DockerError, image_path
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fnq.agent.image_cleaner")
 
 SWEEP_EVERY_S = 2.0
 REMOVE_TIMEOUT_S = 60.0

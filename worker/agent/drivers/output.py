@@ -39,6 +39,7 @@ from collections import deque
 from worker.agent.driver import OutputSink
 from worker.agent.drivers.stdio import MARK_BYTES, MARK_PREFIX, STREAMS, ProcessStdio, new_marker
 
+log = logging.getLogger("fnq.agent.docker")
 _MAX_LINE_BYTES = 16 * 1024
 _TAIL_BYTES = 2048
 
@@ -208,7 +209,7 @@ class OutputRouter:
         except Exception:  # a faulty sink must not stop the container's output: log, go on
             if not self._sink_failed:
                 self._sink_failed = True
-                logging.getLogger(__name__).exception("output sink of %s failed", self._label)
+                log.exception("output sink of %s failed", self._label)
 
     def _to_debug_log(self, data: bytes) -> None:
         if self._logger is None or not self._logger.isEnabledFor(logging.DEBUG):

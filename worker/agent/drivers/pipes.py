@@ -34,7 +34,7 @@ from pathlib import Path
 
 from worker.agent.driver import IOFS_MOUNT
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fnq.agent.docker")
 
 SHELL = "/bin/sh"
 NAMES = {1: ".fnq-stdout", 2: ".fnq-stderr"}  # by stream number, as in the attach stream
