@@ -277,6 +277,14 @@ class Settings(BaseSettings):
             raise ValueError("must be one of DEBUG, INFO, WARNING, ERROR")
         return level
 
+    @field_validator("log_format", mode="before")
+    @classmethod
+    def _format(cls, value: object) -> object:
+        """Any case, as FN_LOG_LEVEL; a value that is neither is reported as given."""
+        if isinstance(value, str) and value.lower() in {"text", "json"}:
+            return value.lower()
+        return value
+
     @field_validator("mq_url", "db_url", "log_url")
     @classmethod
     def _url(cls, value: str, info: ValidationInfo) -> str:

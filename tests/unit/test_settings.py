@@ -64,6 +64,7 @@ def test_dotenv_file_is_read(settings_env: Path) -> None:
         ("FN_MQ_URL", "localhost:6379"),
         ("FN_ENABLE_NB_RESOURCE_TRACKER", "perhaps"),
         ("FN_LOG_LEVEL", "loud"),
+        ("FN_LOG_FORMAT", "XML"),
     ],
 )
 def test_bad_value_names_variable_and_value(
@@ -74,6 +75,18 @@ def test_bad_value_names_variable_and_value(
         load_settings()
     assert var in str(err.value)
     assert repr(value) in str(err.value)
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [("JSON", "json"), ("Text", "text"), ("json", "json")]
+)
+def test_log_format_and_level_take_any_case(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch, value: str, expected: str
+) -> None:
+    monkeypatch.setenv("FN_LOG_FORMAT", value)
+    monkeypatch.setenv("FN_LOG_LEVEL", "debug")
+    settings = load_settings()
+    assert (settings.log_format, settings.log_level) == (expected, "DEBUG")
 
 
 def test_an_empty_number_says_how_to_get_the_default(
