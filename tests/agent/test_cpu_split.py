@@ -26,6 +26,7 @@ class Host:
         self.now = 0.0
         self.own = 0.0
         self.calls = 0
+        self.containers = 2
         self.ticks = {cpu: (0, 0) for cpu in cpus}
         self.affinity = set(cpus)
         self.placed: list[frozenset[int] | None] = []
@@ -48,6 +49,7 @@ class Host:
             mode,
             self.place,
             calls_ended=lambda: self.calls,
+            containers=lambda: self.containers,
             claims=claims,
             cpus=set(self.ticks),
             own_cpu=lambda: self.own,
@@ -126,6 +128,20 @@ async def test_a_split_that_costs_more_is_undone_and_tried_again_later(tmp_path:
     assert len(host.placed) == 4  # probed again once the verdict was old
 
 
+async def test_a_worker_with_many_containers_per_cpu_shares(tmp_path: Path) -> None:
+    host = Host({0, 1, 2, 3})
+    split = host.split("auto", CpuClaims(tmp_path))
+    host.containers = 9  # over two per CPU: many functions, say
+    await run_for(host, split, 20, short_calls(split_busy=0.3))
+    assert not split.split and host.placed == []
+    host.containers = 8
+    await run_for(host, split, 2 * cpu_split.PROBE_S + 2, short_calls(split_busy=0.3))
+    assert split.split
+    host.containers = 12  # more functions came: back to sharing at once
+    await run_for(host, split, cpu_split.WINDOW_S, short_calls(split_busy=0.3))
+    assert not split.split and host.placed == [frozenset({0, 1, 2}), None]
+
+
 async def test_a_worker_that_is_not_busy_never_probes(tmp_path: Path) -> None:
     host = Host({0, 1})
     split = host.split("auto", CpuClaims(tmp_path))
@@ -138,8 +154,20 @@ async def test_a_probe_whose_load_goes_away_leaves_things_as_they_were(tmp_path:
     split = host.split("auto", CpuClaims(tmp_path))
     await run_for(host, split, cpu_split.PROBE_S + 1, short_calls(split_busy=0.4))
     assert split.split  # the probe's second half
-    await run_for(host, split, 1, lambda _: (0.1, {}, 10))
+    await run_for(host, split, cpu_split.PROBE_LIMIT_S - 4, lambda _: (0.1, {}, 10))
+    assert split.split  # quiet windows are not measured: the probe waits for load
+    await run_for(host, split, 4, lambda _: (0.1, {}, 10))
     assert not split.split and host.placed == [frozenset({0, 1, 2}), None]
+
+
+async def test_bursts_with_quiet_gaps_are_measured_by_their_busy_windows(tmp_path: Path) -> None:
+    host = Host({0, 1, 2, 3})
+    split = host.split("auto", CpuClaims(tmp_path))
+    busy = short_calls(split_busy=0.5)
+    for _ in range(12):  # a burst of one window, then a gap of one
+        await run_for(host, split, cpu_split.WINDOW_S, busy)
+        await run_for(host, split, cpu_split.WINDOW_S, lambda _: (0.05, {}, 0))
+    assert split.split and host.placed == [frozenset({0, 1, 2})]
 
 
 async def test_a_split_ends_early_when_its_containers_lack_the_cpu(tmp_path: Path) -> None:

@@ -123,3 +123,30 @@ def test_calls_that_end_keep_the_window_recent(counters: Counters) -> None:
         counters.advance(MIN_WINDOW_S, idle_cores=0.1)
         g.touch()
     assert g.saturated(MANY)
+
+
+def test_while_split_only_the_containers_cpus_count(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The worker's CPU 1 idles, the containers' CPU 0 is full: no room to grow.
+    monkeypatch.setattr(cpu, "cpu_count", lambda: 2)
+    path, now = tmp_path / "stat", [100.0]
+
+    def write(cpu0: tuple[int, int], cpu1: tuple[int, int]) -> None:
+        (b0, i0), (b1, i1) = cpu0, cpu1
+        path.write_text(
+            f"cpu  {b0 + b1} 0 0 {i0 + i1} 0 0 0 0\ncpu0 {b0} 0 0 {i0} 0 0 0 0\n"
+            f"cpu1 {b1} 0 0 {i1} 0 0 0 0\nintr 1 2 3\n"
+        )
+
+    split: list[frozenset[int] | None] = [frozenset({0})]
+    write((0, 0), (0, 0))
+    g = HostCpu(500, stat_path=path, clock=lambda: now[0], own_cpu=lambda: 0.0,
+                containers_on=lambda: split[0])  # fmt: skip
+    now[0] += 0.2
+    write((20, 0), (2, 18))  # CPU 0 busy, CPU 1 90 % idle
+    assert g.saturated(MANY)
+    split[0] = None  # shared: the host as a whole has 0.9 of a CPU idle
+    now[0] += 0.2
+    write((40, 0), (4, 36))
+    assert not g.saturated(MANY)

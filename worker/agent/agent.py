@@ -128,7 +128,11 @@ class Agent:
         self.driver = driver
         self.tracker = tracker or ResourceTracker.from_host(settings)
         self.evictor = Evictor(on_idle_change=self.tracker.lent_changed)
-        self.cpu = cpu if cpu is not None else cpu_gauge(settings.hot_grow_spare_mcpus)
+        self.cpu = (
+            cpu
+            if cpu is not None
+            else cpu_gauge(settings.hot_grow_spare_mcpus, lambda: self.cpu_split.containers_on)
+        )
         self.pacer = FreezePacer()
         starts = settings.hot_start_concurrency
         self.start_turns = asyncio.Semaphore(starts) if starts > 0 else None
@@ -146,7 +150,10 @@ class Agent:
         self._no_waiting = False  # set by stop_waiting and close: no call waits any more
         self.calls_ended = 0
         self.cpu_split = cpu_split or CpuSplit(
-            settings.cpu_split, driver.place, calls_ended=lambda: self.calls_ended
+            settings.cpu_split,
+            driver.place,
+            calls_ended=lambda: self.calls_ended,
+            containers=self._hot.__len__,
         )
         self._background = TaskSet("agent")
 

@@ -11,11 +11,14 @@ a third.
 
 It does not always pay. The containers lose that CPU, and what else runs on
 the host (a local redis-server, the producers) crowds the worker's. With ten
-functions round-robin on the same host the containers filled their CPU and
-the host spent more per call split than shared. So with ``FN_CPU_SPLIT=auto``
-(the default) the worker measures: while it is busy (at least
+functions round-robin (about 30 containers) the containers filled their CPU,
+the host spent more per call split than shared, and calls waiting on the
+crowded CPU made the worker start more containers. So with
+``FN_CPU_SPLIT=auto`` (the default) a worker with more than
+:data:`CONTAINERS_PER_CPU` containers per CPU shares, and one with fewer
+measures: while it is busy (at least
 :data:`BUSY_CORES` of a CPU), it tries the other arrangement for
-:data:`PROBE_S` after as long on the current one, compares the host's CPU time
+:data:`PROBE_S` of busy time after as long on the current one, compares the host's CPU time
 per call it ended on each (all CPUs, from /proc/stat), and keeps the split only
 if it costs at most :data:`KEEP_SHARE` of sharing. The verdict stands
 :data:`HOLD_S`, then a busy worker probes again. A split also ends early when
@@ -55,23 +58,26 @@ SplitMode = Literal["auto", "on", "off"]
 Ticks = dict[int, tuple[int, int]]
 WINDOW_S = 0.5  # how often the counters are read
 BUSY_CORES = 0.5  # the worker's own use (cores) above which a probe is worth it
-PROBE_S = 2.0  # each arrangement is measured this long
+PROBE_S = 2.0  # each arrangement is measured over this much busy time
+PROBE_LIMIT_S = 60.0  # a probe that has not seen that much by then ends without a verdict
 SETTLE_S = 0.5  # after a change, before its measuring starts
 PROBE_CALLS = 200  # fewer calls in a measure tell nothing
 KEEP_SHARE = 0.95  # the split stays if the host's CPU per call is at most this of sharing's
 HOLD_S = 30.0  # a verdict stands this long
 QUIET_CORES = 0.2  # a split ends early when the worker uses less than this
 CROWDED_SHARE = 0.9  # ... while the containers' CPUs are at least this busy
+CONTAINERS_PER_CPU = 2  # a worker with more containers than this per CPU does not split
 PLACE_TIMEOUT_S = 30.0  # moving every live container
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
 @dataclass
 class Measure:
-    """The host's busy CPU time and the calls ended, over one arrangement's probe."""
+    """The host's busy CPU time and the calls ended over one arrangement's busy
+    windows (``seconds`` of them)."""
 
     split: bool
-    started_at: float
+    seconds: float = 0.0
     busy_s: float = 0.0
     calls: int = 0
 
@@ -88,6 +94,7 @@ class CpuSplit:
         place: Callable[[frozenset[int] | None], Awaitable[None]],
         *,
         calls_ended: Callable[[], int] = lambda: 0,
+        containers: Callable[[], int] = lambda: 0,
         claims: CpuClaims | None = None,
         cpus: set[int] | None = None,
         own_cpu: Callable[[], float] = time.process_time,
@@ -98,6 +105,7 @@ class CpuSplit:
         self.mode = mode
         self._place = place
         self._calls_ended = calls_ended
+        self._containers = containers
         self._claims = claims or CpuClaims(claim_dir())
         self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
         self._own_cpu = own_cpu
@@ -108,6 +116,7 @@ class CpuSplit:
         self.containers_on: frozenset[int] | None = None  # while split
         self.verdict_at = float("-inf")  # when the last probe (or early end) decided
         self._probe: list[Measure] = []  # the current probe's measures, first one first
+        self._probe_began = 0.0
         self._settle_until = 0.0
         self._last = (clock(), own_cpu(), ticks(), calls_ended())
 
@@ -135,27 +144,36 @@ class CpuSplit:
     # ------------------------------------------------------------- policy
     async def tick(self) -> None:
         """One window: read the counters, then probe, or end a crowded split."""
-        now, cores, busy_s, calls, crowded = self._read()
-        if self._probe:
-            await self._probing(now, cores, busy_s, calls)
+        now, elapsed, cores, busy_s, calls, crowded = self._read()
+        many = self._containers() > CONTAINERS_PER_CPU * len(self.cpus)
+        if many and (self.split or self._probe):
+            self._probe = []
+            self.verdict_at = now
+            await self.end_split(f"{self._containers()} containers")
+        elif self._probe:
+            await self._probing(now, Measure(self.split, elapsed, busy_s, calls), cores)
         elif self.split and cores < QUIET_CORES and crowded >= CROWDED_SHARE:
             self.verdict_at = now
             await self.end_split(f"their CPUs were {crowded:.0%} busy, the worker used "
                                  f"{cores:.2f} of one")  # fmt: skip
-        elif cores >= BUSY_CORES and now - self.verdict_at >= HOLD_S:
-            self._probe = [Measure(self.split, now, busy_s, calls)]
+        elif cores >= BUSY_CORES and not many and now - self.verdict_at >= HOLD_S:
+            self._probe, self._probe_began = [Measure(self.split)], now
+            await self._probing(now, Measure(self.split, elapsed, busy_s, calls), cores)
 
-    async def _probing(self, now: float, cores: float, busy_s: float, calls: int) -> None:
-        current = self._probe[-1]
-        if cores < BUSY_CORES:  # the load went away: no verdict, back as it was
-            await self._conclude(now, keep_split=self._probe[0].split, why="the load went away")
+    async def _probing(self, now: float, window: Measure, cores: float) -> None:
+        """Count a busy window into the arrangement being measured; switch, or judge,
+        once it has been measured long enough. Quiet windows (between bursts) and
+        those right after a change are left out."""
+        first, current = self._probe[0], self._probe[-1]
+        if now - self._probe_began > PROBE_LIMIT_S:
+            await self._conclude(now, keep_split=first.split, why="too little load to compare")
             return
-        if now < self._settle_until:
-            current.started_at = now  # settling: not measured
+        if now < self._settle_until or cores < BUSY_CORES:
             return
-        current.busy_s += busy_s
-        current.calls += calls
-        if now - current.started_at < PROBE_S:
+        current.seconds += window.seconds
+        current.busy_s += window.busy_s
+        current.calls += window.calls
+        if current.seconds < PROBE_S:
             return
         if len(self._probe) == 1:  # measured as it was: now the other way
             switched = await (self.end_split() if self.split else self.start_split())
@@ -163,7 +181,7 @@ class CpuSplit:
                 await self._conclude(now, keep_split=self.split, why="no CPU to split")
                 return
             self._settle_until = now + SETTLE_S
-            self._probe.append(Measure(self.split, now))
+            self._probe.append(Measure(self.split))
             return
         shared, split = sorted(self._probe, key=lambda m: m.split)
         a, b = shared.per_call(), split.per_call()
@@ -184,9 +202,10 @@ class CpuSplit:
             log.info("the worker %s (%s)", "keeps a CPU of its own" if self.split else
                      "shares the CPUs with its containers", why)  # fmt: skip
 
-    def _read(self) -> tuple[float, float, float, int, float]:
-        """Since the last read: now, the worker's cores, the host's busy CPU seconds,
-        the calls ended, and how busy the containers' CPUs were (0 unless split)."""
+    def _read(self) -> tuple[float, float, float, float, int, float]:
+        """Now, and since the last read: the seconds, the worker's cores, the host's
+        busy CPU seconds, the calls ended, and how busy the containers' CPUs were (0
+        unless split)."""
         now, own, ticks, calls = self._clock(), self._own_cpu(), self._ticks(), self._calls_ended()
         then, own_then, ticks_then, calls_then = self._last
         self._last = (now, own, ticks, calls)
@@ -199,7 +218,7 @@ class CpuSplit:
                 crowd_busy += ticks[cpu][0] - ticks_then[cpu][0]
                 crowd_all += ticks[cpu][1] - ticks_then[cpu][1]
         crowded = crowd_busy / crowd_all if crowd_all > 0 else 0.0
-        return now, cores, busy / CLK_TCK, calls - calls_then, crowded
+        return now, elapsed, cores, busy / CLK_TCK, calls - calls_then, crowded
 
     # ------------------------------------------------------------ changes
     async def start_split(self, why: str = "") -> bool:
