@@ -200,10 +200,10 @@ class Settings(BaseSettings):
         "auto",
         description="Give the worker's process a CPU of its own and run its containers "
         "on the host's other CPUs (workers on one host each claim a different CPU). "
-        "auto: a busy worker (at least half a CPU of its own use) with at most two "
-        "containers per CPU tries it against sharing, 2 s of load each, and keeps it only "
-        "if the host spends at least 5 % less CPU per call; the verdict stands 30 s. "
-        "on: always; off: never. A host with one CPU never splits.",
+        "auto: while the worker uses at least half a CPU itself and has at most three "
+        "containers per CPU; it shares again with more containers, or when it goes quiet "
+        "while its containers' CPUs are full; at most one change per 10 s. on: always; "
+        "off: never. A host with one CPU never splits.",
     )
 
     # ---------------------------------------------------------- responses

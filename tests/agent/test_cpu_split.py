@@ -19,24 +19,20 @@ from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
 
 
 class Host:
-    """A fake host: the worker's CPU time, per-CPU ticks (100 a second), the calls
-    ended, a clock and the worker's affinity."""
+    """A fake host: the worker's CPU time, per-CPU ticks (100 a second), the worker's
+    containers, a clock and the worker's affinity."""
 
     def __init__(self, cpus: set[int]) -> None:
         self.now = 0.0
         self.own = 0.0
-        self.calls = 0
-        self.containers = 2
+        self.containers = 2  # the worker's live containers
         self.ticks = {cpu: (0, 0) for cpu in cpus}
         self.affinity = set(cpus)
         self.placed: list[frozenset[int] | None] = []
 
-    def advance(
-        self, seconds: float, worker_cores: float, busy: dict[int, float], calls: int = 0
-    ) -> None:
+    def advance(self, seconds: float, worker_cores: float, busy: dict[int, float]) -> None:
         self.now += seconds
         self.own += seconds * worker_cores
-        self.calls += calls
         for cpu, (b, t) in self.ticks.items():
             share = busy.get(cpu, 0.0)
             self.ticks[cpu] = (b + round(100 * seconds * share), t + round(100 * seconds))
@@ -48,7 +44,6 @@ class Host:
         return CpuSplit(
             mode,
             self.place,
-            calls_ended=lambda: self.calls,
             containers=lambda: self.containers,
             claims=claims,
             cpus=set(self.ticks),
@@ -62,25 +57,19 @@ class Host:
         self.affinity = set(cpus)
 
 
-Load = Callable[[bool], tuple[float, dict[int, float], int]]
+Load = Callable[[bool], tuple[float, dict[int, float]]]
 
 
 async def run_for(host: Host, split: CpuSplit, seconds: float, load: Load) -> None:
-    """Windows of load (worker cores, busy share per CPU, calls a second), by state."""
+    """Windows of load (the worker's cores, busy share per CPU), by the split's state."""
     for _ in range(round(seconds / cpu_split.WINDOW_S)):
-        cores, busy, rate = load(split.split)
-        host.advance(cpu_split.WINDOW_S, cores, busy, round(rate * cpu_split.WINDOW_S))
+        cores, busy = load(split.split)
+        host.advance(cpu_split.WINDOW_S, cores, busy)
         await split.tick()
 
 
-def short_calls(split_busy: float, shared_busy: float = 0.6) -> Load:
-    """A busy worker at 2,000 calls/s; the host's CPUs this busy split and shared."""
-
-    def load(split: bool) -> tuple[float, dict[int, float], int]:
-        share = split_busy if split else shared_busy
-        return 0.8, dict.fromkeys(range(4), share), 2000
-
-    return load
+def worker_at(cores: float, **busy: float) -> Load:
+    return lambda _: (cores, {int(cpu[3:]): share for cpu, share in busy.items()})
 
 
 def test_cpu_lists_are_written_as_the_kernel_writes_them() -> None:
@@ -101,87 +90,67 @@ def test_workers_on_one_host_claim_different_cpus(tmp_path: Path) -> None:
     assert CpuClaims(tmp_path).claim({0, 1, 2, 3}) == 3
 
 
-async def test_a_busy_worker_keeps_a_split_that_costs_the_host_less(
+async def test_a_busy_worker_gets_a_cpu_and_its_containers_the_others(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     host = Host({0, 1, 2, 3})
     split = host.split("auto", CpuClaims(tmp_path))
+    await run_for(host, split, 20, worker_at(0.3))
+    assert not split.split and host.placed == []  # a light worker shares
     with caplog.at_level(logging.INFO, logger="fnq.agent.cpu"):
-        await run_for(host, split, 2 * cpu_split.PROBE_S + 2, short_calls(split_busy=0.5))
+        await run_for(host, split, cpu_split.WINDOW_S, worker_at(0.8))
     assert split.split and split.worker_cpu == 3
     assert host.affinity == {3}
     assert host.placed == [frozenset({0, 1, 2})]
-    assert "host CPU per call 1000 us split, 1200 us shared" in caplog.text
-    await run_for(host, split, cpu_split.HOLD_S - 6, short_calls(split_busy=0.5))
-    assert host.placed == [frozenset({0, 1, 2})]  # the verdict holds: no probe
-
-
-async def test_a_split_that_costs_more_is_undone_and_tried_again_later(tmp_path: Path) -> None:
-    host = Host({0, 1, 2, 3})
-    split = host.split("auto", CpuClaims(tmp_path))
-    await run_for(host, split, 2 * cpu_split.PROBE_S + 2, short_calls(split_busy=0.6))
-    assert not split.split and host.affinity == {0, 1, 2, 3}
-    assert host.placed == [frozenset({0, 1, 2}), None]  # tried, and undone (no gain)
-    await run_for(host, split, cpu_split.HOLD_S - 6, short_calls(split_busy=0.6))
-    assert len(host.placed) == 2
-    await run_for(host, split, 10, short_calls(split_busy=0.6))
-    assert len(host.placed) == 4  # probed again once the verdict was old
+    assert "the worker runs on CPU 3, its containers on 0-2 (it used 0.80 of a CPU)" in (
+        caplog.text
+    )
 
 
 async def test_a_worker_with_many_containers_per_cpu_shares(tmp_path: Path) -> None:
-    host = Host({0, 1, 2, 3})
+    host = Host({0, 1})
     split = host.split("auto", CpuClaims(tmp_path))
-    host.containers = 9  # over two per CPU: many functions, say
-    await run_for(host, split, 20, short_calls(split_busy=0.3))
+    host.containers = 2 * cpu_split.CONTAINERS_PER_CPU + 1  # many functions, say
+    await run_for(host, split, 20, worker_at(0.8))
     assert not split.split and host.placed == []
-    host.containers = 8
-    await run_for(host, split, 2 * cpu_split.PROBE_S + 2, short_calls(split_busy=0.3))
+    host.containers = 2 * cpu_split.CONTAINERS_PER_CPU
+    await run_for(host, split, cpu_split.WINDOW_S, worker_at(0.8))
     assert split.split
-    host.containers = 12  # more functions came: back to sharing at once
-    await run_for(host, split, cpu_split.WINDOW_S, short_calls(split_busy=0.3))
-    assert not split.split and host.placed == [frozenset({0, 1, 2}), None]
+    host.containers = 12  # more functions came: back to sharing, once the hold is over
+    await run_for(host, split, cpu_split.HOLD_S, worker_at(0.8))
+    assert not split.split and host.placed == [frozenset({0}), None]
 
 
-async def test_a_worker_that_is_not_busy_never_probes(tmp_path: Path) -> None:
+async def test_the_split_ends_when_the_containers_lack_the_cpu(tmp_path: Path) -> None:
     host = Host({0, 1})
     split = host.split("auto", CpuClaims(tmp_path))
-    await run_for(host, split, 60, lambda _: (0.3, {0: 0.9, 1: 0.9}, 1000))
-    assert not split.split and host.placed == []
-
-
-async def test_a_probe_whose_load_goes_away_leaves_things_as_they_were(tmp_path: Path) -> None:
-    host = Host({0, 1, 2, 3})
-    split = host.split("auto", CpuClaims(tmp_path))
-    await run_for(host, split, cpu_split.PROBE_S + 1, short_calls(split_busy=0.4))
-    assert split.split  # the probe's second half
-    await run_for(host, split, cpu_split.PROBE_LIMIT_S - 4, lambda _: (0.1, {}, 10))
-    assert split.split  # quiet windows are not measured: the probe waits for load
-    await run_for(host, split, 4, lambda _: (0.1, {}, 10))
-    assert not split.split and host.placed == [frozenset({0, 1, 2}), None]
-
-
-async def test_bursts_with_quiet_gaps_are_measured_by_their_busy_windows(tmp_path: Path) -> None:
-    host = Host({0, 1, 2, 3})
-    split = host.split("auto", CpuClaims(tmp_path))
-    busy = short_calls(split_busy=0.5)
-    for _ in range(12):  # a burst of one window, then a gap of one
-        await run_for(host, split, cpu_split.WINDOW_S, busy)
-        await run_for(host, split, cpu_split.WINDOW_S, lambda _: (0.05, {}, 0))
-    assert split.split and host.placed == [frozenset({0, 1, 2})]
-
-
-async def test_a_split_ends_early_when_its_containers_lack_the_cpu(tmp_path: Path) -> None:
-    host = Host({0, 1})
-    split = host.split("auto", CpuClaims(tmp_path))
-    assert await split.start_split()
-    split.verdict_at = host.now
+    await run_for(host, split, cpu_split.WINDOW_S, worker_at(0.9))
+    assert split.split and host.affinity == {1}
     # The worker goes quiet on an idle host: the split costs nothing, it stays.
-    await run_for(host, split, 20, lambda _: (0.05, {0: 0.1}, 5))
+    await run_for(host, split, 30, worker_at(0.05, cpu0=0.1))
     assert split.split
-    # The containers' CPU is full while the worker's idles: they get it back.
-    await run_for(host, split, 0.5, lambda _: (0.05, {0: 1.0}, 5))
+    # The containers' CPU full for a moment (a gap between bursts, say): no change.
+    await run_for(host, split, cpu_split.CROWDED_FOR_S - 1, worker_at(0.05, cpu0=1.0))
+    await run_for(host, split, cpu_split.WINDOW_S, worker_at(0.05, cpu0=0.5))
+    assert split.split
+    # Full all along while the worker's idles: the containers get the CPU back.
+    await run_for(host, split, cpu_split.CROWDED_FOR_S, worker_at(0.05, cpu0=1.0))
     assert not split.split and host.affinity == {0, 1}
     assert host.placed == [frozenset({0}), None]
+
+
+async def test_changes_are_at_least_a_hold_apart(tmp_path: Path) -> None:
+    host = Host({0, 1})
+    split = host.split("auto", CpuClaims(tmp_path))
+    await run_for(host, split, cpu_split.WINDOW_S, worker_at(0.9))
+    await run_for(host, split, cpu_split.HOLD_S - 1, worker_at(0.05, cpu0=1.0))
+    assert split.split  # crowded long enough, but too soon after the split
+    await run_for(host, split, 1, worker_at(0.05, cpu0=1.0))
+    assert not split.split
+    await run_for(host, split, cpu_split.HOLD_S - 1, worker_at(0.9))
+    assert not split.split  # too soon after the end
+    await run_for(host, split, 1, worker_at(0.9))
+    assert split.split
 
 
 async def test_no_split_without_a_cpu_left_for_the_containers(tmp_path: Path) -> None:

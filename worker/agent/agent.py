@@ -148,11 +148,9 @@ class Agent:
         self._closing = asyncio.Event()
         self._closed = asyncio.Event()
         self._no_waiting = False  # set by stop_waiting and close: no call waits any more
-        self.calls_ended = 0
         self.cpu_split = cpu_split or CpuSplit(
             settings.cpu_split,
             driver.place,
-            calls_ended=lambda: self.calls_ended,
             containers=self._hot.__len__,
         )
         self._background = TaskSet("agent")
@@ -199,7 +197,6 @@ class Agent:
         try:
             return await self._submit(call, fn, stop)
         finally:
-            self.calls_ended += 1
             del self._calls[call.id]
             if not self._calls:
                 self._no_calls.set()

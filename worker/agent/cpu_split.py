@@ -1,4 +1,4 @@
-"""A CPU of the worker's own while that costs the host less, its containers on the others.
+"""A CPU of the worker's own while it is busy, its containers on the others.
 
 When calls are short and come fast, the worker's process and the functions'
 containers take turns on the same CPUs: a wake-up may land on a CPU whose
@@ -12,21 +12,17 @@ a third.
 It does not always pay. The containers lose that CPU, and what else runs on
 the host (a local redis-server, the producers) crowds the worker's. With ten
 functions round-robin (about 30 containers) the containers filled their CPU,
-the host spent more per call split than shared, and calls waiting on the
+the host spent more CPU per call split than shared, and calls waiting on the
 crowded CPU made the worker start more containers. So with
-``FN_CPU_SPLIT=auto`` (the default) a worker with more than
-:data:`CONTAINERS_PER_CPU` containers per CPU shares, and one with fewer
-measures: while it is busy (at least
-:data:`BUSY_CORES` of a CPU), it tries the other arrangement for
-:data:`PROBE_S` of busy time after as long on the current one, compares the host's CPU time
-per call it ended on each (all CPUs, from /proc/stat), and keeps the split only
-if it costs at most :data:`KEEP_SHARE` of sharing. The verdict stands
-:data:`HOLD_S`, then a busy worker probes again. A split also ends early when
-the worker has gone quiet (under :data:`QUIET_CORES`) while the containers'
-CPUs are full (:data:`CROWDED_SHARE`): functions that compute for long. A
-quiet worker on a quiet host changes nothing. ``on`` splits from the start and
-stays split; ``off`` never splits. A host with one CPU, or with no CPU left
-unclaimed by other workers for the containers, never splits.
+``FN_CPU_SPLIT=auto`` (the default) the worker takes a CPU of its own when it
+uses at least :data:`BUSY_CORES` of one over a window and has at most
+:data:`CONTAINERS_PER_CPU` containers per CPU, and gives it back when it has
+more, or when it has been quiet (under :data:`QUIET_CORES`) while the
+containers' CPUs were full (:data:`CROWDED_SHARE`) for :data:`CROWDED_FOR_S`:
+functions that compute for long. A quiet worker on a quiet host changes
+nothing. At most one change per :data:`HOLD_S`. ``on`` splits from the start
+and stays split; ``off`` never splits. A host with one CPU, or with no CPU
+left unclaimed by other workers for the containers, never splits.
 
 Nothing here runs on a call's path: a task samples counters every
 :data:`WINDOW_S`, and a change moves the worker's threads
@@ -41,7 +37,6 @@ import logging
 import os
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass
 from typing import Literal
 
 from worker.agent.cpu_place import (
@@ -57,32 +52,13 @@ log = logging.getLogger("fnq.agent.cpu")
 SplitMode = Literal["auto", "on", "off"]
 Ticks = dict[int, tuple[int, int]]
 WINDOW_S = 0.5  # how often the counters are read
-BUSY_CORES = 0.5  # the worker's own use (cores) above which a probe is worth it
-PROBE_S = 2.0  # each arrangement is measured over this much busy time
-PROBE_LIMIT_S = 60.0  # a probe that has not seen that much by then ends without a verdict
-SETTLE_S = 0.5  # after a change, before its measuring starts
-PROBE_CALLS = 200  # fewer calls in a measure tell nothing
-KEEP_SHARE = 0.95  # the split stays if the host's CPU per call is at most this of sharing's
-HOLD_S = 30.0  # a verdict stands this long
-QUIET_CORES = 0.2  # a split ends early when the worker uses less than this
+BUSY_CORES = 0.5  # the worker's own use (cores) from which it splits
+CONTAINERS_PER_CPU = 3  # a worker with more containers than this per CPU shares
+QUIET_CORES = 0.2  # a split ends when the worker uses less than this
 CROWDED_SHARE = 0.9  # ... while the containers' CPUs are at least this busy
-CONTAINERS_PER_CPU = 2  # a worker with more containers than this per CPU does not split
+CROWDED_FOR_S = 5.0  # ... all along this long
+HOLD_S = 10.0  # the least time between two changes
 PLACE_TIMEOUT_S = 30.0  # moving every live container
-CLK_TCK = os.sysconf("SC_CLK_TCK")
-
-
-@dataclass
-class Measure:
-    """The host's busy CPU time and the calls ended over one arrangement's busy
-    windows (``seconds`` of them)."""
-
-    split: bool
-    seconds: float = 0.0
-    busy_s: float = 0.0
-    calls: int = 0
-
-    def per_call(self) -> float | None:
-        return self.busy_s / self.calls if self.calls >= PROBE_CALLS else None
 
 
 class CpuSplit:
@@ -93,7 +69,6 @@ class CpuSplit:
         mode: SplitMode,
         place: Callable[[frozenset[int] | None], Awaitable[None]],
         *,
-        calls_ended: Callable[[], int] = lambda: 0,
         containers: Callable[[], int] = lambda: 0,
         claims: CpuClaims | None = None,
         cpus: set[int] | None = None,
@@ -104,7 +79,6 @@ class CpuSplit:
     ) -> None:
         self.mode = mode
         self._place = place
-        self._calls_ended = calls_ended
         self._containers = containers
         self._claims = claims or CpuClaims(claim_dir())
         self.cpus = set(os.sched_getaffinity(0)) if cpus is None else set(cpus)
@@ -114,11 +88,9 @@ class CpuSplit:
         self._ticks = ticks
         self.split = False
         self.containers_on: frozenset[int] | None = None  # while split
-        self.verdict_at = float("-inf")  # when the last probe (or early end) decided
-        self._probe: list[Measure] = []  # the current probe's measures, first one first
-        self._probe_began = 0.0
-        self._settle_until = 0.0
-        self._last = (clock(), own_cpu(), ticks(), calls_ended())
+        self.changed_at = float("-inf")  # when the last change was made (or tried)
+        self._crowded_since: float | None = None  # quiet worker, full container CPUs
+        self._last = (clock(), own_cpu(), ticks())
 
     @property
     def worker_cpu(self) -> int | None:
@@ -143,82 +115,45 @@ class CpuSplit:
 
     # ------------------------------------------------------------- policy
     async def tick(self) -> None:
-        """One window: read the counters, then probe, or end a crowded split."""
-        now, elapsed, cores, busy_s, calls, crowded = self._read()
-        many = self._containers() > CONTAINERS_PER_CPU * len(self.cpus)
-        if many and (self.split or self._probe):
-            self._probe = []
-            self.verdict_at = now
-            await self.end_split(f"{self._containers()} containers")
-        elif self._probe:
-            await self._probing(now, Measure(self.split, elapsed, busy_s, calls), cores)
-        elif self.split and cores < QUIET_CORES and crowded >= CROWDED_SHARE:
-            self.verdict_at = now
+        """One window: read the counters, then split, end the split, or neither."""
+        now, cores, crowded = self._read()
+        if not (self.split and cores < QUIET_CORES and crowded >= CROWDED_SHARE):
+            self._crowded_since = None
+        elif self._crowded_since is None:
+            self._crowded_since = now - WINDOW_S  # since the start of this window
+        if now - self.changed_at < HOLD_S:
+            return
+        containers = self._containers()
+        many = containers > CONTAINERS_PER_CPU * len(self.cpus)
+        if self.split and many:
+            self.changed_at = now
+            await self.end_split(f"it has {containers} containers")
+        elif (
+            self.split
+            and self._crowded_since is not None
+            and (now - self._crowded_since >= CROWDED_FOR_S)
+        ):
+            self.changed_at = now
             await self.end_split(f"their CPUs were {crowded:.0%} busy, the worker used "
                                  f"{cores:.2f} of one")  # fmt: skip
-        elif cores >= BUSY_CORES and not many and now - self.verdict_at >= HOLD_S:
-            self._probe, self._probe_began = [Measure(self.split)], now
-            await self._probing(now, Measure(self.split, elapsed, busy_s, calls), cores)
+        elif not self.split and not many and cores >= BUSY_CORES:
+            self.changed_at = now
+            await self.start_split(f"it used {cores:.2f} of a CPU")
 
-    async def _probing(self, now: float, window: Measure, cores: float) -> None:
-        """Count a busy window into the arrangement being measured; switch, or judge,
-        once it has been measured long enough. Quiet windows (between bursts) and
-        those right after a change are left out."""
-        first, current = self._probe[0], self._probe[-1]
-        if now - self._probe_began > PROBE_LIMIT_S:
-            await self._conclude(now, keep_split=first.split, why="too little load to compare")
-            return
-        if now < self._settle_until or cores < BUSY_CORES:
-            return
-        current.seconds += window.seconds
-        current.busy_s += window.busy_s
-        current.calls += window.calls
-        if current.seconds < PROBE_S:
-            return
-        if len(self._probe) == 1:  # measured as it was: now the other way
-            switched = await (self.end_split() if self.split else self.start_split())
-            if not switched:
-                await self._conclude(now, keep_split=self.split, why="no CPU to split")
-                return
-            self._settle_until = now + SETTLE_S
-            self._probe.append(Measure(self.split))
-            return
-        shared, split = sorted(self._probe, key=lambda m: m.split)
-        a, b = shared.per_call(), split.per_call()
-        if a is None or b is None:
-            await self._conclude(now, keep_split=self._probe[0].split, why="too few calls")
-            return
-        why = f"host CPU per call {1e6 * b:.0f} us split, {1e6 * a:.0f} us shared"
-        await self._conclude(now, keep_split=b <= KEEP_SHARE * a, why=why)
-
-    async def _conclude(self, now: float, *, keep_split: bool, why: str) -> None:
-        self._probe = []
-        self.verdict_at = now
-        if keep_split and not self.split:
-            await self.start_split(why)
-        elif not keep_split and self.split:
-            await self.end_split(why)
-        else:
-            log.info("the worker %s (%s)", "keeps a CPU of its own" if self.split else
-                     "shares the CPUs with its containers", why)  # fmt: skip
-
-    def _read(self) -> tuple[float, float, float, float, int, float]:
-        """Now, and since the last read: the seconds, the worker's cores, the host's
-        busy CPU seconds, the calls ended, and how busy the containers' CPUs were (0
-        unless split)."""
-        now, own, ticks, calls = self._clock(), self._own_cpu(), self._ticks(), self._calls_ended()
-        then, own_then, ticks_then, calls_then = self._last
-        self._last = (now, own, ticks, calls)
+    def _read(self) -> tuple[float, float, float]:
+        """Now, and since the last read: the worker's cores, and how busy the
+        containers' CPUs were (0 unless split)."""
+        now, own, ticks = self._clock(), self._own_cpu(), self._ticks()
+        then, own_then, ticks_then = self._last
+        self._last = (now, own, ticks)
         elapsed = now - then
         cores = (own - own_then) / elapsed if elapsed > 0 else 0.0
-        busy = sum(t[0] - ticks_then[c][0] for c, t in ticks.items() if c in ticks_then)
-        crowd_busy = crowd_all = 0
+        busy = total = 0
         for cpu in self.containers_on or ():
             if cpu in ticks and cpu in ticks_then:
-                crowd_busy += ticks[cpu][0] - ticks_then[cpu][0]
-                crowd_all += ticks[cpu][1] - ticks_then[cpu][1]
-        crowded = crowd_busy / crowd_all if crowd_all > 0 else 0.0
-        return now, elapsed, cores, busy / CLK_TCK, calls - calls_then, crowded
+                busy += ticks[cpu][0] - ticks_then[cpu][0]
+                total += ticks[cpu][1] - ticks_then[cpu][1]
+        return now, cores, busy / total if total > 0 else 0.0
 
     # ------------------------------------------------------------ changes
     async def start_split(self, why: str = "") -> bool:
