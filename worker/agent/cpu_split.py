@@ -5,9 +5,9 @@ containers take turns on the same CPUs: a wake-up may land on a CPU whose
 caches hold another party's work, and the kernel moves the worker's thread
 from CPU to CPU. Given a CPU of its own, with its containers on the others,
 each side keeps its caches. On a 2-CPU host, one function (the echo
-function, SQLite datastore), the worker's CPU per call fell from 256-270 to
-187-210 us, the containers' from 206-208 to 148-167 us, and calls/s rose by
-a third.
+function, SQLite datastore, bursts), the worker's CPU per call fell from
+239-255 to 205-217 us, the containers' from 183-210 to 161-176 us, and calls/s
+rose from 3,139-3,522 to 3,963-4,196.
 
 It does not always pay. The containers lose that CPU, and what else runs on
 the host (a local redis-server, the producers) crowds the worker's. With ten
