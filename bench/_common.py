@@ -181,7 +181,8 @@ def bench_settings(data_dir: Path, tag: str, **overrides: Any) -> Settings:
     return load_settings(**values)
 
 
-def _labelled_ids(tag: str) -> list[str]:
+def labelled_ids(tag: str) -> list[str]:
+    """The ids of the containers (running or not) that carry the classifier ``tag``."""
     return subprocess.run(
         ["docker", "ps", "-aq", "--filter", f"label=fnq.classifier={tag}"],
         capture_output=True,
@@ -193,12 +194,12 @@ def _labelled_ids(tag: str) -> list[str]:
 
 def labelled(tag: str) -> int:
     """How many containers carry the classifier ``tag`` (running or not)."""
-    return len(_labelled_ids(tag))
+    return len(labelled_ids(tag))
 
 
 def remove_labelled(tag: str) -> int:
     """Force-remove every container carrying the classifier ``tag``; how many."""
-    ids = _labelled_ids(tag)
+    ids = labelled_ids(tag)
     if ids:
         subprocess.run(["docker", "rm", "-f", *ids], capture_output=True, check=False, timeout=120)
     return len(ids)

@@ -15,6 +15,7 @@ import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
+from bench._common import labelled_ids
 from worker.agent.drivers.cgroup import CgroupMeter
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
@@ -42,13 +43,7 @@ def host_jiffies() -> tuple[int, int]:
 
 def container_meters(tag: str) -> list[CgroupMeter]:
     """Open CPU counters of the running containers labelled ``tag``."""
-    ids = subprocess.run(
-        ["docker", "ps", "-q", "--filter", f"label=fnq.classifier={tag}"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=60,
-    ).stdout.split()
+    ids = labelled_ids(tag)
     if not ids:
         return []
     pids = subprocess.run(
