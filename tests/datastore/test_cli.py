@@ -96,31 +96,27 @@ READERS = [["calls", "list"], ["calls", "show", "01ABCDEFGHJKMNPQRSTVWXYZ00"],
            ["fn", "list"], ["fn", "show", "a", "f"], ["status"]]  # fmt: skip
 
 
-@pytest.mark.parametrize("args", READERS)
-def test_a_command_that_reads_makes_no_datastore(
-    stores_env: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
-) -> None:
-    missing = stores_env / "mistyped" / "fnq.db"
-    monkeypatch.setenv("FN_DB_URL", f"sqlite://{missing}")
-    out = CliRunner().invoke(cli, args)
-    assert out.exit_code == 1
-    assert out.stderr.splitlines() == [
-        f"fnq: no datastore at {missing} (FN_DB_URL); a worker or `fnq fn create` creates it"
-    ]
-    assert not missing.parent.exists()
+NO_DATASTORE = ("FN_DB_URL", "fnq.db", "no datastore", "a worker or `fnq fn create` creates it")
+NO_QUEUE = ("FN_MQ_URL", "mq.db", "no queue", "a worker or `fnq call` creates it")
 
 
-@pytest.mark.parametrize("args", [["status"], ["dead", "list"]])
-def test_a_command_that_reads_makes_no_queue(
-    stores_env: Path, monkeypatch: pytest.MonkeyPatch, args: list[str]
+@pytest.mark.parametrize(
+    ("args", "store"),
+    [(args, NO_DATASTORE) for args in READERS]
+    + [(["status"], NO_QUEUE), (["dead", "list"], NO_QUEUE)],
+)
+def test_a_command_that_reads_makes_no_store(
+    stores_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    args: list[str],
+    store: tuple[str, str, str, str],
 ) -> None:
-    missing = stores_env / "mistyped" / "mq.db"
-    monkeypatch.setenv("FN_MQ_URL", f"sqlite://{missing}")
+    variable, name, none, hint = store
+    missing = stores_env / "mistyped" / name
+    monkeypatch.setenv(variable, f"sqlite://{missing}")
     out = CliRunner().invoke(cli, args)
     assert out.exit_code == 1
-    assert out.stderr.splitlines() == [
-        f"fnq: no queue at {missing} (FN_MQ_URL); a worker or `fnq call` creates it"
-    ]
+    assert out.stderr.splitlines() == [f"fnq: {none} at {missing} ({variable}); {hint}"]
     assert not missing.parent.exists()
 
 
