@@ -175,15 +175,14 @@ class CpuSplit:
         await self._move_containers(others)
         return True
 
-    async def end_split(self, why: str = "") -> bool:
+    async def end_split(self, why: str = "") -> None:
         if not self.split:
-            return True
+            return
         self._set_affinity(self.cpus)
         self._claims.release()
         self.split, self.containers_on = False, None
         log.info("the worker and its containers share every CPU%s", f" ({why})" if why else "")
         await self._move_containers(None)
-        return True
 
     async def _move_containers(self, cpus: frozenset[int] | None) -> None:
         try:
