@@ -67,7 +67,8 @@ class Settings(BaseSettings):
     )
     mq_url: str = Field(
         "",
-        description="Message queue: sqlite:///PATH, redis://HOST:PORT/DB or rediss://...; "
+        description="Message queue: sqlite:///PATH, redis://HOST:PORT/DB, rediss://... (TLS) "
+        "or unix:///SOCKET?db=DB (a Redis on this host); "
         "empty means sqlite:///<data dir>/mq.db.",
     )
     db_url: str = Field(
@@ -131,7 +132,8 @@ class Settings(BaseSettings):
     )
     rq_url: str = Field(
         "",
-        description="Redis of the RQ queues in FN_RQ_QUEUES (redis://HOST:PORT/DB); empty means "
+        description="Redis of the RQ queues in FN_RQ_QUEUES (redis://HOST:PORT/DB or "
+        "unix:///SOCKET?db=DB); empty means "
         "the server of FN_MQ_URL when that is a Redis URL.",
     )
     max_request_size: int = Field(

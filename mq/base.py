@@ -13,7 +13,8 @@ bury so are reported to it once, by ``take_buried``.
 Ordering: priority 2 before 1 before 0, first in first out within a priority.
 
 Backends are picked by URL scheme and imported only when used:
-``sqlite:///PATH`` (mq.sqlite) and ``redis://`` / ``rediss://`` (mq.redis).
+``sqlite:///PATH`` (mq.sqlite) and ``redis://`` / ``rediss://`` / ``unix://``
+(mq.redis).
 """
 
 from __future__ import annotations
@@ -174,6 +175,10 @@ class MessageQueue(Protocol):
     async def close(self) -> None: ...
 
 
+# URL schemes of a Redis server: TCP, TLS, and a unix socket on this host.
+REDIS_SCHEMES = frozenset({"redis", "rediss", "unix"})
+
+
 def open_queue(url: str, settings: Settings, *, create: bool = True) -> MessageQueue:
     """The queue named by ``url``; nothing is connected until first use.
 
@@ -185,11 +190,13 @@ def open_queue(url: str, settings: Settings, *, create: bool = True) -> MessageQ
         from mq.sqlite import SqliteQueue  # noqa: PLC0415 - backends load lazily
 
         return SqliteQueue.from_url(url, settings, create=create)
-    if scheme in {"redis", "rediss"}:
+    if scheme in REDIS_SCHEMES:
         from mq.redis import RedisQueue  # noqa: PLC0415 - backends load lazily
 
         return RedisQueue.from_url(url, settings)
-    raise ConfigError(f"unsupported queue URL {url!r}: use sqlite:///PATH or redis://HOST:PORT/DB")
+    raise ConfigError(
+        f"unsupported queue URL {url!r}: use sqlite:///PATH, redis://HOST:PORT/DB or unix:///SOCKET?db=DB"
+    )
 
 
 # ----------------------------------------------------------- shared helpers

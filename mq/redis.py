@@ -1,4 +1,5 @@
-"""The Redis queue (``redis://HOST:PORT/DB?prefix=fnq``, ``rediss://`` for TLS).
+"""The Redis queue (``redis://HOST:PORT/DB?prefix=fnq``, ``rediss://`` for TLS,
+``unix:///SOCKET?db=DB&prefix=fnq`` for a server on this host).
 
 Keys, with prefix ``P`` (default ``fnq``)::
 

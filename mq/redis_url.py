@@ -1,9 +1,10 @@
-"""Redis queue URLs (``redis://H:P/DB?prefix=...``): the query options they may
-carry, and the redis-py client one opens."""
+"""Redis queue URLs (``redis://H:P/DB?prefix=...``, ``rediss://`` for TLS,
+``unix:///SOCKET?db=DB&prefix=...`` for a server on this host): the query
+options they may carry, and the redis-py client one opens."""
 
 from __future__ import annotations
 
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 
@@ -29,8 +30,16 @@ TLS_URL_OPTIONS = (
 )  # fmt: skip
 
 
+def with_query(parts: SplitResult, query: list[tuple[str, str]] | dict[str, str]) -> str:
+    """``parts`` with ``query`` as its query string; the ``//`` stays when the URL
+    names no host (``unix:///SOCKET``), which ``urlunsplit`` would drop."""
+    fragment = f"#{parts.fragment}" if parts.fragment else ""
+    text = urlencode(query)
+    return f"{parts.scheme}://{parts.netloc}{parts.path}{'?' if text else ''}{text}{fragment}"
+
+
 def url_options(scheme: str) -> tuple[str, ...]:
-    """The query options a ``redis://`` or ``rediss://`` queue URL may carry."""
+    """The query options a ``redis://``, ``rediss://`` or ``unix://`` queue URL may carry."""
     tls = TLS_URL_OPTIONS if scheme == "rediss" else ()
     return (*FNQ_URL_OPTIONS, *REDIS_URL_OPTIONS, *tls)
 
@@ -39,6 +48,8 @@ def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str
     """A redis-py client for queue URL ``url``, and fnq's own options: the key prefix
     and the time limit of each operation (``default_timeout_s`` when not given)."""
     parts = urlsplit(url)
+    if parts.scheme.lower() == "unix" and not parts.path.strip("/"):
+        raise ConfigError("queue URL: unix:// needs the socket's path: unix:///PATH?db=DB")
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     accepted = url_options(parts.scheme.lower())
     unknown = sorted(set(query) - set(accepted))
@@ -56,7 +67,7 @@ def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str
         raise ConfigError("queue URL: timeout_s must be a number of seconds") from None
     if not prefix or any(c.isspace() for c in prefix):
         raise ConfigError(f"queue URL: prefix {prefix!r} must be non-empty, without spaces")
-    clean = urlunsplit(parts._replace(query=urlencode(query)))
+    clean = with_query(parts, query)
     try:
         client = aioredis.Redis.from_url(clean, socket_connect_timeout=5.0, socket_timeout=None)
     except ValueError as exc:  # redis-py: a value it cannot read

@@ -15,7 +15,7 @@ requeue and purge among them) go over these connections; the rest (loading
 scripts, making groups, listing dead letters) keeps using redis-py.
 
 The connection settings are those of the redis-py client the URL made
-(host, port, database, user, password, TLS options), so both speak to the
+(host and port or unix socket, database, user, password, TLS options), so both speak to the
 same server the same way. These connections speak RESP2 whatever protocol
 the client was told to use.
 """
@@ -140,6 +140,7 @@ class Lines:
     """Connections to one server, opened on demand and reused while healthy."""
 
     def __init__(self, kwargs: Mapping[str, Any], *, tls: bool, connect_timeout_s: float) -> None:
+        self._path: str | None = kwargs.get("path")  # a unix socket (unix:// URLs)
         self._host = str(kwargs.get("host", "localhost"))
         self._port = int(kwargs.get("port", 6379))
         self._db = int(kwargs.get("db", 0) or 0)
@@ -210,10 +211,13 @@ class Lines:
         if self._closed:
             raise ConnectionError("redis connections closed")
         async with asyncio.timeout(self._connect_timeout_s):
-            _, line = await loop.create_connection(
-                _Line, self._host, self._port, ssl=self._ssl,
-                server_hostname=self._host if self._ssl is not None else None,
-            )  # fmt: skip
+            if self._path is not None:
+                _, line = await loop.create_unix_connection(_Line, self._path)
+            else:
+                _, line = await loop.create_connection(
+                    _Line, self._host, self._port, ssl=self._ssl,
+                    server_hostname=self._host if self._ssl is not None else None,
+                )  # fmt: skip
             try:
                 await self._handshake(line, loop)
             except BaseException:

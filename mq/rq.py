@@ -36,7 +36,7 @@ import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from typing import Any, TypeVar
-from urllib.parse import parse_qsl, urlencode, urlsplit, urlunsplit
+from urllib.parse import parse_qsl, urlsplit
 
 import redis.asyncio as aioredis
 from redis import Redis
@@ -51,9 +51,17 @@ from config.domain import Call, Outcome, utcnow
 from config.errors import ConfigError
 from config.settings import Settings
 from mq import rq_dead, rq_jobs, rq_scripts
-from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
+from mq.base import (
+    REDIS_SCHEMES,
+    Burials,
+    Buried,
+    DeadLetter,
+    Message,
+    QueueStats,
+    claim_shielded,
+)
 from mq.errors import QueueError, QueueUnavailable, ReservationLost
-from mq.redis_url import FNQ_URL_OPTIONS
+from mq.redis_url import FNQ_URL_OPTIONS, with_query
 
 __all__ = ["RQDepth", "RQQueue", "open_rq_queues"]
 
@@ -88,7 +96,7 @@ def without_fnq_options(url: str) -> str:
     parts = urlsplit(url)
     query = [(k, v) for k, v in parse_qsl(parts.query, keep_blank_values=True)
              if k not in FNQ_URL_OPTIONS]  # fmt: skip
-    return urlunsplit(parts._replace(query=urlencode(query)))
+    return with_query(parts, query)
 
 
 def _rq_prefixes(sync: Redis) -> list[str]:
@@ -142,8 +150,8 @@ class RQQueue:
 
     @classmethod
     def from_url(cls, url: str, queue_names: Sequence[str], settings: Settings) -> RQQueue:
-        if url.partition("://")[0].lower() not in {"redis", "rediss"}:
-            raise ConfigError(f"RQ queues need a redis:// URL, not {url!r}")
+        if url.partition("://")[0].lower() not in REDIS_SCHEMES:
+            raise ConfigError(f"RQ queues need a redis://, rediss:// or unix:// URL, not {url!r}")
         url = without_fnq_options(url)
         client = aioredis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=None)
         sync = Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=OP_TIMEOUT_S)

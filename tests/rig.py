@@ -71,6 +71,15 @@ class RedisServer:
     def url(self) -> str:
         return f"redis://127.0.0.1:{self.port}/0"
 
+    @property
+    def socket(self) -> Path:
+        """Its unix socket (it listens there too)."""
+        return self.directory / "redis.sock"
+
+    @property
+    def unix_url(self) -> str:
+        return f"unix://{self.socket}?db=0"
+
     def start(self) -> RedisServer:
         exe = shutil.which("redis-server")
         if exe is None:
@@ -93,6 +102,10 @@ class RedisServer:
             "no",
             "--logfile",
             "redis.log",
+            "--unixsocket",
+            str(self.socket),
+            "--unixsocketperm",
+            "700",
         ]
         if any(not addr.startswith("127.") for addr in self.bind):
             args += ["--protected-mode", "no"]  # else only loopback clients are served

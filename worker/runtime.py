@@ -11,7 +11,7 @@ from typing import TYPE_CHECKING
 from config.errors import ConfigError
 from config.settings import Settings, unknown_env_names
 from datastore.base import open_datastore
-from mq.base import MessageQueue, open_queue
+from mq.base import REDIS_SCHEMES, MessageQueue, open_queue
 from mq.errors import QueueUnavailable
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
@@ -120,8 +120,10 @@ def open_rq(settings: Settings) -> RQQueue | None:
     if not names:
         return None
     url = settings.rq_url or settings.mq_url
-    if not url.startswith(("redis://", "rediss://")):
-        raise ConfigError("FN_RQ_QUEUES needs a Redis: set FN_RQ_URL=redis://HOST:PORT/DB")
+    if url.partition("://")[0].lower() not in REDIS_SCHEMES:
+        raise ConfigError(
+            "FN_RQ_QUEUES needs a Redis: set FN_RQ_URL=redis://HOST:PORT/DB or unix:///SOCKET?db=DB"
+        )
     from mq.rq import open_rq_queues  # noqa: PLC0415 - rq is imported only when used
 
     return open_rq_queues(url, names, settings)

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import asyncpg
 import pytest
+import redis
 
 from config.domain import Call, CallStatus, Function, new_call_id
 from datastore.base import open_datastore
@@ -219,6 +220,30 @@ async def test_misbehaving_functions_end_clearly_while_others_flow(
     dead = sqlite_cluster.fnq("dead", "list", "--json")
     dead_ids = {d["id"] for d in json.loads(dead.stdout)}
     assert unknown.id in dead_ids and bad_ids["missing"] in dead_ids
+
+
+async def test_a_worker_and_the_cli_over_redis_unix_socket(
+    tmp_path: Path, redis_server: RedisServer, images: None
+) -> None:
+    prefix = f"u{new_call_id()[-8:].lower()}"
+    cluster = Cluster(base_env(tmp_path, f"{redis_server.unix_url}&prefix={prefix}"), tmp_path)
+    try:
+        await cluster.register(ECHO)
+        calls = make_calls("t", "echo", 20)
+        await cluster.enqueue(calls)
+        cluster.start_worker()
+        waited = cluster.fnq("call", "t", "echo", "--body", "hi", "--wait", "--wait-timeout", "60")
+        assert waited.returncode == 0 and waited.stdout == "hi", waited
+        done = await cluster.wait_final([c.id for c in calls], timeout_s=90)
+        assert by_status(done) == {CallStatus.SUCCESS: 20}
+    finally:
+        cluster.stop_all()
+    # the calls went through that server, under that prefix
+    tcp = redis.Redis(port=redis_server.port)
+    try:
+        assert tcp.exists(f"{prefix}:calls", f"{prefix}:ready:0") == 2
+    finally:
+        tcp.close()
 
 
 async def test_redis_queue_with_postgres_store(
