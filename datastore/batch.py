@@ -30,7 +30,7 @@ from typing import Any, Generic, TypeVar
 
 from datastore.errors import StoreClosed, StoreUnavailable
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fnq.datastore.batch")
 
 OpT = TypeVar("OpT")
 

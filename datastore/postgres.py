@@ -61,7 +61,7 @@ _CUSTOM_PLANS = "SET plan_cache_mode = force_custom_plan"
 UNDEFINED_OBJECT = "42704"  # SQLSTATE of "unrecognized configuration parameter"
 INVALID_PARAMETER_VALUE = "22023"
 
-log = logging.getLogger(__name__)
+log = logging.getLogger("fnq.datastore.postgres")
 
 _Op = tuple[Write, dict[str, Any], bytes | None]
 

@@ -72,7 +72,7 @@ async def test_a_batch_that_raises_fails_its_callers_but_not_the_writer(
 async def test_outage_retries_with_backoff_and_logs_once(
     writer: GroupCommit[int], caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.WARNING, logger="datastore.batch")
+    caplog.set_level(logging.WARNING, logger="fnq.datastore.batch")
     writer.backend.outages_left = 6  # type: ignore[attr-defined]
     results = await asyncio.gather(*(writer.submit(i) for i in range(10)))
     assert results == [i * 2 for i in range(10)]

@@ -56,7 +56,7 @@ async def test_postgres_outage_writes_wait_then_succeed(
         await store.record_running(calls[0], 1, "w")
 
         await asyncio.to_thread(server.stop)
-        caplog.set_level(logging.WARNING, logger="datastore.batch")
+        caplog.set_level(logging.WARNING, logger="fnq.datastore.batch")
         writes = asyncio.gather(*(store.record_outcome(c, outcome(), 1, "w") for c in calls))
         await wait_for(lambda: store.writer.in_outage)  # type: ignore[attr-defined]
         assert not writes.done()
@@ -65,7 +65,7 @@ async def test_postgres_outage_writes_wait_then_succeed(
 
         async with asyncio.timeout(30):
             assert all(await writes)
-        messages = [r.getMessage() for r in caplog.records if r.name == "datastore.batch"]
+        messages = [r.getMessage() for r in caplog.records if r.name == "fnq.datastore.batch"]
         assert len(messages) == 2, messages  # once when it started, once when it ended
         assert "unavailable" in messages[0] and "back" in messages[1]
         assert (await store.count_by_status())[CallStatus.SUCCESS] == 20
@@ -133,14 +133,14 @@ async def test_postgres_connection_left_mid_statement_is_an_outage(
         return await real_run(conn, *args)  # type: ignore[arg-type]
 
     monkeypatch.setattr(pgbatch, "run", broken_once)
-    caplog.set_level(logging.WARNING, logger="datastore.batch")
+    caplog.set_level(logging.WARNING, logger="fnq.datastore.batch")
     c = Call(new_call_id(), "app", "fn")
     async with asyncio.timeout(10):
         assert await store.record_outcome(c, outcome(), 1, "w") is True
     assert not failures
     rec = await store.get_call(c.id)
     assert rec is not None and rec.status is CallStatus.SUCCESS
-    messages = [r.getMessage() for r in caplog.records if r.name == "datastore.batch"]
+    messages = [r.getMessage() for r in caplog.records if r.name == "fnq.datastore.batch"]
     assert "InternalClientError" in messages[0] and "back" in messages[1], messages
     await store.close()
 

@@ -54,18 +54,27 @@ def test_json_lines_hold_exceptions() -> None:
     assert doc["msg"] == "oops" and "ValueError: bad" in doc["exc"]
 
 
-def test_every_logger_of_the_worker_is_named_fnq() -> None:
-    """Log pipelines pick the worker's lines by logger name (``fnq.*``), the docker
-    driver's (``pulling image ...``) among them."""
-    import worker  # noqa: PLC0415
-
+@pytest.mark.parametrize(
+    ("package", "known"),
+    [
+        ("worker", ("worker.agent.drivers.docker", "fnq.agent.docker")),
+        ("datastore", ("datastore.postgres", "fnq.datastore.postgres")),
+        ("mq", None),
+        ("config", None),
+    ],
+)
+def test_every_logger_is_named_fnq(package: str, known: tuple[str, str] | None) -> None:
+    """Log pipelines pick fnq's lines by logger name (``fnq.*``), the docker
+    driver's (``pulling image ...``) and the datastore's among them."""
+    root = importlib.import_module(package)
     found = []
-    for info in pkgutil.walk_packages(worker.__path__, "worker."):
+    for info in pkgutil.walk_packages(root.__path__, f"{package}."):
         module = importlib.import_module(info.name)
         found += [
             (info.name, v.name) for v in vars(module).values() if isinstance(v, logging.Logger)
         ]
-    assert ("worker.agent.drivers.docker", "fnq.agent.docker") in found
+    if known is not None:
+        assert known in found
     assert [(module, name) for module, name in found if not name.startswith("fnq.")] == []
 
 
