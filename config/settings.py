@@ -42,6 +42,14 @@ def default_data_dir() -> Path:
     return Path(base) / "fnq"
 
 
+def sqlite_url(path: Path) -> str:
+    """``sqlite:///`` and ``path`` made absolute, with a URL's own characters escaped."""
+    text = str(path.absolute())
+    for char, code in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
+        text = text.replace(char, code)
+    return f"sqlite://{text}"
+
+
 def _msecs(description: str, default: int, **kw: Any) -> Any:
     return Field(default, description=description, **kw)
 
@@ -299,9 +307,9 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _defaults(self) -> Settings:
         if not self.mq_url:
-            object.__setattr__(self, "mq_url", f"sqlite:///{self.data_dir / 'mq.db'}")
+            object.__setattr__(self, "mq_url", sqlite_url(self.data_dir / "mq.db"))
         if not self.db_url:
-            object.__setattr__(self, "db_url", f"sqlite:///{self.data_dir / 'fnq.db'}")
+            object.__setattr__(self, "db_url", sqlite_url(self.data_dir / "fnq.db"))
         return self
 
     # ---------------------------------------------------------- durations

@@ -52,7 +52,7 @@ def path_from_url(url: str) -> Path:
             f"FN_DB_URL {url!r}: a SQLite URL takes no options"
             " (write a '?' or '#' in the path as %3F or %23)"
         )
-    return Path(path)
+    return Path("/" + path.lstrip("/"))  # sqlite:////abs/path (four slashes) too
 
 
 def to_us(value: datetime) -> int:

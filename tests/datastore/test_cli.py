@@ -120,6 +120,20 @@ def test_a_command_that_reads_makes_no_store(
     assert not missing.parent.exists()
 
 
+@pytest.mark.parametrize("url", ["", "sqlite:////{path}"])
+def test_a_missing_datastore_is_named_by_its_plain_path(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch, url: str
+) -> None:
+    """In the data dir by default, or from a URL with four slashes (SQLAlchemy's form)."""
+    missing = settings_env / "data" / "fnq.db"
+    monkeypatch.setenv("FN_DB_URL", url.format(path=str(missing).lstrip("/")))
+    out = CliRunner().invoke(cli, ["calls", "list"])
+    assert out.exit_code == 1
+    assert out.stderr.splitlines() == [
+        f"fnq: {NO_DATASTORE[2]} at {missing} (FN_DB_URL); {NO_DATASTORE[3]}"
+    ]
+
+
 def test_a_command_that_writes_makes_the_datastore(
     settings_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:

@@ -35,9 +35,24 @@ def test_fn_defaults(settings_env: Path) -> None:
     assert s.max_pids == 50
     assert s.max_open_files == 350
     assert s.enable_nb_resource_tracker is False
-    assert s.mq_url == f"sqlite:///{settings_env / 'data' / 'mq.db'}"
-    assert s.db_url == f"sqlite:///{settings_env / 'data' / 'fnq.db'}"
+    assert s.mq_url == f"sqlite://{settings_env / 'data' / 'mq.db'}"
+    assert s.db_url == f"sqlite://{settings_env / 'data' / 'fnq.db'}"
     assert s.log_url == ""
+
+
+@pytest.mark.parametrize(
+    ("data_dir", "url_path"),
+    [("rel", "{cwd}/rel"), ("{cwd}/a#b?c%d", "{cwd}/a%23b%3Fc%25d")],
+)
+def test_the_default_urls_name_the_data_dir(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch, data_dir: str, url_path: str
+) -> None:
+    """A relative FN_DATA_DIR is taken from the current directory; characters a URL
+    gives meaning to are escaped in the URL."""
+    monkeypatch.setenv("FN_DATA_DIR", data_dir.format(cwd=settings_env))
+    s = load_settings()
+    assert s.db_url == f"sqlite://{url_path.format(cwd=settings_env)}/fnq.db"
+    assert s.mq_url == f"sqlite://{url_path.format(cwd=settings_env)}/mq.db"
 
 
 def test_environment_overrides(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
