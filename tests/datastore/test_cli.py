@@ -70,17 +70,11 @@ NEW = ["fn", "create", "a", "f", "--image", "i:1"]
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["fn", "create", "a", "f", "--image", "Not An Image"], "not a valid image reference"),
-        ([*NEW, "--memory", "9000"], "memory must be between 1 and 8192 MB"),
-        ([*NEW, "--timeout", "0"], "timeout must be between 1 and 3600"),
-        ([*NEW, "--idle-timeout", "4000"], "idle timeout must be between"),
-        ([*NEW, "--config", "oops"], "must look like KEY=VALUE"),
         (["fn", "update", "a", "nope", "--memory", "64"], "no function a/nope"),
         (["fn", "show", "a", "nope"], "no function a/nope"),
         (["fn", "delete", "a", "nope"], "no function a/nope"),
         (["calls", "show", "01ABCDEFGHJKMNPQRSTVWXYZ00"], "no call 01ABCDEFGHJKMNPQRSTVWXYZ00 (a"),
         (["calls", "show", "x-1"], "a malformed message never does: see `fnq dead list`)"),
-        (["calls", "list", "--cursor", "%%%"], "invalid cursor"),
         (["logs", "01ABCDEFGHJKMNPQRSTVWXYZ00"], "no call 01ABCDEFGHJKMNPQRSTVWXYZ00"),
     ],
 )  # fmt: skip
@@ -154,10 +148,20 @@ def test_a_command_that_writes_makes_the_datastore(
         (["calls", "list", "--limit", "0"], "Invalid value for '--limit': 0 is not in the range"),
         (["fn", "create", "a", "f"], "Missing option '--image'."),
         (["dead", "purge"], "give dead-letter ids or --all (not both)"),
-        (["calls", "list", "--since", "lately"], "Invalid value for --since: 'lately' is neither"),
-        (["calls", "purge", "--older-than", "old"], "Invalid value for --older-than: 'old' is not"),
-        (["calls", "list", "--since", "999999d"], "Invalid value for --since: '999999d' is longer"),
-        (["calls", "purge", "--older-than", "99999999999d"], "Invalid value for --older-than: '9"),
+        (["calls", "list", "--since", "lately"], "Invalid value for '--since': 'lately' is"),
+        (["calls", "purge", "--older-than", "old"], "Invalid value for '--older-than': 'old'"),
+        (["calls", "list", "--since", "999999d"], "Invalid value for '--since': '999999d' is"),
+        (["calls", "purge", "--older-than", "99999999999d"], "Invalid value for '--older-than':"),
+        (["calls", "list", "--cursor", "%%%"], "Invalid value for '--cursor': '%%%' is not"),
+        # a function the registry would refuse: checked before any datastore is made
+        (["fn", "create", "a", "f", "--image", "Not An Image"], "function a/f: image 'Not An"),
+        ([*NEW, "--memory", "9000"], "function a/f: memory must be between 1 and 8192 MB"),
+        ([*NEW, "--timeout", "0"], "function a/f: timeout must be between 1 and 3600"),
+        ([*NEW, "--idle-timeout", "4000"], "function a/f: idle timeout must be between"),
+        ([*NEW, "--memory", "64", "--tmpfs", "65"], "function a/f: tmpfs must be between 0 and 64"),
+        (["fn", "create", "a b", "f", "--image", "i:1"], "function a b/f: app name 'a b' is not"),
+        ([*NEW, "--config", "oops"], "Invalid value for '--config': config entry 'oops' must look"),
+        (["fn", "update", "a", "f", "--config", "=x"], "Invalid value for '--config': config"),
         # arguments that are not UTF-8 (lone surrogates in Python) once ended in a traceback
         (["calls", "show", "a\udcff"], "'a\\xff' is not UTF-8 text"),
         (["calls", "list", "--app", "\udcff"], "'\\xff' is not UTF-8 text"),
@@ -172,6 +176,26 @@ def test_usage_errors_are_one_line_with_status_2(
     out = CliRunner().invoke(cli, args)
     assert (out.exit_code, out.stdout) == (2, "")
     assert out.stderr.startswith(f"fnq: {message}") and out.stderr.count("\n") == 1, out.stderr
+    assert not (settings_env / "data").exists()
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--memory", "0"], "function a/f: memory must be between 1 and 8192 MB, not 0"),
+        (["--tmpfs", "200"], "function a/f: tmpfs must be between 0 and 128 MB"),
+        (["--image", "Not An Image"], "function a/f: image 'Not An Image' is not a valid"),
+        (["--config", "1BAD=x"], "function a/f: config key '1BAD' is not a valid"),
+    ],
+)
+def test_an_update_the_registry_refuses_is_a_usage_error(
+    settings_env: Path, args: list[str], message: str
+) -> None:
+    assert fnq(*NEW).exit_code == 0
+    out = CliRunner().invoke(cli, ["fn", "update", "a", "f", *args])
+    assert (out.exit_code, out.stdout) == (2, "")
+    assert out.stderr.startswith(f"fnq: {message}") and out.stderr.count("\n") == 1, out.stderr
+    assert json.loads(fnq("fn", "show", "a", "f", "--json").output)["memory_mb"] == 128
 
 
 def test_a_group_without_a_subcommand_shows_its_help(settings_env: Path) -> None:

@@ -112,11 +112,11 @@ def test_call_body_from_file_or_stdin_and_a_delay(backend: str, tmp_path: Path) 
 def test_call_rejects_bad_input(backend: str, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("FN_MAX_REQUEST_SIZE", "8")
     for args, message in [
-        (["--header", "nocolon"], "fnq: Invalid value for --header: 'nocolon' is not NAME:VALUE"),
+        (["--header", "nocolon"], "fnq: Invalid value for '--header': 'nocolon' is not NAME:VALUE"),
         (["--priority", "3"], "fnq: Invalid value for '--priority': 3 is not in the range"),
         (["--delay", "-1"], "fnq: delay -1.0 is not between 0 and"),
         (["--id", "bad id"], "fnq: id 'bad id' is not 1-128 characters"),
-        (["--body", "@/no/such/file"], "fnq: Invalid value for --body: cannot read /no/such/file"),
+        (["--body", "@/no/such/file"], "fnq: Invalid value for '--body': cannot read /no/such"),
         (["--body", "123456789"], "fnq: body of 9 bytes exceeds the limit of 8 bytes"),
         (["--header", "X:a\x01b"], "fnq: header 'X' must have a one-line string value without"),
         (["--header", "X:a\udcff"], "fnq: 'X:a\\xff' is not UTF-8 text"),

@@ -65,6 +65,12 @@ def run_async(coro: Coroutine[Any, Any, T]) -> T:
         return asyncio.run(coro)
 
 
+def bad_value(flag: str, message: str) -> click.BadParameter:
+    """A malformed value of option ``flag``: a usage error (exit status 2), its flag
+    quoted as click quotes it (``Invalid value for '--since': ...``)."""
+    return click.BadParameter(message, param_hint=f"'{flag}'")
+
+
 def fail(message: str, code: int = 1) -> None:
     click.echo(f"fnq: {message}", err=True)
     sys.exit(code)

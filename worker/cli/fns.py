@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import contextlib
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import click
 
 from config.domain import Function
 from datastore.base import Datastore
-from datastore.errors import FunctionNotFound
-from datastore.validate import parse_config
+from datastore.errors import FunctionNotFound, InvalidFunction
+from datastore.validate import parse_config, validate_function
 from worker.cli._common import friendly_errors, json_option, print_json, print_table, settings_from
 from worker.cli.store import with_store
 
@@ -25,6 +26,23 @@ def fn_to_json(fn: Function) -> dict[str, Any]:
         "created_at": fn.created_at.isoformat() if fn.created_at else None,
         "updated_at": fn.updated_at.isoformat() if fn.updated_at else None,
     }  # fmt: skip
+
+
+def _config(ctx: click.Context, param: click.Parameter, pairs: tuple[str, ...]) -> dict[str, str]:
+    try:
+        return parse_config(pairs)
+    except InvalidFunction as exc:
+        raise click.BadParameter(str(exc), ctx, param) from None
+
+
+@contextlib.contextmanager
+def _refused_as_usage() -> Iterator[None]:
+    """A definition the registry refuses (a limit out of range, a bad name or image)
+    is a usage error: exit status 2."""
+    try:
+        yield
+    except InvalidFunction as exc:
+        raise click.UsageError(str(exc)) from None
 
 
 def _fn_options(creating: bool) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
@@ -45,7 +63,7 @@ def _fn_options(creating: bool) -> Callable[[Callable[..., Any]], Callable[..., 
         number("--idle-timeout", "idle_timeout_s", int,
                "Seconds a hot container waits idle for its next call (1..3600)."),
         number("--tmpfs", "tmpfs_mb", int, "Size of /tmp in MB; 0 = none."),
-        click.option("--config", "config", multiple=True, metavar="K=V",
+        click.option("--config", "config", multiple=True, metavar="K=V", callback=_config,
                      help="Environment variable for the function (repeatable)."),
         number("--max-attempts", "max_attempts", int, "Runs before giving up."),
         number("--retry-backoff", "retry_backoff_s", float,
@@ -81,9 +99,10 @@ def fn_group() -> None:
 def fn_create(ctx: click.Context, /, app: str, name: str, as_json: bool, **opts: Any) -> None:
     """Register function NAME of APP."""
     values = {k: opts[k] for k in _NUMERIC if opts[k] is not None}
-    fn = Function(app=app, name=name, image=opts["image"], config=parse_config(opts["config"]),
-                  **values)  # fmt: skip
-    created = with_store(settings_from(ctx), lambda s: s.create_fn(fn))
+    fn = Function(app=app, name=name, image=opts["image"], config=opts["config"], **values)
+    with _refused_as_usage():
+        validate_function(fn)  # before the datastore is opened (or made)
+        created = with_store(settings_from(ctx), lambda s: s.create_fn(fn))
     _show_fn(created, as_json, f"created {created.ref}")
 
 
@@ -106,13 +125,14 @@ def fn_update(ctx: click.Context, /, app: str, name: str, as_json: bool, **opts:
             current = await store.get_fn(app, name)
             if current is None:
                 raise FunctionNotFound(app, name)
-            config = {**current.config, **parse_config(opts["config"])}
+            config = {**current.config, **opts["config"]}
             for key in opts["unset"]:
                 config.pop(key, None)
             changes["config"] = config
         return await store.update_fn(app, name, **changes)
 
-    updated = with_store(settings_from(ctx), update)
+    with _refused_as_usage():
+        updated = with_store(settings_from(ctx), update)
     _show_fn(updated, as_json, f"updated {updated.ref}")
 
 

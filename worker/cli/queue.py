@@ -19,6 +19,7 @@ from datastore.wait import Waited, wait_for_calls
 from mq import wire
 from mq.base import DeadLetter, MessageQueue, open_queue
 from worker.cli._common import (
+    bad_value,
     friendly_errors,
     json_option,
     print_json,
@@ -44,7 +45,7 @@ def read_body(spec: str | None) -> bytes:
             return Path(spec[1:]).read_bytes()
         except OSError as exc:
             message = f"cannot read {spec[1:]}: {exc.strerror}"
-            raise click.BadParameter(message, param_hint="--body") from None
+            raise bad_value("--body", message) from None
     return spec.encode("utf-8", "surrogateescape")  # the bytes given, UTF-8 or not
 
 
@@ -53,7 +54,7 @@ def parse_headers(items: Sequence[str]) -> dict[str, str]:
     for item in items:
         name, sep, value = item.partition(":")
         if not sep or not name.strip():
-            raise click.BadParameter(f"{item!r} is not NAME:VALUE", param_hint="--header")
+            raise bad_value("--header", f"{item!r} is not NAME:VALUE")
         headers[name.strip()] = value.strip()
     return headers
 

@@ -14,11 +14,13 @@ from click.core import ParameterSource
 from config.domain import CallStatus, utcnow
 from config.errors import FnqError
 from config.settings import Settings
-from datastore.base import CallFilter, CallRecord, Datastore, open_datastore
+from datastore.base import CallFilter, CallRecord, Datastore, decode_cursor, open_datastore
+from datastore.errors import InvalidCursor
 from datastore.validate import parse_duration, parse_since
 from datastore.wait import wait_for_calls
 from mq.base import open_queue
 from worker.cli._common import (
+    bad_value,
     friendly_errors,
     json_option,
     print_json,
@@ -85,7 +87,17 @@ def _since(text: str | None) -> datetime | None:
     try:
         return parse_since(text)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from None
+        raise bad_value("--since", str(exc)) from None
+
+
+def _cursor(text: str | None) -> str | None:
+    if text is not None:
+        try:
+            decode_cursor(text)
+        except InvalidCursor:
+            message = f"{text!r} is not a cursor: pass a next_cursor of a previous page"
+            raise bad_value("--cursor", message) from None
+    return text
 
 
 @calls_group.command("list")
@@ -112,7 +124,7 @@ def calls_list(
 ) -> None:
     """List calls, newest first."""
     f = CallFilter(app=app, fn=fn, status=CallStatus(status) if status else None,
-                   since=_since(since), limit=limit, cursor=cursor)  # fmt: skip
+                   since=_since(since), limit=limit, cursor=_cursor(cursor))  # fmt: skip
     page = with_store(settings_from(ctx), lambda s: s.list_calls(f), create=False)
     if as_json:
         print_json({"items": [r.to_json() for r in page.items], "next_cursor": page.next_cursor})
@@ -283,7 +295,7 @@ def calls_purge(ctx: click.Context, older_than: str) -> None:
     try:
         age = parse_duration(older_than)
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--older-than") from None
+        raise bad_value("--older-than", str(exc)) from None
     count = with_store(settings_from(ctx), lambda s: s.purge_calls(age))
     cutoff = _short_time(utcnow() - age)
     click.echo(f"purged {count} call{'s' if count != 1 else ''} completed before {cutoff}")
