@@ -14,6 +14,9 @@ pytestmark = pytest.mark.integration
 async def test_call_wait_prints_the_answer_or_why_there_is_none(sqlite_cluster: Cluster) -> None:
     for fn in (
         Function(app="t", name="hello", image="fnq/example:latest", memory_mb=64),
+        Function(
+            app="t", name="hi", image="fnq/example:latest", memory_mb=64, config={"GREETING": "Hi"}
+        ),
         Function(app="t", name="raise", image="fnq/raise:latest", memory_mb=64, max_attempts=1),
         Function(app="t", name="sleep", image="fnq/sleep:latest", memory_mb=64, timeout_s=30),
         Function(app="t", name="gone", image="fnq/no-such-image:latest", memory_mb=64),
@@ -23,6 +26,9 @@ async def test_call_wait_prints_the_answer_or_why_there_is_none(sqlite_cluster: 
 
     done = sqlite_cluster.fnq("call", "t", "hello", "--body", '{"name": "Ada"}', "--wait")
     assert (done.returncode, done.stdout, done.stderr) == (0, '{"message": "Hello, Ada!"}', "")
+    # the README's `--config GREETING=hi`: a function's config is its environment
+    done = sqlite_cluster.fnq("call", "t", "hi", "--body", '{"name": "Ada"}', "--wait")
+    assert (done.returncode, done.stdout, done.stderr) == (0, '{"message": "Hi, Ada!"}', "")
 
     failed = sqlite_cluster.fnq("call", "t", "raise", "--body", "boom", "--wait", "--id", "r-1")
     assert failed.returncode == EXIT_FAILED and failed.stdout == ""
