@@ -58,6 +58,16 @@ class DeadLetter:
     call: Call | None  # None when the message is malformed
 
 
+# The reason of a message buried for too many deliveries, the only spelling of it: a
+# format that SQLite's printf() (mq.sqlite_db), Lua's string.format (reserve.lua, which
+# is passed it) and lapsed_reason fill alike.
+LAPSED_REASON = "delivered %d times; the reservation lapsed each time"
+
+
+def lapsed_reason(deliveries: int) -> str:
+    return LAPSED_REASON % deliveries
+
+
 @dataclass(frozen=True, slots=True)
 class Buried:
     """A call whose message the queue itself buried, so that its record can end too."""

@@ -57,7 +57,15 @@ import redis.asyncio as aioredis
 from config.domain import Call, new_call_id
 from config.settings import Settings
 from mq import redis_dead, wire
-from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
+from mq.base import (
+    LAPSED_REASON,
+    Burials,
+    Buried,
+    DeadLetter,
+    Message,
+    QueueStats,
+    claim_shielded,
+)
 from mq.errors import InvalidCall, QueueError, ReservationLost
 from mq.redis_link import RedisLink
 from mq.redis_url import open_client
@@ -325,6 +333,7 @@ class RedisQueue:
             self._max_deliveries,
             every,
             PROMOTE_LIMIT,
+            LAPSED_REASON,
             *acks,
         ]
         out, raw, wait, buried = await self._link.eval("reserve", args)

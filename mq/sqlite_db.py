@@ -24,7 +24,7 @@ from typing import NamedTuple
 from config.domain import Call
 from config.sqlite import enable_wal
 from mq import wire
-from mq.base import DeadLetter, Message, QueueStats
+from mq.base import LAPSED_REASON, DeadLetter, Message, QueueStats, lapsed_reason
 from mq.errors import QueueError
 
 SCHEMA = """
@@ -51,10 +51,8 @@ CREATE TABLE IF NOT EXISTS mq_dead (
 CREATE INDEX IF NOT EXISTS mq_dead_died ON mq_dead (died_ms);
 """
 
-# The reason of a message buried for too many deliveries: SQLite's printf() writes it
+# A message buried for too many deliveries: SQLite's printf() writes mq.base.LAPSED_REASON
 # into its dead letter (_BURY_LAPSED), and lapsed_reason into what its worker is told.
-LAPSED_REASON = "delivered %d times; the reservation lapsed each time"
-
 _BURY_LAPSED = """
 INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
 SELECT id, printf(:reason, deliveries), deliveries, :now, priority, payload
@@ -81,10 +79,6 @@ class Reserved(NamedTuple):
     next_due: int | None  # when nothing was taken: the next due time (ms), if any
     version: int  # the data version after the transaction
     buried: list[tuple[str, str]]  # (id, reason) of the rows this reserve buried
-
-
-def lapsed_reason(deliveries: int) -> str:
-    return LAPSED_REASON % deliveries
 
 
 def dead_id(msg_id: object) -> str:

@@ -1,4 +1,5 @@
 -- ARGV: group, consumer, count, reservation ms, max deliveries, reclaim every ms, promote limit,
+-- the reason of a message buried for too many deliveries (a format of its count, %d),
 -- then per message to ack first (as ack.lua): priority, entry id, call id.
 -- Returns {messages, inbox entries, wait, buried}: a message is {priority, entry id, deliveries,
 -- fields}; an inbox entry is {entry id, deliveries, fields}; wait is false unless nothing was
@@ -7,10 +8,11 @@
 local group, consumer = ARGV[1], ARGV[2]
 local count, reservation = tonumber(ARGV[3]), tonumber(ARGV[4])
 local maxd, every, promote = tonumber(ARGV[5]), tonumber(ARGV[6]), tonumber(ARGV[7])
+local lapsed = ARGV[8]
 local now = now_ms()
 
 -- 0. the consumer's finished messages
-for i = 8, #ARGV, 3 do
+for i = 9, #ARGV, 3 do
   ack_entry(group, tonumber(ARGV[i]), ARGV[i + 1], ARGV[i + 2])
 end
 
@@ -51,7 +53,7 @@ for p = 2, 0, -1 do
       local d = prior + times
       if d > maxd then
         local cid = field(f, 'id')
-        local reason = 'delivered ' .. (d - 1) .. ' times; the reservation lapsed each time'
+        local reason = string.format(lapsed, d - 1)
         if bury(key, group, id, cid or ('q' .. p .. '-' .. id), reason, d - 1, p .. '|' .. id,
             now) == 1 and cid then
           buried[#buried + 1] = {cid, reason}

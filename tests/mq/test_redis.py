@@ -15,6 +15,7 @@ import pytest
 import redis
 import redis.asyncio as aioredis
 
+import mq
 from config.domain import Call, new_call_id
 from config.settings import load_settings
 from mq import redis as redis_queue
@@ -32,6 +33,13 @@ def own_redis(tmp_path: Path) -> Iterator[RedisServer]:
     server = RedisServer(tmp_path, appendonly=True).start()
     yield server
     server.stop()
+
+
+def test_the_lapsed_reason_is_spelt_once() -> None:
+    """reserve.lua is passed mq.base.LAPSED_REASON: no script keeps a copy of its text."""
+    scripts = sorted(Path(mq.__file__).with_name("lua").glob("*.lua"))
+    assert "reserve.lua" in [p.name for p in scripts]
+    assert [p.name for p in scripts if "lapsed each time" in p.read_text()] == []
 
 
 def redis_cli(port: int, *args: str) -> str:
