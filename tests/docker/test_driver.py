@@ -464,6 +464,36 @@ async def test_closing_many_paused_containers_at_once_leaves_nothing(
         assert (await asyncio.wait_for(c.wait(), 10)).exit_code is not None
 
 
+async def test_a_create_given_up_midway_leaves_no_container(
+    driver: DockerDriver, docker_engine: Any
+) -> None:
+    # The engine goes on making a container after its caller stops waiting: the
+    # removal that follows the cancellation must find it, whenever that comes.
+    mine = {"label": f"fnq.instance={driver.instance}"}
+    await (await driver.create(spec("fnq/echo"))).remove()  # the image's facts now cached
+    for delay_ms in (0, 1, 2, 4, 7, 10, 15, 20, 30, 45, 60, 90):
+        task = asyncio.ensure_future(driver.create(spec("fnq/echo")))
+        await asyncio.sleep(delay_ms / 1000)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await (await task).remove()  # it was made before the cancellation came
+        assert docker_engine.containers.list(all=True, filters=mine) == [], delay_ms
+
+
+async def test_close_removes_a_container_of_its_own_it_lost_track_of(
+    function_images: list[str], make_settings: Callable[..., Settings], docker_engine: Any
+) -> None:
+    settings = make_settings()
+    d = DockerDriver(settings)
+    await d.start()
+    labels = {"fnq.classifier": settings.container_label_tag, "fnq.instance": d.instance,
+              "fnq.owner": f"{os.uname().nodename}:{os.getpid()}"}  # fmt: skip
+    docker_engine.containers.create("fnq/echo:latest", labels=labels)  # made, never known
+    await d.close()
+    label = f"fnq.classifier={settings.container_label_tag}"
+    assert docker_engine.containers.list(all=True, filters={"label": label}) == []
+
+
 async def test_load_file_at_start(
     make_settings: Callable[..., Settings], docker_engine: Any, tmp_path: Path
 ) -> None:

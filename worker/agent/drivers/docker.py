@@ -71,6 +71,8 @@ log = logging.getLogger("fnq.agent.docker")
 
 LEFTOVER_SWEEP_S = 5.0  # how often a live worker looks for containers of dead ones
 LEFTOVER_START_S = 30.0  # the first look, at start, takes at most this long
+CREATE_SETTLE_S = 10.0  # a create whose caller was cancelled gets this long to end
+STRAYS_AT_CLOSE_S = 10.0  # the last look for this worker's own containers, at close
 
 
 @dataclass(slots=True)
@@ -168,6 +170,8 @@ class DockerDriver:
         for container, result in zip(containers, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("removing %s at close failed: %s", container.describe(), result)
+        if self._started:
+            await self._remove_strays()
         await self.api.close()
         if self._started:
             await asyncio.to_thread(self._iofs.close)
@@ -243,6 +247,31 @@ class DockerDriver:
         if removed:
             log.info("removed %d container(s) left by other fnq workers", removed)
         return removed
+
+    async def _remove_strays(self) -> None:
+        """Remove any container with this worker's own label that is still there: one
+        the engine made after its creation was given up (a create it was still
+        working on when the caller stopped waiting and the removal found nothing)."""
+        if not self.settings.container_label_tag:
+            return
+        filters = json.dumps({"label": [f"{INSTANCE_LABEL}={self.instance}"]})
+        try:
+            async with asyncio.timeout(STRAYS_AT_CLOSE_S):
+                listed = await self.api.request(
+                    "GET", "/containers/json", params={"all": "1", "filters": filters}
+                )
+                for item in listed or []:
+                    try:
+                        await self._delete(item["Id"])
+                    except DockerError as exc:
+                        if exc.status != 404:  # else gone meanwhile
+                            raise
+                        continue
+                    log.info("removed container %s, which the engine made after its "
+                             "creation was given up", item["Id"][:12])  # fmt: skip
+        except (AgentError, TimeoutError) as exc:
+            log.warning("looking for this worker's own containers at close failed: %s",
+                        exc or "timed out")  # fmt: skip
 
     def _forget_leftover_dir(self, item: dict[str, Any]) -> None:
         """Remove a dead worker's socket directory when it is a plain host path of ours."""
@@ -337,10 +366,18 @@ class DockerDriver:
             entrypoint=wrapped_command(facts.command) if direct else None,
             cpuset=self._cpuset,
         )
+        post = asyncio.ensure_future(
+            self.api.request("POST", "/containers/create", params={"name": spec.id}, body=body)
+        )
         try:
-            await self.api.request(
-                "POST", "/containers/create", params={"name": spec.id}, body=body
-            )
+            await asyncio.shield(post)
+        except asyncio.CancelledError:
+            # The engine goes on making the container after its caller stops waiting:
+            # let the request end, so that the removal that follows finds it.
+            await asyncio.wait({post}, timeout=CREATE_SETTLE_S)
+            if post.done() and not post.cancelled():
+                post.exception()  # retrieved: an error here is the caller's no more
+            raise
         except DockerError as exc:
             if exc.status is None or exc.status == 404 or exc.status >= 500:
                 raise
