@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import threading
 from pathlib import Path
 
 import pytest
@@ -58,6 +59,32 @@ async def test_watcher_reports_a_bad_link(tmp_path: Path) -> None:
         os.symlink("/etc/passwd", tmp_path / "lsnr.sock")
         with pytest.raises(ContainerInitFailed, match="symlink"):
             await asyncio.wait_for(watcher.ready(), 2)
+
+
+async def test_the_watchers_descriptor_is_closed_off_the_event_loop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Closing an inotify descriptor waits for an RCU grace period (often 8-16 ms):
+    # done on the loop's thread, it would hold up every call in flight.
+    closed: list[tuple[int, int]] = []
+    real_close = os.close
+
+    def close(fd: int) -> None:
+        closed.append((fd, threading.get_ident()))
+        real_close(fd)
+
+    monkeypatch.setattr("worker.agent.iofs.os.close", close)
+    with SocketWatcher(tmp_path) as watcher:
+        fd = watcher._fd
+        assert fd >= 0
+    for _ in range(200):
+        if closed:
+            break
+        await asyncio.sleep(0.01)
+    assert [f for f, _ in closed] == [fd]
+    assert closed[0][1] != threading.get_ident()
+    with pytest.raises(OSError):
+        os.fstat(fd)  # released
 
 
 def test_directories_are_made_open_and_removed(settings_env: Path, tmp_path: Path) -> None:

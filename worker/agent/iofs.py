@@ -162,6 +162,11 @@ def check_listener(directory: Path) -> None:
         )
 
 
+def _close_quietly(fd: int) -> None:
+    with contextlib.suppress(OSError):
+        os.close(fd)
+
+
 class SocketWatcher:
     """Watches one directory for ``lsnr.sock``; use as a context manager.
 
@@ -193,10 +198,16 @@ class SocketWatcher:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._fd >= 0 and self._loop is not None:
-            self._loop.remove_reader(self._fd)
-            os.close(self._fd)
-            self._fd = -1
+        fd, self._fd = self._fd, -1
+        if fd < 0 or self._loop is None:
+            return
+        self._loop.remove_reader(fd)
+        # Closing an inotify descriptor waits for the kernel's RCU grace period, often
+        # 8-16 ms: in a thread, not holding up every call on the event loop.
+        try:
+            self._loop.run_in_executor(None, _close_quietly, fd)
+        except RuntimeError:  # the loop's executor is shut down: at exit, close here
+            _close_quietly(fd)
 
     async def ready(self) -> None:
         """Return once a valid listener exists; ContainerInitFailed for a bad one."""
