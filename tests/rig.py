@@ -51,6 +51,9 @@ def wait_port(port: int, timeout_s: float = 10.0) -> None:
     raise TimeoutError(f"nothing listens on 127.0.0.1:{port} after {timeout_s}s")
 
 
+UNIX_PATH_MAX = 104  # a unix socket's path, at most (sun_path, less room to spare)
+
+
 @dataclass
 class RedisServer:
     """A redis-server on a loopback port; ``restart()`` keeps its data directory.
@@ -73,7 +76,7 @@ class RedisServer:
 
     @property
     def socket(self) -> Path:
-        """Its unix socket (it listens there too)."""
+        """Its unix socket (it listens there too, when the path is short enough)."""
         return self.directory / "redis.sock"
 
     @property
@@ -102,11 +105,9 @@ class RedisServer:
             "no",
             "--logfile",
             "redis.log",
-            "--unixsocket",
-            str(self.socket),
-            "--unixsocketperm",
-            "700",
         ]
+        if len(str(self.socket)) < UNIX_PATH_MAX:
+            args += ["--unixsocket", str(self.socket), "--unixsocketperm", "700"]
         if any(not addr.startswith("127.") for addr in self.bind):
             args += ["--protected-mode", "no"]  # else only loopback clients are served
         args += self.extra
