@@ -14,6 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
+from urllib.parse import quote
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -44,10 +45,7 @@ def default_data_dir() -> Path:
 
 def sqlite_url(path: Path) -> str:
     """``sqlite:///`` and ``path`` made absolute, with a URL's own characters escaped."""
-    text = str(path.absolute())
-    for char, code in (("%", "%25"), ("?", "%3F"), ("#", "%23")):
-        text = text.replace(char, code)
-    return f"sqlite://{text}"
+    return f"sqlite://{quote(str(path.absolute()), safe='/')}"
 
 
 def _msecs(description: str, default: int, **kw: Any) -> Any:

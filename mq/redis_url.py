@@ -48,8 +48,10 @@ def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str
     """A redis-py client for queue URL ``url``, and fnq's own options: the key prefix
     and the time limit of each operation (``default_timeout_s`` when not given)."""
     parts = urlsplit(url)
-    if parts.scheme.lower() == "unix" and not parts.path.strip("/"):
-        raise ConfigError("queue URL: unix:// needs the socket's path: unix:///PATH?db=DB")
+    if parts.scheme.lower() == "unix" and (parts.hostname or not parts.path.strip("/")):
+        raise ConfigError(
+            "queue URL: unix:// takes the socket's absolute path and no host: unix:///PATH?db=DB"
+        )
     query = dict(parse_qsl(parts.query, keep_blank_values=True))
     accepted = url_options(parts.scheme.lower())
     unknown = sorted(set(query) - set(accepted))

@@ -68,7 +68,7 @@ class SqliteQueue:
     def from_url(cls, url: str, settings: Settings, *, create: bool = True) -> SqliteQueue:
         parts = urlsplit(url)
         path = unquote(parts.path)
-        if parts.netloc or len(path) < 2:
+        if parts.netloc or not path.strip("/"):
             raise ConfigError(f"queue URL {url!r}: a SQLite URL looks like sqlite:///abs/path.db")
         if parts.query or parts.fragment:
             raise ConfigError(

@@ -25,6 +25,12 @@ async def test_sqlite_url_takes_no_options(settings_env: Path, tail: str) -> Non
     assert not (settings_env / "fnq.db").exists()
 
 
+@pytest.mark.parametrize("url", ["sqlite:///", "sqlite://", "sqlite:////"])
+async def test_a_sqlite_url_without_a_path_is_refused(settings_env: Path, url: str) -> None:
+    with pytest.raises(StoreError, match=r"looks like sqlite:///absolute/path\.db"):
+        await open_datastore(load_settings(db_url=url))
+
+
 async def test_sqlite_url_with_an_escaped_question_mark(settings_env: Path) -> None:
     store = await open_datastore(load_settings(db_url=f"sqlite:///{settings_env}/a%3Fb.db"))
     await store.close()

@@ -28,8 +28,9 @@ def test_unknown_scheme_is_a_config_error() -> None:
 def test_sqlite_url_names_an_absolute_path(tmp_path: Path) -> None:
     queue = open_queue(f"sqlite://{tmp_path}/q.db", load_settings())
     assert isinstance(queue, SqliteQueue) and queue.path == tmp_path / "q.db"
-    with pytest.raises(ConfigError):
-        open_queue("sqlite://host/q.db", load_settings())
+    for url in ("sqlite://host/q.db", "sqlite:///", "sqlite:////"):
+        with pytest.raises(ConfigError, match="a SQLite URL looks like"):
+            open_queue(url, load_settings())
 
 
 @pytest.mark.parametrize("tail", ["?mode=ro", "#part"])

@@ -65,8 +65,8 @@ async def test_a_wrong_password_over_the_socket_is_refused(locked_redis: RedisSe
 
 
 def test_a_unix_url_needs_the_socket_path() -> None:
-    for url in ("unix://", "unix:///", "unix://?db=0"):
-        with pytest.raises(ConfigError, match="socket's path"):
+    for url in ("unix://", "unix:///", "unix://?db=0", "unix://run/redis.sock"):
+        with pytest.raises(ConfigError, match="socket's absolute path and no host"):
             open_queue(url, load_settings())
 
 

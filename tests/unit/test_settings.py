@@ -17,6 +17,7 @@ from config.settings import (
     public_view,
     unknown_env_names,
 )
+from datastore.sqlite import path_from_url
 from worker.cli import cli
 from worker.cli.config_cmd import markdown_table
 
@@ -42,7 +43,11 @@ def test_fn_defaults(settings_env: Path) -> None:
 
 @pytest.mark.parametrize(
     ("data_dir", "url_path"),
-    [("rel", "{cwd}/rel"), ("{cwd}/a#b?c%d", "{cwd}/a%23b%3Fc%25d")],
+    [
+        ("rel", "{cwd}/rel"),
+        ("{cwd}/a#b?c%d", "{cwd}/a%23b%3Fc%25d"),
+        ("{cwd}/tab\there and\nthere", "{cwd}/tab%09here%20and%0Athere"),
+    ],
 )
 def test_the_default_urls_name_the_data_dir(
     settings_env: Path, monkeypatch: pytest.MonkeyPatch, data_dir: str, url_path: str
@@ -53,6 +58,8 @@ def test_the_default_urls_name_the_data_dir(
     s = load_settings()
     assert s.db_url == f"sqlite://{url_path.format(cwd=settings_env)}/fnq.db"
     assert s.mq_url == f"sqlite://{url_path.format(cwd=settings_env)}/mq.db"
+    wanted = Path(data_dir.format(cwd=settings_env)).absolute() / "fnq.db"
+    assert path_from_url(s.db_url) == wanted  # read back as the same path
 
 
 def test_environment_overrides(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

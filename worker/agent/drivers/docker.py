@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -129,6 +130,7 @@ class DockerDriver:
         self.cleaner: ImageCleaner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._cpuset: str | None = None  # the CPUs of containers made from now on
+        self._late_removals: set[asyncio.Future[None]] = set()  # see _made_too_late
 
     # ------------------------------------------------------------ lifecycle
 
@@ -170,6 +172,8 @@ class DockerDriver:
         for container, result in zip(containers, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("removing %s at close failed: %s", container.describe(), result)
+        if self._late_removals:
+            await asyncio.wait(set(self._late_removals), timeout=STRAYS_AT_CLOSE_S)
         if self._started:
             await self._remove_strays()
         await self.api.close()
@@ -264,11 +268,12 @@ class DockerDriver:
                     try:
                         await self._delete(item["Id"])
                     except DockerError as exc:
-                        if exc.status != 404:  # else gone meanwhile
-                            raise
+                        # gone meanwhile, or still being removed (a removal that timed out)
+                        if exc.status != 404 and not (exc.status == 409 and "progress" in str(exc)):
+                            log.warning("could not remove container %s: %s", item["Id"], exc)
                         continue
-                    log.info("removed container %s, which the engine made after its "
-                             "creation was given up", item["Id"][:12])  # fmt: skip
+                    log.info("removed container %s, which this worker made but had lost "
+                             "track of", item["Id"][:12])  # fmt: skip
         except (AgentError, TimeoutError) as exc:
             log.warning("looking for this worker's own containers at close failed: %s",
                         exc or "timed out")  # fmt: skip
@@ -375,13 +380,31 @@ class DockerDriver:
             # The engine goes on making the container after its caller stops waiting:
             # let the request end, so that the removal that follows finds it.
             await asyncio.wait({post}, timeout=CREATE_SETTLE_S)
-            if post.done() and not post.cancelled():
-                post.exception()  # retrieved: an error here is the caller's no more
+            if post.done():
+                if not post.cancelled():
+                    post.exception()  # retrieved: an error here is the caller's no more
+            else:  # a slow engine: whatever it makes once this is over goes at once
+                post.add_done_callback(functools.partial(self._made_too_late, spec.id))
             raise
         except DockerError as exc:
             if exc.status is None or exc.status == 404 or exc.status >= 500:
                 raise
             raise ContainerInitFailed(f"docker refused to create the container: {exc}") from exc
+
+    def _made_too_late(self, name: str, post: asyncio.Future[Any]) -> None:
+        """A create whose caller gave up before the engine answered has ended."""
+        if post.cancelled() or post.exception() is not None or self._closed:
+            return  # nothing made; or the sweep at close removes it
+        task = asyncio.ensure_future(self._delete_quietly(name))
+        self._late_removals.add(task)
+        task.add_done_callback(self._late_removals.discard)
+
+    async def _delete_quietly(self, container_id: str) -> None:
+        try:
+            await self._delete(container_id)
+        except AgentError as exc:
+            if not (isinstance(exc, DockerError) and exc.status == 404):
+                log.warning("could not remove container %s: %s", container_id, exc)
 
     async def _has_shell(self, container_id: str) -> bool:
         """Whether the (created, not started) container's file system has /bin/sh."""
