@@ -205,7 +205,8 @@ def open_queue(url: str, settings: Settings, *, create: bool = True) -> MessageQ
 
         return RedisQueue.from_url(url, settings)
     raise ConfigError(
-        f"unsupported queue URL {url!r}: use sqlite:///PATH, redis://HOST:PORT/DB or unix:///SOCKET?db=DB"
+        f"unsupported queue URL {url!r}: use sqlite:///PATH, redis://HOST:PORT/DB"
+        " or unix:///SOCKET?db=DB"
     )
 
 

@@ -130,7 +130,8 @@ class DockerDriver:
         self.cleaner: ImageCleaner | None = None
         self._sweeper: asyncio.Task[None] | None = None
         self._cpuset: str | None = None  # the CPUs of containers made from now on
-        self._late_removals: set[asyncio.Future[None]] = set()  # see _made_too_late
+        # creates given up before the engine answered, and removals of what they made
+        self._late_removals: set[asyncio.Future[Any]] = set()
 
     # ------------------------------------------------------------ lifecycle
 
@@ -172,7 +173,7 @@ class DockerDriver:
         for container, result in zip(containers, results, strict=True):
             if isinstance(result, Exception):
                 log.warning("removing %s at close failed: %s", container.describe(), result)
-        if self._late_removals:
+        if self._late_removals:  # then the sweep below finds what they made
             await asyncio.wait(set(self._late_removals), timeout=STRAYS_AT_CLOSE_S)
         if self._started:
             await self._remove_strays()
@@ -385,6 +386,8 @@ class DockerDriver:
                     post.exception()  # retrieved: an error here is the caller's no more
             else:  # a slow engine: whatever it makes once this is over goes at once
                 post.add_done_callback(functools.partial(self._made_too_late, spec.id))
+                self._late_removals.add(post)
+                post.add_done_callback(self._late_removals.discard)
             raise
         except DockerError as exc:
             if exc.status is None or exc.status == 404 or exc.status >= 500:
