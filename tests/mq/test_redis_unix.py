@@ -88,3 +88,30 @@ async def test_rq_queues_over_the_socket(redis_server: RedisServer) -> None:
         assert await queue.reserve(0.1) is None  # reached the server, nothing queued
     finally:
         await queue.close()
+
+
+async def test_the_socket_is_reached_again_after_a_server_restart(tmp_path: Path) -> None:
+    server = RedisServer(tmp_path, appendonly=True).start()
+    queue = open_queue(f"{server.unix_url}&prefix=again&timeout_s=5", load_settings())
+    try:
+        first = Call(new_call_id(), "demo", "echo", b"before")
+        await queue.push(first)
+        server.restart()  # the same socket path; the queue's connections are dead
+        second = Call(new_call_id(), "demo", "echo", b"after")
+        for _ in range(50):  # the first use after the restart may find it still starting
+            try:
+                await queue.push(second)
+                break
+            except QueueUnavailable:
+                await asyncio.sleep(0.1)
+        got = []
+        for _ in range(10):
+            for msg in await queue.reserve_many(10, 1.0):
+                got.append(msg.call.body)
+                await queue.ack(msg)
+            if len(got) == 2:
+                break
+        assert sorted(got) == [b"after", b"before"]
+    finally:
+        await queue.close()
+        server.stop()
