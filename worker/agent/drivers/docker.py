@@ -83,6 +83,11 @@ class ImageFacts:
     shell: bool | None = None  # has /bin/sh (None: not asked yet)
 
 
+def _gone_or_going(exc: DockerError) -> bool:
+    """Whether a failed removal means the container is gone, or being removed."""
+    return exc.status == 404 or (exc.status == 409 and "in progress" in str(exc))
+
+
 def _left_by_dead_worker(labels: dict[str, str], own_instance: str) -> bool:
     """Whether a labelled container belongs to a worker that is gone.
 
@@ -243,7 +248,7 @@ class DockerDriver:
             except DockerError as exc:
                 # Gone, or being removed: the sweep of another worker on this host
                 # got there first (and counts it).
-                if exc.status == 404 or (exc.status == 409 and "in progress" in str(exc)):
+                if _gone_or_going(exc):
                     continue
                 log.warning("could not remove leftover container %s: %s", item["Id"], exc)
                 continue
@@ -269,8 +274,7 @@ class DockerDriver:
                     try:
                         await self._delete(item["Id"])
                     except DockerError as exc:
-                        # gone meanwhile, or still being removed (a removal that timed out)
-                        if exc.status != 404 and not (exc.status == 409 and "progress" in str(exc)):
+                        if not _gone_or_going(exc):  # going: a removal that timed out
                             log.warning("could not remove container %s: %s", item["Id"], exc)
                         continue
                     log.info("removed container %s, which this worker made but had lost "
