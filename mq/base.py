@@ -61,7 +61,7 @@ class DeadLetter:
 # The reason of a message buried for too many deliveries, the only spelling of it: a
 # format that SQLite's printf() (mq.sqlite_db), Lua's string.format (reserve.lua, which
 # is passed it) and lapsed_reason fill alike.
-LAPSED_REASON = "delivered %d times; the reservation lapsed each time"
+LAPSED_REASON = "delivered %d time(s); the reservation lapsed each time"
 
 
 def lapsed_reason(deliveries: int) -> str:

@@ -80,7 +80,7 @@ if #out < count then
     sweep(INBOX, 'cursor:inbox', count, function(id, f, _, times)
       if times > maxd then
         bury(INBOX, group, id, 'inbox-' .. id, 'could not be routed after ' .. (times - 1) ..
-          ' attempts', times - 1, '', now)
+          ' attempt(s)', times - 1, '', now)
       else
         raw[#raw + 1] = {id, times, f}
       end

@@ -296,7 +296,7 @@ async def test_a_buried_call_ends_as_an_error_unless_it_moved_on(store: SqlDatas
     died_at = utcnow()
     await asyncio.sleep(0.01)  # times are stored to the microsecond: "since" is later
     await store.record_running(later, 2, "w2")  # requeued and taken again since
-    reason = "delivered 3 times; the reservation lapsed each time\x00"
+    reason = "delivered 3 time(s); the reservation lapsed each time\x00"
     for c in (queued, running):
         assert await store.end_buried(c.id, reason, died_at)
         rec = await store.get_call(c.id)

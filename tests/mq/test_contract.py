@@ -280,7 +280,7 @@ async def test_a_burial_is_reported_once_to_the_consumer_that_made_it(
     buried = q.take_buried()
     assert [b.call_id for b in buried] == [sent]
     assert buried[0].reason == lapsed_reason(1)
-    assert buried[0].reason == "delivered 1 times; the reservation lapsed each time"
+    assert buried[0].reason == "delivered 1 time(s); the reservation lapsed each time"
     assert before <= buried[0].died_at <= datetime.now(UTC)
     assert q.take_buried() == [] and gone.take_buried() == []
     # the dead letter says what the consumer was told

@@ -83,7 +83,7 @@ async def test_a_call_buried_after_its_workers_died_ends_as_an_error(
         with caplog.at_level(logging.INFO, logger="fnq.worker"):
             record, driver = await run_until_final(settings, queue, store, call.id)
         assert (record.status, record.failure) == (CallStatus.ERROR, FailureKind.TERMINAL)
-        assert record.error == "delivered 1 times; the reservation lapsed each time"
+        assert record.error == "delivered 1 time(s); the reservation lapsed each time"
         assert driver.dispatches == 0
         assert f"call {call.id}: the queue buried its message" in caplog.text
         assert [d.id for d in await queue.dead_list()] == [call.id]
