@@ -22,6 +22,7 @@ from tests.rig import RedisServer
 
 REPO = Path(__file__).resolve().parents[2]
 FNQ = str(Path(sys.executable).parent / "fnq")
+FNQ_TIMEOUT_S = 60
 
 
 @pytest.fixture(scope="session")
@@ -79,15 +80,26 @@ class Cluster:
         return "\n".join(p.read_text(errors="replace") for p in files)
 
     def fnq(self, *args: str, input_: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(
-            [FNQ, *args],
-            env=self.env,
-            capture_output=True,
-            text=True,
-            check=False,
-            input=None if input_ is None else input_.decode(),
-            timeout=60,
-        )
+        """Run one fnq command. One that does not end within FNQ_TIMEOUT_S is sent
+        SIGABRT, so that its stderr ends with every thread's stack (faulthandler)."""
+        env = {**self.env, "PYTHONFAULTHANDLER": "1"}
+        stdin = None if input_ is None else subprocess.PIPE
+        text = None if input_ is None else input_.decode()
+        with subprocess.Popen(
+            [FNQ, *args], env=env, stdin=stdin, stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE, text=True,
+        ) as proc:  # fmt: skip
+            try:
+                out, err = proc.communicate(text, timeout=FNQ_TIMEOUT_S)
+            except subprocess.TimeoutExpired:
+                proc.send_signal(signal.SIGABRT)
+                try:
+                    out, err = proc.communicate(timeout=10)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    out, err = proc.communicate()
+                raise subprocess.TimeoutExpired(proc.args, FNQ_TIMEOUT_S, out, err) from None
+        return subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
 
     async def register(self, fn: Function) -> None:
         store = await open_datastore(self.settings)
