@@ -104,6 +104,15 @@ def test_chunked_body_over_the_limit() -> None:
     assert at_once is not None and at_once.truncated and at_once.body == b"abcd"
 
 
+def test_a_body_over_the_limit_ends_the_parse_however_it_arrives() -> None:
+    """What follows the byte over the limit is not parsed: neither its trailers
+    (head_bytes) nor a bad chunk in it (no MalformedResponse when it came in one read)."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    r = parse(head + b"3\r\nabc\r\n3\r\ndef\r\n0\r\nX-T: 1\r\n\r\n", max_body=4)
+    assert (r.body, r.truncated, r.keep_alive, r.head_bytes) == (b"abcd", True, False, len(head))
+    assert parse(head + b"3\r\nabc\r\n3\r\ndef\r\nzz\r\n", max_body=4) == r
+
+
 def test_header_block_over_the_limit() -> None:
     fat = b"HTTP/1.1 200 OK\r\nX-Fat: " + b"f" * 2000 + b"\r\nContent-Length: 0\r\n\r\n"
     with pytest.raises(HeadTooBig):

@@ -111,11 +111,15 @@ class ResponseParser:
             self._trailer,
             self._until_eof,
         )
-        while self._result is None and steps[self._frame]():
+        # Stop once the body is over its limit: the rest is not read, however it came.
+        while self._result is None and not self._over_limit() and steps[self._frame]():
             pass
-        if self._result is None and self._body_size > self._max_body > 0:
+        if self._result is None and self._over_limit():
             self._done(truncated=True)
         return self._result
+
+    def _over_limit(self) -> bool:
+        return self._body_size > self._max_body > 0
 
     def feed_eof(self) -> RawResponse:
         """The connection closed: the response if it was complete, else Incomplete."""
