@@ -131,6 +131,9 @@ def test_header_block_over_the_limit() -> None:
         b"HTTP/1.1 200 OK\r\n folded: header\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: -1\r\n\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\nContent-Length: 2\r\n\r\nxx",
+        "HTTP/1.1 200 OK\r\nContent-Length: ²\r\n\r\nxx".encode(),  # int() refuses it
+        "HTTP/1.1 200 OK\r\nContent-Length: ٢\r\n\r\nxx".encode(),  # int() takes it as 2
+        "HTTP/1.1 200 OK\r\nContent-Length: 2\u3000\r\n\r\nxx".encode(),
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n2\r\nabXX",
     ],
@@ -138,6 +141,10 @@ def test_header_block_over_the_limit() -> None:
 def test_malformed_answers(data: bytes) -> None:
     with pytest.raises(MalformedResponse):
         ResponseParser(1024).feed(data)
+    parser = ResponseParser(1024)
+    with pytest.raises(MalformedResponse):
+        for i in range(len(data)):
+            parser.feed(data[i : i + 1])
 
 
 def test_connection_closed_early() -> None:

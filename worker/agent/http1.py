@@ -188,7 +188,7 @@ class ResponseParser:
         for name, value in headers:
             key = name.lower()
             if key == "content-length":
-                lengths.update(v.strip() for v in value.split(","))
+                lengths.update(v.strip(" \t") for v in value.split(","))
             elif key == "transfer-encoding":
                 codings.extend(c.strip().lower() for c in value.split(",") if c.strip())
             elif key == "connection":
@@ -203,7 +203,7 @@ class ResponseParser:
         if not lengths:
             self._keep_alive = False
             return _Frame.UNTIL_EOF
-        if len(lengths) != 1 or not (value := lengths.pop()).isdigit():
+        if len(lengths) != 1 or not _digits(value := lengths.pop()):
             raise MalformedResponse("bad Content-Length")
         self._left = int(value)
         return _Frame.LENGTH
@@ -323,7 +323,7 @@ def _usual_head(head: bytes) -> _Head | None:
         headers.append((name, value))
         key = _lower(name)
         if key == "content-length":
-            if length >= 0 or not value.isdigit():
+            if length >= 0 or not _digits(value):
                 return None
             length = int(value)
         elif key == "transfer-encoding":
@@ -350,6 +350,11 @@ def _header(line: bytes) -> tuple[str, str]:
         if len(_NAMES) < _NAMES_MAX:
             _NAMES[raw] = name
     return name, value.strip(b" \t").decode("utf-8", "replace")
+
+
+def _digits(value: str) -> bool:
+    """ASCII digits only: str.isdigit() also takes '²' (int() refuses it) and '٣'."""
+    return value.isascii() and value.isdigit()
 
 
 @functools.lru_cache(maxsize=64)
