@@ -121,6 +121,22 @@ def test_header_block_over_the_limit() -> None:
         ResponseParser(1024).feed(fat[:1500])
 
 
+def test_a_chunk_line_is_limited_however_it_arrives() -> None:
+    """4096 bytes with its CRLF, in one read as byte by byte."""
+    head = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n"
+    for line, ok in ((b"1;" + b"e" * 4092, True), (b"1;" + b"e" * 4093, False)):
+        data = head + line + b"\r\n" + b"x\r\n0\r\n\r\n"
+        if ok:
+            assert parse(data).body == b"x"
+            continue
+        with pytest.raises(HeadTooBig, match="chunk line"):
+            ResponseParser(1024).feed(data)
+        parser = ResponseParser(1024)
+        with pytest.raises(HeadTooBig, match="chunk line"):
+            for i in range(len(data)):
+                parser.feed(data[i : i + 1])
+
+
 @pytest.mark.parametrize(
     "data",
     [

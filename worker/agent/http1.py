@@ -268,17 +268,19 @@ class ResponseParser:
         return True
 
     def _line(self, limit: int) -> bytes | None:
+        """The next line, once it has come; HeadTooBig if it takes more than ``limit``
+        bytes with its CRLF, whether it came in one read or byte by byte."""
         end = self._buf.find(b"\r\n")
-        if end < 0:
-            if len(self._buf) > limit:
-                raise HeadTooBig("a chunk or trailer line is too long")
+        if end < 0 and len(self._buf) <= limit:
             return None
+        if end < 0 or end + 2 > limit:
+            if self._frame == _Frame.TRAILER:
+                raise HeadTooBig(f"response headers are over {self._max_head} bytes")
+            raise HeadTooBig("a chunk line is too long")
         line = bytes(self._buf[:end])
         del self._buf[: end + 2]
         if self._frame == _Frame.TRAILER:
             self._head_used += end + 2
-            if self._head_used > self._max_head:
-                raise HeadTooBig(f"response headers are over {self._max_head} bytes")
         return line
 
     def _done(self, truncated: bool = False) -> RawResponse:
