@@ -8,11 +8,17 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from config.settings import load_settings
 from datastore.base import open_datastore
 from mq.base import open_queue
 from tests.rig import PostgresServer, RedisServer, docker_client, pg_tempdir
+
+# Property tests: the same examples on every run, no time limit per example, no
+# example database on disk. Each test file stays within a few seconds.
+settings.register_profile("fnq", derandomize=True, deadline=None, database=None)
+settings.load_profile("fnq")
 
 
 @pytest.fixture(scope="session")
