@@ -206,11 +206,20 @@ def _delay(fields: Mapping[str, bytes]) -> float:
     return check_delay(value)
 
 
-def parse_headers_json(text: str) -> Mapping[str, str]:
+def _loads(text: str | bytes, not_json: str) -> object:
+    """``json.loads``, or WireError: besides JSONDecodeError and UnicodeDecodeError, it
+    raises ValueError for a number of over 4300 digits and RecursionError for arrays
+    or objects nested too deep."""
     try:
-        data = json.loads(text)
+        return json.loads(text)
     except json.JSONDecodeError as exc:
-        raise WireError(f"headers are not JSON ({exc.msg} at {exc.pos})") from None
+        raise WireError(f"{not_json} ({exc.msg} at {exc.pos})") from None
+    except (ValueError, RecursionError) as exc:
+        raise WireError(f"{not_json} ({str(exc)[:100]})") from None
+
+
+def parse_headers_json(text: str) -> Mapping[str, str]:
+    data = _loads(text, "headers are not JSON")
     if not isinstance(data, dict):
         raise WireError("headers must be a JSON object of name -> string")
     return frozen_map(check_headers(data))
@@ -291,10 +300,7 @@ def decode_json(
     """
     if not isinstance(payload, bytes | str):
         raise WireError(f"payload must be JSON text, not {type(payload).__name__} {payload!r:.40}")
-    try:
-        doc = json.loads(payload)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise WireError(f"payload is not JSON ({exc})") from None
+    doc = _loads(payload, "payload is not JSON")
     if not isinstance(doc, dict):
         raise WireError("payload must be a JSON object")
     unknown = sorted(k for k in doc if k not in _KNOWN and k != F_BODY_B64)

@@ -69,6 +69,9 @@ def test_every_field() -> None:
         ({"created": b"253402300800000"}, "created"),  # year 10000: ValueError once
         ({"colour": b"red"}, "unknown field"),
         ({"app": b"\xff"}, "UTF-8"),
+        ({"headers": b"9" * 4301}, "headers are not JSON"),  # ValueError from json once
+        ({"headers": b'{"A":' + b"1" * 4301 + b"}"}, "headers are not JSON"),
+        ({"headers": b"[" * 5000}, "headers are not JSON"),  # RecursionError once
     ],
 )
 def test_malformed_fields_say_why(extra: dict[str, bytes], reason: str) -> None:
@@ -118,8 +121,12 @@ def test_json_round_trip_text_and_binary() -> None:
         (b'{"id":"i","app":"a","fn":"f","created":"yesterday"}', "created"),
         (b'{"id":"i","app":"a","fn":"f","created":1e300}', "created"),
         (b'{"id":"i","app":"a","fn":"f","created":99999999999999999999999}', "created"),
+        (b'{"id":"i","app":"a","fn":"f","created":' + b"9" * 4301 + b"}", "not JSON"),
+        (b'{"id":"i","app":"a","fn":"f","headers":' + b"[" * 5000, "not JSON"),
+        ("[" * 5000, "not JSON"),
     ],
 )
-def test_malformed_json_says_why(payload: bytes, reason: str) -> None:
+def test_malformed_json_says_why(payload: bytes | str, reason: str) -> None:
     with pytest.raises(wire.WireError, match=reason):
         wire.decode_json(payload, 0, 100)
+
