@@ -28,7 +28,7 @@ import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 from config.domain import CALL_ID_RE, Call, frozen_map, header_problem
 
@@ -146,12 +146,18 @@ def check_call(call: Call, priority: int, delay_s: float, max_body_bytes: int) -
 # ------------------------------------------------------------ stream fields
 
 
+_EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+_MS = timedelta(milliseconds=1)
+
+
 def ms_of(when: datetime) -> int:
-    return int(when.timestamp() * 1000)
+    """Whole milliseconds since the epoch (a naive ``when`` is local time). Exact:
+    through a float, a time could come back a millisecond early."""
+    return (when.astimezone(UTC) - _EPOCH) // _MS
 
 
 def from_ms(ms: int) -> datetime:
-    return datetime.fromtimestamp(ms / 1000.0, UTC)
+    return _EPOCH + ms * _MS
 
 
 def call_fields(

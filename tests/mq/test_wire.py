@@ -130,3 +130,18 @@ def test_malformed_json_says_why(payload: bytes | str, reason: str) -> None:
     with pytest.raises(wire.WireError, match=reason):
         wire.decode_json(payload, 0, 100)
 
+
+@pytest.mark.parametrize(
+    ("created", "ms"),
+    [
+        (datetime(2305, 1, 29, 10, 57, 46, 748000, tzinfo=UTC), 10574017066748),  # was .747999
+        (datetime(6398, 7, 14, 18, 14, 24, 291000, tzinfo=UTC), 139751028864291),  # was ...290
+        (datetime(9999, 12, 31, 23, 59, 59, 999000, tzinfo=UTC), wire.MAX_CREATED_MS),
+    ],
+)
+def test_created_times_round_trip_to_the_millisecond(created: datetime, ms: int) -> None:
+    assert wire.ms_of(created) == ms
+    assert wire.from_ms(ms) == created
+    call = Call(id="c", app="a", fn="f", created_at=created)
+    assert wire.decode_fields(wire.call_fields(call, 0), 0).call == call
+    assert wire.decode_json(wire.call_json(call), 0, 0) == call
