@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import os
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,7 +17,11 @@ from mq.base import open_queue
 from tests.rig import PostgresServer, RedisServer, docker_client, pg_tempdir
 
 # Property tests: the same examples on every run, no time limit per example, no
-# example database on disk. Each test file stays within a few seconds.
+# example database on disk. Each test file stays within a few seconds. Hypothesis'
+# own caches go to the temporary directory, not into the checkout.
+os.environ.setdefault(
+    "HYPOTHESIS_STORAGE_DIRECTORY", os.path.join(tempfile.gettempdir(), "fnq-hypothesis")
+)
 settings.register_profile("fnq", derandomize=True, deadline=None, database=None)
 settings.load_profile("fnq")
 
