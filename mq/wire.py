@@ -191,25 +191,30 @@ def _text(fields: Mapping[str, bytes], name: str) -> str | None:
         raise WireError(f"field {name!r} is not UTF-8 text") from None
 
 
+# ASCII only: int() and float() also take '1_000', other scripts' digits and spaces.
+_BLANK = " \t\r\n"
+_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+_DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
+
+
 def _int(fields: Mapping[str, bytes], name: str, default: int) -> int:
     text = _text(fields, name)
     if text is None:
         return default
-    try:
-        return int(text.strip())
-    except ValueError:
-        raise WireError(f"{name} {text[:40]!r} is not an integer") from None
+    digits = text.strip(_BLANK)
+    if not _INTEGER.fullmatch(digits):
+        raise WireError(f"{name} {text[:40]!r} is not an integer")
+    return int(digits)
 
 
 def _delay(fields: Mapping[str, bytes]) -> float:
     text = _text(fields, F_DELAY)
-    if text is None or not text.strip():
+    number = "" if text is None else text.strip(_BLANK)
+    if not number:
         return 0.0
-    try:
-        value = float(text)
-    except ValueError:
-        raise WireError(f"delay {text[:40]!r} is not a number of seconds") from None
-    return check_delay(value)
+    if not _DECIMAL.fullmatch(number):
+        raise WireError(f"delay {number[:40]!r} is not a number of seconds")
+    return check_delay(float(number))
 
 
 def _loads(text: str | bytes, not_json: str) -> object:
@@ -316,8 +321,10 @@ def decode_json(
         if not isinstance(doc.get(name), str) or not doc[name]:
             raise WireError(f"field {name!r} is missing or not a string")
     body = _json_body(doc)
-    headers = doc.get(F_HEADERS) or {}
-    if not isinstance(headers, dict):
+    headers = doc.get(F_HEADERS)
+    if headers is None:
+        headers = {}
+    elif not isinstance(headers, dict):
         raise WireError("headers must be a JSON object of name -> string")
     created_at = check_created(doc.get(F_CREATED, default_created_ms))
     return Call(

@@ -72,11 +72,32 @@ def test_every_field() -> None:
         ({"headers": b"9" * 4301}, "headers are not JSON"),  # ValueError from json once
         ({"headers": b'{"A":' + b"1" * 4301 + b"}"}, "headers are not JSON"),
         ({"headers": b"[" * 5000}, "headers are not JSON"),  # RecursionError once
+        # ASCII numbers only: int() and float() would take these
+        ({"priority": b"1_0"}, "not an integer"),
+        ({"priority": "\u0661".encode()}, "not an integer"),  # an Arabic-Indic 1
+        ({"priority": "1\u3000".encode()}, "not an integer"),  # an ideographic space
+        ({"created": b"1_000"}, "not an integer"),
+        ({"created": b"9" * 5000}, "not an integer"),  # ValueError from int() once
+        ({"delay": b"1_0"}, "not a number"),
+        ({"delay": "\u0661".encode()}, "not a number"),
+        ({"delay": b"inf"}, "not a number"),
     ],
 )
 def test_malformed_fields_say_why(extra: dict[str, bytes], reason: str) -> None:
     with pytest.raises(wire.WireError, match=reason):
         wire.decode_fields(fields(**{"id": b"i", **extra}), 10)
+
+
+def test_numbers_may_have_blanks_and_signs_around_them() -> None:
+    extra = {"priority": b" +2\t", "delay": b" .5e1 ", "created": b"\n1000", "_n": b"3 "}
+    parsed = wire.decode_fields(fields(id=b"i", **extra), 10)
+    assert (parsed.priority, parsed.delay_s, parsed.prior_deliveries) == (2, 5.0, 3)
+    assert parsed.call.created_at == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
+
+
+def test_json_headers_may_be_null() -> None:
+    call = wire.decode_json(b'{"id":"i","app":"a","fn":"f","headers":null}', 0, 100)
+    assert dict(call.headers) == {}
 
 
 def test_fields_round_trip() -> None:
@@ -124,6 +145,9 @@ def test_json_round_trip_text_and_binary() -> None:
         (b'{"id":"i","app":"a","fn":"f","created":' + b"9" * 4301 + b"}", "not JSON"),
         (b'{"id":"i","app":"a","fn":"f","headers":' + b"[" * 5000, "not JSON"),
         ("[" * 5000, "not JSON"),
+        (b'{"id":"i","app":"a","fn":"f","headers":[]}', "JSON object"),
+        (b'{"id":"i","app":"a","fn":"f","headers":false}', "JSON object"),
+        (b'{"id":"i","app":"a","fn":"f","headers":""}', "JSON object"),
     ],
 )
 def test_malformed_json_says_why(payload: bytes | str, reason: str) -> None:
