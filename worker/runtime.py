@@ -15,6 +15,7 @@ from mq.base import REDIS_SCHEMES, MessageQueue, open_queue
 from mq.errors import QueueUnavailable
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
+from worker.dump import state_on_signal
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.shutdown import Shutdown, signal_handlers
@@ -48,8 +49,21 @@ async def serve(
     """Run one worker until stopped; returns the number of calls it finished.
 
     With ``burst``, a queue still unreachable when the worker stops (it stopped
-    for the outage, its work perhaps not done) raises QueueUnavailable.
+    for the outage, its work perhaps not done) raises QueueUnavailable. With
+    ``install_signals``, SIGTERM/SIGINT stop it (worker.shutdown) and SIGUSR1
+    logs what it is doing (worker.dump).
     """
+    with state_on_signal() if install_signals else contextlib.nullcontext():
+        return await _serve(settings, burst, prefetch, install_signals, shutdown)
+
+
+async def _serve(
+    settings: Settings,
+    burst: bool,
+    prefetch: int,
+    install_signals: bool,
+    shutdown: Shutdown | None,
+) -> int:
     shutdown = shutdown or Shutdown(settings.secs("shutdown_grace_msecs"))
     metrics = Metrics()
     if settings.metrics_port:

@@ -81,6 +81,7 @@ class Cluster:
 
     def fnq(self, *args: str, input_: bytes | None = None) -> subprocess.CompletedProcess[str]:
         """Run one fnq command. One that does not end within FNQ_TIMEOUT_S is sent
+        SIGUSR1 if it is a worker (which logs its tasks' awaits, worker.dump), then
         SIGABRT, so that its stderr ends with every thread's stack (faulthandler)."""
         env = {**self.env, "PYTHONFAULTHANDLER": "1"}
         stdin = None if input_ is None else subprocess.PIPE
@@ -92,6 +93,9 @@ class Cluster:
             try:
                 out, err = proc.communicate(text, timeout=FNQ_TIMEOUT_S)
             except subprocess.TimeoutExpired:
+                if args[:1] == ("worker",):
+                    proc.send_signal(signal.SIGUSR1)
+                    time.sleep(1)
                 proc.send_signal(signal.SIGABRT)
                 try:
                     out, err = proc.communicate(timeout=10)

@@ -221,3 +221,26 @@ async def test_a_call_longer_than_its_reservation_runs_once(redis_cluster: Clust
     finally:
         client.close()
     assert len(started) == 1, redis_cluster.logs()[-3000:]
+
+
+async def test_sigusr1_logs_what_the_worker_waits_for(sqlite_cluster: Cluster) -> None:
+    proc = sqlite_cluster.start_worker()
+    for _ in range(300):
+        if "started" in sqlite_cluster.logs():
+            break
+        await asyncio.sleep(0.1)
+    else:
+        raise AssertionError("no start: " + sqlite_cluster.logs()[-2000:])
+    proc.send_signal(signal.SIGUSR1)
+    for _ in range(100):
+        await asyncio.sleep(0.1)
+        if "other thread(s):" in sqlite_cluster.logs():
+            break
+    log = sqlite_cluster.logs()
+    assert "state on request (SIGUSR1): " in log, log[-3000:]
+    intake = log.split("task fnq-in-0\n", 1)[1].split("\n  task ", 1)[0]
+    assert "worker/loop.py:" in intake and "in Worker._intake" in intake, intake
+    assert "mq/sqlite.py:" in intake  # waiting for a message
+    assert proc.poll() is None  # still serving
+    sqlite_cluster.stop_all()
+    assert proc.returncode == 0, log[-3000:]
