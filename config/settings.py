@@ -363,7 +363,7 @@ def load_settings(**overrides: Any) -> Settings:
 
 
 SECRET_FIELDS = frozenset({"sentry_dsn"})
-URL_FIELDS = frozenset({"mq_url", "db_url", "log_url"})
+URL_FIELDS = frozenset({"mq_url", "db_url", "log_url", "rq_url"})
 
 
 _QUERY_SECRET = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)

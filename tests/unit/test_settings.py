@@ -235,3 +235,8 @@ def test_docs_name_the_msecs_that_take_a_negative_value(settings_env: Path) -> N
 def test_every_field_is_documented() -> None:
     for name, info in Settings.model_fields.items():
         assert info.description, f"FN_{name.upper()} has no description"
+
+
+def test_the_rq_urls_password_is_masked(settings_env: Path) -> None:
+    view = public_view(load_settings(rq_url="redis://:hunter2@rq-host:6379/1?password=s3"))
+    assert view["FN_RQ_URL"] == "redis://:***@rq-host:6379/1?password=***"
