@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -34,6 +34,7 @@ _URL_EXAMPLES = {
     "mq_url": "sqlite:///path or redis://host:6379/0",
     "db_url": "sqlite:///path or postgresql://user@host/db",
     "log_url": "file:///var/lib/fnq/logs (or empty)",
+    "rq_url": "redis://host:6379/0 or unix:///SOCKET?db=DB (or empty)",
 }
 _MAX_MSECS = 10 * 365 * 24 * 3600 * 1000  # what "disabled" (a negative value) turns into
 
@@ -294,12 +295,18 @@ class Settings(BaseSettings):
             return value.lower()
         return value
 
-    @field_validator("mq_url", "db_url", "log_url")
+    @field_validator("mq_url", "db_url", "log_url", "rq_url")
     @classmethod
     def _url(cls, value: str, info: ValidationInfo) -> str:
-        if value and "://" not in value:
-            example = _URL_EXAMPLES.get(str(info.field_name), "sqlite:///path")
+        if not value:
+            return value
+        example = _URL_EXAMPLES.get(str(info.field_name), "sqlite:///path")
+        if "://" not in value:
             raise ValueError(f"must be a URL such as {example}")
+        try:
+            urlsplit(value)  # a host in brackets that is no IPv6 address, a lone '['
+        except ValueError as exc:
+            raise ValueError(f"{exc}: not a URL such as {example}") from None
         return value
 
     @model_validator(mode="after")

@@ -47,7 +47,10 @@ def url_options(scheme: str) -> tuple[str, ...]:
 def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str, float]:
     """A redis-py client for queue URL ``url``, and fnq's own options: the key prefix
     and the time limit of each operation (``default_timeout_s`` when not given)."""
-    parts = urlsplit(url)
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:  # a host in brackets that is no IPv6 address
+        raise ConfigError(f"queue URL: {exc}") from None
     if parts.scheme.lower() == "unix" and (parts.hostname or not parts.path.strip("/")):
         raise ConfigError(
             "queue URL: unix:// takes the socket's absolute path and no host: unix:///PATH?db=DB"

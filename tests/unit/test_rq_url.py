@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import pytest
+
+from config.errors import ConfigError
+from mq.redis_url import open_client
 from mq.rq import without_fnq_options
 
 
@@ -12,3 +16,9 @@ def test_fnq_options_go_and_connection_options_stay() -> None:
     )
     assert without_fnq_options("redis://h:6379/0?prefix=x") == "redis://h:6379/0"
     assert without_fnq_options("redis://h:6379/0") == "redis://h:6379/0"
+
+
+def test_a_queue_url_that_does_not_split_is_a_config_error() -> None:
+    for url in ("redis://[::1:6379/0", "rediss://[redis-host]:6379/0"):
+        with pytest.raises(ConfigError, match=r"^queue URL: "):
+            open_client(url, 1.0)

@@ -240,3 +240,15 @@ def test_every_field_is_documented() -> None:
 def test_the_rq_urls_password_is_masked(settings_env: Path) -> None:
     view = public_view(load_settings(rq_url="redis://:hunter2@rq-host:6379/1?password=s3"))
     assert view["FN_RQ_URL"] == "redis://:***@rq-host:6379/1?password=***"
+
+
+@pytest.mark.parametrize("var", ["FN_MQ_URL", "FN_DB_URL", "FN_LOG_URL", "FN_RQ_URL"])
+@pytest.mark.parametrize("value", ["redis://[::1:6379/0", "file://[host]/x"])
+def test_a_url_that_does_not_split_names_its_variable(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch, var: str, value: str
+) -> None:
+    monkeypatch.setenv(var, value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert str(err.value).startswith(f"invalid settings: {var}={value!r}: Value error, ")
+    assert "not a URL such as" in str(err.value)
