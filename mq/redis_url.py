@@ -4,7 +4,9 @@ options they may carry, and the redis-py client one opens."""
 
 from __future__ import annotations
 
-from urllib.parse import SplitResult, parse_qsl, urlencode, urlsplit
+import math
+import re
+from urllib.parse import SplitResult, parse_qsl, unquote, urlencode, urlsplit
 
 import redis.asyncio as aioredis
 
@@ -28,6 +30,9 @@ TLS_URL_OPTIONS = (
     "ssl_ca_certs", "ssl_ca_path", "ssl_ca_data", "ssl_certfile", "ssl_keyfile",
     "ssl_password", "ssl_cert_reqs", "ssl_check_hostname",
 )  # fmt: skip
+
+_DB = re.compile(r"[0-9]+")
+_SECONDS = re.compile(r"[0-9]+(?:\.[0-9]*)?|\.[0-9]+")
 
 
 def with_query(parts: SplitResult, query: list[tuple[str, str]] | dict[str, str]) -> str:
@@ -66,10 +71,18 @@ def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str
             f" (accepted: {', '.join(accepted)})"
         )
     prefix = query.pop("prefix", wire.DEFAULT_PREFIX)
-    try:
-        timeout_s = float(query.pop("timeout_s", default_timeout_s))
-    except ValueError:
-        raise ConfigError("queue URL: timeout_s must be a number of seconds") from None
+    timeout_s = default_timeout_s
+    if "timeout_s" in query:
+        text = query.pop("timeout_s")
+        timeout_s = float(text) if _SECONDS.fullmatch(text) else math.nan
+        if not 0 < timeout_s < math.inf:
+            raise ConfigError(f"queue URL: timeout_s={text!r} must be a positive number of seconds")
+    # redis-py reads the database number with int(), which takes ' 1', '1_0' and
+    # other scripts' digits, and ignores a path it cannot read (db 0 instead).
+    db_path = unquote(parts.path) if parts.scheme.lower() != "unix" else ""
+    for db in (db_path.removeprefix("/") or None, query.get("db")):
+        if db is not None and not _DB.fullmatch(db):
+            raise ConfigError(f"queue URL: the database {db!r} must be a number, as in /0")
     if not prefix or any(c.isspace() for c in prefix):
         raise ConfigError(f"queue URL: prefix {prefix!r} must be non-empty, without spaces")
     clean = with_query(parts, query)

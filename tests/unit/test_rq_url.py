@@ -22,3 +22,26 @@ def test_a_queue_url_that_does_not_split_is_a_config_error() -> None:
     for url in ("redis://[::1:6379/0", "rediss://[redis-host]:6379/0"):
         with pytest.raises(ConfigError, match=r"^queue URL: "):
             open_client(url, 1.0)
+
+
+@pytest.mark.parametrize("value", ["-1", "0", "nan", "inf", "1_0", "\u0661", " 2", "1e3"])
+def test_a_queue_urls_timeout_is_a_positive_number(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"^queue URL: timeout_s=.* must be a positive number"):
+        open_client(f"redis://h:6379/0?timeout_s={value}", 1.0)
+
+
+@pytest.mark.parametrize(
+    "url", ["redis://h:6379/O", "redis://h/1/2", "redis://h/%201", "redis://h/\u0661", "redis://h?db=\u0661",
+            "unix:///run/redis.sock?db=1_0", "rediss://h/0?db=%2B1"],
+)  # fmt: skip
+def test_a_queue_urls_database_is_ascii_digits(url: str) -> None:
+    with pytest.raises(ConfigError, match=r"^queue URL: the database .* must be a number"):
+        open_client(url, 1.0)
+
+
+def test_a_queue_urls_numbers_are_taken_as_given() -> None:
+    client, prefix, timeout_s = open_client("redis://h:6379/12?timeout_s=2.5&prefix=p", 1.0)
+    assert (client.connection_pool.connection_kwargs["db"], prefix, timeout_s) == (12, "p", 2.5)
+    client, _, timeout_s = open_client("unix:///run/r.sock?db=3&timeout_s=.5", 1.0)
+    assert (client.connection_pool.connection_kwargs["db"], timeout_s) == (3, 0.5)
+    assert open_client("redis://h", 4.0)[2] == 4.0
