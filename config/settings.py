@@ -45,8 +45,9 @@ def default_data_dir() -> Path:
 
 
 def sqlite_url(path: Path) -> str:
-    """``sqlite:///`` and ``path`` made absolute, with a URL's own characters escaped."""
-    return f"sqlite://{quote(str(path.absolute()), safe='/')}"
+    """``sqlite:///`` and ``path`` made absolute, with a URL's own characters escaped;
+    a name's bytes that are not UTF-8 (kept by Python as surrogates) as their ``%XX``."""
+    return f"sqlite://{quote(str(path.absolute()), safe='/', errors='surrogateescape')}"
 
 
 def _msecs(description: str, default: int, **kw: Any) -> Any:

@@ -18,6 +18,7 @@ from config.settings import (
     unknown_env_names,
 )
 from datastore.sqlite import path_from_url
+from mq.sqlite import SqliteQueue
 from worker.cli import cli
 from worker.cli.config_cmd import markdown_table
 
@@ -252,3 +253,14 @@ def test_a_url_that_does_not_split_names_its_variable(
         load_settings()
     assert str(err.value).startswith(f"invalid settings: {var}={value!r}: Value error, ")
     assert "not a URL such as" in str(err.value)
+
+
+def test_a_data_dir_that_is_not_utf8_is_taken_as_its_bytes(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    data_dir = str(settings_env / "caf\udce9")  # b"caf\xe9": Latin-1, as os.environ keeps it
+    monkeypatch.setenv("FN_DATA_DIR", data_dir)
+    s = load_settings()
+    assert s.db_url == f"sqlite://{settings_env}/caf%E9/fnq.db"
+    assert path_from_url(s.db_url) == Path(data_dir) / "fnq.db"
+    assert SqliteQueue.from_url(s.mq_url, s).path == Path(data_dir) / "mq.db"
