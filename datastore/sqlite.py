@@ -45,7 +45,7 @@ _Op = tuple[Write, dict[str, Any], bytes | None]
 def path_from_url(url: str) -> Path:
     parts = urlsplit(url)
     path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
-    if parts.netloc or not path.strip("/"):
+    if parts.netloc or not path.strip("/") or "\x00" in path:
         raise StoreError(f"FN_DB_URL {url!r}: a SQLite URL looks like sqlite:///absolute/path.db")
     if parts.query or parts.fragment:
         raise StoreError(

@@ -68,7 +68,7 @@ class SqliteQueue:
     def from_url(cls, url: str, settings: Settings, *, create: bool = True) -> SqliteQueue:
         parts = urlsplit(url)
         path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
-        if parts.netloc or not path.strip("/"):
+        if parts.netloc or not path.strip("/") or "\x00" in path:
             raise ConfigError(f"queue URL {url!r}: a SQLite URL looks like sqlite:///abs/path.db")
         if parts.query or parts.fragment:
             raise ConfigError(

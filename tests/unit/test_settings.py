@@ -17,6 +17,7 @@ from config.settings import (
     public_view,
     unknown_env_names,
 )
+from datastore.errors import StoreError
 from datastore.sqlite import path_from_url
 from mq.sqlite import SqliteQueue
 from worker.cli import cli
@@ -264,3 +265,11 @@ def test_a_data_dir_that_is_not_utf8_is_taken_as_its_bytes(
     assert s.db_url == f"sqlite://{settings_env}/caf%E9/fnq.db"
     assert path_from_url(s.db_url) == Path(data_dir) / "fnq.db"
     assert SqliteQueue.from_url(s.mq_url, s).path == Path(data_dir) / "mq.db"
+
+
+@pytest.mark.parametrize("url", ["sqlite:///tmp/a%00b.db", "sqlite:///%00"])
+def test_a_sqlite_url_naming_a_nul_byte_is_refused(settings_env: Path, url: str) -> None:
+    with pytest.raises(StoreError, match=r"a SQLite URL looks like sqlite:///absolute/path\.db"):
+        path_from_url(url)
+    with pytest.raises(ConfigError, match=r"a SQLite URL looks like sqlite:///abs/path\.db"):
+        SqliteQueue.from_url(url, load_settings())
