@@ -339,12 +339,13 @@ async def open_log_store(settings: Settings) -> LogStore | None:
     if parts.scheme == "file":
         from datastore.filelogs import FileLogStore  # noqa: PLC0415 - chosen by URL
 
-        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment:
+        path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
+        if parts.netloc not in ("", "localhost") or parts.query or parts.fragment or "\x00" in path:
             raise UnsupportedURL(
                 f"FN_LOG_URL={settings.log_url!r}: a log directory URL is file:///ABSOLUTE/DIR,"
                 " with no host and no options"
             )
-        return FileLogStore(unquote(parts.path))
+        return FileLogStore(path)
     raise UnsupportedURL(
         f"FN_LOG_URL={settings.log_url!r}: unsupported scheme {parts.scheme!r} "
         "(use file:///DIR, or leave it empty to keep logs in the datastore)"

@@ -7,6 +7,8 @@ from pathlib import Path
 import pytest
 
 from config.domain import new_call_id
+from config.settings import load_settings
+from datastore.base import open_log_store
 from datastore.errors import StoreError, StoreUnavailable
 from datastore.filelogs import FileLogStore
 
@@ -54,3 +56,11 @@ async def test_a_failed_write_is_a_retryable_error(tmp_path: Path) -> None:
     store = FileLogStore(blocked)
     with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed"):
         await store.put_log("order-1", b"x")
+
+
+async def test_a_log_url_is_read_as_its_bytes_and_refuses_nul(settings_env: Path) -> None:
+    store = await open_log_store(load_settings(log_url=f"file://{settings_env}/caf%E9"))
+    assert isinstance(store, FileLogStore)
+    assert store.directory == settings_env / "caf\udce9"  # b"caf\xe9", not U+FFFD
+    with pytest.raises(StoreError, match="a log directory URL is file:///ABSOLUTE/DIR"):
+        await open_log_store(load_settings(log_url=f"file://{settings_env}/a%00b"))
