@@ -359,6 +359,8 @@ def load_settings(**overrides: Any) -> Settings:
     """Read the settings, turning validation errors into one readable ConfigError."""
     try:
         return Settings(**overrides)
+    except UnicodeDecodeError as exc:  # reading .env
+        raise ConfigError(f".env: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     except ValidationError as exc:
         problems = []
         for err in exc.errors():

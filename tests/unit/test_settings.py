@@ -273,3 +273,13 @@ def test_a_sqlite_url_naming_a_nul_byte_is_refused(settings_env: Path, url: str)
         path_from_url(url)
     with pytest.raises(ConfigError, match=r"a SQLite URL looks like sqlite:///abs/path\.db"):
         SqliteQueue.from_url(url, load_settings())
+
+
+def test_a_dot_env_that_is_not_utf8_is_one_line(settings_env: Path) -> None:
+    (settings_env / ".env").write_bytes(b"FN_LOG_LEVEL=debug\nFN_IOFS_OPTS=caf\xe9\n")
+    with pytest.raises(ConfigError, match=r"^\.env: not UTF-8 text \(invalid .* at byte 35\)$"):
+        load_settings()
+    result = CliRunner().invoke(cli, ["config"])
+    assert result.exit_code == 1
+    [line] = result.stderr.splitlines()
+    assert line.startswith("fnq: .env: not UTF-8 text (")
