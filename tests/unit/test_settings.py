@@ -283,3 +283,11 @@ def test_a_dot_env_that_is_not_utf8_is_one_line(settings_env: Path) -> None:
     assert result.exit_code == 1
     [line] = result.stderr.splitlines()
     assert line.startswith("fnq: .env: not UTF-8 text (")
+
+
+@pytest.mark.parametrize("value", ["\u0131nfo", "warn\u0131ng", "cr\u0131t\u0131cal"])
+def test_a_log_level_is_ascii(settings_env: Path, value: str) -> None:
+    """A dotless i upper-cases to I: the name is checked as given, not as upper-cased."""
+    with pytest.raises(ConfigError, match=rf"FN_LOG_LEVEL={value!r}: .*must be one of DEBUG,"):
+        load_settings(log_level=value)
+    assert load_settings(log_level="critical").log_level == "CRITICAL"
