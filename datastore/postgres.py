@@ -37,7 +37,7 @@ import logging
 from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
-from urllib.parse import parse_qsl, urlsplit
+from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 
@@ -198,6 +198,36 @@ ASYNCPG_URL_OPTIONS = (
 )  # fmt: skip
 
 
+def url_problem(url: str) -> str | None:
+    """What asyncpg would fail on in ``url`` with a ValueError, OverflowError or
+    IndexError instead of its own error, or read otherwise than written: a port
+    that is not a number from 1 to 65535 (in the host list or ``?port=``), an empty
+    entry in the host list, text after ``[IPv6]`` that is not ``:PORT`` (dropped)."""
+    try:
+        parts = urlsplit(url)
+    except ValueError as exc:
+        return str(exc)
+    ports = []
+    hostlist = parts.netloc.rpartition("@")[2]
+    for spec in hostlist.split(",") if hostlist else ():
+        if not spec:
+            return f"the host list {hostlist!r} has an empty entry"
+        if spec.startswith("["):  # [IPv6]:PORT
+            rest = spec.partition("]")[2]
+            if rest and not rest.startswith(":"):
+                return f"host {spec!r} is not [IPv6 address]:PORT"
+            ports.append(rest[1:])
+        else:
+            ports.append(spec.partition(":")[2])
+    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+        if name == "port":
+            ports.extend(value.split(","))
+    for port in (unquote(p) for p in ports if p):
+        if not (port.isascii() and port.isdigit() and 1 <= int(port) <= 65535):
+            return f"port {port!r} is not a number from 1 to 65535"
+    return None
+
+
 def _refused(url: str, exc: asyncpg.PostgresError) -> FnqError:
     """The error for a server that refused the connection: a URL option or the login."""
     for name, value in parse_qsl(urlsplit(url).query, keep_blank_values=True):
@@ -239,6 +269,9 @@ class PostgresDatastore(SqlDatastore):
 
     @classmethod
     async def open(cls, settings: Settings, logs: LogStore | None) -> PostgresDatastore:
+        problem = url_problem(settings.db_url)
+        if problem:
+            raise ConfigError(f"FN_DB_URL: {problem}")
         try:
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 pool = await asyncpg.create_pool(

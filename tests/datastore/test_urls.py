@@ -12,6 +12,7 @@ from config.settings import load_settings
 from datastore.base import open_datastore
 from datastore.common import SqlDatastore
 from datastore.errors import StoreError
+from datastore.postgres import url_problem
 from tests.datastore.conftest import fresh_pg_database
 from tests.rig import PostgresServer
 from worker.cli import cli
@@ -108,3 +109,29 @@ async def test_a_log_directory_url_may_name_localhost_and_escape(settings_env: P
     await store.close()
     assert store._external_logs is not None  # a file log store under the unescaped path
     assert store._external_logs.path_of("order-1").is_relative_to(settings_env / "my logs")
+
+
+@pytest.mark.parametrize(
+    ("url", "problem"),
+    [
+        ("postgresql://u@db:abc/fnq", "port 'abc' is not a number from 1 to 65535"),
+        ("postgresql://u@db:99999/fnq", "port '99999' is not a number from 1 to 65535"),
+        ("postgres://u@db1:5432,db2:x/fnq", "port 'x' is not a number from 1 to 65535"),
+        ("postgresql://u@db/fnq?port=0", "port '0' is not a number from 1 to 65535"),
+        ("postgresql://u@db1,/fnq", "the host list 'db1,' has an empty entry"),
+        ("postgresql://u@[::1]5432/fnq", "host '[::1]5432' is not [IPv6 address]:PORT"),
+    ],
+)
+async def test_a_postgres_url_asyncpg_cannot_read_is_a_config_error(
+    settings_env: Path, url: str, problem: str
+) -> None:
+    """Refused before any connection: asyncpg raised ValueError, OverflowError or IndexError."""
+    with pytest.raises(ConfigError) as err:
+        await open_datastore(load_settings(db_url=url))
+    assert str(err.value) == f"FN_DB_URL: {problem}"
+
+
+def test_good_postgres_urls_have_no_problem() -> None:
+    for url in ("postgresql://u:p%40ss@db:5432/fnq?sslmode=require", "postgres:///fnq?host=/run/pg",
+                "postgresql://u@db1:5432,[::1]:6432,db3/fnq?port=5432,5433,5434"):  # fmt: skip
+        assert url_problem(url) is None
