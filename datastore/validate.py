@@ -125,7 +125,7 @@ def apply_changes(fn: Function, changes: Mapping[str, Any]) -> Function:
 
 # ------------------------------------------------------------------ user times
 
-_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*")
+_DURATION = re.compile(r"\s*(\d+(?:\.\d+)?)\s*(ms|s|m|h|d|w)?\s*", re.ASCII)  # ASCII digits, spaces
 _UNIT_S = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, "w": 604800.0}
 
 

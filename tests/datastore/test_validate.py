@@ -109,3 +109,13 @@ def test_cursor_round_trip() -> None:
     for bad in ("***", "", "Zm9vLWJhcg", "MTJ-LXg", "MDFIWDAwMDAwMDAwMDAwMDAwMDAwMDAwMDA"):
         with pytest.raises(InvalidCursor):
             decode_cursor(bad)
+
+
+@pytest.mark.parametrize("text", ["\u0667d", "1\u0660m", "\uff13h", "5\u2003s"])
+def test_durations_are_ascii(text: str) -> None:
+    """Other scripts' digits and spaces: int() and float() take them, fnq does not."""
+    with pytest.raises(ValueError, match="is not a duration"):
+        parse_duration(text)
+    with pytest.raises(ValueError, match="neither a duration"):
+        parse_since(text)
+    assert parse_duration(" 7d ") == timedelta(days=7)
