@@ -38,7 +38,8 @@ _HOST = rf"(?:{_LABEL}(?:\.{_LABEL})*)"
 _IMAGE = re.compile(
     rf"(?:{_HOST}(?::[0-9]+)?/)?{_COMPONENT}(?:/{_COMPONENT})*"
     r"(?::[\w][\w.-]{0,127})?"
-    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?"
+    r"(?:@[A-Za-z][A-Za-z0-9]*(?:[-_+.][A-Za-z][A-Za-z0-9]*)*:[0-9a-fA-F]{32,})?",
+    re.ASCII,  # \w of a tag: [A-Za-z0-9_]
 )
 
 # Fields a caller may change with update_fn; identity and timestamps are the store's.

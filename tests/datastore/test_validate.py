@@ -119,3 +119,12 @@ def test_durations_are_ascii(text: str) -> None:
     with pytest.raises(ValueError, match="neither a duration"):
         parse_since(text)
     assert parse_duration(" 7d ") == timedelta(days=7)
+
+
+@pytest.mark.parametrize(
+    "image", ["hello:caf\u00e9", "hello:\u0661", "hello:v\u00b2", "team/a:\u00e9t\u00e9"]
+)
+def test_an_image_tag_is_ascii(image: str) -> None:
+    """Docker refuses such tags ("invalid reference format") only when pulling."""
+    assert image_problem(image) is not None
+    assert image_problem("hello:Caf_e-1.0") is None
