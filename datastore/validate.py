@@ -75,13 +75,23 @@ def _range(label: str, value: float, low: float, high: float, unit: str) -> str 
     return f"{label} must be between {low:g} and {high:g} {unit}, not {value:g}"
 
 
+def _is_utf8(text: str) -> bool:
+    """False for a lone surrogate: bytes that were not UTF-8, which no store can hold."""
+    try:
+        text.encode()
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
 def _config_problems(config: Mapping[str, str]) -> Iterable[str]:
     if len(config) > CONFIG_ENTRIES_MAX:
         yield f"config may hold at most {CONFIG_ENTRIES_MAX} entries"
     for key, value in config.items():
         if not _ENV_KEY.fullmatch(key):
             yield f"config key {key!r} is not a valid environment variable name"
-        if "\x00" in value or len(value.encode()) > CONFIG_VALUE_BYTES_MAX:
+        size = len(value.encode(errors="surrogatepass"))
+        if "\x00" in value or size > CONFIG_VALUE_BYTES_MAX or not _is_utf8(value):
             yield f"config value of {key!r} must be text under {CONFIG_VALUE_BYTES_MAX} bytes"
 
 

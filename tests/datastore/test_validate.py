@@ -128,3 +128,9 @@ def test_an_image_tag_is_ascii(image: str) -> None:
     """Docker refuses such tags ("invalid reference format") only when pulling."""
     assert image_problem(image) is not None
     assert image_problem("hello:Caf_e-1.0") is None
+
+
+def test_a_config_value_that_is_not_utf8_is_a_problem() -> None:
+    fn = Function(app="a", name="b", image="img", config={"K": "caf\udce9"})
+    with pytest.raises(InvalidFunction, match=r"config value of 'K' must be text under 32768"):
+        validate_function(fn)
