@@ -202,7 +202,8 @@ def url_problem(url: str) -> str | None:
     """What asyncpg would fail on in ``url`` with a ValueError, OverflowError or
     IndexError instead of its own error, or read otherwise than written: a port
     that is not a number from 1 to 65535 (in the host list or ``?port=``), an empty
-    entry in the host list, text after ``[IPv6]`` that is not ``:PORT`` (dropped)."""
+    entry in the host list, text after ``[IPv6]`` that is not ``:PORT`` (dropped),
+    an option that is not ``NAME=VALUE``."""
     try:
         parts = urlsplit(url)
     except ValueError as exc:
@@ -219,7 +220,11 @@ def url_problem(url: str) -> str | None:
             ports.append(rest[1:])
         else:
             ports.append(spec.partition(":")[2])
-    for name, value in parse_qsl(parts.query, keep_blank_values=True):
+    try:  # asyncpg reads the query strictly: every field NAME=VALUE
+        query = parse_qsl(parts.query, strict_parsing=bool(parts.query))
+    except ValueError:
+        return f"the options {parts.query!r} are not NAME=VALUE&..."
+    for name, value in query:
         if name == "port":
             ports.extend(value.split(","))
     for port in (unquote(p) for p in ports if p):
