@@ -43,10 +43,14 @@ _Op = tuple[Write, dict[str, Any], bytes | None]
 
 
 def path_from_url(url: str) -> Path:
-    parts = urlsplit(url)
+    malformed = f"FN_DB_URL {url!r}: a SQLite URL looks like sqlite:///absolute/path.db"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a '[' that opens no IPv6 address
+        raise StoreError(malformed) from None
     path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
     if parts.netloc or not path.strip("/") or "\x00" in path:
-        raise StoreError(f"FN_DB_URL {url!r}: a SQLite URL looks like sqlite:///absolute/path.db")
+        raise StoreError(malformed)
     if parts.query or parts.fragment:
         raise StoreError(
             f"FN_DB_URL {url!r}: a SQLite URL takes no options"

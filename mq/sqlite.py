@@ -66,10 +66,14 @@ class SqliteQueue:
 
     @classmethod
     def from_url(cls, url: str, settings: Settings, *, create: bool = True) -> SqliteQueue:
-        parts = urlsplit(url)
+        malformed = f"queue URL {url!r}: a SQLite URL looks like sqlite:///abs/path.db"
+        try:
+            parts = urlsplit(url)
+        except ValueError:  # a '[' that opens no IPv6 address
+            raise ConfigError(malformed) from None
         path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
         if parts.netloc or not path.strip("/") or "\x00" in path:
-            raise ConfigError(f"queue URL {url!r}: a SQLite URL looks like sqlite:///abs/path.db")
+            raise ConfigError(malformed)
         if parts.query or parts.fragment:
             raise ConfigError(
                 f"queue URL {url!r}: a SQLite URL takes no options"

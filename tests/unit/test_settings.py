@@ -291,3 +291,11 @@ def test_a_log_level_is_ascii(settings_env: Path, value: str) -> None:
     with pytest.raises(ConfigError, match=rf"FN_LOG_LEVEL={value!r}: .*must be one of DEBUG,"):
         load_settings(log_level=value)
     assert load_settings(log_level="critical").log_level == "CRITICAL"
+
+
+@pytest.mark.parametrize("url", ["sqlite://[/tmp/fnq.db", "sqlite://[x]/tmp/fnq.db"])
+def test_a_sqlite_url_that_does_not_split_is_refused(settings_env: Path, url: str) -> None:
+    with pytest.raises(StoreError, match=r"a SQLite URL looks like sqlite:///absolute/path\.db"):
+        path_from_url(url)
+    with pytest.raises(ConfigError, match=r"a SQLite URL looks like sqlite:///abs/path\.db"):
+        SqliteQueue.from_url(url, load_settings())
