@@ -209,7 +209,8 @@ def url_problem(url: str) -> str | None:
     except ValueError as exc:
         return str(exc)
     ports = []
-    hostlist = parts.netloc.rpartition("@")[2]
+    netloc = parts.netloc
+    hostlist = netloc.partition("@")[2] if "@" in netloc else netloc  # the first '@', as asyncpg
     for spec in hostlist.split(",") if hostlist else ():
         if not spec:
             return f"the host list {hostlist!r} has an empty entry"

@@ -120,6 +120,7 @@ async def test_a_log_directory_url_may_name_localhost_and_escape(settings_env: P
         ("postgresql://u@db/fnq?port=0", "port '0' is not a number from 1 to 65535"),
         ("postgresql://u@db1,/fnq", "the host list 'db1,' has an empty entry"),
         ("postgresql://u@[::1]5432/fnq", "host '[::1]5432' is not [IPv6 address]:PORT"),
+        ("postgresql://u@db:@5432/fnq", "port '@5432' is not a number from 1 to 65535"),
         ("postgresql://u@db/fnq?sslmode", "the options 'sslmode' are not NAME=VALUE&..."),
         ("postgresql://u@db/fnq?a=1&", "the options 'a=1&' are not NAME=VALUE&..."),
     ],
