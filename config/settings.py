@@ -51,6 +51,7 @@ def sqlite_url(path: Path) -> str:
 
 
 def _msecs(description: str, default: int, **kw: Any) -> Any:
+    kw.setdefault("le", _MAX_MSECS)  # longer is never in practice: a negative value says so
     return Field(default, description=description, **kw)
 
 

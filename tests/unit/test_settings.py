@@ -128,6 +128,14 @@ def test_negative_msecs_mean_disabled(settings_env: Path) -> None:
     assert load_settings(freeze_idle_msecs=0).freeze_idle_s == 0.0
 
 
+def test_msecs_stop_at_ten_years(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    ten_years = 10 * 365 * 24 * 3600 * 1000
+    assert load_settings(hot_poll_msecs=ten_years).secs("hot_poll_msecs") == ten_years / 1000
+    monkeypatch.setenv("FN_HOT_POLL_MSECS", str(10**21))  # "never" is written -1
+    with pytest.raises(ConfigError, match=r"FN_HOT_POLL_MSECS='1000000000000000000000': .*equal"):
+        load_settings()
+
+
 def test_secrets_are_masked(settings_env: Path) -> None:
     s = load_settings(
         sentry_dsn="https://key@sentry.example/1",
