@@ -49,6 +49,17 @@ def url_options(scheme: str) -> tuple[str, ...]:
     return (*FNQ_URL_OPTIONS, *REDIS_URL_OPTIONS, *tls)
 
 
+def check_database(parts: SplitResult, label: str = "queue URL") -> None:
+    """ConfigError unless the database number (path or ``?db=``) is ASCII digits:
+    redis-py reads it with int(), which takes ' 1', '1_0' and other scripts' digits,
+    and ignores a path it cannot read (database 0 instead)."""
+    db_path = unquote(parts.path) if parts.scheme.lower() != "unix" else ""
+    query = dict(parse_qsl(parts.query, keep_blank_values=True))
+    for db in (db_path.removeprefix("/") or None, query.get("db")):
+        if db is not None and not _DB.fullmatch(db):
+            raise ConfigError(f"{label}: the database {db!r} must be a number, as in /0")
+
+
 def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str, float]:
     """A redis-py client for queue URL ``url``, and fnq's own options: the key prefix
     and the time limit of each operation (``default_timeout_s`` when not given)."""
@@ -77,12 +88,7 @@ def open_client(url: str, default_timeout_s: float) -> tuple[aioredis.Redis, str
         timeout_s = float(text) if _SECONDS.fullmatch(text) else math.nan
         if not 0 < timeout_s < math.inf:
             raise ConfigError(f"queue URL: timeout_s={text!r} must be a positive number of seconds")
-    # redis-py reads the database number with int(), which takes ' 1', '1_0' and
-    # other scripts' digits, and ignores a path it cannot read (db 0 instead).
-    db_path = unquote(parts.path) if parts.scheme.lower() != "unix" else ""
-    for db in (db_path.removeprefix("/") or None, query.get("db")):
-        if db is not None and not _DB.fullmatch(db):
-            raise ConfigError(f"queue URL: the database {db!r} must be a number, as in /0")
+    check_database(parts)
     if not prefix or any(c.isspace() for c in prefix):
         raise ConfigError(f"queue URL: prefix {prefix!r} must be non-empty, without spaces")
     clean = with_query(parts, query)

@@ -61,7 +61,7 @@ from mq.base import (
     claim_shielded,
 )
 from mq.errors import QueueError, QueueUnavailable, ReservationLost
-from mq.redis_url import FNQ_URL_OPTIONS, with_query
+from mq.redis_url import FNQ_URL_OPTIONS, check_database, with_query
 
 __all__ = ["RQDepth", "RQQueue", "open_rq_queues"]
 
@@ -152,9 +152,13 @@ class RQQueue:
     def from_url(cls, url: str, queue_names: Sequence[str], settings: Settings) -> RQQueue:
         if url.partition("://")[0].lower() not in REDIS_SCHEMES:
             raise ConfigError(f"RQ queues need a redis://, rediss:// or unix:// URL, not {url!r}")
-        url = without_fnq_options(url)
-        client = aioredis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=None)
-        sync = Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=OP_TIMEOUT_S)
+        try:
+            check_database(urlsplit(url), "RQ URL")
+            url = without_fnq_options(url)
+            client = aioredis.Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=None)
+            sync = Redis.from_url(url, socket_connect_timeout=5.0, socket_timeout=OP_TIMEOUT_S)
+        except ValueError as exc:  # urlsplit or redis-py: a part it cannot read
+            raise ConfigError(f"RQ URL: {exc}") from None
         return cls(client, sync, queue_names, settings)
 
     @property

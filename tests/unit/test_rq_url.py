@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from config.errors import ConfigError
+from config.settings import load_settings
 from mq.redis_url import open_client
-from mq.rq import without_fnq_options
+from mq.rq import RQQueue, without_fnq_options
 
 
 def test_fnq_options_go_and_connection_options_stay() -> None:
@@ -45,3 +48,26 @@ def test_a_queue_urls_numbers_are_taken_as_given() -> None:
     client, _, timeout_s = open_client("unix:///run/r.sock?db=3&timeout_s=.5", 1.0)
     assert (client.connection_pool.connection_kwargs["db"], timeout_s) == (3, 0.5)
     assert open_client("redis://h", 4.0)[2] == 4.0
+
+
+@pytest.mark.parametrize(
+    ("url", "reason"),
+    [
+        ("redis://h:6379/O", r"the database 'O' must be a number"),  # redis-py: database 0
+        ("redis://h/\u0661", r"the database .* must be a number"),
+        ("redis://[::1:6379/0", r"Invalid IPv6 URL"),
+        ("redis://h:6379/0?socket_timeout=soon", r"Invalid value for 'socket_timeout'"),
+    ],
+)
+def test_an_rq_url_redis_py_would_misread_is_a_config_error(
+    url: str, reason: str, settings_env: Path
+) -> None:
+    settings = load_settings()
+    with pytest.raises(ConfigError, match=rf"^RQ URL: {reason}"):
+        RQQueue.from_url(url, ["default"], settings)
+    assert (
+        RQQueue.from_url(
+            "redis://h:6379/3", ["default"], settings
+        )._sync.connection_pool.connection_kwargs["db"]
+        == 3
+    )
