@@ -6,6 +6,7 @@ from typing import Any
 import pytest
 
 from tests.agent.conftest import make_fn
+from worker.agent.errors import ContainerInitFailed, ServerBusy
 from worker.agent.evictor import Evictor
 from worker.agent.logbuf import LogBuffer, truncation_marker
 from worker.agent.resources import Shortfall
@@ -137,6 +138,29 @@ def test_only_callers_that_asked_count_towards_a_launch() -> None:
     q.leave(a)
     q.leave(a)
     assert q.asking == 1 and not q.new_container_needed()
+
+
+def test_callers_with_a_launch_error_ask_for_no_container() -> None:
+    # They only have to wake up and leave; a launch the launcher makes before they
+    # have run would start a container no call waits for.
+    q = queue()
+    a, b, c = Caller("a"), Caller("b"), Caller("c")
+    for caller in (a, b, c):
+        q.join(caller)
+        q.nudge(caller)
+    assert q.fail_waiting(ContainerInitFailed("no socket")) == 3
+    assert q.asking == 0 and not q.new_container_needed()
+    q.nudge(a)  # a nudge already on its way does not count it again
+    assert q.asking == 0 and not q.new_container_needed()
+    d = Caller("d")
+    q.join(d)
+    q.nudge(d)
+    assert q.asking == 1 and q.new_container_needed()
+    assert q.fail(d, ContainerInitFailed("no socket")) and not q.fail(d, ServerBusy())
+    assert q.asking == 0 and not q.new_container_needed()
+    for caller in (a, b, c, d):
+        q.leave(caller)
+    assert q.asking == 0 and q.requests[RequestState.WAIT] == 0
 
 
 # ------------------------------------------------------------- slots

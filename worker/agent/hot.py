@@ -226,7 +226,7 @@ class HotContainer:
         alike, a few start turns after another. (Starts of it still waiting for a
         turn are then dropped: no call waits for them.)"""
         owner = self.queue.launch_owner(self.owner)
-        told = owner is not None and owner.fail(exc)
+        told = owner is not None and self.queue.fail(owner, exc)
         if isinstance(exc, SHARED_START_FAILURES) and self.queue.serving_containers() == 0:
             others = self.queue.fail_waiting(exc)
             if others:

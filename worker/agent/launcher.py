@@ -166,7 +166,6 @@ class Launcher:
             log.warning("evicted containers of other functions are slow to go")
         return not pending
 
-    @staticmethod
-    def _tell(caller: Caller | None, exc: AgentError) -> None:
-        if caller is None or not caller.fail(exc):
+    def _tell(self, caller: Caller | None, exc: AgentError) -> None:
+        if caller is None or not self.queue.fail(caller, exc):
             log.info("launch failed, no call waits for it: %s", exc)

@@ -235,9 +235,20 @@ class SlotQueue:
         """Containers of the queue that have started: idle, paused or busy."""
         return sum(self.containers[state] for state in SERVING_STATES)
 
+    def fail(self, caller: Caller, error: AgentError) -> bool:
+        """Hand a launch error to ``caller``; False if it no longer waits or has one.
+        A caller with an error asks for no container any more: it only has to wake up
+        and leave, and a launch for it would start a container no call waits for."""
+        if not caller.fail(error):
+            return False
+        if caller.asked and caller in self.waiters:
+            caller.asked = False
+            self.asking -= 1
+        return True
+
     def fail_waiting(self, error: AgentError) -> int:
         """Hand ``error`` to every waiting call that has none yet; how many got it."""
-        return sum(caller.fail(error) for caller in list(self.waiters))
+        return sum(self.fail(caller, error) for caller in list(self.waiters))
 
     # ------------------------------------------------------------ counts
     def move(self, old: ContainerState | None, new: ContainerState) -> None:
@@ -304,7 +315,7 @@ class SlotQueue:
 
     def nudge(self, caller: Caller) -> None:
         """Ask the launcher to check whether a container is needed."""
-        if not caller.asked and caller in self.waiters:
+        if not caller.asked and caller.error is None and caller in self.waiters:
             caller.asked = True
             self.asking += 1
         self._nudger = caller
