@@ -387,6 +387,24 @@ async def test_a_container_exiting_while_idle_leaves_quietly(agents: AgentFactor
     assert second.status is CallStatus.SUCCESS and second.container_id != first.container_id
 
 
+async def test_a_call_on_a_container_that_died_unnoticed_runs_on_another(
+    agents: AgentFactory,
+) -> None:
+    # The container died while idle and the agent has not heard of the exit yet: its
+    # socket takes no connection, the request never left, and the call is not the
+    # function's failure.
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    first = await agent.submit(make_call(fn), fn)
+    driver.containers[0].exit(ExitInfo(exit_code=1))
+    second = await agent.submit(make_call(fn), fn)  # before the exit reaches the agent
+    assert second.status is CallStatus.SUCCESS, second.error
+    assert second.container_id not in (None, first.container_id)
+    assert [len(c.requests) for c in driver.containers] == [1, 1]
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
 def test_every_not_started_error_has_a_failure_kind() -> None:
     for cls in (AgentClosed, ImageNotFound, ImagePullTimeout, ContainerInitFailed):
         assert isinstance(cls.failure, FailureKind)

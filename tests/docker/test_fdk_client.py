@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from tests.docker.conftest import request
-from worker.agent.errors import DispatchError, InvalidResponse, ResponseTooBig
+from worker.agent.errors import DispatchError, InvalidResponse, NotDelivered, ResponseTooBig
 from worker.agent.fdk import FdkClient, request_headers, rfc3339
 
 Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
@@ -165,10 +165,10 @@ async def test_broken_answers_are_dispatch_errors(answer: bytes) -> None:
     assert isinstance(caught.value, InvalidResponse) == (answer.startswith(b"garbage"))
 
 
-async def test_no_listener_is_a_dispatch_error() -> None:
+async def test_no_listener_is_a_dispatch_error_that_sent_nothing() -> None:
     client = FdkClient(f"/tmp/fnq-missing-{secrets.token_hex(4)}.sock")
     try:
-        with pytest.raises(DispatchError, match="error receiving function response"):
+        with pytest.raises(NotDelivered, match="cannot connect to the function"):
             await client.call(request())
     finally:
         await client.close()

@@ -17,6 +17,7 @@
      |    +-- ContainerExited      died during a call (exit code, out of memory)
      |    +-- FreezeFailed         docker pause/unpause failed
      +-- DispatchError            the HTTP exchange over the socket failed
+          +-- NotDelivered         no connection to the socket: the request never left
           +-- ResponseTooBig       body or headers over the limit
           +-- InvalidResponse      status other than 200/502/504, or malformed
 
@@ -94,6 +95,10 @@ class DispatchError(AgentError):
     """The socket exchange failed; the container's state is unknown, retire it."""
 
     failure = FailureKind.FUNCTION
+
+
+class NotDelivered(DispatchError):
+    """The function's socket took no connection: nothing was sent, nothing ran."""
 
 
 class ResponseTooBig(DispatchError):

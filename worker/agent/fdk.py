@@ -38,7 +38,7 @@ from types import MappingProxyType
 from typing import cast
 
 from worker.agent.driver import DispatchRequest, DispatchResult
-from worker.agent.errors import DispatchError, InvalidResponse, ResponseTooBig
+from worker.agent.errors import DispatchError, InvalidResponse, NotDelivered, ResponseTooBig
 from worker.agent.http1 import HeadTooBig, Incomplete, ParseError, RawResponse, ResponseParser
 
 DEFAULT_MAX_HEADER_BYTES = 10 * 1024 * 1024
@@ -197,10 +197,15 @@ class FdkClient:
 
     async def _connect(self, deadline: float) -> _Connection:
         self._drop()
-        async with asyncio.timeout_at(deadline):
-            _, conn = await asyncio.get_running_loop().create_unix_connection(
-                lambda: _Connection(self._max_header, self._max_body), self.socket_path
-            )
+        try:
+            async with asyncio.timeout_at(deadline):
+                _, conn = await asyncio.get_running_loop().create_unix_connection(
+                    lambda: _Connection(self._max_header, self._max_body), self.socket_path
+                )
+        except TimeoutError:
+            raise
+        except OSError as exc:  # no listener (a dead container): the request never left
+            raise NotDelivered(f"cannot connect to the function: {exc}") from exc
         self.connections_made += 1
         self._conn = conn
         return conn

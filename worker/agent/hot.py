@@ -18,7 +18,8 @@ its own slot and leaves. Leaving removes the container, then frees its
 memory and CPU, then tells the evictor it is gone.
 
 A call that finds its container broken before dispatch (exited, failed to
-unpause) gets :class:`SlotUnusable` and looks for another slot: nothing ran.
+unpause, or its socket takes no connection: dead, with the exit not reported
+yet) gets :class:`SlotUnusable` and looks for another slot: nothing ran.
 """
 
 from __future__ import annotations
@@ -50,6 +51,7 @@ from worker.agent.errors import (
     ImageNotFound,
     ImagePullTimeout,
     InvalidResponse,
+    NotDelivered,
     ResponseTooBig,
 )
 from worker.agent.evictor import Evictor
@@ -460,6 +462,9 @@ class HotContainer:
             )
         except Interrupted:
             return self._judge_interrupt(stop)
+        except NotDelivered as exc:  # dead before the call, though its exit is not in yet
+            self.retire(f"the function's socket took no connection: {exc}")
+            raise SlotUnusable(str(exc)) from exc
         except TimeoutError:
             self.retire("a call ran past its timeout")
             return ExecEnd.TIMED_OUT, None, f"the function ran longer than {timeout_s:g} s"

@@ -28,7 +28,7 @@ from worker.agent.driver import (
     ExitInfo,
     OutputSink,
 )
-from worker.agent.errors import DispatchError, FreezeFailed
+from worker.agent.errors import DispatchError, FreezeFailed, NotDelivered
 
 Handler = Callable[["FakeContainer", DispatchRequest], Coroutine[Any, Any, DispatchResult]]
 
@@ -169,8 +169,8 @@ class FakeContainer:
     async def dispatch(
         self, request: DispatchRequest, sink: OutputSink | None = None
     ) -> DispatchResult:
-        if self.state != "running":
-            raise DispatchError(f"container {self.id} is {self.state}")
+        if self.state != "running":  # its socket takes no connection
+            raise NotDelivered(f"container {self.id} is {self.state}")
         self._sink = sink
         try:
             return await self._dispatch(request)
