@@ -31,6 +31,7 @@ from worker.agent.errors import (
     ImageNotFound,
     ImagePullTimeout,
     InvalidResponse,
+    NotDelivered,
     ResponseTooBig,
 )
 from worker.agent.logbuf import truncation_marker
@@ -402,6 +403,21 @@ async def test_a_call_on_a_container_that_died_unnoticed_runs_on_another(
     assert second.status is CallStatus.SUCCESS, second.error
     assert second.container_id not in (None, first.container_id)
     assert [len(c.requests) for c in driver.containers] == [1, 1]
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
+async def test_a_live_container_whose_socket_refuses_fails_the_call(
+    agents: AgentFactory,
+) -> None:
+    # Alive, yet nothing listens: the function's fault. The call ends once, as an
+    # error, rather than moving from one new container to the next.
+    driver = FakeDriver(FakeBehaviour(handler=fail(NotDelivered("connection refused"))))
+    agent = agents(driver)
+    fn = make_fn()
+    out = await agent.submit(make_call(fn), fn)
+    assert out.status is CallStatus.ERROR
+    assert out.error == "the function's socket took no connection: connection refused"
+    assert len(driver.containers) == 1
     await driver.wait_until(lambda: driver.removes == 1)
 
 

@@ -18,8 +18,10 @@ its own slot and leaves. Leaving removes the container, then frees its
 memory and CPU, then tells the evictor it is gone.
 
 A call that finds its container broken before dispatch (exited, failed to
-unpause, or its socket takes no connection: dead, with the exit not reported
-yet) gets :class:`SlotUnusable` and looks for another slot: nothing ran.
+unpause, or its socket takes no connection and the container turns out to be
+dead, its exit not reported yet) gets :class:`SlotUnusable` and looks for
+another slot: nothing ran. A live container whose socket refuses the call
+fails it as the function's error.
 """
 
 from __future__ import annotations
@@ -462,9 +464,13 @@ class HotContainer:
             )
         except Interrupted:
             return self._judge_interrupt(stop)
-        except NotDelivered as exc:  # dead before the call, though its exit is not in yet
+        except NotDelivered as exc:
             self.retire(f"the function's socket took no connection: {exc}")
-            raise SlotUnusable(str(exc)) from exc
+            if await self._settle_exit():  # dead before the call, its exit not in yet
+                raise SlotUnusable(str(exc)) from exc
+            # Alive and refusing: the function's fault, counted as such (a new
+            # container for it would most likely refuse too).
+            return ExecEnd.FAILED, None, f"the function's socket took no connection: {exc}"
         except TimeoutError:
             self.retire("a call ran past its timeout")
             return ExecEnd.TIMED_OUT, None, f"the function ran longer than {timeout_s:g} s"
