@@ -193,7 +193,8 @@ def _text(fields: Mapping[str, bytes], name: str) -> str | None:
 
 # ASCII only: int() and float() also take '1_000', other scripts' digits and spaces.
 _BLANK = " \t\r\n"
-_INTEGER = re.compile(r"[+-]?[0-9]{1,20}")
+_INTEGER = re.compile(r"[+-]?[0-9]+")
+_INTEGER_DIGITS_MAX = 40  # past every range here; int() refuses over 4300 digits
 _DECIMAL = re.compile(r"[+-]?(?:[0-9]+\.?[0-9]*|\.[0-9]+)(?:[eE][+-]?[0-9]+)?")
 
 
@@ -204,6 +205,8 @@ def _int(fields: Mapping[str, bytes], name: str, default: int) -> int:
     digits = text.strip(_BLANK)
     if not _INTEGER.fullmatch(digits):
         raise WireError(f"{name} {text[:40]!r} is not an integer")
+    if len(digits) > _INTEGER_DIGITS_MAX:
+        raise WireError(f"{name} {text[:40]!r}... is out of range")
     return int(digits)
 
 
