@@ -73,6 +73,18 @@ SELECT :dead_id, :reason, deliveries, :now, priority, payload FROM mq_message
 WHERE seq = :seq AND id = :id
 """
 
+# The row of one delivery (receipt ``seq:token``, delivery number :n): still held by it, or
+# lapsed since (whether delivered again or not). Not once that delivery was released (its
+# count was taken back), nor a later message of the same id (a seq may be used again).
+_DELIVERY = (
+    "seq = :seq AND id = :id AND (receipt = :token OR deliveries > :n"
+    " OR (receipt IS NULL AND deliveries = :n))"
+)
+_BURY_DELIVERY = f"""
+INSERT OR REPLACE INTO mq_dead (id, reason, deliveries, died_ms, priority, payload)
+SELECT id, :reason, deliveries, :now, priority, payload FROM mq_message WHERE {_DELIVERY}
+"""
+
 
 class Reserved(NamedTuple):
     msgs: list[Message]
@@ -98,6 +110,11 @@ def now_ms() -> int:
 def _split_receipt(msg: Message) -> tuple[int, str]:
     seq, _, token = msg.receipt.partition(":")
     return int(seq), token
+
+
+def _delivery(msg: Message) -> dict[str, object]:
+    seq, token = _split_receipt(msg)
+    return {"seq": seq, "id": msg.call.id, "token": token, "n": msg.deliveries}
 
 
 class SqliteDb:
@@ -261,9 +278,8 @@ class SqliteDb:
         conn.execute("DELETE FROM mq_message WHERE seq = ? AND id = ?", (seq, msg_id))
 
     def ack(self, msgs: Sequence[Message]) -> None:
-        rows = [(_split_receipt(m)[0], m.call.id) for m in msgs]
         with self.write() as conn:
-            conn.executemany("DELETE FROM mq_message WHERE seq = ? AND id = ?", rows)
+            conn.executemany(f"DELETE FROM mq_message WHERE {_DELIVERY}", map(_delivery, msgs))
 
     def release(self, msgs: Sequence[Message], delay_s: float) -> None:
         now = now_ms()
@@ -286,8 +302,10 @@ class SqliteDb:
             return cur.rowcount > 0
 
     def dead_letter(self, msg: Message, reason: str) -> None:
+        args = {**_delivery(msg), "reason": reason, "now": now_ms()}
         with self.write() as conn:
-            self._bury(conn, _split_receipt(msg)[0], msg.call.id, reason, now_ms())
+            conn.execute(_BURY_DELIVERY, args)
+            conn.execute(f"DELETE FROM mq_message WHERE {_DELIVERY}", args)
 
     # --------------------------------------------------------- dead letters
     def dead_list(self, limit: int) -> list[DeadLetter]:

@@ -473,3 +473,35 @@ async def test_an_old_delivery_cannot_touch_the_new_one(queues: QueueMaker) -> N
     await q.extend(second)
     await q.ack(second)
     assert await q.stats() == QueueStats(0, 0, 0, 0)
+
+
+async def test_an_ack_after_a_release_leaves_the_message(queues: QueueMaker) -> None:
+    # The delivery was handed back for a retry: a late ack or dead_letter of it must not
+    # take the retry away (SQLite deleted it).
+    q = queues()
+    await q.push(call())
+    msg = await q.reserve(1.0)
+    assert msg is not None
+    await q.release(msg, delay_s=30)
+    await q.ack(msg)
+    await q.dead_letter(msg, "late")
+    assert await q.stats() == QueueStats(ready=0, delayed=1, reserved=0, dead=0)
+
+
+async def test_a_second_ack_leaves_the_ids_next_message(queues: QueueMaker) -> None:
+    # Acked, then the id queued again: acking the old delivery again (harmless, says the
+    # protocol) must not remove the new message (on SQLite it took the old row's seq).
+    q = queues()
+    again = Call(id="again-1", app="demo", fn="echo", body=b"first")
+    await q.push(again)
+    msg = await q.reserve(1.0)
+    assert msg is not None
+    await q.ack(msg)
+    await q.push(again)
+    await q.ack(msg)
+    await q.ack_many([msg])
+    assert await q.stats() == QueueStats(ready=1, delayed=0, reserved=0, dead=0)
+    new = await q.reserve(1.0)
+    assert new is not None and new.deliveries == 1
+    await q.dead_letter(msg, "late")  # nor does a dead_letter of the old delivery
+    assert await q.stats() == QueueStats(ready=0, delayed=0, reserved=1, dead=0)
