@@ -277,7 +277,7 @@ class RedisQueue:
         next delayed entry or sweep is due then). XREADGROUP BLOCK on every stream
         hands the first new entries straight to this consumer, as the script would
         have: they need no second round trip. Producers' entries are routed and
-        taken by the next claim; entries past ``count`` are handed back. ``acks``
+        taken by the next claim; entries past ``count`` are handed back in place. ``acks``
         (as for ack.lua) go first, in the same round trip (``on_acked`` when done).
         """
         timeout_s = block_ms / 1000 + self._op_timeout_s
@@ -301,7 +301,7 @@ class RedisQueue:
         if raw:
             await self._route(raw)
         if len(msgs) > count:  # several streams had new entries: keep the first ones
-            await self._hand_back(msgs[count:])
+            await self._hand_back_in_place(msgs[count:])
             msgs = msgs[:count]
         return msgs
 
@@ -402,6 +402,15 @@ class RedisQueue:
     async def _hand_back(self, msgs: list[Message]) -> None:
         for msg in msgs:
             await self.release(msg)
+
+    async def _hand_back_in_place(self, msgs: list[Message]) -> None:
+        """Give back entries a blocking read took beyond ``count`` (handback.lua): the
+        next reserve's sweep takes them first, so they keep their place in line."""
+        args: list[Any] = [GROUP, self._reservation_ms + 1]
+        for msg in msgs:
+            args += self._where(msg)
+        await self._link.eval("handback", args)
+        self._quiet_until = 0.0  # the next reserve runs the script, which sweeps
 
     @staticmethod
     def _where(msg: Message) -> tuple[str, str]:

@@ -30,6 +30,7 @@ _SCRIPTS = (
     "reserve",
     "ack",
     "release",
+    "handback",
     "extend",
     "bury",
     "requeue",

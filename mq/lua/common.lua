@@ -8,6 +8,7 @@ local DEAD = KEYS[8]                    -- stream of dead letters
 local DEADIDS = KEYS[9]                 -- hash: dead-letter key -> DEAD entry id
 local META = KEYS[10]                   -- hash: reclaim_at, reclaim cursors
 local WAKE = '_wake'                    -- the only field of an INBOX entry that wakes consumers
+local BACK = '_back'                    -- holds the entries handed back in place (handback.lua)
 
 local function now_ms()
   local t = redis.call('TIME')

@@ -3,7 +3,11 @@
 local ready, reserved = 0, 0
 for p = 1, 3 do
   ready = ready + redis.call('XLEN', Q[p])
-  reserved = reserved + redis.call('XPENDING', Q[p], ARGV[1])[1]
+  local pending = redis.call('XPENDING', Q[p], ARGV[1])
+  reserved = reserved + pending[1]
+  for _, c in ipairs(pending[4] or {}) do  -- handed back in place: ready, held by no one
+    if c[1] == BACK then reserved = reserved - tonumber(c[2]) end
+  end
 end
 local inbox = redis.call('XLEN', INBOX)
 local wake = redis.call('HGET', META, 'wake')

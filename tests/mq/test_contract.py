@@ -505,3 +505,18 @@ async def test_a_second_ack_leaves_the_ids_next_message(queues: QueueMaker) -> N
     assert new is not None and new.deliveries == 1
     await q.dead_letter(msg, "late")  # nor does a dead_letter of the old delivery
     assert await q.stats() == QueueStats(ready=0, delayed=0, reserved=1, dead=0)
+
+
+async def test_order_holds_after_an_empty_reserve(queues: QueueMaker) -> None:
+    # After an empty reserve Redis reads new entries of every priority at once; those past
+    # the count went back to the end of their stream, behind newer ones (b after d).
+    q = queues()
+    assert await q.reserve_many(1, 0.0) == []
+    for i, p in [("b", 0), ("d", 0), ("a", 2)]:
+        await q.push(Call(i, "demo", "echo", i.encode(), priority=p))
+    [first] = await q.reserve_many(1, 1.0)
+    assert first.call.id == "a"
+    assert await q.stats() == QueueStats(ready=2, delayed=0, reserved=1, dead=0)
+    got = [m for _ in range(2) for m in await q.reserve_many(1, 1.0)]
+    assert [(m.call.id, m.deliveries) for m in got] == [("b", 1), ("d", 1)]
+    assert await q.stats() == QueueStats(ready=0, delayed=0, reserved=3, dead=0)
