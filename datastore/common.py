@@ -216,8 +216,10 @@ class SqlDatastore(abc.ABC):
         )  # fmt: skip
         row["next_try_at"] = next_try_at
         row["completed_at"] = None
-        # An attempt that never started has no log: the last run's stays.
+        # An attempt that never started has no log: the last run's stays, and with it
+        # whether that log was cut (keep_log: a parameter, not a column).
         kept = log if outcome.started or log else None
+        row["keep_log"] = kept is None
         return await self._store_with_log(Write.RETRY, row, kept, running_on=running_on)
 
     async def request_cancel(self, call_id: str) -> CallRecord | None:

@@ -96,8 +96,10 @@ def _outcome_many(conflict: str) -> str:
     )
 
 
-OUTCOME_MANY = {Write.FINISH: _outcome_many(sql.FINISH_CONFLICT),
-                Write.RETRY: _outcome_many(sql.RETRY_CONFLICT)}  # fmt: skip
+# By kind, and for retries whether the stored log is kept (see sql.RETRY_CONFLICT).
+OUTCOME_MANY = {(Write.FINISH, False): _outcome_many(sql.FINISH_CONFLICT),
+                (Write.RETRY, False): _outcome_many(sql.RETRY_CONFLICT[False]),
+                (Write.RETRY, True): _outcome_many(sql.RETRY_CONFLICT[True])}  # fmt: skip
 
 
 def _arrays(params: list[dict[str, Any]], columns: Sequence[str]) -> list[list[Any]]:
@@ -123,17 +125,23 @@ async def _running(conn: Any, ops: list[Op], counted: bool, timeout_s: float) ->
     return [by_id.get(p["id"], missing) for p in params]
 
 
-async def _outcome(conn: Any, kind: Write, ops: list[Op], timeout_s: float) -> list[Any]:
+async def _outcome(
+    conn: Any, key: tuple[Write, bool], ops: list[Op], timeout_s: float
+) -> list[Any]:
     params = [p for _, p, _ in ops]
     arrays = [*_arrays(params, sql.OUTCOME_COLUMNS), [log for _, _, log in ops]]
-    rows = await conn.fetch(OUTCOME_MANY[kind], *arrays, timeout=timeout_s)
+    rows = await conn.fetch(OUTCOME_MANY[key], *arrays, timeout=timeout_s)
     done = {row["id"] for row in rows}
     return [p["id"] in done for p in params]
 
 
 def _group_key(op: Op) -> tuple[Write, bool]:
+    """The statement ``op`` goes to: its kind, and for a `running` mark whether it names
+    the attempt, for a retry whether it keeps the stored log."""
     kind, p, _ = op
-    return kind, kind is Write.RUNNING and p["attempt_arg"] > 0
+    if kind is Write.RUNNING:
+        return kind, p["attempt_arg"] > 0
+    return kind, kind is Write.RETRY and bool(p.get("keep_log"))
 
 
 def rounds(indices: Sequence[int], ops: Sequence[Op]) -> list[dict[tuple[Write, bool], list[int]]]:
@@ -160,12 +168,12 @@ def rounds(indices: Sequence[int], ops: Sequence[Op]) -> list[dict[tuple[Write, 
 async def _run_group(
     conn: Any, key: tuple[Write, bool], ops: list[Op], timeout_s: float
 ) -> list[Any]:
-    kind, counted = key
+    kind, variant = key
     if kind is Write.QUEUED:
         return await _queued(conn, ops, timeout_s)
     if kind is Write.RUNNING:
-        return await _running(conn, ops, counted, timeout_s)
-    return await _outcome(conn, kind, ops, timeout_s)
+        return await _running(conn, ops, variant, timeout_s)
+    return await _outcome(conn, key, ops, timeout_s)
 
 
 def statements(ops: Sequence[Op]) -> int:

@@ -165,7 +165,8 @@ async def apply(conn: Any, kind: Write, p: dict[str, Any], log: bytes | None) ->
     if kind is Write.RUNNING:
         return (await _fetch(conn, RUNNING_RETURNING, p))[0]
     if kind in (Write.FINISH, Write.RETRY):
-        stmt = sql.CALL_FINISH if kind is Write.FINISH else sql.CALL_RETRY
+        keep_log = bool(p.get("keep_log"))
+        stmt = sql.CALL_FINISH if kind is Write.FINISH else sql.CALL_RETRY[keep_log]
         if log is None:
             return bool(await _fetch(conn, stmt, p))
         return bool(await _fetch(conn, with_log(stmt), {**p, "data": log}))

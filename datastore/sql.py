@@ -107,17 +107,24 @@ CALL_RUNNING = (
     + RUNNING_SET_REST
 )
 
+
 # ``started_at`` is the reported attempt's own: NULL when it never reached a container,
 # so the time of a `running` mark (the worker took the call) is not shown as a run.
-_OUTCOME_SET = (
-    " error = excluded.error, failure = excluded.failure, attempts = excluded.attempts,"
-    " image = COALESCE(excluded.image, calls.image), started_at = excluded.started_at,"
-    " updated_at = excluded.updated_at, worker_id = COALESCE(excluded.worker_id, calls.worker_id),"
-    " container_id = excluded.container_id, response_status = excluded.response_status,"
-    " response_headers = excluded.response_headers, response_body = excluded.response_body,"
-    " response_truncated = excluded.response_truncated, log_truncated = excluded.log_truncated,"
-    " stats = excluded.stats," + KEEP_REQUEST
-)
+# ``log_truncated`` goes with the log: a write that keeps the stored log keeps it too.
+def _outcome_set(log_truncated: str) -> str:
+    return (
+        " error = excluded.error, failure = excluded.failure, attempts = excluded.attempts,"
+        " image = COALESCE(excluded.image, calls.image), started_at = excluded.started_at,"
+        " updated_at = excluded.updated_at,"
+        " worker_id = COALESCE(excluded.worker_id, calls.worker_id),"
+        " container_id = excluded.container_id, response_status = excluded.response_status,"
+        " response_headers = excluded.response_headers, response_body = excluded.response_body,"
+        f" response_truncated = excluded.response_truncated, log_truncated = {log_truncated},"
+        " stats = excluded.stats," + KEEP_REQUEST
+    )
+
+
+_OUTCOME_SET = _outcome_set("excluded.log_truncated")
 
 # The conflict clauses of the outcome upserts, whatever the rows come from.
 FINISH_CONFLICT = (
@@ -126,21 +133,33 @@ FINISH_CONFLICT = (
     + " completed_at = excluded.completed_at, next_try_at = NULL"
     f" WHERE calls.status IN {LIVE} RETURNING id"
 )
+
+
 # Back to queued, unless a cancel was asked for while the attempt ran. A retry that
 # names a worker (one handing the call back unfinished) puts back only the call's
 # `running` record of that worker, never one that has moved on since (to another
 # worker, or to its end).
-RETRY_CONFLICT = (
-    " ON CONFLICT (id) DO UPDATE SET"
-    " status = CASE WHEN calls.cancel_requested THEN 'cancelled' ELSE 'queued' END,"
-    + _OUTCOME_SET
-    + " completed_at = CASE WHEN calls.cancel_requested THEN excluded.updated_at END,"
-    " next_try_at = CASE WHEN calls.cancel_requested THEN NULL ELSE excluded.next_try_at END"
-    f" WHERE calls.status IN {LIVE} AND (excluded.worker_id IS NULL"
-    " OR (calls.status = 'running' AND calls.worker_id = excluded.worker_id)) RETURNING id"
-)
+def _retry_conflict(keep_log: bool) -> str:
+    """``keep_log``: the retry of an attempt that never started and left no log, which
+    keeps the stored log and so whether it was cut."""
+    log_truncated = "calls.log_truncated" if keep_log else "excluded.log_truncated"
+    return (
+        " ON CONFLICT (id) DO UPDATE SET"
+        " status = CASE WHEN calls.cancel_requested THEN 'cancelled' ELSE 'queued' END,"
+        + _outcome_set(log_truncated)
+        + " completed_at = CASE WHEN calls.cancel_requested THEN excluded.updated_at END,"
+        " next_try_at = CASE WHEN calls.cancel_requested THEN NULL ELSE excluded.next_try_at END"
+        f" WHERE calls.status IN {LIVE} AND (excluded.worker_id IS NULL"
+        " OR (calls.status = 'running' AND calls.worker_id = excluded.worker_id)) RETURNING id"
+    )
+
+
+# By whether the retry keeps the stored log (the ``keep_log`` parameter of a RETRY write).
+RETRY_CONFLICT = {keep: _retry_conflict(keep) for keep in (False, True)}
 CALL_FINISH = _insert("calls", OUTCOME_COLUMNS) + FINISH_CONFLICT
-CALL_RETRY = _insert("calls", OUTCOME_COLUMNS) + RETRY_CONFLICT
+CALL_RETRY = {
+    keep: _insert("calls", OUTCOME_COLUMNS) + stmt for keep, stmt in RETRY_CONFLICT.items()
+}
 
 # ``fnq calls retry``: a final call with a stored request back to queued, as if new
 # (the request, app and fn kept); nothing happens to a live call or one without request.

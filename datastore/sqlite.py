@@ -128,8 +128,12 @@ _PLAIN = {Write.QUEUED: sql.CALL_QUEUED, Write.LOG_PUT: sql.LOG_PUT,
 # RETURNING the statement is one step, not two (each step lets go of the GIL and
 # takes it back, a hand-off with the event loop's thread when it waits for it).
 _OUTCOME = {
-    kind: stmt.removesuffix(" RETURNING id")
-    for kind, stmt in ((Write.FINISH, sql.CALL_FINISH), (Write.RETRY, sql.CALL_RETRY))
+    (kind, keep_log): stmt.removesuffix(" RETURNING id")
+    for kind, keep_log, stmt in (
+        (Write.FINISH, False, sql.CALL_FINISH),
+        (Write.RETRY, False, sql.CALL_RETRY[False]),
+        (Write.RETRY, True, sql.CALL_RETRY[True]),
+    )
 }
 
 
@@ -144,8 +148,9 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
     if kind is Write.RUNNING:
         conn.execute(sql.CALL_RUNNING, p)
         return _row(conn.execute(sql.CALL_GET_RECORD, {"id": p["id"]}).fetchone())
-    if kind in _OUTCOME:
-        written = conn.execute(_OUTCOME[kind], p).rowcount == 1
+    if kind in (Write.FINISH, Write.RETRY):
+        stmt = _OUTCOME[kind, bool(p.get("keep_log"))]
+        written = conn.execute(stmt, p).rowcount == 1
         if written and log is not None:
             conn.execute(sql.LOG_PUT, {"call_id": p["id"], "data": log})
         return written

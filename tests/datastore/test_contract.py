@@ -555,3 +555,28 @@ async def test_text_with_nul_characters_is_stored(store: SqlDatastore) -> None:
     rec = await store.get_call(c.id)
     assert rec is not None and rec.status is CallStatus.ERROR
     assert rec.error == "function failed: a\ufffdb"
+
+
+@pytest.mark.parametrize("logs", ["table", "files"])
+async def test_an_attempt_that_never_started_keeps_whether_the_last_log_was_cut(
+    make_store: MakeStore, tmp_path_factory: pytest.TempPathFactory, logs: str
+) -> None:
+    log_url = f"file://{tmp_path_factory.mktemp('logs')}" if logs == "files" else ""
+    store = await make_store(log_url=log_url, max_log_size_bytes=100)
+    c = call()
+    await store.record_running(c, 0, "w1")
+    now = utcnow()
+    ran = Outcome(CallStatus.ERROR, "crashed", FailureKind.FUNCTION, log=b"x" * 1000,
+                  started_at=now, completed_at=now)  # fmt: skip
+    assert await store.record_retry(c, ran, 1, now)
+    await store.record_running(c, 0, "w1")
+    assert await store.record_retry(c, HANDED_BACK, 1, utcnow(), running_on="w1")
+    rec = await store.get_call(c.id)
+    log = await store.get_log(c.id)
+    assert rec is not None and log is not None and log.startswith(b"x" * 100)
+    assert rec.log_truncated  # the log kept is the cut one
+    # A record the hand-back creates has no log, and nothing was cut.
+    fresh = call()
+    assert await store.record_retry(fresh, HANDED_BACK, 0, utcnow(), running_on="w1")
+    rec = await store.get_call(fresh.id)
+    assert rec is not None and not rec.log_truncated and await store.get_log(fresh.id) is None
