@@ -20,7 +20,7 @@ import os
 import sqlite3
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 from urllib.parse import unquote, urlsplit
@@ -60,7 +60,8 @@ def path_from_url(url: str) -> Path:
 
 
 def to_us(value: datetime) -> int:
-    return round((value - _EPOCH).total_seconds() * 1_000_000)
+    # In integers: a float of the seconds is off by microseconds before 1685 or after 2255.
+    return (value - _EPOCH) // timedelta(microseconds=1)
 
 
 def from_us(value: int | None) -> datetime | None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
@@ -580,3 +580,25 @@ async def test_an_attempt_that_never_started_keeps_whether_the_last_log_was_cut(
     assert await store.record_retry(fresh, HANDED_BACK, 0, utcnow(), running_on="w1")
     rec = await store.get_call(fresh.id)
     assert rec is not None and not rec.log_truncated and await store.get_log(fresh.id) is None
+
+
+async def test_times_far_from_now_are_stored_to_the_microsecond(store: SqlDatastore) -> None:
+    # The latest millisecond a message may name (mq.wire), and two calls at it.
+    far = datetime(9999, 12, 31, 23, 59, 59, 999_000, tzinfo=UTC)
+    early = datetime(1000, 1, 1, 0, 0, 0, 1, tzinfo=UTC)
+    made = [Call(id=i, app="shop", fn="resize", created_at=t)
+            for i, t in (("b", far), ("a", far), ("c", early))]  # fmt: skip
+    for c in made:
+        await store.record_queued(c)
+        rec = await store.get_call(c.id)
+        assert rec is not None and rec.created_at == c.created_at
+    seen: list[str] = []
+    cursor = None
+    while True:  # the cursor names the stored time: the page after it starts right there
+        page = await store.list_calls(CallFilter(limit=1, cursor=cursor))
+        seen.extend(r.id for r in page.items)
+        if (cursor := page.next_cursor) is None:
+            break
+    assert seen == ["b", "a", "c"]
+    since = await store.list_calls(CallFilter(since=far))
+    assert [r.id for r in since.items] == ["b", "a"]
