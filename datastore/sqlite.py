@@ -38,6 +38,9 @@ BUSY_TIMEOUT_S = 5.0
 # BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL
 _TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
 _EPOCH = datetime(1970, 1, 1, tzinfo=UTC)
+# What a write may fail with for good: SQLite's errors, and the driver's own for a value
+# it cannot send (a lone surrogate in text: UnicodeEncodeError; an int over 64 bits).
+_REFUSED = (sqlite3.Error, ValueError, OverflowError)
 
 _Op = tuple[Write, dict[str, Any], bytes | None]
 
@@ -208,7 +211,7 @@ def run_batch(
         return _transaction(conn, lambda: [_apply_alone(conn, ops[0])])
     try:
         return _transaction(conn, lambda: _committed(conn, [apply(conn, *op) for op in ops]))
-    except sqlite3.Error as exc:
+    except _REFUSED as exc:
         if is_transient(exc):
             raise
     return _transaction(conn, lambda: _committed(conn, [_apply_saved(conn, op) for op in ops]))
@@ -247,7 +250,7 @@ def _settle(conn: sqlite3.Connection, op: _Op, *, done: str, undo: tuple[str, ..
     kind, params, log = op
     try:
         result = apply(conn, kind, params, log)
-    except sqlite3.Error as exc:
+    except _REFUSED as exc:
         if is_transient(exc):
             raise
         for statement in undo:

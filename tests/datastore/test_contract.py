@@ -20,7 +20,13 @@ from config.domain import (
 )
 from datastore.base import CallFilter
 from datastore.common import SqlDatastore
-from datastore.errors import FunctionExists, FunctionNotFound, InvalidCursor, InvalidFunction
+from datastore.errors import (
+    FunctionExists,
+    FunctionNotFound,
+    InvalidCursor,
+    InvalidFunction,
+    StoreError,
+)
 from tests.datastore.conftest import MakeStore
 
 pytestmark = pytest.mark.integration
@@ -602,3 +608,18 @@ async def test_times_far_from_now_are_stored_to_the_microsecond(store: SqlDatast
     assert seen == ["b", "a", "c"]
     since = await store.list_calls(CallFilter(since=far))
     assert [r.id for r in since.items] == ["b", "a"]
+
+
+async def test_a_write_the_driver_refuses_fails_alone_in_its_batch(store: SqlDatastore) -> None:
+    # A lone surrogate (bytes that were not UTF-8) cannot be sent as text at all.
+    bad, good = call(), call()
+    results = await asyncio.gather(
+        store.record_running(bad, 1, "w\udcff"),
+        store.record_outcome(good, success(), 1, "w"),
+        return_exceptions=True,
+    )
+    assert isinstance(results[0], StoreError)
+    assert results[1] is True
+    rec = await store.get_call(good.id)
+    assert rec is not None and rec.status is CallStatus.SUCCESS
+    assert await store.get_call(bad.id) is None
