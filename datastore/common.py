@@ -14,6 +14,7 @@ import asyncio
 import dataclasses
 import json
 import os
+import re
 import socket
 from collections.abc import Mapping, Sequence
 from datetime import datetime, timedelta
@@ -57,10 +58,14 @@ _DEFAULT_ERRORS = {
 CANCELLED_BY_REQUEST = "The call was cancelled on request before it started."
 
 
+_UNSTORABLE = re.compile("[\x00\ud800-\udfff]")
+
+
 def _storable(text: str | None) -> str | None:
-    """``text`` with each NUL character replaced by U+FFFD: PostgreSQL's text type
-    cannot hold NUL, and every backend stores the same text."""
-    return text.replace("\x00", "\ufffd") if text and "\x00" in text else text
+    """``text`` with each NUL character and lone surrogate replaced by U+FFFD:
+    PostgreSQL's text type cannot hold NUL, no UTF-8 text holds a surrogate (bytes
+    that were not UTF-8), and every backend stores the same text."""
+    return _UNSTORABLE.sub("\ufffd", text) if text else text
 
 
 class Write(StrEnum):

@@ -623,3 +623,15 @@ async def test_a_write_the_driver_refuses_fails_alone_in_its_batch(store: SqlDat
     rec = await store.get_call(good.id)
     assert rec is not None and rec.status is CallStatus.SUCCESS
     assert await store.get_call(bad.id) is None
+
+
+async def test_text_with_lone_surrogates_is_stored(store: SqlDatastore) -> None:
+    # Bytes that were not UTF-8 (Python keeps them as lone surrogates) in an error text.
+    c, buried = call(), call()
+    assert await store.record_outcome(c, failed("output: \udcff\udcfe!"), 1, "w")
+    rec = await store.get_call(c.id)
+    assert rec is not None and rec.error == "output: \ufffd\ufffd!"
+    await store.record_queued(buried)
+    assert await store.end_buried(buried.id, "lost \udc80", utcnow())
+    rec = await store.get_call(buried.id)
+    assert rec is not None and rec.error == "lost \ufffd"
