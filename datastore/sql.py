@@ -98,7 +98,7 @@ RUNNING_COLUMNS = (
 RUNNING_SET_REST = (
     KEEP_REQUEST + " started_at = excluded.started_at,"
     " updated_at = excluded.updated_at, worker_id = excluded.worker_id, next_try_at = NULL,"
-    " error = NULL"  # the error of an earlier attempt or hand-back is not this one's
+    " error = NULL, failure = NULL"  # an earlier attempt's or hand-back's, not this one's
     f" WHERE calls.status IN {LIVE}"
 )
 CALL_RUNNING = (

@@ -635,3 +635,15 @@ async def test_text_with_lone_surrogates_is_stored(store: SqlDatastore) -> None:
     assert await store.end_buried(buried.id, "lost \udc80", utcnow())
     rec = await store.get_call(buried.id)
     assert rec is not None and rec.error == "lost \ufffd"
+
+
+async def test_the_next_attempt_clears_the_last_ones_failure_with_its_error(
+    store: SqlDatastore,
+) -> None:
+    c = call()
+    await store.record_running(c, 1, "w")
+    await store.record_retry(c, failed(), 1, utcnow())
+    queued = await store.get_call(c.id)
+    assert queued is not None and queued.failure is FailureKind.FUNCTION  # shown while queued
+    running = await store.record_running(c, 2, "w")
+    assert (running.status, running.error, running.failure) == (CallStatus.RUNNING, None, None)
