@@ -111,7 +111,7 @@ class FunctionSource:
 
     def dockerfile(self, base: str) -> str:
         lines = [f"FROM {base}", "COPY . /function/"]
-        lines += [f"ENV {key}={json.dumps(value)}" for key, value in sorted(self.env.items())]
+        lines += [f"ENV {key}={_dockerfile_quote(val)}" for key, val in sorted(self.env.items())]
         if self.entrypoint is not None:
             lines.append("ENTRYPOINT " + json.dumps(list(self.entrypoint)))
         return "\n".join(lines) + "\n"
@@ -143,6 +143,13 @@ def load_function(path: Path) -> FunctionSource:
         entrypoint=tuple(entry) if entry is not None else None,
         env=frozen_map({str(k): str(v) for k, v in env.items()}),
     )
+
+
+def _dockerfile_quote(value: str) -> str:
+    """A double-quoted Dockerfile word that reads back as ``value``: no variable is
+    expanded and no quote ends early (the value holds no line break)."""
+    escaped = value.replace("\\", "\\\\").replace('"', '\\"').replace("$", "\\$")
+    return f'"{escaped}"'
 
 
 def find_functions(paths: Iterable[Path]) -> list[FunctionSource]:
