@@ -30,6 +30,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -62,6 +63,16 @@ BASE_CHANGES = (
     "WORKDIR /function",
     "ENTRYPOINT " + json.dumps(list(FDK_ENTRYPOINT)),
 )
+_MANIFEST_KEYS = ("name", "entrypoint", "env")
+NAME_MAX = 128
+_NAME = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")  # one docker repository component
+ENV_KEY_MAX = 128
+_ENV_KEY = re.compile(rf"[A-Za-z_][A-Za-z0-9_]{{0,{ENV_KEY_MAX - 1}}}")
+ENV_ENTRIES_MAX = 256
+# A Dockerfile line must stay well under the engine's 64 KiB, escapes included.
+ENV_VALUE_BYTES_MAX = 16_384
+ENTRYPOINT_ARGS_MAX = 64
+ENTRYPOINT_ARG_BYTES_MAX = 4096
 _IGNORED = {"__pycache__", ".git", ".mypy_cache", ".pytest_cache"}
 _DOCKER_TIMEOUT_S = 600
 
@@ -111,7 +122,9 @@ class FunctionSource:
 
     def dockerfile(self, base: str) -> str:
         lines = [f"FROM {base}", "COPY . /function/"]
-        lines += [f"ENV {key}={_dockerfile_quote(val)}" for key, val in sorted(self.env.items())]
+        lines += [
+            f"ENV {key}={_dockerfile_quote(value)}" for key, value in sorted(self.env.items())
+        ]
         if self.entrypoint is not None:
             lines.append("ENTRYPOINT " + json.dumps(list(self.entrypoint)))
         return "\n".join(lines) + "\n"
@@ -122,27 +135,115 @@ def load_function(path: Path) -> FunctionSource:
     path = path.resolve()
     if not (path / "func.py").is_file():
         raise ImageBuildError(f"{path} is not a function directory: it has no func.py")
-    manifest: dict[str, Any] = {}
-    if (path / MANIFEST_NAME).is_file():
-        try:
-            manifest = tomllib.loads((path / MANIFEST_NAME).read_text())
-        except tomllib.TOMLDecodeError as exc:
-            raise ImageBuildError(f"{path / MANIFEST_NAME}: {exc}") from None
-    name = str(manifest.get("name", path.name)).lower()
+    file = path / MANIFEST_NAME
+    manifest = _read_manifest(file)
+    unknown = sorted(set(manifest) - set(_MANIFEST_KEYS))
+    if unknown:
+        raise ImageBuildError(
+            f"{file}: unknown key {unknown[0]!r} (the manifest takes name, entrypoint and [env])"
+        )
+    name = _manifest_name(file, manifest.get("name"), path.name)
     entry = manifest.get("entrypoint")
-    if entry is not None and not (
-        isinstance(entry, list) and all(isinstance(a, str) for a in entry)
-    ):
-        raise ImageBuildError(f"{path / MANIFEST_NAME}: entrypoint must be a list of strings")
-    env = manifest.get("env", {})
-    if not isinstance(env, dict):
-        raise ImageBuildError(f"{path / MANIFEST_NAME}: [env] must be a table")
+    if entry is not None:
+        entry = _manifest_entrypoint(file, entry)
     return FunctionSource(
         name=name,
         path=path,
-        entrypoint=tuple(entry) if entry is not None else None,
-        env=frozen_map({str(k): str(v) for k, v in env.items()}),
+        entrypoint=entry,
+        env=frozen_map(_manifest_env(file, manifest.get("env", {}))),
     )
+
+
+def _read_manifest(file: Path) -> dict[str, Any]:
+    try:
+        data = file.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as exc:
+        raise ImageBuildError(f"{file}: cannot be read: {exc.strerror or exc}") from None
+    try:
+        text = data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ImageBuildError(f"{file}: not UTF-8 text (byte {exc.start})") from None
+    try:
+        return tomllib.loads(text)
+    except tomllib.TOMLDecodeError as exc:
+        raise ImageBuildError(f"{file}: {exc}") from None
+
+
+def _manifest_name(file: Path, value: object, default: str) -> str:
+    if value is None:
+        name = default.lower()
+        if not _valid_name(name):
+            raise ImageBuildError(
+                f"{file.parent}: the directory's name {default!r} is not a valid image name: "
+                f"set name in {MANIFEST_NAME} (lower-case letters, digits, '.', '_', '-', "
+                f"at most {NAME_MAX} characters)"
+            )
+        return name
+    if not isinstance(value, str) or not _valid_name(value.lower()):
+        raise ImageBuildError(
+            f"{file}: name must be an image name of lower-case letters, digits and "
+            f"'.', '_', '-' between them, at most {NAME_MAX} characters (got {_show(value)})"
+        )
+    return value.lower()
+
+
+def _valid_name(name: str) -> bool:
+    return len(name) <= NAME_MAX and _NAME.fullmatch(name) is not None
+
+
+def _manifest_entrypoint(file: Path, value: object) -> tuple[str, ...]:
+    if not isinstance(value, list) or not 0 < len(value) <= ENTRYPOINT_ARGS_MAX:
+        raise ImageBuildError(
+            f"{file}: entrypoint must be a list of 1 to {ENTRYPOINT_ARGS_MAX} strings "
+            f"(got {_show(value)})"
+        )
+    for i, arg in enumerate(value):
+        if not isinstance(arg, str) or "\0" in arg or _utf8_len(arg) > ENTRYPOINT_ARG_BYTES_MAX:
+            raise ImageBuildError(
+                f"{file}: entrypoint[{i}] must be a string without NUL of at most "
+                f"{ENTRYPOINT_ARG_BYTES_MAX} bytes (got {_show(arg)})"
+            )
+    if not value[0]:
+        raise ImageBuildError(f"{file}: entrypoint[0] must name a program, not be empty")
+    return tuple(value)
+
+
+def _manifest_env(file: Path, value: object) -> dict[str, str]:
+    if not isinstance(value, dict):
+        raise ImageBuildError(f"{file}: env must be a table ([env]) (got {_show(value)})")
+    if len(value) > ENV_ENTRIES_MAX:
+        raise ImageBuildError(f"{file}: [env] may hold at most {ENV_ENTRIES_MAX} entries")
+    env: dict[str, str] = {}
+    for key, val in value.items():
+        if not _ENV_KEY.fullmatch(key):
+            raise ImageBuildError(
+                f"{file}: env key {_show(key)} is not an environment variable name "
+                f"(letters, digits and '_', not starting with a digit, at most "
+                f"{ENV_KEY_MAX} characters)"
+            )
+        if (
+            not isinstance(val, str)
+            or any(c in val for c in "\0\n\r")
+            or _utf8_len(val) > ENV_VALUE_BYTES_MAX
+        ):
+            raise ImageBuildError(
+                f"{file}: env.{key} must be a string on one line (no NUL, CR or LF) of at "
+                f"most {ENV_VALUE_BYTES_MAX} bytes (got {_show(val)})"
+            )
+        env[key] = val
+    return env
+
+
+def _utf8_len(text: str) -> int:
+    return len(text.encode("utf-8", "surrogatepass"))
+
+
+def _show(value: object) -> str:
+    """A value for an error message, cut short."""
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _dockerfile_quote(value: str) -> str:
