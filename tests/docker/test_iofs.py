@@ -38,6 +38,12 @@ def test_links_out_of_the_directory_are_refused(tmp_path: Path, target: str) -> 
         check_listener(tmp_path)
 
 
+def test_a_link_to_a_name_too_long_is_refused(tmp_path: Path) -> None:
+    os.symlink("x" * 300, tmp_path / "lsnr.sock")  # lstat: ENAMETOOLONG, was raised as is
+    with pytest.raises(ContainerInitFailed, match=r"symlink to 'x{300}': File name too long"):
+        check_listener(tmp_path)
+
+
 def test_a_regular_file_is_refused(tmp_path: Path) -> None:
     (tmp_path / "lsnr.sock").write_text("not a socket")
     with pytest.raises(ContainerInitFailed, match="not a unix socket"):

@@ -156,6 +156,10 @@ def check_listener(directory: Path) -> None:
             raise ContainerInitFailed(
                 f"the function's {SOCKET_NAME} is a symlink to {target!r}, which does not exist"
             ) from None
+        except OSError as exc:  # a name the function chose, e.g. over 255 bytes
+            raise ContainerInitFailed(
+                f"the function's {SOCKET_NAME} is a symlink to {target!r}: {exc.strerror}"
+            ) from None
     if not stat.S_ISSOCK(info.st_mode):
         raise ContainerInitFailed(
             f"the function's {SOCKET_NAME} ({path.name}) is not a unix socket"
