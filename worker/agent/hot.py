@@ -80,6 +80,31 @@ class SlotUnusable(Exception):
     """The container broke before the call reached it; the call may try another slot."""
 
 
+def container_spec(fn: Function, container_id: str) -> ContainerSpec:
+    """One container of ``fn``: its config plus the FDK variables, which config cannot change."""
+    env = dict(fn.config)
+    env.update(
+        FN_FORMAT="http-stream",
+        FN_LISTENER=FN_LISTENER,
+        FN_APP_NAME=fn.app,
+        FN_FN_NAME=fn.name,
+        FN_APP_ID=fn.app,
+        FN_FN_ID=fn.name,
+        FN_MEMORY=str(fn.memory_mb),
+        FN_TYPE="async",
+    )
+    return ContainerSpec(
+        id=container_id,
+        image=fn.image,
+        app=fn.app,
+        fn=fn.name,
+        env=frozen_map(env),
+        memory_mb=fn.memory_mb,
+        cpus_mcpu=fn.cpus_mcpu,
+        tmpfs_mb=fn.tmpfs_mb,
+    )
+
+
 class HotContainer:
     def __init__(
         self,
@@ -149,25 +174,7 @@ class HotContainer:
             self.state = new
 
     def spec(self) -> ContainerSpec:
-        env = dict(self.fn.config)
-        env.update(
-            FN_FORMAT="http-stream",
-            FN_LISTENER=FN_LISTENER,
-            FN_APP_ID=self.fn.app,
-            FN_FN_ID=self.fn.name,
-            FN_MEMORY=str(self.fn.memory_mb),
-            FN_TYPE="async",
-        )
-        return ContainerSpec(
-            id=self.id,
-            image=self.fn.image,
-            app=self.fn.app,
-            fn=self.fn.name,
-            env=frozen_map(env),
-            memory_mb=self.fn.memory_mb,
-            cpus_mcpu=self.fn.cpus_mcpu,
-            tmpfs_mb=self.fn.tmpfs_mb,
-        )
+        return container_spec(self.fn, self.id)
 
     # --------------------------------------------------------------- life
     async def run(self) -> None:

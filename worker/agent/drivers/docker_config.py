@@ -21,7 +21,8 @@ FN_LABEL = "fnq.fn"
 
 
 def container_env(spec: ContainerSpec) -> dict[str, str]:
-    """The spec's environment plus the FDK contract (FN_LISTENER and FN_FORMAT always win)."""
+    """The spec's environment plus the FDK contract (FN_LISTENER and FN_FORMAT always win;
+    hot containers set the rest from the function, over its config)."""
     env = dict(spec.env)
     env.setdefault("FN_APP_NAME", spec.app)
     env.setdefault("FN_FN_NAME", spec.fn)

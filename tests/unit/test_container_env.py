@@ -1,0 +1,19 @@
+"""The environment of a function's container: its config and the FDK variables."""
+
+from __future__ import annotations
+
+from config.domain import Function
+from config.settings import Settings
+from worker.agent.drivers.docker_config import create_body
+from worker.agent.hot import container_spec
+
+
+def test_config_cannot_rename_the_app_or_the_function() -> None:
+    config = {"FN_APP_NAME": "other", "FN_FN_NAME": "other", "MODE": "fast"}
+    fn = Function(app="shop", name="resize", image="team/resize:1", config=config)
+    body = create_body(
+        Settings(), container_spec(fn, "c1"), instance="i", iofs_docker_path="/x", network=None
+    )
+    env = dict(entry.split("=", 1) for entry in body["Env"])
+    # Config FN_APP_NAME/FN_FN_NAME used to replace the names the FDK reports.
+    assert (env["FN_APP_NAME"], env["FN_FN_NAME"], env["MODE"]) == ("shop", "resize", "fast")
