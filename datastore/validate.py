@@ -22,6 +22,8 @@ from config.domain import (
 from datastore.errors import InvalidFunction
 
 CPUS_MCPU_MAX = 256_000
+# The engine's smallest CPU quota is 1 ms per 100 ms period: 10 milli-CPUs.
+CPUS_MCPU_MIN = 10
 MAX_ATTEMPTS_MAX = 100
 RETRY_BACKOFF_S_MAX = 3600.0
 MAX_AGE_S_MAX = 30 * 24 * 3600
@@ -75,6 +77,15 @@ def _range(label: str, value: float, low: float, high: float, unit: str) -> str 
     return f"{label} must be between {low:g} and {high:g} {unit}, not {value:g}"
 
 
+def _cpus_problem(mcpu: int) -> str | None:
+    if mcpu == 0 or CPUS_MCPU_MIN <= mcpu <= CPUS_MCPU_MAX:
+        return None
+    return (
+        f"cpus must be 0 (no quota) or between {CPUS_MCPU_MIN} and {CPUS_MCPU_MAX} "
+        f"milli-CPUs, not {mcpu:g}"
+    )
+
+
 def _is_utf8(text: str) -> bool:
     """False for a lone surrogate: bytes that were not UTF-8, which no store can hold."""
     try:
@@ -102,7 +113,7 @@ def function_problems(fn: Function) -> list[str]:
         name_problem("function", fn.name),
         image_problem(fn.image),
         _range("memory", fn.memory_mb, 1, MEMORY_MB_MAX, "MB"),
-        _range("cpus", fn.cpus_mcpu, 0, CPUS_MCPU_MAX, "milli-CPUs"),
+        _cpus_problem(fn.cpus_mcpu),
         _range("timeout", fn.timeout_s, 1, TIMEOUT_S_MAX, "seconds"),
         _range("idle timeout", fn.idle_timeout_s, 1, IDLE_TIMEOUT_S_MAX, "seconds"),
         _range("tmpfs", fn.tmpfs_mb, 0, fn.memory_mb, "MB (at most the memory)"),
