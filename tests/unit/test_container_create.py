@@ -10,7 +10,7 @@ from config.domain import Function
 from config.settings import Settings
 from datastore.errors import InvalidFunction
 from datastore.validate import validate_function
-from worker.agent.drivers.docker_config import create_body
+from worker.agent.drivers.docker_config import create_body, host_config
 from worker.agent.hot import container_spec
 
 
@@ -33,3 +33,10 @@ def test_a_cpu_quota_under_the_engines_1ms_is_refused_at_registration(mcpu: int)
         validate_function(fn)
     for ok in (0, 10, 256_000):
         assert validate_function(dataclasses.replace(fn, cpus_mcpu=ok)).cpus_mcpu == ok
+
+
+def test_the_inode_limit_holds_for_a_tmp_of_dockers_default_size() -> None:
+    # FN_MAX_TMPFS_INODES was dropped when the function set no tmpfs_mb.
+    spec = container_spec(Function(app="a", name="f", image="i:1"), "c1")
+    host = host_config(Settings(max_tmpfs_inodes=500), spec, "/x", None)
+    assert host["Tmpfs"] == {"/tmp": "nr_inodes=500"}

@@ -52,14 +52,13 @@ def _ulimits(settings: Settings) -> list[dict[str, Any]]:
 
 
 def _tmpfs(settings: Settings, spec: ContainerSpec) -> dict[str, str]:
-    if spec.tmpfs_mb > 0:
-        opts = f"size={spec.tmpfs_mb}m"
-        if settings.max_tmpfs_inodes > 0:
-            opts += f",nr_inodes={settings.max_tmpfs_inodes}"
-        return {"/tmp": opts}
-    if settings.disable_readonly_rootfs:
+    if spec.tmpfs_mb == 0 and settings.disable_readonly_rootfs:
         return {}
-    return {"/tmp": ""}  # a read-only root still needs a writable /tmp
+    # A read-only root still needs a writable /tmp: docker's default size then.
+    opts = [f"size={spec.tmpfs_mb}m"] if spec.tmpfs_mb > 0 else []
+    if settings.max_tmpfs_inodes > 0:
+        opts.append(f"nr_inodes={settings.max_tmpfs_inodes}")
+    return {"/tmp": ",".join(opts)}
 
 
 def host_config(
