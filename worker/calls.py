@@ -165,6 +165,7 @@ class CallHandler:
         finally:
             self.held.pop(d.call_id, None)
             self._marks.pop(d.call_id, None)
+            self.recorder.forget(d.call_id)
 
     async def put_off_duplicate(self, d: Delivery) -> None:
         """A call this worker is handling came again (its reservation lapsed, say while
@@ -196,9 +197,39 @@ class CallHandler:
     async def _hand_back(self, d: Delivery, why: Outcome = HANDED_BACK) -> None:
         """Its record first, then its message: once the message is released another
         worker may take the call at once, and the record must not be moved back then."""
-        if await self._withdraw(d, why):
+        if await self._withdraw(d, why) and await self._unrecorded(d):
             await d.hand_back()
             self.metrics.calls.went_back("stop")
+
+    async def _unrecorded(self, d: Delivery) -> bool:
+        """Whether the call may go back to the queue: no final record of it is being
+        written. One that is gets at most HAND_BACK_RECORD_S; once stored, its message
+        is settled as the record says. False when the message must stay: settled, or
+        left to return when its reservation lapses (its record may still land, over
+        the next worker's run: the next delivery then finds it final)."""
+        final = self.recorder.final_write(d.call_id)
+        if final is None:
+            return True
+        write, outcome, dead_letter = final
+        try:
+            async with asyncio.timeout(HAND_BACK_RECORD_S):
+                stored = await asyncio.shield(write)
+        except TimeoutError:
+            log.warning("call %s: its final record is still being written; its message "
+                        "returns when its reservation lapses", d.call_id)  # fmt: skip
+            return False
+        except FnqError:  # not stored: the call goes back
+            return True
+        if not stored:  # the record was final already (cancelled): the next delivery acks it
+            return True
+        try:
+            async with asyncio.timeout(HAND_BACK_TIMEOUT_S):
+                await d.settle(outcome, dead_letter=dead_letter)
+        except (FnqError, TimeoutError) as exc:
+            log.warning("call %s: its record is final but its message could not be settled "
+                        "(%s); it returns when its reservation lapses", d.call_id,
+                        exc or "timed out")  # fmt: skip
+        return False
 
     async def _withdraw(self, d: Delivery, why: Outcome, retry_in_s: float = 0.0) -> bool:
         """Before its message is released: put the call's record back to `queued` if its

@@ -302,3 +302,58 @@ async def test_the_first_stop_request_hands_back_a_call_waiting_for_a_container_
     done = await store.get_call(runs.id)
     assert done is not None and (done.status, done.attempts) == (CallStatus.SUCCESS, 1)
     assert driver.dispatches == 1
+
+
+class LateOutcomes:
+    """The real datastore, whose outcome writes commit only once ``gate`` opens, even
+    when their caller has given up (as the datastore's queued writes do)."""
+
+    def __init__(self, inner: Datastore) -> None:
+        self.inner = inner
+        self.gate = asyncio.Event()
+        self.waiting = asyncio.Event()
+        self.writes: list[asyncio.Future[bool]] = []
+
+    async def record_outcome(self, *args: Any, **kw: Any) -> bool:
+        async def late() -> bool:
+            self.waiting.set()
+            await self.gate.wait()
+            return await self.inner.record_outcome(*args, **kw)
+
+        self.writes.append(asyncio.ensure_future(late()))
+        return await asyncio.shield(self.writes[-1])
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def test_a_call_stopped_while_its_final_record_is_written_is_settled_not_handed_back(
+    tmp_path: Path,
+) -> None:
+    settings = load_settings(data_dir=str(tmp_path))
+    inner = await open_datastore(settings)
+    await inner.create_fn(RUNS)
+    store = LateOutcomes(inner)
+    queue = open_queue(settings.mq_url, settings)
+    call = Call(new_call_id(), RUNS.app, RUNS.name, b"x")
+    try:
+        await queue.push(call)
+        async with Agent(settings, FakeDriver(FakeBehaviour(handler=reply()))) as agent:
+            shutdown = Shutdown(30.0)
+            worker = Worker(settings, [queue], store, agent)  # type: ignore[arg-type]
+            run = asyncio.create_task(worker.run(shutdown))
+            await asyncio.wait_for(store.waiting.wait(), 10)  # it ran; its record waits
+            shutdown.request("test")
+            shutdown.request("test")  # its handling is cancelled
+            await asyncio.sleep(0.1)
+            store.gate.set()  # the final record lands after all
+            await asyncio.wait_for(run, 10)
+            assert await asyncio.gather(*store.writes) == [True]
+        record = await inner.get_call(call.id)
+        assert record is not None and record.status is CallStatus.SUCCESS
+        # The message is settled by it, not handed back to run a second time.
+        stats = await queue.stats()
+        assert (stats.ready, stats.reserved, stats.delayed) == (0, 0, 0)
+    finally:
+        await queue.close()
+        await inner.close()
