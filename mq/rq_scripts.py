@@ -148,7 +148,8 @@ return 1
 """
 )
 
-# ARGV[A+1..]: id, token, delay_s. Hands the job back without charging a delivery.
+# ARGV[A+1..]: id, token, delay_s. Hands the job back without charging a delivery; a job
+# that ended meanwhile (rq's cancel) only loses the reservation.
 RELEASE = (
     _COMMON
     + """
@@ -157,6 +158,7 @@ if redis.call('HGET', KEYS[2], jid) ~= token then return 0 end
 local jkey = P.job .. jid
 unreserve(jid, token)
 if redis.call('EXISTS', jkey) == 0 then return 0 end
+if FINAL[redis.call('HGET', jkey, 'status')] then return 0 end  -- ended meanwhile (canceled)
 if tonumber(redis.call('HINCRBY', jkey, 'fnq_deliveries', -1)) < 0 then
   redis.call('HSET', jkey, 'fnq_deliveries', 0)
 end

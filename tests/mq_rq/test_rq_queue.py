@@ -451,3 +451,21 @@ async def test_a_job_scheduled_while_a_reserve_waits_starts_near_its_time(
     msg = await asyncio.wait_for(waiting, 20.0)
     assert msg is not None and msg.call.id == job.id
     assert loop.time() - start < 0.5 + SCHEDULED_POLL_S + 0.5
+
+
+@pytest.mark.parametrize("delay_s", [0.0, 30.0])
+async def test_release_of_a_job_canceled_meanwhile_keeps_it_canceled(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis, delay_s: float
+) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    job.cancel()  # rq's side, while fnq holds it
+    await queue.release(msg, delay_s=delay_s)
+    assert job.get_status() == "canceled"
+    assert rq_queue.job_ids == []
+    assert ScheduledJobRegistry("default", connection=conn).get_job_ids() == []
+    stats = await queue.stats()
+    assert (stats.ready, stats.delayed, stats.reserved) == (0, 0, 0)
+    assert await queue.reserve(0.1) is None
