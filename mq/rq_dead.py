@@ -55,7 +55,7 @@ def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: 
                 if pipe.hget(key, "status") in _LIVE:
                     return False
                 pipe.multi()
-                pipe.hdel(key, "fnq_deliveries")
+                pipe.hdel(key, "fnq_deliveries", "fnq_receipt")
                 options: dict[str, Any] = {"job_id": call.id, "pipeline": pipe, **kwargs}
                 if delay_s > 0:
                     queue.enqueue_in(timedelta(seconds=delay_s), rq_jobs.FUNC_NAME, **options)

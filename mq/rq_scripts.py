@@ -7,7 +7,9 @@ server's (``TIME``), so consumers on different hosts agree on expiries.
 
 Reservations: ``reserved`` is a sorted set job id -> expiry (ms); ``receipts``
 a hash job id -> token of the delivery holding it (also the rq execution id).
-The job hash field ``fnq_deliveries`` counts deliveries; rq ignores it.
+The job hash fields ``fnq_deliveries`` (deliveries) and ``fnq_receipt`` (the token of
+its latest delivery) are fnq's; rq ignores them. A reservation whose token is not its
+job's ``fnq_receipt`` is a ghost: rq deleted the job it held, or made a new one of the id.
 """
 
 from __future__ import annotations
@@ -42,6 +44,12 @@ local function requeue(jid)
 end
 
 local FINAL = {finished = true, failed = true, canceled = true, stopped = true}
+
+-- The delivery of token holds no job of that id any more: rq deleted the job it
+-- reserved (which may have been enqueued again since, as a new job).
+local function ghost(jid, token)
+  return redis.call('HGET', P.job .. jid, 'fnq_receipt') ~= token
+end
 """
 
 # ARGV[A+1..]: token_base, count, reservation_ms, max_deliveries, limit, queue names...
@@ -64,7 +72,7 @@ for _, jid in ipairs(redis.call('ZRANGEBYSCORE', KEYS[1], '-inf', now_ms, 'LIMIT
   local token = redis.call('HGET', KEYS[2], jid) or ''
   local jkey = P.job .. jid
   local status = redis.call('HGET', jkey, 'status')
-  if redis.call('EXISTS', jkey) == 0 or FINAL[status] then
+  if redis.call('EXISTS', jkey) == 0 or FINAL[status] or ghost(jid, token) then
     unreserve(jid, token)
   else
     local n = tonumber(redis.call('HGET', jkey, 'fnq_deliveries') or '0')
@@ -99,9 +107,13 @@ for _, name in ipairs(names) do
     local status = redis.call('HGET', jkey, 'status')
     local live = redis.call('EXISTS', jkey) == 1
     local fresh = not status or status == '' or status == 'queued' or status == 'created'
-    if live and fresh and not redis.call('ZSCORE', KEYS[1], jid) then
+    -- a reserved one is another entry of a job handed out, unless the reservation is a ghost
+    local held = redis.call('HGET', KEYS[2], jid)
+    if live and fresh and (not held or ghost(jid, held)) then
+      if held then unreserve(jid, held) end
       local token = token_base .. string.format('%04x', #claimed)
       local n = redis.call('HINCRBY', jkey, 'fnq_deliveries', 1)
+      redis.call('HSET', jkey, 'fnq_receipt', token)
       redis.call('ZADD', KEYS[1], now_ms + res_ms, jid)
       redis.call('HSET', KEYS[2], jid, token)
       claimed[#claimed + 1] = {jid, name, token, n, redis.call('HGETALL', jkey)}
@@ -130,6 +142,10 @@ EXTEND = (
 local jid, token = ARGV[A + 1], ARGV[A + 2]
 local res_ms, ttl_s = tonumber(ARGV[A + 3]), tonumber(ARGV[A + 4])
 if redis.call('HGET', KEYS[2], jid) ~= token then return 0 end
+if ghost(jid, token) then
+  unreserve(jid, token)
+  return 0
+end
 redis.call('ZADD', KEYS[1], now_ms + res_ms, jid)
 local jkey = P.job .. jid
 local origin = redis.call('HGET', jkey, 'origin')
@@ -157,8 +173,7 @@ local jid, token, delay = ARGV[A + 1], ARGV[A + 2], tonumber(ARGV[A + 3])
 if redis.call('HGET', KEYS[2], jid) ~= token then return 0 end
 local jkey = P.job .. jid
 unreserve(jid, token)
-if redis.call('EXISTS', jkey) == 0 then return 0 end
-if FINAL[redis.call('HGET', jkey, 'status')] then return 0 end  -- ended meanwhile (canceled)
+if ghost(jid, token) or FINAL[redis.call('HGET', jkey, 'status')] then return 0 end
 if tonumber(redis.call('HINCRBY', jkey, 'fnq_deliveries', -1)) < 0 then
   redis.call('HSET', jkey, 'fnq_deliveries', 0)
 end

@@ -469,3 +469,67 @@ async def test_release_of_a_job_canceled_meanwhile_keeps_it_canceled(
     stats = await queue.stats()
     assert (stats.ready, stats.delayed, stats.reserved) == (0, 0, 0)
     assert await queue.reserve(0.1) is None
+
+
+@pytest.mark.parametrize("then", ["ack", "release", "extend", "lapse"])
+async def test_a_job_deleted_while_held_and_enqueued_again_is_a_new_job(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis, then: str
+) -> None:
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", body="old", job_id="again")
+    queue = make_rq(mq_reservation_msecs=1000)
+    old = await queue.reserve(1.0)
+    assert old is not None
+    Job.fetch("again", connection=conn, serializer="json").delete()
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", body="new", job_id="again")
+    if then == "ack":
+        await queue.ack(old)
+    elif then == "release":
+        await queue.release(old)
+    elif then == "extend":
+        with pytest.raises(ReservationLost):
+            await queue.extend(old)
+    else:
+        await asyncio.sleep(1.05)
+    assert rq_queue.job_ids == ["again"]  # once
+    new = await queue.reserve(1.0)  # the old reservation does not hide it
+    assert new is not None and (new.call.body, new.deliveries) == (b"new", 1)
+    assert Job.fetch("again", connection=conn).get_status() == "started"
+    assert rq_queue.job_ids == []  # not queued twice by the old reservation's lapse
+    assert (await queue.stats()).reserved == 1
+    await queue.ack(old)  # the old delivery leaves the new one alone
+    with pytest.raises(ReservationLost):
+        await queue.extend(old)
+    await queue.extend(new)
+    assert (await queue.stats()).reserved == 1
+
+
+async def test_an_old_reservation_of_a_new_job_goes_when_it_is_handed_out(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis
+) -> None:
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", job_id="again")
+    queue = make_rq()
+    old = await queue.reserve(1.0)
+    assert old is not None
+    Job.fetch("again", connection=conn, serializer="json").delete()
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", job_id="again")
+    new = await queue.reserve(1.0)
+    assert new is not None and new.receipt != old.receipt
+    with pytest.raises(ReservationLost):
+        await queue.extend(old)
+    await queue.release(old)  # a no-op: the new job stays held
+    assert rq_queue.job_ids == [] and (await queue.stats()).reserved == 1
+
+
+async def test_push_new_of_a_job_canceled_while_held_is_handed_out(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis
+) -> None:
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", job_id="redo")
+    queue = make_rq()
+    old = await queue.reserve(1.0)
+    assert old is not None
+    Job.fetch("redo", connection=conn, serializer="json").cancel()
+    assert await queue.push_new(Call("redo", "demo", "echo", b"again")) is True
+    new = await queue.reserve(1.0)
+    assert new is not None and (new.call.body, new.deliveries) == (b"again", 1)
+    await queue.release(old)  # the old delivery leaves the new one alone
+    assert rq_queue.job_ids == [] and (await queue.stats()).reserved == 1
