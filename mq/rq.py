@@ -35,6 +35,7 @@ import os
 import uuid
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from datetime import datetime
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, urlsplit
 
@@ -320,9 +321,17 @@ class RQQueue:
     def take_buried(self) -> list[Buried]:
         return self._buried.take()
 
-    async def _finish(self, job_id: str, token: str, end: rq_jobs.Finish) -> bool:
+    async def _finish(
+        self, job_id: str, token: str, end: rq_jobs.Finish, created_at: datetime | None = None
+    ) -> bool:
         ended = await self._sync_call(
-            rq_jobs.finish, self._sync, job_id, token, end, worker_name=self.worker_name
+            rq_jobs.finish,
+            self._sync,
+            job_id,
+            token,
+            end,
+            worker_name=self.worker_name,
+            created_at=created_at,
         )
         await self._eval("ack", [job_id, token])
         return ended
@@ -331,10 +340,11 @@ class RQQueue:
         """End the job in rq: FINISHED with the response as its result on success,
         FAILED with the error text otherwise. The normal end instead of ``ack``.
 
-        A job another delivery already ended keeps that end (only this
-        delivery's reservation and execution are dropped).
+        A job another delivery already ended keeps that end, and so does a job rq
+        made anew under the id meanwhile (only this delivery's reservation and
+        execution are dropped).
         """
-        await self._finish(*self._receipt(msg), rq_jobs.finish_of(outcome))
+        await self._finish(*self._receipt(msg), rq_jobs.finish_of(outcome), msg.call.created_at)
 
     async def ack(self, msg: Message) -> None:
         await self._eval("ack", self._receipt(msg))
@@ -353,7 +363,8 @@ class RQQueue:
             raise ReservationLost(f"rq job {msg.call.id}: reservation {msg.receipt} is gone")
 
     async def dead_letter(self, msg: Message, reason: str) -> None:
-        await self._finish(*self._receipt(msg), rq_jobs.Finish(exc_string=f"fnq: {reason}"))
+        end = rq_jobs.Finish(exc_string=f"fnq: {reason}")
+        await self._finish(*self._receipt(msg), end, msg.call.created_at)
 
     # --------------------------------------------------------- dead letters
     async def dead_list(self, limit: int = 100) -> list[DeadLetter]:

@@ -202,9 +202,20 @@ def mark_started(conn: Redis, job: Job, token: str, worker_name: str, ttl_s: int
         pipe.execute()
 
 
-def finish(conn: Redis, job_id: str, token: str, end: Finish, *, worker_name: str) -> bool:
+def finish(
+    conn: Redis,
+    job_id: str,
+    token: str,
+    end: Finish,
+    *,
+    worker_name: str,
+    created_at: datetime | None = None,
+) -> bool:
     """End one delivery in rq: drop its execution and, unless the job is already
     final, make it FINISHED or FAILED with a Result. One transaction (WATCH job).
+    ``created_at``: the delivered job's; a job of the id created at another time is
+    a new one (rq deleted the delivered job, then the id was enqueued again): it is
+    left as it is.
 
     The reservation itself is dropped by the caller afterwards (the ACK script,
     guarded by the token). Returns False when the job is gone or was already final.
@@ -222,13 +233,23 @@ def finish(conn: Redis, job_id: str, token: str, end: Finish, *, worker_name: st
                 execution = Execution(token, job_id, conn, worker_name=worker_name)
                 execution.created_at = job.started_at or execution.created_at
                 execution.delete(job=job, pipeline=pipe)
-                final = fields.get(b"status") in FINAL
+                final = fields.get(b"status") in FINAL or not _same_job(fields, created_at)
                 if not final:
                     _record(pipe, job, execution, end, worker_name)
                 pipe.execute()
             except WatchError:
                 continue
             return not final
+
+
+def _same_job(fields: Mapping[bytes, bytes], created_at: datetime | None) -> bool:
+    if created_at is None:
+        return True
+    try:
+        made = datetime.strptime(fields.get(b"created_at", b"").decode(), _TS_FORMAT)
+    except (ValueError, UnicodeDecodeError):
+        return True  # no time to tell them apart by (parse_call took the time of reading)
+    return made.replace(tzinfo=UTC) == created_at
 
 
 def _record(pipe: Any, job: Job, execution: Execution, end: Finish, worker_name: str) -> None:

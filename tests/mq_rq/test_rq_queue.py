@@ -533,3 +533,26 @@ async def test_push_new_of_a_job_canceled_while_held_is_handed_out(
     assert new is not None and (new.call.body, new.deliveries) == (b"again", 1)
     await queue.release(old)  # the old delivery leaves the new one alone
     assert rq_queue.job_ids == [] and (await queue.stats()).reserved == 1
+
+
+@pytest.mark.parametrize("end", ["complete", "dead_letter"])
+async def test_an_old_delivery_does_not_end_a_new_job_of_its_id(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis, end: str
+) -> None:
+    rq_queue.enqueue("fnq.call", app="demo", fn="echo", body="old", job_id="again")
+    queue = make_rq()
+    old = await queue.reserve(1.0)
+    assert old is not None
+    Job.fetch("again", connection=conn, serializer="json").delete()
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo", body="new", job_id="again")
+    if end == "complete":
+        await queue.complete(old, ok(b"old"))
+    else:
+        await queue.dead_letter(old, "gave up")
+    assert job.get_status() == "queued" and rq_queue.job_ids == ["again"]
+    assert job.latest_result() is None
+    new = await queue.reserve(1.0)
+    assert new is not None and new.call.body == b"new"
+    await queue.complete(new, ok(b"new"))
+    assert job.get_status() == "finished"
+    assert job.return_value(refresh=True)["body"] == "new"  # type: ignore[index]
