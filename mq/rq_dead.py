@@ -17,7 +17,7 @@ from redis.exceptions import WatchError
 from rq.exceptions import InvalidJobOperation, NoSuchJobError
 from rq.job import Job
 from rq.queue import Queue
-from rq.registry import FailedJobRegistry
+from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
@@ -52,10 +52,13 @@ def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: 
         with conn.pipeline() as pipe:
             try:
                 pipe.watch(key)  # type: ignore[no-untyped-call]
-                if pipe.hget(key, "status") in _LIVE:
+                status, origin = cast(list[bytes | None], pipe.hmget(key, ["status", "origin"]))
+                if status in _LIVE:
                     return False
                 pipe.multi()
                 pipe.hdel(key, "fnq_deliveries", "fnq_receipt")
+                if origin:
+                    _forget_end(pipe, conn, call.id, origin.decode())
                 options: dict[str, Any] = {"job_id": call.id, "pipeline": pipe, **kwargs}
                 if delay_s > 0:
                     queue.enqueue_in(timedelta(seconds=delay_s), rq_jobs.FUNC_NAME, **options)
@@ -66,6 +69,14 @@ def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: 
                 continue
             return True
     raise QueueUnavailable(f"rq queue: job {call.id} kept changing while it was enqueued")
+
+
+def _forget_end(pipe: Any, conn: Redis, job_id: str, origin: str) -> None:
+    """The ended job's place in its queue's registries of ends, and its results, go:
+    the job enqueued again under its id is a new one."""
+    for registry in (FinishedJobRegistry, FailedJobRegistry, CanceledJobRegistry):
+        pipe.zrem(registry(origin, connection=conn).key, job_id)
+    pipe.delete(Result.get_key(job_id))  # type: ignore[no-untyped-call]
 
 
 def _registries(conn: Redis, names: Sequence[str]) -> list[FailedJobRegistry]:

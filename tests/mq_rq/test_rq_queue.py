@@ -18,6 +18,7 @@ from redis import Redis
 from rq import Queue
 from rq.job import Job
 from rq.registry import (
+    CanceledJobRegistry,
     FailedJobRegistry,
     FinishedJobRegistry,
     ScheduledJobRegistry,
@@ -26,7 +27,7 @@ from rq.registry import (
 from rq.results import Result
 
 from config.domain import Call, CallStatus, FailureKind, Outcome, Response
-from mq.base import MessageQueue
+from mq.base import MessageQueue, QueueStats
 from mq.errors import ReservationLost
 from mq.rq import RQQueue
 
@@ -556,3 +557,28 @@ async def test_an_old_delivery_does_not_end_a_new_job_of_its_id(
     await queue.complete(new, ok(b"new"))
     assert job.get_status() == "finished"
     assert job.return_value(refresh=True)["body"] == "new"  # type: ignore[index]
+
+
+@pytest.mark.parametrize("end", ["finished", "failed", "canceled"])
+async def test_push_new_of_an_ended_job_leaves_no_trace_of_its_end(
+    make_rq: MakeRQ, conn: Redis, end: str
+) -> None:
+    queue = make_rq()
+    assert await queue.push_new(Call("redo", "demo", "echo", b"first"))
+    msg = await queue.reserve(1.0)
+    assert msg is not None
+    if end == "canceled":
+        Job.fetch("redo", connection=conn, serializer="json").cancel()
+        await queue.ack(msg)
+    elif end == "failed":
+        await queue.dead_letter(msg, "gave up")
+    else:
+        await queue.complete(msg, ok())
+    assert await queue.push_new(Call("redo", "demo", "echo", b"second"))
+    job = Job.fetch("redo", connection=conn, serializer="json")
+    assert job.get_status() == "queued" and job.latest_result() is None
+    assert registries(conn) == {"started": [], "finished": [], "failed": []}
+    assert CanceledJobRegistry("default", connection=conn).get_job_ids() == []
+    assert await queue.dead_list() == []
+    assert await queue.stats() == QueueStats(ready=1, delayed=0, reserved=0, dead=0)
+    assert await queue.dead_purge() == 0 and conn.exists(job.key)
