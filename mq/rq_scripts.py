@@ -9,7 +9,8 @@ Reservations: ``reserved`` is a sorted set job id -> expiry (ms); ``receipts``
 a hash job id -> token of the delivery holding it (also the rq execution id).
 The job hash fields ``fnq_deliveries`` (deliveries) and ``fnq_receipt`` (the token of
 its latest delivery) are fnq's; rq ignores them. A reservation whose token is not its
-job's ``fnq_receipt`` is a ghost: rq deleted the job it held, or made a new one of the id.
+job's ``fnq_receipt`` is a ghost: rq deleted the job it held, or made a new one of the id
+(a job with ``fnq_deliveries`` and no ``fnq_receipt`` was claimed by an older fnq: not one).
 """
 
 from __future__ import annotations
@@ -46,9 +47,12 @@ end
 local FINAL = {finished = true, failed = true, canceled = true, stopped = true}
 
 -- The delivery of token holds no job of that id any more: rq deleted the job it
--- reserved (which may have been enqueued again since, as a new job).
+-- reserved (which may have been enqueued again since, as a new job). A job with
+-- deliveries but no receipt was claimed before receipts were kept: still the one held.
 local function ghost(jid, token)
-  return redis.call('HGET', P.job .. jid, 'fnq_receipt') ~= token
+  local f = redis.call('HMGET', P.job .. jid, 'fnq_receipt', 'fnq_deliveries')
+  if f[1] then return f[1] ~= token end
+  return not f[2]
 end
 """
 

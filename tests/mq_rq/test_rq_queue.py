@@ -582,3 +582,18 @@ async def test_push_new_of_an_ended_job_leaves_no_trace_of_its_end(
     assert await queue.dead_list() == []
     assert await queue.stats() == QueueStats(ready=1, delayed=0, reserved=0, dead=0)
     assert await queue.dead_purge() == 0 and conn.exists(job.key)
+
+
+async def test_a_job_claimed_before_receipts_were_kept_lapses_and_comes_back(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis
+) -> None:
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq(mq_reservation_msecs=1000, mq_max_deliveries=3)
+    first = await queue.reserve(1.0)
+    assert first is not None and first.deliveries == 1
+    conn.hdel(f"rq:job:{job.id}", "fnq_receipt")  # as an older fnq left its claim
+    await asyncio.sleep(1.05)  # the holder is gone: the reservation lapses
+    second = await queue.reserve(1.0)
+    assert second is not None and second.call.id == job.id and second.deliveries == 2
+    await queue.complete(second, ok())
+    assert job.get_status() == "finished"
