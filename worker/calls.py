@@ -49,7 +49,7 @@ from datetime import timedelta
 from config.domain import CallStatus, FailureKind, Function, Outcome, utcnow
 from config.errors import FnqError, Retryable, StoreError
 from config.settings import Settings
-from datastore.base import Datastore
+from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreClosed
 from mq.base import Buried
 from worker.agent.agent import Agent
@@ -59,7 +59,7 @@ from worker.elsewhere import Elsewhere
 from worker.logs import current_call
 from worker.metrics import Metrics
 from worker.reads import RecordRead
-from worker.recording import Recorder
+from worker.recording import Recorder, outcome_of
 from worker.reservations import heartbeat
 from worker.running import HANDED_BACK, HANDED_BACK_UNSTARTED, RunningMark
 
@@ -73,6 +73,7 @@ MAX_RECORDING = 256
 RETRY_LATER_S = 5.0  # a call the datastore could not take for a passing reason waits so
 HANDED_BACK_LOG_S = 30.0  # at most one warning this often for calls handed back
 SETTLE_FAILED_S = 10.0  # handing such a call back (or to the dead letters) takes at most
+FINAL_POLL_S = 0.05  # a stopped call's final record, read again after
 HAND_BACK_RECORD_S = 2.0  # a call stopped by shutdown: putting its record back takes at most
 MAX_PUT_OFF_IDS = 1000  # calls put off that are remembered (to warn once for each)
 
@@ -202,26 +203,23 @@ class CallHandler:
             self.metrics.calls.went_back("stop")
 
     async def _unrecorded(self, d: Delivery) -> bool:
-        """Whether the call may go back to the queue: no final record of it is being
-        written. One that is gets at most HAND_BACK_RECORD_S; once stored, its message
-        is settled as the record says. False when the message must stay: settled, or
+        """Whether the call may go back to the queue: its handling was not cancelled
+        while its final record was being written (a write the datastore has taken goes
+        on). If it was, the record gets HAND_BACK_RECORD_S to turn up final; then the
+        message is settled as it says. False when the message must stay: settled, or
         left to return when its reservation lapses (its record may still land, over
         the next worker's run: the next delivery then finds it final)."""
         final = self.recorder.final_write(d.call_id)
         if final is None:
             return True
-        write, outcome, dead_letter = final
-        try:
-            async with asyncio.timeout(HAND_BACK_RECORD_S):
-                stored = await asyncio.shield(write)
-        except TimeoutError:
+        outcome, dead_letter = final
+        record = await self._final_record(d.call_id)
+        if record is None:
             log.warning("call %s: its final record is still being written; its message "
                         "returns when its reservation lapses", d.call_id)  # fmt: skip
             return False
-        except FnqError:  # not stored: the call goes back
-            return True
-        if not stored:  # the record was final already (cancelled): the next delivery acks it
-            return True
+        if record.status is not outcome.status:  # ended otherwise (cancelled): as it says
+            outcome, dead_letter = outcome_of(record), False
         try:
             async with asyncio.timeout(HAND_BACK_TIMEOUT_S):
                 await d.settle(outcome, dead_letter=dead_letter)
@@ -230,6 +228,23 @@ class CallHandler:
                         "(%s); it returns when its reservation lapses", d.call_id,
                         exc or "timed out")  # fmt: skip
         return False
+
+    async def _final_record(self, call_id: str) -> CallRecord | None:
+        """The call's record once it is final, read until HAND_BACK_RECORD_S have passed;
+        None if it is not final by then (or cannot be read)."""
+        loop = asyncio.get_running_loop()
+        give_up = loop.time() + HAND_BACK_RECORD_S
+        while True:
+            try:
+                async with asyncio.timeout(max(0.0, give_up - loop.time())):
+                    record = await self.store.get_call(call_id)
+            except (FnqError, TimeoutError):
+                return None
+            if record is not None and record.status.is_final:
+                return record
+            if loop.time() + FINAL_POLL_S > give_up:
+                return None
+            await asyncio.sleep(FINAL_POLL_S)
 
     async def _withdraw(self, d: Delivery, why: Outcome, retry_in_s: float = 0.0) -> bool:
         """Before its message is released: put the call's record back to `queued` if its

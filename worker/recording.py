@@ -90,9 +90,10 @@ class Recorder:
         self.max_recording = max_recording
         self.recording = 0  # calls that have run (or never will) and wait to be recorded
         self._room = asyncio.Event()  # set when `recording` has just gone down
-        # Final records being written, by call: the write, the outcome, whether the
-        # message then goes to the dead letters (see final_write).
-        self._finals: dict[str, tuple[asyncio.Future[bool], Outcome, bool]] = {}
+        # Calls whose final record was being written when their handling was cancelled
+        # (or is being written now): the outcome, and whether the message then goes to
+        # the dead letters (see final_write).
+        self._finals: dict[str, tuple[Outcome, bool]] = {}
 
     @contextlib.contextmanager
     def counted(self) -> Iterator[None]:
@@ -115,16 +116,15 @@ class Recorder:
             self._room.clear()
             await self._room.wait()
 
-    def final_write(self, call_id: str) -> tuple[asyncio.Future[bool], Outcome, bool] | None:
-        """The write of the call's final record, if one was started; with the outcome it
-        writes and whether its message goes to the dead letters."""
+    def final_write(self, call_id: str) -> tuple[Outcome, bool] | None:
+        """If the call's final record was being written when its handling was cancelled
+        (the write may still land): the outcome it writes, and whether its message goes
+        to the dead letters."""
         return self._finals.get(call_id)
 
     def forget(self, call_id: str) -> None:
         """The call's handling is over."""
-        final = self._finals.pop(call_id, None)
-        if final is not None and not final[0].done():
-            final[0].add_done_callback(_retrieved)
+        self._finals.pop(call_id, None)
 
     async def settle_final(self, d: Delivery, record: CallRecord) -> None:
         log.info("call %s is already %s: settling its message", d.call_id, record.status)
@@ -159,15 +159,22 @@ class Recorder:
             attempt -= 1
         if decision.action is Action.FINISH:
             self._observe(call.created_at, outcome)
-            # The write goes on if the call is cancelled meanwhile (the datastore's
-            # writes do): the handler must not hand the message back while it may land.
-            write = asyncio.ensure_future(
-                self.store.record_outcome(
-                    call, outcome, attempt, self.worker_id, with_request=with_request
-                )
-            )
-            self._finals[call.id] = (write, outcome, decision.dead_letter)
-            stored_now = await self._store(d, outcome, attempt, asyncio.shield(write))
+            # A write the datastore has taken goes on if the call is cancelled while
+            # it waits for it: the entry stays for the hand-back (see final_write).
+            self._finals[call.id] = (outcome, decision.dead_letter)
+            try:
+                stored_now = await self._store(
+                    d, outcome, attempt,
+                    self.store.record_outcome(
+                        call, outcome, attempt, self.worker_id, with_request=with_request
+                    ),
+                )  # fmt: skip
+            except asyncio.CancelledError:
+                raise
+            except BaseException:  # not written: nothing for the hand-back to wait for
+                del self._finals[call.id]
+                raise
+            del self._finals[call.id]
             if stored_now is None:  # refused: ended by _refused
                 return
             if not stored_now:
@@ -259,9 +266,3 @@ class Recorder:
         if outcome.completed_at is not None:
             run_s = (outcome.completed_at - outcome.started_at).total_seconds()
             self.metrics.calls.run_time.observe(max(0.0, run_s))
-
-
-def _retrieved(write: asyncio.Future[bool]) -> None:
-    """Retrieve the result of a final write nobody waits for any more."""
-    if not write.cancelled() and write.exception() is not None:
-        log.debug("a final record written after its call was stopped: %s", write.exception())
