@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -48,6 +48,26 @@ def sqlite_url(path: Path) -> str:
     """``sqlite:///`` and ``path`` made absolute, with a URL's own characters escaped;
     a name's bytes that are not UTF-8 (kept by Python as surrogates) as their ``%XX``."""
     return f"sqlite://{quote(str(path.absolute()), safe='/', errors='surrogateescape')}"
+
+
+def sqlite_path(url: str, what: str) -> Path:
+    """The file a ``sqlite:///ABSOLUTE/PATH`` URL names (``sqlite:////`` too); ``%XX``
+    bytes that are not UTF-8 stay those bytes. ValueError, naming ``what`` (the
+    setting), for anything else."""
+    malformed = f"{what} {url!r}: a SQLite URL looks like sqlite:///absolute/path.db"
+    try:
+        parts = urlsplit(url)
+    except ValueError:  # a '[' that opens no IPv6 address
+        raise ValueError(malformed) from None
+    path = unquote(parts.path, errors="surrogateescape")
+    if parts.netloc or not path.strip("/") or "\x00" in path:
+        raise ValueError(malformed)
+    if parts.query or parts.fragment:
+        raise ValueError(
+            f"{what} {url!r}: a SQLite URL takes no options"
+            " (write a '?' or '#' in the path as %3F or %23)"
+        )
+    return Path("/" + path.lstrip("/"))
 
 
 def _msecs(description: str, default: int, **kw: Any) -> Any:

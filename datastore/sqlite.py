@@ -23,9 +23,8 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
-from urllib.parse import unquote, urlsplit
 
-from config.settings import Settings
+from config.settings import Settings, sqlite_path
 from config.sqlite import begin_immediate, enable_wal
 from datastore import migrate, sql
 from datastore.base import LogStore
@@ -46,20 +45,10 @@ _Op = tuple[Write, dict[str, Any], bytes | None]
 
 
 def path_from_url(url: str) -> Path:
-    malformed = f"FN_DB_URL {url!r}: a SQLite URL looks like sqlite:///absolute/path.db"
     try:
-        parts = urlsplit(url)
-    except ValueError:  # a '[' that opens no IPv6 address
-        raise StoreError(malformed) from None
-    path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
-    if parts.netloc or not path.strip("/") or "\x00" in path:
-        raise StoreError(malformed)
-    if parts.query or parts.fragment:
-        raise StoreError(
-            f"FN_DB_URL {url!r}: a SQLite URL takes no options"
-            " (write a '?' or '#' in the path as %3F or %23)"
-        )
-    return Path("/" + path.lstrip("/"))  # sqlite:////abs/path (four slashes) too
+        return sqlite_path(url, "FN_DB_URL")
+    except ValueError as exc:
+        raise StoreError(str(exc)) from None
 
 
 def to_us(value: datetime) -> int:

@@ -22,11 +22,10 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import TypeVar
-from urllib.parse import unquote, urlsplit
 
 from config.domain import Call
 from config.errors import ConfigError
-from config.settings import Settings
+from config.settings import Settings, sqlite_path
 from mq import wire
 from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
@@ -66,20 +65,11 @@ class SqliteQueue:
 
     @classmethod
     def from_url(cls, url: str, settings: Settings, *, create: bool = True) -> SqliteQueue:
-        malformed = f"queue URL {url!r}: a SQLite URL looks like sqlite:///abs/path.db"
         try:
-            parts = urlsplit(url)
-        except ValueError:  # a '[' that opens no IPv6 address
-            raise ConfigError(malformed) from None
-        path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
-        if parts.netloc or not path.strip("/") or "\x00" in path:
-            raise ConfigError(malformed)
-        if parts.query or parts.fragment:
-            raise ConfigError(
-                f"queue URL {url!r}: a SQLite URL takes no options"
-                " (write a '?' or '#' in the path as %3F or %23)"
-            )
-        return cls(Path("/" + path.lstrip("/")), settings, create=create)
+            path = sqlite_path(url, "queue URL")
+        except ValueError as exc:
+            raise ConfigError(str(exc)) from None
+        return cls(path, settings, create=create)
 
     @property
     def path(self) -> Path:

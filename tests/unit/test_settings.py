@@ -279,7 +279,7 @@ def test_a_data_dir_that_is_not_utf8_is_taken_as_its_bytes(
 def test_a_sqlite_url_naming_a_nul_byte_is_refused(settings_env: Path, url: str) -> None:
     with pytest.raises(StoreError, match=r"a SQLite URL looks like sqlite:///absolute/path\.db"):
         path_from_url(url)
-    with pytest.raises(ConfigError, match=r"a SQLite URL looks like sqlite:///abs/path\.db"):
+    with pytest.raises(ConfigError, match=r"a SQLite URL looks like sqlite:///absolute/path\.db"):
         SqliteQueue.from_url(url, load_settings())
 
 
@@ -305,5 +305,5 @@ def test_a_log_level_is_ascii(settings_env: Path, value: str) -> None:
 def test_a_sqlite_url_that_does_not_split_is_refused(settings_env: Path, url: str) -> None:
     with pytest.raises(StoreError, match=r"a SQLite URL looks like sqlite:///absolute/path\.db"):
         path_from_url(url)
-    with pytest.raises(ConfigError, match=r"a SQLite URL looks like sqlite:///abs/path\.db"):
+    with pytest.raises(ConfigError, match=r"a SQLite URL looks like sqlite:///absolute/path\.db"):
         SqliteQueue.from_url(url, load_settings())
