@@ -7,6 +7,8 @@
   ``Fn-Call-Id`` and ``Fn-Deadline``).
 * :func:`docker_run_one_call` - the ``docker run`` baseline: start the image
   with the socket directory mounted, wait for the socket, make one call.
+* :func:`no_gc` - the benchmark process's garbage collector paused over a timed
+  run, so that the producer or client it plays does not stop in the middle.
 * helpers for settings, medians, percentiles, process RSS, leftovers.
 """
 
@@ -14,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import http.client
 import os
 import secrets
@@ -23,6 +26,7 @@ import statistics
 import subprocess
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -130,6 +134,27 @@ def _md_table(columns: list[str], rows: list[list[Any]]) -> str:
 
 
 # ------------------------------------------------------------------ numbers
+
+
+@contextlib.contextmanager
+def no_gc() -> Iterator[None]:
+    """Pause this process's garbage collector for a timed run.
+
+    This process is the producer (or the raw client) of the runs it times. It
+    holds every call and record of the runs before, so a full collection here
+    takes 30-60 ms: a producer stopped that long pushes the calls it owes all at
+    once afterwards, and the worker is timed on a burst the load never meant.
+    What the run allocates is freed by reference counting; cycles wait for the
+    collection at the end.
+    """
+    gc.collect()
+    gc.freeze()
+    gc.disable()
+    try:
+        yield
+    finally:
+        gc.enable()
+        gc.unfreeze()
 
 
 def median(values: list[float]) -> float:

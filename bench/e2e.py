@@ -64,6 +64,7 @@ from bench._common import (
     label_tag,
     labelled,
     median,
+    no_gc,
     percentile,
     raw_calls,
     raw_throughput,
@@ -118,11 +119,12 @@ async def fnq_throughput(
     rates = []
     done = await cluster.final_count(APP)
     for _ in range(repeats):
-        if watch is not None:
-            watch.start()
-        seconds = await cluster.run_calls(APP, "echo", n, BODY, done)
-        if watch is not None:
-            watch.stop(n)
+        with no_gc():
+            if watch is not None:
+                watch.start()
+            seconds = await cluster.run_calls(APP, "echo", n, BODY, done)
+            if watch is not None:
+                watch.stop(n)
         done += n
         rates.append(n / seconds)
         await asyncio.sleep(0.5)
@@ -156,18 +158,19 @@ async def paced(cluster: Cluster, rate: float, seconds: float) -> list[tuple[flo
     """Push one call every 1/rate s for ``seconds``; (latency s, function s) per call."""
     n = max(20, int(rate * seconds))
     done = await cluster.final_count(APP)
-    loop = asyncio.get_running_loop()
-    start = loop.time()
     assert cluster.queue is not None
+    loop = asyncio.get_running_loop()
     calls = []
-    for i in range(n):
-        delay = start + i / rate - loop.time()
-        if delay > 0:
-            await asyncio.sleep(delay)
-        call = Call(new_call_id(), APP, "echo", BODY)  # created_at: now
-        calls.append(call)
-        await cluster.queue.push(call)
-    await cluster.wait_final(APP, done + n)
+    with no_gc():
+        start = loop.time()
+        for i in range(n):
+            delay = start + i / rate - loop.time()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            call = Call(new_call_id(), APP, "echo", BODY)  # created_at: now
+            calls.append(call)
+            await cluster.queue.push(call)
+        await cluster.wait_final(APP, done + n)
     made = {c.id: c.created_at for c in calls}  # to the microsecond: the wire rounds it
     out = []
     for rec in await cluster.records([c.id for c in calls]):
@@ -259,19 +262,22 @@ async def raw_ceiling(tmp: Path, n: int, repeats: int, paces: dict[float, float]
         one, two, lat = [], [], []
         cpu = {k: CpuWatch(own_party="client", container_tag=tag) for k in (1, 2)}
         for _ in range(repeats):
-            cpu[1].start()
-            rate, ms = await raw_throughput(sockets[:1], n, BODY)
-            cpu[1].stop(n)
+            with no_gc():
+                cpu[1].start()
+                rate, ms = await raw_throughput(sockets[:1], n, BODY)
+                cpu[1].stop(n)
             one.append(rate)
             lat.append(ms)
-            cpu[2].start()
-            two.append((await raw_throughput(sockets, n // 2, BODY))[0])
-            cpu[2].stop(n // 2 * 2)
+            with no_gc():
+                cpu[2].start()
+                two.append((await raw_throughput(sockets, n // 2, BODY))[0])
+                cpu[2].stop(n // 2 * 2)
         for watch in cpu.values():
             watch.close()
         paced_ms = {}
         for share, rate in paces.items():
-            paced_lat = await raw_calls(sockets[0], max(200, int(rate)), BODY, rate)
+            with no_gc():
+                paced_lat = await raw_calls(sockets[0], max(200, int(rate)), BODY, rate)
             paced_ms[share] = 1000 * median(paced_lat)
         return Raw(median(one), median(two), median(lat), paced_ms, cpu)
     finally:
