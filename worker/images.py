@@ -32,6 +32,7 @@ import json
 import os
 import re
 import shutil
+import stat
 import subprocess
 import sys
 import tarfile
@@ -110,13 +111,15 @@ class FunctionSource:
         return f"fnq/{self.name}:latest"
 
     def files(self) -> list[Path]:
-        """Files copied into the image, in a stable order."""
+        """Files and symlinks copied into the image, in a stable order. A symlink is
+        copied as a link, as ``docker build`` copies one (it is not followed: its
+        target may be outside the directory, or be a directory)."""
         out = []
         for path in sorted(self.path.rglob("*")):
             rel = path.relative_to(self.path)
             if any(part in _IGNORED or part.startswith(".") for part in rel.parts):
                 continue
-            if path.is_file():
+            if path.is_symlink() or path.is_file():
                 out.append(path)
         return out
 
@@ -467,7 +470,10 @@ def _content_hash(base: str, dockerfile: str, fn: FunctionSource) -> str:
     digest.update(base.encode() + b"\0" + dockerfile.encode() + b"\0")
     for path in fn.files():
         digest.update(str(path.relative_to(fn.path)).encode() + b"\0")
-        digest.update(path.read_bytes() + b"\0")
+        if path.is_symlink():
+            digest.update(b"link:" + os.fsencode(os.readlink(path)) + b"\0")
+        else:
+            digest.update(b"%o:" % _file_mode(path) + path.read_bytes() + b"\0")
     return digest.hexdigest()
 
 
@@ -477,15 +483,26 @@ def _context_tar(dockerfile: str, fn: FunctionSource) -> io.BytesIO:
     with tarfile.open(fileobj=buf, mode="w") as tar:
         _add_bytes(tar, "Dockerfile", dockerfile.encode())
         for path in fn.files():
-            _add_bytes(tar, str(path.relative_to(fn.path)), path.read_bytes())
+            name = str(path.relative_to(fn.path))
+            if path.is_symlink():
+                link = tarfile.TarInfo(name)
+                link.type, link.linkname, link.mode = tarfile.SYMTYPE, os.readlink(path), 0o777
+                tar.addfile(link)
+            else:
+                _add_bytes(tar, name, path.read_bytes(), _file_mode(path))
     buf.seek(0)
     return buf
 
 
-def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes) -> None:
+def _file_mode(path: Path) -> int:
+    """0o755 for a file its owner may run (a script named as the entrypoint), else 0o644."""
+    return 0o755 if path.stat().st_mode & stat.S_IXUSR else 0o644
+
+
+def _add_bytes(tar: tarfile.TarFile, name: str, data: bytes, mode: int = 0o644) -> None:
     info = tarfile.TarInfo(name)
     info.size = len(data)
-    info.mode = 0o644
+    info.mode = mode
     info.mtime = 0
     tar.addfile(info, io.BytesIO(data))
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import tarfile
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +14,14 @@ import pytest
 from click.testing import CliRunner
 
 from worker.cli import cli
-from worker.images import ImageBuilder, ImageBuildError, find_functions, load_function
+from worker.images import (
+    ImageBuilder,
+    ImageBuildError,
+    _content_hash,
+    _context_tar,
+    find_functions,
+    load_function,
+)
 
 
 def write_function(directory: Path, body: str = "hello") -> Path:
@@ -83,3 +91,62 @@ def test_missing_debootstrap_is_one_clear_sentence(
     with pytest.raises(ImageBuildError, match=r"debootstrap is not installed: apt-get install"):
         builder._ensure_rootfs()
     offline.close()
+
+
+def _with_links(path: Path) -> Path:
+    """A function directory with a link to a file in it, one to a host file, one to a
+    directory, one in a loop, and a script its owner may run."""
+    (path / "lib").mkdir()
+    (path / "lib" / "real.py").write_text("WORD = 'linked'\n")
+    (path / "helper.py").symlink_to("lib/real.py")
+    (path / "host").symlink_to("/etc/hostname")
+    (path / "libdir").symlink_to("lib")
+    (path / "loop").symlink_to("loop")
+    (path / "run.sh").write_text("#!/bin/sh\necho ran\n")
+    (path / "run.sh").chmod(0o755)
+    return path
+
+
+def test_symlinks_go_in_as_links_and_run_bits_stay(tmp_path: Path) -> None:
+    fn = load_function(_with_links(write_function(tmp_path / "links")))
+    with tarfile.open(fileobj=_context_tar(fn.dockerfile("base:1"), fn)) as tar:
+        entries = {info.name: info for info in tar.getmembers()}
+    links = {name: info.linkname for name, info in entries.items() if info.issym()}
+    assert links == {"helper.py": "lib/real.py", "host": "/etc/hostname", "libdir": "lib",
+                     "loop": "loop"}  # fmt: skip
+    assert entries["helper.py"].size == 0  # no copy of the target's content
+    assert entries["run.sh"].mode == 0o755
+    assert entries["func.py"].mode == entries["lib/real.py"].mode == 0o644
+    before = _content_hash("base:1", "d", fn)
+    (tmp_path / "links" / "helper.py").unlink()
+    (tmp_path / "links" / "helper.py").symlink_to("lib/other.py")
+    assert _content_hash("base:1", "d", fn) != before  # a link's target is part of it
+    retargeted = _content_hash("base:1", "d", fn)
+    (tmp_path / "links" / "run.sh").chmod(0o644)
+    assert _content_hash("base:1", "d", fn) != retargeted  # and so is the run bit
+
+
+@pytest.mark.integration
+def test_an_image_keeps_the_links_and_run_bits(
+    function_images: list[str], tmp_path: Path, docker_engine: Any, settings_env: Path
+) -> None:
+    name = f"fnq-links-{secrets.token_hex(4)}"
+    path = _with_links(write_function(tmp_path / name))
+    image = f"fnq/{name}:latest"
+    try:
+        built = CliRunner().invoke(cli, ["images", "build", "--json", str(path)])
+        assert built.exit_code == 0, built.output
+        script = (
+            "cd /function && readlink helper.py host libdir && cat helper.py libdir/real.py"
+            " && ./run.sh && cat host"
+        )
+        out = docker_engine.containers.run(
+            image, entrypoint=["/bin/sh", "-c", script], network_mode="none", remove=True
+        ).decode()
+        lines = out.splitlines()
+        assert lines[:3] == ["lib/real.py", "/etc/hostname", "lib"]
+        assert lines[3:6] == ["WORD = 'linked'", "WORD = 'linked'", "ran"]
+        host_name = Path("/etc/hostname").read_text().strip()
+        assert host_name not in lines[6:]  # the image's own file, not the host's
+    finally:
+        docker_engine.images.remove(image, force=True)
