@@ -60,6 +60,7 @@ from mq.base import (
     Message,
     QueueStats,
     claim_shielded,
+    lapsed_reason,
 )
 from mq.errors import QueueError, QueueUnavailable, ReservationLost
 from mq.redis_url import FNQ_URL_OPTIONS, check_database, with_query
@@ -265,8 +266,8 @@ class RQQueue:
         claimed, doomed, wait_ms = await self._eval("claim", args)
         for jid_b, token_b, deliveries in doomed:
             reason = (
-                f"delivered {deliveries} times without finishing (FN_MQ_MAX_DELIVERIES="
-                f"{self._max_deliveries}); its workers were lost or stopped renewing it"
+                f"{lapsed_reason(deliveries)} (FN_MQ_MAX_DELIVERIES={self._max_deliveries}): "
+                "its workers were lost or stopped renewing it"
             )
             await self._bury(jid_b.decode(), token_b.decode(), reason)
         msgs: list[Message] = []

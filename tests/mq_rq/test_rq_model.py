@@ -367,8 +367,8 @@ class RQModel(RuleBasedStateMachine):
             if j is None or j.status not in LIVE:
                 continue
             if j.prior >= MAX_DELIVERIES:
-                self.fail(j, f"delivered {j.prior} times without finishing")
-                buried.append((jid, f"delivered {j.prior} times"))
+                self.fail(j, f"delivered {j.prior} time(s); the reservation lapsed each time")
+                buried.append((jid, f"delivered {j.prior} time(s)"))
             else:
                 j.status = "queued"
                 self.lists[j.queue].append(jid)
@@ -626,7 +626,7 @@ def test_lapsed_jobs_come_back_then_fail_in_rq(
                         await q.complete(m, ok())
                 told += [(b.call_id, b.reason) for b in q.take_buried()]
             assert sorted(i for i, _ in told) == sorted(doomed)
-            assert all(f"delivered {max_deliveries} times" in r for _, r in told)
+            assert all(f"delivered {max_deliveries} time(s)" in r for _, r in told)
             ends = {i: Job.fetch(i, connection=conn).get_status() for i in ids}
             assert ends == {i: "failed" if i in doomed else "finished" for i in ids}
             assert sorted(FailedJobRegistry("default", connection=conn).get_job_ids()) == sorted(

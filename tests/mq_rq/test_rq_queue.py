@@ -222,11 +222,11 @@ async def test_lapse_redelivers_then_fails(make_rq: MakeRQ, rq_queue: Queue, con
     await asyncio.sleep(1.05)  # lapses again: max deliveries reached
     assert await queue.reserve(0.1) is None
     assert job.get_status() == "failed"
-    assert "delivered 2 times" in failure_text(job)
+    assert "delivered 2 time(s)" in failure_text(job)
     assert registries(conn) == {"started": [], "finished": [], "failed": [job.id]}
     assert (await queue.stats()).reserved == 0
     [buried] = queue.take_buried()  # once, for the worker to end the call's record
-    assert buried.call_id == job.id and "delivered 2 times" in buried.reason
+    assert buried.call_id == job.id and "delivered 2 time(s)" in buried.reason
     assert queue.take_buried() == []
 
 
