@@ -474,6 +474,12 @@ def report(
         "time is its `updated_at`, taken when the worker hands it to the datastore's group "
         "commit, so the commit itself (a few ms with SQLite FULL) is not in the latency."
     )
+    sec.notes.append(
+        "The producer and the raw client are this process; its garbage collector is "
+        "paused over each timed run (collected before). This process holds the calls and "
+        "records of the runs before, and a full collection stopped the producer for "
+        "37-61 ms: it then pushed the calls it owed at once, and that burst made the p99."
+    )
     return sec
 
 
