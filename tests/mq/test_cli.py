@@ -235,6 +235,38 @@ def test_a_requeued_dead_letter_runs_again_as_a_new_call(backend: str) -> None:
     assert msg is not None and (msg.call.id, msg.call.body) == ("dead-1", b"again")
 
 
+def test_dead_list_shows_the_attempts_the_record_counts(
+    backend: str, settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    fnq("call", "demo", "echo", "--id", "ran-1")
+    _end_with_error("ran-1")  # its record counts one attempt
+
+    async def bury_unrecorded(queue: MessageQueue) -> None:
+        await queue.push(Call(id="bare-1", app="demo", fn="echo"))
+        msg = await queue.reserve(3.0)
+        assert msg is not None
+        await queue.dead_letter(msg, "no record")
+
+    with_queue(bury_unrecorded)
+    rows = {r["id"]: r for r in json.loads(fnq("dead", "list", "--json"))}
+    assert (rows["ran-1"]["attempts"], rows["bare-1"]["attempts"]) == (1, None)
+    assert rows["ran-1"]["deliveries"] == 1
+    table = [line.split() for line in fnq("dead", "list").splitlines()]
+    assert table[0][:4] == ["ID", "FUNCTION", "DELIVERIES", "ATTEMPTS"]
+    assert {row[0]: row[3] for row in table[1:]} == {"ran-1": "1", "bare-1": "-"}
+    # Without a datastore the list still comes, says why it has no attempts, makes none.
+    missing = settings_env / "nowhere" / "fnq.db"
+    monkeypatch.setenv("FN_DB_URL", f"sqlite://{missing}")
+    result = CliRunner().invoke(cli, ["dead", "list", "--json"])
+    assert result.exit_code == 0, result.output
+    assert {r["id"]: r["attempts"] for r in json.loads(result.stdout)} == {
+        "ran-1": None,
+        "bare-1": None,
+    }
+    assert result.stderr.startswith("fnq: no attempts shown: ") and "no datastore" in result.stderr
+    assert not missing.exists() and not missing.parent.exists()
+
+
 def test_requeue_all_reopens_every_ended_call(backend: str) -> None:
     for i in range(3):
         fnq("call", "demo", "echo", "--id", f"all-{i}")

@@ -255,13 +255,20 @@ def _function_of(row: dict[str, object]) -> str:
 @click.pass_context
 @friendly_errors
 def dead_list(ctx: click.Context, as_json: bool, limit: int) -> None:
-    """Dead letters, oldest first."""
+    """Dead letters, oldest first.
+
+    DELIVERIES counts the deliveries of the message whose reservation lapsed,
+    plus the last one; a retry after the function failed starts no new count.
+    ATTEMPTS is how often the call ran, from its record (- without one).
+    """
+    settings = settings_from(ctx)
 
     async def fetch(queue: MessageQueue) -> list[DeadLetter]:
         return await queue.dead_list(limit)
 
-    dead = run_async(_with_queue(settings_from(ctx), fetch, create=False))
-    rows = [_dead_row(d) for d in dead]
+    dead = run_async(_with_queue(settings, fetch, create=False))
+    attempts = run_async(_attempts(settings, [d.id for d in dead]))
+    rows = [{**_dead_row(d), "attempts": attempts.get(d.id)} for d in dead]
     if as_json:
         print_json(rows)
         return
@@ -270,12 +277,30 @@ def dead_list(ctx: click.Context, as_json: bool, limit: int) -> None:
             r["id"],
             _function_of(r),
             r["deliveries"],
+            "-" if r["attempts"] is None else r["attempts"],
             r["died_at"],
             r["reason"],
         )
         for r in rows
     ]
-    print_table(["ID", "FUNCTION", "DELIVERIES", "DIED AT", "REASON"], table)
+    print_table(["ID", "FUNCTION", "DELIVERIES", "ATTEMPTS", "DIED AT", "REASON"], table)
+
+
+async def _attempts(settings: Settings, call_ids: list[str]) -> dict[str, int]:
+    """The attempts of those calls that have a record. The list does without them
+    when the datastore cannot be read (it says so on stderr); it never makes one."""
+    if not call_ids:
+        return {}
+    try:
+        store = await open_datastore(settings, create=False)
+        try:
+            records = await store.get_calls(call_ids)
+        finally:
+            await store.close()
+    except FnqError as exc:
+        click.echo(f"fnq: no attempts shown: {exc}", err=True)
+        return {}
+    return {call_id: rec.attempts for call_id, rec in records.items()}
 
 
 def _selection(ids: tuple[str, ...], all_: bool) -> list[str] | None:
