@@ -10,6 +10,7 @@ import os
 import signal
 import sys
 from collections.abc import Callable, Coroutine, Iterator, Sequence
+from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
 
 import click
@@ -109,6 +110,11 @@ def friendly_errors(func: Callable[P, T]) -> Callable[P, T]:
         raise AssertionError("unreachable")  # pragma: no cover
 
     return wrapper
+
+
+def short_time(value: datetime | None) -> str:
+    """A time for a table: local, to the second."""
+    return "" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def print_json(data: Any) -> None:

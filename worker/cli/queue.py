@@ -26,6 +26,7 @@ from worker.cli._common import (
     print_table,
     run_async,
     settings_from,
+    short_time,
     wait_status,
     wait_timeout_option,
 )
@@ -278,10 +279,10 @@ def dead_list(ctx: click.Context, as_json: bool, limit: int) -> None:
             _function_of(r),
             r["deliveries"],
             "-" if r["attempts"] is None else r["attempts"],
-            r["died_at"],
+            short_time(d.died_at),
             r["reason"],
         )
-        for r in rows
+        for r, d in zip(rows, dead, strict=True)
     ]
     print_table(["ID", "FUNCTION", "DELIVERIES", "ATTEMPTS", "DIED AT", "REASON"], table)
 

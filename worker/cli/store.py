@@ -27,6 +27,7 @@ from worker.cli._common import (
     print_table,
     run_async,
     settings_from,
+    short_time,
     wait_status,
     wait_timeout_option,
 )
@@ -56,10 +57,6 @@ def with_store(
             await store.close()
 
     return run_async(run())
-
-
-def _short_time(value: datetime | None) -> str:
-    return "" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
 def _duration(rec: CallRecord) -> str:
@@ -129,7 +126,7 @@ def calls_list(
     if as_json:
         print_json({"items": [r.to_json() for r in page.items], "next_cursor": page.next_cursor})
         return
-    rows = [(r.id, f"{r.app}/{r.fn}", r.status.value, r.attempts, _short_time(r.created_at),
+    rows = [(r.id, f"{r.app}/{r.fn}", r.status.value, r.attempts, short_time(r.created_at),
              _duration(r), _one_line(r.error)) for r in page.items]  # fmt: skip
     print_table(["ID", "FUNCTION", "STATUS", "ATTEMPTS", "CREATED", "RAN", "ERROR"], rows)
     if page.next_cursor:
@@ -297,7 +294,7 @@ def calls_purge(ctx: click.Context, older_than: str) -> None:
     except ValueError as exc:
         raise bad_value("--older-than", str(exc)) from None
     count = with_store(settings_from(ctx), lambda s: s.purge_calls(age))
-    cutoff = _short_time(utcnow() - age)
+    cutoff = short_time(utcnow() - age)
     click.echo(f"purged {count} call{'s' if count != 1 else ''} completed before {cutoff}")
 
 
