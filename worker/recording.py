@@ -186,6 +186,11 @@ class Recorder:
             # takes the ack now (if not, the next delivery finds the record final).
             self.metrics.calls.ended(outcome.status.value)
             self.completed += 1
+            if decision.dead_letter:
+                ran = f"after {attempt} attempt(s)" if attempt else "without running"
+                log.info("call %s ended %s %s: %s; its message goes to the dead letters",
+                         call.id, outcome.status.value, ran,
+                         outcome.error or "no reason given")  # fmt: skip
             await d.settle(outcome, dead_letter=decision.dead_letter)
             return
         if decision.action is Action.RETRY:
@@ -254,6 +259,7 @@ class Recorder:
         await self.store.record_outcome(
             call, outcome, attempts, self.worker_id, with_request=with_request
         )
+        log.info("call %s ended %s without running: %s", call.id, status.value, error)
         await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
         self.metrics.calls.ended(status.value)
         self.completed += 1

@@ -8,6 +8,7 @@ container driver.
 from __future__ import annotations
 
 import asyncio
+import logging
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
@@ -73,12 +74,26 @@ async def final(store: Datastore, call: Call) -> CallRecord | None:
 
 @pytest.mark.parametrize("mark_ms", [0, 50])  # marked `running` first, or not
 async def test_a_call_that_never_reached_a_container_counts_no_attempt(
-    tmp_path: Path, mark_ms: int
+    tmp_path: Path, mark_ms: int, caplog: pytest.LogCaptureFixture
 ) -> None:
     missing, big = Call(new_call_id(), "a", "missing"), Call(new_call_id(), "a", "big")
     unknown = Call(new_call_id(), "a", "unregistered")
     broken = Call(new_call_id(), "a", "broken")
-    done = await run_until_final(tmp_path, mark_ms, [missing, big, unknown, broken])
+    with caplog.at_level(logging.INFO, logger="fnq.worker"):
+        done = await run_until_final(tmp_path, mark_ms, [missing, big, unknown, broken])
+    # The worker's log says how each ended, and that its message went to the dead letters.
+    assert (f"call {unknown.id} ended error without running: function a/unregistered is "
+            "not registered") in caplog.text  # fmt: skip
+    said = {
+        missing.id: "without running: image img/missing not found",
+        big.id: "without running: ",
+        broken.id: "after 1 attempt(s): ",
+    }
+    logged = [r.getMessage() for r in caplog.records]
+    for call_id, how in said.items():
+        line = next(m for m in logged if f"call {call_id} ended" in m)
+        assert line.startswith(f"call {call_id} ended error {how}"), line
+        assert line.endswith("; its message goes to the dead letters"), line
     assert "not found" in (done[missing.id].error or "")
     assert "more than this worker has" in (done[big.id].error or "")
     assert "not registered" in (done[unknown.id].error or "")
