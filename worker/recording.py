@@ -259,8 +259,10 @@ class Recorder:
         await self.store.record_outcome(
             call, outcome, attempts, self.worker_id, with_request=with_request
         )
-        log.info("call %s ended %s without running: %s", call.id, status.value, error)
-        await d.settle(outcome, dead_letter=failure is FailureKind.TERMINAL)
+        dead = failure is FailureKind.TERMINAL
+        log.info("call %s ended %s without running: %s%s", call.id, status.value, error,
+                 "; its message goes to the dead letters" if dead else "")  # fmt: skip
+        await d.settle(outcome, dead_letter=dead)
         self.metrics.calls.ended(status.value)
         self.completed += 1
 

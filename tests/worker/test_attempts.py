@@ -83,7 +83,7 @@ async def test_a_call_that_never_reached_a_container_counts_no_attempt(
         done = await run_until_final(tmp_path, mark_ms, [missing, big, unknown, broken])
     # The worker's log says how each ended, and that its message went to the dead letters.
     assert (f"call {unknown.id} ended error without running: function a/unregistered is "
-            "not registered") in caplog.text  # fmt: skip
+            "not registered; its message goes to the dead letters") in caplog.text  # fmt: skip
     said = {
         missing.id: "without running: image img/missing not found",
         big.id: "without running: ",
