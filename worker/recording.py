@@ -50,6 +50,9 @@ from worker.running import RunningMark
 log = logging.getLogger("fnq.worker")
 
 
+_DEAD_LETTERED = frozenset({CallStatus.ERROR, CallStatus.TIMEOUT})  # see settle_final
+
+
 def outcome_of(record: CallRecord) -> Outcome:
     """A stored final record as an outcome (for settling a duplicate delivery)."""
     response = None
@@ -127,8 +130,15 @@ class Recorder:
         self._finals.pop(call_id, None)
 
     async def settle_final(self, d: Delivery, record: CallRecord) -> None:
-        log.info("call %s is already %s: settling its message", d.call_id, record.status)
-        await d.settle(outcome_of(record), dead_letter=False)
+        """A delivery of a call whose record is final already (delivered again after
+        its settle failed, pushed again under its id, cancelled while queued): its
+        message goes where the call's end sent it. Every call that ends `error` or
+        `timeout` goes to the dead letters, so such a delivery goes there too (under
+        the call's id, it replaces the one there may be already)."""
+        dead = record.status in _DEAD_LETTERED
+        log.info("call %s is already %s: settling its message%s", d.call_id,
+                 record.status.value, " (to the dead letters)" if dead else "")  # fmt: skip
+        await d.settle(outcome_of(record), dead_letter=dead)
 
     async def record(
         self,
