@@ -15,6 +15,7 @@ import pytest
 from tests.docker.conftest import request
 from worker.agent.errors import DispatchError, InvalidResponse, NotDelivered, ResponseTooBig
 from worker.agent.fdk import FdkClient, request_headers, rfc3339
+from worker.agent.iofs import check_listener, open_listener
 
 Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
 
@@ -231,3 +232,81 @@ async def test_answer_without_length_ends_with_the_connection() -> None:
         finally:
             await client.close()
     assert (result.status, result.body) == (200, b"all of this")
+
+
+@asynccontextmanager
+async def listener_dir() -> AsyncIterator[tuple[Path, list[str]]]:
+    """A socket directory as the FDK makes it (``lsnr.sock`` a link to ``phony.sock``),
+    and a socket outside it (``outside.sock`` next to it); yields (directory, the names
+    of the sockets that took a connection, in order)."""
+    reached: list[str] = []
+    with tempfile.TemporaryDirectory(prefix="fnq-fdk-") as tmp:
+        directory = Path(tmp) / "iofs"
+        directory.mkdir()
+        servers = []
+        for path in (directory / "phony.sock", Path(tmp) / "outside.sock"):
+
+            async def serve(
+                reader: asyncio.StreamReader, writer: asyncio.StreamWriter, name: str = path.name
+            ) -> None:
+                reached.append(name)
+                try:
+                    head = await reader.readuntil(b"\r\n\r\n")
+                    length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+                    await echo(head, await reader.readexactly(length), writer)
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    pass
+                finally:
+                    writer.close()
+
+            servers.append(await asyncio.start_unix_server(serve, str(path)))
+        (directory / "lsnr.sock").symlink_to("phony.sock")
+        try:
+            yield directory, reached
+        finally:
+            for srv in servers:
+                srv.close()
+                await srv.wait_closed()
+
+
+async def test_the_checked_socket_is_the_one_connected_to() -> None:
+    # The container owns the socket directory: it may relink lsnr.sock at any time.
+    # Between the check and the connect, a link to a socket outside the directory
+    # must not take the connection: the connect goes to the socket that was checked.
+    async with listener_dir() as (directory, reached):
+        outside = directory.parent / "outside.sock"
+
+        def opener_then_swap() -> int:
+            fd = open_listener(directory)
+            (directory / "lsnr.sock").unlink()
+            (directory / "lsnr.sock").symlink_to(outside)
+            return fd
+
+        client = FdkClient(str(directory / "lsnr.sock"), opener=opener_then_swap)
+        try:
+            assert (await client.call(request(b"one"))).body == b"one"
+        finally:
+            await client.close()
+        assert reached == ["phony.sock"]
+        # The next connection is checked again: the link out is refused, unsent.
+        client = FdkClient(str(directory / "lsnr.sock"), opener=lambda: open_listener(directory))
+        try:
+            with pytest.raises(NotDelivered, match=r"symlink to .*outside\.sock"):
+                await client.call(request(b"two"))
+        finally:
+            await client.close()
+        assert reached == ["phony.sock"]
+
+
+async def test_a_path_checked_then_connected_to_could_be_swapped() -> None:
+    # Why the opener: without it the connect follows whatever the link says by then.
+    async with listener_dir() as (directory, reached):
+        check_listener(directory)
+        (directory / "lsnr.sock").unlink()
+        (directory / "lsnr.sock").symlink_to(directory.parent / "outside.sock")
+        client = FdkClient(str(directory / "lsnr.sock"))
+        try:
+            await client.call(request(b"x"))
+        finally:
+            await client.close()
+        assert reached == ["outside.sock"]

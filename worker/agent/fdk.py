@@ -32,11 +32,13 @@ from __future__ import annotations
 
 import asyncio
 import functools
-from collections.abc import Iterator, Mapping
+import os
+from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
 from typing import cast
 
+from config.errors import AgentError
 from worker.agent.driver import DispatchRequest, DispatchResult
 from worker.agent.errors import DispatchError, InvalidResponse, NotDelivered, ResponseTooBig
 from worker.agent.http1 import HeadTooBig, Incomplete, ParseError, RawResponse, ResponseParser
@@ -176,14 +178,27 @@ class _Connection(asyncio.Protocol):
 
 
 class FdkClient:
-    """Speaks to one function's listener socket."""
+    """Speaks to one function's listener socket.
+
+    ``opener``, when given, is asked for the socket before each connection: an
+    ``O_PATH`` descriptor of the checked socket (worker.agent.iofs.open_listener),
+    connected to through ``/proc/self/fd``, so that the container cannot point
+    ``socket_path`` elsewhere between the check and the connect. An AgentError it
+    raises fails the connection as NotDelivered.
+    """
 
     def __init__(
-        self, socket_path: str, max_response_bytes: int = 0, max_header_bytes: int = 0
+        self,
+        socket_path: str,
+        max_response_bytes: int = 0,
+        max_header_bytes: int = 0,
+        *,
+        opener: Callable[[], int] | None = None,
     ) -> None:
         self.socket_path = socket_path
         self._max_body = max_response_bytes
         self._max_header = max_header_bytes or DEFAULT_MAX_HEADER_BYTES
+        self._opener = opener
         self._conn: _Connection | None = None
         self.connections_made = 0  # more than one means keep-alive was lost at some point
 
@@ -197,15 +212,24 @@ class FdkClient:
 
     async def _connect(self, deadline: float) -> _Connection:
         self._drop()
+        fd = None
         try:
+            path = self.socket_path
+            if self._opener is not None:
+                fd = self._opener()
+                path = f"/proc/self/fd/{fd}"
             async with asyncio.timeout_at(deadline):
                 _, conn = await asyncio.get_running_loop().create_unix_connection(
-                    lambda: _Connection(self._max_header, self._max_body), self.socket_path
+                    lambda: _Connection(self._max_header, self._max_body), path
                 )
         except TimeoutError:
             raise
-        except OSError as exc:  # no listener (a dead container): the request never left
+        except (OSError, AgentError) as exc:  # no listener (a dead container), or one
+            # the rules refuse: the request never left
             raise NotDelivered(f"cannot connect to the function: {exc}") from exc
+        finally:
+            if fd is not None:
+                os.close(fd)
         self.connections_made += 1
         self._conn = conn
         return conn

@@ -138,32 +138,53 @@ class IofsRoot:
 
 
 def check_listener(directory: Path) -> None:
-    """Raise ContainerInitFailed unless ``lsnr.sock`` is a socket or a safe link to one."""
+    """Raise ContainerInitFailed unless ``lsnr.sock`` is a socket or a safe link to one;
+    FileNotFoundError while there is no ``lsnr.sock``."""
+    os.close(open_listener(directory))
+
+
+def open_listener(directory: Path) -> int:
+    """An ``O_PATH`` descriptor of the function's listener: ``lsnr.sock`` if it is a
+    socket, else the socket its symlink names (a bare name in ``directory``).
+
+    Connecting through ``/proc/self/fd/N`` reaches that very socket, whatever the
+    container renames or relinks in between: a check of the path followed by a
+    connect to the path would let it swap in a link to any socket on the host.
+    Raises ContainerInitFailed for a listener the rule refuses, FileNotFoundError
+    while there is no ``lsnr.sock``.
+    """
     path = directory / SOCKET_NAME
-    info = path.lstat()
-    if stat.S_ISLNK(info.st_mode):
+    try:
         target = os.readlink(path)
-        name = target[2:] if target.startswith("./") else target
-        if not name or "/" in name or name in (".", ".."):
-            raise ContainerInitFailed(
-                f"the function's {SOCKET_NAME} is a symlink to {target!r}: symlinks must "
-                "be relative within the unix socket directory (a bare file name)"
-            )
-        path = directory / name
-        try:
-            info = path.lstat()
-        except FileNotFoundError:
-            raise ContainerInitFailed(
-                f"the function's {SOCKET_NAME} is a symlink to {target!r}, which does not exist"
-            ) from None
-        except OSError as exc:  # a name the function chose, e.g. over 255 bytes
-            raise ContainerInitFailed(
-                f"the function's {SOCKET_NAME} is a symlink to {target!r}: {exc.strerror}"
-            ) from None
-    if not stat.S_ISSOCK(info.st_mode):
+    except OSError as exc:
+        if exc.errno != errno.EINVAL:  # EINVAL: not a link (the socket itself, say)
+            raise
+        return _open_socket(path, SOCKET_NAME)
+    name = target[2:] if target.startswith("./") else target
+    if not name or "/" in name or name in (".", ".."):
         raise ContainerInitFailed(
-            f"the function's {SOCKET_NAME} ({path.name}) is not a unix socket"
+            f"the function's {SOCKET_NAME} is a symlink to {target!r}: symlinks must "
+            "be relative within the unix socket directory (a bare file name)"
         )
+    try:
+        return _open_socket(directory / name, name)
+    except FileNotFoundError:
+        raise ContainerInitFailed(
+            f"the function's {SOCKET_NAME} is a symlink to {target!r}, which does not exist"
+        ) from None
+    except OSError as exc:  # a name the function chose, e.g. over 255 bytes
+        raise ContainerInitFailed(
+            f"the function's {SOCKET_NAME} is a symlink to {target!r}: {exc.strerror}"
+        ) from None
+
+
+def _open_socket(path: Path, name: str) -> int:
+    """``path`` itself (no link followed), if it is a unix socket."""
+    fd = os.open(path, os.O_PATH | os.O_NOFOLLOW | os.O_CLOEXEC)
+    if not stat.S_ISSOCK(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise ContainerInitFailed(f"the function's {SOCKET_NAME} ({name}) is not a unix socket")
+    return fd
 
 
 def _close_quietly(fd: int) -> None:

@@ -11,6 +11,7 @@ docker.
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 import os
 from collections.abc import Callable
@@ -38,7 +39,7 @@ from worker.agent.errors import (
     FreezeFailed,
 )
 from worker.agent.fdk import FdkClient
-from worker.agent.iofs import IofsDir, IofsRoot, SocketWatcher
+from worker.agent.iofs import IofsDir, IofsRoot, SocketWatcher, open_listener
 
 log = logging.getLogger("fnq.agent.docker")
 function_log = logging.getLogger("fnq.function")
@@ -152,6 +153,7 @@ class DockerContainer:
             str(self.iofs.socket_path),
             max_response_bytes=self._settings.max_response_size,
             max_header_bytes=self._settings.max_hdr_response_size,
+            opener=functools.partial(open_listener, self.iofs.host_path),
         )
 
     async def _until_ready(self, watcher: SocketWatcher, timeout_s: float) -> None:
