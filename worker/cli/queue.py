@@ -267,8 +267,11 @@ def dead_list(ctx: click.Context, as_json: bool, limit: int) -> None:
     async def fetch(queue: MessageQueue) -> list[DeadLetter]:
         return await queue.dead_list(limit)
 
-    dead = run_async(_with_queue(settings, fetch, create=False))
-    attempts = run_async(_attempts(settings, [d.id for d in dead]))
+    async def both() -> tuple[list[DeadLetter], dict[str, int]]:
+        dead = await _with_queue(settings, fetch, create=False)
+        return dead, await _attempts(settings, [d.id for d in dead])
+
+    dead, attempts = run_async(both())
     rows = [{**_dead_row(d), "attempts": attempts.get(d.id)} for d in dead]
     if as_json:
         print_json(rows)
