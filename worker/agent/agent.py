@@ -154,6 +154,16 @@ class Agent:
             containers=self._hot.__len__,
         )
         self._background = TaskSet("agent")
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    @property
+    def loop(self) -> asyncio.AbstractEventLoop:
+        """The event loop the agent runs in (looked up once: CPython 3.11 makes a system
+        call in every ``get_running_loop``, and a call would look it up a dozen times)."""
+        loop = self._loop
+        if loop is None:
+            loop = self._loop = asyncio.get_running_loop()
+        return loop
 
     async def __aenter__(self) -> Agent:
         try:
@@ -190,7 +200,7 @@ class Agent:
             return not_started_outcome(AgentClosed())
         if call.id in self._calls:
             return not_started_outcome(ServerBusy(f"call {call.id} is already running here"))
-        stop = StopControl(on_start)
+        stop = StopControl(on_start, self.loop)
         stop.launch_patience_s = launch_patience_s
         self._calls[call.id] = stop
         self._no_calls.clear()
@@ -210,8 +220,9 @@ class Agent:
         if not self.tracker.is_possible(memory_mb, cpu_mcpus):
             too_big = self.tracker.too_big(memory_mb, cpu_mcpus)
             return not_started_outcome(ResourceTooBig(f"{fn.ref} {too_big}"))
+        loop = self.loop
         queue = self._queue_for(fn)
-        deadline = asyncio.get_running_loop().time() + fn.timeout_s
+        deadline = loop.time() + fn.timeout_s
         buffer = LogBuffer(
             self.settings.max_log_size_bytes,
             label=f"{fn.ref} {call.id}",
@@ -227,7 +238,6 @@ class Agent:
                     return cancelled_outcome(stop.reason)
                 return not_started_outcome(AgentClosed())
             queue.requests[RequestState.EXEC] += 1
-            loop = asyncio.get_running_loop()
             taken_at = time.perf_counter()  # uvloop's loop.time() counts whole ms
             try:
                 run = await slot.hot.serve(slot, call, fn.timeout_s, buffer.write, stop)
@@ -340,7 +350,7 @@ class Agent:
                 worker_containers=self._hot.__len__,
             )
             self._launchers.spawn(launcher.run(), name=f"fnq-launcher-{fn.ref}-{key[:8]}")
-        queue.last_used_s = asyncio.get_running_loop().time()
+        queue.last_used_s = self.loop.time()
         return queue
 
     def _drop_queue(self, queue: SlotQueue) -> bool:

@@ -61,10 +61,14 @@ class ExecResult:
 class StopControl:
     """Per call: the stop request (cancel or shutdown) and the dispatch notice."""
 
-    def __init__(self, on_start: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_start: Callable[[], None] | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         # Done once a stop is requested: a running call waits on it beside its
         # dispatch without a task of its own.
-        self.stopped: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.stopped: asyncio.Future[None] = (loop or asyncio.get_running_loop()).create_future()
         self.end = ExecEnd.CANCELLED
         self.reason = ""
         self.started = False

@@ -200,6 +200,7 @@ class FdkClient:
         self._max_header = max_header_bytes or DEFAULT_MAX_HEADER_BYTES
         self._opener = opener
         self._conn: _Connection | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None  # looked up once: see call()
         self.connections_made = 0  # more than one means keep-alive was lost at some point
 
     async def close(self) -> None:
@@ -236,7 +237,9 @@ class FdkClient:
 
     async def call(self, req: DispatchRequest) -> DispatchResult:
         """POST /call; DispatchError (or ResponseTooBig) on failure, TimeoutError on time."""
-        loop = asyncio.get_running_loop()
+        loop = self._loop
+        if loop is None:  # CPython 3.11 makes a system call in each get_running_loop
+            loop = self._loop = asyncio.get_running_loop()
         request = encode_request(req)
         now = loop.time()
         deadline = now + req.timeout_s

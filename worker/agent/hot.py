@@ -137,7 +137,8 @@ class HotContainer:
         self.retire_reason: str | None = None
         self.frozen = False
         self.calls_served = 0
-        self._exited: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._loop = asyncio.get_running_loop()
+        self._exited: asyncio.Future[None] = self._loop.create_future()
         self._wake = asyncio.Event()
         self._ops = asyncio.Lock()  # pause, unpause and dispatch never overlap
         self._watcher: asyncio.Task[None] | None = None
@@ -336,7 +337,7 @@ class HotContainer:
         """Offer the next idle slot: callers may take it, the evictor may claim it."""
         self._slot = self.queue.offer(self)
         self._offers += 1
-        self._idle_since = asyncio.get_running_loop().time()
+        self._idle_since = self._loop.time()
         self._pause_turn = None
         self._move(ContainerState.PAUSED if self.frozen else ContainerState.IDLE)
         self.evictor.enable(self.evict)
@@ -467,7 +468,11 @@ class HotContainer:
         exit and a stop request interrupt it."""
         try:
             result = await interruptible(
-                container.dispatch(request, sink), timeout_s, self._exited, stop.stopped
+                container.dispatch(request, sink),
+                timeout_s,
+                self._exited,
+                stop.stopped,
+                loop=self._loop,
             )
         except Interrupted:
             return self._judge_interrupt(stop)

@@ -29,7 +29,10 @@ class Interrupted(Exception):
 
 
 async def interruptible(
-    awaitable: Awaitable[T], timeout_s: float, *interrupters: asyncio.Future[Any]
+    awaitable: Awaitable[T],
+    timeout_s: float,
+    *interrupters: asyncio.Future[Any],
+    loop: asyncio.AbstractEventLoop | None = None,
 ) -> T:
     """Await ``awaitable`` in this task: its result, TimeoutError after ``timeout_s``,
     or :class:`Interrupted` as soon as one of ``interrupters`` completes.
@@ -37,9 +40,10 @@ async def interruptible(
     An interrupter cancels this task, and that cancellation is told apart from
     one that comes from outside, which goes on up as it is (asyncio.timeout
     does the same for its own). Once this returns or raises, no interrupter
-    can reach the task any more.
+    can reach the task any more. ``loop``: the running loop, if the caller has it.
     """
-    task = asyncio.current_task()
+    loop = loop or asyncio.get_running_loop()
+    task = asyncio.current_task(loop)
     assert task is not None
     armed, interrupted, timed_out = True, False, False
 
@@ -58,7 +62,7 @@ async def interruptible(
     for future in interrupters:
         future.add_done_callback(interrupt)
     # One timer rather than a timeout scope: this wraps every call's dispatch.
-    timer = asyncio.get_running_loop().call_later(timeout_s, expire)
+    timer = loop.call_later(timeout_s, expire)
     try:
         return await awaitable
     except asyncio.CancelledError:

@@ -69,6 +69,13 @@ class OutputRouter:
         self._ended = False
         self._sink_failed = False
         self._carry: dict[int, bytes] = {}  # per stream: a possible marker cut in two
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _running_loop(self) -> asyncio.AbstractEventLoop:
+        # Looked up once (a system call each time on CPython 3.11): this runs per chunk.
+        if self._loop is None:
+            self._loop = asyncio.get_running_loop()
+        return self._loop
 
     @property
     def ended(self) -> bool:
@@ -79,7 +86,7 @@ class OutputRouter:
     def open(self, sink: OutputSink | None) -> Segment:
         """Send output to ``sink`` from now on, after the segments still open."""
         self._flush_partial()
-        segment = Segment(sink, asyncio.get_running_loop().create_future())
+        segment = Segment(sink, self._running_loop().create_future())
         if self._ended:
             self._finish(segment)
         else:
@@ -103,7 +110,7 @@ class OutputRouter:
             if stream not in written:  # a full pipe: this stream ends here
                 self._close_stream(segment, stream)
         if not segment.sealed.done():
-            segment.timer = asyncio.get_running_loop().call_later(limit_s, self.drop, segment)
+            segment.timer = self._running_loop().call_later(limit_s, self.drop, segment)
         return True
 
     def drop(self, segment: Segment) -> None:
@@ -127,7 +134,7 @@ class OutputRouter:
 
     async def settle(self, quiet_s: float, limit_s: float) -> None:
         """Wait until no output arrived for ``quiet_s`` (see the module docstring)."""
-        loop = asyncio.get_running_loop()
+        loop = self._running_loop()
         start = loop.time()
         deadline = start + limit_s
         while not self._ended:
@@ -156,7 +163,7 @@ class OutputRouter:
     # -------------------------------------------------------------- input
 
     def feed(self, stream: int, data: bytes) -> None:
-        self._last_chunk_s = asyncio.get_running_loop().time()
+        self._last_chunk_s = self._running_loop().time()
         carried = self._carry.pop(stream, b"")
         if carried:
             data = carried + data
