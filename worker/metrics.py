@@ -10,13 +10,14 @@ change once per upkeep tick and use prometheus_client's.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 from prometheus_client import CollectorRegistry, Gauge, start_http_server
 from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, Metric
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from mq.base import QueueStats
 from worker.agent.stats import AgentStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -120,3 +121,8 @@ class Metrics:
         self.calls_in_agent.labels("waiting").set(stats.calls_waiting)
         self.calls_in_agent.labels("running").set(stats.calls_running)
         self.containers.labels("live").set(stats.containers)
+
+    def observe_queues(self, stats: Sequence[QueueStats]) -> None:
+        """The depth of this worker's queues (the main one and the RQ bridge's), summed."""
+        for state in ("ready", "delayed", "reserved", "dead"):
+            self.queue_depth.labels(state).set(sum(getattr(s, state) for s in stats))

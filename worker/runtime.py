@@ -81,7 +81,10 @@ async def _serve(
             for name in unknown_env_names():
                 log.warning("%s is not a setting of fnq: ignored", name)
             guard = signal_handlers(shutdown) if install_signals else contextlib.nullcontext()
-            upkeep = Upkeep(worker.worker_id, store, agent, metrics, worker.running.keys)
+            upkeep = Upkeep(
+                worker.worker_id, store, agent, metrics, worker.running.keys,
+                queues=queues if settings.metrics_port else (),  # only served metrics read them
+            )  # fmt: skip
             with guard:
                 async with asyncio.TaskGroup() as tg:
                     side = tg.create_task(upkeep.run(), name="fnq-upkeep")

@@ -4,7 +4,8 @@
   running here were asked to stop (``fnq calls cancel``) and stop them in the
   agent; their outcome is then ``cancelled``.
 - Every ``HEARTBEAT_S``: write this worker's row (capacity, containers, calls)
-  for ``fnq status``, and refresh the metrics gauges.
+  for ``fnq status``, and refresh the metrics gauges (with ``queues`` given,
+  when the metrics are served, their depth too).
 
 A datastore outage makes these skip a beat, logged once, never stop the worker.
 """
@@ -13,13 +14,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Sequence
 from datetime import timedelta
 from importlib.metadata import version
 from typing import Any
 
 from config.errors import FnqError
 from datastore.base import Datastore
+from mq.base import MessageQueue
 from worker.agent.agent import Agent
 from worker.agent.stats import AgentStats
 from worker.logs import current_call
@@ -59,12 +61,15 @@ class Upkeep:
         agent: Agent,
         metrics: Metrics,
         running: Callable[[], Collection[str]],
+        *,
+        queues: Sequence[MessageQueue] = (),
     ) -> None:
         self.worker_id = worker_id
         self.store = store
         self.agent = agent
         self.metrics = metrics
         self.running = running
+        self.queues = list(queues)
         self._failing = False
 
     async def run(self) -> None:
@@ -75,12 +80,25 @@ class Upkeep:
             if beats % ticks_per_beat == 0:
                 stats = self.agent.statistics()
                 self.metrics.observe_agent(stats)
+                await self._observe_queues()
                 ok = await self._guard(self.store.worker_heartbeat(self.worker_id, describe(stats)))
             beats += 1
             if ok and self._failing:
                 log.warning("datastore is back: cancellations and heartbeats resume")
                 self._failing = False
             await asyncio.sleep(CANCEL_POLL_S)
+
+    async def _observe_queues(self) -> None:
+        """``fnq_queue_messages``: a queue that cannot be read now keeps its last depth."""
+        if not self.queues:
+            return
+        try:
+            async with asyncio.timeout(HEARTBEAT_S):
+                stats = [await queue.stats() for queue in self.queues]
+        except (FnqError, TimeoutError) as exc:
+            log.debug("queue depth not read for the metrics: %s", exc)
+            return
+        self.metrics.observe_queues(stats)
 
     async def _cancellations(self) -> None:
         ids = list(self.running())
