@@ -74,7 +74,8 @@ def image_problem(image: str) -> str | None:
 def _range(label: str, value: float, low: float, high: float, unit: str) -> str | None:
     if low <= value <= high:
         return None
-    return f"{label} must be between {low:g} and {high:g} {unit}, not {value:g}"
+    # .15g: every digit of a whole number (a max age of 2592001 is not "2.592e+06")
+    return f"{label} must be between {low:.15g} and {high:.15g} {unit}, not {value:.15g}"
 
 
 def _cpus_problem(mcpu: int) -> str | None:

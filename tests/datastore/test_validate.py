@@ -34,6 +34,16 @@ def test_bad_images(image: str) -> None:
     assert problem is not None and "not a valid image reference" in problem
 
 
+@pytest.mark.parametrize(
+    ("change", "problem"),
+    [({"max_age_s": 2_592_001}, "max age must be between 1 and 2592000 seconds, not 2592001"),
+     ({"retry_backoff_s": 3600.5}, "retry backoff must be between 0 and 3600 seconds, not 3600.5")],
+)  # fmt: skip
+def test_a_range_problem_gives_the_numbers_in_full(change: dict[str, float], problem: str) -> None:
+    fn = Function("app", "f", "img", **change)  # type: ignore[arg-type]
+    assert function_problems(fn) == [problem]
+
+
 def test_every_problem_is_named_at_once() -> None:
     fn = Function("my app", "f", "img", memory_mb=0, timeout_s=4000, idle_timeout_s=0,
                   config={"1BAD": "x"})  # fmt: skip
