@@ -37,6 +37,10 @@ _URL_EXAMPLES = {
     "rq_url": "redis://host:6379/0 or unix:///SOCKET?db=DB (or empty)",
 }
 _MAX_MSECS = 10 * 365 * 24 * 3600 * 1000  # what "disabled" (a negative value) turns into
+# An integer setting as text: int() and pydantic also read '1_0' (as 10), '10.0'
+# and other scripts' digits, which in a setting are typos.
+_BLANK = " \t\r\n"
+_INTEGER = re.compile(r"[+-]?[0-9]+")
 
 
 def default_data_dir() -> Path:
@@ -316,6 +320,21 @@ class Settings(BaseSettings):
         if isinstance(value, str) and value.lower() in {"text", "json"}:
             return value.lower()
         return value
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _integer(cls, value: object, info: ValidationInfo) -> object:
+        """An integer written as text is ASCII digits with an optional sign; blanks
+        (spaces, tabs, line ends) around them are ignored."""
+        if (
+            not isinstance(value, str)
+            or cls.model_fields[str(info.field_name)].annotation is not int
+        ):
+            return value
+        digits = value.strip(_BLANK)
+        if not _INTEGER.fullmatch(digits):
+            raise ValueError("must be an integer: ASCII digits with an optional sign")
+        return digits
 
     @field_validator("mq_url", "db_url", "log_url", "rq_url")
     @classmethod

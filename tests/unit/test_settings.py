@@ -101,6 +101,54 @@ def test_bad_value_names_variable_and_value(
     assert repr(value) in str(err.value)
 
 
+INTEGER_ERROR = "Value error, must be an integer: ASCII digits with an optional sign"
+
+
+@pytest.mark.parametrize(
+    "value",
+    [
+        *("1_0", " 1_000 ", "10.0", "1.", "1e3", "0x10", "10 000", "+-1", "nan", "inf", "soon"),
+        *("\u0661\u0660", "\uff11\uff10", "\xa010", "10\u3000", "\x1c10"),
+    ],
+)
+def test_an_integer_is_ascii_digits_with_an_optional_sign(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch, value: str
+) -> None:
+    """int() and pydantic read '1_0' as 10, '10.0' as 10 and other scripts' digits:
+    a typo, most likely, is refused with the variable and the value as written."""
+    monkeypatch.setenv("FN_MAX_PIDS", value)
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert str(err.value) == f"invalid settings: FN_MAX_PIDS={value!r}: {INTEGER_ERROR}"
+
+
+@pytest.mark.parametrize(
+    ("value", "expected"), [(" 12 ", 12), ("\t12\r\n", 12), ("+12", 12), ("012", 12), ("0", 0)]
+)
+def test_an_integer_may_have_a_sign_and_blanks_around_it(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch, value: str, expected: int
+) -> None:
+    monkeypatch.setenv("FN_MAX_PIDS", value)
+    monkeypatch.setenv("FN_FREEZE_IDLE_MSECS", " -1 ")
+    settings = load_settings()
+    assert (settings.max_pids, settings.freeze_idle_msecs) == (expected, -1)
+
+
+def test_fnq_worker_with_a_bad_integer_says_so_in_one_line(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def never(*_: object) -> None:
+        raise AssertionError("the worker started")
+
+    monkeypatch.setattr("worker.cli.run.setup_logging", never)
+    monkeypatch.setenv("FN_MQ_MAX_DELIVERIES", "1_0")
+    result = CliRunner().invoke(cli, ["worker", "--burst"])
+    assert result.exit_code == 1
+    assert result.stderr == (
+        f"fnq: invalid settings: FN_MQ_MAX_DELIVERIES='1_0': {INTEGER_ERROR}\n"
+    )
+
+
 @pytest.mark.parametrize(
     ("value", "expected"), [("JSON", "json"), ("Text", "text"), ("json", "json")]
 )
