@@ -14,7 +14,7 @@ import re
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
-from urllib.parse import quote, unquote, urlsplit
+from urllib.parse import quote, unquote, unquote_plus, urlsplit
 
 from dotenv import dotenv_values
 from pydantic import (
@@ -407,6 +407,10 @@ def load_settings(**overrides: Any) -> Settings:
             loc = str(err["loc"][0]) if err["loc"] else "?"
             name = env_name(loc) if loc in Settings.model_fields else loc
             value = err.get("input")
+            if loc in URL_FIELDS and isinstance(value, str):
+                value = mask_url(value)
+            elif loc in SECRET_FIELDS:
+                value = "***"
             hint = " (empty is a value: to get the default, unset it)" if value == "" else ""
             problems.append(f"{name}={value!r}: {err['msg']}{hint}")
         raise ConfigError("invalid settings: " + "; ".join(problems)) from None
@@ -416,21 +420,33 @@ SECRET_FIELDS = frozenset({"sentry_dsn"})
 URL_FIELDS = frozenset({"mq_url", "db_url", "log_url", "rq_url"})
 
 
-_QUERY_SECRET = re.compile(r"([?&][a-z_]*password=)[^&#]*", re.IGNORECASE)
+_SCHEME = re.compile(r"[A-Za-z][A-Za-z0-9+.-]*://")
+_QUERY_KEY = re.compile(r"[?&]([^?&=]*)=")
 
 
 def mask_url(url: str) -> str:
-    """Hide the passwords of a URL: ``scheme://user:***@host`` and any query option
-    named like a password (``password=``, ``sslpassword=``)."""
-    url = _QUERY_SECRET.sub(r"\1***", url)
-    scheme, sep, rest = url.partition("://")
-    authority, slash, tail = rest.partition("/")
-    if not sep or "@" not in authority:
-        return url
-    creds, _, host = authority.rpartition("@")
-    if ":" not in creds:
-        return url
-    return f"{scheme}://{creds.split(':', 1)[0]}:***@{host}{slash}{tail}"
+    """``url`` with its passwords hidden, however it is written: ``scheme://user:***@host``
+    (the userinfo taken to end at the last '@', a password may hold a raw '/', '?', '#'
+    or '@'), and everything after a query option named like a password (``password=``,
+    ``sslpassword=``, ``ssl_password=``, in any case or %-escaped), as a raw '&' or
+    '#' may be part of its value. Where the URL is ambiguous, more is hidden."""
+    spans = []
+    scheme = _SCHEME.match(url)
+    start = scheme.end() if scheme else 0
+    at = url.rfind("@")
+    colon = url.find(":", start, at) if at > start else -1
+    if colon >= 0:
+        spans.append((colon + 1, at))
+    for key in _QUERY_KEY.finditer(url):
+        if "password" in unquote_plus(key.group(1)).lower():
+            spans.append((key.end(), len(url)))
+            break
+    out, pos = "", 0
+    for low, high in sorted(spans):
+        if low > pos:
+            out += url[pos:low] + "***"
+        pos = max(pos, high)
+    return out + url[pos:]
 
 
 def public_view(settings: Settings) -> dict[str, str | int | float | bool]:

@@ -194,13 +194,66 @@ def test_secrets_are_masked(settings_env: Path) -> None:
     assert "hunter2" not in view["FN_DB_URL"]
     assert view["FN_DB_URL"] == "postgresql://fnq:***@db:5432/fnq"
     assert mask_url("redis://127.0.0.1:6379/0") == "redis://127.0.0.1:6379/0"
-    assert mask_url("rediss://u:p@h:6379/0?ssl_certfile=c&password=s3&sslpassword=k") == (
-        "rediss://u:***@h:6379/0?ssl_certfile=c&password=***&sslpassword=***"
-    )
-    assert mask_url("postgresql://h/db?user=u&password=p@ss") == (
-        "postgresql://h/db?user=u&password=***"
-    )
     assert mask_url("sqlite:///var/lib/fnq/mq.db") == "sqlite:///var/lib/fnq/mq.db"
+
+
+@pytest.mark.parametrize(
+    ("url", "masked"),
+    [
+        # a password as it should be written, percent-encoded
+        ("postgresql://fnq:hunter2@db:5432/fnq", "postgresql://fnq:***@db:5432/fnq"),
+        ("redis://u:pa%2Fss%40%23%3F@h:6379/0", "redis://u:***@h:6379/0"),
+        ("redis://u:pw@[::1]:6379/0", "redis://u:***@[::1]:6379/0"),
+        ("redis://:@h/0", "redis://:***@h/0"),
+        # raw '/', '#', '?', '@' and ':' in it: the userinfo ends at the last '@'
+        ("redis://user:pa/ss@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://user:pa#ss@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://user:pa?ss@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://user:pa@ss@host:6379/0", "redis://user:***@host:6379/0"),
+        ("redis://:p/a?s#s@w:x@host/0?db=1", "redis://:***@host/0?db=1"),
+        ("rediss://u:p/w@h/0?password=q/w", "rediss://u:***@h/0?password=***"),
+        # no password
+        ("redis://user@host/0", "redis://user@host/0"),
+        ("redis://host:6379/0", "redis://host:6379/0"),
+        ("postgresql://u@h/db?application_name=a@b", "postgresql://u@h/db?application_name=a@b"),
+        ("sqlite:///var/lib/fnq/mq.db", "sqlite:///var/lib/fnq/mq.db"),
+        ("redis://[::1:6379/0", "redis://[::1:6379/0"),
+        ("", ""),
+        # a unix socket
+        ("unix://:pw@/run/redis.sock?db=1", "unix://:***@/run/redis.sock?db=1"),
+        ("redis+unix://u:p/w@/run/redis.sock", "redis+unix://u:***@/run/redis.sock"),
+        ("unix:///run/redis.sock?db=1&password=pw", "unix:///run/redis.sock?db=1&password=***"),
+        # a query option named like a password hides the rest of the URL
+        ("redis://h/0?password=p&ss&db=1", "redis://h/0?password=***"),
+        ("redis://h/0?password=pa#ss", "redis://h/0?password=***"),
+        ("redis://h/0?db=1&PASSWORD=pw", "redis://h/0?db=1&PASSWORD=***"),
+        ("redis://h/0?pass%77ord=pw", "redis://h/0?pass%77ord=***"),
+        ("redis://h/0?ssl_password=pw", "redis://h/0?ssl_password=***"),
+        (
+            "rediss://u:p@h:6379/0?ssl_certfile=c&password=s3&sslpassword=k",
+            "rediss://u:***@h:6379/0?ssl_certfile=c&password=***",
+        ),
+        ("postgresql://h/db?user=u&password=p@ss", "postgresql://h/db?user=u&password=***"),
+        ("postgresql://h:5432/db?password=p@ss", "postgresql://h:***"),
+        ("redis://user:x?password=y@host/0", "redis://user:***"),
+        # not quite a URL
+        ("user:pw@host", "user:***@host"),
+        ("redis:/user:pw@host", "redis:***@host"),
+        ("redis:user:p://w@host", "redis:***@host"),
+    ],
+)
+def test_a_masked_url_shows_no_password(url: str, masked: str) -> None:
+    assert mask_url(url) == masked
+
+
+def test_a_bad_url_setting_is_named_with_its_password_masked(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("FN_MQ_URL", "redis://u:hunter2@[::1:6379/0")
+    with pytest.raises(ConfigError) as err:
+        load_settings()
+    assert "hunter2" not in str(err.value)
+    assert str(err.value).startswith("invalid settings: FN_MQ_URL='redis://u:***@[::1:6379/0': ")
 
 
 def test_cli_config_json_and_error(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:

@@ -182,6 +182,30 @@ def test_a_masked_url_never_shows_its_password(
     assert not any(form in masked for form in forms)
 
 
+@settings(max_examples=300)
+@given(
+    st.sampled_from(["redis", "rediss", "unix", "postgresql", ""]),
+    st.none() | secrets_,
+    hosts | st.just(""),
+    st.text(st.characters(codec="utf-8", exclude_characters="\x00*"), min_size=1, max_size=20)
+    | st.text(":/?#@&=%+", min_size=1, max_size=8),
+    st.sampled_from(["userinfo", "password", "sslpassword"]),
+    st.none() | prefixes,
+)
+def test_a_password_written_raw_never_shows_once_masked(
+    scheme: str, user: str | None, host: str, password: str, where: str, prefix: str | None
+) -> None:
+    """Pasted as it is: ':', '/', '?', '#', '@', '&' and all."""
+    head = f"{scheme}://{quote(user or '', safe='')}"
+    query = f"?{urlencode({'prefix': prefix})}" if prefix else ""
+    if where == "userinfo":
+        url = f"{head}:{password}@{host}/0{query}"
+    else:
+        url = f"{head}@{host}/0{query}{'&' if query else '?'}{where}={password}"
+    assume(url.count(password) == 1)  # a short secret that is also the host, say
+    assert password not in mask_url(url)
+
+
 def quote_plus(text: str) -> str:
     return urlencode({"": text})[1:]
 
@@ -272,7 +296,7 @@ def test_any_log_url_is_a_directory_or_one_error(url: str) -> None:
     try:
         store = asyncio.run(open_log_store(load_settings(log_url=url)))
     except ConfigError as exc:
-        assert str(exc).startswith(f"invalid settings: FN_LOG_URL={url!r}: ")
+        assert str(exc).startswith(f"invalid settings: FN_LOG_URL={mask_url(url)!r}: ")
         return
     except StoreError as exc:
         assert str(exc).startswith("FN_LOG_URL=")
