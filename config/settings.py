@@ -58,7 +58,8 @@ def sqlite_path(url: str, what: str) -> Path:
     """The file a ``sqlite:///ABSOLUTE/PATH`` URL names (``sqlite:////`` too); ``%XX``
     bytes that are not UTF-8 stay those bytes. ValueError, naming ``what`` (the
     setting), for anything else."""
-    malformed = f"{what} {url!r}: a SQLite URL looks like sqlite:///absolute/path.db"
+    shown = f"{what} {mask_url(url)!r}"
+    malformed = f"{shown}: a SQLite URL looks like sqlite:///absolute/path.db"
     try:
         parts = urlsplit(url)
     except ValueError:  # a '[' that opens no IPv6 address
@@ -68,8 +69,7 @@ def sqlite_path(url: str, what: str) -> Path:
         raise ValueError(malformed)
     if parts.query or parts.fragment:
         raise ValueError(
-            f"{what} {url!r}: a SQLite URL takes no options"
-            " (write a '?' or '#' in the path as %3F or %23)"
+            f"{shown}: a SQLite URL takes no options (write a '?' or '#' in the path as %3F or %23)"
         )
     return Path("/" + path.lstrip("/"))
 

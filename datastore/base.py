@@ -39,7 +39,7 @@ from typing import Any, Protocol
 from urllib.parse import unquote, urlsplit
 
 from config.domain import CALL_ID_RE, Call, CallStatus, FailureKind, Function, Outcome
-from config.settings import Settings
+from config.settings import Settings, mask_url
 from datastore.errors import InvalidCursor, UnsupportedURL
 
 LIST_LIMIT_DEFAULT = 30
@@ -336,18 +336,19 @@ async def open_log_store(settings: Settings) -> LogStore | None:
     if not settings.log_url:
         return None
     parts = urlsplit(settings.log_url)
+    shown = mask_url(settings.log_url)
     if parts.scheme == "file":
         from datastore.filelogs import FileLogStore  # noqa: PLC0415 - chosen by URL
 
         path = unquote(parts.path, errors="surrogateescape")  # %XX not UTF-8: that byte
         if parts.netloc not in ("", "localhost") or parts.query or parts.fragment or "\x00" in path:
             raise UnsupportedURL(
-                f"FN_LOG_URL={settings.log_url!r}: a log directory URL is file:///ABSOLUTE/DIR,"
+                f"FN_LOG_URL={shown!r}: a log directory URL is file:///ABSOLUTE/DIR,"
                 " with no host and no options"
             )
         return FileLogStore(path)
     raise UnsupportedURL(
-        f"FN_LOG_URL={settings.log_url!r}: unsupported scheme {parts.scheme!r} "
+        f"FN_LOG_URL={shown!r}: unsupported scheme {parts.scheme!r} "
         "(use file:///DIR, or leave it empty to keep logs in the datastore)"
     )
 

@@ -247,7 +247,7 @@ def _refused(url: str, exc: asyncpg.PostgresError) -> FnqError:
             )
         if exc.sqlstate == INVALID_PARAMETER_VALUE:
             return ConfigError(f"FN_DB_URL: option {name}={value!r}: {exc}")
-    where = mask_url(url.split("?", 1)[0])  # the query may hold a password
+    where = mask_url(url).split("?", 1)[0]  # without the options
     return StoreError(f"the PostgreSQL datastore {where} refused the connection: {exc}")
 
 

@@ -29,7 +29,7 @@ from typing import Any, Protocol, runtime_checkable
 
 from config.domain import CALL_ID_RE, Call, utcnow
 from config.errors import ConfigError, QueueError
-from config.settings import Settings
+from config.settings import Settings, mask_url
 
 __all__ = ["Buried", "DeadLetter", "Message", "MessageQueue", "QueueStats", "open_queue"]
 
@@ -205,7 +205,7 @@ def open_queue(url: str, settings: Settings, *, create: bool = True) -> MessageQ
 
         return RedisQueue.from_url(url, settings)
     raise ConfigError(
-        f"unsupported queue URL {url!r}: use sqlite:///PATH, redis://HOST:PORT/DB"
+        f"unsupported queue URL {mask_url(url)!r}: use sqlite:///PATH, redis://HOST:PORT/DB"
         " or unix:///SOCKET?db=DB"
     )
 

@@ -50,7 +50,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 
 from config.domain import Call, Outcome, utcnow
 from config.errors import ConfigError
-from config.settings import Settings
+from config.settings import Settings, mask_url
 from mq import rq_dead, rq_jobs, rq_scripts
 from mq.base import (
     REDIS_SCHEMES,
@@ -153,7 +153,9 @@ class RQQueue:
     @classmethod
     def from_url(cls, url: str, queue_names: Sequence[str], settings: Settings) -> RQQueue:
         if url.partition("://")[0].lower() not in REDIS_SCHEMES:
-            raise ConfigError(f"RQ queues need a redis://, rediss:// or unix:// URL, not {url!r}")
+            raise ConfigError(
+                f"RQ queues need a redis://, rediss:// or unix:// URL, not {mask_url(url)!r}"
+            )
         try:
             check_database(urlsplit(url), "RQ URL")
             url = without_fnq_options(url)

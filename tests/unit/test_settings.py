@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from asyncpg.exceptions import InvalidPasswordError
 from click.testing import CliRunner
 
-from config.errors import ConfigError
+from config.errors import ConfigError, FnqError
 from config.settings import (
     Settings,
     env_name,
@@ -17,8 +20,12 @@ from config.settings import (
     public_view,
     unknown_env_names,
 )
+from datastore.base import open_log_store
 from datastore.errors import StoreError
+from datastore.postgres import _refused
 from datastore.sqlite import path_from_url
+from mq.base import open_queue
+from mq.rq import RQQueue
 from mq.sqlite import SqliteQueue
 from worker.cli import cli
 from worker.cli.config_cmd import markdown_table
@@ -254,6 +261,34 @@ def test_a_bad_url_setting_is_named_with_its_password_masked(
         load_settings()
     assert "hunter2" not in str(err.value)
     assert str(err.value).startswith("invalid settings: FN_MQ_URL='redis://u:***@[::1:6379/0': ")
+
+
+SECRET = "hunter/2"  # a raw '/' ends the host for a URL parser
+
+
+@pytest.mark.parametrize(
+    "fail",
+    [
+        lambda: open_queue(f"amqp://u:{SECRET}@h/0", load_settings()),
+        lambda: open_queue(f"sqlite://u:{SECRET}@h/q.db", load_settings()),
+        lambda: RQQueue.from_url(f"http://u:{SECRET}@h/0", ["q"], load_settings()),
+        lambda: path_from_url(f"sqlite://u:{SECRET}@h/fnq.db"),
+        lambda: asyncio.run(open_log_store(load_settings(log_url=f"file://u:{SECRET}@h/logs"))),
+        lambda: asyncio.run(open_log_store(load_settings(log_url=f"s3://u:{SECRET}@h/logs"))),
+        lambda: _raise(_refused(f"postgresql://u:{SECRET}?@h/db", InvalidPasswordError("no"))),
+    ],
+    ids=["queue", "sqlite-queue", "rq", "sqlite-store", "log-host", "log-scheme", "postgres"],
+)
+def test_an_error_that_quotes_a_url_hides_its_password(
+    settings_env: Path, fail: Callable[[], object]
+) -> None:
+    with pytest.raises(FnqError) as err:
+        fail()
+    assert "hunter" not in str(err.value) and ":***@" in str(err.value)
+
+
+def _raise(exc: Exception) -> None:
+    raise exc
 
 
 def test_cli_config_json_and_error(settings_env: Path, monkeypatch: pytest.MonkeyPatch) -> None:
