@@ -10,6 +10,13 @@ started) are handed back to the queue at once, their records put back to
 cancelled, their containers retired, their records put back to `queued` and
 then their messages handed back (worker.calls, worker.running).
 
+A signal that comes again within ``SIGNAL_REPEAT_S`` of the first is taken as
+the same request delivered twice, not as the second: ``timeout``, a terminal's
+Ctrl-C under a process manager, and other tools signal a whole process group,
+so the worker and its parent (which passes the signal on) both get it, and a
+worker would otherwise stop its running calls at once where one stop was
+meant. A second signal is one that comes later.
+
 Signal handlers are installed only by :func:`signal_handlers`, so embedding
 fnq (and its tests) never has process signals seized; the previous handlers
 are restored on exit.
@@ -20,17 +27,35 @@ from __future__ import annotations
 import asyncio
 import logging
 import signal
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
 log = logging.getLogger("fnq.worker")
 
+SIGNAL_REPEAT_S = 1.0  # a stop signal again within this long of the first is the same request
+
 
 class Shutdown:
-    def __init__(self, grace_s: float) -> None:
+    def __init__(self, grace_s: float, clock: Callable[[], float] = time.monotonic) -> None:
         self.grace_s = grace_s
         self.stopping = asyncio.Event()
         self.aborting = asyncio.Event()
+        self._clock = clock
+        self._first_signal_at: float | None = None
+
+    def signalled(self, name: str) -> None:
+        """A stop signal came: :meth:`request`, unless it repeats the first one within
+        ``SIGNAL_REPEAT_S`` (see the module)."""
+        now = self._clock()
+        first = self._first_signal_at
+        if first is None:
+            self._first_signal_at = now
+        elif now - first < SIGNAL_REPEAT_S:
+            log.info("%s again within %g s of the first: the same stop request", name,
+                     SIGNAL_REPEAT_S)  # fmt: skip
+            return
+        self.request(name)
 
     def request(self, reason: str = "requested") -> None:
         if self.stopping.is_set():
@@ -59,7 +84,7 @@ def signal_handlers(shutdown: Shutdown) -> Iterator[None]:
     signals = (signal.SIGTERM, signal.SIGINT)
     previous = {sig: signal.getsignal(sig) for sig in signals}
     for sig in signals:
-        loop.add_signal_handler(sig, shutdown.request, sig.name)
+        loop.add_signal_handler(sig, shutdown.signalled, sig.name)
     try:
         yield
     finally:

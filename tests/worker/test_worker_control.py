@@ -244,3 +244,28 @@ async def test_sigusr1_logs_what_the_worker_waits_for(sqlite_cluster: Cluster) -
     assert proc.poll() is None  # still serving
     sqlite_cluster.stop_all()
     assert proc.returncode == 0, log[-3000:]
+
+
+async def test_a_doubled_stop_signal_lets_running_calls_finish(sqlite_cluster: Cluster) -> None:
+    """`timeout`, or Ctrl-C under a process manager, signals the worker twice at once:
+    that is one stop request, and the running call gets its grace period."""
+    await sqlite_cluster.register(SLEEP)
+    call = make_calls("t", "sleep", 1, body=b"3")[0]
+    await sqlite_cluster.enqueue([call])
+    worker = sqlite_cluster.start_worker()
+    await wait_status(sqlite_cluster, call.id, CallStatus.RUNNING)
+    loop = asyncio.get_running_loop()
+    first = loop.time()
+    worker.send_signal(signal.SIGTERM)
+    # Once it took the first (two sent at once may reach it as one), the second.
+    while "stopping (SIGTERM)" not in sqlite_cluster.logs():
+        await asyncio.sleep(0.005)
+    worker.send_signal(signal.SIGTERM)
+    assert loop.time() - first < 0.9, "the worker took too long to log its first signal"
+    assert await asyncio.to_thread(worker.wait, 60) == 0, sqlite_cluster.logs()[-2000:]
+    logs = sqlite_cluster.logs()
+    assert "SIGTERM again within 1 s of the first: the same stop request" in logs, logs[-2000:]
+    assert "second stop request" not in logs
+    done = await sqlite_cluster.wait_final([call.id], timeout_s=10)
+    assert done[call.id].status is CallStatus.SUCCESS, done[call.id]
+    assert done[call.id].attempts == 1
