@@ -18,6 +18,7 @@ from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
 from mq.base import QueueStats
+from worker.agent.slots import LIVE_CONTAINER_STATES
 from worker.agent.stats import AgentStats
 
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
@@ -120,7 +121,12 @@ class Metrics:
         self.cpu_total.set(res.cpu_total_mcpus)
         self.calls_in_agent.labels("waiting").set(stats.calls_waiting)
         self.calls_in_agent.labels("running").set(stats.calls_running)
-        self.containers.labels("live").set(stats.containers)
+        by_state = dict.fromkeys((state.value for state in LIVE_CONTAINER_STATES), 0)
+        for queue in stats.queues:
+            for state, count in queue.containers.items():
+                by_state[state] = by_state.get(state, 0) + count
+        for state, count in by_state.items():
+            self.containers.labels(state).set(count)
 
     def observe_queues(self, stats: Sequence[QueueStats]) -> None:
         """The depth of this worker's queues (the main one and the RQ bridge's), summed."""

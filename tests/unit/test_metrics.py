@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from prometheus_client import generate_latest
 
+from worker.agent.resources import ResourceStats
+from worker.agent.stats import AgentStats, QueueStats
 from worker.metrics import Metrics
 
 
@@ -39,3 +41,22 @@ def test_per_call_counters_and_histograms_are_exported() -> None:
         "fnq_run_seconds_count 1.0",
     ):
         assert line in text, (line, text)
+
+
+def test_containers_are_counted_by_state_over_all_functions() -> None:
+    def queue(key: str, **containers: int) -> QueueStats:
+        return QueueStats(key, f"a/{key}", containers, 0, 0, 0)
+
+    res = ResourceStats(0, 0, 0, 0, 0)
+    stats = AgentStats(
+        res,
+        (queue("f", idle=2, busy=1, paused=0), queue("g", busy=3, start=1, wait=1, paused=4)),
+        evictions=0,
+        closing=False,
+    )
+    m = Metrics()
+    m.observe_agent(stats)
+    text = generate_latest(m.registry).decode()
+    for state, count in (("idle", 2), ("busy", 4), ("paused", 4), ("start", 1), ("wait", 1)):
+        assert f'fnq_containers{{state="{state}"}} {count}.0' in text, text
+    assert 'state="live"' not in text
