@@ -166,12 +166,16 @@ class SqlDatastore(abc.ABC):
 
     # -------------------------------------------------------- call lifecycle
     async def record_queued(self, call: Call, image: str | None = None) -> None:
+        await self._write(Write.QUEUED, self._queued_params(call, image))
+
+    def _queued_params(self, call: Call, image: str | None) -> dict[str, Any]:
         now = utcnow()
-        params = {"id": call.id, "app": call.app, "fn": call.fn, "image": image,
-                  "status": CallStatus.QUEUED.value, "attempts": 0,
-                  "created_at": call.created_at, "updated_at": now,
-                  **self._request(call)}  # fmt: skip
-        await self._write(Write.QUEUED, params)
+        # A delayed call says when it may start, as a retry says when it is tried again.
+        next_try_at = now + timedelta(seconds=call.delay_s) if call.delay_s > 0 else None
+        return {"id": call.id, "app": call.app, "fn": call.fn, "image": image,
+                "status": CallStatus.QUEUED.value, "attempts": 0,
+                "created_at": call.created_at, "updated_at": now,
+                "next_try_at": next_try_at, **self._request(call)}  # fmt: skip
 
     async def record_running(self, call: Call, attempt: int, worker_id: str) -> CallRecord:
         params = self._running_params(call, attempt, worker_id)

@@ -74,7 +74,7 @@ CALL_GET_RECORD = f"SELECT {RECORD_SELECT} FROM calls WHERE id = :id"
 
 QUEUED_COLUMNS = (
     "id", "app", "fn", "image", "status", "attempts", "created_at", "updated_at",
-    *REQUEST_COLUMNS,
+    "next_try_at", *REQUEST_COLUMNS,
 )  # fmt: skip
 CALL_QUEUED = _insert("calls", QUEUED_COLUMNS) + " ON CONFLICT (id) DO NOTHING"
 

@@ -103,6 +103,23 @@ async def test_registry_validation(store: SqlDatastore) -> None:
 # ----------------------------------------------------------------- lifecycle
 
 
+async def test_a_delayed_call_is_queued_with_when_it_may_start(store: SqlDatastore) -> None:
+    delayed = dataclasses.replace(call(), delay_s=30.0)
+    before = utcnow()
+    await store.record_queued(delayed)
+    rec = await store.get_call(delayed.id)
+    assert rec is not None and rec.next_try_at is not None
+    wait_s = (rec.next_try_at - before).total_seconds()
+    assert 29.9 <= wait_s <= 31, wait_s
+    running = await store.record_running(delayed, attempt=1, worker_id="host:1")
+    assert running.next_try_at is None  # it started: nothing is due any more
+
+    at_once = call()
+    await store.record_queued(at_once)
+    rec = await store.get_call(at_once.id)
+    assert rec is not None and rec.next_try_at is None
+
+
 async def test_lifecycle_from_queued_to_success(store: SqlDatastore) -> None:
     c = call()
     await store.record_queued(c, image="shop/resize:1")

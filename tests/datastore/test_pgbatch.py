@@ -34,11 +34,7 @@ def ops_for(store: SqlDatastore, calls: list[Call], kinds: str) -> list[pgbatch.
     for c in calls:
         for k in kinds:
             if k == "q":
-                ops.append((Write.QUEUED, {"id": c.id, "app": c.app, "fn": c.fn, "image": None,
-                                           "status": "queued", "attempts": 0,
-                                           "created_at": c.created_at,
-                                           "updated_at": utcnow(),
-                                           **store._request(c)}, None))  # fmt: skip
+                ops.append((Write.QUEUED, store._queued_params(c, None), None))
             elif k in "rR":
                 ops.append((Write.RUNNING, store._running_params(c, int(k == "r"), "w"), None))
             else:
