@@ -359,6 +359,8 @@ class RedisQueue:
                 entries.append(["", 0, eid, 0])
                 continue
             try:
+                if 2 * len(fields) != len(flat):
+                    wire.check_unique_names(flat[::2])
                 parsed = wire.decode_fields(
                     fields,
                     self._max_body,

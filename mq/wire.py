@@ -14,7 +14,8 @@ object with the same names)::
 
 Fields starting with ``_`` are the queue's own bookkeeping (``_n``: deliveries
 that happened before this entry was written). Any other field name makes the
-message malformed, so that a misspelt ``dealy`` is reported rather than ignored.
+message malformed, so that a misspelt ``dealy`` is reported rather than ignored; so
+does a name given twice in one stream entry (:func:`check_unique_names`).
 
 This module imports only the standard library and ``config.domain`` so that
 producers can use it with nothing but ``redis`` installed.
@@ -26,7 +27,7 @@ import base64
 import json
 import math
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
@@ -179,6 +180,16 @@ def call_fields(
     if prior_deliveries > 0:
         out[F_PRIOR] = str(prior_deliveries).encode()
     return out
+
+
+def check_unique_names(names: Sequence[bytes]) -> None:
+    """WireError if a field name comes more than once: a stream entry may repeat one
+    (``XADD ... id a id b``), and which of its values was meant cannot be told."""
+    seen: set[bytes] = set()
+    for name in names:
+        if name in seen:
+            raise WireError(f"field {name.decode('utf-8', 'replace')!r} is given more than once")
+        seen.add(name)
 
 
 def _text(fields: Mapping[str, bytes], name: str) -> str | None:

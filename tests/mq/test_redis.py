@@ -179,6 +179,32 @@ async def test_entries_with_bytes_that_are_not_utf8_are_dead_letters(
         await q.close()
 
 
+async def test_an_entry_that_repeats_a_field_is_a_dead_letter(redis_server: RedisServer) -> None:
+    """A stream entry may hold a field twice (``XADD ... id a id b``): which value was
+    meant cannot be told, so the entry is malformed, not taken with the last one."""
+    q = open_queue(f"{redis_server.url}?prefix=twice", load_settings())
+    try:
+        redis_cli(redis_server.port, "XADD", "twice:calls", "*", "app", "demo", "fn", "echo",
+                  "id", "first", "body", "a", "id", "second")  # fmt: skip
+        redis_cli(redis_server.port, "XADD", "twice:calls", "*", "app", "demo", "fn", "echo",
+                  "body", "a", "body", "b")  # fmt: skip
+        redis_cli(redis_server.port, "XADD", "twice:calls", "*", "app", "demo", "fn", "echo",
+                  "id", "good")  # fmt: skip
+        msg = await q.reserve(2.0)
+        assert msg is not None and msg.call.id == "good"
+        await q.ack(msg)
+        assert await q.reserve(0.1) is None
+        dead = await q.dead_list()
+        assert [d.reason for d in dead] == [
+            "malformed message: field 'id' is given more than once",
+            "malformed message: field 'body' is given more than once",
+        ]
+        assert dead[0].id == "second"
+        assert q.take_buried() == []  # producers' entries, never routed
+    finally:
+        await q.close()
+
+
 async def test_queued_messages_survive_a_restart(own_redis: RedisServer) -> None:
     settings = load_settings(mq_reservation_msecs=1000)
     q = open_queue(own_redis.url, settings)

@@ -88,6 +88,14 @@ def test_malformed_fields_say_why(extra: dict[str, bytes], reason: str) -> None:
         wire.decode_fields(fields(**{"id": b"i", **extra}), 10)
 
 
+def test_a_field_name_given_twice_is_malformed() -> None:
+    wire.check_unique_names([b"app", b"fn", b"id"])
+    with pytest.raises(wire.WireError, match="field 'id' is given more than once"):
+        wire.check_unique_names([b"app", b"id", b"fn", b"id"])
+    with pytest.raises(wire.WireError, match="field 'b\ufffd' is given more than once"):
+        wire.check_unique_names([b"b\xff", b"b\xff"])
+
+
 def test_numbers_may_have_blanks_and_signs_around_them() -> None:
     extra = {"priority": b" +2\t", "delay": b" .5e1 ", "created": b"\n1000", "_n": b"3 "}
     parsed = wire.decode_fields(fields(id=b"i", **extra), 10)
