@@ -127,6 +127,9 @@ class FailureKind(StrEnum):
 
 # Bounds as Fn had them for functions (memory in MB, times in seconds).
 MEMORY_MB_DEFAULT = 128
+# The docker engine refuses a container with less ("Minimum memory limit allowed is 6MB"):
+# a function under it could never start a container.
+MEMORY_MB_MIN = 6
 MEMORY_MB_MAX = 8 * 1024
 TIMEOUT_S_DEFAULT = 30
 TIMEOUT_S_MAX = 3600

@@ -15,6 +15,7 @@ from typing import Any
 from config.domain import (
     IDLE_TIMEOUT_S_MAX,
     MEMORY_MB_MAX,
+    MEMORY_MB_MIN,
     TIMEOUT_S_MAX,
     Function,
     frozen_map,
@@ -113,7 +114,7 @@ def function_problems(fn: Function) -> list[str]:
         name_problem("app", fn.app),
         name_problem("function", fn.name),
         image_problem(fn.image),
-        _range("memory", fn.memory_mb, 1, MEMORY_MB_MAX, "MB"),
+        _range("memory", fn.memory_mb, MEMORY_MB_MIN, MEMORY_MB_MAX, "MB"),
         _cpus_problem(fn.cpus_mcpu),
         _range("timeout", fn.timeout_s, 1, TIMEOUT_S_MAX, "seconds"),
         _range("idle timeout", fn.idle_timeout_s, 1, IDLE_TIMEOUT_S_MAX, "seconds"),

@@ -155,7 +155,7 @@ def test_a_command_that_writes_makes_the_datastore(
         (["calls", "list", "--cursor", "%%%"], "Invalid value for '--cursor': '%%%' is not"),
         # a function the registry would refuse: checked before any datastore is made
         (["fn", "create", "a", "f", "--image", "Not An Image"], "function a/f: image 'Not An"),
-        ([*NEW, "--memory", "9000"], "function a/f: memory must be between 1 and 8192 MB"),
+        ([*NEW, "--memory", "9000"], "function a/f: memory must be between 6 and 8192 MB"),
         ([*NEW, "--timeout", "0"], "function a/f: timeout must be between 1 and 3600"),
         ([*NEW, "--idle-timeout", "4000"], "function a/f: idle timeout must be between"),
         ([*NEW, "--memory", "64", "--tmpfs", "65"], "function a/f: tmpfs must be between 0 and 64"),
@@ -182,7 +182,7 @@ def test_usage_errors_are_one_line_with_status_2(
 @pytest.mark.parametrize(
     ("args", "message"),
     [
-        (["--memory", "0"], "function a/f: memory must be between 1 and 8192 MB, not 0"),
+        (["--memory", "5"], "function a/f: memory must be between 6 and 8192 MB, not 5"),
         (["--tmpfs", "200"], "function a/f: tmpfs must be between 0 and 128 MB"),
         (["--image", "Not An Image"], "function a/f: image 'Not An Image' is not a valid"),
         (["--config", "1BAD=x"], "function a/f: config key '1BAD' is not a valid"),

@@ -85,7 +85,7 @@ async def test_registry_crud(store: SqlDatastore) -> None:
 
 
 async def test_registry_validation(store: SqlDatastore) -> None:
-    with pytest.raises(InvalidFunction, match="memory must be between 1 and 8192 MB"):
+    with pytest.raises(InvalidFunction, match="memory must be between 6 and 8192 MB"):
         await store.create_fn(Function("a", "f", "img:1", memory_mb=9000))
     with pytest.raises(InvalidFunction, match="not a valid image reference"):
         await store.create_fn(Function("a", "f", "Bad Image!"))

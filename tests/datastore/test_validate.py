@@ -52,7 +52,7 @@ def test_every_problem_is_named_at_once() -> None:
     with pytest.raises(InvalidFunction) as info:
         validate_function(fn)
     text = str(info.value)
-    for part in ("app name 'my app'", "memory must be between 1 and 8192 MB, not 0",
+    for part in ("app name 'my app'", "memory must be between 6 and 8192 MB, not 0",
                  "timeout must be between 1 and 3600 seconds, not 4000",
                  "idle timeout must be between 1 and 3600", "config key '1BAD'"):  # fmt: skip
         assert part in text
@@ -61,7 +61,11 @@ def test_every_problem_is_named_at_once() -> None:
 def test_limits_are_inclusive() -> None:
     fn = Function("a", "f", "img", memory_mb=8192, timeout_s=3600, idle_timeout_s=3600)
     assert function_problems(fn) == []
-    assert function_problems(Function("a", "f", "img", memory_mb=1, timeout_s=1)) == []
+    assert function_problems(Function("a", "f", "img", memory_mb=6, timeout_s=1)) == []
+    # The docker engine refuses a container under 6 MB: such a function could never run.
+    assert function_problems(Function("a", "f", "img", memory_mb=5)) == [
+        "memory must be between 6 and 8192 MB, not 5"
+    ]
 
 
 def test_durations_and_times() -> None:

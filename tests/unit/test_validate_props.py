@@ -12,7 +12,14 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from config.domain import CALL_ID_RE, IDLE_TIMEOUT_S_MAX, MEMORY_MB_MAX, TIMEOUT_S_MAX, Function
+from config.domain import (
+    CALL_ID_RE,
+    IDLE_TIMEOUT_S_MAX,
+    MEMORY_MB_MAX,
+    MEMORY_MB_MIN,
+    TIMEOUT_S_MAX,
+    Function,
+)
 from datastore.base import decode_cursor, encode_cursor
 from datastore.errors import InvalidCursor, InvalidFunction
 from datastore.validate import (
@@ -59,7 +66,7 @@ def functions(draw: st.DrawFn) -> Function:
         app=draw(good_names | texts),
         name=draw(good_names | texts),
         image=draw(good_images() | texts),
-        memory_mb=draw(st.integers(1, MEMORY_MB_MAX) | ints),
+        memory_mb=draw(st.integers(MEMORY_MB_MIN, MEMORY_MB_MAX) | ints),
         cpus_mcpu=draw(st.integers(0, CPUS_MCPU_MAX) | ints),
         timeout_s=draw(st.integers(1, TIMEOUT_S_MAX) | ints),
         idle_timeout_s=draw(st.integers(1, IDLE_TIMEOUT_S_MAX) | ints),
@@ -82,7 +89,7 @@ def test_any_function_is_stored_as_given_or_refused_by_name(fn: Function) -> Non
     assert dataclasses.replace(stored, config=dict(stored.config)) == fn
     assert name_problem("app", fn.app) is None and name_problem("function", fn.name) is None
     assert image_problem(fn.image) is None
-    assert 1 <= fn.memory_mb <= MEMORY_MB_MAX and 0 <= fn.tmpfs_mb <= fn.memory_mb
+    assert MEMORY_MB_MIN <= fn.memory_mb <= MEMORY_MB_MAX and 0 <= fn.tmpfs_mb <= fn.memory_mb
     assert 0 <= fn.retry_backoff_s <= 3600
     for key, value in fn.config.items():
         assert key.isascii() and key.isidentifier() and "\x00" not in value

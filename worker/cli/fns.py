@@ -57,7 +57,7 @@ def _fn_options(creating: bool) -> Callable[[Callable[..., Any]], Callable[..., 
 
     options = [
         click.option("--image", required=creating, help="Docker image, e.g. team/fn:1.0."),
-        number("--memory", "memory_mb", int, "Memory in MB (1..8192)."),
+        number("--memory", "memory_mb", int, "Memory in MB (6..8192)."),
         number("--cpus", "cpus_mcpu", int, "CPU quota in milli-CPUs; 0 = none."),
         number("--timeout", "timeout_s", int, "Longest run in seconds (1..3600)."),
         number("--idle-timeout", "idle_timeout_s", int,
