@@ -145,11 +145,18 @@ async def test_timeout_is_timeout_error() -> None:
 
 
 @pytest.mark.parametrize(
-    "answer",
-    [b"", b"garbage\r\n\r\n", b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort"],
+    ("answer", "message"),
+    [
+        (b"", "the connection closed without a response"),
+        (b"garbage\r\n\r\n", "malformed function response: bad status line b'garbage'"),
+        (
+            b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",
+            "the connection closed before the response was complete",
+        ),
+    ],
     ids=["closed", "garbage", "short-body"],
 )
-async def test_broken_answers_are_dispatch_errors(answer: bytes) -> None:
+async def test_broken_answers_are_dispatch_errors(answer: bytes, message: str) -> None:
     async def broken(_head: bytes, _body: bytes, writer: asyncio.StreamWriter) -> None:
         writer.write(answer)
         await writer.drain()
@@ -164,6 +171,8 @@ async def test_broken_answers_are_dispatch_errors(answer: bytes) -> None:
             await client.close()
     # A connection that drops is not a malformed answer: the function may have died.
     assert isinstance(caught.value, InvalidResponse) == (answer.startswith(b"garbage"))
+    # The agent puts "error receiving the function's response: " before it, once.
+    assert str(caught.value) == message
 
 
 async def test_no_listener_is_a_dispatch_error_that_sent_nothing() -> None:

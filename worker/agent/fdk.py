@@ -252,12 +252,13 @@ class FdkClient:
             self._drop()  # whatever happened, the connection's state is unknown
             if isinstance(exc, HeadTooBig):
                 raise ResponseTooBig(f"function {exc}") from exc
+            # The agent says what broke ("error receiving the function's response: ...").
             if isinstance(exc, Incomplete):  # the function may have died: not its answer's fault
-                raise DispatchError(f"error receiving function response: {exc}") from exc
+                raise DispatchError(str(exc)) from exc
             if isinstance(exc, ParseError):
                 raise InvalidResponse(f"malformed function response: {exc}") from exc
             if isinstance(exc, OSError) and not isinstance(exc, TimeoutError):
-                raise DispatchError(f"error receiving function response: {exc}") from exc
+                raise DispatchError(str(exc) or type(exc).__name__) from exc
             raise
         if raw.keep_alive:
             conn.last_used = loop.time()
