@@ -54,6 +54,9 @@ F_CREATED = "created"
 F_PRIOR = "_n"
 
 _KNOWN = frozenset({F_APP, F_FN, F_BODY, F_ID, F_HEADERS, F_PRIORITY, F_DELAY, F_CREATED})
+# The JSON form has no priority or delay: a row's priority is its column, and a payload
+# naming either would have it ignored.
+_JSON_KNOWN = frozenset({F_ID, F_APP, F_FN, F_BODY, F_BODY_B64, F_HEADERS, F_CREATED})
 # No lone surrogates either (JSON "\udcff"): such a name cannot be stored as text.
 _NAME_RE = re.compile(rf"[^\s/\x00-\x1f\x7f\ud800-\udfff]{{1,{MAX_NAME_CHARS}}}")
 
@@ -328,9 +331,12 @@ def decode_json(
     doc = _loads(payload, "payload is not JSON")
     if not isinstance(doc, dict):
         raise WireError("payload must be a JSON object")
-    unknown = sorted(k for k in doc if k not in _KNOWN and k != F_BODY_B64)
+    unknown = sorted(k for k in doc if k not in _JSON_KNOWN)
     if unknown:
-        raise WireError(f"unknown field(s) {', '.join(repr(u) for u in unknown[:5])}")
+        raise WireError(
+            f"unknown field(s) {', '.join(repr(u) for u in unknown[:5])} (a payload has id, "
+            "app, fn, body or body_b64, headers and created; the priority is the row's)"
+        )
     for name in (F_ID, F_APP, F_FN):
         if not isinstance(doc.get(name), str) or not doc[name]:
             raise WireError(f"field {name!r} is missing or not a string")

@@ -156,6 +156,10 @@ def test_json_round_trip_text_and_binary() -> None:
         (b'{"id":"i","app":"a","fn":"f","headers":[]}', "JSON object"),
         (b'{"id":"i","app":"a","fn":"f","headers":false}', "JSON object"),
         (b'{"id":"i","app":"a","fn":"f","headers":""}', "JSON object"),
+        # Fields of the stream form only: a payload's would be ignored.
+        (b'{"id":"i","app":"a","fn":"f","delay":30}', "unknown field\\(s\\) 'delay'"),
+        (b'{"id":"i","app":"a","fn":"f","priority":2}', "unknown field\\(s\\) 'priority'"),
+        (b'{"id":"i","app":"a","fn":"f","colour":"red"}', "unknown field\\(s\\) 'colour'"),
     ],
 )
 def test_malformed_json_says_why(payload: bytes | str, reason: str) -> None:
