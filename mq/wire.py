@@ -234,12 +234,36 @@ def _delay(fields: Mapping[str, bytes]) -> float:
     return check_delay(float(number))
 
 
+class _RepeatedKey(ValueError):
+    pass
+
+
+def _object(pairs: list[tuple[str, object]]) -> dict[str, object]:
+    """A JSON object, unless it gives a key twice: which value was meant cannot be told."""
+    doc = dict(pairs)
+    if len(doc) != len(pairs):
+        seen: set[str] = set()
+        for key, _ in pairs:
+            if key in seen:
+                raise _RepeatedKey(key)
+            seen.add(key)
+    return doc
+
+
+# One decoder for every message: json.loads with a hook would make one per call.
+_JSON = json.JSONDecoder(object_pairs_hook=_object)
+
+
 def _loads(text: str | bytes, not_json: str) -> object:
     """``json.loads``, or WireError: besides JSONDecodeError and UnicodeDecodeError, it
     raises ValueError for a number of over 4300 digits and RecursionError for arrays
-    or objects nested too deep."""
+    or objects nested too deep. An object that gives a key twice is refused."""
     try:
-        return json.loads(text)
+        if isinstance(text, bytes):  # as json.loads takes bytes
+            text = text.decode(json.detect_encoding(text), "surrogatepass")
+        return _JSON.decode(text)
+    except _RepeatedKey as exc:
+        raise WireError(f"JSON key {str(exc)[:80]!r} is given more than once") from None
     except json.JSONDecodeError as exc:
         raise WireError(f"{not_json} ({exc.msg} at {exc.pos})") from None
     except (ValueError, RecursionError) as exc:

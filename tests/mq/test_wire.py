@@ -103,6 +103,20 @@ def test_numbers_may_have_blanks_and_signs_around_them() -> None:
     assert parsed.call.created_at == datetime(1970, 1, 1, 0, 0, 1, tzinfo=UTC)
 
 
+def test_headers_that_give_a_name_twice_are_malformed() -> None:
+    with pytest.raises(wire.WireError, match="JSON key 'X-A' is given more than once"):
+        wire.decode_fields(fields(id=b"i", headers=b'{"X-A": "1", "X-A": "2"}'), 10)
+    # Names that differ in case are two headers, as in HTTP.
+    parsed = wire.decode_fields(fields(id=b"i", headers=b'{"X-A": "1", "x-a": "2"}'), 10)
+    assert dict(parsed.call.headers) == {"X-A": "1", "x-a": "2"}
+
+
+def test_json_payloads_in_any_utf_may_start_with_a_bom() -> None:
+    doc = '{"id":"i","app":"a","fn":"f","body":"\u00e9"}'
+    for payload in (doc.encode("utf-8-sig"), doc.encode("utf-16"), doc.encode("utf-32-le")):
+        assert wire.decode_json(payload, 0, 100).body == "é".encode()
+
+
 def test_json_headers_may_be_null() -> None:
     call = wire.decode_json(b'{"id":"i","app":"a","fn":"f","headers":null}', 0, 100)
     assert dict(call.headers) == {}
@@ -156,6 +170,13 @@ def test_json_round_trip_text_and_binary() -> None:
         (b'{"id":"i","app":"a","fn":"f","headers":[]}', "JSON object"),
         (b'{"id":"i","app":"a","fn":"f","headers":false}', "JSON object"),
         (b'{"id":"i","app":"a","fn":"f","headers":""}', "JSON object"),
+        # Which of two values was meant cannot be told (json.loads keeps the last).
+        (b'{"id":"i","app":"a","fn":"f","fn":"g"}', "JSON key 'fn' is given more than once"),
+        (
+            b'{"id":"i","app":"a","fn":"f","headers":{"A":"1","A":"2"}}',
+            "JSON key 'A' is given more than once",
+        ),
+        (b"\xef\xbb\xbf" + b'{"id":"i","app":"a","fn":"f","id":"j"}', "JSON key 'id'"),
         # Fields of the stream form only: a payload's would be ignored.
         (b'{"id":"i","app":"a","fn":"f","delay":30}', "unknown field\\(s\\) 'delay'"),
         (b'{"id":"i","app":"a","fn":"f","priority":2}', "unknown field\\(s\\) 'priority'"),
