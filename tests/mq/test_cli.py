@@ -113,6 +113,10 @@ def test_call_rejects_bad_input(backend: str, monkeypatch: pytest.MonkeyPatch) -
     monkeypatch.setenv("FN_MAX_REQUEST_SIZE", "8")
     for args, message in [
         (["--header", "nocolon"], "fnq: Invalid value for '--header': 'nocolon' is not NAME:VALUE"),
+        (
+            ["--header", "X-A:1", "--header", "X-A : 2"],
+            "fnq: Invalid value for '--header': 'X-A' is given more than once",
+        ),
         (["--priority", "3"], "fnq: Invalid value for '--priority': 3 is not in the range"),
         (["--delay", "-1"], "fnq: delay -1.0 is not between 0 and"),
         (["--id", "bad id"], "fnq: id 'bad id' is not 1-128 characters"),

@@ -56,6 +56,8 @@ def parse_headers(items: Sequence[str]) -> dict[str, str]:
         name, sep, value = item.partition(":")
         if not sep or not name.strip():
             raise bad_value("--header", f"{item!r} is not NAME:VALUE")
+        if name.strip() in headers:  # the first value would be dropped without a word
+            raise bad_value("--header", f"{name.strip()!r} is given more than once")
         headers[name.strip()] = value.strip()
     return headers
 
@@ -134,7 +136,9 @@ async def enqueue_recorded(settings: Settings, call: Call) -> bool:
 @click.argument("app")
 @click.argument("fn")
 @click.option("--body", default=None, help="Request body: TEXT, @FILE, or - for stdin.")
-@click.option("--header", "headers", multiple=True, metavar="NAME:VALUE", help="Repeatable.")
+@click.option(
+    "--header", "headers", multiple=True, metavar="NAME:VALUE", help="Repeatable, once per name."
+)
 @click.option("--delay", "delay_s", type=float, default=0.0, help="Seconds before it may run.")
 @click.option("--priority", type=click.IntRange(0, 2), default=0, help="0-2, higher first.")
 @click.option(
