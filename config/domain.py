@@ -191,6 +191,9 @@ class Call:
 
 
 _HEADER_NAME = re.compile(r"[!#$%&'*+.^_`|~0-9A-Za-z-]{1,256}")
+# A call's header names and values together (UTF-8): every byte is stored with the
+# call and sent to the function, as the body is (which FN_MAX_REQUEST_SIZE bounds).
+MAX_HEADERS_BYTES = 64 * 1024
 
 
 # What an HTTP field value may not hold (RFC 9110 5.5): control characters but the tab.
@@ -209,6 +212,23 @@ def header_problem(name: object, value: object) -> str | None:
         return f"header {name!r} must have a one-line string value without control characters"
     if _SURROGATES.search(value):
         return f"header {name!r} has a value that is not UTF-8 text"
+    return None
+
+
+def headers_problem(headers: Mapping[str, object]) -> str | None:
+    """Why ``headers`` cannot go with a call (one of them, or all of them together
+    over :data:`MAX_HEADERS_BYTES`), or None if they can."""
+    size = 0
+    for name, value in headers.items():
+        problem = header_problem(name, value)
+        if problem is not None:
+            return problem
+        size += len(str(name)) + len(str(value).encode())
+    if size > MAX_HEADERS_BYTES:
+        return (
+            f"headers of {size} bytes (names and values) exceed the limit of "
+            f"{MAX_HEADERS_BYTES} bytes"
+        )
     return None
 
 

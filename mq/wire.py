@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from config.domain import CALL_ID_RE, Call, frozen_map, header_problem
+from config.domain import CALL_ID_RE, Call, frozen_map, headers_problem
 
 DEFAULT_PREFIX = "fnq"
 INBOX = "calls"  # the stream producers XADD to: "<prefix>:calls"
@@ -120,10 +120,9 @@ def check_created(ms: object) -> datetime:
 
 
 def check_headers(headers: Mapping[str, str]) -> Mapping[str, str]:
-    for name, value in headers.items():
-        problem = header_problem(name, value)
-        if problem is not None:
-            raise WireError(problem)
+    problem = headers_problem(headers)
+    if problem is not None:
+        raise WireError(problem)
     return headers
 
 

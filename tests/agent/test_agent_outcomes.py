@@ -447,8 +447,15 @@ async def test_parallel_calls_to_a_broken_function_all_fail_fast(agents: AgentFa
         {"Bad Name": "x"},
         {"X-Ctl": "a\x01b"},  # the FDK answered 400: retried as the function's failure
         {"X-Lone": "\udcff"},  # could not be encoded: the call failed unrecorded
+        {f"X-{i}": "v" * 1000 for i in range(70)},  # 70 KiB: over the headers' bound
     ],
-    ids=["value-with-newline", "name-with-space", "control-character", "lone-surrogate"],
+    ids=[
+        "value-with-newline",
+        "name-with-space",
+        "control-character",
+        "lone-surrogate",
+        "too-big-together",
+    ],
 )
 async def test_a_header_that_cannot_be_sent_is_a_terminal_error_before_any_container(
     agents: AgentFactory, headers: dict[str, str]

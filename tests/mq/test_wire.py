@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from datetime import UTC, datetime
 
 import pytest
 
-from config.domain import Call
+from config.domain import MAX_HEADERS_BYTES, Call
 from mq import wire
 
 
@@ -86,6 +87,21 @@ def test_every_field() -> None:
 def test_malformed_fields_say_why(extra: dict[str, bytes], reason: str) -> None:
     with pytest.raises(wire.WireError, match=reason):
         wire.decode_fields(fields(**{"id": b"i", **extra}), 10)
+
+
+def test_headers_are_bounded_together() -> None:
+    # Names and values in UTF-8 bytes: 4 + 65,532 bytes is the most; a two-byte
+    # character more is over it.
+    at_limit = {"X-Ab": "v" * (MAX_HEADERS_BYTES - 4)}
+    assert dict(wire.check_headers(at_limit)) == at_limit
+    over = {"X-Ab": "v" * (MAX_HEADERS_BYTES - 5) + "\u00e9"}
+    with pytest.raises(
+        wire.WireError, match=f"headers of 65537 bytes .* limit of {MAX_HEADERS_BYTES}"
+    ):
+        wire.check_headers(over)
+    many = json.dumps({f"H{i}": "x" * 100 for i in range(700)}).encode()
+    with pytest.raises(wire.WireError, match="exceed the limit"):
+        wire.decode_fields(fields(id=b"i", headers=many), 10)
 
 
 def test_a_field_name_given_twice_is_malformed() -> None:

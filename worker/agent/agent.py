@@ -82,7 +82,7 @@ import time
 from collections.abc import Callable, Collection
 from types import TracebackType
 
-from config.domain import Call, Function, Outcome, header_problem
+from config.domain import Call, Function, Outcome, headers_problem
 from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.cpu import CpuGauge
@@ -212,10 +212,8 @@ class Agent:
                 self._no_calls.set()
 
     async def _submit(self, call: Call, fn: Function, stop: StopControl) -> Outcome:
-        for name, value in call.headers.items():
-            problem = header_problem(name, value)
-            if problem is not None:
-                return not_started_outcome(InvalidCall(f"call {call.id}: {problem}"))
+        if call.headers and (problem := headers_problem(call.headers)) is not None:
+            return not_started_outcome(InvalidCall(f"call {call.id}: {problem}"))
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
         if not self.tracker.is_possible(memory_mb, cpu_mcpus):
             too_big = self.tracker.too_big(memory_mb, cpu_mcpus)
