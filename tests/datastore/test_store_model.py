@@ -234,7 +234,7 @@ def outcomes(draw: st.DrawFn, statuses: list[CallStatus], t0: datetime) -> Outco
 FN_VALUES: dict[str, list[tuple[Any, bool]]] = {
     "image": [("shop/resize:1.4", True), ("registry.example.com:5000/t/f:latest", True),
               ("Bad Image!", False), ("", False)],
-    "memory_mb": [(1, True), (128, True), (8192, True), (0, False), (8193, False)],
+    "memory_mb": [(6, True), (128, True), (8192, True), (5, False), (0, False), (8193, False)],
     "cpus_mcpu": [(0, True), (256000, True), (-1, False), (256001, False)],
     "timeout_s": [(1, True), (3600, True), (0, False), (3601, False)],
     "idle_timeout_s": [(1, True), (3600, True), (0, False), (3601, False)],
