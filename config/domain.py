@@ -266,3 +266,19 @@ class Outcome:
 def hostname_id() -> str:
     """A short identifier of this process, for records of which worker ran what."""
     return f"{os.uname().nodename}:{os.getpid()}"
+
+
+def process_gone(ident: str) -> bool:
+    """Whether ``ident`` (a ``hostname_id()``) names a process of this host that no
+    longer runs. False for another host's, whose liveness cannot be told from here,
+    and for an identifier of another form."""
+    host, _, pid = ident.rpartition(":")
+    if host != os.uname().nodename or not pid.isdigit():
+        return False
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except (PermissionError, OverflowError):
+        return False  # it exists, under another user; or no pid at all
+    return False

@@ -10,7 +10,9 @@ record back to `queued` while it runs. So the call is left to that worker
 
 - the record is `running` on another worker,
 - that worker is alive: its heartbeat (worker.upkeep) is at most
-  ``ALIVE_WITHIN`` old, as ``fnq status`` counts live workers, and
+  ``ALIVE_WITHIN`` old, as ``fnq status`` counts live workers, and, when it
+  ran on this host, its process still runs (a worker killed with SIGKILL
+  leaves a fresh heartbeat behind), and
 - its attempt may still be under way: the function's timeout, plus
   ``RUNNING_SLACK_S``, has not passed since the record was marked. A record
   still `running` after that is not being ended by that worker (it handed the
@@ -28,7 +30,7 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from config.domain import CallStatus, Function, utcnow
+from config.domain import CallStatus, Function, process_gone, utcnow
 from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreUnavailable
 from worker.upkeep import ALIVE_WITHIN
@@ -55,6 +57,8 @@ class Elsewhere:
             return None
         marked = record.started_at or record.updated_at
         if utcnow() - marked > timedelta(seconds=fn.timeout_s + RUNNING_SLACK_S):
+            return None
+        if process_gone(other):  # killed on this host: its heartbeat is not yet stale
             return None
         return other if other in await self._live_workers() else None
 

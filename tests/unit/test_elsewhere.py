@@ -4,6 +4,8 @@ and how often the live workers are read for that."""
 from __future__ import annotations
 
 import asyncio
+import os
+import subprocess
 from datetime import timedelta
 
 import pytest
@@ -96,3 +98,17 @@ async def test_a_read_that_hangs_is_an_outage(monkeypatch: pytest.MonkeyPatch) -
     here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
     with pytest.raises(StoreUnavailable, match=r"could not be read within 0\.05 s"):
         await here.runs(record(CallStatus.RUNNING, "w-a"), FN)
+
+
+async def test_a_worker_of_this_host_whose_process_is_gone_runs_nothing() -> None:
+    """Killed with SIGKILL, a worker leaves a heartbeat that is fresh for 30 s more:
+    on its own host its process tells that it is gone, and the call runs again at once."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = os.uname().nodename
+    gone, live = f"{host}:{dead.pid}", f"{host}:{os.getpid()}"
+    store = Workers(gone, live, "elsewhere:1")
+    here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
+    assert await here.runs(record(CallStatus.RUNNING, gone), FN) is None
+    assert await here.runs(record(CallStatus.RUNNING, live), FN) == live
+    assert await here.runs(record(CallStatus.RUNNING, "elsewhere:1"), FN) == "elsewhere:1"

@@ -28,7 +28,6 @@ import contextlib
 import functools
 import json
 import logging
-import os
 import secrets
 import shutil
 from collections import Counter
@@ -37,6 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
+from config.domain import process_gone
 from config.errors import AgentError, ConfigError
 from config.settings import Settings
 from worker.agent.cpu_place import cpu_list, online_cpus
@@ -98,18 +98,10 @@ def _left_by_dead_worker(labels: dict[str, str], own_instance: str) -> bool:
     if labels.get(INSTANCE_LABEL) == own_instance:
         return False
     owner = labels.get(OWNER_LABEL, "")
-    host, _, pid = owner.rpartition(":")
+    _, _, pid = owner.rpartition(":")
     if not owner or not pid.isdigit():
         return True
-    if host != os.uname().nodename:
-        return False
-    try:
-        os.kill(int(pid), 0)
-    except ProcessLookupError:
-        return True
-    except PermissionError:
-        return False  # it exists, under another user
-    return False
+    return process_gone(owner)
 
 
 class DockerDriver:
