@@ -4,7 +4,9 @@ A call is held (``CallHandler.held``, worker.calls) while its task handles
 it: from its delivery until its message is settled or handed back. One task
 extends the reservations of all of them, so that the queue does not give a
 call to another worker while it runs here or waits to be recorded. Calls the
-queue could not be reached for are one warning a round.
+queue could not be reached for are one warning per outage: the first round that
+reaches none of them warns, the rounds after it log at debug level until one
+reaches the queue again.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ async def heartbeat(settings: Settings, calls: Mapping[str, Delivery]) -> None:
     so its reservation never lapses while it runs.
     """
     every_s = settings.mq_reservation_msecs / 3000.0
+    down = False  # the last round found the queue out of reach
     while True:
         await asyncio.sleep(every_s)
         held = list(calls.values())
         if not held:
+            down = False
             continue
         results = await asyncio.gather(
             *(asyncio.wait_for(d.extend(), timeout=every_s) for d in held),
@@ -42,7 +46,9 @@ async def heartbeat(settings: Settings, calls: Mapping[str, Delivery]) -> None:
         )
         unreached: list[str] = []  # the queue is down: one line for them all
         first: BaseException | None = None
+        extended = False  # the queue answered for one of them, at least
         for d, result in zip(held, results, strict=True):
+            extended = extended or result is None
             if result is None or calls.get(d.call_id) is not d:
                 continue  # extended, or settled meanwhile (then losing it is expected)
             if isinstance(result, QueueUnavailable | TimeoutError):
@@ -59,5 +65,7 @@ async def heartbeat(settings: Settings, calls: Mapping[str, Delivery]) -> None:
                 if len(unreached) > MAX_IDS_SHOWN
                 else ""
             )
-            log.warning("could not extend the reservations of %d call(s) (%s%s): %s",
-                        len(unreached), shown, more, first)  # fmt: skip
+            log.log(logging.DEBUG if down else logging.WARNING,
+                    "could not extend the reservations of %d call(s) (%s%s): %s",
+                    len(unreached), shown, more, first)  # fmt: skip
+        down = bool(unreached) and not extended
