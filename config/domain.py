@@ -16,6 +16,7 @@ dropped).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import secrets
@@ -268,12 +269,26 @@ def hostname_id() -> str:
     return f"{os.uname().nodename}:{os.getpid()}"
 
 
-def process_gone(ident: str) -> bool:
-    """Whether ``ident`` (a ``hostname_id()``) names a process of this host that no
-    longer runs. False for another host's, whose liveness cannot be told from here,
-    and for an identifier of another form."""
+@functools.cache
+def pid_namespace() -> str:
+    """This process's pid namespace (the inode of ``/proc/self/ns/pid``), "" if unknown.
+    A pid names the same process only within one namespace: workers in containers that
+    share a host name (``--network host``) each have their own."""
+    try:
+        return str(os.stat("/proc/self/ns/pid").st_ino)
+    except OSError:
+        return ""
+
+
+def process_gone(ident: str, pidns: str) -> bool:
+    """Whether ``ident`` (a ``hostname_id()``) names a process of this host, in pid
+    namespace ``pidns`` (see :func:`pid_namespace`), that no longer runs. False when
+    that cannot be told from here: another host's, another namespace's (or one not
+    known), an identifier of another form."""
     host, _, pid = ident.rpartition(":")
     if host != os.uname().nodename or not pid.isdigit():
+        return False
+    if not pidns or pidns != pid_namespace():
         return False
     try:
         os.kill(int(pid), 0)

@@ -11,8 +11,9 @@ record back to `queued` while it runs. So the call is left to that worker
 - the record is `running` on another worker,
 - that worker is alive: its heartbeat (worker.upkeep) is at most
   ``ALIVE_WITHIN`` old, as ``fnq status`` counts live workers, and, when it
-  ran on this host, its process still runs (a worker killed with SIGKILL
-  leaves a fresh heartbeat behind), and
+  ran on this host in this pid namespace (its heartbeat says which), its
+  process still runs (a worker killed with SIGKILL leaves a fresh heartbeat
+  behind), and
 - its attempt may still be under way: the function's timeout, plus
   ``RUNNING_SLACK_S``, has not passed since the record was marked. A record
   still `running` after that is not being ended by that worker (it handed the
@@ -46,7 +47,7 @@ class Elsewhere:
     def __init__(self, store: Datastore, worker_id: str) -> None:
         self._store = store
         self._worker_id = worker_id
-        self._live: asyncio.Future[frozenset[str]] | None = None
+        self._live: asyncio.Future[dict[str, str]] | None = None
         self._live_at = 0.0
 
     async def runs(self, record: CallRecord, fn: Function) -> str | None:
@@ -58,11 +59,13 @@ class Elsewhere:
         marked = record.started_at or record.updated_at
         if utcnow() - marked > timedelta(seconds=fn.timeout_s + RUNNING_SLACK_S):
             return None
-        if process_gone(other):  # killed on this host: its heartbeat is not yet stale
-            return None
-        return other if other in await self._live_workers() else None
+        live = await self._live_workers()
+        if other not in live or process_gone(other, live[other]):
+            return None  # (killed on this host: its heartbeat is not yet stale)
+        return other
 
-    async def _live_workers(self) -> frozenset[str]:
+    async def _live_workers(self) -> dict[str, str]:
+        """The live workers' ids, each with its pid namespace ("" if not told)."""
         now = asyncio.get_running_loop().time()
         live = self._live
         if live is None or (live.done() and now - self._live_at >= LIVE_TTL_S):
@@ -72,7 +75,7 @@ class Elsewhere:
         # shield: a call cancelled while it waits must not cancel the others' read
         return await asyncio.shield(live)
 
-    async def _read(self) -> frozenset[str]:
+    async def _read(self) -> dict[str, str]:
         try:
             async with asyncio.timeout(LIVE_READ_TIMEOUT_S):
                 workers = await self._store.list_workers(ALIVE_WITHIN)
@@ -80,9 +83,9 @@ class Elsewhere:
             raise StoreUnavailable(
                 f"the live workers could not be read within {LIVE_READ_TIMEOUT_S:g} s"
             ) from None
-        return frozenset(w.id for w in workers)
+        return {w.id: str(w.info.get("pidns") or "") for w in workers}
 
-    def _forget_failed(self, live: asyncio.Future[frozenset[str]]) -> None:
+    def _forget_failed(self, live: asyncio.Future[dict[str, str]]) -> None:
         """A failed read is not kept: the next call that asks reads again."""
         if (live.cancelled() or live.exception() is not None) and self._live is live:
             self._live = None

@@ -19,6 +19,7 @@ from datetime import timedelta
 from importlib.metadata import version
 from typing import Any
 
+from config.domain import pid_namespace
 from config.errors import FnqError
 from datastore.base import Datastore
 from mq.base import MessageQueue
@@ -50,6 +51,7 @@ def describe(stats: AgentStats) -> dict[str, Any]:
         "calls_running": stats.calls_running,
         "calls_waiting": stats.calls_waiting,
         "version": VERSION,
+        "pidns": pid_namespace(),  # whose pids this host's other workers can check
     }
 
 

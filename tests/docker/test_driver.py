@@ -21,6 +21,7 @@ from typing import Any
 import docker.errors
 import pytest
 
+from config.domain import pid_namespace
 from config.errors import ConfigError
 from config.settings import Settings
 from tests.docker.conftest import request, spec
@@ -352,16 +353,23 @@ async def test_leftovers_of_dead_workers_are_removed(
     dead = stray(**{"fnq.instance": "dead", "fnq.owner": f"{host}:{finished.pid}"})
     live = stray(**{"fnq.instance": "live", "fnq.owner": f"{host}:{os.getpid()}"})
     remote = stray(**{"fnq.instance": "far", "fnq.owner": "elsewhere:1"})
+    ours = {"fnq.pidns": pid_namespace()}
+    dead_here = stray(**{"fnq.instance": "dead2", "fnq.owner": f"{host}:{finished.pid}", **ours})
+    # A worker in a container of its own that shares the host's name: its pid is of
+    # another namespace, and does not run here whether or not that worker lives.
+    other_ns = stray(**{"fnq.instance": "ns", "fnq.owner": f"{host}:{finished.pid}",
+                        "fnq.pidns": "4026531999"})  # fmt: skip
     d = DockerDriver(settings)
     try:
         await d.start()
         names = {n.lstrip("/") for c in docker_engine.api.containers(all=True) for n in c["Names"]}
         assert unowned.name not in names and dead.name not in names
-        assert live.name in names and remote.name in names
+        assert dead_here.name not in names
+        assert live.name in names and remote.name in names and other_ns.name in names
     finally:
         await d.close()
-        live.remove(force=True)
-        remote.remove(force=True)
+        for kept in (live, remote, other_ns):
+            kept.remove(force=True)
 
 
 async def test_two_drivers_sweeping_at_once_remove_each_leftover_once_quietly(

@@ -10,7 +10,7 @@ from datetime import timedelta
 
 import pytest
 
-from config.domain import CallStatus, Function, new_call_id, utcnow
+from config.domain import CallStatus, Function, new_call_id, pid_namespace, utcnow
 from datastore.base import CallRecord, WorkerInfo
 from datastore.errors import StoreUnavailable
 from worker import elsewhere
@@ -22,8 +22,9 @@ FN = Function(app="a", name="f", image="img/f", timeout_s=10)
 class Workers:
     """A datastore with only its live workers; counts the reads."""
 
-    def __init__(self, *ids: str) -> None:
+    def __init__(self, *ids: str, pidns: dict[str, str] | None = None) -> None:
         self.ids = ids
+        self.pidns = pidns or {}  # a worker's pid namespace, as its heartbeat tells it
         self.reads = 0
         self.fail: Exception | None = None
         self.answer = asyncio.Event()
@@ -36,7 +37,10 @@ class Workers:
         if self.fail is not None:
             raise self.fail
         now = utcnow()
-        return [WorkerInfo(i, "host", 1, now, now) for i in self.ids]
+        return [
+            WorkerInfo(i, "host", 1, now, now, {"pidns": self.pidns[i]} if i in self.pidns else {})
+            for i in self.ids
+        ]
 
 
 def record(status: CallStatus, worker_id: str | None, marked_s_ago: float = 0.0) -> CallRecord:
@@ -107,8 +111,22 @@ async def test_a_worker_of_this_host_whose_process_is_gone_runs_nothing() -> Non
     dead.wait()
     host = os.uname().nodename
     gone, live = f"{host}:{dead.pid}", f"{host}:{os.getpid()}"
-    store = Workers(gone, live, "elsewhere:1")
+    ours = pid_namespace()
+    assert ours  # Linux: /proc/self/ns/pid
+    store = Workers(gone, live, "elsewhere:1", pidns={gone: ours, live: ours})
     here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
     assert await here.runs(record(CallStatus.RUNNING, gone), FN) is None
     assert await here.runs(record(CallStatus.RUNNING, live), FN) == live
     assert await here.runs(record(CallStatus.RUNNING, "elsewhere:1"), FN) == "elsewhere:1"
+
+
+@pytest.mark.parametrize("pidns", ["4026531999", None], ids=["another-namespace", "not-told"])
+async def test_a_pid_of_another_namespace_is_not_judged(pidns: str | None) -> None:
+    """Workers in containers that share the host's name (``--network host``) each have
+    pids of their own: a pid that does not run here says nothing of that worker."""
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    other = f"{os.uname().nodename}:{dead.pid}"
+    store = Workers(other, pidns={other: pidns} if pidns else None)
+    here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
+    assert await here.runs(record(CallStatus.RUNNING, other), FN) == other

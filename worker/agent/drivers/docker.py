@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from config.domain import process_gone
+from config.domain import pid_namespace, process_gone
 from config.errors import AgentError, ConfigError
 from config.settings import Settings
 from worker.agent.cpu_place import cpu_list, online_cpus
@@ -52,6 +52,7 @@ from worker.agent.drivers.docker_config import (
     CLASSIFIER_LABEL,
     INSTANCE_LABEL,
     OWNER_LABEL,
+    PIDNS_LABEL,
     create_body,
     image_command,
     image_volumes,
@@ -93,7 +94,10 @@ def _left_by_dead_worker(labels: dict[str, str], own_instance: str) -> bool:
 
     Containers of a live worker on this host (its pid still runs) are left
     alone, so several workers can share one engine; so are those of workers
-    on other hosts, whose liveness cannot be told from here.
+    on other hosts, or in another pid namespace on this one (in containers of
+    their own that share its host name), whose liveness cannot be told from
+    here. (Containers labelled before the namespace was are taken as of this
+    one's.)
     """
     if labels.get(INSTANCE_LABEL) == own_instance:
         return False
@@ -101,7 +105,7 @@ def _left_by_dead_worker(labels: dict[str, str], own_instance: str) -> bool:
     _, _, pid = owner.rpartition(":")
     if not owner or not pid.isdigit():
         return True
-    return process_gone(owner)
+    return process_gone(owner, labels.get(PIDNS_LABEL, pid_namespace()))
 
 
 class DockerDriver:

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 from typing import Any
 
-from config.domain import hostname_id
+from config.domain import hostname_id, pid_namespace
 from config.settings import Settings
 from worker.agent.driver import FN_LISTENER, IOFS_MOUNT, ContainerSpec
 
@@ -16,6 +16,7 @@ UNPRIVILEGED_USER = "1000:1000"
 CLASSIFIER_LABEL = "fnq.classifier"
 INSTANCE_LABEL = "fnq.instance"
 OWNER_LABEL = "fnq.owner"  # <host name>:<pid> of the worker, to tell dead workers from live ones
+PIDNS_LABEL = "fnq.pidns"  # the pid namespace that pid is of (config.domain.pid_namespace)
 APP_LABEL = "fnq.app"
 FN_LABEL = "fnq.fn"
 
@@ -38,6 +39,7 @@ def container_labels(settings: Settings, instance: str, spec: ContainerSpec) -> 
         labels[CLASSIFIER_LABEL] = settings.container_label_tag
         labels[INSTANCE_LABEL] = instance
         labels[OWNER_LABEL] = hostname_id()
+        labels[PIDNS_LABEL] = pid_namespace()
     return labels
 
 
