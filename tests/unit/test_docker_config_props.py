@@ -107,6 +107,7 @@ def test_the_create_request_is_what_the_docs_say(
             "fnq.classifier": values["container_label_tag"],
             "fnq.instance": "inst-1",
             "fnq.owner": f"{os.uname().nodename}:{os.getpid()}",
+            "fnq.pidns": str(os.stat("/proc/self/ns/pid").st_ino),
         }
     assert body["Labels"] == labels
 
