@@ -8,7 +8,9 @@ Two layers, both cached by content so that a second build does nothing:
   The rootfs is kept under ``$XDG_CACHE_HOME/fnq/`` and skipped entirely once the
   base image exists;
 * one image per function directory, ``fnq/<name>:latest``, built FROM the base
-  by a three-line Dockerfile that copies the directory to ``/function``.
+  by a three-line Dockerfile that copies the directory to ``/function`` (and,
+  when it holds ``requirements.txt``, the packages pip installed from it:
+  worker.image_deps).
 
 A function directory holds ``func.py`` (an FDK handler ``handler(ctx, data)``)
 and, optionally, a manifest ``fnq.toml``::
@@ -36,6 +38,7 @@ import stat
 import subprocess
 import sys
 import tarfile
+import tempfile
 import time
 import tomllib
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -49,6 +52,7 @@ from docker.models.images import Image
 
 from config.domain import frozen_map
 from config.errors import FnqError
+from worker import image_deps
 
 FDK_VERSION = "0.1.128"
 SUITE = "bookworm"
@@ -58,8 +62,9 @@ CONTENT_LABEL = "fnq.content"
 FUNCTION_LABEL = "fnq.function"
 FDK_ENTRYPOINT = ("/usr/bin/python3", "/opt/fdk/bin/fdk", "/function/func.py", "handler")
 # What `docker import` bakes into the base image. Changing it changes the base tag.
+BASE_PYTHONPATH = "/opt/fdk"
 BASE_CHANGES = (
-    "ENV PYTHONPATH=/opt/fdk",
+    f"ENV PYTHONPATH={BASE_PYTHONPATH}",
     "ENV PYTHONUNBUFFERED=1",
     "WORKDIR /function",
     "ENTRYPOINT " + json.dumps(list(FDK_ENTRYPOINT)),
@@ -125,6 +130,8 @@ class FunctionSource:
 
     def dockerfile(self, base: str) -> str:
         lines = [f"FROM {base}", "COPY . /function/"]
+        if image_deps.has_requirements(self.path):
+            lines += image_deps.dockerfile_lines(BASE_PYTHONPATH)
         lines += [
             f"ENV {key}={_dockerfile_quote(value)}" for key, value in sorted(self.env.items())
         ]
@@ -422,7 +429,9 @@ class ImageBuilder:
         if not force and old is not None and old.labels.get(CONTENT_LABEL) == content:
             self._say(f"{fn.image}: up to date")
             return BuildResult(fn.image, False, time.monotonic() - started)
-        context = _context_tar(dockerfile, fn)
+        with tempfile.TemporaryDirectory(prefix="fnq-deps-") as tmp:
+            deps = self._install_requirements(fn, Path(tmp) / "deps")
+            context = _context_tar(dockerfile, fn, deps)
         try:
             stream = self._client.api.build(
                 fileobj=context,
@@ -442,6 +451,24 @@ class ImageBuilder:
         elapsed = time.monotonic() - started
         self._say(f"{fn.image}: built in {elapsed:.1f}s")
         return BuildResult(fn.image, True, elapsed)
+
+    def _install_requirements(self, fn: FunctionSource, target: Path) -> Path | None:
+        """The packages of ``fn``'s requirements.txt, installed into ``target``; None
+        when it has none."""
+        if not image_deps.has_requirements(fn.path):
+            return None
+        wanted = image_deps.summary(
+            (fn.path / image_deps.REQUIREMENTS).read_text(errors="replace").splitlines()
+        )
+        target.mkdir()
+        if not wanted:  # comments or options only: nothing to install
+            return target
+        self._say(f"{fn.image}: pip install {wanted}")
+        try:
+            image_deps.install(fn.path, target)
+        except image_deps.DependencyError as exc:
+            raise ImageBuildError(f"building {fn.image} failed: {exc}") from None
+        return target
 
     def _image_labels(self, image: str) -> dict[str, str] | None:
         """The image's labels, or None when the image does not exist."""
@@ -477,10 +504,13 @@ def _content_hash(base: str, dockerfile: str, fn: FunctionSource) -> str:
     return digest.hexdigest()
 
 
-def _context_tar(dockerfile: str, fn: FunctionSource) -> io.BytesIO:
-    """A build context: the Dockerfile plus the function's files, owned by root, world-readable."""
+def _context_tar(dockerfile: str, fn: FunctionSource, deps: Path | None = None) -> io.BytesIO:
+    """A build context: the Dockerfile plus the function's files (and its installed
+    packages), owned by root, world-readable."""
     buf = io.BytesIO()
     with tarfile.open(fileobj=buf, mode="w") as tar:
+        if deps is not None:
+            image_deps.add_to_context(tar, deps)
         _add_bytes(tar, "Dockerfile", dockerfile.encode())
         for path in fn.files():
             name = str(path.relative_to(fn.path))

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
 import secrets
 import tarfile
+import zipfile
 from pathlib import Path
 from typing import Any
 
@@ -13,6 +16,7 @@ import docker.errors
 import pytest
 from click.testing import CliRunner
 
+from worker import image_deps
 from worker.cli import cli
 from worker.images import (
     ImageBuilder,
@@ -148,5 +152,96 @@ def test_an_image_keeps_the_links_and_run_bits(
         assert lines[3:6] == ["WORD = 'linked'", "WORD = 'linked'", "ran"]
         host_name = Path("/etc/hostname").read_text().strip()
         assert host_name not in lines[6:]  # the image's own file, not the host's
+    finally:
+        docker_engine.images.remove(image, force=True)
+
+
+def _wheel(directory: Path, name: str, word: str) -> None:
+    """A pure-Python wheel of one module, ``name.WORD = word``, made by hand (offline)."""
+    info = f"{name}-1.0.dist-info"
+    files = {
+        f"{name}.py": f"WORD = {word!r}\n".encode(),
+        f"{info}/METADATA": f"Metadata-Version: 2.1\nName: {name}\nVersion: 1.0\n".encode(),
+        f"{info}/WHEEL": (
+            b"Wheel-Version: 1.0\nGenerator: test\nRoot-Is-Purelib: true\nTag: py3-none-any\n"
+        ),
+    }
+
+    def digest(data: bytes) -> str:
+        raw = base64.urlsafe_b64encode(hashlib.sha256(data).digest()).rstrip(b"=")
+        return "sha256=" + raw.decode()
+
+    record = "".join(f"{p},{digest(d)},{len(d)}\n" for p, d in files.items())
+    directory.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(directory / f"{name}-1.0-py3-none-any.whl", "w") as whl:
+        for path, data in files.items():
+            whl.writestr(path, data)
+        whl.writestr(f"{info}/RECORD", record + f"{info}/RECORD,,\n")
+
+
+def _with_requirements(path: Path, requirement: str = "greetdep==1.0") -> Path:
+    _wheel(path / "wheels", "greetdep", "from a package")
+    (path / "requirements.txt").write_text(
+        f"# no index here: the wheel is in the directory\n--no-index\n--find-links wheels\n"
+        f"{requirement}  # pinned\n"
+    )
+    (path / "func.py").write_text(
+        "import greetdep\n\n\ndef handler(ctx, data=None):\n    return greetdep.WORD\n"
+    )
+    return path
+
+
+def test_requirements_add_their_packages_to_the_path(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    plain = load_function(write_function(tmp_path / "plain"))
+    assert "fnq-deps" not in plain.dockerfile("base:1")
+    fn = load_function(_with_requirements(write_function(tmp_path / "deps")))
+    lines = fn.dockerfile("base:1").splitlines()
+    assert lines[:4] == [
+        "FROM base:1",
+        "COPY . /function/",
+        f"COPY .fnq-deps {image_deps.DEPS_DIR}/",
+        f"ENV PYTHONPATH={image_deps.DEPS_DIR}:/opt/fdk",
+    ]
+    text = (fn.path / "requirements.txt").read_text().splitlines()
+    assert image_deps.summary(text) == "--no-index; --find-links wheels; greetdep==1.0"
+    assert image_deps.summary(["# only a comment", "  ", "#x"]) == ""
+    cmd = image_deps.pip_command(fn.path, tmp_path / "out")
+    assert "--python-version" not in cmd  # the host's Python is the image's
+    monkeypatch.setattr(image_deps, "IMAGE_PYTHON", (3, 99))
+    cmd = image_deps.pip_command(fn.path, tmp_path / "out")
+    assert cmd[-3:] == ["--python-version", "3.99", "--only-binary=:all:"]
+
+
+@pytest.mark.integration
+def test_an_image_with_requirements_imports_them(
+    function_images: list[str], tmp_path: Path, docker_engine: Any, settings_env: Path
+) -> None:
+    name = f"fnq-deps-{secrets.token_hex(4)}"
+    path = _with_requirements(write_function(tmp_path / name))
+    image = f"fnq/{name}:latest"
+    runner = CliRunner()
+    try:
+        built = runner.invoke(cli, ["images", "build", str(path)])
+        assert built.exit_code == 0, built.output
+        assert f"{image}: pip install --no-index; --find-links wheels; greetdep==1.0" in (
+            built.stderr
+        )
+        script = "import fdk, greetdep; print(greetdep.WORD, greetdep.__file__)"
+        out = docker_engine.containers.run(
+            image, entrypoint=["/usr/bin/python3", "-c", script], network_mode="none",
+            remove=True,
+        ).decode()  # fmt: skip
+        assert out.split() == ["from", "a", "package", f"{image_deps.DEPS_DIR}/greetdep.py"]
+        again = runner.invoke(cli, ["images", "build", "--json", str(path)])
+        assert not {r["image"]: r["built"] for r in json.loads(again.stdout)}[image]
+
+        _with_requirements(path, "nosuchpackage==1.0")  # a change: built again, and fails
+        failed = runner.invoke(cli, ["images", "build", str(path)])
+        assert failed.exit_code != 0
+        last = failed.stderr.strip().splitlines()[-1]
+        assert f"building {image} failed: pip could not install" in last, failed.stderr
+        assert "nosuchpackage" in last
     finally:
         docker_engine.images.remove(image, force=True)

@@ -28,7 +28,8 @@ def build_cmd(dirs: tuple[Path, ...], force: bool, as_json: bool) -> None:
 
     A DIR holding func.py is one function; any other DIR is a folder of them.
     Without DIR: scripts/functions and tests/functions under the current
-    directory. Up-to-date images are skipped.
+    directory. A requirements.txt next to func.py is installed into the image
+    with the host's pip. Up-to-date images are skipped.
     """
     paths = list(dirs) or [Path(d) for d in _DEFAULT_DIRS if Path(d).is_dir()]
     if not paths:
