@@ -47,8 +47,10 @@ def dockerfile_lines(base_pythonpath: str) -> list[str]:
 
 def pip_command(function_dir: Path, target: Path) -> list[str]:
     cmd = [
+        # Compiled here (the image's root file system is read-only: a container could
+        # not keep what it compiles), for a faster first import in each container.
         sys.executable, "-m", "pip", "install", "--quiet", "--disable-pip-version-check",
-        "--no-compile", "--target", str(target.absolute()),
+        "--target", str(target.absolute()),
         "-r", str(function_dir.absolute() / REQUIREMENTS),
     ]  # fmt: skip
     if sys.version_info[:2] != IMAGE_PYTHON:
