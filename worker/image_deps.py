@@ -86,8 +86,7 @@ def add_to_context(tar: tarfile.TarFile, installed: Path) -> None:
 
     def normal(info: tarfile.TarInfo) -> tarfile.TarInfo:
         info.uid = info.gid = 0
-        info.uname = info.gname = "root"
-        info.mtime = 0
+        info.uname = info.gname = "root"  # mtimes kept: the compiled files check them
         if info.isdir() or info.mode & 0o100:
             info.mode = 0o755
         elif not info.issym():
