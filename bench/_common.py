@@ -275,6 +275,34 @@ async def raw_calls(
     return out
 
 
+async def raw_rate(sockets: list[str], calls_each: int, body: bytes, settle: int = 0) -> float:
+    """One raw client per socket, all at once, each on one kept-alive connection:
+    calls/s over ``calls_each`` timed calls per client, after ``settle`` untimed ones
+    on the same connection (a function's first calls on a new connection, and a host
+    that just ran something else, answer slower)."""
+    message = _request(body)
+    conns: list[tuple[asyncio.StreamReader, asyncio.StreamWriter]] = []
+
+    async def calls(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, n: int) -> None:
+        for _ in range(n):
+            writer.write(message)
+            await _read_response(reader)
+
+    try:
+        for path in sockets:
+            conns.append(await asyncio.open_unix_connection(path))
+        if settle:
+            await asyncio.gather(*(calls(r, w, settle) for r, w in conns))
+        t0 = time.perf_counter()
+        await asyncio.gather(*(calls(r, w, calls_each) for r, w in conns))
+        return len(conns) * calls_each / (time.perf_counter() - t0)
+    finally:
+        for _, writer in conns:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
 async def raw_throughput(sockets: list[str], calls_each: int, body: bytes) -> tuple[float, float]:
     """One raw client per socket, all at once: (calls/s, median latency in ms)."""
     t0 = time.perf_counter()

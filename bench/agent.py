@@ -1,6 +1,6 @@
 """The agent core on the real engine: hot calls against a raw client, and cold starts.
 
-    .venv/bin/python -m bench.agent            # 1,000 calls per run, 5 rounds
+    .venv/bin/python -m bench.agent            # 2,000 calls per run, 7 rounds
     .venv/bin/python -m bench.agent --quick    # 200 calls per run, 3 rounds
 
 Everything runs in this process: an ``Agent`` over a ``DockerDriver`` (settings
@@ -10,10 +10,16 @@ garbage collector set up as ``fnq worker`` sets it (worker.runtime).
 
 * agent 1x      ``Agent.submit`` awaited once per call (one hot container); the
                 calls are made before the clock starts, as the raw client's request is
-* raw 1x        the ceiling: a minimal HTTP/1.1 client (bench._common) on the same
-                container's unix socket, one kept-alive connection, the same request
+* raw 1x        the ceiling: a minimal HTTP/1.1 client (bench._common) on the socket
+                of the container that ran the agent's last sequential calls, one
+                kept-alive connection, the same request
 * agent 4x      four tasks submitting at once (the agent starts up to 4 containers)
 * raw 4x        one raw client per container the agent started, all at once
+
+Every timed run starts with ``SETTLE_CALLS`` untimed calls of its own kind (the
+raw client's on the connection it then times): the run before it was the other
+party's or the other way's, and the first calls after such a switch are slower
+on this kind of host, whoever makes them.
 
 Cold start: the first call of a new function configuration (a fresh config
 value, so a new slot queue and a new container: create, start, socket, call)
@@ -42,8 +48,7 @@ from bench._common import (
     docker_run_trivial,
     label_tag,
     median,
-    raw_calls,
-    raw_throughput,
+    raw_rate,
     remove_labelled,
     run,
 )
@@ -58,6 +63,7 @@ BODY = b'{"name": "bench"}'
 TARGET_RATIO = 0.70
 TARGET_COLD_EXTRA_MS = 100.0
 WARM_ROUNDS_MAX = 6  # rounds of 400 calls, 4 at once, before anything is timed
+SETTLE_CALLS = 200  # untimed, before each timed run (per task, or per raw client)
 
 
 def example(name: str = "example", **config: str) -> Function:
@@ -68,26 +74,45 @@ def make_calls(fn: Function, n: int) -> list[Call]:
     return [Call(new_call_id(), fn.app, fn.name, BODY) for _ in range(n)]
 
 
-async def run_calls(agent: Agent, fn: Function, calls: list[Call]) -> None:
+async def run_calls(agent: Agent, fn: Function, calls: list[Call]) -> str | None:
+    """Submit ``calls`` one after another; the container of the last one."""
+    container = None
     for call in calls:
         out = await agent.submit(call, fn)
         if out.status is not CallStatus.SUCCESS:
             raise RuntimeError(f"call failed: {out.status} {out.error}")
+        container = out.container_id
+    return container
 
 
 async def submit_n(agent: Agent, fn: Function, n: int) -> None:
     await run_calls(agent, fn, make_calls(fn, n))
 
 
-async def timed_rate(agent: Agent, fn: Function, n: int, tasks: int) -> float:
+async def _in_tasks(agent: Agent, fn: Function, batches: list[list[Call]]) -> list[str | None]:
+    async with asyncio.TaskGroup() as tg:
+        tasks = [tg.create_task(run_calls(agent, fn, batch)) for batch in batches]
+    return [task.result() for task in tasks]
+
+
+async def timed_rate(agent: Agent, fn: Function, n: int, tasks: int, settle: int = 0) -> float:
+    """calls/s of ``n`` calls from ``tasks`` tasks at once, after ``settle`` untimed
+    calls per task."""
+    return (await _timed(agent, fn, n, tasks, settle))[0]
+
+
+async def _timed(
+    agent: Agent, fn: Function, n: int, tasks: int, settle: int = 0
+) -> tuple[float, list[str | None]]:
+    """:func:`timed_rate`, and the container of each task's last call."""
     # The calls are made before the clock starts: making one (its id, the object) is
     # the producer's work, as the raw client's request is made before its loop.
+    if settle:
+        await _in_tasks(agent, fn, [make_calls(fn, settle) for _ in range(tasks)])
     batches = [make_calls(fn, n // tasks) for _ in range(tasks)]
     t0 = time.perf_counter()
-    async with asyncio.TaskGroup() as tg:
-        for batch in batches:
-            tg.create_task(run_calls(agent, fn, batch))
-    return (n // tasks) * tasks / (time.perf_counter() - t0)
+    last = await _in_tasks(agent, fn, batches)
+    return (n // tasks) * tasks / (time.perf_counter() - t0), last
 
 
 def _starts(agent: Agent, fn: Function) -> tuple[int, int]:
@@ -118,21 +143,28 @@ async def hot_runs(agent: Agent, driver: DockerDriver, n: int, repeats: int) -> 
             break
     warm_starts = _starts(agent, fn)[0]
 
+    seq_container: list[str | None] = [None]  # where the agent's last sequential calls ran
+
+    async def agent_1x() -> float:
+        rate, (seq_container[0],) = await _timed(agent, fn, n, 1, SETTLE_CALLS)
+        return rate
+
     async def raw_1x() -> float:
-        sockets = [str(c.iofs.socket_path) for c in ready(driver)]
-        t0 = time.perf_counter()
-        await raw_calls(sockets[0], n, BODY)
-        return n / (time.perf_counter() - t0)
+        ready_now = ready(driver)
+        same = [c for c in ready_now if c.id == seq_container[0]] or ready_now
+        return await raw_rate([str(same[0].iofs.socket_path)], n, BODY, SETTLE_CALLS)
+
+    async def agent_4x() -> float:
+        return await timed_rate(agent, fn, n, 4, SETTLE_CALLS)
 
     async def raw_4x() -> float:
         sockets = [str(c.iofs.socket_path) for c in ready(driver)][:4]
-        rate, _ = await raw_throughput(sockets, n // len(sockets), BODY)
-        return rate
+        return await raw_rate(sockets, n // len(sockets), BODY, SETTLE_CALLS)
 
     runs: dict[str, list[float]] = {"agent 1x": [], "raw 1x": [], "agent 4x": [], "raw 4x": []}
     pairs: list[list[tuple[str, Callable[[], Awaitable[float]]]]] = [
-        [("agent 1x", lambda: timed_rate(agent, fn, n, 1)), ("raw 1x", raw_1x)],
-        [("agent 4x", lambda: timed_rate(agent, fn, n, 4)), ("raw 4x", raw_4x)],
+        [("agent 1x", agent_1x), ("raw 1x", raw_1x)],
+        [("agent 4x", agent_4x), ("raw 4x", raw_4x)],
     ]
     for i in range(repeats):
         # Whoever goes second finds the containers just used (the 4-way run's
@@ -172,8 +204,8 @@ async def cold_runs(agent: Agent, repeats: int) -> dict[str, float]:
 
 
 async def measure(quick: bool) -> Section:
-    n = 200 if quick else 1000
-    repeats = 3 if quick else 5
+    n = 200 if quick else 2000
+    repeats = 3 if quick else 7
     tag = label_tag()
     with tempfile.TemporaryDirectory(prefix="fnq-bench-agent-") as tmp:
         # No CPU split: the raw client shares this process, and its containers would
@@ -202,9 +234,13 @@ def report(hot: dict[str, float], cold: dict[str, float], n: int, repeats: int) 
         f"{int(hot['containers'])} container(s), started while warming up (400 calls "
         "4 at once, repeated until a round started no container)"
         f"{_timed_starts(hot)}. The raw client is the ceiling: the same "
-        "request on the same container's socket with nothing else in the way. Each round "
-        "runs the agent and the raw client one after the other, in turns first; `agent / "
-        "raw` is the median of the rounds' own ratios."
+        "request on the same container's socket with nothing else in the way (sequential: "
+        "the container of the agent's last sequential calls). Each round runs the agent "
+        "and the raw client one after the other, in turns first; `agent / raw` is the "
+        "median of the rounds' own ratios. Each timed run follows "
+        f"{SETTLE_CALLS} untimed calls of its own kind (per task or client; the raw "
+        "client's on the connection it then times): after a switch from the other party "
+        "or the other way, the first calls are slower on this host, whoever makes them."
     )
     seq_ratio, con_ratio = hot["ratio 1x"], hot["ratio 4x"]
     sec.tables.append(
