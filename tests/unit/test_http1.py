@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import tracemalloc
+
 import pytest
 
 from worker.agent import http1
@@ -111,6 +113,24 @@ def test_a_body_over_the_limit_ends_the_parse_however_it_arrives() -> None:
     r = parse(head + b"3\r\nabc\r\n3\r\ndef\r\n0\r\nX-T: 1\r\n\r\n", max_body=4)
     assert (r.body, r.truncated, r.keep_alive, r.head_bytes) == (b"abcd", True, False, len(head))
     assert parse(head + b"3\r\nabc\r\n3\r\ndef\r\nzz\r\n", max_body=4) == r
+
+
+def test_a_body_of_tiny_chunks_takes_memory_in_proportion_to_its_size() -> None:
+    """A byte per chunk: the parser's memory is the body's, not an object per chunk."""
+    n = 200_000
+    wire = b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n" + b"1\r\nc\r\n" * n
+    pieces = [wire[i : i + 65536] for i in range(0, len(wire), 65536)]
+    parser = ResponseParser(1024, n)
+    tracemalloc.start()
+    try:
+        for piece in pieces:
+            assert parser.feed(piece) is None
+        r = parser.feed(b"0\r\n\r\n")
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert r is not None and r.body == b"c" * n and not r.truncated
+    assert peak < 4 * n, peak  # a list of one-byte objects took over 50 bytes a chunk
 
 
 def test_header_block_over_the_limit() -> None:

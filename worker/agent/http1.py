@@ -86,7 +86,7 @@ class ResponseParser:
         self._status = 0
         self._headers: tuple[tuple[str, str], ...] = ()
         self._keep_alive = True
-        self._body: list[bytes] = []
+        self._body = bytearray()  # one buffer: a body of many tiny chunks is no list of them
         self._body_size = 0
         self._result: RawResponse | None = None
 
@@ -213,16 +213,16 @@ class ResponseParser:
 
     # --------------------------------------------------------------- body
 
-    def _take(self, data: bytes) -> None:
+    def _take(self, data: bytes | bytearray) -> None:
         if data and (self._max_body == 0 or self._body_size <= self._max_body):
-            self._body.append(data)
+            self._body += data
         self._body_size += len(data)
 
     def _take_counted(self) -> bool:
         """Take what has arrived of a counted part (a Content-Length body or a chunk)."""
         n = min(self._left, len(self._buf))
         if n:
-            self._take(bytes(self._buf[:n]))
+            self._take(self._buf[:n])
             del self._buf[:n]
             self._left -= n
         if self._left:
@@ -234,7 +234,7 @@ class ResponseParser:
         return True
 
     def _until_eof(self) -> bool:
-        self._take(bytes(self._buf))
+        self._take(self._buf)
         self._buf.clear()
         return False
 
@@ -284,10 +284,10 @@ class ResponseParser:
         return line
 
     def _done(self, truncated: bool = False) -> RawResponse:
-        body = b"".join(self._body)
         truncated = truncated or self._body_size > self._max_body > 0
         if truncated:
-            body = body[: self._max_body]
+            del self._body[self._max_body :]
+        body = bytes(self._body)
         self._result = RawResponse(
             status=self._status,
             headers=self._headers,
