@@ -47,6 +47,7 @@ function_log = logging.getLogger("fnq.function")
 FREEZE_TIMEOUT_S = 5.0
 REMOVE_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 5.0  # for the output and wait tasks to notice a removed container
+EXIT_OUTPUT_S = 0.5  # a broken exchange: how long the output waits for a death
 
 
 @dataclass(frozen=True, slots=True)
@@ -255,11 +256,13 @@ class DockerContainer:
         except asyncio.CancelledError:
             output.drop(segment)
             raise
-        except (DispatchError, TimeoutError):
+        except (DispatchError, TimeoutError) as exc:
             # The container may be dying or is about to be killed: let go of its
             # pipes so that the engine sees its output end (drivers.stdio), and
             # take what it wrote until now.
             self._release_stdio()
+            if isinstance(exc, DispatchError):
+                await self._until_exit_output(EXIT_OUTPUT_S)
             if self._pipes is not None and self._pipes.open:
                 self._pipes.drain()
             else:
@@ -280,6 +283,23 @@ class DockerContainer:
             stats=meter.call_ended() if meter is not None else {},
             output_done=segment.sealed,
         )
+
+    async def _until_exit_output(self, limit_s: float) -> None:
+        """Wait up to ``limit_s`` for the container's exit and the end of its output.
+
+        A process that dies mid-call has most often closed its connection (its
+        ``finally`` blocks, deferred closes) before it wrote why: the reason
+        comes after the broken exchange, and belongs to the call's log.
+        """
+        ends: list[asyncio.Future[Any]] = [self._exit]
+        if self._pipes is None and self._attach is not None:
+            ends.append(self._attach.ended)
+        try:
+            async with asyncio.timeout(limit_s):
+                for end in ends:
+                    await asyncio.shield(end)
+        except TimeoutError:
+            pass  # alive: it broke the exchange and lives on
 
     def _watch_process(self, pid: int) -> None:
         """Let go of the output pipes the moment the container's first process exits.
