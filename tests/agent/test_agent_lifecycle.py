@@ -9,7 +9,14 @@ import pytest
 from config.domain import CallStatus, FailureKind, Function, Outcome
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import Agent
-from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
+from worker.agent.drivers.fake import (
+    FakeBehaviour,
+    FakeContainer,
+    FakeDriver,
+    gated,
+    hang,
+    reply,
+)
 from worker.agent.errors import FreezeFailed
 from worker.agent.hot import MIN_BUSY_NAP_S, HotContainer
 
@@ -26,6 +33,32 @@ async def test_idle_timeout_removes_the_container_and_frees_tokens(agents: Agent
     assert agent.statistics().resources.tokens == 1
     await driver.wait_until(lambda: driver.removes == 1)
     assert loop.time() - idle_since >= 0.95
+    stats = agent.statistics()
+    assert (stats.resources.tokens, stats.resources.memory_used_bytes, stats.containers) == (
+        0,
+        0,
+        0,
+    )
+
+
+async def test_a_removal_that_fails_unexpectedly_still_frees_the_tokens(
+    agents: AgentFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn(idle_timeout_s=0)
+    real_remove = FakeContainer.remove
+
+    async def remove(self: FakeContainer) -> None:
+        first = self.state != "removed"
+        await real_remove(self)
+        if first:
+            raise RecursionError("maximum recursion depth exceeded")  # a driver's fault
+
+    monkeypatch.setattr(FakeContainer, "remove", remove)
+    await agent.submit(make_call(fn), fn)
+    await driver.wait_until(lambda: driver.removes == 1, timeout_s=1)
+    await settle()
     stats = agent.statistics()
     assert (stats.resources.tokens, stats.resources.memory_used_bytes, stats.containers) == (
         0,

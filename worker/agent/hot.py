@@ -382,19 +382,26 @@ class HotContainer:
                 self._move(ContainerState.PAUSED)
 
     async def _teardown(self) -> None:
-        if self._watcher is not None:
-            self._watcher.cancel()
-            await asyncio.gather(self._watcher, return_exceptions=True)
-        if self.container is not None:
-            try:
-                async with asyncio.timeout(REMOVE_TIMEOUT_S):
-                    await self.container.remove()
-            except (AgentError, TimeoutError) as exc:
-                log.warning("removing container %s failed: %s", self.id, exc or "timed out")
-        self.token.close()
-        self.evictor.unregister(self.evict)
-        self._move(ContainerState.DONE)
-        self.on_exit(self)
+        try:
+            if self._watcher is not None:
+                self._watcher.cancel()
+                await asyncio.gather(self._watcher, return_exceptions=True)
+            if self.container is not None:
+                await self._remove(self.container)
+        finally:  # whatever the removal did, the container's memory and CPU are free
+            self.token.close()
+            self.evictor.unregister(self.evict)
+            self._move(ContainerState.DONE)
+            self.on_exit(self)
+
+    async def _remove(self, container: Container) -> None:
+        try:
+            async with asyncio.timeout(REMOVE_TIMEOUT_S):
+                await container.remove()
+        except (AgentError, TimeoutError) as exc:
+            log.warning("removing container %s failed: %s", self.id, exc or "timed out")
+        except Exception:  # a driver fault: the rest of the teardown must still happen
+            log.exception("removing container %s failed", self.id)
 
     # -------------------------------------------------------------- calls
     async def serve(
