@@ -3,19 +3,26 @@
 from __future__ import annotations
 
 import json
-from collections.abc import AsyncIterator
+import tempfile
+from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
+from pathlib import Path
 from typing import Any
 
 import pytest
 
+from config.domain import CallStatus
 from tests.docker.conftest import request, spec
+from tests.docker.test_agent_engine import agent_for, call, fn, ours, wait_for
+from worker.agent.agent import Agent
 from worker.agent.driver import ContainerSpec, DispatchRequest
 from worker.agent.drivers.docker import DockerDriver
 from worker.agent.drivers.docker_container import DockerContainer
 from worker.agent.errors import DispatchError
+from worker.agent.iofs import remove_tree
 
 pytestmark = pytest.mark.integration
+__all__ = ["agent_for"]  # the fixture, shared with test_agent_engine
 IMAGE = "fnq/misbehave"
 
 
@@ -44,3 +51,22 @@ async def test_the_last_words_of_a_dying_function_are_in_its_calls_log(
             with pytest.raises(DispatchError):
                 await c.dispatch(do("die"), log.append)
             assert b"RuntimeError: the function's last words" in b"".join(log)
+
+
+async def test_a_socket_directory_of_any_depth_is_removed_with_its_container(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
+) -> None:
+    deep = fn("deep", IMAGE, idle_timeout_s=1)
+    # Socket paths must fit in 107 bytes, so not under pytest's long tmp_path.
+    iofs = Path(tempfile.mkdtemp(prefix="fnq-t-", dir="/tmp"))
+    try:
+        async with agent_for(iofs_path=str(iofs)) as agent:
+            out = await agent.submit(call(deep, b'{"do": "deep_dir", "depth": 3000}'), deep)
+            assert out.status is CallStatus.SUCCESS, out.error
+            # Its idle timeout retires it: the container, its directory and its
+            # memory must all go (a removal that failed kept the memory for good).
+            await wait_for(lambda: agent.tracker.statistics().memory_used_bytes == 0)
+            assert ours(docker_engine, label_tag) == []
+            assert list(iofs.iterdir()) == []
+    finally:
+        remove_tree(iofs)

@@ -20,7 +20,6 @@ import ctypes.util
 import errno
 import functools
 import os
-import shutil
 import stat
 import struct
 import tempfile
@@ -125,13 +124,92 @@ class IofsRoot:
             result = _c().umount2(bytes(path), _MNT_DETACH)
             if result < 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
                 _check(result, f"umount {path}")
-        shutil.rmtree(path, ignore_errors=True)
+        remove_tree(path)
 
     def close(self) -> None:
         """Remove the base directory if this driver made it (and it is empty)."""
         if self._own_base and self.base is not None:
             with contextlib.suppress(OSError):
                 self.base.rmdir()
+
+
+_DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+
+
+def remove_tree(path: Path) -> None:
+    """Remove ``path`` and everything in it, as far as possible; never raises.
+
+    The function fills its socket directory as it likes, so this takes any
+    depth: it goes down and up through descriptors (no recursion, no path
+    that grows with the depth, which shutil.rmtree has both of), and follows
+    no symlink. An entry that cannot be removed is left, and the rest goes.
+    """
+    try:
+        fd = os.open(path, _DIR_FLAGS)
+    except OSError:
+        with contextlib.suppress(OSError):
+            path.unlink()  # not a directory (or gone already)
+        return
+    _empty_tree(fd)
+    with contextlib.suppress(OSError):
+        path.rmdir()
+
+
+def _empty_tree(fd: int) -> None:
+    """Empty the directory ``fd``, and close it."""
+    names: list[str] = []  # the way down: a directory name per level
+    stuck: set[tuple[int, int]] = set()  # directories that could not be emptied
+    try:
+        while True:
+            sub = _empty_files(fd, stuck)
+            if sub is not None:
+                try:
+                    child = os.open(sub, _DIR_FLAGS, dir_fd=fd)
+                except OSError:
+                    _mark_stuck(stuck, fd, sub)
+                    continue
+                fd, above = child, fd
+                os.close(above)
+                names.append(sub)
+                continue
+            if not names:
+                return
+            fd, below = os.open("..", _DIR_FLAGS, dir_fd=fd), fd
+            os.close(below)
+            name = names.pop()
+            try:
+                os.rmdir(name, dir_fd=fd)
+            except OSError:
+                _mark_stuck(stuck, fd, name)
+    except OSError:
+        pass  # the way back up is gone: leave what is left
+    finally:
+        os.close(fd)
+
+
+def _mark_stuck(stuck: set[tuple[int, int]], dir_fd: int, name: str) -> None:
+    with contextlib.suppress(OSError):
+        st = os.stat(name, dir_fd=dir_fd, follow_symlinks=False)
+        stuck.add((st.st_dev, st.st_ino))
+
+
+def _empty_files(fd: int, stuck: set[tuple[int, int]]) -> str | None:
+    """Unlink every entry of the directory ``fd`` but subdirectories; the name of
+    one subdirectory still to empty (None when there is none)."""
+    try:
+        entries = os.listdir(fd)
+    except OSError:
+        return None
+    for name in entries:
+        try:
+            st = os.stat(name, dir_fd=fd, follow_symlinks=False)
+            if not stat.S_ISDIR(st.st_mode):
+                os.unlink(name, dir_fd=fd)
+            elif (st.st_dev, st.st_ino) not in stuck:
+                return name
+        except OSError:
+            continue
+    return None
 
 
 # ------------------------------------------------------------------ readiness

@@ -29,7 +29,6 @@ import functools
 import json
 import logging
 import secrets
-import shutil
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
@@ -67,7 +66,7 @@ from worker.agent.errors import (
     ImageNotFound,
     ImagePullTimeout,
 )
-from worker.agent.iofs import IofsRoot
+from worker.agent.iofs import IofsRoot, remove_tree
 
 log = logging.getLogger("fnq.agent.docker")
 
@@ -288,7 +287,7 @@ class DockerDriver:
                 continue
             source = Path(str(mount.get("Source", "")))
             if source.name.startswith("iofs-") and source.is_dir():
-                shutil.rmtree(source, ignore_errors=True)
+                remove_tree(source)
                 if source.parent.name.startswith("fnq-iofs-"):
                     with contextlib.suppress(OSError):
                         source.parent.rmdir()
