@@ -37,6 +37,9 @@ from worker.agent.errors import (
     ContainerInitTimeout,
     DispatchError,
     FreezeFailed,
+    InvalidResponse,
+    NotDelivered,
+    ResponseTooBig,
 )
 from worker.agent.fdk import FdkClient
 from worker.agent.iofs import IofsDir, IofsRoot, SocketWatcher, open_listener
@@ -48,6 +51,8 @@ FREEZE_TIMEOUT_S = 5.0
 REMOVE_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 5.0  # for the output and wait tasks to notice a removed container
 EXIT_OUTPUT_S = 0.5  # a broken exchange: how long the output waits for a death
+# Dispatch errors that are no broken connection: nothing sent, or a bad answer.
+NOT_A_BREAK = (NotDelivered, InvalidResponse, ResponseTooBig)
 
 
 @dataclass(frozen=True, slots=True)
@@ -261,7 +266,7 @@ class DockerContainer:
             # pipes so that the engine sees its output end (drivers.stdio), and
             # take what it wrote until now.
             self._release_stdio()
-            if isinstance(exc, DispatchError):
+            if isinstance(exc, DispatchError) and not isinstance(exc, NOT_A_BREAK):
                 await self._until_exit_output(EXIT_OUTPUT_S)
             if self._pipes is not None and self._pipes.open:
                 self._pipes.drain()
