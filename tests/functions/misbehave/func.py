@@ -191,8 +191,8 @@ def main():
     sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
     sock.bind(f"{DIR}/misbehave.sock")
     os.chmod(f"{DIR}/misbehave.sock", 0o666)
-    os.symlink("misbehave.sock", LISTENER)
     sock.listen(8)
+    os.symlink("misbehave.sock", LISTENER)  # ready: listening already
     while True:
         conn, _ = sock.accept()
         try:
