@@ -81,18 +81,24 @@ class RedisLink:
             for name, script in self._scripts.items()
         }
         self.groups_made = False
+        # One task makes the groups; the others of a first burst wait for it (each
+        # making them too would take one of redis-py's connections apiece, and past
+        # its max_connections, fail).
+        self._making_groups = asyncio.Lock()
 
     async def ensure_groups(self) -> None:
         if self.groups_made:
             return
-        async with asyncio.timeout(self._op_timeout_s):
+        async with asyncio.timeout(self._op_timeout_s), self._making_groups:
+            if self.groups_made:
+                return
             pipe = self.client.pipeline(transaction=False)
             for key in self._group_keys:
                 pipe.xgroup_create(key, self._group, id="0", mkstream=True)
             for result in await pipe.execute(raise_on_error=False):
                 if isinstance(result, Exception) and "BUSYGROUP" not in str(result):
                     raise result
-        self.groups_made = True
+            self.groups_made = True
 
     def evalsha(self, name: str, args: Sequence[Any]) -> bytes:
         return b"".join((b"*%d\r\n" % (3 + len(self.keys) + len(args)), self._heads[name],

@@ -241,6 +241,19 @@ async def test_unreachable_server_is_a_retryable_error(tmp_path: Path) -> None:
         await q.close()
 
 
+async def test_a_burst_of_pushes_on_a_new_queue_object(redis_server: RedisServer) -> None:
+    """The first commands of a queue object make the consumer groups: a burst of
+    tasks pushing at once makes them once, not once per task, each through one of
+    redis-py's connections (past its max_connections, most pushes failed)."""
+    q = open_queue(f"{redis_server.url}?prefix=burst&max_connections=4", load_settings())
+    try:
+        calls = [Call(new_call_id(), "demo", "echo", b"%d" % i) for i in range(40)]
+        assert await asyncio.gather(*(q.push_new(c) for c in calls)) == [True] * 40
+        assert (await q.stats()).ready == 40
+    finally:
+        await q.close()
+
+
 async def test_prefixes_are_separate_queues(redis_server: RedisServer) -> None:
     a = open_queue(f"{redis_server.url}?prefix=sep-a", load_settings())
     b = open_queue(f"{redis_server.url}?prefix=sep-b", load_settings())
