@@ -82,7 +82,7 @@ def _decode_tuple(data: bytes) -> list[Any]:
         )
     try:
         value = json.loads(data.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # not UTF-8, not JSON, a number of over 4300 digits
         raise JobRejected(
             "job data is not JSON: enqueue with Queue(..., serializer='json')"
         ) from None
@@ -121,10 +121,15 @@ def _body(bound: Mapping[str, Any], headers: dict[str, str]) -> bytes:
     if body is None:
         return b""
     if isinstance(body, str):
-        return body.encode("utf-8")
-    if not any(k.lower() == "content-type" for k in headers):
-        headers["Content-Type"] = "application/json"
-    return json.dumps(body, separators=(",", ":"), ensure_ascii=False).encode("utf-8")
+        text = body
+    else:
+        if not any(k.lower() == "content-type" for k in headers):
+            headers["Content-Type"] = "application/json"
+        text = json.dumps(body, separators=(",", ":"), ensure_ascii=False)
+    try:
+        return text.encode("utf-8")
+    except UnicodeEncodeError:  # a lone surrogate: JSON "\udcff"
+        raise JobRejected("body is not UTF-8 text (use body_b64 for bytes)") from None
 
 
 def parse_call(job_id: str, fields: Mapping[bytes, bytes], max_body_bytes: int) -> Call:

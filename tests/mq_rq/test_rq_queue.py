@@ -160,6 +160,9 @@ async def test_pickled_job_is_failed_never_unpickled(
         (("fnq.call",), {"app": "demo", "fn": "echo", "headers": {"X": 1}}, "header 'X'"),
         (("fnq.call",), {"app": "demo", "fn": "echo", "body_b64": "!!"}, "not valid base64"),
         (("fnq.call", "demo", "echo"), {"fn": "echo"}, "both by position and by keyword"),
+        # lone surrogates (JSON "\udcff"), which rq's JSON serializer writes: no UTF-8 body
+        (("fnq.call",), {"app": "demo", "fn": "echo", "body": "a\udcffb"}, "not UTF-8"),
+        (("fnq.call",), {"app": "demo", "fn": "echo", "body": {"k": "\udcff"}}, "not UTF-8"),
     ],
 )
 async def test_bad_jobs_fail_with_reason(
@@ -179,6 +182,21 @@ async def test_bad_jobs_fail_with_reason(
     assert reason in failure_text(bad)
     assert registries(conn)["failed"] == [bad.id]
     assert [(b.call_id, reason in b.reason) for b in queue.take_buried()] == [(bad.id, True)]
+
+
+async def test_job_data_json_cannot_read_fails_the_job(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis
+) -> None:
+    """A number of over 4300 digits: json.loads raises ValueError, not JSONDecodeError."""
+    bad = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    data = b'["fnq.call", null, [], {"app": "demo", "fn": "echo", "body": %s}]' % (b"1" * 5000)
+    conn.hset(bad.key, "data", zlib.compress(data))
+    good = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None and msg.call.id == good.id
+    assert bad.get_status() == "failed"
+    assert "not JSON" in failure_text(bad)
 
 
 async def test_positional_json_and_binary_bodies(make_rq: MakeRQ, rq_queue: Queue) -> None:
