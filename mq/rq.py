@@ -51,7 +51,7 @@ from rq.registry import FailedJobRegistry, ScheduledJobRegistry, StartedJobRegis
 from config.domain import Call, Outcome, utcnow
 from config.errors import ConfigError
 from config.settings import Settings, mask_url
-from mq import rq_dead, rq_jobs, rq_scripts
+from mq import rq_dead, rq_jobs, rq_scripts, wire
 from mq.base import (
     REDIS_SCHEMES,
     Burials,
@@ -62,7 +62,7 @@ from mq.base import (
     claim_shielded,
     lapsed_reason,
 )
-from mq.errors import QueueError, QueueUnavailable, ReservationLost
+from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
 from mq.redis_url import FNQ_URL_OPTIONS, check_database, with_query
 
 __all__ = ["RQDepth", "RQQueue", "open_rq_queues"]
@@ -208,7 +208,16 @@ class RQQueue:
         started: also after a plain ``ack``, which leaves rq's status alone)."""
         delay = call.delay_s if delay_s is None else delay_s
         prio = call.priority if priority is None else priority
-        return await self._sync_call(rq_dead.enqueue, self._sync, self._names[0], call, delay, prio)
+        try:
+            wire.check_call(call, prio, delay, self._max_body)
+        except wire.WireError as exc:
+            raise InvalidCall(f"call {call.id}: {exc}") from None
+        try:
+            return await self._sync_call(
+                rq_dead.enqueue, self._sync, self._names[0], call, delay, prio
+            )
+        except ValueError as exc:  # rq's own rules: a job id has no '.' or ':'
+            raise InvalidCall(f"call {call.id}: {exc}") from None
 
     async def push_many(self, calls: Sequence[Call]) -> list[str]:
         return [await self.push(call) for call in calls]

@@ -7,11 +7,13 @@ import asyncio
 import base64
 import os
 import pickle
+import re
 import subprocess
 import sys
 import zlib
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 from redis import Redis
@@ -28,7 +30,7 @@ from rq.results import Result
 
 from config.domain import Call, CallStatus, FailureKind, Outcome, Response
 from mq.base import MessageQueue, QueueStats
-from mq.errors import ReservationLost
+from mq.errors import InvalidCall, ReservationLost
 from mq.rq import RQQueue
 
 pytestmark = pytest.mark.integration
@@ -365,6 +367,25 @@ async def test_push_round_trip(make_rq: MakeRQ, conn: Redis) -> None:
         b"\x00bin",
         {"X-A": "1"},
     )
+
+
+@pytest.mark.parametrize(
+    ("call", "options", "reason"),
+    [
+        (Call("rq-app", "de mo", "echo"), {}, "app 'de mo'"),
+        (Call("rq-prio", "demo", "echo"), {"priority": 7}, "priority 7"),
+        (Call("rq-delay", "demo", "echo"), {"delay_s": -5.0}, "delay -5.0"),
+        (Call("rq-big", "demo", "echo", b"x" * 1_048_577), {}, "exceeds the limit"),
+        (Call("order.1", "demo", "echo"), {}, "Job ID"),  # an fnq id, not an rq one
+    ],
+)
+async def test_push_of_a_call_that_would_only_fail_raises_invalid_call(
+    make_rq: MakeRQ, conn: Redis, call: Call, options: dict[str, Any], reason: str
+) -> None:
+    queue = make_rq()
+    with pytest.raises(InvalidCall, match=re.escape(reason)):
+        await queue.push_new(call, **options)
+    assert not conn.exists(Job.key_for(call.id))
 
 
 async def test_push_new_reports_whether_it_queued_a_job(
