@@ -144,6 +144,7 @@ def check_call(call: Call, priority: int, delay_s: float, max_body_bytes: int) -
     check_delay(delay_s)
     check_headers(call.headers)
     check_body(call.body, max_body_bytes)
+    check_created(ms_of(call.created_at))
 
 
 # ------------------------------------------------------------ stream fields

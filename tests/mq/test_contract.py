@@ -335,7 +335,10 @@ async def test_push_rejects_what_a_consumer_would_bury(queues: QueueMaker) -> No
         await q.push(call(), priority=3)
     with pytest.raises(InvalidCall, match="header"):
         await q.push(call(headers={"Bad Name": "v"}))
+    with pytest.raises(InvalidCall, match="created"):  # before the epoch: not on the wire
+        await q.push(call(created_at=datetime(1969, 12, 31, tzinfo=UTC)))
     assert await q.push(call(b"x" * 100))
+    assert (await q.stats()).dead == 0
 
 
 async def test_malformed_messages_go_to_dead_letters(queues: QueueMaker) -> None:
