@@ -40,6 +40,13 @@ _SCRIPTS = (
 )
 
 
+def unavailable(exc: BaseException, timeout_s: float) -> QueueUnavailable:
+    """The error of a round trip that failed; a timeout says how long it waited (its
+    own text is empty)."""
+    text = str(exc) or f"no answer within {timeout_s:g} s (timeout_s)"
+    return QueueUnavailable(f"redis queue: {type(exc).__name__}: {text}")
+
+
 @functools.cache
 def _lua(name: str) -> str:
     folder = Path(__file__).with_name("lua")
@@ -112,7 +119,7 @@ class RedisLink:
                 async with asyncio.timeout(timeout_s or self._op_timeout_s):
                     [reply] = await self.lines.call(packed)
             except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-                raise QueueUnavailable(f"redis queue: {type(exc).__name__}: {exc}") from exc
+                raise unavailable(exc, timeout_s or self._op_timeout_s) from exc
             if not isinstance(reply, ReplyError):
                 return reply
             if attempt < 3 and await self.mend(reply, name):
@@ -143,7 +150,7 @@ class RedisLink:
         except rexc.ResponseError as exc:
             raise QueueError(f"redis queue: {exc}") from exc
         except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-            raise QueueUnavailable(f"redis queue: {type(exc).__name__}: {exc}") from exc
+            raise unavailable(exc, timeout_s or self._op_timeout_s) from exc
 
     async def acked_read(
         self, read: bytes, acks: Sequence[Any], on_acked: Callable[[], None] | None

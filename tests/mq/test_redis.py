@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -239,6 +240,19 @@ async def test_unreachable_server_is_a_retryable_error(tmp_path: Path) -> None:
             await q.push(Call(new_call_id(), "demo", "echo"))
     finally:
         await q.close()
+
+
+async def test_a_server_that_does_not_answer_is_a_timeout_that_says_so() -> None:
+    with socket.socket() as silent:  # accepts connections, never answers
+        silent.bind(("127.0.0.1", 0))
+        silent.listen(8)
+        port = silent.getsockname()[1]
+        q = open_queue(f"redis://127.0.0.1:{port}/0?timeout_s=0.5", load_settings())
+        try:
+            with pytest.raises(QueueUnavailable, match=r"no answer within 0\.5 s"):
+                await q.push(Call(new_call_id(), "demo", "echo"))
+        finally:
+            await q.close()
 
 
 async def test_a_burst_of_pushes_on_a_new_queue_object(redis_server: RedisServer) -> None:
