@@ -146,7 +146,10 @@ class SqliteDb:
                 raise QueueError(
                     f"no queue at {self.path} (FN_MQ_URL); a worker or `fnq call` creates it"
                 )
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:  # a file in the way, no permission
+                raise QueueError(f"cannot make the queue's directory: {exc}") from exc
             conn = sqlite3.connect(
                 self.path,
                 timeout=self.busy_timeout_ms / 1000,

@@ -11,7 +11,7 @@ from click.testing import CliRunner
 
 import mq.resp
 from config.domain import Call
-from config.errors import ConfigError
+from config.errors import ConfigError, QueueError
 from config.settings import load_settings
 from mq.base import Burials, Message, claim_shielded, open_queue
 from mq.redis import RedisQueue
@@ -23,6 +23,18 @@ from worker.cli import cli
 def test_unknown_scheme_is_a_config_error() -> None:
     with pytest.raises(ConfigError, match="unsupported queue URL"):
         open_queue("amqp://localhost", load_settings())
+
+
+async def test_sqlite_queue_whose_directory_cannot_be_made_is_a_queue_error(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "file").write_text("")  # a file where the directory would be
+    queue = open_queue(f"sqlite://{tmp_path}/file/q.db", load_settings())
+    try:
+        with pytest.raises(QueueError, match="cannot make the queue's directory"):
+            await queue.push(Call("c1", "demo", "echo"))
+    finally:
+        await queue.close()
 
 
 def test_sqlite_url_names_an_absolute_path(tmp_path: Path) -> None:
