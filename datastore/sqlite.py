@@ -303,7 +303,7 @@ class SqliteDatastore(SqlDatastore):
             conn = connect(self.path)
             migrate.apply_sqlite(conn)
             conn.execute("PRAGMA busy_timeout = 0")  # its transactions wait in begin_immediate
-        except sqlite3.Error as exc:
+        except (sqlite3.Error, OSError) as exc:  # OSError: its directory cannot be made
             raise StoreUnavailable(f"cannot open the datastore {self.path}: {exc}") from exc
         self._wconn = conn
         self._writer_state = {"synchronous": "FULL"}  # as connect() leaves it

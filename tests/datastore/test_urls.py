@@ -32,6 +32,12 @@ async def test_a_sqlite_url_without_a_path_is_refused(settings_env: Path, url: s
         await open_datastore(load_settings(db_url=url))
 
 
+async def test_a_sqlite_datastore_whose_directory_cannot_be_made(settings_env: Path) -> None:
+    (settings_env / "file").write_text("")  # a file where the directory would be
+    with pytest.raises(StoreError, match="cannot open the datastore"):
+        await open_datastore(load_settings(db_url=f"sqlite:///{settings_env}/file/fnq.db"))
+
+
 async def test_sqlite_url_with_an_escaped_question_mark(settings_env: Path) -> None:
     store = await open_datastore(load_settings(db_url=f"sqlite:///{settings_env}/a%3Fb.db"))
     await store.close()
