@@ -287,10 +287,10 @@ class RQQueue:
             fields = {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
             try:
                 call = rq_jobs.parse_call(jid, fields, self._max_body)
-            except rq_jobs.JobRejected as exc:
+                job = rq_jobs.restore_job(self._sync, jid, fields)
+            except rq_jobs.JobRejected as exc:  # JobUnreadable too: failed without rq's API
                 await self._bury(jid, token, str(exc))
                 continue
-            job = rq_jobs.restore_job(self._sync, jid, fields)
             await self._sync_call(
                 rq_jobs.mark_started, self._sync, job, token, self.worker_name, self._started_ttl_s
             )

@@ -23,7 +23,7 @@ from typing import Any, cast
 
 from redis import Redis
 from redis.exceptions import WatchError
-from rq.defaults import DEFAULT_RESULT_TTL
+from rq.defaults import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from rq.executions import Execution, ExecutionRegistry
 from rq.job import Job, JobStatus
 from rq.registry import FailedJobRegistry, FinishedJobRegistry
@@ -42,6 +42,11 @@ _TS_FORMAT = "%Y-%m-%dT%H:%M:%S.%fZ"  # rq's utcformat
 
 class JobRejected(ValueError):
     """The job cannot become an fnq call; the text says why (stored as its exc_info)."""
+
+
+class JobUnreadable(JobRejected):
+    """rq itself cannot read the job's hash (one written by hand, or by an rq that
+    stores a field otherwise): it is failed without rq's API (see ``finish``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -162,8 +167,13 @@ def parse_call(job_id: str, fields: Mapping[bytes, bytes], max_body_bytes: int) 
 
 
 def restore_job(conn: Redis, job_id: str, fields: Mapping[bytes, bytes]) -> Job:
+    """rq's Job of the hash ``fields``; JobUnreadable if rq cannot read them."""
     job = Job(job_id, connection=conn, serializer=JSONSerializer)
-    job.restore(dict(fields))
+    try:
+        job.restore(dict(fields))
+    except Exception as exc:  # a pure parse of given fields; rq raises ValueError,
+        # AssertionError, UnicodeDecodeError, JSONDecodeError, ... by field
+        raise JobUnreadable(f"rq cannot read job {job_id}: {type(exc).__name__}: {exc}") from exc
     return job
 
 
@@ -234,17 +244,45 @@ def finish(
                 if not fields:
                     return False
                 pipe.multi()
-                job = restore_job(conn, job_id, fields)
+                final = fields.get(b"status") in FINAL or not _same_job(fields, created_at)
+                try:
+                    job = restore_job(conn, job_id, fields)
+                except JobUnreadable as exc:
+                    if not final:
+                        _fail_unreadable(pipe, job_id, fields, end.exc_string or f"fnq: {exc}")
+                    pipe.execute()
+                    return not final
                 execution = Execution(token, job_id, conn, worker_name=worker_name)
                 execution.created_at = job.started_at or execution.created_at
                 execution.delete(job=job, pipeline=pipe)
-                final = fields.get(b"status") in FINAL or not _same_job(fields, created_at)
                 if not final:
                     _record(pipe, job, execution, end, worker_name)
                 pipe.execute()
             except WatchError:
                 continue
             return not final
+
+
+def _fail_unreadable(pipe: Any, job_id: str, fields: Mapping[bytes, bytes], text: str) -> None:
+    """FAILED by hand, as rq would store it as far as it can be: status, end time and
+    the reason in the hash, the job in its queue's failed registry (when its origin
+    can be read). No Result: rq could not show it for a job it cannot read."""
+    now = datetime.now(UTC)
+    pipe.hset(
+        Job.key_for(job_id),
+        mapping={
+            "status": JobStatus.FAILED.value,
+            "ended_at": rq_time(now),
+            "exc_info": zlib.compress(text.encode("utf-8", "replace")),
+        },
+    )
+    try:
+        origin = fields.get(b"origin", b"").decode()
+    except UnicodeDecodeError:
+        return
+    if origin:
+        expires = now.timestamp() + DEFAULT_FAILURE_TTL
+        pipe.zadd(FailedJobRegistry.key_template.format(origin), {job_id: expires})
 
 
 def _same_job(fields: Mapping[bytes, bytes], created_at: datetime | None) -> bool:

@@ -201,6 +201,34 @@ async def test_job_data_json_cannot_read_fails_the_job(
     assert "not JSON" in failure_text(bad)
 
 
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [
+        (b"timeout", b"abc"),  # AssertionError
+        (b"created_at", b"garbage"),
+        (b"retry_intervals", b"[bad"),  # JSONDecodeError
+        (b"description", b"\xff\xfe"),  # UnicodeDecodeError
+    ],
+)
+async def test_job_rq_cannot_read_is_failed_by_hand(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis, field: bytes, value: bytes
+) -> None:
+    """A job hash that rq's own Job.restore refuses (written by hand, or by an rq that
+    stores a field otherwise) is failed without rq's API; the job behind it runs."""
+    bad = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    conn.hset(bad.key, field, value)
+    good = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    msg = await queue.reserve(1.0)
+    assert msg is not None and msg.call.id == good.id
+    assert conn.hget(bad.key, "status") == b"failed"
+    reason = zlib.decompress(conn.hget(bad.key, "exc_info") or b"").decode()
+    assert reason.startswith(f"fnq: rq cannot read job {bad.id}: ")
+    assert bad.id in rq_queue.failed_job_registry.get_job_ids()
+    assert [b.call_id for b in queue.take_buried()] == [bad.id]
+    assert await queue.reserve(0.2) is None  # not delivered again
+
+
 async def test_positional_json_and_binary_bodies(make_rq: MakeRQ, rq_queue: Queue) -> None:
     rq_queue.enqueue("fnq.call", "demo", "echo", "plain")
     rq_queue.enqueue("fnq.call", app="demo", fn="echo", body={"n": 1, "s": "é"})
