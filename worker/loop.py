@@ -7,6 +7,8 @@ RQ queues when configured) and one task per call::
              (worker.recording), for room (WaitAsyncResource) and for a prefetch place
              -> reserve a message (bounded wait, shutdown interrupts it)
              -> start a call task (worker.calls)
+             (a reserve that fails, even of a fault of the backend's own, pauses
+             that intake as an outage does; the worker goes on)
              -> the calls the reserve buried (too many deliveries, malformed):
                 their records end as errors, in the background (worker.buried)
 
@@ -48,6 +50,7 @@ from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import Datastore
 from mq.base import Message, MessageQueue
+from mq.errors import QueueError
 from worker.acks import AckBatcher
 from worker.agent.agent import Agent
 from worker.calls import MAX_RECORDING, CallHandler
@@ -256,19 +259,28 @@ class Worker:
         except BaseException as exc:
             if not acked:  # they go on their own (acking twice is harmless)
                 acks.give_back(carried)
+            if not isinstance(exc, Exception):
+                raise  # cancellation (a stop request), and the like
             if not isinstance(exc, FnqError):
-                raise
+                # A fault of the backend's own (a message it cannot handle, say): the
+                # intake goes on as in an outage. What the reserve took comes back when
+                # its reservation lapses, and the queue buries a message that keeps
+                # failing after FN_MQ_MAX_DELIVERIES deliveries.
+                log.exception("%s: reserving failed, pausing its intake", _name(queue))
+                await self._outage(queue, QueueError(f"{type(exc).__name__}: {exc}"), told=True)
+                return []
             await self._outage(queue, exc)
             return []
         if self._down and self._down.pop(id(queue), None) is not None:
             log.warning("%s is back, resuming its intake", _name(queue))
         return msgs
 
-    async def _outage(self, queue: MessageQueue, exc: FnqError) -> None:
-        """One queue is down: its intake waits, longer the longer the outage lasts."""
+    async def _outage(self, queue: MessageQueue, exc: FnqError, told: bool = False) -> None:
+        """One queue is down: its intake waits, longer the longer the outage lasts.
+        ``told``: the caller has logged the cause."""
         now = asyncio.get_running_loop().time()
         down = self._down.get(id(queue))
-        if down is None:
+        if down is None and not told:
             log.error("%s unavailable, pausing its intake: %s", _name(queue), exc)
         since = now if down is None else down[0]
         self._down[id(queue)] = (since, exc)
