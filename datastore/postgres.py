@@ -268,6 +268,13 @@ async def _keep_session(conn: Any) -> None:
     A transaction left open is still rolled back by the pool before this runs."""
 
 
+def _reason(exc: BaseException, timeout_s: float) -> str:
+    """``exc`` in words; a timeout has none of its own."""
+    if isinstance(exc, TimeoutError) and not str(exc):
+        return f"no answer within {timeout_s:g} s"
+    return str(exc)
+
+
 class PostgresDatastore(SqlDatastore):
     def __init__(self, settings: Settings, logs: LogStore | None, pool: Any) -> None:
         super().__init__(settings, logs)
@@ -291,7 +298,9 @@ class PostgresDatastore(SqlDatastore):
                     reset=_keep_session,
                 )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
-            raise StoreUnavailable(f"cannot reach the PostgreSQL datastore: {exc}") from exc
+            raise StoreUnavailable(
+                f"cannot reach the PostgreSQL datastore: {_reason(exc, CONNECT_TIMEOUT_S)}"
+            ) from exc
         store = cls(settings, logs, pool)
         connected = False
         try:
@@ -306,7 +315,8 @@ class PostgresDatastore(SqlDatastore):
             if is_outage(exc):
                 where = mask_url(settings.db_url)
                 raise StoreUnavailable(
-                    f"cannot reach the PostgreSQL datastore {where}: {exc}"
+                    f"cannot reach the PostgreSQL datastore {where}: "
+                    f"{_reason(exc, CONNECT_TIMEOUT_S)}"
                 ) from exc
             if not connected and isinstance(exc, asyncpg.PostgresError):
                 raise _refused(settings.db_url, exc) from exc

@@ -5,7 +5,8 @@ the lean connections (mq.resp) with its keys packed once. A server that lost
 its scripts (restart, FLUSH) is sent them again; consumer groups deleted under
 the queue are made again. The few other commands (making the groups, loading
 scripts, listing dead letters) go through redis-py. Every round trip is
-bounded in time: a connection that fails or times out raises QueueUnavailable,
+bounded in time: a connection that fails or times out, or a server that does
+not speak Redis (another service on its port), raises QueueUnavailable,
 a script's error reply QueueError.
 """
 
@@ -39,12 +40,20 @@ _SCRIPTS = (
     "stats",
 )
 
+# What a round trip fails with when the server is down, slow, or not a Redis
+# server at all (another service on that port): QueueUnavailable.
+FAULTS = (rexc.ConnectionError, rexc.TimeoutError, rexc.InvalidResponse, TimeoutError, OSError)
 
-def unavailable(exc: BaseException, timeout_s: float) -> QueueUnavailable:
-    """The error of a round trip that failed; a timeout says how long it waited (its
-    own text is empty)."""
-    text = str(exc) or f"no answer within {timeout_s:g} s (timeout_s)"
-    return QueueUnavailable(f"redis queue: {type(exc).__name__}: {text}")
+
+def unavailable(what: str, exc: BaseException, timeout_s: float) -> QueueUnavailable:
+    """The QueueUnavailable of ``what`` ("redis queue") for ``exc``, one of FAULTS."""
+    if isinstance(exc, rexc.InvalidResponse):
+        reason = f"the server there does not speak Redis ({exc}): check the host and port"
+    elif isinstance(exc, TimeoutError) and not str(exc):
+        reason = f"no answer within {timeout_s:g} s (timeout_s)"
+    else:
+        reason = f"{type(exc).__name__}: {exc}"
+    return QueueUnavailable(f"{what}: {reason}")
 
 
 @functools.cache
@@ -118,8 +127,8 @@ class RedisLink:
                 await self.ensure_groups()
                 async with asyncio.timeout(timeout_s or self._op_timeout_s):
                     [reply] = await self.lines.call(packed)
-            except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-                raise unavailable(exc, timeout_s or self._op_timeout_s) from exc
+            except FAULTS as exc:
+                raise unavailable("redis queue", exc, timeout_s or self._op_timeout_s) from exc
             if not isinstance(reply, ReplyError):
                 return reply
             if attempt < 3 and await self.mend(reply, name):
@@ -149,8 +158,8 @@ class RedisLink:
                 return await coro_fn(*args)
         except rexc.ResponseError as exc:
             raise QueueError(f"redis queue: {exc}") from exc
-        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-            raise unavailable(exc, timeout_s or self._op_timeout_s) from exc
+        except FAULTS as exc:
+            raise unavailable("redis queue", exc, timeout_s or self._op_timeout_s) from exc
 
     async def acked_read(
         self, read: bytes, acks: Sequence[Any], on_acked: Callable[[], None] | None

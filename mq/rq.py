@@ -63,6 +63,7 @@ from mq.base import (
     lapsed_reason,
 )
 from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
+from mq.redis_link import FAULTS, unavailable
 from mq.redis_url import FNQ_URL_OPTIONS, check_database, with_query
 
 __all__ = ["RQDepth", "RQQueue", "open_rq_queues"]
@@ -176,8 +177,8 @@ class RQQueue:
                 return await self._scripts[name](keys=self._keys, args=[*self._prefixes, *args])
         except rexc.ResponseError as exc:
             raise QueueError(f"rq queue script {name}: {exc}") from exc
-        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-            raise QueueUnavailable(f"rq queue: {type(exc).__name__}: {exc}") from exc
+        except FAULTS as exc:
+            raise unavailable("rq queue", exc, self._op_timeout_s) from exc
 
     async def _sync_call(self, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
         """Run rq/redis-py (blocking) code in a thread, bounded in time."""
@@ -186,8 +187,8 @@ class RQQueue:
                 return await asyncio.to_thread(fn, *args, **kwargs)
         except rexc.ResponseError as exc:
             raise QueueError(f"rq queue: {exc}") from exc
-        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-            raise QueueUnavailable(f"rq queue: {type(exc).__name__}: {exc}") from exc
+        except FAULTS as exc:
+            raise unavailable("rq queue", exc, self._op_timeout_s * 2) from exc
 
     @staticmethod
     def _receipt(msg: Message) -> tuple[str, str]:
@@ -317,8 +318,8 @@ class RQQueue:
                 task.cancel()
             results = await asyncio.gather(*tasks, return_exceptions=True)
         for res in results:
-            if isinstance(res, rexc.ConnectionError | rexc.TimeoutError | OSError):
-                raise QueueUnavailable(f"rq queue: {type(res).__name__}: {res}") from res
+            if isinstance(res, FAULTS):
+                raise unavailable("rq queue", res, self._op_timeout_s) from res
 
     async def _hand_back(self, msgs: list[Message]) -> None:
         for msg in msgs:
@@ -432,8 +433,8 @@ class RQQueue:
                 pipe = self._client.pipeline(transaction=True)
                 fill(pipe)
                 return list(await pipe.execute())
-        except (rexc.ConnectionError, rexc.TimeoutError, TimeoutError, OSError) as exc:
-            raise QueueUnavailable(f"rq queue: {type(exc).__name__}: {exc}") from exc
+        except FAULTS as exc:
+            raise unavailable("rq queue", exc, self._op_timeout_s) from exc
 
     async def close(self) -> None:
         try:

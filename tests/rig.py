@@ -8,6 +8,7 @@ defect).
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import os
 import shutil
@@ -15,7 +16,7 @@ import signal
 import socket
 import subprocess
 import time
-from collections.abc import Iterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -52,6 +53,28 @@ def wait_port(port: int, timeout_s: float = 10.0) -> None:
 
 
 UNIX_PATH_MAX = 104  # a unix socket's path, at most (sun_path, less room to spare)
+
+
+@contextlib.asynccontextmanager
+async def impostor(answer: bytes | None) -> AsyncIterator[int]:
+    """A port on 127.0.0.1 where another service listens: it sends ``answer`` to
+    whatever it is sent (an HTTP server, say), or never answers (None)."""
+
+    async def serve(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError):
+            if answer is None:
+                await reader.read()  # until the client gives up
+            else:
+                await reader.read(1)
+                writer.write(answer)
+                await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(serve, "127.0.0.1", 0)
+    try:
+        yield server.sockets[0].getsockname()[1]
+    finally:
+        server.close()
 
 
 @dataclass

@@ -9,12 +9,12 @@ from click.testing import CliRunner
 
 from config.errors import ConfigError
 from config.settings import load_settings
+from datastore import postgres
 from datastore.base import open_datastore
 from datastore.common import SqlDatastore
-from datastore.errors import StoreError
-from datastore.postgres import url_problem
+from datastore.errors import StoreError, StoreUnavailable
 from tests.datastore.conftest import fresh_pg_database
-from tests.rig import PostgresServer
+from tests.rig import PostgresServer, impostor
 from worker.cli import cli
 
 
@@ -84,6 +84,17 @@ async def test_postgres_server_settings_and_login_errors(
     )
 
 
+async def test_a_postgres_server_that_never_answers_is_unreachable_in_words(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(postgres, "CONNECT_TIMEOUT_S", 1.0)
+    async with impostor(None) as port:
+        url = f"postgresql://fnq@127.0.0.1:{port}/fnq?sslmode=disable"
+        with pytest.raises(StoreUnavailable) as err:
+            await open_datastore(load_settings(db_url=url))
+    assert str(err.value) == f"cannot reach the PostgreSQL datastore {url}: no answer within 1 s"
+
+
 @pytest.mark.integration
 def test_cli_names_a_misspelt_postgres_option_in_one_line(
     postgres_server: PostgresServer, stores_env: Path, monkeypatch: pytest.MonkeyPatch
@@ -143,4 +154,4 @@ async def test_a_postgres_url_asyncpg_cannot_read_is_a_config_error(
 def test_good_postgres_urls_have_no_problem() -> None:
     for url in ("postgresql://u:p%40ss@db:5432/fnq?sslmode=require", "postgres:///fnq?host=/run/pg",
                 "postgresql://u@db1:5432,[::1]:6432,db3/fnq?port=5432,5433,5434"):  # fmt: skip
-        assert url_problem(url) is None
+        assert postgres.url_problem(url) is None

@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
-import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -23,7 +22,7 @@ from mq import redis as redis_queue
 from mq.base import Message, MessageQueue, QueueStats, open_queue
 from mq.errors import QueueError, QueueUnavailable
 from mq.producer import enqueue, enqueue_async
-from tests.rig import RedisServer
+from tests.rig import RedisServer, impostor
 
 pytestmark = pytest.mark.integration
 
@@ -242,14 +241,26 @@ async def test_unreachable_server_is_a_retryable_error(tmp_path: Path) -> None:
         await q.close()
 
 
-async def test_a_server_that_does_not_answer_is_a_timeout_that_says_so() -> None:
-    with socket.socket() as silent:  # accepts connections, never answers
-        silent.bind(("127.0.0.1", 0))
-        silent.listen(8)
-        port = silent.getsockname()[1]
-        q = open_queue(f"redis://127.0.0.1:{port}/0?timeout_s=0.5", load_settings())
+@pytest.mark.parametrize(
+    ("answer", "reason"),
+    [
+        (b"HTTP/1.1 400 Bad Request\r\n\r\n", "the server there does not speak Redis"),
+        (None, "no answer within 1 s"),
+    ],
+)
+async def test_a_server_that_answers_not_as_redis_is_unavailable_in_words(
+    answer: bytes | None, reason: str
+) -> None:
+    """Another service on the port, or one that never answers: QueueUnavailable with a
+    reason (`fnq status` and `fnq call` print it in one line), not redis-py's error."""
+    async with impostor(answer) as port:
+        q = open_queue(f"redis://127.0.0.1:{port}/0?timeout_s=1", load_settings())
         try:
-            with pytest.raises(QueueUnavailable, match=r"no answer within 0\.5 s"):
+            with pytest.raises(QueueUnavailable, match=f"^redis queue: {reason}"):
+                await q.stats()
+            with pytest.raises(QueueUnavailable, match=f"^redis queue: {reason}"):
+                await q.dead_list(10)
+            with pytest.raises(QueueUnavailable, match=f"^redis queue: {reason}"):
                 await q.push(Call(new_call_id(), "demo", "echo"))
         finally:
             await q.close()
