@@ -103,6 +103,15 @@ def test_wait_that_runs_out_names_what_has_not_ended(settings_env: Path) -> None
     assert [(d["id"], d["status"]) for d in docs] == [(call.id, "queued"), (unknown, None)]
 
 
+def test_a_timeout_that_is_not_a_number_is_a_usage_error(settings_env: Path) -> None:
+    """``nan`` passes every range check: taken, it waited for ever."""
+    (call,) = queued(1)
+    proc = wait(call.id, "--timeout", "nan")
+    out, err = proc.communicate(timeout=30)
+    assert (proc.returncode, out) == (2, "")
+    assert err == "fnq: Invalid value for '--timeout': 'nan' is not a number of seconds\n"
+
+
 class HungStore:
     """A datastore whose reads never answer."""
 

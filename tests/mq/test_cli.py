@@ -120,6 +120,8 @@ def test_call_rejects_bad_input(backend: str, monkeypatch: pytest.MonkeyPatch) -
         (["--priority", "3"], "fnq: Invalid value for '--priority': 3 is not in the range"),
         (["--delay", "-1"], "fnq: delay -1.0 is not between 0 and"),
         (["--id", "bad id"], "fnq: id 'bad id' is not 1-128 characters"),
+        (["--id", ""], "fnq: id '' is not 1-128 characters"),  # not a new id instead
+        (["--wait", "--wait-timeout", "nan"], "fnq: Invalid value for '--wait-timeout': 'nan' is"),
         (["--body", "@/no/such/file"], "fnq: Invalid value for '--body': cannot read /no/such"),
         (["--body", "123456789"], "fnq: body of 9 bytes exceeds the limit of 8 bytes"),
         (["--header", "X:a\x01b"], "fnq: header 'X' must have a one-line string value without"),

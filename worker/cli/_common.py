@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import functools
 import json
+import math
 import os
 import signal
 import sys
@@ -29,12 +30,22 @@ EXIT_FAILED = 1  # a call waited for ended other than `success`
 EXIT_TIMED_OUT = 124  # some calls waited for had not ended when the wait ran out (as timeout(1))
 
 
+class Seconds(click.FloatRange):
+    """Seconds, 0 or more. ``nan``, which passes every range check, is refused."""
+
+    def convert(self, value: Any, param: click.Parameter | None, ctx: click.Context | None) -> Any:
+        seconds = super().convert(value, param, ctx)
+        if math.isnan(seconds):
+            self.fail(f"{value!r} is not a number of seconds", param, ctx)
+        return seconds
+
+
 def wait_timeout_option(flag: str, help_: str) -> Callable[[Callable[P, T]], Callable[P, T]]:
     """The option bounding a wait for calls, as ``wait_timeout_s``."""
     return click.option(
         flag,
         "wait_timeout_s",
-        type=click.FloatRange(min=0),
+        type=Seconds(min=0),
         default=WAIT_S,
         show_default=True,
         help=help_,

@@ -75,7 +75,7 @@ def build_call(
 ) -> Call:
     """The Call that ``fnq call`` queues, checked against the wire format (WireError if bad)."""
     call = Call(
-        id=call_id or new_call_id(),
+        id=new_call_id() if call_id is None else call_id,  # `--id ""` is refused
         app=app,
         fn=fn,
         body=body,
