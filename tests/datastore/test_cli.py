@@ -67,6 +67,14 @@ def test_fn_commands(settings_env: Path) -> None:
 NEW = ["fn", "create", "a", "f", "--image", "i:1"]
 
 
+def test_a_value_with_a_line_break_stays_on_its_line_of_a_table(settings_env: Path) -> None:
+    assert fnq(*NEW, "--config", "MOTD=hello\nworld\t!").exit_code == 0
+    lines = fnq("fn", "show", "a", "f").output.splitlines()
+    assert lines[0].split() == ["FIELD", "VALUE"]
+    assert len(lines) == 1 + len(json.loads(fnq("fn", "show", "a", "f", "--json").output))
+    assert "config           MOTD=hello\\nworld\\t!" in lines
+
+
 @pytest.mark.parametrize(
     ("args", "message"),
     [
@@ -234,6 +242,7 @@ def test_calls_commands(settings_env: Path) -> None:
     assert shown["response"]["body"] == "resized" and shown["response"]["headers"] == {"X-A": "1"}
     human = fnq("calls", "show", bad.id).output
     assert "The function exited with code 2." in human
+    assert "\ncancel_requested  false\n" in human  # as in JSON and `fnq config`, not False
 
     assert fnq("logs", ok.id).output == "took 3 ms\n"
     assert json.loads(fnq("logs", bad.id, "--json").output)["encoding"] == "base64"

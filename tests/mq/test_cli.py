@@ -302,12 +302,14 @@ def test_dead_list_names_the_function_a_malformed_message_gives(backend: str) ->
         maker.inject_raw({"id": b"m1", "app": b"shop", "fn": b"resize", "dealy": b"3"})
         maker.inject_raw({"id": b"m2", "fn": b"resize", "priority": b"high"})
         maker.inject_raw({"id": b"m3", "body": b"x"})
+        maker.inject_raw({"id": b"m4", "app": b"a\nb", "fn": b"c\td"})
     else:
         maker.inject_raw(
             {"payload": b'{"id":"m1","app":"shop","fn":"resize","dealy":3}'}, msg_id="m1"
         )
         maker.inject_raw({"payload": b'{"id":"m2","fn":"resize","priority":"high"}'}, msg_id="m2")
         maker.inject_raw({"payload": b"{nope"}, msg_id="m3")
+        maker.inject_raw({"payload": b'{"id":"m4","app":"a\\nb","fn":"c\\td"}'}, msg_id="m4")
 
     async def reserve(queue: MessageQueue) -> Message | None:
         return await queue.reserve(0.5)
@@ -319,6 +321,7 @@ def test_dead_list_names_the_function_a_malformed_message_gives(backend: str) ->
         "m1": "shop/resize",
         "m2": "?/resize",
         "m3": "?/?",
+        "m4": "a\\nb/c\\td",  # one line each: control characters are escaped
     }
     assert all(
         r["reason"].startswith("malformed message")

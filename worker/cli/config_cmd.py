@@ -39,5 +39,4 @@ def config_cmd(ctx: click.Context, as_json: bool, markdown: bool) -> None:
     if as_json:
         print_json(view)
     else:
-        rows = [(k, str(v).lower() if isinstance(v, bool) else v) for k, v in sorted(view.items())]
-        print_table(["VARIABLE", "VALUE"], rows)
+        print_table(["VARIABLE", "VALUE"], sorted(view.items()))
