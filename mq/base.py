@@ -172,6 +172,10 @@ class MessageQueue(Protocol):
         """Dead letters, oldest first."""
         ...
 
+    async def dead_among(self, ids: Sequence[str]) -> list[str]:
+        """The ids of ``ids`` that name a dead letter, in their order."""
+        ...
+
     async def dead_requeue(self, ids: Sequence[str] | None = None) -> int:
         """Queue dead letters again (all when ``ids`` is None) with fresh delivery counts."""
         ...

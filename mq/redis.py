@@ -451,6 +451,9 @@ class RedisQueue:
     async def dead_list(self, limit: int = 100) -> list[DeadLetter]:
         return await redis_dead.dead_list(self._link, limit, self._max_body)
 
+    async def dead_among(self, ids: Sequence[str]) -> list[str]:
+        return await redis_dead.among(self._link, ids)
+
     async def dead_requeue(self, ids: Sequence[str] | None = None) -> int:
         return await redis_dead.requeue(self._link, ids)
 

@@ -56,6 +56,13 @@ def dead_letter(fields: dict[bytes, bytes], max_body: int) -> DeadLetter:
     )
 
 
+async def among(link: RedisLink, ids: Sequence[str]) -> list[str]:
+    if not ids:
+        return []
+    found = await link.cmd(link.client.hmget, link.keys[8], list(ids))  # P:dead:ids
+    return [i for i, where in zip(ids, found, strict=True) if where is not None]
+
+
 async def requeue(link: RedisLink, ids: Sequence[str] | None) -> int:
     if ids is not None:
         return int(await link.eval("requeue", ["ids", 0, *ids])) if ids else 0

@@ -386,6 +386,9 @@ class RQQueue:
             rq_dead.dead_list, self._sync, self._names, limit, self._max_body
         )
 
+    async def dead_among(self, ids: Sequence[str]) -> list[str]:
+        return await self._sync_call(rq_dead.among, self._sync, self._names, ids)
+
     async def dead_requeue(self, ids: Sequence[str] | None = None) -> int:
         return await self._sync_call(rq_dead.requeue, self._sync, self._names, ids)
 

@@ -111,6 +111,13 @@ def dead_list(conn: Redis, names: Sequence[str], limit: int, max_body: int) -> l
     return out[:limit]
 
 
+def among(conn: Redis, names: Sequence[str], ids: Sequence[str]) -> list[str]:
+    held: set[str] = set()
+    for registry in _registries(conn, names):
+        held.update(registry.get_job_ids(cleanup=False))
+    return [i for i in ids if i in held]
+
+
 def requeue(conn: Redis, names: Sequence[str], ids: Sequence[str] | None) -> int:
     moved = 0
     for registry in _registries(conn, names):

@@ -216,6 +216,9 @@ class SqliteQueue:
     async def dead_list(self, limit: int = 100) -> list[DeadLetter]:
         return await self._run(self._db.dead_list, limit)
 
+    async def dead_among(self, ids: Sequence[str]) -> list[str]:
+        return await self._run(self._db.dead_among, list(ids)) if ids else []
+
     async def dead_requeue(self, ids: Sequence[str] | None = None) -> int:
         if ids is not None and not ids:
             return 0

@@ -332,6 +332,11 @@ class SqliteDb:
             return "", []
         return f" WHERE id IN ({','.join('?' * len(ids))})", list(ids)
 
+    def dead_among(self, ids: Sequence[str]) -> list[str]:
+        where, args = self._dead_where(ids)
+        found = {row[0] for row in self.conn.execute("SELECT id FROM mq_dead" + where, args)}
+        return [i for i in ids if i in found]
+
     def dead_requeue(self, ids: Sequence[str] | None) -> int:
         where, args = self._dead_where(ids)
         with self.write() as conn:

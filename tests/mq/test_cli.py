@@ -273,6 +273,19 @@ def test_dead_list_shows_the_attempts_the_record_counts(
     assert not missing.exists() and not missing.parent.exists()
 
 
+def test_requeue_of_an_id_that_names_no_dead_letter_leaves_its_record(backend: str) -> None:
+    """Its record was reopened all the same: `queued`, its outcome gone, nothing queued."""
+    fnq("call", "demo", "echo", "--id", "twice-1")
+    _end_with_error("twice-1")
+    assert fnq("dead", "purge", "twice-1") == "1\n"  # or requeued already, or mistyped
+    result = CliRunner().invoke(cli, ["dead", "requeue", "twice-1"])
+    assert (result.exit_code, result.stdout) == (1, "0\n")
+    assert result.stderr == "fnq: 1 of the ids given named no dead letter\n"
+    shown = json.loads(fnq("calls", "show", "twice-1", "--json"))
+    assert (shown["status"], shown["attempts"], shown["error"]) == ("error", 1, "image missing")
+    assert with_queue(ready) == 0
+
+
 def test_requeue_all_reopens_every_ended_call(backend: str) -> None:
     for i in range(3):
         fnq("call", "demo", "echo", "--id", f"all-{i}")

@@ -298,6 +298,8 @@ async def test_dead_letters_list_requeue_purge(queues: QueueMaker) -> None:
     assert all(d.deliveries == 1 and d.call is not None for d in dead)
     assert b'"a"' in dead[0].raw
     assert (await q.stats()).dead == 3
+    assert await q.dead_among(["no-such-id", ids[2], ids[0]]) == [ids[2], ids[0]]
+    assert await q.dead_among([]) == []
     assert await q.dead_requeue([ids[0], "no-such-id"]) == 1
     back = await drain(q)
     assert [(m.call.id, m.deliveries) for m in back] == [(ids[0], 1)]

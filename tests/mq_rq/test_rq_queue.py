@@ -334,6 +334,7 @@ async def test_dead_letter_requeue_purge(make_rq: MakeRQ, rq_queue: Queue, conn:
     await queue.dead_letter(msg, "function demo/echo is not registered")
     assert job.get_status() == "failed"
     assert "function demo/echo is not registered" in failure_text(job)
+    assert await queue.dead_among(["nope", job.id]) == [job.id]
     assert await queue.dead_requeue() == 1
     assert job.get_status() == "queued"
     back = await queue.reserve(1.0)

@@ -366,7 +366,9 @@ async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
 
 
 async def _requeue_some(queue: MessageQueue, store: Datastore, ids: Sequence[str]) -> int:
-    for call_id in ids:
+    # Only the records of dead letters: an id that names none (mistyped, requeued
+    # already, purged) keeps its record as it is, not `queued` with nothing queued.
+    for call_id in await queue.dead_among(ids):
         await store.reopen_call(call_id)  # no record, or not final: nothing to do
     return await queue.dead_requeue(list(ids))
 
