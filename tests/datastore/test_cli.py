@@ -96,6 +96,10 @@ def test_errors_are_one_line(stores_env: Path, args: list[str], message: str) ->
 READERS = [["calls", "list"], ["calls", "show", "01ABCDEFGHJKMNPQRSTVWXYZ00"],
            ["calls", "wait", "01ABCDEFGHJKMNPQRSTVWXYZ00"], ["logs", "01ABCDEFGHJKMNPQRSTVWXYZ00"],
            ["fn", "list"], ["fn", "show", "a", "f"], ["status"]]  # fmt: skip
+# Commands that change only what is there: at a mistyped path they have nothing to change.
+CHANGERS = [["calls", "cancel", "X"], ["calls", "retry", "X"], ["calls", "purge", "--older-than",
+            "1d"], ["fn", "update", "a", "f", "--memory", "64"], ["fn", "delete", "a", "f"],
+            ["dead", "requeue", "X"], ["dead", "requeue", "--all"]]  # fmt: skip
 
 
 NO_DATASTORE = ("FN_DB_URL", "fnq.db", "no datastore", "a worker or `fnq fn create` creates it")
@@ -104,10 +108,14 @@ NO_QUEUE = ("FN_MQ_URL", "mq.db", "no queue", "a worker or `fnq call` creates it
 
 @pytest.mark.parametrize(
     ("args", "store"),
-    [(args, NO_DATASTORE) for args in READERS]
-    + [(["status"], NO_QUEUE), (["dead", "list"], NO_QUEUE)],
+    [(args, NO_DATASTORE) for args in READERS + CHANGERS]
+    + [(["status"], NO_QUEUE), (["dead", "list"], NO_QUEUE)]
+    + [
+        (["dead", *args], NO_QUEUE)
+        for args in (["requeue", "X"], ["purge", "X"], ["purge", "--all"])
+    ],
 )
-def test_a_command_that_reads_makes_no_store(
+def test_a_command_that_reads_or_changes_makes_no_store(
     stores_env: Path,
     monkeypatch: pytest.MonkeyPatch,
     args: list[str],

@@ -132,7 +132,7 @@ def fn_update(ctx: click.Context, /, app: str, name: str, as_json: bool, **opts:
         return await store.update_fn(app, name, **changes)
 
     with _refused_as_usage():
-        updated = with_store(settings_from(ctx), update)
+        updated = with_store(settings_from(ctx), update, create=False)
     _show_fn(updated, as_json, f"updated {updated.ref}")
 
 
@@ -173,7 +173,7 @@ def fn_show(ctx: click.Context, app: str, name: str, as_json: bool) -> None:
 @friendly_errors
 def fn_delete(ctx: click.Context, app: str, name: str) -> None:
     """Remove function NAME of APP (its call records stay)."""
-    if not with_store(settings_from(ctx), lambda s: s.delete_fn(app, name)):
+    if not with_store(settings_from(ctx), lambda s: s.delete_fn(app, name), create=False):
         raise FunctionNotFound(app, name)
     click.echo(f"deleted {app}/{name}")
 

@@ -345,8 +345,12 @@ async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
     """Requeue the dead letters ``ids`` (None: all), their final records reopened first
     (a record reopened after the push could meet a worker that settles the call as
     already ended). Idempotent: running it again after a failure finishes the job."""
-    queue = open_queue(settings.mq_url, settings)
-    store = await open_datastore(settings)
+    queue = open_queue(settings.mq_url, settings, create=False)  # the dead letters are in it
+    try:
+        store = await open_datastore(settings, create=False)
+    except BaseException:
+        await queue.close()
+        raise
     try:
         if ids is not None:
             return await _requeue_some(queue, store, ids)
@@ -385,4 +389,4 @@ def dead_purge(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
     async def purge(queue: MessageQueue) -> int:
         return await queue.dead_purge(chosen)
 
-    _report(ctx, run_async(_with_queue(settings_from(ctx), purge)), chosen)
+    _report(ctx, run_async(_with_queue(settings_from(ctx), purge, create=False)), chosen)

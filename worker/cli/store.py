@@ -46,7 +46,8 @@ def no_call(call_id: str) -> FnqError:
 def with_store(
     settings: Settings, work: Callable[[Datastore], Awaitable[T]], *, create: bool = True
 ) -> T:
-    """``work`` on the datastore; a command that only reads passes ``create=False``, so
+    """``work`` on the datastore; a command that only reads, or changes only what is
+    there (cancel, retry, purge, fn update and delete), passes ``create=False``, so
     that a mistyped SQLite path is an error and no empty file is made there."""
 
     async def run() -> T:
@@ -231,7 +232,7 @@ def calls_cancel(ctx: click.Context, call_ids: tuple[str, ...]) -> None:
                 click.echo(f"{call_id} already ended ({rec.status.value}); nothing to cancel")
         return unknown
 
-    if with_store(settings_from(ctx), cancel):
+    if with_store(settings_from(ctx), cancel, create=False):
         ctx.exit(1)
 
 
@@ -278,7 +279,7 @@ def calls_retry(ctx: click.Context, call_ids: tuple[str, ...]) -> None:
             await queue.close()
         return failed
 
-    if with_store(settings, retry):
+    if with_store(settings, retry, create=False):
         ctx.exit(1)
 
 
@@ -293,7 +294,7 @@ def calls_purge(ctx: click.Context, older_than: str) -> None:
         age = parse_duration(older_than)
     except ValueError as exc:
         raise bad_value("--older-than", str(exc)) from None
-    count = with_store(settings_from(ctx), lambda s: s.purge_calls(age))
+    count = with_store(settings_from(ctx), lambda s: s.purge_calls(age), create=False)
     cutoff = short_time(utcnow() - age)
     click.echo(f"purged {count} call{'s' if count != 1 else ''} completed before {cutoff}")
 
