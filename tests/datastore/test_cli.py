@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -19,6 +20,7 @@ from datastore.validate import parse_since
 from worker.cli import cli
 
 FNQ = str(Path(sys.executable).parent / "fnq")
+ISO_MS = r"\d{4}-\d\d-\d\dT\d\d:\d\d:\d\d\.\d{3}\+00:00"  # as every JSON time of fnq reads
 
 
 def fnq(*args: str) -> Result:
@@ -47,6 +49,7 @@ def test_fn_commands(settings_env: Path) -> None:
 
     shown = json.loads(fnq("fn", "show", "shop", "resize", "--json").output)
     assert (shown["image"], shown["memory_mb"], shown["timeout_s"]) == ("shop/resize:1", 256, 60)
+    assert re.fullmatch(ISO_MS, shown["created_at"]) and re.fullmatch(ISO_MS, shown["updated_at"])
     assert shown["config"] == {"MODE": "fast", "LEVEL": "3"}
 
     out = fnq("fn", "update", "shop", "resize", "--idle-timeout", "90", "--config", "MODE=slow",

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import secrets
 import urllib.parse
 from collections.abc import Awaitable, Callable
@@ -17,6 +18,7 @@ from config.domain import Call, CallStatus, Outcome, utcnow
 from config.settings import load_settings
 from datastore.base import open_datastore
 from mq.base import Message, MessageQueue, open_queue
+from tests.datastore.test_cli import ISO_MS
 from tests.mq.conftest import QueueMaker
 from tests.rig import RedisServer
 from worker.cli import cli
@@ -190,6 +192,7 @@ def test_dead_list_requeue_purge(backend: str) -> None:
 
     with_queue(bury)
     rows = json.loads(fnq("dead", "list", "--json"))
+    assert all(re.fullmatch(ISO_MS, r["died_at"]) for r in rows)  # as records give times
     assert [(r["id"], r["reason"], r["fn"]) for r in rows] == [
         (f"d{i}", f"reason d{i}", "echo") for i in range(3)
     ]

@@ -128,6 +128,11 @@ def short_time(value: datetime | None) -> str:
     return "" if value is None else value.astimezone().strftime("%Y-%m-%d %H:%M:%S")
 
 
+def iso_time(value: datetime | None) -> str | None:
+    """A time for JSON: ISO 8601 to the millisecond, as call records give theirs."""
+    return None if value is None else value.isoformat(timespec="milliseconds")
+
+
 def print_json(data: Any) -> None:
     click.echo(json.dumps(data, indent=2, sort_keys=True, default=str))
 

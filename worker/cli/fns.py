@@ -12,7 +12,14 @@ from config.domain import Function
 from datastore.base import Datastore
 from datastore.errors import FunctionNotFound, InvalidFunction
 from datastore.validate import parse_config, validate_function
-from worker.cli._common import friendly_errors, json_option, print_json, print_table, settings_from
+from worker.cli._common import (
+    friendly_errors,
+    iso_time,
+    json_option,
+    print_json,
+    print_table,
+    settings_from,
+)
 from worker.cli.store import with_store
 
 
@@ -23,8 +30,7 @@ def fn_to_json(fn: Function) -> dict[str, Any]:
         "idle_timeout_s": fn.idle_timeout_s, "tmpfs_mb": fn.tmpfs_mb,
         "config": dict(fn.config), "max_attempts": fn.max_attempts,
         "retry_backoff_s": fn.retry_backoff_s, "max_age_s": fn.max_age_s,
-        "created_at": fn.created_at.isoformat() if fn.created_at else None,
-        "updated_at": fn.updated_at.isoformat() if fn.updated_at else None,
+        "created_at": iso_time(fn.created_at), "updated_at": iso_time(fn.updated_at),
     }  # fmt: skip
 
 

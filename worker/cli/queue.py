@@ -21,6 +21,7 @@ from mq.base import DeadLetter, MessageQueue, open_queue
 from worker.cli._common import (
     bad_value,
     friendly_errors,
+    iso_time,
     json_option,
     print_json,
     print_table,
@@ -233,7 +234,7 @@ def _dead_row(d: DeadLetter) -> dict[str, object]:
         "id": d.id,
         "reason": d.reason,
         "deliveries": d.deliveries,
-        "died_at": d.died_at.isoformat(),
+        "died_at": iso_time(d.died_at),
         "raw": d.raw.decode("utf-8", "replace"),
     }
     if d.call is not None:
