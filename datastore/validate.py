@@ -170,8 +170,9 @@ def parse_duration(text: str) -> timedelta:
     return timedelta(seconds=seconds)
 
 
-def parse_since(text: str, now: datetime | None = None) -> datetime:
-    """A point in time: a duration back from now (``10m``) or an ISO 8601 time."""
+def parse_since(text: str, now: datetime | None = None, *, local: bool = False) -> datetime:
+    """A point in time: a duration back from now (``10m``) or an ISO 8601 time; one
+    without a zone is UTC, or with ``local`` the local time (as the CLI shows times)."""
     if _DURATION.fullmatch(text):
         return (now or datetime.now(UTC)) - parse_duration(text)
     try:
@@ -180,11 +181,11 @@ def parse_since(text: str, now: datetime | None = None) -> datetime:
         raise ValueError(
             f"{text!r} is neither a duration (10m, 2h, 1d) nor an ISO time (2024-05-01T12:00:00Z)"
         ) from None
-    if when.tzinfo is None:
+    if when.tzinfo is None and not local:
         return when.replace(tzinfo=UTC)
     try:
         return when.astimezone(UTC)  # the range check: a datastore compares in UTC
-    except OverflowError:
+    except (OverflowError, ValueError):  # ValueError: a local time out of range
         raise ValueError(f"{text.strip()!r} is out of range in UTC (years 1 to 9999)") from None
 
 

@@ -8,6 +8,8 @@ import re
 import shlex
 import subprocess
 import sys
+import time
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import pytest
@@ -287,6 +289,28 @@ def test_a_closed_stdout_ends_the_command_quietly(settings_env: Path) -> None:
     assert into_closed_pipe("calls", "show", call.id) == (141, "")
     assert into_closed_pipe("calls", "list") == (141, "")
     assert into_closed_pipe("--help") == (141, "")
+
+
+def test_since_a_time_without_a_zone_is_the_local_time_the_table_shows(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    call = Call(new_call_id(), "shop", "resize")
+    record([(call, None)])
+
+    def listed(since: datetime) -> list[str]:
+        out = fnq("calls", "list", "--since", since.isoformat(), "--json").output
+        return [c["id"] for c in json.loads(out)["items"]]
+
+    try:
+        with monkeypatch.context() as patch:
+            patch.setenv("TZ", "EST5")  # five hours behind UTC
+            time.tzset()
+            [row] = fnq("calls", "list").output.splitlines()[1:]
+            created = datetime.fromisoformat(" ".join(row.split()[4:6]))  # CREATED, local
+            assert listed(created - timedelta(seconds=1)) == [call.id]
+            assert listed(created + timedelta(minutes=1)) == []  # as UTC: five hours before
+    finally:
+        time.tzset()
 
 
 def test_the_next_page_hint_keeps_the_filters(settings_env: Path) -> None:

@@ -83,7 +83,7 @@ def _since(text: str | None) -> datetime | None:
     if text is None:
         return None
     try:
-        return parse_since(text)
+        return parse_since(text, local=True)  # a time as the tables show it
     except ValueError as exc:
         raise bad_value("--since", str(exc)) from None
 
@@ -102,7 +102,11 @@ def _cursor(text: str | None) -> str | None:
 @click.option("--app")
 @click.option("--fn")
 @click.option("--status", type=click.Choice([s.value for s in CallStatus]))
-@click.option("--since", help="Created within a duration (10m, 2h, 1d) or after an ISO time.")
+@click.option(
+    "--since",
+    help="Created within a duration (10m, 2h, 1d) or after an ISO time "
+    "(without a zone: local time, as CREATED shows it).",
+)
 @click.option("--limit", type=click.IntRange(1, 1000), default=30, show_default=True)
 @click.option("--cursor", help="next_cursor of the previous page.")
 @json_option
