@@ -17,6 +17,7 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from config.errors import ConfigError
 from mq.base import QueueStats
 from worker.agent.slots import LIVE_CONTAINER_STATES
 from worker.agent.stats import AgentStats
@@ -111,7 +112,13 @@ class Metrics:
         )
 
     def serve(self, port: int) -> None:
-        start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        try:
+            start_http_server(port, addr="0.0.0.0", registry=self.registry)
+        except OSError as exc:  # another worker of this host has it, say
+            raise ConfigError(
+                f"FN_METRICS_PORT={port}: cannot serve metrics there ({exc.strerror or exc}); "
+                "give each worker a free port, or 0 for none"
+            ) from exc
 
     def observe_agent(self, stats: AgentStats) -> None:
         res = stats.resources

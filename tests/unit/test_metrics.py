@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import socket
+
+import pytest
 from prometheus_client import generate_latest
 
+from config.errors import ConfigError
 from worker.agent.resources import ResourceStats
 from worker.agent.stats import AgentStats, QueueStats
 from worker.metrics import Metrics
@@ -60,3 +64,12 @@ def test_containers_are_counted_by_state_over_all_functions() -> None:
     for state, count in (("idle", 2), ("busy", 4), ("paused", 4), ("start", 1), ("wait", 1)):
         assert f'fnq_containers{{state="{state}"}} {count}.0' in text, text
     assert 'state="live"' not in text
+
+
+def test_a_metrics_port_in_use_is_one_sentence_naming_the_setting() -> None:
+    with socket.socket() as taken:
+        taken.bind(("0.0.0.0", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(ConfigError, match=f"^FN_METRICS_PORT={port}: cannot serve metrics"):
+            Metrics().serve(port)
