@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import secrets
 from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -13,7 +14,7 @@ import pytest
 from config.settings import Settings
 from worker.agent.driver import ContainerSpec, DispatchRequest
 from worker.agent.drivers.docker import DockerDriver
-from worker.agent.drivers.docker_container import OutputTiming
+from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
 from worker.images import ImageBuilder, find_functions
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -92,3 +93,13 @@ def request(body: bytes = b"", timeout_s: float = 30.0, **headers: str) -> Dispa
         deadline=datetime.now(UTC) + timedelta(seconds=timeout_s),
         timeout_s=timeout_s,
     )
+
+
+@asynccontextmanager
+async def running(driver: DockerDriver, s: ContainerSpec) -> AsyncIterator[DockerContainer]:
+    container = await driver.create(s)
+    try:
+        await container.start()
+        yield container
+    finally:
+        await container.remove()

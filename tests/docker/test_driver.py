@@ -13,8 +13,7 @@ import subprocess
 import sys
 import tarfile
 import time
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -24,11 +23,10 @@ import pytest
 from config.domain import pid_namespace
 from config.errors import ConfigError
 from config.settings import Settings
-from tests.docker.conftest import request, spec
-from worker.agent.driver import ContainerSpec
+from tests.docker.conftest import request, running, spec
 from worker.agent.drivers import docker as docker_driver
 from worker.agent.drivers.docker import DockerDriver
-from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
+from worker.agent.drivers.docker_container import OutputTiming
 from worker.agent.errors import (
     ContainerInitFailed,
     ContainerInitTimeout,
@@ -39,16 +37,6 @@ from worker.agent.errors import (
 )
 
 pytestmark = pytest.mark.integration
-
-
-@asynccontextmanager
-async def running(driver: DockerDriver, s: ContainerSpec) -> AsyncIterator[DockerContainer]:
-    container = await driver.create(s)
-    try:
-        await container.start()
-        yield container
-    finally:
-        await container.remove()
 
 
 async def test_echo_round_trip(driver: DockerDriver) -> None:

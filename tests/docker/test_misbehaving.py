@@ -4,20 +4,18 @@ from __future__ import annotations
 
 import json
 import tempfile
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from config.domain import CallStatus
-from tests.docker.conftest import request, spec
+from tests.docker.conftest import request, running, spec
 from tests.docker.test_agent_engine import agent_for, call, fn, ours, wait_for
 from worker.agent.agent import Agent
-from worker.agent.driver import ContainerSpec, DispatchRequest
+from worker.agent.driver import DispatchRequest
 from worker.agent.drivers.docker import DockerDriver
-from worker.agent.drivers.docker_container import DockerContainer
 from worker.agent.errors import DispatchError
 from worker.agent.iofs import remove_tree
 
@@ -28,16 +26,6 @@ IMAGE = "fnq/misbehave"
 
 def do(what: str, timeout_s: float = 30.0, **args: Any) -> DispatchRequest:
     return request(json.dumps({"do": what, **args}).encode(), timeout_s=timeout_s)
-
-
-@asynccontextmanager
-async def running(driver: DockerDriver, s: ContainerSpec) -> AsyncIterator[DockerContainer]:
-    container = await driver.create(s)
-    try:
-        await container.start()
-        yield container
-    finally:
-        await container.remove()
 
 
 async def test_the_last_words_of_a_dying_function_are_in_its_calls_log(
