@@ -93,9 +93,27 @@ def apply_sqlite(conn: sqlite3.Connection) -> int:
     return max(current, len(migrations))
 
 
+async def _pg_version(conn: Any, timeout_s: float) -> int:
+    """The schema version of the database ``conn`` is on (0: none), read without a lock."""
+    if await conn.fetchval("SELECT to_regclass('schema_version')", timeout=timeout_s) is None:
+        return 0
+    found = await conn.fetchval(
+        "SELECT COALESCE(MAX(version), 0) FROM schema_version", timeout=timeout_s
+    )
+    return int(found)
+
+
 async def apply_postgres(conn: Any, timeout_s: float) -> int:
-    """Bring a PostgreSQL database up to date through an asyncpg connection."""
+    """Bring a PostgreSQL database up to date through an asyncpg connection.
+
+    A database already up to date is only read (no lock, no DDL): a read-only
+    server (a standby) and a role that may not create tables open it as well."""
     migrations = load("postgres")
+    current = await _pg_version(conn, timeout_s)
+    if current > len(migrations):
+        raise _too_new(current, len(migrations))
+    if current == len(migrations):
+        return current
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_KEY, timeout=timeout_s)
         await conn.execute(_VERSION_TABLE, timeout=timeout_s)

@@ -320,6 +320,11 @@ class PostgresDatastore(SqlDatastore):
                 ) from exc
             if not connected and isinstance(exc, asyncpg.PostgresError):
                 raise _refused(settings.db_url, exc) from exc
+            if isinstance(exc, asyncpg.PostgresError):  # bringing the schema up to date
+                where = mask_url(settings.db_url).split("?", 1)[0]
+                raise StoreError(
+                    f"cannot update the schema of the PostgreSQL datastore {where}: {exc}"
+                ) from exc
             raise
         store.writer.start()
         return store

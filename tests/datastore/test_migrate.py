@@ -68,3 +68,50 @@ def test_statements_split_at_line_ending_semicolons() -> None:
         1, "x", "-- comment; here\nCREATE TABLE a (x int);\nCREATE INDEX i ON a (x);\n"
     )
     assert m.statements() == ["CREATE TABLE a (x int)", "CREATE INDEX i ON a (x)"]
+
+
+async def _admin(url: str, *statements: str) -> None:
+    conn = await asyncpg.connect(url, timeout=10)
+    try:
+        for statement in statements:
+            await conn.execute(statement, timeout=30)
+    finally:
+        await conn.close(timeout=10)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_postgres_up_to_date_opens_on_a_read_only_server(
+    make_store: MakeStore, db_url: str
+) -> None:
+    await (await make_store()).close()
+    name = db_url.rsplit("/", 1)[1]
+    await _admin(db_url, f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+    store = await make_store()  # a standby: reads work
+    assert await store.list_fns() == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_postgres_up_to_date_opens_for_a_role_without_create(
+    make_store: MakeStore, db_url: str
+) -> None:
+    await (await make_store()).close()
+    role = "r_" + db_url.rsplit("/", 1)[1]
+    await _admin(
+        db_url,
+        f"CREATE ROLE {role} LOGIN",
+        "REVOKE CREATE ON SCHEMA public FROM PUBLIC",
+        f"GRANT SELECT, INSERT, UPDATE, DELETE ON ALL TABLES IN SCHEMA public TO {role}",
+    )
+    as_role = db_url.replace("://fnq@", f"://{role}@")
+    store = await make_store(db_url=as_role)
+    assert await store.list_fns() == []
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_postgres_schema_it_may_not_create_is_a_store_error(
+    make_store: MakeStore, db_url: str
+) -> None:
+    role = "r_" + db_url.rsplit("/", 1)[1]
+    await _admin(db_url, f"CREATE ROLE {role} LOGIN", "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
+    with pytest.raises(StoreError, match=r"cannot update the schema .*permission denied"):
+        await make_store(db_url=db_url.replace("://fnq@", f"://{role}@"))
