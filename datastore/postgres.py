@@ -13,7 +13,9 @@ progress"): asyncpg raises it on a connection whose server ended the session
 mid-statement (``pg_ctl stop -m fast``) before it saw the socket close, and
 its pool drops that connection. Giving a connection back to the pool fails
 the same way at times; the work done on it stands (a batch's commit has
-returned by then), and the pool drops the connection.
+returned by then), and the pool drops the connection. A server that is read-only
+(a standby the URL reaches during a failover, ``default_transaction_read_only``)
+is an outage too: writes wait until it takes them again.
 
 Every statement carries ``STATEMENT_TIMEOUT_S``; taking a connection from the
 pool waits at most ``ACQUIRE_TIMEOUT_S``.
@@ -73,6 +75,9 @@ _OUTAGE_TYPES: tuple[type[BaseException], ...] = (
     asyncpg.exceptions.InsufficientResourcesError,
     asyncpg.exceptions.ConnectionDoesNotExistError,
     asyncpg.exceptions.InternalClientError,  # a connection left mid-statement (see above)
+    # A server that takes no writes now (a standby, mid-failover, read-only mode): the
+    # write is not refused for what it holds, it waits for a server that takes it.
+    asyncpg.exceptions.ReadOnlySQLTransactionError,
 )
 # What asyncpg raises on a connection: the server's errors, the client's own.
 _CLIENT_ERRORS: tuple[type[Exception], ...] = (

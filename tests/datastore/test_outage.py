@@ -16,6 +16,7 @@ from config.settings import load_settings
 from datastore import pgbatch
 from datastore.base import open_datastore
 from datastore.common import SqlDatastore
+from datastore.errors import StoreUnavailable
 from datastore.postgres import PostgresDatastore
 from tests.datastore.conftest import fresh_pg_database
 from tests.rig import PG_BIN, PostgresServer, pg_tempdir
@@ -197,4 +198,33 @@ async def test_postgres_connection_goes_back_to_the_pool_as_it_is(
         assert await conn.fetchval("SELECT to_regclass('pg_temp.left_open')") is None
     c = Call(new_call_id(), "app", "fn")
     assert await store.record_outcome(c, outcome(), 1, "w") is True
+    await store.close()
+
+
+async def test_postgres_read_only_server_makes_writes_wait(
+    postgres_server: PostgresServer, tmp_path: Path, settings_env: Path
+) -> None:
+    """A server that takes no writes for a while (a standby during a failover, read-only
+    mode) is an outage: the call's outcome waits and is stored once it takes writes,
+    instead of being refused (which would end the call `error`)."""
+    store = await open_pg(postgres_server, tmp_path / "data")
+    name = store.settings.db_url.rsplit("/", 1)[1]
+    admin = await asyncpg.connect(store.settings.db_url, timeout=10)
+    try:
+        await admin.execute(f"ALTER DATABASE {name} SET default_transaction_read_only = on")
+        await store._pool.expire_connections()  # new sessions are read-only
+        c = Call(new_call_id(), "app", "fn")
+        write = asyncio.ensure_future(store.record_outcome(c, outcome(), 1, "w"))
+        await wait_for(lambda: store.writer.in_outage)
+        with pytest.raises(StoreUnavailable):
+            await store.worker_heartbeat("w", {})
+        assert not write.done()
+        await admin.execute(f"ALTER DATABASE {name} RESET default_transaction_read_only")
+        await store._pool.expire_connections()
+        async with asyncio.timeout(20):
+            assert await write is True
+    finally:
+        await admin.close(timeout=10)
+    rec = await store.get_call(c.id)
+    assert rec is not None and rec.status is CallStatus.SUCCESS
     await store.close()
