@@ -7,7 +7,9 @@ arguments; one made once the table has grown keeps the server's generic plans
 
 from __future__ import annotations
 
+from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -75,5 +77,42 @@ async def test_a_server_without_the_setting_keeps_its_plans(
         c = Call(new_call_id(), "app", "fn")
         assert await store.record_outcome(c, outcome(), 1, "w") is True
         assert (await store.get_calls([c.id])).keys() == {c.id}
+    finally:
+        await store.close()
+
+
+async def test_a_purge_chunk_does_not_scan_the_calls_table(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    settings_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """Each chunk of ``fnq calls purge`` reads its rows through indexes: a scan of the
+    whole table per chunk made a purge of many calls quadratic."""
+    store = await _open(await fresh_pg_database(postgres_server), tmp_path / "data")
+    sent: list[tuple[str, dict[str, Any]]] = []
+    real_fetch = postgres._fetch
+
+    async def spy(conn: Any, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if query.startswith("DELETE FROM calls"):
+            sent.append((query, params))
+        return await real_fetch(conn, query, params)
+
+    monkeypatch.setattr(postgres, "_fetch", spy)
+    try:
+        async with store._connection() as conn:
+            await conn.execute(
+                "INSERT INTO calls (id, app, fn, status, created_at, completed_at, updated_at)"
+                " SELECT md5(i::text), 'app', 'fn', 'success', t, t, now()"
+                " FROM generate_series(1, 50000) i,"
+                " LATERAL (SELECT now() - i * interval '1 min' - interval '30 s' AS t) x"
+            )
+            await conn.execute("ANALYZE calls")
+        assert await store.purge_calls(timedelta(days=30)) == 50000 - 30 * 24 * 60 + 1  # i >= 43200
+        query, params = sent[0]
+        text, values = postgres.args(query, params)
+        async with store._connection() as conn:
+            plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + text, *values))
+        assert "Seq Scan" not in plan, plan
     finally:
         await store.close()
