@@ -5,7 +5,9 @@ takes everything that has piled up (up to ``max_batch``), hands the list to
 the backend's ``run_batch`` (which runs it in a single transaction) and
 resolves each caller's future once that transaction has committed. While one
 round runs, the next one fills up, so the batch size follows the load with no
-timer.
+timer. A backend may also bound a round's bytes (``size``, ``max_bytes``): a
+round of large responses and logs then holds fewer of them, so that it is
+sent and committed within the backend's statement timeout.
 
 When ``run_batch`` fails with an error the backend calls an outage (database
 down, connection lost, file locked past its timeout), the same batch is tried
@@ -21,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import logging
 import time
 from collections import deque
@@ -54,6 +57,8 @@ class GroupCommit(Generic[OpT]):
         is_outage: Callable[[BaseException], bool],
         *,
         max_batch: int = MAX_BATCH,
+        size: Callable[[OpT], int] | None = None,
+        max_bytes: int = 0,
         backoff_initial_s: float = BACKOFF_INITIAL_S,
         backoff_max_s: float = BACKOFF_MAX_S,
     ) -> None:
@@ -61,6 +66,8 @@ class GroupCommit(Generic[OpT]):
         self._run_batch = run_batch
         self._is_outage = is_outage
         self._max_batch = max_batch
+        self._size = size
+        self._max_bytes = max_bytes
         self._backoff_initial_s = backoff_initial_s
         self._backoff_max_s = backoff_max_s
         self._pending: deque[tuple[OpT, asyncio.Future[Any]]] = deque()
@@ -121,7 +128,7 @@ class GroupCommit(Generic[OpT]):
                     self._wake.clear()
                     await self._wake.wait()
                     continue
-                count = min(len(self._pending), self._max_batch)
+                count = self._take()
                 batch = [self._pending.popleft() for _ in range(count)]
                 self._inflight = [future for _, future in batch]
                 results = await self._commit([op for op, _ in batch])
@@ -133,6 +140,19 @@ class GroupCommit(Generic[OpT]):
                 self.ops += count
         finally:
             self._fail_all(StoreUnavailable("the datastore writer stopped"))
+
+    def _take(self) -> int:
+        """How many pending operations the next round takes: at most ``max_batch``
+        and, with ``size``, at most ``max_bytes`` of them (but always one)."""
+        count = min(len(self._pending), self._max_batch)
+        if self._size is None:
+            return count
+        total = 0
+        for taken, (op, _) in enumerate(itertools.islice(self._pending, count)):
+            total += self._size(op)
+            if taken and total > self._max_bytes:
+                return taken
+        return count
 
     async def _commit(self, ops: list[OpT]) -> list[Any]:
         delay_s = self._backoff_initial_s

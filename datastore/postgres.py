@@ -55,6 +55,10 @@ CONNECT_TIMEOUT_S = 10.0
 ACQUIRE_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
 POOL_MAX_SIZE = 4
+# A batch holds at most this many bytes of bodies and logs (but at least one write): a
+# batch goes as one statement per kind, which must reach the server and commit within
+# STATEMENT_TIMEOUT_S, or it would time out, as an outage, again on every try.
+MAX_BATCH_BYTES = 16 * 1024 * 1024
 # A connection made while the calls table is smaller than this plans every statement
 # for its arguments (see "Plans" above).
 SMALL_CALLS_BYTES = 1024 * 1024
@@ -87,6 +91,17 @@ _CLIENT_ERRORS: tuple[type[Exception], ...] = (
 )
 # ... and what talking to the server may raise besides.
 _FAILURES: tuple[type[Exception], ...] = (*_CLIENT_ERRORS, OSError, TimeoutError)
+
+
+def op_bytes(op: _Op) -> int:
+    """The bulk of a write: its bodies and log."""
+    _, params, log = op
+    size = len(log) if log else 0
+    for key in ("response_body", "request_body", "data"):
+        value = params.get(key)
+        if isinstance(value, bytes | bytearray | memoryview):
+            size += len(value)
+    return size
 
 
 def is_outage(exc: BaseException) -> bool:
@@ -294,7 +309,9 @@ class PostgresDatastore(SqlDatastore):
     def __init__(self, settings: Settings, logs: LogStore | None, pool: Any) -> None:
         super().__init__(settings, logs)
         self._pool = pool
-        self.writer: GroupCommit[_Op] = GroupCommit("postgres", self._run_batch, is_outage)
+        self.writer: GroupCommit[_Op] = GroupCommit(
+            "postgres", self._run_batch, is_outage, size=op_bytes, max_bytes=MAX_BATCH_BYTES
+        )
 
     @classmethod
     async def open(cls, settings: Settings, logs: LogStore | None) -> PostgresDatastore:

@@ -161,3 +161,29 @@ async def test_a_refused_write_fails_alone(pg: PostgresDatastore) -> None:
     assert [r for i, r in enumerate(results) if i != 3] == [True] * 5
     counts = await pg.count_by_status()
     assert counts[CallStatus.SUCCESS] == 5 and counts[CallStatus.ERROR] == 0
+
+
+@only_postgres
+async def test_a_batch_of_large_outcomes_is_bounded_in_bytes(
+    pg: PostgresDatastore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Outcomes near FN_MAX_RESPONSE_SIZE and FN_MAX_LOG_SIZE_BYTES go in batches of a
+    few MiB: one statement holding hundreds of them could not reach the server within
+    the statement timeout, and would time out again on every try."""
+    sizes: list[int] = []
+    real_run = pgbatch.run
+
+    async def measuring_run(conn: Any, ops: list[pgbatch.Op], *args: Any) -> list[Any]:
+        sizes.append(sum(len(log or b"") + len(p.get("response_body") or b"")
+                         for _, p, log in ops))  # fmt: skip
+        return await real_run(conn, ops, *args)
+
+    monkeypatch.setattr(pgbatch, "run", measuring_run)
+    mib = 1024 * 1024
+    big = done(body=b"b" * mib, log=b"l" * mib)
+    calls = [call() for _ in range(40)]
+    assert await asyncio.gather(*(pg.record_outcome(c, big, 1, "w") for c in calls)) == [True] * 40
+    assert sum(sizes) == 80 * mib
+    assert max(sizes) <= 16 * mib, sizes
+    stored = await pg.get_call(calls[-1].id)
+    assert stored is not None and stored.response_body == b"b" * mib
