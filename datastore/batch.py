@@ -165,10 +165,9 @@ class GroupCommit(Generic[OpT]):
                 if self._outage_since is None:
                     self._outage_since = time.monotonic()
                     log.warning(
-                        "%s: the database is unavailable (%s: %s); writes wait and retry",
+                        "%s: the database is unavailable (%s); writes wait and retry",
                         self.name,
-                        type(exc).__name__,
-                        exc,
+                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
                     )
                 await asyncio.sleep(delay_s)
                 delay_s = min(delay_s * 2, self._backoff_max_s)

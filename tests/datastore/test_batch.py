@@ -80,7 +80,32 @@ async def test_outage_retries_with_backoff_and_logs_once(
     messages = [r.getMessage() for r in caplog.records]
     assert len(messages) == 2
     assert "unavailable" in messages[0] and "back after" in messages[1]
+    assert "(ConnectionRefusedError: database down)" in messages[0]
     assert not writer.in_outage
+
+
+async def test_an_outage_error_without_text_is_named_alone(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """A timeout's own text is empty: the log names it, with no dangling colon."""
+    caplog.set_level(logging.WARNING, logger="fnq.datastore.batch")
+    tries = [TimeoutError()]
+
+    async def run_batch(ops: list[int]) -> list[object]:
+        if tries:
+            raise tries.pop()
+        return list(ops)
+
+    gc: GroupCommit[int] = GroupCommit(
+        "fake", run_batch, lambda exc: isinstance(exc, TimeoutError), backoff_initial_s=0.001
+    )
+    gc.start()
+    try:
+        assert await gc.submit(7) == 7
+    finally:
+        await gc.close(1.0)
+    first = caplog.records[0].getMessage()
+    assert "(TimeoutError); writes wait and retry" in first, first
 
 
 async def test_close_flushes_then_refuses(writer: GroupCommit[int]) -> None:
