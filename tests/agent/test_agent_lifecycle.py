@@ -562,3 +562,32 @@ async def test_a_call_unpauses_when_no_running_container_frees_in_time(
     assert driver.unpauses == 2 and not busy.done()
     busy_gate.set()
     await busy
+
+
+# ------------------------------------------------------------- images
+
+
+async def test_containers_of_a_replaced_image_are_retired(agents: AgentFactory) -> None:
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    agent = agents(driver)
+    fn = make_fn(idle_timeout_s=600)
+    busy = asyncio.create_task(agent.submit(make_call(fn), fn))
+    gate.set()
+    assert (await busy).status is CallStatus.SUCCESS
+    gate.clear()
+    running = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.dispatches == 2)
+    assert await agent.retire_replaced_images() == 0  # the image is as it was
+    driver.images[fn.image] = "rebuilt"
+    assert await agent.retire_replaced_images() == 1
+    await settle()
+    assert driver.removes == 0  # its call runs on, to its end
+    gate.set()
+    assert (await running).status is CallStatus.SUCCESS
+    await driver.wait_until(lambda: driver.removes == 1)
+    out = await agent.submit(make_call(fn), fn)  # a new container, of the new image
+    assert out.status is CallStatus.SUCCESS
+    assert [c.image_id for c in driver.live] == ["rebuilt"]
+    assert driver.creates == 2
+    assert await agent.retire_replaced_images() == 0

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import secrets
 import shutil
 import tempfile
 from collections.abc import Callable
@@ -16,6 +18,7 @@ from config.settings import Settings
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
 from worker.agent.resources import ResourceTotals, ResourceTracker
+from worker.images import ImageBuilder, find_functions
 
 pytestmark = pytest.mark.integration
 MIB = 1024 * 1024
@@ -174,3 +177,43 @@ async def test_calls_of_a_function_that_never_opens_its_socket_end_after_one_sta
     assert {o.status for o in outcomes} == {CallStatus.ERROR}
     assert all(o.error is not None and "did not create lsnr.sock" in o.error for o in outcomes)
     assert elapsed < 4.0, elapsed  # one start timeout of 1 s, not six
+
+
+async def test_calls_after_a_rebuild_under_the_same_tag_run_the_new_image(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str, tmp_path: Path
+) -> None:
+    """``fnq images build`` of changed code, while containers of the old build are hot."""
+    name = f"fnqtest-rebuilt-{secrets.token_hex(4)}"
+    source = tmp_path / name
+    source.mkdir()
+
+    def build(answer: str) -> str:
+        source.joinpath("func.py").write_text(
+            f"def handler(ctx, data=None):\n    return {answer!r}\n"
+        )
+        with ImageBuilder(client=docker_engine) as builder:
+            return builder.build(find_functions([source]))[-1].image
+
+    image = await asyncio.to_thread(build, "v1")
+    old_id = docker_engine.images.get(image).id
+    try:
+        f = fn("rebuilt", image, idle_timeout_s=600)
+        async with agent_for(freeze_idle_msecs=0) as agent:
+            first = await agent.submit(call(f), f)
+            assert first.response is not None and first.response.body == b"v1"
+            await asyncio.to_thread(build, "v2")
+
+            async def answer() -> bytes:
+                out = await agent.submit(call(f), f)
+                assert out.response is not None, out.error
+                return out.response.body
+
+            async with asyncio.timeout(10):
+                while await answer() != b"v2":
+                    await asyncio.sleep(0.2)
+            assert await answer() == b"v2"
+            await wait_for(lambda: len(ours(docker_engine, label_tag)) == 1)
+    finally:
+        for ref in (image, old_id):
+            with contextlib.suppress(Exception):
+                docker_engine.images.remove(ref, force=True)

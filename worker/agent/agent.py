@@ -113,6 +113,7 @@ STOP_SETTLE_S = 10.0  # after the grace, how long stopped calls get to wind down
 PREFER_THAWED_S = 0.005  # see _get_slot
 DRIVER_CLOSE_TIMEOUT_S = 60.0
 KEY_CACHE_SIZE = 1024  # Function objects whose slot key is remembered
+IMAGE_CHECK_S = 2.0  # how often the images of live containers are looked up again
 
 
 class Agent:
@@ -174,6 +175,7 @@ class Agent:
             raise
         if self.cpu_split.mode != "off":
             self._background.spawn(self.cpu_split.run(), name="fnq-cpu-split")
+        self._background.spawn(self._watch_images(), name="fnq-image-watch")
         return self
 
     async def __aexit__(
@@ -381,6 +383,37 @@ class Agent:
 
     def _forget_container(self, hot: HotContainer) -> None:
         self._hot.pop(hot, None)
+
+    # ------------------------------------------------------------- images
+    async def _watch_images(self) -> None:
+        while True:
+            await asyncio.sleep(IMAGE_CHECK_S)
+            await self.retire_replaced_images()
+
+    async def retire_replaced_images(self) -> int:
+        """Retire the containers made from an image that their function's image name no
+        longer stands for (rebuilt under the same tag, or pulled anew): idle ones at
+        once, busy ones once their call is over. The calls after them get containers
+        of the image the name stands for now. How many were retired."""
+        live = [hot for hot in self._hot if hot.container is not None and hot.retire_reason is None]
+        if not live:
+            return 0
+        try:
+            now = await self.driver.image_ids({hot.fn.image for hot in live})
+        except AgentError as exc:
+            log.debug("looking up the images of the containers failed: %s", exc)
+            return 0
+        retired = 0
+        for hot in live:
+            assert hot.container is not None
+            made_from, current = hot.container.image_id, now.get(hot.fn.image)
+            if made_from is None or current is None or made_from == current:
+                continue
+            hot.retire(f"image {hot.fn.image} now stands for another image")
+            retired += 1
+            log.info("container %s of %s is retired: image %s was rebuilt or pulled anew",
+                     hot.id, hot.fn.ref, hot.fn.image)  # fmt: skip
+        return retired
 
     # ------------------------------------------------------------- others
     async def wait_async_resource(self, timeout_s: float) -> bool:

@@ -25,7 +25,7 @@ be awaited by several tasks.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Protocol
@@ -97,6 +97,10 @@ class Container(Protocol):
     @property
     def id(self) -> str: ...
 
+    @property
+    def image_id(self) -> str | None:
+        """The id of the image the container was made from (None: not known)."""
+
     async def start(self) -> None:
         """Attach output, start, and return once the socket is ready.
 
@@ -128,6 +132,10 @@ class Driver(Protocol):
 
     async def create(self, spec: ContainerSpec) -> Container:
         """Ensure the image (ImageNotFound, ImageHasVolume, ImagePullTimeout), create."""
+
+    async def image_ids(self, images: Collection[str]) -> dict[str, str]:
+        """The id of the image each reference names now; references the engine cannot
+        tell (no such image, an engine error) are left out."""
 
     async def place(self, cpus: frozenset[int] | None) -> None:
         """Run containers made from now on, and move the live ones, on ``cpus``

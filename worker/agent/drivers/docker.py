@@ -8,13 +8,17 @@ nothing blocks the event loop and no thread waits on a container.
   classifier label but were left by a worker that is gone (its process no
   longer runs on this host), loads FN_DOCKER_LOAD_FILE; looks for such
   containers again every ``LEFTOVER_SWEEP_S`` while it runs.
-* ``create(spec)``: makes sure the image is there (inspected once, then
-  cached; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per image however
+* ``create(spec)``: makes sure the image is there (inspected at each create,
+  for the image its name stands for now: a tag rebuilt or pulled anew names
+  another; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per image however
   many callers wait), refuses images that declare VOLUME, makes the socket
   directory and creates the container (see docker_config for its limits).
   The container's command is wrapped so that its output goes to pipes the
   worker reads (drivers.pipes); whether the image has ``/bin/sh`` for that
-  is asked of the engine on its first container, and remembered.
+  is asked of the engine on its first container, and remembered (per image
+  id, as what the image declares is).
+* ``image_ids(images)``: the id each image name stands for now (the agent
+  retires containers made from an image that a name no longer stands for).
 * ``close()``: removes every container it made that still exists.
 
 With FN_IMAGE_CLEAN_MAX_SIZE set, an image cleaner (drivers.image_cleaner)
@@ -30,6 +34,7 @@ import json
 import logging
 import secrets
 from collections import Counter
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -78,6 +83,7 @@ STRAYS_AT_CLOSE_S = 10.0  # the last look for this worker's own containers, at c
 
 @dataclass(slots=True)
 class ImageFacts:
+    id: str  # the image's id, as the engine gives it
     volumes: list[str]  # declared VOLUMEs
     command: list[str]  # entrypoint + command
     shell: bool | None = None  # has /bin/sh (None: not asked yet)
@@ -120,7 +126,7 @@ class DockerDriver:
         self.api = DockerAPI(socket_path)
         self._timing = output_timing or OutputTiming()
         self._iofs = IofsRoot(settings, unprivileged=not settings.disable_unprivileged_containers)
-        self._images: dict[str, ImageFacts] = {}
+        self._images: dict[str, ImageFacts] = {}  # by image id
         self._pulls: dict[str, asyncio.Task[None]] = {}
         self._containers: dict[str, DockerContainer] = {}
         self._network_use: Counter[str] = Counter({n: 0 for n in settings.networks})
@@ -330,6 +336,7 @@ class DockerDriver:
             direct_output=direct,
         )
         container.network = network
+        container.image_id = facts.id
         self._containers[spec.id] = container
         try:
             try:
@@ -337,9 +344,9 @@ class DockerDriver:
             except DockerError as exc:
                 if exc.status != 404:
                     raise
-                # The image went away after it was cached (e.g. an image cleaner).
-                self._images.pop(spec.image, None)
+                # The image went away since it was inspected (e.g. an image cleaner).
                 facts = await self._check_image(spec.image)
+                container.image_id = facts.id
                 await self._create(spec, iofs.docker_path, network, facts, direct)
             if direct and facts.shell is None:
                 facts.shell = await self._has_shell(spec.id)
@@ -460,16 +467,29 @@ class DockerDriver:
     # ---------------------------------------------------------------- images
 
     def _image_removed(self, image: Image) -> None:
-        for ref in image.tags:
-            self._images.pop(ref, None)
-            self._images.pop(ref.removesuffix(":latest"), None)
+        self._images.pop(image.id, None)
+
+    async def image_ids(self, images: Collection[str]) -> dict[str, str]:
+        found: dict[str, str] = {}
+        for image in images:
+            try:
+                inspect = await self.api.request("GET", f"/images/{image_path(image)}/json")
+            except DockerError:  # no such image any more, or the engine cannot tell now
+                continue
+            image_id = (inspect or {}).get("Id")
+            if isinstance(image_id, str) and image_id:
+                found[image] = image_id
+        return found
 
     async def _check_image(self, image: str) -> ImageFacts:
-        facts = self._images.get(image)
+        """What the image ``image`` names now declares (one inspect: the name may stand
+        for another image since the last container, rebuilt under the same tag)."""
+        inspect = await self._inspect_or_pull(image)
+        image_id = str(inspect.get("Id") or image)
+        facts = self._images.get(image_id)
         if facts is None:
-            inspect = await self._inspect_or_pull(image)
-            facts = ImageFacts(image_volumes(inspect), image_command(inspect))
-            self._images[image] = facts
+            facts = ImageFacts(image_id, image_volumes(inspect), image_command(inspect))
+            self._images[image_id] = facts
         if facts.volumes and not self.settings.image_enable_volume:
             raise ImageHasVolume(
                 f"image {image} declares VOLUME {', '.join(facts.volumes)}; "

@@ -80,6 +80,7 @@ class DockerContainer:
         direct_output: bool = False,
     ) -> None:
         self.spec = spec
+        self.image_id: str | None = None  # the image it is made from (set by the driver)
         self.iofs = iofs
         self._api = api
         self._settings = settings

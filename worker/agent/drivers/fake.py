@@ -14,7 +14,7 @@ without sleeping::
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable, Coroutine, Mapping
+from collections.abc import Callable, Collection, Coroutine, Mapping
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
@@ -121,6 +121,7 @@ class FakeContainer:
     def __init__(self, driver: FakeDriver, spec: ContainerSpec, behaviour: FakeBehaviour):
         self._driver = driver
         self.spec = spec
+        self.image_id: str | None = driver.image_id(spec.image)
         self.behaviour = behaviour
         self.state = "created"
         self.exit_info: ExitInfo | None = None
@@ -243,7 +244,12 @@ class FakeDriver:
         self.placements: list[frozenset[int] | None] = []  # each place() asked for
         self.paused_at: list[float] = []  # loop times of the pauses
         self.started = self.closed = False
+        # the image id each image name stands for (test control; default: one per name)
+        self.images: dict[str, str] = {}
         self._change = asyncio.Event()
+
+    def image_id(self, image: str) -> str:
+        return self.images.get(image, f"id-of-{image}")
 
     def behaviour(self, image: str) -> FakeBehaviour:
         return self.per_image.get(image, self.default)
@@ -285,6 +291,9 @@ class FakeDriver:
         container = FakeContainer(self, spec, behaviour)
         self.containers.append(container)
         return container
+
+    async def image_ids(self, images: Collection[str]) -> dict[str, str]:
+        return {image: self.image_id(image) for image in images}
 
     async def place(self, cpus: frozenset[int] | None) -> None:
         self.placements.append(cpus)
