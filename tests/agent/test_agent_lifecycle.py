@@ -3,12 +3,15 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
+from datetime import UTC, datetime, timedelta
 
 import pytest
 
-from config.domain import CallStatus, FailureKind, Function, Outcome
+from config.domain import CallStatus, FailureKind, Function, Outcome, frozen_map
 from tests.agent.conftest import AgentFactory, make_call, make_fn, settle
 from worker.agent.agent import Agent
+from worker.agent.driver import DispatchRequest, DispatchResult
 from worker.agent.drivers.fake import (
     FakeBehaviour,
     FakeContainer,
@@ -591,3 +594,56 @@ async def test_containers_of_a_replaced_image_are_retired(agents: AgentFactory) 
     assert [c.image_id for c in driver.live] == ["rebuilt"]
     assert driver.creates == 2
     assert await agent.retire_replaced_images() == 0
+
+
+# ------------------------------------------------------------- definitions
+
+
+async def test_a_new_definition_retires_the_containers_of_the_old_one(
+    agents: AgentFactory,
+) -> None:
+    gate = asyncio.Event()  # held by calls with the body `hold`
+
+    async def handler(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        if request.body == b"hold":
+            await gate.wait()
+        return await reply()(container, request)
+
+    driver = FakeDriver(FakeBehaviour(handler=handler))
+    agent = agents(driver)
+    t0 = datetime(2030, 1, 1, tzinfo=UTC)
+    old = make_fn(idle_timeout_s=600, config={"MODE": "a"}, updated_at=t0)
+    new = dataclasses.replace(old, config=frozen_map({"MODE": "b"}), updated_at=t0 + timedelta(1))
+
+    def modes() -> list[str]:
+        return sorted(c.spec.env["MODE"] for c in driver.live)
+
+    running = asyncio.create_task(agent.submit(make_call(old, b"hold"), old))
+    await driver.wait_until(lambda: driver.dispatches == 1)
+    assert (await agent.submit(make_call(old), old)).status is CallStatus.SUCCESS
+    assert modes() == ["a", "a"]  # one busy, one idle
+    assert (await agent.submit(make_call(new), new)).status is CallStatus.SUCCESS
+    await driver.wait_until(lambda: modes() == ["a", "b"])  # the idle `a` one left
+    assert driver.removes == 1
+    gate.set()
+    assert (await running).status is CallStatus.SUCCESS  # ran to its end, on `a`
+    await driver.wait_until(lambda: modes() == ["b"])
+    # A call that looked the function up before the change runs as it was, and
+    # takes nothing from the newer definition.
+    assert (await agent.submit(make_call(old), old)).status is CallStatus.SUCCESS
+    assert modes() == ["a", "b"]
+    # Changed back: the `a` container serves, the `b` one goes.
+    back = dataclasses.replace(old, updated_at=t0 + timedelta(2))
+    assert (await agent.submit(make_call(back), back)).status is CallStatus.SUCCESS
+    await driver.wait_until(lambda: modes() == ["a"])
+    assert driver.creates == 4
+
+
+async def test_definitions_without_a_time_retire_nothing(agents: AgentFactory) -> None:
+    driver = FakeDriver()
+    agent = agents(driver)
+    one, two = make_fn(memory_mb=64), make_fn(memory_mb=128)
+    for fn in (one, two, one):
+        assert (await agent.submit(make_call(fn), fn)).status is CallStatus.SUCCESS
+    await settle()
+    assert (driver.creates, driver.removes) == (2, 0)

@@ -61,8 +61,11 @@ and the call simply waits for another slot.
 cases); any other answer, a broken exchange, a timeout, a death or a cancel
 retires the container, since its state is unknown. The container then goes
 back to idle (paused after ``FN_FREEZE_IDLE_MSECS``) and offers a new slot,
-until its idle timeout passes with no call, it is evicted, or the agent
-closes; then it is removed and its token freed.
+until its idle timeout passes with no call, it is evicted, a newer definition
+of its function comes with another slot key (:meth:`Agent._retire_superseded`),
+its image name comes to stand for another image
+(:meth:`Agent.retire_replaced_images`), or the agent closes; then it is
+removed and its token freed.
 
 **Close.** When the worker is asked to stop, :meth:`Agent.stop_waiting`
 sends every call that waits for a container back as *busy* at once, and so
@@ -80,6 +83,7 @@ import asyncio
 import logging
 import time
 from collections.abc import Callable, Collection
+from datetime import datetime
 from types import TracebackType
 
 from config.domain import Call, Function, Outcome, headers_problem
@@ -140,6 +144,8 @@ class Agent:
         self.hot_poll_s = settings.secs("hot_poll_msecs")
         self._queues: dict[str, SlotQueue] = {}
         self._keys: dict[int, tuple[Function, str]] = {}
+        # the newest definition of each function seen: its updated_at and slot key
+        self._newest: dict[tuple[str, str], tuple[datetime, str]] = {}
         self._launchers = TaskSet("launcher")
         self._containers = TaskSet("container")
         self._hot: dict[HotContainer, asyncio.Task[None]] = {}
@@ -332,7 +338,38 @@ class Agent:
             self._keys.clear()
         key = slot_key(fn)
         self._keys[id(fn)] = (fn, key)  # holding fn keeps its id from being reused
+        self._retire_superseded(fn, key)
         return key
+
+    def _retire_superseded(self, fn: Function, key: str) -> None:
+        """``fn`` is a definition of its function newer than any seen so far (by its
+        ``updated_at``) with another slot key: retire the containers of the function's
+        other definitions, idle ones at once, busy ones once their call is over. No
+        call of this worker asks for them any more but those that looked the
+        function up before the change. (A definition as old as the newest one, or
+        older, changes nothing: that of a call that looked it up earlier.)"""
+        if fn.updated_at is None:
+            return
+        ref = (fn.app, fn.name)
+        newest = self._newest.get(ref)
+        if newest is not None and newest[0] >= fn.updated_at:
+            return
+        self._newest[ref] = (fn.updated_at, key)
+        if newest is None or newest[1] == key:
+            return
+        retired = 0
+        for hot in list(self._hot):
+            if (
+                hot.queue.key != key
+                and hot.fn.app == fn.app
+                and hot.fn.name == fn.name
+                and hot.retire_reason is None
+            ):
+                hot.retire("its function's definition changed")
+                retired += 1
+        if retired:
+            log.info("%d container(s) of %s retired: the function's definition changed",
+                     retired, fn.ref)  # fmt: skip
 
     def _queue_for(self, fn: Function) -> SlotQueue:
         key = self._slot_key(fn)
