@@ -5,7 +5,10 @@
   agent; their outcome is then ``cancelled``.
 - Every ``HEARTBEAT_S``: write this worker's row (capacity, containers, calls)
   for ``fnq status``, and refresh the metrics gauges (with ``queues`` given,
-  when the metrics are served, their depth too).
+  when the metrics are served, their depth too); and read again the
+  definitions of the functions the agent has containers of, so that those of
+  a function changed or deleted leave even when no call of it comes here
+  (``Agent.definition_read``).
 
 A datastore outage makes these skip a beat, logged once, never stop the worker.
 """
@@ -84,6 +87,7 @@ class Upkeep:
                 self.metrics.observe_agent(stats)
                 await self._observe_queues()
                 ok = await self._guard(self.store.worker_heartbeat(self.worker_id, describe(stats)))
+                ok = await self._guard(self._definitions()) and ok
             beats += 1
             if ok and self._failing:
                 log.warning("datastore is back: cancellations and heartbeats resume")
@@ -101,6 +105,10 @@ class Upkeep:
             log.debug("queue depth not read for the metrics: %s", exc)
             return
         self.metrics.observe_queues(stats)
+
+    async def _definitions(self) -> None:
+        for app, name in sorted(self.agent.functions()):
+            self.agent.definition_read(app, name, await self.store.get_fn(app, name))
 
     async def _cancellations(self) -> None:
         ids = list(self.running())

@@ -341,6 +341,27 @@ class Agent:
         self._retire_superseded(fn, key)
         return key
 
+    def functions(self) -> set[tuple[str, str]]:
+        """The functions (app, name) this agent has containers of."""
+        return {(hot.fn.app, hot.fn.name) for hot in self._hot}
+
+    def definition_read(self, app: str, name: str, fn: Function | None) -> None:
+        """The registry's definition of function ``app``/``name`` as just read (None: it
+        is not registered): the containers of its other definitions leave, and all of
+        its containers when it is gone (idle ones at once, busy ones after their call)."""
+        if fn is not None:
+            self._retire_superseded(fn, slot_key(fn))
+            return
+        self._newest.pop((app, name), None)
+        retired = 0
+        for hot in list(self._hot):
+            if hot.fn.app == app and hot.fn.name == name and hot.retire_reason is None:
+                hot.retire("its function was deleted")
+                retired += 1
+        if retired:
+            log.info("%d container(s) of %s/%s retired: the function was deleted",
+                     retired, app, name)  # fmt: skip
+
     def _retire_superseded(self, fn: Function, key: str) -> None:
         """``fn`` is a definition of its function newer than any seen so far (by its
         ``updated_at``) with another slot key: retire the containers of the function's
