@@ -6,7 +6,7 @@ import tracemalloc
 
 import pytest
 
-from worker.agent import http1
+from worker.agent import fdk, http1
 from worker.agent.http1 import (
     HeadTooBig,
     Incomplete,
@@ -241,3 +241,34 @@ def test_remembered_heads_are_bounded() -> None:
         answer = b"HTTP/1.1 200 OK\r\nX-N: %d\r\nContent-Length: 1\r\n\r\nx" % i
         assert ResponseParser(1024).feed(answer) is not None
         assert len(http1._HEADS) <= http1._HEADS_MAX
+
+
+def test_what_a_function_sends_is_kept_past_its_answer_only_in_usual_sizes() -> None:
+    """The caches of heads, names and tokens live as long as the worker: a function
+    answering with long header names and values (new ones each call) must not fill
+    them."""
+
+    def answer(i: int) -> bytes:
+        name = b"X-" + b"n" * 200_000 + b"%d" % i
+        connection = b"keep-alive, " + b"t" * 200_000 + b"%d" % i
+        return b"HTTP/1.1 200 OK\r\n%s: v\r\nConnection: %s\r\nContent-Length: 1\r\n\r\nx" % (
+            name,
+            connection,
+        )
+
+    answers = [answer(i) for i in range(5)]
+    tracemalloc.start()
+    try:
+        before = tracemalloc.get_traced_memory()[0]
+        for data in answers:
+            in_two = ResponseParser(1 << 20)  # the general path, not the one-read one
+            assert in_two.feed(data[:10]) is None
+            for r in (ResponseParser(1 << 20).feed(data), in_two.feed(data[10:])):
+                assert r is not None and r.keep_alive
+                name = r.headers[0][0]
+                assert fdk.response_headers(r)[fdk.canonical_name(name)] == "v"
+            del r, name, in_two
+        kept = tracemalloc.get_traced_memory()[0] - before
+    finally:
+        tracemalloc.stop()
+    assert kept < 100_000, f"{kept} bytes kept after 5 answers of 400 KB heads"

@@ -41,7 +41,14 @@ from typing import cast
 from config.errors import AgentError
 from worker.agent.driver import DispatchRequest, DispatchResult
 from worker.agent.errors import DispatchError, InvalidResponse, NotDelivered, ResponseTooBig
-from worker.agent.http1 import HeadTooBig, Incomplete, ParseError, RawResponse, ResponseParser
+from worker.agent.http1 import (
+    CACHED_NAME_BYTES,
+    HeadTooBig,
+    Incomplete,
+    ParseError,
+    RawResponse,
+    ResponseParser,
+)
 
 DEFAULT_MAX_HEADER_BYTES = 10 * 1024 * 1024
 KEEPALIVE_S = 60.0  # below the Python FDK's 75 s, so the worker always closes first
@@ -267,17 +274,34 @@ class FdkClient:
         return DispatchResult(raw.status, response_headers(raw), raw.body, raw.truncated)
 
 
-@functools.lru_cache(maxsize=1024)
 def canonical_name(name: str) -> str:
     """``content-type`` -> ``Content-Type``: header names are case-insensitive, and
     records keep one spelling (the one Fn's Go agent uses)."""
+    if len(name) <= CACHED_NAME_BYTES:
+        return _cached_canonical(name)
+    return _canonical(name)
+
+
+def _canonical(name: str) -> str:
     return "-".join(part[:1].upper() + part[1:].lower() for part in name.split("-"))
 
 
-@functools.lru_cache(maxsize=1024)
+_cached_canonical = functools.lru_cache(maxsize=1024)(_canonical)
+
+
 def _kept_name(name: str) -> str | None:
-    """The canonical name of a response header that is passed on; None for hop-by-hop."""
-    return None if name.lower() in HOP_BY_HOP else canonical_name(name)
+    """The canonical name of a response header that is passed on; None for hop-by-hop.
+    Names of usual sizes are cached; a long one (the function chose it) is not kept."""
+    if len(name) <= CACHED_NAME_BYTES:
+        return _cached_kept(name)
+    return _kept(name)
+
+
+def _kept(name: str) -> str | None:
+    return None if name.lower() in HOP_BY_HOP else _canonical(name)
+
+
+_cached_kept = functools.lru_cache(maxsize=1024)(_kept)
 
 
 def response_headers(raw: RawResponse) -> Mapping[str, str]:

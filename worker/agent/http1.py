@@ -26,6 +26,10 @@ _STATUS_LINE = re.compile(rb"HTTP/1\.([01]) ([1-9]\d\d)(?:[ \t][^\r\n]*)?")
 _TOKEN = re.compile(rb"[!#$%&'*+.^_`|~0-9A-Za-z-]+")
 _HEX = re.compile(rb"[0-9A-Fa-f]{1,15}")
 _MAX_CHUNK_LINE = 4096
+# What the caches below keep lives as long as the worker, whatever the function sends:
+# they take only values of usual sizes (a head up to 10 MiB is parsed, not kept).
+CACHED_HEAD_BYTES = 4096
+CACHED_NAME_BYTES = 64
 
 
 class ParseError(Exception):
@@ -145,9 +149,10 @@ class ResponseParser:
             parsed = _usual_head(head)
             if parsed is None:
                 return None
-            if len(_HEADS) >= _HEADS_MAX:
-                _HEADS.clear()
-            _HEADS[head] = parsed
+            if end <= CACHED_HEAD_BYTES:
+                if len(_HEADS) >= _HEADS_MAX:
+                    _HEADS.clear()
+                _HEADS[head] = parsed
         status, headers, length, keep_alive = parsed
         body = data[end + 4 :]
         if length != len(body) or (self._max_body and length > self._max_body):
@@ -349,7 +354,7 @@ def _header(line: bytes) -> tuple[str, str]:
         if not sep or not _TOKEN.fullmatch(raw):
             raise MalformedResponse(f"bad header line {line[:80]!r}")
         name = raw.decode("ascii")
-        if len(_NAMES) < _NAMES_MAX:
+        if len(_NAMES) < _NAMES_MAX and len(raw) <= CACHED_NAME_BYTES:
             _NAMES[raw] = name
     return name, value.strip(b" \t").decode("utf-8", "replace")
 
@@ -359,14 +364,16 @@ def _digits(value: str) -> bool:
     return value.isascii() and value.isdigit()
 
 
-@functools.lru_cache(maxsize=64)
 def _tokens(value: str) -> frozenset[str]:
     return frozenset(t.strip().lower() for t in value.split(","))
 
 
+_cached_tokens = functools.lru_cache(maxsize=64)(_tokens)
+
+
 def _connection_says(value: str, keep_alive: bool) -> bool:
     """Whether a ``Connection`` header leaves the connection open (else as it was)."""
-    tokens = _tokens(value)
+    tokens = _cached_tokens(value) if len(value) <= CACHED_NAME_BYTES else _tokens(value)
     if "close" in tokens:
         return False
     return True if "keep-alive" in tokens else keep_alive
@@ -376,6 +383,6 @@ def _lower(name: str) -> str:
     key = _LOWER.get(name)
     if key is None:
         key = name.lower()
-        if len(_LOWER) < _NAMES_MAX:
+        if len(_LOWER) < _NAMES_MAX and len(name) <= CACHED_NAME_BYTES:
             _LOWER[name] = key
     return key
