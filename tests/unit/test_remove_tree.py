@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from worker.agent import iofs
 from worker.agent.iofs import remove_tree
 
 
@@ -45,3 +48,29 @@ def test_a_path_that_is_gone_or_no_directory(tmp_path: Path) -> None:
     link.symlink_to(tmp_path)
     remove_tree(link)
     assert not link.is_symlink() and tmp_path.is_dir()
+
+
+def test_a_directory_moved_up_during_the_removal_takes_it_no_higher_than_its_top(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The way back up goes through "..": when something still running in the
+    directory moves the one being emptied closer to the top, "..", counted as
+    before, would lead above the top, and what is there would be removed."""
+    base = tmp_path / "base"
+    top = base / "iofs"
+    (top / "a" / "b" / "c").mkdir(parents=True)
+    (base / "other").mkdir()
+    (base / "other" / "sock").write_text("another container's")
+    (tmp_path / "host-file").write_text("precious")
+    deepest = os.stat(top / "a" / "b" / "c").st_ino
+    empty_files = iofs._empty_files
+
+    def moving(fd: int, stuck: set[tuple[int, int]]) -> str | None:
+        if os.fstat(fd).st_ino == deepest and (top / "a" / "b" / "c").exists():
+            os.rename(top / "a" / "b" / "c", top / "c")  # two levels up
+        return empty_files(fd, stuck)
+
+    monkeypatch.setattr(iofs, "_empty_files", moving)
+    remove_tree(top)
+    assert (base / "other" / "sock").read_text() == "another container's"
+    assert (tmp_path / "host-file").read_text() == "precious"

@@ -156,8 +156,16 @@ def remove_tree(path: Path) -> None:
 
 
 def _empty_tree(fd: int) -> None:
-    """Empty the directory ``fd``, and close it."""
+    """Empty the directory ``fd``, and close it.
+
+    The way back up is "..", checked against the directory that was left on
+    the way down: a process still running in the tree may move the directory
+    being emptied elsewhere in it (closer to the top, say), and ".." counted
+    as before would then lead above the top. A mismatch stops the removal:
+    what is left stays.
+    """
     names: list[str] = []  # the way down: a directory name per level
+    parents: list[tuple[int, int]] = []  # the way down: the directory above, per level
     stuck: set[tuple[int, int]] = set()  # directories that could not be emptied
     try:
         while True:
@@ -168,6 +176,7 @@ def _empty_tree(fd: int) -> None:
                 except OSError:
                     _mark_stuck(stuck, fd, sub)
                     continue
+                parents.append(_identity(fd))
                 fd, above = child, fd
                 os.close(above)
                 names.append(sub)
@@ -176,6 +185,8 @@ def _empty_tree(fd: int) -> None:
                 return
             fd, below = os.open("..", _DIR_FLAGS, dir_fd=fd), fd
             os.close(below)
+            if _identity(fd) != parents.pop():
+                return  # moved meanwhile: this is not the directory it came from
             name = names.pop()
             try:
                 os.rmdir(name, dir_fd=fd)
@@ -185,6 +196,11 @@ def _empty_tree(fd: int) -> None:
         pass  # the way back up is gone: leave what is left
     finally:
         os.close(fd)
+
+
+def _identity(fd: int) -> tuple[int, int]:
+    st = os.fstat(fd)
+    return st.st_dev, st.st_ino
 
 
 def _mark_stuck(stuck: set[tuple[int, int]], dir_fd: int, name: str) -> None:
