@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import tracemalloc
 
 import pytest
@@ -272,3 +273,25 @@ def test_what_a_function_sends_is_kept_past_its_answer_only_in_usual_sizes() -> 
     finally:
         tracemalloc.stop()
     assert kept < 100_000, f"{kept} bytes kept after 5 answers of 400 KB heads"
+
+
+def test_a_head_that_comes_a_few_bytes_at_a_time_costs_time_in_proportion_to_it() -> None:
+    """Each read searches only what is new for the end of the head or of a trailer
+    line: a function dripping a long head must not take the worker's CPU for
+    seconds (searching the whole buffer on every read took about 15 s here)."""
+    piece = b"a" * 16
+    pieces = 1024 * 1024 // len(piece)  # 1 MiB
+    started = time.perf_counter()
+    for prefix, end in (
+        (b"HTTP/1.1 200 OK\r\nX-Long: ", b"\r\nContent-Length: 0\r\n\r\n"),
+        (b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0\r\nX-T: ", b"\r\n\r\n"),
+    ):
+        parser = ResponseParser(4 * 1024 * 1024)
+        assert parser.feed(prefix) is None
+        for _ in range(pieces):
+            assert parser.feed(piece) is None
+        # The end split over two reads is still found.
+        assert parser.feed(end[:-1]) is None
+        r = parser.feed(end[-1:])
+        assert r is not None and r.status == 200 and r.body == b""
+    assert time.perf_counter() - started < 3.0

@@ -77,6 +77,7 @@ class ResponseParser:
         "_max_body",
         "_max_head",
         "_result",
+        "_scanned",
         "_status",
     )
 
@@ -84,6 +85,10 @@ class ResponseParser:
         self._max_head = max_header_bytes
         self._max_body = max_body_bytes
         self._buf = bytearray()
+        # How much of _buf was searched for the end of the head or line it waits for:
+        # each read searches only what is new, so a head that comes a few bytes at a
+        # time costs time in proportion to its size, not to its size squared.
+        self._scanned = 0
         self._frame = _Frame.HEAD
         self._left = 0
         self._head_used = 0
@@ -163,11 +168,13 @@ class ResponseParser:
         return self._result
 
     def _head(self) -> bool:
-        end = self._buf.find(b"\r\n\r\n")
+        end = self._buf.find(b"\r\n\r\n", max(0, self._scanned - 3))
         if end < 0:
             if len(self._buf) > self._max_head:
                 raise HeadTooBig(f"response headers are over {self._max_head} bytes")
+            self._scanned = len(self._buf)
             return False
+        self._scanned = 0
         self._head_used = end + 4
         if self._head_used > self._max_head:
             raise HeadTooBig(f"response headers are over {self._max_head} bytes ({end + 4})")
@@ -275,9 +282,11 @@ class ResponseParser:
     def _line(self, limit: int) -> bytes | None:
         """The next line, once it has come; HeadTooBig if it takes more than ``limit``
         bytes with its CRLF, whether it came in one read or byte by byte."""
-        end = self._buf.find(b"\r\n")
+        end = self._buf.find(b"\r\n", max(0, self._scanned - 1))
         if end < 0 and len(self._buf) <= limit:
+            self._scanned = len(self._buf)
             return None
+        self._scanned = 0
         if end < 0 or end + 2 > limit:
             if self._frame == _Frame.TRAILER:
                 raise HeadTooBig(f"response headers are over {self._max_head} bytes")
