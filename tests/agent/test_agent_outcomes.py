@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 
 import pytest
@@ -480,3 +481,19 @@ async def test_a_dropped_connection_then_an_exit_is_reported_as_the_exit(
     outcome = await agent.submit(make_call(fn), fn)
     assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.FUNCTION
     assert outcome.error == "container exited with code 3"
+
+
+@pytest.mark.parametrize("call_id", ["x\r\nFn-Call-Id: other", "a/../../b", "", "x" * 200])
+async def test_a_call_id_that_cannot_be_sent_is_a_terminal_error_before_any_container(
+    agents: AgentFactory, call_id: str
+) -> None:
+    # Queues refuse such ids; the agent does not rely on it: the id goes into the
+    # request's head (Fn-Call-Id) as it is.
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    call = dataclasses.replace(make_call(fn), id=call_id)
+    outcome = await agent.submit(call, fn)
+    assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.TERMINAL
+    assert outcome.error is not None and "call id" in outcome.error
+    assert not outcome.started and driver.creates == 0

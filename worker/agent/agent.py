@@ -86,7 +86,7 @@ from collections.abc import Callable, Collection
 from datetime import datetime
 from types import TracebackType
 
-from config.domain import Call, Function, Outcome, headers_problem
+from config.domain import CALL_ID_RE, Call, Function, Outcome, headers_problem
 from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.cpu import CpuGauge
@@ -220,6 +220,8 @@ class Agent:
                 self._no_calls.set()
 
     async def _submit(self, call: Call, fn: Function, stop: StopControl) -> Outcome:
+        if not CALL_ID_RE.fullmatch(call.id):  # it goes into the request's head as it is
+            return not_started_outcome(InvalidCall(f"call id {call.id[:80]!r} is not valid"))
         if call.headers and (problem := headers_problem(call.headers)) is not None:
             return not_started_outcome(InvalidCall(f"call {call.id}: {problem}"))
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
