@@ -99,6 +99,8 @@ def test_directories_are_made_open_and_removed(settings_env: Path, tmp_path: Pat
     made = root.make("fnq-abc")
     assert made.host_path.parent == tmp_path / "io"
     assert made.host_path.stat().st_mode & 0o777 == 0o777
+    # Open to all, in a directory that only the worker's user can enter.
+    assert (tmp_path / "io").stat().st_mode & 0o777 == 0o700
     assert made.docker_path == str(made.host_path)
     root.remove(made)
     assert not made.host_path.exists()

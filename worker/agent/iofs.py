@@ -83,7 +83,10 @@ class IofsRoot:
     def open(self) -> None:
         if self.base is None:
             self.base = Path(tempfile.mkdtemp(prefix="fnq-iofs-"))
-        self.base.mkdir(parents=True, exist_ok=True)  # an existing one is left as it is
+        # Private to the worker's user: each socket directory in it is open to all (the
+        # function's uid must make its socket there), so other users of the host must
+        # not reach them. An existing one is left as it is.
+        self.base.mkdir(mode=0o700, parents=True, exist_ok=True)
 
     def make(self, name: str) -> IofsDir:
         if self.base is None:
