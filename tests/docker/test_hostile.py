@@ -1,4 +1,4 @@
-"""What a hostile function (tests/functions/hostile) may do, on the real engine."""
+"""What a hostile function (tests/functions/misbehave, hostile.py) may do, on the real engine."""
 
 from __future__ import annotations
 
@@ -8,12 +8,11 @@ from typing import Any
 
 import pytest
 
-from tests.docker.conftest import request, spec
-from tests.docker.test_misbehaving import running
+from tests.docker.conftest import request, running, spec
 from worker.agent.drivers.docker import DockerDriver
 
 pytestmark = pytest.mark.integration
-IMAGE = "fnq/hostile"
+IMAGE = "fnq/misbehave"
 
 
 def do(what: str, **args: Any) -> Any:

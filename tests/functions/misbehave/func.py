@@ -24,6 +24,7 @@ The request body is JSON, {"do": WHAT, ...}; WHAT is one of:
 - ``replace``: answer, close, then replace lsnr.sock by ``with`` ("file",
   "dir", "fifo" or "link" to a name in the directory that is no socket).
 - ``ignore_term``: answer; from now on SIGTERM is ignored.
+- and what a hostile function tries: see hostile.py.
 """
 
 import json
@@ -34,12 +35,14 @@ import sys
 import threading
 import time
 
+import hostile
+
 DIR = "/tmp/iofs"
 LISTENER = os.environ.get("FN_LISTENER", "unix:/tmp/iofs/lsnr.sock")[len("unix:"):]
 
 
-def answer(body=b"ok", status=200, close=False):
-    extra = "Connection: close\r\n" if close else ""
+def answer(body=b"ok", status=200, close=False, extra=""):
+    extra += "Connection: close\r\n" if close else ""
     head = f"HTTP/1.1 {status} OK\r\n{extra}Content-Length: {len(body)}\r\n\r\n"
     return head.encode() + body
 
@@ -183,6 +186,8 @@ def serve(conn):
         elif what == "ignore_term":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             conn.sendall(answer())
+        elif hostile.handle(conn, what, req, answer):
+            pass
         else:
             conn.sendall(answer(f"unknown {what!r}".encode(), 400))
 
