@@ -17,6 +17,7 @@ from config.domain import CallStatus
 from config.errors import StoreError
 from datastore.base import Datastore
 from mq.base import Buried
+from worker.logs import current_call
 from worker.metrics import Metrics
 
 log = logging.getLogger("fnq.worker")
@@ -39,6 +40,7 @@ async def record_buried(store: Datastore, metrics: Metrics, buried: Sequence[Bur
 
 
 async def _end_buried(store: Datastore, metrics: Metrics, b: Buried) -> StoreError | None:
+    current_call.set(b.call_id)  # its own task (gather): the line names the call
     try:
         if await store.end_buried(b.call_id, b.reason, b.died_at):
             log.info("call %s: the queue buried its message (%s); recorded as error",

@@ -24,6 +24,7 @@ from mq.base import Buried, MessageQueue, open_queue
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
 from worker.calls import CallHandler
+from worker.logs import CallIdFilter, current_call
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.shutdown import Shutdown
@@ -183,3 +184,21 @@ async def test_a_burial_of_a_reserve_cut_short_by_the_stop_is_recorded(tmp_path:
     finally:
         await queue.inner.close()
         await store.close()
+
+
+class StoreUp:
+    async def end_buried(self, call_id: str, reason: str, died_at: object) -> bool:
+        return True
+
+
+async def test_the_line_of_a_buried_call_names_the_call(caplog: pytest.LogCaptureFixture) -> None:
+    handler = CallHandler(
+        load_settings(), StoreUp(), None,  # type: ignore[arg-type]
+        metrics=Metrics(), worker_id="w", rng=random.Random(),
+    )  # fmt: skip
+    buried = [Buried(new_call_id(), "delivered 2 times", utcnow()) for _ in range(2)]
+    caplog.handler.addFilter(CallIdFilter())
+    with caplog.at_level(logging.INFO, logger="fnq.worker"):
+        await handler.record_buried(buried)
+    assert {getattr(r, "call_id", None) for r in caplog.records} == {b.call_id for b in buried}
+    assert current_call.get() is None  # the caller's context is left alone
