@@ -17,11 +17,13 @@ from prometheus_client.core import CounterMetricFamily, HistogramMetricFamily, M
 from prometheus_client.registry import Collector
 from prometheus_client.utils import floatToGoString
 
+from config.domain import FINAL_STATUSES
 from config.errors import ConfigError
 from mq.base import QueueStats
 from worker.agent.slots import LIVE_CONTAINER_STATES
 from worker.agent.stats import AgentStats
 
+HAND_BACK_REASONS = ("stop", "fault")  # the worker stopped; a passing queue or datastore fault
 _LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60)
 
 
@@ -50,10 +52,12 @@ class CallCounts(Collector):
     """The per-call counters, exported on each scrape."""
 
     def __init__(self) -> None:
-        self.by_status: dict[str, int] = {}
+        # Every status and reason is exported from the start, at 0: a series that
+        # appears only with its first call hides that call from rate() and increase().
+        self.by_status: dict[str, int] = dict.fromkeys(sorted(FINAL_STATUSES), 0)
         self.retries = 0
         self.released = 0
-        self.handed_back: dict[str, int] = {}  # by reason: "stop", "fault"
+        self.handed_back: dict[str, int] = dict.fromkeys(HAND_BACK_REASONS, 0)
         self.queue_wait = Timings("fnq_queue_wait_seconds", "Enqueue until dispatch")
         self.run_time = Timings("fnq_run_seconds", "Dispatch until the function answered")
 

@@ -73,3 +73,11 @@ def test_a_metrics_port_in_use_is_one_sentence_naming_the_setting() -> None:
         port = taken.getsockname()[1]
         with pytest.raises(ConfigError, match=f"^FN_METRICS_PORT={port}: cannot serve metrics"):
             Metrics().serve(port)
+
+
+def test_every_status_and_reason_is_exported_before_its_first_call() -> None:
+    text = generate_latest(Metrics().registry).decode()
+    for status in ("success", "error", "timeout", "cancelled"):
+        assert f'fnq_calls_total{{status="{status}"}} 0.0' in text, text
+    for reason in ("stop", "fault"):
+        assert f'fnq_calls_handed_back_total{{reason="{reason}"}} 0.0' in text, text

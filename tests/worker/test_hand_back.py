@@ -137,7 +137,7 @@ async def test_a_stopped_call_is_recorded_queued_before_its_message_goes_back(
         marked=calls[:1],  # type: ignore[arg-type]
     )
     assert (await queue.stats()).ready == 2
-    assert metrics.calls.handed_back == {"stop": 2}
+    assert metrics.calls.handed_back == {"stop": 2, "fault": 0}
     for call in calls:
         before = seen.records[call.id]
         assert before is not None and before.status is CallStatus.QUEUED

@@ -412,7 +412,7 @@ async def test_a_call_handed_back_for_a_passing_fault_is_recorded_queued_first(
         metrics = Metrics()
         await _worker_run(settings, store, releases, done, metrics)  # type: ignore[arg-type]
         assert store.put_backs == 1  # tried once, before the message went back
-        assert metrics.calls.handed_back == {"fault": 1}
+        assert metrics.calls.handed_back == {"stop": 0, "fault": 1}
         [(before, delay_s)] = releases.seen
         assert delay_s == 0.05
         assert before is not None
