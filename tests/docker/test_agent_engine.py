@@ -163,6 +163,22 @@ async def test_a_call_reports_its_cpu_time_and_memory(agent_for: Callable[..., A
         assert big.stats["memory_peak_mb"] >= 48 > small.stats["memory_peak_mb"]
 
 
+async def test_a_call_that_ends_without_an_answer_reports_its_use(
+    agent_for: Callable[..., Agent],
+) -> None:
+    hog = fn("hog", "fnq/oom:latest", memory_mb=64)
+    slow = fn("slow", "fnq/sleep:latest", timeout_s=1)
+    async with agent_for() as agent:
+        oom = await agent.submit(call(hog, b"256"), hog)  # killed at its 64 MB
+        late = await agent.submit(call(slow, b"5"), slow)
+    assert oom.status is CallStatus.ERROR and "out of memory" in (oom.error or ""), oom.error
+    assert oom.stats.get("cpu_ms", 0) > 0, oom.stats
+    if "memory_peak_mb" in oom.stats:  # cgroup v1 keeps a high-water mark
+        assert oom.stats["memory_peak_mb"] >= 56, oom.stats
+    assert late.status is CallStatus.TIMEOUT, late.error
+    assert set(late.stats) >= {"cpu_ms", "memory_mb"}, late.stats
+
+
 async def test_calls_of_a_function_that_never_opens_its_socket_end_after_one_start(
     agent_for: Callable[..., Agent],
 ) -> None:

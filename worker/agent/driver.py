@@ -115,6 +115,12 @@ class Container(Protocol):
         ``result.output_done``. Raises DispatchError (or a subclass) or TimeoutError,
         once the output until then has been taken."""
 
+    def unanswered_stats(self) -> Mapping[str, float]:
+        """The resource use of the last dispatch that ended without an answer (it
+        raised, or was cancelled: a timeout), as ``DispatchResult.stats`` has it, read
+        as it ended (a container killed for its memory has its peak there); empty
+        when not known."""
+
     async def pause(self) -> None: ...
 
     async def unpause(self) -> None: ...

@@ -21,8 +21,8 @@ never started: init failed / timeout   error        function   -
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
@@ -56,6 +56,7 @@ class ExecResult:
     completed_at: datetime
     result: DispatchResult | None = None
     error: str | None = None
+    stats: Mapping[str, float] = field(default_factory=dict)  # without a result: as it ended
 
 
 class StopControl:
@@ -165,7 +166,7 @@ def ran_outcome(run: ExecResult, log: LogBuffer, container_id: str, image: str) 
         image=image,
         started_at=run.started_at,
         completed_at=run.completed_at,
-        stats=MappingProxyType(dict(run.result.stats)) if run.result is not None else {},
+        stats=MappingProxyType(dict(run.result.stats if run.result is not None else run.stats)),
     )
 
 

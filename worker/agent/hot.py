@@ -461,7 +461,8 @@ class HotContainer:
         )
         stop.dispatched()
         end, result, error = await self._dispatch(container, request, sink, stop, timeout_s)
-        return ExecResult(end, started_at, utcnow(), result=result, error=error)
+        stats = container.unanswered_stats() if result is None else {}
+        return ExecResult(end, started_at, utcnow(), result=result, error=error, stats=stats)
 
     async def _dispatch(
         self,

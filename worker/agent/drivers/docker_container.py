@@ -98,6 +98,7 @@ class DockerContainer:
         self._fdk: FdkClient | None = None
         self._stdio: ProcessStdio | None = None
         self._meter: CgroupMeter | None = None
+        self._unanswered_stats: dict[str, float] = {}
         self._pidfd: int | None = None  # readable once the container's first process exits
         self._paused = False
         self.network: str | None = None  # the docker network it holds a place in
@@ -255,14 +256,18 @@ class DockerContainer:
         output = self._output
         segment = output.open(sink)
         meter = self._meter
+        self._unanswered_stats = {}
         if meter is not None:
             meter.call_started()
         try:
             result = await self._fdk.call(request)
-        except asyncio.CancelledError:
+        except asyncio.CancelledError:  # a timeout or a stop: read before it is killed
+            self._unanswered_stats = meter.call_ended() if meter is not None else {}
             output.drop(segment)
             raise
         except (DispatchError, TimeoutError) as exc:
+            # At once: the cgroup of a container that died goes with it.
+            self._unanswered_stats = meter.call_ended() if meter is not None else {}
             # The container may be dying or is about to be killed: let go of its
             # pipes so that the engine sees its output end (drivers.stdio), and
             # take what it wrote until now.
@@ -289,6 +294,9 @@ class DockerContainer:
             stats=meter.call_ended() if meter is not None else {},
             output_done=segment.sealed,
         )
+
+    def unanswered_stats(self) -> dict[str, float]:
+        return self._unanswered_stats
 
     async def _until_exit_output(self, limit_s: float) -> None:
         """Wait up to ``limit_s`` for the container's exit and the end of its output.

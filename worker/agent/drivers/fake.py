@@ -129,6 +129,7 @@ class FakeContainer:
         self._sink: OutputSink | None = None
         self.debug_output: list[bytes] = []
         self.requests: list[DispatchRequest] = []
+        self.failed_stats: dict[str, float] = {}  # unanswered_stats
 
     @property
     def id(self) -> str:
@@ -143,6 +144,9 @@ class FakeContainer:
             self._sink(chunk)
         else:
             self.debug_output.append(chunk)
+
+    def unanswered_stats(self) -> dict[str, float]:
+        return self.failed_stats
 
     def exit(self, info: ExitInfo) -> None:
         """The process ends (crash, out of memory, kill)."""
