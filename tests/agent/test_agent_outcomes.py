@@ -150,6 +150,7 @@ async def test_driver_timeout_is_a_timeout_too(agents: AgentFactory) -> None:
     [
         (3, False, "container exited with code 3"),
         (137, True, "container was killed: out of memory (limit 128 MB)"),
+        (137, False, "container was killed (exit code 137)"),  # `docker kill`, not its memory
     ],
 )
 async def test_container_dying_mid_call_is_an_error_and_replaced(

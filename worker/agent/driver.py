@@ -85,11 +85,13 @@ class ExitInfo:
     error: str | None = None
 
     def describe(self, memory_mb: int | None = None) -> str:
-        if self.oom_killed or self.exit_code == 137:
+        if self.oom_killed:
             limit = f" (limit {memory_mb} MB)" if memory_mb else ""
             return f"container was killed: out of memory{limit}"
         if self.error:
             return f"container stopped: {self.error}"
+        if self.exit_code == 137:  # SIGKILL, and the engine saw no OOM: `docker kill`, say
+            return "container was killed (exit code 137)"
         return f"container exited with code {self.exit_code}"
 
 
