@@ -103,6 +103,32 @@ async def test_idle_container_is_paused_then_unpaused_for_the_next_call(
         assert second.container_id == first.container_id
 
 
+async def test_a_container_paused_or_unpaused_from_outside_stays_in_service(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
+) -> None:
+    echo = fn("echo", "fnq/echo:latest")
+    async with agent_for(freeze_idle_msecs=0) as agent:
+        first = await agent.submit(call(echo), echo)
+        (container,) = ours(docker_engine, label_tag)
+
+        def paused() -> bool:
+            container.reload()
+            return bool(container.attrs["State"]["Paused"])
+
+        await wait_for(paused)
+        container.unpause()  # an operator's, behind the agent's back
+        second = await agent.submit(call(echo, b"two"), echo)
+        assert second.status is CallStatus.SUCCESS, second.error
+        assert second.container_id == first.container_id
+        await wait_for(paused)
+        container.unpause()
+        container.pause()  # and paused again before the agent pauses it
+        third = await agent.submit(call(echo, b"three"), echo)
+        assert third.status is CallStatus.SUCCESS, third.error
+        assert third.container_id == first.container_id
+        assert agent.statistics().queue("eng/echo").containers_started == 1  # type: ignore[union-attr]
+
+
 async def test_idle_timeout_removes_the_container_and_frees_its_tokens(
     agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
 ) -> None:

@@ -53,6 +53,8 @@ DRAIN_TIMEOUT_S = 5.0  # for the output and wait tasks to notice a removed conta
 EXIT_OUTPUT_S = 0.5  # a broken exchange: how long the output waits for a death
 # Dispatch errors that are no broken connection: nothing sent, or a bad answer.
 NOT_A_BREAK = (NotDelivered, InvalidResponse, ResponseTooBig)
+# The engine's answer to a pause or unpause the container needs no more (409 or 500).
+_ALREADY = {"pause": "is already paused", "unpause": "is not paused"}
 
 
 @dataclass(frozen=True, slots=True)
@@ -355,6 +357,11 @@ class DockerContainer:
                 "POST", f"/containers/{self.id}/{action}", timeout_s=FREEZE_TIMEOUT_S
             )
         except DockerError as exc:
+            if exc.status in (409, 500) and _ALREADY[action] in str(exc):
+                # `docker pause` or `docker unpause` from outside did it first: the
+                # container is as asked, and nothing is wrong with it.
+                log.info("%s of %s: it already was (%s)", action, self.id, exc)
+                return
             raise FreezeFailed(f"docker {action} of {self.id} failed: {exc}") from exc
 
     async def wait(self) -> ExitInfo:
