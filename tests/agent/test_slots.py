@@ -294,6 +294,17 @@ def test_eviction_is_oldest_first_and_only_as_much_as_needed() -> None:
     assert ev.evictions == 2
 
 
+def test_eviction_leaves_containers_that_hold_none_of_what_is_missing() -> None:
+    ev = Evictor()
+    no_cpu = idle_token(ev, "A", 64)  # the oldest, but it frees no CPU
+    cpu = idle_token(ev, "B", 64, 400)
+    done = ev.evict_for("X", Shortfall(memory_mb=0, cpu_mcpus=200))
+    assert done == [cpu.done]
+    assert not no_cpu.requested and ev.evictions == 1
+    assert ev.evict_for("X", Shortfall(memory_mb=100, cpu_mcpus=100)) == []  # 64 MB short
+    assert not no_cpu.requested
+
+
 def test_eviction_is_all_or_nothing() -> None:
     ev = Evictor()
     a = idle_token(ev, "A", 128)

@@ -4,8 +4,9 @@ Every hot container that holds memory or CPU registers an
 :class:`EvictToken` when it starts. The token is *evictable* only while its
 container is idle. When a launch cannot get its resources,
 :meth:`Evictor.evict_for` picks evictable tokens of other functions, oldest
-first, until they cover the shortfall, and evicts them all, or none at all if
-they cannot cover it. An evicted container still races for its own slot: if a
+first, that hold some of what is still missing (a container without a CPU
+share frees no CPU), until they cover the shortfall, and evicts them all, or
+none at all if they cannot cover it. An evicted container still races for its own slot: if a
 call took it first, the container serves the call and its token goes to the
 back of the line again. The evictor also keeps the sum of what idle containers
 hold, room the intake's gate need not count (agent.wait_async_resource).
@@ -105,6 +106,11 @@ class Evictor:
         for token in self._tokens.values():
             if token.key == key or not token.evictable:
                 continue
+            if not (
+                (memory_mb < need.memory_mb and token.memory_mb > 0)
+                or (cpu_mcpus < need.cpu_mcpus and token.cpu_mcpus > 0)
+            ):
+                continue  # it holds none of what is still missing: it stays
             chosen.append(token)
             memory_mb += token.memory_mb
             cpu_mcpus += token.cpu_mcpus
