@@ -11,6 +11,10 @@ _RETRY_PAUSE_S = 0.01
 # commit (a disk flush, a millisecond or two).
 LOCK_POLL_FIRST_S = 0.0001
 LOCK_POLL_MAX_S = 0.001
+# The size a writer cuts the -wal file back to when it starts it over. The file grows
+# while a reader holds a transaction open (SQLite cannot start it over until that
+# reader is done) and, without a limit, keeps that size as long as a connection is open.
+WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:
@@ -49,7 +53,8 @@ def begin_immediate(conn: sqlite3.Connection, patience_s: float) -> None:
 
 
 def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
-    """Switch ``conn``'s database to WAL mode, waiting out other openers.
+    """Switch ``conn``'s database to WAL mode, waiting out other openers, and make
+    ``conn`` cut the -wal file back to ``WAL_SIZE_LIMIT_BYTES`` when it starts it over.
 
     Changing the journal mode needs an exclusive lock, and SQLite does not run
     its busy handler for that step when another connection is opening the same
@@ -65,4 +70,5 @@ def enable_wal(conn: sqlite3.Connection, timeout_s: float) -> None:
                 raise
             time.sleep(_RETRY_PAUSE_S)
         else:
-            return
+            break
+    conn.execute(f"PRAGMA journal_size_limit = {int(WAL_SIZE_LIMIT_BYTES)}")

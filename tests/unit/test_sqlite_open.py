@@ -6,10 +6,13 @@ import sqlite3
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from config.sqlite import begin_immediate, enable_wal
+from datastore.sqlite import connect
+from mq.sqlite_db import SqliteDb
 
 
 def _open_all(path: Path, n: int) -> list[BaseException]:
@@ -123,3 +126,41 @@ def test_begin_immediate_raises_other_errors_at_once(tmp_path: Path) -> None:
     finally:
         conn.execute("ROLLBACK")
         conn.close()
+
+
+def _queue_conn(path: Path) -> sqlite3.Connection:
+    db = SqliteDb(
+        path, reservation_ms=30_000, max_deliveries=3, max_body_bytes=1024, busy_timeout_ms=5000
+    )
+    return db.conn
+
+
+def _store_conn(path: Path) -> sqlite3.Connection:
+    return connect(path)
+
+
+@pytest.mark.parametrize("open_writer", [_queue_conn, _store_conn], ids=["queue", "store"])
+def test_the_wal_file_shrinks_back_after_a_long_reader(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, open_writer: Any
+) -> None:
+    """While a reader holds a transaction the -wal file grows; once it is done, the
+    writers' next commits cut it back instead of keeping it at that size."""
+    limit = 256 * 1024
+    monkeypatch.setattr("config.sqlite.WAL_SIZE_LIMIT_BYTES", limit, raising=False)
+    path = tmp_path / "grow.db"
+    writer = open_writer(path)
+    writer.execute("CREATE TABLE scratch (x BLOB)")
+    reader = sqlite3.connect(path, isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("SELECT COUNT(*) FROM scratch").fetchone()
+    for _ in range(400):
+        writer.execute("INSERT INTO scratch VALUES (zeroblob(8000))")
+        writer.execute("DELETE FROM scratch")
+    wal = Path(f"{path}-wal")
+    assert wal.stat().st_size > 4 * limit
+    reader.execute("COMMIT")
+    reader.close()
+    for _ in range(50):
+        writer.execute("INSERT INTO scratch VALUES (zeroblob(100))")
+    assert wal.stat().st_size <= limit
+    writer.close()
