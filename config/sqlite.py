@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import time
+from pathlib import Path
 
 _RETRY_PAUSE_S = 0.01
 # How often a writer looks again for the write lock: from the first pause, doubling
@@ -15,6 +17,19 @@ LOCK_POLL_MAX_S = 0.001
 # while a reader holds a transaction open (SQLite cannot start it over until that
 # reader is done) and, without a limit, keeps that size as long as a connection is open.
 WAL_SIZE_LIMIT_BYTES = 64 * 1024 * 1024
+
+
+def create_private(path: Path) -> None:
+    """Make the database file ``path`` and its directory if they are missing, readable
+    by their owner only (0600 and 0700): they hold calls' bodies and functions'
+    config. SQLite gives the -wal and -shm files the database file's mode. A file or
+    directory that is there keeps its mode. OSError when they cannot be made."""
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+    except FileExistsError:
+        return
+    os.close(fd)
 
 
 def is_busy(exc: sqlite3.OperationalError) -> bool:

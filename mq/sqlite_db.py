@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import NamedTuple
 
 from config.domain import Call
-from config.sqlite import enable_wal
+from config.sqlite import create_private, enable_wal
 from mq import wire
 from mq.base import LAPSED_REASON, DeadLetter, Message, QueueStats, lapsed_reason
 from mq.errors import QueueError
@@ -147,9 +147,9 @@ class SqliteDb:
                     f"no queue at {self.path} (FN_MQ_URL); a worker or `fnq call` creates it"
                 )
             try:
-                self.path.parent.mkdir(parents=True, exist_ok=True)
+                create_private(self.path)
             except OSError as exc:  # a file in the way, no permission
-                raise QueueError(f"cannot make the queue's directory: {exc}") from exc
+                raise QueueError(f"cannot make the queue's directory or file: {exc}") from exc
             conn = sqlite3.connect(
                 self.path,
                 timeout=self.busy_timeout_ms / 1000,

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import os
 import sqlite3
+import stat
 import threading
 import time
 from pathlib import Path
@@ -10,8 +12,11 @@ from typing import Any
 
 import pytest
 
+from config.domain import Call
+from config.settings import Settings
 from config.sqlite import begin_immediate, enable_wal
-from datastore.sqlite import connect
+from datastore.sqlite import SqliteDatastore, connect
+from mq.sqlite import SqliteQueue
 from mq.sqlite_db import SqliteDb
 
 
@@ -164,3 +169,35 @@ def test_the_wal_file_shrinks_back_after_a_long_reader(
         writer.execute("INSERT INTO scratch VALUES (zeroblob(100))")
     assert wal.stat().st_size <= limit
     writer.close()
+
+
+async def test_the_files_fnq_makes_are_its_owners_only(tmp_path: Path) -> None:
+    """A data dir fnq makes is 0700, and its SQLite files 0600 (the -wal and -shm
+    files too), whatever the umask: they hold calls' bodies and functions' config."""
+    data_dir = tmp_path / "data dir é"
+    settings = Settings(data_dir=data_dir)
+    old_umask = os.umask(0o022)
+    queue = SqliteQueue(data_dir / "mq.db", settings)
+    store = None
+    try:
+        await queue.push(Call("c1", "demo", "echo"))
+        store = await SqliteDatastore.open(settings, None)
+        made = sorted(p.name for p in data_dir.iterdir())  # while open: -wal, -shm too
+        modes = {name: stat.S_IMODE((data_dir / name).stat().st_mode) for name in made}
+    finally:
+        os.umask(old_umask)
+        if store is not None:
+            await store.close()
+        await queue.close()
+    assert stat.S_IMODE(data_dir.stat().st_mode) == 0o700
+    assert {"mq.db", "mq.db-wal", "mq.db-shm", "fnq.db", "fnq.db-wal"} <= set(made)
+    assert modes == dict.fromkeys(made, 0o600)
+
+
+def test_a_file_that_is_there_keeps_its_mode(tmp_path: Path) -> None:
+    path = tmp_path / "shared.db"
+    path.touch(mode=0o640)
+    path.chmod(0o640)
+    conn = connect(path)
+    conn.close()
+    assert stat.S_IMODE(path.stat().st_mode) == 0o640
