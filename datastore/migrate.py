@@ -3,8 +3,9 @@
 ``migrations/<dialect>/NNNN_name.sql`` holds version NNNN for that backend.
 Each backend applies the missing versions at startup inside one transaction
 that first takes a lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory
-transaction lock), so workers that start together apply each version once.
-The table ``schema_version`` records what has been applied.
+transaction lock), so workers that start together apply each version once; a
+SQLite database already up to date is only read. The table ``schema_version``
+records what has been applied.
 """
 
 from __future__ import annotations
@@ -69,9 +70,27 @@ def _stamp() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _sqlite_version(conn: sqlite3.Connection) -> int:
+    """The schema version of a SQLite database (0: none), read without the write lock."""
+    found = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'schema_version'"
+    ).fetchone()
+    if found is None:
+        return 0
+    return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
+
+
 def apply_sqlite(conn: sqlite3.Connection) -> int:
-    """Bring a SQLite database (autocommit connection) up to date; return its version."""
+    """Bring a SQLite database (autocommit connection) up to date; return its version.
+
+    A database already up to date is only read: opening it does not wait for
+    another process's write transaction (WAL readers never do)."""
     migrations = load("sqlite")
+    current = _sqlite_version(conn)
+    if current > len(migrations):
+        raise _too_new(current, len(migrations))
+    if current == len(migrations):
+        return current
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(_VERSION_TABLE)

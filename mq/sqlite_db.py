@@ -13,6 +13,7 @@ with the JSON form of mq.wire); malformed rows are dead-lettered at reserve.
 
 from __future__ import annotations
 
+import re
 import secrets
 import sqlite3
 import time
@@ -50,6 +51,16 @@ CREATE TABLE IF NOT EXISTS mq_dead (
 );
 CREATE INDEX IF NOT EXISTS mq_dead_died ON mq_dead (died_ms);
 """
+
+_SCHEMA_OBJECTS = tuple(re.findall(r"IF NOT EXISTS (\w+)", SCHEMA))
+
+
+def _has_schema(conn: sqlite3.Connection) -> bool:
+    """Whether every table and index of SCHEMA is in the file (read without a lock)."""
+    marks = ",".join("?" * len(_SCHEMA_OBJECTS))
+    query = f"SELECT COUNT(*) FROM sqlite_master WHERE name IN ({marks})"
+    return bool(conn.execute(query, _SCHEMA_OBJECTS).fetchone()[0] == len(_SCHEMA_OBJECTS))
+
 
 # A message buried for too many deliveries: SQLite's printf() writes mq.base.LAPSED_REASON
 # into its dead letter (_BURY_LAPSED), and lapsed_reason into what its worker is told.
@@ -159,10 +170,11 @@ class SqliteDb:
             conn.execute(f"PRAGMA busy_timeout = {int(self.busy_timeout_ms)}")
             enable_wal(conn, self.busy_timeout_ms / 1000)
             conn.execute("PRAGMA synchronous = NORMAL")
-            with self._tx(conn):
-                for statement in SCHEMA.split(";"):
-                    if statement.strip():
-                        conn.execute(statement)
+            if not _has_schema(conn):  # only then the write lock: readers need not wait
+                with self._tx(conn):
+                    for statement in SCHEMA.split(";"):
+                        if statement.strip():
+                            conn.execute(statement)
             self._conn = conn
         return self._conn
 

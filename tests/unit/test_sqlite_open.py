@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import sqlite3
 import stat
@@ -12,12 +13,14 @@ from typing import Any
 
 import pytest
 
-from config.domain import Call
+from config.domain import Call, Function
 from config.settings import Settings
 from config.sqlite import begin_immediate, enable_wal
 from datastore.sqlite import SqliteDatastore, connect
 from mq.sqlite import SqliteQueue
 from mq.sqlite_db import SqliteDb
+
+DB_FILES = ("fnq.db", "mq.db")
 
 
 def _open_all(path: Path, n: int) -> list[BaseException]:
@@ -201,3 +204,35 @@ def test_a_file_that_is_there_keeps_its_mode(tmp_path: Path) -> None:
     conn = connect(path)
     conn.close()
     assert stat.S_IMODE(path.stat().st_mode) == 0o640
+
+
+async def test_opening_files_whose_write_lock_is_held_reads_them(tmp_path: Path) -> None:
+    """A datastore or queue that is up to date opens and reads while another
+    process holds the file's write lock (a long write, a `sqlite3` shell in a
+    transaction): opening it takes no lock, as a WAL reader waits for none."""
+    settings = Settings(data_dir=tmp_path)
+    store = await SqliteDatastore.open(settings, None)
+    await store.create_fn(Function(app="a", name="f", image="img/f"))
+    await store.close()
+    queue = SqliteQueue(tmp_path / "mq.db", settings, busy_timeout_ms=200)
+    await queue.push(Call("c1", "a", "f"))
+    await queue.close()
+    holders = [sqlite3.connect(tmp_path / name, isolation_level=None) for name in DB_FILES]
+    for holder in holders:
+        holder.execute("BEGIN IMMEDIATE")
+    try:
+        async with asyncio.timeout(3):  # the datastore's busy timeout is 5 s
+            store = await SqliteDatastore.open(settings, None, create=False)
+            try:
+                assert [fn.name for fn in await store.list_fns()] == ["f"]
+            finally:
+                await store.close()
+            queue = SqliteQueue(tmp_path / "mq.db", settings, busy_timeout_ms=200, create=False)
+            try:
+                assert (await queue.stats()).ready == 1
+            finally:
+                await queue.close()
+    finally:
+        for holder in holders:
+            holder.execute("ROLLBACK")
+            holder.close()
