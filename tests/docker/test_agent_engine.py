@@ -85,6 +85,11 @@ async def test_parallel_calls_use_between_2_and_n_containers(
         assert 2 <= len({o.container_id for o in outs}) <= stats.containers_started
 
 
+def is_paused(container: Any) -> bool:
+    container.reload()
+    return bool(container.attrs["State"]["Paused"])
+
+
 async def test_idle_container_is_paused_then_unpaused_for_the_next_call(
     agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
 ) -> None:
@@ -92,12 +97,7 @@ async def test_idle_container_is_paused_then_unpaused_for_the_next_call(
     async with agent_for(freeze_idle_msecs=0) as agent:
         first = await agent.submit(call(echo), echo)
         (container,) = ours(docker_engine, label_tag)
-
-        def paused() -> bool:
-            container.reload()
-            return bool(container.attrs["State"]["Paused"])
-
-        await wait_for(paused)
+        await wait_for(lambda: is_paused(container))
         second = await agent.submit(call(echo, b"again"), echo)
         assert second.status is CallStatus.SUCCESS
         assert second.container_id == first.container_id
@@ -110,17 +110,12 @@ async def test_a_container_paused_or_unpaused_from_outside_stays_in_service(
     async with agent_for(freeze_idle_msecs=0) as agent:
         first = await agent.submit(call(echo), echo)
         (container,) = ours(docker_engine, label_tag)
-
-        def paused() -> bool:
-            container.reload()
-            return bool(container.attrs["State"]["Paused"])
-
-        await wait_for(paused)
+        await wait_for(lambda: is_paused(container))
         container.unpause()  # an operator's, behind the agent's back
         second = await agent.submit(call(echo, b"two"), echo)
         assert second.status is CallStatus.SUCCESS, second.error
         assert second.container_id == first.container_id
-        await wait_for(paused)
+        await wait_for(lambda: is_paused(container))
         container.unpause()
         container.pause()  # and paused again before the agent pauses it
         third = await agent.submit(call(echo, b"three"), echo)
