@@ -9,12 +9,13 @@ import logging
 
 import pytest
 
-from config.domain import CallStatus, FailureKind
+from config.domain import CallStatus, FailureKind, frozen_map
 from config.errors import AgentError
 from tests.agent.conftest import AgentFactory, make_call, make_fn
-from worker.agent.driver import ExitInfo
+from worker.agent.driver import DispatchRequest, DispatchResult, ExitInfo
 from worker.agent.drivers.fake import (
     FakeBehaviour,
+    FakeContainer,
     FakeDriver,
     die,
     drop_then_die,
@@ -134,6 +135,33 @@ async def test_call_past_its_timeout_is_timeout_and_kills_the_container(
     assert outcome.error == "the function ran longer than 1 s"
     assert outcome.log == b"working\n"
     await driver.wait_until(lambda: driver.removes == 1)
+
+
+async def test_each_call_carries_its_own_resource_use_however_it_ends(
+    agents: AgentFactory,
+) -> None:
+    use = iter([{"cpu_ms": 1.5}, {"cpu_ms": 900.0, "memory_peak_mb": 64.0}, {"cpu_ms": 2.5}])
+
+    async def measured(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        container.stats = next(use)
+        if container.stats["cpu_ms"] > 100:
+            await asyncio.Event().wait()  # this one runs past its timeout
+        return DispatchResult(200, frozen_map(), b"ok")
+
+    driver = FakeDriver(FakeBehaviour(handler=measured))
+    agent = agents(driver)
+    fn = make_fn(timeout_s=1)
+    answered = await agent.submit(make_call(fn), fn)
+    timed_out = await agent.submit(make_call(fn), fn)
+    again = await agent.submit(make_call(fn), fn)
+    assert (answered.status, timed_out.status, again.status) == (
+        CallStatus.SUCCESS,
+        CallStatus.TIMEOUT,
+        CallStatus.SUCCESS,
+    )
+    assert dict(answered.stats) == {"cpu_ms": 1.5}
+    assert dict(timed_out.stats) == {"cpu_ms": 900.0, "memory_peak_mb": 64.0}
+    assert dict(again.stats) == {"cpu_ms": 2.5}
 
 
 async def test_driver_timeout_is_a_timeout_too(agents: AgentFactory) -> None:

@@ -7,12 +7,14 @@ one HTTP request at a time over the unix socket it created.
 
 Lifecycle of one container, as the agent core drives it::
 
-    c = await driver.create(spec)          # image checked/pulled, container created
-    await c.start()                        # attached, started, socket ready
-    result = await c.dispatch(req, sink)   # POST /call; output goes to sink
-    await result.output_done               # ... until all written before the answer is in
-    await c.pause(); await c.unpause()     # while idle
-    await c.remove()                       # always, exactly once in effect
+    c = await driver.create(spec)           # image checked/pulled, container created
+    await c.start()                         # attached, started, socket ready
+    usage = CallUsage()
+    result = await c.dispatch(req, sink, usage)
+                                            # POST /call; output to sink, use to usage
+    await result.output_done                # ... until all written before the answer is in
+    await c.pause(); await c.unpause()      # while idle
+    await c.remove()                        # always, exactly once in effect
 
 The next call may be dispatched before ``output_done`` resolves: each call's
 output is cut exactly where its answer was, whatever the order in which the
@@ -72,10 +74,19 @@ class DispatchResult:
     headers: Mapping[str, str]
     body: bytes
     truncated: bool = False
-    stats: Mapping[str, float] = field(default_factory=dict)  # the call's resource use
     # Resolves once the output written before the answer has reached the call's
     # sink (None: it already has).
     output_done: asyncio.Future[None] | None = None
+
+
+@dataclass(slots=True)
+class CallUsage:
+    """Filled in by :meth:`Container.dispatch` when the dispatch ends, however it
+    ends (an answer, an error, a timeout's cancellation): the call's resource use,
+    read as it ended (a container killed for its memory has its peak there); empty
+    when not known."""
+
+    stats: Mapping[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True, slots=True)
@@ -111,17 +122,15 @@ class Container(Protocol):
         """
 
     async def dispatch(
-        self, request: DispatchRequest, sink: OutputSink | None = None
+        self,
+        request: DispatchRequest,
+        sink: OutputSink | None = None,
+        usage: CallUsage | None = None,
     ) -> DispatchResult:
         """One POST /call; the output goes to ``sink`` (None: the debug log) until
-        ``result.output_done``. Raises DispatchError (or a subclass) or TimeoutError,
-        once the output until then has been taken."""
-
-    def unanswered_stats(self) -> Mapping[str, float]:
-        """The resource use of the last dispatch that ended without an answer (it
-        raised, or was cancelled: a timeout), as ``DispatchResult.stats`` has it, read
-        as it ended (a container killed for its memory has its peak there); empty
-        when not known."""
+        ``result.output_done``, the call's resource use to ``usage``. Raises
+        DispatchError (or a subclass) or TimeoutError, once the output until then
+        has been taken."""
 
     async def pause(self) -> None: ...
 

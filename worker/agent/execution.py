@@ -56,7 +56,7 @@ class ExecResult:
     completed_at: datetime
     result: DispatchResult | None = None
     error: str | None = None
-    stats: Mapping[str, float] = field(default_factory=dict)  # without a result: as it ended
+    stats: Mapping[str, float] = field(default_factory=dict)  # the call's use, as it ended
 
 
 class StopControl:
@@ -166,7 +166,7 @@ def ran_outcome(run: ExecResult, log: LogBuffer, container_id: str, image: str) 
         image=image,
         started_at=run.started_at,
         completed_at=run.completed_at,
-        stats=MappingProxyType(dict(run.result.stats if run.result is not None else run.stats)),
+        stats=MappingProxyType(dict(run.stats)),
     )
 
 

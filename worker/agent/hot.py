@@ -37,6 +37,7 @@ from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.driver import (
     FN_LISTENER,
+    CallUsage,
     Container,
     ContainerSpec,
     DispatchRequest,
@@ -459,16 +460,20 @@ class HotContainer:
             deadline=started_at + timedelta(seconds=timeout_s),
             timeout_s=timeout_s,
         )
+        usage = CallUsage()
         stop.dispatched()
-        end, result, error = await self._dispatch(container, request, sink, stop, timeout_s)
-        stats = container.unanswered_stats() if result is None else {}
-        return ExecResult(end, started_at, utcnow(), result=result, error=error, stats=stats)
+        end, result, error = await self._dispatch(
+            container, request, sink, usage, stop=stop, timeout_s=timeout_s
+        )
+        return ExecResult(end, started_at, utcnow(), result=result, error=error, stats=usage.stats)
 
     async def _dispatch(
         self,
         container: Container,
         request: DispatchRequest,
         sink: OutputSink,
+        usage: CallUsage,
+        *,
         stop: StopControl,
         timeout_s: float,
     ) -> tuple[ExecEnd, DispatchResult | None, str | None]:
@@ -476,7 +481,7 @@ class HotContainer:
         exit and a stop request interrupt it."""
         try:
             result = await interruptible(
-                container.dispatch(request, sink),
+                container.dispatch(request, sink, usage),
                 timeout_s,
                 self._exited,
                 stop.stopped,

@@ -21,6 +21,7 @@ from typing import Any
 from config.settings import Settings
 from worker.agent.driver import (
     SOCKET_NAME,
+    CallUsage,
     ContainerSpec,
     DispatchRequest,
     DispatchResult,
@@ -100,7 +101,6 @@ class DockerContainer:
         self._fdk: FdkClient | None = None
         self._stdio: ProcessStdio | None = None
         self._meter: CgroupMeter | None = None
-        self._unanswered_stats: dict[str, float] = {}
         self._pidfd: int | None = None  # readable once the container's first process exits
         self._paused = False
         self.network: str | None = None  # the docker network it holds a place in
@@ -251,25 +251,27 @@ class DockerContainer:
     # ----------------------------------------------------------- serving
 
     async def dispatch(
-        self, request: DispatchRequest, sink: OutputSink | None = None
+        self,
+        request: DispatchRequest,
+        sink: OutputSink | None = None,
+        usage: CallUsage | None = None,
     ) -> DispatchResult:
         if self._fdk is None:
             raise DispatchError(f"container {self.id} is not started")
         output = self._output
         segment = output.open(sink)
         meter = self._meter
-        self._unanswered_stats = {}
         if meter is not None:
             meter.call_started()
         try:
             result = await self._fdk.call(request)
         except asyncio.CancelledError:  # a timeout or a stop: read before it is killed
-            self._unanswered_stats = meter.call_ended() if meter is not None else {}
+            _read_usage(meter, usage)
             output.drop(segment)
             raise
         except (DispatchError, TimeoutError) as exc:
             # At once: the cgroup of a container that died goes with it.
-            self._unanswered_stats = meter.call_ended() if meter is not None else {}
+            _read_usage(meter, usage)
             # The container may be dying or is about to be killed: let go of its
             # pipes so that the engine sees its output end (drivers.stdio), and
             # take what it wrote until now.
@@ -288,17 +290,14 @@ class DockerContainer:
         elif not output.seal(segment, self._stdio, self._timing.barrier_limit_s):
             await output.settle(self._timing.quiet_s, self._timing.limit_s)
             output.drop(segment)
+        _read_usage(meter, usage)
         return DispatchResult(
             result.status,
             result.headers,
             result.body,
             result.truncated,
-            stats=meter.call_ended() if meter is not None else {},
             output_done=segment.sealed,
         )
-
-    def unanswered_stats(self) -> dict[str, float]:
-        return self._unanswered_stats
 
     async def _until_exit_output(self, limit_s: float) -> None:
         """Wait up to ``limit_s`` for the container's exit and the end of its output.
@@ -422,3 +421,12 @@ class DockerContainer:
 
     def describe(self) -> str:
         return f"{self.spec.app}/{self.spec.fn} {self.id} ({self.spec.image})"
+
+
+def _read_usage(meter: CgroupMeter | None, usage: CallUsage | None) -> None:
+    """End the call's reading (each call's memory peak starts where the last ended)
+    and hand it to ``usage``."""
+    if meter is not None:
+        stats = meter.call_ended()
+        if usage is not None:
+            usage.stats = stats

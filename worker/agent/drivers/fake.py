@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 from config.domain import frozen_map
 from config.errors import AgentError
 from worker.agent.driver import (
+    CallUsage,
     ContainerSpec,
     DispatchRequest,
     DispatchResult,
@@ -129,7 +130,7 @@ class FakeContainer:
         self._sink: OutputSink | None = None
         self.debug_output: list[bytes] = []
         self.requests: list[DispatchRequest] = []
-        self.failed_stats: dict[str, float] = {}  # unanswered_stats
+        self.stats: dict[str, float] = {}  # each dispatch's resource use, however it ends
 
     @property
     def id(self) -> str:
@@ -144,9 +145,6 @@ class FakeContainer:
             self._sink(chunk)
         else:
             self.debug_output.append(chunk)
-
-    def unanswered_stats(self) -> dict[str, float]:
-        return self.failed_stats
 
     def exit(self, info: ExitInfo) -> None:
         """The process ends (crash, out of memory, kill)."""
@@ -172,7 +170,10 @@ class FakeContainer:
         self._driver._changed()
 
     async def dispatch(
-        self, request: DispatchRequest, sink: OutputSink | None = None
+        self,
+        request: DispatchRequest,
+        sink: OutputSink | None = None,
+        usage: CallUsage | None = None,
     ) -> DispatchResult:
         if self.state != "running":  # its socket takes no connection
             raise NotDelivered(f"container {self.id} is {self.state}")
@@ -181,6 +182,8 @@ class FakeContainer:
             return await self._dispatch(request)
         finally:
             self._sink = None
+            if usage is not None:
+                usage.stats = dict(self.stats)
 
     async def _dispatch(self, request: DispatchRequest) -> DispatchResult:
         self._driver.dispatches += 1
