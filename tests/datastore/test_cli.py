@@ -359,6 +359,8 @@ def test_logs_of_a_call_that_ended_before_it_ran(settings_env: Path) -> None:
     call = Call(new_call_id(), "a", "f", b"")
     record([(call, None)])
     assert fnq("calls", "cancel", call.id).output == f"{call.id} cancelled\n"
+    again = fnq("calls", "cancel", call.id).output
+    assert again == f"{call.id} was already cancelled; nothing to do\n"
     out = CliRunner().invoke(cli, ["logs", call.id])
     assert out.exit_code == 1
     assert out.stderr == f"fnq: call {call.id} ended (cancelled) before it ran, so it has no log\n"

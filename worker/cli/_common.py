@@ -10,6 +10,7 @@ import math
 import os
 import signal
 import sys
+import unicodedata
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
 from typing import Any, ParamSpec, TypeVar
@@ -151,9 +152,23 @@ def _cell(value: Any) -> str:
     return str(value).translate(_ESCAPES)
 
 
+def _width(text: str) -> int:
+    """Columns ``text`` takes on a terminal: wide East Asian characters take two,
+    combining marks and format characters none."""
+    if text.isascii():
+        return len(text)
+    width = 0
+    for ch in text:
+        if unicodedata.combining(ch) or unicodedata.category(ch) in ("Mn", "Me", "Cf"):
+            continue
+        width += 2 if unicodedata.east_asian_width(ch) in ("W", "F") else 1
+    return width
+
+
 def print_table(headers: Sequence[str], rows: Sequence[Sequence[Any]]) -> None:
     """A plain aligned table for humans: one line per row."""
     cells = [[str(h) for h in headers]] + [[_cell(v) for v in r] for r in rows]
-    widths = [max(len(row[i]) for row in cells) for i in range(len(headers))]
+    widths = [max(_width(row[i]) for row in cells) for i in range(len(headers))]
     for row in cells:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row, widths, strict=True)).rstrip())
+        padded = (c + " " * (w - _width(c)) for c, w in zip(row, widths, strict=True))
+        click.echo("  ".join(padded).rstrip())

@@ -224,6 +224,10 @@ def calls_cancel(ctx: click.Context, call_ids: tuple[str, ...]) -> None:
     async def cancel(store: Datastore) -> int:
         unknown = 0
         for call_id in call_ids:
+            before = await store.get_call(call_id)
+            if before is not None and before.status is CallStatus.CANCELLED:
+                click.echo(f"{call_id} was already cancelled; nothing to do")
+                continue
             rec = await store.request_cancel(call_id)
             if rec is None:
                 click.echo(f"fnq: {no_call(call_id)}", err=True)
