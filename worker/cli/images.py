@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -40,10 +41,26 @@ def build_cmd(dirs: tuple[Path, ...], force: bool, as_json: bool) -> None:
         with ImageBuilder(progress=say) as builder:
             results = builder.build(functions, force=force)
     except docker.errors.DockerException as exc:
-        fail(f"docker: {exc}")
+        fail(_docker_failure(exc))
         return
     if as_json:
         print_json([{"image": r.image, "built": r.built, "seconds": r.seconds} for r in results])
         return
     rows = [(r.image, "built" if r.built else "up to date", f"{r.seconds:.1f}s") for r in results]
     print_table(["IMAGE", "STATUS", "TIME"], rows)
+
+
+def _docker_failure(exc: docker.errors.DockerException) -> str:
+    """One line for a failure of the engine: where it was looked for and why it did
+    not answer, when it could not be reached; the engine's own words otherwise."""
+    link: BaseException | None = exc
+    cause: OSError | None = None  # the innermost: the system's own reason
+    while link is not None:
+        if isinstance(link, OSError):
+            cause = link
+        link = link.__cause__ or link.__context__
+    if cause is None:
+        return f"docker: {exc}"
+    where = os.environ.get("DOCKER_HOST") or "unix:///var/run/docker.sock"
+    why = cause.strerror or str(cause) or type(cause).__name__
+    return f"docker engine at {where} cannot be reached: {why} (is dockerd running? DOCKER_HOST?)"
