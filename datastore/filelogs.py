@@ -5,7 +5,8 @@ a digit made ``_``: fnq's own ids end in random characters, which spreads
 their files over up to 1,024 directories. Every call id fnq accepts
 (:data:`config.domain.CALL_ID_RE`) is a safe file name. A log is written to a
 temporary file, flushed to disk and renamed into place, so a reader sees
-either the old log or the whole new one. A failed write (a full disk, say)
+either the old log or the whole new one. What the store makes is its owner's
+only: the directories 0700, the files 0600. A failed write (a full disk, say)
 raises StoreUnavailable: the worker tries the call's record again later.
 """
 
@@ -42,18 +43,31 @@ class FileLogStore:
     async def put_log(self, call_id: str, data: bytes) -> None:
         path = self.path_of(call_id)
         try:
-            await self._write(path, data)
+            await asyncio.to_thread(self._write, path, data)
         except OSError as exc:
             raise StoreUnavailable(f"writing the log of call {call_id} failed: {exc}") from exc
 
-    async def _write(self, path: Path, data: bytes) -> None:
-        await aiofiles.os.makedirs(path.parent, exist_ok=True)
+    def _write(self, path: Path, data: bytes) -> None:
+        # The log directory and its shards are made 0700, the files 0600, whatever
+        # the umask: a call's output is as private as its body (see create_private).
+        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
+        path.parent.mkdir(mode=0o700, exist_ok=True)
         tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        async with aiofiles.open(tmp, "wb") as out:
-            await out.write(data)
-            await out.flush()
-            await asyncio.to_thread(os.fsync, out.fileno())
-        await aiofiles.os.replace(tmp, path)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            try:
+                os.fchmod(fd, 0o600)  # a leftover of a process with the same pid may be laxer
+                view = memoryview(data)
+                while view:
+                    view = view[os.write(fd, view) :]
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, path)
+        except OSError:
+            with contextlib.suppress(OSError):
+                tmp.unlink()
+            raise
 
     async def get_log(self, call_id: str) -> bytes | None:
         try:

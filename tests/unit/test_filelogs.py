@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import stat
 from pathlib import Path
 
 import pytest
@@ -64,3 +66,32 @@ async def test_a_log_url_is_read_as_its_bytes_and_refuses_nul(settings_env: Path
     assert store.directory == settings_env / "caf\udce9"  # b"caf\xe9", not U+FFFD
     with pytest.raises(StoreError, match="a log directory URL is file:///ABSOLUTE/DIR"):
         await open_log_store(load_settings(log_url=f"file://{settings_env}/a%00b"))
+
+
+async def test_what_the_store_makes_is_its_owners_only(tmp_path: Path) -> None:
+    """A call's output is as private as its body: the log directory and its shards
+    are made 0700 and the files 0600, whatever the umask."""
+    directory = tmp_path / "logs"
+    store = FileLogStore(directory)
+    old_umask = os.umask(0o022)
+    try:
+        await store.put_log("order-1234", b"secret output\n")
+        await store.put_log("order-1234", b"the next attempt's output\n")
+    finally:
+        os.umask(old_umask)
+    path = store.path_of("order-1234")
+    assert stat.S_IMODE(directory.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert sorted(p.name for p in path.parent.iterdir()) == ["order-1234.log"]  # no temp file
+    assert await store.get_log("order-1234") == b"the next attempt's output\n"
+
+
+async def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
+    store = FileLogStore(tmp_path)
+    path = store.path_of("order-1")
+    path.parent.mkdir()
+    path.mkdir()  # a directory where the log file goes: the rename fails
+    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed"):
+        await store.put_log("order-1", b"x")
+    assert sorted(p.name for p in path.parent.iterdir()) == ["order-1.log"]
