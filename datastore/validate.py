@@ -105,7 +105,10 @@ def _config_problems(config: Mapping[str, str]) -> Iterable[str]:
             yield f"config key {key!r} is not a valid environment variable name"
         size = len(value.encode(errors="surrogatepass"))
         if "\x00" in value or size > CONFIG_VALUE_BYTES_MAX or not _is_utf8(value):
-            yield f"config value of {key!r} must be text under {CONFIG_VALUE_BYTES_MAX} bytes"
+            yield (
+                f"config value of {key!r} must be UTF-8 text without NUL of at most "
+                f"{CONFIG_VALUE_BYTES_MAX} bytes"
+            )
 
 
 def function_problems(fn: Function) -> list[str]:

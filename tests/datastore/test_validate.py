@@ -146,5 +146,14 @@ def test_an_image_tag_is_ascii(image: str) -> None:
 
 def test_a_config_value_that_is_not_utf8_is_a_problem() -> None:
     fn = Function(app="a", name="b", image="img", config={"K": "caf\udce9"})
-    with pytest.raises(InvalidFunction, match=r"config value of 'K' must be text under 32768"):
+    with pytest.raises(InvalidFunction, match=r"config value of 'K' must be UTF-8 text without"):
         validate_function(fn)
+
+
+def test_a_config_value_may_take_the_whole_limit_and_not_a_byte_more() -> None:
+    """The message names the limit as the check applies it: at most, not under."""
+    fn = Function(app="a", name="b", image="img", config={"K": "x" * 32768})
+    assert validate_function(fn).config["K"] == "x" * 32768
+    over = Function(app="a", name="b", image="img", config={"K": "x" * 32769})
+    with pytest.raises(InvalidFunction, match=r"'K' must be .* of at most 32768 bytes$"):
+        validate_function(over)
