@@ -81,15 +81,21 @@ class Upkeep:
         beats = 0
         ticks_per_beat = max(1, round(HEARTBEAT_S / CANCEL_POLL_S))
         while True:
-            ok = await self._guard(self._cancellations())
+            # Whether each step that reached the datastore this tick succeeded: a tick
+            # with no call running and no heartbeat due tells nothing of an outage.
+            reached: list[bool] = []
+            running = list(self.running())
+            if running:
+                reached.append(await self._guard(self._cancellations(running)))
             if beats % ticks_per_beat == 0:
                 stats = self.agent.statistics()
                 self.metrics.observe_agent(stats)
                 await self._observe_queues()
-                ok = await self._guard(self.store.worker_heartbeat(self.worker_id, describe(stats)))
-                ok = await self._guard(self._definitions()) and ok
+                beat = self.store.worker_heartbeat(self.worker_id, describe(stats))
+                reached.append(await self._guard(beat))
+                reached.append(await self._guard(self._definitions()))
             beats += 1
-            if ok and self._failing:
+            if reached and all(reached) and self._failing:
                 log.warning("datastore is back: cancellations and heartbeats resume")
                 self._failing = False
             await asyncio.sleep(CANCEL_POLL_S)
@@ -110,10 +116,7 @@ class Upkeep:
         for app, name in sorted(self.agent.functions()):
             self.agent.definition_read(app, name, await self.store.get_fn(app, name))
 
-    async def _cancellations(self) -> None:
-        ids = list(self.running())
-        if not ids:
-            return
+    async def _cancellations(self, ids: list[str]) -> None:
         for call_id in await self.store.cancel_requested(ids):
             if await self.agent.cancel(call_id):
                 token = current_call.set(call_id)  # the line is tagged with the call

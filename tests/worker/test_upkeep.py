@@ -1,17 +1,24 @@
-"""The worker's upkeep: the queue depth it exports as ``fnq_queue_messages``."""
+"""The worker's upkeep: the queue depth it exports as ``fnq_queue_messages``, the
+definitions it reads again, and how it logs a datastore outage."""
 
 from __future__ import annotations
 
 import asyncio
+import logging
+from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
+from typing import Any
 
+import pytest
 from prometheus_client import generate_latest
 
 from config.domain import Call, CallStatus, Function, new_call_id
 from config.settings import load_settings
-from datastore.base import open_datastore
+from datastore.base import Datastore, open_datastore
+from datastore.errors import StoreUnavailable
 from mq.base import open_queue
+from worker import upkeep as upkeep_module
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
 from worker.metrics import Metrics
@@ -96,3 +103,72 @@ async def test_containers_of_a_changed_or_deleted_function_leave_without_a_call(
                 side.cancel()
     finally:
         await store.close()
+
+
+class DownStore:
+    """The real datastore, but for the upkeep's reads and writes while ``down`` is set:
+    they fail as in an outage. Counts the heartbeats tried."""
+
+    def __init__(self, inner: Datastore) -> None:
+        self.inner = inner
+        self.down = False
+        self.beats = 0
+        self.failed_beats = 0
+
+    async def worker_heartbeat(self, worker_id: str, info: Mapping[str, Any]) -> None:
+        self.beats += 1
+        if self.down:
+            self.failed_beats += 1
+            raise StoreUnavailable("the datastore is down")
+        await self.inner.worker_heartbeat(worker_id, info)
+
+    async def cancel_requested(self, call_ids: Sequence[str]) -> set[str]:
+        if self.down:
+            raise StoreUnavailable("the datastore is down")
+        return await self.inner.cancel_requested(call_ids)
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+
+async def _until(done: Any, timeout_s: float = 10.0) -> None:
+    async with asyncio.timeout(timeout_s):
+        while not done():
+            await asyncio.sleep(0.01)
+
+
+@pytest.mark.parametrize("running", [(), ("call-1",)], ids=["idle", "running"])
+async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
+    tmp_path: Path,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+    running: tuple[str, ...],
+) -> None:
+    """The ticks between two heartbeats of an idle worker do not reach the datastore:
+    they are no sign that it is back."""
+    monkeypatch.setattr(upkeep_module, "CANCEL_POLL_S", 0.01)
+    monkeypatch.setattr(upkeep_module, "HEARTBEAT_S", 0.1)
+    settings = load_settings(data_dir=str(tmp_path))
+    inner = await open_datastore(settings)
+    store = DownStore(inner)
+    caplog.set_level(logging.INFO, logger="fnq.worker")
+    try:
+        async with Agent(settings, FakeDriver(FakeBehaviour())) as agent:
+            upkeep = Upkeep("w-1", store, agent, Metrics(), lambda: running)
+            side = asyncio.create_task(upkeep.run())
+            try:
+                await _until(lambda: store.beats >= 1)
+                store.down = True
+                await _until(lambda: store.failed_beats >= 4)  # 0.3 s and more of outage
+                store.down = False
+                await _until(lambda: "datastore is back" in caplog.text)
+                beats = store.beats
+                await _until(lambda: store.beats >= beats + 2)  # and it stays back
+            finally:
+                side.cancel()
+    finally:
+        await inner.close()
+    said = [r.getMessage() for r in caplog.records if "datastore" in r.getMessage()]
+    assert len(said) == 2, said
+    assert said[0].startswith("datastore unavailable for cancellations/heartbeats: ")
+    assert said[1] == "datastore is back: cancellations and heartbeats resume"
