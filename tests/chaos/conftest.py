@@ -163,7 +163,7 @@ class Chaos:
         while True:
             try:
                 recs = await self.records(ids)
-            except Exception:  # noqa: BLE001 - any failure to read is "not yet"
+            except Exception:
                 recs = {}
             if recs and done(recs):
                 return recs
@@ -178,6 +178,15 @@ class Chaos:
         return await self.wait(
             ids, lambda r: len(r) == len(ids) and finals(r) == len(ids), "all final", timeout_s
         )
+
+    async def wait_log(self, text: str, times: int = 1, timeout_s: float = 20) -> None:
+        """Wait until the workers' logs hold ``text`` ``times`` times."""
+        deadline = time.monotonic() + timeout_s
+        while self.cluster.logs().count(text) < times:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"no {text!r} in the logs after {timeout_s}s:\n"
+                                     f"{self.cluster.logs()[-4000:]}")  # fmt: skip
+            await asyncio.sleep(POLL_S)
 
     async def queue_stats(self) -> QueueStats:
         settings = self.settings
@@ -224,7 +233,9 @@ def finals(recs: dict[str, CallRecord]) -> int:
 
 
 def running_on(recs: dict[str, CallRecord], worker: Worker) -> set[str]:
-    return {i for i, r in recs.items() if r.status is CallStatus.RUNNING and r.worker_id == worker.id}
+    return {
+        i for i, r in recs.items() if r.status is CallStatus.RUNNING and r.worker_id == worker.id
+    }
 
 
 def chaos_env(env: dict[str, str]) -> dict[str, str]:
@@ -240,7 +251,9 @@ def chaos_env(env: dict[str, str]) -> dict[str, str]:
     return env
 
 
-def make_chaos(tmp: Path, backend: str, redis_server: RedisServer | None, db_url: str = "") -> Chaos:
+def make_chaos(
+    tmp: Path, backend: str, redis_server: RedisServer | None, db_url: str = ""
+) -> Chaos:
     sqlite_mq = f"sqlite:///{tmp / 'data' / 'mq.db'}"
     if backend == "redis":
         assert redis_server is not None

@@ -69,5 +69,5 @@ async def test_a_worker_killed_mid_burst_loses_no_call_and_reruns_only_its_runni
     heir.proc.send_signal(signal.SIGTERM)
     assert heir.proc.wait(30) == 0, chaos.cluster.logs()[-3000:]
     assert chaos.containers() == []
-    print(f"{chaos.backend}: {len(ended)} ended before the kill, {len(left_running)} running, {held} held; "
-          f"dead worker's containers gone {swept_s:.1f} s after the heir started")  # fmt: skip
+    print(f"{chaos.backend}: {len(ended)} ended before the kill, {len(left_running)} running, "
+          f"{held} held; its containers gone {swept_s:.1f} s after the heir started")  # fmt: skip
