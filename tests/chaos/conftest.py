@@ -102,6 +102,14 @@ class Worker:
             raise AssertionError(f"no {name}{{{labels}}} in the metrics:\n{text[:2000]}")
         return float(found.group(1))
 
+    async def wait_metric(self, name: str, at_least: float, timeout_s: float = 20) -> float:
+        deadline = time.monotonic() + timeout_s
+        while (value := self.metric(name)) < at_least:
+            if time.monotonic() > deadline:
+                raise AssertionError(f"{name} is {value} after {timeout_s}s, not {at_least}")
+            await asyncio.sleep(POLL_S)
+        return value
+
 
 @dataclass
 class Chaos:
