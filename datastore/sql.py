@@ -95,11 +95,17 @@ RUNNING_COLUMNS = (
     *REQUEST_COLUMNS,
 )  # fmt: skip
 # After "attempts = ...," in the running upsert: the rest of its SET and its guard.
+# The guard leaves alone a record this very mark has made `running` already: the mark
+# sent again after its commit's answer was lost (the connection broke) must not count
+# its attempt twice. A mark is told apart by its worker and its start time, which
+# the write carries unchanged however often it is sent.
 RUNNING_SET_REST = (
     KEEP_REQUEST + " started_at = excluded.started_at,"
     " updated_at = excluded.updated_at, worker_id = excluded.worker_id, next_try_at = NULL,"
     " error = NULL, failure = NULL"  # an earlier attempt's or hand-back's, not this one's
     f" WHERE calls.status IN {LIVE}"
+    " AND NOT (calls.status = 'running' AND calls.worker_id = excluded.worker_id"
+    " AND calls.started_at = excluded.started_at)"
 )
 CALL_RUNNING = (
     _insert("calls", RUNNING_COLUMNS) + " ON CONFLICT (id) DO UPDATE SET status = excluded.status,"

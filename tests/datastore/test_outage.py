@@ -11,7 +11,7 @@ import asyncpg
 import pytest
 
 import datastore.sqlite as sqlite_backend
-from config.domain import Call, CallStatus, Outcome, Response, new_call_id
+from config.domain import Call, CallStatus, Outcome, Response, new_call_id, utcnow
 from config.settings import load_settings
 from datastore import pgbatch
 from datastore.base import open_datastore
@@ -227,4 +227,46 @@ async def test_postgres_read_only_server_makes_writes_wait(
         await admin.close(timeout=10)
     rec = await store.get_call(c.id)
     assert rec is not None and rec.status is CallStatus.SUCCESS
+    await store.close()
+
+
+@pytest.mark.parametrize("attempt", [0, 2])
+async def test_a_running_mark_whose_answer_was_lost_is_not_counted_twice(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    settings_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    attempt: int,
+) -> None:
+    """The `running` mark commits, then the connection breaks before its answer comes
+    (the server restarted, say): the batch is sent again, and the record still counts
+    the attempt once."""
+    store = await open_pg(postgres_server, tmp_path / "data")
+    real_run = pgbatch.run
+    lost = [asyncpg.exceptions.ConnectionDoesNotExistError("connection was closed")]
+
+    async def answer_lost_once(conn: object, *args: object) -> list[object]:
+        results = await real_run(conn, *args)  # type: ignore[arg-type]
+        if lost:
+            conn.terminate()  # type: ignore[attr-defined]
+            raise lost.pop()
+        return results
+
+    c = Call(new_call_id(), "app", "fn")
+    await store.record_queued(c)
+    if attempt:
+        await store.record_running(c, attempt - 1, "w0")
+        await store.record_retry(c, outcome(), attempt - 1, utcnow())
+    monkeypatch.setattr(pgbatch, "run", answer_lost_once)
+    async with asyncio.timeout(10):
+        rec = await store.record_running(c, attempt, "w")
+    assert not lost
+    expected = attempt or 1
+    assert (rec.status, rec.attempts, rec.worker_id) == (CallStatus.RUNNING, expected, "w")
+    stored = await store.get_call(c.id)
+    assert stored is not None and stored.attempts == expected
+    # The mark of another attempt (the next delivery, on any worker) counts again.
+    monkeypatch.setattr(pgbatch, "run", real_run)
+    again = await store.record_running(c, 0, "w2")
+    assert again.attempts == expected + 1
     await store.close()
