@@ -7,6 +7,11 @@ call to another worker while it runs here or waits to be recorded. Calls the
 queue could not be reached for are one warning per outage: the first round that
 reaches none of them warns, the rounds after it log at debug level until one
 reaches the queue again.
+
+A reservation the queue says is gone (it lapsed while the queue was out of
+reach, or a Redis server came back without its data) never comes back: the
+call is handled on as before, but its delivery is not extended again, and the
+warning comes once for it, not at every round while it runs.
 """
 
 from __future__ import annotations
@@ -17,7 +22,7 @@ from collections.abc import Mapping
 
 from config.errors import FnqError
 from config.settings import Settings
-from mq.errors import QueueUnavailable
+from mq.errors import QueueUnavailable, ReservationLost
 from worker.delivery import Delivery
 
 log = logging.getLogger("fnq.worker")
@@ -34,9 +39,11 @@ async def heartbeat(settings: Settings, calls: Mapping[str, Delivery]) -> None:
     """
     every_s = settings.mq_reservation_msecs / 3000.0
     down = False  # the last round found the queue out of reach
+    gone: dict[int, Delivery] = {}  # held deliveries whose reservation is lost, by id()
     while True:
         await asyncio.sleep(every_s)
-        held = list(calls.values())
+        gone = {key: d for key, d in gone.items() if calls.get(d.call_id) is d}
+        held = [d for d in calls.values() if id(d) not in gone]
         if not held:
             down = False
             continue
@@ -55,6 +62,8 @@ async def heartbeat(settings: Settings, calls: Mapping[str, Delivery]) -> None:
                 unreached.append(d.call_id)
                 first = first or result
             elif isinstance(result, FnqError):
+                if isinstance(result, ReservationLost):
+                    gone[id(d)] = d
                 log.warning("could not extend the reservation of %s: %s", d.call_id, result)
             elif isinstance(result, BaseException):
                 log.error("extending the reservation of %s failed: %r", d.call_id, result)
