@@ -25,6 +25,7 @@ from redis import Redis
 from rq import Queue
 
 from config.domain import Call, CallStatus, Function, new_call_id
+from config.settings import Settings
 from datastore.base import CallRecord, open_datastore
 from mq.base import QueueStats, open_queue
 from tests.rig import RedisServer, free_port
@@ -122,7 +123,7 @@ class Chaos:
     workers: list[Worker] = field(default_factory=list)
 
     @property
-    def settings(self):  # type: ignore[no-untyped-def]
+    def settings(self) -> Settings:
         return self.cluster.settings
 
     async def register(self) -> None:

@@ -44,7 +44,7 @@ async def test_the_survivor_of_two_sqlite_workers_ends_the_dead_one_s_calls(
         left_running = running_on(at_kill, victim)
         ended = {i: r for i, r in at_kill.items() if r.is_final}
         assert chaos.containers(victim)
-        await chaos.wait_no_containers(victim, timeout_s=10)
+        await chaos.wait_no_containers(victim, timeout_s=15)
         swept_s = time.monotonic() - killed_at
 
         done = await chaos.wait_final(b.ids, timeout_s=60)
