@@ -4,10 +4,14 @@
 a digit made ``_``: fnq's own ids end in random characters, which spreads
 their files over up to 1,024 directories. Every call id fnq accepts
 (:data:`config.domain.CALL_ID_RE`) is a safe file name. A log is written to a
-temporary file, flushed to disk and renamed into place, so a reader sees
-either the old log or the whole new one. What the store makes is its owner's
-only: the directories 0700, the files 0600. A failed write (a full disk, say)
-raises StoreUnavailable: the worker tries the call's record again later.
+temporary file of its own in the same directory (a new name, created with
+``O_EXCL``), flushed to disk and renamed into place, so a reader sees either
+the old log or one whole new one: two workers writing the same call's log at
+once (one whose reservation lapsed while it still ran) each write their own
+file, and the last rename wins. What the store makes is its owner's only:
+the directories 0700, the files 0600. A failed write (a full disk, say)
+removes its temporary file and raises StoreUnavailable: the worker tries the
+call's record again later.
 """
 
 from __future__ import annotations
@@ -16,6 +20,7 @@ import asyncio
 import contextlib
 import os
 import re
+import secrets
 from collections.abc import Sequence
 from pathlib import Path
 
@@ -52,11 +57,10 @@ class FileLogStore:
         # the umask: a call's output is as private as its body (see create_private).
         self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
         path.parent.mkdir(mode=0o700, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        tmp, fd = _new_file(path)
         try:
             try:
-                os.fchmod(fd, 0o600)  # a leftover of a process with the same pid may be laxer
+                os.fchmod(fd, 0o600)  # exactly, whatever the umask took away
                 view = memoryview(data)
                 while view:
                     view = view[os.write(fd, view) :]
@@ -83,3 +87,17 @@ class FileLogStore:
 
     async def close(self) -> None:
         return None
+
+
+def _new_file(path: Path) -> tuple[Path, int]:
+    """A temporary file beside ``path`` that no other writer uses (a name of its own,
+    created with ``O_EXCL``), open for writing: its path and descriptor. Two workers
+    writing the log of one call at once may share a process id (workers in
+    containers of their own, each pid 1, sharing the log directory)."""
+    while True:
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
+        try:
+            flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC
+            return tmp, os.open(tmp, flags, 0o600)
+        except FileExistsError:  # another writer's name: draw again
+            continue

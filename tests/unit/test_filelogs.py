@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import errno
 import os
 import stat
 from pathlib import Path
@@ -95,3 +97,34 @@ async def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed"):
         await store.put_log("order-1", b"x")
     assert sorted(p.name for p in path.parent.iterdir()) == ["order-1.log"]
+
+
+async def test_two_writers_of_one_log_at_once_leave_one_whole_log(tmp_path: Path) -> None:
+    """Two workers ending the same call at once (one whose reservation lapsed while it
+    still ran): each write succeeds, and the file is one of the two logs, whole. Two
+    stores in one process share a process id, as two workers in containers of their
+    own (each pid 1) sharing the log directory do."""
+    first, second = FileLogStore(tmp_path), FileLogStore(tmp_path)
+    long_log, short_log = b"a" * (4 << 20), b"b" * (1 << 20)
+    for _ in range(10):
+        await asyncio.gather(
+            first.put_log("order-1", long_log), second.put_log("order-1", short_log)
+        )
+        assert await first.get_log("order-1") in (long_log, short_log)
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["_1", "order-1.log"]
+
+
+async def test_a_write_that_fails_midway_keeps_the_previous_log(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = FileLogStore(tmp_path)
+    await store.put_log("order-1", b"first\n")
+
+    def full(fd: int) -> None:
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", full)
+    with pytest.raises(StoreUnavailable, match="No space left on device"):
+        await store.put_log("order-1", b"second\n")
+    assert await store.get_log("order-1") == b"first\n"
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["_1", "order-1.log"]
