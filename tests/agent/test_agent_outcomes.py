@@ -436,6 +436,32 @@ async def test_a_call_on_a_container_that_died_unnoticed_runs_on_another(
     await driver.wait_until(lambda: driver.removes == 1)
 
 
+async def test_a_call_counts_as_dispatched_only_once_a_container_takes_its_connection(
+    agents: AgentFactory,
+) -> None:
+    # The container died unnoticed: its socket takes no connection, so the call never
+    # reached the function and waits for another container. Only when one takes the
+    # call is it dispatched: until then it is a waiting call (it stays `queued`, keeps
+    # its prefetch place, and at the first stop request goes back unstarted).
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    await agent.submit(make_call(fn), fn)
+    gate = asyncio.Event()
+    driver.default = FakeBehaviour(start_gate=gate)  # the next container starts on cue
+    driver.containers[0].die_unseen(ExitInfo(exit_code=1))
+    dispatched: list[int] = []
+    second = asyncio.create_task(
+        agent.submit(make_call(fn), fn, on_start=lambda: dispatched.append(len(driver.containers)))
+    )
+    await driver.wait_until(lambda: driver.starts == 2)
+    assert dispatched == []
+    gate.set()
+    out = await asyncio.wait_for(second, 5)
+    assert out.status is CallStatus.SUCCESS, out.error
+    assert dispatched == [2]
+
+
 async def test_a_live_container_whose_socket_refuses_fails_the_call(
     agents: AgentFactory,
 ) -> None:

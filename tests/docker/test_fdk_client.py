@@ -177,11 +177,33 @@ async def test_broken_answers_are_dispatch_errors(answer: bytes, message: str) -
 
 async def test_no_listener_is_a_dispatch_error_that_sent_nothing() -> None:
     client = FdkClient(f"/tmp/fnq-missing-{secrets.token_hex(4)}.sock")
+    delivered: list[int] = []
     try:
         with pytest.raises(NotDelivered, match="cannot connect to the function"):
-            await client.call(request())
+            await client.call(request(), lambda: delivered.append(1))
     finally:
         await client.close()
+    assert delivered == []  # the call never reached a function
+
+
+async def test_a_call_is_delivered_once_the_socket_takes_its_connection() -> None:
+    """New connection or kept-alive one, ``on_delivered`` comes once per call, before
+    the function has read the request."""
+    seen: list[str] = []
+
+    async def note(head: bytes, body: bytes, writer: asyncio.StreamWriter) -> None:
+        seen.append(f"read {body.decode()}")
+        await echo(head, body, writer)
+
+    async with server(note) as (path, _heads):
+        client = FdkClient(path)
+        try:
+            for i in range(2):
+                await client.call(request(f"{i}".encode()), lambda i=i: seen.append(f"sent {i}"))
+            assert client.connections_made == 1
+        finally:
+            await client.close()
+    assert seen == ["sent 0", "read 0", "sent 1", "read 1"]
 
 
 async def test_chunked_answer() -> None:

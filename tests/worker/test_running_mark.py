@@ -15,6 +15,7 @@ from config.settings import load_settings
 from datastore.base import Datastore, open_datastore
 from mq.base import open_queue
 from worker.agent.agent import Agent
+from worker.agent.driver import ExitInfo
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, reply
 from worker.loop import Worker
 from worker.shutdown import Shutdown
@@ -132,4 +133,45 @@ async def test_attempts_are_counted_across_retries_without_marks(tmp_path: Path)
         assert rec.attempts == fn.max_attempts == 3
         assert counted.running == 0
     finally:
+        await store.close()
+
+
+async def test_a_call_whose_container_died_unseen_is_not_marked_while_it_waits(
+    tmp_path: Path,
+) -> None:
+    """The call's container died and the engine has not said so yet: its socket takes no
+    connection. The call has not reached a function, so it is not marked `running`
+    (even with a mark at once) while it waits for another container; it is once that
+    container takes it."""
+    settings = load_settings(data_dir=str(tmp_path), running_mark_msecs=0)
+    store = await open_datastore(settings)
+    counted = Counted(store)
+    await store.create_fn(FN)
+    queue = open_queue(settings.mq_url, settings)
+    first, second = (Call(new_call_id(), FN.app, FN.name, body) for body in (b"1", b"2"))
+    driver = FakeDriver()
+    try:
+        async with Agent(settings, driver) as agent:
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
+            try:
+                await queue.push(first)
+                await asyncio.wait_for(all_final(store, [first]), 10)
+                gate = asyncio.Event()
+                driver.default = FakeBehaviour(start_gate=gate)  # the next container waits
+                driver.containers[0].die_unseen(ExitInfo(exit_code=1))
+                await queue.push(second)
+                await driver.wait_until(lambda: driver.starts == 2, timeout_s=10)
+                assert counted.running == 1  # the first call's mark only
+                assert await store.get_call(second.id) is None  # pushed without a record
+                gate.set()
+                await asyncio.wait_for(all_final(store, [second]), 10)
+            finally:
+                shutdown.request("test over")
+                await asyncio.wait_for(run, 30)
+        rec = await store.get_call(second.id)
+        assert rec is not None and rec.status is CallStatus.SUCCESS and rec.attempts == 1
+        assert counted.running == 2
+    finally:
+        await queue.close()
         await store.close()

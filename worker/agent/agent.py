@@ -52,9 +52,12 @@ every call waiting for one: their own starts would fail alike.
 **Exec.** The call that wins a slot runs on that container in its own task:
 unpause it if it was frozen, route its output to the call's bounded log,
 post the request (with its deadline) over the socket, and wait for the
-answer, the function's timeout, the container's death or a cancel. If the
-container turns out to be broken before the request was sent, nothing ran
-and the call simply waits for another slot.
+answer, the function's timeout, the container's death or a cancel. The call
+counts as dispatched (``submit``'s ``on_start``) once the function's socket
+has taken its connection, before the request is written. If the container
+turns out to be broken before that (dead, its exit not reported yet),
+nothing ran: the call has not been dispatched, and simply waits for another
+slot.
 
 **End.** The answer becomes the outcome: 200 success, 502 function failed,
 504 timeout (the container stays warm for the next call in those three
@@ -201,7 +204,8 @@ class Agent:
         *,
         launch_patience_s: float = 0.0,
     ) -> Outcome:
-        """Run ``call``; ``on_start`` is called when it is dispatched to a container.
+        """Run ``call``; ``on_start`` is called when it is dispatched: once a container's
+        function has taken its connection (at most once).
         ``launch_patience_s``: wait at least this long for a container of the function
         before asking for a new one."""
         if self._no_waiting:

@@ -126,9 +126,14 @@ class Container(Protocol):
         request: DispatchRequest,
         sink: OutputSink | None = None,
         usage: CallUsage | None = None,
+        *,
+        on_delivered: Callable[[], None] | None = None,
     ) -> DispatchResult:
         """One POST /call; the output goes to ``sink`` (None: the debug log) until
-        ``result.output_done``, the call's resource use to ``usage``. Raises
+        ``result.output_done``, the call's resource use to ``usage``.
+        ``on_delivered`` is called once the function's socket has taken the
+        connection, before the request is written: from then on the call has
+        reached the function (NotDelivered comes before it, never after). Raises
         DispatchError (or a subclass) or TimeoutError, once the output until then
         has been taken."""
 

@@ -92,6 +92,9 @@ class StopControl:
         return True
 
     def dispatched(self) -> None:
+        """The function's socket has taken the call's connection (once per call)."""
+        if self.started:
+            return
         self.started = True
         if self._on_start is not None:
             self._on_start()

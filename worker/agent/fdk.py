@@ -242,8 +242,13 @@ class FdkClient:
         self._conn = conn
         return conn
 
-    async def call(self, req: DispatchRequest) -> DispatchResult:
-        """POST /call; DispatchError (or ResponseTooBig) on failure, TimeoutError on time."""
+    async def call(
+        self, req: DispatchRequest, on_delivered: Callable[[], None] | None = None
+    ) -> DispatchResult:
+        """POST /call; DispatchError (or ResponseTooBig) on failure, TimeoutError on time.
+        ``on_delivered`` is called once the socket has taken the connection (a kept-alive
+        one, or a new one), just before the request is written; NotDelivered (no
+        connection) comes before it."""
         loop = self._loop
         if loop is None:  # CPython 3.11 makes a system call in each get_running_loop
             loop = self._loop = asyncio.get_running_loop()
@@ -254,6 +259,8 @@ class FdkClient:
             conn = self._conn
             if conn is None or conn.closed or now - conn.last_used >= KEEPALIVE_S:
                 conn = await self._connect(deadline)
+            if on_delivered is not None:
+                on_delivered()
             raw = await conn.exchange(request, loop, deadline)
         except BaseException as exc:
             self._drop()  # whatever happened, the connection's state is unknown

@@ -461,7 +461,6 @@ class HotContainer:
             timeout_s=timeout_s,
         )
         usage = CallUsage()
-        stop.dispatched()
         end, result, error = await self._dispatch(
             container, request, sink, usage, stop=stop, timeout_s=timeout_s
         )
@@ -478,10 +477,13 @@ class HotContainer:
         timeout_s: float,
     ) -> tuple[ExecEnd, DispatchResult | None, str | None]:
         """The dispatch, in the caller's own task (no task per call); the container's
-        exit and a stop request interrupt it."""
+        exit and a stop request interrupt it. The call counts as dispatched
+        (``stop.dispatched``) once the function's socket has taken its connection: a
+        call whose container turns out dead before that has not reached a function,
+        and waits for another container as any waiting call does."""
         try:
             result = await interruptible(
-                container.dispatch(request, sink, usage),
+                container.dispatch(request, sink, usage, on_delivered=stop.dispatched),
                 timeout_s,
                 self._exited,
                 stop.stopped,

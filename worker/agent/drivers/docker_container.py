@@ -255,6 +255,8 @@ class DockerContainer:
         request: DispatchRequest,
         sink: OutputSink | None = None,
         usage: CallUsage | None = None,
+        *,
+        on_delivered: Callable[[], None] | None = None,
     ) -> DispatchResult:
         if self._fdk is None:
             raise DispatchError(f"container {self.id} is not started")
@@ -264,7 +266,7 @@ class DockerContainer:
         if meter is not None:
             meter.call_started()
         try:
-            result = await self._fdk.call(request)
+            result = await self._fdk.call(request, on_delivered)
         except asyncio.CancelledError:  # a timeout or a stop: read before it is killed
             _read_usage(meter, usage)
             output.drop(segment)

@@ -131,6 +131,7 @@ class FakeContainer:
         self.debug_output: list[bytes] = []
         self.requests: list[DispatchRequest] = []
         self.stats: dict[str, float] = {}  # each dispatch's resource use, however it ends
+        self._unseen_exit: ExitInfo | None = None  # see die_unseen
 
     @property
     def id(self) -> str:
@@ -155,6 +156,13 @@ class FakeContainer:
             self._exited.set()
             self._driver._changed()
 
+    def die_unseen(self, info: ExitInfo) -> None:
+        """The process ends and the engine has not reported it yet: the socket takes no
+        connection, and the exit is reported as the next dispatch is refused."""
+        if self.exit_info is None:
+            self.state = "exited"
+            self._unseen_exit = info
+
     # ------------------------------------------------------ Container
     async def start(self) -> None:
         self._driver.starts += 1
@@ -174,9 +182,16 @@ class FakeContainer:
         request: DispatchRequest,
         sink: OutputSink | None = None,
         usage: CallUsage | None = None,
+        *,
+        on_delivered: Callable[[], None] | None = None,
     ) -> DispatchResult:
         if self.state != "running":  # its socket takes no connection
+            unseen, self._unseen_exit = self._unseen_exit, None
+            if unseen is not None:
+                self.exit(unseen)
             raise NotDelivered(f"container {self.id} is {self.state}")
+        if on_delivered is not None:
+            on_delivered()
         self._sink = sink
         try:
             return await self._dispatch(request)
