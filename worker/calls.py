@@ -264,8 +264,8 @@ class CallHandler:
 
         A passing fault (an outage, a full disk) hands the message back to run
         again later, its record put back to `queued` first if it was marked
-        `running` (as at shutdown, the attempt not counted: the fault is not the
-        function's). A record the datastore refuses sends the message to the dead
+        `running` (as at shutdown: the attempt stays counted if the function ran,
+        worker.running). A record the datastore refuses sends the message to the dead
         letters with the reason, rather than running it again and again.
         Anything else leaves the message to come back when its reservation lapses.
         """
@@ -358,16 +358,17 @@ class CallHandler:
                 return
         delay_s = self.settings.secs("running_mark_msecs")
 
-        def started() -> None:
+        def started() -> None:  # the call has reached its function
             on_start()
-            mark.arm(delay_s)
+            mark.reached(delay_s)
 
         try:
             outcome = await self.agent.submit(
                 call, fn, on_start=started, launch_patience_s=launch_patience_s
             )
         finally:
-            mark.cancel()
+            mark.cancel()  # a call stopped meanwhile may still be marked (RunningMark.withdraw)
+        mark.finished()
         if (
             not outcome.started
             and outcome.failure is FailureKind.BUSY

@@ -8,7 +8,8 @@ with the function's retry policy and the attempt number, into one
 outcome                    decision
 =========================  ================================================
 success                    FINISH (record, ack)
-busy (never started)       RELEASE after a short delay
+busy (never started, or    RELEASE after a short delay
+stopped by shutdown)
 terminal                   FINISH as error, and DEAD-letter the message
 cancelled / expired        FINISH as cancelled
 function error / timeout   RETRY after backoff while attempts remain,
@@ -16,11 +17,15 @@ function error / timeout   RETRY after backoff while attempts remain,
 =========================  ================================================
 
 An attempt counts (``Decision.counted``: the record's ``attempts``, what
-``max_attempts`` bounds) when the call ran in a container, or when its
+``max_attempts`` bounds) when the call ran in a container, whatever its end
+(a run the worker's shutdown stopped too: the function ran), or when its
 function's container failed to start (the function's own fault, retried like
 a failed run). A call that never reached a container for any other reason
 (busy, missing image, too big for the worker, cancelled while it waited)
-counts none; nor does a call stopped by the worker's shutdown (busy).
+counts none. Only failures end a call for good once its attempts reach
+``max_attempts``: a run stopped by shutdown is released to run again
+whatever its count, so a call whose last allowed run was stopped runs once
+more, and its record then shows more attempts than ``max_attempts``.
 
 Backoff for function failures is exponential with full jitter between half
 and the whole step: ``base * 2**(attempt-1) * U(0.5, 1.0)``, capped at
@@ -45,7 +50,7 @@ BUSY_DELAY_S = 1.0
 class Action(StrEnum):
     FINISH = "finish"  # record the final state, ack
     RETRY = "retry"  # record the failed attempt, hand the message back after a delay
-    RELEASE = "release"  # not started: hand back, no attempt charged
+    RELEASE = "release"  # not started (no attempt charged), or stopped: hand back
 
 
 @dataclass(frozen=True, slots=True)
@@ -69,9 +74,9 @@ def decide(outcome: Outcome, fn: Function, attempt: int, rng: random.Random) -> 
     """The next step for a call whose ``attempt``-th run (1-based) gave ``outcome``."""
     if outcome.status is CallStatus.SUCCESS:
         return Decision(Action.FINISH)
-    if outcome.failure is FailureKind.BUSY:
+    if outcome.failure is FailureKind.BUSY:  # never started, or stopped by shutdown
         delay_s = BUSY_DELAY_S * rng.uniform(0.5, 1.5)
-        return Decision(Action.RELEASE, delay_s=delay_s, counted=False)
+        return Decision(Action.RELEASE, delay_s=delay_s, counted=outcome.started)
     if outcome.failure is FailureKind.TERMINAL:
         return Decision(Action.FINISH, dead_letter=True, counted=outcome.started)
     if outcome.status is CallStatus.CANCELLED or outcome.failure is FailureKind.CANCELLED:

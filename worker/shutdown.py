@@ -7,8 +7,9 @@ container of their function busy, no room to start another, or one being
 started) are handed back to the queue at once, their records put back to
 `queued` first (``Agent.stop_waiting``, worker.loop, worker.calls). Phase two
 (a second signal, or the grace period running out): running calls are
-cancelled, their containers retired, their records put back to `queued` and
-then their messages handed back (worker.calls, worker.running).
+cancelled, their containers retired, their records put back to `queued` (the
+run counted among their attempts: the function ran) and then their messages
+handed back (worker.calls, worker.running).
 
 A signal that comes again within ``SIGNAL_REPEAT_S`` of the first is taken as
 the same request delivered twice, not as the second: ``timeout``, a terminal's

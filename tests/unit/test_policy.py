@@ -63,10 +63,19 @@ def test_only_a_call_that_reached_its_container_or_failed_starting_it_counts() -
         (Outcome(CallStatus.ERROR, "too big", FailureKind.TERMINAL), False),
         (Outcome(CallStatus.CANCELLED, "while waiting", FailureKind.CANCELLED), False),
         (Outcome(CallStatus.ERROR, "no room", FailureKind.BUSY), False),
-        (ran(Outcome(CallStatus.ERROR, "worker stopped", FailureKind.BUSY)), False),
+        # The function ran until the worker's shutdown stopped it: that run counts.
+        (ran(Outcome(CallStatus.ERROR, "worker stopped", FailureKind.BUSY)), True),
     ]
     rng = random.Random(5)
     assert [decide(o, FN, 1, rng).counted for o, _ in cases] == [c for _, c in cases]
+
+
+def test_a_run_stopped_by_shutdown_runs_again_whatever_its_count() -> None:
+    """Only failures end a call for good: a call whose last allowed run was stopped
+    runs once more (its record then shows one attempt over max_attempts)."""
+    stopped = Outcome(CallStatus.ERROR, "worker stopped", FailureKind.BUSY, started_at=utcnow())
+    d = decide(stopped, FN, FN.max_attempts, random.Random(2))
+    assert d.action is Action.RELEASE and d.counted
 
 
 def test_backoff_is_capped() -> None:

@@ -1,5 +1,6 @@
-"""What a call's ``attempts`` counts: runs in a container, and starts of its function's
-container that failed; a call that never reached a container counts none.
+"""What a call's ``attempts`` counts: runs in a container (those the worker's shutdown
+stopped too), and starts of its function's container that failed; a call that never
+reached a container counts none.
 
 In-process worker on the embedded SQLite queue and datastore, with the fake
 container driver.
@@ -20,7 +21,7 @@ from config.settings import load_settings
 from datastore.base import CallRecord, Datastore, open_datastore
 from mq.base import open_queue
 from worker.agent.agent import Agent
-from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
+from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, hang, reply
 from worker.agent.errors import ContainerInitFailed, ImageNotFound
 from worker.loop import Worker
 from worker.shutdown import Shutdown
@@ -120,3 +121,57 @@ async def test_a_call_ended_before_it_starts_keeps_the_count_of_its_runs(tmp_pat
     rec = done[ran_once.id]
     assert (rec.status, rec.attempts) == (CallStatus.ERROR, 1), rec
     assert "not registered" in (rec.error or "")
+
+
+@pytest.mark.parametrize("max_attempts", [1, 2])
+async def test_a_run_stopped_by_shutdown_counts_and_failures_still_end_the_call(
+    tmp_path: Path, max_attempts: int
+) -> None:
+    """``attempts`` counts the times the function ran, a run the worker's shutdown
+    stopped too; failures end the call for good once attempts reach max_attempts. With
+    max_attempts 2, the stopped run and one failure make two: no third run. With 1,
+    the stopped run was the last allowed one: the call runs once more (the stop is no
+    failure), and its record shows 2 attempts."""
+    settings = load_settings(
+        data_dir=str(tmp_path), mq_reservation_msecs=60_000, running_mark_msecs=0
+    )
+    fn = Function(app="a", name="fails", image="img/fails", memory_mb=64,
+                  max_attempts=max_attempts, retry_backoff_s=0.01)  # fmt: skip
+    call = Call(new_call_id(), fn.app, fn.name, b"x")
+    store = await open_datastore(settings)
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        await store.create_fn(fn)
+        await store.record_queued(call)
+        await queue.push(call)
+        stopped = FakeDriver(FakeBehaviour(handler=hang()))
+        async with Agent(settings, stopped) as agent:
+            shutdown = Shutdown(30.0)
+            run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
+            try:
+                await stopped.wait_until(lambda: stopped.dispatches == 1, timeout_s=10)
+            finally:
+                shutdown.abort()
+                await asyncio.wait_for(run, 10)
+        rec = await store.get_call(call.id)
+        assert rec is not None and (rec.status, rec.attempts) == (CallStatus.QUEUED, 1), rec
+
+        failing = FakeDriver(FakeBehaviour(handler=reply(502, b"no")))
+        async with Agent(settings, failing) as agent:
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
+            try:
+                async with asyncio.timeout(30):
+                    while await final(store, call) is None:
+                        await asyncio.sleep(0.02)
+            finally:
+                shutdown.request("test over")
+                await asyncio.wait_for(run, 30)
+        rec = await store.get_call(call.id)
+        assert rec is not None and rec.status is CallStatus.ERROR, rec
+        assert failing.dispatches == 1  # one failure: the budget was used up by then
+        assert rec.attempts == 2
+        assert [d.id for d in await queue.dead_list(10)] == [call.id]
+    finally:
+        await queue.close()
+        await store.close()

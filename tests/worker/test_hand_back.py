@@ -1,8 +1,10 @@
 """Calls the worker stops before they end (a second stop request, or the grace period
 over), or before they reach a container (the first stop request), go back to the
-queue, and their records say so: `queued`, the attempt not counted, before the
-message is released, and never over a record that has moved on. (A call that
-waits for a container is not marked `running`: its record stays `queued`.)
+queue, and their records say so: `queued`, before the message is released, and
+never over a record that has moved on. ``attempts`` counts the times the function
+ran: a call stopped while it ran keeps that attempt, one that never reached its
+function counts none. (A call that waits for a container is not marked `running`:
+its record stays `queued`.)
 
 In-process worker on the embedded SQLite queue and datastore, with the fake
 container driver.
@@ -138,17 +140,17 @@ async def test_a_stopped_call_is_recorded_queued_before_its_message_goes_back(
     )
     assert (await queue.stats()).ready == 2
     assert metrics.calls.handed_back == {"stop": 2, "fault": 0}
-    for call in calls:
+    for call, ran in zip(calls, (1, 0), strict=True):  # the first one ran, the other not
         before = seen.records[call.id]
         assert before is not None and before.status is CallStatus.QUEUED
         rec = await store.get_call(call.id)
         assert rec is not None
-        assert (rec.status, rec.attempts, rec.started_at) == (CallStatus.QUEUED, 0, None)
+        assert (rec.status, rec.attempts, rec.started_at) == (CallStatus.QUEUED, ran, None)
         assert rec.has_request and rec.request_body == call.body
     ran, waited = [await store.get_call(c.id) for c in calls]
     assert ran is not None and ran.error is not None and "went back to the queue" in ran.error
     assert waited is not None and waited.error is None  # never marked: nothing to put back
-    # The next worker runs them as their first attempt.
+    # The next worker runs them again: the second run of the one stopped as it ran.
     async with Agent(settings, FakeDriver(FakeBehaviour(handler=reply()))) as agent:
         shutdown = Shutdown(5.0)
         run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
@@ -157,10 +159,49 @@ async def test_a_stopped_call_is_recorded_queued_before_its_message_goes_back(
                 await asyncio.sleep(0.02)
         shutdown.request("done")
         await asyncio.wait_for(run, 10)
-    for call in calls:
+    for call, runs in zip(calls, (2, 1), strict=True):
         rec = await store.get_call(call.id)
-        assert rec is not None and (rec.status, rec.attempts) == (CallStatus.SUCCESS, 1)
+        assert rec is not None and (rec.status, rec.attempts) == (CallStatus.SUCCESS, runs)
         assert rec.error is None
+
+
+async def test_a_call_stopped_before_its_running_mark_was_due_counts_its_run(
+    tmp_path: Path,
+) -> None:
+    """Its function ran, so the attempt counts, although the record was not `running`
+    yet: the hand-back marks it, then puts it back to `queued` with that attempt."""
+    settings = load_settings(
+        data_dir=str(tmp_path), mq_reservation_msecs=60_000, running_mark_msecs=600_000
+    )
+    store = await open_datastore(settings)
+    queue = open_queue(settings.mq_url, settings)
+    call = Call(new_call_id(), "a", "runs", b"x")
+    try:
+        await store.create_fn(RUNS)
+        await enqueue(store, queue, [call])
+        seen = SeenAtRelease(queue, store)
+        driver = FakeDriver(FakeBehaviour(handler=hang()))
+        async with Agent(settings, driver) as agent:
+            shutdown = Shutdown(30.0)
+            worker = Worker(settings, [seen], store, agent)  # type: ignore[list-item]
+            run = asyncio.create_task(worker.run(shutdown))
+            try:
+                await driver.wait_until(lambda: driver.dispatches == 1, timeout_s=10)
+                rec = await store.get_call(call.id)
+                assert rec is not None and (rec.status, rec.attempts) == (CallStatus.QUEUED, 0)
+            finally:
+                shutdown.abort()
+                await asyncio.wait_for(run, 10)
+        before = seen.records[call.id]
+        assert before is not None and (before.status, before.attempts) == (CallStatus.QUEUED, 1)
+        rec = await store.get_call(call.id)
+        assert rec is not None
+        assert (rec.status, rec.attempts, rec.started_at) == (CallStatus.QUEUED, 1, None)
+        assert rec.error == "the worker stopped before the call finished; it went back to the queue"
+        assert (await queue.stats()).ready == 1
+    finally:
+        await queue.close()
+        await store.close()
 
 
 async def test_a_record_another_worker_has_taken_is_left_alone(setup: Any) -> None:
