@@ -54,7 +54,8 @@ _DEAD_LETTERED = frozenset({CallStatus.ERROR, CallStatus.TIMEOUT})  # see settle
 
 
 def outcome_of(record: CallRecord) -> Outcome:
-    """A stored final record as an outcome (for settling a duplicate delivery)."""
+    """A stored final record as an outcome (for settling a duplicate delivery): what the
+    call's end gave, its kind of failure included (the RQ bridge's failure text says it)."""
     response = None
     if record.response_status is not None:
         response = Response(
@@ -66,6 +67,7 @@ def outcome_of(record: CallRecord) -> Outcome:
     return Outcome(
         status=record.status,
         error=record.error,
+        failure=record.failure,
         response=response,
         started_at=record.started_at,
         completed_at=record.completed_at,
