@@ -9,12 +9,14 @@ defect).
 from __future__ import annotations
 
 import asyncio
+import atexit
 import contextlib
 import os
 import shutil
 import signal
 import socket
 import subprocess
+import tempfile
 import time
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
@@ -167,7 +169,11 @@ class PostgresServer:
         cmd = list(args)
         if os.geteuid() == 0:  # initdb and postgres refuse to run as root
             cmd = ["runuser", "-u", "postgres", "--", *cmd]
-        subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        done = subprocess.run(cmd, check=False, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+        if done.returncode:  # with its own words: the exception alone would hide them
+            raise subprocess.CalledProcessError(
+                done.returncode, cmd, stderr=done.stderr
+            ) from RuntimeError(done.stderr.decode(errors="replace")[-2000:])
 
     def start(self) -> PostgresServer:
         initdb = PG_BIN / "initdb"
@@ -231,9 +237,10 @@ def docker_client() -> Iterator[object]:
 
 
 def pg_tempdir(tmp: Path) -> Path:
-    """PostgreSQL's directory must be reachable by the postgres user."""
-    path = tmp / "pg"
-    for parent in [tmp, *tmp.parents]:
-        with contextlib.suppress(PermissionError):
-            parent.chmod(parent.stat().st_mode | 0o711)
-    return path
+    """A directory for a PostgreSQL server that the postgres user can reach: beside
+    pytest's own (any pytest run that starts makes ``pytest-of-USER`` owner-only again),
+    named after ``tmp`` and removed when this process ends."""
+    path = Path(tempfile.mkdtemp(prefix=f"fnq-pg-{tmp.name[:40]}-"))
+    path.chmod(0o711)
+    atexit.register(shutil.rmtree, path, ignore_errors=True)
+    return path / "pg"

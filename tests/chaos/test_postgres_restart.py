@@ -54,8 +54,15 @@ async def test_records_are_written_once_postgres_is_back_from_a_restart(
         stats = await chaos.queue_stats()
         assert (stats.ready, stats.delayed, stats.reserved, stats.dead) == (0, 0, 0, 0), stats
         assert worker.metric("fnq_calls_total", 'status="success"') == len(b.ids)
+        # Each part that met the restart (the record writer, the heartbeat: which ones,
+        # if any, depends on when it fell; a pooled connection that broke while idle is
+        # replaced unseen) says so once, and once that it is back.
         logs = chaos.cluster.logs()
-        assert logs.count("the database is unavailable") == 1 and "the database is back" in logs
+        for down, back in (
+            ("the database is unavailable", "the database is back"),
+            ("datastore unavailable for cancellations/heartbeats", "datastore is back"),
+        ):
+            assert logs.count(down) <= 1 and logs.count(back) == logs.count(down), logs[-3000:]
         worker.proc.send_signal(signal.SIGTERM)
         assert worker.proc.wait(30) == 0
         assert chaos.containers() == []

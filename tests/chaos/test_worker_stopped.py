@@ -2,8 +2,8 @@
 
 It takes no more calls, hands back at once those not yet in a container, lets
 the calls in containers finish within its grace period (or, once that is over,
-stops them and hands them back, their records `queued` again without the
-attempt), removes its containers and exits 0. Nothing it held waits for a
+stops them and hands them back, their records `queued` again with that run
+counted in `attempts`), removes its containers and exits 0. Nothing it held waits for a
 reservation to lapse, and the next worker runs every call that had not ended,
 each once.
 """
@@ -51,11 +51,14 @@ async def test_a_worker_stopped_mid_burst_finishes_or_hands_back_each_call_once(
     ended = {i: r for i, r in after.items() if r.is_final}
     assert {r.status for r in ended.values()} == {CallStatus.SUCCESS}
     back = [r for r in after.values() if not r.is_final]
-    assert all(r.attempts == 0 for r in back), [r for r in back if r.attempts]
+    cut_short = "worker stopped before the call finished"
+    stopped = {r.id for r in back if r.error and cut_short in r.error}
+    # A run the stop cut short counts; a call that never reached its function does not.
+    assert [r for r in back if r.attempts != (r.id in stopped)] == []
     if grace_ms > 4000:  # the calls in containers finished: those sleep calls ended
-        assert len(ended) > 40
-    else:  # stopped and handed back, their attempt withdrawn
-        assert any(r.error and "worker stopped before the call finished" in r.error for r in back)
+        assert len(ended) > 40 and not stopped
+    else:  # stopped and handed back
+        assert stopped
     # Everything it held went back at once: nothing waits for a reservation to lapse.
     if chaos.backend == "rq":
         assert _rq_held(chaos, b.ids) == 0
@@ -67,7 +70,8 @@ async def test_a_worker_stopped_mid_burst_finishes_or_hands_back_each_call_once(
     assert {r.status for r in done.values()} == {CallStatus.SUCCESS}
     for i, rec in ended.items():
         assert done[i] == rec
-    assert {r.attempts for r in done.values()} == {1}, "a call ran twice"
+    runs = {i: 1 + (i in stopped) for i in done}
+    assert {i: r.attempts for i, r in done.items()} == runs, "a call ran twice"
     assert heir.metric("fnq_calls_total", 'status="success"') == len(b.ids) - len(ended)
     heir.proc.send_signal(signal.SIGTERM)
     assert heir.proc.wait(30) == 0
