@@ -14,6 +14,7 @@ from worker.agent.resources import (
     HEAD_ROOM_MIN_BYTES,
     MIB,
     HostPaths,
+    ResourceToken,
     ResourceTracker,
     Shortfall,
     measure_totals,
@@ -251,3 +252,154 @@ async def test_room_lent_to_idle_containers_does_not_count_once_told() -> None:
     t.lent_changed()
     assert await asyncio.wait_for(waiter, 1)
     assert not await t.wait_async_resource(0.01)  # counted without ``lent``
+
+
+# ------------------------------------------------------------------ tickets
+
+
+def full(t: ResourceTracker, *memory_mb: int) -> list[ResourceToken]:
+    """Tokens of these sizes, taken now."""
+    tokens = [t.try_acquire(mb, 0) for mb in memory_mb]
+    assert all(token is not None for token in tokens)
+    return [token for token in tokens if token is not None]
+
+
+async def test_a_ticket_that_fits_is_granted_at_once() -> None:
+    t = tracker(1024, 2000)
+    ticket = t.request(512, 1000)
+    assert ticket.granted.is_set() and not ticket.waiting
+    token = ticket.take()
+    assert token is not None and (token.memory_mb, token.cpu_mcpus) == (512, 1000)
+    assert ticket.take() is None
+    assert t.statistics().tokens == 1 and t.waiting == 0
+
+
+async def test_room_goes_to_the_waiting_tickets_in_the_order_they_came() -> None:
+    t = tracker(256, 2000)
+    one, two = full(t, 128, 128)
+    first, second = t.request(128, 0), t.request(128, 0)
+    assert first.waiting and second.waiting
+    one.close()
+    assert first.granted.is_set() and second.waiting
+    assert t.try_acquire(128, 0) is None  # the newcomer finds no room
+    two.close()
+    assert second.granted.is_set()
+    assert t.waiting == 0 and t.statistics().memory_used_bytes == 256 * MIB
+
+
+async def test_a_ticket_that_does_not_fit_yet_lets_a_smaller_one_go_ahead() -> None:
+    t = tracker(256, 2000)
+    one, _ = full(t, 128, 128)
+    big, small = t.request(256, 0), t.request(128, 0)
+    one.close()
+    assert small.granted.is_set() and big.waiting
+
+
+async def test_a_function_without_a_container_goes_first_the_longest_starving_first() -> None:
+    t = tracker(128, 2000)
+    (one,) = full(t, 128)
+    growth, late, early = t.request(128, 0), t.request(128, 0), t.request(128, 0)
+    late.starving_since, early.starving_since = 20.0, 10.0
+    one.close()
+    assert early.granted.is_set() and late.waiting and growth.waiting
+    token = early.take()
+    assert token is not None
+    token.close()
+    assert late.granted.is_set() and growth.waiting
+
+
+async def test_room_handed_to_an_heir_is_held_for_it_alone() -> None:
+    t = tracker(256, 2000)
+    one, two = full(t, 128, 128)
+    older = t.request(128, 0)  # came first: without the heir, it would take the room
+    heir = t.request(256, 0)
+    one.close(heir=heir)
+    assert older.waiting and heir.waiting and (heir.held_mb, heir.held_mcpus) == (128, 0)
+    assert t.statistics().memory_used_bytes == 256 * MIB
+    assert t.shortfall(256, 0, heir).memory_mb == 128
+    assert t.promised() == (128, 0, 0)
+    two.close(heir=heir)
+    assert heir.granted.is_set() and older.waiting
+    assert t.promised() == (256, 0, 1)  # granted, not taken yet
+    token = heir.take()
+    assert token is not None and token.memory_mb == 256
+    stats = t.statistics()
+    assert (stats.memory_used_bytes, stats.tokens) == (256 * MIB, 1)
+    assert t.promised() == (0, 0, 0)
+
+
+async def test_room_held_beyond_the_request_goes_back_to_the_line() -> None:
+    t = tracker(256, 2000)
+    (whole,) = full(t, 256)
+    other = t.request(128, 0)
+    heir = t.request(128, 0)
+    whole.close(heir=heir)
+    assert heir.granted.is_set() and other.granted.is_set()
+
+
+async def test_a_withdrawn_heir_gives_its_held_room_to_the_line() -> None:
+    t = tracker(256, 2000)
+    one, _ = full(t, 128, 128)
+    other = t.request(128, 0)
+    heir = t.request(256, 0)
+    one.close(heir=heir)
+    assert other.waiting
+    heir.withdraw()
+    assert other.granted.is_set() and t.waiting == 0
+    heir.withdraw()  # idempotent
+    one.close(heir=heir)  # so is closing the token
+    assert t.statistics().memory_used_bytes == 256 * MIB
+
+
+async def test_room_for_an_heir_that_no_longer_waits_goes_to_the_line() -> None:
+    t = tracker(128, 2000)
+    (one,) = full(t, 128)
+    gone, other = t.request(128, 0), t.request(128, 0)
+    gone.withdraw()
+    one.close(heir=gone)
+    assert other.granted.is_set()
+
+
+async def test_withdrawing_a_granted_ticket_closes_its_token() -> None:
+    t = tracker(256, 2000)
+    (one,) = full(t, 256)
+    ticket, other = t.request(256, 0), t.request(256, 0)
+    one.close()
+    assert ticket.granted.is_set()
+    ticket.withdraw()
+    assert other.granted.is_set()
+    stats = t.statistics()
+    assert (stats.memory_used_bytes, stats.tokens) == (256 * MIB, 1)
+
+
+async def test_on_grant_is_called_for_a_later_grant_only() -> None:
+    t = tracker(256, 2000)
+    calls: list[str] = []
+    at_once = t.request(256, 0, lambda: calls.append("at once"))
+    assert at_once.granted.is_set() and calls == []
+    later = t.request(128, 0, lambda: calls.append("later"))
+    token = at_once.take()
+    assert token is not None
+    token.close()
+    assert later.granted.is_set() and calls == ["later"]
+
+
+async def test_impossible_ticket_is_rejected_at_once() -> None:
+    with pytest.raises(ResourceTooBig):
+        tracker(1024, 2000).request(4096, 0)
+
+
+async def test_blocking_acquirers_are_served_in_the_order_they_came() -> None:
+    t = tracker(128, 2000)
+    (held,) = full(t, 128)
+    first = asyncio.create_task(t.acquire(128, 0))
+    await asyncio.sleep(0)
+    second = asyncio.create_task(t.acquire(128, 0))
+    await asyncio.sleep(0)
+    held.close()
+    assert t.try_acquire(128, 0) is None  # granted to the first already: no race for it
+    token = await asyncio.wait_for(first, 1)
+    assert not second.done()
+    token.close()
+    (await asyncio.wait_for(second, 1)).close()
+    assert t.statistics().tokens == 0 and t.waiting == 0
