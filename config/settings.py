@@ -231,6 +231,16 @@ class Settings(BaseSettings):
         "much CPU idle (mCPU, from /proc/stat) and the worker itself uses less than 90 % "
         "of one. 0 = no such checks (grow on waiting calls alone, as Fn).",
     )
+    hot_displace_wait_percent: int = Field(
+        50,
+        ge=0,
+        le=100,
+        description="A function with no container whose launch has waited this share of "
+        "its timeout (percent) for memory and CPU that busy containers of other functions "
+        "hold takes room from them: a busy one leaves once its current call is over (of "
+        "the function with the most containers first, the longest-held first, having "
+        "served at least two calls). 0 = never (as Fn: it waits until room comes free).",
+    )
     cpu_split: Literal["auto", "on", "off"] = Field(
         "auto",
         description="Give the worker's process a CPU of its own and run its containers "

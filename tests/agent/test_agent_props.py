@@ -44,7 +44,7 @@ from worker.agent.errors import ContainerInitFailed, DispatchError, FreezeFailed
 from worker.agent.hot import EXIT_SETTLE_S, HotContainer
 from worker.agent.launcher import Launcher
 from worker.agent.pacer import PAUSE_SPACING_S
-from worker.agent.resources import ASYNC_HIGH_WATER, MIB, Shortfall
+from worker.agent.resources import ASYNC_HIGH_WATER, MIB, ResourceTicket, Shortfall
 from worker.agent.slots import ContainerState, RequestState, SlotQueue
 
 # ------------------------------------------------------------ virtual time
@@ -338,11 +338,13 @@ def check_books(agent: Agent, driver: FakeDriver, books: Books) -> None:
     books.check(stats.memory_used_bytes <= stats.memory_total_bytes, "memory over the total")
     books.check(stats.cpu_used_mcpus <= stats.cpu_total_mcpus, "CPU over the total")
     held = [h.token for h in hots if not h.token.closed]
+    # and room set aside for launches: held for a waiting one, or granted and not taken yet
+    promised_mb, promised_mcpus, promised_tokens = agent.tracker.promised()
     books.check(
-        stats.memory_used_bytes == sum(t.memory_mb for t in held) * MIB
-        and stats.cpu_used_mcpus == sum(t.cpu_mcpus for t in held)
-        and stats.tokens == len(held),
-        "tokens in use are not those of the live containers",
+        stats.memory_used_bytes == (sum(t.memory_mb for t in held) + promised_mb) * MIB
+        and stats.cpu_used_mcpus == sum(t.cpu_mcpus for t in held) + promised_mcpus
+        and stats.tokens == len(held) + promised_tokens,
+        "tokens in use are not those of the live containers and the launches",
     )
     books.check(
         sum(live_counts(q) for q in {h.queue for h in hots} | set(agent._queues.values()))
@@ -429,10 +431,12 @@ async def check_gate(agent: Agent, books: Books) -> None:
 def hook_evictor(agent: Agent, books: Books) -> None:
     evict_for = agent.evictor.evict_for
 
-    def checked(key: str, need: Shortfall) -> list[asyncio.Event]:
+    def checked(
+        key: str, need: Shortfall, heir: ResourceTicket | None = None
+    ) -> list[asyncio.Event]:
         before = {h: (h.evict.evictable, h.evict.requested) for h in agent._hot}
         others = [h for h in agent._hot if h.evict.evictable and h.queue.key != key]
-        events = evict_for(key, need)
+        events = evict_for(key, need, heir)
         if (need.memory_mb > 0 or need.cpu_mcpus > 0) and (
             sum(h.token.memory_mb for h in others) >= need.memory_mb
             and sum(h.token.cpu_mcpus for h in others) >= need.cpu_mcpus

@@ -149,6 +149,44 @@ async def test_idle_container_of_another_function_is_evicted_for_room(
         await wait_for(lambda: len(ours(docker_engine, label_tag)) == 1)
 
 
+async def test_a_function_without_a_container_gets_room_that_busy_functions_hold(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
+) -> None:
+    """Room for two containers, two functions that always have calls waiting: a third
+    function's call still runs, and none of theirs fails."""
+    busy = [fn(name, "fnq/sleep:latest") for name in ("a", "b")]
+    echo = fn("c", "fnq/echo:latest", timeout_s=8)  # displacing after 2 s (25 %)
+    outcomes: list[Any] = []
+    stop = asyncio.Event()
+
+    async def keep_busy(f: Function) -> None:
+        while not stop.is_set():
+            outcomes.append(await agent.submit(call(f, b"0.2"), f))
+
+    async with agent_for(memory_mb=128, hot_displace_wait_percent=25) as agent:
+        loops = [asyncio.create_task(keep_busy(f)) for f in busy for _ in range(2)]
+        try:
+            await wait_for(lambda: len(outcomes) >= 8)  # both run, their calls queue up
+            assert len(ours(docker_engine, label_tag)) == 2
+            loop = asyncio.get_running_loop()
+            began = loop.time()
+            out = await agent.submit(call(echo, b"through"), echo)
+            waited = loop.time() - began
+            assert out.status is CallStatus.SUCCESS, out.error
+            assert out.response is not None and out.response.body == b"through"
+            assert 2.0 <= waited < 8.0, waited
+            assert agent.statistics().displacements == 1
+            ran = len(outcomes)  # the function that gave up its container runs again
+            await wait_for(lambda: len(outcomes) >= ran + 8)
+        finally:
+            stop.set()
+            await asyncio.wait_for(asyncio.gather(*loops), 30)
+    assert [o.error for o in outcomes if o.status is not CallStatus.SUCCESS] == []
+    # one container each, and one more for the function that gave its up
+    assert len({o.container_id for o in outcomes}) == 3
+    assert ours(docker_engine, label_tag) == []
+
+
 async def test_a_call_that_can_never_fit_is_rejected_at_once(
     agent_for: Callable[..., Agent],
 ) -> None:

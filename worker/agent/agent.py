@@ -36,9 +36,15 @@ starting containers; while its calls are short and a container is busy, one
 start at a time, and once the worker has two containers per CPU none unless
 its containers were busy most of the last quarter second and the host has
 CPU to spare (:mod:`launcher`, :mod:`cpu`).
-It needs a memory/CPU token first (:mod:`resources`). When there is no room,
+It needs a memory/CPU token first (:mod:`resources`), and waits in line for
+one: launches of functions without a container first, then in the order they
+came. When there is no room,
 it evicts idle containers of *other* functions, oldest first, all or nothing
-(:mod:`evictor`), and waits for them to go. The new container lives in its
+(:mod:`evictor`), and waits for them to go; the room they free is held for it.
+A function without a container whose launch has waited
+``FN_HOT_DISPLACE_WAIT_PERCENT`` of its timeout also takes the room of busy
+containers of other functions, each leaving once its current call is over
+(:mod:`launcher`). The new container lives in its
 own task (:mod:`hot`): create (pulling the image if needed), start, wait for
 the function's socket. At most ``FN_HOT_START_CONCURRENCY`` containers start
 at once; a start that had to wait for its turn is dropped if by then every
@@ -516,6 +522,7 @@ class Agent:
             queues=tuple(QueueStats.of(queue) for queue in self._queues.values()),
             evictions=self.evictor.evictions,
             closing=self._closing.is_set(),
+            displacements=self.evictor.displacements,
         )
 
     @property

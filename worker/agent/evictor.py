@@ -1,4 +1,5 @@
-"""Evicting idle containers of other functions to make room for a launch.
+"""Making room for a launch: evicting idle containers of other functions, and
+displacing busy ones for a function that has none.
 
 Every hot container that holds memory or CPU registers an
 :class:`EvictToken` when it starts. The token is *evictable* only while its
@@ -10,17 +11,35 @@ none at all if they cannot cover it. An evicted container still races for its ow
 call took it first, the container serves the call and its token goes to the
 back of the line again. The evictor also keeps the sum of what idle containers
 hold, room the intake's gate need not count (agent.wait_async_resource).
+
+When the room is held by busy containers, :meth:`Evictor.displace_for` lets a
+launch that has waited long enough (the launcher decides when) take idle
+containers of other functions and ask busy ones to leave once their current
+call is over: of the busy ones, first those leaving anyway (retired), then
+those of the function with the most containers, the longest-held first,
+each one having served at least ``DISPLACE_MIN_CALLS`` calls (the current one
+included), until they cover the shortfall; all or none. The current call
+always ends as it would have. A displaced container checks again when its
+call is over (:meth:`Evictor.leaves_after_call`): it leaves only if the
+launch still waits.
+
+The room of a container evicted or displaced for a launch goes to that
+launch's ticket (:class:`resources.ResourceTicket`), never back to the common
+line, where an older launch (of the displaced container's own function, say)
+would take it first.
 """
 
 from __future__ import annotations
 
 import asyncio
 import itertools
-from collections.abc import Callable
+from collections import Counter
+from collections.abc import Callable, Iterable
 
-from worker.agent.resources import Shortfall
+from worker.agent.resources import ResourceTicket, Shortfall
 
 _ids = itertools.count(1)
+DISPLACE_MIN_CALLS = 2  # calls a container has served (the current one included) to be displaced
 
 
 class EvictToken:
@@ -32,6 +51,11 @@ class EvictToken:
         self.evictable = False
         self.requested = False  # eviction asked for; the container leaves if it wins its slot
         self.done = asyncio.Event()  # the container is gone and its resources are free
+        self.busy = False  # in a call
+        self.calls = 0  # calls it has taken
+        self.leaving = False  # retired: it goes at its next chance whatever happens here
+        self.displaced = False  # asked to leave after its call, for ``heir``
+        self.heir: ResourceTicket | None = None  # the launch its room goes to when it leaves
         self._on_evict = on_evict
 
     def _evict(self) -> None:
@@ -43,6 +67,7 @@ class Evictor:
     def __init__(self, on_idle_change: Callable[[], None] | None = None) -> None:
         self._tokens: dict[int, EvictToken] = {}  # insertion order = age
         self.evictions = 0
+        self.displacements = 0  # busy containers that left after their call for a launch
         self.idle_memory_mb = 0  # held by evictable (idle) containers
         self.idle_cpu_mcpus = 0
         self._on_idle_change = on_idle_change
@@ -72,6 +97,7 @@ class Evictor:
 
     def enable(self, token: EvictToken) -> None:
         """The container is idle: it may be evicted."""
+        token.busy = False
         if token.id in self._tokens:
             self._set_evictable(token, True)
 
@@ -81,9 +107,12 @@ class Evictor:
         The launcher that asked for that eviction stops waiting for it (nothing
         was freed) and tries again.
         """
+        token.busy = True
+        token.calls += 1
         self._set_evictable(token, False)
         if token.requested and token.id in self._tokens:
             token.requested = False
+            token.heir = None
             del self._tokens[token.id]
             self._tokens[token.id] = token
             lost, token.done = token.done, asyncio.Event()
@@ -94,35 +123,101 @@ class Evictor:
         self._set_evictable(token, False)
         token.done.set()
 
-    def evict_for(self, key: str, need: Shortfall) -> list[asyncio.Event]:
-        """Evict enough idle containers of other functions to cover ``need``, or none.
+    def evict_for(
+        self, key: str, need: Shortfall, heir: ResourceTicket | None = None
+    ) -> list[asyncio.Event]:
+        """Evict enough idle containers of other functions to cover ``need``, or none;
+        their room goes to ``heir`` (if given, while it waits).
 
         Returns the events that are set once each evicted container is gone.
         """
-        if need.memory_mb <= 0 and need.cpu_mcpus <= 0:
-            return []
-        chosen: list[EvictToken] = []
-        memory_mb = cpu_mcpus = 0
-        for token in self._tokens.values():
-            if token.key == key or not token.evictable:
-                continue
-            if not (
-                (memory_mb < need.memory_mb and token.memory_mb > 0)
-                or (cpu_mcpus < need.cpu_mcpus and token.cpu_mcpus > 0)
-            ):
-                continue  # it holds none of what is still missing: it stays
-            chosen.append(token)
-            memory_mb += token.memory_mb
-            cpu_mcpus += token.cpu_mcpus
-            if memory_mb >= need.memory_mb and cpu_mcpus >= need.cpu_mcpus:
-                break
-        else:
-            return []
+        chosen = _covering((t for t in self._tokens.values() if t.key != key and t.evictable), need)
         for token in chosen:
             self._set_evictable(token, False)
+            token.heir = heir
             token._evict()
         self.evictions += len(chosen)
         return [token.done for token in chosen]
 
+    def displace_for(
+        self, key: str, need: Shortfall, heir: ResourceTicket
+    ) -> tuple[list[asyncio.Event], int]:
+        """Make room for ``heir`` from containers of other functions, enough to cover
+        ``need`` beyond what is already displaced for it, or none: idle ones first
+        (evicted), then busy ones, asked to leave after their current call. Their room
+        goes to ``heir``. The events of the evicted ones (set once each is gone), and
+        how many busy ones were asked."""
+        pending_mb = pending_mcpus = 0
+        for token in self._tokens.values():
+            if token.displaced and token.heir is heir:
+                pending_mb += token.memory_mb
+                pending_mcpus += token.cpu_mcpus
+        need = Shortfall(need.memory_mb - pending_mb, need.cpu_mcpus - pending_mcpus)
+        containers: Counter[str] = Counter(t.key for t in self._tokens.values())
+        busy = sorted(
+            (t for t in self._tokens.values() if t.key != key and _displaceable(t)),
+            key=lambda t: (not t.leaving, -containers[t.key]),  # stable: oldest first
+        )
+        idle = (t for t in self._tokens.values() if t.key != key and t.evictable)
+        chosen = _covering(itertools.chain(idle, busy), need)
+        evicted = [t for t in chosen if t.evictable]
+        for token in evicted:
+            self._set_evictable(token, False)
+            token.heir = heir
+            token._evict()
+        self.evictions += len(evicted)
+        asked = 0
+        for token in chosen:
+            if not token.requested:
+                token.displaced = True
+                token.heir = heir
+                asked += 1
+        return [t.done for t in evicted], asked
+
+    def leaves_after_call(self, token: EvictToken) -> bool:
+        """Whether the container, its call over, leaves for the launch it was displaced
+        for; if that launch no longer waits, the container stays (and is no longer
+        displaced)."""
+        if not token.displaced:
+            return False
+        heir = token.heir
+        if heir is not None and heir.waiting:
+            self.displacements += 1
+            return True
+        token.displaced = False
+        token.heir = None
+        return False
+
     def __len__(self) -> int:
         return len(self._tokens)
+
+
+def _displaceable(token: EvictToken) -> bool:
+    """Busy, not asked to go already (by an eviction, or for a launch still waiting),
+    and leaving anyway or past its minimum of calls."""
+    if not token.busy or token.requested:
+        return False
+    if token.displaced and token.heir is not None and token.heir.waiting:
+        return False
+    return token.leaving or token.calls >= DISPLACE_MIN_CALLS
+
+
+def _covering(tokens: Iterable[EvictToken], need: Shortfall) -> list[EvictToken]:
+    """Tokens taken in order, each holding some of what is still missing (a container
+    without a CPU share frees no CPU), until they cover ``need``; none if they cannot."""
+    if need.memory_mb <= 0 and need.cpu_mcpus <= 0:
+        return []
+    chosen: list[EvictToken] = []
+    memory_mb = cpu_mcpus = 0
+    for token in tokens:
+        if not (
+            (memory_mb < need.memory_mb and token.memory_mb > 0)
+            or (cpu_mcpus < need.cpu_mcpus and token.cpu_mcpus > 0)
+        ):
+            continue  # it holds none of what is still missing: it stays
+        chosen.append(token)
+        memory_mb += token.memory_mb
+        cpu_mcpus += token.cpu_mcpus
+        if memory_mb >= need.memory_mb and cpu_mcpus >= need.cpu_mcpus:
+            return chosen
+    return []

@@ -168,6 +168,7 @@ class HotContainer:
         """Leave at the next chance (at once if idle, after the call if busy)."""
         if self.retire_reason is None:
             self.retire_reason = reason
+        self.evict.leaving = True
         self.wake()
 
     def _move(self, new: ContainerState) -> None:
@@ -349,8 +350,13 @@ class HotContainer:
             self._release()
 
     def _release(self) -> None:
-        """The call is over: offer the container again at once, or let it leave."""
+        """The call is over: offer the container again at once, or let it leave (also
+        when it was displaced for a launch that still waits)."""
         if self.retire_reason is None and self.exit_info is None and not self.evict.requested:
+            if self.evictor.leaves_after_call(self.evict):
+                self.retire("displaced to make room for a function without a container")
+                self._slot = None
+                return
             self._offer()
             until = self._sleeping_until
             if until is not None and self._idle_since + self._first_timer_s < until:
@@ -390,7 +396,7 @@ class HotContainer:
             if self.container is not None:
                 await self._remove(self.container)
         finally:  # whatever the removal did, the container's memory and CPU are free
-            self.token.close()
+            self.token.close(heir=self.evict.heir)  # for the launch it made room for
             self.evictor.unregister(self.evict)
             self._move(ContainerState.DONE)
             self.on_exit(self)

@@ -13,17 +13,27 @@ from the calls for nothing) and the CPU gauge (:mod:`cpu`) says the host and
 the worker have CPU to spare for it.
 If needed:
 
-1. takes a memory/CPU token: in blocking mode it waits up to one hot-poll
-   interval, then tries once more without waiting; in non-blocking mode
-   (``FN_ENABLE_NB_RESOURCE_TRACKER``) it tries once;
+1. takes a memory/CPU token: in blocking mode through a ticket, its place in
+   the tracker's line (:mod:`resources`), which it keeps from one check to the
+   next while the launch is needed, and waits up to one hot-poll interval for
+   it to be granted; in non-blocking mode (``FN_ENABLE_NB_RESOURCE_TRACKER``)
+   it tries once;
 2. with a token, hands it to a new hot container and returns at once (the
    container starts in its own task; a start failure goes to the call that
    nudged);
 3. without one, asks the evictor to evict idle containers of other functions
-   covering the shortfall; if it evicted some, waits until they are gone and
-   checks again; if not, in non-blocking mode tells the nudging call the
-   server is busy, in blocking mode waits for the next nudge.
+   covering the shortfall, their room going to its ticket; if it evicted
+   some, waits until they are gone and checks again; if not, in non-blocking
+   mode tells the nudging call the server is busy; in blocking mode, if the
+   function has no container at all and its ticket has waited
+   ``FN_HOT_DISPLACE_WAIT_PERCENT`` of the function's timeout (the time its
+   calls wait for a container), asks busy containers of other functions to
+   leave after their call, their room going to its ticket (:mod:`evictor`);
+   then it waits for the next nudge.
 
+While it holds a ticket, the launcher checks again at least every hot-poll
+interval, and at once when the ticket is granted; a ticket no waiting call
+needs any more leaves the line (a token granted to it meanwhile goes back).
 A launcher that has not been nudged for ``max(FN_HOT_LAUNCHER_TIMEOUT_MSECS,
 2 x idle timeout)`` ends and drops its queue, if the queue has nothing left.
 """
@@ -40,7 +50,7 @@ from worker.agent.cpu import FREE_PER_CPU, CpuGauge, cpu_count
 from worker.agent.errors import ServerBusy
 from worker.agent.evictor import Evictor
 from worker.agent.hot import REMOVE_TIMEOUT_S
-from worker.agent.resources import ResourceToken, ResourceTracker
+from worker.agent.resources import ResourceTicket, ResourceToken, ResourceTracker, Shortfall
 from worker.agent.slots import Caller, ContainerState, SlotQueue
 
 log = logging.getLogger("fnq.agent.launcher")
@@ -83,24 +93,44 @@ class Launcher:
         )
         self.worker_containers = worker_containers or queue.live_containers
         self.grow_checks = settings.hot_grow_spare_mcpus > 0
+        # how long a launch of a function without a container waits before it displaces
+        self.displace_after_s = settings.hot_displace_wait_percent / 100 * queue.fn.timeout_s
+        self.ticket: ResourceTicket | None = None  # the launch's place in the tracker's line
+        self._awaiting_grant = False
 
     async def run(self) -> None:
-        while True:
-            try:
-                async with asyncio.timeout(self.lifetime_s):
-                    caller = await self.queue.next_nudge()
-            except TimeoutError:
-                if self.drop_queue(self.queue):
-                    return
-                continue
-            while await self.check_launch(caller):
-                caller = self.queue.launch_owner(caller)
+        try:
+            while True:
+                try:
+                    async with asyncio.timeout(self._nudge_wait_s()):
+                        caller = await self.queue.next_nudge()
+                except TimeoutError:
+                    if self.ticket is not None:  # is the launch still needed?
+                        caller = self.queue.launch_owner(None)
+                    elif self.drop_queue(self.queue):
+                        return
+                    else:
+                        continue
+                while await self.check_launch(caller):
+                    caller = self.queue.launch_owner(caller)
+        finally:
+            self._drop_ticket()
+
+    def _nudge_wait_s(self) -> float:
+        return self.lifetime_s if self.ticket is None else self.hot_poll_s
+
+    def _drop_ticket(self) -> None:
+        ticket, self.ticket = self.ticket, None
+        if ticket is not None:
+            ticket.withdraw()
 
     async def check_launch(self, caller: Caller | None) -> bool:
         """Launch a container if needed; True if evictions made room to check again."""
         if not self.queue.new_container_needed():
+            self._drop_ticket()
             return False
         if self._held_back(asyncio.get_running_loop().time()):
+            self._drop_ticket()
             return False  # the waiting calls nudge again, every hot-poll interval
         fn = self.queue.fn
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
@@ -114,12 +144,16 @@ class Launcher:
                 self.launches += 1
                 self.start_container(self.queue, token, caller)
                 return False
-            evicted = self.evictor.evict_for(
-                self.queue.key, self.tracker.shortfall(memory_mb, cpu_mcpus)
-            )
+            need = self.tracker.shortfall(memory_mb, cpu_mcpus, self.ticket)
+            # While a function without a container waits, its idle room is left to it.
+            if not (self._has_container() and self.tracker.starving()):
+                evicted = self.evictor.evict_for(self.queue.key, need, self.ticket)
             if not evicted and self.settings.enable_nb_resource_tracker:
                 self._tell(caller, ServerBusy("no memory or CPU free for another container"))
+            elif not evicted:
+                evicted = self._displace(need)
         except AgentError as exc:
+            self._drop_ticket()
             self._tell(caller, exc)
         finally:
             if not handed_over:
@@ -127,6 +161,27 @@ class Launcher:
         if not evicted:
             return False
         return await self._await_evictions(evicted)
+
+    def _has_container(self) -> bool:
+        """The function has a container up or starting (its calls do not starve)."""
+        queue = self.queue
+        return bool(queue.serving_containers() or queue.containers[ContainerState.START])
+
+    def _displace(self, need: Shortfall) -> list[asyncio.Event]:
+        """A function without a container whose launch has waited long enough for room
+        takes it from containers of other functions: idle ones leave at once, busy ones
+        after their call, and their room goes to its ticket. The events of the idle
+        ones, set once each is gone."""
+        ticket = self.ticket
+        if ticket is None or ticket.starving_since is None or self.displace_after_s <= 0:
+            return []
+        if asyncio.get_running_loop().time() - ticket.starving_since < self.displace_after_s:
+            return []
+        evicted, asked = self.evictor.displace_for(self.queue.key, need, ticket)
+        if asked:
+            log.info("%d busy container(s) of other functions will leave after their "
+                     "call to make room for %s", asked, self.queue.fn.ref)  # fmt: skip
+        return evicted
 
     def _held_back(self, now: float) -> bool:
         """A short function whose containers keep coming free, in a worker past two
@@ -144,12 +199,35 @@ class Launcher:
         )
 
     async def _token(self, memory_mb: int, cpu_mcpus: int) -> ResourceToken | None:
-        if not self.settings.enable_nb_resource_tracker:
+        """A token now or within one hot-poll interval; None if there is none yet (a
+        blocking launch keeps its ticket in the line meanwhile)."""
+        if self.settings.enable_nb_resource_tracker:
+            return self.tracker.try_acquire(memory_mb, cpu_mcpus)
+        ticket = self.ticket
+        if ticket is None:
+            ticket = self.ticket = self.tracker.request(memory_mb, cpu_mcpus, self._granted)
+        if self._has_container():
+            ticket.starving_since = None
+        elif ticket.starving_since is None:
+            ticket.starving_since = asyncio.get_running_loop().time()
+        if not ticket.granted.is_set():
+            self._awaiting_grant = True
             try:
-                return await self.tracker.acquire(memory_mb, cpu_mcpus, timeout_s=self.hot_poll_s)
+                async with asyncio.timeout(self.hot_poll_s):
+                    await ticket.granted.wait()
             except TimeoutError:
-                pass
-        return self.tracker.try_acquire(memory_mb, cpu_mcpus)
+                if not ticket.granted.is_set():
+                    return None
+            finally:
+                self._awaiting_grant = False
+        self.ticket = None
+        return ticket.take()
+
+    def _granted(self) -> None:
+        """The ticket was granted: if not while the launcher waits for it, between
+        checks, a check at once."""
+        if not self._awaiting_grant:
+            self.queue.poke()
 
     async def _await_evictions(self, done_events: list[asyncio.Event]) -> bool:
         waits = [

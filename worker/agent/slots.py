@@ -321,6 +321,10 @@ class SlotQueue:
         self._nudger = caller
         self._nudged.set()
 
+    def poke(self) -> None:
+        """Wake the launcher without a caller (its launch was granted room)."""
+        self._nudged.set()
+
     async def next_nudge(self) -> Caller | None:
         """Wait for a nudge; the caller to tell if a launch fails (may be None)."""
         await self._nudged.wait()

@@ -46,6 +46,7 @@ class AgentStats:
     queues: tuple[QueueStats, ...]
     evictions: int
     closing: bool
+    displacements: int = 0  # busy containers that left after their call for a launch
 
     @property
     def containers(self) -> int:
