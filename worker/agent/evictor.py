@@ -8,8 +8,8 @@ container is idle. When a launch cannot get its resources,
 first, that hold some of what is still missing (a container without a CPU
 share frees no CPU), until they cover the shortfall, and evicts them all, or
 none at all if they cannot cover it. An evicted container still races for its own slot: if a
-call took it first, the container serves the call and its token goes to the
-back of the line again. The evictor also keeps the sum of what idle containers
+call took it first, the container serves the call and its token counts as the
+youngest again. The evictor also keeps the sum of what idle containers
 hold, room the intake's gate need not count (agent.wait_async_resource).
 
 When the room is held by busy containers, :meth:`Evictor.displace_for` lets a
