@@ -79,11 +79,12 @@ async def test_a_function_without_a_container_gets_the_room_of_a_busy_one(
         await driver.wait_until(lambda: len(driver.live) == 2)
         served = driver.dispatches
         await driver.wait_until(lambda: driver.dispatches >= served + 8)
+        counts = creates(driver)
+        assert counts["c"] == 1 and counts["a"] + counts["b"] == 3, counts
+        # gone: the displaced container and C's, evicted once idle (an eviction counted
+        # in statistics may also have lost its race to a call: it removes nothing)
+        assert driver.removes == 2 and agent.statistics().displacements == 1
     assert busy.failures() == []
-    counts = creates(driver)
-    assert counts["c"] == 1 and counts["a"] + counts["b"] == 3, counts
-    stats = agent.statistics()
-    assert (stats.displacements, stats.evictions) == (1, 1)
 
 
 async def test_no_displacement_when_there_is_room(agents: AgentFactory) -> None:
@@ -115,9 +116,10 @@ async def test_functions_that_have_containers_displace_none(agents: AgentFactory
         served = driver.dispatches
         await driver.wait_until(lambda: driver.dispatches >= served + 40)  # 1 s: 5 x the bound
         assert agent.tracker.waiting == 2
+        # (checked before the calls stop: then one's idle container may go to the other)
+        assert creates(driver) == {"a": 1, "b": 1}
+        assert driver.removes == 0 and agent.statistics().displacements == 0
     assert busy.failures() == []
-    assert creates(driver) == {"a": 1, "b": 1}
-    assert driver.removes == 0 and agent.statistics().displacements == 0
 
 
 async def test_a_displaced_container_stays_if_the_launch_no_longer_waits(
@@ -162,6 +164,6 @@ async def test_without_displacement_the_function_waits_for_room_as_before(
     async with Busy(agent, a, b) as busy:
         await driver.wait_until(lambda: driver.dispatches >= 8)
         out = await agent.submit(make_call(c), c)
+        assert creates(driver) == {"a": 1, "b": 1} and agent.statistics().displacements == 0
     assert out.failure is FailureKind.BUSY and "became free" in (out.error or "")
     assert busy.failures() == []
-    assert creates(driver) == {"a": 1, "b": 1} and agent.statistics().displacements == 0
