@@ -14,7 +14,8 @@ from config.settings import Settings
 from worker.agent.agent import Agent
 from worker.agent.cpu import CpuGauge, NeverSaturated
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
-from worker.agent.resources import MIB, ResourceTotals, ResourceTracker
+from worker.agent.resources import ResourceTracker
+from worker.agent.totals import MIB, ResourceTotals
 
 MEMORY_MB = 1024
 CPU_MCPUS = 4000

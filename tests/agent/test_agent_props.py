@@ -44,8 +44,9 @@ from worker.agent.errors import ContainerInitFailed, DispatchError, FreezeFailed
 from worker.agent.hot import EXIT_SETTLE_S, HotContainer
 from worker.agent.launcher import Launcher
 from worker.agent.pacer import PAUSE_SPACING_S
-from worker.agent.resources import ASYNC_HIGH_WATER, MIB, ResourceTicket, Shortfall
+from worker.agent.resources import ASYNC_HIGH_WATER, ResourceTicket, Shortfall
 from worker.agent.slots import ContainerState, RequestState, SlotQueue
+from worker.agent.totals import MIB
 
 # ------------------------------------------------------------ virtual time
 

@@ -9,14 +9,12 @@ from config.errors import ConfigError
 from config.settings import Settings
 from tests.agent.conftest import make_settings, tracker
 from worker.agent.errors import ResourceTooBig
-from worker.agent.resources import (
+from worker.agent.resources import ResourceToken, ResourceTracker, Shortfall
+from worker.agent.totals import (
     HEAD_ROOM_MAX_BYTES,
     HEAD_ROOM_MIN_BYTES,
     MIB,
     HostPaths,
-    ResourceToken,
-    ResourceTracker,
-    Shortfall,
     measure_totals,
 )
 

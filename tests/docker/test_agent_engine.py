@@ -17,7 +17,8 @@ from config.domain import Call, CallStatus, Function, new_call_id
 from config.settings import Settings
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
-from worker.agent.resources import ResourceTotals, ResourceTracker
+from worker.agent.resources import ResourceTracker
+from worker.agent.totals import ResourceTotals
 from worker.images import ImageBuilder, find_functions
 
 pytestmark = pytest.mark.integration

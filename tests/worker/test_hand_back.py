@@ -27,7 +27,8 @@ from worker import calls as worker_calls
 from worker.agent.agent import Agent
 from worker.agent.cpu import NeverSaturated
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, gated, hang, reply
-from worker.agent.resources import MIB, ResourceTotals, ResourceTracker
+from worker.agent.resources import ResourceTracker
+from worker.agent.totals import MIB, ResourceTotals
 from worker.loop import Worker
 from worker.metrics import Metrics
 from worker.shutdown import Shutdown

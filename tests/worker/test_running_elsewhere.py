@@ -33,7 +33,8 @@ from worker.agent.agent import Agent
 from worker.agent.cpu import NeverSaturated
 from worker.agent.driver import DispatchRequest, DispatchResult
 from worker.agent.drivers.fake import FakeBehaviour, FakeContainer, FakeDriver, gated, reply
-from worker.agent.resources import MIB, ResourceTotals, ResourceTracker
+from worker.agent.resources import ResourceTracker
+from worker.agent.totals import MIB, ResourceTotals
 from worker.loop import Worker
 from worker.shutdown import Shutdown
 
