@@ -244,3 +244,46 @@ def pg_tempdir(tmp: Path) -> Path:
     path.chmod(0o711)
     atexit.register(shutil.rmtree, path, ignore_errors=True)
     return path / "pg"
+
+
+@contextlib.contextmanager
+def small_tmpfs(directory: Path, options: str) -> Iterator[Path]:
+    """A tmpfs mounted on ``directory`` (made if missing) with mount ``options``
+    (``size=1m``, ``nr_inodes=64``): a small file system for a test to fill up,
+    unmounted at the end. Mounting needs root: skips as a user, fails under CI."""
+    if os.geteuid() != 0:
+        missing("mounting a tmpfs needs root")
+    directory.mkdir(parents=True, exist_ok=True)
+    subprocess.run(
+        ["mount", "-t", "tmpfs", "-o", options, "tmpfs", str(directory)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip
+    try:
+        yield directory
+    finally:
+        subprocess.run(["umount", "--lazy", str(directory)], check=False, timeout=30)
+
+
+def fill_space(directory: Path) -> Path:
+    """Take every block left on ``directory``'s file system with one file; its path
+    (remove it to give the space back)."""
+    filler = directory / "fnq-test-filler"
+    chunk = b"\0" * 4096
+    with open(filler, "ab", buffering=0) as out, contextlib.suppress(OSError):  # ENOSPC
+        while True:
+            out.write(chunk)
+    return filler
+
+
+def fill_inodes(directory: Path, keep: int = 0) -> list[Path]:
+    """Take the inodes left on ``directory``'s file system but ``keep`` of them, with
+    empty files; their paths (remove them to give the inodes back)."""
+    made: list[Path] = []
+    with contextlib.suppress(OSError):  # ENOSPC: no inode left
+        while True:
+            path = directory / f"fnq-test-inode-{len(made)}"
+            path.touch()
+            made.append(path)
+    for _ in range(min(keep, len(made))):
+        made.pop().unlink()
+    return made

@@ -102,7 +102,7 @@ from worker.agent.cpu import CpuGauge
 from worker.agent.cpu import gauge as cpu_gauge
 from worker.agent.cpu_split import CpuSplit
 from worker.agent.driver import Driver
-from worker.agent.errors import AgentClosed, InvalidCall, ResourceTooBig, ServerBusy
+from worker.agent.errors import AgentClosed, HostShort, InvalidCall, ResourceTooBig, ServerBusy
 from worker.agent.evictor import Evictor
 from worker.agent.execution import (
     ExecEnd,
@@ -262,6 +262,8 @@ class Agent:
             except SlotUnusable as exc:
                 log.debug("call %s: container unusable before dispatch (%s)", call.id, exc)
                 continue
+            except HostShort as exc:  # nothing reached the container: back to the queue
+                return not_started_outcome(exc)
             finally:
                 queue.requests[RequestState.EXEC] -= 1
             queue.held(time.perf_counter() - taken_at, loop.time())

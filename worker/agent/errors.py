@@ -11,6 +11,7 @@
      |    +-- ImageHasVolume       image declares VOLUME (terminal)
      |    +-- ImagePullTimeout     pull ran past FN_HOT_PULL_TIMEOUT_MSECS
      |    +-- AgentClosed          the agent is shutting down (retry elsewhere)
+     |    +-- HostShort            the host ran out of descriptors, disk or memory (retry later)
      +-- ContainerError           the container itself misbehaved
      |    +-- ContainerInitFailed  exited or made a bad socket before it was ready
      |    +-- ContainerInitTimeout no socket within FN_HOT_START_TIMEOUT_MSECS
@@ -25,6 +26,8 @@
 """
 
 from __future__ import annotations
+
+import errno
 
 from config.domain import FailureKind
 from config.errors import AgentError, Retryable
@@ -46,6 +49,46 @@ class AgentClosed(CallNotStarted, Retryable):
 
     def __init__(self, message: str = "the agent is shutting down"):
         super().__init__(message)
+
+
+# What an OSError says when the worker's host ran out of something: descriptors (the
+# process's or the system's), disk space or inodes, a disk quota, kernel memory or
+# buffers. Not the function's doing: a container of it would start once there is room.
+SHORTAGE_ERRNOS = frozenset(
+    {errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT, errno.ENOMEM, errno.ENOBUFS}
+)
+
+
+class HostShort(CallNotStarted, Retryable):
+    """The worker's host ran out of something the worker needs to start or reach a
+    container (see SHORTAGE_ERRNOS). The call goes back to the queue, no attempt
+    counted, as for a call that found no room."""
+
+    failure = FailureKind.BUSY
+
+
+def shortage(exc: BaseException) -> OSError | None:
+    """The OSError saying the host ran out of something that ``exc`` is, or was
+    raised from (a client library's error wrapping it); None if there is none."""
+    seen: set[int] = set()
+    current: BaseException | None = exc
+    while current is not None and id(current) not in seen:
+        if isinstance(current, OSError) and current.errno in SHORTAGE_ERRNOS:
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def host_short(exc: BaseException, doing: str) -> HostShort | None:
+    """``exc`` as a HostShort when it comes of a shortage on the host, with what the
+    worker was ``doing`` ("making a container's socket directory"); else None."""
+    cause = shortage(exc)
+    if cause is None:
+        return None
+    what = cause.strerror or str(cause)
+    where = f" ({cause.filename})" if cause.filename else ""
+    return HostShort(f"the worker's host ran out of resources while {doing}: {what}{where}")
 
 
 class ResourceTooBig(CallNotStarted):

@@ -40,7 +40,13 @@ from typing import cast
 
 from config.errors import AgentError
 from worker.agent.driver import DispatchRequest, DispatchResult
-from worker.agent.errors import DispatchError, InvalidResponse, NotDelivered, ResponseTooBig
+from worker.agent.errors import (
+    DispatchError,
+    InvalidResponse,
+    NotDelivered,
+    ResponseTooBig,
+    host_short,
+)
 from worker.agent.http1 import (
     CACHED_NAME_BYTES,
     HeadTooBig,
@@ -234,6 +240,9 @@ class FdkClient:
             raise
         except (OSError, AgentError) as exc:  # no listener (a dead container), or one
             # the rules refuse: the request never left
+            short = host_short(exc, "connecting to a function's socket")
+            if short is not None:  # no descriptor left: not the container's doing
+                raise short from exc
             raise NotDelivered(f"cannot connect to the function: {exc}") from exc
         finally:
             if fd is not None:

@@ -50,6 +50,7 @@ from worker.agent.errors import (
     ContainerInitFailed,
     ContainerInitTimeout,
     DispatchError,
+    HostShort,
     ImageHasVolume,
     ImageNotFound,
     ImagePullTimeout,
@@ -497,6 +498,8 @@ class HotContainer:
             )
         except Interrupted:
             return self._judge_interrupt(stop)
+        except HostShort:  # no connection for want of descriptors: nothing was sent,
+            raise  # the container is as it was (the call goes back: agent._submit)
         except NotDelivered as exc:
             self.retire(f"the function's socket took no connection: {exc}")
             if await self._settle_exit():  # dead before the call, its exit not in yet

@@ -29,7 +29,7 @@ from pathlib import Path
 from config.errors import ConfigError
 from config.settings import Settings
 from worker.agent.driver import SOCKET_NAME
-from worker.agent.errors import ContainerInitFailed
+from worker.agent.errors import SHORTAGE_ERRNOS, ContainerInitFailed
 
 _IN_NONBLOCK = os.O_NONBLOCK
 _IN_CLOEXEC = os.O_CLOEXEC
@@ -134,6 +134,16 @@ class IofsRoot:
         if self._own_base and self.base is not None:
             with contextlib.suppress(OSError):
                 self.base.rmdir()
+
+
+def check_room(directory: Path) -> None:
+    """OSError (ENOSPC) when the file system of the socket directory ``directory`` has
+    no inode left for the function's socket: the function would fail to start, for
+    want of room on the host. (A file system that counts no inodes, such as btrfs,
+    reports none at all: it has room.)"""
+    st = os.statvfs(directory)
+    if st.f_files > 0 and st.f_favail == 0:
+        raise OSError(errno.ENOSPC, "no inode left for the function's socket", str(directory))
 
 
 _DIR_FLAGS = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -270,6 +280,8 @@ def open_listener(directory: Path) -> int:
             f"the function's {SOCKET_NAME} is a symlink to {target!r}, which does not exist"
         ) from None
     except OSError as exc:  # a name the function chose, e.g. over 255 bytes
+        if exc.errno in SHORTAGE_ERRNOS:  # no descriptor left: the host is short, not at fault
+            raise
         raise ContainerInitFailed(
             f"the function's {SOCKET_NAME} is a symlink to {target!r}: {exc.strerror}"
         ) from None

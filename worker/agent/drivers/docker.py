@@ -64,14 +64,18 @@ from worker.agent.drivers.docker_config import (
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
 from worker.agent.drivers.image_cleaner import Image, ImageCleaner, exempt_tags
 from worker.agent.drivers.pipes import SHELL, make_pipes, wrapped_command
+from worker.agent.drivers.shortage import ShortageLog, check_descriptors
 from worker.agent.errors import (
     AgentClosed,
     ContainerInitFailed,
+    HostShort,
     ImageHasVolume,
     ImageNotFound,
     ImagePullTimeout,
+    host_short,
+    shortage,
 )
-from worker.agent.iofs import IofsRoot, remove_tree
+from worker.agent.iofs import IofsDir, IofsRoot, check_room, remove_tree
 
 log = logging.getLogger("fnq.agent.docker")
 
@@ -138,6 +142,8 @@ class DockerDriver:
         self._cpuset: str | None = None  # the CPUs of containers made from now on
         # creates given up before the engine answered, and removals of what they made
         self._late_removals: set[asyncio.Future[Any]] = set()
+        # starts and connections failing for want of descriptors, disk or memory
+        self.shortage = ShortageLog(log)
 
     # ------------------------------------------------------------ lifecycle
 
@@ -227,7 +233,11 @@ class DockerDriver:
                 async with asyncio.timeout(LEFTOVER_SWEEP_S):
                     await self.remove_leftovers()
             except (AgentError, TimeoutError) as exc:
-                log.warning("looking for containers of dead workers failed: %s", exc)
+                # In a spell of shortage on the host (no descriptor to ask the engine
+                # with, say), the spell's own lines say enough.
+                quiet = self.shortage.short and shortage(exc) is not None
+                log.log(logging.DEBUG if quiet else logging.WARNING,
+                        "looking for containers of dead workers failed: %s", exc)  # fmt: skip
 
     async def remove_leftovers(self) -> int:
         """Force-remove labelled containers of other (dead) instances; returns how many."""
@@ -315,15 +325,27 @@ class DockerDriver:
     async def create(self, spec: ContainerSpec) -> DockerContainer:
         if self._closed or not self._started:
             raise AgentClosed("the docker driver is not running")
+        try:
+            return await self._make(spec)
+        except Exception as exc:
+            short = self._short(exc, "creating a container")
+            if short is None or short is exc:
+                raise
+            raise short from exc
+
+    def _short(self, exc: BaseException, doing: str) -> HostShort | None:
+        """``exc`` as a HostShort (itself if it is one), counted in the spell of
+        shortage it belongs to, if it comes of a shortage on the host; else None."""
+        short = exc if isinstance(exc, HostShort) else host_short(exc, doing)
+        if short is not None:
+            self.shortage.failed(short)
+        return short
+
+    async def _make(self, spec: ContainerSpec) -> DockerContainer:
+        check_descriptors()  # else the engine would make a container that cannot start
         facts = await self._check_image(spec.image)
-        iofs = await asyncio.to_thread(self._iofs.make, spec.id)
         direct = self._timing.use_pipes and facts.shell is not False and bool(facts.command)
-        if direct:
-            try:
-                make_pipes(iofs.host_path)
-            except OSError as exc:
-                log.debug("no output pipes for %s (%s): output through the engine", spec.id, exc)
-                direct = False
+        iofs, direct = await asyncio.to_thread(self._socket_dir, spec.id, direct)
         network = self._pick_network()
         container = DockerContainer(
             api=self.api,
@@ -334,6 +356,7 @@ class DockerDriver:
             timing=self._timing,
             on_removed=self._forget,
             direct_output=direct,
+            shortage_log=self.shortage,
         )
         container.network = network
         container.image_id = facts.id
@@ -360,6 +383,37 @@ class DockerDriver:
             await container.remove()
             raise
         return container
+
+    def _socket_dir(self, name: str, pipes: bool) -> tuple[IofsDir, bool]:
+        """A new socket directory, with the output pipes in it if ``pipes`` (and whether
+        they are), and room left for the function's socket; in a thread (file-system
+        work). HostShort when the host has no room for them."""
+        doing = f"making a container's socket directory in {self._iofs.base}"
+        try:
+            iofs = self._iofs.make(name)
+        except OSError as exc:
+            short = host_short(exc, doing)
+            if short is None:
+                raise
+            raise short from exc
+        try:
+            if pipes:
+                try:
+                    make_pipes(iofs.host_path)
+                except OSError as exc:
+                    if shortage(exc) is not None:
+                        raise
+                    log.debug("no output pipes for %s (%s): output through the engine",
+                              name, exc)  # fmt: skip
+                    pipes = False
+            check_room(iofs.host_path)
+        except OSError as exc:
+            self._iofs.remove(iofs)
+            short = host_short(exc, doing)
+            if short is None:
+                raise
+            raise short from exc
+        return iofs, pipes
 
     async def _create(
         self,

@@ -32,15 +32,19 @@ from worker.agent.drivers.cgroup import CgroupMeter
 from worker.agent.drivers.docker_api import AttachStream, DockerAPI, DockerError
 from worker.agent.drivers.output import OutputRouter
 from worker.agent.drivers.pipes import OutputPipes
+from worker.agent.drivers.shortage import ShortageLog
 from worker.agent.drivers.stdio import ProcessStdio
 from worker.agent.errors import (
     ContainerInitFailed,
     ContainerInitTimeout,
     DispatchError,
     FreezeFailed,
+    HostShort,
     InvalidResponse,
     NotDelivered,
     ResponseTooBig,
+    host_short,
+    shortage,
 )
 from worker.agent.fdk import FdkClient
 from worker.agent.iofs import IofsDir, IofsRoot, SocketWatcher, open_listener
@@ -81,6 +85,7 @@ class DockerContainer:
         timing: OutputTiming,
         on_removed: Callable[[DockerContainer], None],
         direct_output: bool = False,
+        shortage_log: ShortageLog | None = None,
     ) -> None:
         self.spec = spec
         self.image_id: str | None = None  # the image it is made from (set by the driver)
@@ -104,6 +109,8 @@ class DockerContainer:
         self._pidfd: int | None = None  # readable once the container's first process exits
         self._paused = False
         self.network: str | None = None  # the docker network it holds a place in
+        self._shortage = shortage_log  # the driver's: a spell of shortage on the host
+        self._unwatched: HostShort | None = None  # its exit could not be watched: why
 
     @property
     def id(self) -> str:
@@ -135,12 +142,31 @@ class DockerContainer:
     # -------------------------------------------------------------- start
 
     async def start(self) -> None:
+        """Start the container and wait for its socket. HostShort when the worker's host
+        is short of what it takes (descriptors, say): not the function's fault."""
+        try:
+            await self._start()
+        except Exception as exc:
+            short = exc if isinstance(exc, HostShort) else host_short(exc, "starting a container")
+            if short is None:
+                raise
+            if self._shortage is not None:
+                self._shortage.failed(short)
+            if short is exc:
+                raise
+            raise short from exc
+        if self._shortage is not None:
+            self._shortage.worked()
+
+    async def _start(self) -> None:
         timeout_s = self._settings.hot_start_timeout_msecs / 1000.0
         with SocketWatcher(self.iofs.host_path) as watcher:
             if self._pipes is not None:
                 try:
                     self._pipes.start()  # before the shell opens them, or it would wait
                 except OSError as exc:
+                    if shortage(exc) is not None:
+                        raise
                     raise ContainerInitFailed(f"cannot read the output pipes: {exc}") from exc
             self._attach = await self._api.attach(self.id, self._output.feed)
             self._attach.ended.add_done_callback(lambda _: self._output_over())
@@ -180,6 +206,8 @@ class DockerContainer:
             ready.result()  # ContainerInitFailed for a bad socket
             return
         if self._exit.done():
+            if self._unwatched is not None:  # not an exit: the worker could not watch it
+                raise self._unwatched
             await self._output.settle(self._timing.quiet_s, self._timing.limit_s)
             info = self._exit.result()
             raise ContainerInitFailed(
@@ -220,6 +248,7 @@ class DockerContainer:
             answer = await self._api.request("POST", f"/containers/{self.id}/wait", timeout_s=None)
             code = int(answer["StatusCode"]) if answer else None
         except DockerError as exc:
+            self._unwatched = host_short(exc, "watching a container")
             self._release_stdio()
             self._set_exit(ExitInfo(None, error=str(exc)))
             return
@@ -265,8 +294,15 @@ class DockerContainer:
         meter = self._meter
         if meter is not None:
             meter.call_started()
+        connections = self._fdk.connections_made
         try:
             result = await self._fdk.call(request, on_delivered)
+        except HostShort as exc:  # no connection for want of descriptors: nothing was sent
+            _read_usage(meter, usage)
+            output.drop(segment)
+            if self._shortage is not None:
+                self._shortage.failed(exc)
+            raise
         except asyncio.CancelledError:  # a timeout or a stop: read before it is killed
             _read_usage(meter, usage)
             output.drop(segment)
@@ -286,6 +322,8 @@ class DockerContainer:
                 await output.settle(self._timing.quiet_s, self._timing.limit_s)
             output.drop(segment)
             raise
+        if self._shortage is not None and self._fdk.connections_made != connections:
+            self._shortage.worked()  # a connection was made: the host had a descriptor
         if self._pipes is not None and self._pipes.open:
             self._pipes.drain()  # all it wrote before answering is in the pipes now
             output.drop(segment)

@@ -1,0 +1,96 @@
+"""A spell of the host running short of what containers need, logged once.
+
+When the worker's host runs out of file descriptors, disk space or inodes
+under the socket directories, or kernel memory, container starts (and new
+connections to functions' sockets) fail, over and over, each failure handing
+its call back to the queue (worker.agent.errors, HostShort). At the edge of
+a limit some of them succeed in between, as descriptors come and go. The log
+says so when the spell begins, with the first reason; then at most once a
+minute while it lasts, with how many failed; and once when it is over: at
+the first start or connection that works after ``QUIET_S`` without a failure.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import resource
+import time
+
+from worker.agent.errors import HostShort
+
+QUIET_S = 5.0  # a spell is over once something works this long after its last failure
+REMIND_S = 60.0  # while it lasts, a line at most this often
+# Descriptors a container takes in the worker while it lives (its two output pipes,
+# both ends; the attach stream, the wait for its exit, the connection to its socket,
+# its cgroup's counters), with a few for its start (inotify, requests to the engine).
+CONTAINER_DESCRIPTORS = 16
+_FD_DIR = "/proc/self/fd"
+
+
+def check_descriptors(needed: int = CONTAINER_DESCRIPTORS) -> None:
+    """HostShort when the worker's process has fewer than ``needed`` file descriptors
+    left below its limit (``ulimit -n``): a container it started would fail half-way,
+    after the engine had made it. Nothing is checked where the limit is unbounded or
+    the open descriptors cannot be listed (no /proc)."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit == resource.RLIM_INFINITY:
+        return
+    try:
+        used = len(os.listdir(_FD_DIR))
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return
+        used = limit  # not even one left to list them with
+    if limit - used < needed:
+        raise HostShort(
+            f"the worker's host ran out of resources while creating a container: "
+            f"{used} of the worker's {limit} file descriptors are in use (ulimit -n), "
+            f"and a container takes about {needed}"
+        )
+
+
+class ShortageLog:
+    def __init__(self, logger: logging.Logger) -> None:
+        self._log = logger
+        self._since: float | None = None  # when the spell began
+        self._last_failure = 0.0
+        self._reminded = 0.0
+        self.failures = 0  # starts and connections that failed for it, in this spell
+        self._reported = 0  # of them, those the log has counted
+
+    @property
+    def short(self) -> bool:
+        return self._since is not None
+
+    def failed(self, exc: HostShort) -> None:
+        """A start or a connection failed for want of something on the host."""
+        now = time.monotonic()
+        self.failures += 1
+        self._last_failure = now
+        if self._since is None:
+            self._since = self._reminded = now
+            self._reported = self.failures
+            self._log.warning("%s; calls that need a new container or connection go back to "
+                              "the queue until the host has room again", exc)  # fmt: skip
+        elif now - self._reminded >= REMIND_S:
+            self._log.warning("the host is still short of resources for containers: %d more "
+                              "start(s) or connection(s) failed in %.0f s; the last: %s",
+                              self.failures - self._reported, now - self._reminded,
+                              exc)  # fmt: skip
+            self._reminded = now
+            self._reported = self.failures
+
+    def worked(self) -> None:
+        """A container started, or a connection was made."""
+        if self._since is None:
+            return
+        now = time.monotonic()
+        if now - self._last_failure < QUIET_S:
+            return  # at the edge of the limit: some work, some do not
+        self._log.warning("the host has room for containers again after %.1f s (%d start(s) "
+                          "or connection(s) failed meanwhile)",
+                          now - self._since, self.failures)  # fmt: skip
+        self._since = None
+        self.failures = self._reported = 0
