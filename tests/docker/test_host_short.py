@@ -171,3 +171,23 @@ async def test_a_start_short_of_descriptors_is_the_hosts_shortage(
     finally:
         await container.remove()
     assert ours(docker_engine, label_tag) == []
+
+
+async def test_a_container_whose_removal_failed_goes_in_the_next_sweep(
+    driver: DockerDriver, docker_engine: Any, label_tag: str
+) -> None:
+    """With no descriptor to ask the engine with, a container's removal fails and the
+    driver lets go of it: the engine still has it (made, or even running). The next
+    sweep for leftovers, every few seconds, removes it."""
+    container = await driver.create(spec("fnq/echo"))
+    await container.start()
+    await driver.api.close()  # no idle connection to the engine left to reuse
+    await driver.api.open()
+    # Removing it closes its own descriptors first (pipes, connections): the limit is
+    # below what is open by more than those.
+    with descriptors_left(-32):
+        await container.remove()
+    assert driver.containers == []
+    assert [c.name for c in ours(docker_engine, label_tag)] == [container.id]
+    await driver.remove_leftovers()
+    assert ours(docker_engine, label_tag) == []

@@ -240,7 +240,8 @@ class DockerDriver:
                         "looking for containers of dead workers failed: %s", exc)  # fmt: skip
 
     async def remove_leftovers(self) -> int:
-        """Force-remove labelled containers of other (dead) instances; returns how many."""
+        """Force-remove labelled containers of other (dead) instances; returns how many.
+        Also this worker's own containers that it no longer knows of (see _lost)."""
         tag = self.settings.container_label_tag
         if not tag:
             return 0
@@ -250,6 +251,9 @@ class DockerDriver:
         )
         removed = 0
         for item in listed or []:
+            if self._lost(item):
+                await self._remove_lost(item["Id"])
+                continue
             if not _left_by_dead_worker(item.get("Labels") or {}, self.instance):
                 continue
             try:
@@ -268,6 +272,27 @@ class DockerDriver:
         if removed:
             log.info("removed %d container(s) left by other fnq workers", removed)
         return removed
+
+    def _lost(self, item: dict[str, Any]) -> bool:
+        """Whether a listed container is this worker's own but no longer one it knows:
+        its removal failed (the engine did not answer, or the worker had no descriptor
+        left to ask it), or the engine made it after its create was given up. Every
+        container the worker makes is known by its name before it is asked for."""
+        labels = item.get("Labels") or {}
+        if labels.get(INSTANCE_LABEL) != self.instance:
+            return False
+        names = [str(name).lstrip("/") for name in item.get("Names") or []]
+        return bool(names) and not any(name in self._containers for name in names)
+
+    async def _remove_lost(self, container_id: str) -> None:
+        try:
+            await self._delete(container_id)
+        except DockerError as exc:
+            if not _gone_or_going(exc):
+                log.warning("could not remove container %s: %s", container_id[:12], exc)
+            return
+        log.info("removed container %s, which this worker could not remove before",
+                 container_id[:12])  # fmt: skip
 
     async def _remove_strays(self) -> None:
         """Remove any container with this worker's own label that is still there: one
