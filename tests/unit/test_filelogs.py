@@ -15,6 +15,7 @@ from config.settings import load_settings
 from datastore.base import open_log_store
 from datastore.errors import StoreError, StoreUnavailable
 from datastore.filelogs import FileLogStore
+from tests.rig import fill_space, small_tmpfs
 
 # Ids any producer may send (the wire format's rule), and RQ's job ids.
 IDS = [
@@ -60,6 +61,23 @@ async def test_a_failed_write_is_a_retryable_error(tmp_path: Path) -> None:
     store = FileLogStore(blocked)
     with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed"):
         await store.put_log("order-1", b"x")
+
+
+async def test_a_write_on_a_full_disk_leaves_no_file_behind(tmp_path: Path) -> None:
+    """The disk fills up half-way through a log: its temporary file goes, so that it
+    holds no space and is not left behind; with room again the log is written."""
+    with small_tmpfs(tmp_path / "logs", "size=256k") as directory:
+        store = FileLogStore(directory)
+        await store.put_log("first-00", b"fits")  # the shard directory of both is there now
+        filler = fill_space(directory)
+        filler.write_bytes(filler.read_bytes()[: -64 * 1024])  # 64 KiB left
+        with pytest.raises(StoreUnavailable, match="No space left on device"):
+            await store.put_log("second-00", b"x" * 128 * 1024)
+        left = sorted(p.name for p in directory.rglob("*") if p.is_file())
+        assert left == ["first-00.log", "fnq-test-filler"]
+        filler.unlink()
+        await store.put_log("second-00", b"x" * 128 * 1024)
+        assert await store.get_log("second-00") == b"x" * 128 * 1024
 
 
 async def test_a_log_url_is_read_as_its_bytes_and_refuses_nul(settings_env: Path) -> None:
