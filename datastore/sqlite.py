@@ -331,8 +331,10 @@ class SqliteDatastore(SqlDatastore):
         try:
             [result] = await loop.run_in_executor(self._writer_thread, run_batch, conn, ops)
         except sqlite3.Error as exc:
-            if is_transient(exc):
-                raise StoreUnavailable(f"the datastore {self.path} is busy: {exc}") from exc
+            if is_transient(exc):  # locked, a full disk, an I/O error
+                raise StoreUnavailable(
+                    f"the datastore {self.path} cannot be written now: {exc}"
+                ) from exc
             raise StoreError(f"{kind.value} failed: {exc}") from exc
         if isinstance(result, Failed):
             raise result.error
@@ -353,7 +355,9 @@ class SqliteDatastore(SqlDatastore):
             return await asyncio.get_running_loop().run_in_executor(self._reader_thread, read)
         except sqlite3.Error as exc:
             if is_transient(exc):
-                raise StoreUnavailable(f"the datastore {self.path} is busy: {exc}") from exc
+                raise StoreUnavailable(
+                    f"the datastore {self.path} cannot be read now: {exc}"
+                ) from exc
             raise StoreError(f"reading the datastore failed: {exc}") from exc
 
     async def _fetch_one(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:

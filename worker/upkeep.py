@@ -75,29 +75,29 @@ class Upkeep:
         self.metrics = metrics
         self.running = running
         self.queues = list(queues)
-        self._failing = False
+        # The duties the datastore failed last time. An outage is over when a duty
+        # works and none of those that failed still fails: a full disk fails the
+        # heartbeat (a write) while the cancellation poll (a read) goes on working.
+        self._failing: set[str] = set()
+        self._outage = False  # logged as begun, not yet as over
 
     async def run(self) -> None:
         beats = 0
         ticks_per_beat = max(1, round(HEARTBEAT_S / CANCEL_POLL_S))
         while True:
-            # Whether each step that reached the datastore this tick succeeded: a tick
-            # with no call running and no heartbeat due tells nothing of an outage.
-            reached: list[bool] = []
             running = list(self.running())
             if running:
-                reached.append(await self._guard(self._cancellations(running)))
+                await self._guard("cancellations", self._cancellations(running))
+            else:  # no call to poll for: that duty is moot until one runs
+                self._failing.discard("cancellations")
             if beats % ticks_per_beat == 0:
                 stats = self.agent.statistics()
                 self.metrics.observe_agent(stats)
                 await self._observe_queues()
                 beat = self.store.worker_heartbeat(self.worker_id, describe(stats))
-                reached.append(await self._guard(beat))
-                reached.append(await self._guard(self._definitions()))
+                await self._guard("heartbeat", beat)
+                await self._guard("definitions", self._definitions())
             beats += 1
-            if reached and all(reached) and self._failing:
-                log.warning("datastore is back: cancellations and heartbeats resume")
-                self._failing = False
             await asyncio.sleep(CANCEL_POLL_S)
 
     async def _observe_queues(self) -> None:
@@ -125,15 +125,23 @@ class Upkeep:
                 finally:
                     current_call.reset(token)
 
-    async def _guard(self, step: Any) -> bool:
+    async def _guard(self, duty: str, step: Any) -> None:
+        """Run one duty's ``step``. The first failure of an outage is logged, and its
+        end once a step works and every duty that failed (and still applies) has
+        worked again: only a step that reached the datastore tells it is back."""
         try:
             await asyncio.wait_for(step, timeout=HEARTBEAT_S)
         except (FnqError, TimeoutError) as exc:
-            if not self._failing:
-                log.warning("datastore unavailable for cancellations/heartbeats: %s", exc)
-                self._failing = True
-            return False
-        return True
+            if not self._outage:
+                log.warning("datastore unavailable for cancellations/heartbeats: %s",
+                            exc or "timed out")  # fmt: skip
+                self._outage = True
+            self._failing.add(duty)
+            return
+        self._failing.discard(duty)
+        if self._outage and not self._failing:
+            log.warning("datastore is back: cancellations and heartbeats resume")
+            self._outage = False
 
     async def leave(self) -> None:
         try:

@@ -4,7 +4,9 @@ definitions it reads again, and how it logs a datastore outage."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import sqlite3
 from collections.abc import Mapping, Sequence
 from datetime import timedelta
 from pathlib import Path
@@ -14,10 +16,11 @@ import pytest
 from prometheus_client import generate_latest
 
 from config.domain import Call, CallStatus, Function, new_call_id
-from config.settings import load_settings
+from config.settings import load_settings, sqlite_url
 from datastore.base import Datastore, open_datastore
-from datastore.errors import StoreUnavailable
+from datastore.errors import StoreError, StoreUnavailable
 from mq.base import open_queue
+from tests.rig import fill_space, small_tmpfs
 from worker import upkeep as upkeep_module
 from worker.agent.agent import Agent
 from worker.agent.drivers.fake import FakeBehaviour, FakeDriver
@@ -172,3 +175,53 @@ async def test_an_outage_is_logged_once_when_it_starts_and_once_when_it_ends(
     assert len(said) == 2, said
     assert said[0].startswith("datastore unavailable for cancellations/heartbeats: ")
     assert said[1] == "datastore is back: cancellations and heartbeats resume"
+
+
+async def test_a_full_disk_is_one_outage_while_reads_still_work(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The datastore's disk is full: the heartbeat (a write) fails at every beat while
+    the cancellation poll (a read) works in between. The log says so once, and once
+    that it is over when the heartbeat works again, not twice a beat."""
+    monkeypatch.setattr(upkeep_module, "CANCEL_POLL_S", 0.02)
+    monkeypatch.setattr(upkeep_module, "HEARTBEAT_S", 0.2)  # a beat every 10 polls
+    caplog.set_level(logging.WARNING, logger="fnq.worker")
+    with small_tmpfs(tmp_path / "db", "size=2m") as directory:
+        path = directory / "fnq.db"
+        settings = load_settings(data_dir=str(tmp_path / "data"), db_url=sqlite_url(path))
+        store = await open_datastore(settings)
+        beats: list[bool] = []
+        heartbeat = store.worker_heartbeat
+
+        async def counted(worker_id: str, info: dict[str, Any]) -> None:
+            try:
+                await heartbeat(worker_id, info)
+            except StoreError:
+                beats.append(False)
+                raise
+            beats.append(True)
+
+        monkeypatch.setattr(store, "worker_heartbeat", counted)
+        try:
+            with contextlib.closing(sqlite3.connect(path)) as conn:  # the -wal file empty:
+                conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a write must grow it
+            filler = fill_space(directory)
+            async with Agent(settings, FakeDriver(FakeBehaviour())) as agent:
+                upkeep = Upkeep("w-1", store, agent, Metrics(), lambda: [new_call_id()])
+                side = asyncio.create_task(upkeep.run())
+                try:
+                    async with asyncio.timeout(10):
+                        while beats.count(False) < 4:
+                            await asyncio.sleep(0.02)
+                    lines = [r.getMessage() for r in caplog.records]
+                    assert len(lines) == 1 and "database or disk is full" in lines[0], lines
+                    filler.unlink()
+                    async with asyncio.timeout(10):
+                        while not beats[-1]:
+                            await asyncio.sleep(0.02)
+                finally:
+                    side.cancel()
+        finally:
+            await store.close()
+    lines = [r.getMessage() for r in caplog.records]
+    assert len(lines) == 2 and lines[1].startswith("datastore is back"), lines
