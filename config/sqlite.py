@@ -32,6 +32,19 @@ def create_private(path: Path) -> None:
     os.close(fd)
 
 
+def full_disk_note(path: Path, error: BaseException) -> str:
+    """``" (its file system is full)"`` when the file system holding the database file
+    ``path`` has no block left and SQLite's ``error`` does not say so (a -shm or -wal
+    file it cannot make is a "disk I/O error"), else ``""``."""
+    if "full" in str(error):
+        return ""
+    try:
+        st = os.statvfs(path.parent)
+    except OSError:
+        return ""
+    return " (its file system is full)" if st.f_bavail == 0 else ""
+
+
 def is_busy(exc: sqlite3.OperationalError) -> bool:
     """The database is locked by another connection (SQLITE_BUSY or SQLITE_LOCKED)."""
     code = getattr(exc, "sqlite_errorcode", sqlite3.SQLITE_BUSY) & 0xFF

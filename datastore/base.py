@@ -353,22 +353,31 @@ async def open_log_store(settings: Settings) -> LogStore | None:
     )
 
 
-async def open_datastore(settings: Settings, *, create: bool = True) -> Datastore:
+async def open_datastore(
+    settings: Settings, *, create: bool = True, write_patience_s: float | None = None
+) -> Datastore:
     """Open the datastore named by FN_DB_URL, applying pending schema migrations.
 
     A SQLite file that does not exist is created, unless ``create`` is false
-    (commands that only read): then StoreError says there is none.
+    (commands that only read): then StoreError says there is none. Writes wait
+    out an outage (a worker keeps what it ran until it is stored); with
+    ``write_patience_s``, a write that could not be made for that long fails
+    with StoreUnavailable instead (a command, whose user waits).
     """
     scheme = urlsplit(settings.db_url).scheme
     logs = await open_log_store(settings)
     if scheme == "sqlite":
         from datastore.sqlite import SqliteDatastore  # noqa: PLC0415 - chosen by URL
 
-        return await SqliteDatastore.open(settings, logs, create=create)
+        lite = await SqliteDatastore.open(settings, logs, create=create)
+        lite.writer.give_up_after_s = write_patience_s
+        return lite
     if scheme in {"postgresql", "postgres"}:
         from datastore.postgres import PostgresDatastore  # noqa: PLC0415 - chosen by URL
 
-        return await PostgresDatastore.open(settings, logs)
+        pg = await PostgresDatastore.open(settings, logs)
+        pg.writer.give_up_after_s = write_patience_s
+        return pg
     if logs is not None:
         await logs.close()
     raise UnsupportedURL(

@@ -10,9 +10,12 @@ round of large responses and logs then holds fewer of them, so that it is
 sent and committed within the backend's statement timeout.
 
 When ``run_batch`` fails with an error the backend calls an outage (database
-down, connection lost, file locked past its timeout), the same batch is tried
-again with exponential backoff; callers simply wait. The outage is logged
-once when it starts and once when it ends.
+down, connection lost, file locked past its timeout, disk full), the same
+batch is tried again with exponential backoff; callers simply wait (a worker
+keeps the outcomes it ran). The outage is logged once when it starts and once
+when it ends. With ``give_up_after_s`` set (a command of the CLI, which has
+no call to keep and a user waiting), a batch that has failed so long is
+dropped instead, each of its writers told with StoreUnavailable.
 
 A caller cancelled while waiting does not withdraw its operation: it may
 still be written. ``close`` stops new submissions and waits, up to a bound,
@@ -76,6 +79,8 @@ class GroupCommit(Generic[OpT]):
         self._closing = False
         self._task: asyncio.Task[None] | None = None
         self._outage_since: float | None = None
+        # None: a batch waits out any outage; else it is given up after this long
+        self.give_up_after_s: float | None = None
         self.batches = 0  # rounds committed, for tests and benchmarks
         self.ops = 0  # operations committed
 
@@ -156,20 +161,31 @@ class GroupCommit(Generic[OpT]):
 
     async def _commit(self, ops: list[OpT]) -> list[Any]:
         delay_s = self._backoff_initial_s
+        first_failure: float | None = None
         while True:
             try:
                 results = await self._run_batch(ops)
             except Exception as exc:  # noqa: BLE001 - classified below; a batch never kills the writer
                 if not self._is_outage(exc):
                     return [Failed(exc)] * len(ops)
+                now = time.monotonic()
+                reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self._outage_since is None:
-                    self._outage_since = time.monotonic()
-                    log.warning(
-                        "%s: the database is unavailable (%s); writes wait and retry",
-                        self.name,
-                        f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__,
-                    )
-                await asyncio.sleep(delay_s)
+                    self._outage_since = now
+                    log.warning("%s: the database is unavailable (%s); writes wait and retry",
+                                self.name, reason)  # fmt: skip
+                if first_failure is None:
+                    first_failure = now
+                pause_s = delay_s
+                if self.give_up_after_s is not None:
+                    pause_s = min(pause_s, self.give_up_after_s - (now - first_failure))
+                    if pause_s <= 0:
+                        error = StoreUnavailable(
+                            f"the datastore could not be written for {now - first_failure:.1f}"
+                            f" s ({reason}); the write was given up"
+                        )
+                        return [Failed(error)] * len(ops)
+                await asyncio.sleep(pause_s)
                 delay_s = min(delay_s * 2, self._backoff_max_s)
                 continue
             if self._outage_since is not None:

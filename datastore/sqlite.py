@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from config.settings import Settings, sqlite_path
-from config.sqlite import begin_immediate, create_private, enable_wal
+from config.sqlite import begin_immediate, create_private, enable_wal, full_disk_note
 from datastore import migrate, sql
 from datastore.base import LogStore
 from datastore.batch import Failed, GroupCommit
@@ -304,7 +304,9 @@ class SqliteDatastore(SqlDatastore):
             migrate.apply_sqlite(conn)
             conn.execute("PRAGMA busy_timeout = 0")  # its transactions wait in begin_immediate
         except (sqlite3.Error, OSError) as exc:  # OSError: its file or directory cannot be made
-            raise StoreUnavailable(f"cannot open the datastore {self.path}: {exc}") from exc
+            raise StoreUnavailable(
+                f"cannot open the datastore {self.path}: {exc}{full_disk_note(self.path, exc)}"
+            ) from exc
         self._wconn = conn
         self._writer_state = {"synchronous": "FULL"}  # as connect() leaves it
 

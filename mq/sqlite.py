@@ -26,6 +26,7 @@ from typing import TypeVar
 from config.domain import Call
 from config.errors import ConfigError
 from config.settings import Settings, sqlite_path
+from config.sqlite import full_disk_note
 from mq import wire
 from mq.base import Burials, Buried, DeadLetter, Message, QueueStats, claim_shielded
 from mq.errors import InvalidCall, QueueError, QueueUnavailable, ReservationLost
@@ -86,7 +87,8 @@ class SqliteQueue:
             msg = f"{self._db.path}: no answer in {self._op_timeout_s:.0f}s"
             raise QueueUnavailable(msg) from None
         except sqlite3.OperationalError as exc:
-            raise QueueUnavailable(f"{self._db.path}: {exc}") from exc
+            note = full_disk_note(self._db.path, exc)
+            raise QueueUnavailable(f"{self._db.path}: {exc}{note}") from exc
         except sqlite3.Error as exc:
             raise QueueError(f"{self._db.path}: {exc}") from exc
 

@@ -12,14 +12,16 @@ import pytest
 
 import datastore.sqlite as sqlite_backend
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id, utcnow
-from config.settings import load_settings
+from config.settings import load_settings, sqlite_url
 from datastore import pgbatch
 from datastore.base import open_datastore
 from datastore.common import SqlDatastore
 from datastore.errors import StoreUnavailable
 from datastore.postgres import PostgresDatastore
+from mq.base import open_queue
+from mq.errors import QueueUnavailable
 from tests.datastore.conftest import fresh_pg_database
-from tests.rig import PG_BIN, PostgresServer, pg_tempdir
+from tests.rig import PG_BIN, PostgresServer, fill_space, pg_tempdir, small_tmpfs
 
 pytestmark = pytest.mark.integration
 
@@ -98,6 +100,69 @@ async def test_sqlite_lock_held_elsewhere_makes_writes_wait(
     rec = await store.get_call(c.id)
     assert rec is not None and rec.status is CallStatus.SUCCESS
     await store.close()
+
+
+def empty_wal(path: Path) -> None:
+    """Copy the -wal file of the SQLite database ``path`` into it and cut it to nothing:
+    the next write must grow it, which a full disk refuses."""
+    conn = sqlite3.connect(path, isolation_level=None)
+    try:
+        conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    finally:
+        conn.close()
+
+
+async def test_sqlite_full_disk_makes_writes_wait_then_succeed(
+    tmp_path: Path, settings_env: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """The datastore's disk is full as calls end: their outcomes wait (the outage
+    logged once), reads go on, and every outcome is stored once there is room."""
+    with small_tmpfs(tmp_path / "db", "size=2m") as directory:
+        path = directory / "fnq.db"
+        store = await open_datastore(load_settings(db_url=sqlite_url(path)))
+        calls = [Call(new_call_id(), "app", "fn", body=b"x" * 4096) for _ in range(20)]
+        for c in calls:
+            await store.record_queued(c)
+        empty_wal(path)
+        filler = fill_space(directory)
+        caplog.set_level(logging.WARNING, logger="fnq.datastore.batch")
+        writes = asyncio.gather(*(store.record_outcome(c, outcome(), 1, "w") for c in calls))
+        await wait_for(lambda: store.writer.in_outage)  # type: ignore[attr-defined]
+        assert (await store.count_by_status())[CallStatus.QUEUED] == 20  # reads work
+        assert not writes.done()
+        filler.unlink()
+        async with asyncio.timeout(30):
+            assert all(await writes)
+        assert (await store.count_by_status())[CallStatus.SUCCESS] == 20
+        await store.close()
+    messages = [r.getMessage() for r in caplog.records if r.name == "fnq.datastore.batch"]
+    assert len(messages) == 2, messages
+    assert "database or disk is full" in messages[0] and "back" in messages[1]
+
+
+async def test_a_write_with_patience_gives_up_on_a_full_disk(
+    tmp_path: Path, settings_env: Path
+) -> None:
+    """A command's writes (``write_patience_s``) fail with the reason once the disk has
+    been full that long, instead of waiting without end; the store works again with
+    room, and nothing of the write given up was made."""
+    with small_tmpfs(tmp_path / "db", "size=2m") as directory:
+        path = directory / "fnq.db"
+        store = await open_datastore(load_settings(db_url=sqlite_url(path)), write_patience_s=0.5)
+        empty_wal(path)
+        filler = fill_space(directory)
+        lost, kept = Call(new_call_id(), "app", "fn"), Call(new_call_id(), "app", "fn")
+        started = asyncio.get_running_loop().time()
+        with pytest.raises(
+            StoreUnavailable, match=r"could not be written for 0\.[5-9] s .*disk is full"
+        ):
+            await store.record_queued(lost)
+        assert asyncio.get_running_loop().time() - started < 5
+        filler.unlink()
+        await store.record_queued(kept)
+        assert await store.get_call(lost.id) is None
+        assert await store.get_call(kept.id) is not None
+        await store.close()
 
 
 # What asyncpg 0.29-0.32 raises on a connection whose server ended the session in
@@ -270,3 +335,28 @@ async def test_a_running_mark_whose_answer_was_lost_is_not_counted_twice(
     again = await store.record_running(c, 0, "w2")
     assert again.attempts == expected + 1
     await store.close()
+
+
+async def test_opening_on_a_full_disk_says_the_disk_is_full(
+    tmp_path: Path, settings_env: Path
+) -> None:
+    """With no process holding them open, the datastore's and the queue's -shm files
+    are gone, and opening them on a full disk fails in SQLite's words as a "disk I/O
+    error": the error says the file system is full."""
+    with small_tmpfs(tmp_path / "db", "size=2m") as directory:
+        settings = load_settings(
+            db_url=sqlite_url(directory / "fnq.db"), mq_url=sqlite_url(directory / "mq.db")
+        )
+        await (await open_datastore(settings)).close()
+        queue = open_queue(settings.mq_url, settings)
+        await queue.stats()
+        await queue.close()
+        fill_space(directory)
+        with pytest.raises(StoreUnavailable, match=r"\(its file system is full\)$"):
+            await open_datastore(settings)
+        queue = open_queue(settings.mq_url, settings, create=False)
+        try:
+            with pytest.raises(QueueUnavailable, match=r"\(its file system is full\)$"):
+                await queue.stats()
+        finally:
+            await queue.close()

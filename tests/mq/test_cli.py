@@ -3,9 +3,11 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import re
 import secrets
+import sqlite3
 import urllib.parse
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -15,13 +17,14 @@ import pytest
 from click.testing import CliRunner
 
 from config.domain import Call, CallStatus, Outcome, utcnow
-from config.settings import load_settings
+from config.settings import load_settings, sqlite_url
 from datastore.base import open_datastore
 from mq.base import Message, MessageQueue, open_queue
 from tests.datastore.test_cli import ISO_MS
 from tests.mq.conftest import QueueMaker
-from tests.rig import RedisServer
+from tests.rig import RedisServer, fill_space, small_tmpfs
 from worker.cli import cli
+from worker.cli import queue as cli_queue
 
 pytestmark = pytest.mark.integration
 T = TypeVar("T")
@@ -343,3 +346,31 @@ def test_dead_list_names_the_function_a_malformed_message_gives(backend: str) ->
         r["reason"].startswith("malformed message")
         for r in json.loads(fnq("dead", "list", "--json"))
     )
+
+
+def test_call_on_a_full_datastore_disk_is_queued_and_says_its_record_is_not(
+    settings_env: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The queue takes the call but the datastore's disk is full: the command does not
+    wait for room without end. It prints the id, says on stderr that the record could
+    not be written and why, and exits 0: the call is queued, and the worker that
+    takes it records it."""
+    monkeypatch.setattr(cli_queue, "WRITE_PATIENCE_S", 0.3)
+    with small_tmpfs(tmp_path / "db", "size=2m") as directory:
+        path = directory / "fnq.db"
+        monkeypatch.setenv("FN_DB_URL", sqlite_url(path))
+        fnq("fn", "create", "demo", "echo", "--image", "fnq/echo:latest")
+        # A worker has the datastore open (its -shm file is there, which a command
+        # could not make on a full disk), and a write must grow its -wal file.
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as worker:
+            worker.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+            fill_space(directory)
+            result = CliRunner().invoke(cli, ["call", "demo", "echo", "--body", "x" * 65536])
+        call_id = result.stdout.strip()
+        assert result.exit_code == 0, (result.output, result.exception)
+        assert result.stderr.startswith(
+            f"fnq: call {call_id} is queued, but its record could not be written ("
+        ), result.stderr
+        assert "database or disk is full" in result.stderr
+        msg = with_queue(take_one)
+        assert msg is not None and msg.call.id == call_id

@@ -27,6 +27,9 @@ T = TypeVar("T")
 json_option = click.option("--json", "as_json", is_flag=True, help="Print JSON for scripts.")
 
 WAIT_S = 300.0  # how long ``--wait`` and ``calls wait`` wait by default
+# How long a command's write waits for a datastore that cannot be written (down, its
+# disk full) before the command fails with the reason (a worker waits as long as it takes).
+WRITE_PATIENCE_S = 10.0
 EXIT_FAILED = 1  # a call waited for ended other than `success`
 EXIT_TIMED_OUT = 124  # some calls waited for had not ended when the wait ran out (as timeout(1))
 

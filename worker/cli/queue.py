@@ -6,7 +6,7 @@ import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
-from typing import TypeVar
+from typing import NamedTuple, TypeVar
 
 import click
 
@@ -14,11 +14,12 @@ from config.domain import Call, CallStatus, frozen_map, new_call_id
 from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import Datastore, open_datastore
-from datastore.errors import FunctionNotFound
+from datastore.errors import FunctionNotFound, StoreUnavailable
 from datastore.wait import Waited, wait_for_calls
 from mq import wire
 from mq.base import DeadLetter, MessageQueue, open_queue
 from worker.cli._common import (
+    WRITE_PATIENCE_S,
     bad_value,
     friendly_errors,
     iso_time,
@@ -100,17 +101,26 @@ async def _with_queue(
         await queue.close()
 
 
-async def enqueue_recorded(settings: Settings, call: Call) -> bool:
+class Unrecorded(NamedTuple):
+    """The call is queued, but its `queued` record could not be written."""
+
+    reason: StoreUnavailable
+
+
+async def enqueue_recorded(settings: Settings, call: Call) -> bool | Unrecorded:
     """Check the function exists, queue the call, and give it a `queued` record.
 
     Returns False, writing nothing, when a message with the call's id was already
     queued (by another producer, maybe with another request): the record is that
     message's to write, by whoever pushed it or by the worker that runs it.
+    Unrecorded when the call is queued but the datastore could not be written
+    (down, its disk full) for WRITE_PATIENCE_S: the worker that takes the call
+    writes its record then, as for a call queued with redis-cli.
 
     The record is written after the push: a worker that is quicker records
     `running` first, and the late `queued` insert then leaves it alone.
     """
-    store = await open_datastore(settings)
+    store = await open_datastore(settings, write_patience_s=WRITE_PATIENCE_S)
     try:
         fn = await store.get_fn(call.app, call.fn)
         if fn is None:
@@ -127,7 +137,10 @@ async def enqueue_recorded(settings: Settings, call: Call) -> bool:
 
         if not await _with_queue(settings, push):
             return False
-        await store.record_queued(call, image=fn.image)
+        try:
+            await store.record_queued(call, image=fn.image)
+        except StoreUnavailable as exc:
+            return Unrecorded(exc)
         return True
     finally:
         await store.close()
@@ -192,7 +205,10 @@ def call_cmd(
     queued = run_async(enqueue_recorded(settings, call))
     if not wait:
         click.echo(call.id)
-    if not queued:
+    if isinstance(queued, Unrecorded):
+        click.echo(f"fnq: call {call.id} is queued, but its record could not be written "
+                   f"({queued.reason}); the worker that takes it writes it", err=True)  # fmt: skip
+    elif not queued:
         click.echo(f"fnq: call {call.id} was already queued; this request was not queued", err=True)
     if wait:
         ctx.exit(_wait_for_answer(settings, call.id, wait_timeout_s or None))
@@ -348,7 +364,7 @@ async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
     already ended). Idempotent: running it again after a failure finishes the job."""
     queue = open_queue(settings.mq_url, settings, create=False)  # the dead letters are in it
     try:
-        store = await open_datastore(settings, create=False)
+        store = await open_datastore(settings, create=False, write_patience_s=WRITE_PATIENCE_S)
     except BaseException:
         await queue.close()
         raise

@@ -20,6 +20,7 @@ from datastore.validate import parse_duration, parse_since
 from datastore.wait import wait_for_calls
 from mq.base import open_queue
 from worker.cli._common import (
+    WRITE_PATIENCE_S,
     bad_value,
     friendly_errors,
     json_option,
@@ -51,7 +52,7 @@ def with_store(
     that a mistyped SQLite path is an error and no empty file is made there."""
 
     async def run() -> T:
-        store = await open_datastore(settings, create=create)
+        store = await open_datastore(settings, create=create, write_patience_s=WRITE_PATIENCE_S)
         try:
             return await work(store)
         finally:
