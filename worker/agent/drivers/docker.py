@@ -174,6 +174,7 @@ class DockerDriver:
 
     async def close(self) -> None:
         self._closed = True
+        self.shortage.close()
         for task in (self._cleaner, self._sweeper):
             if task is not None:
                 task.cancel()

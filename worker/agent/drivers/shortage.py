@@ -7,11 +7,13 @@ its call back to the queue (worker.agent.errors, HostShort). At the edge of
 a limit some of them succeed in between, as descriptors come and go. The log
 says so when the spell begins, with the first reason; then at most once a
 minute while it lasts, with how many failed; and once when it is over: at
-the first start or connection that works after ``QUIET_S`` without a failure.
+a start or connection that worked, once ``QUIET_S`` have passed without a
+failure.
 """
 
 from __future__ import annotations
 
+import asyncio
 import errno
 import logging
 import os
@@ -56,7 +58,9 @@ class ShortageLog:
         self._log = logger
         self._since: float | None = None  # when the spell began
         self._last_failure = 0.0
+        self._last_work = 0.0
         self._reminded = 0.0
+        self._settle: asyncio.TimerHandle | None = None  # the look for the spell's end
         self.failures = 0  # starts and connections that failed for it, in this spell
         self._reported = 0  # of them, those the log has counted
 
@@ -83,14 +87,29 @@ class ShortageLog:
             self._reported = self.failures
 
     def worked(self) -> None:
-        """A container started, or a connection was made."""
+        """A container started, or a connection was made: the spell is over if nothing
+        fails for QUIET_S after its last failure (looked at again then, if need be)."""
         if self._since is None:
             return
-        now = time.monotonic()
-        if now - self._last_failure < QUIET_S:
-            return  # at the edge of the limit: some work, some do not
+        self._last_work = time.monotonic()
+        if self._settle is None:
+            self._look()
+
+    def _look(self) -> None:
+        self._settle = None
+        if self._since is None or self._last_work < self._last_failure:
+            return  # over already, or it failed again since it last worked
+        quiet_s = time.monotonic() - self._last_failure
+        if quiet_s < QUIET_S:
+            self._settle = asyncio.get_running_loop().call_later(QUIET_S - quiet_s, self._look)
+            return
         self._log.warning("the host has room for containers again after %.1f s (%d start(s) "
                           "or connection(s) failed meanwhile)",
-                          now - self._since, self.failures)  # fmt: skip
+                          self._last_work - self._since, self.failures)  # fmt: skip
         self._since = None
         self.failures = self._reported = 0
+
+    def close(self) -> None:
+        if self._settle is not None:
+            self._settle.cancel()
+            self._settle = None
