@@ -46,9 +46,13 @@ class Cluster:
         overrides = {k[3:].lower(): v for k, v in self.env.items() if k.startswith("FN_")}
         return load_settings(**overrides)
 
-    def start_worker(self, *args: str) -> subprocess.Popen[bytes]:
+    def start_worker(self, *args: str, open_files: int | None = None) -> subprocess.Popen[bytes]:
+        """A worker process; ``open_files``: its descriptor limit (``ulimit -n``)."""
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        proc = subprocess.Popen([FNQ, "worker", *args], env=self.env, stdout=log, stderr=log)
+        command = [FNQ, "worker", *args]
+        if open_files is not None:
+            command = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *command]
+        proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
         self.procs.append(proc)
         return proc
 

@@ -1,0 +1,113 @@
+"""A worker on a host short of what containers need, end to end: a real `fnq worker`
+process, real engine, SQLite queue and datastore. Calls that cannot get a container
+for want of file descriptors or of room for their socket directories go back to
+the queue, uncounted, and all of them run once the host has room: none fails, the
+worker keeps going, nothing is left behind."""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import signal
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.domain import CallStatus, Function
+from datastore.base import open_datastore
+from tests.rig import fill_inodes, small_tmpfs
+from tests.worker.conftest import Cluster, make_calls
+
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
+
+
+def echo(name: str) -> Function:
+    return Function(app="t", name=name, image="fnq/echo:latest", memory_mb=32, timeout_s=20,
+                    idle_timeout_s=1, max_attempts=2, retry_backoff_s=0.2)  # fmt: skip
+
+
+def containers_of(cluster: Cluster, docker_engine: Any) -> list[Any]:
+    tag = cluster.env["FN_CONTAINER_LABEL_TAG"]
+    return list(docker_engine.containers.list(all=True, filters={"label": f"fnq.classifier={tag}"}))
+
+
+async def test_a_worker_short_of_descriptors_runs_every_call(
+    sqlite_cluster: Cluster, docker_engine: Any
+) -> None:
+    """`ulimit -n 64` and calls of eight functions at once: room for two or three
+    containers at a time. Calls wait in the queue for the others to leave; each
+    runs once, its attempt counted once."""
+    fns = [echo(f"e{i}") for i in range(8)]
+    calls = []
+    for fn in fns:
+        await sqlite_cluster.register(fn)
+        calls += make_calls("t", fn.name, 3)
+    await sqlite_cluster.enqueue(calls)
+    worker = sqlite_cluster.start_worker("--prefetch", "16", open_files=64)
+    done = await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=180)
+    logs = sqlite_cluster.logs()
+    assert {rec.status for rec in done.values()} == {CallStatus.SUCCESS}, logs[-3000:]
+    assert {rec.attempts for rec in done.values()} == {1}
+    assert worker.poll() is None
+    assert "file descriptors are in use (ulimit -n)" in logs
+    assert "Traceback" not in logs
+    sqlite_cluster.stop_all(signal.SIGTERM)
+    assert worker.returncode == 0
+    assert containers_of(sqlite_cluster, docker_engine) == []
+
+
+@pytest.fixture
+def socket_fs() -> Iterator[Path]:
+    """A small tmpfs for FN_IOFS_PATH (64 inodes) at a short path (socket paths must
+    fit in 107 bytes)."""
+    top = Path(tempfile.mkdtemp(prefix="fnq-t-"))
+    try:
+        with small_tmpfs(top / "io", "size=1m,nr_inodes=64,mode=700") as path:
+            yield path
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
+async def test_calls_wait_in_the_queue_while_the_socket_directories_are_full(
+    sqlite_cluster: Cluster, socket_fs: Path, docker_engine: Any
+) -> None:
+    """FN_IOFS_PATH has no inode left: the calls go back to the queue, their records
+    `queued` with the reason, no attempt counted; once there is room they run."""
+    await sqlite_cluster.register(echo("e"))
+    calls = make_calls("t", "e", 3)
+    await sqlite_cluster.enqueue(calls)
+    fillers = fill_inodes(socket_fs)
+    sqlite_cluster.env["FN_IOFS_PATH"] = str(socket_fs)
+    worker = sqlite_cluster.start_worker()
+    store = await open_datastore(sqlite_cluster.settings)
+    try:
+        await store_says(store, calls[0].id, "socket directory")
+        rec = await store.get_call(calls[0].id)
+        assert rec is not None and rec.status is CallStatus.QUEUED and rec.attempts == 0
+        assert rec.error is not None and "No space left on device" in rec.error
+    finally:
+        await store.close()
+    for path in fillers:
+        path.unlink()
+    done = await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=60)
+    assert {(rec.status, rec.attempts) for rec in done.values()} == {(CallStatus.SUCCESS, 1)}
+    logs = sqlite_cluster.logs()
+    assert logs.count("calls that need a new container or connection go back") == 1, logs
+    assert "Traceback" not in logs
+    sqlite_cluster.stop_all(signal.SIGTERM)
+    assert worker.returncode == 0
+    assert containers_of(sqlite_cluster, docker_engine) == []
+    assert list(socket_fs.iterdir()) == []
+
+
+async def store_says(store: Any, call_id: str, words: str, timeout_s: float = 30) -> None:
+    """Wait until the call's record has an error with ``words`` in it."""
+    async with asyncio.timeout(timeout_s):
+        while True:
+            rec = await store.get_call(call_id)
+            if rec is not None and rec.error is not None and words in rec.error:
+                return
+            await asyncio.sleep(0.1)
