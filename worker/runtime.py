@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import gc
 import logging
+import resource
 from typing import TYPE_CHECKING
 
 from config.errors import ConfigError
@@ -128,6 +129,28 @@ async def _serve(
         await store.close()
         for queue in queues:
             await queue.close()
+
+
+def raise_open_files_limit() -> tuple[int, int] | None:
+    """Raise this process's soft limit of open files to its hard limit; the limits
+    before and after when it was raised, else None.
+
+    Each container takes about ten of the worker's descriptors (its output pipes,
+    its attach stream, the wait for its exit, the connection to its socket, its
+    cgroup's counters). A service manager's usual soft limit, 1024 (kept low for
+    programs that still use select(), which the worker does not), would stop a
+    worker at about a hundred containers, while its hard limit is far higher.
+    An operator who wants fewer sets the hard limit (``LimitNOFILE=``).
+    """
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if resource.RLIM_INFINITY in (soft, hard) or soft >= hard:
+        return None
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError) as exc:  # above the kernel's nr_open, say
+        log.debug("the open files limit stays at %d: %s", soft, exc)
+        return None
+    return soft, hard
 
 
 def tune_garbage_collector() -> None:

@@ -46,12 +46,15 @@ class Cluster:
         overrides = {k[3:].lower(): v for k, v in self.env.items() if k.startswith("FN_")}
         return load_settings(**overrides)
 
-    def start_worker(self, *args: str, open_files: int | None = None) -> subprocess.Popen[bytes]:
-        """A worker process; ``open_files``: its descriptor limit (``ulimit -n``)."""
+    def start_worker(
+        self, *args: str, open_files: tuple[int, int] | None = None
+    ) -> subprocess.Popen[bytes]:
+        """A worker process; ``open_files``: its soft and hard descriptor limits."""
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
         command = [FNQ, "worker", *args]
         if open_files is not None:
-            command = ["prlimit", f"--nofile={open_files}:{open_files}", "--", *command]
+            soft, hard = open_files
+            command = ["prlimit", f"--nofile={soft}:{hard}", "--", *command]
         proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
         self.procs.append(proc)
         return proc

@@ -7,6 +7,7 @@ worker keeps going, nothing is left behind."""
 from __future__ import annotations
 
 import asyncio
+import re
 import shutil
 import signal
 import tempfile
@@ -46,7 +47,7 @@ async def test_a_worker_short_of_descriptors_runs_every_call(
         await sqlite_cluster.register(fn)
         calls += make_calls("t", fn.name, 3)
     await sqlite_cluster.enqueue(calls)
-    worker = sqlite_cluster.start_worker("--prefetch", "16", open_files=64)
+    worker = sqlite_cluster.start_worker("--prefetch", "16", open_files=(64, 64))
     done = await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=180)
     logs = sqlite_cluster.logs()
     assert {rec.status for rec in done.values()} == {CallStatus.SUCCESS}, logs[-3000:]
@@ -111,3 +112,18 @@ async def store_says(store: Any, call_id: str, words: str, timeout_s: float = 30
             if rec is not None and rec.error is not None and words in rec.error:
                 return
             await asyncio.sleep(0.1)
+
+
+async def test_the_worker_raises_its_soft_limit_of_open_files_to_the_hard_one(
+    sqlite_cluster: Cluster,
+) -> None:
+    """A service manager's soft limit of 1024 would stop a worker at about a hundred
+    containers: it takes all its hard limit allows."""
+    await sqlite_cluster.register(echo("e"))
+    calls = make_calls("t", "e", 1)
+    await sqlite_cluster.enqueue(calls)
+    worker = sqlite_cluster.start_worker(open_files=(256, 4096))
+    await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=60)
+    limits = Path(f"/proc/{worker.pid}/limits").read_text()
+    assert re.search(r"^Max open files\s+4096\s+4096\s+files", limits, re.MULTILINE), limits
+    assert "open files limit raised from 256 to 4096" in sqlite_cluster.logs()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from typing import Any
 
 import click
@@ -22,8 +23,10 @@ from worker.cli._common import (
     settings_from,
 )
 from worker.logs import setup_logging
-from worker.runtime import open_rq, serve, setup_sentry
+from worker.runtime import open_rq, raise_open_files_limit, serve, setup_sentry
 from worker.upkeep import ALIVE_WITHIN
+
+log = logging.getLogger("fnq.worker")
 
 
 @click.command("worker")
@@ -47,6 +50,10 @@ def worker_cmd(ctx: click.Context, burst: bool, prefetch: int) -> None:
     settings = settings_from(ctx)
     setup_logging(settings)
     setup_sentry(settings)
+    raised = raise_open_files_limit()
+    if raised is not None:
+        log.info("open files limit raised from %d to %d, the hard limit (ulimit -Hn): "
+                 "a container takes about 10", *raised)  # fmt: skip
     run_async(serve(settings, burst=burst, prefetch=prefetch))
 
 
