@@ -13,7 +13,11 @@ When ``run_batch`` fails with an error the backend calls an outage (database
 down, connection lost, file locked past its timeout, disk full), the same
 batch is tried again with exponential backoff; callers simply wait (a worker
 keeps the outcomes it ran). The outage is logged once when it starts and once
-when it ends. With ``give_up_after_s`` set (a command of the CLI, which has
+when it ends. A disk with room for part of a batch (``splits_on``: the
+backend's "disk full") gets it in halves, each halved again while it does
+not fit, down to single writes that wait for room: after a long outage a
+batch holds up to ``max_batch`` calls' bodies and logs, more than the room
+freed may take at once. With ``give_up_after_s`` set (a command of the CLI, which has
 no call to keep and a user waiting), a batch that has failed so long is
 dropped instead, each of its writers told with StoreUnavailable.
 
@@ -59,6 +63,7 @@ class GroupCommit(Generic[OpT]):
         run_batch: Callable[[list[OpT]], Awaitable[list[Any]]],
         is_outage: Callable[[BaseException], bool],
         *,
+        splits_on: Callable[[BaseException], bool] | None = None,
         max_batch: int = MAX_BATCH,
         size: Callable[[OpT], int] | None = None,
         max_bytes: int = 0,
@@ -68,6 +73,7 @@ class GroupCommit(Generic[OpT]):
         self.name = name
         self._run_batch = run_batch
         self._is_outage = is_outage
+        self._splits_on = splits_on  # an outage a smaller batch may get through
         self._max_batch = max_batch
         self._size = size
         self._max_bytes = max_bytes
@@ -160,20 +166,39 @@ class GroupCommit(Generic[OpT]):
         return count
 
     async def _commit(self, ops: list[OpT]) -> list[Any]:
+        results, answered = await self._commit_part(ops)
+        if answered and self._outage_since is not None:
+            log.warning("%s: the database is back after %.1f s",
+                        self.name, time.monotonic() - self._outage_since)  # fmt: skip
+            self._outage_since = None
+        return results
+
+    async def _commit_part(self, ops: list[OpT]) -> tuple[list[Any], bool]:
+        """The results of ``ops``, committed in one transaction, or in two halves
+        (each split again if need be) when the backend says the batch is too big for
+        the room it has (``splits_on``: a disk with room for part of it); and whether
+        the database answered (False: the write was given up, ``give_up_after_s``)."""
         delay_s = self._backoff_initial_s
         first_failure: float | None = None
         while True:
             try:
-                results = await self._run_batch(ops)
+                return await self._run_batch(ops), True
             except Exception as exc:  # noqa: BLE001 - classified below; a batch never kills the writer
                 if not self._is_outage(exc):
-                    return [Failed(exc)] * len(ops)
+                    return [Failed(exc)] * len(ops), True
                 now = time.monotonic()
                 reason = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
                 if self._outage_since is None:
                     self._outage_since = now
                     log.warning("%s: the database is unavailable (%s); writes wait and retry",
                                 self.name, reason)  # fmt: skip
+                if len(ops) > 1 and self._splits_on is not None and self._splits_on(exc):
+                    half = len(ops) // 2
+                    first, answered = await self._commit_part(ops[:half])
+                    if not answered:  # given up: so is the rest
+                        return first + [first[-1]] * (len(ops) - half), False
+                    rest, answered = await self._commit_part(ops[half:])
+                    return first + rest, answered
                 if first_failure is None:
                     first_failure = now
                 pause_s = delay_s
@@ -184,18 +209,9 @@ class GroupCommit(Generic[OpT]):
                             f"the datastore could not be written for {now - first_failure:.1f}"
                             f" s ({reason}); the write was given up"
                         )
-                        return [Failed(error)] * len(ops)
+                        return [Failed(error)] * len(ops), False
                 await asyncio.sleep(pause_s)
                 delay_s = min(delay_s * 2, self._backoff_max_s)
-                continue
-            if self._outage_since is not None:
-                log.warning(
-                    "%s: the database is back after %.1f s",
-                    self.name,
-                    time.monotonic() - self._outage_since,
-                )
-                self._outage_since = None
-            return results
 
     def _fail_all(self, error: StoreUnavailable) -> None:
         futures = self._inflight + [future for _, future in self._pending]

@@ -310,7 +310,12 @@ class PostgresDatastore(SqlDatastore):
         super().__init__(settings, logs)
         self._pool = pool
         self.writer: GroupCommit[_Op] = GroupCommit(
-            "postgres", self._run_batch, is_outage, size=op_bytes, max_bytes=MAX_BATCH_BYTES
+            "postgres",
+            self._run_batch,
+            is_outage,
+            splits_on=lambda exc: isinstance(exc, asyncpg.exceptions.DiskFullError),
+            size=op_bytes,
+            max_bytes=MAX_BATCH_BYTES,
         )
 
     @classmethod

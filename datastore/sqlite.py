@@ -74,6 +74,14 @@ def is_transient(exc: BaseException) -> bool:
     return False
 
 
+def is_full(exc: BaseException) -> bool:
+    """SQLITE_FULL: the disk has no room for the transaction (a smaller one may fit)."""
+    if isinstance(exc, sqlite3.OperationalError):
+        code = getattr(exc, "sqlite_errorcode", None)
+        return code is not None and (code & 0xFF) == sqlite3.SQLITE_FULL
+    return False
+
+
 def connect(path: Path, *, readonly: bool = False) -> sqlite3.Connection:
     conn = sqlite3.connect(
         path, timeout=BUSY_TIMEOUT_S, isolation_level=None, check_same_thread=False
@@ -264,7 +272,7 @@ class SqliteDatastore(SqlDatastore):
         self._rconn: sqlite3.Connection | None = None
         self._qconn: sqlite3.Connection | None = None  # point reads on the event loop
         self.writer: GroupCommit[_Op] = GroupCommit(
-            f"sqlite:{path.name}", self._run_batch, is_transient
+            f"sqlite:{path.name}", self._run_batch, is_transient, splits_on=is_full
         )
 
     @classmethod

@@ -136,3 +136,56 @@ async def test_cancelled_caller_does_not_break_the_batch(writer: GroupCommit[int
     writer.backend.gate.set()  # type: ignore[attr-defined]
     assert await second == 4
     assert first.cancelled()
+
+
+class RoomForFour(FakeBackend):
+    """A disk with room for batches of four writes at most, until ``room`` is set."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.room = asyncio.Event()
+        self.tries: list[int] = []
+
+    async def run_batch(self, ops: list[int]) -> list[object]:
+        self.tries.append(len(ops))
+        if len(ops) > 4 and not self.room.is_set():
+            raise OSError(28, "disk full")
+        return await super().run_batch(ops)
+
+
+def disk_full(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno == 28
+
+
+async def test_a_batch_the_disk_has_no_room_for_goes_in_parts_in_order(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    backend = RoomForFour()
+    gc: GroupCommit[int] = GroupCommit("fake", backend.run_batch, lambda e: isinstance(e, OSError),
+                                       splits_on=disk_full, backoff_initial_s=0.001)  # fmt: skip
+    caplog.set_level(logging.WARNING, logger="fnq.datastore.batch")
+    gc.start()
+    try:
+        results = await asyncio.gather(*(gc.submit(i) for i in range(100, 120)))
+    finally:
+        await gc.close(1.0)
+    assert results == [i * 2 for i in range(100, 120)]
+    assert [op for batch in backend.batches for op in batch] == list(range(100, 120))
+    assert max(len(batch) for batch in backend.batches) <= 4
+    messages = [r.getMessage() for r in caplog.records]
+    assert len(messages) == 2 and "back" in messages[1], messages  # once each, not per part
+
+
+async def test_a_part_given_up_gives_up_the_rest_of_its_batch() -> None:
+    backend = RoomForFour()
+    backend.outages_left = 10**6  # nothing fits once split: the database is down too
+    gc: GroupCommit[int] = GroupCommit("fake", backend.run_batch, lambda e: isinstance(e, OSError),
+                                       splits_on=disk_full, backoff_initial_s=0.001)  # fmt: skip
+    gc.give_up_after_s = 0.05
+    gc.start()
+    try:
+        results = await asyncio.gather(*(gc.submit(i) for i in range(8)), return_exceptions=True)
+    finally:
+        await gc.close(1.0)
+    assert all(isinstance(r, StoreUnavailable) for r in results), results
+    assert backend.tries[:2] == [8, 4]  # halved once, then the first half given up

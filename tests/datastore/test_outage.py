@@ -140,6 +140,39 @@ async def test_sqlite_full_disk_makes_writes_wait_then_succeed(
     assert "database or disk is full" in messages[0] and "back" in messages[1]
 
 
+async def test_sqlite_disk_with_room_for_part_of_a_batch_takes_that_part(
+    tmp_path: Path, settings_env: Path
+) -> None:
+    """After a long outage the outcomes waiting make one large batch; the room freed
+    takes only some of them. Those are stored (the batch is halved until its parts
+    fit) instead of the whole batch waiting for room it will not get."""
+    with small_tmpfs(tmp_path / "db", "size=4m") as directory:
+        path = directory / "fnq.db"
+        store = await open_datastore(load_settings(db_url=sqlite_url(path)))
+        calls = [Call(new_call_id(), "app", "fn") for _ in range(40)]
+        for c in calls:
+            await store.record_queued(c)
+        empty_wal(path)
+        filler = fill_space(directory)
+        big = Outcome(CallStatus.SUCCESS, response=Response(200, body=b"r" * 65536))
+        writes = asyncio.gather(*(store.record_outcome(c, big, 1, "w") for c in calls))
+        await wait_for(lambda: store.writer.in_outage)  # type: ignore[attr-defined]
+        filler.write_bytes(filler.read_bytes()[: -512 * 1024])  # room for a few of them
+
+        async def stored() -> int:
+            return (await store.count_by_status())[CallStatus.SUCCESS]
+
+        async with asyncio.timeout(20):
+            while await stored() == 0:
+                await asyncio.sleep(0.05)
+        assert await stored() < 40 and not writes.done()
+        filler.unlink()
+        async with asyncio.timeout(30):
+            assert all(await writes)
+        assert await stored() == 40
+        await store.close()
+
+
 async def test_a_write_with_patience_gives_up_on_a_full_disk(
     tmp_path: Path, settings_env: Path
 ) -> None:
