@@ -110,6 +110,8 @@ class CallHandler:
         self._put_off_ids: dict[str, None] = {}  # calls put off so far, oldest first
         self._handed_back = 0  # calls handed back for a passing fault (see _failed)
         self._handed_back_logged_at = -HANDED_BACK_LOG_S
+        self.left_to_lapse = 0  # messages left to come back as their reservations lapse
+        self._lapse_logged_at = -HANDED_BACK_LOG_S
 
     @property
     def completed(self) -> int:
@@ -215,8 +217,7 @@ class CallHandler:
         outcome, dead_letter = final
         record = await self._final_record(d.call_id)
         if record is None:
-            log.warning("call %s: its final record is still being written; its message "
-                        "returns when its reservation lapses", d.call_id)  # fmt: skip
+            self._left_to_lapse(d.call_id, "its final record is still being written")
             return False
         if record.status is not outcome.status:  # ended otherwise (cancelled): as it says
             outcome, dead_letter = outcome_of(record), False
@@ -255,9 +256,23 @@ class CallHandler:
         mark = self._marks.get(d.call_id)
         if mark is None or await mark.withdraw(HAND_BACK_RECORD_S, why, retry_in_s):
             return True
-        log.warning("call %s: its `running` record is still being written; its message "
-                    "returns when its reservation lapses", d.call_id)  # fmt: skip
+        self._left_to_lapse(d.call_id, "its `running` record is still being written")
         return False
+
+    def _left_to_lapse(self, call_id: str, why: str) -> None:
+        """The call's message is left to come back when its reservation lapses, ``why``.
+        A warning at most every HANDED_BACK_LOG_S, with how many so far (a worker
+        stopped in a datastore outage leaves up to MAX_RECORDING calls so, all at
+        once); each one at debug level. The count is in the worker's last line."""
+        self.left_to_lapse += 1
+        now = asyncio.get_running_loop().time()
+        if now - self._lapse_logged_at >= HANDED_BACK_LOG_S:
+            log.warning("call %s: %s; its message returns when its reservation lapses "
+                        "(%d call(s) so far)", call_id, why, self.left_to_lapse)  # fmt: skip
+            self._lapse_logged_at = now
+        else:
+            log.debug("call %s: %s; its message returns when its reservation lapses",
+                      call_id, why)  # fmt: skip
 
     async def _failed(self, d: Delivery, exc: FnqError) -> None:
         """The datastore or the queue failed the call's handling; nothing is lost.

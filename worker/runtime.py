@@ -119,8 +119,10 @@ async def _serve(
                     side.cancel()
                 await upkeep.leave()
             back = sum(metrics.calls.handed_back.values())
+            lapse = worker.calls.left_to_lapse
+            left = f", {lapse} left to come back as their reservations lapse" if lapse else ""
             log.info("worker %s stopped after %d call(s) ended here, %d handed back to the "
-                     "queue", worker.worker_id, worker.completed, back)  # fmt: skip
+                     "queue%s", worker.worker_id, worker.completed, back, left)  # fmt: skip
             if burst and worker.unreached:  # it stopped for the outage, not for an empty queue
                 error = worker.unreached[0]
                 raise QueueUnavailable(f"burst stopped with the queue unreachable: {error}")

@@ -7,19 +7,24 @@ worker keeps going, nothing is left behind."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import shutil
 import signal
+import sqlite3
 import tempfile
 from collections.abc import Iterator
+from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from config.domain import CallStatus, Function
+from config.settings import sqlite_url
 from datastore.base import open_datastore
-from tests.rig import fill_inodes, small_tmpfs
+from mq.base import open_queue
+from tests.rig import fill_inodes, fill_space, small_tmpfs
 from tests.worker.conftest import Cluster, make_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -127,3 +132,58 @@ async def test_the_worker_raises_its_soft_limit_of_open_files_to_the_hard_one(
     limits = Path(f"/proc/{worker.pid}/limits").read_text()
     assert re.search(r"^Max open files\s+4096\s+4096\s+files", limits, re.MULTILINE), limits
     assert "open files limit raised from 256 to 4096" in sqlite_cluster.logs()
+
+
+async def test_a_full_datastore_disk_keeps_the_calls_and_a_stop_leaves_them_to_lapse(
+    sqlite_cluster: Cluster, tmp_path: Path
+) -> None:
+    """The datastore's disk fills up while calls run: their outcomes wait in the
+    worker, none is acked. Stopped meanwhile, the worker leaves their messages to
+    come back when their reservations lapse, says so in one warning and in its last
+    line, and exits 0. With room again, another worker runs and records every one."""
+    with small_tmpfs(tmp_path / "db", "size=2m") as directory:
+        path = directory / "fnq.db"
+        sqlite_cluster.env["FN_DB_URL"] = sqlite_url(path)
+        sqlite_cluster.env["FN_SHUTDOWN_GRACE_MSECS"] = "1000"
+        await sqlite_cluster.register(echo("e"))
+        first = sqlite_cluster.start_worker("--prefetch", "8")
+        await until_seen(sqlite_cluster)
+        with contextlib.closing(sqlite3.connect(path, isolation_level=None)) as conn:
+            conn.execute("PRAGMA wal_checkpoint(TRUNCATE)")  # a write must grow the -wal
+        filler = fill_space(directory)
+        calls = make_calls("t", "e", 30, body=b"x" * 4096)
+        queue = open_queue(sqlite_cluster.settings.mq_url, sqlite_cluster.settings)
+        try:
+            await queue.push_many(calls)  # as a Python producer: no record
+            async with asyncio.timeout(60):
+                while (await queue.stats()).reserved < 30 or "database or disk is full" not in (
+                    sqlite_cluster.logs()
+                ):
+                    await asyncio.sleep(0.1)
+            assert (await queue.stats()).ready == 0  # none acked, none lost
+        finally:
+            await queue.close()
+        sqlite_cluster.stop_all(signal.SIGTERM)
+        assert first.returncode == 0
+        logs = sqlite_cluster.logs()
+        assert logs.count("its message returns when its reservation lapses (") == 1, logs
+        # Those still waiting for a container went back at once; the others ran.
+        last = re.search(r"(\d+) handed back to the queue, (\d+) left to come back as their "
+                         r"reservations lapse\n", logs)  # fmt: skip
+        assert last is not None, logs
+        assert int(last[1]) + int(last[2]) == 30 and int(last[2]) > 0, logs
+        filler.unlink()
+        sqlite_cluster.start_worker()
+        done = await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=60)
+        assert {rec.status for rec in done.values()} == {CallStatus.SUCCESS}
+
+
+async def until_seen(cluster: Cluster, timeout_s: float = 30) -> None:
+    """Until a worker has written its first heartbeat (it has opened everything)."""
+    store = await open_datastore(cluster.settings)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while not await store.list_workers(timedelta(seconds=60)):
+                await asyncio.sleep(0.1)
+    finally:
+        await store.close()
