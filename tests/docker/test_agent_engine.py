@@ -218,7 +218,9 @@ async def test_a_call_reports_its_cpu_time_and_memory(agent_for: Callable[..., A
         big = await agent.submit(call(hog, b"48"), hog)  # allocates and touches 48 MB
     assert small.status is CallStatus.SUCCESS and big.status is CallStatus.SUCCESS, big.error
     assert set(big.stats) >= {"cpu_ms", "memory_mb"}
-    assert big.stats["cpu_ms"] > small.stats["cpu_ms"] > 0
+    # The kernel adds CPU time to a cgroup when the process leaves the CPU: a call of
+    # well under a millisecond may read 0 (docs/datastore.md); 48 MB cannot.
+    assert big.stats["cpu_ms"] > small.stats["cpu_ms"] >= 0
     assert 0 < big.stats["memory_mb"] < 128
     if "memory_peak_mb" in big.stats:  # cgroup v1 keeps a high-water mark
         assert big.stats["memory_peak_mb"] >= 48 > small.stats["memory_peak_mb"]
