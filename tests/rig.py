@@ -264,6 +264,18 @@ def small_tmpfs(directory: Path, options: str) -> Iterator[Path]:
         subprocess.run(["umount", "--lazy", str(directory)], check=False, timeout=30)
 
 
+@contextlib.contextmanager
+def small_socket_fs() -> Iterator[Path]:
+    """A small tmpfs (1 MB, 64 inodes) at a short path under /tmp, for FN_IOFS_PATH:
+    socket paths must fit in 107 bytes, so not under pytest's long tmp_path."""
+    top = Path(tempfile.mkdtemp(prefix="fnq-t-"))
+    try:
+        with small_tmpfs(top / "io", "size=1m,nr_inodes=64,mode=700") as path:
+            yield path
+    finally:
+        shutil.rmtree(top, ignore_errors=True)
+
+
 def fill_space(directory: Path) -> Path:
     """Take every block left on ``directory``'s file system with one file; its path
     (remove it to give the space back)."""

@@ -12,8 +12,6 @@ import logging
 import os
 import random
 import resource
-import shutil
-import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -23,7 +21,7 @@ import pytest
 from config.domain import Call, FailureKind, Function, new_call_id
 from config.settings import Settings
 from tests.docker.conftest import request, running, spec
-from tests.rig import fill_inodes, small_tmpfs
+from tests.rig import fill_inodes, small_socket_fs
 from worker.agent import fdk
 from worker.agent.agent import Agent
 from worker.agent.drivers import shortage as shortage_module
@@ -44,14 +42,8 @@ def ours(docker_engine: Any, label_tag: str) -> list[Any]:
 
 @pytest.fixture
 def iofs_fs() -> Iterator[Path]:
-    """A small tmpfs for the socket directories (64 inodes), at a short path: the
-    sockets' paths must fit in 107 bytes."""
-    top = Path(tempfile.mkdtemp(prefix="fnq-t-"))
-    try:
-        with small_tmpfs(top / "io", "size=1m,nr_inodes=64,mode=700") as path:
-            yield path
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    with small_socket_fs() as path:
+        yield path
 
 
 @contextlib.contextmanager

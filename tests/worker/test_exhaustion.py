@@ -9,10 +9,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import re
-import shutil
 import signal
 import sqlite3
-import tempfile
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,7 +22,7 @@ from config.domain import CallStatus, Function
 from config.settings import sqlite_url
 from datastore.base import open_datastore
 from mq.base import open_queue
-from tests.rig import fill_inodes, fill_space, small_tmpfs
+from tests.rig import fill_inodes, fill_space, small_socket_fs, small_tmpfs
 from tests.worker.conftest import Cluster, make_calls
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -67,14 +65,8 @@ async def test_a_worker_short_of_descriptors_runs_every_call(
 
 @pytest.fixture
 def socket_fs() -> Iterator[Path]:
-    """A small tmpfs for FN_IOFS_PATH (64 inodes) at a short path (socket paths must
-    fit in 107 bytes)."""
-    top = Path(tempfile.mkdtemp(prefix="fnq-t-"))
-    try:
-        with small_tmpfs(top / "io", "size=1m,nr_inodes=64,mode=700") as path:
-            yield path
-    finally:
-        shutil.rmtree(top, ignore_errors=True)
+    with small_socket_fs() as path:
+        yield path
 
 
 async def test_calls_wait_in_the_queue_while_the_socket_directories_are_full(
