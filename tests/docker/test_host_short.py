@@ -26,6 +26,8 @@ from worker.agent import fdk
 from worker.agent.agent import Agent
 from worker.agent.drivers import shortage as shortage_module
 from worker.agent.drivers.docker import DockerDriver
+from worker.agent.drivers.docker_container import DockerContainer
+from worker.agent.drivers.shortage import HELD_DESCRIPTORS
 from worker.agent.errors import HostShort
 from worker.agent.resources import ResourceTotals, ResourceTracker
 from worker.policy import Action, decide
@@ -183,3 +185,39 @@ async def test_a_container_whose_removal_failed_goes_in_the_next_sweep(
     assert [c.name for c in ours(docker_engine, label_tag)] == [container.id]
     await driver.remove_leftovers()
     assert ours(docker_engine, label_tag) == []
+
+
+async def test_an_idle_container_holds_the_descriptors_the_driver_counts(
+    any_output_driver: DockerDriver,
+) -> None:
+    """Measured: what idle containers hold in the worker is what the driver counts
+    each eviction to give back (HELD_DESCRIPTORS; one fewer with the output through
+    the engine), and their removal gives it back at once, but for one more idle
+    connection in the session's pool to the engine."""
+    driver = any_output_driver
+    count = 3
+
+    async def up() -> DockerContainer:
+        container = await driver.create(spec("fnq/echo"))
+        await container.start()
+        result = await container.dispatch(request(b"x"))
+        if result.output_done is not None:
+            await result.output_done
+        return container
+
+    first = await up()  # the session's pool and the loop's own descriptors are open
+    try:
+        before = open_descriptors()
+        containers = [await up() for _ in range(count)]
+        held = open_descriptors() - before
+        expected = HELD_DESCRIPTORS if first.direct_output else HELD_DESCRIPTORS - 1
+        assert held == count * expected
+        for container in containers:
+            await container.remove()
+        assert open_descriptors() - before <= 1
+    finally:
+        await first.remove()
+
+
+def open_descriptors() -> int:
+    return len(os.listdir("/proc/self/fd"))

@@ -58,6 +58,10 @@ DRAIN_TIMEOUT_S = 5.0  # for the output and wait tasks to notice a removed conta
 EXIT_OUTPUT_S = 0.5  # a broken exchange: how long the output waits for a death
 # Dispatch errors that are no broken connection: nothing sent, or a bad answer.
 NOT_A_BREAK = (NotDelivered, InvalidResponse, ResponseTooBig)
+# The exit wait's connection closes with the answer instead of staying in the session's
+# pool: its descriptor goes with the container (many containers leaving at once would
+# otherwise leave as many idle connections, held for the pool's keep-alive time).
+CLOSE_AFTER = {"Connection": "close"}
 # The engine's answer to a pause or unpause the container needs no more (409 or 500).
 _ALREADY = {"pause": "is already paused", "unpause": "is not paused"}
 
@@ -245,7 +249,9 @@ class DockerContainer:
         """Long-poll the engine until the container stops (cancelled by remove)."""
         try:
             # No timeout: this lasts as long as the container; remove() ends it.
-            answer = await self._api.request("POST", f"/containers/{self.id}/wait", timeout_s=None)
+            answer = await self._api.request(
+                "POST", f"/containers/{self.id}/wait", timeout_s=None, headers=CLOSE_AFTER
+            )
             code = int(answer["StatusCode"]) if answer else None
         except DockerError as exc:
             self._unwatched = host_short(exc, "watching a container")

@@ -24,11 +24,31 @@ from worker.agent.errors import HostShort
 
 QUIET_S = 5.0  # a spell is over once something works this long after its last failure
 REMIND_S = 60.0  # while it lasts, a line at most this often
-# Descriptors a container takes in the worker while it lives (its two output pipes,
-# both ends; the attach stream, the wait for its exit, the connection to its socket,
-# its cgroup's counters), with a few for its start (inotify, requests to the engine).
+# Descriptors a container takes in the worker while it starts: what it holds once up
+# (HELD_DESCRIPTORS), and a few more for its start (inotify, requests to the engine).
 CONTAINER_DESCRIPTORS = 16
+# Descriptors an idle container holds in the worker, and gives back as it is removed
+# (measured, tests/docker/test_host_short.py): both ends of its two output pipes, its
+# cgroup's three counters, the attach stream, the wait for its exit and the connection
+# to its socket. One whose output comes through the engine holds one fewer.
+HELD_DESCRIPTORS = 10
 _FD_DIR = "/proc/self/fd"
+
+
+def descriptors_left() -> int | None:
+    """File descriptors the worker's process may still open below its limit (``ulimit
+    -n``); None where the limit is unbounded or the open ones cannot be listed (no
+    /proc)."""
+    limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if limit == resource.RLIM_INFINITY:
+        return None
+    try:
+        used = len(os.listdir(_FD_DIR))
+    except OSError as exc:
+        if exc.errno not in (errno.EMFILE, errno.ENFILE):
+            return None
+        used = limit  # not even one left to list them with
+    return max(0, limit - used)
 
 
 def check_descriptors(needed: int = CONTAINER_DESCRIPTORS) -> None:
@@ -36,19 +56,12 @@ def check_descriptors(needed: int = CONTAINER_DESCRIPTORS) -> None:
     left below its limit (``ulimit -n``): a container it started would fail half-way,
     after the engine had made it. Nothing is checked where the limit is unbounded or
     the open descriptors cannot be listed (no /proc)."""
-    limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if limit == resource.RLIM_INFINITY:
-        return
-    try:
-        used = len(os.listdir(_FD_DIR))
-    except OSError as exc:
-        if exc.errno not in (errno.EMFILE, errno.ENFILE):
-            return
-        used = limit  # not even one left to list them with
-    if limit - used < needed:
+    left = descriptors_left()
+    if left is not None and left < needed:
+        limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         raise HostShort(
             f"the worker's host ran out of resources while creating a container: "
-            f"{used} of the worker's {limit} file descriptors are in use (ulimit -n), "
+            f"{limit - left} of the worker's {limit} file descriptors are in use (ulimit -n), "
             f"and a container takes about {needed}"
         )
 
