@@ -334,11 +334,21 @@ def test_eviction_calls_back_and_skips_empty_needs() -> None:
     assert calls == ["evict"]
 
 
-def test_tokens_without_resources_are_not_tracked() -> None:
+def test_room_on_the_host_takes_idle_containers_of_other_functions_by_count() -> None:
+    """The host lacks room for another container (descriptors): any idle container of
+    another function frees some, whatever memory or CPU it holds (none, even); the
+    oldest go first, busy ones and the function's own stay; all or none."""
     ev = Evictor()
-    token = ev.register("A", 0, 0, lambda: None)
-    ev.enable(token)
-    assert len(ev) == 0 and not token.evictable
+    own = idle_token(ev, "X", 128)
+    a, b, c = idle_token(ev, "A", 0), idle_token(ev, "B", 128, 100), idle_token(ev, "C", 64)
+    busy = ev.register("D", 128, 0, lambda: None)  # never enabled: busy
+    assert len(ev) == 5 and a.evictable
+    assert ev.evict_for("X", Shortfall(0, 0, containers=4)) == []  # only three could go
+    assert not (a.requested or b.requested or c.requested)
+    assert ev.evict_for("X", Shortfall(0, 0, containers=2)) == [a.done, b.done]
+    assert not (own.requested or c.requested or busy.requested)
+    assert ev.evictions == 2
+    assert ev.idle() == (128 + 64, 0)  # what a and b held is no idle room any more
 
 
 def test_lost_eviction_race_releases_the_launcher_and_requeues_the_token() -> None:

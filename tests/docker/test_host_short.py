@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 
-from config.domain import Call, FailureKind, Function, new_call_id
+from config.domain import Call, CallStatus, FailureKind, Function, new_call_id
 from config.settings import Settings
 from tests.docker.conftest import request, running, spec
 from tests.rig import fill_inodes, small_socket_fs
@@ -29,6 +29,7 @@ from worker.agent.drivers.docker import DockerDriver
 from worker.agent.drivers.docker_container import DockerContainer
 from worker.agent.drivers.shortage import HELD_DESCRIPTORS
 from worker.agent.errors import HostShort
+from worker.agent.iofs import DIR_INODES
 from worker.agent.resources import ResourceTotals, ResourceTracker
 from worker.policy import Action, decide
 
@@ -221,3 +222,34 @@ async def test_an_idle_container_holds_the_descriptors_the_driver_counts(
 
 def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
+
+
+async def test_a_launch_short_of_inodes_evicts_an_idle_container_of_another_function(
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    iofs_fs: Path,
+    docker_engine: Any,
+    label_tag: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """FN_IOFS_PATH has inodes for two socket directories, and two functions' idle
+    containers hold them: a third function's call runs in the room of the older one,
+    and the host's shortage is never met."""
+    settings = make_settings(iofs_path=str(iofs_fs))
+    tracker = ResourceTracker(ResourceTotals(memory_bytes=2048 * MIB, cpu_mcpus=2000))
+    fns = [
+        Function(app="eng", name=name, image="fnq/echo", memory_mb=64, idle_timeout_s=300)
+        for name in ("a", "b", "c")
+    ]
+    fill_inodes(iofs_fs, keep=2 * DIR_INODES)
+    caplog.set_level(logging.WARNING, logger="fnq.agent.docker")
+    async with Agent(settings, DockerDriver(settings), tracker=tracker) as agent:
+        ran = []
+        for fn in fns:
+            ran.append(await agent.submit(Call(new_call_id(), fn.app, fn.name, b"x"), fn))
+            assert ran[-1].status is CallStatus.SUCCESS, ran[-1].error
+        alive = {c.name for c in ours(docker_engine, label_tag)}
+        assert alive == {ran[1].container_id, ran[2].container_id}
+        assert agent.statistics().evictions == 1
+    assert ours(docker_engine, label_tag) == []
+    assert not [r for r in caplog.records if "ran out of resources" in r.getMessage()]

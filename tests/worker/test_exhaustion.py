@@ -11,6 +11,7 @@ import contextlib
 import re
 import signal
 import sqlite3
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -24,13 +25,15 @@ from datastore.base import open_datastore
 from mq.base import open_queue
 from tests.rig import fill_inodes, fill_space, small_socket_fs, small_tmpfs
 from tests.worker.conftest import Cluster, make_calls
+from worker.agent.drivers.docker_config import FN_LABEL
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def echo(name: str) -> Function:
+def echo(name: str, idle_timeout_s: int = 1) -> Function:
     return Function(app="t", name=name, image="fnq/echo:latest", memory_mb=32, timeout_s=20,
-                    idle_timeout_s=1, max_attempts=2, retry_backoff_s=0.2)  # fmt: skip
+                    idle_timeout_s=idle_timeout_s, max_attempts=2,
+                    retry_backoff_s=0.2)  # fmt: skip
 
 
 def containers_of(cluster: Cluster, docker_engine: Any) -> list[Any]:
@@ -57,6 +60,38 @@ async def test_a_worker_short_of_descriptors_runs_every_call(
     assert {rec.attempts for rec in done.values()} == {1}
     assert worker.poll() is None
     assert "file descriptors are in use (ulimit -n)" in logs
+    assert "Traceback" not in logs
+    sqlite_cluster.stop_all(signal.SIGTERM)
+    assert worker.returncode == 0
+    assert containers_of(sqlite_cluster, docker_engine) == []
+
+
+async def test_idle_containers_of_other_functions_make_way_for_new_ones(
+    sqlite_cluster: Cluster, docker_engine: Any
+) -> None:
+    """`ulimit -n 96` has room for about six containers (ten descriptors each). Twelve
+    functions are called one after another, their idle containers meant to stay for
+    5 min: once the worker is short of descriptors, each new function's launch
+    evicts the oldest idle containers and its call runs within seconds; none goes
+    back to the queue for want of descriptors."""
+    fns = [echo(f"f{i:02}", idle_timeout_s=300) for i in range(12)]
+    worker = sqlite_cluster.start_worker(open_files=(96, 96))
+    took_s = []
+    for fn in fns:
+        await sqlite_cluster.register(fn)
+        calls = make_calls("t", fn.name, 1)
+        began = time.monotonic()
+        await sqlite_cluster.enqueue(calls)
+        done = await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=30)
+        took_s.append(time.monotonic() - began)
+        assert {(rec.status, rec.attempts) for rec in done.values()} == {(CallStatus.SUCCESS, 1)}
+    logs = sqlite_cluster.logs()
+    assert max(took_s) < 10, (took_s, logs[-3000:])
+    assert "calls that need a new container or connection go back" not in logs, logs[-3000:]
+    alive = sorted(c.labels[FN_LABEL] for c in containers_of(sqlite_cluster, docker_engine))
+    assert 0 < len(alive) < len(fns) - 2, alive  # some made way, for want of descriptors
+    assert alive == [fn.name for fn in fns[-len(alive) :]]  # the oldest first
+    assert worker.poll() is None
     assert "Traceback" not in logs
     sqlite_cluster.stop_all(signal.SIGTERM)
     assert worker.returncode == 0

@@ -41,6 +41,10 @@ one: launches of functions without a container first, then in the order they
 came. When there is no room,
 it evicts idle containers of *other* functions, oldest first, all or nothing
 (:mod:`evictor`), and waits for them to go; the room they free is held for it.
+So it does, before it takes a token, when the host has no room for another
+container (the worker's file descriptors, inodes for socket directories: the
+driver says how many containers must go); if not enough are idle, the start
+meets the shortage and the call goes back to the queue.
 A function without a container whose launch has waited
 ``FN_HOT_DISPLACE_WAIT_PERCENT`` of its timeout also takes the room of busy
 containers of other functions, each leaving once its current call is over
@@ -420,6 +424,7 @@ class Agent:
                 drop_queue=self._drop_queue,
                 cpu=self.cpu,
                 worker_containers=self._hot.__len__,
+                in_the_way=self.driver.containers_in_the_way,
             )
             self._launchers.spawn(launcher.run(), name=f"fnq-launcher-{fn.ref}-{key[:8]}")
         queue.last_used_s = self.loop.time()

@@ -163,5 +163,10 @@ class Driver(Protocol):
         """Run containers made from now on, and move the live ones, on ``cpus``
         (None: on any CPU of the host)."""
 
+    def containers_in_the_way(self) -> int:
+        """How many idle containers must leave before the host has room to start one
+        more (the worker's file descriptors, inodes for the socket directories): 0
+        when it has room. Cheap: asked before each launch."""
+
     async def close(self) -> None:
         """Remove every container this driver made that still exists."""

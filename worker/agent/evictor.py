@@ -1,13 +1,15 @@
 """Making room for a launch: evicting idle containers of other functions, and
 displacing busy ones for a function that has none.
 
-Every hot container that holds memory or CPU registers an
-:class:`EvictToken` when it starts. The token is *evictable* only while its
-container is idle. When a launch cannot get its resources,
-:meth:`Evictor.evict_for` picks evictable tokens of other functions, oldest
-first, that hold some of what is still missing (a container without a CPU
-share frees no CPU), until they cover the shortfall, and evicts them all, or
-none at all if they cannot cover it. An evicted container still races for its own slot: if a
+Every hot container registers an :class:`EvictToken` when it starts. The
+token is *evictable* only while its container is idle. When a launch cannot
+get its resources, or the host has no room for another container (the
+worker's file descriptors, inodes for socket directories: the driver says how
+many containers must go), :meth:`Evictor.evict_for` picks evictable tokens of
+other functions, oldest first, that hold some of what is still missing (a
+container without a CPU share frees no CPU; every container frees room on the
+host), until they cover the shortfall, and evicts them all, or none at all if
+they cannot cover it. An evicted container still races for its own slot: if a
 call took it first, the container serves the call and its token counts as the
 youngest again. The evictor also keeps the sum of what idle containers
 hold, room the intake's gate need not count (agent.wait_async_resource).
@@ -91,8 +93,7 @@ class Evictor:
         self, key: str, memory_mb: int, cpu_mcpus: int, on_evict: Callable[[], None]
     ) -> EvictToken:
         token = EvictToken(key, memory_mb, cpu_mcpus, on_evict)
-        if memory_mb or cpu_mcpus:
-            self._tokens[token.id] = token
+        self._tokens[token.id] = token
         return token
 
     def enable(self, token: EvictToken) -> None:
@@ -204,20 +205,26 @@ def _displaceable(token: EvictToken) -> bool:
 
 def _covering(tokens: Iterable[EvictToken], need: Shortfall) -> list[EvictToken]:
     """Tokens taken in order, each holding some of what is still missing (a container
-    without a CPU share frees no CPU), until they cover ``need``; none if they cannot."""
-    if need.memory_mb <= 0 and need.cpu_mcpus <= 0:
+    without a CPU share frees no CPU; any container frees room on the host while
+    ``need.containers`` are missing), until they cover ``need``; none if they cannot."""
+    if need.memory_mb <= 0 and need.cpu_mcpus <= 0 and need.containers <= 0:
         return []
     chosen: list[EvictToken] = []
     memory_mb = cpu_mcpus = 0
     for token in tokens:
         if not (
-            (memory_mb < need.memory_mb and token.memory_mb > 0)
+            len(chosen) < need.containers
+            or (memory_mb < need.memory_mb and token.memory_mb > 0)
             or (cpu_mcpus < need.cpu_mcpus and token.cpu_mcpus > 0)
         ):
             continue  # it holds none of what is still missing: it stays
         chosen.append(token)
         memory_mb += token.memory_mb
         cpu_mcpus += token.cpu_mcpus
-        if memory_mb >= need.memory_mb and cpu_mcpus >= need.cpu_mcpus:
+        if (
+            memory_mb >= need.memory_mb
+            and cpu_mcpus >= need.cpu_mcpus
+            and len(chosen) >= need.containers
+        ):
             return chosen
     return []

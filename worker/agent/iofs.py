@@ -40,6 +40,9 @@ _EVENT = struct.Struct("iIII")  # wd, mask, cookie, len; then len bytes of name
 _MS_NOSUID, _MS_NODEV, _MS_NOEXEC = 2, 4, 8
 _MNT_DETACH = 2
 MAX_SOCKET_PATH_BYTES = 107  # sun_path of a unix socket address, less its NUL
+# Inodes one socket directory takes: itself, its two output pipes, the function's
+# socket and the symlink to it. On a tmpfs of its own, only itself counts in the base.
+DIR_INODES = 5
 
 
 @functools.cache
@@ -128,6 +131,19 @@ class IofsRoot:
             if result < 0 and ctypes.get_errno() not in (errno.EINVAL, errno.ENOENT):
                 _check(result, f"umount {path}")
         remove_tree(path)
+
+    def short_of_inodes(self) -> bool:
+        """Whether the base's file system lacks the inodes of another socket directory
+        (one that goes gives back as many); False where it counts no inodes or cannot
+        tell. One statvfs: cheap enough for the event loop."""
+        if self.base is None:
+            return False
+        needed = 1 if self._settings.iofs_tmpfs else DIR_INODES
+        try:
+            st = os.statvfs(self.base)
+        except OSError:
+            return False
+        return st.f_files > 0 and st.f_favail < needed
 
     def close(self) -> None:
         """Remove the base directory if this driver made it (and it is empty)."""

@@ -13,6 +13,13 @@ from the calls for nothing) and the CPU gauge (:mod:`cpu`) says the host and
 the worker have CPU to spare for it.
 If needed:
 
+0. if the host has no room for another container (the driver counts the
+   worker's file descriptors and the inodes for socket directories, and says
+   how many containers must go first), asks the evictor to evict that many idle
+   containers of other functions (their room going to its ticket, if it holds
+   one), waits until they are gone and checks again; if there are not that
+   many, it goes on, and the start meets the shortage (its call goes back to
+   the queue, :mod:`drivers.shortage`);
 1. takes a memory/CPU token: in blocking mode through a ticket, its place in
    the tracker's line (:mod:`resources`), which it keeps from one check to the
    next while the launch is needed, and waits up to one hot-poll interval for
@@ -74,6 +81,7 @@ class Launcher:
         cpu: CpuGauge,
         free_containers: int | None = None,
         worker_containers: Callable[[], int] | None = None,
+        in_the_way: Callable[[], int] | None = None,
     ) -> None:
         self.queue = queue
         self.cpu = cpu
@@ -92,6 +100,8 @@ class Launcher:
             FREE_PER_CPU * cpu_count() if free_containers is None else free_containers
         )
         self.worker_containers = worker_containers or queue.live_containers
+        # containers that must go before the host has room for another (the driver's)
+        self.in_the_way = in_the_way or (lambda: 0)
         self.grow_checks = settings.hot_grow_spare_mcpus > 0
         # how long a launch of a function without a container waits before it displaces
         self.displace_after_s = settings.hot_displace_wait_percent / 100 * queue.fn.timeout_s
@@ -138,20 +148,15 @@ class Launcher:
         handed_over = False
         evicted: list[asyncio.Event] = []
         try:
-            token = await self._token(memory_mb, cpu_mcpus)
-            if token is not None:
-                handed_over = True
-                self.launches += 1
-                self.start_container(self.queue, token, caller)
-                return False
-            need = self.tracker.shortfall(memory_mb, cpu_mcpus, self.ticket)
-            # While a function without a container waits, its idle room is left to it.
-            if not (self._has_container() and self.tracker.starving()):
-                evicted = self.evictor.evict_for(self.queue.key, need, self.ticket)
-            if not evicted and self.settings.enable_nb_resource_tracker:
-                self._tell(caller, ServerBusy("no memory or CPU free for another container"))
-            elif not evicted:
-                evicted = self._displace(need)
+            evicted = self._make_host_room()  # if any: checked again once they are gone
+            if not evicted:
+                token = await self._token(memory_mb, cpu_mcpus)
+                if token is not None:
+                    handed_over = True
+                    self.launches += 1
+                    self.start_container(self.queue, token, caller)
+                    return False
+                evicted = self._make_room(caller, memory_mb, cpu_mcpus)
         except AgentError as exc:
             self._drop_ticket()
             self._tell(caller, exc)
@@ -161,6 +166,42 @@ class Launcher:
         if not evicted:
             return False
         return await self._await_evictions(evicted)
+
+    def _make_host_room(self) -> list[asyncio.Event]:
+        """Evict as many idle containers of other functions as must go for the host to
+        have room for another container (descriptors, inodes), or none if there are
+        not that many; their memory and CPU go to the launch's ticket, if it holds one.
+        The events of the evicted ones, set once each is gone."""
+        need = self.in_the_way()
+        if need <= 0 or self._leaves_idle_room():
+            return []
+        evicted = self.evictor.evict_for(self.queue.key, Shortfall(0, 0, need), self.ticket)
+        if evicted:
+            log.debug("%d idle container(s) of other functions evicted: the host has no "
+                      "room for another container of %s", len(evicted),
+                      self.queue.fn.ref)  # fmt: skip
+        return evicted
+
+    def _make_room(
+        self, caller: Caller | None, memory_mb: int, cpu_mcpus: int
+    ) -> list[asyncio.Event]:
+        """No memory or CPU token yet: evict idle containers of other functions, or
+        (blocking mode) displace busy ones; non-blocking, the call is told the worker
+        is busy when nothing can be evicted. The events of the evicted containers."""
+        need = self.tracker.shortfall(memory_mb, cpu_mcpus, self.ticket)
+        evicted: list[asyncio.Event] = []
+        if not self._leaves_idle_room():
+            evicted = self.evictor.evict_for(self.queue.key, need, self.ticket)
+        if not evicted and self.settings.enable_nb_resource_tracker:
+            self._tell(caller, ServerBusy("no memory or CPU free for another container"))
+        elif not evicted:
+            evicted = self._displace(need)
+        return evicted
+
+    def _leaves_idle_room(self) -> bool:
+        """While a function without a container waits, the idle room of other functions
+        is left to it by launches of functions that have one."""
+        return self._has_container() and self.tracker.starving()
 
     def _has_container(self) -> bool:
         """The function has a container up or starting (its calls do not starve)."""

@@ -46,10 +46,13 @@ ASYNC_HIGH_WATER = 0.8  # async intake stops at 80 % of memory or CPU
 
 @dataclass(frozen=True, slots=True)
 class Shortfall:
-    """How much is missing for a request right now (MB, mCPU)."""
+    """How much is missing for a request right now (MB, mCPU), and how many idle
+    containers must go whatever they hold (for room on the host: file descriptors,
+    inodes)."""
 
     memory_mb: int
     cpu_mcpus: int
+    containers: int = 0
 
 
 @dataclass(frozen=True, slots=True)

@@ -64,7 +64,7 @@ from worker.agent.drivers.docker_config import (
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
 from worker.agent.drivers.image_cleaner import Image, ImageCleaner, exempt_tags
 from worker.agent.drivers.pipes import SHELL, make_pipes, wrapped_command
-from worker.agent.drivers.shortage import ShortageLog, check_descriptors
+from worker.agent.drivers.shortage import ShortageLog, check_descriptors, containers_in_the_way
 from worker.agent.errors import (
     AgentClosed,
     ContainerInitFailed,
@@ -211,6 +211,14 @@ class DockerDriver:
                 )
             except DockerError as exc:
                 log.debug("%s stays on its CPUs: %s", container.describe(), exc)
+
+    def containers_in_the_way(self) -> int:
+        """Idle containers that must leave for the host to have room for another: for
+        the worker's file descriptors (drivers.shortage), and one for the inodes of its
+        socket directory."""
+        if not self._started or self._closed:
+            return 0
+        return max(containers_in_the_way(), int(self._iofs.short_of_inodes()))
 
     @property
     def iofs_base(self) -> Path | None:

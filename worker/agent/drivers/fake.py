@@ -2,7 +2,8 @@
 
 Behaviour is scripted per image with :class:`FakeBehaviour` (start delay or
 failure, pause/unpause failure, and a handler per call that answers, hangs,
-writes output or kills its container). The driver counts what the agent did
+writes output or kills its container); ``host_room`` caps the containers the
+host has room for at once, as the worker's descriptors do. The driver counts what the agent did
 (creates, starts, pauses, unpauses, removes, dispatches) and
 :meth:`FakeDriver.wait_until` lets a test wait for any condition on it
 without sleeping::
@@ -29,7 +30,7 @@ from worker.agent.driver import (
     ExitInfo,
     OutputSink,
 )
-from worker.agent.errors import DispatchError, FreezeFailed, NotDelivered
+from worker.agent.errors import DispatchError, FreezeFailed, HostShort, NotDelivered
 
 Handler = Callable[["FakeContainer", DispatchRequest], Coroutine[Any, Any, DispatchResult]]
 
@@ -257,8 +258,12 @@ class FakeDriver:
         self,
         behaviour: FakeBehaviour | None = None,
         per_image: Mapping[str, FakeBehaviour] | None = None,
+        host_room: int | None = None,
     ) -> None:
         self.default = behaviour or FakeBehaviour()
+        # the containers the host has room for at once (None: any number); a create
+        # beyond them fails as the host's shortage (descriptors, say)
+        self.host_room = host_room
         self.per_image = dict(per_image or {})
         self.containers: list[FakeContainer] = []
         self.creates = self.starts = self.pauses = self.unpauses = 0
@@ -304,12 +309,19 @@ class FakeDriver:
     async def start(self) -> None:
         self.started = True
 
+    def containers_in_the_way(self) -> int:
+        if self.host_room is None:
+            return 0
+        return max(0, len(self.live) + 1 - self.host_room)
+
     async def create(self, spec: ContainerSpec) -> FakeContainer:
         behaviour = self.behaviour(spec.image)
         self.creates += 1
         self._changed()
         if behaviour.create_error is not None:
             raise behaviour.create_error
+        if self.host_room is not None and len(self.live) >= self.host_room:
+            raise HostShort(f"the fake host has room for {self.host_room} container(s)")
         container = FakeContainer(self, spec, behaviour)
         self.containers.append(container)
         return container

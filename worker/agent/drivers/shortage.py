@@ -51,6 +51,15 @@ def descriptors_left() -> int | None:
     return max(0, limit - used)
 
 
+def containers_in_the_way(needed: int = CONTAINER_DESCRIPTORS) -> int:
+    """How many idle containers must leave for the worker to have ``needed`` file
+    descriptors left, each giving back HELD_DESCRIPTORS; 0 when it has them."""
+    left = descriptors_left()
+    if left is None or left >= needed:
+        return 0
+    return -(-(needed - left) // HELD_DESCRIPTORS)
+
+
 def check_descriptors(needed: int = CONTAINER_DESCRIPTORS) -> None:
     """HostShort when the worker's process has fewer than ``needed`` file descriptors
     left below its limit (``ulimit -n``): a container it started would fail half-way,
