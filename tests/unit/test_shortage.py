@@ -1,9 +1,14 @@
-"""The log of a spell of shortage on the host: once as it begins, once as it ends."""
+"""The log of a spell of shortage on the host: once as it begins, once as it ends.
+And the count of the containers that must go for the worker's descriptors."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
+import os
+import resource
+from collections.abc import Iterator
 
 import pytest
 
@@ -77,3 +82,44 @@ async def test_a_long_spell_is_told_again_once_a_minute(
     assert len(lines) == 2
     assert lines[1].startswith("the host is still short of resources for containers: 1 more ")
     log.close()
+
+
+@contextlib.contextmanager
+def soft_limit(limit: int) -> Iterator[None]:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+@pytest.mark.parametrize(("left", "containers"), [(16, 0), (15, 1), (6, 1), (5, 2), (0, 2)])
+def test_containers_in_the_way_of_a_start_by_the_descriptors_missing(
+    left: int, containers: int
+) -> None:
+    """A start needs 16 descriptors; each idle container that goes gives back 10."""
+    in_use = len(os.listdir("/proc/self/fd"))  # with the one listing them, as counted
+    with soft_limit(in_use + left):
+        assert shortage_module.containers_in_the_way() == containers
+
+
+def test_a_limit_well_above_the_descriptor_table_is_not_listed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """No descriptor is past the table's size: with the limit far enough above it, no
+    list of the open ones is made (it takes time on the event loop)."""
+    table = shortage_module._table_size()
+    assert table is not None and table >= len(os.listdir("/proc/self/fd"))
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < table + 16:
+        pytest.skip(f"the hard limit of open files ({hard}) is too low")
+
+    def listed(path: str) -> list[str]:
+        raise AssertionError(f"{path} was listed")
+
+    with soft_limit(table + 16):
+        monkeypatch.setattr(os, "listdir", listed)
+        assert shortage_module.descriptors_left(16) == 16
+        assert shortage_module.containers_in_the_way() == 0
+        shortage_module.check_descriptors()

@@ -33,15 +33,25 @@ CONTAINER_DESCRIPTORS = 16
 # to its socket. One whose output comes through the engine holds one fewer.
 HELD_DESCRIPTORS = 10
 _FD_DIR = "/proc/self/fd"
+_STATUS = "/proc/self/status"
 
 
-def descriptors_left() -> int | None:
+def descriptors_left(needed: int = 0) -> int | None:
     """File descriptors the worker's process may still open below its limit (``ulimit
-    -n``); None where the limit is unbounded or the open ones cannot be listed (no
-    /proc)."""
+    -n``), or at least ``needed`` of them when it has that many; None where the limit
+    is unbounded or the open ones cannot be listed (no /proc).
+
+    Listing the open descriptors takes about 0.4 ms per thousand, on the event loop;
+    the size of the process's descriptor table (which no open descriptor is past) is
+    read at a cost that does not grow with them, and when it leaves ``needed`` below
+    the limit, no list is made."""
     limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
     if limit == resource.RLIM_INFINITY:
         return None
+    if needed > 0:
+        table = _table_size()
+        if table is not None and limit - table >= needed:
+            return limit - table
     try:
         used = len(os.listdir(_FD_DIR))
     except OSError as exc:
@@ -51,10 +61,23 @@ def descriptors_left() -> int | None:
     return max(0, limit - used)
 
 
+def _table_size() -> int | None:
+    """The size of this process's descriptor table (FDSize in /proc/self/status);
+    None if it cannot be read."""
+    try:
+        with open(_STATUS, "rb") as status:
+            for line in status:
+                if line.startswith(b"FDSize:"):
+                    return int(line.split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
 def containers_in_the_way(needed: int = CONTAINER_DESCRIPTORS) -> int:
     """How many idle containers must leave for the worker to have ``needed`` file
     descriptors left, each giving back HELD_DESCRIPTORS; 0 when it has them."""
-    left = descriptors_left()
+    left = descriptors_left(needed)
     if left is None or left >= needed:
         return 0
     return -(-(needed - left) // HELD_DESCRIPTORS)
@@ -65,7 +88,7 @@ def check_descriptors(needed: int = CONTAINER_DESCRIPTORS) -> None:
     left below its limit (``ulimit -n``): a container it started would fail half-way,
     after the engine had made it. Nothing is checked where the limit is unbounded or
     the open descriptors cannot be listed (no /proc)."""
-    left = descriptors_left()
+    left = descriptors_left(needed)
     if left is not None and left < needed:
         limit, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
         raise HostShort(
