@@ -24,6 +24,12 @@ The request body is JSON, {"do": WHAT, ...}; WHAT is one of:
 - ``replace``: answer, close, then replace lsnr.sock by ``with`` ("file",
   "dir", "fifo" or "link" to a name in the directory that is no socket).
 - ``ignore_term``: answer; from now on SIGTERM is ignored.
+- ``hang_up``: close the connection without answering; the process lives on and
+  takes the next connection.
+- ``stop_accepting``: answer and close; the process lives on and never accepts
+  another connection (the next ones wait in the listener's backlog).
+- ``jam``: fill the listener's backlog with connections of its own, answer and
+  close; it never accepts again: the next connection finds no room.
 - and what a hostile function tries: see hostile.py.
 """
 
@@ -120,6 +126,20 @@ def child_writes():
             time.sleep(0.01)
 
 
+def jam():
+    """Connect to the own listener until its backlog is full; the connections are kept."""
+    held = []
+    while True:
+        own = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        own.setblocking(False)
+        try:
+            own.connect(LISTENER)
+        except BlockingIOError:
+            own.close()
+            return held
+        held.append(own)
+
+
 def serve(conn):
     buf = b""
     while True:
@@ -186,6 +206,17 @@ def serve(conn):
         elif what == "ignore_term":
             signal.signal(signal.SIGTERM, signal.SIG_IGN)
             conn.sendall(answer())
+        elif what == "hang_up":
+            return
+        elif what == "stop_accepting":
+            conn.sendall(answer(close=True))
+            conn.close()
+            time.sleep(3600)
+        elif what == "jam":
+            kept = jam()  # held open while the process sleeps
+            conn.sendall(answer(close=True))
+            conn.close()
+            time.sleep(3600)
         elif hostile.handle(conn, what, req, answer):
             pass
         else:
