@@ -22,6 +22,7 @@ from worker.agent.drivers.fake import (
     fail,
     gated,
     hang,
+    hang_up,
     reply,
 )
 from worker.agent.errors import (
@@ -36,6 +37,7 @@ from worker.agent.errors import (
     NotDelivered,
     ResponseTooBig,
 )
+from worker.agent.hot import EXIT_SETTLE_S
 from worker.agent.logbuf import truncation_marker
 
 
@@ -475,6 +477,37 @@ async def test_a_live_container_whose_socket_refuses_fails_the_call(
     assert out.error == "the function's socket took no connection: connection refused"
     assert len(driver.containers) == 1
     await driver.wait_until(lambda: driver.removes == 1)
+
+
+async def test_a_function_that_hangs_up_and_lives_on_fails_the_call_at_once(
+    agents: AgentFactory,
+) -> None:
+    # The driver watched the process after the broken connection: it lives on. No
+    # exit is coming, so none is waited for.
+    driver = FakeDriver(FakeBehaviour(handler=hang_up(exited=False)))
+    agent = agents(driver)
+    fn = make_fn()
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    out = await agent.submit(make_call(fn), fn)
+    took = loop.time() - began
+    assert (out.status, out.failure) == (CallStatus.ERROR, FailureKind.FUNCTION)
+    assert out.error == (
+        "error receiving the function's response: the connection closed without a response"
+    )
+    assert took < EXIT_SETTLE_S / 2, took
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
+async def test_a_function_that_hangs_up_and_exits_ends_as_exited(agents: AgentFactory) -> None:
+    # The driver saw the process exit after the break; the engine's report follows.
+    # (A driver that does not watch: see the test of drop_then_die.)
+    driver = FakeDriver(FakeBehaviour(handler=hang_up(exited=True, exit_code=3)))
+    agent = agents(driver)
+    fn = make_fn()
+    out = await agent.submit(make_call(fn), fn)
+    assert (out.status, out.failure) == (CallStatus.ERROR, FailureKind.FUNCTION)
+    assert out.error == "container exited with code 3"
 
 
 def test_every_not_started_error_has_a_failure_kind() -> None:

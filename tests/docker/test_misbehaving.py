@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import tempfile
 from collections.abc import Callable
@@ -10,13 +11,13 @@ from typing import Any
 
 import pytest
 
-from config.domain import CallStatus
+from config.domain import CallStatus, FailureKind
 from tests.docker.conftest import request, running, spec
 from tests.docker.test_agent_engine import agent_for, call, fn, ours, wait_for
 from worker.agent.agent import Agent
 from worker.agent.driver import DispatchRequest
 from worker.agent.drivers.docker import DockerDriver
-from worker.agent.errors import DispatchError
+from worker.agent.errors import DispatchError, ExchangeBroken
 from worker.agent.iofs import remove_tree
 
 pytestmark = pytest.mark.integration
@@ -39,6 +40,37 @@ async def test_the_last_words_of_a_dying_function_are_in_its_calls_log(
             with pytest.raises(DispatchError):
                 await c.dispatch(do("die"), log.append)
             assert b"RuntimeError: the function's last words" in b"".join(log)
+
+
+async def test_a_function_that_hangs_up_and_lives_on_fails_its_call_at_once(
+    agent_for: Callable[..., Agent], any_output_driver: DockerDriver
+) -> None:
+    # The process closes the connection without an answer and goes on: no exit is
+    # coming, and the call fails as soon as the driver has seen the process live on
+    # (a dying one is gone within tens of milliseconds: see the test above).
+    async with running(any_output_driver, spec(IMAGE)) as c:
+        assert (await c.dispatch(do("ok"))).status == 200
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(ExchangeBroken) as caught:
+            await c.dispatch(do("hang_up"))
+        assert loop.time() - began < 0.3
+        assert caught.value.exited is False
+    hangs_up = fn("hangs-up", IMAGE)
+    async with agent_for() as agent:
+        first = await agent.submit(call(hangs_up, b'{"do": "ok"}'), hangs_up)
+        assert first.status is CallStatus.SUCCESS, first.error
+        began = loop.time()
+        out = await agent.submit(call(hangs_up, b'{"do": "hang_up"}'), hangs_up)
+        took = loop.time() - began
+        assert (out.status, out.failure) == (CallStatus.ERROR, FailureKind.FUNCTION)
+        assert out.error == (
+            "error receiving the function's response: the connection closed without a response"
+        )
+        assert took < 0.4, took
+        again = await agent.submit(call(hangs_up, b'{"do": "ok"}'), hangs_up)
+        assert again.status is CallStatus.SUCCESS, again.error
+        assert again.container_id != first.container_id  # the one that hung up is retired
 
 
 async def test_a_socket_directory_of_any_depth_is_removed_with_its_container(

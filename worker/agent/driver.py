@@ -134,8 +134,9 @@ class Container(Protocol):
         ``on_delivered`` is called once the function's socket has taken the
         connection, before the request is written: from then on the call has
         reached the function (NotDelivered comes before it, never after). Raises
-        DispatchError (or a subclass) or TimeoutError, once the output until then
-        has been taken."""
+        DispatchError (or a subclass: ExchangeBroken for a connection that broke
+        mid-call, saying whether the process exited if the driver watched it) or
+        TimeoutError, once the output until then has been taken."""
 
     async def pause(self) -> None: ...
 

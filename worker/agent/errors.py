@@ -19,6 +19,8 @@
      |    +-- FreezeFailed         docker pause/unpause failed
      +-- DispatchError            the HTTP exchange over the socket failed
           +-- NotDelivered         no connection to the socket: the request never left
+          +-- ExchangeBroken       the connection broke mid-call (and whether the
+          |                        container's process then exited)
           +-- ResponseTooBig       body or headers over the limit
           +-- InvalidResponse      status other than 200/502/504, or malformed
 
@@ -142,6 +144,16 @@ class DispatchError(AgentError):
 
 class NotDelivered(DispatchError):
     """The function's socket took no connection: nothing was sent, nothing ran."""
+
+
+class ExchangeBroken(DispatchError):
+    """The connection broke before the answer was complete. ``exited``: the driver
+    watched the container's process after the break, and it exited (True) or lived
+    on (False); None when the driver does not tell."""
+
+    def __init__(self, message: str, exited: bool | None = None):
+        super().__init__(message)
+        self.exited = exited
 
 
 class ResponseTooBig(DispatchError):

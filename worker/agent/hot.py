@@ -50,6 +50,7 @@ from worker.agent.errors import (
     ContainerInitFailed,
     ContainerInitTimeout,
     DispatchError,
+    ExchangeBroken,
     HostShort,
     ImageHasVolume,
     ImageNotFound,
@@ -75,6 +76,7 @@ REMOVE_TIMEOUT_S = 30.0
 CREATE_MARGIN_S = 60.0  # creating the container, on top of the image pull
 START_MARGIN_S = 5.0  # on top of FN_HOT_START_TIMEOUT_MSECS, which the driver enforces
 EXIT_SETTLE_S = 0.5  # a dropped connection is often a death: wait this long for the exit
+# (unless the driver has watched the process already: ExchangeBroken.exited)
 MIN_BUSY_NAP_S = 0.05  # see _life
 
 
@@ -532,7 +534,10 @@ class HotContainer:
             return ExecEnd.FAILED, None, str(exc)
         if isinstance(exc, DispatchError):
             self.retire(f"the exchange with the function broke: {exc}")
-            if await self._settle_exit():
+            # A driver that watched the process after the break says whether it exited
+            # (it has waited for that already); else wait here for an exit report.
+            exited = exc.exited if isinstance(exc, ExchangeBroken) else None
+            if exited is not False and await self._settle_exit():
                 assert self.exit_info is not None
                 return ExecEnd.EXITED, None, self.exit_info.describe(self.fn.memory_mb)
             return ExecEnd.FAILED, None, f"error receiving the function's response: {exc}"

@@ -3,9 +3,9 @@
 Per container the worker holds: the read ends of its output pipes when its
 command is wrapped (drivers.pipes), the attach stream (its frames go straight
 into the :class:`OutputRouter`), a long-poll ``wait`` (a task resolves
-``wait()``), and once ready an :class:`FdkClient` on the host side of its
-socket. A call costs no engine request at all: only pause and unpause talk to
-docker.
+``wait()``), and once ready a pidfd of its first process (drivers.process)
+and an :class:`FdkClient` on the host side of its socket. A call costs no
+engine request at all: only pause and unpause talk to docker.
 """
 
 from __future__ import annotations
@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import functools
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -32,12 +31,14 @@ from worker.agent.drivers.cgroup import CgroupMeter
 from worker.agent.drivers.docker_api import AttachStream, DockerAPI, DockerError
 from worker.agent.drivers.output import OutputRouter
 from worker.agent.drivers.pipes import OutputPipes
+from worker.agent.drivers.process import ProcessWatch
 from worker.agent.drivers.shortage import ShortageLog
 from worker.agent.drivers.stdio import ProcessStdio
 from worker.agent.errors import (
     ContainerInitFailed,
     ContainerInitTimeout,
     DispatchError,
+    ExchangeBroken,
     FreezeFailed,
     HostShort,
     InvalidResponse,
@@ -56,6 +57,7 @@ FREEZE_TIMEOUT_S = 5.0
 REMOVE_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 5.0  # for the output and wait tasks to notice a removed container
 EXIT_OUTPUT_S = 0.5  # a broken exchange: how long the output waits for a death
+EXIT_GRACE_S = 0.1  # a broken exchange: how long a process that lives on gets to exit
 # Dispatch errors that are no broken connection: nothing sent, or a bad answer.
 NOT_A_BREAK = (NotDelivered, InvalidResponse, ResponseTooBig)
 # The exit wait's connection closes with the answer instead of staying in the session's
@@ -110,7 +112,7 @@ class DockerContainer:
         self._fdk: FdkClient | None = None
         self._stdio: ProcessStdio | None = None
         self._meter: CgroupMeter | None = None
-        self._pidfd: int | None = None  # readable once the container's first process exits
+        self._process: ProcessWatch | None = None  # the container's first process
         self._paused = False
         self.network: str | None = None  # the docker network it holds a place in
         self._shortage = shortage_log  # the driver's: a spell of shortage on the host
@@ -182,12 +184,13 @@ class DockerContainer:
                 raise ContainerInitFailed(f"container failed to start: {exc}") from exc
             self._wait_task = asyncio.create_task(self._watch_exit(), name=f"fnq-wait-{self.id}")
             await self._until_ready(watcher, timeout_s)
-        pid = await self._pid()
-        if self._timing.use_barrier and pid and self._pipes is None:
-            self._stdio = self._probe_stdio(pid)
-            if self._stdio is not None:
-                self._watch_process(pid)
+        pid, engine_id = await self._pid()
         if pid:
+            # Its exit lets go of the output pipes held (see _release_stdio), and tells a
+            # dying function from one that lives on after a broken exchange.
+            self._process = ProcessWatch.open(pid, engine_id, self._release_stdio)
+            if self._timing.use_barrier and self._pipes is None:
+                self._stdio = self._probe_stdio(pid)
             self._meter = CgroupMeter.open(pid)
         self._fdk = FdkClient(
             str(self.iofs.socket_path),
@@ -222,14 +225,15 @@ class DockerContainer:
             f"{self._last_output()}"
         )
 
-    async def _pid(self) -> int:
-        """The host pid of the container's first process (0 if unknown)."""
+    async def _pid(self) -> tuple[int, str]:
+        """The host pid of the container's first process (0 if unknown), and the engine's
+        full id of the container."""
         try:
             state = await self._api.request("GET", f"/containers/{self.id}/json")
-            return max(0, int(state["State"]["Pid"]))
-        except (DockerError, KeyError, TypeError, ValueError) as exc:
+            return max(0, int(state["State"]["Pid"])), str(state.get("Id") or "")
+        except (DockerError, KeyError, TypeError, ValueError, AttributeError) as exc:
             log.debug("no pid for %s: %s", self.id, exc)
-            return 0
+            return 0, ""
 
     def _probe_stdio(self, pid: int) -> ProcessStdio | None:
         """The container's output pipes, if this worker can write into them."""
@@ -320,13 +324,15 @@ class DockerContainer:
             # pipes so that the engine sees its output end (drivers.stdio), and
             # take what it wrote until now.
             self._release_stdio()
-            if isinstance(exc, DispatchError) and not isinstance(exc, NOT_A_BREAK):
-                await self._until_exit_output(EXIT_OUTPUT_S)
+            broken = isinstance(exc, DispatchError) and not isinstance(exc, NOT_A_BREAK)
+            exited = await self._after_break() if broken else None
             if self._pipes is not None and self._pipes.open:
                 self._pipes.drain()
             else:
                 await output.settle(self._timing.quiet_s, self._timing.limit_s)
             output.drop(segment)
+            if broken:
+                raise ExchangeBroken(str(exc), exited=exited) from exc
             raise
         if self._shortage is not None and self._fdk.connections_made != connections:
             self._shortage.worked()  # a connection was made: the host had a descriptor
@@ -345,13 +351,30 @@ class DockerContainer:
             output_done=segment.sealed,
         )
 
-    async def _until_exit_output(self, limit_s: float) -> None:
-        """Wait up to ``limit_s`` for the container's exit and the end of its output.
+    async def _after_break(self) -> bool:
+        """Whether the container's process exited after its exchange broke.
 
         A process that dies mid-call has most often closed its connection (its
         ``finally`` blocks, deferred closes) before it wrote why: the reason
-        comes after the broken exchange, and belongs to the call's log.
+        comes after the broken exchange, and belongs to the call's log. So the
+        call waits for the exit, and then for the engine's report of it and the
+        end of the output (up to EXIT_OUTPUT_S). With a watch on the process
+        (drivers.process) a process still alive EXIT_GRACE_S after the break
+        lives on: the call fails at once. Without one, only the engine tells,
+        and the wait for its report lasts up to EXIT_OUTPUT_S.
         """
+        process = self._process
+        if process is not None and not process.gone.done() and not self._exit.done():
+            try:
+                async with asyncio.timeout(EXIT_GRACE_S):
+                    await asyncio.shield(process.gone)
+            except TimeoutError:
+                return False  # it broke the exchange and lives on
+        await self._until_exit_output(EXIT_OUTPUT_S)
+        return self._exit.done() or (process is not None and process.gone.done())
+
+    async def _until_exit_output(self, limit_s: float) -> None:
+        """Wait up to ``limit_s`` for the container's exit and the end of its output."""
         ends: list[asyncio.Future[Any]] = [self._exit]
         if self._pipes is None and self._attach is not None:
             ends.append(self._attach.ended)
@@ -362,28 +385,16 @@ class DockerContainer:
         except TimeoutError:
             pass  # alive: it broke the exchange and lives on
 
-    def _watch_process(self, pid: int) -> None:
-        """Let go of the output pipes the moment the container's first process exits.
-
-        Held pipes would keep the engine waiting (about 2 s) for the end of the
-        container's output before it reports the exit (drivers.stdio). Without
-        pidfds (Linux < 5.3) the pipes are let go when the engine reports it.
-        """
-        try:
-            self._pidfd = os.pidfd_open(pid)
-            asyncio.get_running_loop().add_reader(self._pidfd, self._release_stdio)
-        except (OSError, AttributeError) as exc:
-            log.debug("no pidfd for %s (%s): its exit is seen a little later", self.id, exc)
-            self._unwatch_process()
-
     def _unwatch_process(self) -> None:
-        pidfd, self._pidfd = self._pidfd, None
-        if pidfd is not None:
-            asyncio.get_running_loop().remove_reader(pidfd)
-            os.close(pidfd)
+        if self._process is not None:
+            self._process.close()
 
     def _release_stdio(self) -> None:
-        self._unwatch_process()
+        """Let go of the container's output pipes (drivers.stdio): at once when its first
+        process exits (drivers.process), when a call's exchange breaks, and when it
+        goes. Held pipes would keep the engine waiting (about 2 s) for the end of the
+        container's output before it reports the exit. Without a watch on the
+        process the pipes are let go when the engine reports the exit."""
         if self._stdio is not None:
             self._stdio.close()
             self._stdio = None
@@ -421,6 +432,7 @@ class DockerContainer:
 
     async def _remove(self) -> None:
         try:
+            self._unwatch_process()
             self._release_stdio()
             self._close_pipes()
             if self._meter is not None:

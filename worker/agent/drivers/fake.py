@@ -30,7 +30,13 @@ from worker.agent.driver import (
     ExitInfo,
     OutputSink,
 )
-from worker.agent.errors import DispatchError, FreezeFailed, HostShort, NotDelivered
+from worker.agent.errors import (
+    DispatchError,
+    ExchangeBroken,
+    FreezeFailed,
+    HostShort,
+    NotDelivered,
+)
 
 Handler = Callable[["FakeContainer", DispatchRequest], Coroutine[Any, Any, DispatchResult]]
 
@@ -95,6 +101,20 @@ def drop_then_die(exit_code: int = 1, after_s: float = 0.05) -> Handler:
         loop = asyncio.get_running_loop()
         loop.call_later(after_s, container.exit, ExitInfo(exit_code=exit_code))
         raise DispatchError("the connection to the function was dropped")
+
+    return handle
+
+
+def hang_up(exited: bool | None, exit_code: int = 1, after_s: float = 0.05) -> Handler:
+    """The function closes the connection without an answer; the driver watched its
+    process after that and says whether it ``exited`` (then the engine reports the
+    exit ``after_s`` later) or lives on (None: the driver does not tell)."""
+
+    async def handle(container: FakeContainer, request: DispatchRequest) -> DispatchResult:
+        if exited:
+            loop = asyncio.get_running_loop()
+            loop.call_later(after_s, container.exit, ExitInfo(exit_code=exit_code))
+        raise ExchangeBroken("the connection closed without a response", exited=exited)
 
     return handle
 
