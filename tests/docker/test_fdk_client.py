@@ -4,20 +4,31 @@ from __future__ import annotations
 
 import asyncio
 import secrets
+import socket
 import tempfile
-from collections.abc import AsyncIterator, Awaitable, Callable
-from contextlib import asynccontextmanager
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
+import uvloop
 
 from tests.docker.conftest import request
-from worker.agent.errors import DispatchError, InvalidResponse, NotDelivered, ResponseTooBig
+from worker.agent.errors import (
+    DispatchError,
+    InvalidResponse,
+    NotAccepted,
+    NotDelivered,
+    ResponseTooBig,
+)
 from worker.agent.fdk import FdkClient, request_headers, rfc3339
 from worker.agent.iofs import check_listener, open_listener
 
 Handler = Callable[[bytes, bytes, asyncio.StreamWriter], Awaitable[None]]
+T = TypeVar("T")
 
 
 @asynccontextmanager
@@ -341,3 +352,117 @@ async def test_a_path_checked_then_connected_to_could_be_swapped() -> None:
         finally:
             await client.close()
         assert reached == ["outside.sock"]
+
+
+# The worker runs on uvloop; the tests' own loop is asyncio's. A unix connect to a full
+# backlog goes differently on each (asyncio takes it for connected, uvloop fails it).
+LOOPS = ["asyncio", "uvloop"]
+
+
+def run_on(loop: str, coro: Coroutine[Any, Any, T]) -> T:
+    return uvloop.run(coro) if loop == "uvloop" else asyncio.run(coro)
+
+
+@contextmanager
+def idle_listener(backlog: int) -> Iterator[tuple[socket.socket, str]]:
+    """A listening socket nobody accepts on (a function that is stuck, or never accepts)."""
+    with tempfile.TemporaryDirectory(prefix="fnq-fdk-") as tmp:
+        path = str(Path(tmp) / "lsnr.sock")
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+            sock.bind(path)
+            sock.listen(backlog)
+            yield sock, path
+
+
+def fill_backlog(path: str) -> list[socket.socket]:
+    """Connections to ``path`` until its listener's backlog has no room left."""
+    held: list[socket.socket] = []
+    while True:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.setblocking(False)
+        try:
+            sock.connect(path)
+        except BlockingIOError:
+            sock.close()
+            return held
+        held.append(sock)
+
+
+async def call_timed(path: str, timeout_s: float) -> tuple[BaseException | None, list[int], float]:
+    """(what the call raised, its deliveries, how long it took)."""
+    client = FdkClient(path)
+    delivered: list[int] = []
+    started = time.monotonic()
+    try:
+        await client.call(request(timeout_s=timeout_s), lambda: delivered.append(1))
+    except Exception as exc:  # the test looks at it
+        return exc, delivered, time.monotonic() - started
+    finally:
+        await client.close()
+    return None, delivered, time.monotonic() - started
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_connection_left_in_the_backlog_until_the_timeout_was_not_accepted(loop: str) -> None:
+    # The kernel completes the connect into the backlog (the call counts as delivered
+    # then); at the timeout the function has still not accepted it: it never got the
+    # call, which is no timeout of its run.
+    with idle_listener(backlog=4) as (_, path):
+        error, delivered, took = run_on(loop, call_timed(path, timeout_s=0.3))
+    assert isinstance(error, NotAccepted), repr(error)
+    assert str(error) == "the connection waited in the function's listener backlog"
+    assert delivered == [1]
+    assert 0.3 <= took < 1.0
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_backlog_that_stays_full_until_the_timeout_takes_no_connection(loop: str) -> None:
+    with idle_listener(backlog=0) as (_, path):
+        held = fill_backlog(path)
+        try:
+            error, delivered, took = run_on(loop, call_timed(path, timeout_s=0.3))
+        finally:
+            for sock in held:
+                sock.close()
+    assert isinstance(error, NotAccepted), repr(error)
+    assert str(error) == "the function's listener backlog stayed full"
+    assert delivered == []  # no connection: nothing was sent
+    assert 0.3 <= took < 1.0
+
+
+@pytest.mark.parametrize("loop", LOOPS)
+def test_a_full_backlog_that_makes_room_in_time_takes_the_call(loop: str) -> None:
+    async def serve_all(listening: socket.socket) -> asyncio.Server:
+        async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                head = await reader.readuntil(b"\r\n\r\n")
+                await reader.readexactly(int(head.split(b"Content-Length: ")[1].split(b"\r")[0]))
+                writer.write(reply(200, b"served"))
+                await writer.drain()
+            except (asyncio.IncompleteReadError, ConnectionError):
+                pass  # one of the connections that filled the backlog
+            finally:
+                writer.close()
+
+        return await asyncio.start_unix_server(answer, sock=listening)
+
+    async def go(listening: socket.socket, path: str) -> bytes:
+        loop_ = asyncio.get_running_loop()
+        opened: list[asyncio.Task[asyncio.Server]] = []
+        # The function starts accepting 0.1 s into the call: the backlog makes room.
+        loop_.call_later(0.1, lambda: opened.append(loop_.create_task(serve_all(listening))))
+        client = FdkClient(path)
+        try:
+            return (await client.call(request(b"x", timeout_s=5.0))).body
+        finally:
+            await client.close()
+            for task in opened:
+                (await task).close()
+
+    with idle_listener(backlog=0) as (listening, path):
+        held = fill_backlog(path)
+        try:
+            assert run_on(loop, go(listening, path)) == b"served"
+        finally:
+            for sock in held:
+                sock.close()

@@ -25,7 +25,14 @@ Response header names come back in canonical form (``Content-Type``,
 ``Fn-Fdk-Version``), whatever the function's spelling.
 
 Anything else that goes wrong on the socket (refused, reset, malformed
-answer) is a DispatchError; running past ``timeout_s`` is TimeoutError.
+answer) is a DispatchError; running past ``timeout_s`` is TimeoutError, unless
+the function never took the connection by then: NotAccepted. A unix connect
+completes once the listener's backlog has room, before the function accepts
+the connection, so a connection that never brought a byte back is looked up
+in the kernel's socket diagnostics at the timeout (worker.agent.unixdiag): if
+it still waits in the backlog, the call never reached the function. A backlog
+that is full takes no connection at all; the connect is tried again until
+the call's timeout (no event tells when the backlog has room).
 """
 
 from __future__ import annotations
@@ -33,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import os
+import socket
 from collections.abc import Callable, Iterator, Mapping
 from datetime import UTC, datetime
 from types import MappingProxyType
@@ -43,6 +51,7 @@ from worker.agent.driver import DispatchRequest, DispatchResult
 from worker.agent.errors import (
     DispatchError,
     InvalidResponse,
+    NotAccepted,
     NotDelivered,
     ResponseTooBig,
     host_short,
@@ -55,9 +64,12 @@ from worker.agent.http1 import (
     RawResponse,
     ResponseParser,
 )
+from worker.agent.unixdiag import peer_accepted, socket_inode
 
 DEFAULT_MAX_HEADER_BYTES = 10 * 1024 * 1024
 KEEPALIVE_S = 60.0  # below the Python FDK's 75 s, so the worker always closes first
+FULL_BACKLOG_FIRST_S = 0.005  # a full backlog: the connect is tried again after this,
+FULL_BACKLOG_MAX_S = 0.1  # doubling up to this
 
 HOP_BY_HOP = frozenset(
     {
@@ -124,11 +136,15 @@ class _Connection(asyncio.Protocol):
         self._waiter: asyncio.Future[RawResponse] | None = None
         self.closed = False
         self.last_used = 0.0
+        self.inode = 0  # of the socket, for the kernel's socket diagnostics
+        self.answered = False  # a byte came back: the function has taken the connection
+        self.unaccepted = False  # at the timeout, the connection still waited in the backlog
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self._transport = cast(asyncio.Transport, transport)  # uvloop's is not a subclass
 
     def data_received(self, data: bytes) -> None:
+        self.answered = True
         parser, waiter = self._parser, self._waiter
         if parser is None or waiter is None or waiter.done():
             self.close()  # bytes nobody asked for: this connection cannot be trusted
@@ -181,6 +197,10 @@ class _Connection(asyncio.Protocol):
 
     def _expire(self, waiter: asyncio.Future[RawResponse]) -> None:
         if not waiter.done():
+            # Looked up before the close, while the connection still exists.
+            self.unaccepted = (
+                not self.answered and self.inode != 0 and peer_accepted(self.inode) is False
+            )
             waiter.set_exception(TimeoutError())
             self.close()
 
@@ -227,16 +247,20 @@ class FdkClient:
     async def _connect(self, deadline: float) -> _Connection:
         self._drop()
         fd = None
+        sock: socket.socket | None = None
         try:
             path = self.socket_path
             if self._opener is not None:
                 fd = self._opener()
                 path = f"/proc/self/fd/{fd}"
-            async with asyncio.timeout_at(deadline):
+            sock = await _connected_socket(path, deadline)
+            inode = socket_inode(sock.fileno())
+            async with asyncio.timeout_at(deadline):  # connected already: no wait really
                 _, conn = await asyncio.get_running_loop().create_unix_connection(
-                    lambda: _Connection(self._max_header, self._max_body), path
+                    lambda: _Connection(self._max_header, self._max_body), sock=sock
                 )
-        except TimeoutError:
+            sock = None  # the transport's from now on
+        except (TimeoutError, NotAccepted):
             raise
         except (OSError, AgentError) as exc:  # no listener (a dead container), or one
             # the rules refuse: the request never left
@@ -245,8 +269,11 @@ class FdkClient:
                 raise short from exc
             raise NotDelivered(f"cannot connect to the function: {exc}") from exc
         finally:
+            if sock is not None:
+                sock.close()
             if fd is not None:
                 os.close(fd)
+        conn.inode = inode
         self.connections_made += 1
         self._conn = conn
         return conn
@@ -257,13 +284,15 @@ class FdkClient:
         """POST /call; DispatchError (or ResponseTooBig) on failure, TimeoutError on time.
         ``on_delivered`` is called once the socket has taken the connection (a kept-alive
         one, or a new one), just before the request is written; NotDelivered (no
-        connection) comes before it."""
+        connection) comes before it. NotAccepted may come after it: at the timeout,
+        the function had not accepted the connection (see the module's notes)."""
         loop = self._loop
         if loop is None:  # CPython 3.11 makes a system call in each get_running_loop
             loop = self._loop = asyncio.get_running_loop()
         request = encode_request(req)
         now = loop.time()
         deadline = now + req.timeout_s
+        conn: _Connection | None = None
         try:
             conn = self._conn
             if conn is None or conn.closed or now - conn.last_used >= KEEPALIVE_S:
@@ -273,6 +302,10 @@ class FdkClient:
             raw = await conn.exchange(request, loop, deadline)
         except BaseException as exc:
             self._drop()  # whatever happened, the connection's state is unknown
+            if isinstance(exc, TimeoutError) and conn is not None and conn.unaccepted:
+                raise NotAccepted(
+                    "the connection waited in the function's listener backlog"
+                ) from exc
             if isinstance(exc, HeadTooBig):
                 raise ResponseTooBig(f"function {exc}") from exc
             # The agent says what broke ("error receiving the function's response: ...").
@@ -288,6 +321,32 @@ class FdkClient:
         else:
             self._drop()
         return DispatchResult(raw.status, response_headers(raw), raw.body, raw.truncated)
+
+
+async def _connected_socket(path: str, deadline: float) -> socket.socket:
+    """A socket connected to the listener at ``path``. While the listener's backlog is
+    full (EAGAIN) the connect is tried again, pausing a little longer each time, until
+    the loop time ``deadline``: then NotAccepted. Nothing signals room in a backlog
+    (a unix socket polls writable before it is connected), hence the pauses."""
+    sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+    try:
+        sock.setblocking(False)
+        loop = asyncio.get_running_loop()
+        pause = FULL_BACKLOG_FIRST_S
+        while True:
+            try:
+                sock.connect(path)
+            except BlockingIOError:
+                left = deadline - loop.time()
+                if left <= 0:
+                    raise NotAccepted("the function's listener backlog stayed full") from None
+                await asyncio.sleep(min(pause, left))
+                pause = min(2 * pause, FULL_BACKLOG_MAX_S)
+                continue
+            return sock
+    except BaseException:
+        sock.close()
+        raise
 
 
 def canonical_name(name: str) -> str:
