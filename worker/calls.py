@@ -383,7 +383,7 @@ class CallHandler:
             )
         finally:
             mark.cancel()  # a call stopped meanwhile may still be marked (RunningMark.withdraw)
-        mark.finished()
+        mark.finished(outcome.started)
         if (
             not outcome.started
             and outcome.failure is FailureKind.BUSY

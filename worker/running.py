@@ -79,10 +79,13 @@ class RunningMark:
         self._reached = True
         self.arm(delay_s)
 
-    def finished(self) -> None:
+    def finished(self, reached: bool) -> None:
         """The agent has answered for the call: its outcome carries the count from now on,
-        so a hand-back makes no mark (one under way goes on)."""
+        so a hand-back makes no mark (one under way goes on). ``reached``: the outcome's
+        word on whether the call reached its function; a connection the function's
+        socket took but the function never accepted did not (its mark was armed)."""
         self._over = True
+        self._reached = reached
         self.cancel()
 
     def _start(self) -> None:

@@ -479,6 +479,40 @@ async def test_a_live_container_whose_socket_refuses_fails_the_call(
     await driver.wait_until(lambda: driver.removes == 1)
 
 
+async def test_a_call_the_function_never_accepts_goes_back_unstarted_and_its_container_goes(
+    agents: AgentFactory,
+) -> None:
+    # The function answers one call, then accepts no connection any more: the next
+    # call's connection waits in its backlog until the call's timeout. That call never
+    # reached the function: no run, no timeout of it; the stuck container is retired.
+    async def answer_then_stop_accepting(
+        container: FakeContainer, request: DispatchRequest
+    ) -> DispatchResult:
+        container.stop_accepting()
+        return DispatchResult(200, frozen_map(), b"ok")
+
+    driver = FakeDriver(FakeBehaviour(handler=answer_then_stop_accepting))
+    agent = agents(driver)
+    fn = make_fn(timeout_s=1)
+    first = await agent.submit(make_call(fn), fn)
+    assert first.status is CallStatus.SUCCESS, first.error
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    out = await agent.submit(make_call(fn), fn)
+    assert loop.time() - began >= 1.0  # the call's timeout, waited for the function
+    assert (out.status, out.failure, out.started) == (CallStatus.ERROR, FailureKind.BUSY, False)
+    assert out.error == (
+        f"container {first.container_id} of {fn.ref} did not accept the call within 1 s "
+        "(the connection waited in the function's listener backlog); the call did not "
+        "reach the function"
+    )
+    await driver.wait_until(lambda: driver.removes == 1)
+    assert driver.dispatches == 1  # the second call never reached a function
+    again = await agent.submit(make_call(fn), fn)
+    assert again.status is CallStatus.SUCCESS, again.error
+    assert again.container_id != first.container_id
+
+
 async def test_a_function_that_hangs_up_and_lives_on_fails_the_call_at_once(
     agents: AgentFactory,
 ) -> None:

@@ -73,6 +73,42 @@ async def test_a_function_that_hangs_up_and_lives_on_fails_its_call_at_once(
         assert again.container_id != first.container_id  # the one that hung up is retired
 
 
+@pytest.mark.parametrize(
+    ("mode", "why"),
+    [
+        ("stop_accepting", "the connection waited in the function's listener backlog"),
+        ("jam", "the function's listener backlog stayed full"),
+    ],
+)
+async def test_a_call_the_function_never_accepts_goes_back_unstarted_and_its_container_goes(
+    agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str, mode: str, why: str
+) -> None:
+    # The function answers one call, then takes no connection any more: the next call
+    # waits for it until its timeout, and never reaches it. Not a run of the function,
+    # so not its timeout: the call comes back unstarted (busy) and the stuck container
+    # goes; the call after it gets a new one.
+    stuck = fn("stuck", IMAGE, timeout_s=1)
+    async with agent_for() as agent:
+        first = await agent.submit(call(stuck, json.dumps({"do": mode}).encode()), stuck)
+        assert first.status is CallStatus.SUCCESS, first.error
+        out = await agent.submit(call(stuck, b'{"do": "ok"}'), stuck)
+        assert (out.status, out.failure, out.started) == (
+            CallStatus.ERROR,
+            FailureKind.BUSY,
+            False,
+        )
+        assert out.error == (
+            f"container {first.container_id} of {stuck.ref} did not accept the call within "
+            f"1 s ({why}); the call did not reach the function"
+        )
+        await wait_for(
+            lambda: first.container_id not in {c.name for c in ours(docker_engine, label_tag)}
+        )
+        again = await agent.submit(call(stuck, b'{"do": "ok"}'), stuck)
+        assert again.status is CallStatus.SUCCESS, again.error
+        assert again.container_id != first.container_id
+
+
 async def test_a_socket_directory_of_any_depth_is_removed_with_its_container(
     agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str
 ) -> None:

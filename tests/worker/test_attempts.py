@@ -16,12 +16,22 @@ from typing import Any
 
 import pytest
 
-from config.domain import Call, CallStatus, FailureKind, Function, Outcome, new_call_id, utcnow
+from config.domain import (
+    Call,
+    CallStatus,
+    FailureKind,
+    Function,
+    Outcome,
+    frozen_map,
+    new_call_id,
+    utcnow,
+)
 from config.settings import load_settings
 from datastore.base import CallRecord, Datastore, open_datastore
 from mq.base import open_queue
 from worker.agent.agent import Agent
-from worker.agent.drivers.fake import FakeBehaviour, FakeDriver, hang, reply
+from worker.agent.driver import DispatchRequest, DispatchResult
+from worker.agent.drivers.fake import FakeBehaviour, FakeContainer, FakeDriver, hang, reply
 from worker.agent.errors import ContainerInitFailed, ImageNotFound
 from worker.loop import Worker
 from worker.shutdown import Shutdown
@@ -175,3 +185,97 @@ async def test_a_run_stopped_by_shutdown_counts_and_failures_still_end_the_call(
     finally:
         await queue.close()
         await store.close()
+
+
+async def answer_then_stop_accepting(
+    container: FakeContainer, request: DispatchRequest
+) -> DispatchResult:
+    """Answer, then accept no connection any more (the next call waits in the backlog)."""
+    container.stop_accepting()
+    return DispatchResult(200, frozen_map(), request.body)
+
+
+@pytest.mark.parametrize("mark_ms", [0, 50])  # marked `running` at the connect, or not
+async def test_a_call_its_container_never_accepted_counts_no_attempt_and_runs_again(
+    tmp_path: Path, mark_ms: int
+) -> None:
+    """The function answers a call, then accepts no connection any more: the next call
+    waits in its backlog for its timeout. It never reached the function: it goes back
+    to the queue with no attempt counted, and runs on a new container."""
+    settings = load_settings(data_dir=str(tmp_path), running_mark_msecs=mark_ms)
+    fn = Function(app="a", name="stuck", image="img/stuck", memory_mb=64, timeout_s=1)
+
+    driver = FakeDriver(FakeBehaviour(handler=answer_then_stop_accepting))
+    first, second = (Call(new_call_id(), fn.app, fn.name, body) for body in (b"1", b"2"))
+    store = await open_datastore(settings)
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        await store.create_fn(fn)
+        async with Agent(settings, driver) as agent:
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
+            try:
+                async with asyncio.timeout(30):
+                    for call in (first, second):  # one after the other: the same container
+                        await store.record_queued(call)
+                        await queue.push(call)
+                        while await final(store, call) is None:
+                            await asyncio.sleep(0.02)
+            finally:
+                shutdown.request("test over")
+                await asyncio.wait_for(run, 30)
+        done = {call.id: await store.get_call(call.id) for call in (first, second)}
+    finally:
+        await queue.close()
+        await store.close()
+    for call in (first, second):
+        rec = done[call.id]
+        assert rec is not None and rec.status is CallStatus.SUCCESS, rec
+        assert rec.attempts == 1, rec  # the run that answered, and no other
+    assert driver.dispatches == 2  # one run each: the second call's wait reached nothing
+    assert driver.creates == 2 and driver.containers[0].state == "removed"
+
+
+async def test_a_call_its_container_never_accepted_goes_back_at_a_stop_uncounted(
+    tmp_path: Path,
+) -> None:
+    """The worker is asked to stop while a call waits for a function that never accepts
+    its connection (marked `running` meanwhile: the socket took the connection). The
+    call ends unstarted and goes back as it came: `queued`, its attempt taken back."""
+    settings = load_settings(data_dir=str(tmp_path), running_mark_msecs=0)
+    fn = Function(app="a", name="stuck", image="img/stuck", memory_mb=64, timeout_s=1)
+    driver = FakeDriver(FakeBehaviour(handler=answer_then_stop_accepting))
+    first, second = (Call(new_call_id(), fn.app, fn.name, body) for body in (b"1", b"2"))
+    store = await open_datastore(settings)
+    queue = open_queue(settings.mq_url, settings)
+    try:
+        await store.create_fn(fn)
+        async with Agent(settings, driver) as agent:
+            shutdown = Shutdown(5.0)
+            run = asyncio.create_task(Worker(settings, queue, store, agent).run(shutdown))
+            try:
+                async with asyncio.timeout(30):
+                    await store.record_queued(first)
+                    await queue.push(first)
+                    while await final(store, first) is None:
+                        await asyncio.sleep(0.02)
+                    await store.record_queued(second)
+                    await queue.push(second)
+                    while (rec := await store.get_call(second.id)) is None or (
+                        rec.status is not CallStatus.RUNNING
+                    ):
+                        await asyncio.sleep(0.02)
+                    assert rec.attempts == 1  # counted while it seemed to run
+            finally:
+                shutdown.request("test over")
+                await asyncio.wait_for(run, 30)
+        rec = await store.get_call(second.id)
+    finally:
+        await queue.close()
+        await store.close()
+    assert rec is not None and (rec.status, rec.attempts, rec.started_at) == (
+        CallStatus.QUEUED,
+        0,
+        None,
+    ), rec
+    assert driver.dispatches == 1  # only the first call reached a function

@@ -67,7 +67,10 @@ counts as dispatched (``submit``'s ``on_start``) once the function's socket
 has taken its connection, before the request is written. If the container
 turns out to be broken before that (dead, its exit not reported yet),
 nothing ran: the call has not been dispatched, and simply waits for another
-slot.
+slot. If the function never accepts the connection within the call's timeout
+(the kernel queued it in the listener's backlog, or the backlog stayed full),
+nothing ran either: the container is retired and the call comes back
+unstarted, *busy* (:class:`NotAccepted`), to run again elsewhere.
 
 **End.** The answer becomes the outcome: 200 success, 502 function failed,
 504 timeout (the container stays warm for the next call in those three
@@ -106,7 +109,14 @@ from worker.agent.cpu import CpuGauge
 from worker.agent.cpu import gauge as cpu_gauge
 from worker.agent.cpu_split import CpuSplit
 from worker.agent.driver import Driver
-from worker.agent.errors import AgentClosed, HostShort, InvalidCall, ResourceTooBig, ServerBusy
+from worker.agent.errors import (
+    AgentClosed,
+    HostShort,
+    InvalidCall,
+    NotAccepted,
+    ResourceTooBig,
+    ServerBusy,
+)
 from worker.agent.evictor import Evictor
 from worker.agent.execution import (
     ExecEnd,
@@ -267,6 +277,9 @@ class Agent:
                 log.debug("call %s: container unusable before dispatch (%s)", call.id, exc)
                 continue
             except HostShort as exc:  # nothing reached the container: back to the queue
+                return not_started_outcome(exc)
+            except NotAccepted as exc:  # nor here: its stuck container is retired
+                log.warning("call %s: %s", call.id, exc)
                 return not_started_outcome(exc)
             finally:
                 queue.requests[RequestState.EXEC] -= 1

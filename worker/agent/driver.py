@@ -133,10 +133,12 @@ class Container(Protocol):
         ``result.output_done``, the call's resource use to ``usage``.
         ``on_delivered`` is called once the function's socket has taken the
         connection, before the request is written: from then on the call has
-        reached the function (NotDelivered comes before it, never after). Raises
-        DispatchError (or a subclass: ExchangeBroken for a connection that broke
-        mid-call, saying whether the process exited if the driver watched it) or
-        TimeoutError, once the output until then has been taken."""
+        reached the function (NotDelivered comes before it, never after), unless
+        the function never accepts that connection: then NotAccepted comes at the
+        request's timeout. Raises DispatchError (or a subclass: ExchangeBroken for
+        a connection that broke mid-call, saying whether the process exited if the
+        driver watched it) or TimeoutError at the request's timeout, once the
+        output until then has been taken."""
 
     async def pause(self) -> None: ...
 

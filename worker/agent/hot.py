@@ -21,7 +21,9 @@ A call that finds its container broken before dispatch (exited, failed to
 unpause, or its socket takes no connection and the container turns out to be
 dead, its exit not reported yet) gets :class:`SlotUnusable` and looks for
 another slot: nothing ran. A live container whose socket refuses the call
-fails it as the function's error.
+fails it as the function's error. One whose function never accepts the
+call's connection within the call's timeout is retired, and the call ends
+unstarted (:class:`NotAccepted`, busy): it never reached the function.
 """
 
 from __future__ import annotations
@@ -56,6 +58,7 @@ from worker.agent.errors import (
     ImageNotFound,
     ImagePullTimeout,
     InvalidResponse,
+    NotAccepted,
     NotDelivered,
     ResponseTooBig,
 )
@@ -78,6 +81,10 @@ START_MARGIN_S = 5.0  # on top of FN_HOT_START_TIMEOUT_MSECS, which the driver e
 EXIT_SETTLE_S = 0.5  # a dropped connection is often a death: wait this long for the exit
 # (unless the driver has watched the process already: ExchangeBroken.exited)
 MIN_BUSY_NAP_S = 0.05  # see _life
+# A driver ends a dispatch at the call's timeout itself (TimeoutError, or NotAccepted when
+# the function never took the connection); the agent's own timer, this much later, ends
+# one whose driver does not.
+DISPATCH_BACKSTOP_S = 1.0
 
 
 class SlotUnusable(Exception):
@@ -489,11 +496,13 @@ class HotContainer:
         exit and a stop request interrupt it. The call counts as dispatched
         (``stop.dispatched``) once the function's socket has taken its connection: a
         call whose container turns out dead before that has not reached a function,
-        and waits for another container as any waiting call does."""
+        and waits for another container as any waiting call does. A connection the
+        function never accepted within the call's timeout did not reach it either:
+        the container is stuck, and the call goes back (NotAccepted, agent._submit)."""
         try:
             result = await interruptible(
                 container.dispatch(request, sink, usage, on_delivered=stop.dispatched),
-                timeout_s,
+                timeout_s + DISPATCH_BACKSTOP_S,
                 self._exited,
                 stop.stopped,
                 loop=self._loop,
@@ -502,6 +511,12 @@ class HotContainer:
             return self._judge_interrupt(stop)
         except HostShort:  # no connection for want of descriptors: nothing was sent,
             raise  # the container is as it was (the call goes back: agent._submit)
+        except NotAccepted as exc:
+            self.retire(f"it did not accept a call within {timeout_s:g} s: {exc}")
+            raise NotAccepted(
+                f"container {self.id} of {self.fn.ref} did not accept the call within "
+                f"{timeout_s:g} s ({exc}); the call did not reach the function"
+            ) from exc
         except NotDelivered as exc:
             self.retire(f"the function's socket took no connection: {exc}")
             if await self._settle_exit():  # dead before the call, its exit not in yet

@@ -3,7 +3,10 @@
 Behaviour is scripted per image with :class:`FakeBehaviour` (start delay or
 failure, pause/unpause failure, and a handler per call that answers, hangs,
 writes output or kills its container); ``host_room`` caps the containers the
-host has room for at once, as the worker's descriptors do. The driver counts what the agent did
+host has room for at once, as the worker's descriptors do. A dispatch ends at
+its request's timeout with TimeoutError, as the docker driver's does, or with
+NotAccepted once its container has stopped accepting connections
+(:meth:`FakeContainer.stop_accepting`). The driver counts what the agent did
 (creates, starts, pauses, unpauses, removes, dispatches) and
 :meth:`FakeDriver.wait_until` lets a test wait for any condition on it
 without sleeping::
@@ -35,6 +38,7 @@ from worker.agent.errors import (
     ExchangeBroken,
     FreezeFailed,
     HostShort,
+    NotAccepted,
     NotDelivered,
 )
 
@@ -153,6 +157,8 @@ class FakeContainer:
         self.requests: list[DispatchRequest] = []
         self.stats: dict[str, float] = {}  # each dispatch's resource use, however it ends
         self._unseen_exit: ExitInfo | None = None  # see die_unseen
+        self._accepting = asyncio.Event()  # cleared by stop_accepting
+        self._accepting.set()
 
     @property
     def id(self) -> str:
@@ -184,6 +190,11 @@ class FakeContainer:
             self.state = "exited"
             self._unseen_exit = info
 
+    def stop_accepting(self) -> None:
+        """The process lives on and accepts no connection any more: the next dispatch is
+        queued in its listener's backlog and ends with NotAccepted at its timeout."""
+        self._accepting.clear()
+
     # ------------------------------------------------------ Container
     async def start(self) -> None:
         self._driver.starts += 1
@@ -214,8 +225,17 @@ class FakeContainer:
         if on_delivered is not None:
             on_delivered()
         self._sink = sink
+        accepted = self._accepting.is_set()
         try:
-            return await self._dispatch(request)
+            async with asyncio.timeout(request.timeout_s):
+                if not accepted:
+                    await self._accepting.wait()
+                    accepted = True
+                return await self._dispatch(request)
+        except TimeoutError:
+            if accepted:
+                raise
+            raise NotAccepted("the connection waited in the function's listener backlog") from None
         finally:
             self._sink = None
             if usage is not None:
