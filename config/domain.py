@@ -110,8 +110,7 @@ FINAL_STATUSES = frozenset(
 class FailureKind(StrEnum):
     """Why a call did not succeed, as far as retrying is concerned.
 
-    ``BUSY``: never started because this worker had no room in time (or the
-    function's container never accepted the call's connection); hand the
+    ``BUSY``: never started because this worker had no room in time; hand the
     message back, no attempt is charged. ``TERMINAL``: never started and no
     retry can help (unknown function, missing image, too big for the machine,
     malformed message). ``FUNCTION``: the function ran and failed, crashed or

@@ -20,11 +20,10 @@ An attempt counts (``Decision.counted``: the record's ``attempts``, what
 ``max_attempts`` bounds) when the call ran in a container, whatever its end
 (a run the worker's shutdown stopped too: the function ran), or when its
 function's container failed to start (the function's own fault, retried like
-a failed run). A call that never reached a container for any other reason
-(busy, missing image, too big for the worker, cancelled while it waited)
-counts none; nor does one whose container never accepted its connection
-within its timeout (busy: the stuck container is replaced, the call runs
-again). Only failures end a call for good once its attempts reach
+a failed run), or did not accept the call's connection within its timeout
+(the stuck container is replaced). A call that never reached a container for
+any other reason (busy, missing image, too big for the worker, cancelled
+while it waited) counts none. Only failures end a call for good once its attempts reach
 ``max_attempts``: a run stopped by shutdown is released to run again
 whatever its count, so a call whose last allowed run was stopped runs once
 more, and its record then shows more attempts than ``max_attempts``.

@@ -479,12 +479,13 @@ async def test_a_live_container_whose_socket_refuses_fails_the_call(
     await driver.wait_until(lambda: driver.removes == 1)
 
 
-async def test_a_call_the_function_never_accepts_goes_back_unstarted_and_its_container_goes(
+async def test_a_call_the_function_never_accepts_fails_unstarted_and_its_container_goes(
     agents: AgentFactory,
 ) -> None:
     # The function answers one call, then accepts no connection any more: the next
     # call's connection waits in its backlog until the call's timeout. That call never
-    # reached the function: no run, no timeout of it; the stuck container is retired.
+    # reached the function: no run, no timeout of it, but the function's failure (as a
+    # container that never starts); the stuck container is retired.
     async def answer_then_stop_accepting(
         container: FakeContainer, request: DispatchRequest
     ) -> DispatchResult:
@@ -500,7 +501,11 @@ async def test_a_call_the_function_never_accepts_goes_back_unstarted_and_its_con
     began = loop.time()
     out = await agent.submit(make_call(fn), fn)
     assert loop.time() - began >= 1.0  # the call's timeout, waited for the function
-    assert (out.status, out.failure, out.started) == (CallStatus.ERROR, FailureKind.BUSY, False)
+    assert (out.status, out.failure, out.started) == (
+        CallStatus.ERROR,
+        FailureKind.FUNCTION,
+        False,
+    )
     assert out.error == (
         f"container {first.container_id} of {fn.ref} did not accept the call within 1 s "
         "(the connection waited in the function's listener backlog); the call did not "

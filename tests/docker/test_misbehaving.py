@@ -80,13 +80,14 @@ async def test_a_function_that_hangs_up_and_lives_on_fails_its_call_at_once(
         ("jam", "the function's listener backlog stayed full"),
     ],
 )
-async def test_a_call_the_function_never_accepts_goes_back_unstarted_and_its_container_goes(
+async def test_a_call_the_function_never_accepts_fails_unstarted_and_its_container_goes(
     agent_for: Callable[..., Agent], docker_engine: Any, label_tag: str, mode: str, why: str
 ) -> None:
     # The function answers one call, then takes no connection any more: the next call
     # waits for it until its timeout, and never reaches it. Not a run of the function,
-    # so not its timeout: the call comes back unstarted (busy) and the stuck container
-    # goes; the call after it gets a new one.
+    # so not its timeout: the call comes back unstarted, failed by the function (as by
+    # a container that never starts), and the stuck container goes; the call after it
+    # gets a new one.
     stuck = fn("stuck", IMAGE, timeout_s=1)
     async with agent_for() as agent:
         first = await agent.submit(call(stuck, json.dumps({"do": mode}).encode()), stuck)
@@ -94,7 +95,7 @@ async def test_a_call_the_function_never_accepts_goes_back_unstarted_and_its_con
         out = await agent.submit(call(stuck, b'{"do": "ok"}'), stuck)
         assert (out.status, out.failure, out.started) == (
             CallStatus.ERROR,
-            FailureKind.BUSY,
+            FailureKind.FUNCTION,
             False,
         )
         assert out.error == (

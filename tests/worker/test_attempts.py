@@ -196,14 +196,18 @@ async def answer_then_stop_accepting(
 
 
 @pytest.mark.parametrize("mark_ms", [0, 50])  # marked `running` at the connect, or not
-async def test_a_call_its_container_never_accepted_counts_no_attempt_and_runs_again(
-    tmp_path: Path, mark_ms: int
+@pytest.mark.parametrize("max_attempts", [1, 3])
+async def test_a_call_its_container_never_accepted_counts_as_failed_by_its_function(
+    tmp_path: Path, mark_ms: int, max_attempts: int
 ) -> None:
     """The function answers a call, then accepts no connection any more: the next call
-    waits in its backlog for its timeout. It never reached the function: it goes back
-    to the queue with no attempt counted, and runs on a new container."""
+    waits in its backlog for its timeout. It never reached the function, but the
+    function failed it, as a container that never starts does: the attempt counts, the
+    stuck container goes, and the call is retried on a new one while attempts remain
+    (with one, it ends there, with the reason)."""
     settings = load_settings(data_dir=str(tmp_path), running_mark_msecs=mark_ms)
-    fn = Function(app="a", name="stuck", image="img/stuck", memory_mb=64, timeout_s=1)
+    fn = Function(app="a", name="stuck", image="img/stuck", memory_mb=64, timeout_s=1,
+                  max_attempts=max_attempts, retry_backoff_s=0.01)  # fmt: skip
 
     driver = FakeDriver(FakeBehaviour(handler=answer_then_stop_accepting))
     first, second = (Call(new_call_id(), fn.app, fn.name, body) for body in (b"1", b"2"))
@@ -228,20 +232,27 @@ async def test_a_call_its_container_never_accepted_counts_no_attempt_and_runs_ag
     finally:
         await queue.close()
         await store.close()
-    for call in (first, second):
-        rec = done[call.id]
-        assert rec is not None and rec.status is CallStatus.SUCCESS, rec
-        assert rec.attempts == 1, rec  # the run that answered, and no other
-    assert driver.dispatches == 2  # one run each: the second call's wait reached nothing
-    assert driver.creates == 2 and driver.containers[0].state == "removed"
+    rec = done[first.id]
+    assert rec is not None and (rec.status, rec.attempts) == (CallStatus.SUCCESS, 1), rec
+    rec = done[second.id]
+    assert rec is not None, rec
+    assert driver.containers[0].state == "removed"
+    if max_attempts == 1:
+        assert (rec.status, rec.attempts) == (CallStatus.ERROR, 1), rec
+        assert rec.error is not None and "did not accept the call within 1 s" in rec.error
+        assert driver.dispatches == 1  # it never reached a function
+    else:
+        assert (rec.status, rec.attempts) == (CallStatus.SUCCESS, 2), rec  # failed, then ran
+        assert driver.dispatches == 2 and driver.creates == 2
 
 
-async def test_a_call_its_container_never_accepted_goes_back_at_a_stop_uncounted(
+async def test_a_call_its_container_never_accepted_goes_back_counted_at_a_stop(
     tmp_path: Path,
 ) -> None:
     """The worker is asked to stop while a call waits for a function that never accepts
-    its connection (marked `running` meanwhile: the socket took the connection). The
-    call ends unstarted and goes back as it came: `queued`, its attempt taken back."""
+    its connection (marked `running` meanwhile: the socket took the connection); its
+    timeout comes within the stop's grace. The function failed it: it goes back to the
+    queue for its retry as `queued`, its attempt counted once (the mark's, not twice)."""
     settings = load_settings(data_dir=str(tmp_path), running_mark_msecs=0)
     fn = Function(app="a", name="stuck", image="img/stuck", memory_mb=64, timeout_s=1)
     driver = FakeDriver(FakeBehaviour(handler=answer_then_stop_accepting))
@@ -275,7 +286,7 @@ async def test_a_call_its_container_never_accepted_goes_back_at_a_stop_uncounted
         await store.close()
     assert rec is not None and (rec.status, rec.attempts, rec.started_at) == (
         CallStatus.QUEUED,
-        0,
+        1,
         None,
     ), rec
     assert driver.dispatches == 1  # only the first call reached a function

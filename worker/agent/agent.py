@@ -69,8 +69,9 @@ turns out to be broken before that (dead, its exit not reported yet),
 nothing ran: the call has not been dispatched, and simply waits for another
 slot. If the function never accepts the connection within the call's timeout
 (the kernel queued it in the listener's backlog, or the backlog stayed full),
-nothing ran either: the container is retired and the call comes back
-unstarted, *busy* (:class:`NotAccepted`), to run again elsewhere.
+nothing ran either, but the function failed the call as one whose container
+never starts does: the container is retired and the call comes back
+unstarted, the function's failure (:class:`NotAccepted`).
 
 **End.** The answer becomes the outcome: 200 success, 502 function failed,
 504 timeout (the container stays warm for the next call in those three
@@ -278,7 +279,7 @@ class Agent:
                 continue
             except HostShort as exc:  # nothing reached the container: back to the queue
                 return not_started_outcome(exc)
-            except NotAccepted as exc:  # nor here: its stuck container is retired
+            except NotAccepted as exc:  # nothing ran; its stuck container is retired
                 log.warning("call %s: %s", call.id, exc)
                 return not_started_outcome(exc)
             finally:

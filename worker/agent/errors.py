@@ -20,8 +20,8 @@
      +-- DispatchError            the HTTP exchange over the socket failed
           +-- NotDelivered         no connection to the socket: the request never left
           |    +-- NotAccepted     the function took no connection within the call's
-          |                        timeout: the call never reached it (retry later,
-          |                        no attempt charged)
+          |                        timeout: the call never reached it, but the
+          |                        function failed it (counted, retried)
           +-- ExchangeBroken       the connection broke mid-call (and whether the
           |                        container's process then exited)
           +-- ResponseTooBig       body or headers over the limit
@@ -149,14 +149,13 @@ class NotDelivered(DispatchError):
     """The function's socket took no connection: nothing was sent, nothing ran."""
 
 
-class NotAccepted(NotDelivered, Retryable):
+class NotAccepted(NotDelivered):
     """The function did not take the call's connection within the call's timeout: its
     listener's backlog stayed full, or the connection waited in that backlog and the
-    function never accepted it. The call never reached the function, so it counts
-    no attempt (busy, as a call that found no room); the container is retired (it is
+    function never accepted it. The call never reached the function, but its
+    container failed it, as one that never starts does: the function's failure,
+    counted and retried while attempts remain; the container is retired (it is
     stuck)."""
-
-    failure = FailureKind.BUSY
 
 
 class ExchangeBroken(DispatchError):

@@ -13,7 +13,7 @@ container died mid-call                error        function   replaced
 cancelled on request                   cancelled    cancelled  retired
 stopped by shutdown after the grace    error        busy       retired
 never started: busy, closed, pull      error        busy       -
-not accepted within its timeout        error        busy       retired
+not accepted within its timeout        error        function   retired
 never started: too big, bad image      error        terminal   -
 never started: init failed / timeout   error        function   -
 =====================================  ===========  =========  =================

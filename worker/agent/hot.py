@@ -23,7 +23,8 @@ dead, its exit not reported yet) gets :class:`SlotUnusable` and looks for
 another slot: nothing ran. A live container whose socket refuses the call
 fails it as the function's error. One whose function never accepts the
 call's connection within the call's timeout is retired, and the call ends
-unstarted (:class:`NotAccepted`, busy): it never reached the function.
+unstarted (:class:`NotAccepted`), the function's failure: it never reached
+the function, whose container failed it as one that never starts does.
 """
 
 from __future__ import annotations
