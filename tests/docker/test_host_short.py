@@ -192,7 +192,7 @@ async def test_an_idle_container_holds_the_descriptors_the_driver_counts(
     any_output_driver: DockerDriver,
 ) -> None:
     """Measured: what idle containers hold in the worker is what the driver counts
-    each eviction to give back (HELD_DESCRIPTORS; one fewer with the output through
+    each eviction to give back (HELD_DESCRIPTORS; two fewer with the output through
     the engine), and their removal gives it back at once, but for one more idle
     connection in the session's pool to the engine."""
     driver = any_output_driver
@@ -211,7 +211,7 @@ async def test_an_idle_container_holds_the_descriptors_the_driver_counts(
         before = open_descriptors()
         containers = [await up() for _ in range(count)]
         held = open_descriptors() - before
-        expected = HELD_DESCRIPTORS if first.direct_output else HELD_DESCRIPTORS - 1
+        expected = HELD_DESCRIPTORS if first.direct_output else HELD_DESCRIPTORS - 2
         assert held == count * expected
         for container in containers:
             await container.remove()

@@ -94,11 +94,11 @@ def soft_limit(limit: int) -> Iterator[None]:
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-@pytest.mark.parametrize(("left", "containers"), [(16, 0), (15, 1), (6, 1), (5, 2), (0, 2)])
+@pytest.mark.parametrize(("left", "containers"), [(16, 0), (15, 1), (5, 1), (4, 2), (0, 2)])
 def test_containers_in_the_way_of_a_start_by_the_descriptors_missing(
     left: int, containers: int
 ) -> None:
-    """A start needs 16 descriptors; each idle container that goes gives back 10."""
+    """A start needs 16 descriptors; each idle container that goes gives back 11."""
     in_use = len(os.listdir("/proc/self/fd"))  # with the one listing them, as counted
     with soft_limit(in_use + left):
         assert shortage_module.containers_in_the_way() == containers

@@ -29,9 +29,10 @@ REMIND_S = 60.0  # while it lasts, a line at most this often
 CONTAINER_DESCRIPTORS = 16
 # Descriptors an idle container holds in the worker, and gives back as it is removed
 # (measured, tests/docker/test_host_short.py): both ends of its two output pipes, its
-# cgroup's three counters, the attach stream, the wait for its exit and the connection
-# to its socket. One whose output comes through the engine holds one fewer.
-HELD_DESCRIPTORS = 10
+# cgroup's three counters, the attach stream, the wait for its exit, the connection to
+# its socket and the pidfd of its process. One whose output comes through the engine
+# holds two fewer.
+HELD_DESCRIPTORS = 11
 _FD_DIR = "/proc/self/fd"
 _STATUS = "/proc/self/status"
 
