@@ -86,7 +86,7 @@ async def batched(store: SqlDatastore, n: int, workers: int) -> tuple[float, int
         await store.record_running(c, 1, "bench")
         await store.record_outcome(c, result, 1, "bench")
 
-    writer = store.writer  # type: ignore[attr-defined]
+    writer = store.writer
     before = writer.batches
     seconds = await drive(new_calls(n), workers, one)
     return seconds, writer.batches - before

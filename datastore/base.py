@@ -370,13 +370,13 @@ async def open_datastore(
         from datastore.sqlite import SqliteDatastore  # noqa: PLC0415 - chosen by URL
 
         lite = await SqliteDatastore.open(settings, logs, create=create)
-        lite.writer.give_up_after_s = write_patience_s
+        lite.give_up_writes_after(write_patience_s)
         return lite
     if scheme in {"postgresql", "postgres"}:
         from datastore.postgres import PostgresDatastore  # noqa: PLC0415 - chosen by URL
 
         pg = await PostgresDatastore.open(settings, logs)
-        pg.writer.give_up_after_s = write_patience_s
+        pg.give_up_writes_after(write_patience_s)
         return pg
     if logs is not None:
         await logs.close()

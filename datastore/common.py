@@ -36,6 +36,7 @@ from datastore.base import (
     decode_cursor,
     encode_cursor,
 )
+from datastore.batch import GroupCommit
 from datastore.errors import (
     FunctionExists,
     FunctionNotFound,
@@ -43,6 +44,7 @@ from datastore.errors import (
     StoreError,
     StoreUnavailable,
 )
+from datastore.logroom import PatientLogs
 from datastore.rows import fn_from_row, fn_row, record_from_row, worker_from_row
 from datastore.validate import apply_changes, validate_function
 
@@ -95,10 +97,13 @@ class SqlDatastore(abc.ABC):
 
     # How the backend matches ``id`` against the list parameter ``:ids``.
     IDS_IN: ClassVar[str] = "= ANY(:ids)"
+    writer: GroupCommit[Any]  # the backend's batches
 
     def __init__(self, settings: Settings, logs: LogStore | None) -> None:
         self.settings = settings
         self._external_logs = logs
+        # The external store's log writes, each waiting for room if it has none.
+        self._log_room = None if logs is None else PatientLogs(logs)
         self.close_timeout_s = CLOSE_TIMEOUT_S
         self.worker_write_timeout_s = WORKER_WRITE_TIMEOUT_S
         self._closed = False
@@ -127,6 +132,13 @@ class SqlDatastore(abc.ABC):
 
     @abc.abstractmethod
     async def _close_backend(self) -> None: ...
+
+    def give_up_writes_after(self, seconds: float | None) -> None:
+        """A write (a batch, a call's log) that could not be made for ``seconds`` fails
+        with StoreUnavailable; None: it waits as long as the outage lasts."""
+        self.writer.give_up_after_s = seconds
+        if self._log_room is not None:
+            self._log_room.give_up_after_s = seconds
 
     @property
     def logs(self) -> LogStore:
@@ -313,15 +325,23 @@ class SqlDatastore(abc.ABC):
     ) -> bool:
         """Write ``row`` and, unless None, its log. ``running_on``: the conditional retry
         of a worker handing the call back (see ``record_retry``)."""
-        if self._external_logs is None:
+        room = self._log_room
+        if room is None:
             return bool(await self._write(kind, row, log))
         # The log goes first so that a record never points at a log that is missing;
         # a call already final (or not this worker's any more) is left alone, log included.
         existing = await self.get_call(row["id"])
         if existing is not None and _moved_on(existing, running_on):
             return False
-        if log is not None:
-            await self._external_logs.put_log(row["id"], log)
+        if log is None:
+            return bool(await self._write(kind, row))
+        # A log with no room waits for some, and the record with it (datastore.logroom).
+        return await room.keep(self._log_then_record(room, kind, row, log))
+
+    async def _log_then_record(
+        self, room: PatientLogs, kind: Write, row: dict[str, Any], log: bytes
+    ) -> bool:
+        await room.put_log(row["id"], log)
         return bool(await self._write(kind, row))
 
     # ------------------------------------------------------------- reading
@@ -445,6 +465,10 @@ class SqlDatastore(abc.ABC):
             return
         self._closed = True
         try:
+            if self._log_room is not None:
+                # Logs still waiting for room are given up first: their records could
+                # not follow them into batches that are closing.
+                self._log_room.close()
             await self._close_backend()
         finally:
             if self._external_logs is not None:

@@ -9,6 +9,7 @@
      +-- InvalidCursor          a list cursor that this store did not hand out
      +-- StoreClosed            the store was used after close()
      +-- StoreUnavailable       the database cannot be reached (Retryable)
+     |    +-- LogStoreFull      a log file found no room (no space, no inode, a quota)
      +-- UnsupportedURL         FN_DB_URL / FN_LOG_URL names no known backend
      +-- CallNotFound           retry_call of an unknown call id
      +-- CallNotFinal           retry_call of a call still queued or running
@@ -26,6 +27,7 @@ __all__ = [
     "FunctionNotFound",
     "InvalidCursor",
     "InvalidFunction",
+    "LogStoreFull",
     "RequestNotStored",
     "StoreClosed",
     "StoreError",
@@ -60,6 +62,11 @@ class StoreClosed(StoreError):
 
 class StoreUnavailable(StoreError, Retryable):
     """The database did not answer (down, unreachable, or gave up waiting)."""
+
+
+class LogStoreFull(StoreUnavailable):
+    """A call's log found no room in the log store (ENOSPC, EDQUOT): the datastore's
+    writes wait for some (datastore.logroom)."""
 
 
 class UnsupportedURL(StoreError):

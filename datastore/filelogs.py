@@ -9,15 +9,17 @@ temporary file of its own in the same directory (a new name, created with
 the old log or one whole new one: two workers writing the same call's log at
 once (one whose reservation lapsed while it still ran) each write their own
 file, and the last rename wins. What the store makes is its owner's only:
-the directories 0700, the files 0600. A failed write (a full disk, say)
-removes its temporary file and raises StoreUnavailable: the worker tries the
-call's record again later.
+the directories 0700, the files 0600. A failed write removes its temporary
+file and raises StoreUnavailable; one that found no room (no space or inode
+left, a disk quota) raises LogStoreFull, which the datastore waits out
+(datastore.logroom).
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import os
 import re
 import secrets
@@ -28,9 +30,10 @@ import aiofiles
 import aiofiles.os
 
 from config.domain import CALL_ID_RE
-from datastore.errors import StoreError, StoreUnavailable
+from datastore.errors import LogStoreFull, StoreError, StoreUnavailable
 
 _NOT_ALNUM = re.compile(r"[^a-z0-9]")
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})  # no space or inode left; a quota
 
 
 class FileLogStore:
@@ -50,7 +53,8 @@ class FileLogStore:
         try:
             await asyncio.to_thread(self._write, path, data)
         except OSError as exc:
-            raise StoreUnavailable(f"writing the log of call {call_id} failed: {exc}") from exc
+            error = LogStoreFull if exc.errno in NO_ROOM else StoreUnavailable
+            raise error(f"writing the log of call {call_id} failed: {exc}") from exc
 
     def _write(self, path: Path, data: bytes) -> None:
         # The log directory and its shards are made 0700, the files 0600, whatever

@@ -13,7 +13,7 @@ import pytest
 from config.domain import new_call_id
 from config.settings import load_settings
 from datastore.base import open_log_store
-from datastore.errors import StoreError, StoreUnavailable
+from datastore.errors import LogStoreFull, StoreError, StoreUnavailable
 from datastore.filelogs import FileLogStore
 from tests.rig import fill_space, small_tmpfs
 
@@ -59,8 +59,9 @@ async def test_a_failed_write_is_a_retryable_error(tmp_path: Path) -> None:
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     store = FileLogStore(blocked)
-    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed"):
+    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed") as raised:
         await store.put_log("order-1", b"x")
+    assert not isinstance(raised.value, LogStoreFull)  # no room is not what failed
 
 
 async def test_a_write_on_a_full_disk_leaves_no_file_behind(tmp_path: Path) -> None:
@@ -71,7 +72,7 @@ async def test_a_write_on_a_full_disk_leaves_no_file_behind(tmp_path: Path) -> N
         await store.put_log("first-00", b"fits")  # the shard directory of both is there now
         filler = fill_space(directory)
         filler.write_bytes(filler.read_bytes()[: -64 * 1024])  # 64 KiB left
-        with pytest.raises(StoreUnavailable, match="No space left on device"):
+        with pytest.raises(LogStoreFull, match="No space left on device"):
             await store.put_log("second-00", b"x" * 128 * 1024)
         left = sorted(p.name for p in directory.rglob("*") if p.is_file())
         assert left == ["first-00.log", "fnq-test-filler"]
@@ -112,8 +113,9 @@ async def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     path = store.path_of("order-1")
     path.parent.mkdir()
     path.mkdir()  # a directory where the log file goes: the rename fails
-    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed"):
+    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed") as raised:
         await store.put_log("order-1", b"x")
+    assert not isinstance(raised.value, LogStoreFull)  # no room is not what failed
     assert sorted(p.name for p in path.parent.iterdir()) == ["order-1.log"]
 
 
