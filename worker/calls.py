@@ -277,10 +277,11 @@ class CallHandler:
     async def _failed(self, d: Delivery, exc: FnqError) -> None:
         """The datastore or the queue failed the call's handling; nothing is lost.
 
-        A passing fault (an outage, a full disk) hands the message back to run
-        again later, its record put back to `queued` first if it was marked
-        `running` (as at shutdown: the attempt stays counted if the function ran,
-        worker.running). A record the datastore refuses sends the message to the dead
+        A passing fault (a read that fails in an outage, say: writes wait for the
+        datastore, and a log for room) hands the message back to run again later,
+        its record put back to `queued` first if it was marked `running` (as at
+        shutdown: the attempt stays counted if the function ran, worker.running).
+        A record the datastore refuses sends the message to the dead
         letters with the reason, rather than running it again and again.
         Anything else leaves the message to come back when its reservation lapses.
         """
