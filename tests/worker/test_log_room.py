@@ -55,10 +55,11 @@ class Rig:
         return FakeDriver(FakeBehaviour(handler=counted))
 
     async def retried(self, times: int) -> None:
-        """Until the logs that wait for room have been tried ``times`` times again."""
+        """Until every call has run and the logs that wait for room have been tried
+        ``times`` times again."""
         room = self.store._log_room  # type: ignore[attr-defined]
         async with asyncio.timeout(30):
-            while room.retries < times:
+            while set(self.runs) != set(self.ids) or room.retries < times:
                 await asyncio.sleep(0.01)
 
     async def all_final(self) -> None:
