@@ -201,12 +201,6 @@ CALL_END_BURIED = (
     f" WHERE id = :id AND status IN {LIVE} AND updated_at <= :died_at"
 )
 
-CALL_PURGE = (
-    "DELETE FROM calls WHERE id IN (SELECT id FROM calls"
-    f" WHERE status IN {FINAL} AND completed_at < :cutoff ORDER BY id LIMIT :limit)"
-    " RETURNING id"
-)
-
 # Calls of ``ids`` with a cancel requested; ``{ids_in}`` is the backend's way of
 # matching a list parameter (SQLite: a JSON array; PostgreSQL: a text[]).
 # Calls a worker holds that are to stop: a cancel asked while they ran, or a record

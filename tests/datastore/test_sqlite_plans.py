@@ -1,0 +1,74 @@
+"""SQLite: the statements of routine reads and writes go through indexes.
+
+SQLite keeps no statistics unless someone runs ANALYZE, so it picks among
+indexes by their shape alone; these tests read the plans it makes for the
+statements a store runs, on a database of this release's schema (the plans
+do not depend on the rows).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Awaitable, Callable, Iterator
+from contextlib import contextmanager
+from datetime import timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from config.settings import load_settings
+from datastore.base import open_datastore
+from datastore.sqlite import SqliteDatastore
+
+
+@pytest.fixture
+async def lite(tmp_path: Path) -> Any:
+    db = tmp_path / "fnq.db"
+    store = await open_datastore(load_settings(data_dir=tmp_path, db_url=f"sqlite:///{db}"))
+    assert isinstance(store, SqliteDatastore)
+    yield store
+    await store.close()
+
+
+@contextmanager
+def traced(*conns: sqlite3.Connection | None) -> Iterator[list[str]]:
+    """The statements run on ``conns`` meanwhile, their parameters filled in."""
+    seen: list[str] = []
+    for conn in conns:
+        assert conn is not None
+        conn.set_trace_callback(seen.append)
+    try:
+        yield seen
+    finally:
+        for conn in conns:
+            assert conn is not None
+            conn.set_trace_callback(None)
+
+
+def plan(store: SqliteDatastore, statement: str) -> list[str]:
+    """The lines of EXPLAIN QUERY PLAN for ``statement`` (parameters filled in)."""
+    conn = sqlite3.connect(f"file:{store.path}?mode=ro", uri=True)
+    try:
+        return [row[3] for row in conn.execute("EXPLAIN QUERY PLAN " + statement)]
+    finally:
+        conn.close()
+
+
+async def plans_of(
+    store: SqliteDatastore, work: Callable[[], Awaitable[object]], starts: str
+) -> list[list[str]]:
+    """The plans of the statements beginning with ``starts`` that ``work`` runs."""
+    with traced(store._wconn, store._rconn, store._qconn) as seen:
+        await work()
+    found = [plan(store, s) for s in seen if s.lstrip().upper().startswith(starts)]
+    assert found, seen
+    return found
+
+
+async def test_a_purge_chunk_reads_the_completion_index(lite: SqliteDatastore) -> None:
+    """Each chunk of ``fnq calls purge`` finds its calls through ``completed_at``: through
+    the status index it read every ended call of the table, and sorted them, per chunk."""
+    for steps in await plans_of(lite, lambda: lite.purge_calls(timedelta(days=1)), "DELETE"):
+        assert any("USING INDEX calls_by_completion (completed_at<?)" in s for s in steps), steps
+        assert not any("TEMP B-TREE" in s or "calls_by_status" in s for s in steps), steps
