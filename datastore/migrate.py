@@ -6,12 +6,19 @@ that first takes a lock (SQLite: ``BEGIN IMMEDIATE``; PostgreSQL: an advisory
 transaction lock), so workers that start together apply each version once; a
 SQLite database already up to date is only read. The table ``schema_version``
 records what has been applied.
+
+A version may build an index on the calls table, which takes seconds per
+million calls while writes to that table wait. Applying versions, and waiting
+for another process that applies them, may take up to ``APPLY_TIMEOUT_S``
+rather than a statement's usual timeout, and each version applied is logged.
 """
 
 from __future__ import annotations
 
+import logging
 import re
 import sqlite3
+import time
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -21,6 +28,11 @@ from config.errors import StoreError
 
 DIALECTS = ("sqlite", "postgres")
 PG_LOCK_KEY = 0x666E71  # "fnq": the advisory lock every fnq migrator takes
+# How long applying versions (or waiting for the process applying them) may take: an
+# index built on a calls table of tens of millions of rows takes minutes.
+APPLY_TIMEOUT_S = 1800.0
+
+log = logging.getLogger("fnq.datastore")
 
 _FILE = re.compile(r"(\d{4})_([a-z0-9_]+)\.sql")
 
@@ -70,6 +82,21 @@ def _stamp() -> str:
     return datetime.now(UTC).isoformat(timespec="seconds")
 
 
+def _applying(dialect: str, migration: Migration, upgrade: bool) -> float:
+    """Log the start of ``migration`` (quietly when the database is being created)."""
+    log.log(logging.INFO if upgrade else logging.DEBUG,
+            "applying %s datastore schema version %d (%s); on a large calls table this "
+            "takes a while, and writes wait meanwhile", dialect, migration.version,
+            migration.name)  # fmt: skip
+    return time.monotonic()
+
+
+def _applied(dialect: str, migration: Migration, began: float, upgrade: bool) -> None:
+    log.log(logging.INFO if upgrade else logging.DEBUG,
+            "applied %s datastore schema version %d in %.1f s", dialect, migration.version,
+            time.monotonic() - began)  # fmt: skip
+
+
 def _sqlite_version(conn: sqlite3.Connection) -> int:
     """The schema version of a SQLite database (0: none), read without the write lock."""
     found = conn.execute(
@@ -91,6 +118,16 @@ def apply_sqlite(conn: sqlite3.Connection) -> int:
         raise _too_new(current, len(migrations))
     if current == len(migrations):
         return current
+    busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
+    # Another process may be applying them: wait for it as long as that may take.
+    conn.execute(f"PRAGMA busy_timeout = {int(APPLY_TIMEOUT_S * 1000)}")
+    try:
+        return _apply_sqlite_locked(conn, migrations)
+    finally:
+        conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
+
+
+def _apply_sqlite_locked(conn: sqlite3.Connection, migrations: list[Migration]) -> int:
     conn.execute("BEGIN IMMEDIATE")
     try:
         conn.execute(_VERSION_TABLE)
@@ -99,12 +136,14 @@ def apply_sqlite(conn: sqlite3.Connection) -> int:
         if current > len(migrations):
             raise _too_new(current, len(migrations))  # noqa: TRY301 - rolled back below
         for migration in migrations[current:]:
+            began = _applying("sqlite", migration, current > 0)
             for statement in migration.statements():
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
                 (migration.version, migration.name, _stamp()),
             )
+            _applied("sqlite", migration, began, current > 0)
         conn.execute("COMMIT")
     except BaseException:
         conn.execute("ROLLBACK")
@@ -122,17 +161,22 @@ async def _pg_version(conn: Any, timeout_s: float) -> int:
     return int(found)
 
 
-async def apply_postgres(conn: Any, timeout_s: float) -> int:
+async def apply_postgres(
+    conn: Any, timeout_s: float, apply_timeout_s: float = APPLY_TIMEOUT_S
+) -> int:
     """Bring a PostgreSQL database up to date through an asyncpg connection.
 
     A database already up to date is only read (no lock, no DDL): a read-only
-    server (a standby) and a role that may not create tables open it as well."""
+    server (a standby) and a role that may not create tables open it as well.
+    Reading the version takes at most ``timeout_s`` a statement; taking the lock
+    and applying each version, ``apply_timeout_s``."""
     migrations = load("postgres")
     current = await _pg_version(conn, timeout_s)
     if current > len(migrations):
         raise _too_new(current, len(migrations))
     if current == len(migrations):
         return current
+    timeout_s = apply_timeout_s
     async with conn.transaction():
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_KEY, timeout=timeout_s)
         await conn.execute(_VERSION_TABLE, timeout=timeout_s)
@@ -144,6 +188,7 @@ async def apply_postgres(conn: Any, timeout_s: float) -> int:
         if current > len(migrations):
             raise _too_new(current, len(migrations))
         for migration in migrations[current:]:
+            began = _applying("postgres", migration, current > 0)
             await conn.execute(migration.sql, timeout=timeout_s)
             await conn.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES ($1, $2, $3)",
@@ -152,4 +197,5 @@ async def apply_postgres(conn: Any, timeout_s: float) -> int:
                 _stamp(),
                 timeout=timeout_s,
             )
+            _applied("postgres", migration, began, current > 0)
     return max(current, len(migrations))

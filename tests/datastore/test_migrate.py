@@ -1,15 +1,20 @@
-"""Schema versions: numbering, concurrent startup, a schema newer than the code."""
+"""Schema versions: numbering, concurrent startup, a schema newer than the code, and
+upgrading a store in place."""
 
 from __future__ import annotations
 
 import asyncio
 import sqlite3
+from pathlib import Path
 
 import asyncpg
 import pytest
 
 from config.errors import StoreError
-from datastore import migrate
+from config.sqlite import create_private
+from datastore import migrate, postgres
+from datastore import sqlite as sqlite_store
+from datastore.base import CallFilter
 from tests.datastore.conftest import MakeStore
 
 pytestmark = pytest.mark.integration
@@ -115,3 +120,105 @@ async def test_postgres_schema_it_may_not_create_is_a_store_error(
     await _admin(db_url, f"CREATE ROLE {role} LOGIN", "REVOKE CREATE ON SCHEMA public FROM PUBLIC")
     with pytest.raises(StoreError, match=r"cannot update the schema .*permission denied"):
         await make_store(db_url=db_url.replace("://fnq@", f"://{role}@"))
+
+
+# ------------------------------------------------- upgrading a store in place
+
+
+async def at_version(db_url: str, version: int) -> None:
+    """Make the database of ``db_url`` as an fnq of schema ``version`` left it."""
+    if db_url.startswith("sqlite"):
+        path = Path(db_url.removeprefix("sqlite://"))
+        create_private(path)
+        conn = sqlite3.connect(path, isolation_level=None)
+        try:
+            conn.execute("PRAGMA journal_mode = WAL")  # as every fnq leaves it
+            conn.execute(migrate._VERSION_TABLE)
+            for m in migrate.load("sqlite")[:version]:
+                for statement in m.statements():
+                    conn.execute(statement)
+                stamp = "INSERT INTO schema_version VALUES (?, ?, 'then')"
+                conn.execute(stamp, (m.version, m.name))
+        finally:
+            conn.close()
+        return
+    statements = [migrate._VERSION_TABLE]
+    for m in migrate.load("postgres")[:version]:
+        stamp = f"INSERT INTO schema_version VALUES ({m.version}, '{m.name}', 'then')"
+        statements += [m.sql, stamp]
+    await _admin(db_url, *statements)
+
+
+async def _indexes(db_url: str) -> set[str]:
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url.removeprefix("sqlite://")) as conn:
+            rows = conn.execute("SELECT name FROM sqlite_master WHERE type = 'index'").fetchall()
+        return {r[0] for r in rows}
+    conn = await asyncpg.connect(db_url, timeout=10)
+    try:
+        found = await conn.fetch("SELECT indexname FROM pg_indexes", timeout=10)
+    finally:
+        await conn.close(timeout=10)
+    return {r[0] for r in found}
+
+
+async def test_a_version_4_store_gains_the_app_index_and_keeps_its_calls(
+    make_store: MakeStore, db_url: str
+) -> None:
+    await at_version(db_url, 4)
+    assert "calls_by_app" not in await _indexes(db_url)
+    rows = [(f"c{i:02d}", "shop" if i % 2 else "blog", i) for i in range(20)]
+    if db_url.startswith("sqlite"):
+        with sqlite3.connect(db_url.removeprefix("sqlite://")) as conn:
+            conn.executemany(
+                "INSERT INTO calls (id, app, fn, status, created_at, updated_at)"
+                " VALUES (?, ?, 'f', 'success', ?, 0)",
+                [(i, app, 1_700_000_000_000_000 + t) for i, app, t in rows],
+            )
+    else:
+        await _admin(db_url, *(
+            "INSERT INTO calls (id, app, fn, status, created_at, updated_at) VALUES"
+            f" ('{i}', '{app}', 'f', 'success', to_timestamp(1700000000 + {t}), now())"
+            for i, app, t in rows
+        ))  # fmt: skip
+    store = await make_store()
+    assert await versions(db_url) == [m.version for m in migrate.load("sqlite")]
+    assert "calls_by_app" in await _indexes(db_url)
+    page = await store.list_calls(CallFilter(app="shop", limit=5))
+    assert [r.id for r in page.items] == ["c19", "c17", "c15", "c13", "c11"]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_postgres_applies_a_version_that_takes_longer_than_a_statement(
+    make_store: MakeStore, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An index built on a large calls table takes minutes: the statement timeout of
+    reads and writes (30 s) must not roll it back on every start."""
+    shipped = migrate.load("postgres")
+    slow = migrate.Migration(len(shipped) + 1, "slow", "SELECT pg_sleep(0.6)")
+    monkeypatch.setattr(migrate, "load", lambda dialect: [*shipped, slow])
+    monkeypatch.setattr(postgres, "STATEMENT_TIMEOUT_S", 0.3)
+    await make_store()
+    assert (await versions(db_url))[-1] == slow.version
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_sqlite_waits_for_another_process_applying_versions(
+    make_store: MakeStore, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A worker that starts while another applies a version waits for it to finish,
+    however much longer than a write's usual wait for the lock that takes."""
+    await at_version(db_url, len(migrate.load("sqlite")) - 1)
+    monkeypatch.setattr(sqlite_store, "BUSY_TIMEOUT_S", 0.1)
+    other = sqlite3.connect(db_url.removeprefix("sqlite://"), isolation_level=None)
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process applying the last version
+        opening = asyncio.create_task(make_store())
+        await asyncio.wait({opening}, timeout=0.5)  # five times the usual wait
+        assert not opening.done(), opening
+        other.execute("COMMIT")
+        async with asyncio.timeout(10):
+            await opening
+    finally:
+        other.close()
+    assert await versions(db_url) == [m.version for m in migrate.load("sqlite")]

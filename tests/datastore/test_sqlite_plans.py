@@ -18,7 +18,7 @@ from typing import Any
 import pytest
 
 from config.settings import load_settings
-from datastore.base import open_datastore
+from datastore.base import CallFilter, open_datastore
 from datastore.sqlite import SqliteDatastore
 
 
@@ -72,3 +72,11 @@ async def test_a_purge_chunk_reads_the_completion_index(lite: SqliteDatastore) -
     for steps in await plans_of(lite, lambda: lite.purge_calls(timedelta(days=1)), "DELETE"):
         assert any("USING INDEX calls_by_completion (completed_at<?)" in s for s in steps), steps
         assert not any("TEMP B-TREE" in s or "calls_by_status" in s for s in steps), steps
+
+
+async def test_a_page_of_one_app_reads_its_calls_in_order(lite: SqliteDatastore) -> None:
+    """``fnq calls list --app APP``: through calls_by_fn (app, fn, ...) SQLite sorted
+    every call of the app to return the newest 30."""
+    page = (lambda: lite.list_calls(CallFilter(app="shop")), "SELECT")
+    for steps in await plans_of(lite, *page):
+        assert steps == ["SEARCH calls USING INDEX calls_by_app (app=?)"], steps
