@@ -50,6 +50,8 @@ from datastore.validate import apply_changes, validate_function
 
 CLOSE_TIMEOUT_S = 10.0
 PURGE_CHUNK = 500
+# The calls a page of a list reads at most when no one index holds all of its filters.
+LIST_WALK_MAX = 100_000
 WORKER_WRITE_TIMEOUT_S = 5.0  # a heartbeat gives up after this; the next one tries again
 
 _DEFAULT_ERRORS = {
@@ -358,20 +360,46 @@ class SqlDatastore(abc.ABC):
         return {record.id: record for record in records}
 
     async def list_calls(self, f: CallFilter) -> CallPage:
+        """A page of calls, newest first.
+
+        When no one listing index holds all of the filters, the page walks the index
+        of some of them and checks the others on each call it reads, down to the
+        ``LIST_WALK_MAX``-th call of that index at most: the page may then hold fewer
+        than ``f.limit`` calls and still have a cursor, that of the last call it read.
+        That call is found first, so that calls written meanwhile are read or not,
+        but never skipped."""
         before = decode_cursor(f.cursor) if f.cursor else None
         limit = clamp_limit(f.limit)
         status = None if f.status is None else CallStatus(f.status).value
-        where, params = sql.call_filters(f.app, f.fn, status, f.since, before)
+        values = {"app": f.app, "fn": f.fn, "status": status}
+        given = frozenset(name for name, value in values.items() if value is not None)
+        walked = sql.walked_filters(given, status)
+        on = {name: value if name in walked else None for name, value in values.items()}
+        where, params = sql.call_filters(on["app"], on["fn"], on["status"], f.since, before)
+        if walked == given:  # one index holds them all: the page reads its own calls only
+            query = f"SELECT {sql.RECORD_SELECT} FROM calls{where}{_NEWEST_FIRST} LIMIT :limit"
+            rows = await self._fetch(query, {**params, "limit": limit + 1})
+            return _page(rows, limit, None)
+        index = sql.LISTING_INDEXES[walked]
+        found = await self._fetch(
+            f"SELECT created_at, id FROM {self._walking(index)}{where}{_NEWEST_FIRST}"
+            " LIMIT 1 OFFSET :skip",
+            {**params, "skip": LIST_WALK_MAX - 1},
+        )
+        edge = (found[0]["created_at"], found[0]["id"]) if found else None
+        where, params = sql.call_filters(f.app, f.fn, status, f.since, before, down_to=edge)
         params["limit"] = limit + 1
         query = (
-            f"SELECT {sql.RECORD_SELECT} FROM calls{where}"
-            " ORDER BY created_at DESC, id DESC LIMIT :limit"
+            f"SELECT {sql.RECORD_SELECT} FROM {self._walking(index)}{where}{_NEWEST_FIRST}"
+            " LIMIT :limit"
         )
-        rows = await self._fetch(query, params)
-        items = [record_from_row(row) for row in rows[:limit]]
-        if len(rows) <= limit:
-            return CallPage(items, None)
-        return CallPage(items, encode_cursor(items[-1].created_at, items[-1].id))
+        return _page(await self._fetch(query, params), limit, edge)
+
+    def _walking(self, index: str) -> str:
+        """The FROM of a read that walks ``index``. A planner with statistics may walk
+        another listing index instead: each holds created_at after its filters, so
+        the page reads at most the calls down to the edge's time, in any of them."""
+        return "calls"
 
     async def count_by_status(
         self, app: str | None = None, fn: str | None = None
@@ -473,6 +501,18 @@ class SqlDatastore(abc.ABC):
         finally:
             if self._external_logs is not None:
                 await self._external_logs.close()
+
+
+_NEWEST_FIRST = " ORDER BY created_at DESC, id DESC"
+
+
+def _page(rows: list[dict[str, Any]], limit: int, edge: tuple[datetime, str] | None) -> CallPage:
+    """The page of the first ``limit`` of ``rows`` (read with ``limit + 1``); ``edge``:
+    the last call its walk read, when the walk stopped short of the end."""
+    items = [record_from_row(row) for row in rows[:limit]]
+    if len(rows) > limit:
+        return CallPage(items, encode_cursor(items[-1].created_at, items[-1].id))
+    return CallPage(items, None if edge is None else encode_cursor(*edge))
 
 
 def _moved_on(record: CallRecord, running_on: str | None) -> bool:

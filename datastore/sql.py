@@ -238,8 +238,12 @@ def call_filters(
     status: str | None,
     since: object,
     before: tuple[object, str] | None,
+    *,
+    down_to: tuple[object, str] | None = None,
 ) -> tuple[str, dict[str, object]]:
-    """A WHERE clause (possibly empty) and its parameters for listing and counting."""
+    """A WHERE clause (possibly empty) and its parameters for listing and counting.
+    ``before``: the calls after a page's last (newest first: older ones); ``down_to``:
+    the calls from the newest down to this one (created_at, id), itself included."""
     clauses: list[str] = []
     params: dict[str, object] = {}
     for column, value in (("app", app), ("fn", fn), ("status", status)):
@@ -249,10 +253,40 @@ def call_filters(
     if since is not None:
         clauses.append("created_at >= :since")
         params["since"] = since
-    if before is not None:  # the calls after a page's last (newest first: older ones)
-        clauses.append("(created_at < :before_at OR (created_at = :before_at AND id < :before_id))")
+    # Each position as a range of created_at that an index can seek to, then the id
+    # within its first instant: PostgreSQL reads an OR of the two as a filter only,
+    # and walked the index from the newest call down to the cursor on every page.
+    if before is not None:
+        clauses.append("created_at <= :before_at AND (created_at < :before_at OR id < :before_id)")
         params["before_at"], params["before_id"] = before
+    if down_to is not None:
+        clauses.append("created_at >= :edge_at AND (created_at > :edge_at OR id >= :edge_id)")
+        params["edge_at"], params["edge_id"] = down_to
     return (" WHERE " + " AND ".join(clauses)) if clauses else "", params
+
+
+# The listing indexes by the filters they hold (each then orders by created_at, id):
+# a page with exactly these filters, and any time range, reads only its own calls.
+LISTING_INDEXES = {
+    frozenset(): "calls_by_time",
+    frozenset({"app"}): "calls_by_app",
+    frozenset({"app", "fn"}): "calls_by_fn",
+    frozenset({"status"}): "calls_by_status",
+}
+
+
+def walked_filters(given: frozenset[str], status: str | None) -> frozenset[str]:
+    """Of the filters ``given``, those of the listing index a page walks (newest
+    first); the others are checked on each call the walk reads. A `queued` or
+    `running` status goes first: those calls are few, the ended ones are most."""
+    if given in LISTING_INDEXES:
+        return given
+    if status in ("queued", "running"):
+        return frozenset({"status"})
+    for held in (frozenset({"app", "fn"}), frozenset({"app"}), frozenset({"status"})):
+        if held <= given:
+            return held
+    return frozenset()
 
 
 _NAMED = re.compile(r"(?<![:\w]):([a-z_]+)")

@@ -17,6 +17,7 @@ from click.testing import CliRunner, Result
 
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id
 from config.settings import load_settings
+from datastore import common
 from datastore.base import open_datastore
 from datastore.validate import parse_since
 from worker.cli import cli
@@ -334,6 +335,25 @@ def test_the_next_page_hint_keeps_the_filters(settings_env: Path) -> None:
     assert not second[-1].startswith("more: ")
     listed = [line.split()[0] for line in first[1:-1] + second[1:]]
     assert sorted(listed) == sorted(c.id for c in wanted)
+
+
+def test_a_page_that_read_its_most_says_so(
+    settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(common, "LIST_WALK_MAX", 2)
+    failed = Outcome(CallStatus.ERROR, error="The function exited with code 1.")
+    made = [Call(new_call_id(), "shop", "resize") for _ in range(4)]
+    record([(made[0], failed), *((c, None) for c in made[1:])])
+    lines = fnq("calls", "list", "--app", "shop", "--status", "error").output.splitlines()
+    assert lines[0].split() == ["ID", "FUNCTION", "STATUS", "ATTEMPTS", "CREATED", "RAN", "ERROR"]
+    assert lines[1:-1] == ["(0 matched among the 2 calls this page read; older calls may match "
+                           "too)"]  # fmt: skip
+    hint = shlex.split(lines[-1].removeprefix("more: "))
+    second = fnq(*hint[1:]).output.splitlines()  # the two oldest: the error among them
+    assert second[1].split()[0] == made[0].id
+    assert second[2] == "(1 matched among the 2 calls this page read; older calls may match too)"
+    last = fnq(*shlex.split(second[3].removeprefix("more: "))[1:]).output.splitlines()
+    assert len(last) == 1  # the headings only: no call older, and no more pages
 
 
 def test_logs_of_an_ended_call_whose_log_is_gone(

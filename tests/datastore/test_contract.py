@@ -18,7 +18,8 @@ from config.domain import (
     new_call_id,
     utcnow,
 )
-from datastore.base import CallFilter
+from datastore import common
+from datastore.base import CallFilter, encode_cursor
 from datastore.common import SqlDatastore
 from datastore.errors import (
     FunctionExists,
@@ -502,6 +503,36 @@ async def test_calls_are_listed_newest_first_whatever_their_ids(store: SqlDatast
     assert seen == expected
     since = await store.list_calls(CallFilter(since=base + timedelta(minutes=3)))
     assert [r.id for r in since.items] == expected[:3]
+
+
+async def test_a_page_of_unindexed_filters_reads_a_bounded_walk(
+    store: SqlDatastore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """No index holds app and status together: a page walks the app's calls and checks
+    the status of each, at most LIST_WALK_MAX of them. A page that found fewer than
+    its limit there ends at the last call it read; the next page goes on from it."""
+    monkeypatch.setattr(common, "LIST_WALK_MAX", 5)
+    base = utcnow() - timedelta(hours=1)
+    made = [Call(f"c{i:02d}", "shop", "resize", created_at=base + timedelta(seconds=i))
+            for i in range(20)]  # fmt: skip
+    made.append(Call("other", "blog", "resize", created_at=base + timedelta(seconds=30)))
+    for c in made:
+        await store.record_queued(c)
+    for c in (made[2], made[10], made[20]):
+        await store.record_outcome(c, failed(), 1, "w")
+    pages: list[list[str]] = []
+    cursor = None
+    while True:
+        f = CallFilter(app="shop", status=CallStatus.ERROR, limit=30, cursor=cursor)
+        page = await store.list_calls(f)
+        pages.append([r.id for r in page.items])
+        if (cursor := page.next_cursor) is None:
+            break
+    # c19..c15, c14..c10, c09..c05, c04..c00, then nothing older
+    assert pages == [[], ["c10"], [], ["c02"], []]
+    dense = await store.list_calls(CallFilter(app="shop", status=CallStatus.QUEUED, limit=3))
+    assert [r.id for r in dense.items] == ["c19", "c18", "c17"]  # a full page: its own cursor
+    assert dense.next_cursor == encode_cursor(dense.items[-1].created_at, "c17")
 
 
 # ------------------------------------------------------------------- purge

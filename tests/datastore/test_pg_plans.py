@@ -7,16 +7,17 @@ arguments; one made once the table has grown keeps the server's generic plans
 
 from __future__ import annotations
 
+import re
 from datetime import timedelta
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from config.domain import Call, new_call_id
+from config.domain import Call, new_call_id, utcnow
 from config.settings import load_settings
 from datastore import postgres
-from datastore.base import open_datastore
+from datastore.base import CallFilter, encode_cursor, open_datastore
 from datastore.postgres import PostgresDatastore
 from tests.datastore.conftest import fresh_pg_database
 from tests.datastore.test_outage import outcome
@@ -114,5 +115,45 @@ async def test_a_purge_chunk_does_not_scan_the_calls_table(
         async with store._connection() as conn:
             plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + text, *values))
         assert "Seq Scan" not in plan, plan
+    finally:
+        await store.close()
+
+
+async def test_a_page_after_a_cursor_seeks_to_it(
+    postgres_server: PostgresServer,
+    tmp_path: Path,
+    settings_env: Path,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """``fnq calls list --cursor``: the page starts where the cursor points, through the
+    index. With the position as an OR of two comparisons the server walked the index
+    from the newest call down to the cursor, a page deep in the list costing seconds."""
+    store = await _open(await fresh_pg_database(postgres_server), tmp_path / "data")
+    sent: list[tuple[str, dict[str, Any]]] = []
+    real_fetch = postgres._fetch
+
+    async def spy(conn: Any, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
+        if query.startswith("SELECT") and "before_at" in params:
+            sent.append((query, params))
+        return await real_fetch(conn, query, params)
+
+    monkeypatch.setattr(postgres, "_fetch", spy)
+    try:
+        async with store._connection() as conn:
+            await conn.execute(
+                "INSERT INTO calls (id, app, fn, status, created_at, updated_at)"
+                " SELECT md5(i::text), 'app' || (i % 7), 'fn', 'success',"
+                " now() - i * interval '1 min', now() FROM generate_series(1, 50000) i"
+            )
+            await conn.execute("ANALYZE calls")
+        deep = encode_cursor(utcnow() - timedelta(days=30), "z")
+        for f in (CallFilter(cursor=deep), CallFilter(app="app3", cursor=deep)):
+            assert len((await store.list_calls(f)).items) == 30
+        assert len(sent) == 2
+        for query, params in sent:
+            text, values = postgres.args(query, params)
+            async with store._connection() as conn:
+                plan = "\n".join(r[0] for r in await conn.fetch("EXPLAIN " + text, *values))
+            assert re.search(r"Index Cond: .*created_at <=", plan), plan
     finally:
         await store.close()

@@ -8,6 +8,7 @@ do not depend on the rows).
 
 from __future__ import annotations
 
+import re
 import sqlite3
 from collections.abc import Awaitable, Callable, Iterator
 from contextlib import contextmanager
@@ -17,8 +18,9 @@ from typing import Any
 
 import pytest
 
+from config.domain import CallStatus, utcnow
 from config.settings import load_settings
-from datastore.base import CallFilter, open_datastore
+from datastore.base import CallFilter, encode_cursor, open_datastore
 from datastore.sqlite import SqliteDatastore
 
 
@@ -80,3 +82,14 @@ async def test_a_page_of_one_app_reads_its_calls_in_order(lite: SqliteDatastore)
     page = (lambda: lite.list_calls(CallFilter(app="shop")), "SELECT")
     for steps in await plans_of(lite, *page):
         assert steps == ["SEARCH calls USING INDEX calls_by_app (app=?)"], steps
+
+
+async def test_a_page_of_unindexed_filters_walks_one_index(lite: SqliteDatastore) -> None:
+    """``--app`` with ``--status``: the page walks the app's index (and checks the status
+    of each call it reads), in order, bounded by the time of its last call."""
+    f = CallFilter(app="shop", status=CallStatus.ERROR, cursor=encode_cursor(utcnow(), "z"))
+    for steps in await plans_of(lite, lambda: lite.list_calls(f), "SELECT"):
+        assert len(steps) == 1 and re.fullmatch(
+            r"SEARCH calls USING (COVERING )?INDEX calls_by_app \(app=\? AND created_at<\?\)",
+            steps[0],
+        ), steps
