@@ -232,8 +232,14 @@ class Datastore(Protocol):
 
     async def list_calls(self, f: CallFilter) -> CallPage: ...
     async def count_by_status(
-        self, app: str | None = None, fn: str | None = None
-    ) -> dict[CallStatus, int]: ...
+        self, app: str | None = None, fn: str | None = None, *, at_most: int | None = None
+    ) -> dict[CallStatus, int]:
+        """The calls by status (of ``app``, and ``fn`` of it, when given). Without
+        ``at_most`` every call is read. With it, each status's count reads that
+        status's index up to ``at_most + 1`` calls: a count above ``at_most`` stands
+        for "more than ``at_most``" (with ``app`` or ``fn`` each call read is checked
+        against them, so a status with few calls of theirs reads more)."""
+        ...
     async def purge_calls(self, older_than: timedelta) -> int: ...
     async def request_cancel(self, call_id: str) -> CallRecord | None: ...
     async def end_buried(self, call_id: str, reason: str, died_at: datetime) -> bool:

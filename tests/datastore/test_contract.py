@@ -467,6 +467,20 @@ async def test_list_filters_and_counts(store: SqlDatastore) -> None:
         await store.list_calls(CallFilter(cursor="!!not-a-cursor"))
 
 
+async def test_counts_by_status_stop_past_at_most(store: SqlDatastore) -> None:
+    made = [call("shop") for _ in range(5)] + [call("blog") for _ in range(2)]
+    for c in made:
+        await store.record_queued(c)
+    for c in made[4:]:
+        await store.record_outcome(c, success(), 1, "w")
+    counts = await store.count_by_status(at_most=3)
+    assert (counts[CallStatus.QUEUED], counts[CallStatus.SUCCESS]) == (4, 3)  # 4: "more than 3"
+    assert counts[CallStatus.ERROR] == 0
+    shop = await store.count_by_status("shop", at_most=3)
+    assert (shop[CallStatus.QUEUED], shop[CallStatus.SUCCESS]) == (4, 1)
+    assert (await store.count_by_status(at_most=10))[CallStatus.QUEUED] == 4
+
+
 async def test_cursor_paging_while_rows_are_added(store: SqlDatastore) -> None:
     existing = [call() for _ in range(25)]
     for c in existing:

@@ -93,3 +93,12 @@ async def test_a_page_of_unindexed_filters_walks_one_index(lite: SqliteDatastore
             r"SEARCH calls USING (COVERING )?INDEX calls_by_app \(app=\? AND created_at<\?\)",
             steps[0],
         ), steps
+
+
+async def test_capped_counts_walk_the_status_index(lite: SqliteDatastore) -> None:
+    """``fnq status``: each status's count reads its own calls in the status index, up to
+    the cap; a count of the whole table read every call."""
+    plans = await plans_of(lite, lambda: lite.count_by_status(at_most=100), "SELECT")
+    steps = [s for p in plans for s in p if " calls " in s]  # not the subqueries' own scans
+    assert len(steps) == len(CallStatus), steps
+    assert all(s.endswith("USING COVERING INDEX calls_by_status (status=?)") for s in steps), steps

@@ -10,14 +10,14 @@ from pathlib import Path
 import pytest
 from click.testing import CliRunner
 
-from config.domain import Call, new_call_id
+from config.domain import Call, CallStatus, Outcome, new_call_id
 from config.settings import load_settings
 from datastore.base import open_datastore
 from mq.base import open_queue
 from tests.datastore.test_cli import into_closed_pipe
 from tests.datastore.test_workers import INFO
 from tests.rig import free_port
-from worker.cli import cli
+from worker.cli import cli, run
 
 
 def status(*args: str) -> str:
@@ -46,7 +46,7 @@ def test_status_lists_live_workers(stores_env: Path) -> None:
         conn.execute("UPDATE workers SET seen_at = seen_at - ? WHERE id = 'w-dead'", (60_000_000,))
 
     data = json.loads(status("--json"))
-    assert set(data) == {"queue", "calls", "workers"}
+    assert set(data) == {"queue", "calls", "calls_cap", "calls_capped", "workers"}
     assert data["calls"]["queued"] == 1
     assert set(data["queue"]) == {"ready", "delayed", "reserved", "dead"}
     assert [(w["id"], w["host"], w["pid"]) for w in data["workers"]] == [
@@ -65,6 +65,37 @@ def test_status_lists_live_workers(stores_env: Path) -> None:
     assert busy_row[7] == "5" and busy_row[-1] == "ago"
     assert idle_row[:8] == ["w-idle", "box-2", "20", "-", "-", "-", "-", "-"]
     assert "w-dead" not in "\n".join(lines)
+
+
+def test_status_counts_a_status_up_to_a_cap_unless_told(
+    stores_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Counting every call of a status reads all of them (millions); past the cap the
+    count says "more than", and --exact counts them all."""
+    monkeypatch.setattr(run, "STATUS_COUNT_CAP", 3)
+
+    async def populate() -> None:
+        store = await open_datastore(load_settings())
+        try:
+            for n in range(7):
+                c = Call(new_call_id(), "shop", "resize")
+                await store.record_queued(c)
+                if n < 4:
+                    await store.record_outcome(c, Outcome(CallStatus.SUCCESS), 1, "w")
+        finally:
+            await store.close()
+
+    asyncio.run(populate())
+    data = json.loads(status("--json"))
+    assert (data["calls"]["success"], data["calls"]["queued"]) == (3, 3)
+    assert (data["calls_cap"], data["calls_capped"]) == (3, ["success"])
+    lines = status().splitlines()
+    first = lines.index(next(line for line in lines if line.startswith("STATUS"))) + 1
+    rows = dict(line.split(maxsplit=1) for line in lines[first : first + len(CallStatus)])
+    assert (rows["success"], rows["queued"], rows["error"]) == ("more than 3", "3", "0")
+    exact = json.loads(status("--exact", "--json"))
+    assert (exact["calls"]["success"], exact["calls"]["queued"]) == (4, 3)
+    assert (exact["calls_cap"], exact["calls_capped"]) == (None, [])
 
 
 def test_status_into_a_closed_pipe_ends_quietly(stores_env: Path) -> None:

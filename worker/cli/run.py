@@ -62,9 +62,11 @@ WORKER_HEADERS = ["WORKER", "HOST", "PID", "MEMORY MB", "CPU mCPU", "CONTAINERS"
 
 
 RQ_HEADERS = ["RQ QUEUE", "QUEUED", "SCHEDULED", "STARTED", "FAILED"]
+# Calls of a status counted at most (unless --exact): past it, "more than" this many.
+STATUS_COUNT_CAP = 100_000
 
 
-async def _status(ctx: click.Context) -> dict[str, Any]:
+async def _status(ctx: click.Context, exact: bool) -> dict[str, Any]:
     settings = settings_from(ctx)
     data: dict[str, Any] = {}
     try:  # calls and workers are worth showing while the queue is down
@@ -82,14 +84,17 @@ async def _status(ctx: click.Context) -> dict[str, Any]:
     try:  # the queue's depth is worth showing while the datastore is down
         store = await open_datastore(settings, create=False)
         try:
-            counts = await store.count_by_status()
+            cap = None if exact else STATUS_COUNT_CAP
+            counts = await store.count_by_status(at_most=cap)
             workers = await store.list_workers(ALIVE_WITHIN)
         finally:
             await store.close()
     except FnqError as exc:
         data["datastore_error"] = str(exc)
         return data
-    data["calls"] = {status.value: counts.get(status, 0) for status in CallStatus}
+    data["calls"] = {s.value: min(counts[s], cap or counts[s]) for s in CallStatus}
+    data["calls_cap"] = cap
+    data["calls_capped"] = [s.value for s in CallStatus if cap is not None and counts[s] > cap]
     data["workers"] = [_worker_json(w) for w in workers]
     return data
 
@@ -131,12 +136,18 @@ def worker_row(w: dict[str, Any]) -> list[Any]:
 
 
 @click.command("status")
+@click.option(
+    "--exact",
+    is_flag=True,
+    help=f"Count all calls of each status (without it a count stops past {STATUS_COUNT_CAP}): "
+    "reads the whole calls table, seconds for millions of calls.",
+)
 @json_option
 @click.pass_context
 @friendly_errors
-def status_cmd(ctx: click.Context, as_json: bool) -> None:
+def status_cmd(ctx: click.Context, exact: bool, as_json: bool) -> None:
     """Queue depth by state (and the RQ queues'), calls by status and the live workers."""
-    data = run_async(_status(ctx))
+    data = run_async(_status(ctx, exact))
     if as_json:
         print_json(data)
     else:
@@ -158,7 +169,9 @@ def _print_status(data: dict[str, Any]) -> None:
         click.echo()
     if "calls" not in data:  # the datastore is down: calls and workers are unknown
         return
-    print_table(["STATUS", "CALLS"], list(data["calls"].items()))
+    capped = set(data["calls_capped"])
+    print_table(["STATUS", "CALLS"], [(status, f"more than {n}" if status in capped else n)
+                                      for status, n in data["calls"].items()])  # fmt: skip
     click.echo()
     if data["workers"]:
         print_table(WORKER_HEADERS, [worker_row(w) for w in data["workers"]])
