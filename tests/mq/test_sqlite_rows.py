@@ -8,6 +8,7 @@ from pathlib import Path
 
 from config.settings import load_settings
 from mq.base import QueueStats, open_queue
+from mq.sqlite import SqliteQueue
 
 
 async def test_rows_of_other_programs(tmp_path: Path) -> None:
@@ -76,3 +77,24 @@ async def test_a_row_whose_id_is_a_blob_is_dead_under_a_text_id(tmp_path: Path) 
         assert await q.stats() == QueueStats(0, 0, 0, 0)
     finally:
         await q.close()
+
+
+async def test_the_depth_is_counted_in_indexes(tmp_path: Path) -> None:
+    """``fnq status`` and the worker's queue gauges (every 5 s): a count over the table
+    read every payload of a deep queue (75 ms for 500,000 messages against 5 ms)."""
+    path = tmp_path / "mq.db"
+    q = open_queue(f"sqlite://{path}", load_settings())
+    try:
+        await q.stats()  # creates the tables
+        assert isinstance(q, SqliteQueue)
+        seen: list[str] = []
+        q._db.conn.set_trace_callback(seen.append)
+        await q.stats()
+        q._db.conn.set_trace_callback(None)
+    finally:
+        await q.close()
+    assert seen
+    with sqlite3.connect(path) as conn:
+        steps = [r[3] for s in seen for r in conn.execute("EXPLAIN QUERY PLAN " + s)]
+    read = [s for s in steps if " mq_message" in s]
+    assert read and all("USING COVERING INDEX" in s or "USING INDEX" in s for s in read), steps
