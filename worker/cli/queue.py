@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -389,8 +390,9 @@ async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
 async def _requeue_some(queue: MessageQueue, store: Datastore, ids: Sequence[str]) -> int:
     # Only the records of dead letters: an id that names none (mistyped, requeued
     # already, purged) keeps its record as it is, not `queued` with nothing queued.
-    for call_id in await queue.dead_among(ids):
-        await store.reopen_call(call_id)  # no record, or not final: nothing to do
+    async with asyncio.TaskGroup() as reopening:  # together: their writes share commits
+        for call_id in await queue.dead_among(ids):
+            reopening.create_task(store.reopen_call(call_id))  # no record, or not final: nothing
     return await queue.dead_requeue(list(ids))
 
 
