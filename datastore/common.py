@@ -16,7 +16,7 @@ import json
 import os
 import re
 import socket
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from datetime import datetime, timedelta
 from enum import StrEnum
 from typing import Any, ClassVar
@@ -100,6 +100,11 @@ class SqlDatastore(abc.ABC):
     # How the backend matches ``id`` against the list parameter ``:ids``.
     IDS_IN: ClassVar[str] = "= ANY(:ids)"
     writer: GroupCommit[Any]  # the backend's batches
+    # The functions named by the parameters of ``_fn_keys``, each found by its key.
+    FNS_GET: ClassVar[str] = (
+        "SELECT fns.* FROM unnest(CAST(:apps AS text[]), CAST(:names AS text[])) AS k (app, name)"
+        " JOIN fns ON fns.app = k.app AND fns.name = k.name"
+    )
 
     def __init__(self, settings: Settings, logs: LogStore | None) -> None:
         self.settings = settings
@@ -167,6 +172,17 @@ class SqlDatastore(abc.ABC):
     async def get_fn(self, app: str, name: str) -> Function | None:
         rows = await self._fetch(sql.FN_GET, {"app": app, "name": name})
         return fn_from_row(rows[0]) if rows else None
+
+    async def get_fns(self, keys: Collection[tuple[str, str]]) -> dict[tuple[str, str], Function]:
+        if not keys:
+            return {}
+        rows = await self._fetch(self.FNS_GET, self._fn_keys(keys))
+        found = (fn_from_row(row) for row in rows)
+        return {(fn.app, fn.name): fn for fn in found}
+
+    def _fn_keys(self, keys: Collection[tuple[str, str]]) -> dict[str, Any]:
+        """``keys`` as the parameters of ``FNS_GET``."""
+        return {"apps": [app for app, _ in keys], "names": [name for _, name in keys]}
 
     async def list_fns(self, app: str | None = None) -> list[Function]:
         if app is None:

@@ -18,7 +18,7 @@ import contextlib
 import json
 import os
 import sqlite3
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -270,6 +270,10 @@ def _settle(conn: sqlite3.Connection, op: _Op, *, done: str, undo: tuple[str, ..
 
 class SqliteDatastore(SqlDatastore):
     IDS_IN = "IN (SELECT value FROM json_each(:ids))"
+    FNS_GET = (
+        "SELECT fns.* FROM json_each(:keys) AS k JOIN fns"
+        " ON fns.app = json_extract(k.value, '$[0]') AND fns.name = json_extract(k.value, '$[1]')"
+    )
 
     def __init__(self, settings: Settings, logs: LogStore | None, path: Path) -> None:
         super().__init__(settings, logs)
@@ -363,6 +367,9 @@ class SqliteDatastore(SqlDatastore):
 
     def _id_list(self, ids: Sequence[str]) -> Any:
         return json.dumps(list(ids))
+
+    def _fn_keys(self, keys: Collection[tuple[str, str]]) -> dict[str, Any]:
+        return {"keys": json.dumps([list(key) for key in keys])}
 
     def _walking(self, index: str) -> str:
         # Without statistics SQLite might walk an index whose calls are mostly not

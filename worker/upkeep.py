@@ -113,8 +113,12 @@ class Upkeep:
         self.metrics.observe_queues(stats)
 
     async def _definitions(self) -> None:
-        for app, name in sorted(self.agent.functions()):
-            self.agent.definition_read(app, name, await self.store.get_fn(app, name))
+        held = sorted(self.agent.functions())
+        if not held:
+            return
+        found = await self.store.get_fns(held)  # one read, however many functions
+        for app, name in held:
+            self.agent.definition_read(app, name, found.get((app, name)))
 
     async def _cancellations(self, ids: list[str]) -> None:
         for call_id in await self.store.cancel_requested(ids):

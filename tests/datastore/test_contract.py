@@ -85,6 +85,15 @@ async def test_registry_crud(store: SqlDatastore) -> None:
     assert await store.get_fn("shop", "crop") is None
 
 
+async def test_several_functions_are_read_at_once(store: SqlDatastore) -> None:
+    keys = [("shop", "resize"), ("shop", "crop"), ("blog", "resize")]
+    made = [await store.create_fn(Function(app, name, f"{name}:1")) for app, name in keys]
+    asked = [("shop", "resize"), ("blog", "resize"), ("blog", "crop"), ("shop", "resize")]
+    assert await store.get_fns(asked) == {("shop", "resize"): made[0], ("blog", "resize"): made[2]}
+    assert await store.get_fns([]) == {}
+    assert await store.get_fns([("nope", "nothing")]) == {}
+
+
 async def test_registry_validation(store: SqlDatastore) -> None:
     with pytest.raises(InvalidFunction, match="memory must be between 6 and 8192 MB"):
         await store.create_fn(Function("a", "f", "img:1", memory_mb=9000))

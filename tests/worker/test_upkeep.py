@@ -19,6 +19,7 @@ from config.domain import Call, CallStatus, Function, new_call_id
 from config.settings import load_settings, sqlite_url
 from datastore.base import Datastore, open_datastore
 from datastore.errors import StoreError, StoreUnavailable
+from datastore.sqlite import SqliteDatastore
 from mq.base import open_queue
 from tests.rig import fill_space, small_tmpfs
 from worker import upkeep as upkeep_module
@@ -106,6 +107,35 @@ async def test_containers_of_a_changed_or_deleted_function_leave_without_a_call(
                 side.cancel()
     finally:
         await store.close()
+
+
+async def test_the_definitions_held_are_read_at_once(tmp_path: Path) -> None:
+    """The definitions of the functions a worker has containers of are read again at
+    every heartbeat: one read for them all (5,000 functions read one at a time took
+    0.23 s on SQLite and 0.73 s on PostgreSQL, every 5 s)."""
+    settings = load_settings(data_dir=str(tmp_path), cpu_split="off")
+    store = await open_datastore(settings)
+    assert isinstance(store, SqliteDatastore)
+    driver = FakeDriver(FakeBehaviour())
+    reads: list[str] = []
+    try:
+        fns = [await store.create_fn(Function(app="a", name=f"f{i}", image="img", memory_mb=64))
+               for i in range(4)]  # fmt: skip
+        async with Agent(settings, driver) as agent:
+            for fn in fns:
+                outcome = await agent.submit(Call(new_call_id(), "a", fn.name), fn)
+                assert outcome.status is CallStatus.SUCCESS
+            await store.update_fn("a", "f1", memory_mb=96)
+            await store.delete_fn("a", "f2")
+            assert store._rconn is not None and store._qconn is not None
+            store._rconn.set_trace_callback(reads.append)
+            store._qconn.set_trace_callback(reads.append)
+            await Upkeep("w-1", store, agent, Metrics(), lambda: ())._definitions()
+            await driver.wait_until(lambda: driver.removes == 2)  # f1's old one, and f2's
+            assert sorted(c.spec.fn for c in driver.live) == ["f0", "f3"]
+    finally:
+        await store.close()
+    assert len(reads) == 1, reads
 
 
 class DownStore:
