@@ -66,6 +66,10 @@ from worker.running import HANDED_BACK, HANDED_BACK_UNSTARTED, RunningMark
 log = logging.getLogger("fnq.worker")
 
 FN_CACHE_TTL_S = 2.0
+# Definitions the cache holds before it drops those past FN_CACHE_TTL_S (then: twice
+# as many as it kept), so that it holds the functions called lately, not every name
+# ever called (10,000 functions: 9 MB; names of no function grow it as well).
+FN_CACHE_KEEP = 1024
 # Calls that have run and wait for their outcome to be stored and their message
 # settled, at most (see Recorder.room_to_record, worker.recording). A few per
 # commit normally.
@@ -106,6 +110,7 @@ class CallHandler:
             store, metrics=metrics, worker_id=worker_id, rng=rng, max_recording=max_recording
         )
         self._fn_cache: dict[tuple[str, str], tuple[float, Function | None]] = {}
+        self._fn_cache_room = FN_CACHE_KEEP
         self._elsewhere = Elsewhere(store, worker_id)
         self._put_off_ids: dict[str, None] = {}  # calls put off so far, oldest first
         self._handed_back = 0  # calls handed back for a passing fault (see _failed)
@@ -400,5 +405,9 @@ class CallHandler:
         if hit is not None and now - hit[0] < FN_CACHE_TTL_S:
             return hit[1]
         fn = await self.store.get_fn(app, name)
+        if len(self._fn_cache) >= self._fn_cache_room:
+            cache = self._fn_cache
+            self._fn_cache = {k: v for k, v in cache.items() if now - v[0] < FN_CACHE_TTL_S}
+            self._fn_cache_room = max(FN_CACHE_KEEP, 2 * len(self._fn_cache))
         self._fn_cache[(app, name)] = (now, fn)
         return fn
