@@ -255,7 +255,7 @@ def call_filters(
         params["since"] = since
     # Each position as a range of created_at that an index can seek to, then the id
     # within its first instant: PostgreSQL reads an OR of the two as a filter only,
-    # and walked the index from the newest call down to the cursor on every page.
+    # and would walk the index from the newest call down to the cursor on every page.
     if before is not None:
         clauses.append("created_at <= :before_at AND (created_at < :before_at OR id < :before_id)")
         params["before_at"], params["before_id"] = before

@@ -140,8 +140,8 @@ _OUTCOME = {
 
 # Ended calls older than the cutoff, oldest first, a chunk at a time, found through the
 # completion index: ``+status`` keeps SQLite (which has no statistics to go by) from
-# walking the status index instead, which reads every ended call of the table for each
-# chunk and made a purge quadratic in the table's size.
+# walking the status index instead, which would read every ended call of the table for
+# each chunk: a purge quadratic in the table's size.
 PURGE = (
     "DELETE FROM calls WHERE id IN (SELECT id FROM calls"
     f" WHERE +status IN {sql.FINAL} AND completed_at < :cutoff ORDER BY completed_at"
