@@ -390,9 +390,13 @@ async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
 async def _requeue_some(queue: MessageQueue, store: Datastore, ids: Sequence[str]) -> int:
     # Only the records of dead letters: an id that names none (mistyped, requeued
     # already, purged) keeps its record as it is, not `queued` with nothing queued.
-    async with asyncio.TaskGroup() as reopening:  # together: their writes share commits
-        for call_id in await queue.dead_among(ids):
-            reopening.create_task(store.reopen_call(call_id))  # no record, or not final: nothing
+    among = await queue.dead_among(ids)
+    try:
+        async with asyncio.TaskGroup() as reopening:  # together: their writes share commits
+            for call_id in among:
+                reopening.create_task(store.reopen_call(call_id))  # no record, not final: nothing
+    except* FnqError as failed:  # the others are cancelled; the first says why
+        raise failed.exceptions[0] from None
     return await queue.dead_requeue(list(ids))
 
 
