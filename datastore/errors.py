@@ -9,7 +9,9 @@
      +-- InvalidCursor          a list cursor that this store did not hand out
      +-- StoreClosed            the store was used after close()
      +-- StoreUnavailable       the database cannot be reached (Retryable)
-     |    +-- LogStoreFull      a log file found no room (no space, no inode, a quota)
+     |    +-- LogStoreDown      the log store cannot take a log for now (read-only, ...)
+     |         +-- LogStoreFull a log file found no room (no space, no inode, a quota)
+     +-- LogRefused             the log store will never take a log under its call's name
      +-- UnsupportedURL         FN_DB_URL / FN_LOG_URL names no known backend
      +-- CallNotFound           retry_call of an unknown call id
      +-- CallNotFinal           retry_call of a call still queued or running
@@ -27,6 +29,8 @@ __all__ = [
     "FunctionNotFound",
     "InvalidCursor",
     "InvalidFunction",
+    "LogRefused",
+    "LogStoreDown",
     "LogStoreFull",
     "RequestNotStored",
     "StoreClosed",
@@ -64,9 +68,21 @@ class StoreUnavailable(StoreError, Retryable):
     """The database did not answer (down, unreachable, or gave up waiting)."""
 
 
-class LogStoreFull(StoreUnavailable):
+class LogStoreDown(StoreUnavailable):
+    """The log store cannot take a call's log for now, for a reason of its own and not
+    of the log (a read-only file system, no permission, an I/O error, its directory
+    missing): the datastore's writes wait until it can (datastore.logroom)."""
+
+
+class LogStoreFull(LogStoreDown):
     """A call's log found no room in the log store (ENOSPC, EDQUOT): the datastore's
     writes wait for some (datastore.logroom)."""
+
+
+class LogRefused(StoreError):
+    """The log store refuses the name of a call's log (too long for its file system,
+    or characters it does not take): no wait would store it. The call's record is
+    stored without it (datastore.common)."""
 
 
 class UnsupportedURL(StoreError):

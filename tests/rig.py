@@ -276,6 +276,17 @@ def small_socket_fs() -> Iterator[Path]:
         shutil.rmtree(top, ignore_errors=True)
 
 
+def long_directory(top: Path, length: int) -> Path:
+    """A path under ``top`` of ``length`` characters (in names of 200 at most), for a
+    directory near the system's limit on paths (PATH_MAX, 4,096 bytes)."""
+    left = length - len(str(top))  # in k names of n characters, each after a "/"
+    k = -(-left // 201)
+    total = left - k
+    path = top.joinpath(*("d" * (total // k + (i < total % k)) for i in range(k)))
+    assert len(str(path)) == length, path
+    return path
+
+
 def fill_space(directory: Path) -> Path:
     """Take every block left on ``directory``'s file system with one file; its path
     (remove it to give the space back)."""
@@ -299,3 +310,12 @@ def fill_inodes(directory: Path, keep: int = 0) -> list[Path]:
     for _ in range(min(keep, len(made))):
         made.pop().unlink()
     return made
+
+
+def remount(mount_point: Path, mode: str) -> None:
+    """Remount the file system mounted on ``mount_point`` read-only (``ro``) or
+    read-write again (``rw``), as the kernel does to a disk after errors."""
+    subprocess.run(
+        ["mount", "-o", f"remount,{mode}", str(mount_point)],
+        check=True, capture_output=True, timeout=30,
+    )  # fmt: skip

@@ -24,7 +24,7 @@ from datastore.sqlite import SqliteDatastore
 from mq.base import Message, MessageQueue, open_queue
 from tests.datastore.test_cli import ISO_MS
 from tests.mq.conftest import QueueMaker
-from tests.rig import RedisServer, fill_space, small_tmpfs
+from tests.rig import RedisServer, fill_space, remount, small_tmpfs
 from worker.cli import cli
 from worker.cli import queue as cli_queue
 
@@ -413,3 +413,31 @@ def test_call_on_a_full_datastore_disk_is_queued_and_says_its_record_is_not(
         assert "database or disk is full" in result.stderr
         msg = with_queue(take_one)
         assert msg is not None and msg.call.id == call_id
+
+
+def test_requeue_with_a_read_only_log_directory_says_so_and_can_be_run_again(
+    backend: str, settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The call's old log cannot be deleted from a read-only file system (a real tmpfs
+    remounted read-only): one line names the directory and the error. Its record is
+    reopened already; once the directory is writable, the same command requeues it
+    (its old log stays until the call's next run writes over it)."""
+    with small_tmpfs(settings_env / "logs", "size=256k") as logs:
+        monkeypatch.setenv("FN_LOG_URL", f"file://{logs}")
+        fnq("call", "demo", "echo", "--id", "ro-1")
+        _end_with_error("ro-1")
+        remount(logs, "ro")
+        try:
+            result = CliRunner().invoke(cli, ["dead", "requeue", "ro-1"])
+        finally:
+            remount(logs, "rw")
+        assert result.exit_code == 1, (result.output, result.exception)
+        assert result.stderr == (
+            f"fnq: deleting the log of call ro-1 in {logs} failed: [Errno 30] Read-only file "
+            f"system: '{logs}/_1/ro-1.log'\n"
+        )
+        assert fnq("dead", "requeue", "ro-1") == "1\n"
+        shown = json.loads(fnq("calls", "show", "ro-1", "--json"))
+        assert (shown["status"], shown["attempts"]) == ("queued", 0)
+        msg = with_queue(take_one)
+        assert msg is not None and msg.call.id == "ro-1"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import errno
 import os
+import shutil
 import stat
 from pathlib import Path
 
@@ -13,9 +14,9 @@ import pytest
 from config.domain import new_call_id
 from config.settings import load_settings
 from datastore.base import open_log_store
-from datastore.errors import LogStoreFull, StoreError, StoreUnavailable
+from datastore.errors import LogRefused, LogStoreDown, LogStoreFull, StoreError, StoreUnavailable
 from datastore.filelogs import FileLogStore
-from tests.rig import fill_space, small_tmpfs
+from tests.rig import fill_space, long_directory, remount, small_tmpfs
 
 # Ids any producer may send (the wire format's rule), and RQ's job ids.
 IDS = [
@@ -55,12 +56,19 @@ def test_ids_that_are_not_call_ids_are_refused(tmp_path: Path, call_id: str) -> 
         FileLogStore(tmp_path).path_of(call_id)
 
 
-async def test_a_failed_write_is_a_retryable_error(tmp_path: Path) -> None:
+async def test_a_failed_write_is_the_store_s_fault_and_names_its_directory(
+    tmp_path: Path,
+) -> None:
+    """The datastore waits it out (datastore.logroom), as an outage."""
     blocked = tmp_path / "file"
     blocked.write_text("not a directory")
     store = FileLogStore(blocked)
-    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed") as raised:
+    with pytest.raises(LogStoreDown) as raised:
         await store.put_log("order-1", b"x")
+    assert str(raised.value) == (
+        f"writing the log of call order-1 in {blocked} failed: [Errno 17] File exists: '{blocked}'"
+    )
+    assert isinstance(raised.value, StoreUnavailable)  # Retryable
     assert not isinstance(raised.value, LogStoreFull)  # no room is not what failed
 
 
@@ -113,7 +121,9 @@ async def test_a_failed_write_leaves_no_temporary_file(tmp_path: Path) -> None:
     path = store.path_of("order-1")
     path.parent.mkdir()
     path.mkdir()  # a directory where the log file goes: the rename fails
-    with pytest.raises(StoreUnavailable, match="writing the log of call order-1 failed") as raised:
+    with pytest.raises(
+        LogStoreDown, match=r"order-1 in .* failed: \[Errno 21\] Is a dir"
+    ) as raised:
         await store.put_log("order-1", b"x")
     assert not isinstance(raised.value, LogStoreFull)  # no room is not what failed
     assert sorted(p.name for p in path.parent.iterdir()) == ["order-1.log"]
@@ -148,3 +158,77 @@ async def test_a_write_that_fails_midway_keeps_the_previous_log(
         await store.put_log("order-1", b"second\n")
     assert await store.get_log("order-1") == b"first\n"
     assert sorted(p.name for p in tmp_path.rglob("*")) == ["_1", "order-1.log"]
+
+
+async def test_a_read_only_file_system_is_the_store_s_fault(tmp_path: Path) -> None:
+    """A real tmpfs remounted read-only, as the kernel does to a disk after errors:
+    writes fail with LogStoreDown naming the directory, deletes with StoreUnavailable;
+    reads go on. Read-write again, the log is written."""
+    with small_tmpfs(tmp_path / "logs", "size=256k") as directory:
+        store = FileLogStore(directory)
+        await store.put_log("first-00", b"kept")
+        remount(directory, "ro")
+        try:
+            with pytest.raises(LogStoreDown) as raised:
+                await store.put_log("second-00", b"x")
+            assert str(raised.value).startswith(
+                f"writing the log of call second-00 in {directory} failed: "
+                "[Errno 30] Read-only file system: "
+            )
+            assert not isinstance(raised.value, LogStoreFull)
+            assert await store.get_log("first-00") == b"kept"
+            with pytest.raises(StoreUnavailable, match=r"deleting the log of call first-00 in "):
+                await store.delete_logs(["first-00"])
+        finally:
+            remount(directory, "rw")
+        await store.put_log("second-00", b"x")
+        assert await store.get_log("second-00") == b"x"
+
+
+async def test_a_directory_gone_after_the_first_write_is_not_made_again(tmp_path: Path) -> None:
+    """The first write makes the directory and its parents; later ones make only the
+    shards, so that a directory that went away (on a disk unmounted from above it)
+    is an error, not a new directory on the disk left under its path."""
+    directory = tmp_path / "disk" / "logs"
+    store = FileLogStore(directory)
+    await store.put_log("first-00", b"x")
+    (tmp_path / "disk").rename(tmp_path / "unmounted")
+    with pytest.raises(LogStoreDown, match=r"\[Errno 2\] No such file or directory: "):
+        await store.put_log("second-01", b"y")
+    assert not (tmp_path / "disk").exists()
+    assert await store.get_log("first-00") is None  # not there: nothing to read
+    (tmp_path / "unmounted").rename(tmp_path / "disk")
+    await store.put_log("second-01", b"y")
+    assert await store.get_log("second-01") == b"y"
+    shutil.rmtree(tmp_path / "disk")
+    await FileLogStore(directory).put_log("third-02", b"z")  # a new store makes it again
+    assert await store.get_log("third-02") == b"z"
+
+
+async def test_a_name_the_file_system_refuses_is_refused_for_good(tmp_path: Path) -> None:
+    """A path longer than the system takes (PATH_MAX, 4,096 bytes) for the longest
+    call ids, under a directory of 4,000 characters: the log of such a call can never
+    be stored there (LogRefused), those of shorter ids can. Reading it finds none."""
+    store = FileLogStore(long_directory(tmp_path, 4000))
+    short, longest = "order-1", "o" * 128
+    await store.put_log(short, b"fits")
+    with pytest.raises(LogRefused) as raised:
+        await store.put_log(longest, b"never")
+    assert str(raised.value).startswith(
+        f"the log of call {longest} cannot be stored in {store.directory}: "
+        "[Errno 36] File name too long: "
+    )
+    assert not isinstance(raised.value, StoreUnavailable)  # not Retryable: no wait
+    assert await store.get_log(longest) is None
+    await store.delete_logs([longest, short])
+    assert await store.get_log(short) is None
+    assert list(store.path_of(short).parent.iterdir()) == []  # no temporary file left
+
+
+async def test_what_is_not_a_log_file_fails_reads_and_deletes(tmp_path: Path) -> None:
+    store = FileLogStore(tmp_path)
+    store.path_of("order-1").mkdir(parents=True)  # a directory where the log goes
+    with pytest.raises(StoreUnavailable, match=r"reading the log of call order-1 in .* Is a dir"):
+        await store.get_log("order-1")
+    with pytest.raises(StoreUnavailable, match=r"deleting the log of call order-1 in "):
+        await store.delete_logs(["order-1"])
