@@ -13,6 +13,7 @@ import abc
 import asyncio
 import dataclasses
 import json
+import logging
 import os
 import re
 import socket
@@ -40,6 +41,7 @@ from datastore.batch import GroupCommit
 from datastore.errors import (
     FunctionExists,
     FunctionNotFound,
+    LogRefused,
     StoreClosed,
     StoreError,
     StoreUnavailable,
@@ -47,6 +49,8 @@ from datastore.errors import (
 from datastore.logroom import PatientLogs
 from datastore.rows import fn_from_row, fn_row, record_from_row, worker_from_row
 from datastore.validate import apply_changes, validate_function
+
+logs_logger = logging.getLogger("fnq.datastore.logs")
 
 CLOSE_TIMEOUT_S = 10.0
 PURGE_CHUNK = 500
@@ -109,7 +113,7 @@ class SqlDatastore(abc.ABC):
     def __init__(self, settings: Settings, logs: LogStore | None) -> None:
         self.settings = settings
         self._external_logs = logs
-        # The external store's log writes, each waiting for room if it has none.
+        # The external store's log writes, each waiting until the store can take it.
         self._log_room = None if logs is None else PatientLogs(logs)
         self.close_timeout_s = CLOSE_TIMEOUT_S
         self.worker_write_timeout_s = WORKER_WRITE_TIMEOUT_S
@@ -353,13 +357,22 @@ class SqlDatastore(abc.ABC):
             return False
         if log is None:
             return bool(await self._write(kind, row))
-        # A log with no room waits for some, and the record with it (datastore.logroom).
+        # A log the store cannot take for now (no room, a read-only disk...) waits
+        # until it can, and the record with it (datastore.logroom).
         return await room.keep(self._log_then_record(room, kind, row, log))
 
     async def _log_then_record(
         self, room: PatientLogs, kind: Write, row: dict[str, Any], log: bytes
     ) -> bool:
-        await room.put_log(row["id"], log)
+        try:
+            await room.put_log(row["id"], log)
+        except LogRefused as exc:
+            # No wait would store it, and the call has run: its outcome is kept, its
+            # log marked cut (all of it).
+            logs_logger.error(  # noqa: TRY400 - the reason is all there is to say
+                "%s; the call's record is stored without it", exc
+            )
+            row = {**row, "log_truncated": True}
         return bool(await self._write(kind, row))
 
     # ------------------------------------------------------------- reading
@@ -518,7 +531,7 @@ class SqlDatastore(abc.ABC):
         self._closed = True
         try:
             if self._log_room is not None:
-                # Logs still waiting for room are given up first: their records could
+                # Logs still waiting are given up first: their records could
                 # not follow them into batches that are closing.
                 self._log_room.close()
             await self._close_backend()

@@ -283,7 +283,7 @@ class CallHandler:
         """The datastore or the queue failed the call's handling; nothing is lost.
 
         A passing fault (a read that fails in an outage, say: writes wait for the
-        datastore, and a log for room) hands the message back to run again later,
+        datastore, and a log for its store) hands the message back to run again later,
         its record put back to `queued` first if it was marked `running` (as at
         shutdown: the attempt stays counted if the function ran, worker.running).
         A record the datastore refuses sends the message to the dead
