@@ -10,7 +10,7 @@ record back to `queued` while it runs. So the call is left to that worker
 
 - the record is `running` on another worker,
 - that worker is alive: its heartbeat (worker.upkeep) is at most
-  ``ALIVE_WITHIN`` old, as ``fnq status`` counts live workers, and, when it
+  ``ALIVE_WITHIN`` (worker.liveness) old, as ``fnq status`` counts live workers, and, when it
   ran on this host in this pid namespace (its heartbeat says which), its
   process still runs (a worker killed with SIGKILL leaves a fresh heartbeat
   behind), and
@@ -34,7 +34,7 @@ from datetime import timedelta
 from config.domain import CallStatus, Function, process_gone, utcnow
 from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreUnavailable
-from worker.upkeep import ALIVE_WITHIN
+from worker.liveness import ALIVE_WITHIN
 
 RUNNING_SLACK_S = 5.0  # past the function's timeout: the outcome's write, clocks apart
 LIVE_TTL_S = 2.0  # the live workers are read again after this long

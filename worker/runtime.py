@@ -7,23 +7,19 @@ import contextlib
 import gc
 import logging
 import resource
-from typing import TYPE_CHECKING
 
-from config.errors import ConfigError
 from config.settings import Settings, unknown_env_names
 from datastore.base import open_datastore
-from mq.base import REDIS_SCHEMES, MessageQueue, open_queue
+from mq.base import open_queue
 from mq.errors import QueueUnavailable
 from worker.agent.agent import Agent
 from worker.agent.drivers.docker import DockerDriver
 from worker.dump import state_on_signal
 from worker.loop import Worker
 from worker.metrics import Metrics
+from worker.rq_open import rq_names, rq_queues
 from worker.shutdown import Shutdown, signal_handlers
 from worker.upkeep import Upkeep
-
-if TYPE_CHECKING:
-    from mq.rq import RQQueue
 
 log = logging.getLogger("fnq.worker")
 
@@ -174,31 +170,6 @@ def tune_garbage_collector() -> None:
     gc.freeze()
     _, older, oldest = gc.get_threshold()
     gc.set_threshold(GC_YOUNG_THRESHOLD, older, oldest)
-
-
-def rq_queues(settings: Settings) -> list[MessageQueue]:
-    """The RQ queues named by FN_RQ_QUEUES, if any (imported only then)."""
-    queue = open_rq(settings)
-    return [] if queue is None else [queue]
-
-
-def open_rq(settings: Settings) -> RQQueue | None:
-    """One RQQueue over the RQ queues named by FN_RQ_QUEUES; None when none are."""
-    names = rq_names(settings)
-    if not names:
-        return None
-    url = settings.rq_url or settings.mq_url
-    if url.partition("://")[0].lower() not in REDIS_SCHEMES:
-        raise ConfigError(
-            "FN_RQ_QUEUES needs a Redis: set FN_RQ_URL=redis://HOST:PORT/DB or unix:///SOCKET?db=DB"
-        )
-    from mq.rq import open_rq_queues  # noqa: PLC0415 - rq is imported only when used
-
-    return open_rq_queues(url, names, settings)
-
-
-def rq_names(settings: Settings) -> list[str]:
-    return [n.strip() for n in settings.rq_queues.split(",") if n.strip()]
 
 
 def _scheme(url: str) -> str:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Collection, Sequence
-from datetime import timedelta
 from importlib.metadata import version
 from typing import Any
 
@@ -37,9 +36,6 @@ VERSION = version("fnq")
 CANCEL_POLL_S = 0.5
 MIB = 1024 * 1024
 HEARTBEAT_S = 5.0
-# A worker whose last heartbeat is at most this old is alive (``fnq status`` lists it;
-# worker.elsewhere leaves its `running` calls to it).
-ALIVE_WITHIN = timedelta(seconds=30)
 
 
 def describe(stats: AgentStats) -> dict[str, Any]:

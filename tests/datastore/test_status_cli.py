@@ -17,7 +17,8 @@ from mq.base import open_queue
 from tests.datastore.test_cli import into_closed_pipe
 from tests.datastore.test_workers import INFO
 from tests.rig import free_port
-from worker.cli import cli, run
+from worker.cli import cli
+from worker.cli import status as status_module
 
 
 def status(*args: str) -> str:
@@ -72,7 +73,7 @@ def test_status_counts_a_status_up_to_a_cap_unless_told(
 ) -> None:
     """Counting every call of a status reads all of them (millions); past the cap the
     count says "more than", and --exact counts them all."""
-    monkeypatch.setattr(run, "STATUS_COUNT_CAP", 3)
+    monkeypatch.setattr(status_module, "STATUS_COUNT_CAP", 3)
 
     async def populate() -> None:
         store = await open_datastore(load_settings())

@@ -24,7 +24,7 @@ COMMANDS: dict[str, tuple[str, str]] = {
     "logs": ("worker.cli.store", "logs_cmd"),
     "fn": ("worker.cli.fns", "fn_group"),
     "dead": ("worker.cli.queue", "dead_group"),
-    "status": ("worker.cli.run", "status_cmd"),
+    "status": ("worker.cli.status", "status_cmd"),
     "images": ("worker.cli.images", "images_cmd"),
     "config": ("worker.cli.config_cmd", "config_cmd"),
 }
