@@ -9,25 +9,41 @@ from __future__ import annotations
 import importlib
 import sys
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import click
 
 from config.errors import FnqError
-from config.settings import load_settings
 from worker.cli._common import fail, quiet_when_stdout_closes
 
-COMMANDS: dict[str, tuple[str, str]] = {
-    "worker": ("worker.cli.run", "worker_cmd"),
-    "call": ("worker.cli.queue", "call_cmd"),
-    "calls": ("worker.cli.store", "calls_group"),
-    "logs": ("worker.cli.store", "logs_cmd"),
-    "fn": ("worker.cli.fns", "fn_group"),
-    "dead": ("worker.cli.queue", "dead_group"),
-    "status": ("worker.cli.status", "status_cmd"),
-    "images": ("worker.cli.images", "images_cmd"),
-    "config": ("worker.cli.config_cmd", "config_cmd"),
-}
+
+class Entry(NamedTuple):
+    """Where a subcommand is defined, and the first paragraph of its help, which
+    ``fnq --help`` lists without importing the subcommand."""
+
+    module: str
+    attr: str
+    summary: str
+
+
+COMMANDS: dict[str, Entry] = {
+    "worker": Entry("worker.cli.run", "worker_cmd",
+                    "Run calls from the queue in hot containers until SIGTERM/SIGINT."),
+    "call": Entry("worker.cli.queue", "call_cmd",
+                  "Queue an asynchronous call of APP's function FN; prints the call id."),
+    "calls": Entry("worker.cli.store", "calls_group",
+                   "Inspect, cancel, retry and purge call records."),
+    "logs": Entry("worker.cli.store", "logs_cmd", "Print the log (stdout and stderr) of a call; "
+                  "it appears when the call ends."),
+    "fn": Entry("worker.cli.fns", "fn_group", "Register, change, list and remove functions."),
+    "dead": Entry("worker.cli.queue", "dead_group",
+                  "Messages that will not be delivered again: list, requeue or purge them."),
+    "status": Entry("worker.cli.status", "status_cmd", "Queue depth by state (and the RQ "
+                    "queues'), calls by status and the live workers."),
+    "images": Entry("worker.cli.images", "images_cmd", "Function images built without a registry."),
+    "config": Entry("worker.cli.config_cmd", "config_cmd",
+                    "Show the effective settings (environment, .env and defaults)."),
+}  # fmt: skip
 
 
 # click >= 8.2 reports a group run without a subcommand as a usage error whose message is the
@@ -85,9 +101,18 @@ class LazyGroup(click.Group):
         where = COMMANDS.get(cmd_name)
         if where is None:
             return None
-        command = getattr(importlib.import_module(where[0]), where[1])
+        command = getattr(importlib.import_module(where.module), where.attr)
         assert isinstance(command, click.Command)
         return command
+
+    def format_commands(self, ctx: click.Context, formatter: click.HelpFormatter) -> None:
+        """The commands as click lists them, shortened alike, from COMMANDS: ``fnq
+        --help`` loads none of them (``fnq images`` would load the docker client)."""
+        limit = formatter.width - 6 - max(len(name) for name in COMMANDS)
+        rows = [(name, click.Command(name, help=entry.summary).get_short_help_str(limit))
+                for name, entry in COMMANDS.items()]  # fmt: skip
+        with formatter.section("Commands"):
+            formatter.write_dl(rows)
 
     def parse_args(self, ctx: click.Context, args: list[str]) -> list[str]:
         with quiet_when_stdout_closes():  # --help, --version
@@ -103,6 +128,8 @@ class LazyGroup(click.Group):
 @click.pass_context
 def cli(ctx: click.Context) -> None:
     """fnq: asynchronous function calls in hot Docker containers."""
+    from config.settings import load_settings  # noqa: PLC0415 - not for --help
+
     try:
         ctx.obj = load_settings()
     except FnqError as exc:

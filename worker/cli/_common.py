@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import functools
 import json
@@ -13,13 +12,15 @@ import sys
 import unicodedata
 from collections.abc import Callable, Coroutine, Iterator, Sequence
 from datetime import datetime
-from typing import Any, ParamSpec, TypeVar
+from typing import TYPE_CHECKING, Any, ParamSpec, TypeVar
 
 import click
 
 from config.errors import FnqError
-from config.settings import Settings, load_settings
-from datastore.wait import Waited
+
+if TYPE_CHECKING:
+    from config.settings import Settings
+    from datastore.wait import Waited
 
 P = ParamSpec("P")
 T = TypeVar("T")
@@ -65,6 +66,8 @@ def wait_status(waited: Waited) -> int:
 
 def settings_from(ctx: click.Context) -> Settings:
     """The settings built once by the top-level group."""
+    from config.settings import Settings, load_settings  # noqa: PLC0415 - not for --help
+
     obj = ctx.find_root().obj
     if not isinstance(obj, Settings):
         obj = load_settings()
@@ -73,11 +76,14 @@ def settings_from(ctx: click.Context) -> Settings:
 
 
 def run_async(coro: Coroutine[Any, Any, T]) -> T:
+    """Run ``coro`` on an event loop (asyncio is loaded here: ``fnq --help`` runs none)."""
     try:
         import uvloop  # noqa: PLC0415 - optional speed-up
 
         return uvloop.run(coro)
     except ImportError:  # pragma: no cover - uvloop is a declared dependency
+        import asyncio  # noqa: PLC0415
+
         return asyncio.run(coro)
 
 
