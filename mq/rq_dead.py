@@ -2,7 +2,9 @@
 
 Dead letters of the RQ adapter are the FAILED jobs in rq's FailedJobRegistry of
 each queue; ``dead_requeue`` is rq's ``FailedJobRegistry.requeue`` (with fnq's
-delivery count reset) and ``dead_purge`` deletes the jobs.
+delivery count reset) and ``dead_purge`` deletes the jobs. Given ids, these and
+``dead_among`` ask Redis about those ids only (ZMSCORE), however many dead letters
+the registries hold.
 """
 
 from __future__ import annotations
@@ -28,6 +30,7 @@ from mq.errors import QueueUnavailable
 
 _LIVE = {b"queued", b"started", b"scheduled", b"deferred", b"created"}
 ENQUEUE_ATTEMPTS = 5  # of the enqueue transaction, while the job keeps changing under it
+MEMBERSHIP_BATCH = 1_000  # dead-letter ids looked up in a registry with one command
 
 
 def enqueue(conn: Redis, queue_name: str, call: Call, delay_s: float, priority: int) -> bool:
@@ -111,18 +114,45 @@ def dead_list(conn: Redis, names: Sequence[str], limit: int, max_body: int) -> l
     return out[:limit]
 
 
+def _held(
+    conn: Redis, registries: Sequence[FailedJobRegistry], ids: Sequence[str]
+) -> list[set[str]]:
+    """Which of ``ids`` each registry holds, asked of Redis about those ids only: a
+    ZMSCORE per registry for each MEMBERSHIP_BATCH of them, one round trip a batch."""
+    held: list[set[str]] = [set() for _ in registries]
+    for start in range(0, len(ids), MEMBERSHIP_BATCH):
+        batch = list(ids[start : start + MEMBERSHIP_BATCH])
+        with conn.pipeline(transaction=False) as pipe:
+            for registry in registries:
+                pipe.zmscore(registry.key, batch)
+            replies = cast(list[list[float | None]], pipe.execute())
+        for found, scores in zip(held, replies, strict=True):
+            found.update(i for i, score in zip(batch, scores, strict=True) if score is not None)
+    return held
+
+
+def _chosen(
+    conn: Redis, names: Sequence[str], ids: Sequence[str] | None
+) -> list[tuple[FailedJobRegistry, list[str]]]:
+    """Each registry with the ids to handle in it: all it holds (``ids`` None), else
+    those of ``ids`` it holds, each once, in the order given."""
+    registries = _registries(conn, names)
+    if ids is None:
+        return [(r, r.get_job_ids(cleanup=False)) for r in registries]
+    distinct = list(dict.fromkeys(ids))
+    held = _held(conn, registries, distinct)
+    return [(r, [i for i in distinct if i in h]) for r, h in zip(registries, held, strict=True)]
+
+
 def among(conn: Redis, names: Sequence[str], ids: Sequence[str]) -> list[str]:
-    held: set[str] = set()
-    for registry in _registries(conn, names):
-        held.update(registry.get_job_ids(cleanup=False))
+    held = set().union(*_held(conn, _registries(conn, names), list(dict.fromkeys(ids))))
     return [i for i in ids if i in held]
 
 
 def requeue(conn: Redis, names: Sequence[str], ids: Sequence[str] | None) -> int:
     moved = 0
-    for registry in _registries(conn, names):
-        held = registry.get_job_ids(cleanup=False)
-        for job_id in held if ids is None else [i for i in ids if i in set(held)]:
+    for registry, job_ids in _chosen(conn, names, ids):
+        for job_id in job_ids:
             if not conn.exists(Job.key_for(job_id)):
                 registry.remove(job_id)
                 continue
@@ -137,9 +167,8 @@ def requeue(conn: Redis, names: Sequence[str], ids: Sequence[str] | None) -> int
 
 def purge(conn: Redis, names: Sequence[str], ids: Sequence[str] | None) -> int:
     removed = 0
-    for registry in _registries(conn, names):
-        wanted = set(registry.get_job_ids(cleanup=False))
-        for job_id in wanted if ids is None else [i for i in ids if i in wanted]:
+    for registry, job_ids in _chosen(conn, names, ids):
+        for job_id in job_ids:
             try:
                 registry.remove(job_id, delete_job=True)
             except NoSuchJobError:
