@@ -1,4 +1,4 @@
-"""``fnq worker``: the only command that loads the worker's runtime (agent, docker client)."""
+"""``fnq worker``: the one command that loads the worker's runtime (agent, docker driver)."""
 
 from __future__ import annotations
 
