@@ -499,7 +499,7 @@ class HotContainer:
         call whose container turns out dead before that has not reached a function,
         and waits for another container as any waiting call does. A connection the
         function never accepted within the call's timeout did not reach it either:
-        the container is stuck, and the call goes back (NotAccepted, agent._submit)."""
+        the container is stuck, and the call fails unstarted (NotAccepted, agent._submit)."""
         try:
             result = await interruptible(
                 container.dispatch(request, sink, usage, on_delivered=stop.dispatched),
