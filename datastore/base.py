@@ -258,13 +258,15 @@ class Datastore(Protocol):
         """Put a finished call back to ``queued`` as if new (attempts 0, outcome, log and
         cancel flag cleared, request kept) and return the Call to push, rebuilt from its
         stored request with created_at = now. Raises CallNotFound, CallNotFinal (queued
-        or running) or RequestNotStored."""
+        or running) or RequestNotStored; LogNotDeleted when the call's old log could
+        not be deleted from an external log store (the record is left as it was)."""
         ...
 
     async def reopen_call(self, call_id: str) -> bool:
         """Put a finished call back to ``queued`` as ``retry_call`` does, for a caller
         that pushes the call's message itself (a requeued dead letter), so the stored
-        request is not needed. False when there is no record or it is not final."""
+        request is not needed. False when there is no record or it is not final;
+        LogNotDeleted as for ``retry_call``."""
         ...
 
     async def cancel_requested(self, call_ids: Sequence[str]) -> set[str]:

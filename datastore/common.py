@@ -41,6 +41,7 @@ from datastore.batch import GroupCommit
 from datastore.errors import (
     FunctionExists,
     FunctionNotFound,
+    LogNotDeleted,
     LogRefused,
     StoreClosed,
     StoreError,
@@ -90,6 +91,7 @@ class Write(StrEnum):
     END_BURIED = "end_buried"  # -> bool (False: no live record from before the burial)
     REQUEUE = "requeue"  # -> bool (False: not final, or no request unless :reopen); log deleted
     PURGE = "purge"  # -> list of deleted ids (their logs go by cascade)
+    PURGE_IDS = "purge_ids"  # -> list of deleted ids among :ids (still ended before :cutoff)
     LOG_PUT = "log_put"  # -> None
     LOG_DELETE = "log_delete"  # -> None (params: call_ids)
     # not batched: through _write_now
@@ -103,6 +105,8 @@ class SqlDatastore(abc.ABC):
 
     # How the backend matches ``id`` against the list parameter ``:ids``.
     IDS_IN: ClassVar[str] = "= ANY(:ids)"
+    # The ids of the next chunk of ended calls completed before ``:cutoff``, oldest first.
+    PURGE_CHUNK_IDS: ClassVar[str] = sql.purge_chunk_ids("status")
     writer: GroupCommit[Any]  # the backend's batches
     # The functions named by the parameters of ``_fn_keys``, each found by its key.
     FNS_GET: ClassVar[str] = (
@@ -295,11 +299,14 @@ class SqlDatastore(abc.ABC):
         a call whose request is stored."""
         fn = await self.get_fn(rec.app, rec.fn)
         params = {"id": rec.id, "now": now, "image": None if fn is None else fn.image}
-        if not await self._write(Write.REQUEUE, {**params, "reopen": reopen}):
-            return False
         if self._external_logs is not None:
-            await self._external_logs.delete_logs([rec.id])
-        return True
+            # The old log goes first: a record reopened while it stayed would show it
+            # as the log of the coming run. Not deleted, the call stays as it was.
+            try:
+                await self._external_logs.delete_logs([rec.id])
+            except StoreError as exc:
+                raise LogNotDeleted(f"{exc}; call {rec.id} stays {rec.status.value}") from exc
+        return bool(await self._write(Write.REQUEUE, {**params, "reopen": reopen}))
 
     def _outcome_row(
         self,
@@ -513,14 +520,33 @@ class SqlDatastore(abc.ABC):
     # ----------------------------------------------------------- retention
     async def purge_calls(self, older_than: timedelta) -> int:
         cutoff = utcnow() - older_than
+        if self._external_logs is not None:
+            return await self._purge_logs_first(self._external_logs, cutoff)
         total = 0
-        while True:
+        while True:  # each chunk's logs go with its records, by cascade
             ids: list[str] = await self._write(
                 Write.PURGE, {"cutoff": cutoff, "limit": PURGE_CHUNK}
             )
             total += len(ids)
-            if self._external_logs is not None and ids:
-                await self._external_logs.delete_logs(ids)
+            if len(ids) < PURGE_CHUNK:
+                return total
+
+    async def _purge_logs_first(self, logs: LogStore, cutoff: datetime) -> int:
+        """Purge with logs kept apart: each chunk's logs are deleted before its records.
+        A failure leaves those records (some perhaps without their log, harmless for a
+        call on its way out) for a later purge to take again; never a log that no
+        record leads to."""
+        total = 0
+        while True:
+            chunk = await self._fetch(
+                self.PURGE_CHUNK_IDS, {"cutoff": cutoff, "limit": PURGE_CHUNK}
+            )
+            ids = [row["id"] for row in chunk]
+            if ids:
+                await logs.delete_logs(ids)
+                # A call reopened meanwhile is no longer ended, and stays.
+                params = {"ids": self._id_list(ids), "cutoff": cutoff}
+                total += len(await self._write(Write.PURGE_IDS, params))
             if len(ids) < PURGE_CHUNK:
                 return total
 

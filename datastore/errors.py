@@ -10,7 +10,8 @@
      +-- StoreClosed            the store was used after close()
      +-- StoreUnavailable       the database cannot be reached (Retryable)
      |    +-- LogStoreDown      the log store cannot take a log for now (read-only, ...)
-     |         +-- LogStoreFull a log file found no room (no space, no inode, a quota)
+     |    |    +-- LogStoreFull a log file found no room (no space, no inode, a quota)
+     |    +-- LogNotDeleted     a call's old log stayed, so its record was not reopened
      +-- LogRefused             the log store will never take a log under its call's name
      +-- UnsupportedURL         FN_DB_URL / FN_LOG_URL names no known backend
      +-- CallNotFound           retry_call of an unknown call id
@@ -29,6 +30,7 @@ __all__ = [
     "FunctionNotFound",
     "InvalidCursor",
     "InvalidFunction",
+    "LogNotDeleted",
     "LogRefused",
     "LogStoreDown",
     "LogStoreFull",
@@ -77,6 +79,12 @@ class LogStoreDown(StoreUnavailable):
 class LogStoreFull(LogStoreDown):
     """A call's log found no room in the log store (ENOSPC, EDQUOT): the datastore's
     writes wait for some (datastore.logroom)."""
+
+
+class LogNotDeleted(StoreUnavailable):
+    """A final call's old log could not be deleted from the log store, so its record
+    was left as it was rather than reopened (retried, or its dead letter requeued):
+    the log of the run to come would have been that old one until the run ended."""
 
 
 class LogRefused(StoreError):

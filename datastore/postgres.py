@@ -135,6 +135,8 @@ PURGE = (
     " LIMIT :limit)) RETURNING id"
 )
 
+PURGE_IDS = sql.PURGE_IDS.format(ids_in="= ANY(:ids)")
+
 
 def with_log(stmt: str) -> str:
     """``stmt`` (an upsert returning id) plus the log of the row it wrote."""
@@ -209,6 +211,8 @@ async def apply(conn: Any, kind: Write, p: dict[str, Any], log: bytes | None) ->
         return bool(await _fetch(conn, REQUEUE, p))
     if kind is Write.PURGE:
         return [row["id"] for row in await _fetch(conn, PURGE, p)]
+    if kind is Write.PURGE_IDS:
+        return [row["id"] for row in await _fetch(conn, PURGE_IDS, p)]
     if kind is Write.LOG_DELETE:
         await conn.execute(
             "DELETE FROM logs WHERE call_id = ANY($1)", p["call_ids"], timeout=STATEMENT_TIMEOUT_S

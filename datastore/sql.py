@@ -180,6 +180,24 @@ CALL_REQUEUE = (
     " RETURNING id"
 )
 
+
+def purge_chunk_ids(status: str) -> str:
+    """The read of the ids of the next chunk of ended calls completed before ``:cutoff``,
+    oldest first, through the completion index; ``status``: the column as the backend's
+    planner should see it."""
+    return (
+        f"SELECT id FROM calls WHERE {status} IN {FINAL} AND completed_at < :cutoff"
+        " ORDER BY completed_at LIMIT :limit"
+    )
+
+
+# Those of a chunk's calls that are still ended before the cutoff (not reopened since
+# the chunk was read), deleted.
+PURGE_IDS = (
+    "DELETE FROM calls WHERE id {ids_in}"
+    f" AND status IN {FINAL} AND completed_at < :cutoff RETURNING id"
+)
+
 # A queued call is not running: it ends with no run time (a start kept from an attempt
 # before its backoff would make the wait look like one).
 CALL_CANCEL_QUEUED = (

@@ -148,6 +148,11 @@ PURGE = (
     " LIMIT :limit) RETURNING id"
 )
 
+IDS_IN = "IN (SELECT value FROM json_each(:ids))"
+PURGE_IDS = sql.PURGE_IDS.format(ids_in=IDS_IN)
+# The purges: each returns the ids it deleted.
+_DELETED_IDS = {Write.PURGE: PURGE, Write.PURGE_IDS: PURGE_IDS}
+
 
 def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: bytes | None) -> Any:
     """One write against the open transaction; the result ``Write`` documents."""
@@ -176,8 +181,8 @@ def apply(conn: sqlite3.Connection, kind: Write, params: dict[str, Any], log: by
         if requeued:
             conn.execute(sql.LOG_DELETE, {"call_id": p["id"]})
         return requeued
-    if kind is Write.PURGE:
-        return [r[0] for r in conn.execute(PURGE, p).fetchall()]
+    if kind in _DELETED_IDS:
+        return [r[0] for r in conn.execute(_DELETED_IDS[kind], p).fetchall()]
     if kind is Write.LOG_DELETE:
         conn.executemany(sql.LOG_DELETE, [{"call_id": i} for i in p["call_ids"]])
         return None
@@ -269,7 +274,8 @@ def _settle(conn: sqlite3.Connection, op: _Op, *, done: str, undo: tuple[str, ..
 
 
 class SqliteDatastore(SqlDatastore):
-    IDS_IN = "IN (SELECT value FROM json_each(:ids))"
+    IDS_IN = IDS_IN
+    PURGE_CHUNK_IDS = sql.purge_chunk_ids("+status")  # see PURGE
     FNS_GET = (
         "SELECT fns.* FROM json_each(:keys) AS k JOIN fns"
         " ON fns.app = json_extract(k.value, '$[0]') AND fns.name = json_extract(k.value, '$[1]')"

@@ -415,29 +415,69 @@ def test_call_on_a_full_datastore_disk_is_queued_and_says_its_record_is_not(
         assert msg is not None and msg.call.id == call_id
 
 
-def test_requeue_with_a_read_only_log_directory_says_so_and_can_be_run_again(
+def test_requeue_with_a_read_only_log_directory_leaves_that_call_dead(
     backend: str, settings_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """The call's old log cannot be deleted from a read-only file system (a real tmpfs
-    remounted read-only): one line names the directory and the error. Its record is
-    reopened already; once the directory is writable, the same command requeues it
-    (its old log stays until the call's next run writes over it)."""
+    remounted read-only): one line names the call, the directory and the error; that
+    dead letter stays dead and its record ended, its old log still its own, while the
+    other dead letter is requeued. Once the directory is writable, the same command
+    requeues it, its old log gone."""
     with small_tmpfs(settings_env / "logs", "size=256k") as logs:
         monkeypatch.setenv("FN_LOG_URL", f"file://{logs}")
-        fnq("call", "demo", "echo", "--id", "ro-1")
-        _end_with_error("ro-1")
+        for call_id in ("ro-1", "ok-1"):
+            fnq("call", "demo", "echo", "--id", call_id)
+            _end_with_error(call_id)
+        old_log = fnq("logs", "ro-1")
+        (logs / "_1" / "ok-1.log").unlink()  # gone already: nothing to delete
         remount(logs, "ro")
         try:
-            result = CliRunner().invoke(cli, ["dead", "requeue", "ro-1"])
+            result = CliRunner().invoke(cli, ["dead", "requeue", "ro-1", "ok-1"])
         finally:
             remount(logs, "rw")
-        assert result.exit_code == 1, (result.output, result.exception)
+        assert (result.exit_code, result.stdout) == (1, "1\n"), (result.output, result.exception)
         assert result.stderr == (
-            f"fnq: deleting the log of call ro-1 in {logs} failed: [Errno 30] Read-only file "
-            f"system: '{logs}/_1/ro-1.log'\n"
+            f"fnq: dead letter ro-1 not requeued: deleting the log of call ro-1 in {logs} "
+            f"failed: [Errno 30] Read-only file system: '{logs}/_1/ro-1.log'; call ro-1 "
+            "stays error\n"
         )
-        assert fnq("dead", "requeue", "ro-1") == "1\n"
+        assert [d["id"] for d in json.loads(fnq("dead", "list", "--json"))] == ["ro-1"]
+        shown = json.loads(fnq("calls", "show", "ro-1", "--json"))
+        assert (shown["status"], shown["attempts"]) == ("error", 1)
+        assert fnq("logs", "ro-1") == old_log
+        assert json.loads(fnq("calls", "show", "ok-1", "--json"))["status"] == "queued"
+        msg = with_queue(take_one)
+        assert msg is not None and msg.call.id == "ok-1"
+
+        assert fnq("dead", "requeue", "--all") == "1\n"
         shown = json.loads(fnq("calls", "show", "ro-1", "--json"))
         assert (shown["status"], shown["attempts"]) == ("queued", 0)
+        assert not (logs / "_1" / "ro-1.log").exists()
         msg = with_queue(take_one)
         assert msg is not None and msg.call.id == "ro-1"
+
+
+def test_requeue_all_passes_over_the_dead_letters_it_leaves_dead(
+    backend: str, settings_env: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """With rounds of two, the one dead letter whose old log cannot be deleted (a
+    read-only tmpfs) stays the oldest; each later round lists past it, and every
+    other dead letter is requeued."""
+    monkeypatch.setattr(cli_queue, "REQUEUE_ROUND", 2)
+    with small_tmpfs(settings_env / "logs", "size=256k") as logs:
+        monkeypatch.setenv("FN_LOG_URL", f"file://{logs}")
+        ids = [f"r-{i}" for i in range(5)]
+        for call_id in ids:
+            fnq("call", "demo", "echo", "--id", call_id)
+            _end_with_error(call_id)
+        for call_id in ids[1:]:
+            next(logs.rglob(f"{call_id}.log")).unlink()
+        remount(logs, "ro")
+        try:
+            result = CliRunner().invoke(cli, ["dead", "requeue", "--all"])
+        finally:
+            remount(logs, "rw")
+        assert (result.exit_code, result.stdout) == (1, "4\n"), (result.output, result.exception)
+        assert result.stderr.startswith("fnq: dead letter r-0 not requeued: ")
+        assert len(result.stderr.splitlines()) == 1
+        assert [d["id"] for d in json.loads(fnq("dead", "list", "--json"))] == ["r-0"]

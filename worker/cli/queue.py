@@ -15,7 +15,7 @@ from config.domain import Call, CallStatus, frozen_map, new_call_id
 from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import Datastore, open_datastore
-from datastore.errors import FunctionNotFound, StoreUnavailable
+from datastore.errors import FunctionNotFound, LogNotDeleted, StoreUnavailable
 from datastore.wait import Waited, wait_for_calls
 from mq import wire
 from mq.base import DeadLetter, MessageQueue, open_queue
@@ -347,22 +347,28 @@ def dead_requeue(ctx: click.Context, ids: tuple[str, ...], all_: bool) -> None:
     (an error, say) gets it back to `queued`, attempts 0, so that it runs again.
     """
     chosen = _selection(ids, all_)
-    _report(ctx, run_async(requeue_dead(settings_from(ctx), chosen)), chosen)
+    done, stuck = run_async(requeue_dead(settings_from(ctx), chosen))
+    _report(ctx, done, chosen, len(stuck))
 
 
-def _report(ctx: click.Context, done: int, chosen: list[str] | None) -> None:
-    """Print how many dead letters were handled; ids that named none fail the command."""
+def _report(ctx: click.Context, done: int, chosen: list[str] | None, stuck: int = 0) -> None:
+    """Print how many dead letters were handled; ids that named none, and ``stuck``
+    dead letters (said why on stderr already), fail the command."""
     click.echo(done)
-    if chosen is not None and done < len(set(chosen)):
-        missing = len(set(chosen)) - done
+    if chosen is not None and done + stuck < len(set(chosen)):
+        missing = len(set(chosen)) - done - stuck
         click.echo(f"fnq: {missing} of the ids given named no dead letter", err=True)
+        ctx.exit(1)
+    if stuck:
         ctx.exit(1)
 
 
-async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
+async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> tuple[int, list[str]]:
     """Requeue the dead letters ``ids`` (None: all), their final records reopened first
     (a record reopened after the push could meet a worker that settles the call as
-    already ended). Idempotent: running it again after a failure finishes the job."""
+    already ended): how many, and the ids of those that stay dead because their
+    call's old log could not be deleted (each said on stderr). Idempotent: running
+    it again after a failure finishes the job."""
     queue = open_queue(settings.mq_url, settings, create=False)  # the dead letters are in it
     try:
         store = await open_datastore(settings, create=False, write_patience_s=WRITE_PATIENCE_S)
@@ -373,31 +379,49 @@ async def requeue_dead(settings: Settings, ids: Sequence[str] | None) -> int:
         if ids is not None:
             return await _requeue_some(queue, store, ids)
         # In rounds, each the oldest dead letters; at most as many as there were at
-        # first (a requeued message that dies again is not taken twice).
-        total, left = 0, (await queue.stats()).dead
+        # first (a requeued message that dies again is not taken twice). Those that
+        # stay dead are the oldest of the next rounds' lists, and passed over.
+        total, stuck, left = 0, list[str](), (await queue.stats()).dead
         while left > 0:
-            batch = [d.id for d in await queue.dead_list(min(left, REQUEUE_ROUND))]
+            listed = await queue.dead_list(min(left, REQUEUE_ROUND) + len(stuck))
+            passed = set(stuck)
+            batch = [d.id for d in listed if d.id not in passed]
             if not batch:
                 break
-            total += await _requeue_some(queue, store, batch)
+            done, failed = await _requeue_some(queue, store, batch)
+            total, stuck = total + done, stuck + failed
             left -= len(batch)
-        return total
+        return total, stuck
     finally:
         await queue.close()
         await store.close()
 
 
-async def _requeue_some(queue: MessageQueue, store: Datastore, ids: Sequence[str]) -> int:
+async def _requeue_some(
+    queue: MessageQueue, store: Datastore, ids: Sequence[str]
+) -> tuple[int, list[str]]:
+    """Requeue the dead letters of ``ids``: how many, and the ids left dead because
+    their call's old log could not be deleted (its record stays final)."""
     # Only the records of dead letters: an id that names none (mistyped, requeued
     # already, purged) keeps its record as it is, not `queued` with nothing queued.
     among = await queue.dead_among(ids)
+    stuck: list[str] = []
+
+    async def reopen(call_id: str) -> None:
+        try:
+            await store.reopen_call(call_id)  # no record, or not final: nothing
+        except LogNotDeleted as exc:  # that call alone stays as it was
+            click.echo(f"fnq: dead letter {call_id} not requeued: {exc}", err=True)
+            stuck.append(call_id)
+
     try:
         async with asyncio.TaskGroup() as reopening:  # together: their writes share commits
             for call_id in among:
-                reopening.create_task(store.reopen_call(call_id))  # no record, not final: nothing
+                reopening.create_task(reopen(call_id))
     except* FnqError as failed:  # the others are cancelled; the first says why
         raise failed.exceptions[0] from None
-    return await queue.dead_requeue(list(ids))
+    left_dead = set(stuck)
+    return await queue.dead_requeue([i for i in ids if i not in left_dead]), stuck
 
 
 @dead_group.command("purge")
