@@ -479,6 +479,56 @@ async def test_a_live_container_whose_socket_refuses_fails_the_call(
     await driver.wait_until(lambda: driver.removes == 1)
 
 
+async def test_a_dead_container_a_watching_driver_saw_go_costs_the_call_no_wait(
+    agents: AgentFactory,
+) -> None:
+    # The container died between calls and the engine has not reported it; the driver
+    # watches its process and says, with the refusal, that it is gone. The call goes
+    # to another container at once, without waiting for the engine's report.
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    first = await agent.submit(make_call(fn), fn)
+    driver.containers[0].die_unseen(ExitInfo(exit_code=1), watched=True)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    out = await agent.submit(make_call(fn), fn)
+    took = loop.time() - began
+    assert out.status is CallStatus.SUCCESS, out.error
+    assert out.container_id not in (None, first.container_id)
+    assert took < EXIT_SETTLE_S / 2, took
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
+@pytest.mark.parametrize("watched", [True, False])
+async def test_a_live_container_that_closed_its_listener_fails_the_call(
+    agents: AgentFactory, watched: bool
+) -> None:
+    # The function closed its listener and lives on: the call fails as the function's
+    # error. A driver that watches the process says it lives on, and the call fails at
+    # once; with one that does not tell, the agent first waits for an exit report.
+    driver = FakeDriver()
+    agent = agents(driver)
+    fn = make_fn()
+    first = await agent.submit(make_call(fn), fn)
+    driver.containers[0].close_listener(watched=watched)
+    loop = asyncio.get_running_loop()
+    began = loop.time()
+    out = await agent.submit(make_call(fn), fn)
+    took = loop.time() - began
+    assert (out.status, out.failure) == (CallStatus.ERROR, FailureKind.FUNCTION)
+    assert out.error == (
+        "the function's socket took no connection: "
+        f"container {first.container_id} refused the connection"
+    )
+    if watched:
+        assert took < EXIT_SETTLE_S / 2, took
+    else:
+        assert took >= EXIT_SETTLE_S, took
+    assert len(driver.containers) == 1  # no new container was tried for it
+    await driver.wait_until(lambda: driver.removes == 1)
+
+
 async def test_a_call_the_function_never_accepts_fails_unstarted_and_its_container_goes(
     agents: AgentFactory,
 ) -> None:

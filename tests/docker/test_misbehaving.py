@@ -17,7 +17,7 @@ from tests.docker.test_agent_engine import agent_for, call, fn, ours, wait_for
 from worker.agent.agent import Agent
 from worker.agent.driver import DispatchRequest
 from worker.agent.drivers.docker import DockerDriver
-from worker.agent.errors import DispatchError, ExchangeBroken
+from worker.agent.errors import DispatchError, ExchangeBroken, NotDelivered
 from worker.agent.iofs import remove_tree
 
 pytestmark = pytest.mark.integration
@@ -71,6 +71,48 @@ async def test_a_function_that_hangs_up_and_lives_on_fails_its_call_at_once(
         again = await agent.submit(call(hangs_up, b'{"do": "ok"}'), hangs_up)
         assert again.status is CallStatus.SUCCESS, again.error
         assert again.container_id != first.container_id  # the one that hung up is retired
+
+
+async def test_a_function_that_closes_its_listener_and_lives_on_fails_its_call_at_once(
+    agent_for: Callable[..., Agent], any_output_driver: DockerDriver
+) -> None:
+    # Its socket refuses the connection while the process lives on: the driver's
+    # watch of the process says so with the refusal, and no exit is waited for.
+    async with running(any_output_driver, spec(IMAGE)) as c:
+        assert (await c.dispatch(do("close_listener"))).status == 200
+        loop = asyncio.get_running_loop()
+        began = loop.time()
+        with pytest.raises(NotDelivered) as caught:
+            await c.dispatch(do("ok"))
+        assert loop.time() - began < 0.3
+        assert caught.value.exited is False
+    closes = fn("closes-listener", IMAGE)
+    async with agent_for() as agent:
+        first = await agent.submit(call(closes, b'{"do": "close_listener"}'), closes)
+        assert first.status is CallStatus.SUCCESS, first.error
+        began = loop.time()
+        out = await agent.submit(call(closes, b'{"do": "ok"}'), closes)
+        took = loop.time() - began
+        assert (out.status, out.failure) == (CallStatus.ERROR, FailureKind.FUNCTION)
+        assert out.error is not None
+        assert out.error.startswith("the function's socket took no connection: "), out.error
+        assert "Connection refused" in out.error, out.error
+        assert took < 0.4, took
+        again = await agent.submit(call(closes, b'{"do": "ok"}'), closes)
+        assert again.status is CallStatus.SUCCESS, again.error
+        assert again.container_id != first.container_id  # the refusing one is retired
+
+
+async def test_a_refusal_by_a_container_that_exited_says_it_is_gone(
+    any_output_driver: DockerDriver,
+) -> None:
+    async with running(any_output_driver, spec(IMAGE)) as c:
+        assert (await c.dispatch(do("exit_after"))).status == 200
+        async with asyncio.timeout(10):
+            await c.wait()
+        with pytest.raises(NotDelivered) as caught:
+            await c.dispatch(do("ok"))
+        assert caught.value.exited is True
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@
      |    +-- FreezeFailed         docker pause/unpause failed
      +-- DispatchError            the HTTP exchange over the socket failed
           +-- NotDelivered         no connection to the socket: the request never left
+          |    |                   (and whether the container's process is gone)
           |    +-- NotAccepted     the function took no connection within the call's
           |                        timeout: the call never reached it, but the
           |                        function failed it (counted, retried)
@@ -146,7 +147,14 @@ class DispatchError(AgentError):
 
 
 class NotDelivered(DispatchError):
-    """The function's socket took no connection: nothing was sent, nothing ran."""
+    """The function's socket took no connection: nothing was sent, nothing ran.
+    ``exited``: the driver watched the container's process when the connection was
+    refused, and it was gone (True) or lived on (False); None when the driver does
+    not tell."""
+
+    def __init__(self, message: str, exited: bool | None = None):
+        super().__init__(message)
+        self.exited = exited
 
 
 class NotAccepted(NotDelivered):

@@ -21,7 +21,10 @@ A call that finds its container broken before dispatch (exited, failed to
 unpause, or its socket takes no connection and the container turns out to be
 dead, its exit not reported yet) gets :class:`SlotUnusable` and looks for
 another slot: nothing ran. A live container whose socket refuses the call
-fails it as the function's error. One whose function never accepts the
+fails it as the function's error. Which of the two a refusal is, a driver
+that watches the container's process tells with the refusal
+(``NotDelivered.exited``); for one that does not, the call waits up to
+EXIT_SETTLE_S for the engine's report of an exit. One whose function never accepts the
 call's connection within the call's timeout is retired, and the call ends
 unstarted (:class:`NotAccepted`), the function's failure: it never reached
 the function, whose container failed it as one that never starts does.
@@ -80,7 +83,8 @@ REMOVE_TIMEOUT_S = 30.0
 CREATE_MARGIN_S = 60.0  # creating the container, on top of the image pull
 START_MARGIN_S = 5.0  # on top of FN_HOT_START_TIMEOUT_MSECS, which the driver enforces
 EXIT_SETTLE_S = 0.5  # a dropped connection is often a death: wait this long for the exit
-# (unless the driver has watched the process already: ExchangeBroken.exited)
+# (unless the driver has watched the process already: ExchangeBroken.exited,
+# NotDelivered.exited)
 MIN_BUSY_NAP_S = 0.05  # see _life
 # A driver ends a dispatch at the call's timeout itself (TimeoutError, or NotAccepted when
 # the function never took the connection); the agent's own timer, this much later, ends
@@ -520,7 +524,10 @@ class HotContainer:
             ) from exc
         except NotDelivered as exc:
             self.retire(f"the function's socket took no connection: {exc}")
-            if await self._settle_exit():  # dead before the call, its exit not in yet
+            # Dead before the call, its exit maybe not in yet: a driver that watches
+            # the process says so at once (exc.exited); else wait for an exit report.
+            dead = exc.exited or self.exit_info is not None
+            if dead or (exc.exited is None and await self._settle_exit()):
                 raise SlotUnusable(str(exc)) from exc
             # Alive and refusing: the function's fault, counted as such (a new
             # container for it would most likely refuse too).

@@ -30,6 +30,8 @@ The request body is JSON, {"do": WHAT, ...}; WHAT is one of:
   another connection (the next ones wait in the listener's backlog).
 - ``jam``: fill the listener's backlog with connections of its own, answer and
   close; it never accepts again: the next connection finds no room.
+- ``close_listener``: close the listening socket, then answer and close; the
+  process lives on (the next connections are refused).
 - and what a hostile function tries: see hostile.py.
 """
 
@@ -45,6 +47,7 @@ import hostile
 
 DIR = "/tmp/iofs"
 LISTENER = os.environ.get("FN_LISTENER", "unix:/tmp/iofs/lsnr.sock")[len("unix:"):]
+LISTENING = []  # the listening socket, once made (close_listener closes it)
 
 
 def answer(body=b"ok", status=200, close=False, extra=""):
@@ -217,6 +220,11 @@ def serve(conn):
             conn.sendall(answer(close=True))
             conn.close()
             time.sleep(3600)
+        elif what == "close_listener":
+            LISTENING[0].close()  # before the answer: no next connection gets in first
+            conn.sendall(answer(close=True))
+            conn.close()
+            time.sleep(3600)
         elif hostile.handle(conn, what, req, answer):
             pass
         else:
@@ -228,6 +236,7 @@ def main():
     sock.bind(f"{DIR}/misbehave.sock")
     os.chmod(f"{DIR}/misbehave.sock", 0o666)
     sock.listen(8)
+    LISTENING.append(sock)
     os.symlink("misbehave.sock", LISTENER)  # ready: listening already
     while True:
         conn, _ = sock.accept()

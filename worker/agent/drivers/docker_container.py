@@ -29,7 +29,7 @@ from worker.agent.driver import (
 )
 from worker.agent.drivers.cgroup import CgroupMeter
 from worker.agent.drivers.docker_api import AttachStream, DockerAPI, DockerError
-from worker.agent.drivers.output import OutputRouter
+from worker.agent.drivers.output import OutputRouter, Segment
 from worker.agent.drivers.pipes import OutputPipes
 from worker.agent.drivers.process import ProcessWatch
 from worker.agent.drivers.shortage import ShortageLog
@@ -42,6 +42,7 @@ from worker.agent.errors import (
     FreezeFailed,
     HostShort,
     InvalidResponse,
+    NotAccepted,
     NotDelivered,
     ResponseTooBig,
     host_short,
@@ -57,7 +58,8 @@ FREEZE_TIMEOUT_S = 5.0
 REMOVE_TIMEOUT_S = 60.0
 DRAIN_TIMEOUT_S = 5.0  # for the output and wait tasks to notice a removed container
 EXIT_OUTPUT_S = 0.5  # a broken exchange: how long the output waits for a death
-EXIT_GRACE_S = 0.1  # a broken exchange: how long a process that lives on gets to exit
+EXIT_GRACE_S = 0.1  # a broken exchange or a refused connection: how long a process
+# that lives on gets to exit
 # Dispatch errors that are no broken connection: nothing sent, or a bad answer.
 NOT_A_BREAK = (NotDelivered, InvalidResponse, ResponseTooBig)
 # The exit wait's connection closes with the answer instead of staying in the session's
@@ -320,20 +322,10 @@ class DockerContainer:
         except (DispatchError, TimeoutError) as exc:
             # At once: the cgroup of a container that died goes with it.
             _read_usage(meter, usage)
-            # The container may be dying or is about to be killed: let go of its
-            # pipes so that the engine sees its output end (drivers.stdio), and
-            # take what it wrote until now.
-            self._release_stdio()
-            broken = isinstance(exc, DispatchError) and not isinstance(exc, NOT_A_BREAK)
-            exited = await self._after_break() if broken else None
-            if self._pipes is not None and self._pipes.open:
-                self._pipes.drain()
-            else:
-                await output.settle(self._timing.quiet_s, self._timing.limit_s)
-            output.drop(segment)
-            if broken:
-                raise ExchangeBroken(str(exc), exited=exited) from exc
-            raise
+            told = await self._failed(exc, segment)
+            if told is None:
+                raise
+            raise told from exc
         if self._shortage is not None and self._fdk.connections_made != connections:
             self._shortage.worked()  # a connection was made: the host had a descriptor
         if self._pipes is not None and self._pipes.open:
@@ -350,6 +342,35 @@ class DockerContainer:
             result.truncated,
             output_done=segment.sealed,
         )
+
+    async def _failed(
+        self, exc: DispatchError | TimeoutError, segment: Segment
+    ) -> DispatchError | None:
+        """A dispatch failed with ``exc``: the call's output until now is taken, and
+        the error that says whether the process exited (ExchangeBroken for a broken
+        exchange, NotDelivered for a refused connection) is made; None: ``exc`` as
+        it is."""
+        # The container may be dying or is about to be killed: let go of its pipes so
+        # that the engine sees its output end (drivers.stdio), and take what it wrote
+        # until now.
+        self._release_stdio()
+        broken = isinstance(exc, DispatchError) and not isinstance(exc, NOT_A_BREAK)
+        refused = isinstance(exc, NotDelivered) and not isinstance(exc, NotAccepted)
+        exited = None
+        if broken:
+            exited = await self._after_break()
+        elif refused:
+            exited = await self._after_refusal()
+        if self._pipes is not None and self._pipes.open:
+            self._pipes.drain()
+        else:
+            await self._output.settle(self._timing.quiet_s, self._timing.limit_s)
+        self._output.drop(segment)
+        if broken:
+            return ExchangeBroken(str(exc), exited=exited)
+        if refused and exited is not None:
+            return NotDelivered(str(exc), exited=exited)
+        return None
 
     async def _after_break(self) -> bool:
         """Whether the container's process exited after its exchange broke.
@@ -372,6 +393,29 @@ class DockerContainer:
                 return False  # it broke the exchange and lives on
         await self._until_exit_output(EXIT_OUTPUT_S)
         return self._exit.done() or (process is not None and process.gone.done())
+
+    async def _after_refusal(self) -> bool | None:
+        """Whether the container's process is gone, its socket having taken no
+        connection; None without a watch on the process (drivers.process).
+
+        A process gone by now was dead before the call: the call may go to
+        another container. One that refuses while it lives has closed its
+        listener; or it is dying, and closed it on the way out: it gets
+        EXIT_GRACE_S to exit, as after a broken exchange. A dead container's
+        exit is told at once, without the engine's report of it.
+        """
+        if self._exit.done():
+            return True
+        process = self._process
+        if process is None:
+            return None
+        if not process.gone.done():
+            try:
+                async with asyncio.timeout(EXIT_GRACE_S):
+                    await asyncio.shield(process.gone)
+            except TimeoutError:
+                return self._exit.done()  # it refuses and lives on
+        return True
 
     async def _until_exit_output(self, limit_s: float) -> None:
         """Wait up to ``limit_s`` for the container's exit and the end of its output."""

@@ -157,6 +157,8 @@ class FakeContainer:
         self.requests: list[DispatchRequest] = []
         self.stats: dict[str, float] = {}  # each dispatch's resource use, however it ends
         self._unseen_exit: ExitInfo | None = None  # see die_unseen
+        self._listening = True  # cleared by close_listener
+        self._watched = False  # see die_unseen and close_listener
         self._accepting = asyncio.Event()  # cleared by stop_accepting
         self._accepting.set()
 
@@ -183,12 +185,22 @@ class FakeContainer:
             self._exited.set()
             self._driver._changed()
 
-    def die_unseen(self, info: ExitInfo) -> None:
+    def die_unseen(self, info: ExitInfo, *, watched: bool = False) -> None:
         """The process ends and the engine has not reported it yet: the socket takes no
-        connection, and the exit is reported as the next dispatch is refused."""
+        connection, and the exit is reported as the next dispatch is refused. With
+        ``watched``, the driver watches the process: the refusal says it is gone
+        (NotDelivered.exited), and the engine's report does not come with it."""
         if self.exit_info is None:
             self.state = "exited"
             self._unseen_exit = info
+            self._watched = watched
+
+    def close_listener(self, *, watched: bool = False) -> None:
+        """The process lives on and closes its listener: its socket refuses the next
+        connections. With ``watched``, the driver watches the process and the refusal
+        says it lives on (NotDelivered.exited is False); else it does not tell."""
+        self._listening = False
+        self._watched = watched
 
     def stop_accepting(self) -> None:
         """The process lives on and accepts no connection any more: the next dispatch is
@@ -218,10 +230,17 @@ class FakeContainer:
         on_delivered: Callable[[], None] | None = None,
     ) -> DispatchResult:
         if self.state != "running":  # its socket takes no connection
+            if self._watched:  # the driver saw the process gone; the engine has not told
+                raise NotDelivered(f"container {self.id} is {self.state}", exited=True)
             unseen, self._unseen_exit = self._unseen_exit, None
             if unseen is not None:
                 self.exit(unseen)
             raise NotDelivered(f"container {self.id} is {self.state}")
+        if not self._listening:
+            raise NotDelivered(
+                f"container {self.id} refused the connection",
+                exited=False if self._watched else None,
+            )
         if on_delivered is not None:
             on_delivered()
         self._sink = sink
