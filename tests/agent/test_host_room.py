@@ -63,3 +63,55 @@ async def test_the_call_goes_back_as_the_hosts_shortage_while_no_container_is_id
     first, _ = await asyncio.gather(*running)
     assert (await agent.submit(make_call(c), c)).status is CallStatus.SUCCESS  # now idle
     assert [x.id for x in driver.containers if x.state == "removed"] == [first.container_id]
+
+
+async def test_a_lapsed_connection_takes_the_room_of_an_idle_container_of_another(
+    agents: AgentFactory,
+) -> None:
+    """The host is full, and a container's kept-alive connection lapsed: the call's new
+    connection finds no room. The oldest idle container of another function goes,
+    and the call runs on its own container, not dispatched before that."""
+    driver = FakeDriver(host_room=2)
+    agent = agents(driver)
+    a, b = (make_fn(name, idle_timeout_s=300) for name in "ab")
+    other = await agent.submit(make_call(a), a)
+    first = await agent.submit(make_call(b), b)
+    mine = next(x for x in driver.containers if x.id == first.container_id)
+    mine.lapse_connection()
+    outcome = await agent.submit(make_call(b), b)
+    assert outcome.status is CallStatus.SUCCESS, outcome.error
+    assert outcome.container_id == first.container_id  # the same container, after room
+    assert driver.connections_refused == 1
+    assert [x.id for x in driver.containers if x.state == "removed"] == [other.container_id]
+    assert agent.statistics().evictions == 1 and driver.creates == 2
+    assert len(mine.requests) == 2  # the refused connection sent nothing
+
+
+async def test_a_lapsed_connection_goes_back_as_the_hosts_shortage_while_none_is_idle(
+    agents: AgentFactory,
+) -> None:
+    """No idle container of another function to evict: the call goes back to the queue
+    after its one try, as the host's shortage, and its container stays."""
+    gate = asyncio.Event()
+    driver = FakeDriver(
+        FakeBehaviour(), per_image={"img/a": FakeBehaviour(handler=gated(gate))}, host_room=2
+    )
+    agent = agents(driver)
+    a, b = (make_fn(name, idle_timeout_s=300) for name in "ab")
+    first = await agent.submit(make_call(b), b)
+    running = asyncio.create_task(agent.submit(make_call(a), a))  # busy: it stays
+    await driver.wait_until(lambda: driver.dispatches == 2)
+    mine = next(x for x in driver.containers if x.id == first.container_id)
+    mine.lapse_connection()
+    outcome = await agent.submit(make_call(b), b)
+    assert (outcome.started, outcome.failure) == (False, FailureKind.BUSY)
+    assert outcome.error is not None and "no room for a connection" in outcome.error
+    assert driver.connections_refused == 1 and driver.removes == 0
+    assert agent.statistics().evictions == 0
+    gate.set()
+    assert (await running).status is CallStatus.SUCCESS
+    # the other container is idle now: it goes, and the next call runs on the same one
+    again = await agent.submit(make_call(b), b)
+    assert again.status is CallStatus.SUCCESS, again.error
+    assert again.container_id == first.container_id
+    assert agent.statistics().evictions == 1 and driver.connections_refused == 2

@@ -253,3 +253,33 @@ async def test_a_launch_short_of_inodes_evicts_an_idle_container_of_another_func
         assert agent.statistics().evictions == 1
     assert ours(docker_engine, label_tag) == []
     assert not [r for r in caplog.records if "ran out of resources" in r.getMessage()]
+
+
+async def test_a_connection_short_of_descriptors_evicts_an_idle_container_of_another_function(
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    docker_engine: Any,
+    label_tag: str,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The worker is at its descriptor limit, and a container's kept-alive connection
+    has lapsed: the call's new connection takes the room of another function's idle
+    container, and the call runs on its own container."""
+    monkeypatch.setattr(fdk, "KEEPALIVE_S", 0.0)  # every call opens a new connection
+    settings = make_settings()
+    tracker = ResourceTracker(ResourceTotals(memory_bytes=2048 * MIB, cpu_mcpus=2000))
+    a, b = (
+        Function(app="eng", name=name, image="fnq/echo", memory_mb=64, idle_timeout_s=300)
+        for name in ("a", "b")
+    )
+    async with Agent(settings, DockerDriver(settings), tracker=tracker) as agent:
+        other = await agent.submit(Call(new_call_id(), a.app, a.name, b"x"), a)
+        first = await agent.submit(Call(new_call_id(), b.app, b.name, b"x"), b)
+        assert (other.status, first.status) == (CallStatus.SUCCESS, CallStatus.SUCCESS)
+        with descriptors_left(0):
+            out = await agent.submit(Call(new_call_id(), b.app, b.name, b"y"), b)
+        assert out.status is CallStatus.SUCCESS, out.error
+        assert out.container_id == first.container_id
+        assert agent.statistics().evictions == 1
+        assert {c.name for c in ours(docker_engine, label_tag)} == {first.container_id}
+    assert ours(docker_engine, label_tag) == []

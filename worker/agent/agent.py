@@ -44,7 +44,10 @@ it evicts idle containers of *other* functions, oldest first, all or nothing
 So it does, before it takes a token, when the host has no room for another
 container (the worker's file descriptors, inodes for socket directories: the
 driver says how many containers must go); if not enough are idle, the start
-meets the shortage and the call goes back to the queue.
+meets the shortage and the call goes back to the queue. A call whose
+container needs a new connection to its socket (the kept-alive one lapsed)
+and finds no descriptor for it does the same, then tries once more on the
+same container (:meth:`hot.HotContainer._make_host_room`).
 A function without a container whose launch has waited
 ``FN_HOT_DISPLACE_WAIT_PERCENT`` of its timeout also takes the room of busy
 containers of other functions, each leaving once its current call is over

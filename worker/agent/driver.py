@@ -166,10 +166,11 @@ class Driver(Protocol):
         """Run containers made from now on, and move the live ones, on ``cpus``
         (None: on any CPU of the host)."""
 
-    def containers_in_the_way(self) -> int:
+    def containers_in_the_way(self, *, connection: bool = False) -> int:
         """How many idle containers must leave before the host has room to start one
         more (the worker's file descriptors, inodes for the socket directories): 0
-        when it has room. Cheap: asked before each launch."""
+        when it has room. Cheap: asked before each launch. ``connection``: room for
+        a new connection to a started container's socket instead (descriptors)."""
 
     async def close(self) -> None:
         """Remove every container this driver made that still exists."""

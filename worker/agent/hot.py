@@ -28,6 +28,10 @@ EXIT_SETTLE_S for the engine's report of an exit. One whose function never accep
 call's connection within the call's timeout is retired, and the call ends
 unstarted (:class:`NotAccepted`), the function's failure: it never reached
 the function, whose container failed it as one that never starts does.
+A call whose container needs a new connection (the kept-alive one lapsed or
+broke) and finds the host short of descriptors for it evicts idle containers
+of other functions, as a launch does, and tries once more; then, or if none
+could go, it goes back to the queue (:class:`HostShort`).
 """
 
 from __future__ import annotations
@@ -37,6 +41,7 @@ import logging
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
+from typing import Any
 
 from config.domain import Call, Function, frozen_map, utcnow
 from config.errors import AgentError
@@ -69,7 +74,7 @@ from worker.agent.errors import (
 from worker.agent.evictor import Evictor
 from worker.agent.execution import KEEP_STATUSES, ExecEnd, ExecResult, StopControl
 from worker.agent.pacer import FreezePacer
-from worker.agent.resources import ResourceToken
+from worker.agent.resources import ResourceToken, Shortfall
 from worker.agent.slots import Caller, ContainerState, Slot, SlotQueue
 from worker.agent.tasks import Interrupted, interruptible
 
@@ -90,6 +95,9 @@ MIN_BUSY_NAP_S = 0.05  # see _life
 # the function never took the connection); the agent's own timer, this much later, ends
 # one whose driver does not.
 DISPATCH_BACKSTOP_S = 1.0
+# How long a call waits for the containers evicted to give the host room for its
+# connection (see HotContainer._make_host_room).
+HOST_ROOM_WAIT_S = REMOVE_TIMEOUT_S + 5.0
 
 
 class SlotUnusable(Exception):
@@ -473,19 +481,60 @@ class HotContainer:
         stop: StopControl,
         sink: OutputSink,
     ) -> ExecResult:
-        started_at = utcnow()
-        request = DispatchRequest(
-            call_id=call.id,
-            body=call.body,
-            headers=call.headers,
-            deadline=started_at + timedelta(seconds=timeout_s),
-            timeout_s=timeout_s,
-        )
-        usage = CallUsage()
-        end, result, error = await self._dispatch(
-            container, request, sink, usage, stop=stop, timeout_s=timeout_s
-        )
-        return ExecResult(end, started_at, utcnow(), result=result, error=error, stats=usage.stats)
+        room_made = False
+        while True:
+            started_at = utcnow()
+            request = DispatchRequest(
+                call_id=call.id,
+                body=call.body,
+                headers=call.headers,
+                deadline=started_at + timedelta(seconds=timeout_s),
+                timeout_s=timeout_s,
+            )
+            usage = CallUsage()
+            try:
+                end, result, error = await self._dispatch(
+                    container, request, sink, usage, stop=stop, timeout_s=timeout_s
+                )
+            except HostShort:  # no new connection: tried once more if room was made
+                if room_made or not await self._make_host_room(stop):
+                    raise
+                room_made = True
+                if stop.requested:
+                    raise SlotUnusable("the call was stopped before it was dispatched") from None
+                continue
+            return ExecResult(
+                end, started_at, utcnow(), result=result, error=error, stats=usage.stats
+            )
+
+    async def _make_host_room(self, stop: StopControl) -> bool:
+        """The host had no room for a new connection to the function (its kept-alive one
+        lapsed or broke): evict as many idle containers of other functions as the
+        driver says must go for the host to have room, or none if there are not that
+        many, as a launch does, and wait until they are gone (or the call is
+        stopped). Whether any were evicted."""
+        need = self.driver.containers_in_the_way(connection=True)
+        if need <= 0:
+            return False
+        evicted = self.evictor.evict_for(self.queue.key, Shortfall(0, 0, need))
+        if not evicted:
+            return False
+        log.debug("%d idle container(s) of other functions evicted: the host has no room "
+                  "for a connection to %s", len(evicted), self.id)  # fmt: skip
+        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(event.wait()) for event in evicted}
+        try:
+            async with asyncio.timeout(HOST_ROOM_WAIT_S):
+                for wait in waits:
+                    await asyncio.wait({wait, stop.stopped}, return_when=asyncio.FIRST_COMPLETED)
+                    if stop.requested:
+                        break
+        except TimeoutError:
+            log.warning("evicted containers of other functions are slow to go")
+        finally:
+            for wait in waits:
+                wait.cancel()
+            await asyncio.gather(*waits, return_exceptions=True)
+        return True
 
     async def _dispatch(
         self,

@@ -64,7 +64,12 @@ from worker.agent.drivers.docker_config import (
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
 from worker.agent.drivers.image_cleaner import Image, ImageCleaner, exempt_tags
 from worker.agent.drivers.pipes import SHELL, make_pipes, wrapped_command
-from worker.agent.drivers.shortage import ShortageLog, check_descriptors, containers_in_the_way
+from worker.agent.drivers.shortage import (
+    CONNECTION_DESCRIPTORS,
+    ShortageLog,
+    check_descriptors,
+    containers_in_the_way,
+)
 from worker.agent.errors import (
     AgentClosed,
     ContainerInitFailed,
@@ -212,12 +217,15 @@ class DockerDriver:
             except DockerError as exc:
                 log.debug("%s stays on its CPUs: %s", container.describe(), exc)
 
-    def containers_in_the_way(self) -> int:
+    def containers_in_the_way(self, *, connection: bool = False) -> int:
         """Idle containers that must leave for the host to have room for another: for
         the worker's file descriptors (drivers.shortage), and one for the inodes of its
-        socket directory."""
+        socket directory. ``connection``: for a new connection to a function's socket
+        instead (descriptors only)."""
         if not self._started or self._closed:
             return 0
+        if connection:
+            return containers_in_the_way(CONNECTION_DESCRIPTORS)
         return max(containers_in_the_way(), int(self._iofs.short_of_inodes()))
 
     @property

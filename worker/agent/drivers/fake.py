@@ -6,7 +6,9 @@ writes output or kills its container); ``host_room`` caps the containers the
 host has room for at once, as the worker's descriptors do. A dispatch ends at
 its request's timeout with TimeoutError, as the docker driver's does, or with
 NotAccepted once its container has stopped accepting connections
-(:meth:`FakeContainer.stop_accepting`). The driver counts what the agent did
+(:meth:`FakeContainer.stop_accepting`); one whose kept-alive connection lapsed
+(:meth:`FakeContainer.lapse_connection`) needs room on the host for a new one.
+The driver counts what the agent did
 (creates, starts, pauses, unpauses, removes, dispatches) and
 :meth:`FakeDriver.wait_until` lets a test wait for any condition on it
 without sleeping::
@@ -158,6 +160,7 @@ class FakeContainer:
         self.stats: dict[str, float] = {}  # each dispatch's resource use, however it ends
         self._unseen_exit: ExitInfo | None = None  # see die_unseen
         self._listening = True  # cleared by close_listener
+        self._connection_lapsed = False  # see lapse_connection
         self._watched = False  # see die_unseen and close_listener
         self._accepting = asyncio.Event()  # cleared by stop_accepting
         self._accepting.set()
@@ -207,6 +210,12 @@ class FakeContainer:
         queued in its listener's backlog and ends with NotAccepted at its timeout."""
         self._accepting.clear()
 
+    def lapse_connection(self) -> None:
+        """The kept-alive connection to its socket lapsed: the next dispatch makes a new
+        one, and fails with HostShort (nothing sent) while the host is full (as many
+        live containers as ``host_room``), as one that finds no descriptor left."""
+        self._connection_lapsed = True
+
     # ------------------------------------------------------ Container
     async def start(self) -> None:
         self._driver.starts += 1
@@ -241,6 +250,13 @@ class FakeContainer:
                 f"container {self.id} refused the connection",
                 exited=False if self._watched else None,
             )
+        if self._connection_lapsed:
+            room = self._driver.host_room
+            if room is not None and len(self._driver.live) >= room:
+                self._driver.connections_refused += 1
+                self._driver._changed()
+                raise HostShort(f"the fake host has no room for a connection to {self.id}")
+            self._connection_lapsed = False
         if on_delivered is not None:
             on_delivered()
         self._sink = sink
@@ -327,6 +343,7 @@ class FakeDriver:
         self.containers: list[FakeContainer] = []
         self.creates = self.starts = self.pauses = self.unpauses = 0
         self.removes = self.dispatches = 0
+        self.connections_refused = 0  # new connections the full host had no room for
         self.placements: list[frozenset[int] | None] = []  # each place() asked for
         self.paused_at: list[float] = []  # loop times of the pauses
         self.started = self.closed = False
@@ -368,7 +385,7 @@ class FakeDriver:
     async def start(self) -> None:
         self.started = True
 
-    def containers_in_the_way(self) -> int:
+    def containers_in_the_way(self, *, connection: bool = False) -> int:
         if self.host_room is None:
             return 0
         return max(0, len(self.live) + 1 - self.host_room)

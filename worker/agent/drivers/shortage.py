@@ -33,6 +33,9 @@ CONTAINER_DESCRIPTORS = 16
 # its socket and the pidfd of its process. One whose output comes through the engine
 # holds two fewer.
 HELD_DESCRIPTORS = 11
+# Descriptors a new connection to a function's socket takes: the socket, and for the
+# connect the listener's O_PATH descriptor (worker.agent.iofs.open_listener).
+CONNECTION_DESCRIPTORS = 2
 _FD_DIR = "/proc/self/fd"
 _STATUS = "/proc/self/status"
 
