@@ -35,10 +35,14 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import logging
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
+from typing import Any
 
 from worker.agent.resources import ResourceTicket, Shortfall
+
+log = logging.getLogger("fnq.agent.evictor")
 
 _ids = itertools.count(1)
 DISPLACE_MIN_CALLS = 2  # calls a container has served (the current one included) to be displaced
@@ -228,3 +232,25 @@ def _covering(tokens: Iterable[EvictToken], need: Shortfall) -> list[EvictToken]
         ):
             return chosen
     return []
+
+
+async def wait_gone(
+    gone: Sequence[asyncio.Event], timeout_s: float, stopped: asyncio.Future[Any] | None = None
+) -> bool:
+    """Wait until every evicted container is gone (each of ``gone`` set), for at most
+    ``timeout_s``, or until ``stopped`` is done; whether all of them went."""
+    waits = {asyncio.ensure_future(event.wait()) for event in gone}
+    pending = set(waits)
+    try:
+        async with asyncio.timeout(timeout_s):
+            while pending and not (stopped is not None and stopped.done()):
+                watched = pending if stopped is None else pending | {stopped}
+                done, _ = await asyncio.wait(watched, return_when=asyncio.FIRST_COMPLETED)
+                pending -= done
+    except TimeoutError:
+        log.warning("evicted containers of other functions are slow to go")
+    finally:
+        for wait in waits:
+            wait.cancel()
+        await asyncio.gather(*waits, return_exceptions=True)
+    return not pending

@@ -41,7 +41,6 @@ import logging
 import secrets
 from collections.abc import Callable
 from datetime import timedelta
-from typing import Any
 
 from config.domain import Call, Function, frozen_map, utcnow
 from config.errors import AgentError
@@ -71,7 +70,7 @@ from worker.agent.errors import (
     NotDelivered,
     ResponseTooBig,
 )
-from worker.agent.evictor import Evictor
+from worker.agent.evictor import Evictor, wait_gone
 from worker.agent.execution import KEEP_STATUSES, ExecEnd, ExecResult, StopControl
 from worker.agent.pacer import FreezePacer
 from worker.agent.resources import ResourceToken, Shortfall
@@ -95,9 +94,9 @@ MIN_BUSY_NAP_S = 0.05  # see _life
 # the function never took the connection); the agent's own timer, this much later, ends
 # one whose driver does not.
 DISPATCH_BACKSTOP_S = 1.0
-# How long a call waits for the containers evicted to give the host room for its
-# connection (see HotContainer._make_host_room).
-HOST_ROOM_WAIT_S = REMOVE_TIMEOUT_S + 5.0
+# How long a launch, or a call short of room for its connection, waits for the containers
+# evicted for it to go.
+EVICTION_WAIT_S = REMOVE_TIMEOUT_S + 5.0
 
 
 class SlotUnusable(Exception):
@@ -521,19 +520,7 @@ class HotContainer:
             return False
         log.debug("%d idle container(s) of other functions evicted: the host has no room "
                   "for a connection to %s", len(evicted), self.id)  # fmt: skip
-        waits: set[asyncio.Future[Any]] = {asyncio.ensure_future(event.wait()) for event in evicted}
-        try:
-            async with asyncio.timeout(HOST_ROOM_WAIT_S):
-                for wait in waits:
-                    await asyncio.wait({wait, stop.stopped}, return_when=asyncio.FIRST_COMPLETED)
-                    if stop.requested:
-                        break
-        except TimeoutError:
-            log.warning("evicted containers of other functions are slow to go")
-        finally:
-            for wait in waits:
-                wait.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
+        await wait_gone(evicted, EVICTION_WAIT_S, stop.stopped)
         return True
 
     async def _dispatch(

@@ -55,14 +55,13 @@ from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.cpu import FREE_PER_CPU, CpuGauge, cpu_count
 from worker.agent.errors import ServerBusy
-from worker.agent.evictor import Evictor
-from worker.agent.hot import REMOVE_TIMEOUT_S
+from worker.agent.evictor import Evictor, wait_gone
+from worker.agent.hot import EVICTION_WAIT_S
 from worker.agent.resources import ResourceTicket, ResourceToken, ResourceTracker, Shortfall
 from worker.agent.slots import Caller, ContainerState, SlotQueue
 
 log = logging.getLogger("fnq.agent.launcher")
 
-EVICTION_WAIT_S = REMOVE_TIMEOUT_S + 5.0
 LAUNCH_BUSY_SHARE = 0.75  # see _held_back
 
 StartContainer = Callable[[SlotQueue, ResourceToken, Caller | None], None]
@@ -165,7 +164,7 @@ class Launcher:
                 self.queue.move(ContainerState.WAIT, ContainerState.DONE)
         if not evicted:
             return False
-        return await self._await_evictions(evicted)
+        return await wait_gone(evicted, EVICTION_WAIT_S)
 
     def _make_host_room(self) -> list[asyncio.Event]:
         """Evict as many idle containers of other functions as must go for the host to
@@ -269,21 +268,6 @@ class Launcher:
         checks, a check at once."""
         if not self._awaiting_grant:
             self.queue.poke()
-
-    async def _await_evictions(self, done_events: list[asyncio.Event]) -> bool:
-        waits = [
-            asyncio.create_task(event.wait(), name=f"fnq-eviction-wait-{i}")
-            for i, event in enumerate(done_events)
-        ]
-        try:
-            _, pending = await asyncio.wait(waits, timeout=EVICTION_WAIT_S)
-        finally:
-            for task in waits:
-                task.cancel()
-            await asyncio.gather(*waits, return_exceptions=True)
-        if pending:
-            log.warning("evicted containers of other functions are slow to go")
-        return not pending
 
     def _tell(self, caller: Caller | None, exc: AgentError) -> None:
         if caller is None or not self.queue.fail(caller, exc):
