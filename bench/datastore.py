@@ -31,8 +31,9 @@ from typing import Any
 
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id, utcnow
 from config.settings import load_settings
+from datastore.backend import Write
 from datastore.base import open_datastore
-from datastore.common import SqlDatastore, Write
+from datastore.common import SqlDatastore
 
 
 @dataclass

@@ -90,7 +90,7 @@ class LogNotDeleted(StoreUnavailable):
 class LogRefused(StoreError):
     """The log store refuses the name of a call's log (too long for its file system,
     or characters it does not take): no wait would store it. The call's record is
-    stored without it (datastore.common)."""
+    stored without it (datastore.recording)."""
 
 
 class UnsupportedURL(StoreError):

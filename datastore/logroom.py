@@ -1,7 +1,7 @@
 """Call logs that wait until their log store can take them (``FN_LOG_URL=file:///DIR``).
 
 A call's log is written before its record, and the record waits for it
-(datastore.common). A log the store cannot take for now (LogStoreDown: no
+(datastore.recording). A log the store cannot take for now (LogStoreDown: no
 room, a read-only file system, no permission, an I/O error, its directory
 missing) is tried again with exponential backoff, as the batches retry
 (datastore.batch: 50 ms doubling to 5 s), until it lands: as during a

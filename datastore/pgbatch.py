@@ -28,8 +28,8 @@ from collections.abc import Awaitable, Callable, Sequence
 from typing import Any
 
 from datastore import sql
+from datastore.backend import Write
 from datastore.batch import Failed
-from datastore.common import Write
 from datastore.errors import StoreError
 
 Op = tuple[Write, dict[str, Any], bytes | None]

@@ -46,9 +46,10 @@ import asyncpg
 from config.errors import ConfigError, FnqError
 from config.settings import Settings, mask_url
 from datastore import migrate, pgbatch, sql
+from datastore.backend import Write
 from datastore.base import LogStore
 from datastore.batch import Failed, GroupCommit
-from datastore.common import SqlDatastore, Write
+from datastore.common import SqlDatastore
 from datastore.errors import StoreError, StoreUnavailable
 
 CONNECT_TIMEOUT_S = 10.0

@@ -27,9 +27,10 @@ from typing import Any
 from config.settings import Settings, sqlite_path
 from config.sqlite import begin_immediate, create_private, enable_wal, full_disk_note
 from datastore import migrate, sql
+from datastore.backend import Write
 from datastore.base import LogStore
 from datastore.batch import Failed, GroupCommit
-from datastore.common import SqlDatastore, Write
+from datastore.common import SqlDatastore
 from datastore.errors import StoreError, StoreUnavailable
 
 BUSY_TIMEOUT_S = 5.0

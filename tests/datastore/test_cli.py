@@ -17,7 +17,7 @@ from click.testing import CliRunner, Result
 
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id
 from config.settings import load_settings
-from datastore import common
+from datastore import reading
 from datastore.base import open_datastore
 from datastore.validate import parse_since
 from worker.cli import cli
@@ -340,7 +340,7 @@ def test_the_next_page_hint_keeps_the_filters(settings_env: Path) -> None:
 def test_a_page_that_read_its_most_says_so(
     settings_env: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(common, "LIST_WALK_MAX", 2)
+    monkeypatch.setattr(reading, "LIST_WALK_MAX", 2)
     failed = Outcome(CallStatus.ERROR, error="The function exited with code 1.")
     made = [Call(new_call_id(), "shop", "resize") for _ in range(4)]
     record([(made[0], failed), *((c, None) for c in made[1:])])

@@ -18,7 +18,7 @@ from config.domain import (
     new_call_id,
     utcnow,
 )
-from datastore import common
+from datastore import reading
 from datastore.base import CallFilter, encode_cursor
 from datastore.common import SqlDatastore
 from datastore.errors import (
@@ -534,7 +534,7 @@ async def test_a_page_of_unindexed_filters_reads_a_bounded_walk(
     """No index holds app and status together: a page walks the app's calls and checks
     the status of each, at most LIST_WALK_MAX of them. A page that found fewer than
     its limit there ends at the last call it read; the next page goes on from it."""
-    monkeypatch.setattr(common, "LIST_WALK_MAX", 5)
+    monkeypatch.setattr(reading, "LIST_WALK_MAX", 5)
     base = utcnow() - timedelta(hours=1)
     made = [Call(f"c{i:02d}", "shop", "resize", created_at=base + timedelta(seconds=i))
             for i in range(20)]  # fmt: skip

@@ -12,7 +12,7 @@ import pytest
 
 from config.domain import Call, CallStatus, FailureKind, Outcome, new_call_id, utcnow
 from config.settings import Settings
-from datastore import base, common
+from datastore import base, upkeep
 from datastore.base import LogStore
 from datastore.common import SqlDatastore
 from datastore.errors import LogNotDeleted, StoreError, StoreUnavailable
@@ -102,7 +102,7 @@ async def test_a_purge_whose_log_deletes_fail_leaves_their_records_for_the_next(
     """In chunks of two, the third log's delete fails: the first chunk is gone, the
     second keeps its records (one without its log), the third is not reached; no
     log is left without a record, and the next purge takes the rest."""
-    monkeypatch.setattr(common, "PURGE_CHUNK", 2)
+    monkeypatch.setattr(upkeep, "PURGE_CHUNK", 2)
     store = await make_store(log_url=f"file://{tmp_path / 'logs'}")
     ids = await end_calls(store, 5)
     faulty.deletes_left = 3

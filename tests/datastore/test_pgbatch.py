@@ -10,7 +10,8 @@ import pytest
 from config.domain import Call, CallStatus, Outcome, Response, new_call_id, utcnow
 from config.errors import StoreError
 from datastore import pgbatch
-from datastore.common import SqlDatastore, Write
+from datastore.backend import Write
+from datastore.common import SqlDatastore
 from datastore.postgres import PostgresDatastore
 from tests.datastore.conftest import MakeStore
 

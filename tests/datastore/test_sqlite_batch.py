@@ -5,8 +5,8 @@ from __future__ import annotations
 from pathlib import Path
 
 from config.domain import Function, utcnow
+from datastore.backend import Write
 from datastore.batch import Failed
-from datastore.common import Write
 from datastore.migrate import apply_sqlite
 from datastore.rows import fn_row
 from datastore.sqlite import connect, run_batch

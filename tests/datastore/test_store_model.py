@@ -60,7 +60,7 @@ from datastore.base import (
     decode_cursor,
     open_datastore,
 )
-from datastore.common import CANCELLED_BY_REQUEST, SqlDatastore
+from datastore.common import SqlDatastore
 from datastore.errors import (
     CallNotFinal,
     CallNotFound,
@@ -69,6 +69,7 @@ from datastore.errors import (
     InvalidFunction,
     RequestNotStored,
 )
+from datastore.recording import CANCELLED_BY_REQUEST
 
 pytestmark = pytest.mark.integration
 

@@ -18,8 +18,8 @@ from click.testing import CliRunner
 
 from config.domain import Call, CallStatus, Outcome, utcnow
 from config.settings import load_settings, sqlite_url
+from datastore.backend import Write
 from datastore.base import open_datastore
-from datastore.common import Write
 from datastore.sqlite import SqliteDatastore
 from mq.base import Message, MessageQueue, open_queue
 from tests.datastore.test_cli import ISO_MS

@@ -14,7 +14,7 @@ from click.core import ParameterSource
 from config.domain import CallStatus, utcnow
 from config.errors import FnqError
 from config.settings import Settings
-from datastore import common
+from datastore import reading
 from datastore.base import CallFilter, CallRecord, Datastore, decode_cursor, open_datastore
 from datastore.errors import InvalidCursor
 from datastore.validate import parse_duration, parse_since
@@ -138,7 +138,7 @@ def calls_list(
     print_table(["ID", "FUNCTION", "STATUS", "ATTEMPTS", "CREATED", "RAN", "ERROR"], rows)
     if page.next_cursor:
         if len(page.items) < f.limit:  # the walk of its filters stopped (list_calls)
-            click.echo(f"({len(page.items)} matched among the {common.LIST_WALK_MAX} calls "
+            click.echo(f"({len(page.items)} matched among the {reading.LIST_WALK_MAX} calls "
                        "this page read; older calls may match too)")  # fmt: skip
         click.echo(f"more: {_next_page(ctx, f, page.next_cursor)}")
 
