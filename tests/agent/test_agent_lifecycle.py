@@ -21,7 +21,8 @@ from worker.agent.drivers.fake import (
     reply,
 )
 from worker.agent.errors import FreezeFailed
-from worker.agent.hot import MIN_BUSY_NAP_S, HotContainer
+from worker.agent.hot import HotContainer
+from worker.agent.hot_life import MIN_BUSY_NAP_S
 
 # ------------------------------------------------------------- idle, freeze
 

@@ -11,7 +11,7 @@ from config.settings import Settings
 from datastore.errors import InvalidFunction
 from datastore.validate import validate_function
 from worker.agent.drivers.docker_config import create_body, host_config
-from worker.agent.hot import container_spec
+from worker.agent.hot_life import container_spec
 
 
 def test_config_cannot_rename_the_app_or_the_function() -> None:

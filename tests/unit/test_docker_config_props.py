@@ -15,7 +15,7 @@ from config.settings import Settings
 from datastore.errors import InvalidFunction
 from datastore.validate import validate_function
 from worker.agent.drivers.docker_config import create_body
-from worker.agent.hot import container_spec
+from worker.agent.hot_life import container_spec
 
 MIB = 1024 * 1024
 FDK_KEYS = ("FN_APP_NAME", "FN_FN_NAME", "FN_MEMORY", "FN_FORMAT", "FN_LISTENER")

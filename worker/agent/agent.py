@@ -52,7 +52,7 @@ A function without a container whose launch has waited
 ``FN_HOT_DISPLACE_WAIT_PERCENT`` of its timeout also takes the room of busy
 containers of other functions, each leaving once its current call is over
 (:mod:`launcher`). The new container lives in its
-own task (:mod:`hot`): create (pulling the image if needed), start, wait for
+own task (:mod:`hot_life`): create (pulling the image if needed), start, wait for
 the function's socket. At most ``FN_HOT_START_CONCURRENCY`` containers start
 at once; a start that had to wait for its turn is dropped if by then every
 waiting call of its function has a container. If a start fails, the call
@@ -129,7 +129,8 @@ from worker.agent.execution import (
     not_started_outcome,
     ran_outcome,
 )
-from worker.agent.hot import REMOVE_TIMEOUT_S, HotContainer, SlotUnusable
+from worker.agent.hot import HotContainer, SlotUnusable
+from worker.agent.hot_life import REMOVE_TIMEOUT_S
 from worker.agent.launcher import Launcher
 from worker.agent.logbuf import LogBuffer
 from worker.agent.pacer import FreezePacer
