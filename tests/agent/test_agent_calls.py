@@ -9,7 +9,7 @@ import pytest
 
 from config.domain import CallStatus, FailureKind, Function, Outcome, frozen_map
 from tests.agent.conftest import AgentFactory, FixedCpu, make_call, make_fn, settle
-from worker.agent.agent import KEY_CACHE_SIZE, Agent
+from worker.agent.agent import Agent
 from worker.agent.cpu import CpuGauge
 from worker.agent.driver import FN_LISTENER, DispatchRequest, DispatchResult
 from worker.agent.drivers.fake import (
@@ -20,6 +20,7 @@ from worker.agent.drivers.fake import (
     gated,
     reply,
 )
+from worker.agent.fleet import KEY_CACHE_SIZE
 
 
 async def test_success_returns_response_log_and_times(agents: AgentFactory) -> None:

@@ -28,7 +28,8 @@ longer patience of its own (``submit(launch_patience_s=...)``). Only callers
 that have nudged count towards a launch. After the function's
 own timeout of waiting it gives up: *busy*, no attempt charged; unless a
 container of its function is starting then: it waits for that start, which
-ends within its own timeouts, and gets its container or its error.
+ends within its own timeouts, and gets its container or its error
+(:mod:`waiting`).
 
 **Launch.** The launcher (one task per queue, :mod:`launcher`) starts a
 container only when waiting calls that have nudged outnumber the idle and
@@ -129,26 +130,24 @@ from worker.agent.execution import (
     not_started_outcome,
     ran_outcome,
 )
+from worker.agent.fleet import Fleet
 from worker.agent.hot import HotContainer, SlotUnusable
 from worker.agent.hot_life import REMOVE_TIMEOUT_S
-from worker.agent.launcher import Launcher
 from worker.agent.logbuf import LogBuffer
 from worker.agent.pacer import FreezePacer
-from worker.agent.resources import ResourceToken, ResourceTracker
-from worker.agent.slots import Caller, ContainerState, RequestState, Slot, SlotQueue, slot_key
+from worker.agent.resources import ResourceTracker
+from worker.agent.slots import ContainerState, RequestState, SlotQueue
 from worker.agent.stats import AgentStats, QueueStats
 from worker.agent.tasks import TaskSet
+from worker.agent.waiting import SlotWaits
 
 log = logging.getLogger("fnq.agent")
 
 STOP_SETTLE_S = 10.0  # after the grace, how long stopped calls get to wind down
-PREFER_THAWED_S = 0.005  # see _get_slot
 DRIVER_CLOSE_TIMEOUT_S = 60.0
-KEY_CACHE_SIZE = 1024  # Function objects whose slot key is remembered
-IMAGE_CHECK_S = 2.0  # how often the images of live containers are looked up again
 
 
-class Agent:
+class Agent(SlotWaits, Fleet):
     def __init__(
         self,
         settings: Settings,
@@ -291,224 +290,6 @@ class Agent:
             queue.held(time.perf_counter() - taken_at, loop.time())
             self.cpu.touch()
             return ran_outcome(run, buffer, slot.hot.id, fn.image)
-
-    async def _get_slot(
-        self, queue: SlotQueue, call_id: str, deadline: float, stop: StopControl
-    ) -> Slot | None:
-        """Wait for an idle slot; None if the call was stopped while waiting."""
-        if self._no_waiting:  # a call back from an unusable container, say
-            raise AgentClosed()
-        if not stop.requested:
-            busy = queue.containers[ContainerState.BUSY] > 0
-            slot = queue.take_idle(thawed_only=busy)
-            if slot is not None:  # the usual case under load: no waiting at all
-                return slot
-        caller = Caller(call_id)
-        queue.join(caller)
-        stop.waker = caller.wake.set
-        try:
-            return await self._wait_for_slot(queue, caller, deadline, stop)
-        finally:
-            stop.waker = None
-            queue.leave(caller)
-            if caller.slot is not None:  # handed over as the call gave up waiting
-                caller.slot.hot.give_back(caller.slot)
-
-    async def _wait_for_slot(
-        self, queue: SlotQueue, caller: Caller, deadline: float, stop: StopControl
-    ) -> Slot | None:
-        """The waiting part of :meth:`_get_slot`, as ``caller`` in ``queue``."""
-        loop = asyncio.get_running_loop()
-        joined = loop.time()
-        next_nudge = joined + max(queue.launch_patience_s(), stop.launch_patience_s)
-        # Unpausing costs about 13 ms; a busy container of a short function is free
-        # again sooner. Only paused ones idle: wait a moment for a running one.
-        thawed_until = joined + PREFER_THAWED_S
-        while True:
-            # A slot handed over meanwhile goes back (in _get_slot) if the call stops
-            # waiting here: the checks come before the slot is looked at.
-            if stop.requested:
-                return None
-            if self._no_waiting:
-                raise AgentClosed()
-            slot = caller.slot
-            if slot is not None:  # an offer handed it over
-                caller.slot = None
-                return slot
-            if caller.error is not None:
-                raise caller.error
-            now = loop.time()
-            prefer_thawed = now < thawed_until and queue.containers[ContainerState.BUSY] > 0
-            slot = queue.take_idle(thawed_only=prefer_thawed)
-            if slot is not None:
-                return slot
-            # Past its timeout a call still waits for a container being started (the
-            # start is bounded by its own timeouts): giving up would waste the start,
-            # and a function that never starts would come back as busy forever.
-            starting = queue.containers[ContainerState.START] > 0
-            if now >= deadline and not starting:
-                raise ServerBusy(
-                    f"no container of {queue.fn.ref} became free within "
-                    f"{queue.fn.timeout_s} s: server too busy"
-                )
-            if now >= next_nudge:
-                queue.nudge(caller)
-                next_nudge = now + self.hot_poll_s
-            caller.wake.clear()
-            wake_at = next_nudge if now >= deadline else min(deadline, next_nudge)
-            if prefer_thawed and queue.idle_slots:
-                wake_at = min(wake_at, thawed_until)
-            try:
-                async with asyncio.timeout_at(wake_at):
-                    await caller.wake.wait()
-            except TimeoutError:
-                pass
-
-    # ------------------------------------------------------ queues, launch
-    def _slot_key(self, fn: Function) -> str:
-        """``slot_key(fn)``, remembered per Function object (callers reuse theirs)."""
-        known = self._keys.get(id(fn))
-        if known is not None and known[0] is fn:
-            return known[1]
-        if len(self._keys) >= KEY_CACHE_SIZE:
-            self._keys.clear()
-        key = slot_key(fn)
-        self._keys[id(fn)] = (fn, key)  # holding fn keeps its id from being reused
-        self._retire_superseded(fn, key)
-        return key
-
-    def functions(self) -> set[tuple[str, str]]:
-        """The functions (app, name) this agent has containers of."""
-        return {(hot.fn.app, hot.fn.name) for hot in self._hot}
-
-    def definition_read(self, app: str, name: str, fn: Function | None) -> None:
-        """The registry's definition of function ``app``/``name`` as just read (None: it
-        is not registered): the containers of its other definitions leave, and all of
-        its containers when it is gone (idle ones at once, busy ones after their call)."""
-        if fn is not None:
-            self._retire_superseded(fn, slot_key(fn))
-            return
-        self._newest.pop((app, name), None)
-        retired = 0
-        for hot in list(self._hot):
-            if hot.fn.app == app and hot.fn.name == name and hot.retire_reason is None:
-                hot.retire("its function was deleted")
-                retired += 1
-        if retired:
-            log.info("%d container(s) of %s/%s retired: the function was deleted",
-                     retired, app, name)  # fmt: skip
-
-    def _retire_superseded(self, fn: Function, key: str) -> None:
-        """``fn`` is a definition of its function newer than any seen so far (by its
-        ``updated_at``) with another slot key: retire the containers of the function's
-        other definitions, idle ones at once, busy ones once their call is over. No
-        call of this worker asks for them any more but those that looked the
-        function up before the change. (A definition as old as the newest one, or
-        older, changes nothing: that of a call that looked it up earlier.)"""
-        if fn.updated_at is None:
-            return
-        ref = (fn.app, fn.name)
-        newest = self._newest.get(ref)
-        if newest is not None and newest[0] >= fn.updated_at:
-            return
-        self._newest[ref] = (fn.updated_at, key)
-        if newest is None or newest[1] == key:
-            return
-        retired = 0
-        for hot in list(self._hot):
-            if (
-                hot.queue.key != key
-                and hot.fn.app == fn.app
-                and hot.fn.name == fn.name
-                and hot.retire_reason is None
-            ):
-                hot.retire("its function's definition changed")
-                retired += 1
-        if retired:
-            log.info("%d container(s) of %s retired: the function's definition changed",
-                     retired, fn.ref)  # fmt: skip
-
-    def _queue_for(self, fn: Function) -> SlotQueue:
-        key = self._slot_key(fn)
-        queue = self._queues.get(key)
-        if queue is None:
-            queue = self._queues[key] = SlotQueue(key, fn)
-            launcher = Launcher(
-                queue,
-                settings=self.settings,
-                tracker=self.tracker,
-                evictor=self.evictor,
-                start_container=self._start_container,
-                drop_queue=self._drop_queue,
-                cpu=self.cpu,
-                worker_containers=self._hot.__len__,
-                in_the_way=self.driver.containers_in_the_way,
-            )
-            self._launchers.spawn(launcher.run(), name=f"fnq-launcher-{fn.ref}-{key[:8]}")
-        queue.last_used_s = self.loop.time()
-        return queue
-
-    def _drop_queue(self, queue: SlotQueue) -> bool:
-        if not queue.is_idle():
-            return False
-        if self._queues.get(queue.key) is queue:
-            del self._queues[queue.key]
-        return True
-
-    def _start_container(
-        self, queue: SlotQueue, token: ResourceToken, owner: Caller | None
-    ) -> None:
-        if self._no_waiting:  # no call would take it
-            token.close()
-            queue.move(ContainerState.WAIT, ContainerState.DONE)
-            return
-        hot = HotContainer(
-            queue=queue,
-            driver=self.driver,
-            settings=self.settings,
-            token=token,
-            evictor=self.evictor,
-            owner=owner,
-            on_exit=self._forget_container,
-            pacer=self.pacer,
-            start_turns=self.start_turns,
-        )
-        queue.containers_started += 1
-        self._hot[hot] = self._containers.spawn(hot.run(), name=f"fnq-container-{hot.id}")
-
-    def _forget_container(self, hot: HotContainer) -> None:
-        self._hot.pop(hot, None)
-
-    # ------------------------------------------------------------- images
-    async def _watch_images(self) -> None:
-        while True:
-            await asyncio.sleep(IMAGE_CHECK_S)
-            await self.retire_replaced_images()
-
-    async def retire_replaced_images(self) -> int:
-        """Retire the containers made from an image that their function's image name no
-        longer stands for (rebuilt under the same tag, or pulled anew): idle ones at
-        once, busy ones once their call is over. The calls after them get containers
-        of the image the name stands for now. How many were retired."""
-        live = [hot for hot in self._hot if hot.container is not None and hot.retire_reason is None]
-        if not live:
-            return 0
-        try:
-            now = await self.driver.image_ids({hot.fn.image for hot in live})
-        except AgentError as exc:
-            log.debug("looking up the images of the containers failed: %s", exc)
-            return 0
-        retired = 0
-        for hot in live:
-            assert hot.container is not None
-            made_from, current = hot.container.image_id, now.get(hot.fn.image)
-            if made_from is None or current is None or made_from == current:
-                continue
-            hot.retire(f"image {hot.fn.image} now stands for another image")
-            retired += 1
-            log.info("container %s of %s is retired: image %s was rebuilt or pulled anew",
-                     hot.id, hot.fn.ref, hot.fn.image)  # fmt: skip
-        return retired
 
     # ------------------------------------------------------------- others
     async def wait_async_resource(self, timeout_s: float) -> bool:
