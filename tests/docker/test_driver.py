@@ -25,6 +25,7 @@ from config.errors import ConfigError
 from config.settings import Settings
 from tests.docker.conftest import request, running, spec
 from worker.agent.drivers import docker as docker_driver
+from worker.agent.drivers import docker_leftovers
 from worker.agent.drivers.docker import DockerDriver
 from worker.agent.drivers.docker_container import OutputTiming
 from worker.agent.errors import (
@@ -396,7 +397,7 @@ async def test_a_running_driver_removes_what_a_worker_that_dies_meanwhile_left(
     docker_engine: Any,
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
-    monkeypatch.setattr(docker_driver, "LEFTOVER_SWEEP_S", 0.2)
+    monkeypatch.setattr(docker_leftovers, "LEFTOVER_SWEEP_S", 0.2)
     settings = make_settings()
     worker = subprocess.Popen(["sleep", "30"])  # stands in for another worker's process
     owner = f"{os.uname().nodename}:{worker.pid}"

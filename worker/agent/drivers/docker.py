@@ -7,16 +7,17 @@ nothing blocks the event loop and no thread waits on a container.
   that the engine does not have, removes containers that carry this worker's
   classifier label but were left by a worker that is gone (its process no
   longer runs on this host), loads FN_DOCKER_LOAD_FILE; looks for such
-  containers again every ``LEFTOVER_SWEEP_S`` while it runs.
-* ``create(spec)``: makes sure the image is there (inspected at each create,
-  for the image its name stands for now: a tag rebuilt or pulled anew names
-  another; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per image however
-  many callers wait), refuses images that declare VOLUME, makes the socket
-  directory and creates the container (see docker_config for its limits).
-  The container's command is wrapped so that its output goes to pipes the
-  worker reads (drivers.pipes); whether the image has ``/bin/sh`` for that
-  is asked of the engine on its first container, and remembered (per image
-  id, as what the image declares is).
+  containers again every ``LEFTOVER_SWEEP_S`` while it runs (see
+  docker_leftovers).
+* ``create(spec)``: makes sure the image is there (docker_images: inspected at
+  each create, for the image its name stands for now: a tag rebuilt or pulled
+  anew names another; pulled within FN_HOT_PULL_TIMEOUT_MSECS, one pull per
+  image however many callers wait), refuses images that declare VOLUME, makes
+  the socket directory and creates the container (see docker_config for its
+  limits). The container's command is wrapped so that its output goes to pipes
+  the worker reads (drivers.pipes); whether the image has ``/bin/sh`` for that
+  is asked of the engine on its first container, and remembered (per image id,
+  as what the image declares is).
 * ``image_ids(images)``: the id each image name stands for now (the agent
   retires containers made from an image that a name no longer stands for).
 * ``close()``: removes every container it made that still exists.
@@ -28,41 +29,24 @@ runs beside it and removes idle images while they take more than that.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import functools
-import json
 import logging
 import secrets
 from collections import Counter
-from collections.abc import Collection
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from urllib.parse import quote
 
-from config.domain import pid_namespace, process_gone
 from config.errors import AgentError, ConfigError
 from config.settings import Settings
 from worker.agent.cpu_place import cpu_list, online_cpus
-from worker.agent.driver import IOFS_MOUNT, ContainerSpec
-from worker.agent.drivers.docker_api import (
-    DockerAPI,
-    DockerError,
-    DockerTimeout,
-    image_path,
-    split_reference,
-)
-from worker.agent.drivers.docker_config import (
-    CLASSIFIER_LABEL,
-    INSTANCE_LABEL,
-    OWNER_LABEL,
-    PIDNS_LABEL,
-    create_body,
-    image_command,
-    image_volumes,
-)
+from worker.agent.driver import ContainerSpec
+from worker.agent.drivers.docker_api import DockerAPI, DockerError
+from worker.agent.drivers.docker_config import create_body
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
-from worker.agent.drivers.image_cleaner import Image, ImageCleaner, exempt_tags
+from worker.agent.drivers.docker_images import DriverImages, ImageFacts
+from worker.agent.drivers.docker_leftovers import STRAYS_AT_CLOSE_S, LeftoverSweeps
+from worker.agent.drivers.image_cleaner import ImageCleaner, exempt_tags
 from worker.agent.drivers.pipes import SHELL, make_pipes, wrapped_command
 from worker.agent.drivers.shortage import (
     CONNECTION_DESCRIPTORS,
@@ -70,59 +54,16 @@ from worker.agent.drivers.shortage import (
     check_descriptors,
     containers_in_the_way,
 )
-from worker.agent.errors import (
-    AgentClosed,
-    ContainerInitFailed,
-    HostShort,
-    ImageHasVolume,
-    ImageNotFound,
-    ImagePullTimeout,
-    host_short,
-    shortage,
-)
-from worker.agent.iofs import IofsDir, IofsRoot, check_room, remove_tree
+from worker.agent.errors import AgentClosed, ContainerInitFailed, HostShort, host_short, shortage
+from worker.agent.iofs import IofsDir, IofsRoot, check_room
 
 log = logging.getLogger("fnq.agent.docker")
 
-LEFTOVER_SWEEP_S = 5.0  # how often a live worker looks for containers of dead ones
 LEFTOVER_START_S = 30.0  # the first look, at start, takes at most this long
 CREATE_SETTLE_S = 10.0  # a create whose caller was cancelled gets this long to end
-STRAYS_AT_CLOSE_S = 10.0  # the last look for this worker's own containers, at close
 
 
-@dataclass(slots=True)
-class ImageFacts:
-    id: str  # the image's id, as the engine gives it
-    volumes: list[str]  # declared VOLUMEs
-    command: list[str]  # entrypoint + command
-    shell: bool | None = None  # has /bin/sh (None: not asked yet)
-
-
-def _gone_or_going(exc: DockerError) -> bool:
-    """Whether a failed removal means the container is gone, or being removed."""
-    return exc.status == 404 or (exc.status == 409 and "in progress" in str(exc))
-
-
-def _left_by_dead_worker(labels: dict[str, str], own_instance: str) -> bool:
-    """Whether a labelled container belongs to a worker that is gone.
-
-    Containers of a live worker on this host (its pid still runs) are left
-    alone, so several workers can share one engine; so are those of workers
-    on other hosts, or in another pid namespace on this one (in containers of
-    their own that share its host name), whose liveness cannot be told from
-    here. (Containers labelled before the namespace was are taken as of this
-    one's.)
-    """
-    if labels.get(INSTANCE_LABEL) == own_instance:
-        return False
-    owner = labels.get(OWNER_LABEL, "")
-    _, _, pid = owner.rpartition(":")
-    if not owner or not pid.isdigit():
-        return True
-    return process_gone(owner, labels.get(PIDNS_LABEL, pid_namespace()))
-
-
-class DockerDriver:
+class DockerDriver(LeftoverSweeps, DriverImages):
     def __init__(
         self,
         settings: Settings,
@@ -236,131 +177,6 @@ class DockerDriver:
     @property
     def containers(self) -> list[DockerContainer]:
         return list(self._containers.values())
-
-    async def _sweep_leftovers(self) -> None:
-        """Every LEFTOVER_SWEEP_S, remove what workers that died on this host left.
-
-        A worker killed mid-call leaves its containers running that call, while
-        the call's message goes to another worker once its reservation lapses.
-        Removing them soon keeps the two runs from overlapping for long.
-        """
-        while True:
-            await asyncio.sleep(LEFTOVER_SWEEP_S)
-            try:
-                async with asyncio.timeout(LEFTOVER_SWEEP_S):
-                    await self.remove_leftovers()
-            except (AgentError, TimeoutError) as exc:
-                # In a spell of shortage on the host (no descriptor to ask the engine
-                # with, say), the spell's own lines say enough.
-                quiet = self.shortage.short and shortage(exc) is not None
-                log.log(logging.DEBUG if quiet else logging.WARNING,
-                        "looking for containers of dead workers failed: %s", exc)  # fmt: skip
-
-    async def remove_leftovers(self) -> int:
-        """Force-remove labelled containers of other (dead) instances; returns how many.
-        Also this worker's own containers that it no longer knows of (see _lost)."""
-        tag = self.settings.container_label_tag
-        if not tag:
-            return 0
-        filters = json.dumps({"label": [f"{CLASSIFIER_LABEL}={tag}"]})
-        listed = await self.api.request(
-            "GET", "/containers/json", params={"all": "1", "filters": filters}
-        )
-        removed = 0
-        for item in listed or []:
-            if self._lost(item):
-                await self._remove_lost(item["Id"])
-                continue
-            if not _left_by_dead_worker(item.get("Labels") or {}, self.instance):
-                continue
-            try:
-                await self.api.request(
-                    "DELETE", f"/containers/{item['Id']}", params={"force": "1", "v": "1"}
-                )
-            except DockerError as exc:
-                # Gone, or being removed: the sweep of another worker on this host
-                # got there first (and counts it).
-                if _gone_or_going(exc):
-                    continue
-                log.warning("could not remove leftover container %s: %s", item["Id"], exc)
-                continue
-            removed += 1
-            await asyncio.to_thread(self._forget_leftover_dir, item)
-        if removed:
-            log.info("removed %d container(s) left by other fnq workers", removed)
-        return removed
-
-    def _lost(self, item: dict[str, Any]) -> bool:
-        """Whether a listed container is this worker's own but no longer one it knows:
-        its removal failed (the engine did not answer, or the worker had no descriptor
-        left to ask it), or the engine made it after its create was given up. Every
-        container the worker makes is known by its name before it is asked for."""
-        labels = item.get("Labels") or {}
-        if labels.get(INSTANCE_LABEL) != self.instance:
-            return False
-        names = [str(name).lstrip("/") for name in item.get("Names") or []]
-        return bool(names) and not any(name in self._containers for name in names)
-
-    async def _remove_lost(self, container_id: str) -> None:
-        try:
-            await self._delete(container_id)
-        except DockerError as exc:
-            if not _gone_or_going(exc):
-                log.warning("could not remove container %s: %s", container_id[:12], exc)
-            return
-        log.info("removed container %s, which this worker could not remove before",
-                 container_id[:12])  # fmt: skip
-
-    async def _remove_strays(self) -> None:
-        """Remove any container with this worker's own label that is still there: one
-        the engine made after its creation was given up (a create it was still
-        working on when the caller stopped waiting and the removal found nothing)."""
-        if not self.settings.container_label_tag:
-            return
-        filters = json.dumps({"label": [f"{INSTANCE_LABEL}={self.instance}"]})
-        try:
-            async with asyncio.timeout(STRAYS_AT_CLOSE_S):
-                listed = await self.api.request(
-                    "GET", "/containers/json", params={"all": "1", "filters": filters}
-                )
-                for item in listed or []:
-                    try:
-                        await self._delete(item["Id"])
-                    except DockerError as exc:
-                        if not _gone_or_going(exc):  # going: a removal that timed out
-                            log.warning("could not remove container %s: %s", item["Id"], exc)
-                        continue
-                    log.info("removed container %s, which this worker made but had lost "
-                             "track of", item["Id"][:12])  # fmt: skip
-        except (AgentError, TimeoutError) as exc:
-            log.warning("looking for this worker's own containers at close failed: %s",
-                        exc or "timed out")  # fmt: skip
-
-    def _forget_leftover_dir(self, item: dict[str, Any]) -> None:
-        """Remove a dead worker's socket directory when it is a plain host path of ours."""
-        if self.settings.iofs_docker_path or self.settings.iofs_tmpfs:
-            return
-        for mount in item.get("Mounts") or []:
-            if mount.get("Destination") != IOFS_MOUNT:
-                continue
-            source = Path(str(mount.get("Source", "")))
-            if source.name.startswith("iofs-") and source.is_dir():
-                remove_tree(source)
-                if source.parent.name.startswith("fnq-iofs-"):
-                    with contextlib.suppress(OSError):
-                        source.parent.rmdir()
-
-    async def _load(self, path: Path) -> None:
-        timeout_s = self.settings.secs("hot_pull_timeout_msecs")
-        handle = await asyncio.to_thread(path.open, "rb")
-        try:
-            await self.api.stream_json(
-                "POST", "/images/load", params={"quiet": "1"}, timeout_s=timeout_s, data=handle
-            )
-        finally:
-            await asyncio.to_thread(handle.close)
-        self._images.clear()
-        log.info("loaded images from %s", path)
 
     # --------------------------------------------------------------- create
 
@@ -523,11 +339,6 @@ class DockerDriver:
             return False  # 404: no such file (or an engine that cannot tell)
         return True
 
-    async def _delete(self, container_id: str) -> None:
-        await self.api.request(
-            "DELETE", f"/containers/{container_id}", params={"force": "1", "v": "1"}
-        )
-
     async def _check_networks(self) -> None:
         """ConfigError naming the networks of FN_DOCKER_NETWORKS the engine does not have:
         every container given one would fail to start."""
@@ -559,69 +370,3 @@ class DockerDriver:
         if network is not None and self._network_use[network] > 0:
             self._network_use[network] -= 1
             container.network = None
-
-    # ---------------------------------------------------------------- images
-
-    def _image_removed(self, image: Image) -> None:
-        self._images.pop(image.id, None)
-
-    async def image_ids(self, images: Collection[str]) -> dict[str, str]:
-        found: dict[str, str] = {}
-        for image in images:
-            try:
-                inspect = await self.api.request("GET", f"/images/{image_path(image)}/json")
-            except DockerError:  # no such image any more, or the engine cannot tell now
-                continue
-            image_id = (inspect or {}).get("Id")
-            if isinstance(image_id, str) and image_id:
-                found[image] = image_id
-        return found
-
-    async def _check_image(self, image: str) -> ImageFacts:
-        """What the image ``image`` names now declares (one inspect: the name may stand
-        for another image since the last container, rebuilt under the same tag)."""
-        inspect = await self._inspect_or_pull(image)
-        image_id = str(inspect.get("Id") or image)
-        facts = self._images.get(image_id)
-        if facts is None:
-            facts = ImageFacts(image_id, image_volumes(inspect), image_command(inspect))
-            self._images[image_id] = facts
-        if facts.volumes and not self.settings.image_enable_volume:
-            raise ImageHasVolume(
-                f"image {image} declares VOLUME {', '.join(facts.volumes)}; "
-                "set FN_IMAGE_ENABLE_VOLUME=true to allow it"
-            )
-        return facts
-
-    async def _inspect_or_pull(self, image: str) -> dict[str, Any]:
-        try:
-            return dict(await self.api.request("GET", f"/images/{image_path(image)}/json") or {})
-        except DockerError as exc:
-            if exc.status != 404:
-                raise
-        task = self._pulls.get(image)
-        if task is None:
-            task = asyncio.create_task(self._pull(image), name=f"fnq-pull-{image}")
-            self._pulls[image] = task
-            task.add_done_callback(lambda _t: self._pulls.pop(image, None))
-        await asyncio.shield(task)
-        try:
-            return dict(await self.api.request("GET", f"/images/{image_path(image)}/json") or {})
-        except DockerError as exc:
-            if exc.status == 404:
-                raise ImageNotFound(f"image {image} not found after pulling it") from None
-            raise
-
-    async def _pull(self, image: str) -> None:
-        timeout_s = self.settings.secs("hot_pull_timeout_msecs")
-        repo, tag = split_reference(image)
-        params = {"fromImage": repo, **({"tag": tag} if tag else {})}
-        log.info("pulling image %s", image)
-        try:
-            await self.api.stream_json("POST", "/images/create", params=params, timeout_s=timeout_s)
-        except DockerTimeout:
-            raise ImagePullTimeout(f"pulling image {image} took more than {timeout_s:g}s") from None
-        except DockerError as exc:
-            if exc.status is None:
-                raise
-            raise ImageNotFound(f"image {image} not found (pull failed: {exc})") from None
