@@ -20,10 +20,10 @@ import re
 import sqlite3
 import time
 from dataclasses import dataclass
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from config.domain import utcnow
 from config.errors import StoreError
 
 DIALECTS = ("sqlite", "postgres")
@@ -79,7 +79,7 @@ def _too_new(current: int, known: int) -> StoreError:
 
 
 def _stamp() -> str:
-    return datetime.now(UTC).isoformat(timespec="seconds")
+    return utcnow().isoformat(timespec="seconds")
 
 
 def _applying(dialect: str, migration: Migration, upgrade: bool) -> float:

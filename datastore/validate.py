@@ -19,6 +19,7 @@ from config.domain import (
     TIMEOUT_S_MAX,
     Function,
     frozen_map,
+    utcnow,
 )
 from datastore.errors import InvalidFunction
 
@@ -177,7 +178,7 @@ def parse_since(text: str, now: datetime | None = None, *, local: bool = False) 
     """A point in time: a duration back from now (``10m``) or an ISO 8601 time; one
     without a zone is UTC, or with ``local`` the local time (as the CLI shows times)."""
     if _DURATION.fullmatch(text):
-        return (now or datetime.now(UTC)) - parse_duration(text)
+        return (now or utcnow()) - parse_duration(text)
     try:
         when = datetime.fromisoformat(text.strip())
     except ValueError:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import base64
 from collections.abc import Sequence
-from datetime import UTC, datetime, timedelta
+from datetime import timedelta
 from typing import Any, cast
 
 from redis import Redis
@@ -23,7 +23,7 @@ from rq.registry import CanceledJobRegistry, FailedJobRegistry, FinishedJobRegis
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from config.domain import Call
+from config.domain import Call, utcnow
 from mq import rq_jobs
 from mq.base import DeadLetter
 from mq.errors import QueueUnavailable
@@ -105,7 +105,7 @@ def dead_list(conn: Redis, names: Sequence[str], limit: int, max_body: int) -> l
                     id=job_id,
                     reason=reason,
                     deliveries=int(fields.get(b"fnq_deliveries", b"0") or 0),
-                    died_at=job.ended_at or datetime.now(UTC),
+                    died_at=job.ended_at or utcnow(),
                     raw=rq_jobs.job_data(fields.get(b"data", b"")),
                     call=call,
                 )

@@ -30,7 +30,7 @@ from rq.registry import FailedJobRegistry, FinishedJobRegistry
 from rq.results import Result
 from rq.serializers import JSONSerializer
 
-from config.domain import Call, CallStatus, Outcome, frozen_map
+from config.domain import Call, CallStatus, Outcome, frozen_map, utcnow
 from mq import wire
 
 FUNC_NAME = "fnq.call"
@@ -65,7 +65,7 @@ def _parse_time(raw: bytes | None) -> datetime:
     try:
         return datetime.strptime((raw or b"").decode(), _TS_FORMAT).replace(tzinfo=UTC)
     except (ValueError, UnicodeDecodeError):
-        return datetime.now(UTC)
+        return utcnow()
 
 
 # ------------------------------------------------------------------ reading
@@ -267,7 +267,7 @@ def _fail_unreadable(pipe: Any, job_id: str, fields: Mapping[bytes, bytes], text
     """FAILED by hand, as rq would store it as far as it can be: status, end time and
     the reason in the hash, the job in its queue's failed registry (when its origin
     can be read). No Result: rq could not show it for a job it cannot read."""
-    now = datetime.now(UTC)
+    now = utcnow()
     pipe.hset(
         Job.key_for(job_id),
         mapping={
@@ -296,7 +296,7 @@ def _same_job(fields: Mapping[bytes, bytes], created_at: datetime | None) -> boo
 
 
 def _record(pipe: Any, job: Job, execution: Execution, end: Finish, worker_name: str) -> None:
-    job.ended_at = datetime.now(UTC)
+    job.ended_at = utcnow()
     common: dict[str, Any] = {
         "worker_name": worker_name,
         "pipeline": pipe,

@@ -31,7 +31,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
-from config.domain import CALL_ID_RE, Call, frozen_map, headers_problem
+from config.domain import CALL_ID_RE, Call, frozen_map, headers_problem, utcnow
 
 DEFAULT_PREFIX = "fnq"
 INBOX = "calls"  # the stream producers XADD to: "<prefix>:calls"
@@ -303,7 +303,7 @@ def decode_fields(
     headers = parse_headers_json(headers_text) if headers_text else frozen_map()
     priority = check_priority(_int(fields, F_PRIORITY, 0))
     if default_created_ms is None:
-        default_created_ms = ms_of(datetime.now(UTC))
+        default_created_ms = ms_of(utcnow())
     created_at = check_created(_int(fields, F_CREATED, default_created_ms))
     prior = _int(fields, F_PRIOR, 0)
     if prior < 0:

@@ -47,15 +47,19 @@ class Cluster:
         return load_settings(**overrides)
 
     def start_worker(
-        self, *args: str, open_files: tuple[int, int] | None = None
+        self,
+        *args: str,
+        open_files: tuple[int, int] | None = None,
+        env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
-        """A worker process; ``open_files``: its soft and hard descriptor limits."""
+        """A worker process; ``open_files``: its soft and hard descriptor limits;
+        ``env``: its environment, if not the cluster's."""
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
         command = [FNQ, "worker", *args]
         if open_files is not None:
             soft, hard = open_files
             command = ["prlimit", f"--nofile={soft}:{hard}", "--", *command]
-        proc = subprocess.Popen(command, env=self.env, stdout=log, stderr=log)
+        proc = subprocess.Popen(command, env=env or self.env, stdout=log, stderr=log)
         self.procs.append(proc)
         return proc
 
@@ -86,11 +90,14 @@ class Cluster:
         files = sorted(self.tmp.glob("worker-*.log"))
         return "\n".join(p.read_text(errors="replace") for p in files)
 
-    def fnq(self, *args: str, input_: bytes | None = None) -> subprocess.CompletedProcess[str]:
-        """Run one fnq command. One that does not end within FNQ_TIMEOUT_S is sent
-        SIGUSR1 if it is a worker (which logs its tasks' awaits, worker.dump), then
-        SIGABRT, so that its stderr ends with every thread's stack (faulthandler)."""
-        env = {**self.env, "PYTHONFAULTHANDLER": "1"}
+    def fnq(
+        self, *args: str, input_: bytes | None = None, env: dict[str, str] | None = None
+    ) -> subprocess.CompletedProcess[str]:
+        """Run one fnq command (``env``: its environment, if not the cluster's). One that
+        does not end within FNQ_TIMEOUT_S is sent SIGUSR1 if it is a worker (which logs
+        its tasks' awaits, worker.dump), then SIGABRT, so that its stderr ends with every
+        thread's stack (faulthandler)."""
+        env = {**(env or self.env), "PYTHONFAULTHANDLER": "1"}
         stdin = None if input_ is None else subprocess.PIPE
         text = None if input_ is None else input_.decode()
         with subprocess.Popen(
