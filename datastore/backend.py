@@ -19,6 +19,7 @@ from config.domain import Function
 from config.settings import Settings
 from datastore.base import CallRecord, LogStore
 from datastore.batch import GroupCommit
+from datastore.clock import StoreClock
 from datastore.logroom import PatientLogs
 
 CLOSE_TIMEOUT_S = 10.0
@@ -60,6 +61,8 @@ class SqlBackend(abc.ABC):
         self._external_logs = logs
         # The external store's log writes, each waiting until the store can take it.
         self._log_room = None if logs is None else PatientLogs(logs)
+        # Every time stored, and every one compared with a stored one (datastore.clock).
+        self.clock = StoreClock()
         self.close_timeout_s = CLOSE_TIMEOUT_S
         self.worker_write_timeout_s = WORKER_WRITE_TIMEOUT_S
         self._closed = False
@@ -88,6 +91,10 @@ class SqlBackend(abc.ABC):
 
     @abc.abstractmethod
     async def _close_backend(self) -> None: ...
+
+    async def read_clock(self) -> None:
+        """Read the datastore's clock again (``clock``); SQLite's is the host's own."""
+        return None
 
     def give_up_writes_after(self, seconds: float | None) -> None:
         """A write (a batch, a call's log) that could not be made for ``seconds`` fails

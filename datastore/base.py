@@ -40,6 +40,7 @@ from urllib.parse import unquote, urlsplit
 
 from config.domain import CALL_ID_RE, Call, CallStatus, FailureKind, Function, Outcome
 from config.settings import Settings, mask_url
+from datastore.clock import StoreClock
 from datastore.errors import InvalidCursor, UnsupportedURL
 
 LIST_LIMIT_DEFAULT = 30
@@ -181,6 +182,14 @@ class LogStore(Protocol):
 
 
 class Datastore(Protocol):
+    # The clock every stored time is read from, and compared with (datastore.clock).
+    clock: StoreClock
+
+    async def read_clock(self) -> None:
+        """Read the datastore's clock again; a worker does at every heartbeat. Raises
+        StoreUnavailable when the datastore cannot be reached."""
+        ...
+
     # registry
     async def create_fn(self, fn: Function) -> Function: ...
     async def update_fn(self, app: str, name: str, **changes: Any) -> Function: ...

@@ -12,10 +12,11 @@ call logs live, and closing.
 from __future__ import annotations
 
 import dataclasses
+from datetime import timedelta
 from collections.abc import Collection, Sequence
 from typing import Any, ClassVar
 
-from config.domain import Function, utcnow
+from config.domain import Function
 from datastore import sql
 from datastore.backend import Write
 from datastore.base import LogStore, bound_log
@@ -43,7 +44,7 @@ class SqlDatastore(CallRecording, CallReads, Upkeep):
 
     # ------------------------------------------------------------ registry
     async def create_fn(self, fn: Function) -> Function:
-        now = utcnow()
+        now = self.clock.now()
         fn = dataclasses.replace(validate_function(fn), created_at=now, updated_at=now)
         if not await self._write(Write.FN_INSERT, fn_row(fn)):
             raise FunctionExists(fn.app, fn.name)
@@ -53,7 +54,12 @@ class SqlDatastore(CallRecording, CallReads, Upkeep):
         current = await self.get_fn(app, name)
         if current is None:
             raise FunctionNotFound(app, name)
-        fn = dataclasses.replace(apply_changes(current, changes), updated_at=utcnow())
+        # Later than the definition it replaces, whatever clock wrote that one: which
+        # definition is the newest is told by it (Agent.definition_read).
+        now = self.clock.now()
+        if current.updated_at is not None and now <= current.updated_at:
+            now = current.updated_at + timedelta(microseconds=1)
+        fn = dataclasses.replace(apply_changes(current, changes), updated_at=now)
         if not await self._write(Write.FN_UPDATE, fn_row(fn)):
             raise FunctionNotFound(app, name)
         return fn

@@ -36,6 +36,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from datetime import UTC
 from typing import Any
@@ -49,6 +50,7 @@ from datastore import migrate, pgbatch, sql
 from datastore.backend import Write
 from datastore.base import LogStore
 from datastore.batch import Failed, GroupCommit
+from datastore.clock import StoreClock
 from datastore.common import SqlDatastore
 from datastore.errors import StoreError, StoreUnavailable
 
@@ -295,6 +297,13 @@ async def _init_connection(conn: Any) -> None:
             await conn.execute(_CUSTOM_PLANS, timeout=STATEMENT_TIMEOUT_S)
 
 
+async def _read_clock(conn: Any, clock: StoreClock) -> None:
+    """Set ``clock`` from the server's (datastore.clock)."""
+    sent_s = time.monotonic()
+    read_at = await conn.fetchval("SELECT clock_timestamp()", timeout=STATEMENT_TIMEOUT_S)
+    clock.set(read_at.astimezone(UTC), sent_s, time.monotonic())
+
+
 async def _keep_session(conn: Any) -> None:
     """How a connection goes back to the pool: as it is. asyncpg's own reset (advisory
     locks, cursors, LISTEN, settings) is one more round trip and statement for every
@@ -349,6 +358,7 @@ class PostgresDatastore(SqlDatastore):
             async with pool.acquire(timeout=ACQUIRE_TIMEOUT_S) as conn:
                 connected = True
                 await migrate.apply_postgres(conn, STATEMENT_TIMEOUT_S)
+                await _read_clock(conn, store.clock)
         except BaseException as exc:
             await store._terminate_pool()
             # The first connection is made here (the pool starts empty).
@@ -408,6 +418,16 @@ class PostgresDatastore(SqlDatastore):
 
     async def _write(self, kind: Write, params: dict[str, Any], log: bytes | None = None) -> Any:
         return await self.writer.submit((kind, params, log))
+
+    async def read_clock(self) -> None:
+        """Read the server's clock again (StoreUnavailable when it cannot be reached)."""
+        try:
+            async with self._connection() as conn:
+                await _read_clock(conn, self.clock)
+        except _FAILURES as exc:
+            if is_outage(exc):
+                raise StoreUnavailable(f"the PostgreSQL datastore is unavailable: {exc}") from exc
+            raise StoreError(f"reading the datastore's clock failed: {exc}") from exc
 
     async def _write_now(self, kind: Write, params: dict[str, Any]) -> Any:
         try:

@@ -16,7 +16,7 @@ import re
 from datetime import datetime, timedelta
 from typing import Any
 
-from config.domain import Call, CallStatus, Outcome, utcnow
+from config.domain import Call, CallStatus, Outcome
 from datastore import replay
 from datastore.backend import SqlBackend, Write
 from datastore.base import CallRecord, bound_body, bound_log
@@ -51,7 +51,7 @@ class CallRecording(SqlBackend):
         await self._write(Write.QUEUED, self._queued_params(call, image))
 
     def _queued_params(self, call: Call, image: str | None) -> dict[str, Any]:
-        now = utcnow()
+        now = self.clock.now()
         # A delayed call says when it may start, as a retry says when it is tried again.
         next_try_at = now + timedelta(seconds=call.delay_s) if call.delay_s > 0 else None
         return {"id": call.id, "app": call.app, "fn": call.fn, "image": image,
@@ -64,7 +64,7 @@ class CallRecording(SqlBackend):
         return record_from_row(await self._write(Write.RUNNING, params))
 
     def _running_params(self, call: Call, attempt: int, worker_id: str) -> dict[str, Any]:
-        now = utcnow()
+        now = self.clock.now()
         return {"id": call.id, "app": call.app, "fn": call.fn,
                 "status": CallStatus.RUNNING.value, "attempts": max(attempt, 1),
                 "attempt_arg": attempt,
@@ -114,18 +114,18 @@ class CallRecording(SqlBackend):
         return await self._store_with_log(Write.RETRY, row, kept, running_on=running_on)
 
     async def request_cancel(self, call_id: str) -> CallRecord | None:
-        params = {"id": call_id, "now": utcnow(), "error": CANCELLED_BY_REQUEST}
+        params = {"id": call_id, "now": self.clock.now(), "error": CANCELLED_BY_REQUEST}
         row = await self._write(Write.CANCEL, params)
         return None if row is None else record_from_row(row)
 
     async def end_buried(self, call_id: str, reason: str, died_at: datetime) -> bool:
         params = {"id": call_id, "error": _storable(reason) or _DEFAULT_ERRORS[CallStatus.ERROR],
-                  "now": utcnow(), "died_at": died_at}  # fmt: skip
+                  "now": self.clock.now(), "died_at": died_at}  # fmt: skip
         return bool(await self._write(Write.END_BURIED, params))
 
     async def retry_call(self, call_id: str) -> Call:
         rec = replay.retryable(call_id, await self.get_call(call_id))
-        now = utcnow()
+        now = self.clock.now()
         if not await self._requeue(rec, now, reopen=False):  # changed meanwhile
             replay.retryable(call_id, await self.get_call(call_id))
             raise StoreError(f"call {call_id} changed while being retried; try again")
@@ -135,7 +135,7 @@ class CallRecording(SqlBackend):
         rec = await self.get_call(call_id)
         if rec is None or not rec.is_final:
             return False
-        return await self._requeue(rec, utcnow(), reopen=True)  # False: reopened meanwhile
+        return await self._requeue(rec, self.clock.now(), reopen=True)  # False: reopened meanwhile
 
     async def _requeue(self, rec: CallRecord, now: datetime, *, reopen: bool) -> bool:
         """Put the final call ``rec`` back to ``queued`` (its image the function's current
@@ -162,7 +162,7 @@ class CallRecording(SqlBackend):
         *,
         with_request: bool,
     ) -> tuple[dict[str, Any], bytes]:
-        now = utcnow()
+        now = self.clock.now()
         log = bound_log(outcome.log, self.settings.max_log_size_bytes)
         resp = outcome.response
         body, cut = bound_body(resp.body, self.settings.max_response_size) if resp else (b"", False)

@@ -17,7 +17,6 @@ from collections.abc import Mapping
 from datetime import datetime, timedelta
 from typing import Any, ClassVar
 
-from config.domain import utcnow
 from datastore import sql
 from datastore.backend import SqlBackend, Write
 from datastore.base import LogStore, WorkerInfo
@@ -49,7 +48,7 @@ class Upkeep(SqlBackend):
             "id": worker_id,
             "host": host if isinstance(host, str) and host else socket.gethostname(),
             "pid": pid if isinstance(pid, int) else os.getpid(),
-            "now": utcnow(),
+            "now": self.clock.now(),
             "info": json.dumps(details, sort_keys=True, default=str),
         }
         await self._worker_write(Write.WORKER_BEAT, params)
@@ -60,12 +59,12 @@ class Upkeep(SqlBackend):
 
     async def list_workers(self, seen_within: timedelta) -> list[WorkerInfo]:
         """Workers whose last heartbeat is at most ``seen_within`` old, by host and id."""
-        rows = await self._fetch(sql.WORKER_LIST, {"since": utcnow() - seen_within})
+        rows = await self._fetch(sql.WORKER_LIST, {"since": self.clock.now() - seen_within})
         return [worker_from_row(row) for row in rows]
 
     async def prune_workers(self, older_than: timedelta) -> int:
         """Delete workers not seen for ``older_than`` (they died); return how many."""
-        cutoff = utcnow() - older_than
+        cutoff = self.clock.now() - older_than
         return int(await self._worker_write(Write.WORKER_PRUNE, {"cutoff": cutoff}))
 
     async def _worker_write(self, kind: Write, params: dict[str, Any]) -> Any:
@@ -82,7 +81,7 @@ class Upkeep(SqlBackend):
 
     # ----------------------------------------------------------- retention
     async def purge_calls(self, older_than: timedelta) -> int:
-        cutoff = utcnow() - older_than
+        cutoff = self.clock.now() - older_than
         if self._external_logs is not None:
             return await self._purge_logs_first(self._external_logs, cutoff)
         total = 0
