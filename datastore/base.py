@@ -258,9 +258,10 @@ class Datastore(Protocol):
     async def request_cancel(self, call_id: str) -> CallRecord | None: ...
     async def end_buried(self, call_id: str, reason: str, died_at: datetime) -> bool:
         """End a `queued` or `running` record as an error (``reason``, failure
-        `terminal`): the queue buried the call's message at ``died_at``, so nothing
-        will run it again. A record changed after ``died_at`` is left alone, and none
-        is created. Returns whether the record changed."""
+        `terminal`): the queue buried the call's message at ``died_at`` (by ``clock``,
+        as the records' times are), so nothing will run it again. A record changed
+        after ``died_at`` is left alone, and none is created. Returns whether the
+        record changed."""
         ...
 
     async def retry_call(self, call_id: str) -> Call:

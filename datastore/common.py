@@ -12,8 +12,8 @@ call logs live, and closing.
 from __future__ import annotations
 
 import dataclasses
-from datetime import timedelta
 from collections.abc import Collection, Sequence
+from datetime import timedelta
 from typing import Any, ClassVar
 
 from config.domain import Function

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import time
 from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any, Protocol, runtime_checkable
 
@@ -74,7 +75,10 @@ class Buried:
 
     call_id: str
     reason: str
-    died_at: datetime  # this process's clock, as the records' times are
+    died_at: datetime  # this host's wall clock
+    # this process's time.monotonic() then: the worker reads the burial's time from
+    # the datastore's clock with it (datastore.clock), as the records' times are
+    at_s: float = field(default_factory=time.monotonic)
 
 
 @dataclass(frozen=True, slots=True)

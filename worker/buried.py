@@ -42,7 +42,7 @@ async def record_buried(store: Datastore, metrics: Metrics, buried: Sequence[Bur
 async def _end_buried(store: Datastore, metrics: Metrics, b: Buried) -> StoreError | None:
     current_call.set(b.call_id)  # its own task (gather): the line names the call
     try:
-        if await store.end_buried(b.call_id, b.reason, b.died_at):
+        if await store.end_buried(b.call_id, b.reason, store.clock.at(b.at_s)):
             log.info("call %s: the queue buried its message (%s); recorded as error",
                      b.call_id, b.reason)  # fmt: skip
             metrics.calls.ended(CallStatus.ERROR.value)

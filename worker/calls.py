@@ -46,7 +46,7 @@ import random
 from collections.abc import Callable, Sequence
 from datetime import timedelta
 
-from config.domain import CallStatus, FailureKind, Function, Outcome, utcnow
+from config.domain import CallStatus, FailureKind, Function, Outcome
 from config.errors import FnqError, Retryable, StoreError
 from config.settings import Settings
 from datastore.base import CallRecord, Datastore
@@ -362,7 +362,10 @@ class CallHandler:
         ):
             await self._put_off(d, f"delivered again while worker {other} runs it")
             return
-        if fn is None or utcnow() - call.created_at > timedelta(seconds=fn.max_age_s):
+        # The call's age by the datastore's clock, as its creation time was read by
+        # `fnq call` (a producer of its own reads its host's clock).
+        age = self.store.clock.now() - call.created_at
+        if fn is None or age > timedelta(seconds=fn.max_age_s):
             with self.recorder.counted():
                 await self.recorder.finish_early(d, fn, seen)
             return

@@ -20,7 +20,9 @@ record back to `queued` while it runs. So the call is left to that worker
   call back and could not put the record back, say).
 
 Otherwise (a worker that died, or stopped) the call runs here, as any call
-delivered again does.
+delivered again does. Every time compared here (a heartbeat's, a record's
+mark, now) is the datastore's (datastore.clock): the workers' own clocks may
+be minutes apart.
 
 Only a record `running` on another worker costs a read of the live workers,
 shared by the calls that need it at once and kept for ``LIVE_TTL_S``.
@@ -31,12 +33,12 @@ from __future__ import annotations
 import asyncio
 from datetime import timedelta
 
-from config.domain import CallStatus, Function, process_gone, utcnow
+from config.domain import CallStatus, Function, process_gone
 from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreUnavailable
 from worker.liveness import ALIVE_WITHIN
 
-RUNNING_SLACK_S = 5.0  # past the function's timeout: the outcome's write, clocks apart
+RUNNING_SLACK_S = 5.0  # past the function's timeout: the outcome's write
 LIVE_TTL_S = 2.0  # the live workers are read again after this long
 LIVE_READ_TIMEOUT_S = 5.0
 
@@ -57,7 +59,7 @@ class Elsewhere:
         if record.status is not CallStatus.RUNNING or other is None or other == self._worker_id:
             return None
         marked = record.started_at or record.updated_at
-        if utcnow() - marked > timedelta(seconds=fn.timeout_s + RUNNING_SLACK_S):
+        if self._store.clock.now() - marked > timedelta(seconds=fn.timeout_s + RUNNING_SLACK_S):
             return None
         live = await self._live_workers()
         if other not in live or process_gone(other, live[other]):

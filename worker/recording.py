@@ -37,7 +37,6 @@ from config.domain import (
     Outcome,
     Response,
     frozen_map,
-    utcnow,
 )
 from config.errors import Retryable, StoreError
 from datastore.base import CallRecord, Datastore
@@ -212,7 +211,7 @@ class Recorder:
             self.metrics.calls.retries += 1
         else:  # RELEASE: never started
             self.metrics.calls.released += 1
-        next_try = utcnow() + timedelta(seconds=decision.delay_s)
+        next_try = self.store.clock.now() + timedelta(seconds=decision.delay_s)
         retry = self.store.record_retry(call, outcome, attempt, next_try, with_request=with_request)
         if await self._store(d, outcome, attempt, retry) is None:  # refused: ended by _refused
             return
@@ -247,7 +246,7 @@ class Recorder:
             container_id=ran.container_id,
             image=ran.image,
             started_at=ran.started_at,
-            completed_at=ran.completed_at or utcnow(),
+            completed_at=ran.completed_at or self.store.clock.now(),
         )
         call = d.msg.call
         await self.store.record_outcome(call, bare, attempt, self.worker_id, with_request=False)
@@ -265,7 +264,8 @@ class Recorder:
         else:
             error = f"expired: not started within {fn.max_age_s} s of being enqueued"
             status, failure = CallStatus.CANCELLED, FailureKind.CANCELLED
-        outcome = Outcome(status=status, error=error, failure=failure, completed_at=utcnow())
+        ended = self.store.clock.now()
+        outcome = Outcome(status=status, error=error, failure=failure, completed_at=ended)
         attempts = 0 if seen is None else seen.attempts
         with_request = seen is None or not seen.has_request
         await self.store.record_outcome(

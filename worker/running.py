@@ -33,7 +33,7 @@ import asyncio
 import logging
 from datetime import timedelta
 
-from config.domain import Call, CallStatus, FailureKind, Outcome, utcnow
+from config.domain import Call, CallStatus, FailureKind, Outcome
 from config.errors import FnqError
 from datastore.base import CallRecord, Datastore
 
@@ -138,7 +138,7 @@ class RunningMark:
                     attempts = record.attempts if self._reached else record.attempts - 1
                     await self._store.record_retry(
                         self._call, why, attempts,
-                        utcnow() + timedelta(seconds=retry_in_s),
+                        self._store.clock.now() + timedelta(seconds=retry_in_s),
                         running_on=self._worker_id,
                     )  # fmt: skip
         except TimeoutError:

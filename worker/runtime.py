@@ -94,7 +94,7 @@ async def _serve(
     queues = [open_queue(settings.mq_url, settings), *rq_queues(settings)]
     store = await open_datastore(settings)
     try:
-        async with Agent(settings, DockerDriver(settings)) as agent:
+        async with Agent(settings, DockerDriver(settings), clock=store.clock.now) as agent:
             worker = Worker(settings, queues, store, agent, prefetch=prefetch, metrics=metrics)
             tune_garbage_collector()
             names = rq_names(settings)

@@ -3,7 +3,10 @@
 - Every ``CANCEL_POLL_S``: ask the datastore (one query) which of the calls
   running here were asked to stop (``fnq calls cancel``) and stop them in the
   agent; their outcome is then ``cancelled``.
-- Every ``HEARTBEAT_S``: write this worker's row (capacity, containers, calls)
+- Every ``HEARTBEAT_S``: read the datastore's clock again (datastore.clock: the
+  one every stored time is read from; a warning when this host's is off by
+  ``SKEW_TOLD_S`` or more, and again when that changes by as much); write this
+  worker's row (capacity, containers, calls)
   for ``fnq status``, and refresh the metrics gauges (with ``queues`` given,
   when the metrics are served, their depth too); and read again the
   definitions of the functions the agent has containers of, so that those of
@@ -36,6 +39,7 @@ VERSION = version("fnq")
 CANCEL_POLL_S = 0.5
 MIB = 1024 * 1024
 HEARTBEAT_S = 5.0
+SKEW_TOLD_S = 1.0  # see the module
 
 
 def describe(stats: AgentStats) -> dict[str, Any]:
@@ -76,6 +80,7 @@ class Upkeep:
         # heartbeat (a write) while the cancellation poll (a read) goes on working.
         self._failing: set[str] = set()
         self._outage = False  # logged as begun, not yet as over
+        self._told_skew_s = 0.0  # how far ahead the datastore's clock was last told to be
 
     async def run(self) -> None:
         beats = 0
@@ -90,11 +95,28 @@ class Upkeep:
                 stats = self.agent.statistics()
                 self.metrics.observe_agent(stats)
                 await self._observe_queues()
+                await self._guard("clock", self._read_clock())
                 beat = self.store.worker_heartbeat(self.worker_id, describe(stats))
                 await self._guard("heartbeat", beat)
                 await self._guard("definitions", self._definitions())
             beats += 1
             await asyncio.sleep(CANCEL_POLL_S)
+
+    async def _read_clock(self) -> None:
+        await self.store.read_clock()
+        clock = self.store.clock
+        if not clock.read:  # the host's own (SQLite)
+            return
+        ahead_s = clock.ahead_of_host().total_seconds()
+        if abs(ahead_s - self._told_skew_s) < SKEW_TOLD_S:
+            return
+        self._told_skew_s = ahead_s
+        if abs(ahead_s) < SKEW_TOLD_S:
+            log.info("this host's clock agrees with the datastore's again")
+            return
+        log.warning("this host's clock is %.1f s %s the datastore's; the times stored and "
+                    "compared are the datastore's", abs(ahead_s),
+                    "behind" if ahead_s > 0 else "ahead of")  # fmt: skip
 
     async def _observe_queues(self) -> None:
         """``fnq_queue_messages``: a queue that cannot be read now keeps its last depth."""

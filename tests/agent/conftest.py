@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Callable
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 import pytest
 
-from config.domain import Call, Function, frozen_map, new_call_id
+from config.domain import Call, Function, frozen_map, new_call_id, utcnow
 from config.settings import Settings
 from worker.agent.agent import Agent
 from worker.agent.cpu import CpuGauge, NeverSaturated
@@ -85,6 +86,7 @@ async def agents(settings_env: Path) -> AsyncIterator[AgentFactory]:
         memory_mb: int = MEMORY_MB,
         cpu_mcpus: int = CPU_MCPUS,
         cpu: CpuGauge | None = None,
+        clock: Callable[[], datetime] = utcnow,
         **settings: Any,
     ) -> Agent:
         agent = Agent(
@@ -92,6 +94,7 @@ async def agents(settings_env: Path) -> AsyncIterator[AgentFactory]:
             driver or FakeDriver(FakeBehaviour()),
             tracker(memory_mb, cpu_mcpus),
             cpu or NeverSaturated(),  # this host's load must not decide a test
+            clock=clock,
         )
         made.append(agent)
         return agent

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 from datetime import timedelta
 
 import pytest
 
-from config.domain import CallStatus, FailureKind, Function, Outcome, frozen_map
+from config.domain import CallStatus, FailureKind, Function, Outcome, frozen_map, utcnow
 from tests.agent.conftest import AgentFactory, FixedCpu, make_call, make_fn, settle
 from worker.agent.agent import Agent
 from worker.agent.cpu import CpuGauge
@@ -31,7 +32,9 @@ async def test_success_returns_response_log_and_times(agents: AgentFactory) -> N
     fn = make_fn(config={"GREETING": "hello", "FN_TYPE": "user-cannot-override"})
     call = make_call(fn, body=b"payload", headers={"X-Req": "v"})
     started: list[bool] = []
+    before = utcnow()
     outcome = await agent.submit(call, fn, on_start=lambda: started.append(True))
+    after = utcnow()
     assert outcome.status is CallStatus.SUCCESS
     assert outcome.error is None and outcome.failure is None
     assert outcome.response is not None
@@ -50,12 +53,38 @@ async def test_success_returns_response_log_and_times(agents: AgentFactory) -> N
         {"X-Req": "v"},
     )
     assert request.timeout_s == fn.timeout_s
-    assert request.deadline - outcome.started_at == timedelta(seconds=fn.timeout_s)
+    timeout = timedelta(seconds=fn.timeout_s)
+    assert before + timeout <= request.deadline <= after + timeout
+    assert before <= outcome.started_at <= outcome.completed_at <= after
     env = container.spec.env
     assert env["FN_FORMAT"] == "http-stream" and env["FN_LISTENER"] == FN_LISTENER
     assert (env["FN_APP_ID"], env["FN_FN_ID"], env["FN_MEMORY"]) == ("app", "hello", "128")
     assert env["FN_TYPE"] == "async" and env["GREETING"] == "hello"
     assert (container.spec.memory_mb, container.spec.image) == (128, fn.image)
+
+
+async def test_a_call_is_timed_by_the_agents_clock_and_its_deadline_by_the_hosts(
+    agents: AgentFactory,
+) -> None:
+    """A worker's agent stamps the outcome with the datastore's clock (here a minute
+    behind this host's); the function's deadline is by this host's clock, which its
+    container reads."""
+    behind = timedelta(seconds=60)
+    driver = FakeDriver(FakeBehaviour(handler=reply(200, b"hi")))
+    agent = agents(driver, clock=lambda: utcnow() - behind)
+    fn = make_fn()
+    before = utcnow()
+    outcome = await agent.submit(make_call(fn), fn)
+    after = utcnow()
+    assert outcome.status is CallStatus.SUCCESS
+    assert outcome.started_at is not None and outcome.completed_at is not None
+    assert before - behind <= outcome.started_at <= outcome.completed_at <= after - behind
+    [request] = driver.containers[0].requests
+    timeout = timedelta(seconds=fn.timeout_s)
+    assert before + timeout <= request.deadline <= after + timeout
+    refused = await agent.submit(dataclasses.replace(make_call(fn), id="no/slash"), fn)
+    assert refused.completed_at is not None
+    assert before - behind <= refused.completed_at <= utcnow() - behind
 
 
 async def test_hundred_sequential_calls_use_one_container(agents: AgentFactory) -> None:

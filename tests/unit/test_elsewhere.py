@@ -6,12 +6,14 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+import time
 from datetime import timedelta
 
 import pytest
 
 from config.domain import CallStatus, Function, new_call_id, pid_namespace, utcnow
 from datastore.base import CallRecord, WorkerInfo
+from datastore.clock import StoreClock
 from datastore.errors import StoreUnavailable
 from worker import elsewhere
 from worker.elsewhere import Elsewhere
@@ -29,6 +31,7 @@ class Workers:
         self.fail: Exception | None = None
         self.answer = asyncio.Event()
         self.answer.set()
+        self.clock = StoreClock()  # this host's wall clock until set
 
     async def list_workers(self, seen_within: timedelta) -> list[WorkerInfo]:
         assert seen_within == timedelta(seconds=30)
@@ -63,6 +66,18 @@ async def test_only_a_record_running_on_another_live_worker_within_its_timeout()
     assert await here.runs(record(CallStatus.RUNNING, None), FN) is None
     assert await here.runs(record(CallStatus.QUEUED, "w-a"), FN) is None
     assert store.reads == 1  # only running records read the workers, and once
+
+
+async def test_a_record_is_as_old_as_the_datastore_clock_says_whatever_this_host_says() -> None:
+    """This host's clock is a minute ahead of the datastore's, by which the record was
+    marked 14 s ago: its attempt may still be under way (timeout 10 s + slack 5 s)."""
+    store = Workers("w-a")
+    m = time.monotonic()
+    store.clock.set(utcnow() - timedelta(seconds=60), m, m)
+    here = Elsewhere(store, "w-b")  # type: ignore[arg-type]
+    marked = record(CallStatus.RUNNING, "w-a", marked_s_ago=60 + 14)
+    assert await here.runs(marked, FN) == "w-a"
+    assert await here.runs(record(CallStatus.RUNNING, "w-a", marked_s_ago=60 + 16), FN) is None
 
 
 async def test_calls_that_ask_together_share_one_read_kept_for_a_while(

@@ -19,6 +19,7 @@ import pytest
 from config.domain import Call, CallStatus, FailureKind, Function, new_call_id, utcnow
 from config.settings import Settings, load_settings
 from datastore.base import CallRecord, Datastore, open_datastore
+from datastore.clock import StoreClock
 from datastore.errors import StoreUnavailable
 from mq.base import Buried, MessageQueue, open_queue
 from worker.agent.agent import Agent
@@ -119,6 +120,8 @@ async def test_a_queued_call_malformed_for_its_worker_ends_as_an_error(
 
 
 class StoreDown:
+    clock = StoreClock()
+
     async def end_buried(self, call_id: str, reason: str, died_at: object) -> bool:
         raise StoreUnavailable("connection refused")
 
@@ -187,6 +190,8 @@ async def test_a_burial_of_a_reserve_cut_short_by_the_stop_is_recorded(tmp_path:
 
 
 class StoreUp:
+    clock = StoreClock()
+
     async def end_buried(self, call_id: str, reason: str, died_at: object) -> bool:
         return True
 

@@ -107,7 +107,7 @@ from collections.abc import Callable, Collection
 from datetime import datetime
 from types import TracebackType
 
-from config.domain import CALL_ID_RE, Call, Function, Outcome, headers_problem
+from config.domain import CALL_ID_RE, Call, Function, Outcome, headers_problem, utcnow
 from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.cpu import CpuGauge
@@ -155,9 +155,13 @@ class Agent(SlotWaits, Fleet):
         tracker: ResourceTracker | None = None,
         cpu: CpuGauge | None = None,
         cpu_split: CpuSplit | None = None,
+        *,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.settings = settings
         self.driver = driver
+        # The time of day of the outcomes' starts and ends (a worker gives the datastore's).
+        self.clock = clock
         self.tracker = tracker or ResourceTracker.from_host(settings)
         self.evictor = Evictor(on_idle_change=self.tracker.lent_changed)
         self.cpu = (
@@ -233,9 +237,9 @@ class Agent(SlotWaits, Fleet):
         ``launch_patience_s``: wait at least this long for a container of the function
         before asking for a new one."""
         if self._no_waiting:
-            return not_started_outcome(AgentClosed())
+            return self._not_started(AgentClosed())
         if call.id in self._calls:
-            return not_started_outcome(ServerBusy(f"call {call.id} is already running here"))
+            return self._not_started(ServerBusy(f"call {call.id} is already running here"))
         stop = StopControl(on_start, self.loop)
         stop.launch_patience_s = launch_patience_s
         self._calls[call.id] = stop
@@ -247,15 +251,18 @@ class Agent(SlotWaits, Fleet):
             if not self._calls:
                 self._no_calls.set()
 
+    def _not_started(self, exc: AgentError) -> Outcome:
+        return not_started_outcome(exc, self.clock())
+
     async def _submit(self, call: Call, fn: Function, stop: StopControl) -> Outcome:
         if not CALL_ID_RE.fullmatch(call.id):  # it goes into the request's head as it is
-            return not_started_outcome(InvalidCall(f"call id {call.id[:80]!r} is not valid"))
+            return self._not_started(InvalidCall(f"call id {call.id[:80]!r} is not valid"))
         if call.headers and (problem := headers_problem(call.headers)) is not None:
-            return not_started_outcome(InvalidCall(f"call {call.id}: {problem}"))
+            return self._not_started(InvalidCall(f"call {call.id}: {problem}"))
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
         if not self.tracker.is_possible(memory_mb, cpu_mcpus):
             too_big = self.tracker.too_big(memory_mb, cpu_mcpus)
-            return not_started_outcome(ResourceTooBig(f"{fn.ref} {too_big}"))
+            return self._not_started(ResourceTooBig(f"{fn.ref} {too_big}"))
         loop = self.loop
         queue = self._queue_for(fn)
         deadline = loop.time() + fn.timeout_s
@@ -268,11 +275,11 @@ class Agent(SlotWaits, Fleet):
             try:
                 slot = await self._get_slot(queue, call.id, deadline, stop)
             except AgentError as exc:
-                return not_started_outcome(exc)
+                return self._not_started(exc)
             if slot is None:
                 if stop.end is ExecEnd.CANCELLED:
-                    return cancelled_outcome(stop.reason)
-                return not_started_outcome(AgentClosed())
+                    return cancelled_outcome(stop.reason, self.clock())
+                return self._not_started(AgentClosed())
             queue.requests[RequestState.EXEC] += 1
             taken_at = time.perf_counter()  # uvloop's loop.time() counts whole ms
             try:
@@ -281,10 +288,10 @@ class Agent(SlotWaits, Fleet):
                 log.debug("call %s: container unusable before dispatch (%s)", call.id, exc)
                 continue
             except HostShort as exc:  # nothing reached the container: back to the queue
-                return not_started_outcome(exc)
+                return self._not_started(exc)
             except NotAccepted as exc:  # nothing ran; its stuck container is retired
                 log.warning("call %s: %s", call.id, exc)
-                return not_started_outcome(exc)
+                return self._not_started(exc)
             finally:
                 queue.requests[RequestState.EXEC] -= 1
             queue.held(time.perf_counter() - taken_at, loop.time())

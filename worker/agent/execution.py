@@ -28,7 +28,7 @@ from datetime import datetime
 from enum import StrEnum
 from types import MappingProxyType
 
-from config.domain import CallStatus, FailureKind, Outcome, Response, utcnow
+from config.domain import CallStatus, FailureKind, Outcome, Response
 from config.errors import AgentError
 from worker.agent.driver import DispatchResult
 from worker.agent.logbuf import LogBuffer
@@ -174,21 +174,21 @@ def ran_outcome(run: ExecResult, log: LogBuffer, container_id: str, image: str) 
     )
 
 
-def not_started_outcome(exc: AgentError) -> Outcome:
-    """The outcome of a call that never reached a container."""
+def not_started_outcome(exc: AgentError, at: datetime) -> Outcome:
+    """The outcome of a call that never reached a container, ending ``at``."""
     failure = getattr(exc, "failure", FailureKind.FUNCTION)
     return Outcome(
         status=CallStatus.ERROR,
         error=str(exc) or type(exc).__name__,
         failure=failure if isinstance(failure, FailureKind) else FailureKind.FUNCTION,
-        completed_at=utcnow(),
+        completed_at=at,
     )
 
 
-def cancelled_outcome(reason: str) -> Outcome:
+def cancelled_outcome(reason: str, at: datetime) -> Outcome:
     return Outcome(
         status=CallStatus.CANCELLED,
         error=reason,
         failure=FailureKind.CANCELLED,
-        completed_at=utcnow(),
+        completed_at=at,
     )

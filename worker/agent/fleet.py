@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Callable
 from datetime import datetime
 from typing import TYPE_CHECKING
 
@@ -49,6 +50,7 @@ class Fleet:
     cpu: CpuGauge
     pacer: FreezePacer
     start_turns: asyncio.Semaphore | None
+    clock: Callable[[], datetime]
     _queues: dict[str, SlotQueue]
     _keys: dict[int, tuple[Function, str]]
     # the newest definition of each function seen: its updated_at and slot key
@@ -171,6 +173,7 @@ class Fleet:
             on_exit=self._forget_container,
             pacer=self.pacer,
             start_turns=self.start_turns,
+            clock=self.clock,
         )
         queue.containers_started += 1
         self._hot[hot] = self._containers.spawn(hot.run(), name=f"fnq-container-{hot.id}")

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from datetime import timedelta
 
 from config.domain import Call, utcnow
@@ -155,12 +156,13 @@ class HotContainer(HotLife):
     ) -> ExecResult:
         room_made = False
         while True:
-            started_at = utcnow()
+            started_at, started_s = self.clock(), time.monotonic()
             request = DispatchRequest(
                 call_id=call.id,
                 body=call.body,
                 headers=call.headers,
-                deadline=started_at + timedelta(seconds=timeout_s),
+                # by this host's clock, which the container reads
+                deadline=utcnow() + timedelta(seconds=timeout_s),
                 timeout_s=timeout_s,
             )
             usage = CallUsage()
@@ -175,8 +177,11 @@ class HotContainer(HotLife):
                 if stop.requested:
                     raise SlotUnusable("the call was stopped before it was dispatched") from None
                 continue
+            # Its length by the monotonic clock: a step of the wall clock meanwhile
+            # is not part of the run.
+            ended_at = started_at + timedelta(seconds=time.monotonic() - started_s)
             return ExecResult(
-                end, started_at, utcnow(), result=result, error=error, stats=usage.stats
+                end, started_at, ended_at, result=result, error=error, stats=usage.stats
             )
 
     async def _make_host_room(self, stop: StopControl) -> bool:

@@ -25,9 +25,10 @@ import asyncio
 import logging
 import secrets
 from collections.abc import Callable
+from datetime import datetime
 from typing import Self
 
-from config.domain import Function, frozen_map
+from config.domain import Function, frozen_map, utcnow
 from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.driver import FN_LISTENER, Container, ContainerSpec, Driver, ExitInfo
@@ -95,6 +96,7 @@ class HotLife(abc.ABC):
         on_exit: Callable[[Self], None],
         pacer: FreezePacer | None = None,
         start_turns: asyncio.Semaphore | None = None,
+        clock: Callable[[], datetime] = utcnow,
     ) -> None:
         self.queue = queue
         self.fn: Function = queue.fn
@@ -106,6 +108,7 @@ class HotLife(abc.ABC):
         self.on_exit = on_exit
         self.pacer = pacer or FreezePacer(0.0)
         self.start_turns = start_turns
+        self.clock = clock  # the time of day of a call's start (Agent.clock)
         self._shared_failures_before = queue.shared_failures
         self.id = f"fnq-{secrets.token_hex(8)}"
         self.container: Container | None = None

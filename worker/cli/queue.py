@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import sys
 from collections.abc import Awaitable, Callable, Sequence
@@ -123,6 +124,8 @@ async def enqueue_recorded(settings: Settings, call: Call) -> bool | Unrecorded:
     """
     store = await open_datastore(settings, write_patience_s=WRITE_PATIENCE_S)
     try:
+        # Made now by the datastore's clock, which the workers judge its age by.
+        call = dataclasses.replace(call, created_at=store.clock.now())
         fn = await store.get_fn(call.app, call.fn)
         if fn is None:
             raise FunctionNotFound(call.app, call.fn)

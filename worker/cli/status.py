@@ -6,11 +6,12 @@ It reads the queue and the datastore only: nothing of the worker's runtime is lo
 from __future__ import annotations
 
 import dataclasses
+from datetime import datetime
 from typing import Any
 
 import click
 
-from config.domain import CallStatus, utcnow
+from config.domain import CallStatus
 from config.errors import FnqError
 from config.settings import Settings
 from datastore.base import WorkerInfo, open_datastore
@@ -57,6 +58,7 @@ async def _status(ctx: click.Context, exact: bool) -> dict[str, Any]:
             cap = None if exact else STATUS_COUNT_CAP
             counts = await store.count_by_status(at_most=cap)
             workers = await store.list_workers(ALIVE_WITHIN)
+            now = store.clock.now()  # the clock of the workers' heartbeats
         finally:
             await store.close()
     except FnqError as exc:
@@ -65,7 +67,7 @@ async def _status(ctx: click.Context, exact: bool) -> dict[str, Any]:
     data["calls"] = {s.value: min(counts[s], cap or counts[s]) for s in CallStatus}
     data["calls_cap"] = cap
     data["calls_capped"] = [s.value for s in CallStatus if cap is not None and counts[s] > cap]
-    data["workers"] = [_worker_json(w) for w in workers]
+    data["workers"] = [_worker_json(w, now) for w in workers]
     return data
 
 
@@ -85,8 +87,8 @@ async def _rq_status(settings: Settings) -> dict[str, Any]:
     return {"rq_queues": [dataclasses.asdict(d) for d in depths]}
 
 
-def _worker_json(w: WorkerInfo) -> dict[str, Any]:
-    ago = (utcnow() - w.seen_at).total_seconds()
+def _worker_json(w: WorkerInfo, now: datetime) -> dict[str, Any]:
+    ago = (now - w.seen_at).total_seconds()
     return {**w.to_json(), "seen_s_ago": round(max(ago, 0.0), 1)}
 
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import base64
+import dataclasses
 import shlex
 from collections.abc import Awaitable, Callable
 from datetime import datetime
@@ -11,11 +12,18 @@ from typing import TypeVar
 import click
 from click.core import ParameterSource
 
-from config.domain import CallStatus, utcnow
+from config.domain import CallStatus
 from config.errors import FnqError
 from config.settings import Settings
 from datastore import reading
-from datastore.base import CallFilter, CallRecord, Datastore, decode_cursor, open_datastore
+from datastore.base import (
+    CallFilter,
+    CallPage,
+    CallRecord,
+    Datastore,
+    decode_cursor,
+    open_datastore,
+)
 from datastore.errors import InvalidCursor
 from datastore.validate import parse_duration, parse_since
 from datastore.wait import wait_for_calls
@@ -81,11 +89,13 @@ def calls_group() -> None:
     """Inspect, cancel, retry and purge call records."""
 
 
-def _since(text: str | None) -> datetime | None:
+def _since(text: str | None, now: datetime | None = None) -> datetime | None:
+    """``--since`` as a time; a duration counts back from ``now`` (the datastore's clock
+    once it is open: its calls' creation times are read from it)."""
     if text is None:
         return None
     try:
-        return parse_since(text, local=True)  # a time as the tables show it
+        return parse_since(text, now, local=True)  # a time as the tables show it
     except ValueError as exc:
         raise bad_value("--since", str(exc)) from None
 
@@ -129,7 +139,12 @@ def calls_list(
     """List calls, newest first."""
     f = CallFilter(app=app, fn=fn, status=CallStatus(status) if status else None,
                    since=_since(since), limit=limit, cursor=_cursor(cursor))  # fmt: skip
-    page = with_store(settings_from(ctx), lambda s: s.list_calls(f), create=False)
+
+    async def page_of(store: Datastore) -> CallPage:
+        at = dataclasses.replace(f, since=_since(since, store.clock.now())) if since else f
+        return await store.list_calls(at)
+
+    page = with_store(settings_from(ctx), page_of, create=False)
     if as_json:
         print_json({"items": [r.to_json() for r in page.items], "next_cursor": page.next_cursor})
         return
@@ -307,8 +322,12 @@ def calls_purge(ctx: click.Context, older_than: str) -> None:
         age = parse_duration(older_than)
     except ValueError as exc:
         raise bad_value("--older-than", str(exc)) from None
-    count = with_store(settings_from(ctx), lambda s: s.purge_calls(age), create=False)
-    cutoff = short_time(utcnow() - age)
+
+    async def purge(store: Datastore) -> tuple[int, datetime]:
+        return await store.purge_calls(age), store.clock.now() - age
+
+    count, before = with_store(settings_from(ctx), purge, create=False)
+    cutoff = short_time(before)
     click.echo(f"purged {count} call{'s' if count != 1 else ''} completed before {cutoff}")
 
 
