@@ -10,7 +10,8 @@ Needs only ``redis`` (and this package's standard-library-only ``mq.wire`` and
     call_id = enqueue(client, "demo", "echo", b"hello", headers={"Content-Type": "text/plain"})
 
 Each call is one ``XADD <prefix>:calls * app .. fn .. body .. id ..`` (see
-docs/queue.md): the message is safe in Redis when the function returns. The
+docs/queue.md): the message is safe in Redis when the function returns. Its
+creation time is the entry's, by Redis's clock. The
 workers validate it; a message they cannot use goes to the dead letters.
 A call id is made here when none is given, so the caller can look it up.
 """
@@ -60,7 +61,9 @@ def build_fields(
         delay_s=delay_s,
     )
     wire.check_call(call, priority, delay_s, max_body_bytes)  # WireError is a ValueError
-    return call.id, wire.call_fields(call, priority, delay_s=delay_s)
+    # No `created`: the call was made when Redis adds the entry, by Redis's clock, which
+    # every worker judges its age by alike (this host's may be off).
+    return call.id, wire.call_fields(call, priority, delay_s=delay_s, created=False)
 
 
 def enqueue(

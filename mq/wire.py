@@ -165,17 +165,24 @@ def from_ms(ms: int) -> datetime:
 
 
 def call_fields(
-    call: Call, priority: int, *, delay_s: float = 0.0, prior_deliveries: int = 0
+    call: Call,
+    priority: int,
+    *,
+    delay_s: float = 0.0,
+    prior_deliveries: int = 0,
+    created: bool = True,
 ) -> dict[str, bytes]:
-    """The stream fields of a call (its own id, app, fn, body, headers, created)."""
+    """The stream fields of a call (its own id, app, fn, body, headers, created).
+    Without ``created``, the time Redis adds the entry stands for it (the entry's id)."""
     out: dict[str, bytes] = {
         F_ID: call.id.encode(),
         F_APP: call.app.encode(),
         F_FN: call.fn.encode(),
         F_BODY: call.body,
         F_PRIORITY: str(priority).encode(),
-        F_CREATED: str(ms_of(call.created_at)).encode(),
     }
+    if created:
+        out[F_CREATED] = str(ms_of(call.created_at)).encode()
     if call.headers:
         out[F_HEADERS] = json.dumps(dict(call.headers), separators=(",", ":")).encode()
     if delay_s > 0:

@@ -130,6 +130,30 @@ async def test_producer_api_sync_and_async(redis_server: RedisServer) -> None:
         await q.close()
 
 
+async def test_a_producer_whose_clock_is_an_hour_behind_makes_calls_created_by_redis_clock(
+    redis_server: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The producer's host reads its clock an hour behind: its calls are not an hour
+    old when a worker takes them (their creation time is Redis's, when it adds them)."""
+    url = f"{redis_server.url}?prefix=behind"
+    q = open_queue(url, load_settings())
+    client = redis.Redis(port=redis_server.port, socket_timeout=5)
+    try:
+        before_s = client.time()[0]
+        real_ns = time.time_ns
+        with monkeypatch.context() as patched:
+            patched.setattr(time, "time_ns", lambda: real_ns() - 3600 * 10**9)
+            call_id = enqueue(client, "demo", "echo", "hi", prefix="behind")
+        [msg] = await q.reserve_many(1, 5.0)
+        assert msg.call.id == call_id
+        made_s = msg.call.created_at.timestamp()
+        assert before_s <= made_s <= client.time()[0] + 1
+        await q.ack(msg)
+    finally:
+        client.close()
+        await q.close()
+
+
 async def test_push_new_and_producers_entries_of_the_same_id(redis_server: RedisServer) -> None:
     q = open_queue(f"{redis_server.url}?prefix=dup", load_settings())
     client = redis.Redis(port=redis_server.port, socket_timeout=5)
