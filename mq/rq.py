@@ -275,7 +275,7 @@ class RQQueue:
             SWEEP_LIMIT,
             *self._names,
         ]
-        claimed, doomed, wait_ms = await self._eval("claim", args)
+        claimed, doomed, wait_ms, now_ms = await self._eval("claim", args)
         for jid_b, token_b, deliveries in doomed:
             reason = (
                 f"{lapsed_reason(deliveries)} (FN_MQ_MAX_DELIVERIES={self._max_deliveries}): "
@@ -293,8 +293,9 @@ class RQQueue:
                 await self._bury(jid, token, str(exc))
                 continue
             await self._sync_call(
-                rq_jobs.mark_started, self._sync, job, token, self.worker_name, self._started_ttl_s
-            )
+                rq_jobs.mark_started, self._sync, job, token, self.worker_name,
+                self._started_ttl_s, now_s=int(now_ms) / 1000,
+            )  # fmt: skip
             msgs.append(Message(call, int(deliveries), token, 0))
         if not msgs and not claimed and not doomed:
             box.append(int(wait_ms))

@@ -205,15 +205,24 @@ def finish_of(outcome: Outcome) -> Finish:
 # ------------------------------------------------------------ rq bookkeeping
 
 
-def mark_started(conn: Redis, job: Job, token: str, worker_name: str, ttl_s: int) -> None:
+def mark_started(
+    conn: Redis, job: Job, token: str, worker_name: str, ttl_s: int, *, now_s: float
+) -> None:
     """STARTED in rq's terms: status, started_at, worker name, an execution in the
-    queue's StartedJobRegistry (its id is the reservation token)."""
+    queue's StartedJobRegistry (its id is the reservation token). ``now_s``: the
+    Redis server's time, which the registries' expiries count from (rq's own count
+    from this host's clock: one far enough behind would have rq's cleanup fail the
+    job as abandoned until its first extend, as mq.rq_scripts EXTEND sets them)."""
+    executions = ExecutionRegistry(job_id=job.id, connection=conn)
     with conn.pipeline() as pipe:
         job.prepare_for_execution(worker_name, pipe)
         execution = Execution(token, job.id, conn, worker_name=worker_name)
         execution.save(ttl=ttl_s, pipeline=pipe)
-        ExecutionRegistry(job_id=job.id, connection=conn).add(execution, ttl=ttl_s, pipeline=pipe)
+        executions.add(execution, ttl=ttl_s, pipeline=pipe)
         job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl_s)
+        started = {execution.composite_key: now_s + ttl_s}
+        pipe.zadd(job.started_job_registry.key, started, xx=True)
+        pipe.zadd(executions.key, {token: now_s + ttl_s + 60}, xx=True)
         pipe.execute()
 
 

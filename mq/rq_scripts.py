@@ -57,9 +57,10 @@ end
 """
 
 # ARGV[A+1..]: token_base, count, reservation_ms, max_deliveries, limit, queue names...
-# Returns {claimed, doomed, wait_ms}: claimed = {{id, queue, token, deliveries, hash}...},
-# doomed = {{id, token, deliveries}...} lapsed too often (kept reserved for the caller
-# to fail), wait_ms = ms until the next lapse or scheduled job is due (-1: none).
+# Returns {claimed, doomed, wait_ms, now_ms}: claimed = {{id, queue, token, deliveries,
+# hash}...}, doomed = {{id, token, deliveries}...} lapsed too often (kept reserved for the
+# caller to fail), wait_ms = ms until the next lapse or scheduled job is due (-1: none),
+# now_ms = the server's time.
 CLAIM = (
     _COMMON
     + """
@@ -135,7 +136,7 @@ for _, name in ipairs(names) do
     if wait < 0 or w < wait then wait = w end
   end
 end
-return {claimed, doomed, wait}
+return {claimed, doomed, wait, now_ms}
 """
 )
 

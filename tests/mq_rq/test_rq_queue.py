@@ -16,6 +16,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+import rq.executions
+import rq.registry
+import rq.utils
 from redis import Redis
 from rq import Queue
 from rq.job import Job
@@ -288,6 +291,26 @@ async def test_extend_keeps_reservation(make_rq: MakeRQ, rq_queue: Queue) -> Non
         await queue.extend(msg)
         assert await queue.reserve(0.01) is None
     await queue.complete(msg, ok())
+
+
+async def test_a_job_taken_on_a_host_ten_minutes_behind_is_not_abandoned_by_rqs_cleanup(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """rq counts the started registries' expiries from the clock of the host that
+    writes them, and its cleanup (run by ``rq info``, by any count of the registry)
+    from its own: fnq writes them by Redis's clock, as its extends do."""
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    behind = rq.utils.current_timestamp
+    with monkeypatch.context() as host:  # rq's reads of this host's clock, 600 s behind
+        host.setattr(rq.registry, "current_timestamp", lambda: behind() - 600)
+        host.setattr(rq.executions, "current_timestamp", lambda: behind() - 600)
+        msg = await queue.reserve(1.0)
+    assert msg is not None and msg.call.id == job.id
+    StartedJobRegistry("default", connection=conn).cleanup()  # by a clock that is right
+    assert job.get_status(refresh=True) == "started"
+    await queue.complete(msg, ok())
+    assert job.get_status(refresh=True) == "finished"
 
 
 async def test_release_and_delayed_release(make_rq: MakeRQ, rq_queue: Queue, conn: Redis) -> None:
