@@ -148,6 +148,28 @@ async def test_a_call_buried_by_a_worker_behind_the_one_that_marked_it_ends_as_e
     assert rec.error is not None and "reservation lapsed" in rec.error
 
 
+async def test_a_worker_behind_takes_delayed_calls_when_due_and_a_dead_workers_calls(
+    hosts: Cluster,
+) -> None:
+    """Redis's clock decides when a delayed call is due and when a reservation has
+    lapsed: a worker a minute behind takes both in time, as any worker does."""
+    await hosts.register(SLEEP)
+    a = hosts.start_worker()
+    [held] = make_calls("clk", "sleep", 1, b"10")
+    await hosts.enqueue([held])
+    await wait_record(hosts, held.id, running_on(a), "running on A")
+    a.kill()
+    a.wait(10)
+    b = hosts.start_worker(env=skewed(hosts.env, -60))
+    rec = await wait_record(hosts, held.id, running_on(b), "running on B", timeout_s=15)
+    assert rec.attempts == 2
+    delayed = fnq_ok(hosts, "call", "clk", "sleep", "--body", "0", "--delay", "3").strip()
+    rec = await wait_record(hosts, delayed, lambda r: r.status.is_final, "final")
+    assert rec.status is CallStatus.SUCCESS and rec.worker_id == worker_id(b), rec
+    assert rec.started_at is not None
+    assert timedelta(seconds=3) <= rec.started_at - rec.created_at < timedelta(seconds=8)
+
+
 async def test_calls_are_listed_newest_first_whichever_host_queued_them(
     hosts: Cluster,
 ) -> None:
