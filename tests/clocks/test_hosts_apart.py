@@ -5,7 +5,9 @@ Every time a record holds, and every decision made by comparing such times, is
 read from PostgreSQL's clock, so a host's skew changes none of them: a call's age,
 whether a worker is alive, whether its attempt may still be under way, when a
 buried call's record last changed, which calls a purge deletes, the order of
-`fnq calls list`, which definition of a function is the newest.
+`fnq calls list`, which definition of a function is the newest. Redis's clock
+decides when a delayed call is due and when a reservation lapses. The last test
+steps the clock of a worker on SQLite (the host's clock is its datastore's).
 """
 
 from __future__ import annotations
