@@ -30,7 +30,10 @@ class StoreClock:
         self._reading: tuple[datetime, float] | None = None  # its time, and monotonic then
 
     def now(self) -> datetime:
-        return self.at(time.monotonic())
+        if self._reading is None:
+            return utcnow()
+        read_at, then_s = self._reading
+        return read_at + timedelta(seconds=time.monotonic() - then_s)
 
     def at(self, monotonic_s: float) -> datetime:
         """The clock's time at the instant when this process's ``time.monotonic()``
