@@ -63,13 +63,14 @@ async def pg_store(
 async def test_a_store_opened_on_a_host_an_hour_ahead_stores_postgresqls_times(
     monkeypatch: pytest.MonkeyPatch, pg_store: Callable[[], Awaitable[Datastore]]
 ) -> None:
+    call_id = new_call_id()  # ids made an hour ahead would stay ahead in this process
     host_clock(monkeypatch)(3600)
     store = await pg_store()
     assert store.clock.read
     assert -3605 < store.clock.ahead_of_host().total_seconds() < -3595
     fn = await store.create_fn(Function(app="a", name="f", image="img"))
     assert near(fn.created_at, true_now()) and near(fn.updated_at, true_now())
-    call = Call(new_call_id(), "a", "f", created_at=store.clock.now())
+    call = Call(call_id, "a", "f", created_at=store.clock.now())
     await store.record_queued(call)
     running = await store.record_running(call, 0, "w")
     assert near(running.started_at, true_now()) and near(running.updated_at, true_now())
