@@ -5,6 +5,9 @@ first, and the call goes back as the host's shortage only when none can go."""
 from __future__ import annotations
 
 import asyncio
+import logging
+
+import pytest
 
 from config.domain import CallStatus, FailureKind
 from tests.agent.conftest import AgentFactory, make_call, make_fn
@@ -115,3 +118,37 @@ async def test_a_lapsed_connection_goes_back_as_the_hosts_shortage_while_none_is
     assert again.status is CallStatus.SUCCESS, again.error
     assert again.container_id == first.container_id
     assert agent.statistics().evictions == 1 and driver.connections_refused == 2
+
+
+async def test_launches_at_once_count_the_room_of_the_starts_under_way(
+    agents: AgentFactory, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Four functions' calls come at once on a host with room for two containers: the
+    first two launches start, and the other two, which would have found the same
+    room free, wait for those starts instead of meeting the shortage. Once the first
+    containers are idle, they make way, and every call runs."""
+    caplog.set_level(logging.DEBUG, logger="fnq.agent.launcher")
+    gate = asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(start_gate=gate), host_room=2)
+    agent = agents(driver)
+    fns = [make_fn(name, idle_timeout_s=300) for name in "abcd"]
+    calls = [asyncio.create_task(agent.submit(make_call(fn), fn)) for fn in fns]
+    await driver.wait_until(lambda: driver.starts == 2)
+    # the other two launches looked at the host, and wait: no create beyond its room
+    await driver.wait_until(lambda: len(waits(caplog)) == 2 or driver.creates > 2)
+    assert driver.creates == 2
+    assert sorted(waits(caplog)) == ["app/c", "app/d"]
+    gate.set()
+    outcomes = await asyncio.gather(*calls)
+    assert [o.status for o in outcomes] == [CallStatus.SUCCESS] * 4, [o.error for o in outcomes]
+    assert driver.creates == 4 and len(driver.live) == 2
+    assert agent.statistics().evictions == 2
+
+
+def waits(caplog: pytest.LogCaptureFixture) -> list[str]:
+    """The functions whose launches waited for other containers' starts."""
+    return [
+        str(r.args[0])
+        for r in caplog.records
+        if isinstance(r.args, tuple) and r.getMessage().startswith("a launch of ")
+    ]

@@ -283,3 +283,35 @@ async def test_a_connection_short_of_descriptors_evicts_an_idle_container_of_ano
         assert agent.statistics().evictions == 1
         assert {c.name for c in ours(docker_engine, label_tag)} == {first.container_id}
     assert ours(docker_engine, label_tag) == []
+
+
+async def test_a_burst_of_new_functions_at_the_descriptor_limit_runs_every_call(
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    docker_engine: Any,
+    label_tag: str,
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    """The worker has descriptors for about three more containers, and calls of twelve
+    functions come at once: launches count the containers starting beside them, so
+    they do not all start on the same free room. Those that find none wait for the
+    starts under way, then take the room of idle containers: every call runs, none
+    goes back as the host's shortage."""
+    settings = make_settings()
+    tracker = ResourceTracker(ResourceTotals(memory_bytes=4096 * MIB, cpu_mcpus=2000))
+    fns = [
+        Function(app="eng", name=f"f{i:02}", image="fnq/echo", memory_mb=32, idle_timeout_s=300)
+        for i in range(12)
+    ]
+    caplog.set_level(logging.WARNING, logger="fnq.agent.docker")
+    async with Agent(settings, DockerDriver(settings), tracker=tracker) as agent:
+        first = await agent.submit(Call(new_call_id(), "eng", "f00", b"x"), fns[0])
+        assert first.status is CallStatus.SUCCESS, first.error
+        with descriptors_left(3 * HELD_DESCRIPTORS + 16):
+            outcomes = await asyncio.gather(
+                *(agent.submit(Call(new_call_id(), fn.app, fn.name, b"x"), fn) for fn in fns * 2)
+            )
+        assert [o.error for o in outcomes if o.status is not CallStatus.SUCCESS] == []
+        assert agent.statistics().evictions >= len(fns) - 4
+    assert ours(docker_engine, label_tag) == []
+    assert not [r for r in caplog.records if "ran out of resources" in r.getMessage()]

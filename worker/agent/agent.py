@@ -44,8 +44,10 @@ it evicts idle containers of *other* functions, oldest first, all or nothing
 (:mod:`evictor`), and waits for them to go; the room they free is held for it.
 So it does, before it takes a token, when the host has no room for another
 container (the worker's file descriptors, inodes for socket directories: the
-driver says how many containers must go); if not enough are idle, the start
-meets the shortage and the call goes back to the queue. A call whose
+driver says how many containers must go, counting those still starting); if
+not enough are idle, it waits while other containers start, and with none
+starting, the start meets the shortage and the call goes back to the queue.
+A call whose
 container needs a new connection to its socket (the kept-alive one lapsed)
 and finds no descriptor for it does the same, then tries once more on the
 same container (:meth:`hot.HotContainer._make_host_room`).

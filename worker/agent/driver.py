@@ -166,11 +166,14 @@ class Driver(Protocol):
         """Run containers made from now on, and move the live ones, on ``cpus``
         (None: on any CPU of the host)."""
 
-    def containers_in_the_way(self, *, connection: bool = False) -> int:
+    def containers_in_the_way(self, *, connection: bool = False, starting: int = 0) -> int:
         """How many idle containers must leave before the host has room to start one
         more (the worker's file descriptors, inodes for the socket directories): 0
-        when it has room. Cheap: asked before each launch. ``connection``: room for
-        a new connection to a started container's socket instead (descriptors)."""
+        when it has room. Cheap: asked before each launch. ``starting``: containers
+        launched and not up yet, each counted as taking all a start takes (some
+        of which it may hold already). ``connection``: room for a new connection
+        to a started container's socket instead (descriptors; ``starting`` is not
+        counted)."""
 
     async def close(self) -> None:
         """Remove every container this driver made that still exists."""

@@ -1,8 +1,11 @@
 """Making room for a launch: evicting idle containers of other functions, and
 displacing busy ones for a function that has none.
 
-Every hot container registers an :class:`EvictToken` when it starts. The
-token is *evictable* only while its container is idle. When a launch cannot
+Every hot container registers an :class:`EvictToken` when it is launched, and
+counts as *starting* (:attr:`Evictor.starting`) until it first idles, or ends
+without having come up: launches count the room such containers are about to
+take on the host (:mod:`launcher`). The token is *evictable* only while its
+container is idle. When a launch cannot
 get its resources, or the host has no room for another container (the
 worker's file descriptors, inodes for socket directories: the driver says how
 many containers must go), :meth:`Evictor.evict_for` picks evictable tokens of
@@ -62,6 +65,7 @@ class EvictToken:
         self.leaving = False  # retired: it goes at its next chance whatever happens here
         self.displaced = False  # asked to leave after its call, for ``heir``
         self.heir: ResourceTicket | None = None  # the launch its room goes to when it leaves
+        self.up = False  # offered once (started), or gone: no longer counted as starting
         self._on_evict = on_evict
 
     def _evict(self) -> None:
@@ -76,6 +80,8 @@ class Evictor:
         self.displacements = 0  # busy containers that left after their call for a launch
         self.idle_memory_mb = 0  # held by evictable (idle) containers
         self.idle_cpu_mcpus = 0
+        # registered, not up yet: waiting for a turn to start, or starting (see starting)
+        self.starting = 0
         self._on_idle_change = on_idle_change
 
     def idle(self) -> tuple[int, int]:
@@ -98,11 +104,19 @@ class Evictor:
     ) -> EvictToken:
         token = EvictToken(key, memory_mb, cpu_mcpus, on_evict)
         self._tokens[token.id] = token
+        self.starting += 1
         return token
+
+    def _up(self, token: EvictToken) -> None:
+        """The container is up, or gone without having come up: not starting any more."""
+        if not token.up:
+            token.up = True
+            self.starting -= 1
 
     def enable(self, token: EvictToken) -> None:
         """The container is idle: it may be evicted."""
         token.busy = False
+        self._up(token)
         if token.id in self._tokens:
             self._set_evictable(token, True)
 
@@ -124,6 +138,7 @@ class Evictor:
             lost.set()
 
     def unregister(self, token: EvictToken) -> None:
+        self._up(token)
         self._tokens.pop(token.id, None)
         self._set_evictable(token, False)
         token.done.set()

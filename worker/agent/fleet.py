@@ -143,7 +143,9 @@ class Fleet:
                 drop_queue=self._drop_queue,
                 cpu=self.cpu,
                 worker_containers=self._hot.__len__,
-                in_the_way=self.driver.containers_in_the_way,
+                in_the_way=lambda: self.driver.containers_in_the_way(
+                    starting=self.evictor.starting
+                ),
             )
             self._launchers.spawn(launcher.run(), name=f"fnq-launcher-{fn.ref}-{key[:8]}")
         queue.last_used_s = self.loop.time()

@@ -17,9 +17,15 @@ If needed:
    worker's file descriptors and the inodes for socket directories, and says
    how many containers must go first), asks the evictor to evict that many idle
    containers of other functions (their room going to its ticket, if it holds
-   one), waits until they are gone and checks again; if there are not that
-   many, it goes on, and the start meets the shortage (its call goes back to
-   the queue, :mod:`drivers.shortage`);
+   one), waits until they are gone and checks again. The descriptors counted
+   include those of the worker's containers still starting (or waiting for
+   their turn to start), each taking a start's full share until it is up or
+   has failed: launches at once do not all pass on the same free room. If
+   there are not that many idle containers, it waits while other containers
+   are starting (checking again at the next nudge: once they are up, idle ones
+   can go, and their count is exact); with none starting it goes on, and the
+   start meets the shortage (its call goes back to the queue,
+   :mod:`drivers.shortage`);
 1. takes a memory/CPU token: in blocking mode through a ticket, its place in
    the tracker's line (:mod:`resources`), which it keeps from one check to the
    next while the launch is needed, and waits up to one hot-poll interval for
@@ -105,6 +111,7 @@ class Launcher:
         # how long a launch of a function without a container waits before it displaces
         self.displace_after_s = settings.hot_displace_wait_percent / 100 * queue.fn.timeout_s
         self.ticket: ResourceTicket | None = None  # the launch's place in the tracker's line
+        self._host_wait = False  # waiting for starts under way to leave room on the host
         self._awaiting_grant = False
 
     async def run(self) -> None:
@@ -145,9 +152,11 @@ class Launcher:
         memory_mb, cpu_mcpus = fn.memory_mb + fn.tmpfs_mb, fn.cpus_mcpu
         self.queue.move(None, ContainerState.WAIT)
         handed_over = False
-        evicted: list[asyncio.Event] = []
+        evicted: list[asyncio.Event] | None = []
         try:
             evicted = self._make_host_room()  # if any: checked again once they are gone
+            if evicted is None:
+                return False  # starts under way hold the room: checked at the next nudge
             if not evicted:
                 token = await self._token(memory_mb, cpu_mcpus)
                 if token is not None:
@@ -166,20 +175,34 @@ class Launcher:
             return False
         return await wait_gone(evicted, EVICTION_WAIT_S)
 
-    def _make_host_room(self) -> list[asyncio.Event]:
+    def _make_host_room(self) -> list[asyncio.Event] | None:
         """Evict as many idle containers of other functions as must go for the host to
-        have room for another container (descriptors, inodes), or none if there are
-        not that many; their memory and CPU go to the launch's ticket, if it holds one.
-        The events of the evicted ones, set once each is gone."""
+        have room for another container (descriptors, inodes) beside those starting,
+        or none if there are not that many; their memory and CPU go to the launch's
+        ticket, if it holds one. The events of the evicted ones, set once each is
+        gone; None if none could go while containers are starting: the launch waits
+        for them."""
         need = self.in_the_way()
-        if need <= 0 or self._leaves_idle_room():
+        if need <= 0:
+            self._host_wait = False
             return []
-        evicted = self.evictor.evict_for(self.queue.key, Shortfall(0, 0, need), self.ticket)
+        evicted: list[asyncio.Event] = []
+        if not self._leaves_idle_room():
+            evicted = self.evictor.evict_for(self.queue.key, Shortfall(0, 0, need), self.ticket)
         if evicted:
             log.debug("%d idle container(s) of other functions evicted: the host has no "
                       "room for another container of %s", len(evicted),
                       self.queue.fn.ref)  # fmt: skip
-        return evicted
+            return evicted
+        starting = self.evictor.starting
+        if starting <= 0:
+            self._host_wait = False
+            return []
+        if not self._host_wait:
+            self._host_wait = True
+            log.debug("a launch of %s waits: the host has no room for another container "
+                      "while %d container(s) start", self.queue.fn.ref, starting)  # fmt: skip
+        return None
 
     def _make_room(
         self, caller: Caller | None, memory_mb: int, cpu_mcpus: int

@@ -50,6 +50,8 @@ from worker.agent.drivers.image_cleaner import ImageCleaner, exempt_tags
 from worker.agent.drivers.pipes import SHELL, make_pipes, wrapped_command
 from worker.agent.drivers.shortage import (
     CONNECTION_DESCRIPTORS,
+    CONTAINER_DESCRIPTORS,
+    LAUNCH_DESCRIPTORS,
     ShortageLog,
     check_descriptors,
     containers_in_the_way,
@@ -158,16 +160,19 @@ class DockerDriver(LeftoverSweeps, DriverImages):
             except DockerError as exc:
                 log.debug("%s stays on its CPUs: %s", container.describe(), exc)
 
-    def containers_in_the_way(self, *, connection: bool = False) -> int:
-        """Idle containers that must leave for the host to have room for another: for
-        the worker's file descriptors (drivers.shortage), and one for the inodes of its
-        socket directory. ``connection``: for a new connection to a function's socket
+    def containers_in_the_way(self, *, connection: bool = False, starting: int = 0) -> int:
+        """Idle containers that must leave for the host to have room for another beside
+        ``starting`` ones: for the worker's file descriptors (LAUNCH_DESCRIPTORS, and
+        CONTAINER_DESCRIPTORS for each one starting: drivers.shortage), and one for the
+        inodes of its socket directory. ``connection``: for a new connection to a function's socket
         instead (descriptors only)."""
         if not self._started or self._closed:
             return 0
         if connection:
             return containers_in_the_way(CONNECTION_DESCRIPTORS)
-        return max(containers_in_the_way(), int(self._iofs.short_of_inodes()))
+        needed = LAUNCH_DESCRIPTORS + CONTAINER_DESCRIPTORS * max(0, starting)
+        descriptors = containers_in_the_way(needed)
+        return max(descriptors, int(self._iofs.short_of_inodes()))
 
     @property
     def iofs_base(self) -> Path | None:

@@ -385,10 +385,15 @@ class FakeDriver:
     async def start(self) -> None:
         self.started = True
 
-    def containers_in_the_way(self, *, connection: bool = False) -> int:
+    def containers_in_the_way(self, *, connection: bool = False, starting: int = 0) -> int:
+        """Live containers beyond the host's room for one more; with ``starting`` ones,
+        those made already counted once (a new connection counts none of them)."""
         if self.host_room is None:
             return 0
-        return max(0, len(self.live) + 1 - self.host_room)
+        if connection:
+            return max(0, len(self.live) + 1 - self.host_room)
+        made = sum(1 for c in self.live if c.state == "created")
+        return max(0, len(self.live) - min(made, starting) + starting + 1 - self.host_room)
 
     async def create(self, spec: ContainerSpec) -> FakeContainer:
         behaviour = self.behaviour(spec.image)

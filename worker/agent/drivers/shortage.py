@@ -36,6 +36,12 @@ HELD_DESCRIPTORS = 11
 # Descriptors a new connection to a function's socket takes: the socket, and for the
 # connect the listener's O_PATH descriptor (worker.agent.iofs.open_listener).
 CONNECTION_DESCRIPTORS = 2
+# Descriptors a launch looks for beside those of the containers starting (each counted
+# with CONTAINER_DESCRIPTORS until it is up): its start's, and a connection's more.
+# Between the launch's look and its start's own check, a container that has just come
+# up opens its first call's connection (it is up holding one descriptor fewer than
+# HELD_DESCRIPTORS), and a call whose kept-alive connection lapsed opens a new one.
+LAUNCH_DESCRIPTORS = CONTAINER_DESCRIPTORS + CONNECTION_DESCRIPTORS
 _FD_DIR = "/proc/self/fd"
 _STATUS = "/proc/self/status"
 
