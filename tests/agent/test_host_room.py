@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections import Counter
 
 import pytest
 
@@ -152,3 +153,52 @@ def waits(caplog: pytest.LogCaptureFixture) -> list[str]:
         for r in caplog.records
         if isinstance(r.args, tuple) and r.getMessage().startswith("a launch of ")
     ]
+
+
+async def test_a_lapsed_connection_leaves_the_room_it_frees_to_a_function_without_a_container(
+    agents: AgentFactory,
+) -> None:
+    """The host is full, and S, without a container, waits for more memory than idle
+    containers hold. A call whose kept-alive connection lapsed evicts an idle container
+    of another function for the descriptors it needs, as always; the memory that frees
+    is held for S, not taken by D, a function that has a container and wants another.
+    S then gets the rest from containers that come idle, and runs first."""
+    gate_a, gate_d = asyncio.Event(), asyncio.Event()
+    driver = FakeDriver(
+        FakeBehaviour(),
+        per_image={
+            "img/a": FakeBehaviour(handler=gated(gate_a)),
+            "img/d": FakeBehaviour(handler=gated(gate_d)),
+        },
+        host_room=4,
+    )
+    # Room for four containers of 128 MB. S's launch looks at the host only every
+    # 2 s: until then a call's connection finds it short (S's launch would evict too).
+    agent = agents(driver, memory_mb=512, hot_poll_msecs=2000)
+    a, b, c, d = (make_fn(name, idle_timeout_s=300, timeout_s=30) for name in "abcd")
+    s = make_fn("s", memory_mb=384, timeout_s=60)  # it would displace only after 30 s
+    idle_c = await agent.submit(make_call(c), c)  # the oldest idle container
+    busy = [asyncio.create_task(agent.submit(make_call(fn), fn)) for fn in (a, d)]
+    await driver.wait_until(lambda: driver.dispatches == 3)
+    starving = asyncio.create_task(agent.submit(make_call(s), s))
+    await driver.wait_until(agent.tracker.starving)
+    ours = await agent.submit(make_call(b), b)  # the last 128 MB, and the host's last room
+    more_d = asyncio.create_task(agent.submit(make_call(d), d))
+    await driver.wait_until(lambda: agent.tracker.waiting == 2)  # S's launch and D's
+    mine = next(x for x in driver.containers if x.id == ours.container_id)
+    mine.lapse_connection()
+    outcome = await agent.submit(make_call(b), b)
+    assert outcome.status is CallStatus.SUCCESS, outcome.error
+    assert outcome.container_id == ours.container_id
+    assert [x.id for x in driver.containers if x.state == "removed"] == [idle_c.container_id]
+    assert agent.tracker.waiting == 2 and agent.statistics().resources.tokens == 3
+    gate_a.set()  # A's container comes idle: with B's and C's room, S has enough
+    await driver.wait_until(lambda: creates(driver)["s"] + creates(driver)["d"] > 1, 10)
+    assert creates(driver) == {"a": 1, "b": 1, "c": 1, "d": 1, "s": 1}
+    assert (await starving).status is CallStatus.SUCCESS
+    gate_d.set()
+    assert [o.status for o in await asyncio.gather(*busy, more_d)] == [CallStatus.SUCCESS] * 3
+
+
+def creates(driver: FakeDriver) -> Counter[str]:
+    return Counter(x.spec.fn for x in driver.containers)

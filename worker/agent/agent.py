@@ -165,7 +165,7 @@ class Agent(SlotWaits, Fleet):
         # The time of day of the outcomes' starts and ends (a worker gives the datastore's).
         self.clock = clock
         self.tracker = tracker or ResourceTracker.from_host(settings)
-        self.evictor = Evictor(on_idle_change=self.tracker.lent_changed)
+        self.evictor = Evictor(self.tracker.lent_changed, self.tracker.first_starving)
         self.cpu = (
             cpu
             if cpu is not None

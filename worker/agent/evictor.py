@@ -28,6 +28,11 @@ always ends as it would have. A displaced container checks again when its
 call is over (:meth:`Evictor.leaves_after_call`): it leaves only if the
 launch still waits.
 
+A call short of descriptors for a new connection evicts the same way
+(:meth:`Evictor.evict_for_connection`); the room of the containers it evicts
+goes to the launch for a function without a container that has waited
+longest, if one waits, else back to the common line.
+
 The room of a container evicted or displaced for a launch goes to that
 launch's ticket (:class:`resources.ResourceTicket`), never back to the common
 line, where an older launch (of the displaced container's own function, say)
@@ -74,7 +79,11 @@ class EvictToken:
 
 
 class Evictor:
-    def __init__(self, on_idle_change: Callable[[], None] | None = None) -> None:
+    def __init__(
+        self,
+        on_idle_change: Callable[[], None] | None = None,
+        first_starving: Callable[[], ResourceTicket | None] | None = None,
+    ) -> None:
         self._tokens: dict[int, EvictToken] = {}  # insertion order = age
         self.evictions = 0
         self.displacements = 0  # busy containers that left after their call for a launch
@@ -83,6 +92,8 @@ class Evictor:
         # registered, not up yet: waiting for a turn to start, or starting (see starting)
         self.starting = 0
         self._on_idle_change = on_idle_change
+        # the launch for a function without a container that has waited longest, if any
+        self._first_starving = first_starving or (lambda: None)
 
     def idle(self) -> tuple[int, int]:
         """Memory (MB) and CPU (mCPU) held by idle containers, which give it back on
@@ -158,6 +169,14 @@ class Evictor:
             token._evict()
         self.evictions += len(chosen)
         return [token.done for token in chosen]
+
+    def evict_for_connection(self, key: str, containers: int) -> list[asyncio.Event]:
+        """Evict ``containers`` idle containers of other functions, or none, for the
+        descriptors a new connection to a container of ``key`` needs. Their memory and
+        CPU go to the launch for a function without a container that has waited
+        longest, if one waits: its idle room is left to it, as launches of functions
+        that have a container leave it (launcher). The events of the evicted ones."""
+        return self.evict_for(key, Shortfall(0, 0, containers), self._first_starving())
 
     def displace_for(
         self, key: str, need: Shortfall, heir: ResourceTicket

@@ -49,7 +49,6 @@ from worker.agent.errors import (
 from worker.agent.evictor import wait_gone
 from worker.agent.execution import KEEP_STATUSES, ExecEnd, ExecResult, StopControl
 from worker.agent.hot_life import FREEZE_TIMEOUT_S, REMOVE_TIMEOUT_S, HotLife
-from worker.agent.resources import Shortfall
 from worker.agent.slots import ContainerState, Slot
 from worker.agent.tasks import Interrupted, interruptible
 
@@ -189,11 +188,16 @@ class HotContainer(HotLife):
         lapsed or broke): evict as many idle containers of other functions as the
         driver says must go for the host to have room, or none if there are not that
         many, as a launch does, and wait until they are gone (or the call is
-        stopped). Whether any were evicted."""
+        stopped). Whether any were evicted.
+
+        Unlike a launch of a function that has a container, it evicts even while a
+        function without one waits for room: the connection takes none of their
+        memory or CPU, which is held for that function's launch (evictor), and
+        leaving them would only send this call back to the queue."""
         need = self.driver.containers_in_the_way(connection=True)
         if need <= 0:
             return False
-        evicted = self.evictor.evict_for(self.queue.key, Shortfall(0, 0, need))
+        evicted = self.evictor.evict_for_connection(self.queue.key, need)
         if not evicted:
             return False
         log.debug("%d idle container(s) of other functions evicted: the host has no room "

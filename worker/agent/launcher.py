@@ -222,7 +222,9 @@ class Launcher:
 
     def _leaves_idle_room(self) -> bool:
         """While a function without a container waits, the idle room of other functions
-        is left to it by launches of functions that have one."""
+        is left to it by launches of functions that have one. (A call short of
+        descriptors for a connection evicts all the same: the room goes to that
+        function, see :meth:`Evictor.evict_for_connection`.)"""
         return self._has_container() and self.tracker.starving()
 
     def _has_container(self) -> bool:

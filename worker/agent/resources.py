@@ -221,6 +221,12 @@ class ResourceTracker:
         """Whether a ticket for a function that has no container waits."""
         return any(t.starving_since is not None for t in self._line)
 
+    def first_starving(self) -> ResourceTicket | None:
+        """The waiting ticket for a function that has no container that has waited
+        longest, if one waits."""
+        starving = (t for t in self._line if t.starving_since is not None)
+        return min(starving, key=_line_order, default=None)
+
     def promised(self) -> tuple[int, int, int]:
         """Memory (MB), CPU (mCPU) and tokens set aside for tickets, in use though no
         container holds them yet: room held for waiting tickets, tokens granted to
