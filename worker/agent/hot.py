@@ -62,8 +62,8 @@ EXIT_SETTLE_S = 0.5  # a dropped connection is often a death: wait this long for
 # the function never took the connection); the agent's own timer, this much later, ends
 # one whose driver does not.
 DISPATCH_BACKSTOP_S = 1.0
-# How long a launch, or a call short of room for its connection, waits for the containers
-# evicted for it to go.
+# How long a launch, or a call short of room for its connection (at most its timeout),
+# waits for the containers evicted for it to go.
 EVICTION_WAIT_S = REMOVE_TIMEOUT_S + 5.0
 
 
@@ -170,7 +170,7 @@ class HotContainer(HotLife):
                     container, request, sink, usage, stop=stop, timeout_s=timeout_s
                 )
             except HostShort:  # no new connection: tried once more if room was made
-                if room_made or not await self._make_host_room(stop):
+                if room_made or not await self._make_host_room(stop, timeout_s):
                     raise
                 room_made = True
                 if stop.requested:
@@ -183,12 +183,13 @@ class HotContainer(HotLife):
                 end, started_at, ended_at, result=result, error=error, stats=usage.stats
             )
 
-    async def _make_host_room(self, stop: StopControl) -> bool:
+    async def _make_host_room(self, stop: StopControl, timeout_s: float) -> bool:
         """The host had no room for a new connection to the function (its kept-alive one
         lapsed or broke): evict as many idle containers of other functions as the
         driver says must go for the host to have room, or none if there are not that
         many, as a launch does, and wait until they are gone (or the call is
-        stopped). Whether any were evicted.
+        stopped, or ``timeout_s``, the call's timeout, has passed, as a call waits
+        for a container no longer). Whether any were evicted.
 
         Unlike a launch of a function that has a container, it evicts even while a
         function without one waits for room: the connection takes none of their
@@ -202,7 +203,7 @@ class HotContainer(HotLife):
             return False
         log.debug("%d idle container(s) of other functions evicted: the host has no room "
                   "for a connection to %s", len(evicted), self.id)  # fmt: skip
-        await wait_gone(evicted, EVICTION_WAIT_S, stop.stopped)
+        await wait_gone(evicted, min(EVICTION_WAIT_S, timeout_s), stop.stopped)
         return True
 
     async def _dispatch(

@@ -1,7 +1,8 @@
 """An in-memory driver for fast, deterministic tests of the agent core.
 
 Behaviour is scripted per image with :class:`FakeBehaviour` (start delay or
-failure, pause/unpause failure, and a handler per call that answers, hangs,
+failure, pause/unpause failure, a removal that waits for a gate, and a
+handler per call that answers, hangs,
 writes output or kills its container); ``host_room`` caps the containers the
 host has room for at once, as the worker's descriptors do. A dispatch ends at
 its request's timeout with TimeoutError, as the docker driver's does, or with
@@ -139,6 +140,7 @@ class FakeBehaviour:
     handler: Handler = field(default_factory=reply)
     start_delay_s: float = 0.0
     start_gate: asyncio.Event | None = None  # start() waits for it
+    remove_gate: asyncio.Event | None = None  # remove() waits for it (a slow engine)
     create_error: AgentError | None = None
     start_error: AgentError | None = None
     pause_error: AgentError | None = None
@@ -164,6 +166,7 @@ class FakeContainer:
         self._watched = False  # see die_unseen and close_listener
         self._accepting = asyncio.Event()  # cleared by stop_accepting
         self._accepting.set()
+        self.removing = False  # its removal began (and waits for the behaviour's gate)
 
     @property
     def id(self) -> str:
@@ -322,6 +325,13 @@ class FakeContainer:
     async def remove(self) -> None:
         if self.state == "removed":
             return
+        self.removing = True
+        gate = self.behaviour.remove_gate
+        if gate is not None:
+            self._driver._changed()
+            await gate.wait()
+            if self.state == "removed":
+                return
         self.state = "removed"
         self._driver.removes += 1
         self.exit(ExitInfo(exit_code=137, error="removed"))
