@@ -26,6 +26,7 @@ from config.settings import Settings
 from tests.docker.conftest import request, running, spec
 from worker.agent.drivers import docker as docker_driver
 from worker.agent.drivers import docker_leftovers
+from worker.agent.drivers.claim import claim_name
 from worker.agent.drivers.docker import DockerDriver
 from worker.agent.drivers.docker_container import OutputTiming
 from worker.agent.errors import (
@@ -389,6 +390,38 @@ async def test_two_drivers_sweeping_at_once_remove_each_leftover_once_quietly(
     finally:
         for d in drivers:
             await d.close()
+
+
+async def test_a_leftover_claimed_by_another_sweep_is_left_to_it_until_abandoned(
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    docker_engine: Any,
+    caplog: pytest.LogCaptureFixture,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """A dead worker's container bears its claim name: another worker's sweep is
+    removing it, and this sweep leaves it, uncounted. Still there at the next sweep,
+    its claim is taken as abandoned (that worker died, or its removal failed), and
+    it goes."""
+    monkeypatch.setattr(docker_leftovers, "LEFTOVER_SWEEP_S", 3600.0)  # only the sweeps below
+    settings = make_settings()
+    finished = subprocess.Popen(["true"])
+    finished.wait()
+    labels = {"fnq.classifier": settings.container_label_tag, "fnq.instance": "dead",
+              "fnq.owner": f"{os.uname().nodename}:{finished.pid}"}  # fmt: skip
+    d = DockerDriver(settings)
+    try:
+        await d.start()
+        left = docker_engine.containers.create("fnq/echo:latest", labels=labels)
+        left.rename(claim_name(left.id))
+        caplog.set_level(logging.INFO, logger="fnq.agent.docker")
+        assert await d.remove_leftovers() == 0
+        assert left.id in {c["Id"] for c in docker_engine.api.containers(all=True)}
+        assert await d.remove_leftovers() == 1
+        assert left.id not in {c["Id"] for c in docker_engine.api.containers(all=True)}
+        assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+    finally:
+        await d.close()
 
 
 async def test_a_running_driver_removes_what_a_worker_that_dies_meanwhile_left(

@@ -41,6 +41,7 @@ from config.errors import AgentError, ConfigError
 from config.settings import Settings
 from worker.agent.cpu_place import cpu_list, online_cpus
 from worker.agent.driver import ContainerSpec
+from worker.agent.drivers.claim import LeftoverClaims
 from worker.agent.drivers.docker_api import DockerAPI, DockerError
 from worker.agent.drivers.docker_config import create_body
 from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
@@ -92,6 +93,7 @@ class DockerDriver(LeftoverSweeps, DriverImages):
         self._late_removals: set[asyncio.Future[Any]] = set()
         # starts and connections failing for want of descriptors, disk or memory
         self.shortage = ShortageLog(log)
+        self._claims = LeftoverClaims()  # which worker on the host removes a leftover
 
     # ------------------------------------------------------------ lifecycle
 

@@ -25,6 +25,7 @@ from config.domain import pid_namespace, process_gone
 from config.errors import AgentError
 from config.settings import Settings
 from worker.agent.driver import IOFS_MOUNT
+from worker.agent.drivers.claim import LeftoverClaims
 from worker.agent.drivers.docker_api import DockerAPI, DockerError
 from worker.agent.drivers.docker_config import (
     CLASSIFIER_LABEL,
@@ -75,6 +76,7 @@ class LeftoverSweeps:
     api: DockerAPI
     instance: str
     shortage: ShortageLog
+    _claims: LeftoverClaims
     _containers: dict[str, DockerContainer]
 
     async def _sweep_leftovers(self) -> None:
@@ -97,8 +99,9 @@ class LeftoverSweeps:
                         "looking for containers of dead workers failed: %s", exc)  # fmt: skip
 
     async def remove_leftovers(self) -> int:
-        """Force-remove labelled containers of other (dead) instances; returns how many.
-        Also this worker's own containers that it no longer knows of (see _lost)."""
+        """Force-remove labelled containers of other (dead) instances, each once claimed
+        (drivers.claim); returns how many. Also this worker's own containers that it
+        no longer knows of (see _lost)."""
         tag = self.settings.container_label_tag
         if not tag:
             return 0
@@ -107,12 +110,15 @@ class LeftoverSweeps:
             "GET", "/containers/json", params={"all": "1", "filters": filters}
         )
         removed = 0
+        self._claims.new_sweep()
         for item in listed or []:
             if self._lost(item):
                 await self._remove_lost(item["Id"])
                 continue
             if not _left_by_dead_worker(item.get("Labels") or {}, self.instance):
                 continue
+            if not await self._claims.take(self.api, item):
+                continue  # another worker's sweep removes it (drivers.claim)
             try:
                 await self.api.request(
                     "DELETE", f"/containers/{item['Id']}", params={"force": "1", "v": "1"}
