@@ -9,8 +9,9 @@ from tests.agent.conftest import make_fn
 from worker.agent.errors import ContainerInitFailed, ServerBusy
 from worker.agent.evictor import Evictor
 from worker.agent.logbuf import LogBuffer, truncation_marker
-from worker.agent.resources import Shortfall
+from worker.agent.resources import ResourceTracker, Shortfall
 from worker.agent.slots import Caller, ContainerState, RequestState, SlotQueue, slot_key
+from worker.agent.totals import MIB, ResourceTotals
 
 
 class StubHot:
@@ -449,3 +450,35 @@ def test_busy_share_of_the_containers_over_quarter_second_windows() -> None:
     assert q.busy_share(10.4) == pytest.approx(0.5)  # the last one's share is the floor
     q.held(0.01, now=12.0)  # a quiet spell ends the window
     assert q.busy_share(12.0) < 0.06
+
+
+def test_containers_count_as_starting_until_they_first_idle_or_end() -> None:
+    ev = Evictor()
+    up, failed = ev.register("A", 128, 0, lambda: None), ev.register("B", 128, 0, lambda: None)
+    assert ev.starting == 2
+    ev.enable(up)  # its first idle slot: it is up
+    assert ev.starting == 1
+    ev.disable(up)
+    ev.enable(up)  # idle again: counted once
+    ev.unregister(failed)  # its start failed
+    assert ev.starting == 0
+    ev.unregister(up)
+    assert ev.starting == 0
+
+
+def test_a_connections_evictions_go_to_the_launch_that_starves_longest() -> None:
+    tracker = ResourceTracker(ResourceTotals(memory_bytes=256 * MIB, cpu_mcpus=1000))
+    ev = Evictor(first_starving=tracker.first_starving)
+    idle = idle_token(ev, "A", 128)
+    assert ev.evict_for_connection("B", 1) == [idle.done] and idle.heir is None  # none waits
+    held = tracker.try_acquire(256, 0)
+    assert held is not None
+    later = tracker.request(128, 0)
+    first, second = tracker.request(256, 0), tracker.request(128, 0)
+    first.starving_since, second.starving_since = 2.0, 1.0  # second starves longest
+    assert tracker.first_starving() is second and later.starving_since is None
+    other = idle_token(ev, "C", 128)
+    assert ev.evict_for_connection("B", 1) == [other.done] and other.heir is second
+    for ticket in (later, first, second):
+        ticket.withdraw()
+    held.close()
