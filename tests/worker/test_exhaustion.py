@@ -30,8 +30,8 @@ from worker.agent.drivers.docker_config import FN_LABEL
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 
-def echo(name: str, idle_timeout_s: int = 1) -> Function:
-    return Function(app="t", name=name, image="fnq/echo:latest", memory_mb=32, timeout_s=20,
+def echo(name: str, idle_timeout_s: int = 1, image: str = "fnq/echo:latest") -> Function:
+    return Function(app="t", name=name, image=image, memory_mb=32, timeout_s=20,
                     idle_timeout_s=idle_timeout_s, max_attempts=2,
                     retry_backoff_s=0.2)  # fmt: skip
 
@@ -44,14 +44,15 @@ def containers_of(cluster: Cluster, docker_engine: Any) -> list[Any]:
 async def test_a_worker_short_of_descriptors_runs_every_call(
     sqlite_cluster: Cluster, docker_engine: Any
 ) -> None:
-    """`ulimit -n 64` and calls of eight functions at once: room for two or three
-    containers at a time. Calls wait in the queue for the others to leave; each
-    runs once, its attempt counted once."""
-    fns = [echo(f"e{i}") for i in range(8)]
+    """`ulimit -n 64` and calls of eight functions at once, each holding its container
+    for 0.5 s: room for two or three containers at a time, all of them busy, so none
+    can make way for another function. Calls wait in the queue for the others to
+    leave; each runs once, its attempt counted once."""
+    fns = [echo(f"e{i}", image="fnq/sleep:latest") for i in range(8)]
     calls = []
     for fn in fns:
         await sqlite_cluster.register(fn)
-        calls += make_calls("t", fn.name, 3)
+        calls += make_calls("t", fn.name, 3, body=b"0.5")
     await sqlite_cluster.enqueue(calls)
     worker = sqlite_cluster.start_worker("--prefetch", "16", open_files=(64, 64))
     done = await sqlite_cluster.wait_final([c.id for c in calls], timeout_s=180)
