@@ -10,7 +10,8 @@ records what has been applied.
 A version may build an index on the calls table, which takes seconds per
 million calls while writes to that table wait. Applying versions, and waiting
 for another process that applies them, may take up to ``APPLY_TIMEOUT_S``
-rather than a statement's usual timeout, and each version applied is logged.
+rather than a statement's usual timeout (on PostgreSQL, whatever timeouts the
+server sets for its sessions), and each version applied is logged.
 """
 
 from __future__ import annotations
@@ -31,6 +32,9 @@ PG_LOCK_KEY = 0x666E71  # "fnq": the advisory lock every fnq migrator takes
 # How long applying versions (or waiting for the process applying them) may take: an
 # index built on a calls table of tens of millions of rows takes minutes.
 APPLY_TIMEOUT_S = 1800.0
+# How often a PostgreSQL server applying versions checks that the fnq process that
+# asked is still connected (see _pg_applying_settings).
+PG_CLIENT_CHECK_MS = 1000
 
 log = logging.getLogger("fnq.datastore")
 
@@ -161,6 +165,22 @@ async def _pg_version(conn: Any, timeout_s: float) -> int:
     return int(found)
 
 
+def _pg_applying_settings(conn: Any, timeout_s: float) -> str:
+    """The settings of the transaction that applies versions (``SET LOCAL``: they end
+    with it). The server's own limits on a statement and on a wait for a lock (set
+    for the role, the database or in FN_DB_URL) give way to ``timeout_s``: a worker
+    would otherwise stop at the same point of the same index build on every start.
+    On PostgreSQL 14 and later the server also checks every
+    ``PG_CLIENT_CHECK_MS`` that the client is still there: a process stopped while
+    it applies a version (SIGTERM, SIGKILL) has its build stopped and its locks let
+    go within that time, rather than when the build ends, writes waiting all along."""
+    ms = max(1, int(timeout_s * 1000))
+    statements = [f"SET LOCAL statement_timeout = {ms}", f"SET LOCAL lock_timeout = {ms}"]
+    if conn.get_server_version().major >= 14:
+        statements.append(f"SET LOCAL client_connection_check_interval = {PG_CLIENT_CHECK_MS}")
+    return "; ".join(statements)
+
+
 async def apply_postgres(
     conn: Any, timeout_s: float, apply_timeout_s: float = APPLY_TIMEOUT_S
 ) -> int:
@@ -178,6 +198,7 @@ async def apply_postgres(
         return current
     timeout_s = apply_timeout_s
     async with conn.transaction():
+        await conn.execute(_pg_applying_settings(conn, timeout_s), timeout=timeout_s)
         await conn.execute("SELECT pg_advisory_xact_lock($1)", PG_LOCK_KEY, timeout=timeout_s)
         await conn.execute(_VERSION_TABLE, timeout=timeout_s)
         current = int(

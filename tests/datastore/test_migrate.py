@@ -222,3 +222,80 @@ async def test_sqlite_waits_for_another_process_applying_versions(
     finally:
         other.close()
     assert await versions(db_url) == [m.version for m in migrate.load("sqlite")]
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_postgres_applies_past_the_servers_own_statement_timeout(
+    make_store: MakeStore, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A statement_timeout set for the role, the database or in FN_DB_URL (a common
+    guard) must not cancel an index build at the same point on every start."""
+    shipped = migrate.load("postgres")
+    slow = migrate.Migration(len(shipped) + 1, "slow", "SELECT pg_sleep(0.6)")
+    monkeypatch.setattr(migrate, "load", lambda dialect: [*shipped, slow])
+    await make_store(db_url=db_url + "?statement_timeout=200")
+    assert (await versions(db_url))[-1] == slow.version
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_postgres_waits_for_another_migrator_past_the_servers_lock_timeout(
+    make_store: MakeStore, db_url: str
+) -> None:
+    """A worker that starts while another applies a version waits for it, whatever
+    lock_timeout the server gives its sessions."""
+    await at_version(db_url, len(migrate.load("postgres")) - 1)
+    other = await asyncpg.connect(db_url, timeout=10)
+    try:
+        applying = other.transaction()  # another process applying the last version
+        await applying.start()
+        await other.execute("SELECT pg_advisory_xact_lock($1)", migrate.PG_LOCK_KEY, timeout=10)
+        opening = asyncio.create_task(make_store(db_url=db_url + "?lock_timeout=100"))
+        await asyncio.wait({opening}, timeout=0.5)  # five times the server's lock_timeout
+        assert not opening.done(), opening
+        await applying.rollback()
+        async with asyncio.timeout(10):
+            await opening
+    finally:
+        await other.close(timeout=10)
+    assert await versions(db_url) == [m.version for m in migrate.load("postgres")]
+
+
+async def _backends_running(db_url: str, text: str) -> int:
+    conn = await asyncpg.connect(db_url, timeout=10)
+    try:
+        found = await conn.fetchval(
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE $1 AND pid <> pg_backend_pid()",
+            f"%{text}%",
+            timeout=10,
+        )
+    finally:
+        await conn.close(timeout=10)
+    return int(found)
+
+
+@pytest.mark.parametrize("backend", ["postgres"])
+async def test_postgres_stops_applying_when_its_client_is_gone(
+    db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A process stopped while it applies a version (SIGTERM, SIGKILL: its socket
+    closes, no cancel request is sent) must not leave the server building on, the
+    calls table locked against every worker's writes, until the build ends."""
+    shipped = migrate.load("postgres")
+    await at_version(db_url, len(shipped) - 1)
+    marker = "fnq_test_gone_client"
+    long = migrate.Migration(len(shipped), "long", f"SELECT pg_sleep(60) AS {marker}")
+    monkeypatch.setattr(migrate, "load", lambda dialect: [*shipped[:-1], long])
+    conn = await asyncpg.connect(db_url, timeout=10)
+    applying = asyncio.create_task(migrate.apply_postgres(conn, 10))
+    try:
+        async with asyncio.timeout(10):
+            while not await _backends_running(db_url, marker):
+                await asyncio.sleep(0.05)
+        conn.terminate()  # the socket closes as a killed process's does
+        async with asyncio.timeout(migrate.PG_CLIENT_CHECK_MS / 1000 + 5):
+            while await _backends_running(db_url, marker):
+                await asyncio.sleep(0.1)
+    finally:
+        applying.cancel()
+        await asyncio.gather(applying, return_exceptions=True)
+    assert await versions(db_url) == [m.version for m in shipped[:-1]]
