@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import re
 import sqlite3
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +27,7 @@ from typing import Any
 
 from config.domain import utcnow
 from config.errors import StoreError
+from config.sqlite import is_busy
 
 DIALECTS = ("sqlite", "postgres")
 PG_LOCK_KEY = 0x666E71  # "fnq": the advisory lock every fnq migrator takes
@@ -35,6 +37,9 @@ APPLY_TIMEOUT_S = 1800.0
 # How often a PostgreSQL server applying versions checks that the fnq process that
 # asked is still connected (see _pg_applying_settings).
 PG_CLIENT_CHECK_MS = 1000
+# SQLite: how long one try for the write lock waits while another process applies
+# versions (see _begin_applying).
+SQLITE_LOCK_TRY_S = 0.1
 
 log = logging.getLogger("fnq.datastore")
 
@@ -111,28 +116,55 @@ def _sqlite_version(conn: sqlite3.Connection) -> int:
     return int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version").fetchone()[0])
 
 
-def apply_sqlite(conn: sqlite3.Connection) -> int:
+def apply_sqlite(conn: sqlite3.Connection, stop: threading.Event | None = None) -> int:
     """Bring a SQLite database (autocommit connection) up to date; return its version.
 
     A database already up to date is only read: opening it does not wait for
-    another process's write transaction (WAL readers never do)."""
+    another process's write transaction (WAL readers never do). To stop it from
+    another thread, set ``stop`` (seen while it waits for the write lock and
+    between statements) and call ``conn.interrupt()`` (ends the statement under
+    way, an index build say): nothing is applied then."""
     migrations = load("sqlite")
     current = _sqlite_version(conn)
     if current > len(migrations):
         raise _too_new(current, len(migrations))
     if current == len(migrations):
         return current
+    _begin_applying(conn, stop)
+    return _apply_sqlite_locked(conn, migrations, stop)
+
+
+def _stop_if(stop: threading.Event | None) -> None:
+    if stop is not None and stop.is_set():
+        raise StoreError("stopped before the datastore schema was brought up to date")
+
+
+def _begin_applying(conn: sqlite3.Connection, stop: threading.Event | None) -> None:
+    """``BEGIN IMMEDIATE``, waiting for the write lock as long as another process may
+    take to apply versions (``APPLY_TIMEOUT_S``), ``SQLITE_LOCK_TRY_S`` a try, so that
+    ``stop`` is seen between tries (SQLite's interrupt does not end a wait for a lock)."""
     busy_ms = int(conn.execute("PRAGMA busy_timeout").fetchone()[0])
-    # Another process may be applying them: wait for it as long as that may take.
-    conn.execute(f"PRAGMA busy_timeout = {int(APPLY_TIMEOUT_S * 1000)}")
+    conn.execute(f"PRAGMA busy_timeout = {int(SQLITE_LOCK_TRY_S * 1000)}")
+    deadline = time.monotonic() + APPLY_TIMEOUT_S
     try:
-        return _apply_sqlite_locked(conn, migrations)
+        while True:
+            _stop_if(stop)
+            try:
+                conn.execute("BEGIN IMMEDIATE")
+            except sqlite3.OperationalError as exc:
+                if not is_busy(exc) or time.monotonic() >= deadline:
+                    raise
+            else:
+                return
     finally:
         conn.execute(f"PRAGMA busy_timeout = {busy_ms}")
 
 
-def _apply_sqlite_locked(conn: sqlite3.Connection, migrations: list[Migration]) -> int:
-    conn.execute("BEGIN IMMEDIATE")
+def _apply_sqlite_locked(
+    conn: sqlite3.Connection, migrations: list[Migration], stop: threading.Event | None
+) -> int:
+    """Apply the missing versions inside the transaction ``_begin_applying`` began; on
+    any error (an interrupt included) it is rolled back."""
     try:
         conn.execute(_VERSION_TABLE)
         current = int(conn.execute("SELECT COALESCE(MAX(version), 0) FROM schema_version")
@@ -142,6 +174,7 @@ def _apply_sqlite_locked(conn: sqlite3.Connection, migrations: list[Migration]) 
         for migration in migrations[current:]:
             began = _applying("sqlite", migration, current > 0)
             for statement in migration.statements():
+                _stop_if(stop)
                 conn.execute(statement)
             conn.execute(
                 "INSERT INTO schema_version (version, name, applied_at) VALUES (?, ?, ?)",
@@ -150,7 +183,8 @@ def _apply_sqlite_locked(conn: sqlite3.Connection, migrations: list[Migration]) 
             _applied("sqlite", migration, began, current > 0)
         conn.execute("COMMIT")
     except BaseException:
-        conn.execute("ROLLBACK")
+        if conn.in_transaction:  # (an interrupted statement may have rolled it back)
+            conn.execute("ROLLBACK")
         raise
     return max(current, len(migrations))
 

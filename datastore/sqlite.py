@@ -18,6 +18,7 @@ import contextlib
 import json
 import os
 import sqlite3
+import threading
 from collections.abc import Callable, Collection, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -34,6 +35,7 @@ from datastore.common import SqlDatastore
 from datastore.errors import StoreError, StoreUnavailable
 
 BUSY_TIMEOUT_S = 5.0
+STOP_OPEN_POLL_S = 0.2  # a cancelled open: how often its migration is interrupted again
 # Primary result codes that mean "try again later" rather than "this write is wrong".
 # BUSY, LOCKED, NOMEM, IOERR, FULL, CANTOPEN, PROTOCOL
 _TRANSIENT_CODES = frozenset({5, 6, 7, 10, 13, 14, 15})
@@ -293,6 +295,8 @@ class SqliteDatastore(SqlDatastore):
         self._writer_state: dict[str, str] = {}  # pragmas last set on _wconn
         self._rconn: sqlite3.Connection | None = None
         self._qconn: sqlite3.Connection | None = None  # point reads on the event loop
+        self._migrating: sqlite3.Connection | None = None  # the writer's, while it opens
+        self._stopping_open = threading.Event()  # set when the open is cancelled
         self.writer: GroupCommit[_Op] = GroupCommit(
             f"sqlite:{path.name}", self._run_batch, is_transient, splits_on=is_full
         )
@@ -315,7 +319,12 @@ class SqliteDatastore(SqlDatastore):
                 f"no datastore at {self.path} (FN_DB_URL); a worker or `fnq fn create` creates it"
             )
         loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._writer_thread, self._open_writer)
+        opening = loop.run_in_executor(self._writer_thread, self._open_writer)
+        try:
+            await asyncio.shield(opening)
+        except asyncio.CancelledError:
+            await self._stop_opening(opening)
+            raise
         self._rconn = await loop.run_in_executor(
             self._reader_thread, lambda: connect(self.path, readonly=True)
         )
@@ -327,16 +336,40 @@ class SqliteDatastore(SqlDatastore):
         conn.execute("PRAGMA busy_timeout = 0")  # never wait on the event loop: fall back
         return conn
 
+    async def _stop_opening(self, opening: asyncio.Future[None]) -> None:
+        """The open was cancelled (Ctrl-C, say) while the writer thread opens the file,
+        which may be applying a schema version for minutes with the write lock held:
+        stop that (it is rolled back, to be applied by the next open) and wait for
+        the thread, at most ``close_timeout_s``."""
+        loop = asyncio.get_running_loop()
+        self._stopping_open.set()
+        deadline = loop.time() + self.close_timeout_s
+        while not opening.done() and loop.time() < deadline:
+            conn = self._migrating
+            if conn is not None:  # again each time: one made between two statements is lost
+                with contextlib.suppress(sqlite3.ProgrammingError):  # closed meanwhile
+                    conn.interrupt()
+            await asyncio.wait({opening}, timeout=STOP_OPEN_POLL_S)
+        if opening.done() and not opening.cancelled():
+            opening.exception()  # the failure the stop caused: not news
+
     def _open_writer(self) -> None:
+        conn: sqlite3.Connection | None = None
         try:
             create_private(self.path)
-            conn = connect(self.path)
-            migrate.apply_sqlite(conn)
+            conn = self._migrating = connect(self.path)
+            migrate.apply_sqlite(conn, self._stopping_open)
             conn.execute("PRAGMA busy_timeout = 0")  # its transactions wait in begin_immediate
-        except (sqlite3.Error, OSError) as exc:  # OSError: its file or directory cannot be made
-            raise StoreUnavailable(
-                f"cannot open the datastore {self.path}: {exc}{full_disk_note(self.path, exc)}"
-            ) from exc
+        except BaseException as exc:
+            if conn is not None:
+                conn.close()
+            if isinstance(exc, sqlite3.Error | OSError):  # OSError: its file or directory
+                raise StoreUnavailable(  # cannot be made
+                    f"cannot open the datastore {self.path}: {exc}{full_disk_note(self.path, exc)}"
+                ) from exc
+            raise
+        finally:
+            self._migrating = None
         self._wconn = conn
         self._writer_state = {"synchronous": "FULL"}  # as connect() leaves it
 

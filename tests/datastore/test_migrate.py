@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import sqlite3
+import threading
 from pathlib import Path
 
 import asyncpg
@@ -299,3 +300,73 @@ async def test_postgres_stops_applying_when_its_client_is_gone(
         applying.cancel()
         await asyncio.gather(applying, return_exceptions=True)
     assert await versions(db_url) == [m.version for m in shipped[:-1]]
+
+
+def _write_lock_free(path: Path) -> bool:
+    conn = sqlite3.connect(path, isolation_level=None, timeout=0)
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+    except sqlite3.OperationalError:
+        return False
+    finally:
+        conn.close()
+    return True
+
+
+# A statement that runs for minutes, as an index build on a large calls table does.
+_COUNT_FOR_MINUTES = (
+    "CREATE TABLE slow AS WITH RECURSIVE c(x) AS (SELECT 1 UNION ALL SELECT x + 1 FROM c"
+    " WHERE x < 10000000000) SELECT count(*) AS n FROM c"
+)
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_sqlite_open_cancelled_while_applying_stops_at_once(
+    make_store: MakeStore, db_url: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Ctrl-C on a worker or command that applies a version: the build stops, the
+    write lock is let go and the version is left unapplied, rather than the
+    process waiting out the build and applying it after all."""
+    shipped = migrate.load("sqlite")
+    await at_version(db_url, len(shipped) - 1)
+    path = Path(db_url.removeprefix("sqlite://"))
+    long = migrate.Migration(len(shipped), "long", _COUNT_FOR_MINUTES + ";\n")
+    monkeypatch.setattr(migrate, "load", lambda dialect: [*shipped[:-1], long])
+    opening = asyncio.create_task(make_store())
+    async with asyncio.timeout(10):
+        while _write_lock_free(path):  # until the build holds the lock
+            await asyncio.sleep(0.02)
+    opening.cancel()
+    async with asyncio.timeout(5):
+        await asyncio.wait({opening})
+    assert opening.cancelled()
+    assert _write_lock_free(path)
+    assert await versions(db_url) == [m.version for m in shipped[:-1]]
+
+
+@pytest.mark.parametrize("backend", ["sqlite"])
+async def test_sqlite_open_cancelled_while_waiting_for_another_migrator(
+    make_store: MakeStore, db_url: str
+) -> None:
+    """Ctrl-C while another process applies versions ends the wait for it at once:
+    no thread of the cancelled open waits on for the lock, to apply versions later."""
+    await at_version(db_url, len(migrate.load("sqlite")) - 1)
+    other = sqlite3.connect(db_url.removeprefix("sqlite://"), isolation_level=None)
+    before = set(threading.enumerate())
+    try:
+        other.execute("BEGIN IMMEDIATE")  # another process applying the last version
+        opening = asyncio.create_task(make_store())
+        await asyncio.wait({opening}, timeout=0.3)
+        assert not opening.done(), opening
+        opening.cancel()
+        async with asyncio.timeout(2):
+            await asyncio.wait({opening})
+        assert opening.cancelled()
+        threads = set(threading.enumerate()) - before
+        async with asyncio.timeout(2):
+            while any(t.is_alive() for t in threads):
+                await asyncio.sleep(0.02)
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    assert await versions(db_url) == [m.version for m in migrate.load("sqlite")][:-1]
