@@ -318,9 +318,12 @@ class StoreModel(RuleBasedStateMachine):
         return self.runner.run(coro)
 
     def timed(self, coro: Any) -> tuple[Any, When]:
-        lo = utcnow()
+        """The result of ``coro``, and when it ran by the store's clock (datastore.clock:
+        PostgreSQL's may be a few ms off this host's, more on a busy host)."""
+        clock = self.store.clock
+        lo = clock.now()
         result = self.run(coro)
-        return result, When(lo, utcnow())
+        return result, When(lo, clock.now())
 
     # ------------------------------------------------------------ calls
     @initialize(target=calls)
@@ -539,7 +542,7 @@ class StoreModel(RuleBasedStateMachine):
         """The burial after every write so far, before all of them, or at the record's
         last change or a microsecond before it (its time read from the store)."""
         rec = self.model.get(cid)
-        died_at = utcnow() if died == "now" else self.t0 - timedelta(days=1)
+        died_at = self.store.clock.now() if died == "now" else self.t0 - timedelta(days=1)
         if rec is not None and died in ("at", "just before"):
             got = self.run(self.store.get_call(cid))
             assert got is not None
@@ -592,9 +595,9 @@ class StoreModel(RuleBasedStateMachine):
     @rule(older=st.sampled_from([timedelta(0), timedelta(minutes=30), timedelta(hours=2),
                                  timedelta(days=365)]))  # fmt: skip
     def purge(self, older: timedelta) -> None:
-        lo = utcnow()
+        lo = self.store.clock.now()
         n = self.run(self.store.purge_calls(older))
-        hi = utcnow()
+        hi = self.store.clock.now()
         gone = []
         for rec in self.model.values():
             if rec.status in LIVE or rec.completed_at is None:
@@ -707,9 +710,9 @@ class StoreModel(RuleBasedStateMachine):
                 wait.wait_for_calls(self.store, [cid], 10, lambda r: ended.append(r.id))
             )
             await asyncio.sleep(0.002)
-            lo = utcnow()
+            lo = self.store.clock.now()
             changed = await self.store.record_outcome(call, outcome, 1, "w1")
-            now = When(lo, utcnow())
+            now = When(lo, self.store.clock.now())
             return await waiting, changed, now
 
         waited, changed, now = self.run(both())
