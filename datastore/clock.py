@@ -10,7 +10,8 @@ call's age), is read from the datastore's clock, whatever host reads it:
   is opened and again at each ``read_clock`` (every worker heartbeat), and
   carried on from the last reading by this process's monotonic clock, so that a
   step of this host's wall clock changes nothing. A reading is within half its
-  round trip of the server's time.
+  round trip of the server's time; a host clock that is within that too counts
+  as the server's.
 - SQLite: this host's wall clock (the file is shared by processes of one host).
 """
 
@@ -20,6 +21,10 @@ import time
 from datetime import datetime, timedelta
 
 from config.domain import utcnow
+
+# Beside half the round trip of a reading, how far the host's clock may be off the
+# server's and still count as agreeing with it (set).
+AGREE_SLACK_S = 0.001
 
 
 class StoreClock:
@@ -45,8 +50,21 @@ class StoreClock:
 
     def set(self, read_at: datetime, sent_s: float, answered_s: float) -> None:
         """The datastore said its time was ``read_at`` in answer to a query sent at
-        ``sent_s`` and answered at ``answered_s`` (``time.monotonic()``)."""
-        self._reading = (read_at, (sent_s + answered_s) / 2)
+        ``sent_s`` and answered at ``answered_s`` (``time.monotonic()``).
+
+        The server read its clock somewhere within that round trip. A host whose
+        own clock lies within the round trip too (the server's host itself, or one
+        kept in step with it) is not told apart from the server: its own reading is
+        taken, so that the times it stores and the ones it reads from its clock
+        agree to the microsecond rather than to half a round trip."""
+        host_read_s = time.monotonic()
+        host_at = utcnow()
+        mid_s = (sent_s + answered_s) / 2
+        host_at_mid = host_at - timedelta(seconds=host_read_s - mid_s)
+        half_trip = timedelta(seconds=(answered_s - sent_s) / 2 + AGREE_SLACK_S)
+        if abs(read_at - host_at_mid) <= half_trip:
+            read_at = host_at_mid
+        self._reading = (read_at, mid_s)
 
     @property
     def read(self) -> bool:

@@ -14,9 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from config.domain import Call, CallStatus, Function, Outcome, new_call_id
+from config.domain import Call, CallStatus, Function, Outcome, new_call_id, utcnow
 from config.settings import load_settings
 from datastore.base import Datastore, open_datastore
+from datastore.clock import StoreClock
 from datastore.common import SqlDatastore
 from tests.datastore.conftest import fresh_pg_database
 from tests.rig import PostgresServer
@@ -112,3 +113,19 @@ async def test_each_definition_is_newer_than_the_one_it_replaces_whatever_the_cl
     assert first.updated_at <= second.updated_at < third.updated_at
     stored = await store.get_fn("a", "f")
     assert stored is not None and stored.updated_at == third.updated_at
+
+
+def test_a_host_clock_within_the_round_trip_of_the_servers_is_taken_as_it() -> None:
+    """On the server's own host (or one in step with it) the reading is the host's:
+    the times stored and those read from the host's clock then agree exactly, not
+    only to half a slow round trip. A server clock out of that span is the server's."""
+    clock = StoreClock()
+    sent_s = time.monotonic() - 0.050  # a round trip of 50 ms on a busy host
+    answered_s = time.monotonic()
+    server_at = utcnow() - timedelta(milliseconds=40)  # read early in the round trip
+    clock.set(server_at, sent_s, answered_s)
+    assert abs(clock.now() - utcnow()) < timedelta(milliseconds=1)
+
+    clock.set(utcnow() + timedelta(seconds=2), time.monotonic() - 0.010, time.monotonic())
+    ahead = clock.ahead_of_host()
+    assert timedelta(seconds=1.99) < ahead < timedelta(seconds=2.01)
