@@ -2,9 +2,10 @@
 
 :func:`links` creates ``count`` namespaces ``fnqb-<token>-<i>``, each joined to
 the host by a veth pair ``fqb<token>h<i>`` (host side) / ``fqb<token>n<i>``
-(inside) on its own /30 of a randomly chosen ``10.231.X.0/24`` not in use on
-this host: host side ``10.231.X.(4i+1)``, namespace side ``10.231.X.(4i+2)``,
-loopback up in the namespace. Run a process "on host i" with
+(inside; another ``tag`` than ``b`` replaces the ``b`` in these names) on its
+own /30 of a randomly chosen ``10.231.X.0/24`` not in use on this host: host side
+``10.231.X.(4i+1)``, namespace side ``10.231.X.(4i+2)``, loopback up in the
+namespace. Run a process "on host i" with
 ``(*link.exec_prefix, cmd...)``; it reaches a server of the host namespace at
 ``link.host_addr``, through the veth. Everything is removed on the way out,
 whatever the exit (exception, Ctrl-C).
@@ -108,15 +109,16 @@ def leftovers(made: list[Link]) -> list[str]:
 
 
 @contextlib.contextmanager
-def links(count: int) -> Iterator[list[Link]]:
-    """``count`` namespaces linked to the host namespace; removed on exit."""
+def links(count: int, tag: str = "b") -> Iterator[list[Link]]:
+    """``count`` namespaces linked to the host namespace; removed on exit. ``tag``
+    (one letter) tells these names from those of other users of this module."""
     token = secrets.token_hex(3)
     net = _free_subnet()
     wanted = [
         Link(
-            ns=f"fnqb-{token}-{i}",
-            host_if=f"fqb{token}h{i}",
-            ns_if=f"fqb{token}n{i}",
+            ns=f"fnq{tag}-{token}-{i}",
+            host_if=f"fq{tag}{token}h{i}",
+            ns_if=f"fq{tag}{token}n{i}",
             host_addr=f"{net}.{4 * i + 1}",
             ns_addr=f"{net}.{4 * i + 2}",
         )

@@ -50,16 +50,18 @@ class Cluster:
         self,
         *args: str,
         open_files: tuple[int, int] | None = None,
+        wrapper: tuple[str, ...] = (),
         env: dict[str, str] | None = None,
     ) -> subprocess.Popen[bytes]:
         """A worker process; ``open_files``: its soft and hard descriptor limits;
-        ``env``: its environment, if not the cluster's."""
+        ``wrapper``: a command that runs it (``ip netns exec NAME``, say); ``env``:
+        variables that differ from the cluster's."""
         log = open(self.tmp / f"worker-{len(self.procs)}.log", "wb")  # noqa: SIM115
-        command = [FNQ, "worker", *args]
+        command = [*wrapper, FNQ, "worker", *args]
         if open_files is not None:
             soft, hard = open_files
             command = ["prlimit", f"--nofile={soft}:{hard}", "--", *command]
-        proc = subprocess.Popen(command, env=env or self.env, stdout=log, stderr=log)
+        proc = subprocess.Popen(command, env={**self.env, **(env or {})}, stdout=log, stderr=log)
         self.procs.append(proc)
         return proc
 
