@@ -37,3 +37,15 @@ class StoreError(FnqError):
 
 class AgentError(FnqError):
     """Running a call in a container failed."""
+
+
+def reason_of(exc: BaseException, timeout_s: float | None = None) -> str:
+    """``exc`` in words, for a log line or an error of fnq's own: its message, or for an
+    exception that has none (a timeout, most often) what happened, so that a line never
+    ends on an empty reason. ``timeout_s``: the time limit a TimeoutError ran out of."""
+    text = str(exc)
+    if text:
+        return text
+    if isinstance(exc, TimeoutError):
+        return f"no answer within {timeout_s:.3g} s" if timeout_s is not None else "timed out"
+    return type(exc).__name__

@@ -44,7 +44,7 @@ from urllib.parse import parse_qsl, unquote, urlsplit
 
 import asyncpg
 
-from config.errors import ConfigError, FnqError
+from config.errors import ConfigError, FnqError, reason_of
 from config.settings import Settings, mask_url
 from datastore import migrate, pgbatch, sql
 from datastore.backend import Write
@@ -312,13 +312,6 @@ async def _keep_session(conn: Any) -> None:
     A transaction left open is still rolled back by the pool before this runs."""
 
 
-def _reason(exc: BaseException, timeout_s: float) -> str:
-    """``exc`` in words; a timeout has none of its own."""
-    if isinstance(exc, TimeoutError) and not str(exc):
-        return f"no answer within {timeout_s:g} s"
-    return str(exc)
-
-
 class PostgresDatastore(SqlDatastore):
     def __init__(self, settings: Settings, logs: LogStore | None, pool: Any) -> None:
         super().__init__(settings, logs)
@@ -350,7 +343,7 @@ class PostgresDatastore(SqlDatastore):
                 )
         except (OSError, TimeoutError, asyncpg.PostgresError) as exc:
             raise StoreUnavailable(
-                f"cannot reach the PostgreSQL datastore: {_reason(exc, CONNECT_TIMEOUT_S)}"
+                f"cannot reach the PostgreSQL datastore: {reason_of(exc, CONNECT_TIMEOUT_S)}"
             ) from exc
         store = cls(settings, logs, pool)
         connected = False
@@ -368,7 +361,7 @@ class PostgresDatastore(SqlDatastore):
                 where = mask_url(settings.db_url)
                 raise StoreUnavailable(
                     f"cannot reach the PostgreSQL datastore {where}: "
-                    f"{_reason(exc, CONNECT_TIMEOUT_S)}"
+                    f"{reason_of(exc, CONNECT_TIMEOUT_S)}"
                 ) from exc
             if not connected and isinstance(exc, asyncpg.PostgresError):
                 raise _refused(settings.db_url, exc) from exc
@@ -392,7 +385,10 @@ class PostgresDatastore(SqlDatastore):
             try:
                 await self._pool.release(conn, timeout=ACQUIRE_TIMEOUT_S)
             except _FAILURES as exc:
-                log.info("postgres: a connection could not be reset, dropped it: %s", exc)
+                log.info(
+                    "postgres: a connection could not be reset, dropped it: %s",
+                    reason_of(exc, ACQUIRE_TIMEOUT_S),
+                )
 
     async def _run_batch(self, ops: list[_Op]) -> list[Any]:
         async with self._connection() as conn:
@@ -435,7 +431,9 @@ class PostgresDatastore(SqlDatastore):
                 return await apply(conn, kind, params, None)
         except _FAILURES as exc:
             if is_outage(exc):
-                raise StoreUnavailable(f"the PostgreSQL datastore is unavailable: {exc}") from exc
+                raise StoreUnavailable(
+                    f"the PostgreSQL datastore is unavailable: {reason_of(exc)}"
+                ) from exc
             raise StoreError(f"{kind.value} failed: {exc}") from exc
 
     async def _fetch(self, query: str, params: dict[str, Any]) -> list[dict[str, Any]]:
@@ -444,7 +442,9 @@ class PostgresDatastore(SqlDatastore):
                 rows = await _fetch(conn, query, params)
         except _FAILURES as exc:
             if is_outage(exc):
-                raise StoreUnavailable(f"the PostgreSQL datastore is unavailable: {exc}") from exc
+                raise StoreUnavailable(
+                    f"the PostgreSQL datastore is unavailable: {reason_of(exc)}"
+                ) from exc
             raise StoreError(f"reading the datastore failed: {exc}") from exc
         for row in rows:
             for key in sql.TIME_COLUMNS.intersection(row):

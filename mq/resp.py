@@ -210,19 +210,28 @@ class Lines:
     async def _open(self, loop: asyncio.AbstractEventLoop) -> _Line:
         if self._closed:
             raise ConnectionError("redis connections closed")
-        async with asyncio.timeout(self._connect_timeout_s):
-            if self._path is not None:
-                _, line = await loop.create_unix_connection(_Line, self._path)
-            else:
-                _, line = await loop.create_connection(
-                    _Line, self._host, self._port, ssl=self._ssl,
-                    server_hostname=self._host if self._ssl is not None else None,
-                )  # fmt: skip
-            try:
-                await self._handshake(line, loop)
-            except BaseException:
-                line.close()
-                raise
+        try:
+            async with asyncio.timeout(self._connect_timeout_s):
+                return await self._connect(loop)
+        except TimeoutError:
+            where = self._path or f"{self._host}:{self._port}"
+            raise ConnectionError(
+                f"no connection to {where} within {self._connect_timeout_s:g} s"
+            ) from None
+
+    async def _connect(self, loop: asyncio.AbstractEventLoop) -> _Line:
+        if self._path is not None:
+            _, line = await loop.create_unix_connection(_Line, self._path)
+        else:
+            _, line = await loop.create_connection(
+                _Line, self._host, self._port, ssl=self._ssl,
+                server_hostname=self._host if self._ssl is not None else None,
+            )  # fmt: skip
+        try:
+            await self._handshake(line, loop)
+        except BaseException:
+            line.close()
+            raise
         return line
 
     async def _handshake(self, line: _Line, loop: asyncio.AbstractEventLoop) -> None:

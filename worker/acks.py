@@ -15,6 +15,7 @@ import asyncio
 import logging
 
 from mq.base import Message, MessageQueue
+from mq.errors import QueueUnavailable
 
 log = logging.getLogger("fnq.worker")
 
@@ -75,6 +76,8 @@ class AckBatcher:
             try:
                 async with asyncio.timeout(ACK_TIMEOUT_S):
                     await self.queue.ack_many([msg for msg, _ in batch])
+            except TimeoutError:
+                error = QueueUnavailable(f"acking took longer than {ACK_TIMEOUT_S:g} s")
             except Exception as exc:  # noqa: BLE001 - handed to every waiting caller
                 error = exc
             self.round_trips += 1

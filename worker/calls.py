@@ -47,7 +47,7 @@ from collections.abc import Callable, Sequence
 from datetime import timedelta
 
 from config.domain import CallStatus, FailureKind, Function, Outcome
-from config.errors import FnqError, Retryable, StoreError
+from config.errors import FnqError, Retryable, StoreError, reason_of
 from config.settings import Settings
 from datastore.base import CallRecord, Datastore
 from datastore.errors import StoreClosed
@@ -200,7 +200,8 @@ class CallHandler:
                 await d.release(RETRY_LATER_S)
         except (FnqError, TimeoutError) as exc:
             log.warning("call %s: the new delivery could not be put off (%s); it returns "
-                        "when its reservation lapses", d.call_id, exc or "timed out")  # fmt: skip
+                        "when its reservation lapses", d.call_id,
+                        reason_of(exc, SETTLE_FAILED_S))  # fmt: skip
 
     async def _hand_back(self, d: Delivery, why: Outcome = HANDED_BACK) -> None:
         """Its record first, then its message: once the message is released another
@@ -232,7 +233,7 @@ class CallHandler:
         except (FnqError, TimeoutError) as exc:
             log.warning("call %s: its record is final but its message could not be settled "
                         "(%s); it returns when its reservation lapses", d.call_id,
-                        exc or "timed out")  # fmt: skip
+                        reason_of(exc, HAND_BACK_TIMEOUT_S))  # fmt: skip
         return False
 
     async def _final_record(self, call_id: str) -> CallRecord | None:
@@ -311,7 +312,7 @@ class CallHandler:
                     log.error("call %s: %s; its message returns to the queue when its "
                               "reservation lapses", d.call_id, exc)  # fmt: skip
         except (FnqError, TimeoutError) as again:
-            why = again or "timed out"
+            why = reason_of(again, SETTLE_FAILED_S)
             log.log(logging.WARNING if warned else logging.DEBUG,
                     "call %s: its message could not be handed back either (%s); it "
                     "returns when its reservation lapses", d.call_id, why)  # fmt: skip

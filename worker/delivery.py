@@ -14,7 +14,7 @@ from dataclasses import dataclass
 from typing import Protocol, cast
 
 from config.domain import Outcome
-from config.errors import FnqError
+from config.errors import FnqError, reason_of
 from mq.base import Message, MessageQueue
 from worker.acks import AckBatcher
 
@@ -69,5 +69,5 @@ class Delivery:
             log.warning(
                 "could not hand back %s (it returns when its reservation lapses): %s",
                 self.call_id,
-                exc,
+                reason_of(exc, HAND_BACK_TIMEOUT_S),
             )

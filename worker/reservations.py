@@ -20,7 +20,7 @@ import asyncio
 import logging
 from collections.abc import Mapping
 
-from config.errors import FnqError
+from config.errors import FnqError, reason_of
 from config.settings import Settings
 from mq.errors import QueueUnavailable, ReservationLost
 from worker.delivery import Delivery
@@ -52,15 +52,16 @@ async def heartbeat(settings: Settings, calls: Mapping[str, Delivery]) -> None:
             return_exceptions=True,
         )
         unreached: list[str] = []  # the queue is down: one line for them all
-        first: BaseException | None = None
+        first: BaseException = TimeoutError()  # the first failure, for the line
         extended = False  # the queue answered for one of them, at least
         for d, result in zip(held, results, strict=True):
             extended = extended or result is None
             if result is None or calls.get(d.call_id) is not d:
                 continue  # extended, or settled meanwhile (then losing it is expected)
             if isinstance(result, QueueUnavailable | TimeoutError):
+                if not unreached:
+                    first = result
                 unreached.append(d.call_id)
-                first = first or result
             elif isinstance(result, FnqError):
                 if isinstance(result, ReservationLost):
                     gone[id(d)] = d
@@ -76,5 +77,5 @@ async def heartbeat(settings: Settings, calls: Mapping[str, Delivery]) -> None:
             )
             log.log(logging.DEBUG if down else logging.WARNING,
                     "could not extend the reservations of %d call(s) (%s%s): %s",
-                    len(unreached), shown, more, first)  # fmt: skip
+                    len(unreached), shown, more, reason_of(first, every_s))  # fmt: skip
         down = bool(unreached) and not extended

@@ -25,7 +25,7 @@ from importlib.metadata import version
 from typing import Any
 
 from config.domain import pid_namespace
-from config.errors import FnqError
+from config.errors import FnqError, reason_of
 from datastore.base import Datastore
 from mq.base import MessageQueue
 from worker.agent.agent import Agent
@@ -39,6 +39,7 @@ VERSION = version("fnq")
 CANCEL_POLL_S = 0.5
 MIB = 1024 * 1024
 HEARTBEAT_S = 5.0
+LEAVE_TIMEOUT_S = 5.0  # removing this worker's row at the end, at most
 SKEW_TOLD_S = 1.0  # see the module
 
 
@@ -156,7 +157,7 @@ class Upkeep:
         except (FnqError, TimeoutError) as exc:
             if not self._outage:
                 log.warning("datastore unavailable for cancellations/heartbeats: %s",
-                            exc or "timed out")  # fmt: skip
+                            reason_of(exc, HEARTBEAT_S))  # fmt: skip
                 self._outage = True
             self._failing.add(duty)
             return
@@ -167,6 +168,9 @@ class Upkeep:
 
     async def leave(self) -> None:
         try:
-            await asyncio.wait_for(self.store.worker_gone(self.worker_id), timeout=5.0)
+            await asyncio.wait_for(self.store.worker_gone(self.worker_id), LEAVE_TIMEOUT_S)
         except (FnqError, TimeoutError) as exc:
-            log.warning("could not remove this worker's row (it expires by itself): %s", exc)
+            log.warning(
+                "could not remove this worker's row (it expires by itself): %s",
+                reason_of(exc, LEAVE_TIMEOUT_S),
+            )

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import shutil
+import socket
 import ssl
 import subprocess
 from collections.abc import Callable, Iterator
@@ -203,3 +204,20 @@ async def test_tls_urls_are_served_over_tls(tmp_path: Path) -> None:
                 lines.close()
     finally:
         srv.stop()
+
+
+async def test_a_connection_that_is_never_accepted_says_where_and_how_long() -> None:
+    """A server whose backlog is full drops new connections' SYNs in silence, as a
+    silent network does: the error names the server and the time waited, not the
+    time limit of the command that needed the connection."""
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen(0)
+        port = busy.getsockname()[1]
+        queued = socket.create_connection(("127.0.0.1", port), timeout=2)  # fills it
+        try:
+            lines = Lines({"host": "127.0.0.1", "port": port}, tls=False, connect_timeout_s=0.5)
+            with pytest.raises(ConnectionError, match=rf"127.0.0.1:{port} within 0.5 s"):
+                await lines.call(pack("PING"))
+        finally:
+            queued.close()

@@ -110,7 +110,7 @@ from datetime import datetime
 from types import TracebackType
 
 from config.domain import CALL_ID_RE, Call, Function, Outcome, headers_problem, utcnow
-from config.errors import AgentError
+from config.errors import AgentError, reason_of
 from config.settings import Settings
 from worker.agent.cpu import CpuGauge
 from worker.agent.cpu import gauge as cpu_gauge
@@ -389,7 +389,7 @@ class Agent(SlotWaits, Fleet):
                 async with asyncio.timeout(DRIVER_CLOSE_TIMEOUT_S):
                     await self.driver.close()
             except (AgentError, TimeoutError) as exc:
-                log.warning("closing the container driver failed: %s", exc or "timed out")
+                log.warning("closing the container driver failed: %s", reason_of(exc))
         finally:
             self._closed.set()
 

@@ -29,7 +29,7 @@ import time
 from datetime import timedelta
 
 from config.domain import Call, utcnow
-from config.errors import AgentError
+from config.errors import AgentError, reason_of
 from worker.agent.driver import (
     CallUsage,
     Container,
@@ -141,7 +141,7 @@ class HotContainer(HotLife):
                 async with asyncio.timeout(FREEZE_TIMEOUT_S):
                     await self.container.unpause()
             except (AgentError, TimeoutError) as exc:
-                self.retire(f"unpausing the container failed: {exc or 'timed out'}")
+                self.retire(f"unpausing the container failed: {reason_of(exc)}")
                 raise SlotUnusable(self.retire_reason or "unpause failed") from exc
             self.frozen = False
 

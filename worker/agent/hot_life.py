@@ -29,7 +29,7 @@ from datetime import datetime
 from typing import Self
 
 from config.domain import Function, frozen_map, utcnow
-from config.errors import AgentError
+from config.errors import AgentError, reason_of
 from config.settings import Settings
 from worker.agent.driver import FN_LISTENER, Container, ContainerSpec, Driver, ExitInfo
 from worker.agent.errors import (
@@ -335,7 +335,7 @@ class HotLife(abc.ABC):
                 async with asyncio.timeout(FREEZE_TIMEOUT_S):
                     await self.container.pause()
             except (AgentError, TimeoutError) as exc:
-                self.retire(f"pausing the container failed: {exc or 'timed out'}")
+                self.retire(f"pausing the container failed: {reason_of(exc)}")
                 return
             self.frozen = True
             if not slot.taken:
@@ -359,6 +359,6 @@ class HotLife(abc.ABC):
             async with asyncio.timeout(REMOVE_TIMEOUT_S):
                 await container.remove()
         except (AgentError, TimeoutError) as exc:
-            log.warning("removing container %s failed: %s", self.id, exc or "timed out")
+            log.warning("removing container %s failed: %s", self.id, reason_of(exc))
         except Exception:  # a driver fault: the rest of the teardown must still happen
             log.exception("removing container %s failed", self.id)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from config.domain import pid_namespace, process_gone
-from config.errors import AgentError
+from config.errors import AgentError, reason_of
 from config.settings import Settings
 from worker.agent.driver import IOFS_MOUNT
 from worker.agent.drivers.claim import LeftoverClaims
@@ -180,7 +180,7 @@ class LeftoverSweeps:
                              "track of", item["Id"][:12])  # fmt: skip
         except (AgentError, TimeoutError) as exc:
             log.warning("looking for this worker's own containers at close failed: %s",
-                        exc or "timed out")  # fmt: skip
+                        reason_of(exc))  # fmt: skip
 
     def _forget_leftover_dir(self, item: dict[str, Any]) -> None:
         """Remove a dead worker's socket directory when it is a plain host path of ours."""
