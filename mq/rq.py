@@ -292,10 +292,12 @@ class RQQueue:
             except rq_jobs.JobRejected as exc:  # JobUnreadable too: failed without rq's API
                 await self._bury(jid, token, str(exc))
                 continue
-            await self._sync_call(
+            started = await self._sync_call(
                 rq_jobs.mark_started, self._sync, job, token, self.worker_name,
-                self._started_ttl_s, now_s=int(now_ms) / 1000,
+                self._started_ttl_s, now_s=int(now_ms) / 1000, receipts_key=RECEIPTS_KEY,
             )  # fmt: skip
+            if not started:  # its reservation lapsed meanwhile: it is not this delivery's
+                continue
             msgs.append(Message(call, int(deliveries), token, 0))
         if not msgs and not claimed and not doomed:
             box.append(int(wait_ms))

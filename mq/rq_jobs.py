@@ -22,6 +22,8 @@ from datetime import UTC, datetime
 from typing import Any, cast
 
 from redis import Redis
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
 from redis.exceptions import WatchError
 from rq.defaults import DEFAULT_FAILURE_TTL, DEFAULT_RESULT_TTL
 from rq.executions import Execution, ExecutionRegistry
@@ -206,24 +208,55 @@ def finish_of(outcome: Outcome) -> Finish:
 
 
 def mark_started(
-    conn: Redis, job: Job, token: str, worker_name: str, ttl_s: int, *, now_s: float
-) -> None:
+    conn: Redis,
+    job: Job,
+    token: str,
+    worker_name: str,
+    ttl_s: int,
+    *,
+    now_s: float,
+    receipts_key: str,
+) -> bool:
     """STARTED in rq's terms: status, started_at, worker name, an execution in the
-    queue's StartedJobRegistry (its id is the reservation token). ``now_s``: the
-    Redis server's time, which the registries' expiries count from (rq's own count
-    from this host's clock: one far enough behind would have rq's cleanup fail the
-    job as abandoned until its first extend, as mq.rq_scripts EXTEND sets them)."""
-    executions = ExecutionRegistry(job_id=job.id, connection=conn)
+    queue's StartedJobRegistry (its id is the reservation token); False, changing
+    nothing, when ``token`` no longer holds the job's reservation (``receipts_key``:
+    fnq's hash of job id -> token) or the job changed since it was looked at.
+
+    ``now_s``: the Redis server's time, which the registries' expiries count from
+    (rq's own count from this host's clock: one far enough behind would have rq's
+    cleanup fail the job as abandoned until its first extend, as mq.rq_scripts
+    EXTEND sets them).
+
+    One transaction that watches the job: a write that reaches the server late (its
+    connection timed out on a silent network, and the server got it once the network
+    was back) must not make STARTED a job that lapsed meanwhile and went back to its
+    queue, where it would then be skipped as not queued, and never run. (redis-py
+    sends a watching transaction once, never again on a connection error.) Raises
+    redis' ConnectionError when the connection failed."""
     with conn.pipeline() as pipe:
-        job.prepare_for_execution(worker_name, pipe)
-        execution = Execution(token, job.id, conn, worker_name=worker_name)
-        execution.save(ttl=ttl_s, pipeline=pipe)
-        executions.add(execution, ttl=ttl_s, pipeline=pipe)
-        job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl_s)
-        started = {execution.composite_key: now_s + ttl_s}
-        pipe.zadd(job.started_job_registry.key, started, xx=True)
-        pipe.zadd(executions.key, {token: now_s + ttl_s + 60}, xx=True)
-        pipe.execute()
+        try:
+            pipe.watch(job.key)  # type: ignore[no-untyped-call]
+            held = pipe.hget(receipts_key, job.id)
+            receipt = pipe.hget(job.key, "fnq_receipt")
+            if held != token.encode() or receipt != token.encode():
+                return False
+            pipe.multi()
+            job.prepare_for_execution(worker_name, pipe)
+            execution = Execution(token, job.id, conn, worker_name=worker_name)
+            execution.save(ttl=ttl_s, pipeline=pipe)
+            executions = ExecutionRegistry(job_id=job.id, connection=conn)
+            executions.add(execution, ttl=ttl_s, pipeline=pipe)
+            job.started_job_registry.add_execution(execution, pipeline=pipe, ttl=ttl_s)
+            started = {execution.composite_key: now_s + ttl_s}
+            pipe.zadd(job.started_job_registry.key, started, xx=True)
+            pipe.zadd(executions.key, {token: now_s + ttl_s + 60}, xx=True)
+            pipe.execute()
+        except WatchError as exc:
+            lost = exc.__context__
+            if isinstance(lost, RedisConnectionError | RedisTimeoutError):
+                raise RedisConnectionError(f"marking job {job.id} started: {lost}") from exc
+            return False
+    return True
 
 
 def finish(

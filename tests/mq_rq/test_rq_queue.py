@@ -32,9 +32,10 @@ from rq.registry import (
 from rq.results import Result
 
 from config.domain import Call, CallStatus, FailureKind, Outcome, Response
+from mq import rq_jobs
 from mq.base import MessageQueue, QueueStats
 from mq.errors import InvalidCall, ReservationLost
-from mq.rq import RQQueue
+from mq.rq import RECEIPTS_KEY, RQQueue
 
 pytestmark = pytest.mark.integration
 
@@ -279,6 +280,36 @@ async def test_lapse_redelivers_then_fails(make_rq: MakeRQ, rq_queue: Queue, con
     [buried] = queue.take_buried()  # once, for the worker to end the call's record
     assert buried.call_id == job.id and "delivered 2 time(s)" in buried.reason
     assert queue.take_buried() == []
+
+
+async def test_a_late_start_mark_of_a_delivery_handed_back_changes_nothing(
+    make_rq: MakeRQ, rq_queue: Queue, conn: Redis
+) -> None:
+    """A delivery's STARTED mark may reach the server late: its connection timed out on
+    a silent network, and the server got it once the network was back, after the
+    reservation had lapsed and the job had gone back to its queue. The job stays
+    queued (STARTED, it would be skipped there and never run) and is delivered again."""
+    job = rq_queue.enqueue("fnq.call", app="demo", fn="echo")
+    queue = make_rq()
+    first = await queue.reserve(1.0)
+    assert first is not None
+    await queue.release(first)  # back on its queue, as a lapse puts it
+    restored = rq_jobs.restore_job(conn, job.id, conn.hgetall(job.key))
+    late = rq_jobs.mark_started(
+        conn,
+        restored,
+        first.receipt,
+        "fnq:late",
+        60,
+        now_s=conn.time()[0],
+        receipts_key=RECEIPTS_KEY,
+    )
+    assert late is False
+    assert job.get_status() == "queued"
+    assert registries(conn)["started"] == []
+    second = await queue.reserve(1.0)
+    assert second is not None and second.call.id == job.id
+    assert job.get_status() == "started"
 
 
 async def test_extend_keeps_reservation(make_rq: MakeRQ, rq_queue: Queue) -> None:
