@@ -7,7 +7,9 @@ the queue are made again. The few other commands (making the groups, loading
 scripts, listing dead letters) go through redis-py. Every round trip is
 bounded in time: a connection that fails or times out, or a server that does
 not speak Redis (another service on its port), raises QueueUnavailable,
-a script's error reply QueueError.
+a script's error reply QueueError. A lean connection that hears nothing from
+the server's host for the time limit of a round trip is given up even while
+it waits in a blocking read (mq.resp, ``dead_after``).
 """
 
 from __future__ import annotations
@@ -90,6 +92,7 @@ class RedisLink:
             pool.connection_kwargs,
             tls=issubclass(pool.connection_class, SSLConnection),
             connect_timeout_s=pool.connection_kwargs.get("socket_connect_timeout") or op_timeout_s,
+            dead_after_s=op_timeout_s,
         )
         # EVALSHA NAME's keys, encoded once: per call only the arguments are packed.
         self._heads = {

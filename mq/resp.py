@@ -18,18 +18,26 @@ The connection settings are those of the redis-py client the URL made
 (host and port or unix socket, database, user, password, TLS options), so both speak to the
 same server the same way. These connections speak RESP2 whatever protocol
 the client was told to use.
+
+A TCP connection is given up once nothing at all has come from the server's
+host for ``dead_after_s`` (config.tcp): a silent network, or a server that
+forgot the connection while the network was out, ends even a blocking read
+that would otherwise wait for its whole block time, with ConnectionError.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import ssl
 from collections import deque
 from collections.abc import Callable, Mapping
 from typing import Any
 
 import hiredis
+
+from config.tcp import dead_after
 
 MAX_IDLE = 4  # idle connections kept for reuse
 
@@ -40,6 +48,11 @@ class ReplyError(Exception):
 
 class Unanswered(ConnectionError):
     """The connection failed before the first reply came."""
+
+
+class Silent(ConnectionError):
+    """The connection was given up: nothing came from the server's host for too long
+    (config.tcp). Another connection would find the network as silent."""
 
 
 def pack(*args: str | int | bytes) -> bytes:
@@ -92,6 +105,9 @@ class _Line(asyncio.Protocol):
     def connection_lost(self, exc: Exception | None) -> None:
         self.closed = True
         self._transport = None
+        if isinstance(exc, OSError) and exc.errno == errno.ETIMEDOUT:
+            self._fail(Silent(f"redis connection lost: nothing came from the server ({exc})"))
+            return
         self._fail(ConnectionError(f"redis connection lost: {exc or 'closed by the server'}"))
 
     def _fail(self, error: Exception) -> None:
@@ -139,7 +155,14 @@ def _ssl_context(kwargs: Mapping[str, Any]) -> ssl.SSLContext:
 class Lines:
     """Connections to one server, opened on demand and reused while healthy."""
 
-    def __init__(self, kwargs: Mapping[str, Any], *, tls: bool, connect_timeout_s: float) -> None:
+    def __init__(
+        self,
+        kwargs: Mapping[str, Any],
+        *,
+        tls: bool,
+        connect_timeout_s: float,
+        dead_after_s: float | None = None,
+    ) -> None:
         self._path: str | None = kwargs.get("path")  # a unix socket (unix:// URLs)
         self._host = str(kwargs.get("host", "localhost"))
         self._port = int(kwargs.get("port", 6379))
@@ -148,6 +171,7 @@ class Lines:
         self._password: str | None = kwargs.get("password")
         self._ssl = _ssl_context(kwargs) if tls else None
         self._connect_timeout_s = connect_timeout_s
+        self._dead_after_s = dead_after_s  # None: the system's TCP settings
         self._idle: list[_Line] = []
         self._closed = False
 
@@ -163,9 +187,10 @@ class Lines:
         ``on_first`` is called with the first reply as soon as it is in. Raises
         ConnectionError or OSError when the connection fails. An idle connection
         the server closed meanwhile (a restart, a client timeout) is replaced once
-        if it fails before any reply: the commands may then run twice, which the
-        queue's commands allow (an ack is idempotent; a reservation made twice
-        lapses and the message is delivered again).
+        if it fails before any reply (not one given up for silence: ``Silent``):
+        the commands may then run twice, which the queue's commands allow (an ack
+        is idempotent; a reservation made twice lapses and the message is
+        delivered again).
         """
         loop = asyncio.get_running_loop()
         while self._idle:
@@ -191,7 +216,7 @@ class Lines:
                 try:
                     reply = await future
                 except ConnectionError as exc:
-                    if out:
+                    if out or isinstance(exc, Silent):
                         raise
                     raise Unanswered(str(exc)) from exc
                 if isinstance(reply, hiredis.ReplyError):
@@ -223,10 +248,12 @@ class Lines:
         if self._path is not None:
             _, line = await loop.create_unix_connection(_Line, self._path)
         else:
-            _, line = await loop.create_connection(
+            transport, line = await loop.create_connection(
                 _Line, self._host, self._port, ssl=self._ssl,
                 server_hostname=self._host if self._ssl is not None else None,
             )  # fmt: skip
+            if self._dead_after_s is not None:
+                dead_after(transport, self._dead_after_s)
         try:
             await self._handshake(line, loop)
         except BaseException:

@@ -206,6 +206,29 @@ async def test_tls_urls_are_served_over_tls(tmp_path: Path) -> None:
         srv.stop()
 
 
+async def test_a_tcp_connection_is_given_up_after_the_silence_it_is_told(
+    server: RedisServer,
+) -> None:
+    """Keepalive probes while it waits, and the kernel's limit on unacknowledged
+    data: a silent network ends even a blocking read (config.tcp; the network
+    itself is cut in tests/network)."""
+    lines = Lines(
+        {"host": "127.0.0.1", "port": server.port}, tls=False, connect_timeout_s=5.0,
+        dead_after_s=6.0,
+    )  # fmt: skip
+    try:
+        assert await lines.call(pack("PING")) == [b"PONG"]
+        [line] = lines._idle
+        assert line._transport is not None
+        sock = line._transport.get_extra_info("socket")
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 2
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPCNT) == 3
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_USER_TIMEOUT) == 6000
+    finally:
+        lines.close()
+
+
 async def test_a_connection_that_is_never_accepted_says_where_and_how_long() -> None:
     """A server whose backlog is full drops new connections' SYNs in silence, as a
     silent network does: the error names the server and the time waited, not the
