@@ -76,6 +76,7 @@ OP_TIMEOUT_S = 10.0
 PROMOTE_LIMIT = 200
 QUIET_MAX_S = 0.25  # the longest run of reserves without the reserve script
 PUSH_BATCH = 500
+LEAVE_TIMEOUT_S = 2.0  # leaving the consumer group at close, at most
 
 
 def reclaim_every_ms(reservation_ms: int) -> int:
@@ -467,9 +468,10 @@ class RedisQueue:
     async def close(self) -> None:
         try:
             if self._link.groups_made:
-                # Unreachable server: the consumer's name just stays registered (harmless).
+                # Unreachable server: the consumer's name just stays registered (harmless),
+                # so a stopping worker does not wait a whole time limit for it.
                 with contextlib.suppress(QueueError):
-                    await self._link.eval("leave", [GROUP, self._consumer])
+                    await self._link.eval("leave", [GROUP, self._consumer], LEAVE_TIMEOUT_S)
         finally:
             self._link.lines.close()
             if self._owns_client:

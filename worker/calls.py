@@ -207,8 +207,11 @@ class CallHandler:
         """Its record first, then its message: once the message is released another
         worker may take the call at once, and the record must not be moved back then."""
         if await self._withdraw(d, why) and await self._unrecorded(d):
-            await d.hand_back()
-            self.metrics.calls.went_back("stop")
+            failed = await d.hand_back()
+            if failed is None:
+                self.metrics.calls.went_back("stop")
+            else:
+                self._left_to_lapse(d.call_id, f"handing it back failed ({failed})")
 
     async def _unrecorded(self, d: Delivery) -> bool:
         """Whether the call may go back to the queue: its handling was not cancelled

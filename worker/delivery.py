@@ -9,7 +9,6 @@ the outcome to the producer's own API; that difference lives here only.
 from __future__ import annotations
 
 import asyncio
-import logging
 from dataclasses import dataclass
 from typing import Protocol, cast
 
@@ -17,8 +16,6 @@ from config.domain import Outcome
 from config.errors import FnqError, reason_of
 from mq.base import Message, MessageQueue
 from worker.acks import AckBatcher
-
-log = logging.getLogger("fnq.worker")
 
 HAND_BACK_TIMEOUT_S = 5.0
 
@@ -61,13 +58,11 @@ class Delivery:
     async def extend(self) -> None:
         await self.queue.extend(self.msg)
 
-    async def hand_back(self) -> None:
-        """Best effort: otherwise the message returns when its reservation lapses."""
+    async def hand_back(self) -> str | None:
+        """Release the message at once, best effort: None if it went back, else why not
+        (then it returns when its reservation lapses)."""
         try:
             await asyncio.wait_for(self.queue.release(self.msg, 0.0), HAND_BACK_TIMEOUT_S)
         except (FnqError, TimeoutError) as exc:
-            log.warning(
-                "could not hand back %s (it returns when its reservation lapses): %s",
-                self.call_id,
-                reason_of(exc, HAND_BACK_TIMEOUT_S),
-            )
+            return reason_of(exc, HAND_BACK_TIMEOUT_S)
+        return None

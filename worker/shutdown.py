@@ -2,10 +2,13 @@
 
 Phase one (first SIGTERM/SIGINT, or :meth:`Shutdown.request`): stop taking
 work; calls already running in containers may finish within the grace
-period; calls reserved but not yet in a container (waiting for one: every
-container of their function busy, no room to start another, or one being
-started) are handed back to the queue at once, their records put back to
-`queued` first (``Agent.stop_waiting``, worker.loop, worker.calls). Phase two
+period, counted from the request (not from the moment the intake has
+stopped: a reserve under way when the request came, say to a queue that went
+silent, may take up to its time limit to end); calls reserved but not yet in
+a container (waiting for one: every container of their function busy, no
+room to start another, or one being started) are handed back to the queue at
+once, their records put back to `queued` first (``Agent.stop_waiting``,
+worker.loop, worker.calls). Phase two
 (a second signal, or the grace period running out): running calls are
 cancelled, their containers retired, their records put back to `queued` (the
 run counted among their attempts: the function ran) and then their messages
@@ -44,6 +47,7 @@ class Shutdown:
         self.aborting = asyncio.Event()
         self._clock = clock
         self._first_signal_at: float | None = None
+        self._requested_at: float | None = None  # time.monotonic() of the first request
 
     def signalled(self, name: str) -> None:
         """A stop signal came: :meth:`request`, unless it repeats the first one within
@@ -65,6 +69,7 @@ class Shutdown:
             self.aborting.set()
             return
         log.info("stopping (%s): no new calls; running calls get %.0f s", reason, self.grace_s)
+        self._requested_at = time.monotonic()
         self.stopping.set()
 
     def abort(self) -> None:
@@ -72,9 +77,13 @@ class Shutdown:
         self.aborting.set()
 
     async def wait_grace(self) -> None:
-        """Return when the grace period is over or a second request came."""
+        """Return when the grace period (from the first request) is over or a second
+        request came."""
+        left_s = self.grace_s
+        if self._requested_at is not None:
+            left_s -= time.monotonic() - self._requested_at
         try:
-            await asyncio.wait_for(self.aborting.wait(), timeout=self.grace_s)
+            await asyncio.wait_for(self.aborting.wait(), timeout=max(0.0, left_s))
         except TimeoutError:
             self.aborting.set()
 

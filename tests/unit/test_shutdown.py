@@ -47,6 +47,30 @@ async def test_requests_not_by_signal_are_never_merged() -> None:
     assert after_request.aborting.is_set()
 
 
+async def test_the_grace_period_counts_from_the_request() -> None:
+    """The calls in containers get the grace period from the stop request, however long
+    the intake takes to stop (a reserve to a silent queue runs to its time limit)."""
+    shutdown = Shutdown(0.5)
+    shutdown.request("SIGTERM")
+    await asyncio.sleep(0.4)  # the intake stopping meanwhile
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        await shutdown.wait_grace()
+    assert loop.time() - started < 0.3
+    assert shutdown.aborting.is_set()
+
+
+async def test_the_grace_period_is_whole_without_a_request() -> None:
+    shutdown = Shutdown(0.3)
+    shutdown.stopping.set()  # a burst that ran out of calls: no request
+    loop = asyncio.get_running_loop()
+    started = loop.time()
+    async with asyncio.timeout(5):
+        await shutdown.wait_grace()
+    assert loop.time() - started >= 0.29
+
+
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
 async def test_the_handlers_take_a_doubled_signal_once(sig: signal.Signals) -> None:
     shutdown = Shutdown(30.0)
