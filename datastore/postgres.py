@@ -20,6 +20,17 @@ is an outage too: writes wait until it takes them again.
 Every statement carries ``STATEMENT_TIMEOUT_S``; taking a connection from the
 pool waits at most ``ACQUIRE_TIMEOUT_S``.
 
+A silent network (packets dropped, no reset: a partition between hosts) is
+noticed on both ends. This end gives a connection up once nothing has come
+from the server's host for ``DEAD_AFTER_S`` (config.tcp), so a statement on
+it fails as an outage then, not at its timeout. The server ends fnq's
+sessions whose client is gone (``SESSION_SETTINGS``): one idle inside a
+transaction for ``IDLE_IN_TRANSACTION_S`` (whose client never sent the rest:
+it holds its rows locked, and every worker that writes the records of those
+calls would wait on them until the server's TCP keepalive gave up on it, two
+hours by default), and an idle one whose client's host stops answering
+keepalive probes. A setting of the same name in FN_DB_URL's options wins.
+
 Plans: asyncpg prepares each statement once per connection, and after five
 runs the server may keep one generic plan for it. On a new database that plan
 is made while the calls table holds a handful of rows, and reading records by
@@ -46,6 +57,7 @@ import asyncpg
 
 from config.errors import ConfigError, FnqError, reason_of
 from config.settings import Settings, mask_url
+from config.tcp import dead_after
 from datastore import migrate, pgbatch, sql
 from datastore.backend import Write
 from datastore.base import LogStore
@@ -57,6 +69,15 @@ from datastore.errors import StoreError, StoreUnavailable
 CONNECT_TIMEOUT_S = 10.0
 ACQUIRE_TIMEOUT_S = 10.0
 STATEMENT_TIMEOUT_S = 30.0
+DEAD_AFTER_S = 10.0  # a connection that hears nothing from the server's host for this long
+IDLE_IN_TRANSACTION_S = 10  # a session idle inside a transaction, at most
+# The server's settings for fnq's sessions (see "A silent network" above).
+SESSION_SETTINGS = {
+    "idle_in_transaction_session_timeout": str(IDLE_IN_TRANSACTION_S * 1000),
+    "tcp_keepalives_idle": "10",
+    "tcp_keepalives_interval": "5",
+    "tcp_keepalives_count": "3",
+}
 POOL_MAX_SIZE = 4
 # A batch holds at most this many bytes of bodies and logs (but at least one write): a
 # batch goes as one statement per kind, which must reach the server and commit within
@@ -288,7 +309,18 @@ def _refused(url: str, exc: asyncpg.PostgresError) -> FnqError:
     return StoreError(f"the PostgreSQL datastore {where} refused the connection: {exc}")
 
 
+def session_settings(url: str) -> dict[str, str]:
+    """``SESSION_SETTINGS`` but those that ``url``'s options set themselves."""
+    given = {name for name, _ in parse_qsl(urlsplit(url).query, keep_blank_values=True)}
+    return {name: value for name, value in SESSION_SETTINGS.items() if name not in given}
+
+
 async def _init_connection(conn: Any) -> None:
+    # asyncpg has no public way to its socket; without it, the statement timeouts
+    # still bound every wait.
+    transport = getattr(conn, "_transport", None)
+    if transport is not None:
+        dead_after(transport, DEAD_AFTER_S)
     await conn.execute("SET TIME ZONE 'UTC'", timeout=STATEMENT_TIMEOUT_S)
     size = await conn.fetchval(_CALLS_SIZE, timeout=STATEMENT_TIMEOUT_S)
     if size is None or size < SMALL_CALLS_BYTES:
@@ -331,9 +363,11 @@ class PostgresDatastore(SqlDatastore):
         if problem:
             raise ConfigError(f"FN_DB_URL: {problem}")
         try:
+            url = settings.db_url.replace("postgresql+asyncpg://", "postgresql://")
             async with asyncio.timeout(CONNECT_TIMEOUT_S):
                 pool = await asyncpg.create_pool(
-                    settings.db_url.replace("postgresql+asyncpg://", "postgresql://"),
+                    url,
+                    server_settings=session_settings(url),
                     min_size=0,  # no floor to restore: an outage is logged once, by us
                     max_size=POOL_MAX_SIZE,
                     timeout=CONNECT_TIMEOUT_S,
