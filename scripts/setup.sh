@@ -12,7 +12,7 @@ die() { printf 'fnq setup: %s\n' "$*" >&2; exit 1; }
 build_images=1
 [ "${1:-}" = "--no-images" ] && build_images=0
 
-PACKAGES=(docker.io redis-server redis-tools postgresql debootstrap iproute2 openssl)
+PACKAGES=(docker.io redis-server redis-tools postgresql debootstrap iproute2 iptables openssl)
 PYTHON=${PYTHON:-python3}
 
 as_root() {
