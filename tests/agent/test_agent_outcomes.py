@@ -346,13 +346,19 @@ MEMORY_FOR_ONE = 200  # MB: one container of a 128 MB function, not two
 
 async def test_waiting_past_the_timeout_is_busy(agents: AgentFactory) -> None:
     # Room for one container, busy with a long call: nothing is starting for the next.
-    gate = asyncio.Event()
-    driver = FakeDriver(FakeBehaviour(handler=gated(gate)))
+    # The next call waits from before the long one is dispatched, so its 1 s are over
+    # before the long call's timeout frees the container (and room for another).
+    started, gate = asyncio.Event(), asyncio.Event()
+    driver = FakeDriver(FakeBehaviour(handler=gated(gate), start_gate=started))
     agent = agents(driver, memory_mb=MEMORY_FOR_ONE)
     fn = make_fn(timeout_s=1)
     first = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: driver.starts == 1)
+    second = asyncio.create_task(agent.submit(make_call(fn), fn))
+    await driver.wait_until(lambda: agent.statistics().calls_waiting == 2)
+    started.set()  # the container goes to the call that waited longest: the first
     await driver.wait_until(lambda: driver.dispatches == 1)
-    outcome = await asyncio.wait_for(agent.submit(make_call(fn), fn), 5)
+    outcome = await asyncio.wait_for(second, 5)
     assert outcome.status is CallStatus.ERROR and outcome.failure is FailureKind.BUSY
     assert outcome.error is not None and "server too busy" in outcome.error
     assert (await first).status is CallStatus.TIMEOUT  # it held the container past 1 s
