@@ -158,16 +158,22 @@ async def test_a_function_without_a_container_gets_room_that_busy_functions_hold
     busy = [fn(name, "fnq/sleep:latest") for name in ("a", "b")]
     echo = fn("c", "fnq/echo:latest", timeout_s=8)  # displacing after 2 s (25 %)
     outcomes: list[Any] = []
+    ran_by: dict[str, int] = {f.name: 0 for f in busy}  # calls each function has run
     stop = asyncio.Event()
 
     async def keep_busy(f: Function) -> None:
         while not stop.is_set():
             outcomes.append(await agent.submit(call(f, b"0.2"), f))
+            ran_by[f.name] += 1
+
+    def each_ran(since: dict[str, int], calls: int) -> bool:
+        return all(ran_by[name] >= since[name] + calls for name in since)
 
     async with agent_for(memory_mb=128, hot_displace_wait_percent=25) as agent:
         loops = [asyncio.create_task(keep_busy(f)) for f in busy for _ in range(2)]
         try:
-            await wait_for(lambda: len(outcomes) >= 8)  # both run, their calls queue up
+            none = dict.fromkeys(ran_by, 0)
+            await wait_for(lambda: each_ran(none, 4))  # both run, their calls queue up
             assert len(ours(docker_engine, label_tag)) == 2
             loop = asyncio.get_running_loop()
             began = loop.time()
@@ -177,8 +183,8 @@ async def test_a_function_without_a_container_gets_room_that_busy_functions_hold
             assert out.response is not None and out.response.body == b"through"
             assert 2.0 <= waited < 8.0, waited
             assert agent.statistics().displacements == 1
-            ran = len(outcomes)  # the function that gave up its container runs again
-            await wait_for(lambda: len(outcomes) >= ran + 8)
+            ran = dict(ran_by)  # the function that gave up its container runs again
+            await wait_for(lambda: each_ran(ran, 2))
             # one container each, and one more for the function that gave its up
             # (counted before the calls stop: then one's idle container may go to the other)
             assert len({o.container_id for o in outcomes}) == 3
