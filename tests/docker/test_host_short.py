@@ -12,7 +12,7 @@ import logging
 import os
 import random
 import resource
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -24,9 +24,10 @@ from tests.docker.conftest import request, running, spec
 from tests.rig import fill_inodes, small_socket_fs
 from worker.agent import fdk
 from worker.agent.agent import Agent
+from worker.agent.drivers import docker_leftovers
 from worker.agent.drivers import shortage as shortage_module
 from worker.agent.drivers.docker import DockerDriver
-from worker.agent.drivers.docker_container import DockerContainer
+from worker.agent.drivers.docker_container import DockerContainer, OutputTiming
 from worker.agent.drivers.shortage import HELD_DESCRIPTORS
 from worker.agent.errors import HostShort
 from worker.agent.iofs import DIR_INODES
@@ -49,17 +50,81 @@ def iofs_fs() -> Iterator[Path]:
         yield path
 
 
-@contextlib.contextmanager
-def descriptors_left(count: int) -> Iterator[None]:
-    """Lower this process's descriptor limit to what it has open now plus ``count``
-    (a negative count: that many must be closed before one can be opened)."""
-    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    in_use = len(os.listdir("/proc/self/fd")) - 1  # less the one that listed them
-    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use + count, hard))
+FD_DIR = "/proc/self/fd"
+SETTLE_S = 5.0
+
+
+def _is_inotify(fd: str) -> bool:
     try:
-        yield
+        return os.readlink(f"{FD_DIR}/{fd}") == "anon_inode:inotify"
+    except OSError:  # closed since it was listed
+        return False
+
+
+async def settled_descriptors() -> int:
+    """The descriptors this process has open, counted once the driver has let go of
+    what its starts held for a moment: the inotify descriptor that watched for a
+    function's socket is closed in a thread after the start (worker.agent.iofs)."""
+    async with asyncio.timeout(SETTLE_S):
+        while any(_is_inotify(fd) for fd in os.listdir(FD_DIR)):
+            await asyncio.sleep(0.01)
+    return len(os.listdir(FD_DIR))
+
+
+def _fill_gaps() -> list[int]:
+    """Descriptors (of /dev/null) in every free number below the highest open one."""
+    highest = max(int(fd) for fd in os.listdir(FD_DIR))
+    fillers: list[int] = []
+    try:
+        while (fd := os.open(os.devnull, os.O_RDONLY | os.O_CLOEXEC)) < highest:
+            fillers.append(fd)
+        os.close(fd)
+    except BaseException:
+        for filler in fillers:
+            os.close(filler)
+        raise
+    return fillers
+
+
+def open_descriptors() -> dict[int, str]:
+    """What each open descriptor of this process is, by its number."""
+    described = {}
+    for fd in os.listdir(FD_DIR):
+        with contextlib.suppress(OSError):  # closed since it was listed
+            described[int(fd)] = os.readlink(f"{FD_DIR}/{fd}")
+    return described
+
+
+@contextlib.asynccontextmanager
+async def descriptor_limit(limit: Callable[[int], int]) -> AsyncIterator[None]:
+    """Set this process's descriptor limit to ``limit(free)``, where ``free`` is the
+    lowest free descriptor number once no lower one is free.
+
+    The kernel gives a new descriptor the lowest free number, and refuses one only
+    when that number is at the limit. So free numbers below the highest open
+    descriptor (left by descriptors closed since it was opened) are filled first,
+    once the driver has closed what its starts held for a moment: then the count of
+    open descriptors is the lowest free number, and tells what is left below the
+    limit, as the driver reads it (drivers.shortage)."""
+    await settled_descriptors()
+    fillers = _fill_gaps()
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        free = len(os.listdir(FD_DIR)) - 1  # less the one that listed them
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit(free), hard))
+        try:
+            yield
+        finally:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
     finally:
-        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        for fd in fillers:
+            os.close(fd)
+
+
+def descriptors_left(count: int) -> contextlib.AbstractAsyncContextManager[None]:
+    """This process at its descriptor limit but for ``count``, as a worker that has
+    opened descriptors up to its limit is."""
+    return descriptor_limit(lambda free: free + count)
 
 
 @pytest.mark.parametrize("keep", [0, 1, 3], ids=["no-dir", "no-pipes", "no-socket"])
@@ -143,7 +208,7 @@ async def test_no_descriptor_left_is_the_hosts_shortage(
     async with running(driver, spec("fnq/echo")) as container:
         assert (await container.dispatch(request(b"one"))).body == b"one"
         before = {c.id for c in ours(docker_engine, label_tag)}
-        with descriptors_left(0):
+        async with descriptors_left(0):
             with pytest.raises(HostShort, match="file descriptors are in use"):
                 await driver.create(spec("fnq/echo"))
             with pytest.raises(HostShort, match="connecting to a function's socket"):
@@ -161,8 +226,9 @@ async def test_a_start_short_of_descriptors_is_the_hosts_shortage(
     them): the start fails as the host's shortage, not as the function's."""
     container = await driver.create(spec("fnq/echo"))
     try:
-        with descriptors_left(0), pytest.raises(HostShort, match="starting a container"):
-            await container.start()
+        async with descriptors_left(0):
+            with pytest.raises(HostShort, match="starting a container"):
+                await container.start()
     finally:
         await container.remove()
     assert ours(docker_engine, label_tag) == []
@@ -174,13 +240,17 @@ async def test_a_container_whose_removal_failed_goes_in_the_next_sweep(
     """With no descriptor to ask the engine with, a container's removal fails and the
     driver lets go of it: the engine still has it (made, or even running). The next
     sweep for leftovers, every few seconds, removes it."""
+    before = open_descriptors()
     container = await driver.create(spec("fnq/echo"))
     await container.start()
+    await settled_descriptors()
+    lowest = min(fd for fd, what in open_descriptors().items() if before.get(fd) != what)
     await driver.api.close()  # no idle connection to the engine left to reuse
     await driver.api.open()
     # Removing it closes its own descriptors first (pipes, connections): the limit is
-    # below what is open by more than those.
-    with descriptors_left(-32):
+    # at the lowest of those, with no number below it free, so none is freed for a
+    # connection to the engine.
+    async with descriptor_limit(lambda _free: lowest):
         await container.remove()
     assert driver.containers == []
     assert [c.name for c in ours(docker_engine, label_tag)] == [container.id]
@@ -188,14 +258,23 @@ async def test_a_container_whose_removal_failed_goes_in_the_next_sweep(
     assert ours(docker_engine, label_tag) == []
 
 
+@pytest.mark.parametrize("use_pipes", [True, False], ids=["pipes", "markers"])
 async def test_an_idle_container_holds_the_descriptors_the_driver_counts(
-    any_output_driver: DockerDriver,
+    function_images: list[str],
+    make_settings: Callable[..., Settings],
+    monkeypatch: pytest.MonkeyPatch,
+    use_pipes: bool,
 ) -> None:
     """Measured: what idle containers hold in the worker is what the driver counts
     each eviction to give back (HELD_DESCRIPTORS; two fewer with the output through
     the engine), and their removal gives it back at once, but for one more idle
-    connection in the session's pool to the engine."""
-    driver = any_output_driver
+    connection in the session's pool to the engine.
+
+    No sweep for leftovers comes in between: its request to the engine, alongside
+    one of the containers', would add a connection to that pool."""
+    monkeypatch.setattr(docker_leftovers, "LEFTOVER_SWEEP_S", 3600.0)
+    driver = DockerDriver(make_settings(), output_timing=OutputTiming(use_pipes=use_pipes))
+    await driver.start()
     count = 3
 
     async def up() -> DockerContainer:
@@ -206,22 +285,18 @@ async def test_an_idle_container_holds_the_descriptors_the_driver_counts(
             await result.output_done
         return container
 
-    first = await up()  # the session's pool and the loop's own descriptors are open
     try:
-        before = open_descriptors()
+        first = await up()  # the session's pool and the loop's own descriptors are open
+        before = await settled_descriptors()
         containers = [await up() for _ in range(count)]
-        held = open_descriptors() - before
+        held = await settled_descriptors() - before
         expected = HELD_DESCRIPTORS if first.direct_output else HELD_DESCRIPTORS - 2
         assert held == count * expected
         for container in containers:
             await container.remove()
-        assert open_descriptors() - before <= 1
+        assert await settled_descriptors() - before <= 1
     finally:
-        await first.remove()
-
-
-def open_descriptors() -> int:
-    return len(os.listdir("/proc/self/fd"))
+        await driver.close()
 
 
 async def test_a_launch_short_of_inodes_evicts_an_idle_container_of_another_function(
@@ -276,7 +351,7 @@ async def test_a_connection_short_of_descriptors_evicts_an_idle_container_of_ano
         other = await agent.submit(Call(new_call_id(), a.app, a.name, b"x"), a)
         first = await agent.submit(Call(new_call_id(), b.app, b.name, b"x"), b)
         assert (other.status, first.status) == (CallStatus.SUCCESS, CallStatus.SUCCESS)
-        with descriptors_left(0):
+        async with descriptors_left(0):
             out = await agent.submit(Call(new_call_id(), b.app, b.name, b"y"), b)
         assert out.status is CallStatus.SUCCESS, out.error
         assert out.container_id == first.container_id
