@@ -86,7 +86,16 @@ def _table_size() -> int | None:
 
 def containers_in_the_way(needed: int = CONTAINER_DESCRIPTORS) -> int:
     """How many idle containers must leave for the worker to have ``needed`` file
-    descriptors left, each giving back HELD_DESCRIPTORS; 0 when it has them."""
+    descriptors left, each giving back HELD_DESCRIPTORS; 0 when it has them.
+
+    The count is of the moment, and a descriptor or two off either way a moment
+    later: requests to the engine made alongside each other (a sweep for leftovers,
+    a removal's, a start's) each take a connection, which the session then keeps
+    idle until unused for 15 s, and a start's readiness watch is closed in a thread
+    just after the start. So an eviction may give back one fewer than counted, or a
+    container too many may go. Neither is worth a margin: a launch counts again once
+    the containers it evicted are gone (and evicts more if need be), and one
+    container gives back far more than a connection's two."""
     left = descriptors_left(needed)
     if left is None or left >= needed:
         return 0
