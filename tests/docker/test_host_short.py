@@ -382,7 +382,7 @@ async def test_a_burst_of_new_functions_at_the_descriptor_limit_runs_every_call(
     async with Agent(settings, DockerDriver(settings), tracker=tracker) as agent:
         first = await agent.submit(Call(new_call_id(), "eng", "f00", b"x"), fns[0])
         assert first.status is CallStatus.SUCCESS, first.error
-        with descriptors_left(3 * HELD_DESCRIPTORS + 16):
+        async with descriptors_left(3 * HELD_DESCRIPTORS + 16):
             outcomes = await asyncio.gather(
                 *(agent.submit(Call(new_call_id(), fn.app, fn.name, b"x"), fn) for fn in fns * 2)
             )
