@@ -28,9 +28,9 @@ from config.domain import CallStatus, Outcome, utcnow
 from config.settings import load_settings
 from datastore.base import open_datastore
 from datastore.postgres import DEAD_AFTER_S, IDLE_IN_TRANSACTION_S
-from tests.chaos.conftest import burst, finals, running_on
 from tests.network.conftest import (
     FarHost,
+    burst_under_way,
     empty_reasons,
     far_chaos,
     logged_at,
@@ -58,16 +58,7 @@ async def test_records_wait_out_a_silent_postgres_mid_burst(
     database = await new_database(far_postgres)
     chaos = far_chaos(tmp_path, far_host, "redis", far_redis, far_postgres, database)
     try:
-        await chaos.register()
-        b = burst(echo=300, sleep=20)
-        sleep_ids = {c.id for c in b.sleep}
-        await chaos.enqueue(b.calls)
-        worker = chaos.start()
-        await chaos.wait(
-            b.ids,
-            lambda r: finals(r) >= 40 and len(running_on(r, worker) & sleep_ids) >= 2,
-            "under way (40 final, two sleep calls running)",
-        )
+        b, worker = await burst_under_way(chaos, echo=300, sleep=20)
         far_host.cut(far_postgres.port)
         cut_at = time.time()
         took = await wait_logged(chaos, DOWN, cut_at, timeout_s=DEAD_AFTER_S + 8)

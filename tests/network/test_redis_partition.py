@@ -19,9 +19,10 @@ from pathlib import Path
 import pytest
 
 from config.domain import CallStatus
-from tests.chaos.conftest import burst, finals, running_on
+from tests.chaos.conftest import burst
 from tests.network.conftest import (
     FarHost,
+    burst_under_way,
     empty_reasons,
     far_chaos,
     logged_at,
@@ -50,16 +51,7 @@ async def test_a_worker_rides_out_a_silent_redis_mid_burst(
 ) -> None:
     chaos = far_chaos(tmp_path, far_host, backend, far_redis)
     try:
-        await chaos.register()
-        b = burst(echo=300, sleep=20)
-        sleep_ids = {c.id for c in b.sleep}
-        await chaos.enqueue(b.calls)
-        worker = chaos.start()
-        await chaos.wait(
-            b.ids,
-            lambda r: finals(r) >= 40 and len(running_on(r, worker) & sleep_ids) >= 2,
-            "under way (40 final, two sleep calls running)",
-        )
+        b, worker = await burst_under_way(chaos, echo=300, sleep=20)
         far_host.cut(far_redis.port)
         cut_at = time.time()
         if cut_s > TIMEOUT_S:

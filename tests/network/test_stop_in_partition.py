@@ -20,8 +20,13 @@ from pathlib import Path
 import pytest
 
 from config.domain import CallStatus
-from tests.chaos.conftest import burst, finals, running_on
-from tests.network.conftest import FarHost, empty_reasons, far_chaos, wait_queue_empty
+from tests.network.conftest import (
+    FarHost,
+    burst_under_way,
+    empty_reasons,
+    far_chaos,
+    wait_queue_empty,
+)
 from tests.rig import RedisServer
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]
@@ -43,16 +48,8 @@ async def test_a_worker_stopped_while_redis_is_silent_ends_in_time_and_loses_not
     chaos = far_chaos(tmp_path, far_host, "redis", far_redis)
     chaos.cluster.env["FN_SHUTDOWN_GRACE_MSECS"] = str(int(GRACE_S * 1000))
     try:
-        await chaos.register()
-        b = burst(echo=200, sleep=20, body=b"4")  # sleep calls outlast the grace
-        sleep_ids = {c.id for c in b.sleep}
-        await chaos.enqueue(b.calls)
-        worker = chaos.start()
-        await chaos.wait(
-            b.ids,
-            lambda r: finals(r) >= 40 and len(running_on(r, worker) & sleep_ids) >= 2,
-            "under way (40 final, two sleep calls running)",
-        )
+        # sleep calls outlast the grace
+        b, worker = await burst_under_way(chaos, echo=200, sleep=20, body=b"4")
         far_host.cut(far_redis.port)
         stopped_at = time.monotonic()
         worker.proc.send_signal(signal.SIGTERM)
@@ -74,7 +71,7 @@ async def test_a_worker_stopped_while_redis_is_silent_ends_in_time_and_loses_not
         assert {r.status for r in done.values()} == {CallStatus.SUCCESS}
         # A call stopped in its container ran again, its stopped run counted.
         rerun = {i for i, r in done.items() if r.attempts != 1}
-        assert rerun <= sleep_ids and {done[i].attempts for i in rerun} <= {2}, rerun
+        assert rerun <= {c.id for c in b.sleep} and {done[i].attempts for i in rerun} <= {2}, rerun
         await wait_queue_empty(chaos)
     finally:
         chaos.cluster.tear_down()
