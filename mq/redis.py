@@ -22,7 +22,9 @@ of its stream or to ``P:later``, carrying the deliveries made so far in ``_n``.
 Entries producers XADD to ``P:calls`` are read by consumers too: each is
 validated in Python, then routed atomically (a Lua script): a duplicate id is
 dropped, a delayed one goes to ``P:later``, the rest to its ready stream; a
-malformed one goes to the dead letters with the reason.
+malformed one goes to the dead letters with the reason. The routing consumer
+takes up to the count it reserves for in the same script (new ready entries,
+by priority), so a reserve that read producers' entries needs no second one.
 
 Every multi-step change is one Lua script (mq/lua/*.lua, each prefixed with
 common.lua), so a consumer that dies mid-way leaves nothing half done. The
@@ -300,7 +302,7 @@ class RedisQueue:
                 if msg is not None:
                     msgs.append(msg)
         if raw:
-            await self._route(raw)
+            msgs += await self._route(raw, take=count - len(msgs))
         if len(msgs) > count:  # several streams had new entries: keep the first ones
             await self._hand_back_in_place(msgs[count:])
             msgs = msgs[:count]
@@ -346,12 +348,16 @@ class RedisQueue:
             if msg is not None:
                 msgs.append(msg)
         if raw:
-            await self._route(raw)
+            msgs += await self._route(raw, take=count - len(msgs))
         if not msgs and not raw and wait:
             box.append(int(wait))
         return msgs
 
-    async def _route(self, raw: list[Any]) -> None:
+    async def _route(self, raw: list[Any], take: int = 0) -> list[Message]:
+        """Validate producers' entries and route them (enqueue.lua); in the same round
+        trip this consumer takes up to ``take`` new ready entries (the routed ones among
+        them, after any older ones of their priority), so that a reserve that read them
+        needs no second one to get them."""
         entries: list[list[Any]] = []
         for eid_b, times, flat in raw:
             eid = _s(eid_b)
@@ -375,7 +381,19 @@ class RedisQueue:
                 )  # fmt: skip
                 continue
             entries.append(self._route_args(parsed.call, parsed.priority, parsed.delay_s, eid))
-        await self._enqueue(entries)
+        if take < 1 or not entries:
+            await self._enqueue(entries)
+            return []
+        args: list[Any] = [GROUP, len(entries)]
+        for entry in entries:
+            args += entry
+        _, taken = await self._link.eval("enqueue", [*args, self._consumer, take])
+        msgs: list[Message] = []
+        for prio, eid_b, flat in taken:
+            msg = await self._taken(int(prio), _s(eid_b), _pairs(flat))
+            if msg is not None:
+                msgs.append(msg)
+        return msgs
 
     async def _bury(self, src: str, eid: str, key: str, reason: str, deliveries: int) -> None:
         await self._link.eval("bury", [GROUP, src, eid, key, reason, deliveries])

@@ -1,6 +1,9 @@
 -- ARGV: group, n, then per message: call id, delay ms, inbox entry ('' if none), field count, fields...
--- (no fields: the inbox entry is a `_wake` one, dropped).
--- Returns per message 1 (queued) or 0 (the id was already queued, delayed or reserved).
+-- (no fields: the inbox entry is a `_wake` one, dropped); then, optionally, a consumer and a
+-- count: that consumer also takes up to count new ready entries, by priority (a consumer that
+-- routes producers' entries while it waits for calls needs no reserve of its own for them).
+-- Returns per message 1 (queued) or 0 (the id was already queued, delayed or reserved); with a
+-- consumer, {those, taken}, each taken entry {priority, entry id, fields}.
 -- A delayed message pushed straight to LATER (not routed from INBOX) adds one `_wake` entry
 -- to INBOX: a consumer blocked on the streams wakes, drops it, and waits again only until
 -- the earliest due time (it could not know of the new one otherwise). Its id is kept in
@@ -39,4 +42,16 @@ if wake then
     redis.call('HSET', META, 'wake', redis.call('XADD', INBOX, '*', WAKE, '1'))
   end
 end
-return out
+if pos > #ARGV then return out end
+local consumer, want = ARGV[pos], tonumber(ARGV[pos + 1])
+local taken = {}
+for p = 2, 0, -1 do
+  if #taken >= want then break end
+  -- pcall: a stream without the group (deleted meanwhile) is mended by the next reserve
+  local r = redis.pcall('XREADGROUP', 'GROUP', group, consumer, 'COUNT', want - #taken,
+    'STREAMS', Q[p + 1], '>')
+  if type(r) == 'table' and r[1] then
+    for _, e in ipairs(r[1][2]) do taken[#taken + 1] = {p, e[1], e[2]} end
+  end
+end
+return {out, taken}

@@ -443,6 +443,77 @@ async def test_reserves_right_after_an_empty_one_skip_the_script(
         await producer.close()
 
 
+def counting_claims(q: MessageQueue) -> list[int]:
+    """Counts the reserve scripts ``q`` runs (its ``_claim``) in the list's one item."""
+    claims = [0]
+    claim = q._claim  # type: ignore[attr-defined]
+
+    async def counted(*args: Any) -> Any:
+        claims[0] += 1
+        return await claim(*args)
+
+    q._claim = counted  # type: ignore[attr-defined]
+    return claims
+
+
+async def test_a_waiting_reserve_routes_and_takes_a_producers_entry_in_one_script(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A producer's XADD wakes a consumer blocked on the streams: the consumer validates
+    # the entry, routes it and takes it with one script, not a reserve script after it.
+    monkeypatch.setattr(redis_queue, "QUIET_MAX_S", 2.0)  # room for a slow host
+    async with consumer_and_producer(own_redis.url) as (consumer, producer):
+        await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))  # scripts loaded
+        warm = await consumer.reserve_many(2, 1.0)
+        await consumer.ack_many(warm)
+        assert await consumer.reserve_many(2, 0.02) == []  # quiet from now on
+        claims = counting_claims(consumer)
+        waiting = asyncio.create_task(consumer.reserve_many(2, 5.0))
+        await asyncio.sleep(0.2)
+        before = script_calls(own_redis.port)
+        entry = ["app", "demo", "fn", "echo", "body", "one", "id", "one"]
+        redis_cli(own_redis.port, "XADD", "fnq:calls", "*", *entry)
+        msgs = await asyncio.wait_for(waiting, 5.0)
+        assert [(m.call.id, m.call.body, m.deliveries) for m in msgs] == [("one", b"one", 1)]
+        assert script_calls(own_redis.port) - before == 1  # the route, which took it too
+        assert claims[0] == 0
+        stats = await consumer.stats()
+        assert (stats.ready, stats.reserved) == (0, 1)
+        await consumer.ack_many(msgs)
+        assert (await consumer.stats()).reserved == 0
+        assert int(redis_cli(own_redis.port, "XLEN", "fnq:calls")) == 0
+
+
+async def test_producers_entries_found_by_the_reserve_script_are_taken_by_priority(
+    own_redis: RedisServer,
+) -> None:
+    q = open_queue(own_redis.url, load_settings())
+    try:
+        await q.push(Call("warm", "demo", "echo", b"w"))
+        await q.ack_many(await q.reserve_many(1, 1.0))  # the scripts are loaded, not quiet
+        await q.push(Call("queued", "demo", "echo", b"q"))
+        for cid, prio in (("low", "0"), ("high", "2"), ("delayed", "0")):
+            args = ["app", "demo", "fn", "echo", "id", cid, "priority", prio]
+            if cid == "delayed":
+                args += ["delay", "60"]
+            redis_cli(own_redis.port, "XADD", "fnq:calls", "*", *args)
+        duplicate = ["app", "demo", "fn", "echo", "id", "queued"]  # dropped when routed
+        redis_cli(own_redis.port, "XADD", "fnq:calls", "*", *duplicate)
+        claims = counting_claims(q)
+        before = script_calls(own_redis.port)
+        msgs = await q.reserve_many(3, 1.0)
+        # One reserve script (it found "queued" and read the producers' entries), one
+        # route that took two more: the high priority one first.
+        assert [m.call.id for m in msgs] == ["queued", "high", "low"]
+        assert (claims[0], script_calls(own_redis.port) - before) == (1, 2)
+        assert await q.reserve_many(3, 0.2) == []
+        stats = await q.stats()
+        assert (stats.ready, stats.delayed, stats.reserved) == (0, 1, 3)
+        await q.ack_many(msgs)
+    finally:
+        await q.close()
+
+
 async def test_a_delayed_call_comes_at_most_the_quiet_time_late(own_redis: RedisServer) -> None:
     q = open_queue(own_redis.url, load_settings())
     try:
