@@ -73,6 +73,8 @@ from bench._common import (
 )
 from bench._cpu import CpuWatch
 from config.domain import Call, Function, new_call_id
+from mq.producer import enqueue_async
+from mq.redis_url import open_client
 from worker.agent.driver import ContainerSpec
 from worker.agent.drivers.docker import DockerDriver
 
@@ -84,6 +86,7 @@ DOCKER_JOB = "bench.e2e.docker_run_job"
 TARGETS = {"a": 5.0, "b": 300.0, "c": 0.50}
 WARM_BURSTS_MAX = 3
 SHARES = (0.25, 0.5, 0.75)  # of the best burst's calls/s, for the paced latency runs
+XADD_SHARE = 0.25  # also paced with the documented one-command push (XADD), routed by the worker
 
 
 @dataclass
@@ -94,6 +97,8 @@ class Loads:
     runs: dict[float, list[list[tuple[float, float]]]]
     starts: dict[float, int]
     seconds: float  # each run's length
+    xadd: list[list[tuple[float, float]]]  # XADD_SHARE, pushed as producers' XADDs
+    xadd_starts: int
 
 
 OVERHEAD_P50_MS, OVERHEAD_P99_MS = 2.0, 10.0
@@ -154,23 +159,36 @@ async def warm_bursts(cluster: Cluster, n: int) -> int:
     return count
 
 
-async def paced(cluster: Cluster, rate: float, seconds: float) -> list[tuple[float, float]]:
-    """Push one call every 1/rate s for ``seconds``; (latency s, function s) per call."""
+async def paced(
+    cluster: Cluster, rate: float, seconds: float, xadd: bool = False
+) -> list[tuple[float, float]]:
+    """Push one call every 1/rate s for ``seconds``; (latency s, function s) per call.
+    Pushed with the queue's own script, as ``fnq call`` does, or with ``xadd`` as
+    producers do (mq.producer: one XADD, which the worker routes)."""
     n = max(20, int(rate * seconds))
     done = await cluster.final_count(APP)
-    assert cluster.queue is not None
+    queue = cluster.queue
+    assert queue is not None
+    client, prefix, _ = open_client(cluster.mq_url, 10.0)
     loop = asyncio.get_running_loop()
     calls = []
-    with no_gc():
-        start = loop.time()
-        for i in range(n):
-            delay = start + i / rate - loop.time()
-            if delay > 0:
-                await asyncio.sleep(delay)
-            call = Call(new_call_id(), APP, "echo", BODY)  # created_at: now
-            calls.append(call)
-            await cluster.queue.push(call)
-        await cluster.wait_final(APP, done + n)
+    try:
+        await client.ping()  # connected before the timed pushes
+        with no_gc():
+            start = loop.time()
+            for i in range(n):
+                delay = start + i / rate - loop.time()
+                if delay > 0:
+                    await asyncio.sleep(delay)
+                call = Call(new_call_id(), APP, "echo", BODY)  # created_at: now
+                calls.append(call)
+                if xadd:
+                    await enqueue_async(client, APP, "echo", BODY, call_id=call.id, prefix=prefix)
+                else:
+                    await queue.push(call)
+            await cluster.wait_final(APP, done + n)
+    finally:
+        await client.aclose()
     made = {c.id: c.created_at for c in calls}  # to the microsecond: the wire rounds it
     out = []
     for rec in await cluster.records([c.id for c in calls]):
@@ -319,11 +337,16 @@ async def measure(quick: bool) -> Section:
             lat_s = 2.0 if quick else 5.0
             loads: dict[float, list[list[tuple[float, float]]]] = {s: [] for s in SHARES}
             starts = dict.fromkeys(SHARES, 0)
+            xadd: list[list[tuple[float, float]]] = []
+            xadd_starts = 0
             for _ in range(repeats):  # in turns: each load's runs spread over the minute
                 for share in SHARES:
                     before = labelled(cluster.tag)
                     loads[share].append(await paced(cluster, best * share, lat_s))
                     starts[share] += labelled(cluster.tag) - before
+                before = labelled(cluster.tag)
+                xadd.append(await paced(cluster, best * XADD_SHARE, lat_s, xadd=True))
+                xadd_starts += labelled(cluster.tag) - before
         finally:
             await stop(cluster)
         raw = await raw_ceiling(tmp, n, repeats, {share: best * share for share in loads})
@@ -335,7 +358,7 @@ async def measure(quick: bool) -> Section:
         repeats,
         median(fnq),
         best,
-        Loads(loads, starts, lat_s),
+        Loads(loads, starts, lat_s, xadd, xadd_starts),
         raw,
         fnq_cpu,
         median(rq_a),
@@ -397,7 +420,11 @@ def report(
     )
     raw_ms = raw.latency_ms
     lat_rows = []
-    for share, runs in loads.runs.items():
+    rounds = [(share, f"{share:.0%} ({best * share:,.0f}/s)", runs, loads.starts[share])
+              for share, runs in loads.runs.items()]  # fmt: skip
+    label = f"{XADD_SHARE:.0%} ({best * XADD_SHARE:,.0f}/s), XADD"
+    rounds.append((XADD_SHARE, label, loads.xadd, loads.xadd_starts))
+    for share, label, runs, started in rounds:
         paced_ms = raw.paced_ms[share]
         per_run = [_run_stats(samples, paced_ms, raw_ms) for samples in runs]
 
@@ -406,7 +433,7 @@ def report(
 
         lat_rows.append(
             [
-                f"{share:.0%} ({best * share:,.0f}/s)",
+                label,
                 sum(len(samples) for samples in runs),
                 mid("p50"),
                 mid("p99"),
@@ -417,7 +444,7 @@ def report(
                 mid("raw p99"),
                 " / ".join(f"{stats['raw p99']:.1f}" for stats in per_run),
                 mid("b2b p50"),
-                loads.starts[share],
+                started,
             ]
         )
         if share == 0.5:
@@ -459,7 +486,10 @@ def report(
         "the loads in turns; a column is the median of the runs' own values (p99 of each "
         "run, then their median), `calls` their total. `containers started` counts the "
         "worker's container starts during that load's runs: a start takes CPU from the "
-        "calls of its time, which shows in that run's p99."
+        "calls of its time, which shows in that run's p99. The producer pushes each call "
+        "with the queue's own script, as `fnq call` does, but in the `XADD` row: there it "
+        "pushes as producers do with any Redis client (mq.producer, one XADD to the "
+        "producers' stream), and the worker routes the entry before it runs the call."
     )
     sec.notes.append(
         "Latency starts at the call's `created_at` as the producer made it, just before "
