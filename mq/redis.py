@@ -279,9 +279,11 @@ class RedisQueue:
         The reserve script found nothing and said how long waiting is useful (the
         next delayed entry or sweep is due then). XREADGROUP BLOCK on every stream
         hands the first new entries straight to this consumer, as the script would
-        have: they need no second round trip. Producers' entries are routed and
-        taken by the next claim; entries past ``count`` are handed back in place. ``acks``
-        (as for ack.lua) go first, in the same round trip (``on_acked`` when done).
+        have: they need no second round trip. Producers' entries are routed, and
+        taken, by one more script; entries past ``count`` are handed back in place.
+        ``acks`` (as for ack.lua) go first, in the same round trip (``on_acked`` when
+        done). Cancelled once the read has answered, the step finishes and the
+        messages go back at once (claim_shielded), not when their reservations lapse.
         """
         timeout_s = block_ms / 1000 + self._op_timeout_s
         read = b"".join((b"*%d\r\n" % (9 + 2 * self._read_keys), self._read_head,
@@ -301,6 +303,15 @@ class RedisQueue:
                 msg = await self._taken(prio, _s(eid_b), _pairs(flat))
                 if msg is not None:
                     msgs.append(msg)
+        if raw or len(msgs) > count:
+            return await claim_shielded(
+                self._after_read(msgs, raw, count), self._hand_back, self._op_timeout_s
+            )
+        return msgs
+
+    async def _after_read(self, msgs: list[Message], raw: list[Any], count: int) -> list[Message]:
+        """Of a blocking read: route the producers' entries (taking what room is left),
+        and hand back in place what is past ``count``."""
         if raw:
             msgs += await self._route(raw, take=count - len(msgs))
         if len(msgs) > count:  # several streams had new entries: keep the first ones

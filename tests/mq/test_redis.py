@@ -484,6 +484,42 @@ async def test_a_waiting_reserve_routes_and_takes_a_producers_entry_in_one_scrip
         assert int(redis_cli(own_redis.port, "XLEN", "fnq:calls")) == 0
 
 
+async def test_a_reserve_cancelled_while_it_routes_hands_the_calls_back_at_once(
+    own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(redis_queue, "QUIET_MAX_S", 2.0)  # room for a slow host
+    async with consumer_and_producer(own_redis.url) as (consumer, producer):
+        await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))  # scripts loaded
+        await consumer.ack_many(await consumer.reserve_many(2, 1.0))
+        assert await consumer.reserve_many(2, 0.02) == []  # quiet: the next one blocks
+        link = consumer._link  # type: ignore[attr-defined]
+        evaluate = link.eval
+        routing, go_on = asyncio.Event(), asyncio.Event()
+
+        async def held(name: str, args: list[Any]) -> Any:
+            if name == "enqueue":
+                routing.set()
+                await go_on.wait()
+            return await evaluate(name, args)
+
+        link.eval = held
+        waiting = asyncio.create_task(consumer.reserve_many(2, 5.0))
+        await asyncio.sleep(0.2)
+        redis_cli(own_redis.port, "XADD", "fnq:calls", "*", "app", "demo", "fn", "echo", "id", "c")
+        await asyncio.wait_for(routing.wait(), 5.0)
+        waiting.cancel()  # a stop request while the route is on its way
+        await asyncio.sleep(0.05)
+        go_on.set()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        link.eval = evaluate
+        stats = await producer.stats()
+        assert (stats.ready, stats.reserved) == (1, 0)  # back in line, not held till it lapses
+        [msg] = await producer.reserve_many(2, 1.0)
+        assert (msg.call.id, msg.deliveries) == ("c", 1)
+        await producer.ack(msg)
+
+
 async def test_producers_entries_found_by_the_reserve_script_are_taken_by_priority(
     own_redis: RedisServer,
 ) -> None:
