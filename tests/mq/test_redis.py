@@ -456,6 +456,13 @@ def counting_claims(q: MessageQueue) -> list[int]:
     return claims
 
 
+async def quieted(consumer: MessageQueue, producer: MessageQueue) -> None:
+    """Scripts loaded, and ``consumer`` in its quiet time: its next reserve blocks."""
+    await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))
+    await consumer.ack_many(await consumer.reserve_many(2, 1.0))
+    assert await consumer.reserve_many(2, 0.02) == []  # found nothing due: quiet from now on
+
+
 async def test_a_waiting_reserve_routes_and_takes_a_producers_entry_in_one_script(
     own_redis: RedisServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -463,10 +470,7 @@ async def test_a_waiting_reserve_routes_and_takes_a_producers_entry_in_one_scrip
     # the entry, routes it and takes it with one script, not a reserve script after it.
     monkeypatch.setattr(redis_queue, "QUIET_MAX_S", 2.0)  # room for a slow host
     async with consumer_and_producer(own_redis.url) as (consumer, producer):
-        await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))  # scripts loaded
-        warm = await consumer.reserve_many(2, 1.0)
-        await consumer.ack_many(warm)
-        assert await consumer.reserve_many(2, 0.02) == []  # quiet from now on
+        await quieted(consumer, producer)
         claims = counting_claims(consumer)
         waiting = asyncio.create_task(consumer.reserve_many(2, 5.0))
         await asyncio.sleep(0.2)
@@ -489,9 +493,7 @@ async def test_a_reserve_cancelled_while_it_routes_hands_the_calls_back_at_once(
 ) -> None:
     monkeypatch.setattr(redis_queue, "QUIET_MAX_S", 2.0)  # room for a slow host
     async with consumer_and_producer(own_redis.url) as (consumer, producer):
-        await producer.push(Call(new_call_id(), "demo", "echo", b"warm"))  # scripts loaded
-        await consumer.ack_many(await consumer.reserve_many(2, 1.0))
-        assert await consumer.reserve_many(2, 0.02) == []  # quiet: the next one blocks
+        await quieted(consumer, producer)
         link = consumer._link  # type: ignore[attr-defined]
         evaluate = link.eval
         routing, go_on = asyncio.Event(), asyncio.Event()
