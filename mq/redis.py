@@ -93,6 +93,14 @@ def _s(value: bytes | str) -> str:
     return value.decode() if isinstance(value, bytes) else value
 
 
+def _batch(entries: list[list[Any]]) -> list[Any]:
+    """enqueue.lua's arguments for ``entries`` (each as ``_route_args`` makes it)."""
+    args: list[Any] = [GROUP, len(entries)]
+    for entry in entries:
+        args += entry
+    return args
+
+
 def _pairs(flat: Sequence[bytes]) -> dict[bytes, bytes]:
     return {flat[i]: flat[i + 1] for i in range(0, len(flat) - 1, 2)}
 
@@ -188,10 +196,7 @@ class RedisQueue:
         """enqueue.lua: per entry, whether it queued a message (False: its id was there)."""
         if not entries:
             return []
-        args: list[Any] = [GROUP, len(entries)]
-        for entry in entries:
-            args += entry
-        return [bool(queued) for queued in await self._link.eval("enqueue", args)]
+        return [bool(queued) for queued in await self._link.eval("enqueue", _batch(entries))]
 
     # ------------------------------------------------------------- consume
     async def reserve(self, timeout_s: float) -> Message | None:
@@ -395,10 +400,7 @@ class RedisQueue:
         if take < 1 or not entries:
             await self._enqueue(entries)
             return []
-        args: list[Any] = [GROUP, len(entries)]
-        for entry in entries:
-            args += entry
-        _, taken = await self._link.eval("enqueue", [*args, self._consumer, take])
+        _, taken = await self._link.eval("enqueue", [*_batch(entries), self._consumer, take])
         msgs: list[Message] = []
         for prio, eid_b, flat in taken:
             msg = await self._taken(int(prio), _s(eid_b), _pairs(flat))
