@@ -72,6 +72,7 @@ from bench._common import (
     run,
 )
 from bench._cpu import CpuWatch
+from bench._steady import SLOW_FACTOR, WINDOW_S, SteadyProbe
 from config.domain import Call, Function, new_call_id
 from mq.producer import enqueue_async
 from mq.redis_url import open_client
@@ -99,6 +100,10 @@ class Loads:
     seconds: float  # each run's length
     xadd: list[list[tuple[float, float]]]  # XADD_SHARE, pushed as producers' XADDs
     xadd_starts: int
+    # Per run, the share of its windows in which the host's CPUs ran slow (bench._steady)
+    slow: dict[float, list[float]]
+    xadd_slow: list[float]
+    probe_realtime: bool
 
 
 OVERHEAD_P50_MS, OVERHEAD_P99_MS = 2.0, 10.0
@@ -160,11 +165,16 @@ async def warm_bursts(cluster: Cluster, n: int) -> int:
 
 
 async def paced(
-    cluster: Cluster, rate: float, seconds: float, xadd: bool = False
+    cluster: Cluster,
+    rate: float,
+    seconds: float,
+    xadd: bool = False,
+    span: list[float] | None = None,
 ) -> list[tuple[float, float]]:
     """Push one call every 1/rate s for ``seconds``; (latency s, function s) per call.
     Pushed with the queue's own script, as ``fnq call`` does, or with ``xadd`` as
-    producers do (mq.producer: one XADD, which the worker routes)."""
+    producers do (mq.producer: one XADD, which the worker routes). ``span`` gets the
+    time.monotonic() of the first push and of the last call's final record."""
     n = max(20, int(rate * seconds))
     done = await cluster.final_count(APP)
     queue = cluster.queue
@@ -175,6 +185,8 @@ async def paced(
     try:
         await client.ping()  # connected before the timed pushes
         with no_gc():
+            if span is not None:
+                span.append(time.monotonic())
             start = loop.time()
             for i in range(n):
                 delay = start + i / rate - loop.time()
@@ -187,6 +199,8 @@ async def paced(
                 else:
                     await queue.push(call)
             await cluster.wait_final(APP, done + n)
+            if span is not None:
+                span.append(time.monotonic())
     finally:
         await client.aclose()
     made = {c.id: c.created_at for c in calls}  # to the microsecond: the wire rounds it
@@ -201,6 +215,45 @@ async def paced(
             )
         )
     return out
+
+
+async def latency_runs(
+    cluster: Cluster, best: float, repeats: int, seconds: float, tmp: Path
+) -> Loads:
+    """Each share of ``best`` paced ``repeats`` times for ``seconds``, the loads in turns
+    (each load's runs spread over the minute), the host's steadiness probed meanwhile."""
+    runs: dict[float, list[list[tuple[float, float]]]] = {s: [] for s in SHARES}
+    starts = dict.fromkeys(SHARES, 0)
+    spans: dict[float, list[list[float]]] = {s: [] for s in SHARES}
+    xadd: list[list[tuple[float, float]]] = []
+    xadd_spans: list[list[float]] = []
+    xadd_starts = 0
+    probe = SteadyProbe(tmp / "steady.bin").start()
+    try:
+        for _ in range(repeats):
+            for share in SHARES:
+                before = labelled(cluster.tag)
+                spans[share].append([])
+                span = spans[share][-1]
+                runs[share].append(await paced(cluster, best * share, seconds, span=span))
+                starts[share] += labelled(cluster.tag) - before
+            before = labelled(cluster.tag)
+            xadd_spans.append([])
+            rate = best * XADD_SHARE
+            xadd.append(await paced(cluster, rate, seconds, xadd=True, span=xadd_spans[-1]))
+            xadd_starts += labelled(cluster.tag) - before
+    finally:
+        probe.stop()
+    return Loads(
+        runs,
+        starts,
+        seconds,
+        xadd,
+        xadd_starts,
+        {s: [probe.slow_share(*span) for span in spans[s]] for s in SHARES},
+        [probe.slow_share(*span) for span in xadd_spans],
+        probe.realtime,
+    )
 
 
 # -------------------------------------------------------------- baselines
@@ -334,22 +387,10 @@ async def measure(quick: bool) -> Section:
             fnq_cpu.close()
             containers = (warm_containers, labelled(cluster.tag) - warm_containers)
             best = max(fnq)
-            lat_s = 2.0 if quick else 5.0
-            loads: dict[float, list[list[tuple[float, float]]]] = {s: [] for s in SHARES}
-            starts = dict.fromkeys(SHARES, 0)
-            xadd: list[list[tuple[float, float]]] = []
-            xadd_starts = 0
-            for _ in range(repeats):  # in turns: each load's runs spread over the minute
-                for share in SHARES:
-                    before = labelled(cluster.tag)
-                    loads[share].append(await paced(cluster, best * share, lat_s))
-                    starts[share] += labelled(cluster.tag) - before
-                before = labelled(cluster.tag)
-                xadd.append(await paced(cluster, best * XADD_SHARE, lat_s, xadd=True))
-                xadd_starts += labelled(cluster.tag) - before
+            loads = await latency_runs(cluster, best, repeats, 2.0 if quick else 5.0, tmp)
         finally:
             await stop(cluster)
-        raw = await raw_ceiling(tmp, n, repeats, {share: best * share for share in loads})
+        raw = await raw_ceiling(tmp, n, repeats, {share: best * share for share in loads.runs})
         rq_a = [rq_noop(server.url, n) for _ in range(repeats)]  # RQ wants the main thread
         rq_b = rq_docker_run(server.url, docker_jobs)
         server.stop()
@@ -358,7 +399,7 @@ async def measure(quick: bool) -> Section:
         repeats,
         median(fnq),
         best,
-        Loads(loads, starts, lat_s, xadd, xadd_starts),
+        loads,
         raw,
         fnq_cpu,
         median(rq_a),
@@ -420,11 +461,11 @@ def report(
     )
     raw_ms = raw.latency_ms
     lat_rows = []
-    rounds = [(share, f"{share:.0%} ({best * share:,.0f}/s)", runs, loads.starts[share])
-              for share, runs in loads.runs.items()]  # fmt: skip
+    rounds = [(share, f"{share:.0%} ({best * share:,.0f}/s)", runs, loads.starts[share],
+               loads.slow[share]) for share, runs in loads.runs.items()]  # fmt: skip
     label = f"{XADD_SHARE:.0%} ({best * XADD_SHARE:,.0f}/s), XADD"
-    rounds.append((XADD_SHARE, label, loads.xadd, loads.xadd_starts))
-    for share, label, runs, started in rounds:
+    rounds.append((XADD_SHARE, label, loads.xadd, loads.xadd_starts, loads.xadd_slow))
+    for share, label, runs, started, slow in rounds:
         paced_ms = raw.paced_ms[share]
         per_run = [_run_stats(samples, paced_ms, raw_ms) for samples in runs]
 
@@ -445,6 +486,7 @@ def report(
                 " / ".join(f"{stats['raw p99']:.1f}" for stats in per_run),
                 mid("b2b p50"),
                 started,
+                " / ".join(f"{part:.0%}" for part in slow),
             ]
         )
         if share == 0.5:
@@ -477,6 +519,7 @@ def report(
                 "over raw p99, each run",
                 "over b2b raw p50",
                 "containers started",
+                "host slow windows, each run",
             ],
             lat_rows,
         )
@@ -503,6 +546,21 @@ def report(
         "function's time at that load, not the worker's. The final record's "
         "time is its `updated_at`, taken when the worker hands it to the datastore's group "
         "commit, so the commit itself (a few ms with SQLite FULL) is not in the latency."
+    )
+    sec.notes.append(
+        "`host slow windows`: while the paced runs went on, a probe process "
+        + (
+            "under the real-time policy SCHED_FIFO, which no other task of this host delays, "
+            if loads.probe_realtime
+            else "(not allowed the real-time policy here, so it also "
+            "waits for the host's own tasks) "
+        )
+        + f"timed a fixed bit of work every few ms (bench/_steady.py). A {WINDOW_S * 1000:g} ms "
+        f"window counts as slow when that work took at least {SLOW_FACTOR:g} times its best "
+        "there: the CPUs themselves gave less, for every party at once (on a shared VM, the "
+        "hypervisor gives its CPUs to others). Calls keep arriving at the same pace through "
+        "such a window, so they pile up and drain after it: compare each run's share with "
+        "its p99."
     )
     sec.notes.append(
         "The producer and the raw client are this process; its garbage collector is "
