@@ -211,10 +211,10 @@ def _set_sync(conn: sqlite3.Connection, ops: list[_Op], state: dict[str, str]) -
         state["synchronous"] = wanted
 
 
-def run_batch(
-    conn: sqlite3.Connection, ops: list[_Op], state: dict[str, str] | None = None
-) -> list[Any]:
+def run_batch(conn: sqlite3.Connection, ops: list[_Op], state: dict[str, str]) -> list[Any]:
     """All of ``ops`` in one transaction; raises (after rollback) on a transient error.
+    ``state``: the pragmas last set on ``conn``, which every write on it must share
+    (a write that relaxed ``synchronous`` unseen would leave the next batches relaxed).
 
     An operation that fails for good is rolled back alone and reported as
     ``Failed``. The batch first runs as it is: writes seldom fail, and a
@@ -222,7 +222,7 @@ def run_batch(
     GIL. If one fails, everything is rolled back and the batch runs again with
     a savepoint per operation. A batch of one needs none.
     """
-    _set_sync(conn, ops, {} if state is None else state)
+    _set_sync(conn, ops, state)
     if len(ops) == 1:
         return _transaction(conn, lambda: [_apply_alone(conn, ops[0])])
     try:
@@ -394,7 +394,9 @@ class SqliteDatastore(SqlDatastore):
         loop = asyncio.get_running_loop()
         ops: list[_Op] = [(kind, params, None)]
         try:
-            [result] = await loop.run_in_executor(self._writer_thread, run_batch, conn, ops)
+            [result] = await loop.run_in_executor(
+                self._writer_thread, run_batch, conn, ops, self._writer_state
+            )
         except sqlite3.Error as exc:
             if is_transient(exc):  # locked, a full disk, an I/O error
                 raise StoreUnavailable(

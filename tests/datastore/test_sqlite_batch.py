@@ -32,11 +32,11 @@ def test_a_batch_of_one_failing_write_is_rolled_back_and_reported(tmp_path: Path
     path = tmp_path / "db.sqlite"
     conn = connect(path)
     apply_sqlite(conn)
-    results = run_batch(conn, [(Write.FN_INSERT, _row("bad", broken=True), None)])
+    results = run_batch(conn, [(Write.FN_INSERT, _row("bad", broken=True), None)], {})
     assert len(results) == 1 and isinstance(results[0], Failed)
     assert "NOT NULL" in str(results[0].error)
     assert not conn.in_transaction
-    assert run_batch(conn, [(Write.FN_INSERT, _row("good"), None)]) == [True]
+    assert run_batch(conn, [(Write.FN_INSERT, _row("good"), None)], {}) == [True]
     conn.close()
     assert _fns(path) == ["good"]
 
@@ -50,7 +50,7 @@ def test_a_failing_write_in_a_batch_leaves_the_others(tmp_path: Path) -> None:
         (Write.FN_INSERT, _row("b", broken=True), None),
         (Write.FN_INSERT, _row("c"), None),
     ]
-    results = run_batch(conn, ops)
+    results = run_batch(conn, ops, {})
     assert [isinstance(r, Failed) for r in results] == [False, True, False]
     conn.close()
     assert _fns(path) == ["a", "c"]
@@ -84,12 +84,12 @@ def test_a_batch_runs_without_savepoints_until_a_write_fails(tmp_path: Path) -> 
     sent: list[str] = []
     conn.set_trace_callback(sent.append)
     good = [(Write.FN_INSERT, _row(name), None) for name in ("a", "b", "c")]
-    assert run_batch(conn, good) == [True, True, True]
+    assert run_batch(conn, good, {}) == [True, True, True]
     assert not any(s.startswith("SAVEPOINT") for s in sent)
     assert [s for s in sent if s in ("BEGIN IMMEDIATE", "COMMIT")] == ["BEGIN IMMEDIATE", "COMMIT"]
     sent.clear()
     mixed = [(Write.FN_INSERT, _row("d"), None), (Write.FN_INSERT, _row("e", broken=True), None)]
-    results = run_batch(conn, mixed)
+    results = run_batch(conn, mixed, {})
     assert [isinstance(r, Failed) for r in results] == [False, True]
     # The whole batch was undone, then run again a savepoint per write.
     assert sent.index("ROLLBACK") < sent.index("SAVEPOINT op")

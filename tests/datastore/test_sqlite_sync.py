@@ -35,6 +35,29 @@ async def test_running_marks_are_relaxed_and_outcomes_durable(tmp_path: Path) ->
         await store.close()
 
 
+async def test_outcomes_stay_durable_after_a_heartbeat(tmp_path: Path) -> None:
+    """A heartbeat is written on its own, between two batches, with synchronous=NORMAL:
+    the batches after it must still know to set FULL again."""
+    settings = load_settings(data_dir=str(tmp_path), db_url=f"sqlite:///{tmp_path / 'fnq.db'}")
+    store = await SqliteDatastore.open(settings, None)
+    try:
+        outcome = Outcome(status=CallStatus.SUCCESS, started_at=utcnow(), completed_at=utcnow())
+        first = Call(new_call_id(), "a", "f", b"x")
+        await store.record_outcome(first, outcome, 1, "w1")
+        assert synchronous(store) == 2
+        await store.worker_heartbeat("w1", {"pid": 1})
+        assert synchronous(store) == 1  # NORMAL: a lost heartbeat comes again
+        second = Call(new_call_id(), "a", "f", b"x")
+        await store.record_outcome(second, outcome, 1, "w1")
+        assert synchronous(store) == 2  # FULL again: this outcome is on disk before the ack
+        await store.record_running(Call(new_call_id(), "a", "f", b"x"), 0, "w1")
+        await store.worker_heartbeat("w1", {"pid": 1})
+        await store.record_outcome(Call(new_call_id(), "a", "f", b"x"), outcome, 1, "w1")
+        assert synchronous(store) == 2
+    finally:
+        await store.close()
+
+
 @pytest.mark.skipif(not hasattr(os, "SCHED_BATCH"), reason="SCHED_BATCH is Linux's")
 async def test_the_writer_thread_runs_under_sched_batch(tmp_path: Path) -> None:
     settings = load_settings(data_dir=str(tmp_path), db_url=f"sqlite:///{tmp_path / 's.db'}")
