@@ -103,12 +103,13 @@ async def baseline_sqlite(store: SqlDatastore, n: int, workers: int) -> tuple[fl
 
     assert isinstance(store, sqlite.SqliteDatastore)
     conn = sqlite.connect(store.path)
+    state = {"synchronous": "FULL"}  # the pragmas last set on conn, as connect() leaves them
     lock = asyncio.Lock()  # one sqlite3 connection: one statement at a time
 
     async def one(c: Call) -> None:
         ops = _ops(store, c)
         async with lock:
-            await asyncio.to_thread(sqlite.run_batch, conn, ops)
+            await asyncio.to_thread(sqlite.run_batch, conn, ops, state)
 
     try:
         return await drive(new_calls(n), workers, one), n
