@@ -41,7 +41,9 @@ at the same pace (everything but the function; the target is checked on this
 one); and the raw client's back-to-back median latency. On a host whose CPUs
 idle between calls, a call after a gap takes longer than one right after
 another (the wake-up of an idle CPU), for any client: the paced raw call
-measures that, so it is not counted as the worker's.
+measures that, so it is not counted as the worker's. Meanwhile a probe process
+(bench._steady) times a fixed bit of work every few ms; the table gives each
+run's share of windows in which the host's CPUs ran slow, for every party at once.
 """
 
 from __future__ import annotations
@@ -558,7 +560,7 @@ def report(
         + f"timed a fixed bit of work every few ms (bench/_steady.py). A {WINDOW_S * 1000:g} ms "
         f"window counts as slow when that work took at least {SLOW_FACTOR:g} times its best "
         "there: the CPUs themselves gave less, for every party at once (on a shared VM, the "
-        "hypervisor gives its CPUs to others). Calls keep arriving at the same pace through "
+        "hypervisor may give its CPUs to others). Calls keep arriving at the same pace through "
         "such a window, so they pile up and drain after it: compare each run's share with "
         "its p99."
     )
