@@ -77,6 +77,25 @@ def burst(echo: int, sleep: int, body: bytes = SLEEP_BODY) -> Burst:
     return Burst(make_calls("chaos", "echo", echo), make_calls("chaos", "sleep", sleep, body))
 
 
+async def burst_under_way(
+    chaos: Chaos, echo: int, sleep: int, body: bytes = SLEEP_BODY, final: int = 40
+) -> tuple[Burst, Worker]:
+    """Register, queue a burst of ``echo`` echo and ``sleep`` sleep calls, start a
+    worker, and wait until the burst is under way: ``final`` calls final and two sleep
+    calls running on that worker (the moment the tests kill, stop or cut it off)."""
+    await chaos.register()
+    b = burst(echo, sleep, body)
+    sleep_ids = {c.id for c in b.sleep}
+    await chaos.enqueue(b.calls)
+    worker = chaos.start()
+    await chaos.wait(
+        b.ids,
+        lambda r: finals(r) >= final and len(running_on(r, worker) & sleep_ids) >= 2,
+        f"under way ({final} final, two sleep calls running)",
+    )
+    return b, worker
+
+
 @dataclass
 class Worker:
     proc: subprocess.Popen[bytes]

@@ -15,22 +15,13 @@ from redis import Redis
 from rq.job import Job
 
 from config.domain import CallStatus
-from tests.chaos.conftest import Chaos, burst, finals, running_on
+from tests.chaos.conftest import Chaos, burst_under_way, running_on
 
 
 async def test_a_worker_killed_mid_burst_loses_no_call_and_reruns_only_its_running_ones(
     chaos: Chaos,
 ) -> None:
-    await chaos.register()
-    b = burst(echo=240, sleep=24)
-    sleep_ids = {c.id for c in b.sleep}
-    await chaos.enqueue(b.calls)
-    victim = chaos.start()
-    await chaos.wait(
-        b.ids,
-        lambda r: finals(r) >= 60 and len(running_on(r, victim) & sleep_ids) >= 2,
-        "under way (60 final, two sleep calls running)",
-    )
+    b, victim = await burst_under_way(chaos, echo=240, sleep=24, final=60)
     victim.kill()
     at_kill = await chaos.records(b.ids)
     left_running = running_on(at_kill, victim)

@@ -18,7 +18,7 @@ from redis import Redis
 from rq.job import Job
 
 from config.domain import CallStatus
-from tests.chaos.conftest import Chaos, burst, finals, running_on
+from tests.chaos.conftest import Chaos, burst_under_way
 
 
 @pytest.mark.parametrize(
@@ -30,16 +30,7 @@ async def test_a_worker_stopped_mid_burst_finishes_or_hands_back_each_call_once(
     chaos: Chaos, grace_ms: int, sleep_body: bytes
 ) -> None:
     chaos.cluster.env["FN_SHUTDOWN_GRACE_MSECS"] = str(grace_ms)
-    await chaos.register()
-    b = burst(echo=200, sleep=20, body=sleep_body)
-    sleep_ids = {c.id for c in b.sleep}
-    await chaos.enqueue(b.calls)
-    worker = chaos.start()
-    await chaos.wait(
-        b.ids,
-        lambda r: finals(r) >= 40 and len(running_on(r, worker) & sleep_ids) >= 2,
-        "under way (40 final, two sleep calls running)",
-    )
+    b, worker = await burst_under_way(chaos, echo=200, sleep=20, body=sleep_body)
     stopped_at = time.monotonic()
     worker.proc.send_signal(signal.SIGTERM)
     assert worker.proc.wait(grace_ms / 1000 + 15) == 0, chaos.cluster.logs()[-3000:]

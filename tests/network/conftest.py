@@ -27,7 +27,7 @@ from bench import _netns as netns
 from config.domain import new_call_id
 from mq.base import QueueStats
 from mq.rq import open_rq_queues
-from tests.chaos.conftest import RQ_DB, Burst, Chaos, Worker, burst, chaos_env, finals, running_on
+from tests.chaos.conftest import RQ_DB, Chaos, Worker, chaos_env
 from tests.rig import PostgresServer, RedisServer, missing, pg_tempdir
 from tests.worker.conftest import Cluster, base_env, images
 
@@ -181,25 +181,6 @@ def far_chaos(
     if pg is not None:
         chaos.far_env["FN_DB_URL"] = f"postgresql://{pg.user}@{host.addr}:{pg.port}/{database}"
     return chaos
-
-
-async def burst_under_way(
-    chaos: FarChaos, echo: int, sleep: int, body: bytes | None = None
-) -> tuple[Burst, Worker]:
-    """Register, queue a burst of ``echo`` echo and ``sleep`` sleep calls, start a far
-    worker, and wait until the burst is under way: 40 calls final and two sleep calls
-    running on that worker (the moment the tests cut a link)."""
-    await chaos.register()
-    b = burst(echo=echo, sleep=sleep) if body is None else burst(echo, sleep, body)
-    sleep_ids = {c.id for c in b.sleep}
-    await chaos.enqueue(b.calls)
-    worker = chaos.start()
-    await chaos.wait(
-        b.ids,
-        lambda r: finals(r) >= 40 and len(running_on(r, worker) & sleep_ids) >= 2,
-        "under way (40 final, two sleep calls running)",
-    )
-    return b, worker
 
 
 STAMP = re.compile(r"(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d,\d{3}) (DEBUG|INFO|WARNING|ERROR|CRITICAL) ")

@@ -28,9 +28,9 @@ from config.domain import CallStatus, Outcome, utcnow
 from config.settings import load_settings
 from datastore.base import open_datastore
 from datastore.postgres import DEAD_AFTER_S, IDLE_IN_TRANSACTION_S
+from tests.chaos.conftest import burst_under_way
 from tests.network.conftest import (
     FarHost,
-    burst_under_way,
     empty_reasons,
     far_chaos,
     logged_at,

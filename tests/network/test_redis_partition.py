@@ -19,10 +19,9 @@ from pathlib import Path
 import pytest
 
 from config.domain import CallStatus
-from tests.chaos.conftest import burst
+from tests.chaos.conftest import burst, burst_under_way
 from tests.network.conftest import (
     FarHost,
-    burst_under_way,
     empty_reasons,
     far_chaos,
     logged_at,

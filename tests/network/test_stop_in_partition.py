@@ -20,9 +20,9 @@ from pathlib import Path
 import pytest
 
 from config.domain import CallStatus
+from tests.chaos.conftest import burst_under_way
 from tests.network.conftest import (
     FarHost,
-    burst_under_way,
     empty_reasons,
     far_chaos,
     wait_queue_empty,
